@@ -1,0 +1,576 @@
+//! The EventBus: typed pub/sub for one node.
+//!
+//! Publishing is a cast into the bus actor's mailbox, so it never blocks the publisher. The actor
+//! stamps each event with the next id of this node, keeps it in a recent-events ring for replay,
+//! hands it to the persistence hook, and fans it out through a broadcast channel. Each subscriber
+//! reads the channel at its own pace; one that falls more than `subscriber_buffer` events behind
+//! loses the oldest of them and receives one `events.lagged {missed}` marker instead.
+//!
+//! What survives a restart of the bus actor: the fan-out channel (subscribers stay connected),
+//! the sequence counters (ids keep growing), and publishes queued at the time of the crash (they
+//! are redelivered by the handle). What is rebuilt: the ring, from the store when there is one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ractor::RpcReplyPort;
+use tokio::sync::broadcast;
+
+use super::filter::EventFilter;
+use super::model::{Event, EventData, EventId, EventKind, EventsLagged};
+use crate::ids::{NodeId, SessionId, Timestamp};
+use crate::kernel::{Actor, ActorError, ActorHandle, CallError, Context, SendErrorKind};
+
+/// How long front ends wait for the bus to answer a replay query.
+pub const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One published event with its position in this node's arrival order.
+#[derive(Debug, Clone)]
+pub struct BusItem {
+    /// Local arrival position (grows by one per event published or relayed here).
+    pub pos: u64,
+    /// The event.
+    pub event: Arc<Event>,
+}
+
+/// Persistence hook: the node writes every event to its store through this.
+pub trait EventStore: Send + Sync + 'static {
+    /// Called for every event, in arrival order, from inside the bus actor: it must not block
+    /// (queue the write and batch it).
+    fn append(&self, item: &BusItem);
+
+    /// Where to continue after the node restarts: counters and the most recent events.
+    fn resume(&self, ring_capacity: usize) -> StoreResume {
+        let _ = ring_capacity;
+        StoreResume::default()
+    }
+}
+
+/// What the store remembers for the bus at start.
+#[derive(Debug, Clone, Default)]
+pub struct StoreResume {
+    /// The highest sequence number this node ever published.
+    pub last_seq: u64,
+    /// The highest arrival position ever assigned.
+    pub last_pos: u64,
+    /// The most recent events (oldest first) to seed the replay ring.
+    pub recent: Vec<BusItem>,
+}
+
+/// Sizes of the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventBusConfig {
+    /// Events kept in memory for replay.
+    pub ring_capacity: usize,
+    /// How far a subscriber may fall behind before it loses events.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for EventBusConfig {
+    fn default() -> Self {
+        Self {
+            ring_capacity: 10_000,
+            subscriber_buffer: 4_096,
+        }
+    }
+}
+
+/// The parts of the bus that outlive one instance of the bus actor.
+pub struct BusShared {
+    node: NodeId,
+    config: EventBusConfig,
+    tx: broadcast::Sender<BusItem>,
+    last_seq: AtomicU64,
+    last_pos: AtomicU64,
+    resumed: std::sync::Once,
+    published_by_kind: Vec<AtomicU64>,
+    dropped: AtomicU64,
+}
+
+impl BusShared {
+    /// Creates the shared parts for node `node`.
+    pub fn new(node: NodeId, config: EventBusConfig) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(config.subscriber_buffer.max(1));
+        Arc::new(Self {
+            node,
+            config,
+            tx,
+            last_seq: AtomicU64::new(0),
+            last_pos: AtomicU64::new(0),
+            resumed: std::sync::Once::new(),
+            published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            dropped: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Messages of the bus actor.
+pub enum EventBusMsg {
+    /// Publish an event of this node.
+    Publish {
+        /// The session it concerns.
+        session: Option<SessionId>,
+        /// Kind and payload.
+        data: EventData,
+        /// When it happened.
+        at: Timestamp,
+    },
+    /// Publish an event another node published (keeps its id; duplicates are dropped).
+    Relay(Event),
+    /// Answer a replay query from the ring.
+    Replay {
+        /// Where to start.
+        from: ReplayFrom,
+        /// Which events.
+        filter: EventFilter,
+        /// Where the answer goes.
+        reply: RpcReplyPort<Replay>,
+    },
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// Every event after this id.
+    After(EventId),
+    /// The last `n` matching events.
+    Tail(usize),
+    /// Nothing: live events only.
+    Now,
+}
+
+/// The answer to a replay query.
+#[derive(Debug, Clone, Default)]
+pub struct Replay {
+    /// Matching events, oldest first.
+    pub events: Vec<Arc<Event>>,
+    /// The last arrival position at the time of the query; live events after it are new.
+    pub through_pos: u64,
+    /// For `After`: false when the id is not in the ring (too old, or unknown).
+    pub found: bool,
+    /// For `After` with `found == false`: events known to be missing before the ring's oldest.
+    pub missed: u64,
+    /// The oldest event still in the ring.
+    pub oldest: Option<EventId>,
+}
+
+/// The bus actor.
+pub struct EventBusActor;
+
+/// Arguments of each bus instance.
+pub struct EventBusArgs {
+    /// Channel and counters shared across instances.
+    pub shared: Arc<BusShared>,
+    /// Where events are persisted, if anywhere.
+    pub store: Option<Arc<dyn EventStore>>,
+}
+
+/// State of one bus instance.
+pub struct EventBusState {
+    shared: Arc<BusShared>,
+    store: Option<Arc<dyn EventStore>>,
+    ring: VecDeque<BusItem>,
+    /// Highest relayed sequence per remote node, for deduplication.
+    relayed: HashMap<NodeId, u64>,
+}
+
+impl Actor for EventBusActor {
+    type Msg = EventBusMsg;
+    type State = EventBusState;
+    type Arguments = EventBusArgs;
+
+    async fn pre_start(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorError> {
+        let shared = args.shared;
+        let mut ring = VecDeque::with_capacity(shared.config.ring_capacity.min(65_536));
+        if let Some(store) = &args.store {
+            let resume = store.resume(shared.config.ring_capacity);
+            shared.resumed.call_once(|| {
+                shared.last_seq.fetch_max(resume.last_seq, Ordering::Relaxed);
+                shared.last_pos.fetch_max(resume.last_pos, Ordering::Relaxed);
+            });
+            ring.extend(resume.recent);
+        }
+        let mut relayed = HashMap::new();
+        for item in &ring {
+            if item.event.id.node != shared.node {
+                let seq = relayed.entry(item.event.id.node.clone()).or_insert(0);
+                *seq = (*seq).max(item.event.id.seq);
+            }
+        }
+        Ok(EventBusState {
+            shared,
+            store: args.store,
+            ring,
+            relayed,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        match message {
+            EventBusMsg::Publish { session, data, at } => {
+                let seq = state.shared.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
+                let event = Event {
+                    id: EventId::new(state.shared.node.clone(), seq),
+                    at,
+                    session,
+                    data,
+                };
+                state.accept(event);
+            }
+            EventBusMsg::Relay(event) => {
+                if event.id.node == state.shared.node {
+                    return Ok(());
+                }
+                let seen = state.relayed.entry(event.id.node.clone()).or_insert(0);
+                if event.id.seq <= *seen {
+                    return Ok(());
+                }
+                *seen = event.id.seq;
+                state.accept(event);
+            }
+            EventBusMsg::Replay {
+                from,
+                filter,
+                reply,
+            } => {
+                let _ = reply.send(state.replay(&from, &filter));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EventBusState {
+    fn accept(&mut self, event: Event) {
+        let pos = self.shared.last_pos.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.published_by_kind[event.kind().index()].fetch_add(1, Ordering::Relaxed);
+        let item = BusItem {
+            pos,
+            event: Arc::new(event),
+        };
+        if let Some(store) = &self.store {
+            store.append(&item);
+        }
+        if self.ring.len() >= self.shared.config.ring_capacity {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(item.clone());
+        // No receivers is fine: nobody is listening right now.
+        let _ = self.shared.tx.send(item);
+    }
+
+    fn replay(&self, from: &ReplayFrom, filter: &EventFilter) -> Replay {
+        let through_pos = self.shared.last_pos.load(Ordering::Relaxed);
+        let oldest = self.ring.front().map(|item| item.event.id.clone());
+        let matching = |item: &&BusItem| filter.matches(&item.event);
+        match from {
+            ReplayFrom::Now => Replay {
+                through_pos,
+                found: true,
+                oldest,
+                ..Replay::default()
+            },
+            ReplayFrom::Tail(n) => {
+                let mut events: Vec<_> = self
+                    .ring
+                    .iter()
+                    .rev()
+                    .filter(matching)
+                    .take(*n)
+                    .map(|item| item.event.clone())
+                    .collect();
+                events.reverse();
+                Replay {
+                    events,
+                    through_pos,
+                    found: true,
+                    missed: 0,
+                    oldest,
+                }
+            }
+            ReplayFrom::After(cursor) => {
+                let found_at = self
+                    .ring
+                    .iter()
+                    .rposition(|item| item.event.id == *cursor);
+                let start = found_at.map_or(0, |index| index + 1);
+                let events = self
+                    .ring
+                    .iter()
+                    .skip(start)
+                    .filter(matching)
+                    .map(|item| item.event.clone())
+                    .collect();
+                let missed = match (found_at, self.ring.front()) {
+                    (None, Some(first))
+                        if first.event.id.node == cursor.node && first.event.id.seq > cursor.seq =>
+                    {
+                        first.event.id.seq - cursor.seq - 1
+                    }
+                    _ => 0,
+                };
+                Replay {
+                    events,
+                    through_pos,
+                    found: found_at.is_some(),
+                    missed,
+                    oldest,
+                }
+            }
+        }
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// An event that passed the filter.
+    Event(Arc<Event>),
+    /// This subscriber lost events; re-read after `resume_after` from the event log.
+    Lagged(EventsLagged),
+}
+
+/// A live subscription, optionally preceded by a replay.
+pub struct Subscription {
+    rx: broadcast::Receiver<BusItem>,
+    filter: EventFilter,
+    backlog: VecDeque<Delivery>,
+    skip_through: u64,
+    last_id: Option<EventId>,
+}
+
+impl Subscription {
+    /// The next delivery; `None` once the node's bus is gone.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        if let Some(delivery) = self.backlog.pop_front() {
+            return Some(self.note(delivery));
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok(item) => {
+                    if let Some(delivery) = self.admit(item) {
+                        return Some(delivery);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    return Some(self.lagged(missed));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next delivery if one is ready now (to batch writes).
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        if let Some(delivery) = self.backlog.pop_front() {
+            return Some(self.note(delivery));
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(item) => {
+                    if let Some(delivery) = self.admit(item) {
+                        return Some(delivery);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    return Some(self.lagged(missed));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Replaces the filter (for links whose client changes its subscription).
+    pub fn set_filter(&mut self, filter: EventFilter) {
+        self.filter = filter;
+    }
+
+    /// The current filter.
+    pub fn filter(&self) -> &EventFilter {
+        &self.filter
+    }
+
+    /// The id of the last event delivered.
+    pub fn last_id(&self) -> Option<&EventId> {
+        self.last_id.as_ref()
+    }
+
+    /// Turns the subscription into a stream of deliveries.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Delivery> + Send + Unpin {
+        Box::pin(futures::stream::unfold(self, |mut subscription| async move {
+            let delivery = subscription.recv().await?;
+            Some((delivery, subscription))
+        }))
+    }
+
+    fn admit(&mut self, item: BusItem) -> Option<Delivery> {
+        if item.pos <= self.skip_through || !self.filter.matches(&item.event) {
+            return None;
+        }
+        Some(self.note(Delivery::Event(item.event)))
+    }
+
+    fn note(&mut self, delivery: Delivery) -> Delivery {
+        if let Delivery::Event(event) = &delivery {
+            self.last_id = Some(event.id.clone());
+        }
+        delivery
+    }
+
+    fn lagged(&self, missed: u64) -> Delivery {
+        Delivery::Lagged(EventsLagged {
+            missed,
+            resume_after: self.last_id.clone(),
+        })
+    }
+}
+
+/// The bus as callers use it: publish, subscribe, replay. Cheap to clone.
+#[derive(Clone)]
+pub struct EventBus {
+    handle: ActorHandle<EventBusMsg>,
+    shared: Arc<BusShared>,
+}
+
+impl EventBus {
+    /// Wraps the bus actor's handle and shared parts.
+    pub fn new(handle: ActorHandle<EventBusMsg>, shared: Arc<BusShared>) -> Self {
+        Self { handle, shared }
+    }
+
+    /// The node this bus belongs to.
+    pub fn node(&self) -> &NodeId {
+        &self.shared.node
+    }
+
+    /// The bus actor's handle.
+    pub fn handle(&self) -> &ActorHandle<EventBusMsg> {
+        &self.handle
+    }
+
+    /// Publishes an event of this node. Never blocks; if the bus is gone for good (the node is
+    /// shutting down) or cannot buffer more while it restarts, the event is counted as dropped.
+    pub fn publish(&self, session: Option<SessionId>, data: EventData) {
+        let message = EventBusMsg::Publish {
+            session,
+            data,
+            at: Timestamp::now(),
+        };
+        if let Err(error) = self.handle.cast(message) {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            match error.kind {
+                SendErrorKind::Stopped => tracing::debug!("event dropped: the bus has stopped"),
+                SendErrorKind::RestartBacklogFull => {
+                    tracing::warn!("event dropped: the bus is restarting and its backlog is full")
+                }
+            }
+        }
+    }
+
+    /// Publishes an event that another node published, keeping its id.
+    pub fn relay(&self, event: Event) {
+        if self.handle.cast(EventBusMsg::Relay(event)).is_err() {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Subscribes to live events only.
+    pub fn subscribe(&self, filter: EventFilter) -> Subscription {
+        Subscription {
+            rx: self.shared.tx.subscribe(),
+            filter,
+            backlog: VecDeque::new(),
+            skip_through: 0,
+            last_id: None,
+        }
+    }
+
+    /// Subscribes with a replay from the ring first: exactly the events after `from`, then live
+    /// ones, without a gap or a duplicate. When `from` is an id no longer in the ring, the
+    /// subscription starts with an `events.lagged` marker, then the ring.
+    pub async fn subscribe_from(
+        &self,
+        from: ReplayFrom,
+        filter: EventFilter,
+    ) -> Result<(Subscription, Replay), CallError> {
+        // Subscribe before asking, so nothing published in between is missed; the replay's
+        // `through_pos` tells which live items are duplicates of it.
+        let rx = self.shared.tx.subscribe();
+        let replay = self.replay(from.clone(), filter.clone()).await?;
+        let mut backlog = VecDeque::with_capacity(replay.events.len() + 1);
+        if let ReplayFrom::After(cursor) = &from
+            && !replay.found
+        {
+            backlog.push_back(Delivery::Lagged(EventsLagged {
+                missed: replay.missed,
+                resume_after: Some(cursor.clone()),
+            }));
+        }
+        backlog.extend(replay.events.iter().cloned().map(Delivery::Event));
+        let last_id = match &from {
+            ReplayFrom::After(cursor) => Some(cursor.clone()),
+            _ => None,
+        };
+        let subscription = Subscription {
+            rx,
+            filter,
+            backlog,
+            skip_through: replay.through_pos,
+            last_id,
+        };
+        Ok((subscription, replay))
+    }
+
+    /// Asks the ring for events.
+    pub async fn replay(&self, from: ReplayFrom, filter: EventFilter) -> Result<Replay, CallError> {
+        self.handle
+            .call(
+                |reply| EventBusMsg::Replay {
+                    from,
+                    filter,
+                    reply,
+                },
+                REPLAY_TIMEOUT,
+            )
+            .await
+    }
+
+    /// Live subscribers right now.
+    pub fn subscriber_count(&self) -> usize {
+        self.shared.tx.receiver_count()
+    }
+
+    /// Events published (or relayed) here, per kind, in [`EventKind::ALL`] order.
+    pub fn published_by_kind(&self) -> Vec<(EventKind, u64)> {
+        EventKind::ALL
+            .iter()
+            .map(|kind| {
+                (
+                    *kind,
+                    self.shared.published_by_kind[kind.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Events that could not be handed to the bus (it had stopped, or its backlog was full).
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The highest sequence number this node has published.
+    pub fn last_seq(&self) -> u64 {
+        self.shared.last_seq.load(Ordering::Relaxed)
+    }
+}

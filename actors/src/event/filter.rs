@@ -1,0 +1,217 @@
+//! Subscription filters: which kinds, sessions and nodes a subscriber wants.
+//!
+//! Within one dimension the values are alternatives (any kind listed); across dimensions all must
+//! match (this kind AND this session). An empty dimension matches everything.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{Event, EventKind, UnknownKind};
+use crate::ids::{NodeId, SessionId};
+
+/// Most values a filter accepts per dimension (a limit on what clients can make us check).
+pub const MAX_FILTER_VALUES: usize = 64;
+
+/// One kind, or a family of kinds (`session.*` or just `session`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KindPattern {
+    /// Exactly this kind.
+    Exact(EventKind),
+    /// Every kind whose name starts with this family and a dot.
+    Family(String),
+}
+
+impl KindPattern {
+    /// True when `kind` matches.
+    pub fn matches(&self, kind: EventKind) -> bool {
+        match self {
+            Self::Exact(exact) => *exact == kind,
+            Self::Family(family) => kind
+                .as_str()
+                .strip_prefix(family.as_str())
+                .is_some_and(|rest| rest.starts_with('.')),
+        }
+    }
+}
+
+impl FromStr for KindPattern {
+    type Err = UnknownKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let family = s.strip_suffix(".*").unwrap_or(s);
+        if let Ok(kind) = s.parse::<EventKind>() {
+            return Ok(Self::Exact(kind));
+        }
+        let known_family = EventKind::ALL
+            .iter()
+            .any(|kind| KindPattern::Family(family.to_owned()).matches(*kind));
+        if known_family {
+            Ok(Self::Family(family.to_owned()))
+        } else {
+            Err(UnknownKind(s.chars().take(80).collect()))
+        }
+    }
+}
+
+impl fmt::Display for KindPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(kind) => f.write_str(kind.as_str()),
+            Self::Family(family) => write!(f, "{family}.*"),
+        }
+    }
+}
+
+impl Serialize for KindPattern {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KindPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a subscriber wants to see.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventFilter {
+    /// Kinds or kind families; empty = all.
+    #[serde(default)]
+    pub kinds: Vec<KindPattern>,
+    /// Sessions; empty = all (including events about no session).
+    #[serde(default)]
+    pub sessions: Vec<SessionId>,
+    /// Publishing nodes; empty = all.
+    #[serde(default)]
+    pub nodes: Vec<NodeId>,
+}
+
+/// A filter with more values than allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("too many {dimension} values in the filter ({count}); at most 64 are allowed")]
+pub struct FilterTooLarge {
+    /// `kind`, `session` or `node`.
+    pub dimension: &'static str,
+    /// How many were given.
+    pub count: usize,
+}
+
+impl EventFilter {
+    /// Everything.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Checks the per-dimension limits.
+    pub fn validate(&self) -> Result<(), FilterTooLarge> {
+        for (dimension, count) in [
+            ("kind", self.kinds.len()),
+            ("session", self.sessions.len()),
+            ("node", self.nodes.len()),
+        ] {
+            if count > MAX_FILTER_VALUES {
+                return Err(FilterTooLarge { dimension, count });
+            }
+        }
+        Ok(())
+    }
+
+    /// True when `event` passes the filter.
+    pub fn matches(&self, event: &Event) -> bool {
+        (self.kinds.is_empty() || self.kinds.iter().any(|p| p.matches(event.kind())))
+            && (self.sessions.is_empty()
+                || event
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| self.sessions.contains(s)))
+            && (self.nodes.is_empty() || self.nodes.contains(event.node()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::model::{EventData, EventId, ProviderRecovered, SessionProgress};
+    use crate::ids::Timestamp;
+
+    fn event(node: &str, session: Option<&str>, data: EventData) -> Event {
+        Event {
+            id: EventId::new(NodeId::new(node).unwrap(), 1),
+            at: Timestamp::now(),
+            session: session.map(|s| SessionId::new(s).unwrap()),
+            data,
+        }
+    }
+
+    fn progress() -> EventData {
+        EventData::SessionProgress(SessionProgress {
+            message: "x".into(),
+            current: None,
+            total: None,
+        })
+    }
+
+    fn recovered() -> EventData {
+        EventData::ProviderRecovered(ProviderRecovered {
+            provider: "p".into(),
+        })
+    }
+
+    #[test]
+    fn kind_patterns_parse_exact_kinds_and_families() {
+        assert_eq!(
+            "session.progress".parse::<KindPattern>().unwrap(),
+            KindPattern::Exact(EventKind::SessionProgress)
+        );
+        assert_eq!(
+            "session.*".parse::<KindPattern>().unwrap(),
+            KindPattern::Family("session".into())
+        );
+        assert_eq!(
+            "provider".parse::<KindPattern>().unwrap(),
+            KindPattern::Family("provider".into())
+        );
+        assert!("sess".parse::<KindPattern>().is_err(), "no partial families");
+        assert!("bogus.*".parse::<KindPattern>().is_err());
+    }
+
+    #[test]
+    fn dimensions_are_anded_and_values_ored() {
+        let filter = EventFilter {
+            kinds: vec!["session.*".parse().unwrap()],
+            sessions: vec![SessionId::new("s1").unwrap(), SessionId::new("s2").unwrap()],
+            nodes: vec![],
+        };
+        assert!(filter.matches(&event("a", Some("s1"), progress())));
+        assert!(filter.matches(&event("b", Some("s2"), progress())));
+        assert!(!filter.matches(&event("a", Some("s3"), progress())));
+        assert!(!filter.matches(&event("a", None, progress())));
+        assert!(!filter.matches(&event("a", Some("s1"), recovered())));
+        assert!(EventFilter::all().matches(&event("a", None, recovered())));
+        let by_node = EventFilter {
+            nodes: vec![NodeId::new("b").unwrap()],
+            ..EventFilter::all()
+        };
+        assert!(by_node.matches(&event("b", None, recovered())));
+        assert!(!by_node.matches(&event("a", None, recovered())));
+    }
+
+    #[test]
+    fn oversized_filters_are_refused() {
+        let filter = EventFilter {
+            nodes: vec![NodeId::new("n").unwrap(); MAX_FILTER_VALUES + 1],
+            ..EventFilter::all()
+        };
+        assert_eq!(
+            filter.validate(),
+            Err(FilterTooLarge {
+                dimension: "node",
+                count: 65
+            })
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Events: the model (`{id, at, node, session?, kind, data}`), subscription filters, and the
+//! EventBus actor with its subscriptions, replay ring and persistence hook.
+
+mod bus;
+mod filter;
+mod model;
+
+pub use bus::{
+    BusItem, BusShared, Delivery, EventBus, EventBusActor, EventBusArgs, EventBusConfig,
+    EventBusMsg, EventBusState, EventStore, REPLAY_TIMEOUT, Replay, ReplayFrom, StoreResume,
+    Subscription,
+};
+pub use filter::{EventFilter, FilterTooLarge, KindPattern, MAX_FILTER_VALUES};
+pub use model::*;

@@ -1,0 +1,393 @@
+//! The HealthActor: periodic aggregation of the node's health.
+//!
+//! Every tick it reads the actor directory (which actors run, which are restarting), counts the
+//! restarts inside its window, and folds in the reports other parts of the node send it
+//! ("components": sessions, providers, links). It publishes `health.degraded` when the status
+//! becomes worse than healthy and `health.recovered` when it is healthy again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use ractor::RpcReplyPort;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{EventBus, EventData, HealthChanged};
+use crate::ids::{ActorPath, NodeId, Timestamp};
+use crate::kernel::{Actor, ActorDirectory, ActorError, ActorHandle, CallError, Context, HandleStatus};
+
+/// Overall status, ordered from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Everything runs.
+    Healthy,
+    /// Working, with something restarting or failing.
+    Degraded,
+    /// A core part is down.
+    Unhealthy,
+}
+
+impl HealthStatus {
+    fn encode(self) -> u8 {
+        self as u8 + 1
+    }
+
+    fn decode(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::Healthy),
+            2 => Some(Self::Degraded),
+            3 => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+}
+
+/// Tuning of the HealthActor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// How often it aggregates.
+    pub tick: Duration,
+    /// The window restarts are counted in.
+    pub window: Duration,
+    /// Restarts inside the window that make the node degraded.
+    pub degraded_after_restarts: u64,
+    /// Actors without which the node is unhealthy.
+    pub core_actors: Vec<ActorPath>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            window: Duration::from_secs(60),
+            degraded_after_restarts: 3,
+            core_actors: vec![
+                ActorPath::root().child("event_bus"),
+                ActorPath::root().child("registry"),
+            ],
+        }
+    }
+}
+
+/// A component's own view of its health, sent by the part of the node that owns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ComponentHealth {
+    /// Its status.
+    pub status: HealthStatus,
+    /// What it says about itself.
+    pub detail: String,
+    /// When it last reported.
+    pub updated_at: Timestamp,
+}
+
+/// Actor counts in a report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ActorSummary {
+    /// Supervised actors known to the directory.
+    pub total: usize,
+    /// Of which running.
+    pub running: usize,
+    /// Paths restarting (or not started yet).
+    pub restarting: Vec<ActorPath>,
+    /// Paths stopped for good but still listed.
+    pub stopped: Vec<ActorPath>,
+}
+
+/// The answer of `/v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthReport {
+    /// Overall status.
+    pub status: HealthStatus,
+    /// This node.
+    pub node: NodeId,
+    /// When the node started.
+    pub started_at: Timestamp,
+    /// Seconds since then.
+    pub uptime_secs: u64,
+    /// Actors.
+    pub actors: ActorSummary,
+    /// Restarts in the last `window_secs`.
+    pub restarts_in_window: u64,
+    /// The window.
+    pub window_secs: u64,
+    /// Reports of sessions, providers, links, ….
+    pub components: BTreeMap<String, ComponentHealth>,
+    /// Why the status is not healthy.
+    pub reasons: Vec<String>,
+}
+
+/// Messages of the HealthActor.
+pub enum HealthMsg {
+    /// Aggregate now (sent by its own timer).
+    Tick,
+    /// A component reports its health (a hook for sessions, providers, links).
+    Report {
+        /// Component name, e.g. `sessions` or `providers/openai`.
+        component: String,
+        /// Its status.
+        status: HealthStatus,
+        /// A short explanation.
+        detail: String,
+    },
+    /// A component no longer exists.
+    Forget {
+        /// Component name.
+        component: String,
+    },
+    /// The current report.
+    Get {
+        /// Where the report goes.
+        reply: RpcReplyPort<HealthReport>,
+    },
+}
+
+/// The parts of health that outlive one instance.
+pub struct HealthShared {
+    node: NodeId,
+    started_at: Timestamp,
+    started: Instant,
+    last_status: AtomicU8,
+}
+
+impl HealthShared {
+    /// Creates the shared parts.
+    pub fn new(node: NodeId) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            started_at: Timestamp::now(),
+            started: Instant::now(),
+            last_status: AtomicU8::new(0),
+        })
+    }
+}
+
+/// Arguments of each HealthActor instance.
+#[derive(Clone)]
+pub struct HealthArgs {
+    /// Tuning.
+    pub config: HealthConfig,
+    /// Survives restarts.
+    pub shared: Arc<HealthShared>,
+    /// What to look at.
+    pub directory: ActorDirectory,
+    /// Where status changes go.
+    pub events: EventBus,
+}
+
+/// The HealthActor.
+pub struct HealthActor;
+
+/// State of one instance.
+pub struct HealthState {
+    args: HealthArgs,
+    samples: VecDeque<(Instant, u64)>,
+    components: BTreeMap<String, ComponentHealth>,
+}
+
+impl Actor for HealthActor {
+    type Msg = HealthMsg;
+    type State = HealthState;
+    type Arguments = HealthArgs;
+
+    async fn pre_start(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorError> {
+        Ok(HealthState {
+            args,
+            samples: VecDeque::new(),
+            components: BTreeMap::new(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        ctx.send_interval(state.args.config.tick, || HealthMsg::Tick);
+        state.evaluate();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        match message {
+            HealthMsg::Tick => {
+                state.evaluate();
+            }
+            HealthMsg::Report {
+                component,
+                status,
+                detail,
+            } => {
+                state.components.insert(
+                    component,
+                    ComponentHealth {
+                        status,
+                        detail,
+                        updated_at: Timestamp::now(),
+                    },
+                );
+            }
+            HealthMsg::Forget { component } => {
+                state.components.remove(&component);
+            }
+            HealthMsg::Get { reply } => {
+                let _ = reply.send(state.evaluate());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HealthState {
+    fn restarts_in_window(&mut self, now: Instant, total: u64) -> u64 {
+        self.samples.push_back((now, total));
+        let window = self.args.config.window;
+        // Keep one sample at or before the window's start as the baseline.
+        while self.samples.len() > 1
+            && now.saturating_duration_since(self.samples[1].0) >= window
+        {
+            self.samples.pop_front();
+        }
+        let baseline = self.samples.front().map_or(total, |(_, restarts)| *restarts);
+        total.saturating_sub(baseline)
+    }
+
+    fn evaluate(&mut self) -> HealthReport {
+        let now = Instant::now();
+        let mut actors = ActorSummary::default();
+        let mut total_restarts = 0;
+        for (path, entry) in self.args.directory.list() {
+            actors.total += 1;
+            total_restarts += entry.control.stats().snapshot().restarts;
+            match entry.control.status() {
+                HandleStatus::Running { .. } => actors.running += 1,
+                HandleStatus::Starting | HandleStatus::Restarting => actors.restarting.push(path),
+                HandleStatus::Stopped => actors.stopped.push(path),
+            }
+        }
+        let restarts_in_window = self.restarts_in_window(now, total_restarts);
+        let config = &self.args.config;
+
+        let mut status = HealthStatus::Healthy;
+        let mut reasons = Vec::new();
+        for core in &config.core_actors {
+            let running = self
+                .args
+                .directory
+                .get(core)
+                .is_some_and(|entry| entry.control.status().is_running());
+            if !running {
+                status = status.max(HealthStatus::Unhealthy);
+                reasons.push(format!("{core} is not running"));
+            }
+        }
+        if !actors.restarting.is_empty() {
+            status = status.max(HealthStatus::Degraded);
+            let names: Vec<_> = actors.restarting.iter().map(ToString::to_string).collect();
+            reasons.push(format!("restarting: {}", names.join(", ")));
+        }
+        if restarts_in_window >= config.degraded_after_restarts {
+            status = status.max(HealthStatus::Degraded);
+            reasons.push(format!(
+                "{restarts_in_window} restarts in the last {}s",
+                config.window.as_secs()
+            ));
+        }
+        for (name, component) in &self.components {
+            if component.status > HealthStatus::Healthy {
+                status = status.max(component.status);
+                reasons.push(format!("{name}: {}", component.detail));
+            }
+        }
+
+        let shared = &self.args.shared;
+        let previous = HealthStatus::decode(
+            shared
+                .last_status
+                .swap(status.encode(), Ordering::Relaxed),
+        );
+        if let Some(previous) = previous
+            && previous != status
+        {
+            let change = HealthChanged {
+                from: previous,
+                to: status,
+                reasons: reasons.clone(),
+            };
+            if status == HealthStatus::Healthy {
+                tracing::info!(from = ?previous, "node health recovered");
+                self.args
+                    .events
+                    .publish(None, EventData::HealthRecovered(change));
+            } else {
+                tracing::warn!(from = ?previous, to = ?status, reasons = ?reasons, "node health changed");
+                self.args
+                    .events
+                    .publish(None, EventData::HealthDegraded(change));
+            }
+        }
+
+        HealthReport {
+            status,
+            node: shared.node.clone(),
+            started_at: shared.started_at,
+            uptime_secs: now.saturating_duration_since(shared.started).as_secs(),
+            actors,
+            restarts_in_window,
+            window_secs: config.window.as_secs(),
+            components: self.components.clone(),
+            reasons,
+        }
+    }
+}
+
+/// The HealthActor as callers use it.
+#[derive(Clone)]
+pub struct Health {
+    handle: ActorHandle<HealthMsg>,
+}
+
+impl Health {
+    /// Wraps the actor's handle.
+    pub fn new(handle: ActorHandle<HealthMsg>) -> Self {
+        Self { handle }
+    }
+
+    /// The actor's handle.
+    pub fn handle(&self) -> &ActorHandle<HealthMsg> {
+        &self.handle
+    }
+
+    /// The current report.
+    pub async fn report(&self) -> Result<HealthReport, CallError> {
+        self.handle
+            .call(|reply| HealthMsg::Get { reply }, Duration::from_secs(5))
+            .await
+    }
+
+    /// Reports a component's health (sessions, providers, links use this hook).
+    pub fn report_component(&self, component: impl Into<String>, status: HealthStatus, detail: impl Into<String>) {
+        let _ = self.handle.cast(HealthMsg::Report {
+            component: component.into(),
+            status,
+            detail: detail.into(),
+        });
+    }
+
+    /// Removes a component.
+    pub fn forget_component(&self, component: impl Into<String>) {
+        let _ = self.handle.cast(HealthMsg::Forget {
+            component: component.into(),
+        });
+    }
+}

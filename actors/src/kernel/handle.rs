@@ -1,0 +1,518 @@
+//! Handles that survive restarts.
+//!
+//! An [`ActorHandle`] names a supervised child, not one incarnation of it. The supervisor binds
+//! each new instance to the same handle, so callers keep one handle for the life of the node.
+//!
+//! Delivery contract (see docs/ARCHITECTURE.md, "Runtime guarantees"):
+//! - A message sent through a handle is processed by some instance, or comes back to the sender
+//!   inside a [`SendError`], or — when a cast was accepted and the actor then stopped for good —
+//!   is counted as a dead letter and logged. Nothing disappears without a trace.
+//! - Messages queued in a mailbox when its instance crashed are handed back (each one travels in
+//!   an [`Envelope`] whose `Drop` returns it) and redelivered to the next instance, ahead of newer
+//!   messages and in the order they were sent. The message that was being handled when the
+//!   instance crashed is consumed: a poison message is never redelivered.
+//! - While a child restarts, messages wait in a bounded buffer; past its capacity the sender gets
+//!   its message back ([`SendErrorKind::RestartBacklogFull`]).
+//!
+//! The fast path (a running instance) is one lock-free load and one mailbox send; the slow path
+//! (restarting, or a dead instance not yet noticed) takes a short lock that also serialises
+//! rebinding, which is what keeps per-sender order across a restart.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use ractor::{ActorRef, MessagingErr, RpcReplyPort};
+use tokio::sync::watch;
+
+use super::stats::ActorStats;
+use crate::ids::ActorPath;
+
+/// How many messages a handle buffers while its actor restarts, unless configured otherwise.
+pub const DEFAULT_RESTART_BACKLOG: usize = 10_000;
+
+/// A fault that the fault-injection API can make an actor suffer inside its handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Panic inside the handler.
+    Panic,
+    /// Return an error from the handler.
+    Error,
+}
+
+/// What a mailbox carries: a user message, or a control instruction from the kernel.
+pub(crate) enum Payload<M> {
+    Message(M),
+    Fault(FaultKind),
+}
+
+/// A message in a mailbox. If the mailbox is dropped with the envelope unopened (the instance
+/// crashed or was stopped), the message goes back to its handle for redelivery.
+pub struct Envelope<M: Send + 'static> {
+    payload: Option<Payload<M>>,
+    seq: u64,
+    returns: Option<Arc<HandleShared<M>>>,
+}
+
+impl<M: Send + 'static> Envelope<M> {
+    fn tracked(seq: u64, message: M, returns: Arc<HandleShared<M>>) -> Self {
+        Self {
+            payload: Some(Payload::Message(message)),
+            seq,
+            returns: Some(returns),
+        }
+    }
+
+    /// An envelope that is simply dropped if undelivered (self-sends, timers).
+    pub(crate) fn untracked(message: M) -> Self {
+        Self {
+            payload: Some(Payload::Message(message)),
+            seq: 0,
+            returns: None,
+        }
+    }
+
+    fn fault(kind: FaultKind) -> Self {
+        Self {
+            payload: Some(Payload::Fault(kind)),
+            seq: 0,
+            returns: None,
+        }
+    }
+
+    /// Takes the payload out; the envelope will no longer return anything when dropped.
+    pub(crate) fn open(mut self) -> Payload<M> {
+        self.payload
+            .take()
+            .expect("an envelope is opened exactly once")
+    }
+
+    /// Takes the user message back without triggering redelivery.
+    fn disarm(mut self) -> Option<M> {
+        self.returns = None;
+        match self.payload.take() {
+            Some(Payload::Message(message)) => Some(message),
+            _ => None,
+        }
+    }
+}
+
+impl<M: Send + 'static> Drop for Envelope<M> {
+    fn drop(&mut self) {
+        if let (Some(Payload::Message(message)), Some(returns)) =
+            (self.payload.take(), self.returns.take())
+        {
+            returns.returned(self.seq, message);
+        }
+    }
+}
+
+/// The lifecycle of the child a handle names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandleStatus {
+    /// Not started yet; messages are buffered.
+    Starting,
+    /// An instance is running.
+    Running {
+        /// Incarnation number, 1 for the first instance.
+        generation: u64,
+    },
+    /// The instance died and the supervisor will start another; messages are buffered.
+    Restarting,
+    /// Stopped for good; sends fail.
+    Stopped,
+}
+
+impl HandleStatus {
+    /// True while an instance is running.
+    pub fn is_running(self) -> bool {
+        matches!(self, Self::Running { .. })
+    }
+}
+
+/// Why a send through a handle failed. The message is inside the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendErrorKind {
+    /// The actor stopped for good and will not be restarted.
+    Stopped,
+    /// The actor is restarting and its buffer for waiting messages is full.
+    RestartBacklogFull,
+}
+
+/// A message that could not be delivered, handed back to its sender.
+pub struct SendError<M> {
+    /// Why it was refused.
+    pub kind: SendErrorKind,
+    /// The actor it was addressed to.
+    pub path: ActorPath,
+    message: M,
+}
+
+impl<M> SendError<M> {
+    /// Takes the undelivered message back.
+    pub fn into_message(self) -> M {
+        self.message
+    }
+}
+
+impl<M> fmt::Debug for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendError")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> fmt::Display for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            SendErrorKind::Stopped => write!(f, "actor {} has stopped", self.path),
+            SendErrorKind::RestartBacklogFull => write!(
+                f,
+                "actor {} is restarting and its backlog is full; retry later",
+                self.path
+            ),
+        }
+    }
+}
+
+impl<M> std::error::Error for SendError<M> {}
+
+/// Why a request/reply call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The actor stopped for good; the request was not delivered.
+    #[error("actor {path} has stopped")]
+    Stopped {
+        /// The addressed actor.
+        path: ActorPath,
+    },
+    /// The actor is restarting and cannot buffer more requests; the request was not delivered.
+    #[error("actor {path} is restarting and its backlog is full; retry later")]
+    Backlogged {
+        /// The addressed actor.
+        path: ActorPath,
+    },
+    /// The request was delivered but the instance handling it stopped or crashed before it
+    /// answered.
+    #[error("actor {path} stopped before answering")]
+    NoReply {
+        /// The addressed actor.
+        path: ActorPath,
+    },
+    /// No answer within the deadline.
+    #[error("actor {path} did not answer within {after:?}")]
+    Timeout {
+        /// The addressed actor.
+        path: ActorPath,
+        /// The deadline that passed.
+        after: Duration,
+    },
+}
+
+struct Slot<M: Send + 'static> {
+    status: HandleStatus,
+    /// Number of instances bound so far.
+    generation: u64,
+    instance: Option<ActorRef<Envelope<M>>>,
+    /// Messages waiting for the next instance, with their send sequence numbers.
+    pending: Vec<(u64, M)>,
+}
+
+pub(crate) struct HandleShared<M: Send + 'static> {
+    path: ActorPath,
+    /// The running instance, for the lock-free fast path. Only changed under `slot`'s lock.
+    current: ArcSwapOption<ActorRef<Envelope<M>>>,
+    next_seq: AtomicU64,
+    slot: Mutex<Slot<M>>,
+    status_tx: watch::Sender<HandleStatus>,
+    stats: Arc<ActorStats>,
+    backlog_capacity: usize,
+}
+
+impl<M: Send + 'static> HandleShared<M> {
+    fn lock(&self) -> MutexGuard<'_, Slot<M>> {
+        // A panic while holding this lock can only come from a bug in this module; the slot's
+        // data stays consistent at every await-free step, so poisoning is safe to ignore.
+        self.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Called from an envelope's `Drop` when its mailbox was dropped before it was opened.
+    fn returned(&self, seq: u64, message: M) {
+        let mut slot = self.lock();
+        match slot.status {
+            HandleStatus::Stopped => {
+                drop(slot);
+                self.dead_letter(1);
+            }
+            _ => slot.pending.push((seq, message)),
+        }
+    }
+
+    fn dead_letter(&self, count: u64) {
+        self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
+        tracing::warn!(
+            actor = %self.path,
+            count,
+            "messages dropped: the actor stopped for good before handling them"
+        );
+    }
+}
+
+/// A restart-surviving address of a supervised actor. Cheap to clone.
+pub struct ActorHandle<M: Send + 'static> {
+    shared: Arc<HandleShared<M>>,
+}
+
+impl<M: Send + 'static> Clone for ActorHandle<M> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<M: Send + 'static> fmt::Debug for ActorHandle<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActorHandle")
+            .field("path", &self.shared.path)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl<M: Send + 'static> ActorHandle<M> {
+    /// A handle for a child that is not started yet. Messages sent now are buffered until the
+    /// supervisor starts the first instance.
+    pub fn new(path: ActorPath) -> Self {
+        Self::with_backlog(path, DEFAULT_RESTART_BACKLOG)
+    }
+
+    /// Like [`ActorHandle::new`], with a custom restart backlog capacity.
+    pub fn with_backlog(path: ActorPath, backlog_capacity: usize) -> Self {
+        let (status_tx, _) = watch::channel(HandleStatus::Starting);
+        Self {
+            shared: Arc::new(HandleShared {
+                path,
+                current: ArcSwapOption::empty(),
+                next_seq: AtomicU64::new(1),
+                slot: Mutex::new(Slot {
+                    status: HandleStatus::Starting,
+                    generation: 0,
+                    instance: None,
+                    pending: Vec::new(),
+                }),
+                status_tx,
+                stats: Arc::new(ActorStats::default()),
+                backlog_capacity,
+            }),
+        }
+    }
+
+    /// The actor's path in the tree.
+    pub fn path(&self) -> &ActorPath {
+        &self.shared.path
+    }
+
+    /// The child's current lifecycle status.
+    pub fn status(&self) -> HandleStatus {
+        *self.shared.status_tx.borrow()
+    }
+
+    /// Watches status changes (restarts, stops).
+    pub fn watch_status(&self) -> watch::Receiver<HandleStatus> {
+        self.shared.status_tx.subscribe()
+    }
+
+    /// Counters of this actor: messages, processing time, restarts, dead letters.
+    pub fn stats(&self) -> &Arc<ActorStats> {
+        &self.shared.stats
+    }
+
+    /// Sends a message without waiting for it to be handled. Never blocks.
+    pub fn cast(&self, message: M) -> Result<(), SendError<M>> {
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let message = match self.shared.current.load().as_deref() {
+            Some(instance) => {
+                match instance.send_message(Envelope::tracked(seq, message, self.shared.clone())) {
+                    Ok(()) => {
+                        self.shared.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(error) => match recover(error) {
+                        Some(message) => message,
+                        // Undeliverable and not recoverable: ractor only returns the message
+                        // inside `SendErr`; the other variants cannot occur for a typed ref.
+                        None => return Ok(()),
+                    },
+                }
+            }
+            None => message,
+        };
+        self.cast_slow(seq, message)
+    }
+
+    fn cast_slow(&self, seq: u64, message: M) -> Result<(), SendError<M>> {
+        let mut slot = self.shared.lock();
+        let message = match (slot.status, &slot.instance) {
+            (HandleStatus::Running { .. }, Some(instance)) if slot.pending.is_empty() => {
+                match instance.send_message(Envelope::tracked(seq, message, self.shared.clone())) {
+                    Ok(()) => {
+                        self.shared.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(error) => match recover(error) {
+                        Some(message) => message,
+                        None => return Ok(()),
+                    },
+                }
+            }
+            (HandleStatus::Stopped, _) => {
+                return Err(SendError {
+                    kind: SendErrorKind::Stopped,
+                    path: self.shared.path.clone(),
+                    message,
+                });
+            }
+            _ => message,
+        };
+        // The instance is gone (or not started): wait for the next one, within bounds.
+        if slot.pending.len() >= self.shared.backlog_capacity {
+            return Err(SendError {
+                kind: SendErrorKind::RestartBacklogFull,
+                path: self.shared.path.clone(),
+                message,
+            });
+        }
+        slot.pending.push((seq, message));
+        self.shared.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends a request built around a reply port and waits for the answer.
+    pub async fn call<R, F>(&self, build: F, timeout: Duration) -> Result<R, CallError>
+    where
+        F: FnOnce(RpcReplyPort<R>) -> M,
+        R: Send + 'static,
+    {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        if let Err(error) = self.cast(build(tx.into())) {
+            let path = error.path.clone();
+            return Err(match error.kind {
+                SendErrorKind::Stopped => CallError::Stopped { path },
+                SendErrorKind::RestartBacklogFull => CallError::Backlogged { path },
+            });
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(CallError::NoReply {
+                path: self.shared.path.clone(),
+            }),
+            Err(_) => Err(CallError::Timeout {
+                path: self.shared.path.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Makes the running instance suffer `kind` inside its handler, after the messages already
+    /// queued. Returns false when no instance is running.
+    pub fn inject_fault(&self, kind: FaultKind) -> bool {
+        let slot = self.shared.lock();
+        match (&slot.status, &slot.instance) {
+            (HandleStatus::Running { .. }, Some(instance)) => {
+                instance.send_message(Envelope::fault(kind)).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Binds a freshly started instance: buffered messages go to it first, in send order, and
+    /// only then does the fast path see it. Called by the supervisor.
+    pub(crate) fn bind(&self, instance: ActorRef<Envelope<M>>) {
+        let mut slot = self.shared.lock();
+        let mut pending = std::mem::take(&mut slot.pending);
+        pending.sort_by_key(|(seq, _)| *seq);
+        let mut undelivered = Vec::new();
+        for (seq, message) in pending {
+            if !undelivered.is_empty() {
+                undelivered.push((seq, message));
+                continue;
+            }
+            if let Err(error) =
+                instance.send_message(Envelope::tracked(seq, message, self.shared.clone()))
+                && let Some(message) = recover(error)
+            {
+                // The new instance died already; keep the rest for the one after it.
+                undelivered.push((seq, message));
+            }
+        }
+        slot.pending = undelivered;
+        slot.generation += 1;
+        slot.status = HandleStatus::Running {
+            generation: slot.generation,
+        };
+        slot.instance = Some(instance.clone());
+        self.shared.current.store(Some(Arc::new(instance)));
+        self.shared.status_tx.send_replace(slot.status);
+    }
+
+    /// Marks the child as restarting: new messages wait for the next instance.
+    pub(crate) fn unbind(&self) {
+        let mut slot = self.shared.lock();
+        if slot.status == HandleStatus::Stopped {
+            return;
+        }
+        slot.status = HandleStatus::Restarting;
+        slot.instance = None;
+        self.shared.current.store(None);
+        self.shared.status_tx.send_replace(slot.status);
+    }
+
+    /// Marks the child as stopped for good; waiting messages become dead letters (a request's
+    /// caller sees [`CallError::NoReply`] because its reply port is dropped with it).
+    pub(crate) fn stop_for_good(&self) {
+        let mut slot = self.shared.lock();
+        slot.status = HandleStatus::Stopped;
+        slot.instance = None;
+        self.shared.current.store(None);
+        let dropped = std::mem::take(&mut slot.pending);
+        self.shared.status_tx.send_replace(slot.status);
+        drop(slot);
+        if !dropped.is_empty() {
+            self.shared.dead_letter(dropped.len() as u64);
+        }
+    }
+
+    /// Waits until an instance is running, or the child stops for good (then `false`).
+    pub async fn wait_running(&self) -> bool {
+        let mut status = self.watch_status();
+        loop {
+            match *status.borrow_and_update() {
+                HandleStatus::Running { .. } => return true,
+                HandleStatus::Stopped => return false,
+                _ => {}
+            }
+            if status.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The running instance's ractor reference, if any (for linking and monitoring).
+    pub fn instance(&self) -> Option<ActorRef<Envelope<M>>> {
+        self.shared.current.load().as_deref().cloned()
+    }
+}
+
+fn recover<M: Send + 'static>(error: MessagingErr<Envelope<M>>) -> Option<M> {
+    match error {
+        MessagingErr::SendErr(envelope) => envelope.disarm(),
+        _ => None,
+    }
+}

@@ -1,0 +1,17 @@
+//! The kernel: the [`Actor`] trait troupe actors implement, the [`Context`] they run with, and
+//! the restart-surviving [`ActorHandle`] callers hold. Built on ractor's runtime (mailboxes,
+//! linking, supervision events); the restart policy itself lives in [`crate::supervisor`].
+
+mod actor;
+mod directory;
+mod handle;
+mod stats;
+
+pub use actor::{Actor, ActorError, Context, spawn};
+pub(crate) use actor::spawn_linked;
+pub use directory::{ActorControl, ActorDirectory, ChildKind, DirectoryEntry, FaultError};
+pub use handle::{
+    ActorHandle, CallError, DEFAULT_RESTART_BACKLOG, Envelope, FaultKind, HandleStatus,
+    SendError, SendErrorKind,
+};
+pub use stats::{ActorStats, ActorStatsSnapshot};

@@ -1,0 +1,57 @@
+//! Per-actor counters, kept in atomics so `/metrics` and the HealthActor can read them without
+//! asking the actor. Each counter has one writer: the handle (enqueued), the hosted actor
+//! (processed, busy time) or the owning supervisor (restarts).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Counters of one supervised actor, across all its instances.
+#[derive(Debug, Default)]
+pub struct ActorStats {
+    pub(crate) enqueued: AtomicU64,
+    pub(crate) processed: AtomicU64,
+    pub(crate) busy_nanos: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
+}
+
+/// A point-in-time copy of [`ActorStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ActorStatsSnapshot {
+    /// Messages accepted for this actor (sent through its handle).
+    pub enqueued: u64,
+    /// Messages its instances finished handling.
+    pub processed: u64,
+    /// Time spent inside handlers.
+    pub busy: Duration,
+    /// Times the supervisor restarted it.
+    pub restarts: u64,
+    /// Messages dropped because it stopped for good before handling them.
+    pub dead_letters: u64,
+}
+
+impl ActorStatsSnapshot {
+    /// Messages accepted but not yet handled (approximate: counters are read one by one).
+    pub fn mailbox_depth(&self) -> u64 {
+        self.enqueued.saturating_sub(self.processed)
+    }
+}
+
+impl ActorStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> ActorStatsSnapshot {
+        ActorStatsSnapshot {
+            enqueued: self.enqueued.load(Ordering::Relaxed),
+            processed: self.processed.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn record_handled(&self, busy: Duration) {
+        self.processed.fetch_add(1, Ordering::Relaxed);
+        self.busy_nanos
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,20 @@
+//! troupe-actors: the actor kernel of troupe.
+//!
+//! Supervised actors exchanging typed messages, with Erlang/OTP-style supervision on top of
+//! ractor, a typed event bus, and the node's registry and health actors. This crate never opens
+//! a socket, spawns a process or touches the filesystem: I/O comes in through traits (ports)
+//! that the `troupe` crate, a host application or a test implements.
+//!
+//! - [`kernel`]: the [`Actor`](kernel::Actor) trait, contexts, restart-surviving handles.
+//! - [`supervisor`]: strategies, child policies, restart intensity, backoff, escalation.
+//! - [`event`]: the event model, filters, the EventBus and its subscriptions.
+//! - [`registry`], [`health`]: the RegistryActor and the HealthActor.
+//! - [`node`]: a node's whole supervision tree, started in one call.
+
+pub mod event;
+pub mod health;
+pub mod ids;
+pub mod kernel;
+pub mod node;
+pub mod registry;
+pub mod supervisor;

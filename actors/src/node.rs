@@ -1,0 +1,266 @@
+//! A node's supervision tree, assembled and started in one call.
+//!
+//! ```text
+//! NodeSupervisor (rest_for_one)                          path: node
+//! ├── EventBus                                           event_bus
+//! ├── RegistryActor                                      registry
+//! ├── HealthActor                                        health
+//! ├── ProviderSupervisor (one_for_one)                   providers   └── providers/<name>
+//! ├── SessionSupervisor (dynamic one_for_one, transient) sessions    └── sessions/<id>
+//! └── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
+//! ```
+//!
+//! I/O arrives through ports ([`NodePorts`]): this module never touches a socket or a file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::ActorCell;
+use tokio::sync::watch;
+
+use crate::event::{BusShared, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventStore};
+use crate::health::{Health, HealthActor, HealthArgs, HealthConfig, HealthShared};
+use crate::ids::{ActorPath, NodeId};
+use crate::kernel::{
+    self, ActorDirectory, ActorHandle, ChildKind, DirectoryEntry, FaultError, FaultKind,
+};
+use crate::registry::{Registry, RegistryActor, RegistryArgs, RegistryTables};
+use crate::supervisor::{
+    ChildPolicy, ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorArgs,
+    SupervisorConfig, SupervisorHandle,
+};
+
+/// How a node's tree is shaped.
+#[derive(Debug, Clone)]
+pub struct NodeTreeConfig {
+    /// The node's id.
+    pub node: NodeId,
+    /// Restart intensity and backoff of every supervisor in the tree (strategies are fixed).
+    pub supervision: SupervisorConfig,
+    /// Sizes of the event bus.
+    pub events: EventBusConfig,
+    /// Tuning of the HealthActor.
+    pub health: HealthConfig,
+    /// Bound on session actors.
+    pub max_sessions: Option<usize>,
+    /// Bound on client links.
+    pub max_links: Option<usize>,
+}
+
+impl NodeTreeConfig {
+    /// Defaults for node `node`.
+    pub fn new(node: NodeId) -> Self {
+        Self {
+            node,
+            supervision: SupervisorConfig {
+                intensity: RestartIntensity::default(),
+                ..SupervisorConfig::default()
+            },
+            events: EventBusConfig::default(),
+            health: HealthConfig::default(),
+            max_sessions: None,
+            max_links: Some(10_000),
+        }
+    }
+}
+
+/// The I/O the tree needs, implemented by the node (or by a host application or a test).
+#[derive(Clone, Default)]
+pub struct NodePorts {
+    /// Where events are persisted.
+    pub event_store: Option<Arc<dyn EventStore>>,
+}
+
+/// Why a tree did not start.
+#[derive(Debug, thiserror::Error)]
+#[error("the node's supervision tree failed to start: {0}")]
+pub struct NodeTreeError(String);
+
+/// A running tree: handles to every top-level actor.
+pub struct NodeTree {
+    /// This node.
+    pub node: NodeId,
+    /// The event bus.
+    pub events: EventBus,
+    /// The registry.
+    pub registry: Registry,
+    /// The HealthActor.
+    pub health: Health,
+    /// The ProviderSupervisor.
+    pub providers: SupervisorHandle,
+    /// The SessionSupervisor.
+    pub sessions: SupervisorHandle,
+    /// The TransportSupervisor.
+    pub links: SupervisorHandle,
+    /// Every supervised actor by path.
+    pub directory: ActorDirectory,
+    root: SupervisorHandle,
+    root_cell: ActorCell,
+    exited: watch::Receiver<bool>,
+}
+
+impl NodeTree {
+    /// Builds and starts the tree; children start in order.
+    pub async fn start(config: NodeTreeConfig, ports: NodePorts) -> Result<Self, NodeTreeError> {
+        let root_path = ActorPath::root();
+        let directory = ActorDirectory::new();
+        let supervision = SupervisorConfig {
+            max_children: None,
+            ..config.supervision
+        };
+
+        let bus_shared = BusShared::new(config.node.clone(), config.events);
+        let bus_handle = ActorHandle::new(root_path.child("event_bus"));
+        let events = EventBus::new(bus_handle.clone(), bus_shared.clone());
+
+        let tables = RegistryTables::default();
+        let registry_handle = ActorHandle::new(root_path.child("registry"));
+        let registry = Registry::new(registry_handle.clone(), tables.clone());
+
+        let health_handle = ActorHandle::new(root_path.child("health"));
+        let health = Health::new(health_handle.clone());
+        let health_shared = HealthShared::new(config.node.clone());
+
+        let providers: SupervisorHandle = ActorHandle::new(root_path.child("providers"));
+        let sessions: SupervisorHandle = ActorHandle::new(root_path.child("sessions"));
+        let links: SupervisorHandle = ActorHandle::new(root_path.child("links"));
+
+        let supervisor_args = |config: SupervisorConfig| SupervisorArgs {
+            config,
+            children: Vec::new(),
+            events: Some(events.clone()),
+            directory: Some(directory.clone()),
+        };
+
+        let children = vec![
+            ChildSpec::worker(&bus_handle, {
+                let store = ports.event_store.clone();
+                move || {
+                    let args = EventBusArgs {
+                        shared: bus_shared.clone(),
+                        store: store.clone(),
+                    };
+                    (EventBusActor, args)
+                }
+            }),
+            ChildSpec::worker(&registry_handle, {
+                let args = RegistryArgs {
+                    tables,
+                    events: events.clone(),
+                };
+                move || (RegistryActor, args.clone())
+            }),
+            ChildSpec::worker(&health_handle, {
+                let args = HealthArgs {
+                    config: config.health.clone(),
+                    shared: health_shared,
+                    directory: directory.clone(),
+                    events: events.clone(),
+                };
+                move || (HealthActor, args.clone())
+            }),
+            ChildSpec::supervisor(&providers, {
+                let args = supervisor_args(SupervisorConfig {
+                    strategy: Strategy::OneForOne,
+                    ..supervision
+                });
+                move || (Supervisor, args.clone())
+            }),
+            ChildSpec::supervisor(&sessions, {
+                let args = supervisor_args(SupervisorConfig {
+                    strategy: Strategy::OneForOne,
+                    max_children: config.max_sessions,
+                    ..supervision
+                });
+                move || (Supervisor, args.clone())
+            }),
+            ChildSpec::supervisor(&links, {
+                let args = supervisor_args(SupervisorConfig {
+                    strategy: Strategy::OneForOne,
+                    max_children: config.max_links,
+                    ..supervision
+                });
+                move || (Supervisor, args.clone())
+            })
+            .policy(ChildPolicy::Permanent),
+        ];
+
+        let root: SupervisorHandle = ActorHandle::new(root_path.clone());
+        directory.insert(
+            root_path,
+            DirectoryEntry {
+                kind: ChildKind::Supervisor,
+                control: Arc::new(root.clone()),
+            },
+        );
+        let root_args = SupervisorArgs {
+            config: SupervisorConfig {
+                strategy: Strategy::RestForOne,
+                ..supervision
+            },
+            children,
+            events: Some(events.clone()),
+            directory: Some(directory.clone()),
+        };
+        let (root_cell, join) = kernel::spawn(Supervisor, root_args, &root)
+            .await
+            .map_err(|error| NodeTreeError(error.to_string()))?;
+        let (exited_tx, exited) = watch::channel(false);
+        tokio::spawn(async move {
+            let _ = join.await;
+            let _ = exited_tx.send(true);
+        });
+
+        Ok(Self {
+            node: config.node,
+            events,
+            registry,
+            health,
+            providers,
+            sessions,
+            links,
+            directory,
+            root,
+            root_cell,
+            exited,
+        })
+    }
+
+    /// Makes the actor at `path` suffer `kind` inside its handler.
+    pub fn inject_fault(&self, path: &ActorPath, kind: FaultKind) -> Result<(), FaultError> {
+        self.directory.inject_fault(path, kind)
+    }
+
+    /// True once the root supervisor has exited (after a shutdown, or when it gave up).
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
+    /// Waits until the root supervisor exits.
+    pub async fn wait_exit(&self) {
+        let mut exited = self.exited.clone();
+        let _ = exited.wait_for(|exited| *exited).await;
+    }
+
+    /// Stops the tree: every supervisor stops its children in reverse start order, each
+    /// gracefully within its timeout, then killed. Afterwards every handle reports `Stopped`.
+    pub async fn shutdown(&self, timeout: Duration) {
+        if !self.has_exited() {
+            let stopped = self
+                .root_cell
+                .stop_and_wait(Some("shutdown".to_owned()), Some(timeout))
+                .await;
+            if stopped.is_err() {
+                tracing::warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "the tree did not stop in time; killing it"
+                );
+                let _ = self.root_cell.kill_and_wait(None).await;
+            }
+        }
+        for (_, entry) in self.directory.list() {
+            entry.control.stop_for_good();
+        }
+        self.root.stop_for_good();
+    }
+}

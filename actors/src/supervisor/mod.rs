@@ -1,0 +1,738 @@
+//! Supervisors with Erlang/OTP semantics, on ractor primitives.
+//!
+//! ractor links actors and reports their exits but has no restart strategies; this module adds
+//! them. A [`Supervisor`] is itself an [`Actor`]: it starts its children in order, watches their
+//! exits, and on a failure consults its pure [`RestartTracker`] to restart (after a jittered
+//! backoff, scheduled as a message to itself so its mailbox stays free) or to give up. Giving up
+//! means stopping every child in reverse order and failing, so that the parent supervisor sees
+//! the failure ("escalation").
+//!
+//! - Strategies: one_for_one, one_for_all, rest_for_one. Dynamic children (added with
+//!   [`SupervisorMsg::StartChild`], bounded by `max_children`) make a dynamic one_for_one
+//!   supervisor.
+//! - Policies: permanent, transient (restarted only after an abnormal exit), temporary.
+//! - A child whose `pre_start` fails during a restart counts as a failed restart (ractor reports
+//!   that as a `SpawnErr` from the spawn call, never as a supervision event).
+//! - Every restart is one WARN log line (`supervisor`, `child`, `reason`, `restart_count`,
+//!   `restarts_in_window`, `window_secs`, …) and one `actor.restarted` event; giving up is an
+//!   ERROR line and one `actor.escalated` event.
+//! - Children are addressed through [`ActorHandle`]s that survive restarts.
+
+mod restart;
+mod spec;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use ractor::{ActorCell, ActorId, RpcReplyPort, SupervisionEvent};
+
+pub use restart::{Backoff, ChildRestarts, RestartDecision, RestartIntensity, RestartTracker};
+pub use spec::{ChildPolicy, ChildSpec, Shutdown, Strategy};
+
+use crate::event::{ActorEscalated, ActorRestarted, EventBus, EventData};
+use crate::ids::ActorPath;
+use crate::kernel::{
+    Actor, ActorDirectory, ActorError, ActorHandle, CallError, ChildKind, Context, DirectoryEntry,
+    HandleStatus,
+};
+
+/// How long callers wait for a supervisor to start a dynamic child.
+pub const START_CHILD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Restart behaviour of one supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SupervisorConfig {
+    /// Which children restart together.
+    pub strategy: Strategy,
+    /// How many restarts are tolerated within the window.
+    pub intensity: RestartIntensity,
+    /// Delay between a failure and the restart.
+    pub backoff: Backoff,
+    /// Bound on dynamic children; `None` for no bound.
+    pub max_children: Option<usize>,
+    /// Seed of the jitter generator (fixed in tests for reproducible delays).
+    pub jitter_seed: Option<u64>,
+}
+
+/// What each supervisor instance starts with.
+#[derive(Clone, Default)]
+pub struct SupervisorArgs {
+    /// Restart behaviour.
+    pub config: SupervisorConfig,
+    /// Static children, started in this order and stopped in reverse.
+    pub children: Vec<ChildSpec>,
+    /// Where `actor.restarted` / `actor.escalated` go.
+    pub events: Option<EventBus>,
+    /// The node's actor directory, kept up to date with this supervisor's children.
+    pub directory: Option<ActorDirectory>,
+}
+
+/// Messages of a supervisor.
+pub enum SupervisorMsg {
+    /// Add and start a dynamic child.
+    StartChild {
+        /// The child.
+        spec: ChildSpec,
+        /// The outcome.
+        reply: RpcReplyPort<Result<(), StartChildError>>,
+    },
+    /// Stop a child gracefully and forget it (not restarted).
+    TerminateChild {
+        /// The child's name (last path segment).
+        name: String,
+        /// True if it existed.
+        reply: RpcReplyPort<bool>,
+    },
+    /// List the children.
+    Children {
+        /// The list, in start order.
+        reply: RpcReplyPort<Vec<ChildInfo>>,
+    },
+    /// A scheduled restart is due (sent by the supervisor to itself).
+    RestartDue {
+        /// Which scheduled restart.
+        token: u64,
+    },
+}
+
+/// Why a dynamic child was not started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartChildError {
+    /// The name is taken.
+    #[error("a child named {0} already runs under this supervisor")]
+    AlreadyExists(String),
+    /// The supervisor is full.
+    #[error("this supervisor already runs its maximum of {max} children; retry when one ends")]
+    MaxChildren {
+        /// The bound.
+        max: usize,
+    },
+    /// The child's `pre_start` failed.
+    #[error("child {path} failed to start: {reason}")]
+    StartFailed {
+        /// The child.
+        path: ActorPath,
+        /// Its error.
+        reason: String,
+    },
+    /// The supervisor did not answer.
+    #[error(transparent)]
+    Unavailable(#[from] CallError),
+}
+
+/// One child as a supervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChildInfo {
+    /// The child's path.
+    pub path: ActorPath,
+    /// Worker or supervisor.
+    pub kind: ChildKind,
+    /// Restart policy.
+    pub policy: ChildPolicy,
+    /// Lifecycle status.
+    pub status: HandleStatus,
+    /// Restarts so far.
+    pub restarts: u64,
+}
+
+/// The supervisor actor.
+pub struct Supervisor;
+
+struct Child {
+    spec: ChildSpec,
+    cell: Option<ActorCell>,
+    restarts: ChildRestarts,
+    dynamic: bool,
+}
+
+struct PendingRestart {
+    /// Children to start, with the reason each restarts.
+    entries: Vec<(ActorPath, String)>,
+    delay: Duration,
+    restarts_in_window: u32,
+}
+
+/// State of one supervisor instance.
+pub struct SupervisorState {
+    path: ActorPath,
+    config: SupervisorConfig,
+    tracker: RestartTracker,
+    children: Vec<Child>,
+    exiting: HashSet<ActorId>,
+    pending: HashMap<u64, PendingRestart>,
+    next_token: u64,
+    rng: fastrand::Rng,
+    events: Option<EventBus>,
+    directory: Option<ActorDirectory>,
+}
+
+enum Exit {
+    Normal(String),
+    Abnormal(String),
+}
+
+impl Exit {
+    fn reason(&self) -> &str {
+        match self {
+            Self::Normal(reason) | Self::Abnormal(reason) => reason,
+        }
+    }
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorError> {
+        let rng = match args.config.jitter_seed {
+            Some(seed) => fastrand::Rng::with_seed(seed),
+            None => fastrand::Rng::new(),
+        };
+        let mut state = SupervisorState {
+            path: ctx.path().clone(),
+            config: args.config,
+            tracker: RestartTracker::new(args.config.intensity, args.config.backoff),
+            children: Vec::with_capacity(args.children.len()),
+            exiting: HashSet::new(),
+            pending: HashMap::new(),
+            next_token: 1,
+            rng,
+            events: args.events,
+            directory: args.directory,
+        };
+        for spec in args.children {
+            state.add_child(spec, false);
+            let index = state.children.len() - 1;
+            if let Err(reason) = state.start_one(ctx, index).await {
+                let path = state.children[index].spec.path.clone();
+                state.stop_all().await;
+                return Err(format!("child {path} failed to start: {reason}").into());
+            }
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        ctx: &Context<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        match message {
+            SupervisorMsg::StartChild { spec, reply } => {
+                let outcome = state.start_dynamic(ctx, spec).await;
+                let _ = reply.send(outcome);
+                Ok(())
+            }
+            SupervisorMsg::TerminateChild { name, reply } => {
+                let path = state.path.child(&name);
+                let existed = match state.index_of(&path) {
+                    Some(index) => {
+                        state.children[index].spec.starter.stop_for_good();
+                        state.stop_child(index).await;
+                        state.forget(index);
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(existed);
+                Ok(())
+            }
+            SupervisorMsg::Children { reply } => {
+                let _ = reply.send(state.child_infos());
+                Ok(())
+            }
+            SupervisorMsg::RestartDue { token } => state.restart_due(ctx, token).await,
+        }
+    }
+
+    async fn on_child_event(
+        &self,
+        ctx: &Context<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        let (id, exit) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                (cell.get_id(), Exit::Abnormal(error.to_string()))
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let exit = match reason.as_deref() {
+                    Some(killed @ ("killed" | "actor_task_cancelled")) => {
+                        Exit::Abnormal(killed.to_owned())
+                    }
+                    Some(reason) => Exit::Normal(reason.to_owned()),
+                    None => Exit::Normal("stopped".to_owned()),
+                };
+                (cell.get_id(), exit)
+            }
+            _ => return Ok(()),
+        };
+        if state.exiting.remove(&id) {
+            return Ok(());
+        }
+        let Some(index) = state
+            .children
+            .iter()
+            .position(|child| child.cell.as_ref().is_some_and(|cell| cell.get_id() == id))
+        else {
+            return Ok(());
+        };
+        state.child_exited(ctx, index, exit).await
+    }
+
+    async fn post_stop(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        state.pending.clear();
+        state.stop_all().await;
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    fn add_child(&mut self, spec: ChildSpec, dynamic: bool) {
+        if let Some(directory) = &self.directory {
+            directory.insert(
+                spec.path.clone(),
+                DirectoryEntry {
+                    kind: spec.kind,
+                    control: spec.starter.control(),
+                },
+            );
+        }
+        self.children.push(Child {
+            spec,
+            cell: None,
+            restarts: ChildRestarts::default(),
+            dynamic,
+        });
+    }
+
+    /// Removes a child for good (its handle must already be stopped or unbound).
+    fn forget(&mut self, index: usize) {
+        let child = self.children.remove(index);
+        if let Some(directory) = &self.directory {
+            directory.remove(&child.spec.path);
+        }
+        for pending in self.pending.values_mut() {
+            pending.entries.retain(|(path, _)| *path != child.spec.path);
+        }
+    }
+
+    fn index_of(&self, path: &ActorPath) -> Option<usize> {
+        self.children
+            .iter()
+            .position(|child| child.spec.path == *path)
+    }
+
+    async fn start_one(&mut self, ctx: &Context<SupervisorMsg>, index: usize) -> Result<(), String> {
+        let child = &mut self.children[index];
+        let cell = child
+            .spec
+            .starter
+            .start(ctx.cell())
+            .await
+            .map_err(|error| match error {
+                ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
+                other => other.to_string(),
+            })?;
+        child.cell = Some(cell);
+        Ok(())
+    }
+
+    async fn start_dynamic(
+        &mut self,
+        ctx: &Context<SupervisorMsg>,
+        spec: ChildSpec,
+    ) -> Result<(), StartChildError> {
+        if self.index_of(&spec.path).is_some() {
+            return Err(StartChildError::AlreadyExists(spec.path.name().to_owned()));
+        }
+        if let Some(max) = self.config.max_children
+            && self.children.len() >= max
+        {
+            return Err(StartChildError::MaxChildren { max });
+        }
+        let path = spec.path.clone();
+        self.add_child(spec, true);
+        let index = self.children.len() - 1;
+        if let Err(reason) = self.start_one(ctx, index).await {
+            self.children[index].spec.starter.stop_for_good();
+            self.forget(index);
+            return Err(StartChildError::StartFailed { path, reason });
+        }
+        Ok(())
+    }
+
+    async fn child_exited(
+        &mut self,
+        ctx: &Context<SupervisorMsg>,
+        index: usize,
+        exit: Exit,
+    ) -> Result<(), ActorError> {
+        let child = &mut self.children[index];
+        child.cell = None;
+        let restart = matches!(
+            (child.spec.policy, &exit),
+            (ChildPolicy::Permanent, _) | (ChildPolicy::Transient, Exit::Abnormal(_))
+        );
+        let path = child.spec.path.clone();
+        if !restart {
+            tracing::debug!(
+                supervisor = %self.path,
+                child = %path,
+                reason = exit.reason(),
+                policy = ?child.spec.policy,
+                "child exited and is not restarted"
+            );
+            child.spec.starter.stop_for_good();
+            self.forget(index);
+            return Ok(());
+        }
+        child.spec.starter.unbind();
+        let reason = exit.reason().to_owned();
+        let jitter = self.rng.f64();
+        match self
+            .tracker
+            .on_failure(&mut self.children[index].restarts, now(), jitter)
+        {
+            RestartDecision::Escalate { restarts_in_window } => {
+                Err(self.escalate(&path, &reason, restarts_in_window).await)
+            }
+            RestartDecision::Restart {
+                delay,
+                restarts_in_window,
+            } => {
+                let group: Vec<usize> = match self.config.strategy {
+                    Strategy::OneForOne => vec![index],
+                    Strategy::OneForAll => (0..self.children.len()).collect(),
+                    Strategy::RestForOne => (index..self.children.len()).collect(),
+                };
+                for &sibling in group.iter().rev() {
+                    if sibling != index && self.children[sibling].cell.is_some() {
+                        self.children[sibling].spec.starter.unbind();
+                        self.stop_child(sibling).await;
+                    }
+                }
+                let entries = group
+                    .iter()
+                    .map(|&member| {
+                        let member_path = self.children[member].spec.path.clone();
+                        let why = if member == index {
+                            reason.clone()
+                        } else {
+                            format!(
+                                "restarted with {path} ({:?}), which failed: {reason}",
+                                self.config.strategy
+                            )
+                        };
+                        (member_path, why)
+                    })
+                    .collect();
+                let token = self.schedule(entries, delay, restarts_in_window);
+                if delay.is_zero() {
+                    self.restart_due(ctx, token).await
+                } else {
+                    tracing::debug!(
+                        supervisor = %self.path,
+                        child = %path,
+                        reason = %reason,
+                        delay_ms = delay.as_millis() as u64,
+                        "child failed; restart scheduled"
+                    );
+                    ctx.send_after(delay, SupervisorMsg::RestartDue { token });
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Records a restart group; a child waits in at most one group.
+    fn schedule(
+        &mut self,
+        entries: Vec<(ActorPath, String)>,
+        delay: Duration,
+        restarts_in_window: u32,
+    ) -> u64 {
+        for pending in self.pending.values_mut() {
+            pending
+                .entries
+                .retain(|(path, _)| !entries.iter().any(|(new, _)| new == path));
+        }
+        self.pending.retain(|_, pending| !pending.entries.is_empty());
+        let token = self.next_token;
+        self.next_token += 1;
+        self.pending.insert(
+            token,
+            PendingRestart {
+                entries,
+                delay,
+                restarts_in_window,
+            },
+        );
+        token
+    }
+
+    async fn restart_due(
+        &mut self,
+        ctx: &Context<SupervisorMsg>,
+        token: u64,
+    ) -> Result<(), ActorError> {
+        let Some(mut pending) = self.pending.remove(&token) else {
+            return Ok(());
+        };
+        pending
+            .entries
+            .sort_by_key(|(path, _)| self.index_of(path).unwrap_or(usize::MAX));
+        for position in 0..pending.entries.len() {
+            let (path, reason) = pending.entries[position].clone();
+            let Some(index) = self.index_of(&path) else {
+                continue;
+            };
+            if self.children[index].cell.is_some() {
+                continue;
+            }
+            match self.start_one(ctx, index).await {
+                Ok(()) => self.report_restart(index, &reason, &pending),
+                Err(error) => {
+                    let failure = format!("restart failed in pre_start: {error}");
+                    let jitter = self.rng.f64();
+                    let decision =
+                        self.tracker
+                            .on_failure(&mut self.children[index].restarts, now(), jitter);
+                    match decision {
+                        RestartDecision::Escalate { restarts_in_window } => {
+                            return Err(self.escalate(&path, &failure, restarts_in_window).await);
+                        }
+                        RestartDecision::Restart {
+                            delay,
+                            restarts_in_window,
+                        } => {
+                            tracing::warn!(
+                                supervisor = %self.path,
+                                child = %path,
+                                reason = %failure,
+                                restarts_in_window,
+                                delay_ms = delay.as_millis() as u64,
+                                "restart attempt failed; retrying"
+                            );
+                            let mut rest = pending.entries.split_off(position);
+                            rest[0].1 = failure;
+                            let token = self.schedule(rest, delay, restarts_in_window);
+                            let message = SupervisorMsg::RestartDue { token };
+                            if delay.is_zero() {
+                                let _ = ctx.send_self(message);
+                            } else {
+                                ctx.send_after(delay, message);
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report_restart(&mut self, index: usize, reason: &str, pending: &PendingRestart) {
+        let child = &mut self.children[index];
+        child.restarts.total += 1;
+        child
+            .spec
+            .starter
+            .control()
+            .stats()
+            .restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let intensity = self.tracker.intensity();
+        tracing::warn!(
+            supervisor = %self.path,
+            child = %child.spec.path,
+            reason = %reason,
+            restart_count = child.restarts.total,
+            restarts_in_window = pending.restarts_in_window,
+            max_restarts = intensity.max_restarts,
+            window_secs = intensity.window.as_secs(),
+            delay_ms = pending.delay.as_millis() as u64,
+            "actor restarted"
+        );
+        if let Some(events) = &self.events {
+            events.publish(
+                None,
+                EventData::ActorRestarted(ActorRestarted {
+                    supervisor: self.path.clone(),
+                    child: child.spec.path.clone(),
+                    reason: reason.to_owned(),
+                    restart_count: child.restarts.total,
+                    restarts_in_window: pending.restarts_in_window,
+                    max_restarts: intensity.max_restarts,
+                    window_secs: intensity.window.as_secs(),
+                    delay_ms: pending.delay.as_millis() as u64,
+                }),
+            );
+        }
+    }
+
+    /// Stops every child and returns the error this supervisor fails with.
+    async fn escalate(
+        &mut self,
+        child: &ActorPath,
+        reason: &str,
+        restarts_in_window: u32,
+    ) -> ActorError {
+        let window = self.tracker.intensity().window;
+        tracing::error!(
+            supervisor = %self.path,
+            child = %child,
+            reason = %reason,
+            restarts_in_window,
+            window_secs = window.as_secs(),
+            "supervisor gives up after too many restarts; escalating to its parent"
+        );
+        if let Some(events) = &self.events {
+            events.publish(
+                None,
+                EventData::ActorEscalated(ActorEscalated {
+                    supervisor: self.path.clone(),
+                    child: child.clone(),
+                    reason: reason.to_owned(),
+                    restarts_in_window,
+                    window_secs: window.as_secs(),
+                }),
+            );
+        }
+        self.pending.clear();
+        self.stop_all().await;
+        format!(
+            "{} escalated: {restarts_in_window} restarts within {}s; last, {child} failed: {reason}",
+            self.path,
+            window.as_secs()
+        )
+        .into()
+    }
+
+    /// Stops every child in reverse start order. Static children's handles wait for the next
+    /// instance of this supervisor; dynamic children are forgotten (their handles stop).
+    async fn stop_all(&mut self) {
+        for index in (0..self.children.len()).rev() {
+            if self.children[index].dynamic {
+                self.children[index].spec.starter.stop_for_good();
+            } else {
+                self.children[index].spec.starter.unbind();
+            }
+            self.stop_child(index).await;
+        }
+        let dynamic: Vec<usize> = (0..self.children.len())
+            .rev()
+            .filter(|&index| self.children[index].dynamic)
+            .collect();
+        for index in dynamic {
+            self.forget(index);
+        }
+    }
+
+    /// Stops one child gracefully within its shutdown timeout, then kills it.
+    async fn stop_child(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        let Some(cell) = child.cell.take() else {
+            return;
+        };
+        self.exiting.insert(cell.get_id());
+        match child.spec.shutdown {
+            Shutdown::Graceful(timeout) => match cell.drain_and_wait(Some(timeout)).await {
+                Ok(()) => {}
+                Err(ractor::RactorErr::Timeout) => {
+                    tracing::warn!(
+                        supervisor = %self.path,
+                        child = %child.spec.path,
+                        timeout_ms = timeout.as_millis() as u64,
+                        "child did not stop in time; killing it"
+                    );
+                    let _ = cell.kill_and_wait(None).await;
+                }
+                Err(_) => {
+                    let _ = cell.kill_and_wait(None).await;
+                }
+            },
+            Shutdown::Kill => {
+                let _ = cell.kill_and_wait(None).await;
+            }
+        }
+    }
+
+    fn child_infos(&self) -> Vec<ChildInfo> {
+        self.children
+            .iter()
+            .map(|child| {
+                let control = child.spec.starter.control();
+                ChildInfo {
+                    path: child.spec.path.clone(),
+                    kind: child.spec.kind,
+                    policy: child.spec.policy,
+                    status: control.status(),
+                    restarts: child.restarts.total,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for SupervisorState {
+    /// A supervisor that dies abruptly (a panic, a kill) never runs `post_stop`; its dynamic
+    /// children die with it and nobody will restart them, so their handles stop here.
+    fn drop(&mut self) {
+        for child in &self.children {
+            if child.dynamic {
+                child.spec.starter.stop_for_good();
+                if let Some(directory) = &self.directory {
+                    directory.remove(&child.spec.path);
+                }
+            }
+        }
+    }
+}
+
+/// A supervisor's handle.
+pub type SupervisorHandle = ActorHandle<SupervisorMsg>;
+
+impl ActorHandle<SupervisorMsg> {
+    /// Adds and starts a dynamic child.
+    pub async fn start_child(&self, spec: ChildSpec) -> Result<(), StartChildError> {
+        self.call(
+            |reply| SupervisorMsg::StartChild { spec, reply },
+            START_CHILD_TIMEOUT,
+        )
+        .await?
+    }
+
+    /// Stops a child gracefully and forgets it.
+    pub async fn terminate_child(&self, name: &str) -> Result<bool, CallError> {
+        let name = name.to_owned();
+        self.call(
+            |reply| SupervisorMsg::TerminateChild { name, reply },
+            START_CHILD_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Lists the children.
+    pub async fn children(&self) -> Result<Vec<ChildInfo>, CallError> {
+        self.call(
+            |reply| SupervisorMsg::Children { reply },
+            Duration::from_secs(5),
+        )
+        .await
+    }
+}
