@@ -6,8 +6,7 @@
 //! becomes worse than healthy and `health.recovered` when it is healthy again.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::RpcReplyPort;
@@ -15,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{EventBus, EventData, HealthChanged};
 use crate::ids::{ActorPath, NodeId, Timestamp};
-use crate::kernel::{Actor, ActorDirectory, ActorError, ActorHandle, CallError, Context, HandleStatus};
+use crate::kernel::{
+    Actor, ActorDirectory, ActorError, ActorHandle, CallError, Context, HandleStatus,
+};
 
 /// Overall status, ordered from best to worst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -27,21 +28,6 @@ pub enum HealthStatus {
     Degraded,
     /// A core part is down.
     Unhealthy,
-}
-
-impl HealthStatus {
-    fn encode(self) -> u8 {
-        self as u8 + 1
-    }
-
-    fn decode(value: u8) -> Option<Self> {
-        match value {
-            1 => Some(Self::Healthy),
-            2 => Some(Self::Degraded),
-            3 => Some(Self::Unhealthy),
-            _ => None,
-        }
-    }
 }
 
 /// Tuning of the HealthActor.
@@ -143,22 +129,36 @@ pub enum HealthMsg {
     },
 }
 
+/// What one HealthActor instance hands to the next: the last status it announced and its
+/// restart samples. The HealthActor is restarted together with the actors whose restarts it
+/// counts (rest_for_one), so without this a new instance would never see them.
+/// Only the current instance touches it.
+struct HealthMemory {
+    last_status: Option<HealthStatus>,
+    /// (when, total restarts then), oldest first.
+    samples: VecDeque<(Instant, u64)>,
+}
+
 /// The parts of health that outlive one instance.
 pub struct HealthShared {
     node: NodeId,
     started_at: Timestamp,
     started: Instant,
-    last_status: AtomicU8,
+    memory: Mutex<HealthMemory>,
 }
 
 impl HealthShared {
-    /// Creates the shared parts.
+    /// Creates the shared parts; restarts are counted from now.
     pub fn new(node: NodeId) -> Arc<Self> {
+        let started = tokio::time::Instant::now().into_std();
         Arc::new(Self {
             node,
             started_at: Timestamp::now(),
-            started: Instant::now(),
-            last_status: AtomicU8::new(0),
+            started,
+            memory: Mutex::new(HealthMemory {
+                last_status: None,
+                samples: VecDeque::from([(started, 0)]),
+            }),
         })
     }
 }
@@ -182,7 +182,6 @@ pub struct HealthActor;
 /// State of one instance.
 pub struct HealthState {
     args: HealthArgs,
-    samples: VecDeque<(Instant, u64)>,
     components: BTreeMap<String, ComponentHealth>,
 }
 
@@ -198,7 +197,6 @@ impl Actor for HealthActor {
     ) -> Result<Self::State, ActorError> {
         Ok(HealthState {
             args,
-            samples: VecDeque::new(),
             components: BTreeMap::new(),
         })
     }
@@ -249,21 +247,8 @@ impl Actor for HealthActor {
 }
 
 impl HealthState {
-    fn restarts_in_window(&mut self, now: Instant, total: u64) -> u64 {
-        self.samples.push_back((now, total));
-        let window = self.args.config.window;
-        // Keep one sample at or before the window's start as the baseline.
-        while self.samples.len() > 1
-            && now.saturating_duration_since(self.samples[1].0) >= window
-        {
-            self.samples.pop_front();
-        }
-        let baseline = self.samples.front().map_or(total, |(_, restarts)| *restarts);
-        total.saturating_sub(baseline)
-    }
-
     fn evaluate(&mut self) -> HealthReport {
-        let now = Instant::now();
+        let now = tokio::time::Instant::now().into_std();
         let mut actors = ActorSummary::default();
         let mut total_restarts = 0;
         for (path, entry) in self.args.directory.list() {
@@ -275,8 +260,14 @@ impl HealthState {
                 HandleStatus::Stopped => actors.stopped.push(path),
             }
         }
-        let restarts_in_window = self.restarts_in_window(now, total_restarts);
         let config = &self.args.config;
+        let shared = &self.args.shared;
+        let mut memory = shared
+            .memory
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let restarts_in_window =
+            restarts_in_window(&mut memory.samples, now, total_restarts, config.window);
 
         let mut status = HealthStatus::Healthy;
         let mut reasons = Vec::new();
@@ -310,12 +301,8 @@ impl HealthState {
             }
         }
 
-        let shared = &self.args.shared;
-        let previous = HealthStatus::decode(
-            shared
-                .last_status
-                .swap(status.encode(), Ordering::Relaxed),
-        );
+        let previous = memory.last_status.replace(status);
+        drop(memory);
         if let Some(previous) = previous
             && previous != status
         {
@@ -351,6 +338,22 @@ impl HealthState {
     }
 }
 
+/// Records a sample and returns the restarts since the window's start. One sample at or before
+/// the start is kept as the baseline.
+fn restarts_in_window(
+    samples: &mut VecDeque<(Instant, u64)>,
+    now: Instant,
+    total: u64,
+    window: Duration,
+) -> u64 {
+    samples.push_back((now, total));
+    while samples.len() > 1 && now.saturating_duration_since(samples[1].0) >= window {
+        samples.pop_front();
+    }
+    let baseline = samples.front().map_or(total, |(_, restarts)| *restarts);
+    total.saturating_sub(baseline)
+}
+
 /// The HealthActor as callers use it.
 #[derive(Clone)]
 pub struct Health {
@@ -376,7 +379,12 @@ impl Health {
     }
 
     /// Reports a component's health (sessions, providers, links use this hook).
-    pub fn report_component(&self, component: impl Into<String>, status: HealthStatus, detail: impl Into<String>) {
+    pub fn report_component(
+        &self,
+        component: impl Into<String>,
+        status: HealthStatus,
+        detail: impl Into<String>,
+    ) {
         let _ = self.handle.cast(HealthMsg::Report {
             component: component.into(),
             status,

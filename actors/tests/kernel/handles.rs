@@ -1,0 +1,301 @@
+//! Delivery through restart-surviving handles: nothing sent is silently lost, order per sender
+//! holds across restarts, and undeliverable messages come back to the sender.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::RpcReplyPort;
+
+use troupe_actors::ids::ActorPath;
+use troupe_actors::kernel::{
+    self, Actor, ActorError, ActorHandle, CallError, Context, FaultKind, HandleStatus,
+    SendErrorKind,
+};
+use troupe_actors::supervisor::{
+    Backoff, ChildSpec, RestartIntensity, Supervisor, SupervisorArgs, SupervisorConfig,
+    SupervisorHandle,
+};
+
+use crate::support::*;
+
+/// Records every sequence number it handles, across all its instances.
+struct Counter;
+
+enum CounterMsg {
+    Seq(u64),
+    Echo(u64, RpcReplyPort<u64>),
+    Poison(u64),
+}
+
+type Seen = Arc<Mutex<Vec<u64>>>;
+
+impl Actor for Counter {
+    type Msg = CounterMsg;
+    type State = Seen;
+    type Arguments = Seen;
+
+    async fn pre_start(&self, _ctx: &Context<CounterMsg>, seen: Seen) -> Result<Seen, ActorError> {
+        Ok(seen)
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &Context<CounterMsg>,
+        message: CounterMsg,
+        seen: &mut Seen,
+    ) -> Result<(), ActorError> {
+        match message {
+            CounterMsg::Seq(seq) => seen.lock().unwrap().push(seq),
+            CounterMsg::Echo(value, reply) => {
+                let _ = reply.send(value);
+            }
+            CounterMsg::Poison(seq) => panic!("poison message {seq}"),
+        }
+        Ok(())
+    }
+}
+
+async fn supervised_counter(backlog: usize) -> (ActorHandle<CounterMsg>, Seen, SupervisorHandle) {
+    quiet_intended_panics();
+    let seen = Seen::default();
+    let path = ActorPath::root().child("sup");
+    let handle = ActorHandle::with_backlog(path.child("counter"), backlog);
+    let spec = ChildSpec::worker(&handle, {
+        let seen = seen.clone();
+        move || (Counter, seen.clone())
+    });
+    let supervisor = ActorHandle::new(path);
+    kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            config: SupervisorConfig {
+                backoff: Backoff::NONE,
+                intensity: RestartIntensity {
+                    max_restarts: u32::MAX,
+                    window: Duration::from_secs(60),
+                },
+                ..SupervisorConfig::default()
+            },
+            children: vec![spec],
+            ..SupervisorArgs::default()
+        },
+        &supervisor,
+    )
+    .await
+    .unwrap();
+    (handle, seen, supervisor)
+}
+
+async fn wait_until_running_again(handle: &ActorHandle<CounterMsg>, after_generation: u64) {
+    let mut status = handle.watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        status.wait_for(|status| {
+            matches!(status, HandleStatus::Running { generation } if *generation > after_generation)
+        }),
+    )
+    .await
+    .expect("restart within 30 s")
+    .unwrap();
+}
+
+fn generation(handle: &ActorHandle<CounterMsg>) -> u64 {
+    match handle.status() {
+        HandleStatus::Running { generation } => generation,
+        _ => 0,
+    }
+}
+
+/// The acceptance test: thousands of restarts while another task sends, and every
+/// message is accounted for: handled exactly once, in send order, or handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_restarts_lose_no_message_and_keep_send_order() {
+    const RESTARTS: u64 = 2_000;
+    let (handle, seen, _supervisor) = supervised_counter(usize::MAX).await;
+    let chaos_done = Arc::new(AtomicBool::new(false));
+
+    let sender = tokio::spawn({
+        let handle = handle.clone();
+        let chaos_done = chaos_done.clone();
+        async move {
+            let mut accepted = Vec::new();
+            let mut returned = Vec::new();
+            let mut seq = 0u64;
+            while !chaos_done.load(Ordering::Relaxed) && seq < 5_000_000 {
+                match handle.cast(CounterMsg::Seq(seq)) {
+                    Ok(()) => accepted.push(seq),
+                    Err(error) => match error.into_message() {
+                        CounterMsg::Seq(back) => returned.push(back),
+                        _ => unreachable!(),
+                    },
+                }
+                seq += 1;
+                if seq.is_multiple_of(64) {
+                    // Keep the mailbox realistic: a crash hands back everything queued.
+                    while handle.stats().snapshot().mailbox_depth() > 256
+                        && !chaos_done.load(Ordering::Relaxed)
+                    {
+                        tokio::task::yield_now().await;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            (accepted, returned)
+        }
+    });
+
+    let caller = tokio::spawn({
+        let handle = handle.clone();
+        let chaos_done = chaos_done.clone();
+        async move {
+            let mut answered = 0u64;
+            while !chaos_done.load(Ordering::Relaxed) {
+                let value = answered;
+                let reply = handle
+                    .call(
+                        |port| CounterMsg::Echo(value, port),
+                        Duration::from_secs(30),
+                    )
+                    .await;
+                assert_eq!(reply, Ok(value), "a call during restarts must be answered");
+                answered += 1;
+            }
+            answered
+        }
+    });
+
+    for _ in 0..RESTARTS {
+        let before = generation(&handle);
+        assert!(
+            handle.inject_fault(FaultKind::Panic),
+            "instance {before} is running"
+        );
+        wait_until_running_again(&handle, before).await;
+    }
+    chaos_done.store(true, Ordering::Relaxed);
+    let (accepted, returned) = sender.await.unwrap();
+    let answered = caller.await.unwrap();
+
+    // Everything accepted is eventually handled.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.lock().unwrap().len() < accepted.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("every accepted message is handled");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), accepted.len(), "no duplicates");
+    assert_eq!(
+        seen, accepted,
+        "handled exactly the accepted messages, in send order"
+    );
+    assert!(returned.is_empty(), "an unbounded backlog never refuses");
+    assert_eq!(handle.stats().snapshot().restarts, RESTARTS);
+    assert!(
+        accepted.len() > RESTARTS as usize,
+        "the sender ran during the restarts"
+    );
+    assert!(answered > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_consumed_and_the_rest_are_redelivered() {
+    let (handle, seen, _supervisor) = supervised_counter(usize::MAX).await;
+    let mut poisoned = HashSet::new();
+    let mut accepted = Vec::new();
+    for seq in 0..20_000u64 {
+        let message = if seq % 100 == 99 {
+            poisoned.insert(seq);
+            CounterMsg::Poison(seq)
+        } else {
+            accepted.push(seq);
+            CounterMsg::Seq(seq)
+        };
+        assert!(handle.cast(message).is_ok());
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.lock().unwrap().len() < accepted.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("every non-poison message is handled");
+    assert_eq!(*seen.lock().unwrap(), accepted);
+    assert_eq!(handle.stats().snapshot().restarts, poisoned.len() as u64);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_full_restart_backlog_hands_the_message_back() {
+    quiet_intended_panics();
+    let log = Log::default();
+    let path = ActorPath::root().child("sup");
+    let handle = ActorHandle::with_backlog(path.child("a"), 2);
+    let args = ProbeArgs::new("a", &log);
+    let spec = ChildSpec::worker(&handle, move || (Probe, args.clone()));
+    let supervisor: SupervisorHandle = ActorHandle::new(path);
+    kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            config: SupervisorConfig {
+                backoff: Backoff {
+                    min: Duration::from_secs(10),
+                    max: Duration::from_secs(10),
+                },
+                ..SupervisorConfig::default()
+            },
+            children: vec![spec],
+            ..SupervisorArgs::default()
+        },
+        &supervisor,
+    )
+    .await
+    .unwrap();
+    handle.cast(ProbeMsg::Panic).unwrap();
+    let mut status = handle.watch_status();
+    status
+        .wait_for(|status| *status == HandleStatus::Restarting)
+        .await
+        .unwrap();
+
+    let (first, second) = (
+        tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.call(ProbeMsg::Ping, Duration::from_secs(60)).await }
+        }),
+        tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.call(ProbeMsg::Ping, Duration::from_secs(60)).await }
+        }),
+    );
+    tokio::task::yield_now().await;
+    let refused = handle.cast(ProbeMsg::StopNormally).unwrap_err();
+    assert_eq!(refused.kind, SendErrorKind::RestartBacklogFull);
+    assert!(matches!(refused.into_message(), ProbeMsg::StopNormally));
+    let third = handle.call(ProbeMsg::Ping, Duration::from_secs(60)).await;
+    assert!(matches!(third, Err(CallError::Backlogged { .. })));
+
+    // The buffered calls reach the new instance once the backoff has passed.
+    assert_eq!(first.await.unwrap(), Ok(2));
+    assert_eq!(second.await.unwrap(), Ok(2));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_call_to_a_stopped_actor_fails_fast_with_a_typed_error() {
+    let log = Log::default();
+    let handle = ActorHandle::new(ActorPath::root().child("lonely"));
+    let (cell, _) = kernel::spawn(Probe, ProbeArgs::new("lonely", &log), &handle)
+        .await
+        .unwrap();
+    assert_eq!(ping(&handle).await, 1);
+    cell.stop_and_wait(None, None).await.unwrap();
+    // Unsupervised: nobody marks it stopped, so the call times out rather than hanging.
+    let answer = handle.call(ProbeMsg::Ping, Duration::from_secs(1)).await;
+    assert!(
+        matches!(answer, Err(CallError::Timeout { .. })),
+        "{answer:?}"
+    );
+}

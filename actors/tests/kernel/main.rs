@@ -1,0 +1,8 @@
+//! Integration tests of the actor kernel: supervision, handles, the event bus, health.
+#![allow(missing_docs, unreachable_pub)]
+
+mod bus;
+mod handles;
+mod node;
+mod supervision;
+mod support;

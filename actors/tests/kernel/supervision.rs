@@ -1,0 +1,533 @@
+//! Supervisor behaviour: restarts with backoff, strategies, escalation, ordered shutdown,
+//! failed restarts, dynamic children.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ractor::ActorCell;
+use tracing::Level;
+
+use troupe_actors::event::{EventBus, EventBusConfig, EventData};
+use troupe_actors::ids::ActorPath;
+use troupe_actors::kernel::{self, ActorHandle, FaultKind, HandleStatus, SendErrorKind};
+use troupe_actors::supervisor::{
+    Backoff, ChildPolicy, ChildSpec, RestartIntensity, Shutdown, StartChildError, Strategy,
+    Supervisor, SupervisorArgs, SupervisorConfig, SupervisorHandle,
+};
+
+use crate::support::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+struct Tree {
+    supervisor: SupervisorHandle,
+    cell: ActorCell,
+    children: Vec<ActorHandle<ProbeMsg>>,
+    args: Vec<ProbeArgs>,
+    bus: EventBus,
+    log: Log,
+}
+
+fn probe_spec(parent: &ActorPath, args: &ProbeArgs) -> (ChildSpec, ActorHandle<ProbeMsg>) {
+    let handle = ActorHandle::new(parent.child(args.name));
+    let args = args.clone();
+    let spec = ChildSpec::worker(&handle, move || (Probe, args.clone()));
+    (spec, handle)
+}
+
+async fn tree(strategy: Strategy, names: &[&'static str], config: SupervisorConfig) -> Tree {
+    let log = Log::default();
+    let bus = start_bus(EventBusConfig::default()).await;
+    let path = ActorPath::root().child("sup");
+    let mut specs = Vec::new();
+    let mut children = Vec::new();
+    let mut args = Vec::new();
+    for name in names {
+        let probe = ProbeArgs::new(name, &log);
+        let (spec, handle) = probe_spec(&path, &probe);
+        specs.push(spec);
+        children.push(handle);
+        args.push(probe);
+    }
+    let supervisor = ActorHandle::new(path);
+    let (cell, _join) = kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            config: SupervisorConfig {
+                strategy,
+                jitter_seed: Some(7),
+                ..config
+            },
+            children: specs,
+            events: Some(bus.clone()),
+            directory: None,
+        },
+        &supervisor,
+    )
+    .await
+    .expect("supervisor starts");
+    Tree {
+        supervisor,
+        cell,
+        children,
+        args,
+        bus,
+        log,
+    }
+}
+
+fn backoff(min_ms: u64, max_ms: u64) -> SupervisorConfig {
+    SupervisorConfig {
+        backoff: Backoff {
+            min: MS * min_ms as u32,
+            max: MS * max_ms as u32,
+        },
+        ..SupervisorConfig::default()
+    }
+}
+
+fn restarted(data: &EventData) -> &troupe_actors::event::ActorRestarted {
+    match data {
+        EventData::ActorRestarted(restarted) => restarted,
+        other => panic!("expected actor.restarted, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_panicking_child_is_restarted_after_its_backoff_and_siblings_are_untouched() {
+    let (capture, _guard) = Capture::install();
+    let tree = tree(Strategy::OneForOne, &["a", "b", "c"], backoff(100, 1_000)).await;
+    let mut events = all_events(&tree.bus);
+    let before = tokio::time::Instant::now();
+
+    tree.children[1].cast(ProbeMsg::Panic).unwrap();
+    let event = next_event(&mut events).await;
+    let waited = before.elapsed();
+
+    let restart = restarted(&event.data);
+    assert_eq!(restart.supervisor.as_str(), "sup");
+    assert_eq!(restart.child.as_str(), "sup/b");
+    assert!(
+        restart.reason.contains("b was told to panic"),
+        "{}",
+        restart.reason
+    );
+    assert_eq!(restart.restart_count, 1);
+    assert_eq!(restart.restarts_in_window, 1);
+    assert_eq!(
+        restart.delay_ms, 100,
+        "the first restart waits exactly backoff.min"
+    );
+    assert!(waited >= MS * 100 && waited < MS * 150, "waited {waited:?}");
+
+    assert_eq!(ping(&tree.children[1]).await, 2, "b runs a second instance");
+    assert_eq!(ping(&tree.children[0]).await, 1, "a untouched");
+    assert_eq!(ping(&tree.children[2]).await, 1, "c untouched");
+    assert_eq!(
+        tree.log.lines(),
+        ["a started", "b started", "c started", "b started"]
+    );
+
+    let warnings = capture.with_message(Level::WARN, "actor restarted");
+    assert_eq!(warnings.len(), 1, "exactly one WARN line per restart");
+    let fields = &warnings[0].fields;
+    assert_eq!(fields["supervisor"], "sup");
+    assert_eq!(fields["child"], "sup/b");
+    assert!(fields["reason"].contains("b was told to panic"));
+    assert_eq!(fields["restart_count"], "1");
+    assert_eq!(fields["restarts_in_window"], "1");
+    assert_eq!(fields["window_secs"], "60");
+    assert!(
+        events.try_recv().is_none(),
+        "exactly one actor.restarted event"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn backoff_grows_with_consecutive_failures_of_the_same_child() {
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(100, 10_000)).await;
+    let mut events = all_events(&tree.bus);
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        tree.children[0].cast(ProbeMsg::Panic).unwrap();
+        delays.push(restarted(&next_event(&mut events).await.data).delay_ms);
+    }
+    assert_eq!(delays[0], 100);
+    for (step, delay) in delays.iter().enumerate().skip(1) {
+        let top = 100 << step;
+        assert!(
+            (top / 2..=top).contains(delay),
+            "restart {step}: {delay} ms not in [{}, {top}]",
+            top / 2
+        );
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn one_for_all_restarts_every_child_stopping_in_reverse_and_starting_in_order() {
+    let tree = tree(Strategy::OneForAll, &["a", "b", "c"], backoff(10, 100)).await;
+    let mut events = all_events(&tree.bus);
+    tree.log.clear();
+
+    tree.children[1].cast(ProbeMsg::Panic).unwrap();
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        let event = next_event(&mut events).await;
+        children.push(restarted(&event.data).child.to_string());
+    }
+    assert_eq!(children, ["sup/a", "sup/b", "sup/c"]);
+    assert_eq!(
+        tree.log.lines(),
+        [
+            "c stopped",
+            "a stopped",
+            "a started",
+            "b started",
+            "c started"
+        ],
+        "b crashed (no post_stop); c and a stop in reverse order, all start in order"
+    );
+    for child in &tree.children {
+        assert_eq!(ping(child).await, 2);
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn rest_for_one_restarts_the_failed_child_and_those_started_after_it() {
+    let tree = tree(
+        Strategy::RestForOne,
+        &["a", "b", "c", "d"],
+        backoff(10, 100),
+    )
+    .await;
+    let mut events = all_events(&tree.bus);
+    tree.log.clear();
+
+    tree.children[1].cast(ProbeMsg::Panic).unwrap();
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        children.push(
+            restarted(&next_event(&mut events).await.data)
+                .child
+                .to_string(),
+        );
+    }
+    assert_eq!(children, ["sup/b", "sup/c", "sup/d"]);
+    assert_eq!(
+        tree.log.lines(),
+        [
+            "d stopped",
+            "c stopped",
+            "b started",
+            "c started",
+            "d started"
+        ]
+    );
+    assert_eq!(
+        ping(&tree.children[0]).await,
+        1,
+        "a was started before b: untouched"
+    );
+    assert_eq!(ping(&tree.children[3]).await, 2);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn too_many_restarts_escalate_to_the_parent_which_restarts_the_subtree() {
+    let (capture, _guard) = Capture::install();
+    let log = Log::default();
+    let bus = start_bus(EventBusConfig::default()).await;
+    let outer_path = ActorPath::root().child("outer");
+    let inner_path = outer_path.child("inner");
+    let probe = ProbeArgs::new("x", &log);
+    let (x_spec, x) = probe_spec(&inner_path, &probe);
+    let inner: SupervisorHandle = ActorHandle::new(inner_path.clone());
+    let inner_args = SupervisorArgs {
+        config: SupervisorConfig {
+            intensity: RestartIntensity {
+                max_restarts: 2,
+                window: Duration::from_secs(10),
+            },
+            backoff: Backoff::NONE,
+            ..SupervisorConfig::default()
+        },
+        children: vec![x_spec],
+        events: Some(bus.clone()),
+        directory: None,
+    };
+    let outer: SupervisorHandle = ActorHandle::new(outer_path);
+    kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            config: SupervisorConfig {
+                backoff: Backoff::NONE,
+                ..SupervisorConfig::default()
+            },
+            children: vec![ChildSpec::supervisor(&inner, move || {
+                (Supervisor, inner_args.clone())
+            })],
+            events: Some(bus.clone()),
+            directory: None,
+        },
+        &outer,
+    )
+    .await
+    .unwrap();
+    let mut events = all_events(&bus);
+
+    for expected_generation in 2..=3 {
+        x.cast(ProbeMsg::Panic).unwrap();
+        let event = next_event(&mut events).await;
+        assert_eq!(restarted(&event.data).child.as_str(), "outer/inner/x");
+        assert_eq!(ping(&x).await, expected_generation);
+    }
+    // The third failure inside the window is one too many for the inner supervisor.
+    x.cast(ProbeMsg::Panic).unwrap();
+    let escalated = next_event(&mut events).await;
+    match &escalated.data {
+        EventData::ActorEscalated(escalated) => {
+            assert_eq!(escalated.supervisor.as_str(), "outer/inner");
+            assert_eq!(escalated.child.as_str(), "outer/inner/x");
+            assert_eq!(escalated.restarts_in_window, 3);
+        }
+        other => panic!("expected actor.escalated, got {other:?}"),
+    }
+    let restart = next_event(&mut events).await;
+    let restart = restarted(&restart.data);
+    assert_eq!(restart.supervisor.as_str(), "outer");
+    assert_eq!(restart.child.as_str(), "outer/inner");
+    assert!(restart.reason.contains("escalated"), "{}", restart.reason);
+
+    assert_eq!(
+        ping(&x).await,
+        4,
+        "the same handle reaches the instance started by the restarted inner supervisor"
+    );
+    assert_eq!(
+        capture
+            .with_message(
+                Level::ERROR,
+                "supervisor gives up after too many restarts; escalating to its parent"
+            )
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_failing_pre_start_counts_as_a_failed_restart() {
+    let (capture, _guard) = Capture::install();
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(100, 10_000)).await;
+    let mut events = all_events(&tree.bus);
+    tree.args[0].failing_starts.store(2, Ordering::SeqCst);
+    let before = tokio::time::Instant::now();
+
+    tree.children[0].cast(ProbeMsg::Panic).unwrap();
+    let event = next_event(&mut events).await;
+    let restart = restarted(&event.data);
+    assert!(
+        restart.reason.contains("restart failed in pre_start"),
+        "{}",
+        restart.reason
+    );
+    assert_eq!(
+        restart.restarts_in_window, 3,
+        "two failed starts and the panic"
+    );
+    assert!(
+        before.elapsed() >= MS * 400,
+        "waited {:?}: 100 ms, then at least 100 and 200 more",
+        before.elapsed()
+    );
+    assert_eq!(
+        tree.log.lines(),
+        [
+            "a started",
+            "a failed to start",
+            "a failed to start",
+            "a started"
+        ]
+    );
+    assert_eq!(
+        capture
+            .with_message(Level::WARN, "restart attempt failed; retrying")
+            .len(),
+        2
+    );
+    assert_eq!(
+        capture.with_message(Level::WARN, "actor restarted").len(),
+        1
+    );
+    assert_eq!(ping(&tree.children[0]).await, 2);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn failing_pre_starts_exhaust_the_intensity_and_escalate() {
+    let config = SupervisorConfig {
+        intensity: RestartIntensity {
+            max_restarts: 2,
+            window: Duration::from_secs(60),
+        },
+        ..backoff(10, 100)
+    };
+    let tree = tree(Strategy::OneForOne, &["a"], config).await;
+    let mut events = all_events(&tree.bus);
+    tree.args[0].failing_starts.store(10, Ordering::SeqCst);
+    tree.children[0].cast(ProbeMsg::Panic).unwrap();
+    let event = next_event(&mut events).await;
+    assert!(
+        matches!(event.data, EventData::ActorEscalated(_)),
+        "{:?}",
+        event.data
+    );
+    tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
+    assert_eq!(
+        tree.log.lines(),
+        ["a started", "a failed to start", "a failed to start"]
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn stopping_a_supervisor_stops_children_gracefully_in_reverse_order() {
+    let tree = tree(Strategy::OneForOne, &["a", "b", "c"], backoff(10, 100)).await;
+    tree.log.clear();
+    tree.cell.stop_and_wait(None, None).await.unwrap();
+    assert_eq!(tree.log.lines(), ["c stopped", "b stopped", "a stopped"]);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_child_that_does_not_stop_in_time_is_killed() {
+    quiet_intended_panics();
+    let (capture, _guard) = Capture::install();
+    let log = Log::default();
+    let path = ActorPath::root().child("sup");
+    let (slow_spec, slow) = probe_spec(&path, &ProbeArgs::new("slow", &log));
+    let (quick_spec, _quick) = probe_spec(&path, &ProbeArgs::new("quick", &log));
+    let supervisor: SupervisorHandle = ActorHandle::new(path);
+    let (cell, _) = kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            children: vec![
+                quick_spec,
+                slow_spec.shutdown(Shutdown::Graceful(Duration::from_secs(1))),
+            ],
+            ..SupervisorArgs::default()
+        },
+        &supervisor,
+    )
+    .await
+    .unwrap();
+    slow.cast(ProbeMsg::Busy(Duration::from_secs(3600)))
+        .unwrap();
+    tokio::task::yield_now().await;
+    log.clear();
+
+    let before = tokio::time::Instant::now();
+    cell.stop_and_wait(None, None).await.unwrap();
+    let took = before.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(
+        log.lines(),
+        ["quick stopped"],
+        "the slow child was killed: no post_stop"
+    );
+    let kills = capture.with_message(Level::WARN, "child did not stop in time; killing it");
+    assert_eq!(kills.len(), 1);
+    assert_eq!(kills[0].fields["child"], "sup/slow");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn dynamic_children_follow_their_policies_and_the_max_children_bound() {
+    quiet_intended_panics();
+    let log = Log::default();
+    let path = ActorPath::root().child("dyn");
+    let supervisor: SupervisorHandle = ActorHandle::new(path.clone());
+    kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            config: SupervisorConfig {
+                max_children: Some(3),
+                backoff: Backoff::NONE,
+                ..SupervisorConfig::default()
+            },
+            ..SupervisorArgs::default()
+        },
+        &supervisor,
+    )
+    .await
+    .unwrap();
+
+    let (temporary, temporary_handle) = probe_spec(&path, &ProbeArgs::new("temporary", &log));
+    let (transient, transient_handle) = probe_spec(&path, &ProbeArgs::new("transient", &log));
+    let (transient2, transient2_handle) = probe_spec(&path, &ProbeArgs::new("transient2", &log));
+    supervisor
+        .start_child(temporary.policy(ChildPolicy::Temporary))
+        .await
+        .unwrap();
+    supervisor
+        .start_child(transient.policy(ChildPolicy::Transient))
+        .await
+        .unwrap();
+    supervisor
+        .start_child(transient2.policy(ChildPolicy::Transient))
+        .await
+        .unwrap();
+
+    let (extra, _) = probe_spec(&path, &ProbeArgs::new("extra", &log));
+    assert_eq!(
+        supervisor.start_child(extra).await,
+        Err(StartChildError::MaxChildren { max: 3 })
+    );
+    let (duplicate, _) = probe_spec(&path, &ProbeArgs::new("transient", &log));
+    assert_eq!(
+        supervisor.start_child(duplicate).await,
+        Err(StartChildError::AlreadyExists("transient".into()))
+    );
+
+    // temporary: a panic removes it for good
+    let mut status = temporary_handle.watch_status();
+    temporary_handle.cast(ProbeMsg::Panic).unwrap();
+    status
+        .wait_for(|status| *status == HandleStatus::Stopped)
+        .await
+        .unwrap();
+    let refused = temporary_handle.cast(ProbeMsg::Panic).unwrap_err();
+    assert_eq!(refused.kind, SendErrorKind::Stopped);
+
+    // transient: a panic restarts it, a normal exit removes it
+    transient_handle.cast(ProbeMsg::Panic).unwrap();
+    assert_eq!(ping(&transient_handle).await, 2);
+    let mut status = transient2_handle.watch_status();
+    transient2_handle.cast(ProbeMsg::StopNormally).unwrap();
+    status
+        .wait_for(|status| *status == HandleStatus::Stopped)
+        .await
+        .unwrap();
+
+    let children = supervisor.children().await.unwrap();
+    let names: Vec<_> = children.iter().map(|c| c.path.to_string()).collect();
+    assert_eq!(names, ["dyn/transient"]);
+    assert_eq!(children[0].restarts, 1);
+
+    assert!(supervisor.terminate_child("transient").await.unwrap());
+    assert!(!supervisor.terminate_child("transient").await.unwrap());
+    assert_eq!(transient_handle.status(), HandleStatus::Stopped);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn fault_injection_reaches_any_hosted_actor_including_supervisors() {
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 100)).await;
+    let mut events = all_events(&tree.bus);
+    assert!(tree.children[0].inject_fault(FaultKind::Error));
+    let event = next_event(&mut events).await;
+    assert!(
+        restarted(&event.data)
+            .reason
+            .contains("fault injected: error in sup/a")
+    );
+    // A root supervisor that panics has nobody to restart it: it just dies.
+    assert!(tree.supervisor.inject_fault(FaultKind::Panic));
+    tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
+}

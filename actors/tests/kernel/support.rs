@@ -1,0 +1,255 @@
+//! Test actors and helpers shared by the kernel's integration tests.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::RpcReplyPort;
+use tracing::field::{Field, Visit};
+use tracing::{Level, Subscriber};
+use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
+
+use troupe_actors::event::{
+    BusShared, Delivery, Event, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventFilter,
+    Subscription,
+};
+use troupe_actors::ids::{ActorPath, NodeId};
+use troupe_actors::kernel::{self, Actor, ActorError, ActorHandle, Context, HandleStatus};
+
+/// Silences the panics these tests cause on purpose (they are the point of the tests, and the
+/// default hook captures a backtrace for each, which costs milliseconds in a debug build when
+/// `RUST_BACKTRACE` is set). Any other panic is reported as usual.
+pub fn quiet_intended_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            let intended = ["fault injected", "was told to panic", "poison message"]
+                .iter()
+                .any(|marker| message.contains(marker));
+            if !intended {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// A shared, ordered log of lifecycle lines ("a started", "b stopped").
+#[derive(Clone, Default)]
+pub struct Log {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Log {
+    pub fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.lines.lock().unwrap().clear();
+    }
+}
+
+/// A test worker that logs its lifecycle and can be told to misbehave.
+pub struct Probe;
+
+#[derive(Clone)]
+pub struct ProbeArgs {
+    pub name: &'static str,
+    pub log: Log,
+    /// How many upcoming `pre_start` calls fail.
+    pub failing_starts: Arc<AtomicU32>,
+}
+
+impl ProbeArgs {
+    pub fn new(name: &'static str, log: &Log) -> Self {
+        Self {
+            name,
+            log: log.clone(),
+            failing_starts: Arc::new(AtomicU32::new(0)),
+        }
+    }
+}
+
+pub enum ProbeMsg {
+    /// Answers with the handle's generation.
+    Ping(RpcReplyPort<u64>),
+    /// Panics while handling this message.
+    Panic,
+    /// Sleeps inside the handler (keeps the actor busy).
+    Busy(Duration),
+    /// Stops itself normally.
+    StopNormally,
+}
+
+impl Actor for Probe {
+    type Msg = ProbeMsg;
+    type State = ProbeArgs;
+    type Arguments = ProbeArgs;
+
+    async fn pre_start(
+        &self,
+        _ctx: &Context<ProbeMsg>,
+        args: ProbeArgs,
+    ) -> Result<ProbeArgs, ActorError> {
+        let failing = args
+            .failing_starts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            args.log.push(format!("{} failed to start", args.name));
+            return Err(format!("{} cannot start yet", args.name).into());
+        }
+        args.log.push(format!("{} started", args.name));
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        ctx: &Context<ProbeMsg>,
+        message: ProbeMsg,
+        state: &mut ProbeArgs,
+    ) -> Result<(), ActorError> {
+        match message {
+            ProbeMsg::Ping(reply) => {
+                let generation = match ctx.handle().status() {
+                    HandleStatus::Running { generation } => generation,
+                    _ => 0,
+                };
+                let _ = reply.send(generation);
+            }
+            ProbeMsg::Panic => panic!("{} was told to panic", state.name),
+            ProbeMsg::Busy(duration) => tokio::time::sleep(duration).await,
+            ProbeMsg::StopNormally => ctx.stop(None),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _ctx: &Context<ProbeMsg>,
+        state: &mut ProbeArgs,
+    ) -> Result<(), ActorError> {
+        state.log.push(format!("{} stopped", state.name));
+        Ok(())
+    }
+}
+
+pub async fn ping(handle: &ActorHandle<ProbeMsg>) -> u64 {
+    handle
+        .call(ProbeMsg::Ping, Duration::from_secs(30))
+        .await
+        .expect("ping")
+}
+
+/// A standalone event bus for tests.
+pub async fn start_bus(config: EventBusConfig) -> EventBus {
+    quiet_intended_panics();
+    let shared = BusShared::new(NodeId::new("test").unwrap(), config);
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared: shared.clone(),
+            store: None,
+        },
+        &handle,
+    )
+    .await
+    .expect("bus starts");
+    EventBus::new(handle, shared)
+}
+
+/// Receives the next event (not a lag marker) within a minute of (possibly paused) time.
+pub async fn next_event(subscription: &mut Subscription) -> Arc<Event> {
+    loop {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), subscription.recv())
+            .await
+            .expect("timed out waiting for an event")
+            .expect("bus closed");
+        if let Delivery::Event(event) = delivery {
+            return event;
+        }
+    }
+}
+
+pub fn all_events(bus: &EventBus) -> Subscription {
+    bus.subscribe(EventFilter::all())
+}
+
+/// One captured tracing event.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub level: Level,
+    pub message: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Collects tracing events of the current thread (use a current-thread runtime).
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<Captured>>>);
+
+impl Capture {
+    pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        let capture = Self::default();
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        let guard = tracing::subscriber::set_default(subscriber);
+        (capture, guard)
+    }
+
+    pub fn events(&self) -> Vec<Captured> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn with_message(&self, level: Level, message: &str) -> Vec<Captured> {
+        self.events()
+            .into_iter()
+            .filter(|event| event.level == level && event.message == message)
+            .collect()
+    }
+}
+
+struct FieldVisitor<'a>(&'a mut Captured);
+
+impl Visit for FieldVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.0.message = text;
+        } else {
+            self.0.fields.insert(field.name().to_owned(), text);
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.message = value.to_owned();
+        } else {
+            self.0
+                .fields
+                .insert(field.name().to_owned(), value.to_owned());
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: LayerContext<'_, S>) {
+        let mut captured = Captured {
+            level: *event.metadata().level(),
+            message: String::new(),
+            fields: BTreeMap::new(),
+        };
+        event.record(&mut FieldVisitor(&mut captured));
+        self.0.lock().unwrap().push(captured);
+    }
+}
