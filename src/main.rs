@@ -1,1 +1,5 @@
-fn main() {}
+//! The `troupe` binary: see `troupe --help`.
+
+fn main() -> std::process::ExitCode {
+    troupe::cli::main()
+}

@@ -75,7 +75,9 @@ pub struct ActorSummary {
     pub total: usize,
     /// Of which running.
     pub running: usize,
-    /// Paths restarting (or not started yet).
+    /// Paths starting for the first time (during node start-up).
+    pub starting: Vec<ActorPath>,
+    /// Paths restarting.
     pub restarting: Vec<ActorPath>,
     /// Paths stopped for good but still listed.
     pub stopped: Vec<ActorPath>,
@@ -256,7 +258,8 @@ impl HealthState {
             total_restarts += entry.control.stats().snapshot().restarts;
             match entry.control.status() {
                 HandleStatus::Running { .. } => actors.running += 1,
-                HandleStatus::Starting | HandleStatus::Restarting => actors.restarting.push(path),
+                HandleStatus::Starting => actors.starting.push(path),
+                HandleStatus::Restarting => actors.restarting.push(path),
                 HandleStatus::Stopped => actors.stopped.push(path),
             }
         }

@@ -9,12 +9,14 @@
 //! - [`supervisor`]: strategies, child policies, restart intensity, backoff, escalation.
 //! - [`event`]: the event model, filters, the EventBus and its subscriptions.
 //! - [`registry`], [`health`]: the RegistryActor and the HealthActor.
+//! - [`link`]: the TransportActor, one per client link.
 //! - [`node`]: a node's whole supervision tree, started in one call.
 
 pub mod event;
 pub mod health;
 pub mod ids;
 pub mod kernel;
+pub mod link;
 pub mod node;
 pub mod registry;
 pub mod supervisor;

@@ -393,6 +393,18 @@ impl Subscription {
         }
     }
 
+    /// Takes the replayed deliveries not received yet (for a one-shot replay without live
+    /// events).
+    pub fn take_backlog(&mut self) -> Vec<Delivery> {
+        let backlog: Vec<Delivery> = self.backlog.drain(..).collect();
+        for delivery in &backlog {
+            if let Delivery::Event(event) = delivery {
+                self.last_id = Some(event.id.clone());
+            }
+        }
+        backlog
+    }
+
     /// Replaces the filter (for links whose client changes its subscription).
     pub fn set_filter(&mut self, filter: EventFilter) {
         self.filter = filter;

@@ -394,13 +394,22 @@ impl SupervisorState {
         );
         let path = child.spec.path.clone();
         if !restart {
-            tracing::debug!(
-                supervisor = %self.path,
-                child = %path,
-                reason = exit.reason(),
-                policy = ?child.spec.policy,
-                "child exited and is not restarted"
-            );
+            match &exit {
+                Exit::Abnormal(reason) => tracing::warn!(
+                    supervisor = %self.path,
+                    child = %path,
+                    reason = %reason,
+                    policy = ?child.spec.policy,
+                    "child failed and is not restarted (its policy)"
+                ),
+                Exit::Normal(reason) => tracing::debug!(
+                    supervisor = %self.path,
+                    child = %path,
+                    reason = %reason,
+                    policy = ?child.spec.policy,
+                    "child exited and is not restarted"
+                ),
+            }
             child.spec.starter.stop_for_good();
             self.forget(index);
             return Ok(());

@@ -1,0 +1,111 @@
+//! How CLI commands reach a node: its URL (`--node`, `TROUPE_URL`, or the default local
+//! address) and a token (`--token`, `TROUPE_TOKEN`, or the admin token in the data directory).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::StatusCode;
+
+use crate::auth::read_admin_token;
+use crate::config::default_data_dir;
+
+/// Options shared by every command that talks to a node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Node URL.
+    #[arg(
+        long = "node",
+        env = "TROUPE_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub url: String,
+    /// Bearer token (default: the admin token in the node's data directory).
+    #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The node's data directory, to read its admin token from.
+    #[arg(long, env = "TROUPE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A connection to one node.
+pub struct NodeClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl NodeClient {
+    /// Resolves the URL and token.
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        crate::tls::install_default_provider();
+        let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+        let token = match &args.token {
+            Some(token) => token.clone(),
+            None => read_admin_token(&data_dir).with_context(|| {
+                format!(
+                    "no token: pass --token, set TROUPE_TOKEN, or run this on the node's machine \
+                     (it reads {})",
+                    data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
+                )
+            })?,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            http,
+            base: args.url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// The node's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A GET request with the token.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends a request and turns transport failures into a message that says what to check.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        request.send().await.map_err(|error| {
+            if error.is_connect() {
+                anyhow::anyhow!(
+                    "cannot reach a node at {}: is it running? (start one with `troupe node`, or \
+                     point --node / TROUPE_URL at it)",
+                    self.base
+                )
+            } else {
+                anyhow::anyhow!("request to {} failed: {error}", self.base)
+            }
+        })
+    }
+}
+
+/// Turns an error response (the API's envelope) into a readable error.
+pub(super) async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|json| json["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or(body);
+    match status {
+        StatusCode::UNAUTHORIZED => bail!("the node refused the token: {message}"),
+        StatusCode::FORBIDDEN => bail!("the token's role is not enough: {message}"),
+        _ => bail!("{status}: {message}"),
+    }
+}

@@ -1,0 +1,77 @@
+//! `troupe health`: a node's health summary.
+
+use std::process::ExitCode;
+
+use super::client::{ClientArgs, NodeClient};
+
+/// `troupe health` options.
+#[derive(Debug, clap::Args)]
+pub(super) struct HealthArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Print the JSON report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit codes: 0 healthy or degraded, 1 unhealthy or unreachable.
+pub(super) async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
+    let client = NodeClient::new(&args.client)?;
+    let response = client.send(client.get("/v1/health")).await?;
+    let unhealthy = response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE;
+    let report: serde_json::Value = if unhealthy {
+        response.json().await?
+    } else {
+        super::client::check(response).await?.json().await?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", summary(&report));
+    }
+    Ok(if unhealthy || report["status"] == "unhealthy" {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn summary(report: &serde_json::Value) -> String {
+    if report.get("status").is_none() {
+        return format!("{report}\n");
+    }
+    let actors = &report["actors"];
+    let mut text = format!(
+        "node {}: {} (up {}s)\n  actors: {}/{} running\n  restarts: {} in the last {}s\n  links: {}\n",
+        report["node"].as_str().unwrap_or("?"),
+        report["status"].as_str().unwrap_or("?"),
+        report["uptime_secs"],
+        actors["running"],
+        actors["total"],
+        report["restarts_in_window"],
+        report["window_secs"],
+        report["links"],
+    );
+    if let Some(reasons) = report["reasons"].as_array() {
+        for reason in reasons {
+            text.push_str(&format!("  - {}\n", reason.as_str().unwrap_or("?")));
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_summary_names_status_actors_and_reasons() {
+        let report = serde_json::json!({
+            "status": "degraded", "node": "a", "uptime_secs": 5,
+            "actors": {"running": 6, "total": 7}, "restarts_in_window": 4,
+            "window_secs": 60, "links": 2, "reasons": ["restarting: registry"]
+        });
+        let text = super::summary(&report);
+        assert!(text.contains("node a: degraded"));
+        assert!(text.contains("6/7 running"));
+        assert!(text.contains("- restarting: registry"));
+    }
+}

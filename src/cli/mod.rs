@@ -1,0 +1,60 @@
+//! The `troupe` command line: `troupe node` runs a node; the other commands talk to one over
+//! its HTTP API. This is the only place that uses `anyhow`: commands report errors to people.
+
+mod client;
+mod events;
+mod health;
+mod node;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use client::{ClientArgs, NodeClient};
+
+/// troupe: supervised AI agent runs, a provider gateway, and live events.
+#[derive(Debug, Parser)]
+#[command(name = "troupe", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node (loopback HTTP on 127.0.0.1:7070 by default).
+    Node(node::NodeArgs),
+    /// Show a node's health.
+    Health(health::HealthArgs),
+    /// Print a node's events (the recent ones, or follow them live).
+    Events(events::EventsArgs),
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("troupe: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Node(args) => node::run(args).await,
+            Command::Health(args) => health::run(args).await,
+            Command::Events(args) => events::run(args).await,
+        }
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("troupe: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! `troupe node`: run a node until SIGINT or SIGTERM, then shut it down gracefully.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{Config, LogFormat, Overrides};
+use crate::node::Node;
+
+/// `troupe node` options (each also a config key; flags win).
+#[derive(Debug, clap::Args)]
+pub(super) struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// HTTP listen address (http.listen).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Node id (node_id).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Log format (log.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `info,troupe=debug` (log.level).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Enable POST /v1/admin/faults (debug.fault_injection).
+    #[arg(long)]
+    fault_injection: bool,
+}
+
+pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        node_id: args.node_id,
+        log_format: args.log_format,
+        log_level: args.log_level,
+        fault_injection: args.fault_injection.then_some(true),
+        ..Overrides::default()
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    crate::telemetry::init(config.log.format, &config.log.level);
+    crate::tls::install_default_provider();
+
+    let node = Node::builder().config(config).start().await?;
+    let failed = tokio::select! {
+        () = shutdown_signal() => false,
+        () = node.wait() => true,
+    };
+    if failed {
+        tracing::error!("the node's root supervisor gave up; shutting down");
+    }
+    node.shutdown().await;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

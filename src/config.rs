@@ -1,0 +1,915 @@
+//! Node configuration: one merge path — command-line flags, then `TROUPE_<SECTION>__<KEY>`
+//! environment variables, then the TOML file, then defaults — validated once at start.
+//!
+//! Unknown keys are errors (a typo must not be silently ignored), and every error names the key,
+//! where the value came from, and what to do. The keys are those of the configuration example in
+//! DESIGN.md; docs/CONFIGURATION.md lists them all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use troupe_actors::ids::NodeId;
+
+use crate::auth::Role;
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's id; default: derived from the host name (stable across restarts).
+    pub node_id: Option<NodeId>,
+    /// Where the node keeps its token, store and cluster files; default: the per-user data dir.
+    pub data_dir: Option<PathBuf>,
+    /// The HTTP front end.
+    pub http: HttpConfig,
+    /// Bearer tokens.
+    pub auth: AuthConfig,
+    /// Agent runs.
+    pub sessions: SessionsConfig,
+    /// LLM providers (`[[providers]]`).
+    pub providers: Vec<ProviderConfig>,
+    /// The OpenAI-compatible gateway.
+    pub gateway: GatewayConfig,
+    /// Clustering.
+    pub cluster: ClusterConfig,
+    /// The event bus and event log.
+    pub events: EventsConfig,
+    /// Restart behaviour of the node's supervisors.
+    pub supervision: SupervisionConfig,
+    /// The HealthActor.
+    pub health: HealthSettings,
+    /// Logging.
+    pub log: LogConfig,
+    /// Debugging aids.
+    pub debug: DebugConfig,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Host names accepted in `Host` / `Origin` (DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()],
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Tokens, stored as SHA-256 hashes of the bearer value.
+    pub tokens: Vec<TokenConfig>,
+    /// Requests per second each token may make (sustained).
+    pub requests_per_second: u32,
+    /// Requests each token may make in a burst.
+    pub burst: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            requests_per_second: 100,
+            burst: 200,
+        }
+    }
+}
+
+/// One entry of `auth.tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A name for logs and link listings (never the token itself).
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// Hex SHA-256 of the token (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+}
+
+/// `[sessions]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Runs at once.
+    pub max_concurrent: usize,
+    /// Runs waiting for a slot.
+    pub queue_capacity: usize,
+    /// A run longer than this emits `session.long_running` (and again at each multiple).
+    pub long_running_after_secs: u64,
+    /// Timeout of a run that does not set one.
+    pub default_timeout_secs: u64,
+    /// Between SIGTERM and SIGKILL.
+    pub kill_grace_secs: u64,
+    /// Working directories must resolve inside one of these.
+    pub workspace_roots: Vec<PathBuf>,
+    /// Programs sessions may run (empty: any, allowed only on a loopback listener).
+    pub allowed_programs: Vec<String>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 8,
+            queue_capacity: 1024,
+            long_running_after_secs: 60,
+            default_timeout_secs: 3600,
+            kill_grace_secs: 5,
+            workspace_roots: Vec::new(),
+            allowed_programs: Vec::new(),
+        }
+    }
+}
+
+/// Which API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI and any OpenAI-compatible server.
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// Google's Gemini API.
+    Gemini,
+}
+
+/// One `[[providers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name used in routes (`name/model`) and events.
+    pub name: String,
+    /// API shape.
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Models served.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Requests per minute allowed.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute allowed.
+    #[serde(default)]
+    pub tpm: Option<u32>,
+    /// Calls at once.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// `provider/model` to try, in order, when this one cannot serve.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// Circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+fn default_max_concurrency() -> usize {
+    64
+}
+
+/// `breaker = { … }` of a provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open it.
+    pub failure_threshold: u32,
+    /// How long it stays open.
+    pub open_secs: u64,
+    /// Probe calls allowed while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_secs: 30,
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// `retry = { … }` of a provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Attempts in all (the first included).
+    pub max_attempts: u32,
+    /// First backoff step.
+    pub base_ms: u64,
+    /// Largest backoff step.
+    pub max_delay_ms: u64,
+    /// Longest total wait before giving up.
+    pub max_wait_secs: u64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            base_ms: 250,
+            max_delay_ms: 8_000,
+            max_wait_secs: 60,
+        }
+    }
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Model aliases: `fast = "openai/gpt-4o-mini"`.
+    pub aliases: BTreeMap<String, String>,
+}
+
+/// Membership timing profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterProfile {
+    /// foca's LAN defaults.
+    #[default]
+    Lan,
+    /// Fast failure detection (tests, demos).
+    Fast,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// QUIC address.
+    pub listen: SocketAddr,
+    /// Addresses of nodes to join.
+    pub seeds: Vec<SocketAddr>,
+    /// Timing profile.
+    pub profile: ClusterProfile,
+    /// The cluster CA certificate (relative to the data dir unless absolute).
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            seeds: Vec::new(),
+            profile: ClusterProfile::Lan,
+            ca: PathBuf::from("cluster/ca.pem"),
+            cert: PathBuf::from("cluster/node.pem"),
+            key: PathBuf::from("cluster/node.key"),
+        }
+    }
+}
+
+/// `[events]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events kept in memory for replay.
+    pub ring_capacity: usize,
+    /// How far a subscriber may fall behind before it loses the oldest events.
+    pub subscriber_buffer: usize,
+    /// Seconds between SSE heartbeat comments.
+    pub heartbeat_secs: u64,
+    /// Persisted events older than this are deleted.
+    pub retention_secs: u64,
+    /// The persisted event log is trimmed to about this size.
+    pub retention_bytes: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            ring_capacity: 10_000,
+            subscriber_buffer: 4_096,
+            heartbeat_secs: 15,
+            retention_secs: 7 * 24 * 3600,
+            retention_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[supervision]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Restarts a supervisor tolerates within the window.
+    pub max_restarts: u32,
+    /// The window.
+    pub window_secs: u64,
+    /// First restart delay.
+    pub backoff_min_ms: u64,
+    /// Largest restart delay.
+    pub backoff_max_ms: u64,
+    /// How long a graceful shutdown of the node may take before actors are killed.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            max_restarts: 10,
+            window_secs: 60,
+            backoff_min_ms: 10,
+            backoff_max_ms: 5_000,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+/// `[health]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    /// How often health is aggregated.
+    pub tick_ms: u64,
+    /// Restarts are counted over this window.
+    pub window_secs: u64,
+    /// Restarts inside the window that make the node degraded.
+    pub degraded_after_restarts: u64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            tick_ms: 1_000,
+            window_secs: 60,
+            degraded_after_restarts: 3,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `info,troupe=debug`, ….
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[debug]`
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// Enables `POST /v1/admin/faults`.
+    pub fault_injection: bool,
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+    /// `--node-id`
+    pub node_id: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
+    /// `--log-level`
+    pub log_level: Option<String>,
+    /// `--cluster-listen`
+    pub cluster_listen: Option<SocketAddr>,
+    /// `--join` (added to the seeds)
+    pub join: Vec<SocketAddr>,
+    /// `--fault-injection`
+    pub fault_injection: Option<bool>,
+}
+
+/// A configuration that cannot be used, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file given with `--config` does not exist.
+    #[error("config file {0} does not exist; check the --config path")]
+    MissingFile(PathBuf),
+    /// A key is unknown, or a value has the wrong type or form.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// Values are well-formed but do not make sense together.
+    #[error("invalid configuration: `{key}`: {message}")]
+    Semantic {
+        /// The offending key.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Top-level keys that may be set without a section (`TROUPE_NODE_ID`, `TROUPE_DATA_DIR`).
+const TOP_LEVEL_ENV_KEYS: [&str; 2] = ["node_id", "data_dir"];
+
+impl Config {
+    /// Loads and validates the configuration: flags > environment > `file` > defaults.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("TROUPE_")
+                .filter(|key| {
+                    key.as_str().contains("__")
+                        || TOP_LEVEL_ENV_KEYS
+                            .iter()
+                            .any(|top| key.as_str().eq_ignore_ascii_case(top))
+                })
+                .split("__"),
+        );
+        figment = overrides.apply(figment);
+        let mut config: Config = figment.extract().map_err(describe)?;
+        config.cluster.seeds.extend(overrides.join.iter().copied());
+        config.cluster.seeds.dedup();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The node id: configured, or derived from the host name.
+    pub fn resolved_node_id(&self) -> NodeId {
+        self.node_id.clone().unwrap_or_else(derived_node_id)
+    }
+
+    /// The data directory: configured, or the per-user data directory.
+    pub fn resolved_data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let semantic = |key: &str, message: String| ConfigError::Semantic {
+            key: key.to_owned(),
+            message,
+        };
+        if self.http.max_body_bytes < 1024 {
+            return Err(semantic(
+                "http.max_body_bytes",
+                "must be at least 1024 bytes".into(),
+            ));
+        }
+        for (index, token) in self.auth.tokens.iter().enumerate() {
+            let valid =
+                token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid {
+                return Err(semantic(
+                    &format!("auth.tokens[{index}].sha256"),
+                    format!(
+                        "token {:?}: expected 64 hex characters (the SHA-256 of the token: \
+                         printf %s TOKEN | sha256sum)",
+                        token.name
+                    ),
+                ));
+            }
+            if token.name.is_empty() || token.name.len() > 64 {
+                return Err(semantic(
+                    &format!("auth.tokens[{index}].name"),
+                    "must be 1 to 64 characters".into(),
+                ));
+            }
+        }
+        if self.auth.requests_per_second == 0 || self.auth.burst == 0 {
+            return Err(semantic(
+                "auth.requests_per_second",
+                "requests_per_second and burst must be at least 1".into(),
+            ));
+        }
+        if self.sessions.max_concurrent == 0 {
+            return Err(semantic(
+                "sessions.max_concurrent",
+                "must be at least 1".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (index, provider) in self.providers.iter().enumerate() {
+            let key = format!("providers[{index}]");
+            if provider.name.is_empty()
+                || !provider
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(semantic(
+                    &format!("{key}.name"),
+                    format!("{:?}: use letters, digits, '-' and '_' only", provider.name),
+                ));
+            }
+            if !names.insert(provider.name.as_str()) {
+                return Err(semantic(
+                    &format!("{key}.name"),
+                    format!("provider {:?} is defined twice", provider.name),
+                ));
+            }
+            if !(provider.base_url.starts_with("http://")
+                || provider.base_url.starts_with("https://"))
+            {
+                return Err(semantic(
+                    &format!("{key}.base_url"),
+                    format!(
+                        "{:?} must start with http:// or https://",
+                        provider.base_url
+                    ),
+                ));
+            }
+            if provider.max_concurrency == 0 {
+                return Err(semantic(
+                    &format!("{key}.max_concurrency"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        for (index, provider) in self.providers.iter().enumerate() {
+            for target in &provider.fallback {
+                let known = target
+                    .split_once('/')
+                    .is_some_and(|(name, _)| names.contains(name));
+                if !known {
+                    return Err(semantic(
+                        &format!("providers[{index}].fallback"),
+                        format!(
+                            "{target:?} must be PROVIDER/MODEL with a provider defined in \
+                             [[providers]]"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.events.ring_capacity == 0 || self.events.subscriber_buffer == 0 {
+            return Err(semantic(
+                "events.ring_capacity",
+                "ring_capacity and subscriber_buffer must be at least 1".into(),
+            ));
+        }
+        if self.supervision.backoff_min_ms > self.supervision.backoff_max_ms {
+            return Err(semantic(
+                "supervision.backoff_min_ms",
+                "must not exceed supervision.backoff_max_ms".into(),
+            ));
+        }
+        if self.health.tick_ms == 0 {
+            return Err(semantic("health.tick_ms", "must be at least 1".into()));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|error| {
+            semantic(
+                "log.level",
+                format!(
+                    "{:?} is not a log filter ({error}); use e.g. \"info\" or \"info,troupe=debug\"",
+                    self.log.level
+                ),
+            )
+        })?;
+        if !self.http.listen.ip().is_loopback() {
+            if self.auth.tokens.is_empty() {
+                return Err(semantic(
+                    "auth.tokens",
+                    format!(
+                        "the node listens on {}, which is not a loopback address; configure \
+                         auth.tokens (so access does not rest on the generated admin token \
+                         alone) or listen on 127.0.0.1",
+                        self.http.listen
+                    ),
+                ));
+            }
+            if self.sessions.allowed_programs.is_empty() {
+                return Err(semantic(
+                    "sessions.allowed_programs",
+                    format!(
+                        "the node listens on {}, which is not a loopback address; list the \
+                         programs sessions may run in sessions.allowed_programs, or listen on \
+                         127.0.0.1",
+                        self.http.listen
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Overrides {
+    fn apply(&self, mut figment: Figment) -> Figment {
+        fn set<T: Serialize>(figment: Figment, key: &str, value: &Option<T>) -> Figment {
+            match value {
+                Some(value) => figment.merge(Serialized::default(key, value)),
+                None => figment,
+            }
+        }
+        figment = set(figment, "http.listen", &self.listen);
+        figment = set(figment, "data_dir", &self.data_dir);
+        figment = set(figment, "node_id", &self.node_id);
+        figment = set(figment, "log.format", &self.log_format);
+        figment = set(figment, "log.level", &self.log_level);
+        figment = set(figment, "cluster.listen", &self.cluster_listen);
+        set(figment, "debug.fault_injection", &self.fault_injection)
+    }
+}
+
+/// Renders figment's errors (they carry the key path and the value's source) as one message.
+fn describe(error: figment::Error) -> ConfigError {
+    let messages: Vec<String> = error
+        .into_iter()
+        .map(|error| {
+            let mut message = error.to_string();
+            let from_env = error
+                .metadata
+                .as_ref()
+                .is_some_and(|metadata| metadata.name.contains("environment"));
+            if from_env && !error.path.is_empty() {
+                let variable = format!("TROUPE_{}", error.path.join("__")).to_ascii_uppercase();
+                message.push_str(&format!(" (set by the environment variable {variable})"));
+            }
+            if let figment::error::Kind::UnknownField(_, _) = error.kind {
+                message
+                    .push_str(" (remove it, or check its spelling against docs/CONFIGURATION.md)");
+            }
+            message
+        })
+        .collect();
+    ConfigError::Invalid(messages.join("; "))
+}
+
+/// A node id from the host name: lowercased, with characters ids do not allow replaced by `-`.
+pub fn derived_node_id() -> NodeId {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let cleaned: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    let cleaned = cleaned.trim_start_matches(['-', '.']);
+    NodeId::new(cleaned).unwrap_or_else(|_| NodeId::new("node").expect("a valid literal id"))
+}
+
+/// `$XDG_DATA_HOME/troupe` (or the platform's equivalent); `./.troupe` when there is none.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .map(|dir| dir.join("troupe"))
+        .unwrap_or_else(|| PathBuf::from(".troupe"))
+}
+
+// figment's `Jail` closures return figment's (large) error type; that is its API.
+#[allow(clippy::result_large_err)]
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &Jail, file: Option<&str>, overrides: &Overrides) -> Result<Config, String> {
+        let path = file.map(|contents| {
+            jail.create_file("troupe.toml", contents).unwrap();
+            jail.directory().join("troupe.toml")
+        });
+        Config::load(path.as_deref(), overrides).map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn the_design_example_is_accepted() {
+        Jail::expect_with(|jail| {
+            let example = r#"
+node_id = "a"
+data_dir = "/var/lib/troupe"
+
+[http]
+listen = "127.0.0.1:7070"
+allowed_hosts = ["localhost", "127.0.0.1"]
+
+[auth]
+tokens = [{ name = "ci", role = "operator", sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" }]
+
+[sessions]
+max_concurrent = 8
+queue_capacity = 1024
+long_running_after_secs = 60
+default_timeout_secs = 3600
+kill_grace_secs = 5
+workspace_roots = ["/srv/agents"]
+allowed_programs = ["aider", "claude", "sh"]
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+models = ["gpt-4o", "gpt-4o-mini"]
+rpm = 500
+tpm = 200000
+max_concurrency = 64
+fallback = ["anthropic/claude-sonnet-4-5"]
+breaker = { failure_threshold = 5, open_secs = 30, half_open_probes = 1 }
+retry = { max_attempts = 4, base_ms = 250, max_delay_ms = 8000, max_wait_secs = 60 }
+
+[[providers]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+api_key_env = "ANTHROPIC_API_KEY"
+models = ["claude-sonnet-4-5"]
+
+[cluster]
+listen = "127.0.0.1:7071"
+seeds = ["10.0.0.2:7071"]
+profile = "lan"
+ca = "cluster/ca.pem"
+cert = "cluster/node.pem"
+key = "cluster/node.key"
+
+[debug]
+fault_injection = false
+"#;
+            let config = load_in(jail, Some(example), &Overrides::default()).unwrap();
+            assert_eq!(config.node_id.unwrap().as_str(), "a");
+            assert_eq!(config.providers[0].retry.max_delay_ms, 8000);
+            assert_eq!(config.auth.tokens[0].role, Role::Operator);
+            assert_eq!(config.cluster.seeds.len(), 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_file_beats_defaults() {
+        Jail::expect_with(|jail| {
+            let file = "[http]\nlisten = \"127.0.0.1:1111\"\n[sessions]\nmax_concurrent = 3\n";
+            jail.set_env("TROUPE_HTTP__LISTEN", "127.0.0.1:2222");
+            jail.set_env("TROUPE_NODE_ID", "from-env");
+            let config = load_in(jail, Some(file), &Overrides::default()).unwrap();
+            assert_eq!(config.http.listen.port(), 2222, "env beats file");
+            assert_eq!(config.sessions.max_concurrent, 3, "file beats default");
+            assert_eq!(
+                config.sessions.queue_capacity, 1024,
+                "defaults fill the rest"
+            );
+            assert_eq!(config.node_id.as_ref().unwrap().as_str(), "from-env");
+            let overrides = Overrides {
+                listen: Some("127.0.0.1:3333".parse().unwrap()),
+                node_id: Some("from-flag".into()),
+                ..Overrides::default()
+            };
+            let config = load_in(jail, Some(file), &overrides).unwrap();
+            assert_eq!(config.http.listen.port(), 3333, "flags beat env");
+            assert_eq!(config.node_id.unwrap().as_str(), "from-flag");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unrelated_troupe_variables_are_not_config_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TROUPE_URL", "http://127.0.0.1:7070");
+            jail.set_env("TROUPE_TOKEN", "secret");
+            jail.set_env("TROUPE_DISCOVERY_DIR", "/tmp/x");
+            load_in(jail, None, &Overrides::default()).unwrap();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_key_and_its_source() {
+        Jail::expect_with(|jail| {
+            let error = load_in(
+                jail,
+                Some("[http]\nlisten_addr = \"x\"\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.contains("listen_addr"), "{error}");
+            assert!(error.contains("troupe.toml"), "{error}");
+            assert!(error.contains("check its spelling"), "{error}");
+
+            jail.set_env("TROUPE_SESSIONS__MAX_CONCURENT", "4");
+            let error = load_in(jail, None, &Overrides::default()).unwrap_err();
+            assert!(error.contains("max_concurent"), "{error}");
+            assert!(error.contains("TROUPE_SESSIONS__MAX_CONCURENT"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        Jail::expect_with(|jail| {
+            let error = load_in(
+                jail,
+                Some("[http]\nlisten = \"nowhere\"\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.contains("http.listen"), "{error}");
+
+            let error =
+                load_in(jail, Some("node_id = \"bad id!\"\n"), &Overrides::default()).unwrap_err();
+            assert!(error.contains("node_id"), "{error}");
+
+            let error = load_in(
+                jail,
+                Some("[log]\nlevel = \"info,[\"\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.contains("log.level"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_public_listener_requires_tokens_and_a_program_allow_list() {
+        Jail::expect_with(|jail| {
+            let overrides = Overrides {
+                listen: Some("0.0.0.0:7070".parse().unwrap()),
+                ..Overrides::default()
+            };
+            let error = load_in(jail, None, &overrides).unwrap_err();
+            assert!(error.contains("auth.tokens"), "{error}");
+            let with_token = "[auth]\ntokens = [{ name = \"ci\", role = \"admin\", sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" }]\n";
+            let error = load_in(jail, Some(with_token), &overrides).unwrap_err();
+            assert!(error.contains("sessions.allowed_programs"), "{error}");
+            let complete = format!("{with_token}[sessions]\nallowed_programs = [\"sh\"]\n");
+            load_in(jail, Some(&complete), &overrides).unwrap();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_not_a_default() {
+        let error = Config::load(
+            Some(Path::new("/nonexistent/troupe.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(error, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn fallbacks_must_name_configured_providers() {
+        Jail::expect_with(|jail| {
+            let file = "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\nfallback = [\"b/m\"]\n";
+            let error = load_in(jail, Some(file), &Overrides::default()).unwrap_err();
+            assert!(error.contains("providers[0].fallback"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn derived_node_ids_are_valid() {
+        let id = derived_node_id();
+        assert!(!id.as_str().is_empty());
+    }
+}

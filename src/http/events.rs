@@ -1,0 +1,289 @@
+//! `GET /v1/events`: the event stream as Server-Sent Events.
+//!
+//! Query parameters (repeatable): `kind` (`session.output`, or a family `session.*`), `session`,
+//! `node`; `after=ID` or the `Last-Event-ID` header to resume; `tail=N` to start with the last N
+//! events; `follow=false` to get the replay only and end. Each event's SSE `id:` is its event id,
+//! so a reconnecting client resumes with exactly the events it missed. A comment heartbeat keeps
+//! idle connections alive. Each followed stream is a link: a TransportActor owns it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use troupe_actors::event::{
+    Delivery, EventFilter, EventId, KindPattern, ReplayFrom, Subscription, TransportKind,
+};
+use troupe_actors::ids::{NodeId, SessionId};
+
+use super::ApiError;
+use crate::auth::Principal;
+use crate::json::delivery_to_json;
+use crate::link::{LinkError, LinkGuard, open_link};
+use crate::node::NodeCore;
+
+/// Most events a `tail` may ask for.
+pub(crate) const MAX_TAIL: usize = 10_000;
+/// Replay length of `follow=false` without `after` or `tail`.
+const DEFAULT_REPLAY: usize = 100;
+
+/// The parsed query of an event-stream request.
+#[derive(Debug, Default)]
+pub(crate) struct StreamQuery {
+    pub(crate) filter: EventFilter,
+    pub(crate) after: Option<EventId>,
+    pub(crate) tail: Option<usize>,
+    pub(crate) follow: bool,
+}
+
+impl StreamQuery {
+    /// Parses `kind`, `session`, `node`, `after`, `tail`, `follow`.
+    pub(crate) fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut parsed = StreamQuery {
+            follow: true,
+            ..StreamQuery::default()
+        };
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match key.as_ref() {
+                "kind" => parsed
+                    .filter
+                    .kinds
+                    .push(value.parse::<KindPattern>().map_err(|error| {
+                        ApiError::bad_request("invalid_filter", error.to_string()).with_details(
+                            serde_json::json!({
+                                "kinds": troupe_actors::event::EventKind::ALL
+                                    .iter()
+                                    .map(|kind| kind.as_str())
+                                    .collect::<Vec<_>>()
+                            }),
+                        )
+                    })?),
+                "session" => {
+                    parsed
+                        .filter
+                        .sessions
+                        .push(SessionId::new(value.as_ref()).map_err(|error| {
+                            ApiError::bad_request("invalid_filter", error.to_string())
+                        })?)
+                }
+                "node" => {
+                    parsed
+                        .filter
+                        .nodes
+                        .push(NodeId::new(value.as_ref()).map_err(|error| {
+                            ApiError::bad_request("invalid_filter", error.to_string())
+                        })?)
+                }
+                "after" => {
+                    parsed.after = Some(value.parse().map_err(
+                        |error: troupe_actors::event::InvalidEventId| {
+                            ApiError::bad_request("invalid_event_id", error.to_string())
+                        },
+                    )?)
+                }
+                "tail" => {
+                    let tail: usize = value.parse().map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_tail",
+                            format!("tail={value:?} is not a number"),
+                        )
+                    })?;
+                    if tail > MAX_TAIL {
+                        return Err(ApiError::bad_request(
+                            "invalid_tail",
+                            format!("tail={tail} is more than the {MAX_TAIL} allowed"),
+                        ));
+                    }
+                    parsed.tail = Some(tail);
+                }
+                "follow" => {
+                    parsed.follow = match value.as_ref() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        other => {
+                            return Err(ApiError::bad_request(
+                                "invalid_follow",
+                                format!("follow={other:?}: use true or false"),
+                            ));
+                        }
+                    }
+                }
+                other => {
+                    return Err(ApiError::bad_request(
+                        "unknown_parameter",
+                        format!(
+                            "unknown query parameter {other:?}; use kind, session, node, after, tail, follow"
+                        ),
+                    ));
+                }
+            }
+        }
+        parsed
+            .filter
+            .validate()
+            .map_err(|error| ApiError::bad_request("invalid_filter", error.to_string()))?;
+        Ok(parsed)
+    }
+
+    /// Where the stream starts: `Last-Event-ID` (or `after`), else `tail`, else now.
+    pub(crate) fn start(&self, last_event_id: Option<EventId>) -> ReplayFrom {
+        match (last_event_id.or_else(|| self.after.clone()), self.tail) {
+            (Some(id), _) => ReplayFrom::After(id),
+            (None, Some(tail)) => ReplayFrom::Tail(tail),
+            (None, None) if self.follow => ReplayFrom::Now,
+            (None, None) => ReplayFrom::Tail(DEFAULT_REPLAY),
+        }
+    }
+}
+
+fn last_event_id(headers: &HeaderMap) -> Result<Option<EventId>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        ApiError::bad_request("invalid_event_id", "Last-Event-ID is not valid text")
+    })?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|error: troupe_actors::event::InvalidEventId| {
+            ApiError::bad_request("invalid_event_id", error.to_string())
+        })
+}
+
+fn sse_event(node: &NodeId, delivery: &Delivery) -> SseEvent {
+    let (id, json) = delivery_to_json(node, delivery);
+    let event = SseEvent::default().data(json);
+    match id {
+        Some(id) => event.id(id),
+        None => event,
+    }
+}
+
+pub(super) async fn stream(
+    State(core): State<Arc<NodeCore>>,
+    Extension(principal): Extension<Principal>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = StreamQuery::parse(query.as_deref())?;
+    let start = query.start(last_event_id(&headers)?);
+    let node = core.node_id.clone();
+
+    if !query.follow {
+        let (mut subscription, _) = core.tree.events.subscribe_from(start, query.filter).await?;
+        let deliveries: Vec<_> = subscription
+            .take_backlog()
+            .iter()
+            .map(|delivery| Ok::<_, Infallible>(sse_event(&node, delivery)))
+            .collect();
+        return Ok(Sse::new(futures::stream::iter(deliveries)).into_response());
+    }
+
+    let link = open_link(
+        &core,
+        TransportKind::Sse,
+        Some(peer),
+        Some(&principal),
+        query.filter.clone(),
+    )
+    .await
+    .map_err(|error| match error {
+        LinkError::TooMany { .. } => ApiError::unavailable("too_many_links", error.to_string())
+            .retry_after(Duration::from_secs(5)),
+        LinkError::Unavailable(_) => ApiError::unavailable("links_unavailable", error.to_string())
+            .retry_after(Duration::from_secs(1)),
+    })?;
+    let (subscription, _) = core.tree.events.subscribe_from(start, query.filter).await?;
+    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
+    Ok(Sse::new(link_stream(node, subscription, link))
+        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
+        .into_response())
+}
+
+/// The deliveries of a link until its client goes away or the link is closed.
+fn link_stream(
+    node: NodeId,
+    subscription: Subscription,
+    link: LinkGuard,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    futures::stream::unfold((subscription, link), move |(mut subscription, mut link)| {
+        let node = node.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = link.closed.cancelled() => {
+                        link.set_reason("closed by the node");
+                        return None;
+                    }
+                    changed = link.filter.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                        let filter = link.filter.borrow_and_update().clone();
+                        subscription.set_filter(filter);
+                    }
+                    delivery = subscription.recv() => {
+                        let delivery = delivery?;
+                        let event = sse_event(&node, &delivery);
+                        return Some((Ok(event), (subscription, link)));
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_parse_repeatable_filters() {
+        let query = StreamQuery::parse(Some(
+            "kind=session.output&kind=provider.*&session=s-1&node=a&tail=5&follow=false",
+        ))
+        .unwrap();
+        assert_eq!(query.filter.kinds.len(), 2);
+        assert_eq!(query.filter.sessions[0].as_str(), "s-1");
+        assert_eq!(query.filter.nodes[0].as_str(), "a");
+        assert_eq!(query.tail, Some(5));
+        assert!(!query.follow);
+        assert_eq!(query.start(None), ReplayFrom::Tail(5));
+        let id: EventId = "a:3".parse().unwrap();
+        assert_eq!(query.start(Some(id.clone())), ReplayFrom::After(id));
+    }
+
+    #[test]
+    fn bad_queries_are_refused_with_a_code() {
+        for (query, code) in [
+            ("kind=nope", "invalid_filter"),
+            ("session=../x", "invalid_filter"),
+            ("after=abc", "invalid_event_id"),
+            ("tail=x", "invalid_tail"),
+            ("tail=100000", "invalid_tail"),
+            ("follow=maybe", "invalid_follow"),
+            ("colour=red", "unknown_parameter"),
+        ] {
+            let error = StreamQuery::parse(Some(query)).unwrap_err();
+            assert_eq!(error.code, code, "{query}");
+        }
+    }
+
+    #[test]
+    fn without_a_start_a_follow_stream_is_live_only() {
+        let query = StreamQuery::parse(None).unwrap();
+        assert!(query.follow);
+        assert_eq!(query.start(None), ReplayFrom::Now);
+    }
+}

@@ -1,0 +1,175 @@
+//! The HTTP front end: one axum router for the REST API, the event stream and operations.
+//!
+//! Every response carries `X-Request-Id` (the client's, or a generated one) and every log line
+//! of a request is inside a span that carries it. Every `/v1` route but `/v1/health` needs a
+//! bearer token; the route group decides the role it needs. Errors use the envelope in
+//! [`error`]. This module knows JSON; the core does not.
+
+mod admin;
+pub mod error;
+mod events;
+mod ops;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::auth::{Principal, Role};
+use crate::node::NodeCore;
+pub use error::{ApiError, ApiJson};
+
+/// Builds the node's router.
+pub fn router(core: Arc<NodeCore>) -> Router {
+    let viewer = Router::new()
+        .route("/v1/ready", get(ops::ready))
+        .route("/v1/links", get(ops::links))
+        .route("/v1/events", get(events::stream))
+        .route("/metrics", get(ops::metrics))
+        .route_layer(middleware::from_fn_with_state(core.clone(), require_viewer));
+
+    let mut admin = Router::new();
+    if core.config.debug.fault_injection {
+        admin = admin.route("/v1/admin/faults", post(admin::inject_fault));
+    }
+    let admin = admin.route_layer(middleware::from_fn_with_state(core.clone(), require_admin));
+
+    Router::new()
+        .route("/v1/health", get(ops::health))
+        .merge(viewer)
+        .merge(admin)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(core.config.http.max_body_bytes))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request<Body>| {
+                            let id = request
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|value| value.to_str().ok())
+                                .unwrap_or("");
+                            tracing::info_span!(
+                                "request",
+                                request_id = %id,
+                                method = %request.method(),
+                                path = %request.uri().path(),
+                            )
+                        })
+                        .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                )
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+        .with_state(core)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(
+        "not_found",
+        format!(
+            "no route for {} {}; see docs/API.md",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Authenticates the request and checks its role and rate.
+fn authorize(core: &NodeCore, request: &Request, needed: Role) -> Result<Principal, ApiError> {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "this route needs a bearer token: send Authorization: Bearer TOKEN (the node's \
+                 admin token is in its data directory, file admin.token)",
+            )
+        })?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
+    let principal = core
+        .tokens
+        .authenticate(token)
+        .ok_or_else(|| ApiError::unauthorized("unknown token"))?;
+    if !principal.role.allows(needed) {
+        return Err(ApiError::forbidden(format!(
+            "token {:?} has role {}; this route needs {}",
+            principal.name,
+            principal.role.as_str(),
+            needed.as_str()
+        ))
+        .with_details(serde_json::json!({
+            "role": principal.role.as_str(),
+            "needed": needed.as_str(),
+        })));
+    }
+    if let Err(wait) = core.limiter.check(&principal) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "token {:?} exceeded auth.requests_per_second; retry after the delay",
+                principal.name
+            ),
+        )
+        .retry_after(wait));
+    }
+    Ok(principal)
+}
+
+async fn require(core: Arc<NodeCore>, mut request: Request, next: Next, role: Role) -> Response {
+    match authorize(&core, &request, role) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn require_viewer(
+    State(core): State<Arc<NodeCore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    require(core, request, next, Role::Viewer).await
+}
+
+async fn require_admin(
+    State(core): State<Arc<NodeCore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    require(core, request, next, Role::Admin).await
+}

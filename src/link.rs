@@ -1,0 +1,137 @@
+//! Opening a client link: a TransportActor under the TransportSupervisor, and the guard the
+//! socket side holds. Shared by every transport (SSE, WebSocket, MCP).
+//!
+//! The socket side ends when the link's `closed` token is cancelled (the actor stopped, failed,
+//! or the node shuts down); the actor ends when the socket side drops its [`LinkGuard`] (the
+//! client went away). Either way the other side follows and the registry forgets the link.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use troupe_actors::event::{EventFilter, TransportKind};
+use troupe_actors::ids::{LinkId, Timestamp, fresh_id};
+use troupe_actors::kernel::ActorHandle;
+use troupe_actors::link::{TransportActor, TransportArgs, TransportMsg};
+use troupe_actors::registry::LinkInfo;
+use troupe_actors::supervisor::{ChildPolicy, ChildSpec, Shutdown, StartChildError};
+
+use crate::auth::Principal;
+use crate::node::NodeCore;
+
+/// Why a link could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The node already serves `max` links.
+    #[error("the node already serves its maximum of {max} links; retry later")]
+    TooMany {
+        /// The bound.
+        max: usize,
+    },
+    /// The TransportSupervisor is not available (restarting or shutting down).
+    #[error("links cannot be opened right now: {0}")]
+    Unavailable(String),
+}
+
+/// The socket side's hold on a link.
+pub struct LinkGuard {
+    /// The link's id.
+    pub id: LinkId,
+    /// Cancelled when the link must end.
+    pub closed: CancellationToken,
+    /// The link's current filter.
+    pub filter: watch::Receiver<EventFilter>,
+    handle: ActorHandle<TransportMsg>,
+    reason: Option<String>,
+}
+
+impl LinkGuard {
+    /// The TransportActor's handle (to change the filter).
+    pub fn handle(&self) -> &ActorHandle<TransportMsg> {
+        &self.handle
+    }
+
+    /// Records why the socket side ends (default: "client disconnected").
+    pub fn set_reason(&mut self, reason: impl Into<String>) {
+        self.reason = Some(reason.into());
+    }
+}
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        let reason = self
+            .reason
+            .take()
+            .unwrap_or_else(|| "client disconnected".into());
+        let _ = self.handle.cast(TransportMsg::ClientGone { reason });
+    }
+}
+
+/// Describes a filter for link listings.
+pub fn describe_filter(filter: &EventFilter) -> String {
+    let mut parts = Vec::new();
+    if !filter.kinds.is_empty() {
+        let kinds: Vec<String> = filter.kinds.iter().map(ToString::to_string).collect();
+        parts.push(format!("kind={}", kinds.join(",")));
+    }
+    if !filter.sessions.is_empty() {
+        let sessions: Vec<&str> = filter.sessions.iter().map(|s| s.as_str()).collect();
+        parts.push(format!("session={}", sessions.join(",")));
+    }
+    if !filter.nodes.is_empty() {
+        let nodes: Vec<&str> = filter.nodes.iter().map(|n| n.as_str()).collect();
+        parts.push(format!("node={}", nodes.join(",")));
+    }
+    if parts.is_empty() {
+        "all".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Starts a TransportActor for a new link.
+pub async fn open_link(
+    core: &Arc<NodeCore>,
+    transport: TransportKind,
+    peer: Option<SocketAddr>,
+    principal: Option<&Principal>,
+    filter: EventFilter,
+) -> Result<LinkGuard, LinkError> {
+    let id = LinkId::new(fresh_id("l-")).expect("generated ids are valid");
+    let handle = ActorHandle::new(core.tree.links.path().child(id.as_str()));
+    let closed = CancellationToken::new();
+    let (filter_tx, filter_rx) = watch::channel(filter.clone());
+    let args = TransportArgs {
+        info: LinkInfo {
+            id: id.clone(),
+            transport,
+            peer: peer.map(|peer| peer.to_string()),
+            principal: principal.map(|principal| principal.name.clone()),
+            filter: describe_filter(&filter),
+            connected_at: Timestamp::now(),
+        },
+        registry: core.tree.registry.clone(),
+        closed: closed.clone(),
+        filter: filter_tx,
+    };
+    let spec = ChildSpec::worker(&handle, move || (TransportActor, args.clone()))
+        .policy(ChildPolicy::Temporary)
+        .shutdown(Shutdown::Graceful(Duration::from_secs(2)));
+    core.tree
+        .links
+        .start_child(spec)
+        .await
+        .map_err(|error| match error {
+            StartChildError::MaxChildren { max } => LinkError::TooMany { max },
+            other => LinkError::Unavailable(other.to_string()),
+        })?;
+    Ok(LinkGuard {
+        id,
+        closed,
+        filter: filter_rx,
+        handle,
+        reason: None,
+    })
+}

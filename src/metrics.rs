@@ -1,0 +1,195 @@
+//! `/metrics`: Prometheus text, read at scrape time from the counters the actors already keep
+//! (the actor directory's per-actor stats, the bus's per-kind counters, the registry's tables),
+//! so serving metrics never sends a message to an actor or takes a lock an actor holds.
+
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use troupe_actors::event::EventBus;
+use troupe_actors::kernel::ActorDirectory;
+use troupe_actors::registry::RegistryTables;
+
+/// The node's metrics registry.
+pub struct NodeMetrics {
+    registry: Registry,
+}
+
+impl fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodeMetrics")
+    }
+}
+
+struct TreeCollector {
+    directory: ActorDirectory,
+    events: EventBus,
+    tables: RegistryTables,
+}
+
+impl fmt::Debug for TreeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TreeCollector")
+    }
+}
+
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Vec<(&'static str, String)>, M)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for TreeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let actors: Vec<_> = self
+            .directory
+            .list()
+            .into_iter()
+            .map(|(path, entry)| {
+                let label = vec![("actor", path.to_string())];
+                (
+                    label,
+                    entry.control.status(),
+                    entry.control.stats().snapshot(),
+                )
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "troupe_actor_up",
+            "1 while an instance of the actor runs, 0 while it restarts or after it stopped",
+            MetricType::Gauge,
+            actors.iter().map(|(labels, status, _)| {
+                (
+                    labels.clone(),
+                    ConstGauge::new(i64::from(status.is_running())),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_actor_restarts",
+            "Restarts of the actor by its supervisor",
+            MetricType::Counter,
+            actors
+                .iter()
+                .map(|(labels, _, stats)| (labels.clone(), ConstCounter::new(stats.restarts))),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_actor_messages",
+            "Messages the actor has handled",
+            MetricType::Counter,
+            actors
+                .iter()
+                .map(|(labels, _, stats)| (labels.clone(), ConstCounter::new(stats.processed))),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_actor_mailbox_depth",
+            "Messages accepted for the actor and not handled yet",
+            MetricType::Gauge,
+            actors.iter().map(|(labels, _, stats)| {
+                (
+                    labels.clone(),
+                    ConstGauge::new(i64::try_from(stats.mailbox_depth()).unwrap_or(i64::MAX)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_actor_busy_seconds",
+            "Time the actor spent in its handler",
+            MetricType::Counter,
+            actors.iter().map(|(labels, _, stats)| {
+                (labels.clone(), ConstCounter::new(stats.busy.as_secs_f64()))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_actor_dead_letters",
+            "Messages dropped because the actor stopped for good before handling them",
+            MetricType::Counter,
+            actors
+                .iter()
+                .map(|(labels, _, stats)| (labels.clone(), ConstCounter::new(stats.dead_letters))),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_events_published",
+            "Events published on (or relayed to) this node's bus, by kind",
+            MetricType::Counter,
+            self.events
+                .published_by_kind()
+                .into_iter()
+                .map(|(kind, count)| {
+                    (
+                        vec![("kind", kind.as_str().to_owned())],
+                        ConstCounter::new(count),
+                    )
+                }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_events_dropped",
+            "Events that could not be handed to the bus",
+            MetricType::Counter,
+            [(Vec::new(), ConstCounter::new(self.events.dropped()))],
+        )?;
+        family(
+            &mut encoder,
+            "troupe_event_subscribers",
+            "Live subscriptions to the event bus",
+            MetricType::Gauge,
+            [(
+                Vec::new(),
+                ConstGauge::new(i64::try_from(self.events.subscriber_count()).unwrap_or(i64::MAX)),
+            )],
+        )?;
+        family(
+            &mut encoder,
+            "troupe_links",
+            "Live client links",
+            MetricType::Gauge,
+            [(
+                Vec::new(),
+                ConstGauge::new(i64::try_from(self.tables.links().len()).unwrap_or(i64::MAX)),
+            )],
+        )?;
+        Ok(())
+    }
+}
+
+impl NodeMetrics {
+    /// A registry reading the node's actors, bus and registry.
+    pub fn new(directory: ActorDirectory, events: EventBus, tables: RegistryTables) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(TreeCollector {
+            directory,
+            events,
+            tables,
+        }));
+        Self { registry }
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "metrics could not be rendered");
+        }
+        text
+    }
+}

@@ -1,0 +1,375 @@
+//! A troupe node: the supervision tree plus its I/O edges (HTTP front end, token file, …),
+//! started with [`Node::builder`] and driven through a [`NodeHandle`]. The `troupe node`
+//! command is a thin wrapper around this, and host applications embed it the same way.
+//!
+//! Start: validate the configuration, prepare the data directory and the admin token, start the
+//! tree (children in order), bind the listener, serve. Shutdown: stop accepting connections,
+//! stop the tree (children in reverse order, each gracefully within its timeout, then killed;
+//! open event streams end as their links stop), then wait for the server to finish.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use troupe_actors::event::{
+    EventBus, EventBusConfig, EventFilter, Replay, ReplayFrom, Subscription,
+};
+use troupe_actors::health::{HealthConfig, HealthReport};
+use troupe_actors::ids::{ActorPath, NodeId};
+use troupe_actors::kernel::{CallError, FaultError, FaultKind};
+use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError};
+use troupe_actors::registry::Registry;
+use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
+
+use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
+use crate::config::{Config, ConfigError};
+use crate::metrics::NodeMetrics;
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory or the admin token could not be set up.
+    #[error(transparent)]
+    DataDir(#[from] TokenFileError),
+    /// The supervision tree did not start.
+    #[error(transparent)]
+    Tree(#[from] NodeTreeError),
+    /// The HTTP listener could not be bound.
+    #[error(
+        "cannot listen on {addr}: {source}; choose another address with --listen or http.listen"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Entry point of the library API.
+pub struct Node;
+
+impl Node {
+    /// A builder with the default configuration.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+}
+
+/// Configures and starts a node.
+#[derive(Default)]
+pub struct NodeBuilder {
+    config: Config,
+    listener: Option<std::net::TcpListener>,
+    without_http: bool,
+}
+
+impl NodeBuilder {
+    /// Replaces the whole configuration (e.g. one loaded with [`Config::load`]).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the node id.
+    pub fn node_id(mut self, node_id: NodeId) -> Self {
+        self.config.node_id = Some(node_id);
+        self
+    }
+
+    /// Sets the data directory.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Enables or disables `POST /v1/admin/faults`.
+    pub fn fault_injection(mut self, enabled: bool) -> Self {
+        self.config.debug.fault_injection = enabled;
+        self
+    }
+
+    /// Serves HTTP on an already-bound listener (tests bind `127.0.0.1:0`).
+    pub fn listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Runs the actor system only, without the HTTP front end.
+    pub fn without_http(mut self) -> Self {
+        self.without_http = true;
+        self
+    }
+
+    /// Starts the node.
+    pub async fn start(self) -> Result<NodeHandle, NodeError> {
+        let config = self.config;
+        config.validate()?;
+        let node_id = config.resolved_node_id();
+        let data_dir = config.resolved_data_dir();
+        auth::ensure_data_dir(&data_dir)?;
+        let (admin_token, admin_token_path, created) = auth::ensure_admin_token(&data_dir)?;
+        if created {
+            tracing::info!(
+                path = %admin_token_path.display(),
+                "wrote a new admin token (mode 0600); the CLI reads it from there"
+            );
+        }
+
+        let tree =
+            NodeTree::start(tree_config(&config, node_id.clone()), NodePorts::default()).await?;
+        let metrics = NodeMetrics::new(
+            tree.directory.clone(),
+            tree.events.clone(),
+            tree.registry.tables().clone(),
+        );
+        let core = Arc::new(NodeCore {
+            tokens: TokenBook::new(&config.auth, Some(&admin_token)),
+            limiter: RequestLimiter::new(&config.auth),
+            node_id: node_id.clone(),
+            data_dir,
+            admin_token_path,
+            metrics,
+            tree,
+            shutting_down: AtomicBool::new(false),
+            config,
+        });
+
+        let (http_addr, server) = if self.without_http {
+            (None, None)
+        } else {
+            match start_http(&core, self.listener).await {
+                Ok(started) => started,
+                Err(error) => {
+                    core.tree.shutdown(Duration::from_secs(10)).await;
+                    return Err(error);
+                }
+            }
+        };
+        tracing::info!(
+            node = %node_id,
+            http = %http_addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
+            data_dir = %core.data_dir.display(),
+            fault_injection = core.config.debug.fault_injection,
+            "node started"
+        );
+        Ok(NodeHandle {
+            inner: Arc::new(HandleInner {
+                core,
+                http_addr,
+                server: tokio::sync::Mutex::new(server),
+            }),
+        })
+    }
+}
+
+struct Server {
+    stop_accepting: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+async fn start_http(
+    core: &Arc<NodeCore>,
+    listener: Option<std::net::TcpListener>,
+) -> Result<(Option<SocketAddr>, Option<Server>), NodeError> {
+    let addr = core.config.http.listen;
+    let listener = match listener {
+        Some(listener) => listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener)),
+        None => tokio::net::TcpListener::bind(addr).await,
+    }
+    .map_err(|source| NodeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| NodeError::Bind { addr, source })?;
+    let stop_accepting = CancellationToken::new();
+    let router = crate::http::router(core.clone());
+    let task = tokio::spawn(crate::http::serve(
+        listener,
+        router,
+        stop_accepting.clone().cancelled_owned(),
+    ));
+    Ok((
+        Some(local),
+        Some(Server {
+            stop_accepting,
+            task,
+        }),
+    ))
+}
+
+fn tree_config(config: &Config, node: NodeId) -> NodeTreeConfig {
+    let mut tree = NodeTreeConfig::new(node);
+    tree.supervision = SupervisorConfig {
+        intensity: RestartIntensity {
+            max_restarts: config.supervision.max_restarts,
+            window: Duration::from_secs(config.supervision.window_secs),
+        },
+        backoff: Backoff {
+            min: Duration::from_millis(config.supervision.backoff_min_ms),
+            max: Duration::from_millis(config.supervision.backoff_max_ms),
+        },
+        ..SupervisorConfig::default()
+    };
+    tree.events = EventBusConfig {
+        ring_capacity: config.events.ring_capacity,
+        subscriber_buffer: config.events.subscriber_buffer,
+    };
+    tree.health = HealthConfig {
+        tick: Duration::from_millis(config.health.tick_ms),
+        window: Duration::from_secs(config.health.window_secs),
+        degraded_after_restarts: config.health.degraded_after_restarts,
+        ..HealthConfig::default()
+    };
+    tree
+}
+
+/// What the front ends share: the tree, the configuration, tokens, metrics.
+pub struct NodeCore {
+    /// The configuration the node runs with.
+    pub config: Config,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Where the admin token is.
+    pub admin_token_path: PathBuf,
+    /// The supervision tree.
+    pub tree: NodeTree,
+    /// Known bearer tokens.
+    pub tokens: TokenBook,
+    /// Requests per token.
+    pub limiter: RequestLimiter,
+    /// `/metrics`.
+    pub metrics: NodeMetrics,
+    shutting_down: AtomicBool,
+}
+
+impl NodeCore {
+    /// True once shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+struct HandleInner {
+    core: Arc<NodeCore>,
+    http_addr: Option<SocketAddr>,
+    server: tokio::sync::Mutex<Option<Server>>,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl NodeHandle {
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.core.node_id
+    }
+
+    /// The bound HTTP address, when HTTP runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.inner.http_addr
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.core.data_dir
+    }
+
+    /// Where the admin token is.
+    pub fn admin_token_path(&self) -> &Path {
+        &self.inner.core.admin_token_path
+    }
+
+    /// The shared core (front ends use it).
+    pub fn core(&self) -> &Arc<NodeCore> {
+        &self.inner.core
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.inner.core.tree.events
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.core.tree.registry
+    }
+
+    /// Subscribes to live events.
+    pub fn subscribe(&self, filter: EventFilter) -> Subscription {
+        self.events().subscribe(filter)
+    }
+
+    /// Subscribes with a replay first (`ReplayFrom::After(id)` resumes exactly after `id`).
+    pub async fn subscribe_from(
+        &self,
+        from: ReplayFrom,
+        filter: EventFilter,
+    ) -> Result<(Subscription, Replay), CallError> {
+        self.events().subscribe_from(from, filter).await
+    }
+
+    /// The node's health.
+    pub async fn health(&self) -> Result<HealthReport, CallError> {
+        self.inner.core.tree.health.report().await
+    }
+
+    /// Makes the actor at `path` panic (or fail) inside its handler. Works whether or not
+    /// `debug.fault_injection` is on: that flag only guards the HTTP route.
+    pub fn inject_fault(&self, path: &ActorPath, kind: FaultKind) -> Result<(), FaultError> {
+        self.inner.core.tree.inject_fault(path, kind)
+    }
+
+    /// Waits until the node stops: after [`NodeHandle::shutdown`], or when its root supervisor
+    /// gave up (then the node is unusable and should be shut down).
+    pub async fn wait(&self) {
+        self.inner.core.tree.wait_exit().await;
+    }
+
+    /// True when the root supervisor gave up (escalation reached the top).
+    pub fn has_failed(&self) -> bool {
+        self.inner.core.tree.has_exited() && !self.inner.core.is_shutting_down()
+    }
+
+    /// Stops the node: no new connections, the tree stopped in reverse order, the server
+    /// finished. Safe to call more than once.
+    pub async fn shutdown(&self) {
+        let core = &self.inner.core;
+        let first = !core.shutting_down.swap(true, Ordering::SeqCst);
+        let mut server = self.inner.server.lock().await;
+        if let Some(server) = server.as_ref() {
+            server.stop_accepting.cancel();
+        }
+        if first {
+            tracing::info!(node = %core.node_id, "node shutting down");
+        }
+        let timeout = Duration::from_secs(core.config.supervision.shutdown_timeout_secs);
+        core.tree.shutdown(timeout).await;
+        if let Some(server) = server.take() {
+            let mut task = server.task;
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("HTTP connections did not close within 5 s; aborting them");
+                task.abort();
+            }
+        }
+        if first {
+            tracing::info!(node = %core.node_id, "node stopped");
+        }
+    }
+}
