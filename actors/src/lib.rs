@@ -10,11 +10,14 @@
 //! - [`event`]: the event model, filters, the EventBus and its subscriptions.
 //! - [`registry`], [`health`]: the RegistryActor and the HealthActor.
 //! - [`node`]: a node's whole supervision tree, started in one call.
+//! - [`provider`]: a provider's pure policy: budget, circuit breaker, retry schedule, rate-limit
+//!   headers.
 
 pub mod event;
 pub mod health;
 pub mod ids;
 pub mod kernel;
 pub mod node;
+pub mod provider;
 pub mod registry;
 pub mod supervisor;
