@@ -10,6 +10,10 @@
 //! - [`retry`]: jittered exponential backoff honouring the provider's hint.
 //! - [`headers`]: `x-ratelimit-*`, `anthropic-ratelimit-*`, `retry-after`, `retry-after-ms`.
 
+pub mod budget;
 pub mod headers;
 
+pub use budget::{
+    Budget, BudgetConfig, BudgetError, BudgetRemaining, Reservation, Wait, WaitDecision, WaitReason,
+};
 pub use headers::{RateLimitSnapshot, retry_after};
