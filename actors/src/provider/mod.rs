@@ -10,9 +10,14 @@
 //! - [`retry`]: jittered exponential backoff honouring the provider's hint.
 //! - [`headers`]: `x-ratelimit-*`, `anthropic-ratelimit-*`, `retry-after`, `retry-after-ms`.
 
+pub mod breaker;
 pub mod budget;
 pub mod headers;
 
+pub use breaker::{
+    Admitted, Breaker, BreakerConfig, BreakerState, OpenReason, Permit, RejectReason, Rejected,
+    Transition,
+};
 pub use budget::{
     Budget, BudgetConfig, BudgetError, BudgetRemaining, Reservation, Wait, WaitDecision, WaitReason,
 };
