@@ -13,6 +13,7 @@
 pub mod breaker;
 pub mod budget;
 pub mod headers;
+pub mod retry;
 
 pub use breaker::{
     Admitted, Breaker, BreakerConfig, BreakerState, OpenReason, Permit, RejectReason, Rejected,
@@ -22,3 +23,66 @@ pub use budget::{
     Budget, BudgetConfig, BudgetError, BudgetRemaining, Reservation, Wait, WaitDecision, WaitReason,
 };
 pub use headers::{RateLimitSnapshot, retry_after};
+pub use retry::{GiveUpReason, RetryConfig, RetryDecision, RetryPolicy};
+
+use std::time::Instant;
+
+/// The policy settings of one provider, as its `[[providers]]` table holds them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProviderPolicyConfig {
+    /// `rpm` and `tpm`.
+    pub budget: BudgetConfig,
+    /// `breaker = { … }`.
+    pub breaker: BreakerConfig,
+    /// `retry = { … }`.
+    pub retry: RetryConfig,
+}
+
+/// The policy state of one provider, built from its settings: what the ProviderActor owns.
+#[derive(Debug, Clone)]
+pub struct ProviderPolicy {
+    /// The dual budget.
+    pub budget: Budget,
+    /// The circuit breaker.
+    pub breaker: Breaker,
+    /// The retry schedule.
+    pub retry: RetryPolicy,
+}
+
+impl ProviderPolicy {
+    /// A full budget, a closed breaker, at `now`.
+    pub fn new(config: ProviderPolicyConfig, now: Instant) -> Self {
+        Self {
+            budget: Budget::new(config.budget, now),
+            breaker: Breaker::new(config.breaker),
+            retry: RetryPolicy::new(config.retry),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_policy_starts_full_and_closed() {
+        let now = Instant::now();
+        let config = ProviderPolicyConfig {
+            budget: BudgetConfig {
+                rpm: Some(500),
+                tpm: Some(200_000),
+            },
+            ..ProviderPolicyConfig::default()
+        };
+        let policy = ProviderPolicy::new(config, now);
+        assert_eq!(
+            policy.budget.remaining(now),
+            BudgetRemaining {
+                requests: Some(500),
+                tokens: Some(200_000)
+            }
+        );
+        assert_eq!(policy.breaker.state(now), BreakerState::Closed);
+        assert_eq!(policy.retry.config(), RetryConfig::default());
+    }
+}
