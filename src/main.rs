@@ -1,1 +1,3 @@
+//! The `troupe` command-line binary.
+
 fn main() {}
