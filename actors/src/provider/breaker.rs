@@ -277,7 +277,8 @@ impl Breaker {
     }
 
     /// The call succeeded (the provider answered; what counts as an answer is the caller's
-    /// policy). A probe success closes the breaker.
+    /// policy). A probe success closes the breaker, even one reported after its probe timeout:
+    /// it is still news that the provider answers.
     pub fn on_success(&mut self, permit: Permit, now: Instant) -> Option<Transition> {
         if permit.epoch != self.epoch {
             return None;
@@ -731,6 +732,25 @@ mod tests {
                 .map(|t| matches!(t, Transition::Opened { .. })),
             Some(true)
         );
+    }
+
+    #[test]
+    fn a_probe_reported_after_its_timeout_still_closes_it() {
+        let (mut breaker, t0) = opened(config());
+        let slow = permit(&mut breaker, t0 + 30 * SEC);
+        let other = breaker
+            .allow(t0 + 95 * SEC)
+            .expect("the slow probe's slot expired");
+        assert_eq!(
+            breaker.on_success(slow, t0 + 96 * SEC),
+            Some(Transition::Closed)
+        );
+        assert_eq!(
+            breaker.on_failure(other.permit, t0 + 97 * SEC),
+            None,
+            "decided already"
+        );
+        assert_eq!(breaker.state(t0 + 97 * SEC), BreakerState::Closed);
     }
 
     #[test]

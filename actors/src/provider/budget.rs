@@ -229,7 +229,8 @@ impl Budget {
     /// Lowers the local buckets to what the provider says is left, and until the provider's reset
     /// time refills them at the provider's pace (from that figure to full at the reset), then at
     /// the configured pace again. A figure above the local one changes nothing: the local budget
-    /// stays the stricter. For an unlimited dimension, "0 left, reset in T" blocks it for T.
+    /// stays the stricter (raising it could forget reservations still on their way to the
+    /// provider). For an unlimited dimension, "0 left, reset in T" blocks it for T.
     pub fn resync(&mut self, snapshot: &RateLimitSnapshot, now: Instant) {
         if let Some(remaining) = snapshot.requests_remaining
             && self
