@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use troupe_actors::ids::NodeId;
 
 use crate::auth::Role;
+pub use crate::provider::ProviderKind;
 
 /// The whole configuration of a node.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -136,18 +137,6 @@ impl Default for SessionsConfig {
             allowed_programs: Vec::new(),
         }
     }
-}
-
-/// Which API a provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    /// OpenAI and any OpenAI-compatible server.
-    Openai,
-    /// Anthropic's Messages API.
-    Anthropic,
-    /// Google's Gemini API.
-    Gemini,
 }
 
 /// One `[[providers]]` entry.

@@ -22,6 +22,7 @@ pub mod json;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod provider;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;

@@ -11,6 +11,8 @@
 //! - [`registry`], [`health`]: the RegistryActor and the HealthActor.
 //! - [`link`]: the TransportActor, one per client link.
 //! - [`node`]: a node's whole supervision tree, started in one call.
+//! - [`provider`]: a provider's pure policy: budget, circuit breaker, retry schedule, rate-limit
+//!   headers.
 
 pub mod event;
 pub mod health;
@@ -18,5 +20,6 @@ pub mod ids;
 pub mod kernel;
 pub mod link;
 pub mod node;
+pub mod provider;
 pub mod registry;
 pub mod supervisor;
