@@ -1,1 +1,3 @@
+//! The `troupe` binary; a stub until the CLI lands.
+
 fn main() {}
