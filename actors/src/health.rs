@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{EventBus, EventData, HealthChanged};
 use crate::ids::{ActorPath, NodeId, Timestamp};
-use crate::kernel::{Actor, ActorDirectory, ActorError, ActorHandle, CallError, Context, HandleStatus};
+use crate::kernel::{
+    Actor, ActorDirectory, ActorError, ActorHandle, CallError, Context, HandleStatus,
+};
 
 /// Overall status, ordered from best to worst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -253,12 +255,13 @@ impl HealthState {
         self.samples.push_back((now, total));
         let window = self.args.config.window;
         // Keep one sample at or before the window's start as the baseline.
-        while self.samples.len() > 1
-            && now.saturating_duration_since(self.samples[1].0) >= window
-        {
+        while self.samples.len() > 1 && now.saturating_duration_since(self.samples[1].0) >= window {
             self.samples.pop_front();
         }
-        let baseline = self.samples.front().map_or(total, |(_, restarts)| *restarts);
+        let baseline = self
+            .samples
+            .front()
+            .map_or(total, |(_, restarts)| *restarts);
         total.saturating_sub(baseline)
     }
 
@@ -311,11 +314,8 @@ impl HealthState {
         }
 
         let shared = &self.args.shared;
-        let previous = HealthStatus::decode(
-            shared
-                .last_status
-                .swap(status.encode(), Ordering::Relaxed),
-        );
+        let previous =
+            HealthStatus::decode(shared.last_status.swap(status.encode(), Ordering::Relaxed));
         if let Some(previous) = previous
             && previous != status
         {
@@ -376,7 +376,12 @@ impl Health {
     }
 
     /// Reports a component's health (sessions, providers, links use this hook).
-    pub fn report_component(&self, component: impl Into<String>, status: HealthStatus, detail: impl Into<String>) {
+    pub fn report_component(
+        &self,
+        component: impl Into<String>,
+        status: HealthStatus,
+        detail: impl Into<String>,
+    ) {
         let _ = self.handle.cast(HealthMsg::Report {
             component: component.into(),
             status,

@@ -158,7 +158,9 @@ impl ActorPath {
         if value == "node" || value.is_empty() {
             return Some(Self::root());
         }
-        let valid = value.split('/').all(|segment| validate("path", segment).is_ok());
+        let valid = value
+            .split('/')
+            .all(|segment| validate("path", segment).is_ok());
         valid.then(|| Self(Arc::from(value)))
     }
 

@@ -191,8 +191,12 @@ impl Actor for EventBusActor {
         if let Some(store) = &args.store {
             let resume = store.resume(shared.config.ring_capacity);
             shared.resumed.call_once(|| {
-                shared.last_seq.fetch_max(resume.last_seq, Ordering::Relaxed);
-                shared.last_pos.fetch_max(resume.last_pos, Ordering::Relaxed);
+                shared
+                    .last_seq
+                    .fetch_max(resume.last_seq, Ordering::Relaxed);
+                shared
+                    .last_pos
+                    .fetch_max(resume.last_pos, Ordering::Relaxed);
             });
             ring.extend(resume.recent);
         }
@@ -300,10 +304,7 @@ impl EventBusState {
                 }
             }
             ReplayFrom::After(cursor) => {
-                let found_at = self
-                    .ring
-                    .iter()
-                    .rposition(|item| item.event.id == *cursor);
+                let found_at = self.ring.iter().rposition(|item| item.event.id == *cursor);
                 let start = found_at.map_or(0, |index| index + 1);
                 let events = self
                     .ring
@@ -314,7 +315,8 @@ impl EventBusState {
                     .collect();
                 let missed = match (found_at, self.ring.front()) {
                     (None, Some(first))
-                        if first.event.id.node == cursor.node && first.event.id.seq > cursor.seq =>
+                        if first.event.id.node == cursor.node
+                            && first.event.id.seq > cursor.seq =>
                     {
                         first.event.id.seq - cursor.seq - 1
                     }
@@ -408,10 +410,13 @@ impl Subscription {
 
     /// Turns the subscription into a stream of deliveries.
     pub fn into_stream(self) -> impl futures::Stream<Item = Delivery> + Send + Unpin {
-        Box::pin(futures::stream::unfold(self, |mut subscription| async move {
-            let delivery = subscription.recv().await?;
-            Some((delivery, subscription))
-        }))
+        Box::pin(futures::stream::unfold(
+            self,
+            |mut subscription| async move {
+                let delivery = subscription.recv().await?;
+                Some((delivery, subscription))
+            },
+        ))
     }
 
     fn admit(&mut self, item: BusItem) -> Option<Delivery> {

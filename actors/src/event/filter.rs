@@ -175,7 +175,10 @@ mod tests {
             "provider".parse::<KindPattern>().unwrap(),
             KindPattern::Family("provider".into())
         );
-        assert!("sess".parse::<KindPattern>().is_err(), "no partial families");
+        assert!(
+            "sess".parse::<KindPattern>().is_err(),
+            "no partial families"
+        );
         assert!("bogus.*".parse::<KindPattern>().is_err());
     }
 

@@ -222,7 +222,9 @@ event_kinds! {
 
 /// Why a string is not an event kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event kind {0:?}; kinds look like \"session.output\" or a family like \"session.*\"")]
+#[error(
+    "unknown event kind {0:?}; kinds look like \"session.output\" or a family like \"session.*\""
+)]
 pub struct UnknownKind(pub String);
 
 impl FromStr for EventKind {

@@ -98,7 +98,10 @@ impl<M: Send + 'static> Context<M> {
 
     /// Sends a message to this instance. Returns it if the instance is stopping.
     pub fn send_self(&self, message: M) -> Result<(), M> {
-        self.handle.stats().enqueued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .stats()
+            .enqueued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.myself
             .send_message(Envelope::untracked(message))
             .map_err(|error| match error {
@@ -118,7 +121,9 @@ impl<M: Send + 'static> Context<M> {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if myself.send_message(Envelope::untracked(message)).is_ok() {
-                stats.enqueued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .enqueued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         })
     }
@@ -139,7 +144,9 @@ impl<M: Send + 'static> Context<M> {
                 if myself.send_message(Envelope::untracked(make())).is_err() {
                     return;
                 }
-                stats.enqueued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .enqueued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         })
     }

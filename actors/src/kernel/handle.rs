@@ -239,7 +239,9 @@ impl<M: Send + 'static> HandleShared<M> {
     fn lock(&self) -> MutexGuard<'_, Slot<M>> {
         // A panic while holding this lock can only come from a bug in this module; the slot's
         // data stays consistent at every await-free step, so poisoning is safe to ignore.
-        self.slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Called from an envelope's `Drop` when its mailbox was dropped before it was opened.

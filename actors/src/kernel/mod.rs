@@ -7,11 +7,11 @@ mod directory;
 mod handle;
 mod stats;
 
-pub use actor::{Actor, ActorError, Context, spawn};
 pub(crate) use actor::spawn_linked;
+pub use actor::{Actor, ActorError, Context, spawn};
 pub use directory::{ActorControl, ActorDirectory, ChildKind, DirectoryEntry, FaultError};
 pub use handle::{
-    ActorHandle, CallError, DEFAULT_RESTART_BACKLOG, Envelope, FaultKind, HandleStatus,
-    SendError, SendErrorKind,
+    ActorHandle, CallError, DEFAULT_RESTART_BACKLOG, Envelope, FaultKind, HandleStatus, SendError,
+    SendErrorKind,
 };
 pub use stats::{ActorStats, ActorStatsSnapshot};

@@ -337,7 +337,11 @@ impl SupervisorState {
             .position(|child| child.spec.path == *path)
     }
 
-    async fn start_one(&mut self, ctx: &Context<SupervisorMsg>, index: usize) -> Result<(), String> {
+    async fn start_one(
+        &mut self,
+        ctx: &Context<SupervisorMsg>,
+        index: usize,
+    ) -> Result<(), String> {
         let child = &mut self.children[index];
         let cell = child
             .spec
@@ -471,7 +475,8 @@ impl SupervisorState {
                 .entries
                 .retain(|(path, _)| !entries.iter().any(|(new, _)| new == path));
         }
-        self.pending.retain(|_, pending| !pending.entries.is_empty());
+        self.pending
+            .retain(|_, pending| !pending.entries.is_empty());
         let token = self.next_token;
         self.next_token += 1;
         self.pending.insert(

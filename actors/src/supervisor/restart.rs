@@ -201,7 +201,10 @@ mod tests {
         };
         // jitter 1.0 → the top of each step
         let steps: Vec<_> = (1..=6).map(|n| backoff.delay(n, 1.0)).collect();
-        assert_eq!(steps, [MS * 10, MS * 20, MS * 40, MS * 80, MS * 100, MS * 100]);
+        assert_eq!(
+            steps,
+            [MS * 10, MS * 20, MS * 40, MS * 80, MS * 100, MS * 100]
+        );
     }
 
     #[test]
@@ -210,7 +213,11 @@ mod tests {
             min: MS * 10,
             max: MS * 1000,
         };
-        assert_eq!(backoff.delay(1, 0.0), MS * 10, "first restart is exactly min");
+        assert_eq!(
+            backoff.delay(1, 0.0),
+            MS * 10,
+            "first restart is exactly min"
+        );
         assert_eq!(backoff.delay(3, 0.0), MS * 20, "low jitter: half the step");
         assert_eq!(backoff.delay(3, 0.5), MS * 30);
         for sample in [0.0, 0.25, 0.999, 5.0, -1.0] {
@@ -295,10 +302,19 @@ mod tests {
         let mut other = ChildRestarts::default();
         let t0 = Instant::now();
         assert_eq!(delay_of(book.on_failure(&mut flaky, t0, 1.0)), MS * 10);
-        assert_eq!(delay_of(book.on_failure(&mut flaky, t0 + MS * 20, 1.0)), MS * 20);
-        assert_eq!(delay_of(book.on_failure(&mut flaky, t0 + MS * 50, 1.0)), MS * 40);
+        assert_eq!(
+            delay_of(book.on_failure(&mut flaky, t0 + MS * 20, 1.0)),
+            MS * 20
+        );
+        assert_eq!(
+            delay_of(book.on_failure(&mut flaky, t0 + MS * 50, 1.0)),
+            MS * 40
+        );
         // another child has its own backoff
-        assert_eq!(delay_of(book.on_failure(&mut other, t0 + MS * 60, 1.0)), MS * 10);
+        assert_eq!(
+            delay_of(book.on_failure(&mut other, t0 + MS * 60, 1.0)),
+            MS * 10
+        );
         // a full quiet window later the flaky child starts from min again
         assert_eq!(
             delay_of(book.on_failure(&mut flaky, t0 + MS * 1050, 1.0)),
