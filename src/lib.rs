@@ -1,1 +1,3 @@
 //! troupe
+
+pub mod testing;
