@@ -73,6 +73,8 @@ mod gemini;
 mod openai;
 mod server;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::io;
