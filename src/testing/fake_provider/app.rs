@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Extension, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,9 @@ use super::{Arrival, BEHAVIOUR_HEADER, KEY_HEADER, anthropic, gemini, openai};
 /// Pieces a non-streaming body is cut into by `trickle`.
 const TRICKLE_PIECES: usize = 4;
 
+/// Largest request body read, as Anthropic's limit (axum's default is 2 MB).
+const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
+
 /// The fake's routes.
 pub(super) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -29,6 +32,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1beta/models/{*model_and_method}", post(gemini_generate))
         .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(middleware::map_response_with_state(
             shared.clone(),
             count_status,

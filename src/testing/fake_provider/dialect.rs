@@ -122,9 +122,7 @@ impl ErrorReply {
     }
 
     pub(super) fn with_header(mut self, name: &'static str, value: String) -> Self {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            self.headers.insert(name, value);
-        }
+        insert_header(&mut self.headers, name, value);
         self
     }
 }
