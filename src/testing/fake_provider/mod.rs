@@ -58,10 +58,15 @@
 //!
 //! Each model has its own requests-per-minute and tokens-per-minute buckets
 //! ([`FakeConfig::rpm`], [`FakeConfig::tpm`]); a request costs its prompt plus completion
-//! tokens. Past them the fake answers the provider's real 429, and a single request larger
-//! than the token limit gets OpenAI's "Request too large". Every chat answer carries OpenAI's
+//! tokens, and the bucket is checked before the behaviour runs (a refused request does not
+//! advance a `fail-…-then-ok` count). Past a limit the fake answers the provider's real 429
+//! with a retry hint (`retry-after`, or Gemini's `RetryInfo`) and the real numbers in the
+//! message; a single request larger than the token limit gets one without a hint (OpenAI:
+//! "Request too large"). Every chat answer carries OpenAI's
 //! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (Go durations like `6m0s`) or
-//! Anthropic's `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (RFC 3339).
+//! Anthropic's `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (RFC 3339),
+//! reporting these buckets — also on the scripted errors above, whose bodies quote
+//! illustrative limits rather than the buckets'.
 
 mod anthropic;
 mod app;
