@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod provider;
 pub mod telemetry;
+pub mod testing;
 pub mod tls;
 pub mod wire;
 
