@@ -10,6 +10,7 @@
 //! - [`event`]: the event model, filters, the EventBus and its subscriptions.
 //! - [`registry`], [`health`]: the RegistryActor and the HealthActor.
 //! - [`link`]: the TransportActor, one per client link.
+//! - [`session`]: sessions' state machine, spec, and the ports they need (runner, store).
 //! - [`node`]: a node's whole supervision tree, started in one call.
 //! - [`provider`]: a provider's pure policy: budget, circuit breaker, retry schedule, rate-limit
 //!   headers.
@@ -22,4 +23,5 @@ pub mod link;
 pub mod node;
 pub mod provider;
 pub mod registry;
+pub mod session;
 pub mod supervisor;

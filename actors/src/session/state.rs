@@ -69,8 +69,14 @@ impl SessionState {
         matches!(
             (self, to),
             (Queued, Starting | Cancelled | Interrupted)
-                | (Starting, Running | Failed | Cancelled | TimedOut | Interrupted)
-                | (Running, Succeeded | Failed | Cancelled | TimedOut | Interrupted)
+                | (
+                    Starting,
+                    Running | Failed | Cancelled | TimedOut | Interrupted
+                )
+                | (
+                    Running,
+                    Succeeded | Failed | Cancelled | TimedOut | Interrupted
+                )
         )
     }
 
@@ -125,8 +131,14 @@ mod tests {
     fn the_transition_table_is_exactly_the_documented_one() {
         let allowed: &[(SessionState, &[SessionState])] = &[
             (Queued, &[Starting, Cancelled, Interrupted]),
-            (Starting, &[Running, Failed, Cancelled, TimedOut, Interrupted]),
-            (Running, &[Succeeded, Failed, Cancelled, TimedOut, Interrupted]),
+            (
+                Starting,
+                &[Running, Failed, Cancelled, TimedOut, Interrupted],
+            ),
+            (
+                Running,
+                &[Succeeded, Failed, Cancelled, TimedOut, Interrupted],
+            ),
             (Succeeded, &[]),
             (Failed, &[]),
             (Cancelled, &[]),
@@ -145,7 +157,10 @@ mod tests {
                     Err(error) => {
                         assert!(!expected);
                         assert_eq!((error.from, error.to), (*from, to));
-                        assert_eq!(error.to_string(), format!("a session cannot go from {from} to {to}"));
+                        assert_eq!(
+                            error.to_string(),
+                            format!("a session cannot go from {from} to {to}")
+                        );
                     }
                 }
             }
@@ -164,7 +179,10 @@ mod tests {
     fn states_parse_from_their_names() {
         for state in SessionState::ALL {
             assert_eq!(state.as_str().parse::<SessionState>(), Ok(state));
-            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{state}\""));
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{state}\"")
+            );
         }
         assert!("done".parse::<SessionState>().is_err());
     }

@@ -1,0 +1,410 @@
+//! What a session runs: the typed spec every front end builds from what users type (the JSON
+//! shapes of DESIGN.md are parsed at the edge, in `src/`), and the record the node keeps.
+//!
+//! The spec is externally tagged so it crosses nodes through the wire codec; its size limits are
+//! checked here, once, whatever the front end.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::SessionState;
+use crate::event::SessionKindTag;
+use crate::ids::{NodeId, SessionId, Timestamp};
+
+/// Limits on what a spec may hold (everything in it comes from outside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecLimits {
+    /// Program, model and similar short fields.
+    pub max_name_bytes: usize,
+    /// Each argument, environment value, label value, file path.
+    pub max_value_bytes: usize,
+    /// Arguments, files, environment entries, labels (each).
+    pub max_entries: usize,
+    /// An Aider message, or all chat messages together.
+    pub max_text_bytes: usize,
+    /// Longest timeout a session may ask for.
+    pub max_timeout_secs: u64,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        Self {
+            max_name_bytes: 256,
+            max_value_bytes: 8 * 1024,
+            max_entries: 256,
+            max_text_bytes: 256 * 1024,
+            max_timeout_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// A spec outside the limits, naming the field and the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// The offending field, as users type it (`args[3]`, `env.PATH`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// `kind = "command"`: any program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandSession {
+    /// The program (a name looked up in PATH, or a path).
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Environment entries added to (or replacing) the node's environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory; must resolve inside the workspace roots.
+    pub workdir: Option<PathBuf>,
+}
+
+/// `kind = "aider"`: the Aider preset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AiderSession {
+    /// The instruction (`--message`).
+    pub message: String,
+    /// Files to edit, relative to the working directory.
+    pub files: Vec<String>,
+    /// Model name; with providers configured, routed through the node's gateway.
+    pub model: Option<String>,
+    /// Extra arguments passed to Aider.
+    pub args: Vec<String>,
+    /// Working directory; must resolve inside the workspace roots.
+    pub workdir: Option<PathBuf>,
+    /// Let Aider use git (`--no-git` otherwise).
+    pub git: bool,
+}
+
+/// `kind = "chat"`: a built-in chat run through a provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatSession {
+    /// `provider/model` or an alias.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+}
+
+/// What kind of run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionKind {
+    /// Any program.
+    Command(CommandSession),
+    /// Aider, non-interactively.
+    Aider(AiderSession),
+    /// A chat through a provider.
+    Chat(ChatSession),
+}
+
+impl SessionKind {
+    /// The kind's tag.
+    pub fn tag(&self) -> SessionKindTag {
+        match self {
+            Self::Command(_) => SessionKindTag::Command,
+            Self::Aider(_) => SessionKindTag::Aider,
+            Self::Chat(_) => SessionKindTag::Chat,
+        }
+    }
+}
+
+/// Everything needed to run a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    /// What runs.
+    pub kind: SessionKind,
+    /// Timeout; `None` takes `sessions.default_timeout_secs`.
+    pub timeout_secs: Option<u64>,
+    /// 0 (lowest) to 9; higher runs first.
+    pub priority: u8,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// The same key returns the existing session instead of starting another.
+    pub idempotency_key: Option<String>,
+}
+
+/// Highest priority.
+pub const MAX_PRIORITY: u8 = 9;
+
+impl SessionSpec {
+    /// Checks every size against `limits`.
+    pub fn validate(&self, limits: &SpecLimits) -> Result<(), SpecError> {
+        let check = Checker { limits };
+        if self.priority > MAX_PRIORITY {
+            return Err(error(
+                "priority",
+                format!("{} is above the maximum of 9", self.priority),
+            ));
+        }
+        if let Some(timeout) = self.timeout_secs {
+            if timeout == 0 {
+                return Err(error("timeout_secs", "must be at least 1".into()));
+            }
+            if timeout > limits.max_timeout_secs {
+                return Err(error(
+                    "timeout_secs",
+                    format!(
+                        "{timeout} is above the maximum of {}",
+                        limits.max_timeout_secs
+                    ),
+                ));
+            }
+        }
+        check.entries("labels", self.labels.len())?;
+        for (key, value) in &self.labels {
+            check.name(&format!("labels.{key}"), key)?;
+            check.value(&format!("labels.{key}"), value)?;
+        }
+        if let Some(key) = &self.idempotency_key {
+            check.name("idempotency_key", key)?;
+        }
+        match &self.kind {
+            SessionKind::Command(command) => {
+                check.name("program", &command.program)?;
+                check.entries("args", command.args.len())?;
+                for (index, arg) in command.args.iter().enumerate() {
+                    check.value(&format!("args[{index}]"), arg)?;
+                }
+                check.entries("env", command.env.len())?;
+                for (key, value) in &command.env {
+                    if key.is_empty() || key.contains(['=', '\0']) {
+                        return Err(error(
+                            &format!("env.{key}"),
+                            "names must be non-empty and contain no '=' or NUL".into(),
+                        ));
+                    }
+                    check.name(&format!("env.{key}"), key)?;
+                    check.value(&format!("env.{key}"), value)?;
+                }
+                if let Some(workdir) = &command.workdir {
+                    check.value("workdir", &workdir.to_string_lossy())?;
+                }
+            }
+            SessionKind::Aider(aider) => {
+                check.text("message", &aider.message)?;
+                if aider.message.trim().is_empty() {
+                    return Err(error("message", "must not be empty".into()));
+                }
+                check.entries("files", aider.files.len())?;
+                for (index, file) in aider.files.iter().enumerate() {
+                    check.value(&format!("files[{index}]"), file)?;
+                }
+                if let Some(model) = &aider.model {
+                    check.name("model", model)?;
+                }
+                check.entries("args", aider.args.len())?;
+                for (index, arg) in aider.args.iter().enumerate() {
+                    check.value(&format!("args[{index}]"), arg)?;
+                }
+                if let Some(workdir) = &aider.workdir {
+                    check.value("workdir", &workdir.to_string_lossy())?;
+                }
+            }
+            SessionKind::Chat(chat) => {
+                check.name("model", &chat.model)?;
+                if chat.messages.is_empty() {
+                    return Err(error("messages", "must hold at least one message".into()));
+                }
+                check.entries("messages", chat.messages.len())?;
+                let total: usize = chat.messages.iter().map(|m| m.content.len()).sum();
+                if total > limits.max_text_bytes {
+                    return Err(error(
+                        "messages",
+                        format!(
+                            "{total} bytes of content is more than the {} allowed",
+                            limits.max_text_bytes
+                        ),
+                    ));
+                }
+                for (index, message) in chat.messages.iter().enumerate() {
+                    if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+                        return Err(error(
+                            &format!("messages[{index}].role"),
+                            format!("{:?}: use system, user or assistant", message.role),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn error(field: &str, message: String) -> SpecError {
+    SpecError {
+        field: field.to_owned(),
+        message,
+    }
+}
+
+struct Checker<'a> {
+    limits: &'a SpecLimits,
+}
+
+impl Checker<'_> {
+    fn bounded(&self, field: &str, value: &str, max: usize) -> Result<(), SpecError> {
+        if value.len() > max {
+            return Err(error(
+                field,
+                format!("{} bytes is more than the {max} allowed", value.len()),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(error(field, "must not contain NUL characters".into()));
+        }
+        Ok(())
+    }
+
+    fn name(&self, field: &str, value: &str) -> Result<(), SpecError> {
+        if value.is_empty() {
+            return Err(error(field, "must not be empty".into()));
+        }
+        self.bounded(field, value, self.limits.max_name_bytes)
+    }
+
+    fn value(&self, field: &str, value: &str) -> Result<(), SpecError> {
+        self.bounded(field, value, self.limits.max_value_bytes)
+    }
+
+    fn text(&self, field: &str, value: &str) -> Result<(), SpecError> {
+        self.bounded(field, value, self.limits.max_text_bytes)
+    }
+
+    fn entries(&self, field: &str, count: usize) -> Result<(), SpecError> {
+        if count > self.limits.max_entries {
+            return Err(error(
+                field,
+                format!(
+                    "{count} entries is more than the {} allowed",
+                    self.limits.max_entries
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the node keeps about a session (persisted; returned by the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The session.
+    pub id: SessionId,
+    /// The node that owns it.
+    pub node: NodeId,
+    /// What it runs.
+    pub spec: SessionSpec,
+    /// Where it is.
+    pub state: SessionState,
+    /// When it was accepted.
+    pub created_at: Timestamp,
+    /// When its process started.
+    pub started_at: Option<Timestamp>,
+    /// When it ended.
+    pub ended_at: Option<Timestamp>,
+    /// Exit code of its process.
+    pub exit_code: Option<i32>,
+    /// Signal that ended its process.
+    pub signal: Option<i32>,
+    /// Why it ended the way it did, in words.
+    pub reason: Option<String>,
+    /// Its process (kept so a node restarted after a crash can terminate leftovers).
+    pub process: Option<ProcessInfo>,
+    /// Lines of output so far.
+    pub output_lines: u64,
+}
+
+/// One recorded change of state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Before.
+    pub from: SessionState,
+    /// After.
+    pub to: SessionState,
+    /// When.
+    pub at: Timestamp,
+    /// Why, when there is something to say.
+    pub reason: Option<String>,
+}
+
+/// A process as the runner started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Process id of the leader.
+    pub pid: u32,
+    /// Its process group (the leader's pid: every session runs in its own group).
+    pub pgid: i32,
+    /// The leader's start time in clock ticks since boot (`/proc/PID/stat` field 22), to tell it
+    /// apart from an unrelated process that reused the pid.
+    pub start_ticks: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(args: Vec<String>) -> SessionSpec {
+        SessionSpec {
+            kind: SessionKind::Command(CommandSession {
+                program: "sh".into(),
+                args,
+                env: BTreeMap::new(),
+                workdir: None,
+            }),
+            timeout_secs: None,
+            priority: 5,
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn a_reasonable_spec_passes() {
+        command(vec!["-c".into(), "echo hi".into()])
+            .validate(&SpecLimits::default())
+            .unwrap();
+    }
+
+    #[test]
+    fn every_limit_names_its_field() {
+        let limits = SpecLimits::default();
+        let mut spec = command(vec!["x".repeat(limits.max_value_bytes + 1)]);
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "args[0]");
+        spec = command(vec!["a".into(); limits.max_entries + 1]);
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "args");
+        spec = command(vec![]);
+        spec.priority = 10;
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "priority");
+        spec.priority = 0;
+        spec.timeout_secs = Some(0);
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "timeout_secs");
+        spec.timeout_secs = None;
+        if let SessionKind::Command(command) = &mut spec.kind {
+            command.env.insert("A=B".into(), "x".into());
+        }
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "env.A=B");
+        let mut chat = command(vec![]);
+        chat.kind = SessionKind::Chat(ChatSession {
+            model: "m".into(),
+            messages: vec![ChatMessage {
+                role: "robot".into(),
+                content: "hi".into(),
+            }],
+        });
+        assert_eq!(
+            chat.validate(&limits).unwrap_err().field,
+            "messages[0].role"
+        );
+    }
+}
