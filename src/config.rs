@@ -641,23 +641,32 @@ impl Overrides {
     }
 }
 
-/// Renders figment's errors (they carry the key path and the value's source) as one message.
+/// Renders figment's errors as `` `section.key`: what is wrong (where the value came from) ``.
 fn describe(error: figment::Error) -> ConfigError {
     let messages: Vec<String> = error
         .into_iter()
         .map(|error| {
-            let mut message = error.to_string();
-            let from_env = error
-                .metadata
-                .as_ref()
-                .is_some_and(|metadata| metadata.name.contains("environment"));
-            if from_env && !error.path.is_empty() {
-                let variable = format!("TROUPE_{}", error.path.join("__")).to_ascii_uppercase();
-                message.push_str(&format!(" (set by the environment variable {variable})"));
+            let key = error.path.join(".").to_ascii_lowercase();
+            let mut message = if key.is_empty() {
+                error.kind.to_string()
+            } else {
+                format!("`{key}`: {}", error.kind)
+            };
+            if let Some(metadata) = &error.metadata {
+                if metadata.name.contains("environment") && !error.path.is_empty() {
+                    let variable = format!("TROUPE_{}", error.path.join("__")).to_ascii_uppercase();
+                    message.push_str(&format!(" (from the environment variable {variable})"));
+                } else if let Some(figment::Source::File(path)) = &metadata.source {
+                    message.push_str(&format!(" (from {})", path.display()));
+                } else if let Some(figment::Source::Code(_)) = &metadata.source {
+                    message.push_str(" (from the command line)");
+                } else {
+                    message.push_str(&format!(" (from {})", metadata.name));
+                }
             }
             if let figment::error::Kind::UnknownField(_, _) = error.kind {
                 message
-                    .push_str(" (remove it, or check its spelling against docs/CONFIGURATION.md)");
+                    .push_str("; remove it, or check its spelling against docs/CONFIGURATION.md");
             }
             message
         })

@@ -51,6 +51,16 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
+fn single<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: M,
+) -> fmt::Result {
+    value.encode(encoder.encode_descriptor(name, help, None, kind)?)
+}
+
 impl Collector for TreeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let actors: Vec<_> = self
@@ -141,32 +151,26 @@ impl Collector for TreeCollector {
                     )
                 }),
         )?;
-        family(
+        single(
             &mut encoder,
             "troupe_events_dropped",
             "Events that could not be handed to the bus",
             MetricType::Counter,
-            [(Vec::new(), ConstCounter::new(self.events.dropped()))],
+            ConstCounter::new(self.events.dropped()),
         )?;
-        family(
+        single(
             &mut encoder,
             "troupe_event_subscribers",
             "Live subscriptions to the event bus",
             MetricType::Gauge,
-            [(
-                Vec::new(),
-                ConstGauge::new(i64::try_from(self.events.subscriber_count()).unwrap_or(i64::MAX)),
-            )],
+            ConstGauge::new(i64::try_from(self.events.subscriber_count()).unwrap_or(i64::MAX)),
         )?;
-        family(
+        single(
             &mut encoder,
             "troupe_links",
             "Live client links",
             MetricType::Gauge,
-            [(
-                Vec::new(),
-                ConstGauge::new(i64::try_from(self.tables.links().len()).unwrap_or(i64::MAX)),
-            )],
+            ConstGauge::new(i64::try_from(self.tables.links().len()).unwrap_or(i64::MAX)),
         )?;
         Ok(())
     }

@@ -47,9 +47,12 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(config.log.format, &config.log.level);
     crate::tls::install_default_provider();
 
+    // Listen for signals before the node exists, so one that arrives during start-up still
+    // leads to a graceful shutdown rather than the default action.
+    let signal = shutdown_signal()?;
     let node = Node::builder().config(config).start().await?;
     let failed = tokio::select! {
-        () = shutdown_signal() => false,
+        () = signal => false,
         () = node.wait() => true,
     };
     if failed {
@@ -63,22 +66,15 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+/// Registers SIGINT and SIGTERM handlers now; the future resolves on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
-    }
+    })
 }

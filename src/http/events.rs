@@ -180,7 +180,11 @@ pub(super) async fn stream(
     let node = core.node_id.clone();
 
     if !query.follow {
-        let (mut subscription, _) = core.tree.events.subscribe_from(start, query.filter).await?;
+        let (mut subscription, _) = core
+            .tree
+            .events
+            .subscribe_from(start, query.filter.clone())
+            .await?;
         let deliveries: Vec<_> = subscription
             .take_backlog()
             .iter()
@@ -189,6 +193,12 @@ pub(super) async fn stream(
         return Ok(Sse::new(futures::stream::iter(deliveries)).into_response());
     }
 
+    // Subscribe first, so the link's own `link.connected` is part of its stream.
+    let (subscription, _) = core
+        .tree
+        .events
+        .subscribe_from(start, query.filter.clone())
+        .await?;
     let link = open_link(
         &core,
         TransportKind::Sse,
@@ -203,7 +213,6 @@ pub(super) async fn stream(
         LinkError::Unavailable(_) => ApiError::unavailable("links_unavailable", error.to_string())
             .retry_after(Duration::from_secs(1)),
     })?;
-    let (subscription, _) = core.tree.events.subscribe_from(start, query.filter).await?;
     let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
     Ok(Sse::new(link_stream(node, subscription, link))
         .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))

@@ -38,16 +38,18 @@ pub fn router(core: Arc<NodeCore>) -> Router {
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(core.clone(), require_viewer));
 
-    let mut admin = Router::new();
-    if core.config.debug.fault_injection {
-        admin = admin.route("/v1/admin/faults", post(admin::inject_fault));
-    }
-    let admin = admin.route_layer(middleware::from_fn_with_state(core.clone(), require_admin));
-
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/health", get(ops::health))
-        .merge(viewer)
-        .merge(admin)
+        .merge(viewer);
+    if core.config.debug.fault_injection {
+        router = router.merge(
+            Router::new()
+                .route("/v1/admin/faults", post(admin::inject_fault))
+                .route_layer(middleware::from_fn_with_state(core.clone(), require_admin)),
+        );
+    }
+
+    router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(core.config.http.max_body_bytes))
         .layer(

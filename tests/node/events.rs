@@ -1,0 +1,130 @@
+//! Recovery seen from outside: a fault injected over HTTP shows up as a restart in the node's
+//! log and as `actor.restarted` on the event stream; streams resume exactly with Last-Event-ID.
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn an_injected_panic_is_restarted_logged_and_streamed_while_health_stays_up() {
+    let node = NodeProcess::start(&["--fault-injection"]).await;
+    let mut stream = node.events("kind=actor.*&kind=link.*", None).await;
+    let (first_id, connected) = stream.next_of("link.connected").await;
+    assert_eq!(connected["data"]["transport"], "sse");
+
+    let response = node
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": "registry", "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+
+    // The node's log: one WARN "actor restarted" line for the registry, with the reason.
+    let restart = node
+        .logs
+        .wait_for("actor restarted (registry)", |line| {
+            line["message"] == "actor restarted" && line["child"] == "registry"
+        })
+        .await;
+    assert_eq!(restart["level"], "WARN");
+    assert_eq!(restart["supervisor"], "node");
+    assert!(
+        restart["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected: panic in registry")
+    );
+    assert_eq!(restart["restart_count"], 1);
+
+    // rest_for_one at the root restarts the TransportSupervisor too, which closes this link;
+    // the client resumes after the last id it saw and gets exactly what it missed.
+    stream.closed().await;
+    let mut resumed = node.events("kind=actor.*", Some(&first_id)).await;
+    let (_, event) = resumed.next_of("actor.restarted").await;
+    assert_eq!(event["data"]["child"], "registry");
+    assert!(
+        event["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected")
+    );
+
+    let health = node.get("/v1/health").await;
+    assert_eq!(
+        health.status(),
+        200,
+        "the node stays up through the restart"
+    );
+    let health: serde_json::Value = health.json().await.unwrap();
+    assert!(health["restarts_in_window"].as_u64().unwrap() >= 1);
+    assert_eq!(health["actors"]["running"], health["actors"]["total"]);
+}
+
+#[tokio::test]
+async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events_in_order() {
+    let node = NodeProcess::start(&[]).await;
+    // A reference subscriber stays connected throughout and sees every link event.
+    let mut reference = node.events("kind=link.*", None).await;
+    let mut client = node.events("kind=link.*", None).await;
+    let (last_seen, _) = client.next_of("link.connected").await;
+    drop(client);
+
+    // Events the client misses: its own disconnect, and two more links coming and going.
+    for _ in 0..2 {
+        let other = node.events("kind=session.*", None).await;
+        drop(other);
+    }
+    let mut expected = Vec::new();
+    loop {
+        let (id, event) = reference.next().await;
+        if id == last_seen {
+            expected.clear();
+            continue;
+        }
+        expected.push(id);
+        if expected.len() == 5 && event["kind"] == "link.disconnected" {
+            break;
+        }
+    }
+    // expected = [client disconnected, other1 connected, other1 disconnected, other2 connected,
+    //             other2 disconnected]
+
+    let mut resumed = node.events("kind=link.*", Some(&last_seen)).await;
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let (id, _) = resumed.next().await;
+        got.push(id);
+    }
+    assert_eq!(got, expected, "exactly the missed events, in order");
+    let unique: BTreeSet<_> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "no duplicates");
+    // And then it continues live: its own connection event comes next, once.
+    let (id, event) = resumed.next().await;
+    assert_eq!(event["kind"], "link.connected");
+    assert!(!got.contains(&id));
+}
+
+#[tokio::test]
+async fn a_replay_without_follow_returns_the_tail_and_ends() {
+    let node = NodeProcess::start(&[]).await;
+    for _ in 0..3 {
+        drop(node.events("kind=session.*", None).await);
+    }
+    let response = node.get("/v1/events?follow=false&tail=4&kind=link.*").await;
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(PATIENCE, response.text())
+        .await
+        .expect("a finite body")
+        .unwrap();
+    let ids: Vec<&str> = body
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("id: ")
+                .or_else(|| line.strip_prefix("id:"))
+        })
+        .collect();
+    assert_eq!(ids.len(), 4, "{body}");
+}
