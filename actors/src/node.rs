@@ -6,7 +6,9 @@
 //! ├── RegistryActor                                      registry
 //! ├── HealthActor                                        health
 //! ├── ProviderSupervisor (one_for_one)                   providers   └── providers/<name>
-//! ├── SessionSupervisor (dynamic one_for_one, transient) sessions    └── sessions/<id>
+//! ├── SessionSupervisor (dynamic one_for_one)            sessions
+//! │   ├── SessionManager                                 sessions/manager
+//! │   └── SessionActor ×N (transient)                    sessions/<id>
 //! └── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
 //! ```
 //!
@@ -25,6 +27,10 @@ use crate::kernel::{
     self, ActorDirectory, ActorHandle, ChildKind, DirectoryEntry, FaultError, FaultKind,
 };
 use crate::registry::{Registry, RegistryActor, RegistryArgs, RegistryTables};
+use crate::session::{
+    CommandBuilder, ManagerArgs, ManagerMsg, ManagerShared, ProcessRunner, SessionContext,
+    SessionManager, SessionSettings, SessionStats, SessionStore, SpecLimits,
+};
 use crate::supervisor::{
     ChildPolicy, ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorArgs,
     SupervisorConfig, SupervisorHandle,
@@ -41,8 +47,10 @@ pub struct NodeTreeConfig {
     pub events: EventBusConfig,
     /// Tuning of the HealthActor.
     pub health: HealthConfig,
-    /// Bound on session actors.
-    pub max_sessions: Option<usize>,
+    /// Sessions: admission and timing.
+    pub sessions: SessionSettings,
+    /// Limits of session specs.
+    pub spec_limits: SpecLimits,
     /// Bound on client links.
     pub max_links: Option<usize>,
 }
@@ -58,7 +66,8 @@ impl NodeTreeConfig {
             },
             events: EventBusConfig::default(),
             health: HealthConfig::default(),
-            max_sessions: None,
+            sessions: SessionSettings::default(),
+            spec_limits: SpecLimits::default(),
             max_links: Some(10_000),
         }
     }
@@ -69,6 +78,30 @@ impl NodeTreeConfig {
 pub struct NodePorts {
     /// Where events are persisted.
     pub event_store: Option<Arc<dyn EventStore>>,
+    /// What sessions need; without it the node runs no sessions.
+    pub sessions: Option<SessionPorts>,
+}
+
+/// The ports of sessions.
+#[derive(Clone)]
+pub struct SessionPorts {
+    /// Starts and stops processes.
+    pub runner: Arc<dyn ProcessRunner>,
+    /// Persists sessions.
+    pub store: Arc<dyn SessionStore>,
+    /// Turns specs into commands.
+    pub commands: Arc<dyn CommandBuilder>,
+}
+
+/// Handles to the session machinery of a tree.
+#[derive(Clone)]
+pub struct Sessions {
+    /// The SessionManager.
+    pub manager: ActorHandle<ManagerMsg>,
+    /// Live session actors.
+    pub shared: ManagerShared,
+    /// Counters.
+    pub stats: Arc<SessionStats>,
 }
 
 /// Why a tree did not start.
@@ -90,6 +123,8 @@ pub struct NodeTree {
     pub providers: SupervisorHandle,
     /// The SessionSupervisor.
     pub sessions: SupervisorHandle,
+    /// The session machinery, when the node runs sessions.
+    pub session_manager: Option<Sessions>,
     /// The TransportSupervisor.
     pub links: SupervisorHandle,
     /// Every supervised actor by path.
@@ -124,6 +159,35 @@ impl NodeTree {
         let providers: SupervisorHandle = ActorHandle::new(root_path.child("providers"));
         let sessions: SupervisorHandle = ActorHandle::new(root_path.child("sessions"));
         let links: SupervisorHandle = ActorHandle::new(root_path.child("links"));
+
+        let session_manager = ports.sessions.as_ref().map(|_| Sessions {
+            manager: ActorHandle::new(root_path.child("sessions").child("manager")),
+            shared: ManagerShared::default(),
+            stats: Arc::new(SessionStats::default()),
+        });
+        let manager_spec = match (&ports.sessions, &session_manager) {
+            (Some(session_ports), Some(machinery)) => {
+                let args = ManagerArgs {
+                    context: SessionContext {
+                        node: config.node.clone(),
+                        runner: session_ports.runner.clone(),
+                        store: session_ports.store.clone(),
+                        commands: session_ports.commands.clone(),
+                        events: events.clone(),
+                        health: health.clone(),
+                        settings: config.sessions.clone(),
+                        stats: machinery.stats.clone(),
+                    },
+                    supervisor: sessions.clone(),
+                    shared: machinery.shared.clone(),
+                    limits: config.spec_limits,
+                };
+                Some(ChildSpec::worker(&machinery.manager, move || {
+                    (SessionManager, args.clone())
+                }))
+            }
+            _ => None,
+        };
 
         let supervisor_args = |config: SupervisorConfig| SupervisorArgs {
             config,
@@ -167,11 +231,11 @@ impl NodeTree {
                 move || (Supervisor, args.clone())
             }),
             ChildSpec::supervisor(&sessions, {
-                let args = supervisor_args(SupervisorConfig {
+                let mut args = supervisor_args(SupervisorConfig {
                     strategy: Strategy::OneForOne,
-                    max_children: config.max_sessions,
                     ..supervision
                 });
+                args.children.extend(manager_spec);
                 move || (Supervisor, args.clone())
             }),
             ChildSpec::supervisor(&links, {
@@ -218,6 +282,7 @@ impl NodeTree {
             health,
             providers,
             sessions,
+            session_manager,
             links,
             directory,
             root,

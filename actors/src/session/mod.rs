@@ -1,9 +1,32 @@
-//! Sessions: one agent run each. The pure parts (the state machine, the spec and its limits)
-//! and the ports the node implements (a process runner, a session store).
+//! Sessions: one agent run each.
+//!
+//! ```text
+//! SessionSupervisor (dynamic one_for_one)     sessions
+//! ├── SessionManager (permanent)              sessions/manager   admission, queue, recovery
+//! └── SessionActor ×N (transient)             sessions/<id>      one per run
+//! ```
+//!
+//! The pure parts (the state machine, the spec and its limits), the actors, and the ports the
+//! node implements (a process runner, a session store).
 
+mod actor;
+mod context;
+mod manager;
 mod ports;
 mod spec;
 mod state;
+
+pub use actor::{
+    SessionActor, SessionActorState, SessionArgs, SessionMsg, describe_exit, program_of,
+};
+pub use context::{
+    CommandBuilder, DURATION_BUCKETS_SECS, OutputInterpreter, OutputSignal, SessionContext,
+    SessionSettings, SessionStats,
+};
+pub use manager::{
+    Admitted, CancelError, MANAGER_TIMEOUT, ManagerArgs, ManagerMsg, ManagerShared, ManagerState,
+    SessionManager, SessionsSummary, SubmitError,
+};
 
 pub use ports::{
     CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner, ProcessSink,

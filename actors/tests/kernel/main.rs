@@ -4,5 +4,6 @@
 mod bus;
 mod handles;
 mod node;
+mod sessions;
 mod supervision;
 mod support;

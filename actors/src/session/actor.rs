@@ -1,0 +1,485 @@
+//! The SessionActor: one per agent run, a transient child of the SessionSupervisor.
+//!
+//! Each instance starts from the durable record, never from its spawn arguments: a restarted
+//! instance re-reads the store and carries on from the last recorded state. The process belongs
+//! to the runner, not to the actor, and its output and exit status arrive through the actor's
+//! restart-surviving handle. So a crash of the actor loses neither, and the run is reported once:
+//! the store refuses a second terminal transition.
+//!
+//! Every state change is durable before its event is published.
+
+use std::time::Duration;
+
+use ractor::RpcReplyPort;
+
+use super::context::{HandleSink, OutputInterpreter, OutputSignal, SessionContext};
+use super::manager::ManagerMsg;
+use super::ports::{ExitStatus, ProcessEvent, StoreError};
+use super::spec::{SessionKind, SessionRecord, Transition};
+use super::state::SessionState;
+use crate::event::{
+    EventData, SessionEnded, SessionLongRunning, SessionOutput, SessionRateLimited, SessionStarted,
+};
+use crate::ids::{SessionId, Timestamp};
+use crate::kernel::{Actor, ActorError, ActorHandle, Context};
+
+/// Messages of a SessionActor.
+pub enum SessionMsg {
+    /// Output or exit of the session's process (from the runner).
+    Process(ProcessEvent),
+    /// Stop the run (SIGTERM to its process group, SIGKILL after the grace period).
+    Cancel {
+        /// The record as it stands (still running: the end is announced by an event).
+        reply: RpcReplyPort<SessionRecord>,
+    },
+    /// The run's timeout passed.
+    Deadline,
+    /// The run passed the long-running threshold this many times.
+    LongRunning(u32),
+    /// No exit status arrived for a process the runner no longer knows.
+    ProcessLost,
+    /// The record as it stands.
+    Get(RpcReplyPort<SessionRecord>),
+}
+
+/// Arguments of a SessionActor.
+#[derive(Clone)]
+pub struct SessionArgs {
+    /// The session.
+    pub id: SessionId,
+    /// Shared ports and settings.
+    pub context: SessionContext,
+    /// Told when the run ends.
+    pub manager: ActorHandle<ManagerMsg>,
+}
+
+/// The SessionActor.
+pub struct SessionActor;
+
+/// State of one instance.
+pub struct SessionActorState {
+    args: SessionArgs,
+    record: SessionRecord,
+    interpreter: Option<Box<dyn OutputInterpreter>>,
+    cancel_requested: bool,
+    timed_out: bool,
+    /// The run ended (or could not start): stop after `post_start`.
+    done: bool,
+    /// When the run started, on the runtime's clock (derived once per instance from the durable
+    /// wall-clock `started_at`), so timers and elapsed times agree.
+    anchor: tokio::time::Instant,
+}
+
+/// How long to wait for the exit status of a process the runner does not know any more.
+const LOST_PROCESS_WAIT: Duration = Duration::from_secs(5);
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionActorState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorError> {
+        let record = args
+            .context
+            .store
+            .get(&args.id)
+            .await?
+            .ok_or_else(|| format!("session {} is not in the store", args.id))?;
+        let interpreter = args.context.commands.interpreter(&record);
+        let mut state = SessionActorState {
+            args,
+            record,
+            interpreter,
+            cancel_requested: false,
+            timed_out: false,
+            done: false,
+            anchor: tokio::time::Instant::now(),
+        };
+        let sink = || std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        match state.record.state {
+            SessionState::Queued => {
+                state.persist(SessionState::Starting, None).await?;
+                state.launch(ctx).await?;
+            }
+            SessionState::Starting => {
+                match state.args.context.runner.reattach(&state.args.id, sink()) {
+                    Some(process) => {
+                        state.record.process = Some(process);
+                        state.record.started_at.get_or_insert_with(Timestamp::now);
+                        state.persist(SessionState::Running, None).await?;
+                    }
+                    None => state.launch(ctx).await?,
+                }
+            }
+            SessionState::Running => {
+                if state
+                    .args
+                    .context
+                    .runner
+                    .reattach(&state.args.id, sink())
+                    .is_none()
+                {
+                    // Either its exit status is already on its way to this handle, or it is lost.
+                    ctx.send_after(LOST_PROCESS_WAIT, SessionMsg::ProcessLost);
+                }
+            }
+            _ => state.done = true,
+        }
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        if state.done {
+            state.finished(ctx);
+            return Ok(());
+        }
+        let started_at = state.record.started_at.unwrap_or_else(Timestamp::now);
+        let now = tokio::time::Instant::now();
+        state.anchor = now.checked_sub(elapsed_since(started_at)).unwrap_or(now);
+        let elapsed = state.anchor.elapsed();
+        let settings = &state.args.context.settings;
+        let timeout = state
+            .record
+            .spec
+            .timeout_secs
+            .map_or(settings.default_timeout, Duration::from_secs);
+        ctx.send_after(timeout.saturating_sub(elapsed), SessionMsg::Deadline);
+        let threshold = settings.long_running_after;
+        if !threshold.is_zero() {
+            let passed = (elapsed.as_secs_f64() / threshold.as_secs_f64()).floor() as u32;
+            let next = passed + 1;
+            ctx.send_after(
+                (threshold * next).saturating_sub(elapsed),
+                SessionMsg::LongRunning(next),
+            );
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        ctx: &Context<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        if state.record.state.is_terminal() {
+            if let SessionMsg::Cancel { reply } | SessionMsg::Get(reply) = message {
+                let _ = reply.send(state.record.clone());
+            }
+            return Ok(());
+        }
+        match message {
+            SessionMsg::Process(ProcessEvent::Output { stream, lines }) => {
+                state.output(stream, lines);
+            }
+            SessionMsg::Process(ProcessEvent::Exited(status)) => {
+                state.exited(ctx, status).await?;
+            }
+            SessionMsg::Cancel { reply } => {
+                if !state.cancel_requested {
+                    state.cancel_requested = true;
+                    state.terminate("cancel requested");
+                }
+                let _ = reply.send(state.record.clone());
+            }
+            SessionMsg::Deadline => {
+                if !state.timed_out {
+                    state.timed_out = true;
+                    state.terminate("timeout");
+                }
+            }
+            SessionMsg::LongRunning(multiple) => {
+                let threshold = state.args.context.settings.long_running_after;
+                let elapsed = state.anchor.elapsed();
+                state.publish(EventData::SessionLongRunning(SessionLongRunning {
+                    elapsed_secs: elapsed.as_secs(),
+                    threshold_secs: threshold.as_secs(),
+                }));
+                let next = multiple + 1;
+                ctx.send_after(
+                    (threshold * next).saturating_sub(elapsed),
+                    SessionMsg::LongRunning(next),
+                );
+            }
+            SessionMsg::ProcessLost => {
+                state
+                    .end(
+                        ctx,
+                        SessionState::Interrupted,
+                        Some(
+                            "the session's process was lost (its exit status never arrived)".into(),
+                        ),
+                        None,
+                    )
+                    .await?;
+            }
+            SessionMsg::Get(reply) => {
+                let _ = reply.send(state.record.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn elapsed_since(at: Timestamp) -> Duration {
+    Timestamp::now()
+        .as_micros()
+        .checked_sub(at.as_micros())
+        .map_or(Duration::ZERO, Duration::from_micros)
+}
+
+impl SessionActorState {
+    fn publish(&self, data: EventData) {
+        self.args
+            .context
+            .events
+            .publish(Some(self.args.id.clone()), data);
+    }
+
+    /// Records `self.record.state → to` durably.
+    async fn persist(
+        &mut self,
+        to: SessionState,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        let from = self.record.state;
+        let transition = Transition {
+            from,
+            to,
+            at: Timestamp::now(),
+            reason: reason.clone(),
+        };
+        let mut next = self.record.clone();
+        next.state = to;
+        if reason.is_some() {
+            next.reason = reason;
+        }
+        if to.is_terminal() {
+            next.ended_at = Some(transition.at);
+        }
+        self.args
+            .context
+            .store
+            .transition(next.clone(), transition)
+            .await?;
+        self.record = next;
+        Ok(())
+    }
+
+    /// Starts the process (state is `starting`).
+    async fn launch(&mut self, ctx: &Context<SessionMsg>) -> Result<(), StoreError> {
+        let context = self.args.context.clone();
+        let command = match context.commands.command(&self.record) {
+            Ok(command) => command,
+            Err(reason) => {
+                self.fail_to_start(reason).await?;
+                return Ok(());
+            }
+        };
+        let sink = std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        match context.runner.start(&self.args.id, &command, sink) {
+            Ok(process) => {
+                self.record.process = Some(process);
+                self.record.started_at = Some(Timestamp::now());
+                self.persist(SessionState::Running, None).await?;
+                context
+                    .stats
+                    .started
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.publish(EventData::SessionStarted(SessionStarted {
+                    program: command.program,
+                    pid: Some(process.pid),
+                }));
+                Ok(())
+            }
+            Err(error) => self.fail_to_start(error.to_string()).await,
+        }
+    }
+
+    async fn fail_to_start(&mut self, reason: String) -> Result<(), StoreError> {
+        self.persist(SessionState::Failed, Some(reason.clone()))
+            .await?;
+        self.announce_end(SessionState::Failed, Some(reason), None);
+        self.done = true;
+        Ok(())
+    }
+
+    fn output(&mut self, stream: crate::event::OutputStream, lines: Vec<String>) {
+        if lines.is_empty() {
+            return;
+        }
+        let first_line = self.record.output_lines + 1;
+        self.record.output_lines += lines.len() as u64;
+        self.args
+            .context
+            .store
+            .append_output(&self.args.id, stream, first_line, &lines);
+        let mut signals = Vec::new();
+        if let Some(interpreter) = self.interpreter.as_mut() {
+            for line in &lines {
+                signals.extend(interpreter.feed(stream, line));
+            }
+        }
+        let per_event = self.args.context.settings.lines_per_event.max(1);
+        let skipped = lines.len().saturating_sub(per_event) as u64;
+        let mut lines = lines;
+        lines.truncate(per_event);
+        self.publish(EventData::SessionOutput(SessionOutput {
+            stream,
+            first_line,
+            lines,
+            skipped,
+        }));
+        self.signal(signals);
+    }
+
+    fn signal(&self, signals: Vec<OutputSignal>) {
+        for signal in signals {
+            match signal {
+                OutputSignal::RateLimited {
+                    provider,
+                    retry_in,
+                    line,
+                } => self.publish(EventData::SessionRateLimited(SessionRateLimited {
+                    provider,
+                    retry_in_ms: retry_in.map(|delay| delay.as_millis() as u64),
+                    line,
+                })),
+            }
+        }
+    }
+
+    fn terminate(&self, why: &str) {
+        let grace = self.args.context.settings.kill_grace;
+        if !self.args.context.runner.terminate(&self.args.id, grace) {
+            tracing::debug!(session = %self.args.id, why, "nothing to terminate: the process already exited");
+        }
+    }
+
+    async fn exited(
+        &mut self,
+        ctx: &Context<SessionMsg>,
+        status: ExitStatus,
+    ) -> Result<(), StoreError> {
+        if let Some(interpreter) = self.interpreter.as_mut() {
+            let signals = interpreter.finish();
+            self.signal(signals);
+        }
+        let (state, reason) = if self.cancel_requested {
+            (
+                SessionState::Cancelled,
+                Some("cancelled on request".to_owned()),
+            )
+        } else if self.timed_out {
+            let timeout = self.record.spec.timeout_secs.map_or(
+                self.args.context.settings.default_timeout,
+                Duration::from_secs,
+            );
+            (
+                SessionState::TimedOut,
+                Some(format!("ran past its timeout of {}s", timeout.as_secs())),
+            )
+        } else {
+            let verdict = self
+                .interpreter
+                .as_ref()
+                .and_then(|interpreter| interpreter.outcome(&status));
+            match verdict {
+                Some(Ok(())) => (SessionState::Succeeded, None),
+                Some(Err(reason)) => (SessionState::Failed, Some(reason)),
+                None if status.success() => (SessionState::Succeeded, None),
+                None => (SessionState::Failed, Some(describe_exit(&status))),
+            }
+        };
+        self.end(ctx, state, reason, Some(status)).await
+    }
+
+    async fn end(
+        &mut self,
+        ctx: &Context<SessionMsg>,
+        state: SessionState,
+        reason: Option<String>,
+        status: Option<ExitStatus>,
+    ) -> Result<(), StoreError> {
+        if let Some(status) = status {
+            self.record.exit_code = status.code;
+            self.record.signal = status.signal;
+        }
+        match self.persist(state, reason.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { actual, .. }) if actual.is_terminal() => {
+                // Already recorded by an earlier instance: never report a run twice.
+                self.record.state = actual;
+                self.finished(ctx);
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        }
+        self.announce_end(state, reason, status);
+        self.finished(ctx);
+        Ok(())
+    }
+
+    fn announce_end(
+        &self,
+        state: SessionState,
+        reason: Option<String>,
+        status: Option<ExitStatus>,
+    ) {
+        let duration = if self.record.started_at.is_some() {
+            self.anchor.elapsed()
+        } else {
+            elapsed_since(self.record.created_at)
+        };
+        self.args.context.stats.record_end(state, duration);
+        let ended = SessionEnded {
+            exit_code: status.and_then(|s| s.code),
+            signal: status.and_then(|s| s.signal),
+            reason,
+            duration_ms: duration.as_millis() as u64,
+        };
+        let data = match state {
+            SessionState::Succeeded => EventData::SessionSucceeded(ended),
+            SessionState::Cancelled => EventData::SessionCancelled(ended),
+            SessionState::TimedOut => EventData::SessionTimedOut(ended),
+            SessionState::Interrupted => EventData::SessionInterrupted(ended),
+            _ => EventData::SessionFailed(ended),
+        };
+        self.publish(data);
+    }
+
+    /// Tells the manager the slot is free and stops (a normal exit: transient, not restarted).
+    fn finished(&mut self, ctx: &Context<SessionMsg>) {
+        self.done = true;
+        let _ = self.args.manager.cast(ManagerMsg::Finished {
+            id: self.args.id.clone(),
+        });
+        ctx.stop(None);
+    }
+}
+
+/// "exit code 3", "killed by signal 9".
+pub fn describe_exit(status: &ExitStatus) -> String {
+    match (status.code, status.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "ended without an exit status".into(),
+    }
+}
+
+/// The program a spec runs, for events (no arguments: they may hold secrets).
+pub fn program_of(record: &SessionRecord) -> &str {
+    match &record.spec.kind {
+        SessionKind::Command(command) => &command.program,
+        SessionKind::Aider(_) => "aider",
+        SessionKind::Chat(_) => "chat",
+    }
+}

@@ -1,0 +1,728 @@
+//! The SessionManager: admission control and the queue. It is the first, static child of the
+//! SessionSupervisor; SessionActors are that supervisor's dynamic children.
+//!
+//! - Admission: at most `max_concurrent` sessions run and `queue_capacity` wait, ordered by
+//!   priority, then age. Past that a submission is refused (the API answers 429), and nothing is
+//!   stored or dropped silently.
+//! - Submissions are stored durably before they are accepted. The store write runs outside the
+//!   manager's mailbox, so many submissions share one commit.
+//! - Recovery: on the node's first start the manager marks sessions that were running
+//!   `interrupted` and terminates their leftover process groups, and requeues queued ones. After
+//!   a restart of the manager alone it adopts the session actors that still run and restarts the
+//!   ones that are gone, which reattach to their processes.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ractor::RpcReplyPort;
+
+use super::actor::{SessionActor, SessionArgs, SessionMsg};
+use super::context::SessionContext;
+use super::ports::{LeftoverGroup, StoreError};
+use super::spec::{SessionRecord, SessionSpec, SpecError, SpecLimits, Transition};
+use super::state::SessionState;
+use crate::event::{EventData, SessionEnded, SessionQueued};
+use crate::health::HealthStatus;
+use crate::ids::{SessionId, Timestamp, fresh_id};
+use crate::kernel::{Actor, ActorError, ActorHandle, Context, HandleStatus};
+use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, SupervisorHandle};
+
+/// How long callers wait for the manager.
+pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A submission the manager accepted (or found already there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// The session.
+    pub record: SessionRecord,
+    /// Its place in the queue (1 = next); `None` when it starts right away.
+    pub position: Option<u64>,
+    /// True when an earlier submission with the same idempotency key was returned.
+    pub existing: bool,
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The spec breaks a limit.
+    #[error("invalid session: {0}")]
+    Invalid(#[from] SpecError),
+    /// Every slot is busy and the queue is full.
+    #[error(
+        "the node runs {running} sessions and {queued} wait (the queue holds {capacity}); retry later"
+    )]
+    QueueFull {
+        /// Sessions running.
+        running: usize,
+        /// Sessions queued.
+        queued: usize,
+        /// Queue capacity.
+        capacity: usize,
+        /// Suggested wait.
+        retry_after: Duration,
+    },
+    /// The session could not be stored.
+    #[error("the session could not be stored: {0}")]
+    Store(StoreError),
+}
+
+/// Why a cancellation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    /// No such session.
+    #[error("no session {0}")]
+    NotFound(SessionId),
+    /// The store failed.
+    #[error("the cancellation could not be stored: {0}")]
+    Store(StoreError),
+    /// The session's actor did not answer.
+    #[error("session {0} did not answer; retry")]
+    Unavailable(SessionId),
+}
+
+/// Counts for health and the API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionsSummary {
+    /// Running (or starting).
+    pub running: usize,
+    /// Waiting.
+    pub queued: usize,
+    /// Slots.
+    pub max_concurrent: usize,
+    /// Queue capacity.
+    pub queue_capacity: usize,
+    /// The session running longest, and since when.
+    pub longest_running: Option<(SessionId, Timestamp)>,
+}
+
+/// Messages of the manager.
+pub enum ManagerMsg {
+    /// Accept a new session.
+    Submit {
+        /// What to run.
+        spec: SessionSpec,
+        /// The outcome.
+        reply: RpcReplyPort<Result<Admitted, SubmitError>>,
+    },
+    /// Cancel a session (queued or running; idempotent once it ended).
+    Cancel {
+        /// The session.
+        id: SessionId,
+        /// The record as it stands.
+        reply: RpcReplyPort<Result<SessionRecord, CancelError>>,
+    },
+    /// A queued session's place in the queue.
+    Position {
+        /// The session.
+        id: SessionId,
+        /// 1 for next; `None` when not queued.
+        reply: RpcReplyPort<Option<u64>>,
+    },
+    /// Counts.
+    Summary(RpcReplyPort<SessionsSummary>),
+    /// A session ended (sent by its actor); its slot is free.
+    Finished {
+        /// The session.
+        id: SessionId,
+    },
+    /// A submission's record is stored (or not).
+    Created {
+        /// The session.
+        id: SessionId,
+        /// The store's answer.
+        result: Result<(), StoreError>,
+    },
+    /// A session actor could not be started.
+    StartFailed {
+        /// The session.
+        id: SessionId,
+        /// Why.
+        reason: String,
+    },
+    /// Report counts to the HealthActor (timer).
+    ReportHealth,
+}
+
+/// What survives restarts of the manager: whether the node's first start was handled, and the
+/// live session actors' handles (written only by the manager).
+#[derive(Clone, Default)]
+pub struct ManagerShared {
+    recovered: Arc<AtomicBool>,
+    handles: Arc<DashMap<SessionId, ActorHandle<SessionMsg>>>,
+}
+
+impl ManagerShared {
+    /// The handle of a live session actor.
+    pub fn handle(&self, id: &SessionId) -> Option<ActorHandle<SessionMsg>> {
+        self.handles.get(id).map(|entry| entry.value().clone())
+    }
+}
+
+/// Arguments of the manager.
+#[derive(Clone)]
+pub struct ManagerArgs {
+    /// Ports and settings shared with session actors.
+    pub context: SessionContext,
+    /// The SessionSupervisor (the manager's parent), which runs the session actors.
+    pub supervisor: SupervisorHandle,
+    /// What survives restarts.
+    pub shared: ManagerShared,
+    /// Limits of specs.
+    pub limits: SpecLimits,
+}
+
+/// The manager actor.
+pub struct SessionManager;
+
+type QueueKey = (Reverse<u8>, u64);
+
+struct Pending {
+    record: SessionRecord,
+    reply: RpcReplyPort<Result<Admitted, SubmitError>>,
+    start: bool,
+}
+
+/// State of one manager instance.
+pub struct ManagerState {
+    args: ManagerArgs,
+    queue: BTreeMap<QueueKey, SessionRecord>,
+    queued: HashMap<SessionId, QueueKey>,
+    running: HashMap<SessionId, Timestamp>,
+    pending: HashMap<SessionId, Pending>,
+    keys: HashMap<String, SessionId>,
+    next_seq: u64,
+}
+
+impl Actor for SessionManager {
+    type Msg = ManagerMsg;
+    type State = ManagerState;
+    type Arguments = ManagerArgs;
+
+    async fn pre_start(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorError> {
+        let mut state = ManagerState {
+            args,
+            queue: BTreeMap::new(),
+            queued: HashMap::new(),
+            running: HashMap::new(),
+            pending: HashMap::new(),
+            keys: HashMap::new(),
+            next_seq: 0,
+        };
+        state.recover().await?;
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        // Running sessions whose actors are gone (the SessionSupervisor restarted) get a new
+        // actor that reattaches to the process.
+        let orphans: Vec<SessionId> = state
+            .running
+            .keys()
+            .filter(|id| {
+                state
+                    .args
+                    .shared
+                    .handle(id)
+                    .is_none_or(|handle| handle.status() == HandleStatus::Stopped)
+            })
+            .cloned()
+            .collect();
+        for id in orphans {
+            state.spawn_session(ctx, id);
+        }
+        state.drain_queue(ctx);
+        ctx.send_interval(Duration::from_secs(1), || ManagerMsg::ReportHealth);
+        state.update_gauges();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        ctx: &Context<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        match message {
+            ManagerMsg::Submit { spec, reply } => state.submit(ctx, spec, reply).await,
+            ManagerMsg::Created { id, result } => state.created(ctx, id, result),
+            ManagerMsg::Cancel { id, reply } => state.cancel(id, reply),
+            ManagerMsg::Position { id, reply } => {
+                let _ = reply.send(state.position(&id));
+            }
+            ManagerMsg::Summary(reply) => {
+                let _ = reply.send(state.summary());
+            }
+            ManagerMsg::Finished { id } => {
+                state.running.remove(&id);
+                state.args.shared.handles.remove(&id);
+                state.drain_queue(ctx);
+                state.update_gauges();
+            }
+            ManagerMsg::StartFailed { id, reason } => state.start_failed(ctx, id, reason),
+            ManagerMsg::ReportHealth => state.report_health(),
+        }
+        Ok(())
+    }
+}
+
+impl ManagerState {
+    async fn recover(&mut self) -> Result<(), StoreError> {
+        let context = self.args.context.clone();
+        let unfinished = context.store.unfinished().await?;
+        let first_start = !self.args.shared.recovered.swap(true, Ordering::SeqCst);
+        let mut leftovers = Vec::new();
+        for record in unfinished {
+            match record.state {
+                SessionState::Queued => {
+                    self.enqueue(record);
+                }
+                SessionState::Starting | SessionState::Running if first_start => {
+                    if let Some(process) = record.process {
+                        leftovers.push(LeftoverGroup {
+                            pgid: process.pgid,
+                            start_ticks: process.start_ticks,
+                        });
+                    }
+                    self.interrupt(record).await?;
+                }
+                SessionState::Starting | SessionState::Running => {
+                    self.running.insert(
+                        record.id.clone(),
+                        record.started_at.unwrap_or(record.created_at),
+                    );
+                    if let Some(key) = &record.spec.idempotency_key {
+                        self.keys.insert(key.clone(), record.id.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !leftovers.is_empty() {
+            let killed = context
+                .runner
+                .kill_leftovers(&leftovers, context.settings.kill_grace);
+            tracing::warn!(
+                groups = ?killed,
+                "terminated process groups left over from before the node restarted"
+            );
+        }
+        Ok(())
+    }
+
+    async fn interrupt(&self, record: SessionRecord) -> Result<(), StoreError> {
+        let reason = "the node stopped while the session was running".to_owned();
+        let at = Timestamp::now();
+        let transition = Transition {
+            from: record.state,
+            to: SessionState::Interrupted,
+            at,
+            reason: Some(reason.clone()),
+        };
+        let mut next = record.clone();
+        next.state = SessionState::Interrupted;
+        next.ended_at = Some(at);
+        next.reason = Some(reason.clone());
+        match self.args.context.store.transition(next, transition).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { actual, .. }) if actual.is_terminal() => return Ok(()),
+            Err(error) => return Err(error),
+        }
+        let started = record.started_at.unwrap_or(record.created_at);
+        let duration = Duration::from_micros(at.as_micros().saturating_sub(started.as_micros()));
+        self.args
+            .context
+            .stats
+            .record_end(SessionState::Interrupted, duration);
+        self.args.context.events.publish(
+            Some(record.id),
+            EventData::SessionInterrupted(SessionEnded {
+                exit_code: None,
+                signal: None,
+                reason: Some(reason),
+                duration_ms: duration.as_millis() as u64,
+            }),
+        );
+        Ok(())
+    }
+
+    fn enqueue(&mut self, record: SessionRecord) -> u64 {
+        let key = (Reverse(record.spec.priority), self.next_seq);
+        self.next_seq += 1;
+        if let Some(idempotency) = &record.spec.idempotency_key {
+            self.keys.insert(idempotency.clone(), record.id.clone());
+        }
+        self.queued.insert(record.id.clone(), key);
+        self.queue.insert(key, record);
+        self.queue.range(..=key).count() as u64
+    }
+
+    fn position(&self, id: &SessionId) -> Option<u64> {
+        let key = self.queued.get(id)?;
+        Some(self.queue.range(..=*key).count() as u64)
+    }
+
+    fn starts_pending(&self) -> usize {
+        self.pending
+            .values()
+            .filter(|pending| pending.start)
+            .count()
+    }
+
+    fn busy(&self) -> usize {
+        self.running.len() + self.starts_pending()
+    }
+
+    fn waiting(&self) -> usize {
+        self.queue.len() + self.pending.len() - self.starts_pending()
+    }
+
+    async fn submit(
+        &mut self,
+        ctx: &Context<ManagerMsg>,
+        spec: SessionSpec,
+        reply: RpcReplyPort<Result<Admitted, SubmitError>>,
+    ) {
+        if let Err(error) = spec.validate(&self.args.limits) {
+            let _ = reply.send(Err(error.into()));
+            return;
+        }
+        if let Some(key) = &spec.idempotency_key
+            && let Some(existing) = self.existing_by_key(key).await
+        {
+            let _ = reply.send(existing.map_err(SubmitError::Store));
+            return;
+        }
+        let settings = &self.args.context.settings;
+        let start = self.busy() < settings.max_concurrent && self.queue.is_empty();
+        if !start && self.waiting() >= settings.queue_capacity {
+            self.args
+                .context
+                .stats
+                .refused
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = reply.send(Err(SubmitError::QueueFull {
+                running: self.busy(),
+                queued: self.waiting(),
+                capacity: settings.queue_capacity,
+                retry_after: settings.retry_after_when_full,
+            }));
+            return;
+        }
+        let id = SessionId::new(fresh_id("s-")).expect("generated ids are valid");
+        let record = SessionRecord {
+            id: id.clone(),
+            node: self.args.context.node.clone(),
+            spec,
+            state: SessionState::Queued,
+            created_at: Timestamp::now(),
+            started_at: None,
+            ended_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            process: None,
+            output_lines: 0,
+        };
+        if let Some(key) = &record.spec.idempotency_key {
+            self.keys.insert(key.clone(), id.clone());
+        }
+        let store = self.args.context.store.clone();
+        let me = ctx.handle().clone();
+        let create = store.create(record.clone());
+        tokio::spawn({
+            let id = id.clone();
+            async move {
+                let result = create.await;
+                let _ = me.cast(ManagerMsg::Created { id, result });
+            }
+        });
+        self.pending.insert(
+            id,
+            Pending {
+                record,
+                reply,
+                start,
+            },
+        );
+    }
+
+    /// The session already submitted with `key`, if any.
+    async fn existing_by_key(&self, key: &str) -> Option<Result<Admitted, StoreError>> {
+        if let Some(id) = self.keys.get(key) {
+            if let Some(pending) = self.pending.get(id) {
+                return Some(Ok(Admitted {
+                    record: pending.record.clone(),
+                    position: None,
+                    existing: true,
+                }));
+            }
+            if let Some(key) = self.queued.get(id) {
+                return Some(Ok(Admitted {
+                    record: self.queue[key].clone(),
+                    position: self.position(id),
+                    existing: true,
+                }));
+            }
+        }
+        match self.args.context.store.find_by_key(key).await {
+            Ok(Some(record)) => Some(Ok(Admitted {
+                position: self.position(&record.id),
+                record,
+                existing: true,
+            })),
+            Ok(None) => None,
+            Err(error) => Some(Err(error)),
+        }
+    }
+
+    fn created(
+        &mut self,
+        ctx: &Context<ManagerMsg>,
+        id: SessionId,
+        result: Result<(), StoreError>,
+    ) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        if let Err(error) = result {
+            if let Some(key) = &pending.record.spec.idempotency_key {
+                self.keys.remove(key);
+            }
+            let _ = pending.reply.send(Err(SubmitError::Store(error)));
+            return;
+        }
+        self.args
+            .context
+            .stats
+            .submitted
+            .fetch_add(1, Ordering::Relaxed);
+        let record = pending.record;
+        let kind = record.spec.kind.tag();
+        let priority = record.spec.priority;
+        let position = if pending.start && self.busy() < self.args.context.settings.max_concurrent {
+            self.running.insert(id.clone(), Timestamp::now());
+            self.spawn_session(ctx, id.clone());
+            None
+        } else {
+            Some(self.enqueue(record.clone()))
+        };
+        self.args.context.events.publish(
+            Some(id),
+            EventData::SessionQueued(SessionQueued {
+                kind,
+                priority,
+                position: position.unwrap_or(0),
+            }),
+        );
+        let _ = pending.reply.send(Ok(Admitted {
+            record,
+            position,
+            existing: false,
+        }));
+        self.drain_queue(ctx);
+        self.update_gauges();
+    }
+
+    /// Starts queued sessions while there are free slots.
+    fn drain_queue(&mut self, ctx: &Context<ManagerMsg>) {
+        while self.busy() < self.args.context.settings.max_concurrent {
+            let Some((_, record)) = self.queue.pop_first() else {
+                break;
+            };
+            self.queued.remove(&record.id);
+            self.running.insert(record.id.clone(), Timestamp::now());
+            self.spawn_session(ctx, record.id);
+        }
+    }
+
+    fn spawn_session(&mut self, ctx: &Context<ManagerMsg>, id: SessionId) {
+        let handle = ActorHandle::new(self.args.supervisor.path().child(id.as_str()));
+        self.args.shared.handles.insert(id.clone(), handle.clone());
+        let args = SessionArgs {
+            id: id.clone(),
+            context: self.args.context.clone(),
+            manager: ctx.handle().clone(),
+        };
+        let spec = ChildSpec::worker(&handle, move || (SessionActor, args.clone()))
+            .policy(ChildPolicy::Transient)
+            .shutdown(Shutdown::Graceful(Duration::from_secs(10)));
+        let supervisor = self.args.supervisor.clone();
+        let me = ctx.handle().clone();
+        tokio::spawn(async move {
+            if let Err(error) = supervisor.start_child(spec).await {
+                let _ = me.cast(ManagerMsg::StartFailed {
+                    id,
+                    reason: error.to_string(),
+                });
+            }
+        });
+    }
+
+    fn start_failed(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, reason: String) {
+        tracing::error!(session = %id, reason = %reason, "a session actor could not be started");
+        self.running.remove(&id);
+        self.args.shared.handles.remove(&id);
+        let context = self.args.context.clone();
+        tokio::spawn(async move {
+            let Ok(Some(record)) = context.store.get(&id).await else {
+                return;
+            };
+            if record.state.is_terminal() {
+                return;
+            }
+            let why = format!("the session could not be started: {reason}");
+            let mut next = record.clone();
+            next.state = SessionState::Failed;
+            next.reason = Some(why.clone());
+            next.ended_at = Some(Timestamp::now());
+            let transition = Transition {
+                from: record.state,
+                to: SessionState::Failed,
+                at: Timestamp::now(),
+                reason: Some(why.clone()),
+            };
+            if context.store.transition(next, transition).await.is_ok() {
+                context.events.publish(
+                    Some(id),
+                    EventData::SessionFailed(SessionEnded {
+                        exit_code: None,
+                        signal: None,
+                        reason: Some(why),
+                        duration_ms: 0,
+                    }),
+                );
+            }
+        });
+        self.drain_queue(ctx);
+        self.update_gauges();
+    }
+
+    fn cancel(&mut self, id: SessionId, reply: RpcReplyPort<Result<SessionRecord, CancelError>>) {
+        let context = self.args.context.clone();
+        if let Some(key) = self.queued.remove(&id) {
+            let record = self
+                .queue
+                .remove(&key)
+                .expect("queued sessions are in the queue");
+            self.update_gauges();
+            tokio::spawn(async move {
+                let at = Timestamp::now();
+                let reason = "cancelled on request".to_owned();
+                let mut next = record.clone();
+                next.state = SessionState::Cancelled;
+                next.ended_at = Some(at);
+                next.reason = Some(reason.clone());
+                let transition = Transition {
+                    from: SessionState::Queued,
+                    to: SessionState::Cancelled,
+                    at,
+                    reason: Some(reason.clone()),
+                };
+                match context.store.transition(next.clone(), transition).await {
+                    Ok(()) => {
+                        context
+                            .stats
+                            .record_end(SessionState::Cancelled, Duration::ZERO);
+                        context.events.publish(
+                            Some(id),
+                            EventData::SessionCancelled(SessionEnded {
+                                exit_code: None,
+                                signal: None,
+                                reason: Some(reason),
+                                duration_ms: 0,
+                            }),
+                        );
+                        let _ = reply.send(Ok(next));
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(CancelError::Store(error)));
+                    }
+                }
+            });
+            return;
+        }
+        if let Some(handle) = self.args.shared.handle(&id) {
+            tokio::spawn(async move {
+                let answer = handle
+                    .call(|reply| SessionMsg::Cancel { reply }, MANAGER_TIMEOUT)
+                    .await;
+                let outcome = match answer {
+                    Ok(record) => Ok(record),
+                    // The actor ended meanwhile: the stored record is the answer.
+                    Err(_) => match context.store.get(&id).await {
+                        Ok(Some(record)) => Ok(record),
+                        Ok(None) => Err(CancelError::NotFound(id)),
+                        Err(error) => Err(CancelError::Store(error)),
+                    },
+                };
+                let _ = reply.send(outcome);
+            });
+            return;
+        }
+        tokio::spawn(async move {
+            let outcome = match context.store.get(&id).await {
+                Ok(Some(record)) => Ok(record),
+                Ok(None) => Err(CancelError::NotFound(id)),
+                Err(error) => Err(CancelError::Store(error)),
+            };
+            let _ = reply.send(outcome);
+        });
+    }
+
+    fn summary(&self) -> SessionsSummary {
+        let settings = &self.args.context.settings;
+        SessionsSummary {
+            running: self.busy(),
+            queued: self.waiting(),
+            max_concurrent: settings.max_concurrent,
+            queue_capacity: settings.queue_capacity,
+            longest_running: self
+                .running
+                .iter()
+                .min_by_key(|(_, since)| **since)
+                .map(|(id, since)| (id.clone(), *since)),
+        }
+    }
+
+    fn update_gauges(&self) {
+        let stats = &self.args.context.stats;
+        stats.running.store(self.busy() as u64, Ordering::Relaxed);
+        stats.queued.store(self.waiting() as u64, Ordering::Relaxed);
+    }
+
+    fn report_health(&self) {
+        let summary = self.summary();
+        let full = summary.queued >= summary.queue_capacity;
+        let mut detail = format!(
+            "{}/{} running, {}/{} queued",
+            summary.running, summary.max_concurrent, summary.queued, summary.queue_capacity
+        );
+        if let Some((id, since)) = &summary.longest_running {
+            detail.push_str(&format!("; longest running: {id} since {since}"));
+        }
+        if full {
+            detail.push_str("; the queue is full");
+        }
+        let status = if full {
+            HealthStatus::Degraded
+        } else {
+            HealthStatus::Healthy
+        };
+        self.args
+            .context
+            .health
+            .report_component("sessions", status, detail);
+    }
+}

@@ -1,0 +1,708 @@
+//! Sessions through the node tree, with in-memory ports: the lifecycle, admission, cancel,
+//! timeouts, recovery after restarts of the node and of the actors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use troupe_actors::event::{EventData, EventFilter, OutputStream, Subscription};
+use troupe_actors::ids::{ActorPath, NodeId, SessionId, Timestamp};
+use troupe_actors::kernel::{FaultKind, HandleStatus};
+use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, SessionPorts};
+use troupe_actors::session::*;
+use troupe_actors::supervisor::Backoff;
+
+use crate::support::*;
+
+/// A runner whose processes the test drives.
+#[derive(Default)]
+struct ScriptedRunner {
+    processes: Mutex<HashMap<SessionId, Arc<dyn ProcessSink>>>,
+    started: Mutex<Vec<(SessionId, CommandLine)>>,
+    terminated: Mutex<Vec<SessionId>>,
+    leftovers: Mutex<Vec<i32>>,
+    next_pid: Mutex<u32>,
+}
+
+impl ScriptedRunner {
+    fn emit(&self, id: &SessionId, event: ProcessEvent) {
+        let sink = self
+            .processes
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .expect("a process");
+        sink.deliver(event).expect("the session takes events");
+    }
+
+    fn exit(&self, id: &SessionId, code: i32) {
+        self.emit(
+            id,
+            ProcessEvent::Exited(ExitStatus {
+                code: Some(code),
+                signal: None,
+            }),
+        );
+        self.processes.lock().unwrap().remove(id);
+    }
+
+    fn starts(&self) -> usize {
+        self.started.lock().unwrap().len()
+    }
+}
+
+impl ProcessRunner for ScriptedRunner {
+    fn start(
+        &self,
+        session: &SessionId,
+        command: &CommandLine,
+        sink: Arc<dyn ProcessSink>,
+    ) -> Result<ProcessInfo, RunnerError> {
+        if command.program == "missing" {
+            return Err(RunnerError::Spawn {
+                program: "missing".into(),
+                reason: "No such file or directory".into(),
+            });
+        }
+        self.started
+            .lock()
+            .unwrap()
+            .push((session.clone(), command.clone()));
+        self.processes.lock().unwrap().insert(session.clone(), sink);
+        let mut pid = self.next_pid.lock().unwrap();
+        *pid += 1;
+        Ok(ProcessInfo {
+            pid: 1000 + *pid,
+            pgid: 1000 + *pid as i32,
+            start_ticks: Some(1),
+        })
+    }
+
+    fn reattach(&self, session: &SessionId, sink: Arc<dyn ProcessSink>) -> Option<ProcessInfo> {
+        let mut processes = self.processes.lock().unwrap();
+        let slot = processes.get_mut(session)?;
+        *slot = sink;
+        Some(ProcessInfo {
+            pid: 1,
+            pgid: 1,
+            start_ticks: None,
+        })
+    }
+
+    fn terminate(&self, session: &SessionId, _grace: Duration) -> bool {
+        self.terminated.lock().unwrap().push(session.clone());
+        let Some(sink) = self.processes.lock().unwrap().remove(session) else {
+            return false;
+        };
+        // The process dies of the SIGTERM.
+        let _ = sink.deliver(ProcessEvent::Exited(ExitStatus {
+            code: None,
+            signal: Some(15),
+        }));
+        true
+    }
+
+    fn kill_leftovers(&self, groups: &[LeftoverGroup], _grace: Duration) -> Vec<i32> {
+        let pgids: Vec<i32> = groups.iter().map(|g| g.pgid).collect();
+        self.leftovers.lock().unwrap().extend(&pgids);
+        pgids
+    }
+}
+
+/// A store in memory that enforces the transition table like the real one. Writes land only
+/// after a short (paused-time) delay, so an event published before its write was awaited is
+/// seen before the write: `Harness::expect` checks for that.
+#[derive(Default)]
+struct MemoryStore {
+    data: Arc<Mutex<StoreData>>,
+}
+
+#[derive(Default)]
+struct StoreData {
+    records: BTreeMap<SessionId, SessionRecord>,
+    transitions: Vec<(SessionId, Transition)>,
+    output: Vec<String>,
+}
+
+const WRITE_DELAY: Duration = Duration::from_millis(5);
+
+impl MemoryStore {
+    fn insert(&self, record: SessionRecord) {
+        self.data
+            .lock()
+            .unwrap()
+            .records
+            .insert(record.id.clone(), record);
+    }
+
+    fn history(&self, id: &SessionId) -> Vec<SessionState> {
+        let data = self.data.lock().unwrap();
+        let mut states: Vec<_> = data
+            .records
+            .get(id)
+            .map(|_| SessionState::Queued)
+            .into_iter()
+            .collect();
+        states.extend(
+            data.transitions
+                .iter()
+                .filter(|(s, _)| s == id)
+                .map(|(_, t)| t.to),
+        );
+        states
+    }
+
+    fn transitions(&self) -> Vec<(SessionState, SessionState)> {
+        self.data
+            .lock()
+            .unwrap()
+            .transitions
+            .iter()
+            .map(|(_, t)| (t.from, t.to))
+            .collect()
+    }
+}
+
+impl SessionStore for MemoryStore {
+    fn create(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
+        let data = self.data.clone();
+        Box::pin(async move {
+            tokio::time::sleep(WRITE_DELAY).await;
+            data.lock()
+                .unwrap()
+                .records
+                .insert(record.id.clone(), record);
+            Ok(())
+        })
+    }
+
+    fn transition(
+        &self,
+        record: SessionRecord,
+        transition: Transition,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let data = self.data.clone();
+        Box::pin(async move {
+            tokio::time::sleep(WRITE_DELAY).await;
+            let mut data = data.lock().unwrap();
+            match data.records.get(&record.id).map(|r| r.state) {
+                None => Err(StoreError::NotFound(record.id.clone())),
+                Some(actual) if actual != transition.from || !actual.can_become(transition.to) => {
+                    Err(StoreError::Conflict {
+                        id: record.id.clone(),
+                        expected: transition.from,
+                        actual,
+                    })
+                }
+                Some(_) => {
+                    data.transitions.push((record.id.clone(), transition));
+                    data.records.insert(record.id.clone(), record);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn append_output(&self, _id: &SessionId, _stream: OutputStream, _first: u64, lines: &[String]) {
+        self.data
+            .lock()
+            .unwrap()
+            .output
+            .extend(lines.iter().cloned());
+    }
+
+    fn find_by_key(
+        &self,
+        key: &str,
+    ) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
+        let found = self
+            .data
+            .lock()
+            .unwrap()
+            .records
+            .values()
+            .find(|r| r.spec.idempotency_key.as_deref() == Some(key))
+            .cloned();
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn get(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
+        let found = self.data.lock().unwrap().records.get(id).cloned();
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'static, Result<Vec<SessionRecord>, StoreError>> {
+        let mut found: Vec<_> = self
+            .data
+            .lock()
+            .unwrap()
+            .records
+            .values()
+            .filter(|r| !r.state.is_terminal())
+            .cloned()
+            .collect();
+        found.sort_by_key(|r| r.created_at);
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+struct Commands;
+
+impl CommandBuilder for Commands {
+    fn command(&self, record: &SessionRecord) -> Result<CommandLine, String> {
+        match &record.spec.kind {
+            SessionKind::Command(command) => Ok(CommandLine {
+                program: command.program.clone(),
+                args: command.args.clone(),
+                env: command.env.clone(),
+                env_remove: Vec::new(),
+                workdir: "/tmp".into(),
+            }),
+            _ => Err("only commands in these tests".into()),
+        }
+    }
+}
+
+struct Harness {
+    tree: NodeTree,
+    runner: Arc<ScriptedRunner>,
+    store: Arc<MemoryStore>,
+    events: Subscription,
+    /// Session events received but not expected yet (order holds per session, not across).
+    seen: std::collections::VecDeque<(SessionId, &'static str, EventData)>,
+}
+
+impl Harness {
+    async fn start(settings: SessionSettings, store: Arc<MemoryStore>) -> Self {
+        quiet_intended_panics();
+        let mut config = NodeTreeConfig::new(NodeId::new("n1").unwrap());
+        config.sessions = settings;
+        config.supervision.backoff = Backoff {
+            min: Duration::from_millis(10),
+            max: Duration::from_millis(10),
+        };
+        let runner = Arc::new(ScriptedRunner::default());
+        let ports = NodePorts {
+            event_store: None,
+            sessions: Some(SessionPorts {
+                runner: runner.clone(),
+                store: store.clone(),
+                commands: Arc::new(Commands),
+            }),
+        };
+        let tree = NodeTree::start(config, ports).await.unwrap();
+        let events = tree.events.subscribe(EventFilter {
+            kinds: vec!["session.*".parse().unwrap(), "actor.*".parse().unwrap()],
+            ..EventFilter::all()
+        });
+        Self {
+            tree,
+            runner,
+            store,
+            events,
+            seen: Default::default(),
+        }
+    }
+
+    fn sessions(&self) -> &troupe_actors::node::Sessions {
+        self.tree.session_manager.as_ref().unwrap()
+    }
+
+    async fn submit(&self, spec: SessionSpec) -> Result<Admitted, SubmitError> {
+        self.sessions()
+            .manager
+            .call(|reply| ManagerMsg::Submit { spec, reply }, MANAGER_TIMEOUT)
+            .await
+            .unwrap()
+    }
+
+    async fn cancel(&self, id: &SessionId) -> Result<SessionRecord, CancelError> {
+        let id = id.clone();
+        self.sessions()
+            .manager
+            .call(|reply| ManagerMsg::Cancel { id, reply }, MANAGER_TIMEOUT)
+            .await
+            .unwrap()
+    }
+
+    /// The next session event (skipping `actor.*`), as (session, kind name).
+    async fn next(&mut self) -> (SessionId, &'static str, EventData) {
+        loop {
+            let event = next_event(&mut self.events).await;
+            if let Some(session) = &event.session {
+                return (session.clone(), event.kind().as_str(), event.data.clone());
+            }
+        }
+    }
+
+    /// The next event of session `id`, which must be `kind`.
+    async fn expect(&mut self, id: &SessionId, kind: &str) -> EventData {
+        let index = loop {
+            if let Some(index) = self.seen.iter().position(|(session, _, _)| session == id) {
+                break index;
+            }
+            let event = self.next().await;
+            self.seen.push_back(event);
+        };
+        let (session, got, data) = self.seen.remove(index).unwrap();
+        assert_eq!(
+            (&session, got),
+            (id, kind),
+            "expected {kind} of {id}, got {got} of {session}"
+        );
+        // Durable before announced: when the event arrives, its state is already stored.
+        if let Some(state) = kind
+            .strip_prefix("session.")
+            .and_then(|s| s.parse::<SessionState>().ok())
+        {
+            let history = self.store.history(id);
+            assert!(
+                history.contains(&state),
+                "{kind} published before it was stored: {history:?}"
+            );
+        }
+        data
+    }
+
+    async fn running(&self, id: &SessionId) {
+        let handle = loop {
+            if let Some(handle) = self.sessions().shared.handle(id) {
+                break handle;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(handle.wait_running().await);
+    }
+}
+
+fn command(program: &str) -> SessionSpec {
+    SessionSpec {
+        kind: SessionKind::Command(CommandSession {
+            program: program.into(),
+            args: vec!["-c".into(), "echo hi".into()],
+            env: BTreeMap::new(),
+            workdir: None,
+        }),
+        timeout_secs: None,
+        priority: 5,
+        labels: BTreeMap::new(),
+        idempotency_key: None,
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_session_runs_to_success_with_every_step_durable_before_its_event() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let admitted = h.submit(command("sh")).await.unwrap();
+    assert_eq!(admitted.position, None, "a free slot: it starts at once");
+    let id = admitted.record.id.clone();
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: vec!["hi".into()],
+        },
+    );
+    match h.expect(&id, "session.output").await {
+        EventData::SessionOutput(output) => {
+            assert_eq!(output.lines, ["hi"]);
+            assert_eq!(output.first_line, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    h.runner.exit(&id, 0);
+    h.expect(&id, "session.succeeded").await;
+    assert_eq!(
+        h.store.transitions(),
+        [
+            (SessionState::Queued, SessionState::Starting),
+            (SessionState::Starting, SessionState::Running),
+            (SessionState::Running, SessionState::Succeeded),
+        ]
+    );
+    assert_eq!(h.store.data.lock().unwrap().output, ["hi"]);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_failing_exit_code_and_a_missing_program_fail() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    h.runner.exit(&id, 3);
+    match h.expect(&id, "session.failed").await {
+        EventData::SessionFailed(ended) => {
+            assert_eq!(ended.exit_code, Some(3));
+            assert_eq!(ended.reason.as_deref(), Some("exit code 3"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let missing = h.submit(command("missing")).await.unwrap().record.id;
+    h.expect(&missing, "session.queued").await;
+    match h.expect(&missing, "session.failed").await {
+        EventData::SessionFailed(ended) => {
+            assert!(ended.reason.unwrap().contains("No such file"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn admission_queues_by_priority_then_age_and_refuses_past_capacity() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        queue_capacity: 2,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let first = h.submit(command("sh")).await.unwrap();
+    assert_eq!(first.position, None);
+    let low = h.submit(command("sh")).await.unwrap();
+    assert_eq!(low.position, Some(1));
+    let mut urgent = command("sh");
+    urgent.priority = 9;
+    let high = h.submit(urgent).await.unwrap();
+    assert_eq!(high.position, Some(1), "higher priority overtakes");
+    let refused = h.submit(command("sh")).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            SubmitError::QueueFull {
+                running: 1,
+                queued: 2,
+                capacity: 2,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        h.store.data.lock().unwrap().records.len(),
+        3,
+        "nothing stored for the refused one"
+    );
+
+    let first = first.record.id;
+    h.expect(&first, "session.queued").await;
+    h.expect(&first, "session.started").await;
+    h.running(&first).await;
+    h.runner.exit(&first, 0);
+    h.expect(&low.record.id, "session.queued").await;
+    h.expect(&high.record.id, "session.queued").await;
+    h.expect(&first, "session.succeeded").await;
+    h.expect(&high.record.id, "session.started").await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn cancelling_a_queued_session_never_starts_it_and_a_running_one_is_terminated() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+
+    let record = h.cancel(&queued).await.unwrap();
+    assert_eq!(record.state, SessionState::Cancelled);
+    h.expect(&queued, "session.cancelled").await;
+
+    h.running(&running).await;
+    h.cancel(&running).await.unwrap();
+    h.expect(&running, "session.cancelled").await;
+    assert_eq!(*h.runner.terminated.lock().unwrap(), [running.clone()]);
+    assert_eq!(
+        h.runner.starts(),
+        1,
+        "the cancelled queued session never started"
+    );
+    // Idempotent: cancelling again returns the ended record.
+    assert_eq!(
+        h.cancel(&running).await.unwrap().state,
+        SessionState::Cancelled
+    );
+    assert!(matches!(
+        h.cancel(&SessionId::new("s-unknown").unwrap()).await,
+        Err(CancelError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_session_past_its_timeout_is_terminated_and_long_runs_are_announced() {
+    let settings = SessionSettings {
+        long_running_after: Duration::from_secs(60),
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let mut spec = command("sh");
+    spec.timeout_secs = Some(150);
+    let id = h.submit(spec).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    let started = tokio::time::Instant::now();
+    for expected in [60, 120] {
+        match h.expect(&id, "session.long_running").await {
+            EventData::SessionLongRunning(long) => {
+                assert!((expected..expected + 2).contains(&long.elapsed_secs))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    h.expect(&id, "session.timed_out").await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(149) && took < Duration::from_secs(152),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_crashed_session_actor_resumes_its_run_and_reports_it_once() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let handle = h.sessions().shared.handle(&id).unwrap();
+    assert!(handle.inject_fault(FaultKind::Panic));
+    // Output and exit while the actor restarts reach the next instance.
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stderr,
+            lines: vec!["after".into()],
+        },
+    );
+    h.runner.exit(&id, 0);
+    let mut kinds = Vec::new();
+    loop {
+        let event = next_event(&mut h.events).await;
+        kinds.push(event.kind().as_str());
+        if event.kind().as_str() == "session.succeeded" {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds,
+        ["actor.restarted", "session.output", "session.succeeded"]
+    );
+    assert_eq!(h.runner.starts(), 1, "the process was not started twice");
+    let ends = h
+        .store
+        .transitions()
+        .iter()
+        .filter(|(_, to)| to.is_terminal())
+        .count();
+    assert_eq!(ends, 1);
+    let mut status = handle.watch_status();
+    status
+        .wait_for(|s| *s == HandleStatus::Stopped)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn after_a_node_restart_running_sessions_are_interrupted_and_queued_ones_run() {
+    let store = Arc::new(MemoryStore::default());
+    let record = |id: &str, state: SessionState, pgid: Option<i32>| SessionRecord {
+        id: SessionId::new(id).unwrap(),
+        node: NodeId::new("n1").unwrap(),
+        spec: command("sh"),
+        state,
+        created_at: Timestamp::now(),
+        started_at: pgid.map(|_| Timestamp::now()),
+        ended_at: None,
+        exit_code: None,
+        signal: None,
+        reason: None,
+        process: pgid.map(|pgid| ProcessInfo {
+            pid: pgid as u32,
+            pgid,
+            start_ticks: Some(7),
+        }),
+        output_lines: 0,
+    };
+    for r in [
+        record("s-was-running", SessionState::Running, Some(4242)),
+        record("s-was-queued", SessionState::Queued, None),
+        record("s-was-done", SessionState::Succeeded, None),
+    ] {
+        store.insert(r);
+    }
+    let mut h = Harness::start(SessionSettings::default(), store).await;
+    let was_running = SessionId::new("s-was-running").unwrap();
+    let was_queued = SessionId::new("s-was-queued").unwrap();
+    match h.expect(&was_running, "session.interrupted").await {
+        EventData::SessionInterrupted(ended) => {
+            assert!(ended.reason.unwrap().contains("node stopped"))
+        }
+        other => panic!("{other:?}"),
+    }
+    h.expect(&was_queued, "session.started").await;
+    assert_eq!(*h.runner.leftovers.lock().unwrap(), [4242]);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restarted_manager_adopts_running_sessions_and_the_queue() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+    h.running(&running).await;
+
+    let manager = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&manager, FaultKind::Panic).unwrap();
+    assert!(matches!(
+        h.next_restart().await.as_str(),
+        "sessions/manager"
+    ));
+    assert_eq!(
+        h.runner.starts(),
+        1,
+        "the running session was not restarted"
+    );
+    h.runner.exit(&running, 0);
+    h.expect(&running, "session.succeeded").await;
+    h.expect(&queued, "session.started").await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_same_idempotency_key_returns_the_same_session() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let mut spec = command("sh");
+    spec.idempotency_key = Some("job-7".into());
+    let first = h.submit(spec.clone()).await.unwrap();
+    let second = h.submit(spec).await.unwrap();
+    assert!(second.existing);
+    assert_eq!(first.record.id, second.record.id);
+    h.expect(&first.record.id, "session.queued").await;
+    h.expect(&first.record.id, "session.started").await;
+    assert_eq!(h.runner.starts(), 1);
+}
+
+impl Harness {
+    async fn next_restart(&mut self) -> String {
+        loop {
+            let event = next_event(&mut self.events).await;
+            if let EventData::ActorRestarted(restart) = &event.data {
+                return restart.child.to_string();
+            }
+        }
+    }
+}
