@@ -22,6 +22,7 @@ pub mod json;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod process;
 pub mod provider;
 pub mod telemetry;
 pub mod testing;

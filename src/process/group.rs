@@ -1,0 +1,330 @@
+//! Process groups seen through `/proc` and reached through signals: who is in a group, when a
+//! process started, and the rule that decides whether a group left over from before a node
+//! restart may be killed. Linux only. Nothing here signals a group it has not just seen members
+//! of.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use troupe_actors::session::LeftoverGroup;
+
+/// What `/proc/PID/stat` (and the owner of `/proc/PID`) says about one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ProcStat {
+    /// Field 1.
+    pub(super) pid: i32,
+    /// Field 3: `R`, `S`, `D`, `Z` (zombie), `X` (dead), …
+    pub(super) state: u8,
+    /// Field 5: the process group.
+    pub(super) pgrp: i32,
+    /// Field 22: start time in clock ticks since boot.
+    pub(super) start_ticks: u64,
+    /// Owner of `/proc/PID` (the real uid).
+    pub(super) uid: u32,
+}
+
+impl ProcStat {
+    /// Neither a zombie nor dead: a signal can still reach it.
+    pub(super) fn is_alive(&self) -> bool {
+        !matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Parses one `/proc/PID/stat` line. The second field (the command name, in parentheses) may
+/// hold spaces and parentheses itself, so fields are counted from the *last* `)`.
+pub(super) fn parse_stat(text: &str, uid: u32) -> Option<ProcStat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    if close < open {
+        return None;
+    }
+    let pid = text[..open].trim().parse().ok()?;
+    let mut fields = text[close + 1..].split_ascii_whitespace();
+    let state = *fields.next()?.as_bytes().first()?; // field 3
+    let _ppid = fields.next()?; // field 4
+    let pgrp = fields.next()?.parse().ok()?; // field 5
+    // Fields 6 (session) to 21 (itrealvalue) are 16 fields; the next one is field 22.
+    let start_ticks = fields.nth(16)?.parse().ok()?;
+    Some(ProcStat {
+        pid,
+        state,
+        pgrp,
+        start_ticks,
+        uid,
+    })
+}
+
+/// Reads `/proc/PID/stat`.
+pub(super) fn read_proc(pid: i32) -> io::Result<ProcStat> {
+    let dir = format!("/proc/{pid}");
+    let uid = std::fs::metadata(&dir)?.uid();
+    let text = std::fs::read_to_string(format!("{dir}/stat"))?;
+    parse_stat(&text, uid).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{dir}/stat is not in the expected format"),
+        )
+    })
+}
+
+/// Every process whose group is `pgid`, zombies included (filter with
+/// [`ProcStat::is_alive`]). Processes that vanish while `/proc` is read are skipped.
+pub(super) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(stat) = read_proc(pid)
+            && stat.pgrp == pgid
+        {
+            members.push(stat);
+        }
+    }
+    Ok(members)
+}
+
+/// Whether any process of the group can still receive a signal. An unreadable `/proc` counts
+/// as "yes": callers use this to decide whether to keep waiting or to send SIGKILL, and both
+/// are harmless for a live group.
+pub(super) fn has_live_members(pgid: i32) -> bool {
+    match group_members(pgid) {
+        Ok(members) => members.iter().any(ProcStat::is_alive),
+        Err(error) => {
+            tracing::warn!(pgid, %error, "cannot read /proc to inspect a process group");
+            true
+        }
+    }
+}
+
+/// [`has_live_members`] off the async threads (a `/proc` scan reads one file per process).
+pub(super) async fn has_live_members_async(pgid: i32) -> bool {
+    tokio::task::spawn_blocking(move || has_live_members(pgid))
+        .await
+        .unwrap_or(true)
+}
+
+/// Sends `signal` to the group. "No such process" (the group is gone) is not an error.
+pub(super) fn signal_group(pgid: i32, signal: Signal) {
+    if pgid <= 1 {
+        // killpg(0) and killpg(1) would hit our own group or init's: never.
+        tracing::error!(pgid, "refusing to signal an invalid process group");
+        return;
+    }
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(error) => tracing::warn!(pgid, %signal, %error, "cannot signal a process group"),
+    }
+}
+
+/// Sends SIGTERM to the group, waits until it has no live member or `grace` has passed, then
+/// sends SIGKILL if anything is left. For groups known to be ours (a session's own group).
+pub(super) async fn terminate_group(pgid: i32, grace: Duration) {
+    signal_group(pgid, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    // No event tells us when a process that is not our child dies (pidfd would need unsafe
+    // code), so look at /proc with a backoff: quick for the usual fast exit, cheap otherwise.
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if !has_live_members_async(pgid).await {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    tracing::info!(
+        pgid,
+        ?grace,
+        "process group outlived SIGTERM; sending SIGKILL"
+    );
+    signal_group(pgid, Signal::SIGKILL);
+}
+
+/// Who the node is, so the leftover rule never aims at the node itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Own {
+    /// The node's pid.
+    pub(super) pid: i32,
+    /// The node's process group.
+    pub(super) pgrp: i32,
+    /// The node's uid.
+    pub(super) uid: u32,
+}
+
+impl Own {
+    /// The running process.
+    pub(super) fn current() -> io::Result<Self> {
+        let stat = read_proc(std::process::id() as i32)?;
+        Ok(Self {
+            pid: stat.pid,
+            pgrp: stat.pgrp,
+            uid: stat.uid,
+        })
+    }
+}
+
+/// Decides whether a leftover group may be signalled; `Err` says why not.
+///
+/// The rule, in order:
+/// 1. the pgid is a real group (> 1) that is not the node's own, and the node is not in it;
+/// 2. at least one member is alive (zombies cannot be signalled);
+/// 3. every member belongs to the node's user;
+/// 4. with a recorded leader start time: if the leader (pid == pgid) is still there, it
+///    started exactly then; and no member (zombies included) started before then.
+///
+/// Why 4 works: every process of a session's group is the leader or a descendant of it, so it
+/// started at or after the leader. A member that started earlier means the pgid now names
+/// someone else's group. The rule cannot catch one case: the recorded leader died, its pid was
+/// reused by a newer process that made its own group, and that process died too, leaving only
+/// children started after the recorded time. Without a recorded start time only 1 to 3 apply.
+pub(super) fn judge_leftover(
+    group: &LeftoverGroup,
+    members: &[ProcStat],
+    own: &Own,
+) -> Result<(), String> {
+    if group.pgid <= 1 {
+        return Err("not a valid process group".into());
+    }
+    if group.pgid == own.pgrp || members.iter().any(|m| m.pid == own.pid) {
+        return Err("it is the node's own process group".into());
+    }
+    if !members.iter().any(ProcStat::is_alive) {
+        return Err("no live process is in it".into());
+    }
+    if let Some(other) = members.iter().find(|m| m.uid != own.uid) {
+        return Err(format!(
+            "process {} in it belongs to uid {}, not to the node's uid {}",
+            other.pid, other.uid, own.uid
+        ));
+    }
+    if let Some(recorded) = group.start_ticks {
+        if let Some(leader) = members.iter().find(|m| m.pid == group.pgid)
+            && leader.start_ticks != recorded
+        {
+            return Err(format!(
+                "its leader started at tick {}, not at the recorded tick {recorded}: the pid was reused",
+                leader.start_ticks
+            ));
+        }
+        if let Some(older) = members.iter().find(|m| m.start_ticks < recorded) {
+            return Err(format!(
+                "process {} in it started at tick {}, before the recorded leader (tick {recorded})",
+                older.pid, older.start_ticks
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(pid: i32, state: u8, start_ticks: u64) -> ProcStat {
+        ProcStat {
+            pid,
+            state,
+            pgrp: 500,
+            start_ticks,
+            uid: 1000,
+        }
+    }
+
+    const OWN: Own = Own {
+        pid: 42,
+        pgrp: 42,
+        uid: 1000,
+    };
+
+    fn group(start_ticks: Option<u64>) -> LeftoverGroup {
+        LeftoverGroup {
+            pgid: 500,
+            start_ticks,
+        }
+    }
+
+    #[test]
+    fn stat_with_spaces_and_parentheses_in_the_name_parses() {
+        let line = "4242 (my (odd) prog) name) S 1 4240 4240 0 -1 4194560 100 0 0 0 1 2 0 0 \
+                    20 0 1 0 987654 1234 56 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        let stat = parse_stat(line, 7).unwrap();
+        assert_eq!(
+            stat,
+            ProcStat {
+                pid: 4242,
+                state: b'S',
+                pgrp: 4240,
+                start_ticks: 987654,
+                uid: 7
+            }
+        );
+        assert!(stat.is_alive());
+        assert_eq!(parse_stat("12 (x) Z 1 2", 0), None, "truncated line");
+        assert_eq!(parse_stat("garbage", 0), None);
+    }
+
+    #[test]
+    fn our_own_stat_is_readable() {
+        let own = Own::current().unwrap();
+        assert_eq!(own.pid, std::process::id() as i32);
+        let stat = read_proc(own.pid).unwrap();
+        assert!(stat.start_ticks > 0);
+        assert!(
+            group_members(own.pgrp)
+                .unwrap()
+                .iter()
+                .any(|m| m.pid == own.pid)
+        );
+    }
+
+    #[test]
+    fn leftover_rule() {
+        let members = [member(500, b'S', 100), member(501, b'S', 150)];
+        assert_eq!(judge_leftover(&group(Some(100)), &members, &OWN), Ok(()));
+        assert_eq!(judge_leftover(&group(None), &members, &OWN), Ok(()));
+        // Leader alive but started at another time: the pid was reused.
+        assert!(judge_leftover(&group(Some(90)), &members, &OWN).is_err());
+        // Leader gone, a member older than the recorded leader: not ours.
+        let orphans = [member(501, b'S', 150)];
+        assert!(judge_leftover(&group(Some(200)), &orphans, &OWN).is_err());
+        assert_eq!(judge_leftover(&group(Some(100)), &orphans, &OWN), Ok(()));
+        // Only zombies: nothing to signal.
+        let zombies = [member(501, b'Z', 150)];
+        assert!(judge_leftover(&group(Some(100)), &zombies, &OWN).is_err());
+        // An old zombie still counts as evidence that the group is not ours.
+        let mixed = [member(501, b'S', 150), member(502, b'Z', 50)];
+        assert!(judge_leftover(&group(Some(100)), &mixed, &OWN).is_err());
+        // Someone else's process.
+        let foreign = [ProcStat {
+            uid: 0,
+            ..member(501, b'S', 150)
+        }];
+        assert!(judge_leftover(&group(Some(100)), &foreign, &OWN).is_err());
+        // The node's own group, or a group holding the node.
+        let own_group = LeftoverGroup {
+            pgid: 42,
+            start_ticks: None,
+        };
+        assert!(judge_leftover(&own_group, &members, &OWN).is_err());
+        let holding_us = [member(42, b'S', 150)];
+        assert!(judge_leftover(&group(None), &holding_us, &OWN).is_err());
+        let invalid = LeftoverGroup {
+            pgid: 1,
+            start_ticks: None,
+        };
+        assert!(judge_leftover(&invalid, &members, &OWN).is_err());
+    }
+}

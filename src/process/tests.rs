@@ -1,0 +1,601 @@
+//! The runner against real processes (`sh`, `seq`, `sleep`). Every wait is on an event (a line,
+//! the exit, a closed pipe) with a 10 s safety net, except where noted.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use troupe_actors::event::OutputStream;
+use troupe_actors::ids::SessionId;
+use troupe_actors::session::{
+    CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner, ProcessSink,
+    RunnerError,
+};
+
+use super::LocalRunner;
+use super::group::{self, ProcStat};
+
+const SAFETY_NET: Duration = Duration::from_secs(10);
+
+async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(SAFETY_NET, future)
+        .await
+        .expect("timed out waiting for the process")
+}
+
+/// Hands every event to a channel.
+struct ChannelSink(mpsc::UnboundedSender<ProcessEvent>);
+
+impl ProcessSink for ChannelSink {
+    fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent> {
+        self.0.send(event).map_err(|error| error.0)
+    }
+}
+
+fn channel_sink() -> (Arc<dyn ProcessSink>, mpsc::UnboundedReceiver<ProcessEvent>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Arc::new(ChannelSink(tx)), rx)
+}
+
+/// Refuses every event (a session that is gone).
+struct RefusingSink;
+
+impl ProcessSink for RefusingSink {
+    fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent> {
+        Err(event)
+    }
+}
+
+fn session(name: &str) -> SessionId {
+    SessionId::new(name).unwrap()
+}
+
+fn sh(script: &str) -> CommandLine {
+    CommandLine {
+        program: "sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: BTreeMap::new(),
+        env_remove: Vec::new(),
+        workdir: std::env::temp_dir(),
+    }
+}
+
+/// What a sink received, up to and including the exit.
+#[derive(Debug, Default)]
+struct Seen {
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+    output_events: usize,
+    largest_batch: usize,
+}
+
+impl Seen {
+    fn add(&mut self, event: ProcessEvent) -> Option<ExitStatus> {
+        match event {
+            ProcessEvent::Output { stream, lines } => {
+                self.output_events += 1;
+                self.largest_batch = self.largest_batch.max(lines.len());
+                match stream {
+                    OutputStream::Stdout => self.stdout.extend(lines),
+                    OutputStream::Stderr => self.stderr.extend(lines),
+                    OutputStream::Tokens => panic!("a process has no token stream"),
+                }
+                None
+            }
+            ProcessEvent::Exited(status) => Some(status),
+        }
+    }
+}
+
+/// Receives until the exit, then checks that nothing follows it: the runner forgets the
+/// process (and drops the sink, closing the channel) after delivering its exit.
+async fn until_exit(events: &mut mpsc::UnboundedReceiver<ProcessEvent>) -> (Seen, ExitStatus) {
+    let mut seen = Seen::default();
+    loop {
+        let event = within(events.recv()).await.expect("the exit arrives");
+        if let Some(status) = seen.add(event) {
+            assert_eq!(
+                within(events.recv()).await,
+                None,
+                "nothing after the exit, and the sink is released"
+            );
+            return (seen, status);
+        }
+    }
+}
+
+/// Receives output until `line` arrives on `stream`.
+async fn until_line(
+    events: &mut mpsc::UnboundedReceiver<ProcessEvent>,
+    stream: OutputStream,
+    line: &str,
+) -> Seen {
+    let mut seen = Seen::default();
+    loop {
+        let event = within(events.recv()).await.expect("the line arrives");
+        assert!(seen.add(event).is_none(), "exited before printing {line:?}");
+        let lines = match stream {
+            OutputStream::Stdout => &seen.stdout,
+            _ => &seen.stderr,
+        };
+        if lines.iter().any(|l| l == line) {
+            return seen;
+        }
+    }
+}
+
+fn live_members(pgid: i32) -> Vec<ProcStat> {
+    group::group_members(pgid)
+        .unwrap()
+        .into_iter()
+        .filter(ProcStat::is_alive)
+        .collect()
+}
+
+const fn code(code: i32) -> ExitStatus {
+    ExitStatus {
+        code: Some(code),
+        signal: None,
+    }
+}
+
+const fn signal(signal: i32) -> ExitStatus {
+    ExitStatus {
+        code: None,
+        signal: Some(signal),
+    }
+}
+
+#[tokio::test]
+async fn lines_on_both_streams_arrive_in_order() {
+    let runner = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    let script = "echo out1; echo err1 >&2; echo out2; echo; printf 'err2\\r\\nno newline' >&2";
+    let info = runner.start(&session("s-echo"), &sh(script), sink).unwrap();
+    assert_eq!(
+        info.pgid, info.pid as i32,
+        "the process leads its own group"
+    );
+    assert!(info.start_ticks.is_some());
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(seen.stdout, ["out1", "out2", ""]);
+    assert_eq!(seen.stderr, ["err1", "err2", "no newline"]);
+    assert_eq!(status, code(0));
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn environment_workdir_and_stdin_are_set_up() {
+    let runner = LocalRunner::default();
+    let workdir = tempfile::tempdir().unwrap();
+    let mut command = sh(
+        "echo \"foo=$TROUPE_TEST_FOO\"; echo \"path=${PATH:+set}\"; echo \"home=${HOME-unset}\"; \
+         pwd; cat; echo \"stdin=$?\"",
+    );
+    command
+        .env
+        .insert("TROUPE_TEST_FOO".into(), "bar baz".into());
+    command.env_remove.push("HOME".into());
+    command.workdir = workdir.path().to_path_buf();
+    let (sink, mut events) = channel_sink();
+    runner.start(&session("s-env"), &command, sink).unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    let pwd = workdir.path().canonicalize().unwrap();
+    assert_eq!(
+        seen.stdout,
+        [
+            "foo=bar baz".to_string(),
+            "path=set".into(),
+            "home=unset".into(),
+            pwd.display().to_string(),
+            "stdin=0".into(),
+        ]
+    );
+    assert_eq!(status, code(0));
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_replaced() {
+    let runner = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    runner
+        .start(
+            &session("s-utf8"),
+            &sh("printf 'ok\\377\\376bad\\r\\n\\342\\202\\254\\n'"),
+            sink,
+        )
+        .unwrap();
+    let (seen, _) = until_exit(&mut events).await;
+    assert_eq!(seen.stdout, ["ok\u{FFFD}\u{FFFD}bad", "€"]);
+}
+
+#[tokio::test]
+async fn a_5_mb_line_without_newline_is_cut_to_the_cap() {
+    let runner = LocalRunner::new(OutputLimits {
+        max_line_bytes: 1000,
+        ..OutputLimits::default()
+    });
+    let (sink, mut events) = channel_sink();
+    let script = "head -c 5000000 /dev/zero | tr '\\0' x; printf '\\nafter'";
+    runner.start(&session("s-long"), &sh(script), sink).unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0));
+    assert_eq!(seen.stdout.len(), 2);
+    let expected = format!("{} …[cut 4999000 bytes]", "x".repeat(1000));
+    assert_eq!(seen.stdout[0].len(), expected.len());
+    assert_eq!(seen.stdout[0], expected);
+    assert_eq!(seen.stdout[1], "after");
+}
+
+#[tokio::test]
+async fn a_flood_arrives_coalesced_complete_and_in_order() {
+    let runner = LocalRunner::default(); // 256 lines per batch at most
+    let (sink, mut events) = channel_sink();
+    let command = CommandLine {
+        program: "seq".into(),
+        args: vec!["1".into(), "100000".into()],
+        ..sh("")
+    };
+    runner.start(&session("s-flood"), &command, sink).unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0));
+    assert_eq!(seen.stdout.len(), 100_000);
+    assert!(
+        seen.stdout
+            .iter()
+            .enumerate()
+            .all(|(index, line)| *line == (index + 1).to_string()),
+        "every line exactly once, in order"
+    );
+    assert!(seen.largest_batch <= 256);
+    // 100 000 lines in batches of up to 256: at least 391 events. A batch cut short by the
+    // 20 ms window needs the reader to stall that long, which a slow machine may do a few times.
+    assert!(
+        seen.output_events < 2_000,
+        "{} events for 100 000 lines",
+        seen.output_events
+    );
+}
+
+#[tokio::test]
+async fn exit_codes_and_signal_deaths_are_reported() {
+    let runner = LocalRunner::default();
+    for (name, script, expected) in [
+        ("s-exit-0", "true", code(0)),
+        ("s-exit-7", "exit 7", code(7)),
+        ("s-kill-9", "kill -KILL $$", signal(9)),
+        ("s-term", "kill -TERM $$", signal(15)),
+    ] {
+        let (sink, mut events) = channel_sink();
+        runner.start(&session(name), &sh(script), sink).unwrap();
+        let (_, status) = until_exit(&mut events).await;
+        assert_eq!(status, expected, "{script}");
+        assert!(
+            !runner.terminate(&session(name), Duration::ZERO),
+            "forgotten"
+        );
+    }
+}
+
+#[tokio::test]
+async fn spawn_failures_are_clear_and_leave_nothing_behind() {
+    let runner = LocalRunner::default();
+    let id = session("s-fail");
+    let spawn_reason = |command: &CommandLine| {
+        let (sink, _events) = channel_sink();
+        match runner.start(&id, command, sink) {
+            Err(RunnerError::Spawn { program, reason }) => {
+                assert_eq!(program, command.program);
+                reason
+            }
+            other => panic!("expected a spawn error, got {other:?}"),
+        }
+    };
+
+    let missing = CommandLine {
+        program: "troupe-no-such-program".into(),
+        ..sh("")
+    };
+    assert!(spawn_reason(&missing).contains("not found in PATH"));
+    let missing_path = CommandLine {
+        program: "/nonexistent/troupe-program".into(),
+        ..sh("")
+    };
+    assert!(spawn_reason(&missing_path).contains("no such file"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("script.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\necho hi\n").unwrap();
+    let not_executable = CommandLine {
+        program: not_executable.display().to_string(),
+        ..sh("")
+    };
+    assert!(spawn_reason(&not_executable).contains("permission denied"));
+
+    let mut bad_workdir = sh("true");
+    bad_workdir.workdir = dir.path().join("missing");
+    let reason = spawn_reason(&bad_workdir);
+    assert!(
+        reason.contains("does not exist") && reason.contains("missing"),
+        "{reason}"
+    );
+
+    // Nothing was kept for the session: it can start now, and only once at a time.
+    let (sink, mut events) = channel_sink();
+    runner.start(&id, &sh("sleep 1000"), sink).unwrap();
+    let (sink, _) = channel_sink();
+    assert_eq!(
+        runner.start(&id, &sh("true"), sink).unwrap_err(),
+        RunnerError::AlreadyRunning(id.clone())
+    );
+    assert!(runner.terminate(&id, Duration::from_secs(5)));
+    assert_eq!(until_exit(&mut events).await.1, signal(15));
+}
+
+#[tokio::test]
+async fn terminate_leaves_no_process_of_the_group() {
+    let runner = LocalRunner::default();
+    let id = session("s-terminate");
+    let (sink, mut events) = channel_sink();
+    let info = runner
+        .start(
+            &id,
+            &sh("sleep 1000 & sleep 1000 & echo started; wait"),
+            sink,
+        )
+        .unwrap();
+    until_line(&mut events, OutputStream::Stdout, "started").await;
+    assert_eq!(live_members(info.pgid).len(), 3, "sh and two sleeps");
+    let leader = group::read_proc(info.pgid).unwrap();
+    assert_eq!(info.start_ticks, Some(leader.start_ticks));
+    assert!(runner.terminate(&id, Duration::from_secs(5)));
+    let (_, status) = until_exit(&mut events).await;
+    assert_eq!(status, signal(15));
+    assert!(live_members(info.pgid).is_empty());
+    assert!(!runner.terminate(&id, Duration::ZERO), "already exited");
+}
+
+#[tokio::test]
+async fn a_child_ignoring_sigterm_is_killed_after_the_grace() {
+    let runner = LocalRunner::default();
+    let id = session("s-stubborn");
+    let (sink, mut events) = channel_sink();
+    let info = runner
+        .start(
+            &id,
+            &sh("trap '' TERM; sleep 1000 & echo started; wait"),
+            sink,
+        )
+        .unwrap();
+    until_line(&mut events, OutputStream::Stdout, "started").await;
+    assert!(runner.terminate(&id, Duration::from_millis(200)));
+    let (_, status) = until_exit(&mut events).await;
+    assert_eq!(status, signal(9));
+    assert!(live_members(info.pgid).is_empty());
+}
+
+#[tokio::test]
+async fn a_background_job_holding_the_output_keeps_the_session_until_terminated() {
+    let runner = LocalRunner::default();
+    let id = session("s-background");
+    let (sink, mut events) = channel_sink();
+    // The background job says when the leader is gone: `kill -0` still reaches a zombie, so
+    // it fails only once the runner has reaped the leader.
+    let script = "(while kill -0 $$ 2>/dev/null; do sleep 0.01; done; echo leader-gone; \
+                  exec sleep 1000) & exit 0";
+    let info = runner.start(&id, &sh(script), sink).unwrap();
+    until_line(&mut events, OutputStream::Stdout, "leader-gone").await;
+    // The leader is gone, but the job holds the pipes: the session is not over, so terminate
+    // still applies.
+    assert!(runner.terminate(&id, Duration::from_secs(5)));
+    let (_, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0), "the leader's own status");
+    assert!(live_members(info.pgid).is_empty());
+}
+
+#[tokio::test]
+async fn a_background_job_that_closed_the_output_is_cleaned_up_at_exit() {
+    let runner = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    let info = runner
+        .start(
+            &session("s-leftover"),
+            &sh("sleep 1000 >/dev/null 2>&1 & echo $!"),
+            sink,
+        )
+        .unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0));
+    let sleeper: i32 = seen.stdout[0].parse().unwrap();
+    assert!(
+        group::read_proc(sleeper)
+            .ok()
+            .is_none_or(|stat| !stat.is_alive()),
+        "the background job is gone"
+    );
+    assert!(live_members(info.pgid).is_empty());
+}
+
+#[tokio::test]
+async fn output_held_open_outside_the_group_does_not_hold_the_exit() {
+    let runner = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    runner
+        .start(&session("s-setsid"), &sh("setsid sleep 30 & echo $!"), sink)
+        .unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0));
+    // The escaped process is not the runner's to kill; the test cleans up after itself.
+    let escaped: i32 = seen.stdout[0].parse().unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(escaped),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[tokio::test]
+async fn refused_events_wait_for_reattach_and_the_exit_comes_once() {
+    let runner = LocalRunner::default();
+    let id = session("s-refused");
+    let script = "echo a; echo b; echo e >&2; printf c; exit 3";
+    let info = runner
+        .start(&id, &sh(script), Arc::new(RefusingSink))
+        .unwrap();
+    runner.exit_emitted(&id).await;
+    assert!(!runner.terminate(&id, Duration::ZERO), "the process exited");
+
+    let (sink, mut events) = channel_sink();
+    assert_eq!(runner.reattach(&id, sink), Some(info));
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(seen.stdout, ["a", "b", "c"]);
+    assert_eq!(seen.stderr, ["e"]);
+    assert_eq!(status, code(3));
+    let (sink, _) = channel_sink();
+    assert_eq!(runner.reattach(&id, sink), None, "forgotten after the exit");
+}
+
+#[tokio::test]
+async fn reattach_replays_then_continues_live() {
+    let runner = LocalRunner::default();
+    let id = session("s-live");
+    runner
+        .start(
+            &id,
+            &sh("echo before; echo warn >&2; exec sleep 1000"),
+            Arc::new(RefusingSink),
+        )
+        .unwrap();
+    let (sink, mut events) = channel_sink();
+    assert!(runner.reattach(&id, sink).is_some());
+    // Whether the lines were kept or come live, they come once and in order.
+    let mut seen = until_line(&mut events, OutputStream::Stdout, "before").await;
+    assert!(runner.terminate(&id, Duration::from_secs(5)));
+    let (rest, status) = until_exit(&mut events).await;
+    seen.stderr.extend(rest.stderr);
+    seen.stdout.extend(rest.stdout);
+    assert_eq!(seen.stdout, ["before"]);
+    assert_eq!(seen.stderr, ["warn"]);
+    assert_eq!(status, signal(15));
+}
+
+#[tokio::test]
+async fn unknown_sessions() {
+    let runner = LocalRunner::default();
+    let (sink, _) = channel_sink();
+    assert_eq!(runner.reattach(&session("s-unknown"), sink), None);
+    assert!(!runner.terminate(&session("s-unknown"), Duration::ZERO));
+}
+
+/// A process group started by the test itself, as a node before a crash would have left it.
+struct Stray {
+    child: tokio::process::Child,
+    output: BufReader<tokio::process::ChildStdout>,
+    pgid: i32,
+    start_ticks: u64,
+}
+
+impl Stray {
+    /// Starts `script` in a new group and waits for its first line.
+    async fn start(script: &str) -> Self {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", script])
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pgid = child.id().unwrap() as i32;
+        let start_ticks = group::read_proc(pgid).unwrap().start_ticks;
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        within(output.read_line(&mut line)).await.unwrap();
+        assert_eq!(line, "started\n");
+        Self {
+            child,
+            output,
+            pgid,
+            start_ticks,
+        }
+    }
+
+    /// Waits until every process of the group has closed the output (they exit), and returns
+    /// the leader's status.
+    async fn wait_gone(mut self) -> std::process::ExitStatus {
+        let mut rest = String::new();
+        within(tokio::io::AsyncReadExt::read_to_string(
+            &mut self.output,
+            &mut rest,
+        ))
+        .await
+        .unwrap();
+        let status = within(self.child.wait()).await.unwrap();
+        // A process closes its files a moment before it turns into a zombie, and no event
+        // marks a non-child's death without unsafe code (pidfd): poll /proc briefly.
+        let deadline = std::time::Instant::now() + SAFETY_NET;
+        while !live_members(self.pgid).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the group survived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        status
+    }
+}
+
+#[tokio::test]
+async fn kill_leftovers_kills_a_recorded_group_but_not_a_mismatched_one() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let runner = LocalRunner::default();
+    let stray = Stray::start("trap '' TERM; sleep 1000 & sleep 1000 & echo started; wait").await;
+    let recorded = |start_ticks| LeftoverGroup {
+        pgid: stray.pgid,
+        start_ticks,
+    };
+    let grace = Duration::from_millis(100);
+
+    // Recorded later than the leader really started: its members are older than the recorded
+    // leader, so the pgid must name someone else's group.
+    assert_eq!(
+        runner.kill_leftovers(&[recorded(Some(stray.start_ticks + 1))], grace),
+        Vec::<i32>::new()
+    );
+    // Recorded earlier: fine for the members, but the leader is alive with another start time
+    // (the pid was reused). This direction is the dangerous one; the leader check catches it.
+    assert_eq!(
+        runner.kill_leftovers(&[recorded(Some(stray.start_ticks - 1))], grace),
+        Vec::<i32>::new()
+    );
+    assert_eq!(live_members(stray.pgid).len(), 3, "left alone");
+
+    // The right record: SIGTERM (ignored here), then SIGKILL after the grace.
+    assert_eq!(
+        runner.kill_leftovers(&[recorded(Some(stray.start_ticks))], grace),
+        [stray.pgid]
+    );
+    let status = stray.wait_gone().await;
+    assert_eq!(status.signal(), Some(9));
+}
+
+#[tokio::test]
+async fn kill_leftovers_kills_the_rest_of_a_group_whose_leader_died() {
+    let runner = LocalRunner::default();
+    let mut stray = Stray::start("sleep 1000 & echo started").await;
+    within(stray.child.wait()).await.unwrap();
+    assert_eq!(live_members(stray.pgid).len(), 1, "the sleep is left");
+    let recorded = LeftoverGroup {
+        pgid: stray.pgid,
+        start_ticks: Some(stray.start_ticks),
+    };
+    assert_eq!(
+        runner.kill_leftovers(&[recorded], Duration::from_secs(5)),
+        [stray.pgid]
+    );
+    stray.wait_gone().await;
+    // Nothing left to signal now.
+    assert_eq!(
+        runner.kill_leftovers(&[recorded], Duration::ZERO),
+        Vec::<i32>::new()
+    );
+}
