@@ -520,7 +520,10 @@ async fn cancelling_a_queued_session_never_starts_it_and_a_running_one_is_termin
     h.running(&running).await;
     h.cancel(&running).await.unwrap();
     h.expect(&running, "session.cancelled").await;
-    assert_eq!(*h.runner.terminated.lock().unwrap(), [running.clone()]);
+    assert_eq!(
+        *h.runner.terminated.lock().unwrap(),
+        std::slice::from_ref(&running)
+    );
     assert_eq!(
         h.runner.starts(),
         1,
