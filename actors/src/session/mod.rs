@@ -1,6 +1,7 @@
 //! Sessions: one agent run each. The pure parts (the state machine, the spec and its limits)
-//! and the ports the node implements (a process runner, a session store).
+//! and the ports the node implements (a process runner, a session store), and the Aider preset.
 
+pub mod aider;
 mod ports;
 mod spec;
 mod state;
