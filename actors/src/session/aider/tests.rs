@@ -1,9 +1,14 @@
 //! The parser and the outcome rules against real Aider transcripts
-//! (`actors/tests/fixtures/aider/`, provenance in its README), table-driven.
+//! (`actors/tests/fixtures/aider/`, provenance in its README), table-driven; and against the fake
+//! `aider` used by integration tests (`tests/fixtures/fake-aider.sh`), so the two cannot drift.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use super::*;
 use crate::event::OutputStream;
-use crate::session::ExitStatus;
+use crate::session::{AiderSession, ExitStatus};
 
 macro_rules! transcript {
     ($name:literal) => {
@@ -401,5 +406,106 @@ fn aider_retries_of_other_errors_give_no_signal_until_aider_gives_up() {
             kind: AiderErrorKind::ServerError,
             ..
         }]
+    ));
+}
+
+fn fake_aider() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fake-aider.sh")
+}
+
+/// Runs the fake `aider` with the preset's command line (program replaced by the script).
+fn run_fake(scenario: &str, gateway: Option<&GatewayAccess>) -> (ExitStatus, String) {
+    let spec = AiderSession {
+        message: "add a test".into(),
+        files: vec!["src/lib.rs".into()],
+        model: Some("fake/m1".into()),
+        args: vec![],
+        workdir: None,
+        git: false,
+    };
+    let command = aider_command(&spec, std::env::temp_dir(), gateway);
+    let mut process = Command::new(fake_aider());
+    process
+        .args(&command.args)
+        .envs(&command.env)
+        .current_dir(&command.workdir)
+        .env("FAKE_AIDER_SCENARIO", scenario)
+        .env("ANTHROPIC_API_KEY", "node-secret");
+    for name in &command.env_remove {
+        process.env_remove(name);
+    }
+    let output = process.output().expect("run tests/fixtures/fake-aider.sh");
+    let status = ExitStatus {
+        code: output.status.code(),
+        signal: None,
+    };
+    (status, String::from_utf8(output.stdout).unwrap())
+}
+
+#[test]
+fn aider_fake_script_scenarios_read_like_real_aider() {
+    let gateway = GatewayAccess {
+        base_url: "http://127.0.0.1:9/v1".into(),
+        api_key: "session-key".into(),
+    };
+
+    let (exit, stdout) = run_fake("ok", Some(&gateway));
+    assert_eq!(exit, EXIT_0);
+    let parsed = parse(&stdout);
+    assert!(parsed.signals.is_empty(), "{:?}", parsed.signals);
+    assert_eq!(parsed.summary.applied_edits, 1);
+    assert_eq!(
+        decide_outcome(exit, &parsed.summary),
+        AiderOutcome::Succeeded
+    );
+    assert!(stdout.contains(
+        "fake-aider: argv: [--message=add a test] [--yes-always] [--no-check-update] \
+         [--no-show-model-warnings] [--no-pretty] [--analytics-disable] [--no-git] \
+         [--model=openai/fake/m1] [--weak-model=openai/fake/m1] [--editor-model=openai/fake/m1] \
+         [--openai-api-base=http://127.0.0.1:9/v1] \
+         [--set-env=OPENAI_BASE_URL=http://127.0.0.1:9/v1] [src/lib.rs]\n"
+    ));
+    assert!(stdout.contains("fake-aider: OPENAI_API_BASE=http://127.0.0.1:9/v1\n"));
+    assert!(stdout.contains("fake-aider: OPENAI_API_KEY set\n"));
+    // The node's own key was in the environment; the preset removed it.
+    assert!(
+        stdout.contains("fake-aider: provider keys: none\n"),
+        "{stdout}"
+    );
+
+    let (exit, stdout) = run_fake("rate-limited", Some(&gateway));
+    assert_eq!(exit, EXIT_0);
+    let parsed = parse(&stdout);
+    let delays: Vec<Option<Duration>> = parsed
+        .signals
+        .iter()
+        .filter_map(|signal| match signal {
+            AiderSignal::RateLimited { retry_in, .. } => Some(*retry_in),
+            AiderSignal::Error { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        delays,
+        [
+            Some(Duration::from_millis(200)),
+            Some(Duration::from_millis(500)),
+            Some(Duration::from_secs(1)),
+            None
+        ]
+    );
+    match decide_outcome(exit, &parsed.summary) {
+        AiderOutcome::Failed { reason } => assert!(
+            reason.starts_with("rate limited by openai: Aider gave up after 4 rate-limit errors"),
+            "{reason}"
+        ),
+        AiderOutcome::Succeeded => panic!("a rate-limited run that gave up succeeded"),
+    }
+
+    let (exit, stdout) = run_fake("crash", None);
+    assert_eq!(exit, EXIT_1);
+    assert!(stdout.contains("# Uncaught RuntimeError in base_coder.py line 934\n"));
+    assert!(matches!(
+        decide_outcome(exit, &parse(&stdout).summary),
+        AiderOutcome::Failed { .. }
     ));
 }
