@@ -53,8 +53,8 @@
 //! - `Retrying in N seconds...` closes the block as retried: a rate limit gives
 //!   [`AiderSignal::RateLimited`] with `retry_in = N` (as printed, to a tenth of a second) at once;
 //!   other errors are counted in [`AiderSummary::retries`] and give no signal.
-//! - Any other line after the description (or, without a description, a blank line or a line
-//!   Aider prints itself) closes the block as given up: a rate limit gives `RateLimited` with
+//! - Any other line after the description (or, without a description, a blank line, a line
+//!   Aider prints itself, or the 257th line of the message) closes the block as given up: a rate limit gives `RateLimited` with
 //!   `retry_in = None`, and every kind gives [`AiderSignal::Error`]. A block still open when the
 //!   process exits is given up too ([`AiderOutputParser::finish`]). So every rate-limit
 //!   occurrence yields exactly one `RateLimited`, and no signal waits longer than the next line.

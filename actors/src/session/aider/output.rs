@@ -155,9 +155,15 @@ impl AiderOutputParser {
                     });
                     return signals;
                 }
-                Line::Unknown if !pending.described => {
+                Line::Unknown
+                    if !pending.described
+                        && pending.continuation_lines < MAX_CONTINUATION_LINES =>
+                {
                     // A continuation line of a multi-line error message.
-                    self.pending = Some(pending);
+                    self.pending = Some(Pending {
+                        continuation_lines: pending.continuation_lines + 1,
+                        ..pending
+                    });
                     return signals;
                 }
                 // The block ended without a retry: Aider gave up on that request.
@@ -172,6 +178,7 @@ impl AiderOutputParser {
                     provider: error.provider,
                     line: line.to_owned(),
                     described: false,
+                    continuation_lines: 0,
                 });
             }
             Line::Description(kind) => {
@@ -181,6 +188,7 @@ impl AiderOutputParser {
                     provider: None,
                     line: line.to_owned(),
                     described: true,
+                    continuation_lines: 0,
                 });
             }
             Line::Retrying(_) => self.summary.retries += 1,
@@ -268,7 +276,13 @@ struct Pending {
     line: String,
     /// Aider's description line was printed: the next line is `Retrying…` or not.
     described: bool,
+    /// Lines of the error message after its first.
+    continuation_lines: u32,
 }
+
+/// An error message longer than this (a traceback, say) is taken as ended: the block is closed
+/// as given up rather than held open for ever.
+const MAX_CONTINUATION_LINES: u32 = 256;
 
 /// What one line of output is.
 enum Line {
@@ -645,6 +659,27 @@ mod tests {
         );
         assert_eq!(check.summary.retries, 1);
         assert_eq!(check.summary.rate_limits, 0);
+    }
+
+    #[test]
+    fn aider_error_block_is_not_held_open_for_ever() {
+        let mut parser = AiderOutputParser::new();
+        parser.feed(
+            OutputStream::Stdout,
+            "litellm.APIConnectionError: OllamaException - Traceback (most recent call last):",
+        );
+        for _ in 0..MAX_CONTINUATION_LINES {
+            assert!(
+                parser
+                    .feed(OutputStream::Stdout, "  File \"x.py\"")
+                    .is_empty()
+            );
+        }
+        assert_eq!(
+            parser.feed(OutputStream::Stdout, "  File \"x.py\"").len(),
+            1,
+            "given up after the longest message"
+        );
     }
 
     #[test]
