@@ -10,7 +10,8 @@
 //! - [`event`]: the event model, filters, the EventBus and its subscriptions.
 //! - [`registry`], [`health`]: the RegistryActor and the HealthActor.
 //! - [`link`]: the TransportActor, one per client link.
-//! - [`session`]: sessions' state machine, spec, and the ports they need (runner, store).
+//! - [`session`]: sessions' state machine, spec, and the ports they need (runner, store); the
+//!   Aider preset (command line, output parser, outcome).
 //! - [`node`]: a node's whole supervision tree, started in one call.
 //! - [`provider`]: a provider's pure policy: budget, circuit breaker, retry schedule, rate-limit
 //!   headers.

@@ -7,9 +7,10 @@
 //! ```
 //!
 //! The pure parts (the state machine, the spec and its limits), the actors, and the ports the
-//! node implements (a process runner, a session store).
+//! node implements (a process runner, a session store), and the Aider preset.
 
 mod actor;
+pub mod aider;
 mod context;
 mod manager;
 mod ports;
