@@ -10,7 +10,9 @@
 //! - Messages queued in a mailbox when its instance crashed are handed back (each one travels in
 //!   an [`Envelope`] whose `Drop` returns it) and redelivered to the next instance, ahead of newer
 //!   messages and in the order they were sent. The message that was being handled when the
-//!   instance crashed is consumed: a poison message is never redelivered.
+//!   instance crashed is consumed: a poison message is never redelivered. One exception to the
+//!   order: a send that raced with the crash (admitted by the dying mailbox just before it
+//!   closed) may reach the next instance after messages sent later; it is never lost.
 //! - While a child restarts, messages wait in a bounded buffer; past its capacity the sender gets
 //!   its message back ([`SendErrorKind::RestartBacklogFull`]).
 //!
@@ -245,12 +247,28 @@ impl<M: Send + 'static> HandleShared<M> {
     }
 
     /// Called from an envelope's `Drop` when its mailbox was dropped before it was opened.
-    fn returned(&self, seq: u64, message: M) {
+    ///
+    /// Usually this happens while the actor restarts, and the message waits for the next
+    /// instance in send order. A send that raced with the crash can be released later: the
+    /// sender passed the closed mailbox's admission check just before it closed, and its message
+    /// is dropped only with the old mailbox's last reference, possibly after the next instance
+    /// is bound. Such a late message goes to the running instance right away (after messages
+    /// sent later: the one exception to per-sender order), never into a buffer that only the
+    /// next restart would flush.
+    pub(crate) fn returned(self: &Arc<Self>, seq: u64, message: M) {
         let mut slot = self.lock();
-        match slot.status {
-            HandleStatus::Stopped => {
+        match (slot.status, &slot.instance) {
+            (HandleStatus::Stopped, _) => {
                 drop(slot);
                 self.dead_letter(1);
+            }
+            (HandleStatus::Running { .. }, Some(instance)) if slot.pending.is_empty() => {
+                if let Err(error) =
+                    instance.send_message(Envelope::tracked(seq, message, self.clone()))
+                    && let Some(message) = recover(error)
+                {
+                    slot.pending.push((seq, message));
+                }
             }
             _ => slot.pending.push((seq, message)),
         }

@@ -101,6 +101,28 @@ async fn wait_until_running_again(handle: &ActorHandle<CounterMsg>, after_genera
     .unwrap();
 }
 
+/// Every accepted message handled exactly once, in send order — except that a send racing with
+/// a crash (admitted by the dying mailbox just before it closed) may arrive after later ones: at
+/// most one such message per crash.
+fn assert_in_order_but_for_crash_races(seen: &[u64], accepted: &[u64], crashes: u64) {
+    let mut sorted = seen.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted.len(),
+        accepted.len(),
+        "every accepted message handled once"
+    );
+    assert_eq!(
+        sorted, accepted,
+        "exactly the accepted messages, none lost, none twice"
+    );
+    let late = seen.windows(2).filter(|pair| pair[1] < pair[0]).count() as u64;
+    assert!(
+        late <= crashes,
+        "{late} out-of-order deliveries for {crashes} crashes: order broke beyond crash races"
+    );
+}
+
 fn generation(handle: &ActorHandle<CounterMsg>) -> u64 {
     match handle.status() {
         HandleStatus::Running { generation } => generation,
@@ -224,7 +246,8 @@ async fn a_poison_message_is_consumed_and_the_rest_are_redelivered() {
     })
     .await
     .expect("every non-poison message is handled");
-    assert_eq!(*seen.lock().unwrap(), accepted);
+    let seen = seen.lock().unwrap().clone();
+    assert_in_order_but_for_crash_races(&seen, &accepted, poisoned.len() as u64);
     assert_eq!(handle.stats().snapshot().restarts, poisoned.len() as u64);
 }
 

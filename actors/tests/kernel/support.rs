@@ -196,16 +196,39 @@ pub struct Captured {
     pub fields: BTreeMap<String, String>,
 }
 
-/// Collects tracing events of the current thread (use a current-thread runtime).
+thread_local! {
+    static CAPTURING: std::cell::RefCell<Option<Arc<Mutex<Vec<Captured>>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Collects the tracing events emitted on the current thread (use a current-thread runtime).
+///
+/// One global subscriber routes events to the capturing thread's buffer. A per-test
+/// `set_default` subscriber would not do: tracing caches each callsite's interest across
+/// threads, so a test running in parallel without a subscriber can make a callsite look
+/// uninteresting to the capturing one.
 #[derive(Clone, Default)]
 pub struct Capture(Arc<Mutex<Vec<Captured>>>);
 
+/// Stops capturing on this thread when dropped.
+pub struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURING.with(|slot| slot.borrow_mut().take());
+    }
+}
+
 impl Capture {
-    pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+    pub fn install() -> (Self, CaptureGuard) {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::registry().with(ThreadRouter);
+            tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        });
         let capture = Self::default();
-        let subscriber = tracing_subscriber::registry().with(capture.clone());
-        let guard = tracing::subscriber::set_default(subscriber);
-        (capture, guard)
+        CAPTURING.with(|slot| *slot.borrow_mut() = Some(capture.0.clone()));
+        (capture, CaptureGuard)
     }
 
     pub fn events(&self) -> Vec<Captured> {
@@ -243,14 +266,21 @@ impl Visit for FieldVisitor<'_> {
     }
 }
 
-impl<S: Subscriber> Layer<S> for Capture {
+/// The global layer: hands each event to the buffer of the thread that emitted it, if any.
+struct ThreadRouter;
+
+impl<S: Subscriber> Layer<S> for ThreadRouter {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: LayerContext<'_, S>) {
-        let mut captured = Captured {
-            level: *event.metadata().level(),
-            message: String::new(),
-            fields: BTreeMap::new(),
-        };
-        event.record(&mut FieldVisitor(&mut captured));
-        self.0.lock().unwrap().push(captured);
+        CAPTURING.with(|slot| {
+            if let Some(buffer) = slot.borrow().as_ref() {
+                let mut captured = Captured {
+                    level: *event.metadata().level(),
+                    message: String::new(),
+                    fields: BTreeMap::new(),
+                };
+                event.record(&mut FieldVisitor(&mut captured));
+                buffer.lock().unwrap().push(captured);
+            }
+        });
     }
 }
