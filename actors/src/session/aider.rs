@@ -95,3 +95,56 @@ mod tests;
 pub use command::{AIDER_PROGRAM, GATEWAY_HIDDEN_ENV, GatewayAccess, aider_command};
 pub use outcome::{AiderOutcome, decide_outcome};
 pub use output::{AiderError, AiderErrorKind, AiderOutputParser, AiderSignal, AiderSummary};
+
+/// The Aider parser as a session's [`OutputInterpreter`](super::OutputInterpreter): rate limits
+/// become `session.rate_limited` events, and the outcome comes from [`decide_outcome`].
+#[derive(Debug, Default)]
+pub struct AiderInterpreter {
+    parser: AiderOutputParser,
+}
+
+impl AiderInterpreter {
+    /// A fresh interpreter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn signals(signals: Vec<AiderSignal>) -> Vec<super::OutputSignal> {
+        signals
+            .into_iter()
+            .filter_map(|signal| match signal {
+                AiderSignal::RateLimited {
+                    provider,
+                    retry_in,
+                    line,
+                } => Some(super::OutputSignal::RateLimited {
+                    provider,
+                    retry_in,
+                    line,
+                }),
+                AiderSignal::Error { .. } => None,
+            })
+            .collect()
+    }
+}
+
+impl super::OutputInterpreter for AiderInterpreter {
+    fn feed(
+        &mut self,
+        stream: crate::event::OutputStream,
+        line: &str,
+    ) -> Vec<super::OutputSignal> {
+        Self::signals(self.parser.feed(stream, line))
+    }
+
+    fn finish(&mut self) -> Vec<super::OutputSignal> {
+        Self::signals(self.parser.finish())
+    }
+
+    fn outcome(&self, exit: &super::ExitStatus) -> Option<Result<(), String>> {
+        Some(match decide_outcome(*exit, &self.parser.summary()) {
+            AiderOutcome::Succeeded => Ok(()),
+            AiderOutcome::Failed { reason } => Err(reason),
+        })
+    }
+}
