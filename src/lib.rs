@@ -23,6 +23,7 @@ pub mod link;
 pub mod metrics;
 pub mod node;
 pub mod provider;
+pub mod store;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;
