@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use troupe_actors::event::{
@@ -1260,4 +1260,82 @@ async fn a_restarted_node_continues_its_event_ids_and_replays_from_the_store() {
     let expected: Vec<_> = first_ids[1..].iter().chain(&second_ids).cloned().collect();
     assert_eq!(ids, expected);
     tree.shutdown(Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+/// Group-commit throughput: sessions through create + 3 transitions (each durable, one event
+/// appended per transition) from 1, 8 and 64 concurrent submitters, with and without quick
+/// repair. A measurement, not a check: run with
+/// `cargo test --release -p troupe --lib store::tests::group_commit_throughput -- --ignored
+/// --nocapture` (set `TROUPE_BENCH_DIR` to measure another disk than the temp dir's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run explicitly with --ignored --nocapture"]
+async fn group_commit_throughput() {
+    let root = match std::env::var_os("TROUPE_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let run_for = Duration::from_secs(3);
+    for quick_repair in [true, false] {
+        for submitters in [1usize, 8, 64] {
+            let dir = root.path().join(format!("run-{quick_repair}-{submitters}"));
+            let store = open_with(
+                &dir,
+                StoreConfig {
+                    quick_repair,
+                    ..StoreConfig::default()
+                },
+            )
+            .await;
+            let positions = Arc::new(AtomicU64::new(0));
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for worker in 0..submitters {
+                let store = store.clone();
+                let positions = positions.clone();
+                tasks.spawn(async move {
+                    let (mut sessions, mut transitions) = (0u64, 0u64);
+                    let mut n = 0;
+                    while started.elapsed() < run_for {
+                        n += 1;
+                        let mut current = record(&format!("s-{worker}-{n}"), now_micros());
+                        store.create(current.clone()).await.unwrap();
+                        for to in [
+                            SessionState::Starting,
+                            SessionState::Running,
+                            SessionState::Succeeded,
+                        ] {
+                            let pos = positions.fetch_add(1, Ordering::Relaxed) + 1;
+                            store.append(&item(pos, event(node(), pos, now_micros())));
+                            current = advance(&store, &current, to).await;
+                            transitions += 1;
+                        }
+                        sessions += 1;
+                    }
+                    (sessions, transitions)
+                });
+            }
+            let (mut sessions, mut transitions) = (0, 0);
+            while let Some(done) = tasks.join_next().await {
+                let (s, t) = done.unwrap();
+                sessions += s;
+                transitions += t;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let stats = store.stats();
+            println!(
+                "quick_repair={quick_repair:<5} submitters={submitters:>2}: \
+                 {:>7.0} transitions/s, {:>6.0} sessions/s (create + 3 transitions), \
+                 {:>6.0} commits/s, {:>5.1} requests and {:>4.2} ms of commit per batch",
+                transitions as f64 / elapsed,
+                sessions as f64 / elapsed,
+                stats.commits as f64 / elapsed,
+                stats.requests as f64 / stats.commits.max(1) as f64,
+                stats.commit_time.as_secs_f64() * 1e3 / stats.commits.max(1) as f64,
+            );
+            store.close().await.unwrap();
+        }
+    }
 }
