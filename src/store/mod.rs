@@ -18,6 +18,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -152,13 +153,27 @@ impl Store {
         node: NodeId,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|error| {
-            StoreError::Io(format!(
-                "cannot create the data directory {}: {error}",
-                data_dir.display()
-            ))
-        })?;
+        // Records hold what sessions were given (environment values included): owner only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|error| {
+                StoreError::Io(format!(
+                    "cannot create the data directory {}: {error}",
+                    data_dir.display()
+                ))
+            })?;
         let path = data_dir.join(FILE_NAME);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|error| {
+                StoreError::Io(format!("cannot create {}: {error}", path.display()))
+            })?;
         let db = Database::builder()
             .create(&path)
             .map_err(|error| match error {
