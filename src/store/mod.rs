@@ -34,8 +34,8 @@ use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{SessionRecord, SessionStore, StoreError, Transition};
 
 pub use query::{
-    DEFAULT_PAGE, EventsPage, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE, OutputLine, OutputPage,
-    PruneReport, SessionPage, SessionQuery,
+    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE,
+    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
@@ -287,9 +287,9 @@ impl Store {
         self.read(move |db| read::transitions(db, &id)).await
     }
 
-    /// Events after `after` (in arrival order) that match `filter`, at most `limit`, for a
-    /// replay older than the bus's ring. The log lags the bus by at most one batch; the ring
-    /// covers the difference.
+    /// Events after `after` (in arrival order) that match `filter`, at most `limit` (clamped to
+    /// [`MAX_EVENT_PAGE`]), for a replay older than the bus's ring. The log lags the bus by at
+    /// most one batch; the ring covers the difference.
     pub async fn events_after(
         &self,
         after: &EventId,

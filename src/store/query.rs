@@ -13,6 +13,8 @@ pub const MAX_PAGE: usize = 1000;
 pub const DEFAULT_PAGE: usize = 100;
 /// Most output lines one page holds.
 pub const MAX_OUTPUT_PAGE: usize = 10_000;
+/// Most events one [`Store::events_after`](super::Store::events_after) page holds.
+pub const MAX_EVENT_PAGE: usize = 10_000;
 /// Most events one [`Store::events_after`](super::Store::events_after) call examines (matching or
 /// not), so a narrow filter over a large log answers in bounded time; `more` says to go on.
 pub const MAX_EVENT_SCAN: usize = 100_000;

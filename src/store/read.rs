@@ -10,8 +10,8 @@ use troupe_actors::ids::{NodeId, SessionId};
 use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
 use super::query::{
-    Cursor, EventsPage, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE, OutputLine, OutputPage,
-    SessionPage, SessionQuery,
+    Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE, OutputLine,
+    OutputPage, SessionPage, SessionQuery,
 };
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, OUTPUT, OUTPUT_COUNTERS, OrIo,
@@ -205,7 +205,7 @@ pub(super) fn events_after(
     filter: &EventFilter,
     limit: usize,
 ) -> Result<EventsPage, StoreError> {
-    let limit = limit.clamp(1, MAX_OUTPUT_PAGE);
+    let limit = limit.clamp(1, MAX_EVENT_PAGE);
     let txn = begin(db)?;
     let index = txn
         .open_table(EVENT_INDEX)
