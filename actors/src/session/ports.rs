@@ -159,6 +159,14 @@ pub enum StoreError {
     /// No such session.
     #[error("no session {0}")]
     NotFound(SessionId),
+    /// A session with this id, or holding this idempotency key, already exists (its id).
+    #[error("session {0} already exists (same id or same idempotency key)")]
+    Exists(SessionId),
+    /// The request itself is wrong: a transition the state machine refuses, a record that does
+    /// not match its transition, a cursor the store never handed out. A bug in the caller or a
+    /// bad client input, never a storage failure.
+    #[error("invalid store request: {0}")]
+    Invalid(String),
     /// The storage itself failed.
     #[error("storage failure: {0}")]
     Io(String),
@@ -166,11 +174,13 @@ pub enum StoreError {
 
 /// Persistence of sessions. Writes resolve once they are durable.
 pub trait SessionStore: Send + Sync + 'static {
-    /// Stores a new session (durable when it resolves).
+    /// Stores a new session (durable when it resolves); fails with [`StoreError::Exists`] when
+    /// the id, or the spec's idempotency key, is already taken.
     fn create(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>>;
 
     /// Stores a transition and the record after it, atomically; fails with
-    /// [`StoreError::Conflict`] when the stored state is not `transition.from`.
+    /// [`StoreError::Conflict`] when the stored state is not `transition.from`, and with
+    /// [`StoreError::Invalid`] when the state machine refuses `from → to`.
     fn transition(
         &self,
         record: SessionRecord,

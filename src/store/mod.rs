@@ -1,0 +1,491 @@
+//! The node's store: sessions, their transitions and output logs, and the event log, in one redb
+//! file (`<data_dir>/troupe.redb`). Implements the actors' ports
+//! [`SessionStore`] and [`EventStore`], plus the read side the front ends need (listings with
+//! filters and cursors, output pages, replay of events older than the bus's ring).
+//!
+//! One OS thread writes (see `writer.rs`): requests queue on a channel and are applied in group
+//! commits, one durable transaction per batch, so a create or transition resolves only once it
+//! is on disk, and event and output appends never block their caller. Reads run in redb read
+//! transactions on tokio's blocking pool, beside the writer. Values are JSON; the cluster wire
+//! codec is not used here. This module never interprets what a session does: it stores records
+//! and checks transitions against the state machine, nothing more.
+
+mod query;
+mod read;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redb::Database;
+use tokio::sync::oneshot;
+use troupe_actors::event::{BusItem, EventFilter, EventId, EventStore, OutputStream, StoreResume};
+use troupe_actors::ids::{NodeId, SessionId, Timestamp};
+use troupe_actors::session::{SessionRecord, SessionStore, StoreError, Transition};
+
+pub use query::{
+    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE,
+    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery,
+};
+
+use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
+use writer::{Reply, Request, Stats, Writer};
+
+/// Name of the store's file in the data directory.
+pub const FILE_NAME: &str = "troupe.redb";
+
+/// Limits and schedules of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Output lines kept per session; later lines are counted as truncated.
+    pub max_output_lines: u64,
+    /// Output bytes kept per session; later lines are counted as truncated.
+    pub max_output_bytes: u64,
+    /// Events older than this are deleted.
+    pub event_retention: Duration,
+    /// The event log is kept under about this many bytes (oldest events go first).
+    pub event_retention_bytes: u64,
+    /// The event log is kept under this many events (oldest events go first).
+    pub event_retention_count: u64,
+    /// How often age-based retention runs (budget-based retention runs with every batch).
+    pub prune_interval: Duration,
+    /// Most requests in one group commit.
+    pub max_batch: usize,
+    /// Output and event appends allowed to wait for the writer; past that they are dropped,
+    /// counted and logged, so a stalled disk cannot exhaust memory.
+    pub max_pending_appends: usize,
+    /// Save the allocator state with every commit so reopening after a crash is instant instead
+    /// of a walk over the whole file (costs a second fsync per commit).
+    pub quick_repair: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_output_lines: 100_000,
+            max_output_bytes: 16 * 1024 * 1024,
+            event_retention: Duration::from_secs(7 * 24 * 3600),
+            event_retention_bytes: 256 * 1024 * 1024,
+            event_retention_count: 1_000_000,
+            prune_interval: Duration::from_secs(60),
+            max_batch: 4096,
+            max_pending_appends: 100_000,
+            quick_repair: true,
+        }
+    }
+}
+
+/// What the store has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Requests applied in them (so `requests / commits` is the mean batch).
+    pub requests: u64,
+    /// Time spent committing (writing and syncing the file), in total.
+    pub commit_time: Duration,
+    /// Batches rolled back after a storage failure.
+    pub failed_batches: u64,
+    /// Output and event appends dropped (too many pending, or the store was closed).
+    pub dropped_appends: u64,
+    /// Events deleted by retention.
+    pub pruned_events: u64,
+}
+
+/// The node's store. Cheap to clone; every clone talks to the same writer thread.
+///
+/// Close it with [`Store::close`] to flush what is queued. Dropping the last handle without
+/// closing also commits what was queued, and waits (blocking) for the writer thread to finish.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    node: NodeId,
+    path: PathBuf,
+    config: StoreConfig,
+    stats: Arc<Stats>,
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer commit what is queued and stop; waiting for it
+        // releases the file, so the store can be reopened at once.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("store: the writer thread panicked");
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `<data_dir>/troupe.redb` for node `node` and starts the writer thread.
+    /// After a crash, opening repairs the file first.
+    pub async fn open(
+        data_dir: impl Into<PathBuf>,
+        node: NodeId,
+        config: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let data_dir = data_dir.into();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&data_dir, node, config))
+            .await
+            .map_err(|error| StoreError::Io(format!("opening the store failed: {error}")))?
+    }
+
+    fn open_blocking(
+        data_dir: &Path,
+        node: NodeId,
+        config: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        // Records hold what sessions were given (environment values included): owner only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|error| {
+                StoreError::Io(format!(
+                    "cannot create the data directory {}: {error}",
+                    data_dir.display()
+                ))
+            })?;
+        let path = data_dir.join(FILE_NAME);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|error| {
+                StoreError::Io(format!("cannot create {}: {error}", path.display()))
+            })?;
+        let db = Database::builder()
+            .create(&path)
+            .map_err(|error| match error {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Io(format!(
+                    "{} is already open; is another troupe node using the data directory {}?",
+                    path.display(),
+                    data_dir.display()
+                )),
+                error => StoreError::Io(format!("cannot open {}: {error}", path.display())),
+            })?;
+        initialize(&db, &path)?;
+        let db = Arc::new(db);
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            node: node.clone(),
+            config: config.clone(),
+            rx,
+            stats: stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("troupe-store".into())
+            .spawn(move || writer.run())
+            .map_err(|error| StoreError::Io(format!("cannot start the store writer: {error}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                node,
+                path,
+                config,
+                stats,
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The node whose events count for [`StoreResume::last_seq`].
+    pub fn node(&self) -> &NodeId {
+        &self.inner.node
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// Counters of the writer.
+    pub fn stats(&self) -> StoreStats {
+        let stats = &self.inner.stats;
+        StoreStats {
+            commits: stats.commits.load(Ordering::Relaxed),
+            requests: stats.requests.load(Ordering::Relaxed),
+            commit_time: Duration::from_nanos(stats.commit_nanos.load(Ordering::Relaxed)),
+            failed_batches: stats.failed_batches.load(Ordering::Relaxed),
+            dropped_appends: stats.dropped_appends.load(Ordering::Relaxed),
+            pruned_events: stats.pruned_events.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves once everything queued before it (appends included) is durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Flush(Reply::Async(reply)))?;
+        answered(answer.await)
+    }
+
+    /// Commits everything queued, then stops the writer. Other handles get errors afterwards.
+    pub async fn close(self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Close(Reply::Async(reply)))?;
+        answered(answer.await)
+    }
+
+    /// Applies event retention as of `now` (the writer also does so on its own schedule, with
+    /// the wall clock): deletes events older than `now - event_retention`, and the oldest ones
+    /// while the log is over its budgets.
+    pub async fn prune(&self, now: Timestamp) -> Result<PruneReport, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Prune { now, reply })?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// A page of sessions, newest first (by `created_at`, then id), filtered.
+    pub async fn list(&self, query: SessionQuery) -> Result<SessionPage, StoreError> {
+        self.read(move |db| read::list(db, &query)).await
+    }
+
+    /// Output lines after line `offset` (0 for the first line), at most `limit` (clamped to
+    /// [`MAX_OUTPUT_PAGE`]).
+    pub async fn output(
+        &self,
+        id: &SessionId,
+        offset: u64,
+        limit: usize,
+    ) -> Result<OutputPage, StoreError> {
+        let id = id.clone();
+        self.read(move |db| read::output(db, &id, offset, limit))
+            .await
+    }
+
+    /// A session's transitions, oldest first.
+    pub async fn transitions(&self, id: &SessionId) -> Result<Vec<Transition>, StoreError> {
+        let id = id.clone();
+        self.read(move |db| read::transitions(db, &id)).await
+    }
+
+    /// Events after `after` (in arrival order) that match `filter`, at most `limit` (clamped to
+    /// [`MAX_EVENT_PAGE`]), for a replay older than the bus's ring. The log lags the bus by at
+    /// most one batch; the ring covers the difference.
+    pub async fn events_after(
+        &self,
+        after: &EventId,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError> {
+        let (after, filter) = (after.clone(), filter.clone());
+        self.read(move |db| read::events_after(db, &after, &filter, limit))
+            .await
+    }
+
+    fn send(&self, request: Request) -> Result<(), StoreError> {
+        let tx = self.inner.tx.as_ref().ok_or_else(closed)?;
+        tx.send(request).map_err(|_| closed())
+    }
+
+    /// Queues an append unless too many are waiting already.
+    fn enqueue_append(&self, request: Request) {
+        let stats = &self.inner.stats;
+        let pending = stats.pending_appends.fetch_add(1, Ordering::Relaxed);
+        if pending >= self.inner.config.max_pending_appends {
+            stats.pending_appends.fetch_sub(1, Ordering::Relaxed);
+            self.drop_append("too many appends are waiting for the disk");
+            return;
+        }
+        if self.send(request).is_err() {
+            stats.pending_appends.fetch_sub(1, Ordering::Relaxed);
+            self.drop_append("the store is closed");
+        }
+    }
+
+    fn drop_append(&self, why: &str) {
+        let dropped = self
+            .inner
+            .stats
+            .dropped_appends
+            .fetch_add(1, Ordering::Relaxed);
+        // The first drop and then every 1000th, so a flood does not flood the log too.
+        if dropped.is_multiple_of(1000) {
+            tracing::warn!(dropped = dropped + 1, "store: append dropped: {why}");
+        }
+    }
+
+    /// Runs a blocking read on tokio's blocking pool.
+    fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let db = self.inner.db.clone();
+        async move {
+            tokio::task::spawn_blocking(move || query(&db))
+                .await
+                .map_err(|error| StoreError::Io(format!("a store read failed: {error}")))?
+        }
+    }
+
+    /// Waits (blocking) until everything queued is durable; for `resume`, which is synchronous.
+    fn flush_blocking(&self) -> Result<(), StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(Request::Flush(Reply::Blocking(reply)))?;
+        answer.recv().map_err(|_| closed())?
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Io("the store is closed".into())
+}
+
+fn answered(
+    answer: Result<Result<(), StoreError>, oneshot::error::RecvError>,
+) -> Result<(), StoreError> {
+    answer.map_err(|_| closed())?
+}
+
+/// Creates every table and checks the schema version.
+fn initialize(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let txn = db.begin_write().or_io("begin the first write")?;
+    {
+        txn.open_table(schema::SESSIONS).or_io("create tables")?;
+        txn.open_table(schema::SESSION_ORDER)
+            .or_io("create tables")?;
+        txn.open_table(schema::UNFINISHED).or_io("create tables")?;
+        txn.open_table(schema::TRANSITIONS).or_io("create tables")?;
+        txn.open_table(schema::OUTPUT).or_io("create tables")?;
+        txn.open_table(schema::OUTPUT_COUNTERS)
+            .or_io("create tables")?;
+        txn.open_table(schema::IDEMPOTENCY).or_io("create tables")?;
+        txn.open_table(schema::EVENTS).or_io("create tables")?;
+        txn.open_table(schema::EVENT_INDEX).or_io("create tables")?;
+        let mut meta = txn.open_table(META).or_io("create tables")?;
+        match schema::meta_get(&meta, META_SCHEMA).or_io("read meta")? {
+            0 => {
+                meta.insert(META_SCHEMA, SCHEMA_VERSION)
+                    .or_io("write meta")?;
+            }
+            SCHEMA_VERSION => {}
+            other => {
+                return Err(StoreError::Io(format!(
+                    "{} has store schema version {other}; this troupe reads version \
+                     {SCHEMA_VERSION}. Use a matching troupe or another data directory.",
+                    path.display()
+                )));
+            }
+        }
+    }
+    txn.commit().or_io("commit the first write")
+}
+
+impl SessionStore for Store {
+    fn create(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Request::Create {
+            record: Box::new(record),
+            reply: Reply::Async(reply),
+        });
+        Box::pin(async move {
+            sent?;
+            answered(answer.await)
+        })
+    }
+
+    fn transition(
+        &self,
+        record: SessionRecord,
+        transition: Transition,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Request::Transition {
+            record: Box::new(record),
+            transition,
+            reply: Reply::Async(reply),
+        });
+        Box::pin(async move {
+            sent?;
+            answered(answer.await)
+        })
+    }
+
+    fn append_output(
+        &self,
+        id: &SessionId,
+        stream: OutputStream,
+        first_line: u64,
+        lines: &[String],
+    ) {
+        if lines.is_empty() {
+            return;
+        }
+        self.enqueue_append(Request::Output {
+            id: id.clone(),
+            stream,
+            first_line,
+            lines: lines.to_vec(),
+        });
+    }
+
+    fn find_by_key(
+        &self,
+        key: &str,
+    ) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
+        let key = key.to_owned();
+        Box::pin(self.read(move |db| read::find_by_key(db, &key)))
+    }
+
+    fn get(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
+        let id = id.clone();
+        Box::pin(self.read(move |db| read::get(db, &id)))
+    }
+
+    fn unfinished(&self) -> BoxFuture<'static, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(self.read(read::unfinished))
+    }
+}
+
+impl EventStore for Store {
+    fn append(&self, item: &BusItem) {
+        self.enqueue_append(Request::Event(item.clone()));
+    }
+
+    /// Flushes queued appends first (blocking the caller for one commit, so a restarted bus
+    /// sees every event it accepted), then reads the counters and the newest events. The trait
+    /// cannot report a failure: one is logged and the counters read so far are returned.
+    fn resume(&self, ring_capacity: usize) -> StoreResume {
+        if let Err(error) = self.flush_blocking() {
+            tracing::warn!(%error, "store: could not flush before resuming the event bus");
+        }
+        match read::resume(&self.inner.db, &self.inner.node, ring_capacity) {
+            Ok(resume) => resume,
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "store: cannot read the event log; the bus starts from zero and event ids \
+                     may repeat"
+                );
+                StoreResume::default()
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The store's read side: blocking queries in redb read transactions (MVCC snapshots that run
+//! beside the writer without waiting for it). [`Store`](super::Store) runs them on tokio's
+//! blocking pool.
+
+use std::sync::Arc;
+
+use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable};
+use troupe_actors::event::{BusItem, Event, EventFilter, EventId, OutputStream, StoreResume};
+use troupe_actors::ids::{NodeId, SessionId};
+use troupe_actors::session::{SessionRecord, StoreError, Transition};
+
+use super::query::{
+    Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE, OutputLine,
+    OutputPage, SessionPage, SessionQuery,
+};
+use super::schema::{
+    EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, OUTPUT, OUTPUT_COUNTERS, OrIo,
+    OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED, corrupt, decode,
+    last_seq_key, meta_get,
+};
+
+type SessionsTable = ReadOnlyTable<&'static str, &'static [u8]>;
+
+fn begin(db: &Database) -> Result<ReadTransaction, StoreError> {
+    db.begin_read().or_io("begin a read transaction")
+}
+
+fn sessions_table(txn: &ReadTransaction) -> Result<SessionsTable, StoreError> {
+    txn.open_table(SESSIONS).or_io("open table sessions")
+}
+
+fn record(sessions: &SessionsTable, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+    match sessions.get(id).or_io("read sessions")? {
+        Some(bytes) => {
+            let record: SessionRecord = decode("sessions", id, bytes.value())?;
+            if record.id.as_str() != id {
+                return Err(corrupt("sessions", id, format!("it holds {}", record.id)));
+            }
+            Ok(Some(record))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A record an index names, which must exist.
+fn indexed_record(
+    sessions: &SessionsTable,
+    index: &str,
+    id: &str,
+) -> Result<SessionRecord, StoreError> {
+    record(sessions, id)?.ok_or_else(|| corrupt(index, id, "it names a session that is not stored"))
+}
+
+/// One session.
+pub(super) fn get(db: &Database, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+    let txn = begin(db)?;
+    record(&sessions_table(&txn)?, id.as_str())
+}
+
+/// The session holding an idempotency key.
+pub(super) fn find_by_key(db: &Database, key: &str) -> Result<Option<SessionRecord>, StoreError> {
+    let txn = begin(db)?;
+    let keys = txn
+        .open_table(IDEMPOTENCY)
+        .or_io("open table idempotency")?;
+    let Some(owner) = keys.get(key).or_io("read idempotency")? else {
+        return Ok(None);
+    };
+    indexed_record(&sessions_table(&txn)?, "idempotency", owner.value()).map(Some)
+}
+
+/// Sessions in queued, starting or running, oldest first.
+pub(super) fn unfinished(db: &Database) -> Result<Vec<SessionRecord>, StoreError> {
+    let txn = begin(db)?;
+    let sessions = sessions_table(&txn)?;
+    let unfinished = txn.open_table(UNFINISHED).or_io("open table unfinished")?;
+    let mut records = Vec::new();
+    for entry in unfinished.iter().or_io("read unfinished")? {
+        let (key, _) = entry.or_io("read unfinished")?;
+        let (_, id) = key.value();
+        let record = indexed_record(&sessions, "unfinished", id)?;
+        if !record.state.is_terminal() {
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
+/// A page of sessions, newest first.
+pub(super) fn list(db: &Database, query: &SessionQuery) -> Result<SessionPage, StoreError> {
+    let limit = query.limit.clamp(1, MAX_PAGE);
+    let cursor = query.cursor.as_deref().map(Cursor::decode).transpose()?;
+    let txn = begin(db)?;
+    let sessions = sessions_table(&txn)?;
+    let order = txn
+        .open_table(SESSION_ORDER)
+        .or_io("open table session_order")?;
+    let range = match &cursor {
+        Some(cursor) => order.range::<(u64, &str)>(..(cursor.created_micros, cursor.id.as_str())),
+        None => order.range::<(u64, &str)>(..),
+    }
+    .or_io("read session_order")?;
+    let mut page = SessionPage {
+        sessions: Vec::with_capacity(limit.min(64)),
+        next_cursor: None,
+    };
+    for entry in range.rev() {
+        let (key, _) = entry.or_io("read session_order")?;
+        let (_, id) = key.value();
+        let record = indexed_record(&sessions, "session_order", id)?;
+        if !query.matches(&record) {
+            continue;
+        }
+        if page.sessions.len() == limit {
+            // One more matches: there is a next page, which starts after our last one.
+            page.next_cursor = page.sessions.last().map(|last| Cursor::of(last).encode());
+            break;
+        }
+        page.sessions.push(record);
+    }
+    Ok(page)
+}
+
+/// A page of a session's output log.
+pub(super) fn output(
+    db: &Database,
+    id: &SessionId,
+    offset: u64,
+    limit: usize,
+) -> Result<OutputPage, StoreError> {
+    let key = id.as_str();
+    let txn = begin(db)?;
+    if record(&sessions_table(&txn)?, key)?.is_none() {
+        return Err(StoreError::NotFound(id.clone()));
+    }
+    let counters_table = txn
+        .open_table(OUTPUT_COUNTERS)
+        .or_io("open table output_counters")?;
+    let counters: OutputCounters = match counters_table.get(key).or_io("read output_counters")? {
+        Some(bytes) => decode("output_counters", key, bytes.value())?,
+        None => OutputCounters::default(),
+    };
+    let output = txn.open_table(OUTPUT).or_io("open table output")?;
+    let limit = limit.clamp(1, MAX_OUTPUT_PAGE);
+    let mut lines = Vec::with_capacity(limit.min(1024));
+    let start = offset.saturating_add(1);
+    for entry in output
+        .range((key, start)..=(key, u64::MAX))
+        .or_io("read output")?
+        .take(limit)
+    {
+        let (entry_key, value) = entry.or_io("read output")?;
+        let line = entry_key.value().1;
+        let (stream, text): (OutputStream, String) =
+            decode("output", format_args!("{key}/{line}"), value.value())?;
+        lines.push(OutputLine { line, stream, text });
+    }
+    let next_offset = lines.last().map_or(offset, |line| line.line);
+    Ok(OutputPage {
+        lines,
+        next_offset,
+        total: counters.last_line,
+        truncated: counters.truncated,
+    })
+}
+
+/// A session's transitions, in order.
+pub(super) fn transitions(db: &Database, id: &SessionId) -> Result<Vec<Transition>, StoreError> {
+    let key = id.as_str();
+    let txn = begin(db)?;
+    if record(&sessions_table(&txn)?, key)?.is_none() {
+        return Err(StoreError::NotFound(id.clone()));
+    }
+    let table = txn
+        .open_table(TRANSITIONS)
+        .or_io("open table transitions")?;
+    let mut transitions = Vec::new();
+    for entry in table
+        .range((key, 0)..=(key, u64::MAX))
+        .or_io("read transitions")?
+    {
+        let (entry_key, value) = entry.or_io("read transitions")?;
+        let n = entry_key.value().1;
+        transitions.push(decode(
+            "transitions",
+            format_args!("{key}/{n}"),
+            value.value(),
+        )?);
+    }
+    Ok(transitions)
+}
+
+fn event(pos: u64, bytes: &[u8]) -> Result<BusItem, StoreError> {
+    let event: Event = decode("events", pos, bytes)?;
+    Ok(BusItem {
+        pos,
+        event: Arc::new(event),
+    })
+}
+
+/// Events after `after` that match `filter`, in arrival order.
+pub(super) fn events_after(
+    db: &Database,
+    after: &EventId,
+    filter: &EventFilter,
+    limit: usize,
+) -> Result<EventsPage, StoreError> {
+    let limit = limit.clamp(1, MAX_EVENT_PAGE);
+    let txn = begin(db)?;
+    let index = txn
+        .open_table(EVENT_INDEX)
+        .or_io("open table event_index")?;
+    let Some(start) = index
+        .get((after.node.as_str(), after.seq))
+        .or_io("read event_index")?
+        .map(|pos| pos.value())
+    else {
+        return Ok(EventsPage::default());
+    };
+    let events = txn.open_table(EVENTS).or_io("open table events")?;
+    let mut page = EventsPage {
+        found: true,
+        through_pos: start,
+        ..EventsPage::default()
+    };
+    for (examined, entry) in events.range(start + 1..).or_io("read events")?.enumerate() {
+        if page.events.len() == limit || examined == MAX_EVENT_SCAN {
+            page.more = true;
+            break;
+        }
+        let (pos, value) = entry.or_io("read events")?;
+        let item = event(pos.value(), value.value())?;
+        page.through_pos = item.pos;
+        if filter.matches(&item.event) {
+            page.events.push(item);
+        }
+    }
+    Ok(page)
+}
+
+/// Counters and the most recent events, for the bus at start.
+pub(super) fn resume(
+    db: &Database,
+    node: &NodeId,
+    ring_capacity: usize,
+) -> Result<StoreResume, StoreError> {
+    let txn = begin(db)?;
+    let meta = txn.open_table(META).or_io("open table meta")?;
+    let events = txn.open_table(EVENTS).or_io("open table events")?;
+    let index = txn
+        .open_table(EVENT_INDEX)
+        .or_io("open table event_index")?;
+    let mut last_pos = meta_get(&meta, META_LAST_POS).or_io("read meta")?;
+    if let Some((pos, _)) = events.last().or_io("read events")? {
+        last_pos = last_pos.max(pos.value());
+    }
+    let mut last_seq = meta_get(&meta, &last_seq_key(node.as_str())).or_io("read meta")?;
+    let node_key = node.as_str();
+    if let Some(entry) = index
+        .range((node_key, 0)..=(node_key, u64::MAX))
+        .or_io("read event_index")?
+        .next_back()
+    {
+        let (key, _) = entry.or_io("read event_index")?;
+        last_seq = last_seq.max(key.value().1);
+    }
+    // The counters matter most (ids must never repeat); the ring is best effort: an unreadable
+    // event is left out, and a failure part way keeps what was read.
+    let mut recent = Vec::with_capacity(ring_capacity.min(65_536));
+    let read_recent = |recent: &mut Vec<BusItem>| -> Result<(), StoreError> {
+        for entry in events
+            .iter()
+            .or_io("read events")?
+            .rev()
+            .take(ring_capacity)
+        {
+            let (pos, value) = entry.or_io("read events")?;
+            match event(pos.value(), value.value()) {
+                Ok(item) => recent.push(item),
+                Err(error) => tracing::warn!(%error, "store: skipping an unreadable event"),
+            }
+        }
+        Ok(())
+    };
+    if let Err(error) = read_recent(&mut recent) {
+        tracing::error!(%error, "store: cannot read the newest events; the replay ring starts short");
+    }
+    recent.reverse();
+    Ok(StoreResume {
+        last_seq,
+        last_pos,
+        recent,
+    })
+}

@@ -1,0 +1,788 @@
+//! The store's single writer: one OS thread owns every write transaction.
+//!
+//! Group commit: the thread takes every request queued at the moment (up to
+//! `StoreConfig::max_batch`), applies them in order in ONE write transaction, commits once with
+//! `Durability::Immediate`, and only then answers the waiters. Creates and transitions are
+//! awaited, so a caller learns of success only once its write is on disk; output and event appends
+//! ride along in the same batches unanswered. One fsync is shared by everything in a batch, which
+//! is what makes hundreds of durable transitions per second possible.
+//!
+//! A request the store refuses (a conflict, a duplicate, a corrupt stored value) is answered with
+//! its error and writes nothing; the rest of the batch goes ahead. A storage failure aborts the
+//! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
+//! lost (and logged). Event-log retention runs here too, inside the batches' transactions.
+//!
+//! This thread never blocks on anything but the channel and the disk, and never calls back into
+//! async code: replies go through oneshot channels.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+use troupe_actors::event::{BusItem, EventId, OutputStream};
+use troupe_actors::ids::{NodeId, SessionId, Timestamp};
+use troupe_actors::session::{SessionRecord, StoreError, Transition};
+
+use super::StoreConfig;
+use super::query::PruneReport;
+use super::schema::{
+    EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_EVENT_BYTES, META_EVENT_COUNT, META_LAST_POS,
+    OUTPUT, OUTPUT_COUNTERS, OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
+    corrupt, decode, encode, event_overhead, last_seq_key, meta_get,
+};
+
+/// Most events one automatic retention pass deletes, so a commit stays short; the rest goes in
+/// the next passes, which follow at once.
+const PRUNE_CHUNK: u64 = 10_000;
+
+/// What the writer is asked to do.
+pub(super) enum Request {
+    /// Store a new session; answered after the commit.
+    Create {
+        record: Box<SessionRecord>,
+        reply: Reply,
+    },
+    /// Store a transition and the record after it; answered after the commit.
+    Transition {
+        record: Box<SessionRecord>,
+        transition: Transition,
+        reply: Reply,
+    },
+    /// Append output lines (not answered).
+    Output {
+        id: SessionId,
+        stream: OutputStream,
+        first_line: u64,
+        lines: Vec<String>,
+    },
+    /// Append an event (not answered).
+    Event(BusItem),
+    /// Answered once everything queued before it is committed.
+    Flush(Reply),
+    /// Apply retention as of `now`, whatever the schedule.
+    Prune {
+        now: Timestamp,
+        reply: oneshot::Sender<Result<PruneReport, StoreError>>,
+    },
+    /// Commit what is queued, stop the thread, then answer.
+    Close(Reply),
+}
+
+impl Request {
+    fn is_append(&self) -> bool {
+        matches!(self, Self::Output { .. } | Self::Event(_))
+    }
+}
+
+/// Where an answer goes: an async caller or a blocking one (the bus's `resume`).
+pub(super) enum Reply {
+    Async(oneshot::Sender<Result<(), StoreError>>),
+    Blocking(SyncSender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), StoreError>) {
+        // A caller that stopped waiting is not an error.
+        match self {
+            Self::Async(sender) => {
+                let _ = sender.send(result);
+            }
+            Self::Blocking(sender) => {
+                let _ = sender.send(result);
+            }
+        }
+    }
+}
+
+/// Counters shared between the handles and the writer.
+#[derive(Debug, Default)]
+pub(super) struct Stats {
+    /// Appends queued and not yet taken by the writer.
+    pub(super) pending_appends: AtomicUsize,
+    /// Appends refused because too many were pending, or because the writer had stopped.
+    pub(super) dropped_appends: AtomicU64,
+    /// Transactions committed.
+    pub(super) commits: AtomicU64,
+    /// Requests applied in them.
+    pub(super) requests: AtomicU64,
+    /// Time spent in `commit` (writing and syncing), in nanoseconds.
+    pub(super) commit_nanos: AtomicU64,
+    /// Batches lost to a storage failure.
+    pub(super) failed_batches: AtomicU64,
+    /// Events deleted by retention.
+    pub(super) pruned_events: AtomicU64,
+}
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    pub(super) db: Arc<Database>,
+    pub(super) node: NodeId,
+    pub(super) config: StoreConfig,
+    pub(super) rx: Receiver<Request>,
+    pub(super) stats: Arc<Stats>,
+}
+
+impl Writer {
+    /// Runs until every handle is gone or a `Close` arrives; everything queued before either is
+    /// committed first.
+    pub(super) fn run(self) {
+        let Writer {
+            db,
+            node,
+            config,
+            rx,
+            stats,
+        } = self;
+        let mut state = WriterState {
+            node,
+            config,
+            stats,
+            next_age_prune: Instant::now(),
+            prune_backlog: false,
+        };
+        let mut closers = Vec::new();
+        let mut closed = Ok(());
+        loop {
+            let wait = if state.prune_backlog {
+                Duration::ZERO
+            } else {
+                state
+                    .next_age_prune
+                    .saturating_duration_since(Instant::now())
+            };
+            let mut batch = Vec::new();
+            match rx.recv_timeout(wait) {
+                Ok(request) => batch.push(request),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < state.config.max_batch.max(1) {
+                match rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            let appends = batch.iter().filter(|request| request.is_append()).count();
+            state
+                .stats
+                .pending_appends
+                .fetch_sub(appends, Ordering::Relaxed);
+            let outcome = state.commit(&db, batch, &mut closers);
+            if !closers.is_empty() {
+                closed = outcome;
+                break;
+            }
+        }
+        // Refuse what came after the close: queued appends are counted as dropped, waiters hear
+        // that the store is closed (by their reply being dropped). Then release the file before
+        // saying the store is closed (a reader may still hold the database for a moment; the
+        // last of them closes it).
+        let late_appends = rx.try_iter().filter(Request::is_append).count();
+        drop(rx);
+        stats_after_close(&state.stats, late_appends);
+        drop(db);
+        for closer in closers {
+            closer.send(closed.clone());
+        }
+    }
+}
+
+fn stats_after_close(stats: &Stats, late_appends: usize) {
+    stats
+        .pending_appends
+        .fetch_sub(late_appends, Ordering::Relaxed);
+    stats
+        .dropped_appends
+        .fetch_add(late_appends as u64, Ordering::Relaxed);
+}
+
+struct WriterState {
+    node: NodeId,
+    config: StoreConfig,
+    stats: Arc<Stats>,
+    next_age_prune: Instant,
+    prune_backlog: bool,
+}
+
+/// Why one request was not applied.
+enum OpError {
+    /// The store refuses it; the rest of the batch goes ahead.
+    Rejected(StoreError),
+    /// The storage failed; the whole batch is aborted.
+    Storage(redb::Error),
+}
+
+impl From<StoreError> for OpError {
+    fn from(error: StoreError) -> Self {
+        Self::Rejected(error)
+    }
+}
+
+impl From<redb::StorageError> for OpError {
+    fn from(error: redb::StorageError) -> Self {
+        Self::Storage(error.into())
+    }
+}
+
+/// A waiter and its answer, sent after the commit.
+enum Answer {
+    Done(Reply, Result<(), StoreError>),
+    Pruned(oneshot::Sender<Result<PruneReport, StoreError>>),
+}
+
+impl WriterState {
+    /// Applies one batch in one transaction and answers its waiters; says how it went.
+    fn commit(
+        &mut self,
+        db: &Database,
+        batch: Vec<Request>,
+        closers: &mut Vec<Reply>,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let age_due = now >= self.next_age_prune;
+        if batch.is_empty() && !age_due && !self.prune_backlog {
+            return Ok(());
+        }
+        let requests = batch.len() as u64;
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut report = None;
+        let outcome = self.apply(db, batch, age_due, &mut answers, closers, &mut report);
+        match outcome {
+            Ok(committed) => {
+                self.stats
+                    .commits
+                    .fetch_add(u64::from(committed), Ordering::Relaxed);
+                self.stats.requests.fetch_add(requests, Ordering::Relaxed);
+                if age_due {
+                    self.next_age_prune = Instant::now() + self.prune_interval();
+                }
+                let report = report.unwrap_or_default();
+                self.stats
+                    .pruned_events
+                    .fetch_add(report.removed, Ordering::Relaxed);
+                for answer in answers {
+                    match answer {
+                        Answer::Done(reply, result) => reply.send(result),
+                        Answer::Pruned(reply) => {
+                            let _ = reply.send(Ok(report));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                // Try retention again later rather than in a tight loop on a failing disk.
+                self.prune_backlog = false;
+                self.next_age_prune = Instant::now() + self.prune_interval();
+                tracing::error!(
+                    %error,
+                    requests,
+                    "store: a write batch failed and was rolled back; its waiters get the error \
+                     and its output and event appends are lost"
+                );
+                for answer in answers {
+                    match answer {
+                        Answer::Done(reply, _) => reply.send(Err(error.clone())),
+                        Answer::Pruned(reply) => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        db: &Database,
+        batch: Vec<Request>,
+        age_due: bool,
+        answers: &mut Vec<Answer>,
+        closers: &mut Vec<Reply>,
+        report: &mut Option<PruneReport>,
+    ) -> Result<bool, StoreError> {
+        let io = |error: redb::Error| StoreError::Io(format!("write transaction: {error}"));
+        // Whether anything was written: a batch of flushes, refusals and empty retention passes
+        // is not worth a commit (everything before it is committed already).
+        let mut dirty = false;
+        let mut failure: Option<StoreError> = None;
+        let mut txn = match db.begin_write() {
+            Ok(txn) => Some(txn),
+            Err(error) => {
+                failure = Some(io(error.into()));
+                None
+            }
+        };
+        if let Some(txn) = &mut txn
+            && let Err(error) = self.prepare(txn)
+        {
+            failure = Some(io(error));
+        }
+        {
+            let mut tables = match &txn {
+                Some(txn) if failure.is_none() => match Tables::open(txn, &self.node) {
+                    Ok(tables) => Some(tables),
+                    Err(error) => {
+                        failure = Some(io(error));
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let mut explicit_prune = None;
+            for request in batch {
+                // After a storage failure nothing more is applied; waiters are still collected so
+                // that every one of them hears of the failure.
+                let (tables, failure) = (&mut tables, &mut failure);
+                match request {
+                    Request::Create { record, reply } => {
+                        let result = run_op(tables, failure, |tables| tables.create(&record));
+                        dirty |= result.is_ok();
+                        answers.push(Answer::Done(reply, result));
+                    }
+                    Request::Transition {
+                        record,
+                        transition,
+                        reply,
+                    } => {
+                        let result = run_op(tables, failure, |tables| {
+                            tables.transition(&record, &transition)
+                        });
+                        dirty |= result.is_ok();
+                        answers.push(Answer::Done(reply, result));
+                    }
+                    Request::Output {
+                        id,
+                        stream,
+                        first_line,
+                        lines,
+                    } => {
+                        let config = &self.config;
+                        let result = run_op(tables, failure, |tables| {
+                            tables.output(config, &id, stream, first_line, &lines)
+                        });
+                        dirty |= result.is_ok();
+                        if let Err(error) = result
+                            && failure.is_none()
+                        {
+                            tracing::warn!(session = %id, %error, "store: output lines not stored");
+                        }
+                    }
+                    Request::Event(item) => {
+                        let result = run_op(tables, failure, |tables| tables.event(&item));
+                        dirty |= result.is_ok();
+                        if let Err(error) = result
+                            && failure.is_none()
+                        {
+                            tracing::warn!(event = %item.event.id, %error, "store: event not stored");
+                        }
+                    }
+                    Request::Flush(reply) => answers.push(Answer::Done(reply, Ok(()))),
+                    Request::Prune { now, reply } => {
+                        explicit_prune =
+                            Some(explicit_prune.map_or(now, |earlier: Timestamp| earlier.max(now)));
+                        answers.push(Answer::Pruned(reply));
+                    }
+                    Request::Close(reply) => closers.push(reply),
+                }
+            }
+            if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
+                match self.retention(tables, age_due, explicit_prune) {
+                    Ok(done) => {
+                        dirty |= done.removed > 0;
+                        *report = Some(done);
+                    }
+                    Err(error) => failure = Some(io(error)),
+                }
+                if failure.is_none()
+                    && let Err(error) = tables.save_totals()
+                {
+                    failure = Some(io(error.into()));
+                }
+            }
+        }
+        let txn = match (txn, failure) {
+            (Some(txn), None) => txn,
+            // Dropping the transaction aborts it.
+            (_, Some(error)) => return Err(error),
+            (None, None) => return Err(StoreError::Io("write transaction: not started".into())),
+        };
+        if !dirty {
+            txn.abort().map_err(|error| io(error.into()))?;
+            return Ok(false);
+        }
+        let started = Instant::now();
+        txn.commit().map_err(|error| io(error.into()))?;
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.commit_nanos.fetch_add(took, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// At least a second: an age pass costs a transaction even when it finds nothing.
+    fn prune_interval(&self) -> Duration {
+        self.config.prune_interval.max(Duration::from_secs(1))
+    }
+
+    fn prepare(&self, txn: &mut WriteTransaction) -> Result<(), redb::Error> {
+        txn.set_durability(Durability::Immediate)?;
+        txn.set_quick_repair(self.config.quick_repair);
+        Ok(())
+    }
+
+    /// Deletes the oldest events while the log is over its count or byte budget, or (when due,
+    /// or asked explicitly) while they are older than the retention.
+    fn retention(
+        &mut self,
+        tables: &mut Tables<'_>,
+        age_due: bool,
+        explicit: Option<Timestamp>,
+    ) -> Result<PruneReport, redb::Error> {
+        let now = explicit.or(age_due.then(Timestamp::now));
+        let cutoff = now.map(|now| {
+            let retention =
+                u64::try_from(self.config.event_retention.as_micros()).unwrap_or(u64::MAX);
+            Timestamp::from_micros(now.as_micros().saturating_sub(retention))
+        });
+        // An explicit prune finishes the job; automatic ones work in chunks.
+        let chunk = if explicit.is_some() {
+            u64::MAX
+        } else {
+            PRUNE_CHUNK
+        };
+        let removed = tables.prune(&self.config, cutoff, chunk)?;
+        self.prune_backlog = removed == chunk;
+        Ok(PruneReport {
+            removed,
+            remaining: tables.totals.count,
+            remaining_bytes: tables.totals.bytes,
+            cutoff: cutoff.unwrap_or_default(),
+        })
+    }
+}
+
+/// Applies one request unless the batch already failed; a storage failure fails the batch.
+fn run_op(
+    tables: &mut Option<Tables<'_>>,
+    failure: &mut Option<StoreError>,
+    op: impl FnOnce(&mut Tables<'_>) -> Result<(), OpError>,
+) -> Result<(), StoreError> {
+    let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) else {
+        return Err(StoreError::Io("the batch was aborted".into()));
+    };
+    match op(tables) {
+        Ok(()) => Ok(()),
+        Err(OpError::Rejected(error)) => Err(error),
+        Err(OpError::Storage(error)) => {
+            let error = StoreError::Io(format!("write transaction: {error}"));
+            *failure = Some(error.clone());
+            Err(error)
+        }
+    }
+}
+
+/// The event log's counters, read at the start of a batch and written back at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    bytes: u64,
+    count: u64,
+    last_pos: u64,
+    last_seq: u64,
+}
+
+/// The fields of a stored event that retention needs.
+#[derive(Deserialize)]
+struct EventHead {
+    id: EventId,
+    at: Timestamp,
+}
+
+/// Every table, open in one write transaction.
+struct Tables<'txn> {
+    sessions: Table<'txn, &'static str, &'static [u8]>,
+    order: Table<'txn, (u64, &'static str), ()>,
+    unfinished: Table<'txn, (u64, &'static str), ()>,
+    transitions: Table<'txn, (&'static str, u64), &'static [u8]>,
+    output: Table<'txn, (&'static str, u64), &'static [u8]>,
+    output_counters: Table<'txn, &'static str, &'static [u8]>,
+    keys: Table<'txn, &'static str, &'static str>,
+    events: Table<'txn, u64, &'static [u8]>,
+    event_index: Table<'txn, (&'static str, u64), u64>,
+    meta: Table<'txn, &'static str, u64>,
+    node: String,
+    last_seq_key: String,
+    totals: Totals,
+    loaded: Totals,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction, node: &NodeId) -> Result<Self, redb::Error> {
+        let meta = txn.open_table(META)?;
+        let last_seq_key = last_seq_key(node.as_str());
+        let totals = Totals {
+            bytes: meta_get(&meta, META_EVENT_BYTES)?,
+            count: meta_get(&meta, META_EVENT_COUNT)?,
+            last_pos: meta_get(&meta, META_LAST_POS)?,
+            last_seq: meta_get(&meta, &last_seq_key)?,
+        };
+        Ok(Self {
+            sessions: txn.open_table(SESSIONS)?,
+            order: txn.open_table(SESSION_ORDER)?,
+            unfinished: txn.open_table(UNFINISHED)?,
+            transitions: txn.open_table(TRANSITIONS)?,
+            output: txn.open_table(OUTPUT)?,
+            output_counters: txn.open_table(OUTPUT_COUNTERS)?,
+            keys: txn.open_table(IDEMPOTENCY)?,
+            events: txn.open_table(EVENTS)?,
+            event_index: txn.open_table(EVENT_INDEX)?,
+            meta,
+            node: node.as_str().to_owned(),
+            last_seq_key,
+            totals,
+            loaded: totals,
+        })
+    }
+
+    fn save_totals(&mut self) -> Result<(), redb::StorageError> {
+        if self.totals == self.loaded {
+            return Ok(());
+        }
+        self.meta.insert(META_EVENT_BYTES, self.totals.bytes)?;
+        self.meta.insert(META_EVENT_COUNT, self.totals.count)?;
+        self.meta.insert(META_LAST_POS, self.totals.last_pos)?;
+        self.meta
+            .insert(self.last_seq_key.as_str(), self.totals.last_seq)?;
+        self.loaded = self.totals;
+        Ok(())
+    }
+
+    fn stored_record(&self, id: &str) -> Result<Option<SessionRecord>, OpError> {
+        let Some(bytes) = self.sessions.get(id)? else {
+            return Ok(None);
+        };
+        Ok(Some(decode("sessions", id, bytes.value())?))
+    }
+
+    fn create(&mut self, record: &SessionRecord) -> Result<(), OpError> {
+        let id = record.id.as_str();
+        if self.sessions.get(id)?.is_some() {
+            return Err(StoreError::Exists(record.id.clone()).into());
+        }
+        let key = record.spec.idempotency_key.as_deref();
+        if let Some(key) = key
+            && let Some(owner) = self.keys.get(key)?
+        {
+            let owner = owner.value();
+            let owner =
+                SessionId::new(owner).map_err(|error| corrupt("idempotency", key, error))?;
+            return Err(StoreError::Exists(owner).into());
+        }
+        let bytes = encode("sessions", id, record)?;
+        let created = record.created_at.as_micros();
+        self.sessions.insert(id, bytes.as_slice())?;
+        self.order.insert((created, id), ())?;
+        if !record.state.is_terminal() {
+            self.unfinished.insert((created, id), ())?;
+        }
+        if let Some(key) = key {
+            self.keys.insert(key, id)?;
+        }
+        Ok(())
+    }
+
+    fn transition(
+        &mut self,
+        record: &SessionRecord,
+        transition: &Transition,
+    ) -> Result<(), OpError> {
+        let id = record.id.as_str();
+        let stored = self
+            .stored_record(id)?
+            .ok_or_else(|| StoreError::NotFound(record.id.clone()))?;
+        if stored.state != transition.from {
+            return Err(StoreError::Conflict {
+                id: record.id.clone(),
+                expected: transition.from,
+                actual: stored.state,
+            }
+            .into());
+        }
+        if !transition.from.can_become(transition.to) {
+            return Err(StoreError::Invalid(format!(
+                "session {id}: a session cannot go from {} to {}",
+                transition.from, transition.to
+            ))
+            .into());
+        }
+        if record.state != transition.to {
+            return Err(StoreError::Invalid(format!(
+                "session {id}: the record says {} but the transition goes to {}",
+                record.state, transition.to
+            ))
+            .into());
+        }
+        if record.created_at != stored.created_at {
+            return Err(StoreError::Invalid(format!(
+                "session {id}: created_at cannot change (stored {}, given {})",
+                stored.created_at, record.created_at
+            ))
+            .into());
+        }
+        let next = match self
+            .transitions
+            .range((id, 0)..=(id, u64::MAX))?
+            .next_back()
+        {
+            Some(entry) => entry?.0.value().1 + 1,
+            None => 0,
+        };
+        let transition_bytes = encode("transitions", format_args!("{id}/{next}"), transition)?;
+        let record_bytes = encode("sessions", id, record)?;
+        self.transitions
+            .insert((id, next), transition_bytes.as_slice())?;
+        self.sessions.insert(id, record_bytes.as_slice())?;
+        if transition.to.is_terminal() {
+            self.unfinished
+                .remove((stored.created_at.as_micros(), id))?;
+        }
+        Ok(())
+    }
+
+    fn output(
+        &mut self,
+        config: &StoreConfig,
+        id: &SessionId,
+        stream: OutputStream,
+        first_line: u64,
+        lines: &[String],
+    ) -> Result<(), OpError> {
+        let key = id.as_str();
+        if self.sessions.get(key)?.is_none() {
+            return Err(StoreError::NotFound(id.clone()).into());
+        }
+        let mut counters: OutputCounters = match self.output_counters.get(key)? {
+            Some(bytes) => decode("output_counters", key, bytes.value())?,
+            None => OutputCounters::default(),
+        };
+        let before = counters;
+        for (line, text) in (first_line..).zip(lines) {
+            // A line number seen before is a redelivery (a restarted session actor): skip it.
+            if line <= counters.last_line {
+                continue;
+            }
+            counters.last_line = line;
+            let bytes = text.len() as u64;
+            if counters.capped
+                || counters.stored_lines >= config.max_output_lines
+                || counters.stored_bytes + bytes > config.max_output_bytes
+            {
+                counters.capped = true;
+                counters.truncated += 1;
+                continue;
+            }
+            let value = encode("output", format_args!("{key}/{line}"), &(stream, text))?;
+            self.output.insert((key, line), value.as_slice())?;
+            counters.stored_lines += 1;
+            counters.stored_bytes += bytes;
+        }
+        if counters != before {
+            let value = encode("output_counters", key, &counters)?;
+            self.output_counters.insert(key, value.as_slice())?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, item: &BusItem) -> Result<(), OpError> {
+        let id = &item.event.id;
+        let node = id.node.as_str();
+        let value = encode("events", item.pos, &*item.event)?;
+        let overhead = event_overhead(node);
+        if let Some(old) = self.events.insert(item.pos, value.as_slice())? {
+            // The same position twice (it should not happen): replace, keep the totals right.
+            let old_bytes = old.value().len() as u64 + overhead;
+            self.totals.bytes = self.totals.bytes.saturating_sub(old_bytes);
+            self.totals.count = self.totals.count.saturating_sub(1);
+        }
+        self.event_index.insert((node, id.seq), item.pos)?;
+        self.totals.bytes += value.len() as u64 + overhead;
+        self.totals.count += 1;
+        self.totals.last_pos = self.totals.last_pos.max(item.pos);
+        if node == self.node {
+            self.totals.last_seq = self.totals.last_seq.max(id.seq);
+        }
+        Ok(())
+    }
+
+    /// Deletes events from the oldest on while the log is over budget or they are older than
+    /// `cutoff`; at most `max` of them.
+    fn prune(
+        &mut self,
+        config: &StoreConfig,
+        cutoff: Option<Timestamp>,
+        max: u64,
+    ) -> Result<u64, redb::Error> {
+        let mut removed = 0;
+        while removed < max {
+            let over_budget = self.totals.bytes > config.event_retention_bytes
+                || self.totals.count > config.event_retention_count;
+            if !over_budget && cutoff.is_none() {
+                break;
+            }
+            let (pos, bytes, head) = {
+                let Some((pos, value)) = self.events.first()? else {
+                    break;
+                };
+                let value = value.value();
+                (
+                    pos.value(),
+                    value.len() as u64,
+                    serde_json::from_slice::<EventHead>(value),
+                )
+            };
+            let expired = match (&head, cutoff) {
+                (Ok(head), Some(cutoff)) => head.at < cutoff,
+                (Ok(_), None) => false,
+                // Unreadable: it cannot be served anyway, and it is the oldest.
+                (Err(_), _) => true,
+            };
+            if !(over_budget || expired) {
+                break;
+            }
+            let head = match head {
+                Ok(head) => Some(head),
+                Err(error) => {
+                    tracing::warn!(pos, %error, "store: deleting an unreadable event");
+                    None
+                }
+            };
+            self.events.remove(pos)?;
+            let mut overhead = event_overhead("");
+            if let Some(head) = head {
+                let key = (head.id.node.as_str(), head.id.seq);
+                overhead = event_overhead(key.0);
+                // Only when the index still points here (a later copy may own the id now).
+                let points_here = self
+                    .event_index
+                    .get(key)?
+                    .is_some_and(|indexed| indexed.value() == pos);
+                if points_here {
+                    self.event_index.remove(key)?;
+                }
+            }
+            self.totals.bytes = self.totals.bytes.saturating_sub(bytes + overhead);
+            self.totals.count = self.totals.count.saturating_sub(1);
+            removed += 1;
+        }
+        if self.events.is_empty()? {
+            // Approximations must not drift forever.
+            self.totals.bytes = 0;
+            self.totals.count = 0;
+        }
+        Ok(removed)
+    }
+}
