@@ -21,13 +21,19 @@ use troupe_actors::event::{
 use troupe_actors::health::{HealthConfig, HealthReport};
 use troupe_actors::ids::{ActorPath, NodeId};
 use troupe_actors::kernel::{CallError, FaultError, FaultKind};
-use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError};
+use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts};
 use troupe_actors::registry::Registry;
+use troupe_actors::session::{OutputLimits, SessionSettings};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
 
 use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
 use crate::config::{Config, ConfigError};
 use crate::metrics::NodeMetrics;
+use crate::process::LocalRunner;
+use crate::session::SessionService;
+use crate::session::commands::{NoGateway, NodeCommands};
+use crate::session::request::RequestPolicy;
+use crate::store::{Store, StoreConfig};
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,14 @@ pub enum NodeError {
     /// The supervision tree did not start.
     #[error(transparent)]
     Tree(#[from] NodeTreeError),
+    /// The store in the data directory could not be opened.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why.
+        source: troupe_actors::session::StoreError,
+    },
     /// The HTTP listener could not be bound.
     #[error(
         "cannot listen on {addr}: {source}; choose another address with --listen or http.listen"
@@ -123,8 +137,48 @@ impl NodeBuilder {
             );
         }
 
-        let tree =
-            NodeTree::start(tree_config(&config, node_id.clone()), NodePorts::default()).await?;
+        let policy = request_policy(&config)?;
+        let store = Store::open(
+            &data_dir,
+            node_id.clone(),
+            StoreConfig {
+                event_retention: Duration::from_secs(config.events.retention_secs),
+                event_retention_bytes: config.events.retention_bytes,
+                ..StoreConfig::default()
+            },
+        )
+        .await
+        .map_err(|source| NodeError::Store {
+            dir: data_dir.clone(),
+            source,
+        })?;
+        let commands = NodeCommands::new(
+            Box::new(NoGateway),
+            config
+                .providers
+                .iter()
+                .filter_map(|provider| provider.api_key_env.clone())
+                .collect(),
+            policy.workspace_roots[0].clone(),
+        );
+        let ports = NodePorts {
+            event_store: Some(Arc::new(store.clone())),
+            sessions: Some(SessionPorts {
+                runner: Arc::new(LocalRunner::new(OutputLimits::default())),
+                store: Arc::new(store.clone()),
+                commands: Arc::new(commands),
+            }),
+        };
+        let tree = NodeTree::start(tree_config(&config, node_id.clone()), ports).await?;
+        let sessions = SessionService::new(
+            tree.session_manager
+                .clone()
+                .expect("the node always runs sessions"),
+            store.clone(),
+            policy,
+            node_id.clone(),
+            tree.events.clone(),
+        );
         let metrics = NodeMetrics::new(
             tree.directory.clone(),
             tree.events.clone(),
@@ -138,6 +192,8 @@ impl NodeBuilder {
             admin_token_path,
             metrics,
             tree,
+            sessions,
+            store,
             shutting_down: AtomicBool::new(false),
             config,
         });
@@ -149,6 +205,7 @@ impl NodeBuilder {
                 Ok(started) => started,
                 Err(error) => {
                     core.tree.shutdown(Duration::from_secs(10)).await;
+                    let _ = core.store.clone().close().await;
                     return Err(error);
                 }
             }
@@ -229,7 +286,46 @@ fn tree_config(config: &Config, node: NodeId) -> NodeTreeConfig {
         degraded_after_restarts: config.health.degraded_after_restarts,
         ..HealthConfig::default()
     };
+    tree.sessions = SessionSettings {
+        max_concurrent: config.sessions.max_concurrent,
+        queue_capacity: config.sessions.queue_capacity,
+        long_running_after: Duration::from_secs(config.sessions.long_running_after_secs),
+        default_timeout: Duration::from_secs(config.sessions.default_timeout_secs),
+        kill_grace: Duration::from_secs(config.sessions.kill_grace_secs),
+        ..SessionSettings::default()
+    };
     tree
+}
+
+/// Workspace roots (canonical; the current directory when none are configured) and the program
+/// allow-list.
+fn request_policy(config: &Config) -> Result<RequestPolicy, NodeError> {
+    let configured =
+        if config.sessions.workspace_roots.is_empty() {
+            vec![std::env::current_dir().map_err(|error| ConfigError::Semantic {
+            key: "sessions.workspace_roots".into(),
+            message: format!(
+                "none is configured and the current directory cannot be read ({error}); set one"
+            ),
+        })?]
+        } else {
+            config.sessions.workspace_roots.clone()
+        };
+    let mut workspace_roots = Vec::with_capacity(configured.len());
+    for (index, root) in configured.iter().enumerate() {
+        let canonical = std::fs::canonicalize(root).map_err(|error| ConfigError::Semantic {
+            key: format!("sessions.workspace_roots[{index}]"),
+            message: format!(
+                "{} cannot be used ({error}); create it or fix the path",
+                root.display()
+            ),
+        })?;
+        workspace_roots.push(canonical);
+    }
+    Ok(RequestPolicy {
+        workspace_roots,
+        allowed_programs: config.sessions.allowed_programs.clone(),
+    })
 }
 
 /// What the front ends share: the tree, the configuration, tokens, metrics.
@@ -250,6 +346,10 @@ pub struct NodeCore {
     pub limiter: RequestLimiter,
     /// `/metrics`.
     pub metrics: NodeMetrics,
+    /// Sessions.
+    pub sessions: SessionService,
+    /// The store.
+    pub store: Store,
     shutting_down: AtomicBool,
 }
 
@@ -358,6 +458,9 @@ impl NodeHandle {
         }
         let timeout = Duration::from_secs(core.config.supervision.shutdown_timeout_secs);
         core.tree.shutdown(timeout).await;
+        if first && let Err(error) = core.store.clone().close().await {
+            tracing::warn!(%error, "the store did not close cleanly");
+        }
         if let Some(server) = server.take() {
             let mut task = server.task;
             if tokio::time::timeout(Duration::from_secs(5), &mut task)

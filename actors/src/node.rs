@@ -310,6 +310,19 @@ impl NodeTree {
     /// Stops the tree: every supervisor stops its children in reverse start order, each
     /// gracefully within its timeout, then killed. Afterwards every handle reports `Stopped`.
     pub async fn shutdown(&self, timeout: Duration) {
+        if let Some(sessions) = &self.session_manager
+            && !self.has_exited()
+        {
+            // Running sessions end first, recorded as interrupted; queued ones wait for the
+            // next start.
+            let drained = sessions
+                .manager
+                .call(|reply| ManagerMsg::Drain { reply }, timeout)
+                .await;
+            if let Err(error) = drained {
+                tracing::warn!(%error, "sessions did not all end before the shutdown timeout");
+            }
+        }
         if !self.has_exited() {
             let stopped = self
                 .root_cell

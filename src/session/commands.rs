@@ -69,7 +69,9 @@ impl CommandBuilder for NodeCommands {
                 let access = self.gateway.access_for(record);
                 let mut command = aider_command(aider, workdir, access.as_ref());
                 if access.is_some() {
-                    command.env_remove.extend(self.provider_key_env.iter().cloned());
+                    command
+                        .env_remove
+                        .extend(self.provider_key_env.iter().cloned());
                 }
                 Ok(command)
             }

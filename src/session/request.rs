@@ -188,7 +188,16 @@ impl SessionRequest {
     pub fn into_spec(self, policy: &RequestPolicy) -> Result<SessionSpec, RequestError> {
         let kind = match self.kind.as_str() {
             "command" => {
-                self.refuse("command", &[("message", self.message.is_some()), ("files", self.files.is_some()), ("model", self.model.is_some()), ("git", self.git.is_some()), ("messages", self.messages.is_some())])?;
+                self.refuse(
+                    "command",
+                    &[
+                        ("message", self.message.is_some()),
+                        ("files", self.files.is_some()),
+                        ("model", self.model.is_some()),
+                        ("git", self.git.is_some()),
+                        ("messages", self.messages.is_some()),
+                    ],
+                )?;
                 let program = self.program.clone().ok_or(RequestError::Missing {
                     field: "program",
                     kind: "command",
@@ -209,7 +218,14 @@ impl SessionRequest {
                 })
             }
             "aider" => {
-                self.refuse("aider", &[("program", self.program.is_some()), ("env", self.env.is_some()), ("messages", self.messages.is_some())])?;
+                self.refuse(
+                    "aider",
+                    &[
+                        ("program", self.program.is_some()),
+                        ("env", self.env.is_some()),
+                        ("messages", self.messages.is_some()),
+                    ],
+                )?;
                 let message = self.message.clone().ok_or(RequestError::Missing {
                     field: "message",
                     kind: "aider",
@@ -241,7 +257,18 @@ impl SessionRequest {
                 })
             }
             "chat" => {
-                self.refuse("chat", &[("program", self.program.is_some()), ("args", self.args.is_some()), ("env", self.env.is_some()), ("workdir", self.workdir.is_some()), ("message", self.message.is_some()), ("files", self.files.is_some()), ("git", self.git.is_some())])?;
+                self.refuse(
+                    "chat",
+                    &[
+                        ("program", self.program.is_some()),
+                        ("args", self.args.is_some()),
+                        ("env", self.env.is_some()),
+                        ("workdir", self.workdir.is_some()),
+                        ("message", self.message.is_some()),
+                        ("files", self.files.is_some()),
+                        ("git", self.git.is_some()),
+                    ],
+                )?;
                 SessionKind::Chat(ChatSession {
                     model: self.model.clone().ok_or(RequestError::Missing {
                         field: "model",
@@ -272,7 +299,11 @@ impl SessionRequest {
         })
     }
 
-    fn refuse(&self, kind: &'static str, fields: &[(&'static str, bool)]) -> Result<(), RequestError> {
+    fn refuse(
+        &self,
+        kind: &'static str,
+        fields: &[(&'static str, bool)],
+    ) -> Result<(), RequestError> {
         match fields.iter().find(|(_, present)| *present) {
             Some((field, _)) => Err(RequestError::NotApplicable { field, kind }),
             None => Ok(()),
@@ -300,9 +331,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("proj")).unwrap();
         let policy = policy(dir.path(), &[]);
-        let command = parse(r#"{"kind": "command", "program": "sh", "args": ["-c", "echo hi"], "env": {"K": "V"},
+        let command = parse(
+            r#"{"kind": "command", "program": "sh", "args": ["-c", "echo hi"], "env": {"K": "V"},
             "workdir": "proj", "timeout_secs": 600, "priority": 7, "labels": {"team": "web"},
-            "idempotency_key": "k1", "placement": "least_loaded"}"#)
+            "idempotency_key": "k1", "placement": "least_loaded"}"#,
+        )
         .unwrap()
         .into_spec(&policy)
         .unwrap();
@@ -319,7 +352,9 @@ mod tests {
             .unwrap()
             .into_spec(&policy)
             .unwrap();
-        assert!(matches!(aider.kind, SessionKind::Aider(ref a) if a.files == ["src/lib.rs"] && !a.git));
+        assert!(
+            matches!(aider.kind, SessionKind::Aider(ref a) if a.files == ["src/lib.rs"] && !a.git)
+        );
         let chat = parse(r#"{"kind": "chat", "model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}"#)
             .unwrap()
             .into_spec(&policy)
@@ -331,15 +366,33 @@ mod tests {
     fn unknown_fields_and_kinds_are_refused() {
         assert!(parse(r#"{"kind": "command", "program": "sh", "colour": "red"}"#).is_err());
         let dir = tempfile::tempdir().unwrap();
-        let error = parse(r#"{"kind": "robot"}"#).unwrap().into_spec(&policy(dir.path(), &[])).unwrap_err();
+        let error = parse(r#"{"kind": "robot"}"#)
+            .unwrap()
+            .into_spec(&policy(dir.path(), &[]))
+            .unwrap_err();
         assert_eq!(error.field(), Some("kind"));
         let error = parse(r#"{"kind": "command", "program": "sh", "message": "x"}"#)
             .unwrap()
             .into_spec(&policy(dir.path(), &[]))
             .unwrap_err();
-        assert_eq!(error, RequestError::NotApplicable { field: "message", kind: "command" });
-        let error = parse(r#"{"kind": "command"}"#).unwrap().into_spec(&policy(dir.path(), &[])).unwrap_err();
-        assert_eq!(error, RequestError::Missing { field: "program", kind: "command" });
+        assert_eq!(
+            error,
+            RequestError::NotApplicable {
+                field: "message",
+                kind: "command"
+            }
+        );
+        let error = parse(r#"{"kind": "command"}"#)
+            .unwrap()
+            .into_spec(&policy(dir.path(), &[]))
+            .unwrap_err();
+        assert_eq!(
+            error,
+            RequestError::Missing {
+                field: "program",
+                kind: "command"
+            }
+        );
     }
 
     #[test]
@@ -352,11 +405,20 @@ mod tests {
         let policy = policy(&root, &[]);
         assert!(policy.resolve_workdir(Some("ok")).is_ok());
         assert!(policy.resolve_workdir(None).is_ok());
-        for bad in ["../outside", "escape", "/etc", "missing", "ok/../../outside"] {
+        for bad in [
+            "../outside",
+            "escape",
+            "/etc",
+            "missing",
+            "ok/../../outside",
+        ] {
             let error = policy.resolve_workdir(Some(bad)).unwrap_err();
             assert!(matches!(error, RequestError::Workdir(_)), "{bad}: {error}");
         }
-        let message = policy.resolve_workdir(Some("/etc")).unwrap_err().to_string();
+        let message = policy
+            .resolve_workdir(Some("/etc"))
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("outside the workspace roots"), "{message}");
         assert!(message.contains("sessions.workspace_roots"), "{message}");
     }
@@ -366,7 +428,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let policy = policy(dir.path(), &["sh", "aider"]);
         assert!(policy.check_program("sh").is_ok());
-        assert!(policy.check_program("/tmp/evil/sh").is_err(), "a path ending in an allowed name");
+        assert!(
+            policy.check_program("/tmp/evil/sh").is_err(),
+            "a path ending in an allowed name"
+        );
         assert!(policy.check_program("bash").is_err());
         let error = parse(r#"{"kind": "command", "program": "rm", "args": ["-rf", "/"]}"#)
             .unwrap()
@@ -380,7 +445,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for bad in [r#"["/etc/passwd"]"#, r#"["../x"]"#, r#"["a/../../x"]"#] {
             let json = format!(r#"{{"kind": "aider", "message": "m", "files": {bad}}}"#);
-            let error = parse(&json).unwrap().into_spec(&policy(dir.path(), &[])).unwrap_err();
+            let error = parse(&json)
+                .unwrap()
+                .into_spec(&policy(dir.path(), &[]))
+                .unwrap_err();
             assert_eq!(error.field(), Some("files"), "{bad}");
         }
     }

@@ -1211,6 +1211,7 @@ async fn a_restarted_node_continues_its_event_ids_and_replays_from_the_store() {
     let start = |store: Store| async move {
         let ports = NodePorts {
             event_store: Some(Arc::new(store)),
+            sessions: None,
         };
         NodeTree::start(NodeTreeConfig::new(node()), ports)
             .await

@@ -201,8 +201,11 @@ async fn health_ready_links_and_metrics_describe_the_node() {
     let node = NodeProcess::start(&[]).await;
     let health: Value = node.get("/v1/health").await.json().await.unwrap();
     assert_eq!(health["status"], "healthy");
-    assert_eq!(health["actors"]["total"], 7);
-    assert_eq!(health["actors"]["running"], 7);
+    assert_eq!(
+        health["actors"]["total"], 8,
+        "the tree plus sessions/manager"
+    );
+    assert_eq!(health["actors"]["running"], 8);
 
     let ready = node.get("/v1/ready").await;
     assert_eq!(ready.status(), 200);

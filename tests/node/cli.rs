@@ -31,7 +31,7 @@ async fn health_prints_a_summary_using_the_token_from_the_data_dir() {
     let (status, stdout, stderr) = troupe(&["health"], &node).await;
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains("healthy"), "{stdout}");
-    assert!(stdout.contains("7/7 running"), "{stdout}");
+    assert!(stdout.contains("8/8 running"), "{stdout}");
     let (status, stdout, _) = troupe(&["health", "--json"], &node).await;
     assert!(status.success());
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();

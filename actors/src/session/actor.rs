@@ -38,6 +38,8 @@ pub enum SessionMsg {
     LongRunning(u32),
     /// No exit status arrived for a process the runner no longer knows.
     ProcessLost,
+    /// The node is shutting down: stop the process and record the run as interrupted.
+    Interrupt,
     /// The record as it stands.
     Get(RpcReplyPort<SessionRecord>),
 }
@@ -63,6 +65,7 @@ pub struct SessionActorState {
     interpreter: Option<Box<dyn OutputInterpreter>>,
     cancel_requested: bool,
     timed_out: bool,
+    interrupt_requested: bool,
     /// The run ended (or could not start): stop after `post_start`.
     done: bool,
     /// When the run started, on the runtime's clock (derived once per instance from the durable
@@ -96,6 +99,7 @@ impl Actor for SessionActor {
             interpreter,
             cancel_requested: false,
             timed_out: false,
+            interrupt_requested: false,
             done: false,
             anchor: tokio::time::Instant::now(),
         };
@@ -208,6 +212,12 @@ impl Actor for SessionActor {
                     (threshold * next).saturating_sub(elapsed),
                     SessionMsg::LongRunning(next),
                 );
+            }
+            SessionMsg::Interrupt => {
+                if !state.interrupt_requested {
+                    state.interrupt_requested = true;
+                    state.terminate("the node is shutting down");
+                }
             }
             SessionMsg::ProcessLost => {
                 state
@@ -373,7 +383,12 @@ impl SessionActorState {
             let signals = interpreter.finish();
             self.signal(signals);
         }
-        let (state, reason) = if self.cancel_requested {
+        let (state, reason) = if self.interrupt_requested {
+            (
+                SessionState::Interrupted,
+                Some("the node shut down while the session was running".to_owned()),
+            )
+        } else if self.cancel_requested {
             (
                 SessionState::Cancelled,
                 Some("cancelled on request".to_owned()),

@@ -129,11 +129,7 @@ impl AiderInterpreter {
 }
 
 impl super::OutputInterpreter for AiderInterpreter {
-    fn feed(
-        &mut self,
-        stream: crate::event::OutputStream,
-        line: &str,
-    ) -> Vec<super::OutputSignal> {
+    fn feed(&mut self, stream: crate::event::OutputStream, line: &str) -> Vec<super::OutputSignal> {
         Self::signals(self.parser.feed(stream, line))
     }
 

@@ -68,6 +68,9 @@ pub enum SubmitError {
     /// The session could not be stored.
     #[error("the session could not be stored: {0}")]
     Store(StoreError),
+    /// The node is shutting down.
+    #[error("the node is shutting down and accepts no new sessions")]
+    ShuttingDown,
 }
 
 /// Why a cancellation failed.
@@ -145,6 +148,12 @@ pub enum ManagerMsg {
     },
     /// Report counts to the HealthActor (timer).
     ReportHealth,
+    /// The node is shutting down: refuse new sessions, interrupt the running ones, and answer
+    /// when they have all ended (queued ones stay queued for the next start).
+    Drain {
+        /// Answered once no session runs.
+        reply: RpcReplyPort<()>,
+    },
 }
 
 /// What survives restarts of the manager: whether the node's first start was handled, and the
@@ -195,6 +204,7 @@ pub struct ManagerState {
     pending: HashMap<SessionId, Pending>,
     keys: HashMap<String, SessionId>,
     next_seq: u64,
+    draining: Option<Vec<RpcReplyPort<()>>>,
 }
 
 impl Actor for SessionManager {
@@ -215,6 +225,7 @@ impl Actor for SessionManager {
             pending: HashMap::new(),
             keys: HashMap::new(),
             next_seq: 0,
+            draining: None,
         };
         state.recover().await?;
         Ok(state)
@@ -269,6 +280,17 @@ impl Actor for SessionManager {
                 state.args.shared.handles.remove(&id);
                 state.drain_queue(ctx);
                 state.update_gauges();
+                state.answer_drain();
+            }
+            ManagerMsg::Drain { reply } => {
+                let waiting = state.draining.get_or_insert_with(Vec::new);
+                waiting.push(reply);
+                for id in state.running.keys() {
+                    if let Some(handle) = state.args.shared.handle(id) {
+                        let _ = handle.cast(SessionMsg::Interrupt);
+                    }
+                }
+                state.answer_drain();
             }
             ManagerMsg::StartFailed { id, reason } => state.start_failed(ctx, id, reason),
             ManagerMsg::ReportHealth => state.report_health(),
@@ -394,6 +416,10 @@ impl ManagerState {
         spec: SessionSpec,
         reply: RpcReplyPort<Result<Admitted, SubmitError>>,
     ) {
+        if self.draining.is_some() {
+            let _ = reply.send(Err(SubmitError::ShuttingDown));
+            return;
+        }
         if let Err(error) = spec.validate(&self.args.limits) {
             let _ = reply.send(Err(error.into()));
             return;
@@ -535,9 +561,20 @@ impl ManagerState {
         self.update_gauges();
     }
 
-    /// Starts queued sessions while there are free slots.
+    /// Answers drain requests once nothing runs.
+    fn answer_drain(&mut self) {
+        if self.busy() == 0
+            && let Some(waiting) = self.draining.as_mut()
+        {
+            for reply in waiting.drain(..) {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Starts queued sessions while there are free slots (not while draining).
     fn drain_queue(&mut self, ctx: &Context<ManagerMsg>) {
-        while self.busy() < self.args.context.settings.max_concurrent {
+        while self.draining.is_none() && self.busy() < self.args.context.settings.max_concurrent {
             let Some((_, record)) = self.queue.pop_first() else {
                 break;
             };

@@ -1,0 +1,253 @@
+//! Sessions as the node's front ends use them: parse a request, submit it, read records and
+//! output, cancel, follow output live. HTTP, MCP, the CLI and the embedding API all go through
+//! [`SessionService`], so they apply the same policy and give the same answers.
+
+pub mod commands;
+pub mod request;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use troupe_actors::event::{EventFilter, KindPattern};
+use troupe_actors::ids::{NodeId, SessionId};
+use troupe_actors::kernel::CallError;
+use troupe_actors::node::Sessions;
+use troupe_actors::session::{
+    Admitted, CancelError, MANAGER_TIMEOUT, ManagerMsg, SessionRecord, SessionSpec, StoreError,
+    SubmitError,
+};
+
+use crate::store::{OutputLine, OutputPage, SessionPage, SessionQuery, Store};
+use request::{RequestError, RequestPolicy, SessionRequest};
+
+/// A session as the API shows it: the record and, while queued, its place in the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    /// The record.
+    pub record: SessionRecord,
+    /// 1 = next, while queued.
+    pub queue_position: Option<u64>,
+    /// True when an earlier submission with the same idempotency key was returned.
+    pub existing: bool,
+}
+
+/// Why a session operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The request is malformed or against policy.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The manager refused the submission.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// The cancellation failed.
+    #[error(transparent)]
+    Cancel(#[from] CancelError),
+    /// No such session.
+    #[error("no session {0}")]
+    NotFound(SessionId),
+    /// The store failed.
+    #[error("storage failure: {0}")]
+    Store(#[from] StoreError),
+    /// The session machinery did not answer (restarting or shutting down).
+    #[error(transparent)]
+    Unavailable(#[from] CallError),
+    /// The request names another node (clustering is not configured).
+    #[error("node {0} is not this node ({1}) and this node is not in a cluster")]
+    UnknownNode(String, NodeId),
+}
+
+/// The node's session operations.
+#[derive(Clone)]
+pub struct SessionService {
+    sessions: Sessions,
+    store: Store,
+    policy: Arc<RequestPolicy>,
+    node: NodeId,
+    events: troupe_actors::event::EventBus,
+}
+
+impl SessionService {
+    /// Builds the service.
+    pub fn new(
+        sessions: Sessions,
+        store: Store,
+        policy: RequestPolicy,
+        node: NodeId,
+        events: troupe_actors::event::EventBus,
+    ) -> Self {
+        Self {
+            sessions,
+            store,
+            policy: Arc::new(policy),
+            node,
+            events,
+        }
+    }
+
+    /// The request policy (workspace roots, allowed programs).
+    pub fn policy(&self) -> &RequestPolicy {
+        &self.policy
+    }
+
+    /// Parses and submits a request as users type it.
+    pub async fn spawn(&self, request: SessionRequest) -> Result<SessionView, SessionError> {
+        if let Some(node) = &request.node
+            && node != self.node.as_str()
+        {
+            return Err(SessionError::UnknownNode(node.clone(), self.node.clone()));
+        }
+        let spec = request.into_spec(&self.policy)?;
+        self.submit(spec).await
+    }
+
+    /// Submits a typed spec (the embedding API; policy on workdir and program is the caller's).
+    pub async fn submit(&self, spec: SessionSpec) -> Result<SessionView, SessionError> {
+        let admitted: Admitted = self
+            .sessions
+            .manager
+            .call(|reply| ManagerMsg::Submit { spec, reply }, MANAGER_TIMEOUT)
+            .await??;
+        Ok(SessionView {
+            record: admitted.record,
+            queue_position: admitted.position,
+            existing: admitted.existing,
+        })
+    }
+
+    /// One session.
+    pub async fn get(&self, id: &SessionId) -> Result<SessionView, SessionError> {
+        let record = troupe_actors::session::SessionStore::get(&self.store, id)
+            .await?
+            .ok_or_else(|| SessionError::NotFound(id.clone()))?;
+        let queue_position = self.position(&record).await;
+        Ok(SessionView {
+            record,
+            queue_position,
+            existing: false,
+        })
+    }
+
+    async fn position(&self, record: &SessionRecord) -> Option<u64> {
+        if record.state != troupe_actors::session::SessionState::Queued {
+            return None;
+        }
+        let id = record.id.clone();
+        self.sessions
+            .manager
+            .call(|reply| ManagerMsg::Position { id, reply }, MANAGER_TIMEOUT)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A page of sessions, newest first.
+    pub async fn list(&self, query: SessionQuery) -> Result<SessionPage, SessionError> {
+        Ok(self.store.list(query).await?)
+    }
+
+    /// Cancels a session; idempotent (an ended session is returned as it is).
+    pub async fn cancel(&self, id: &SessionId) -> Result<SessionView, SessionError> {
+        let id = id.clone();
+        let record = self
+            .sessions
+            .manager
+            .call(|reply| ManagerMsg::Cancel { id, reply }, MANAGER_TIMEOUT)
+            .await??;
+        Ok(SessionView {
+            record,
+            queue_position: None,
+            existing: false,
+        })
+    }
+
+    /// A page of a session's output log.
+    pub async fn output(
+        &self,
+        id: &SessionId,
+        offset: u64,
+        limit: usize,
+    ) -> Result<OutputPage, SessionError> {
+        self.get(id).await?;
+        Ok(self.store.output(id, offset, limit).await?)
+    }
+
+    /// A session's output from line `offset` on, live until the session ends. The store is the
+    /// source of truth; session events only say when to look again, so no line is missed even
+    /// when the event stream coalesced a flood.
+    pub async fn follow(
+        &self,
+        id: &SessionId,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<OutputLine, SessionError>> + Send + 'static, SessionError>
+    {
+        self.get(id).await?;
+        let wake = self.events.subscribe(EventFilter {
+            kinds: vec![KindPattern::Family("session".into())],
+            sessions: vec![id.clone()],
+            nodes: Vec::new(),
+        });
+        let follow = Follow {
+            service: self.clone(),
+            id: id.clone(),
+            next: offset,
+            buffer: std::collections::VecDeque::new(),
+            wake,
+            finished: false,
+        };
+        Ok(futures::stream::unfold(follow, |mut follow| async move {
+            follow.next_line().await.map(|item| (item, follow))
+        }))
+    }
+}
+
+struct Follow {
+    service: SessionService,
+    id: SessionId,
+    next: u64,
+    buffer: std::collections::VecDeque<OutputLine>,
+    wake: troupe_actors::event::Subscription,
+    finished: bool,
+}
+
+/// How often a follower looks at the store without an event (a safety net).
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+impl Follow {
+    async fn next_line(&mut self) -> Option<Result<OutputLine, SessionError>> {
+        loop {
+            if let Some(line) = self.buffer.pop_front() {
+                return Some(Ok(line));
+            }
+            if self.finished {
+                return None;
+            }
+            // Whether the session has ended must be read before the output, so that lines
+            // written before the end are all in the page read next.
+            let ended = match self.service.get(&self.id).await {
+                Ok(view) => view.record.state.is_terminal(),
+                Err(error) => return Some(Err(error)),
+            };
+            let page = match self.service.store.output(&self.id, self.next, 1000).await {
+                Ok(page) => page,
+                Err(error) => return Some(Err(error.into())),
+            };
+            if let Some(last) = page.lines.last() {
+                self.next = last.line;
+            }
+            let got_lines = !page.lines.is_empty();
+            self.buffer.extend(page.lines);
+            if got_lines {
+                continue;
+            }
+            if ended {
+                // The end is recorded after the last line: nothing more will come.
+                self.finished = true;
+                continue;
+            }
+            // Any event of the session (or a lag marker) is a reason to look again.
+            let _ = tokio::time::timeout(FOLLOW_POLL, self.wake.recv()).await;
+        }
+    }
+}
