@@ -63,6 +63,62 @@ pub fn delivery_to_json(node: &NodeId, delivery: &Delivery) -> (Option<String>, 
     }
 }
 
+/// Serializes a session as the API shows it: `{id, node, kind, state, created_at, started_at,
+/// ended_at, exit_code, signal, reason, labels, priority, timeout_secs, queue_position, pid,
+/// spec}`. Environment values in the spec are redacted: a viewer token can read sessions.
+pub struct SessionJson<'a>(pub &'a crate::session::SessionView);
+
+impl Serialize for SessionJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use troupe_actors::session::SessionKind;
+        let view = self.0;
+        let record = &view.record;
+        let spec = &record.spec;
+        let spec_json = match &spec.kind {
+            SessionKind::Command(command) => serde_json::json!({
+                "program": command.program,
+                "args": command.args,
+                "env": command.env.keys().map(|key| (key.clone(), "(redacted)")).collect::<std::collections::BTreeMap<_, _>>(),
+                "workdir": command.workdir,
+            }),
+            SessionKind::Aider(aider) => serde_json::json!({
+                "message": aider.message,
+                "files": aider.files,
+                "model": aider.model,
+                "args": aider.args,
+                "workdir": aider.workdir,
+                "git": aider.git,
+            }),
+            SessionKind::Chat(chat) => serde_json::json!({
+                "model": chat.model,
+                "message_count": chat.messages.len(),
+            }),
+        };
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("id", &record.id)?;
+        map.serialize_entry("node", &record.node)?;
+        map.serialize_entry("kind", &spec.kind.tag())?;
+        map.serialize_entry("state", &record.state)?;
+        map.serialize_entry("created_at", &record.created_at)?;
+        map.serialize_entry("started_at", &record.started_at)?;
+        map.serialize_entry("ended_at", &record.ended_at)?;
+        map.serialize_entry("exit_code", &record.exit_code)?;
+        map.serialize_entry("signal", &record.signal)?;
+        map.serialize_entry("reason", &record.reason)?;
+        map.serialize_entry("labels", &spec.labels)?;
+        map.serialize_entry("priority", &spec.priority)?;
+        map.serialize_entry("timeout_secs", &spec.timeout_secs)?;
+        map.serialize_entry("idempotency_key", &spec.idempotency_key)?;
+        map.serialize_entry("queue_position", &view.queue_position)?;
+        map.serialize_entry("pid", &record.process.map(|process| process.pid))?;
+        if view.existing {
+            map.serialize_entry("existing", &true)?;
+        }
+        map.serialize_entry("spec", &spec_json)?;
+        map.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

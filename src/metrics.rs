@@ -13,6 +13,10 @@ use prometheus_client::registry::Registry;
 use troupe_actors::event::EventBus;
 use troupe_actors::kernel::ActorDirectory;
 use troupe_actors::registry::RegistryTables;
+use troupe_actors::session::{DURATION_BUCKETS_SECS, SessionState, SessionStats};
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// The node's metrics registry.
 pub struct NodeMetrics {
@@ -29,6 +33,7 @@ struct TreeCollector {
     directory: ActorDirectory,
     events: EventBus,
     tables: RegistryTables,
+    sessions: Option<Arc<SessionStats>>,
 }
 
 impl fmt::Debug for TreeCollector {
@@ -172,18 +177,106 @@ impl Collector for TreeCollector {
             MetricType::Gauge,
             ConstGauge::new(i64::try_from(self.tables.links().len()).unwrap_or(i64::MAX)),
         )?;
+        if let Some(sessions) = &self.sessions {
+            encode_sessions(&mut encoder, sessions)?;
+        }
         Ok(())
     }
 }
 
+fn encode_sessions(encoder: &mut DescriptorEncoder<'_>, stats: &SessionStats) -> fmt::Result {
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let gauge = |value: u64| ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    family(
+        encoder,
+        "troupe_sessions",
+        "Sessions now running or queued, by state",
+        MetricType::Gauge,
+        [
+            (
+                vec![("state", "running".to_owned())],
+                gauge(load(&stats.running)),
+            ),
+            (
+                vec![("state", "queued".to_owned())],
+                gauge(load(&stats.queued)),
+            ),
+        ],
+    )?;
+    family(
+        encoder,
+        "troupe_sessions_ended",
+        "Sessions ended, by final state",
+        MetricType::Counter,
+        SessionState::ALL
+            .iter()
+            .enumerate()
+            .filter(|(_, state)| state.is_terminal())
+            .map(|(index, state)| {
+                (
+                    vec![("state", state.as_str().to_owned())],
+                    ConstCounter::new(load(&stats.ended[index])),
+                )
+            }),
+    )?;
+    single(
+        encoder,
+        "troupe_sessions_submitted",
+        "Sessions accepted",
+        MetricType::Counter,
+        ConstCounter::new(load(&stats.submitted)),
+    )?;
+    single(
+        encoder,
+        "troupe_sessions_refused",
+        "Submissions refused because the queue was full",
+        MetricType::Counter,
+        ConstCounter::new(load(&stats.refused)),
+    )?;
+    single(
+        encoder,
+        "troupe_session_queue_depth",
+        "Sessions waiting for a slot",
+        MetricType::Gauge,
+        gauge(load(&stats.queued)),
+    )?;
+    // Per-bucket counts: the encoder makes them cumulative.
+    let buckets: Vec<(f64, u64)> = DURATION_BUCKETS_SECS
+        .iter()
+        .copied()
+        .chain(std::iter::once(f64::INFINITY))
+        .zip(stats.duration_buckets.iter())
+        .map(|(bound, count)| (bound, load(count)))
+        .collect();
+    let count = buckets.iter().map(|(_, count)| count).sum();
+    let mut metric = encoder.encode_descriptor(
+        "troupe_session_duration_seconds",
+        "Run time of ended sessions",
+        None,
+        MetricType::Histogram,
+    )?;
+    metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        load(&stats.duration_ms_sum) as f64 / 1000.0,
+        count,
+        &buckets,
+        None,
+    )
+}
+
 impl NodeMetrics {
-    /// A registry reading the node's actors, bus and registry.
-    pub fn new(directory: ActorDirectory, events: EventBus, tables: RegistryTables) -> Self {
+    /// A registry reading the node's actors, bus, registry and session counters.
+    pub fn new(
+        directory: ActorDirectory,
+        events: EventBus,
+        tables: RegistryTables,
+        sessions: Option<Arc<SessionStats>>,
+    ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(TreeCollector {
             directory,
             events,
             tables,
+            sessions,
         }));
         Self { registry }
     }

@@ -19,20 +19,22 @@ use troupe_actors::event::{
     EventBus, EventBusConfig, EventFilter, Replay, ReplayFrom, Subscription,
 };
 use troupe_actors::health::{HealthConfig, HealthReport};
-use troupe_actors::ids::{ActorPath, NodeId};
+use troupe_actors::ids::{ActorPath, NodeId, SessionId};
 use troupe_actors::kernel::{CallError, FaultError, FaultKind};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts};
 use troupe_actors::registry::Registry;
-use troupe_actors::session::{OutputLimits, SessionSettings};
+use troupe_actors::session::{OutputLimits, SessionSettings, SessionSpec};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
 
 use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
 use crate::config::{Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
-use crate::session::SessionService;
 use crate::session::commands::{NoGateway, NodeCommands};
 use crate::session::request::RequestPolicy;
+use crate::session::request::SessionRequest;
+use crate::session::{SessionError, SessionService, SessionView};
+use crate::store::{OutputPage, SessionPage, SessionQuery};
 use crate::store::{Store, StoreConfig};
 
 /// Why a node did not start.
@@ -183,6 +185,9 @@ impl NodeBuilder {
             tree.directory.clone(),
             tree.events.clone(),
             tree.registry.tables().clone(),
+            tree.session_manager
+                .as_ref()
+                .map(|sessions| sessions.stats.clone()),
         );
         let core = Arc::new(NodeCore {
             tokens: TokenBook::new(&config.auth, Some(&admin_token)),
@@ -425,6 +430,45 @@ impl NodeHandle {
     /// The node's health.
     pub async fn health(&self) -> Result<HealthReport, CallError> {
         self.inner.core.tree.health.report().await
+    }
+
+    /// Submits a session (the node's workspace and program policy is not applied: the host
+    /// builds the spec). Use [`NodeHandle::spawn_request`] for requests as users type them.
+    pub async fn spawn_session(&self, spec: SessionSpec) -> Result<SessionView, SessionError> {
+        self.inner.core.sessions.submit(spec).await
+    }
+
+    /// Parses and submits a request as users type it, under the node's policy.
+    pub async fn spawn_request(
+        &self,
+        request: SessionRequest,
+    ) -> Result<SessionView, SessionError> {
+        self.inner.core.sessions.spawn(request).await
+    }
+
+    /// One session.
+    pub async fn get_session(&self, id: &SessionId) -> Result<SessionView, SessionError> {
+        self.inner.core.sessions.get(id).await
+    }
+
+    /// A page of sessions, newest first.
+    pub async fn list_sessions(&self, query: SessionQuery) -> Result<SessionPage, SessionError> {
+        self.inner.core.sessions.list(query).await
+    }
+
+    /// Cancels a session (idempotent).
+    pub async fn cancel_session(&self, id: &SessionId) -> Result<SessionView, SessionError> {
+        self.inner.core.sessions.cancel(id).await
+    }
+
+    /// A page of a session's output.
+    pub async fn session_output(
+        &self,
+        id: &SessionId,
+        offset: u64,
+        limit: usize,
+    ) -> Result<OutputPage, SessionError> {
+        self.inner.core.sessions.output(id, offset, limit).await
     }
 
     /// Makes the actor at `path` panic (or fail) inside its handler. Works whether or not

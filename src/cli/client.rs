@@ -68,8 +68,13 @@ impl NodeClient {
 
     /// A GET request with the token.
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.method(reqwest::Method::GET, path)
+    }
+
+    /// A request with the token.
+    pub fn method(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
-            .get(format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.token)
     }
 

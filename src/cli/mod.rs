@@ -5,6 +5,7 @@ mod client;
 mod events;
 mod health;
 mod node;
+mod session;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,9 @@ enum Command {
     Health(health::HealthArgs),
     /// Print a node's events (the recent ones, or follow them live).
     Events(events::EventsArgs),
+    /// Spawn, list, show, cancel sessions and read their output.
+    #[command(subcommand)]
+    Session(session::SessionCommand),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -48,6 +52,7 @@ pub fn main() -> ExitCode {
             Command::Node(args) => node::run(args).await,
             Command::Health(args) => health::run(args).await,
             Command::Events(args) => events::run(args).await,
+            Command::Session(command) => session::run(command).await,
         }
     });
     match outcome {

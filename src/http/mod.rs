@@ -9,6 +9,7 @@ mod admin;
 pub mod error;
 mod events;
 mod ops;
+mod sessions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,11 +37,23 @@ pub fn router(core: Arc<NodeCore>) -> Router {
         .route("/v1/links", get(ops::links))
         .route("/v1/events", get(events::stream))
         .route("/metrics", get(ops::metrics))
+        .route("/v1/sessions", get(sessions::list))
+        .route("/v1/sessions/{id}", get(sessions::get))
+        .route("/v1/sessions/{id}/output", get(sessions::output))
         .route_layer(middleware::from_fn_with_state(core.clone(), require_viewer));
+
+    let operator = Router::new()
+        .route("/v1/sessions", post(sessions::create))
+        .route("/v1/sessions/{id}", axum::routing::delete(sessions::cancel))
+        .route_layer(middleware::from_fn_with_state(
+            core.clone(),
+            require_operator,
+        ));
 
     let mut router = Router::new()
         .route("/v1/health", get(ops::health))
-        .merge(viewer);
+        .merge(viewer)
+        .merge(operator);
     if core.config.debug.fault_injection {
         router = router.merge(
             Router::new()
@@ -166,6 +179,14 @@ async fn require_viewer(
     next: Next,
 ) -> Response {
     require(core, request, next, Role::Viewer).await
+}
+
+async fn require_operator(
+    State(core): State<Arc<NodeCore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    require(core, request, next, Role::Operator).await
 }
 
 async fn require_admin(

@@ -1,0 +1,312 @@
+//! The session API: `POST /v1/sessions` (202 + `Location`), `GET /v1/sessions` (filters and a
+//! cursor), `GET /v1/sessions/{id}`, `GET /v1/sessions/{id}/output` (pages, or `follow=true` as
+//! Server-Sent Events until the run ends), `DELETE /v1/sessions/{id}` (cancel, idempotent).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use troupe_actors::event::SessionKindTag;
+use troupe_actors::ids::SessionId;
+use troupe_actors::session::{CancelError, SessionState, StoreError, SubmitError};
+
+use super::{ApiError, ApiJson};
+use crate::json::SessionJson;
+use crate::node::NodeCore;
+use crate::session::request::{RequestError, SessionRequest};
+use crate::session::{SessionError, SessionView};
+use crate::store::{MAX_OUTPUT_PAGE, MAX_PAGE, SessionQuery};
+
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        let message = error.to_string();
+        match error {
+            SessionError::Request(request) => {
+                let code = match &request {
+                    RequestError::UnknownKind(_) => "unknown_kind",
+                    RequestError::ProgramNotAllowed { .. } => "program_not_allowed",
+                    RequestError::Workdir(_) => "invalid_workdir",
+                    _ => "invalid_session",
+                };
+                ApiError::bad_request(code, message)
+                    .with_details(serde_json::json!({ "field": request.field() }))
+            }
+            SessionError::Submit(SubmitError::Invalid(spec)) => {
+                ApiError::bad_request("invalid_session", message)
+                    .with_details(serde_json::json!({ "field": spec.field }))
+            }
+            SessionError::Submit(SubmitError::QueueFull {
+                running,
+                queued,
+                capacity,
+                retry_after,
+            }) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message)
+                .with_details(serde_json::json!({
+                    "running": running,
+                    "queued": queued,
+                    "queue_capacity": capacity,
+                }))
+                .retry_after(retry_after),
+            SessionError::Submit(SubmitError::ShuttingDown) => {
+                ApiError::unavailable("shutting_down", message)
+            }
+            SessionError::Submit(SubmitError::Store(_))
+            | SessionError::Store(_)
+            | SessionError::Cancel(CancelError::Store(_)) => {
+                ApiError::unavailable("storage_unavailable", message)
+                    .retry_after(Duration::from_secs(1))
+            }
+            SessionError::NotFound(_) | SessionError::Cancel(CancelError::NotFound(_)) => {
+                ApiError::not_found("unknown_session", message)
+            }
+            SessionError::Cancel(CancelError::Unavailable(_)) => {
+                ApiError::unavailable("session_unavailable", message)
+                    .retry_after(Duration::from_secs(1))
+            }
+            SessionError::Unavailable(call) => call.into(),
+            SessionError::UnknownNode(..) => ApiError::bad_request("unknown_node", message),
+        }
+    }
+}
+
+fn session_id(raw: &str) -> Result<SessionId, ApiError> {
+    SessionId::new(raw).map_err(|_| {
+        ApiError::not_found(
+            "unknown_session",
+            format!("no session {:?}", raw.chars().take(80).collect::<String>()),
+        )
+    })
+}
+
+fn view_response(status: StatusCode, view: &SessionView) -> Response {
+    (
+        status,
+        ApiJson(serde_json::to_value(SessionJson(view)).unwrap_or_default()),
+    )
+        .into_response()
+}
+
+/// `POST /v1/sessions`
+pub(super) async fn create(
+    State(core): State<Arc<NodeCore>>,
+    ApiJson(request): ApiJson<SessionRequest>,
+) -> Result<Response, ApiError> {
+    let view = core.sessions.spawn(request).await?;
+    let status = if view.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = view_response(status, &view);
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/sessions/{}", view.record.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `GET /v1/sessions/{id}`
+pub(super) async fn get(
+    State(core): State<Arc<NodeCore>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = core.sessions.get(&session_id(&id)?).await?;
+    Ok(view_response(StatusCode::OK, &view))
+}
+
+/// `DELETE /v1/sessions/{id}`
+pub(super) async fn cancel(
+    State(core): State<Arc<NodeCore>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = core.sessions.cancel(&session_id(&id)?).await?;
+    Ok(view_response(StatusCode::ACCEPTED, &view))
+}
+
+/// `GET /v1/sessions?state=…&label=k=v&kind=…&limit=…&cursor=…`
+pub(super) async fn list(
+    State(core): State<Arc<NodeCore>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut filter = SessionQuery {
+        limit: 100,
+        ..SessionQuery::default()
+    };
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "state" => filter.states.push(
+                value
+                    .parse()
+                    .map_err(|message: String| ApiError::bad_request("invalid_filter", message))?,
+            ),
+            "kind" => filter.kinds.push(match value.as_ref() {
+                "command" => SessionKindTag::Command,
+                "aider" => SessionKindTag::Aider,
+                "chat" => SessionKindTag::Chat,
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_filter",
+                        format!("kind={other:?}: use command, aider or chat"),
+                    ));
+                }
+            }),
+            "label" => {
+                let (label, expected) = value.split_once('=').ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_filter",
+                        format!("label={value:?}: use label=KEY=VALUE"),
+                    )
+                })?;
+                filter.labels.insert(label.to_owned(), expected.to_owned());
+            }
+            "limit" => {
+                filter.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|limit| (1..=MAX_PAGE).contains(limit))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("limit={value:?}: use 1 to {MAX_PAGE}"),
+                        )
+                    })?
+            }
+            "cursor" => filter.cursor = Some(value.into_owned()),
+            "scope" if value == "local" => {}
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!(
+                        "unknown query parameter {other:?}; use state, label, kind, limit, cursor"
+                    ),
+                ));
+            }
+        }
+    }
+    if filter.states.len() + filter.kinds.len() + filter.labels.len() > 64 {
+        return Err(ApiError::bad_request(
+            "invalid_filter",
+            "at most 64 filter values",
+        ));
+    }
+    let page = core
+        .sessions
+        .list(filter)
+        .await
+        .map_err(|error| match error {
+            SessionError::Store(StoreError::Invalid(message)) => {
+                ApiError::bad_request("invalid_cursor", message)
+            }
+            other => other.into(),
+        })?;
+    let sessions: Vec<serde_json::Value> = page
+        .sessions
+        .into_iter()
+        .map(|record| {
+            serde_json::to_value(SessionJson(&SessionView {
+                record,
+                queue_position: None,
+                existing: false,
+            }))
+            .unwrap_or_default()
+        })
+        .collect();
+    Ok(ApiJson(serde_json::json!({
+        "sessions": sessions,
+        "next_cursor": page.next_cursor,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/sessions/{id}/output?offset=…&limit=…&follow=…`
+pub(super) async fn output(
+    State(core): State<Arc<NodeCore>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let id = session_id(&id)?;
+    let mut offset = 0u64;
+    let mut limit = 1000usize;
+    let mut follow = false;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        let bad = |what: &str| {
+            ApiError::bad_request("invalid_parameter", format!("{key}={value:?}: {what}"))
+        };
+        match key.as_ref() {
+            "offset" => offset = value.parse().map_err(|_| bad("a line number"))?,
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|limit| (1..=MAX_OUTPUT_PAGE).contains(limit))
+                    .ok_or_else(|| bad(&format!("1 to {MAX_OUTPUT_PAGE}")))?
+            }
+            "follow" => {
+                follow = match value.as_ref() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(bad("true or false")),
+                }
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {other:?}; use offset, limit, follow"),
+                ));
+            }
+        }
+    }
+    if !follow {
+        let page = core.sessions.output(&id, offset, limit).await?;
+        let lines: Vec<_> = page
+            .lines
+            .iter()
+            .map(|line| serde_json::json!({"line": line.line, "stream": line.stream, "text": line.text}))
+            .collect();
+        return Ok(ApiJson(serde_json::json!({
+            "lines": lines,
+            "next_offset": page.next_offset,
+            "total": page.total,
+            "truncated": page.truncated,
+        }))
+        .into_response());
+    }
+    let lines = core.sessions.follow(&id, offset).await?;
+    let sessions = core.sessions.clone();
+    let end_id = id.clone();
+    let lines = lines.map(|line| {
+        Ok::<_, Infallible>(match line {
+            Ok(line) => SseEvent::default().id(line.line.to_string()).data(
+                serde_json::json!({"line": line.line, "stream": line.stream, "text": line.text})
+                    .to_string(),
+            ),
+            Err(error) => SseEvent::default()
+                .event("error")
+                .data(serde_json::json!({"message": error.to_string()}).to_string()),
+        })
+    });
+    // After the last line: one `end` event with the session's final state.
+    let end = futures::stream::once(async move {
+        let state = sessions
+            .get(&end_id)
+            .await
+            .map(|view| view.record.state)
+            .unwrap_or(SessionState::Interrupted);
+        Ok::<_, Infallible>(
+            SseEvent::default()
+                .event("end")
+                .data(serde_json::json!({"state": state}).to_string()),
+        )
+    });
+    Ok(Sse::new(lines.chain(end))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("heartbeat"),
+        )
+        .into_response())
+}
