@@ -6,4 +6,5 @@ mod api;
 mod cli;
 mod events;
 mod lifecycle;
+mod sessions;
 mod support;

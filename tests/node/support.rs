@@ -87,8 +87,13 @@ impl NodeProcess {
 
     /// Starts a node with the given data directory.
     pub async fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(data_dir, extra, &NodeEnv::default()).await
+    }
+
+    /// Starts a node with the given data directory, environment and working directory.
+    pub async fn start_with(data_dir: &Path, extra: &[&str], env: &NodeEnv) -> Self {
         troupe::tls::install_default_provider();
-        let (mut child, logs) = spawn_node(data_dir, extra);
+        let (mut child, logs) = spawn_node_with(data_dir, extra, env);
         let started = tokio::select! {
             started = logs.wait_for("\"node started\"", |line| line["message"] == "node started") => started,
             status = child.wait() => panic!(
@@ -175,14 +180,27 @@ impl NodeProcess {
     }
 }
 
-/// Starts the binary; returns it and its log lines.
-pub fn spawn_node(data_dir: &Path, extra: &[&str]) -> (Child, Logs) {
+/// What a node process gets besides its arguments.
+#[derive(Debug, Default, Clone)]
+pub struct NodeEnv {
+    /// Extra environment variables.
+    pub vars: Vec<(String, String)>,
+    /// The node's working directory (its default workspace root); the test's when `None`.
+    pub cwd: Option<PathBuf>,
+}
+
+/// Starts the binary with `env`; returns it and its log lines.
+pub fn spawn_node_with(data_dir: &Path, extra: &[&str], env: &NodeEnv) -> (Child, Logs) {
     let mut command = Command::new(troupe_bin());
+    if let Some(cwd) = &env.cwd {
+        command.current_dir(cwd);
+    }
     command
         .args(["node", "--listen", "127.0.0.1:0", "--log-format", "json"])
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
+        .envs(env.vars.iter().cloned())
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -239,5 +257,134 @@ impl SseStream {
         })
         .await
         .expect("the stream ends");
+    }
+}
+
+impl NodeProcess {
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client()
+            .delete(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /v1/sessions` that must be accepted (202); returns the record.
+    pub async fn spawn_session(&self, body: Value) -> Value {
+        let response = self.post_json("/v1/sessions", body.clone()).await;
+        let status = response.status();
+        let record: Value = response.json().await.unwrap();
+        assert_eq!(status, 202, "spawning {body} was refused: {record}");
+        record
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub async fn session(&self, id: &str) -> Value {
+        let response = self.get(&format!("/v1/sessions/{id}")).await;
+        assert_eq!(response.status(), 200, "session {id}");
+        response.json().await.unwrap()
+    }
+
+    /// Follows a session's output (`?follow=true`) from line `offset` until the stream's `end`
+    /// event; returns the lines seen and the final state. Stops early, without the state, once a
+    /// line satisfies `until`.
+    pub async fn follow_output(
+        &self,
+        id: &str,
+        until: impl Fn(&Value) -> bool,
+    ) -> (Vec<Value>, Option<String>) {
+        let response = self
+            .get(&format!("/v1/sessions/{id}/output?follow=true"))
+            .await;
+        assert_eq!(response.status(), 200, "following {id}");
+        let mut events = response.bytes_stream().eventsource();
+        let mut lines = Vec::new();
+        let outcome = tokio::time::timeout(PATIENCE, async {
+            while let Some(event) = events.next().await {
+                let event = event.expect("a well-formed SSE event");
+                let data: Value = serde_json::from_str(&event.data).expect("JSON data");
+                match event.event.as_str() {
+                    "end" => return Some(data["state"].as_str().unwrap().to_owned()),
+                    "error" => panic!("the output stream of {id} failed: {data}"),
+                    _ => {
+                        let done = until(&data);
+                        lines.push(data);
+                        if done {
+                            return None;
+                        }
+                    }
+                }
+            }
+            panic!("the output stream of {id} ended without an `end` event");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("session {id} did not finish within {PATIENCE:?}"));
+        (lines, outcome)
+    }
+
+    /// Follows a session's output to the end; returns the texts of its lines and its state.
+    pub async fn run_to_end(&self, id: &str) -> (Vec<String>, String) {
+        let (lines, state) = self.follow_output(id, |_| false).await;
+        let texts = lines
+            .iter()
+            .map(|line| line["text"].as_str().unwrap().to_owned())
+            .collect();
+        (texts, state.expect("an end state"))
+    }
+}
+
+/// Live (not zombie) processes whose process group is `pgid`, from `/proc`.
+pub fn live_group_members(pgid: i32) -> Vec<i32> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|end| &stat[end + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 2 && fields[0] != "Z" && fields[2].parse() == Ok(pgid) {
+            members.push(pid);
+        }
+    }
+    members
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) until none of `pids` and no member of group `pgid` is alive; panics naming
+/// the survivors otherwise. Killing is asynchronous: a signalled process exits a moment later.
+pub async fn wait_all_dead(pgid: i32, pids: &[i32]) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut alive: Vec<i32> = pids.iter().copied().filter(|pid| is_alive(*pid)).collect();
+        alive.extend(live_group_members(pgid));
+        if alive.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "processes still alive after {PATIENCE:?}: {alive:?} (group {pgid})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,578 @@
+//! Sessions through the real binary: every terminal state, admission past capacity, the Aider
+//! preset's rate-limit detection, bad input refused without a trace, and the CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A node whose working directory (its default workspace root) is a fresh `ws/` directory.
+struct Fixture {
+    node: NodeProcess,
+    temp: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn start(config: &str, vars: &[(&str, &str)]) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let node = Self::node_in(temp.path(), config, vars).await;
+        Self { node, temp }
+    }
+
+    async fn node_in(root: &Path, config: &str, vars: &[(&str, &str)]) -> NodeProcess {
+        let workspace = root.join("ws");
+        std::fs::create_dir_all(&workspace).unwrap();
+        let config_file = root.join("troupe.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let env = NodeEnv {
+            vars: vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            cwd: Some(workspace),
+        };
+        NodeProcess::start_with(
+            &root.join("data"),
+            &["--config", config_file.to_str().unwrap()],
+            &env,
+        )
+        .await
+    }
+
+    fn workspace(&self) -> PathBuf {
+        self.temp.path().join("ws")
+    }
+}
+
+fn id_of(record: &Value) -> String {
+    record["id"].as_str().unwrap().to_owned()
+}
+
+fn sh(script: &str) -> Value {
+    json!({"kind": "command", "program": "sh", "args": ["-c", script]})
+}
+
+#[tokio::test]
+async fn a_succeeding_and_a_failing_command_end_with_their_exit_codes_and_output() {
+    let fixture = Fixture::start("", &[]).await;
+    let node = &fixture.node;
+
+    let ok = node
+        .spawn_session(sh("echo hello; echo to-stderr >&2; pwd"))
+        .await;
+    assert_eq!(ok["kind"], "command");
+    let (lines, state) = node.run_to_end(&id_of(&ok)).await;
+    assert_eq!(state, "succeeded");
+    assert!(lines.contains(&"hello".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"to-stderr".to_owned()), "{lines:?}");
+    let workspace = fixture.workspace().canonicalize().unwrap();
+    assert!(
+        lines.contains(&workspace.display().to_string()),
+        "runs in the workspace root by default: {lines:?}"
+    );
+    let record = node.session(&id_of(&ok)).await;
+    assert_eq!(record["state"], "succeeded");
+    assert_eq!(record["exit_code"], 0);
+    assert!(record["started_at"].is_string() && record["ended_at"].is_string());
+
+    // Paged output, with stdout and stderr told apart.
+    let page: Value = node
+        .get(&format!("/v1/sessions/{}/output?limit=2", id_of(&ok)))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["lines"].as_array().unwrap().len(), 2);
+    assert_eq!(page["total"], 3);
+    assert_eq!(page["next_offset"], 2);
+    let streams: Vec<&str> = page["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|line| line["stream"].as_str().unwrap())
+        .collect();
+    assert!(streams.contains(&"stdout") || streams.contains(&"stderr"));
+
+    let failing = node.spawn_session(sh("echo about-to-fail; exit 3")).await;
+    let (lines, state) = node.run_to_end(&id_of(&failing)).await;
+    assert_eq!(state, "failed");
+    assert_eq!(lines, ["about-to-fail"]);
+    let record = node.session(&id_of(&failing)).await;
+    assert_eq!(record["exit_code"], 3);
+
+    // Filters and the listing.
+    let failed: Value = node
+        .get("/v1/sessions?state=failed")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = failed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id_of(&failing)]);
+}
+
+#[tokio::test]
+async fn a_cancelled_session_leaves_no_process_of_its_group_behind_grandchildren_included() {
+    let fixture = Fixture::start("[sessions]\nkill_grace_secs = 2\n", &[]).await;
+    let node = &fixture.node;
+    let record = node
+        .spawn_session(sh(
+            "sleep 300 & echo child $!; (sleep 300 & echo grandchild $!; wait) & echo ready; wait",
+        ))
+        .await;
+    let id = id_of(&record);
+    let (lines, state) = node
+        .follow_output(&id, |line| {
+            line["text"].as_str().unwrap().starts_with("grandchild")
+        })
+        .await;
+    assert_eq!(state, None, "still running: {lines:?}");
+    let mut pids: Vec<i32> = lines
+        .iter()
+        .filter_map(|line| line["text"].as_str().unwrap().split_once(' '))
+        .filter_map(|(_, pid)| pid.parse().ok())
+        .collect();
+    let running = node.session(&id).await;
+    assert_eq!(running["state"], "running");
+    let leader = running["pid"].as_i64().unwrap() as i32;
+    pids.push(leader);
+    assert_eq!(pids.len(), 3, "{lines:?}");
+    assert!(pids.iter().all(|pid| is_alive(*pid)));
+
+    let response = node.delete(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(response.status(), 202);
+    let (_, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "cancelled");
+    wait_all_dead(leader, &pids).await;
+
+    // Cancelling again is harmless and changes nothing.
+    let again = node.delete(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(again.status(), 202);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["state"], "cancelled");
+}
+
+#[tokio::test]
+async fn a_session_past_its_timeout_is_terminated_as_timed_out() {
+    let fixture = Fixture::start("[sessions]\nkill_grace_secs = 1\n", &[]).await;
+    let node = &fixture.node;
+    let record = node
+        .spawn_session(json!({
+            "kind": "command", "program": "sh",
+            "args": ["-c", "echo waiting; sleep 300 & wait"],
+            "timeout_secs": 1,
+        }))
+        .await;
+    assert_eq!(record["timeout_secs"], 1);
+    let id = id_of(&record);
+    let (lines, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "timed_out");
+    assert_eq!(lines, ["waiting"]);
+    let record = node.session(&id).await;
+    wait_all_dead(record["pid"].as_i64().unwrap() as i32, &[]).await;
+}
+
+#[tokio::test]
+async fn after_kill_9_of_the_node_a_running_session_is_interrupted_with_its_output_and_its_processes_are_killed()
+ {
+    let temp = tempfile::tempdir().unwrap();
+    let mut node = Fixture::node_in(temp.path(), "", &[]).await;
+    let record = node
+        .spawn_session(sh("echo before-the-crash; sleep 300 & echo child $!; wait"))
+        .await;
+    let id = id_of(&record);
+    let (lines, _) = node
+        .follow_output(&id, |line| {
+            line["text"].as_str().unwrap().starts_with("child")
+        })
+        .await;
+    let child: i32 = lines[1]["text"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("child ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let leader = node.session(&id).await["pid"].as_i64().unwrap() as i32;
+
+    node.child.start_kill().unwrap();
+    node.child.wait().await.unwrap();
+    assert!(
+        is_alive(leader) && is_alive(child),
+        "the session's processes outlive a kill -9 of the node (their own process group)"
+    );
+
+    let node = Fixture::node_in(temp.path(), "", &[]).await;
+    let mut events = node.events("kind=session.interrupted&tail=10", None).await;
+    let (_, event) = events.next_of("session.interrupted").await;
+    assert_eq!(event["session"], id.as_str());
+    let record = node.session(&id).await;
+    assert_eq!(record["state"], "interrupted");
+    wait_all_dead(leader, &[leader, child]).await;
+    let (lines, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "interrupted");
+    assert_eq!(lines[0], "before-the-crash", "the output so far is kept");
+}
+
+#[tokio::test]
+async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtakes() {
+    let fixture = Fixture::start("[sessions]\nmax_concurrent = 1\nqueue_capacity = 2\n", &[]).await;
+    let node = &fixture.node;
+    let mut events = node.events("kind=session.started", None).await;
+    let blocker = node.spawn_session(sh("echo blocking; sleep 300")).await;
+    let (_, started) = events.next_of("session.started").await;
+    assert_eq!(started["session"], id_of(&blocker).as_str());
+
+    let low = node
+        .spawn_session(json!({"kind": "command", "program": "true", "priority": 1}))
+        .await;
+    assert_eq!(low["state"], "queued");
+    assert_eq!(low["queue_position"], 1);
+    let high = node
+        .spawn_session(json!({"kind": "command", "program": "true", "priority": 8}))
+        .await;
+    assert_eq!(high["queue_position"], 1, "priority before age");
+    assert_eq!(node.session(&id_of(&low)).await["queue_position"], 2);
+
+    let refused = node
+        .post_json(
+            "/v1/sessions",
+            json!({"kind": "command", "program": "true", "labels": {"refused": "yes"}}),
+        )
+        .await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full");
+    assert_eq!(body["error"]["details"]["queue_capacity"], 2);
+    let listed: Value = node
+        .get("/v1/sessions?label=refused=yes")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["sessions"],
+        json!([]),
+        "nothing stored for a refusal"
+    );
+
+    assert_eq!(
+        node.delete(&format!("/v1/sessions/{}", id_of(&blocker)))
+            .await
+            .status(),
+        202
+    );
+    let (_, first) = events.next_of("session.started").await;
+    let (_, second) = events.next_of("session.started").await;
+    assert_eq!(first["session"], id_of(&high).as_str());
+    assert_eq!(second["session"], id_of(&low).as_str());
+    assert_eq!(node.run_to_end(&id_of(&low)).await.1, "succeeded");
+    assert_eq!(node.run_to_end(&id_of(&high)).await.1, "succeeded");
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_returns_the_existing_session() {
+    let fixture = Fixture::start("", &[]).await;
+    let node = &fixture.node;
+    let body = json!({"kind": "command", "program": "true", "idempotency_key": "build-42"});
+    let first = node.spawn_session(body.clone()).await;
+    let again = node.post_json("/v1/sessions", body).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again.headers()["location"],
+        format!("/v1/sessions/{}", id_of(&first)).as_str()
+    );
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["existing"], true);
+    let all: Value = node.get("/v1/sessions").await.json().await.unwrap();
+    assert_eq!(all["sessions"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_fake_aider_that_is_rate_limited_and_exits_0_fails_with_rate_limit_events() {
+    let temp = tempfile::tempdir().unwrap();
+    let bin = temp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-aider.sh");
+    std::os::unix::fs::symlink(&script, bin.join("aider")).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let node = Fixture::node_in(
+        temp.path(),
+        "",
+        &[
+            ("PATH", path.as_str()),
+            ("FAKE_AIDER_SCENARIO", "rate-limited"),
+        ],
+    )
+    .await;
+    let mut events = node.events("kind=session.*", None).await;
+    let record = node
+        .spawn_session(json!({"kind": "aider", "message": "add a greet function"}))
+        .await;
+    assert_eq!(record["kind"], "aider");
+    let id = id_of(&record);
+
+    let mut rate_limited = Vec::new();
+    let ended = loop {
+        let (_, event) = events.next().await;
+        if event["session"] != id.as_str() {
+            continue;
+        }
+        match event["kind"].as_str().unwrap() {
+            "session.rate_limited" => rate_limited.push(event["data"].clone()),
+            "session.succeeded" | "session.failed" => break event,
+            _ => {}
+        }
+    };
+    assert_eq!(ended["kind"], "session.failed", "{ended}");
+    let retries: Vec<u64> = rate_limited
+        .iter()
+        .filter_map(|data| data["retry_in_ms"].as_u64())
+        .collect();
+    assert_eq!(
+        retries,
+        [200, 500, 1000],
+        "one session.rate_limited per `Retrying in N seconds...`: {rate_limited:?}"
+    );
+    assert!(rate_limited.iter().all(|data| data["provider"] == "openai"));
+
+    let record = node.session(&id).await;
+    assert_eq!(record["state"], "failed");
+    assert_eq!(record["exit_code"], 0, "Aider exited 0 and still failed");
+    let (lines, _) = node.run_to_end(&id).await;
+    let argv = lines
+        .iter()
+        .find(|line| line.starts_with("fake-aider: argv:"))
+        .unwrap();
+    for flag in [
+        "--yes-always",
+        "--no-check-update",
+        "--no-pretty",
+        "--no-git",
+        "add a greet function",
+    ] {
+        assert!(argv.contains(flag), "{flag} missing from {argv}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
+    let temp = tempfile::tempdir().unwrap();
+    let outside = temp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let workspace = temp.path().join("ws");
+    std::fs::create_dir_all(workspace.join("project")).unwrap();
+    std::os::unix::fs::symlink(&outside, workspace.join("escape")).unwrap();
+    let config = format!(
+        "[sessions]\nworkspace_roots = [{:?}]\nallowed_programs = [\"sh\", \"true\"]\n\
+         [http]\nmax_body_bytes = 65536\n",
+        workspace.display().to_string()
+    );
+    let node = Fixture::node_in(temp.path(), &config, &[]).await;
+    let mut events = node.events("kind=session.*", None).await;
+
+    let huge = "x".repeat(10_000);
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (
+            json!({"kind": "command", "program": "true", "workdir": "../outside"}),
+            400,
+            "invalid_workdir",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "workdir": outside.display().to_string()}),
+            400,
+            "invalid_workdir",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "workdir": "escape"}),
+            400,
+            "invalid_workdir",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "workdir": "missing"}),
+            400,
+            "invalid_workdir",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "args": [huge]}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "env": {"A": "1", "B=C": "2"}}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "priority": 10}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "telepathy", "program": "true"}),
+            400,
+            "unknown_kind",
+        ),
+        (
+            json!({"kind": "command", "program": "curl", "args": ["http://example.com"]}),
+            400,
+            "program_not_allowed",
+        ),
+        (
+            json!({"kind": "command", "program": "/usr/bin/env", "args": ["sh"]}),
+            400,
+            "program_not_allowed",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "surprise": 1}),
+            400,
+            "",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let response = node.post_json("/v1/sessions", body.clone()).await;
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let envelope: Value = response.json().await.unwrap();
+        let message = envelope["error"]["message"].as_str().unwrap();
+        assert!(!message.is_empty(), "{body}: {envelope}");
+        if !code.is_empty() {
+            assert_eq!(envelope["error"]["code"], code, "{body}: {envelope}");
+        }
+    }
+
+    // A body over http.max_body_bytes is 413 with the envelope.
+    let oversize = node
+        .post_json(
+            "/v1/sessions",
+            json!({"kind": "command", "program": "true", "args": vec!["y".repeat(4096); 20]}),
+        )
+        .await;
+    assert_eq!(oversize.status(), 413);
+    let envelope: Value = oversize.json().await.unwrap();
+    assert!(envelope["error"]["message"].is_string());
+
+    // Inside the workspace, through the allow-list: accepted, and the only session there is.
+    let ok = node
+        .spawn_session(json!({"kind": "command", "program": "sh", "args": ["-c", "pwd"], "workdir": "project"}))
+        .await;
+    let (lines, state) = node.run_to_end(&id_of(&ok)).await;
+    assert_eq!(state, "succeeded");
+    assert_eq!(
+        lines,
+        [workspace
+            .join("project")
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string()]
+    );
+    let all: Value = node.get("/v1/sessions").await.json().await.unwrap();
+    assert_eq!(all["sessions"].as_array().unwrap().len(), 1, "{all}");
+    let (_, first) = events.next().await;
+    assert_eq!(
+        first["session"],
+        id_of(&ok).as_str(),
+        "no event for a refused session"
+    );
+}
+
+async fn troupe_cli(node: &NodeProcess, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(troupe_bin())
+            .args(args)
+            .env("TROUPE_URL", format!("http://{}", node.addr))
+            .env("TROUPE_DATA_DIR", &node.data_dir)
+            .env_remove("TROUPE_TOKEN")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
+    let fixture = Fixture::start("", &[]).await;
+    let node = &fixture.node;
+
+    // Followed: the output streams to stdout and the exit code is the run's.
+    let (code, stdout, stderr) = troupe_cli(
+        node,
+        &[
+            "session",
+            "spawn",
+            "--label",
+            "team=cli",
+            "--",
+            "sh",
+            "-c",
+            "echo from-cli; exit 7",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(stdout.contains("from-cli"), "{stdout}");
+
+    // Detached: prints the id and returns at once.
+    let (code, stdout, stderr) = troupe_cli(
+        node,
+        &["session", "spawn", "--detach", "--", "sleep", "300"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let id = stdout.trim().to_owned();
+    assert!(id.len() > 4 && !id.contains(' '), "an id: {stdout:?}");
+    assert_eq!(node.session(&id).await["kind"], "command");
+
+    let (code, stdout, _) = troupe_cli(node, &["session", "list", "--json"]).await;
+    assert_eq!(code, Some(0));
+    let page: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(page["sessions"].as_array().unwrap().len(), 2, "{stdout}");
+    let (code, stdout, _) = troupe_cli(node, &["session", "show", &id]).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains(&id), "{stdout}");
+
+    let (code, _, stderr) = troupe_cli(node, &["session", "cancel", &id]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(node.run_to_end(&id).await.1, "cancelled");
+
+    let listed: Value = node
+        .get("/v1/sessions?label=team=cli")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let first = id_of(&listed["sessions"][0]);
+    let (code, stdout, _) = troupe_cli(node, &["session", "logs", &first]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.trim(), "from-cli");
+
+    let (code, _, stderr) = troupe_cli(node, &["session", "show", "no-such-session"]).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("no session"), "{stderr}");
+}
