@@ -1,6 +1,7 @@
 //! The `troupe` command line: `troupe node` runs a node; the other commands talk to one over
 //! its HTTP API. This is the only place that uses `anyhow`: commands report errors to people.
 
+mod bench;
 mod client;
 mod events;
 mod health;
@@ -32,6 +33,9 @@ enum Command {
     /// Spawn, list, show, cancel sessions and read their output.
     #[command(subcommand)]
     Session(session::SessionCommand),
+    /// Measure a node end to end against a baseline in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -53,6 +57,7 @@ pub fn main() -> ExitCode {
             Command::Health(args) => health::run(args).await,
             Command::Events(args) => events::run(args).await,
             Command::Session(command) => session::run(command).await,
+            Command::Bench(command) => bench::run(command).await,
         }
     });
     match outcome {

@@ -86,6 +86,11 @@ impl SessionService {
         }
     }
 
+    /// Session counters (submitted, started, ended per state, running, queued).
+    pub fn stats(&self) -> &Arc<troupe_actors::session::SessionStats> {
+        &self.sessions.stats
+    }
+
     /// The request policy (workspace roots, allowed programs).
     pub fn policy(&self) -> &RequestPolicy {
         &self.policy

@@ -83,7 +83,7 @@ impl Actor for SessionActor {
 
     async fn pre_start(
         &self,
-        ctx: &Context<Self::Msg>,
+        _ctx: &Context<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorError> {
         let record = args
@@ -93,7 +93,7 @@ impl Actor for SessionActor {
             .await?
             .ok_or_else(|| format!("session {} is not in the store", args.id))?;
         let interpreter = args.context.commands.interpreter(&record);
-        let mut state = SessionActorState {
+        Ok(SessionActorState {
             args,
             record,
             interpreter,
@@ -102,7 +102,17 @@ impl Actor for SessionActor {
             interrupt_requested: false,
             done: false,
             anchor: tokio::time::Instant::now(),
-        };
+        })
+    }
+
+    async fn post_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        // Launching happens here, not in pre_start: the SessionSupervisor waits for a child's
+        // pre_start, and two durable writes plus a fork there would serialize every session
+        // start of the node behind one mailbox.
         let sink = || std::sync::Arc::new(HandleSink(ctx.handle().clone()));
         match state.record.state {
             SessionState::Queued => {
@@ -133,14 +143,6 @@ impl Actor for SessionActor {
             }
             _ => state.done = true,
         }
-        Ok(state)
-    }
-
-    async fn post_start(
-        &self,
-        ctx: &Context<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorError> {
         if state.done {
             state.finished(ctx);
             return Ok(());
