@@ -459,6 +459,15 @@ impl SessionStore for Store {
         Box::pin(self.read(move |db| read::get(db, &id)))
     }
 
+    fn output_lines(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let store = self.clone();
+        let id = id.clone();
+        Box::pin(async move {
+            store.flush().await?;
+            store.read(move |db| read::output_lines(db, &id)).await
+        })
+    }
+
     fn unfinished(&self) -> BoxFuture<'static, Result<Vec<SessionRecord>, StoreError>> {
         Box::pin(self.read(read::unfinished))
     }

@@ -57,6 +57,20 @@ pub(super) fn get(db: &Database, id: &SessionId) -> Result<Option<SessionRecord>
     record(&sessions_table(&txn)?, id.as_str())
 }
 
+/// The highest output line number a session has appended (stored or counted past the cap).
+pub(super) fn output_lines(db: &Database, id: &SessionId) -> Result<u64, StoreError> {
+    let key = id.as_str();
+    let txn = begin(db)?;
+    let counters_table = txn
+        .open_table(OUTPUT_COUNTERS)
+        .or_io("open table output_counters")?;
+    let counters: OutputCounters = match counters_table.get(key).or_io("read output_counters")? {
+        Some(bytes) => decode("output_counters", key, bytes.value())?,
+        None => OutputCounters::default(),
+    };
+    Ok(counters.last_line)
+}
+
 /// The session holding an idempotency key.
 pub(super) fn find_by_key(db: &Database, key: &str) -> Result<Option<SessionRecord>, StoreError> {
     let txn = begin(db)?;

@@ -114,6 +114,19 @@ impl Actor for SessionActor {
         // pre_start, and two durable writes plus a fork there would serialize every session
         // start of the node behind one mailbox.
         let sink = || std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        if matches!(
+            state.record.state,
+            SessionState::Starting | SessionState::Running
+        ) {
+            // A previous instance may have appended lines the record does not count.
+            let appended = state
+                .args
+                .context
+                .store
+                .output_lines(&state.args.id)
+                .await?;
+            state.record.output_lines = state.record.output_lines.max(appended);
+        }
         match state.record.state {
             SessionState::Queued => {
                 state.persist(SessionState::Starting, None).await?;

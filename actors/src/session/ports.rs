@@ -197,6 +197,11 @@ pub trait SessionStore: Send + Sync + 'static {
         lines: &[String],
     );
 
+    /// How many output lines the session has appended so far, counting every append made
+    /// before this call (it waits for queued appends to be written). A restarted session actor
+    /// numbers its next lines after these, so nothing is taken for a redelivery.
+    fn output_lines(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>>;
+
     /// The session with this idempotency key, if any.
     fn find_by_key(
         &self,

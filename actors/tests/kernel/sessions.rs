@@ -125,6 +125,7 @@ struct StoreData {
     records: BTreeMap<SessionId, SessionRecord>,
     transitions: Vec<(SessionId, Transition)>,
     output: Vec<String>,
+    last_line: HashMap<SessionId, u64>,
 }
 
 const WRITE_DELAY: Duration = Duration::from_millis(5);
@@ -206,12 +207,21 @@ impl SessionStore for MemoryStore {
         })
     }
 
-    fn append_output(&self, _id: &SessionId, _stream: OutputStream, _first: u64, lines: &[String]) {
-        self.data
-            .lock()
-            .unwrap()
-            .output
-            .extend(lines.iter().cloned());
+    /// Like the real store: a line number seen before is taken for a redelivery and skipped.
+    fn append_output(&self, id: &SessionId, _stream: OutputStream, first: u64, lines: &[String]) {
+        let mut data = self.data.lock().unwrap();
+        let last = data.last_line.get(id).copied().unwrap_or(0);
+        for (line, text) in (first..).zip(lines) {
+            if line > last {
+                data.output.push(text.clone());
+                data.last_line.insert(id.clone(), line);
+            }
+        }
+    }
+
+    fn output_lines(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let last = self.data.lock().unwrap().last_line.get(id).copied();
+        Box::pin(async move { Ok(last.unwrap_or(0)) })
     }
 
     fn find_by_key(
@@ -576,6 +586,14 @@ async fn a_crashed_session_actor_resumes_its_run_and_reports_it_once() {
     h.expect(&id, "session.queued").await;
     h.expect(&id, "session.started").await;
     h.running(&id).await;
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: vec!["before".into()],
+        },
+    );
+    h.expect(&id, "session.output").await;
     let handle = h.sessions().shared.handle(&id).unwrap();
     assert!(handle.inject_fault(FaultKind::Panic));
     // Output and exit while the actor restarts reach the next instance.
@@ -600,6 +618,11 @@ async fn a_crashed_session_actor_resumes_its_run_and_reports_it_once() {
         ["actor.restarted", "session.output", "session.succeeded"]
     );
     assert_eq!(h.runner.starts(), 1, "the process was not started twice");
+    assert_eq!(
+        h.store.data.lock().unwrap().output,
+        ["before", "after"],
+        "the next instance numbers its lines after the first one's"
+    );
     let ends = h
         .store
         .transitions()
