@@ -60,17 +60,41 @@ async fn a_succeeding_and_a_failing_command_end_with_their_exit_codes_and_output
     let node = &fixture.node;
 
     let ok = node
-        .spawn_session(sh("echo hello; echo to-stderr >&2; pwd"))
+        .spawn_session(sh(
+            "echo hello; echo to-stderr >&2; pwd; printf 'bad \\377\\376 bytes\\n'; head -c 40000 /dev/zero | tr '\\0' x; echo",
+        ))
         .await;
     assert_eq!(ok["kind"], "command");
     let (lines, state) = node.run_to_end(&id_of(&ok)).await;
     assert_eq!(state, "succeeded");
-    assert!(lines.contains(&"hello".to_owned()), "{lines:?}");
-    assert!(lines.contains(&"to-stderr".to_owned()), "{lines:?}");
+    // stdout in order; stderr read separately (see docs/API.md on interleaving).
+    let stdout: Vec<&str> = lines
+        .iter()
+        .filter(|line| line.as_str() != "to-stderr")
+        .map(|line| line.as_str())
+        .collect();
+    assert_eq!(stdout.len(), 4, "{} lines", lines.len());
+    assert!(lines.contains(&"to-stderr".to_owned()));
+    assert_eq!(stdout[0], "hello");
     let workspace = fixture.workspace().canonicalize().unwrap();
     assert!(
         lines.contains(&workspace.display().to_string()),
         "runs in the workspace root by default: {lines:?}"
+    );
+    assert_eq!(
+        lines[3], "bad \u{fffd}\u{fffd} bytes",
+        "invalid UTF-8 is replaced, never a crash"
+    );
+    assert_eq!(
+        lines.len(),
+        5,
+        "one overlong line stays one line: {}",
+        lines.len()
+    );
+    assert!(
+        lines[4].len() < 40_000 && lines[4].starts_with("xxxx"),
+        "an overlong line is capped ({} bytes)",
+        lines[4].len()
     );
     let record = node.session(&id_of(&ok)).await;
     assert_eq!(record["state"], "succeeded");
@@ -85,7 +109,7 @@ async fn a_succeeding_and_a_failing_command_end_with_their_exit_codes_and_output
         .await
         .unwrap();
     assert_eq!(page["lines"].as_array().unwrap().len(), 2);
-    assert_eq!(page["total"], 3);
+    assert_eq!(page["total"], 5);
     assert_eq!(page["next_offset"], 2);
     let streams: Vec<&str> = page["lines"]
         .as_array()
@@ -248,6 +272,24 @@ async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtak
         )
         .await;
     assert_eq!(refused.status(), 429);
+    // The SessionManager reports to health every second: wait (bounded) for the report.
+    let expected = format!(
+        "1/1 running, 2/2 queued; longest running: {}",
+        id_of(&blocker)
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let health: Value = node.get("/v1/health").await.json().await.unwrap();
+        let sessions = health["components"]["sessions"].to_string();
+        if sessions.contains(&expected) && sessions.contains("the queue is full") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never saw the sessions: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let retry_after: u64 = refused.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -363,14 +405,95 @@ async fn a_fake_aider_that_is_rate_limited_and_exits_0_fails_with_rate_limit_eve
         .find(|line| line.starts_with("fake-aider: argv:"))
         .unwrap();
     for flag in [
+        "--message=add a greet function",
         "--yes-always",
         "--no-check-update",
         "--no-pretty",
         "--no-git",
-        "add a greet function",
     ] {
         assert!(argv.contains(flag), "{flag} missing from {argv}");
     }
+
+    // The same through the CLI: the output streams and the failure is the exit code.
+    let (code, stdout, stderr) = troupe_cli(&node, &["session", "aider", "--message", "hi"]).await;
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("The API provider has rate limited you"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_session_actor_that_panics_is_restarted_and_its_run_is_reported_once() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = Fixture::node_in(temp.path(), "[debug]\nfault_injection = true\n", &[]).await;
+    let mut events = node.events("kind=session.*&kind=actor.*", None).await;
+    let record = node
+        .spawn_session(sh(
+            "echo waiting; while [ ! -e go ]; do sleep 0.02; done; echo went",
+        ))
+        .await;
+    let id = id_of(&record);
+    node.follow_output(&id, |line| line["text"] == "waiting")
+        .await;
+
+    let fault = node
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": format!("sessions/{id}"), "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(fault.status(), 202);
+    let (_, restarted) = events.next_of("actor.restarted").await;
+    assert_eq!(
+        restarted["data"]["child"],
+        format!("sessions/{id}").as_str()
+    );
+
+    // The restarted actor re-attached to the same process, which now finishes.
+    assert_eq!(node.session(&id).await["state"], "running");
+    std::fs::write(temp.path().join("ws/go"), "").unwrap();
+    let (lines, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "succeeded");
+    assert_eq!(lines, ["waiting", "went"]);
+
+    // Exactly one end, then nothing more about this session.
+    let mut ends = 0;
+    loop {
+        let (_, event) = events.next().await;
+        if event["session"] == id.as_str() && event["kind"] == "session.succeeded" {
+            ends += 1;
+            break;
+        }
+    }
+    drop(events);
+    let mut replay = node
+        .events(&format!("session={id}&follow=false&tail=1000"), None)
+        .await;
+    let mut kinds = Vec::new();
+    while let Ok(Some(Ok((_, data)))) = tokio::time::timeout(PATIENCE, replay.next_raw()).await {
+        kinds.push(serde_json::from_str::<Value>(&data).unwrap()["kind"].clone());
+    }
+    let terminal_kinds = [
+        "session.succeeded",
+        "session.failed",
+        "session.cancelled",
+        "session.timed_out",
+        "session.interrupted",
+    ];
+    let terminal = kinds
+        .iter()
+        .filter(|kind| terminal_kinds.iter().any(|terminal| *kind == terminal))
+        .count();
+    assert_eq!((ends, terminal), (1, 1), "reported once: {kinds:?}");
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|kind| *kind == "session.started")
+            .count(),
+        1,
+        "started once: {kinds:?}"
+    );
 }
 
 #[tokio::test]

@@ -240,6 +240,11 @@ impl SseStream {
         (id, serde_json::from_str(&data).expect("JSON data"))
     }
 
+    /// The next raw item, `None` when the stream ended.
+    pub async fn next_raw(&mut self) -> Option<SseItem> {
+        self.inner.next().await
+    }
+
     /// The next event whose kind is `kind`.
     pub async fn next_of(&mut self, kind: &str) -> (String, Value) {
         loop {
