@@ -59,16 +59,19 @@ pub(super) fn get(db: &Database, id: &SessionId) -> Result<Option<SessionRecord>
 
 /// The highest output line number a session has appended (stored or counted past the cap).
 pub(super) fn output_lines(db: &Database, id: &SessionId) -> Result<u64, StoreError> {
-    let key = id.as_str();
     let txn = begin(db)?;
-    let counters_table = txn
+    Ok(output_counters(&txn, id.as_str())?.last_line)
+}
+
+/// A session's output counters (all zero before its first line).
+fn output_counters(txn: &ReadTransaction, key: &str) -> Result<OutputCounters, StoreError> {
+    let table = txn
         .open_table(OUTPUT_COUNTERS)
         .or_io("open table output_counters")?;
-    let counters: OutputCounters = match counters_table.get(key).or_io("read output_counters")? {
-        Some(bytes) => decode("output_counters", key, bytes.value())?,
-        None => OutputCounters::default(),
-    };
-    Ok(counters.last_line)
+    match table.get(key).or_io("read output_counters")? {
+        Some(bytes) => decode("output_counters", key, bytes.value()),
+        None => Ok(OutputCounters::default()),
+    }
 }
 
 /// The session holding an idempotency key.
@@ -147,13 +150,7 @@ pub(super) fn output(
     if record(&sessions_table(&txn)?, key)?.is_none() {
         return Err(StoreError::NotFound(id.clone()));
     }
-    let counters_table = txn
-        .open_table(OUTPUT_COUNTERS)
-        .or_io("open table output_counters")?;
-    let counters: OutputCounters = match counters_table.get(key).or_io("read output_counters")? {
-        Some(bytes) => decode("output_counters", key, bytes.value())?,
-        None => OutputCounters::default(),
-    };
+    let counters = output_counters(&txn, key)?;
     let output = txn.open_table(OUTPUT).or_io("open table output")?;
     let limit = limit.clamp(1, MAX_OUTPUT_PAGE);
     let mut lines = Vec::with_capacity(limit.min(1024));

@@ -1,38 +1,15 @@
 //! The CLI against a running node.
 
-use std::process::Stdio;
-
 use crate::support::*;
-
-async fn troupe(args: &[&str], node: &NodeProcess) -> (std::process::ExitStatus, String, String) {
-    let output = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(troupe_bin())
-            .args(args)
-            .env("TROUPE_URL", format!("http://{}", node.addr))
-            .env("TROUPE_DATA_DIR", &node.data_dir)
-            .env_remove("TROUPE_TOKEN")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("the command finishes")
-    .unwrap();
-    (
-        output.status,
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 #[tokio::test]
 async fn health_prints_a_summary_using_the_token_from_the_data_dir() {
     let node = NodeProcess::start(&[]).await;
-    let (status, stdout, stderr) = troupe(&["health"], &node).await;
+    let (status, stdout, stderr) = run_cli(&node, &["health"]).await;
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains("healthy"), "{stdout}");
     assert!(stdout.contains("8/8 running"), "{stdout}");
-    let (status, stdout, _) = troupe(&["health", "--json"], &node).await;
+    let (status, stdout, _) = run_cli(&node, &["health", "--json"]).await;
     assert!(status.success());
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["status"], "healthy");
@@ -47,7 +24,7 @@ async fn events_prints_recent_events_and_filters_by_kind() {
     stream.next_of("link.disconnected").await;
     drop(stream);
 
-    let (status, stdout, stderr) = troupe(&["events", "--kind", "link.*", "--json"], &node).await;
+    let (status, stdout, stderr) = run_cli(&node, &["events", "--kind", "link.*", "--json"]).await;
     assert!(status.success(), "{stderr}");
     let kinds: Vec<String> = stdout
         .lines()
@@ -64,7 +41,7 @@ async fn events_prints_recent_events_and_filters_by_kind() {
         "{kinds:?}"
     );
 
-    let (status, stdout, _) = troupe(&["events", "--kind", "actor.*"], &node).await;
+    let (status, stdout, _) = run_cli(&node, &["events", "--kind", "actor.*"]).await;
     assert!(status.success());
     assert!(stdout.is_empty(), "no restarts happened: {stdout}");
 }
@@ -72,7 +49,8 @@ async fn events_prints_recent_events_and_filters_by_kind() {
 #[tokio::test]
 async fn a_wrong_token_or_an_absent_node_gives_a_clear_error() {
     let node = NodeProcess::start(&[]).await;
-    let (status, _, stderr) = troupe(
+    let (status, _, stderr) = run_cli(
+        &node,
         &[
             "health",
             "--token",
@@ -80,16 +58,15 @@ async fn a_wrong_token_or_an_absent_node_gives_a_clear_error() {
             "--node",
             &format!("http://{}", node.addr),
         ],
-        &node,
     )
     .await;
     // Health is open, so a wrong token still works there; events is not.
     assert!(status.success(), "{stderr}");
-    let (status, _, stderr) = troupe(&["events", "--token", "nope"], &node).await;
+    let (status, _, stderr) = run_cli(&node, &["events", "--token", "nope"]).await;
     assert!(!status.success());
     assert!(stderr.contains("refused the token"), "{stderr}");
 
-    let (status, _, stderr) = troupe(&["health", "--node", "http://127.0.0.1:9"], &node).await;
+    let (status, _, stderr) = run_cli(&node, &["health", "--node", "http://127.0.0.1:9"]).await;
     assert!(!status.success());
     assert!(stderr.contains("cannot reach a node"), "{stderr}");
 }

@@ -2,7 +2,6 @@
 //! preset's rate-limit detection, bad input refused without a trace, and the CLI.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use serde_json::{Value, json};
 
@@ -415,8 +414,8 @@ async fn a_fake_aider_that_is_rate_limited_and_exits_0_fails_with_rate_limit_eve
     }
 
     // The same through the CLI: the output streams and the failure is the exit code.
-    let (code, stdout, stderr) = troupe_cli(&node, &["session", "aider", "--message", "hi"]).await;
-    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    let (status, stdout, stderr) = run_cli(&node, &["session", "aider", "--message", "hi"]).await;
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("The API provider has rate limited you"),
         "{stdout}"
@@ -617,34 +616,13 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
     );
 }
 
-async fn troupe_cli(node: &NodeProcess, args: &[&str]) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(
-        PATIENCE,
-        tokio::process::Command::new(troupe_bin())
-            .args(args)
-            .env("TROUPE_URL", format!("http://{}", node.addr))
-            .env("TROUPE_DATA_DIR", &node.data_dir)
-            .env_remove("TROUPE_TOKEN")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("the command finishes")
-    .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
     let fixture = Fixture::start("", &[]).await;
     let node = &fixture.node;
 
     // Followed: the output streams to stdout and the exit code is the run's.
-    let (code, stdout, stderr) = troupe_cli(
+    let (status, stdout, stderr) = run_cli(
         node,
         &[
             "session",
@@ -658,30 +636,30 @@ async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
         ],
     )
     .await;
-    assert_eq!(code, Some(7), "{stderr}");
+    assert_eq!(status.code(), Some(7), "{stderr}");
     assert!(stdout.contains("from-cli"), "{stdout}");
 
     // Detached: prints the id and returns at once.
-    let (code, stdout, stderr) = troupe_cli(
+    let (status, stdout, stderr) = run_cli(
         node,
         &["session", "spawn", "--detach", "--", "sleep", "300"],
     )
     .await;
-    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
     let id = stdout.trim().to_owned();
     assert!(id.len() > 4 && !id.contains(' '), "an id: {stdout:?}");
     assert_eq!(node.session(&id).await["kind"], "command");
 
-    let (code, stdout, _) = troupe_cli(node, &["session", "list", "--json"]).await;
-    assert_eq!(code, Some(0));
+    let (status, stdout, _) = run_cli(node, &["session", "list", "--json"]).await;
+    assert_eq!(status.code(), Some(0));
     let page: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(page["sessions"].as_array().unwrap().len(), 2, "{stdout}");
-    let (code, stdout, _) = troupe_cli(node, &["session", "show", &id]).await;
-    assert_eq!(code, Some(0));
+    let (status, stdout, _) = run_cli(node, &["session", "show", &id]).await;
+    assert_eq!(status.code(), Some(0));
     assert!(stdout.contains(&id), "{stdout}");
 
-    let (code, _, stderr) = troupe_cli(node, &["session", "cancel", &id]).await;
-    assert_eq!(code, Some(0), "{stderr}");
+    let (status, _, stderr) = run_cli(node, &["session", "cancel", &id]).await;
+    assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(node.run_to_end(&id).await.1, "cancelled");
 
     let listed: Value = node
@@ -691,11 +669,11 @@ async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
         .await
         .unwrap();
     let first = id_of(&listed["sessions"][0]);
-    let (code, stdout, _) = troupe_cli(node, &["session", "logs", &first]).await;
-    assert_eq!(code, Some(0));
+    let (status, stdout, _) = run_cli(node, &["session", "logs", &first]).await;
+    assert_eq!(status.code(), Some(0));
     assert_eq!(stdout.trim(), "from-cli");
 
-    let (code, _, stderr) = troupe_cli(node, &["session", "show", "no-such-session"]).await;
-    assert_ne!(code, Some(0));
+    let (status, _, stderr) = run_cli(node, &["session", "show", "no-such-session"]).await;
+    assert_ne!(status.code(), Some(0));
     assert!(stderr.contains("no session"), "{stderr}");
 }

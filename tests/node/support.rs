@@ -393,3 +393,29 @@ pub async fn wait_all_dead(pgid: i32, pids: &[i32]) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs the `troupe` CLI against `node` (address from `TROUPE_URL`, token from its data dir);
+/// returns its exit status, stdout and stderr.
+pub async fn run_cli(
+    node: &NodeProcess,
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        Command::new(troupe_bin())
+            .args(args)
+            .env("TROUPE_URL", format!("http://{}", node.addr))
+            .env("TROUPE_DATA_DIR", &node.data_dir)
+            .env_remove("TROUPE_TOKEN")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
