@@ -169,7 +169,9 @@ impl NodeBuilder {
                 runner: Arc::new(LocalRunner::new(OutputLimits::default())),
                 store: Arc::new(store.clone()),
                 commands: Arc::new(commands),
+                chats: None,
             }),
+            providers: Vec::new(),
         };
         let tree = NodeTree::start(tree_config(&config, node_id.clone()), ports).await?;
         let sessions = SessionService::new(

@@ -5,7 +5,8 @@
 //! ├── EventBus                                           event_bus
 //! ├── RegistryActor                                      registry
 //! ├── HealthActor                                        health
-//! ├── ProviderSupervisor (one_for_one)                   providers   └── providers/<name>
+//! ├── ProviderSupervisor (one_for_one)                   providers
+//! │   └── ProviderActor ×N (permanent)                   providers/<name>
 //! ├── SessionSupervisor (dynamic one_for_one)            sessions
 //! │   ├── SessionManager                                 sessions/manager
 //! │   └── SessionActor ×N (transient)                    sessions/<id>
@@ -26,10 +27,11 @@ use crate::ids::{ActorPath, NodeId};
 use crate::kernel::{
     self, ActorDirectory, ActorHandle, ChildKind, DirectoryEntry, FaultError, FaultKind,
 };
+use crate::provider::ProviderActorRef;
 use crate::registry::{Registry, RegistryActor, RegistryArgs, RegistryTables};
 use crate::session::{
-    CommandBuilder, ManagerArgs, ManagerMsg, ManagerShared, ProcessRunner, SessionContext,
-    SessionManager, SessionSettings, SessionStats, SessionStore, SpecLimits,
+    ChatRunner, CommandBuilder, ManagerArgs, ManagerMsg, ManagerShared, ProcessRunner,
+    SessionContext, SessionManager, SessionSettings, SessionStats, SessionStore, SpecLimits,
 };
 use crate::supervisor::{
     ChildPolicy, ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorArgs,
@@ -80,6 +82,10 @@ pub struct NodePorts {
     pub event_store: Option<Arc<dyn EventStore>>,
     /// What sessions need; without it the node runs no sessions.
     pub sessions: Option<SessionPorts>,
+    /// The providers, one ProviderActor each under the ProviderSupervisor. Their handles exist
+    /// before the tree starts, so that ports built from them (a chat runner) can be passed in
+    /// too.
+    pub providers: Vec<ProviderActorRef>,
 }
 
 /// The ports of sessions.
@@ -91,6 +97,8 @@ pub struct SessionPorts {
     pub store: Arc<dyn SessionStore>,
     /// Turns specs into commands.
     pub commands: Arc<dyn CommandBuilder>,
+    /// Runs chat sessions; `None` on a node without providers.
+    pub chats: Option<Arc<dyn ChatRunner>>,
 }
 
 /// Handles to the session machinery of a tree.
@@ -121,6 +129,8 @@ pub struct NodeTree {
     pub health: Health,
     /// The ProviderSupervisor.
     pub providers: SupervisorHandle,
+    /// Its ProviderActors, in configuration order.
+    pub provider_actors: Vec<ProviderActorRef>,
     /// The SessionSupervisor.
     pub sessions: SupervisorHandle,
     /// The session machinery, when the node runs sessions.
@@ -171,6 +181,7 @@ impl NodeTree {
                     context: SessionContext {
                         node: config.node.clone(),
                         runner: session_ports.runner.clone(),
+                        chats: session_ports.chats.clone(),
                         store: session_ports.store.clone(),
                         commands: session_ports.commands.clone(),
                         events: events.clone(),
@@ -224,10 +235,13 @@ impl NodeTree {
                 move || (HealthActor, args.clone())
             }),
             ChildSpec::supervisor(&providers, {
-                let args = supervisor_args(SupervisorConfig {
+                let mut args = supervisor_args(SupervisorConfig {
                     strategy: Strategy::OneForOne,
                     ..supervision
                 });
+                args.children.extend(ports.providers.iter().map(|provider| {
+                    provider.child_spec(events.clone(), health.clone(), registry.clone())
+                }));
                 move || (Supervisor, args.clone())
             }),
             ChildSpec::supervisor(&sessions, {
@@ -281,6 +295,7 @@ impl NodeTree {
             registry,
             health,
             providers,
+            provider_actors: ports.providers,
             sessions,
             session_manager,
             links,

@@ -1,19 +1,50 @@
 //! The pure policy of a provider: its budget, circuit breaker and retry schedule, and the parsing
 //! of the rate-limit headers that feed them.
 //!
-//! These are plain state machines driven with an explicit `now` (and a jitter sample where
-//! randomness is needed); the ProviderActor feeds them and publishes what they decide. Nothing
-//! here reads a clock, sleeps, draws random numbers or performs I/O.
+//! The policies are plain state machines driven with an explicit `now` (and a jitter sample
+//! where randomness is needed); the ProviderActor feeds them and publishes what they decide.
+//! None of them reads a clock, sleeps, draws random numbers or performs I/O. Calls reach the
+//! network only through the [`ProviderClient`] port the node implements.
 //!
 //! - [`budget`]: the dual requests-per-minute / tokens-per-minute budget.
 //! - [`breaker`]: closed → open → half-open, on consecutive failures and on failure rate.
 //! - [`retry`]: jittered exponential backoff honouring the provider's hint.
 //! - [`headers`]: `x-ratelimit-*`, `anthropic-ratelimit-*`, `retry-after`, `retry-after-ms`.
+//! - [`failure`]: what a failed call was, and what that means for retries and fallback.
+//! - [`state`]: one provider's state — policies, calls in flight, calls waiting — as a pure
+//!   machine.
+//! - [`actor`]: the ProviderActor that owns that state.
+//! - [`route`]: model names to providers, and fallback chains.
+//! - [`call`]: the loop one call goes through (admission, attempt, retry, fallback).
+//! - [`port`]: the [`ProviderClient`] port.
+//! - [`stats`]: counters and the read-side snapshot.
 
+pub mod actor;
 pub mod breaker;
 pub mod budget;
+pub mod call;
+pub mod failure;
 pub mod headers;
+pub mod port;
 pub mod retry;
+pub mod route;
+pub mod spec;
+pub mod state;
+pub mod stats;
+
+pub use actor::{AdmitReply, Pass, ProviderActor, ProviderActorRef, ProviderArgs, ProviderMsg};
+pub use call::{CallError, CallGuard, CallMeta, Committed, ProviderSet};
+pub use failure::{ErrorClass, ErrorKind};
+pub use port::{Answer, Failed, Progress, ProviderClient};
+pub use route::{Hop, InvalidRoutes, ModelEntry, Route, RouteError, Routes};
+pub use spec::{InvalidTarget, ProviderSpec, Target};
+pub use state::{
+    Admission, AdmitRequest, LocalLimit, NextStep, Outcome, Refusal, Report, Ticket, TicketId,
+};
+pub use stats::{
+    BreakerStatus, BudgetStatus, ErrorRecord, ProviderCounters, ProviderShared, ProviderStats,
+    ProviderStatus,
+};
 
 pub use breaker::{
     Admitted, Breaker, BreakerConfig, BreakerState, OpenReason, Permit, RejectReason, Rejected,

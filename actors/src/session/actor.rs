@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use ractor::RpcReplyPort;
 
+use super::chat::ChatInterpreter;
 use super::context::{HandleSink, OutputInterpreter, OutputSignal, SessionContext};
 use super::manager::ManagerMsg;
 use super::ports::{ExitStatus, ProcessEvent, StoreError};
-use super::spec::{SessionKind, SessionRecord, Transition};
+use super::spec::{ChatSession, ProcessInfo, SessionKind, SessionRecord, Transition};
 use super::state::SessionState;
 use crate::event::{
     EventData, SessionEnded, SessionLongRunning, SessionOutput, SessionRateLimited, SessionStarted,
@@ -73,6 +74,16 @@ pub struct SessionActorState {
     anchor: tokio::time::Instant,
 }
 
+/// What a new instance found when it looked for its run.
+enum Reattached {
+    /// The runner still has the session's process.
+    Process(ProcessInfo),
+    /// The chat runner still has the session's run.
+    Chat,
+    /// Nobody knows the run.
+    Unknown,
+}
+
 /// How long to wait for the exit status of a process the runner does not know any more.
 const LOST_PROCESS_WAIT: Duration = Duration::from_secs(5);
 
@@ -92,7 +103,10 @@ impl Actor for SessionActor {
             .get(&args.id)
             .await?
             .ok_or_else(|| format!("session {} is not in the store", args.id))?;
-        let interpreter = args.context.commands.interpreter(&record);
+        let interpreter: Option<Box<dyn OutputInterpreter>> = match record.spec.kind {
+            SessionKind::Chat(_) => Some(Box::new(ChatInterpreter::default())),
+            _ => args.context.commands.interpreter(&record),
+        };
         Ok(SessionActorState {
             args,
             record,
@@ -132,24 +146,20 @@ impl Actor for SessionActor {
                 state.persist(SessionState::Starting, None).await?;
                 state.launch(ctx).await?;
             }
-            SessionState::Starting => {
-                match state.args.context.runner.reattach(&state.args.id, sink()) {
-                    Some(process) => {
-                        state.record.process = Some(process);
-                        state.record.started_at.get_or_insert_with(Timestamp::now);
-                        state.persist(SessionState::Running, None).await?;
-                    }
-                    None => state.launch(ctx).await?,
+            SessionState::Starting => match state.reattach(sink()) {
+                Reattached::Process(process) => {
+                    state.record.process = Some(process);
+                    state.record.started_at.get_or_insert_with(Timestamp::now);
+                    state.persist(SessionState::Running, None).await?;
                 }
-            }
+                Reattached::Chat => {
+                    state.record.started_at.get_or_insert_with(Timestamp::now);
+                    state.persist(SessionState::Running, None).await?;
+                }
+                Reattached::Unknown => state.launch(ctx).await?,
+            },
             SessionState::Running => {
-                if state
-                    .args
-                    .context
-                    .runner
-                    .reattach(&state.args.id, sink())
-                    .is_none()
-                {
+                if matches!(state.reattach(sink()), Reattached::Unknown) {
                     // Either its exit status is already on its way to this handle, or it is lost.
                     ctx.send_after(LOST_PROCESS_WAIT, SessionMsg::ProcessLost);
                 }
@@ -299,8 +309,32 @@ impl SessionActorState {
         Ok(())
     }
 
-    /// Starts the process (state is `starting`).
+    /// Points the run's events at this instance: its process's, or its chat run's.
+    fn reattach(&self, sink: std::sync::Arc<HandleSink>) -> Reattached {
+        let context = &self.args.context;
+        if let SessionKind::Chat(_) = self.record.spec.kind {
+            let known = context
+                .chats
+                .as_ref()
+                .is_some_and(|chats| chats.reattach(&self.args.id, sink));
+            return if known {
+                Reattached::Chat
+            } else {
+                Reattached::Unknown
+            };
+        }
+        match context.runner.reattach(&self.args.id, sink) {
+            Some(process) => Reattached::Process(process),
+            None => Reattached::Unknown,
+        }
+    }
+
+    /// Starts the process, or the chat run (state is `starting`).
     async fn launch(&mut self, ctx: &Context<SessionMsg>) -> Result<(), StoreError> {
+        if let SessionKind::Chat(chat) = &self.record.spec.kind {
+            let chat = chat.clone();
+            return self.launch_chat(ctx, &chat).await;
+        }
         let context = self.args.context.clone();
         let command = match context.commands.command(&self.record) {
             Ok(command) => command,
@@ -322,6 +356,34 @@ impl SessionActorState {
                 self.publish(EventData::SessionStarted(SessionStarted {
                     program: command.program,
                     pid: Some(process.pid),
+                }));
+                Ok(())
+            }
+            Err(error) => self.fail_to_start(error.to_string()).await,
+        }
+    }
+
+    async fn launch_chat(
+        &mut self,
+        ctx: &Context<SessionMsg>,
+        chat: &ChatSession,
+    ) -> Result<(), StoreError> {
+        let context = self.args.context.clone();
+        let Some(chats) = &context.chats else {
+            return self.fail_to_start(super::chat::no_providers()).await;
+        };
+        let sink = std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        match chats.start(&self.args.id, chat, sink) {
+            Ok(()) => {
+                self.record.started_at = Some(Timestamp::now());
+                self.persist(SessionState::Running, None).await?;
+                context
+                    .stats
+                    .started
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.publish(EventData::SessionStarted(SessionStarted {
+                    program: program_of(&self.record).to_owned(),
+                    pid: None,
                 }));
                 Ok(())
             }
@@ -383,8 +445,15 @@ impl SessionActorState {
     }
 
     fn terminate(&self, why: &str) {
-        let grace = self.args.context.settings.kill_grace;
-        if !self.args.context.runner.terminate(&self.args.id, grace) {
+        let context = &self.args.context;
+        let stopped = match (&self.record.spec.kind, &context.chats) {
+            (SessionKind::Chat(_), Some(chats)) => chats.cancel(&self.args.id),
+            (SessionKind::Chat(_), None) => false,
+            _ => context
+                .runner
+                .terminate(&self.args.id, context.settings.kill_grace),
+        };
+        if !stopped {
             tracing::debug!(session = %self.args.id, why, "nothing to terminate: the process already exited");
         }
     }

@@ -144,6 +144,8 @@ pub struct SessionContext {
     pub node: NodeId,
     /// Starts and stops processes.
     pub runner: Arc<dyn ProcessRunner>,
+    /// Runs chat sessions; `None` on a node without providers.
+    pub chats: Option<Arc<dyn super::ChatRunner>>,
     /// Persists sessions.
     pub store: Arc<dyn SessionStore>,
     /// Spec → command line.

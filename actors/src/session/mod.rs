@@ -7,10 +7,11 @@
 //! ```
 //!
 //! The pure parts (the state machine, the spec and its limits), the actors, and the ports the
-//! node implements (a process runner, a session store), and the Aider preset.
+//! node implements (a process runner, a chat runner, a session store), and the Aider preset.
 
 mod actor;
 pub mod aider;
+mod chat;
 mod context;
 mod manager;
 mod ports;
@@ -20,6 +21,7 @@ mod state;
 pub use actor::{
     SessionActor, SessionActorState, SessionArgs, SessionMsg, describe_exit, program_of,
 };
+pub use chat::{ChatInterpreter, ChatRunner};
 pub use context::{
     CommandBuilder, DURATION_BUCKETS_SECS, OutputInterpreter, OutputSignal, SessionContext,
     SessionSettings, SessionStats,

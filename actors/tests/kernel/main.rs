@@ -4,6 +4,7 @@
 mod bus;
 mod handles;
 mod node;
+mod providers;
 mod sessions;
 mod supervision;
 mod support;

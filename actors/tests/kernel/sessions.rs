@@ -301,7 +301,9 @@ impl Harness {
                 runner: runner.clone(),
                 store: store.clone(),
                 commands: Arc::new(Commands),
+                chats: None,
             }),
+            providers: Vec::new(),
         };
         let tree = NodeTree::start(config, ports).await.unwrap();
         let events = tree.events.subscribe(EventFilter {

@@ -1,6 +1,8 @@
 //! Table-driven tests of the classification, on fixtures in the providers' real shapes
 //! (`tests/fixtures/providers/`).
 
+use std::time::Duration;
+
 use super::*;
 use ErrorKind::*;
 use ProviderKind::{Anthropic, Gemini, OpenAi};
