@@ -173,6 +173,31 @@ pub struct ProviderConfig {
     /// Retries.
     #[serde(default)]
     pub retry: RetrySettings,
+    /// Timeouts of the provider's HTTP client.
+    #[serde(default)]
+    pub timeouts: ProviderTimeouts,
+}
+
+/// `timeouts = { … }` of a provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderTimeouts {
+    /// Establishing a connection, in milliseconds.
+    pub connect_ms: u64,
+    /// From sending a request to the first byte of the answer (for a stream: its first event).
+    pub first_byte_secs: u64,
+    /// Longest gap between two pieces of an answer.
+    pub between_chunks_secs: u64,
+}
+
+impl Default for ProviderTimeouts {
+    fn default() -> Self {
+        Self {
+            connect_ms: 5_000,
+            first_byte_secs: 120,
+            between_chunks_secs: 60,
+        }
+    }
 }
 
 fn default_max_concurrency() -> usize {
@@ -553,6 +578,19 @@ impl Config {
                     &format!("{key}.max_concurrency"),
                     "must be at least 1".into(),
                 ));
+            }
+            let timeouts = &provider.timeouts;
+            for (name, value) in [
+                ("connect_ms", timeouts.connect_ms),
+                ("first_byte_secs", timeouts.first_byte_secs),
+                ("between_chunks_secs", timeouts.between_chunks_secs),
+            ] {
+                if value == 0 {
+                    return Err(semantic(
+                        &format!("{key}.timeouts.{name}"),
+                        "must be at least 1".into(),
+                    ));
+                }
             }
         }
         for (index, provider) in self.providers.iter().enumerate() {

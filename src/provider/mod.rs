@@ -2,11 +2,13 @@
 //! classification of its failures.
 //!
 //! The policy that acts on a classification (budget, breaker, retry) is pure and lives in
-//! [`troupe_actors::provider`]; this module only reads what providers send. It opens no
-//! connection itself.
+//! [`troupe_actors::provider`]; this module reads what providers send, and its clients make the
+//! calls that policy admitted.
 //!
 //! - [`classify`]: HTTP error answers, mid-stream error events and transport failures into an
 //!   [`ErrorClass`].
+//! - [`client`]: the HTTP clients (OpenAI-compatible, Anthropic, Gemini) behind the actor
+//!   crate's provider port.
 
 /// In tests: the bytes of `tests/fixtures/providers/<name>`.
 #[cfg(test)]
@@ -21,6 +23,7 @@ macro_rules! fixture {
 }
 
 pub mod classify;
+pub mod client;
 mod error_body;
 
 use std::fmt;

@@ -1,0 +1,528 @@
+//! The HTTP clients of the providers: one [`HttpProvider`] per `[[providers]]` entry, each with
+//! its own pooled reqwest client, implementing the actor crate's
+//! [`ProviderClient`] port.
+//!
+//! Callers speak OpenAI's chat-completions shape (the gateway's); a client sends it as its
+//! provider's API wants it — OpenAI-compatible `/chat/completions` as is, Anthropic
+//! `/messages` and Gemini `:generateContent` / `:streamGenerateContent` translated — and turns
+//! the answer back into OpenAI's `chat.completion` or `chat.completion.chunk` shapes. Failures
+//! go through [`classify`](super::classify). API keys are read once from the environment
+//! variables the configuration names, sent as sensitive header values and never logged.
+//!
+//! Timeouts (`timeouts = { … }` of a provider): connecting (`connect_ms`), the first byte of
+//! the answer (`first_byte_secs`, from sending the request to the headers and, for a stream, to
+//! its first event), and the gap between two pieces of a body or stream
+//! (`between_chunks_secs`).
+
+mod anthropic;
+mod gemini;
+mod openai;
+mod sse;
+#[cfg(test)]
+mod tests;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use http::HeaderValue;
+use serde_json::Value;
+use troupe_actors::provider::{
+    Answer, ErrorClass, ErrorKind, Failed, Progress, ProviderClient, RateLimitSnapshot,
+};
+
+use super::classify::{TransportFailure, classify_http, classify_transport};
+use super::{ProviderKind, header_pairs};
+use crate::config::ProviderConfig;
+use sse::SseEvents;
+
+/// Largest non-streamed answer read from a provider.
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+/// Largest error body read for classification (the rest is ignored).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest single event of a stream.
+pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+/// Completion allowance assumed for the budget when a request sets no `max_tokens`.
+pub const DEFAULT_COMPLETION_ESTIMATE: u32 = 1024;
+
+/// The timeouts of one provider's client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// Establishing the connection.
+    pub connect: Duration,
+    /// From sending to the first byte (the headers; for a stream, its first event).
+    pub first_byte: Duration,
+    /// Between two pieces of a body or stream.
+    pub between_chunks: Duration,
+}
+
+/// A chat request in OpenAI's shape, as the gateway received it (unknown fields included).
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// The body; its `model` is replaced per provider.
+    pub body: Value,
+    /// `stream: true`.
+    pub stream: bool,
+}
+
+impl ChatRequest {
+    /// Wraps a body; `stream` is read from it.
+    pub fn new(body: Value) -> Self {
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        Self { body, stream }
+    }
+
+    /// The budget's estimate: a quarter of the characters of the messages (a token is about
+    /// four characters) plus `max_tokens` / `max_completion_tokens`, or
+    /// [`DEFAULT_COMPLETION_ESTIMATE`].
+    pub fn estimate_tokens(&self) -> u32 {
+        let prompt_chars: usize = self
+            .body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(|messages| messages.iter().map(content_chars).sum())
+            .unwrap_or(0);
+        let completion = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|key| self.body.get(*key).and_then(Value::as_u64))
+            .map_or(DEFAULT_COMPLETION_ESTIMATE, |n| {
+                u32::try_from(n).unwrap_or(u32::MAX)
+            });
+        u32::try_from(prompt_chars / 4)
+            .unwrap_or(u32::MAX)
+            .saturating_add(completion)
+    }
+}
+
+fn content_chars(message: &Value) -> usize {
+    match message.get("content") {
+        Some(Value::String(text)) => text.len(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// What a provider answered, in OpenAI's shapes.
+pub enum ChatReply {
+    /// A whole `chat.completion` object.
+    Complete(Value),
+    /// A stream of `chat.completion.chunk` objects (as JSON text), its first one in hand.
+    Stream(ChunkStream),
+}
+
+impl std::fmt::Debug for ChatReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Complete(body) => f.debug_tuple("Complete").field(body).finish(),
+            Self::Stream(_) => f.write_str("Stream(..)"),
+        }
+    }
+}
+
+/// A streamed answer: OpenAI `chat.completion.chunk` objects as JSON text, then the end. An
+/// item `Err` is a failure after the stream began (the stream ends after it); the stream ending
+/// without one is a complete answer.
+pub struct ChunkStream {
+    inner: Pin<Box<dyn Stream<Item = Result<Bytes, ErrorClass>> + Send>>,
+    usage: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl ChunkStream {
+    /// Total tokens the provider reported, once it did (0 before).
+    pub fn tokens(&self) -> Option<u32> {
+        match self.usage.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            tokens => Some(tokens),
+        }
+    }
+}
+
+impl Stream for ChunkStream {
+    type Item = Result<Bytes, ErrorClass>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// A provider client that could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The HTTP client could not be built.
+    #[error("provider {provider:?}: cannot build its HTTP client: {reason}")]
+    Build {
+        /// The provider.
+        provider: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One provider's HTTP client.
+pub struct HttpProvider {
+    name: String,
+    kind: ProviderKind,
+    base_url: String,
+    http: reqwest::Client,
+    /// The credential header, or why there is none.
+    key: Result<Option<(http::HeaderName, HeaderValue)>, String>,
+    timeouts: ClientTimeouts,
+}
+
+impl HttpProvider {
+    /// The client of `config`, its key read from `config.api_key_env` now. A key variable that
+    /// is not set is not an error here: every call then fails with a message naming it.
+    pub fn new(config: &ProviderConfig) -> Result<Self, ClientError> {
+        let timeouts = ClientTimeouts {
+            connect: Duration::from_millis(config.timeouts.connect_ms),
+            first_byte: Duration::from_secs(config.timeouts.first_byte_secs),
+            between_chunks: Duration::from_secs(config.timeouts.between_chunks_secs),
+        };
+        crate::tls::install_default_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|error| ClientError::Build {
+                provider: config.name.clone(),
+                reason: error.to_string(),
+            })?;
+        let key = match &config.api_key_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(value) if !value.trim().is_empty() => {
+                    key_header(config.kind, value.trim()).map(Some)
+                }
+                _ => Err(format!(
+                    "provider {:?}: the environment variable {var} (api_key_env) is not set; \
+                     set it to the provider's API key",
+                    config.name
+                )),
+            },
+        };
+        if let Err(problem) = &key {
+            tracing::warn!(provider = %config.name, "{problem}");
+        }
+        Ok(Self {
+            name: config.name.clone(),
+            kind: config.kind,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            http,
+            key,
+            timeouts,
+        })
+    }
+
+    /// The provider's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn attempt(
+        &self,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<Answer<ChatReply>, Failed> {
+        let key = self.key.as_ref().map_err(|problem| {
+            Failed::before_sending(ErrorClass {
+                message: Some(problem.clone()),
+                ..ErrorClass::of_kind(ErrorKind::Auth)
+            })
+        })?;
+        let (url, body) = match self.kind {
+            ProviderKind::OpenAi => openai::request(&self.base_url, model, request),
+            ProviderKind::Anthropic => anthropic::request(&self.base_url, model, request),
+            ProviderKind::Gemini => gemini::request(&self.base_url, model, request),
+        }
+        .map_err(|message| {
+            Failed::before_sending(ErrorClass {
+                message: Some(message),
+                status: Some(400),
+                ..ErrorClass::of_kind(ErrorKind::BadRequest)
+            })
+        })?;
+        let mut builder = self
+            .http
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some((name, value)) = key {
+            builder = builder.header(name.clone(), value.clone());
+        }
+        if self.kind == ProviderKind::Anthropic {
+            builder = builder.header("anthropic-version", "2023-06-01");
+        }
+        let body = serde_json::to_vec(&body).map_err(|error| {
+            Failed::before_sending(ErrorClass {
+                message: Some(format!("cannot encode the request: {error}")),
+                ..ErrorClass::of_kind(ErrorKind::BadRequest)
+            })
+        })?;
+        let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
+        let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
+            Err(_) => return Err(transport(TransportFailure::Timeout, true)),
+            Ok(Err(error)) => return Err(reqwest_failure(&error)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status().as_u16();
+        let wall = SystemTime::now();
+        let rate_limits = RateLimitSnapshot::from_headers(header_pairs(response.headers()), wall);
+        if !response.status().is_success() {
+            let headers = response.headers().clone();
+            let body = read_capped(response, MAX_ERROR_BODY, self.timeouts.between_chunks, true)
+                .await
+                .unwrap_or_default();
+            let class = classify_http(self.kind, status, header_pairs(&headers), &body, wall);
+            return Err(Failed {
+                class,
+                rate_limits,
+                reached_provider: true,
+            });
+        }
+        if request.stream {
+            let usage = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let translator = sse::translator(self.kind, model, usage.clone());
+            let mut events = SseEvents::new(
+                self.kind,
+                Box::pin(response.bytes_stream()),
+                translator,
+                self.timeouts.between_chunks,
+            );
+            // Wait for the first chunk, so that a failure before it can still be retried.
+            let first = match tokio::time::timeout_at(deadline, events.next()).await {
+                Err(_) => return Err(transport(TransportFailure::Timeout, true)),
+                Ok(None) => {
+                    return Err(Failed {
+                        class: ErrorClass {
+                            message: Some("the stream ended before any event".into()),
+                            ..ErrorClass::of_kind(ErrorKind::Connection)
+                        },
+                        rate_limits,
+                        reached_provider: true,
+                    });
+                }
+                Ok(Some(Err(class))) => {
+                    return Err(Failed {
+                        class,
+                        rate_limits,
+                        reached_provider: true,
+                    });
+                }
+                Ok(Some(Ok(first))) => first,
+            };
+            let inner = futures::stream::once(async move { Ok(first) }).chain(events);
+            return Ok(Answer {
+                reply: ChatReply::Stream(ChunkStream {
+                    inner: Box::pin(inner),
+                    usage,
+                }),
+                rate_limits,
+                progress: Progress::Streaming,
+            });
+        }
+        let body = read_capped(
+            response,
+            MAX_RESPONSE_BYTES,
+            self.timeouts.between_chunks,
+            false,
+        )
+        .await
+        .map_err(|class| Failed {
+            class,
+            rate_limits,
+            reached_provider: true,
+        })?;
+        let parsed: Value = serde_json::from_slice(&body).map_err(|error| Failed {
+            class: ErrorClass {
+                message: Some(format!("the provider's answer is not JSON: {error}")),
+                ..ErrorClass::of_kind(ErrorKind::ServerError)
+            },
+            rate_limits,
+            reached_provider: true,
+        })?;
+        let translated = match self.kind {
+            ProviderKind::OpenAi => Ok(parsed),
+            ProviderKind::Anthropic => anthropic::completion(model, &parsed),
+            ProviderKind::Gemini => gemini::completion(model, &parsed),
+        }
+        .map_err(|message| Failed {
+            class: ErrorClass {
+                message: Some(message),
+                ..ErrorClass::of_kind(ErrorKind::ServerError)
+            },
+            rate_limits,
+            reached_provider: true,
+        })?;
+        let tokens = translated
+            .pointer("/usage/total_tokens")
+            .and_then(Value::as_u64)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        Ok(Answer {
+            reply: ChatReply::Complete(translated),
+            rate_limits,
+            progress: Progress::Complete { tokens },
+        })
+    }
+}
+
+impl ProviderClient for HttpProvider {
+    type Request = ChatRequest;
+    type Reply = ChatReply;
+
+    fn send<'a>(
+        &'a self,
+        model: &'a str,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<Answer<ChatReply>, Failed>> {
+        Box::pin(self.attempt(model, request))
+    }
+}
+
+fn key_header(kind: ProviderKind, key: &str) -> Result<(http::HeaderName, HeaderValue), String> {
+    let (name, value) = match kind {
+        ProviderKind::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+        ProviderKind::Anthropic => (http::HeaderName::from_static("x-api-key"), key.to_owned()),
+        ProviderKind::Gemini => (
+            http::HeaderName::from_static("x-goog-api-key"),
+            key.to_owned(),
+        ),
+    };
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| "the API key holds characters a header cannot carry".to_owned())?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+fn transport(failure: TransportFailure, reached_provider: bool) -> Failed {
+    Failed {
+        class: classify_transport(failure),
+        rate_limits: RateLimitSnapshot::default(),
+        reached_provider,
+    }
+}
+
+fn reqwest_failure(error: &reqwest::Error) -> Failed {
+    if error.is_connect() {
+        transport(TransportFailure::Connect, false)
+    } else if error.is_timeout() {
+        transport(TransportFailure::Timeout, true)
+    } else {
+        let mut failed = transport(TransportFailure::Interrupted, true);
+        failed.class.message = Some(error.to_string().chars().take(500).collect());
+        failed
+    }
+}
+
+/// Reads a body up to `cap` bytes, each piece within `gap`. With `truncate`, a longer body is
+/// cut; without, it is a failure.
+async fn read_capped(
+    response: reqwest::Response,
+    cap: usize,
+    gap: Duration,
+    truncate: bool,
+) -> Result<Vec<u8>, ErrorClass> {
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(gap, stream.next()).await {
+            Err(_) => return Err(classify_transport(TransportFailure::Timeout)),
+            Ok(None) => return Ok(body),
+            Ok(Some(Err(_))) => return Err(classify_transport(TransportFailure::Interrupted)),
+            Ok(Some(Ok(piece))) => {
+                if body.len() + piece.len() > cap {
+                    if truncate {
+                        body.extend_from_slice(&piece[..cap - body.len()]);
+                        return Ok(body);
+                    }
+                    return Err(ErrorClass {
+                        message: Some(format!("the answer is larger than {cap} bytes")),
+                        ..ErrorClass::of_kind(ErrorKind::ServerError)
+                    });
+                }
+                body.extend_from_slice(&piece);
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch, for `created`.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Text of an OpenAI message's `content`: a string, or the `text` of its parts.
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+/// One OpenAI chunk carrying `delta` (and a finish reason / usage when given), as JSON text.
+fn chunk(
+    id: &str,
+    model: &str,
+    delta: Value,
+    finish_reason: Option<&str>,
+    usage: Option<Value>,
+) -> Bytes {
+    let mut chunk = serde_json::json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    });
+    if let Some(usage) = usage {
+        chunk["usage"] = usage;
+    }
+    Bytes::from(chunk.to_string())
+}
+
+/// An OpenAI `chat.completion` with one choice.
+fn completion(
+    id: &str,
+    model: &str,
+    text: String,
+    finish_reason: &str,
+    usage: Option<(u64, u64)>,
+) -> Value {
+    let mut body = serde_json::json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+        }],
+    });
+    if let Some((prompt, completion)) = usage {
+        body["usage"] = usage_json(prompt, completion);
+    }
+    body
+}
+
+fn usage_json(prompt: u64, completion: u64) -> Value {
+    serde_json::json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}

@@ -1,0 +1,257 @@
+//! The clients against the fake provider: each API shape, streamed and not, and the failures
+//! that must reach the caller classified (before the first chunk) or as a stream error.
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use troupe_actors::provider::{ErrorKind, Progress, ProviderClient};
+
+use super::{ChatReply, ChatRequest, HttpProvider};
+use crate::config::{BreakerSettings, ProviderConfig, ProviderTimeouts, RetrySettings};
+use crate::provider::ProviderKind;
+use crate::testing::fake_provider::{FakeConfig, FakeProvider, FakeProviderHandle};
+
+fn client(fake: &FakeProviderHandle, kind: ProviderKind) -> HttpProvider {
+    crate::tls::install_default_provider();
+    let base_url = match kind {
+        ProviderKind::OpenAi | ProviderKind::Anthropic => format!("{}/v1", fake.base_url()),
+        ProviderKind::Gemini => format!("{}/v1beta", fake.base_url()),
+    };
+    HttpProvider::new(&ProviderConfig {
+        name: "fake".into(),
+        kind,
+        base_url,
+        api_key_env: None,
+        models: Vec::new(),
+        rpm: None,
+        tpm: None,
+        max_concurrency: 4,
+        fallback: Vec::new(),
+        breaker: BreakerSettings::default(),
+        retry: RetrySettings::default(),
+        timeouts: ProviderTimeouts::default(),
+    })
+    .expect("client")
+}
+
+fn request(stream: bool) -> ChatRequest {
+    ChatRequest::new(json!({
+        "model": "ignored",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello"}
+        ],
+        "stream": stream,
+        "max_tokens": 50,
+        "x_unknown_field": {"kept": true}
+    }))
+}
+
+async fn collect(reply: ChatReply) -> (String, Option<ErrorKind>) {
+    let ChatReply::Stream(mut stream) = reply else {
+        panic!("expected a stream");
+    };
+    let mut text = String::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(chunk) => {
+                let chunk: Value = serde_json::from_slice(&chunk).expect("chunks are JSON");
+                assert_eq!(chunk["object"], "chat.completion.chunk");
+                if let Some(piece) = chunk
+                    .pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                {
+                    text.push_str(piece);
+                }
+            }
+            Err(class) => return (text, Some(class.kind)),
+        }
+    }
+    (text, None)
+}
+
+#[tokio::test]
+async fn every_api_shape_answers_as_an_openai_completion_streamed_and_not() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "Grüße, world".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let client = client(&fake, kind);
+        let answer = client.send("m1", &request(false)).await.expect("answer");
+        let ChatReply::Complete(body) = answer.reply else {
+            panic!("{kind}: expected a whole answer");
+        };
+        assert_eq!(
+            body["choices"][0]["message"]["content"], "Grüße, world",
+            "{kind}"
+        );
+        let Progress::Complete { tokens } = answer.progress else {
+            panic!("{kind}: complete");
+        };
+        assert!(
+            tokens.is_some_and(|tokens| tokens > 0),
+            "{kind}: {tokens:?}"
+        );
+
+        let answer = client.send("m1", &request(true)).await.expect("stream");
+        assert_eq!(answer.progress, Progress::Streaming);
+        let (text, error) = collect(answer.reply).await;
+        assert_eq!((text.as_str(), error), ("Grüße, world", None), "{kind}");
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn chunks_cut_inside_json_and_characters_are_reassembled() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "añb€c😀d".repeat(5),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let answer = client(&fake, kind)
+            .send("fake-split-chunks", &request(true))
+            .await
+            .expect("stream");
+        let (text, error) = collect(answer.reply).await;
+        assert_eq!(error, None, "{kind}");
+        assert_eq!(text, "añb€c😀d".repeat(5), "{kind}");
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn failures_before_the_first_chunk_are_classified_with_their_hints() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let cases = [
+        (
+            ProviderKind::OpenAi,
+            "fake-429-retry-after-2",
+            ErrorKind::RateLimited,
+            Some(2000u64),
+        ),
+        (
+            ProviderKind::OpenAi,
+            "fake-insufficient-quota",
+            ErrorKind::QuotaExhausted,
+            None,
+        ),
+        (
+            ProviderKind::OpenAi,
+            "fake-context-length-exceeded",
+            ErrorKind::ContextOverflow,
+            None,
+        ),
+        (
+            ProviderKind::Anthropic,
+            "fake-529",
+            ErrorKind::Overloaded,
+            None,
+        ),
+        (
+            ProviderKind::Gemini,
+            "fake-429-retry-after-3",
+            ErrorKind::RateLimited,
+            Some(3000),
+        ),
+        (
+            ProviderKind::OpenAi,
+            "fake-502",
+            ErrorKind::ServerError,
+            None,
+        ),
+    ];
+    for (kind, model, expected, retry_ms) in cases {
+        for stream in [false, true] {
+            let failed = client(&fake, kind)
+                .send(model, &request(stream))
+                .await
+                .expect_err("a failure");
+            assert_eq!(
+                failed.class.kind, expected,
+                "{kind} {model} stream={stream}"
+            );
+            assert_eq!(
+                failed.class.retry_after.map(|d| d.as_millis()),
+                retry_ms.map(|ms: u64| u128::from(ms)),
+                "{kind} {model}"
+            );
+            assert!(failed.reached_provider);
+        }
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_after_it_began_ends_with_an_error_not_a_silent_success() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        for model in ["fake-close-mid-stream", "fake-stream-error"] {
+            let answer = client(&fake, kind)
+                .send(model, &request(true))
+                .await
+                .expect("the stream begins");
+            let (_, error) = collect(answer.reply).await;
+            assert!(error.is_some(), "{kind} {model}: no error at the end");
+        }
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_key_fails_without_sending_and_names_the_variable() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let mut config = ProviderConfig {
+        name: "p".into(),
+        kind: ProviderKind::OpenAi,
+        base_url: format!("{}/v1", fake.base_url()),
+        api_key_env: Some("TROUPE_TEST_SURELY_UNSET_KEY".into()),
+        models: Vec::new(),
+        rpm: None,
+        tpm: None,
+        max_concurrency: 1,
+        fallback: Vec::new(),
+        breaker: BreakerSettings::default(),
+        retry: RetrySettings::default(),
+        timeouts: ProviderTimeouts::default(),
+    };
+    let failed = HttpProvider::new(&config)
+        .unwrap()
+        .send("m", &request(false))
+        .await
+        .expect_err("no key");
+    assert_eq!(failed.class.kind, ErrorKind::Auth);
+    assert!(!failed.reached_provider);
+    assert!(
+        failed
+            .class
+            .message
+            .unwrap()
+            .contains("TROUPE_TEST_SURELY_UNSET_KEY")
+    );
+    assert!(fake.arrivals().is_empty());
+    config.api_key_env = None;
+    fake.shutdown().await;
+}
+
+#[test]
+fn the_estimate_counts_the_prompt_and_the_completion_allowance() {
+    assert_eq!(request(false).estimate_tokens(), (8 + 5) / 4 + 50);
+    let bare = ChatRequest::new(json!({"messages": []}));
+    assert_eq!(bare.estimate_tokens(), super::DEFAULT_COMPLETION_ESTIMATE);
+}
