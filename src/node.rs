@@ -22,6 +22,7 @@ use troupe_actors::health::{HealthConfig, HealthReport};
 use troupe_actors::ids::{ActorPath, NodeId, SessionId};
 use troupe_actors::kernel::{CallError, FaultError, FaultKind};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts};
+use troupe_actors::provider::ProviderSet;
 use troupe_actors::registry::Registry;
 use troupe_actors::session::{OutputLimits, SessionSettings, SessionSpec};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
@@ -30,7 +31,9 @@ use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
 use crate::config::{Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
-use crate::session::commands::{NoGateway, NodeCommands};
+use crate::provider::client::HttpProvider;
+use crate::provider::keys::SessionKeys;
+use crate::session::commands::{GatewayKeys, NoGateway, NodeCommands};
 use crate::session::request::RequestPolicy;
 use crate::session::request::SessionRequest;
 use crate::session::{SessionError, SessionService, SessionView};
@@ -154,8 +157,18 @@ impl NodeBuilder {
             dir: data_dir.clone(),
             source,
         })?;
+        let providers = crate::provider::node_providers(&config)?;
+        let session_keys = Arc::new(SessionKeys::new().map_err(|error| ConfigError::Semantic {
+            key: "gateway".into(),
+            message: format!("cannot draw the session-key secret: {error}"),
+        })?);
+        let gateway: Box<dyn GatewayKeys> = if providers.set.is_empty() {
+            Box::new(NoGateway)
+        } else {
+            Box::new(session_keys.clone())
+        };
         let commands = NodeCommands::new(
-            Box::new(NoGateway),
+            gateway,
             config
                 .providers
                 .iter()
@@ -171,7 +184,7 @@ impl NodeBuilder {
                 commands: Arc::new(commands),
                 chats: None,
             }),
-            providers: Vec::new(),
+            providers: providers.actors,
         };
         let tree = NodeTree::start(tree_config(&config, node_id.clone()), ports).await?;
         let sessions = SessionService::new(
@@ -201,6 +214,8 @@ impl NodeBuilder {
             tree,
             sessions,
             store,
+            providers: providers.set,
+            session_keys,
             shutting_down: AtomicBool::new(false),
             config,
         });
@@ -254,6 +269,14 @@ async fn start_http(
     let local = listener
         .local_addr()
         .map_err(|source| NodeError::Bind { addr, source })?;
+    // Sessions run on this machine: an unspecified address is reached on loopback.
+    let reachable = if local.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port())
+    } else {
+        local
+    };
+    core.session_keys
+        .set_base_url(format!("http://{reachable}/v1"));
     let stop_accepting = CancellationToken::new();
     let router = crate::http::router(core.clone());
     let task = tokio::spawn(crate::http::serve(
@@ -357,6 +380,10 @@ pub struct NodeCore {
     pub sessions: SessionService,
     /// The store.
     pub store: Store,
+    /// The LLM providers and their routes.
+    pub providers: ProviderSet<HttpProvider>,
+    /// Session-scoped gateway keys.
+    pub session_keys: Arc<SessionKeys>,
     shutting_down: AtomicBool,
 }
 

@@ -8,6 +8,7 @@
 mod admin;
 pub mod error;
 mod events;
+mod gateway;
 mod ops;
 mod sessions;
 
@@ -40,6 +41,7 @@ pub fn router(core: Arc<NodeCore>) -> Router {
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{id}", get(sessions::get))
         .route("/v1/sessions/{id}/output", get(sessions::output))
+        .route("/v1/providers", get(gateway::providers))
         .route_layer(middleware::from_fn_with_state(core.clone(), require_viewer));
 
     let operator = Router::new()
@@ -50,10 +52,19 @@ pub fn router(core: Arc<NodeCore>) -> Router {
             require_operator,
         ));
 
+    let gateway = Router::new()
+        .route("/v1/chat/completions", post(gateway::chat_completions))
+        .route("/v1/models", get(gateway::models))
+        .route_layer(middleware::from_fn_with_state(
+            core.clone(),
+            gateway::require_gateway,
+        ));
+
     let mut router = Router::new()
         .route("/v1/health", get(ops::health))
         .merge(viewer)
-        .merge(operator);
+        .merge(operator)
+        .merge(gateway);
     if core.config.debug.fault_injection {
         router = router.merge(
             Router::new()

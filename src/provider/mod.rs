@@ -9,6 +9,10 @@
 //!   [`ErrorClass`].
 //! - [`client`]: the HTTP clients (OpenAI-compatible, Anthropic, Gemini) behind the actor
 //!   crate's provider port.
+//! - [`keys`]: session-scoped gateway keys.
+//!
+//! [`node_providers`] builds, from the configuration, each provider's actor reference and
+//! client and the routing table.
 
 /// In tests: the bytes of `tests/fixtures/providers/<name>`.
 #[cfg(test)]
@@ -25,10 +29,18 @@ macro_rules! fixture {
 pub mod classify;
 pub mod client;
 mod error_body;
+pub mod keys;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use troupe_actors::provider::{
+    BreakerConfig, BudgetConfig, ProviderActorRef, ProviderPolicyConfig, ProviderSet, ProviderSpec,
+    RetryConfig, Target,
+};
+
+use crate::config::{Config, ConfigError, ProviderConfig};
 
 pub use classify::{
     ErrorClass, ErrorKind, TransportFailure, classify_http, classify_stream_error,
@@ -64,6 +76,72 @@ impl fmt::Display for ProviderKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// The providers of a node: their actors (for the tree) and the set callers use.
+pub struct NodeProviders {
+    /// One per `[[providers]]` entry, in order; the ProviderSupervisor starts them.
+    pub actors: Vec<ProviderActorRef>,
+    /// The providers with their clients and the routing table.
+    pub set: ProviderSet<client::HttpProvider>,
+}
+
+/// Builds the providers of `config`.
+pub fn node_providers(config: &Config) -> Result<NodeProviders, ConfigError> {
+    let mut pairs = Vec::with_capacity(config.providers.len());
+    for (index, provider) in config.providers.iter().enumerate() {
+        let key = format!("providers[{index}]");
+        let spec = provider_spec(provider).map_err(|message| ConfigError::Semantic {
+            key: key.clone(),
+            message,
+        })?;
+        let client =
+            client::HttpProvider::new(provider).map_err(|error| ConfigError::Semantic {
+                key,
+                message: error.to_string(),
+            })?;
+        pairs.push((ProviderActorRef::new(spec), Arc::new(client)));
+    }
+    let actors = pairs.iter().map(|(actor, _)| actor.clone()).collect();
+    let set = ProviderSet::new(pairs, &config.gateway.aliases).map_err(|error| {
+        ConfigError::Semantic {
+            key: "gateway.aliases".into(),
+            message: error.to_string(),
+        }
+    })?;
+    Ok(NodeProviders { actors, set })
+}
+
+/// The actor's spec of one `[[providers]]` entry.
+pub fn provider_spec(config: &ProviderConfig) -> Result<ProviderSpec, String> {
+    let fallback = config
+        .fallback
+        .iter()
+        .map(|target| target.parse::<Target>().map_err(|error| error.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut spec = ProviderSpec::new(config.name.clone());
+    spec.models = config.models.clone();
+    spec.fallback = fallback;
+    spec.max_concurrency = config.max_concurrency.max(1);
+    spec.policy = ProviderPolicyConfig {
+        budget: BudgetConfig {
+            rpm: config.rpm,
+            tpm: config.tpm,
+        },
+        breaker: BreakerConfig {
+            failure_threshold: config.breaker.failure_threshold,
+            open_secs: config.breaker.open_secs,
+            half_open_probes: config.breaker.half_open_probes,
+            ..BreakerConfig::default()
+        },
+        retry: RetryConfig {
+            max_attempts: config.retry.max_attempts,
+            base_ms: config.retry.base_ms,
+            max_delay_ms: config.retry.max_delay_ms,
+            max_wait_secs: config.retry.max_wait_secs,
+        },
+    };
+    Ok(spec)
 }
 
 /// The headers of an `http::HeaderMap` as (name, value) strings, for the header parsers of

@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod events;
+mod gateway;
 mod lifecycle;
 mod sessions;
 mod support;

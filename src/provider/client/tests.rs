@@ -255,3 +255,13 @@ fn the_estimate_counts_the_prompt_and_the_completion_allowance() {
     let bare = ChatRequest::new(json!({"messages": []}));
     assert_eq!(bare.estimate_tokens(), super::DEFAULT_COMPLETION_ESTIMATE);
 }
+
+#[test]
+fn an_openai_request_goes_as_sent_with_only_the_model_replaced() {
+    let (url, body) = super::openai::request("http://p/v1", "m9", &request(true)).unwrap();
+    assert_eq!(url, "http://p/v1/chat/completions");
+    let mut expected = request(true).body;
+    expected["model"] = json!("m9");
+    assert_eq!(body, expected);
+    assert_eq!(body["x_unknown_field"], json!({"kept": true}));
+}

@@ -1,0 +1,265 @@
+//! The OpenAI-compatible gateway: `POST /v1/chat/completions`, `GET /v1/models`, and
+//! `GET /v1/providers`.
+//!
+//! A chat request's body passes through as a JSON value (unknown fields survive); only `model`
+//! and `stream` are read. The model routes to a provider by configuration; the call goes
+//! through that provider's actor (budget, breaker, retries, fallback) and its HTTP client. The
+//! caller sees a 429 with `Retry-After` only when the gateway gave up waiting; a failure after
+//! a stream began is sent as a last `data: {"error": …}` event, never as a silent end.
+//!
+//! The gateway accepts the node's operator (or admin) tokens and session-scoped keys; calls
+//! made with a session key carry the session on their `provider.*` events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use troupe_actors::ids::SessionId;
+use troupe_actors::provider::{CallError, CallMeta, ErrorClass, ErrorKind, RouteError};
+
+use super::ApiError;
+use crate::auth::Role;
+use crate::node::NodeCore;
+use crate::provider::client::{ChatReply, ChatRequest};
+use crate::provider::keys::SessionKeys;
+
+/// Who is calling the gateway.
+#[derive(Debug, Clone)]
+pub(super) enum GatewayCaller {
+    /// A node token (operator or admin).
+    Token,
+    /// A session-scoped key.
+    Session(SessionId),
+}
+
+/// A session key's caller, if the key is right and its session has not ended.
+async fn session_caller(core: &NodeCore, key: String) -> Result<GatewayCaller, ApiError> {
+    let session = core.session_keys.verify(&key).ok_or_else(|| {
+        ApiError::unauthorized("unknown session key (keys die with their node's restart)")
+    })?;
+    let view = core.sessions.get(&session).await.map_err(|_| {
+        ApiError::unauthorized(format!("the session {session} of this key is not known"))
+    })?;
+    if view.record.state.is_terminal() {
+        return Err(ApiError::unauthorized(format!(
+            "the session {session} of this key has ended ({})",
+            view.record.state.as_str()
+        )));
+    }
+    Ok(GatewayCaller::Session(session))
+}
+
+/// Middleware: accepts an operator token or a live session's key; the caller goes into the
+/// request's extensions.
+pub(super) async fn require_gateway(
+    State(core): State<Arc<NodeCore>>,
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let session_key = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|key| SessionKeys::is_session_key(key))
+        .map(str::to_owned);
+    let caller = match session_key {
+        Some(key) => session_caller(&core, key).await,
+        None => super::authorize(&core, &request, Role::Operator).map(|_| GatewayCaller::Token),
+    };
+    match caller {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat_completions(
+    State(core): State<Arc<NodeCore>>,
+    axum::Extension(caller): axum::Extension<GatewayCaller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: Value = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the body is not valid JSON: {error}"),
+        )
+    })?;
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "the body must be a JSON object",
+        ));
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "`model` (a string) is required"))?
+        .to_owned();
+    if !body.get("messages").is_some_and(Value::is_array) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "`messages` (an array) is required",
+        ));
+    }
+    let route = core.providers.route(&model).map_err(route_error)?;
+    let request = ChatRequest::new(body);
+    let meta = CallMeta {
+        estimate_tokens: request.estimate_tokens(),
+        session: match caller {
+            GatewayCaller::Session(session) => Some(session),
+            GatewayCaller::Token => None,
+        },
+    };
+    let committed = core
+        .providers
+        .call(&route, &request, &meta)
+        .await
+        .map_err(call_error)?;
+    match committed.reply {
+        ChatReply::Complete(body) => Ok(Json(body).into_response()),
+        ChatReply::Stream(chunks) => {
+            // Polled by the response body: when the caller goes away the body is dropped, and
+            // with it the guard, which reports the call abandoned.
+            let state = (chunks, committed.stream, false);
+            let events =
+                futures::stream::unfold(state, |(mut chunks, mut guard, done)| async move {
+                    if done {
+                        return None;
+                    }
+                    let event = match chunks.next().await {
+                        Some(Ok(chunk)) => {
+                            return Some((Ok(sse_data(&chunk)), (chunks, guard, false)));
+                        }
+                        Some(Err(class)) => {
+                            let error = stream_error(&class);
+                            if let Some(guard) = guard.take() {
+                                guard.fail(class);
+                            }
+                            sse_data(error.to_string().as_bytes())
+                        }
+                        None => {
+                            if let Some(guard) = guard.take() {
+                                guard.succeed(chunks.tokens());
+                            }
+                            Bytes::from_static(b"data: [DONE]\n\n")
+                        }
+                    };
+                    Some((Ok::<_, Infallible>(event), (chunks, None, true)))
+                });
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .header("x-accel-buffering", "no")
+                .body(Body::from_stream(events))
+                .expect("a valid response"))
+        }
+    }
+}
+
+fn sse_data(json: &[u8]) -> Bytes {
+    let mut event = Vec::with_capacity(json.len() + 8);
+    event.extend_from_slice(b"data: ");
+    event.extend_from_slice(json);
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
+}
+
+/// The OpenAI-style error object sent as the last event of a broken stream.
+fn stream_error(class: &ErrorClass) -> Value {
+    json!({"error": {
+        "message": format!("the provider's stream broke off: {}", class.describe()),
+        "type": "provider_error",
+        "code": class.kind.as_str(),
+    }})
+}
+
+fn route_error(error: RouteError) -> ApiError {
+    let code = match error {
+        RouteError::BadName => "invalid_request",
+        RouteError::UnknownModel { .. } | RouteError::NotServed { .. } => "model_not_found",
+    };
+    ApiError::not_found(code, error.to_string())
+}
+
+/// What the caller sees when the gateway gave up.
+fn call_error(error: CallError) -> ApiError {
+    let message = error.to_string();
+    let target = json!({"provider": error.target().provider, "model": error.target().model});
+    match error {
+        CallError::Throttled { retry_after, .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            message,
+        )
+        .retry_after(retry_after),
+        CallError::BreakerOpen { retry_in, .. } => {
+            ApiError::unavailable("provider_unavailable", message).retry_after(retry_in)
+        }
+        CallError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", message)
+        }
+        CallError::Unavailable { .. } => ApiError::unavailable("provider_unavailable", message)
+            .retry_after(Duration::from_secs(1)),
+        CallError::Failed { class, .. } => {
+            let (status, code) = match class.kind {
+                ErrorKind::ContextOverflow => (StatusCode::BAD_REQUEST, "context_length_exceeded"),
+                ErrorKind::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+                ErrorKind::QuotaExhausted => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
+                ErrorKind::RequestTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+                ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "invalid_request"),
+                ErrorKind::NotFound => (StatusCode::NOT_FOUND, "model_not_found"),
+                ErrorKind::Auth | ErrorKind::PermissionDenied => {
+                    (StatusCode::BAD_GATEWAY, "provider_auth_failed")
+                }
+                ErrorKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "provider_timeout"),
+                ErrorKind::Overloaded
+                | ErrorKind::ServerError
+                | ErrorKind::Connection
+                | ErrorKind::Conflict
+                | ErrorKind::Unexpected => (StatusCode::BAD_GATEWAY, "provider_error"),
+            };
+            let mut error = ApiError::new(status, code, message).with_details(json!({
+                "target": target,
+                "kind": class.kind.as_str(),
+                "provider_status": class.status,
+                "provider_code": class.provider_code,
+            }));
+            if class.kind == ErrorKind::RateLimited {
+                error = error.retry_after(class.retry_after.unwrap_or(Duration::from_secs(1)));
+            }
+            error
+        }
+    }
+}
+
+/// `GET /v1/models`: every name that routes, OpenAI's list shape.
+pub(super) async fn models(State(core): State<Arc<NodeCore>>) -> Json<Value> {
+    let data: Vec<Value> = core
+        .providers
+        .models()
+        .into_iter()
+        .map(|entry| {
+            json!({"id": entry.id, "object": "model", "created": 0, "owned_by": entry.provider})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/providers`: state, budget, breaker, counters and recent errors of each provider.
+pub(super) async fn providers(State(core): State<Arc<NodeCore>>) -> Json<Value> {
+    let providers: Vec<_> = core.providers.providers().map(|p| p.status()).collect();
+    Json(json!({"providers": providers}))
+}

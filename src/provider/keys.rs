@@ -1,0 +1,120 @@
+//! Session-scoped gateway keys: the key a session's agent sends to the gateway as its
+//! `api_key`, so that the gateway knows which session a call is for and every `provider.*`
+//! event carries it.
+//!
+//! A key is `tsk_<mac>_<session id>`, where `<mac>` is HMAC-SHA-256 of the session id under a
+//! secret drawn at node start (cut to 128 bits, hex). Keys need no table: the gateway checks the
+//! MAC and then that the session exists and has not ended. They die with the node (a restart
+//! draws a new secret; sessions that were running are interrupted anyway) and are never logged.
+
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+use troupe_actors::ids::SessionId;
+use troupe_actors::session::SessionRecord;
+use troupe_actors::session::aider::GatewayAccess;
+
+use crate::session::commands::GatewayKeys;
+
+const PREFIX: &str = "tsk_";
+const MAC_HEX: usize = 32;
+
+/// Issues and checks session keys. Shared by the command builder and the gateway.
+pub struct SessionKeys {
+    secret: [u8; 32],
+    /// `http://ADDR/v1`, known once the HTTP listener is bound.
+    base_url: OnceLock<String>,
+}
+
+impl SessionKeys {
+    /// Keys under a fresh random secret.
+    pub fn new() -> Result<Self, getrandom::Error> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret)?;
+        Ok(Self {
+            secret,
+            base_url: OnceLock::new(),
+        })
+    }
+
+    /// Sets the gateway's base URL (once; later calls change nothing).
+    pub fn set_base_url(&self, url: String) {
+        let _ = self.base_url.set(url);
+    }
+
+    /// The key of `session`.
+    pub fn issue(&self, session: &SessionId) -> String {
+        format!("{PREFIX}{}_{session}", self.mac(session))
+    }
+
+    /// True when `bearer` looks like a session key (so it is not looked up as a node token).
+    pub fn is_session_key(bearer: &str) -> bool {
+        bearer.starts_with(PREFIX)
+    }
+
+    /// The session `key` was issued for, if its MAC is right.
+    pub fn verify(&self, key: &str) -> Option<SessionId> {
+        let rest = key.strip_prefix(PREFIX)?;
+        let (mac, session) = (rest.get(..MAC_HEX)?, rest.get(MAC_HEX..)?);
+        let session = SessionId::new(session.strip_prefix('_')?).ok()?;
+        let expected = self.mac(&session);
+        // Compare digests, so the comparison's time says nothing about the expected MAC.
+        (Sha256::digest(mac.as_bytes()) == Sha256::digest(expected.as_bytes())).then_some(session)
+    }
+
+    fn mac(&self, session: &SessionId) -> String {
+        const BLOCK: usize = 64;
+        let mut key = [0u8; BLOCK];
+        key[..self.secret.len()].copy_from_slice(&self.secret);
+        let pad = |byte: u8| key.map(|k| k ^ byte);
+        let inner = Sha256::new()
+            .chain_update(pad(0x36))
+            .chain_update(session.as_str().as_bytes())
+            .finalize();
+        let outer = Sha256::new()
+            .chain_update(pad(0x5c))
+            .chain_update(inner)
+            .finalize();
+        hex::encode(&outer[..MAC_HEX / 2])
+    }
+}
+
+impl GatewayKeys for std::sync::Arc<SessionKeys> {
+    fn access_for(&self, record: &SessionRecord) -> Option<GatewayAccess> {
+        let base_url = self.base_url.get()?.clone();
+        Some(GatewayAccess {
+            base_url,
+            api_key: self.issue(&record.id),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_names_its_session_and_a_changed_key_names_none() {
+        let keys = SessionKeys::new().unwrap();
+        let session = SessionId::new("s-123").unwrap();
+        let key = keys.issue(&session);
+        assert!(SessionKeys::is_session_key(&key));
+        assert_eq!(keys.verify(&key), Some(session.clone()));
+        let other = SessionId::new("s-124").unwrap();
+        let forged = key.replace("s-123", "s-124");
+        assert_eq!(keys.verify(&forged), None);
+        assert_ne!(keys.issue(&other), forged);
+        let mut flipped = key.clone().into_bytes();
+        flipped[PREFIX.len()] = if flipped[PREFIX.len()] == b'0' {
+            b'1'
+        } else {
+            b'0'
+        };
+        assert_eq!(keys.verify(&String::from_utf8(flipped).unwrap()), None);
+        for bad in ["", "tsk_", "tsk_abc", "sk-something", &key[..key.len() - 1]] {
+            assert_ne!(keys.verify(bad), Some(session.clone()), "{bad}");
+        }
+        // Another node's (or a restarted node's) keys are not accepted.
+        assert_eq!(SessionKeys::new().unwrap().verify(&key), None);
+    }
+}

@@ -1,0 +1,310 @@
+//! The gateway through the real binary and the fake provider: pass-through, retries as told,
+//! no retry where it cannot help, the breaker with fallback, errors after a stream began, the
+//! local budget shielding the provider, and `/v1/models` and `/v1/providers`.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use troupe::testing::fake_provider::{FakeConfig, FakeProvider, FakeProviderHandle};
+
+use crate::support::{NodeProcess, PATIENCE};
+
+/// A node whose providers are fake ones.
+struct Gateway {
+    node: NodeProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    async fn start(providers_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("troupe.toml");
+        std::fs::write(&config, providers_toml).unwrap();
+        let node = NodeProcess::start(&["--config", config.to_str().unwrap()]).await;
+        Self { node, _dir: dir }
+    }
+
+    async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
+        self.node
+            .client()
+            .post(self.node.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn ask(&self, model: &str, stream: bool) -> reqwest::Response {
+        let body = json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "hello"}],
+            "stream": stream,
+            "x_vendor_extension": {"kept": true},
+        });
+        self.chat(&self.node.token, body).await
+    }
+}
+
+fn provider(name: &str, fake: &FakeProviderHandle, extra: &str) -> String {
+    format!(
+        "[[providers]]\nname = \"{name}\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\n{extra}\n",
+        fake.base_url()
+    )
+}
+
+/// The data events of an SSE body.
+async fn sse_data(response: reqwest::Response) -> Vec<String> {
+    use eventsource_stream::Eventsource;
+    let mut events = response.bytes_stream().eventsource();
+    let mut data = Vec::new();
+    while let Some(event) = tokio::time::timeout(PATIENCE, events.next())
+        .await
+        .expect("an event within the patience")
+    {
+        data.push(event.expect("well-formed SSE").data);
+    }
+    data
+}
+
+#[tokio::test]
+async fn chat_completions_pass_through_streamed_and_not() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "Grüße".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = format!(
+        "{}[gateway]\naliases = {{ fast = \"fake/m1\" }}\n",
+        provider("fake", &fake, "models = [\"m1\"]")
+    );
+    let gateway = Gateway::start(&config).await;
+
+    let response = gateway.ask("fast", false).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "Grüße");
+
+    let response = gateway.ask("fake/m1", true).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = sse_data(response).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|data| serde_json::from_str::<Value>(data).unwrap())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "Grüße");
+
+    // Each went to the provider with the provider's model name.
+    let arrivals = fake.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    assert!(
+        arrivals
+            .iter()
+            .all(|arrival| arrival.model.as_deref() == Some("m1"))
+    );
+
+    let models: Value = gateway.node.get("/v1/models").await.json().await.unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|model| model["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"fake/m1") && ids.contains(&"fast"), "{ids:?}");
+
+    let unknown = gateway.ask("nobody/x", false).await;
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    let providers: Value = gateway
+        .node
+        .get("/v1/providers")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let fake_status = &providers["providers"][0];
+    assert_eq!(fake_status["name"], "fake");
+    assert_eq!(fake_status["breaker"]["state"], "closed");
+    assert_eq!(fake_status["counters"]["succeeded"], 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_retried_after_the_delay_and_announced() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let gateway = Gateway::start(&provider("fake", &fake, "")).await;
+    let mut events = gateway.node.events("kind=provider.*", None).await;
+
+    let response = gateway
+        .ask("fake/fake-fail-429-retry-after-2-then-ok:1", false)
+        .await;
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+
+    let arrivals = fake.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    let gap = arrivals[1].at - arrivals[0].at;
+    assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
+
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["data"]["provider"], "fake");
+    assert_eq!(limited["data"]["retry_after_ms"], 2000);
+    assert_eq!(limited["data"]["source"], "provider");
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["data"]["attempt"], 2);
+    assert!(retry["data"]["delay_ms"].as_u64().unwrap() >= 2000);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn failures_that_retrying_cannot_fix_are_answered_at_once() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let gateway = Gateway::start(&provider("fake", &fake, "")).await;
+
+    let quota = gateway.ask("fake/fake-insufficient-quota", false).await;
+    assert_eq!(quota.status(), 429);
+    assert!(quota.headers().get("retry-after").is_none());
+    let body: Value = quota.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+
+    let overflow = gateway
+        .ask("fake/fake-context-length-exceeded", false)
+        .await;
+    assert_eq!(overflow.status(), 400);
+    let body: Value = overflow.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+
+    // One request each reached the fake: neither was retried.
+    assert_eq!(fake.arrivals().len(), 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn consecutive_server_errors_open_the_breaker_calls_fall_back_and_a_probe_closes_it() {
+    let primary = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let backup = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = format!(
+        "{}{}",
+        provider(
+            "primary",
+            &primary,
+            "fallback = [\"backup/m2\"]\nbreaker = { failure_threshold = 5, open_secs = 1 }\n\
+             retry = { max_attempts = 1 }"
+        ),
+        provider("backup", &backup, "")
+    );
+    let gateway = Gateway::start(&config).await;
+    let mut events = gateway.node.events("kind=provider.*", None).await;
+    primary.set_behaviour("m1", "500".parse().unwrap());
+
+    for _ in 0..5 {
+        let response = gateway.ask("primary/m1", false).await;
+        assert_eq!(response.status(), 200, "the fallback answers");
+    }
+    let (_, fallback) = events.next_of("provider.fallback").await;
+    assert_eq!(fallback["data"]["from"], "primary/m1");
+    assert_eq!(fallback["data"]["to"], "backup/m2");
+    let (_, opened) = events.next_of("provider.breaker_opened").await;
+    assert_eq!(opened["data"]["provider"], "primary");
+
+    // Open: the next call goes straight to the fallback.
+    let response = gateway.ask("primary/m1", false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(primary.arrivals().len(), 5);
+    assert_eq!(backup.arrivals().len(), 6);
+
+    // The provider recovers; after the cool-down a probe goes through and closes the breaker.
+    primary.clear_behaviour("m1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = gateway.ask("primary/m1", false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(primary.arrivals().len(), 6);
+    events.next_of("provider.breaker_half_open").await;
+    events.next_of("provider.breaker_closed").await;
+    events.next_of("provider.recovered").await;
+    primary.shutdown().await;
+    backup.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_open_breaker_without_fallback_is_a_503_with_retry_after() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "breaker = { failure_threshold = 2, open_secs = 30 }\nretry = { max_attempts = 1 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    for _ in 0..2 {
+        assert_eq!(gateway.ask("fake/fake-502", false).await.status(), 502);
+    }
+    let refused = gateway.ask("fake/fake-502", false).await;
+    assert_eq!(refused.status(), 503);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(fake.arrivals().len(), 2);
+    let providers: Value = gateway
+        .node
+        .get("/v1/providers")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(providers["providers"][0]["breaker"]["state"], "open");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_it_began_ends_with_an_error_chunk() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let gateway = Gateway::start(&provider("fake", &fake, "")).await;
+    let response = gateway.ask("fake/fake-close-mid-stream", true).await;
+    assert_eq!(response.status(), 200);
+    let events = sse_data(response).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert!(last["error"]["message"].is_string(), "{last}");
+    assert!(!events.iter().any(|data| data == "[DONE]"));
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
+    let fake = FakeProvider::start(FakeConfig {
+        rpm: 12,
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = provider("fake", &fake, "rpm = 10\nretry = { max_wait_secs = 1 }");
+    let gateway = Gateway::start(&config).await;
+    let calls = (0..20).map(|_| gateway.ask("fake/m1", false));
+    let statuses: Vec<u16> = futures::future::join_all(calls)
+        .await
+        .iter()
+        .map(|response| response.status().as_u16())
+        .collect();
+    let refused: Vec<_> = statuses.iter().filter(|&&status| status == 429).collect();
+    assert!(!refused.is_empty(), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|&status| status == 200 || status == 429)
+    );
+    assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
+    fake.shutdown().await;
+}
