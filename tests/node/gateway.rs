@@ -308,3 +308,99 @@ async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
     assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
     fake.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_aider_session_gets_a_scoped_gateway_key_and_its_calls_carry_the_session() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let bin = temp.path().join("bin");
+    let workspace = temp.path().join("ws");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&workspace).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-aider.sh");
+    std::os::unix::fs::symlink(&script, bin.join("aider")).unwrap();
+    let release = temp.path().join("release");
+    let config = temp.path().join("troupe.toml");
+    std::fs::write(&config, provider("fake", &fake, "")).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let env = crate::support::NodeEnv {
+        vars: vec![
+            ("PATH".into(), path),
+            ("FAKE_AIDER_SCENARIO".into(), "hold".into()),
+            ("FAKE_AIDER_RELEASE".into(), release.display().to_string()),
+        ],
+        cwd: Some(workspace),
+    };
+    let node = NodeProcess::start_with(
+        &temp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &env,
+    )
+    .await;
+    let mut events = node.events("kind=session.*&kind=provider.*", None).await;
+    let record: Value = node
+        .post_json(
+            "/v1/sessions",
+            json!({"kind": "aider", "message": "hi", "model": "fake/m1"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (_, started) = events.next_of("session.started").await;
+    assert_eq!(started["session"], id.as_str());
+    let pid = started["data"]["pid"].as_u64().expect("a pid");
+
+    // What the session's process was given.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: std::collections::HashMap<String, String> = environ
+        .split(|&byte| byte == 0)
+        .filter_map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            let (name, value) = entry.split_once('=')?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    assert_eq!(vars["OPENAI_API_BASE"], node.url("/v1"));
+    let key = vars["OPENAI_API_KEY"].clone();
+    assert!(key.starts_with("tsk_"), "a session key");
+    assert_ne!(key, node.token);
+
+    // A call with the session's key: its provider events carry the session.
+    let response = node
+        .client()
+        .post(format!("{}/chat/completions", vars["OPENAI_API_BASE"]))
+        .bearer_auth(&key)
+        .json(&json!({
+            "model": "fake/fake-fail-429-retry-after-ms-100-then-ok:1",
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["session"], id.as_str());
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["session"], id.as_str());
+
+    // The session ends; its key is refused from then on.
+    std::fs::write(&release, "").unwrap();
+    let (_, ended) = events.next_of("session.succeeded").await;
+    assert_eq!(ended["session"], id.as_str());
+    let refused = node
+        .client()
+        .get(node.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    fake.shutdown().await;
+}
