@@ -24,7 +24,7 @@ use troupe_actors::kernel::{CallError, FaultError, FaultKind};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts};
 use troupe_actors::provider::ProviderSet;
 use troupe_actors::registry::Registry;
-use troupe_actors::session::{OutputLimits, SessionSettings, SessionSpec};
+use troupe_actors::session::{ChatRunner, OutputLimits, SessionSettings, SessionSpec};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
 
 use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
@@ -33,6 +33,7 @@ use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
 use crate::provider::client::HttpProvider;
 use crate::provider::keys::SessionKeys;
+use crate::session::chat::NodeChats;
 use crate::session::commands::{GatewayKeys, NoGateway, NodeCommands};
 use crate::session::request::RequestPolicy;
 use crate::session::request::SessionRequest;
@@ -176,13 +177,18 @@ impl NodeBuilder {
                 .collect(),
             policy.workspace_roots[0].clone(),
         );
+        let chats: Option<Arc<dyn ChatRunner>> = if providers.set.is_empty() {
+            None
+        } else {
+            Some(Arc::new(NodeChats::new(providers.set.clone())))
+        };
         let ports = NodePorts {
             event_store: Some(Arc::new(store.clone())),
             sessions: Some(SessionPorts {
                 runner: Arc::new(LocalRunner::new(OutputLimits::default())),
                 store: Arc::new(store.clone()),
                 commands: Arc::new(commands),
-                chats: None,
+                chats,
             }),
             providers: providers.actors,
         };

@@ -12,15 +12,15 @@ use troupe_actors::session::{ProcessEvent, ProcessSink};
 
 /// How much a detached process may keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct BacklogLimits {
+pub(crate) struct BacklogLimits {
     /// Output lines.
-    pub(super) lines: usize,
+    pub(crate) lines: usize,
     /// Bytes of output lines.
-    pub(super) bytes: usize,
+    pub(crate) bytes: usize,
 }
 
 /// The delivery state of one process.
-pub(super) struct Delivery {
+pub(crate) struct Delivery {
     sink: Arc<dyn ProcessSink>,
     /// The current sink refused an event: everything goes to the backlog until a reattach.
     refused: bool,
@@ -35,7 +35,7 @@ pub(super) struct Delivery {
 }
 
 impl Delivery {
-    pub(super) fn new(sink: Arc<dyn ProcessSink>, limits: BacklogLimits) -> Self {
+    pub(crate) fn new(sink: Arc<dyn ProcessSink>, limits: BacklogLimits) -> Self {
         Self {
             sink,
             refused: false,
@@ -50,18 +50,18 @@ impl Delivery {
     }
 
     /// The process emitted its exit (delivered or kept).
-    pub(super) fn exit_emitted(&self) -> bool {
+    pub(crate) fn exit_emitted(&self) -> bool {
         self.exit_emitted
     }
 
     /// A sink took the exit: nothing is left to deliver.
-    pub(super) fn exit_delivered(&self) -> bool {
+    pub(crate) fn exit_delivered(&self) -> bool {
         self.exit_delivered
     }
 
     /// Delivers `event` to the sink, or keeps it when the sink refuses it or refused an earlier
     /// one.
-    pub(super) fn push(&mut self, event: ProcessEvent) {
+    pub(crate) fn push(&mut self, event: ProcessEvent) {
         if matches!(event, ProcessEvent::Exited(_)) {
             self.exit_emitted = true;
         }
@@ -74,7 +74,7 @@ impl Delivery {
 
     /// Replaces the sink and delivers what was kept (a marker for dropped lines first, then the
     /// kept events in order) until the new sink refuses one.
-    pub(super) fn reattach(&mut self, sink: Arc<dyn ProcessSink>) {
+    pub(crate) fn reattach(&mut self, sink: Arc<dyn ProcessSink>) {
         self.sink = sink;
         self.refused = false;
         while let Some(index) = self.dropped.iter().position(|&(_, count)| count > 0) {

@@ -40,7 +40,7 @@
 //! node is killed) the processes keep running, and the next node start finds their groups in
 //! the store and hands them to [`ProcessRunner::kill_leftovers`].
 
-mod delivery;
+pub(crate) mod delivery;
 mod group;
 mod output;
 #[cfg(test)]

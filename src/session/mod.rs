@@ -2,6 +2,7 @@
 //! output, cancel, follow output live. HTTP, MCP, the CLI and the embedding API all go through
 //! [`SessionService`], so they apply the same policy and give the same answers.
 
+pub mod chat;
 pub mod commands;
 pub mod request;
 

@@ -404,3 +404,50 @@ async fn an_aider_session_gets_a_scoped_gateway_key_and_its_calls_carry_the_sess
     assert_eq!(refused.status(), 401);
     fake.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_chat_session_streams_its_reply_as_output_and_stores_it() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "Hallo, Grüße aus dem Test".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&provider("fake", &fake, "retry = { max_attempts = 1 }")).await;
+    let node = &gateway.node;
+    let mut events = node.events("kind=session.*&kind=provider.*", None).await;
+    let record = node
+        .spawn_session(json!({
+            "kind": "chat",
+            "model": "fake/m1",
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .await;
+    assert_eq!(record["kind"], "chat");
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "succeeded");
+    assert!(texts.len() > 1, "the reply streamed in pieces: {texts:?}");
+    assert_eq!(texts.concat(), "Hallo, Grüße aus dem Test");
+    let (_, output) = events.next_of("session.output").await;
+    assert_eq!(output["session"], id.as_str());
+
+    // A provider failure fails the session with the provider's reason, and the provider's
+    // events carry the session.
+    let failing = node
+        .spawn_session(json!({
+            "kind": "chat",
+            "model": "fake/fake-429",
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .await;
+    let failing_id = failing["id"].as_str().unwrap().to_owned();
+    let (_, state) = node.run_to_end(&failing_id).await;
+    assert_eq!(state, "failed");
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["session"], failing_id.as_str());
+    let record = node.session(&failing_id).await;
+    let reason = record.to_string();
+    assert!(reason.contains("rate_limited"), "{reason}");
+    fake.shutdown().await;
+}
