@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use troupe_actors::event::EventBus;
 use troupe_actors::kernel::ActorDirectory;
+use troupe_actors::provider::ProviderActorRef;
 use troupe_actors::registry::RegistryTables;
 use troupe_actors::session::{DURATION_BUCKETS_SECS, SessionState, SessionStats};
 
@@ -281,6 +282,15 @@ impl NodeMetrics {
         Self { registry }
     }
 
+    /// Adds per-provider series (`troupe_provider_*`), read from each provider's counters and
+    /// last snapshot.
+    pub fn add_providers(&mut self, providers: Vec<ProviderActorRef>) {
+        if !providers.is_empty() {
+            self.registry
+                .register_collector(Box::new(ProviderCollector { providers }));
+        }
+    }
+
     /// Renders the Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut text = String::new();
@@ -288,5 +298,130 @@ impl NodeMetrics {
             tracing::error!(%error, "metrics could not be rendered");
         }
         text
+    }
+}
+
+/// Reads one counter of a provider.
+type CounterPick = fn(&troupe_actors::provider::ProviderCounters) -> u64;
+
+struct ProviderCollector {
+    providers: Vec<ProviderActorRef>,
+}
+
+impl fmt::Debug for ProviderCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProviderCollector")
+    }
+}
+
+impl Collector for ProviderCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let statuses: Vec<_> = self
+            .providers
+            .iter()
+            .map(ProviderActorRef::status)
+            .collect();
+        let label = |name: &str| vec![("provider", name.to_owned())];
+        family(
+            &mut encoder,
+            "troupe_provider_calls",
+            "Provider calls that ended, by outcome",
+            MetricType::Counter,
+            statuses.iter().flat_map(|status| {
+                let counters = &status.counters;
+                [
+                    ("succeeded", counters.succeeded),
+                    ("failed", counters.failed),
+                    ("abandoned", counters.abandoned),
+                ]
+                .map(|(outcome, count)| {
+                    (
+                        vec![
+                            ("provider", status.name.clone()),
+                            ("outcome", outcome.to_owned()),
+                        ],
+                        ConstCounter::new(count),
+                    )
+                })
+            }),
+        )?;
+        let counters: [(&str, &str, CounterPick); 6] = [
+            ("troupe_provider_retries", "Retries decided", |c| c.retries),
+            (
+                "troupe_provider_rate_limited",
+                "429s from the provider",
+                |c| c.rate_limited,
+            ),
+            (
+                "troupe_provider_throttled",
+                "Calls refused by troupe's own budget, concurrency limit or queue bound",
+                |c| c.throttled,
+            ),
+            (
+                "troupe_provider_breaker_rejections",
+                "Calls refused by the open circuit breaker",
+                |c| c.breaker_rejections,
+            ),
+            (
+                "troupe_provider_breaker_opened",
+                "Circuit breaker openings",
+                |c| c.breaker_opened,
+            ),
+            (
+                "troupe_provider_fallbacks",
+                "Calls moved on to a fallback",
+                |c| c.fallbacks,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            family(
+                &mut encoder,
+                name,
+                help,
+                MetricType::Counter,
+                statuses.iter().map(|status| {
+                    (
+                        label(&status.name),
+                        ConstCounter::new(pick(&status.counters)),
+                    )
+                }),
+            )?;
+        }
+        family(
+            &mut encoder,
+            "troupe_provider_latency_seconds_sum",
+            "Sum of call latencies (from sending to the end of the answer)",
+            MetricType::Counter,
+            statuses.iter().map(|status| {
+                (
+                    label(&status.name),
+                    ConstCounter::new(status.counters.latency_seconds_sum),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_provider_in_flight",
+            "Calls in flight now",
+            MetricType::Gauge,
+            statuses.iter().map(|status| {
+                (
+                    label(&status.name),
+                    ConstGauge::new(i64::try_from(status.in_flight).unwrap_or(i64::MAX)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_provider_breaker_open",
+            "1 while the circuit breaker is open or half-open",
+            MetricType::Gauge,
+            statuses.iter().map(|status| {
+                (
+                    label(&status.name),
+                    ConstGauge::new(i64::from(status.breaker.state != "closed")),
+                )
+            }),
+        )
     }
 }

@@ -202,7 +202,7 @@ impl NodeBuilder {
             node_id.clone(),
             tree.events.clone(),
         );
-        let metrics = NodeMetrics::new(
+        let mut metrics = NodeMetrics::new(
             tree.directory.clone(),
             tree.events.clone(),
             tree.registry.tables().clone(),
@@ -210,6 +210,7 @@ impl NodeBuilder {
                 .as_ref()
                 .map(|sessions| sessions.stats.clone()),
         );
+        metrics.add_providers(tree.provider_actors.clone());
         let core = Arc::new(NodeCore {
             tokens: TokenBook::new(&config.auth, Some(&admin_token)),
             limiter: RequestLimiter::new(&config.auth),

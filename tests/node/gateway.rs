@@ -138,6 +138,11 @@ async fn chat_completions_pass_through_streamed_and_not() {
     assert_eq!(fake_status["name"], "fake");
     assert_eq!(fake_status["breaker"]["state"], "closed");
     assert_eq!(fake_status["counters"]["succeeded"], 2);
+    let metrics = gateway.node.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("troupe_provider_calls_total{provider=\"fake\",outcome=\"succeeded\"} 2"),
+        "{metrics}"
+    );
     fake.shutdown().await;
 }
 
