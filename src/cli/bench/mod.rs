@@ -2,6 +2,7 @@
 //! process on the same machine, so the figures compare like with like. Each scenario starts its
 //! own embedded node(s) on loopback in a temporary data directory and cleans up after itself.
 
+mod gateway;
 mod sessions;
 
 use std::process::ExitCode;
@@ -13,6 +14,9 @@ pub(super) enum BenchCommand {
     /// Sessions per second end to end with `true`, a deep queue accepted and drained, and the
     /// memory a queued session costs.
     Sessions(sessions::SessionsArgs),
+    /// The gateway's added latency against calling the (fake) provider directly, whole answers
+    /// and streams, at fixed request rates.
+    Gateway(gateway::GatewayArgs),
 }
 
 /// Runs one scenario.
@@ -20,6 +24,7 @@ pub(super) async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     crate::tls::install_default_provider();
     match command {
         BenchCommand::Sessions(args) => sessions::run(args).await,
+        BenchCommand::Gateway(args) => gateway::run(args).await,
     }
 }
 
