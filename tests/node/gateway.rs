@@ -456,3 +456,50 @@ async fn a_chat_session_streams_its_reply_as_output_and_stores_it() {
     assert!(reason.contains("rate_limited"), "{reason}");
     fake.shutdown().await;
 }
+
+#[tokio::test]
+async fn anthropic_and_gemini_providers_answer_in_openai_shapes_through_the_gateway() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "añb€c".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = format!(
+        "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{base}/v1\"\n\n\
+         [[providers]]\nname = \"gem\"\nkind = \"gemini\"\nbase_url = \"{base}/v1beta\"\n",
+        base = fake.base_url()
+    );
+    let gateway = Gateway::start(&config).await;
+    for model in ["claude/m1", "gem/m1"] {
+        let body: Value = gateway.ask(model, false).await.json().await.unwrap();
+        assert_eq!(body["choices"][0]["message"]["content"], "añb€c", "{model}");
+        assert!(
+            body["usage"]["total_tokens"].as_u64().unwrap() > 0,
+            "{model}"
+        );
+        let events = sse_data(gateway.ask(model, true).await).await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{model}");
+        let text: String = events[..events.len() - 1]
+            .iter()
+            .map(|data| serde_json::from_str::<Value>(data).unwrap())
+            .filter_map(|chunk| {
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, "añb€c", "{model}");
+    }
+    let paths: Vec<String> = fake.arrivals().into_iter().map(|a| a.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/messages",
+            "/v1/messages",
+            "/v1beta/models/m1:generateContent",
+            "/v1beta/models/m1:streamGenerateContent"
+        ]
+    );
+    fake.shutdown().await;
+}
