@@ -503,3 +503,40 @@ async fn anthropic_and_gemini_providers_answer_in_openai_shapes_through_the_gate
     );
     fake.shutdown().await;
 }
+
+/// Needs Python 3 with the `openai` package (`pip install openai`).
+#[tokio::test]
+async fn the_official_openai_python_client_talks_to_the_gateway_unchanged() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "Grüße vom Gateway".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let gateway = Gateway::start(&provider("fake", &fake, "models = [\"m1\"]")).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(gateway.node.url("/v1"))
+        .arg(&gateway.node.token)
+        .arg("fake/m1")
+        .output()
+        .await
+        .expect("python3 runs (this test needs Python 3 with `pip install openai`)");
+    assert!(
+        output.status.success(),
+        "the openai client failed (this test needs `pip install openai`): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["whole"], "Grüße vom Gateway");
+    assert_eq!(result["streamed"], "Grüße vom Gateway");
+    assert!(
+        result["models"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("fake/m1"))
+    );
+    fake.shutdown().await;
+}
