@@ -291,7 +291,6 @@ impl HttpProvider {
             let usage = Arc::new(std::sync::atomic::AtomicU32::new(0));
             let translator = sse::translator(self.kind, model, usage.clone());
             let mut events = SseEvents::new(
-                self.kind,
                 Box::pin(response.bytes_stream()),
                 translator,
                 self.timeouts.between_chunks,

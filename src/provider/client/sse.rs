@@ -89,12 +89,7 @@ struct State {
 }
 
 impl SseEvents {
-    pub(super) fn new(
-        _kind: ProviderKind,
-        body: RawStream,
-        translate: Box<dyn Translate>,
-        gap: Duration,
-    ) -> Self {
+    pub(super) fn new(body: RawStream, translate: Box<dyn Translate>, gap: Duration) -> Self {
         let mut since_newline = 0usize;
         let capped = body.map(move |piece| {
             let piece = piece.map_err(|_| RawError::Transport)?;
