@@ -251,6 +251,7 @@ async fn an_open_breaker_without_fallback_is_a_503_with_retry_after() {
         "breaker = { failure_threshold = 2, open_secs = 30 }\nretry = { max_attempts = 1 }",
     );
     let gateway = Gateway::start(&config).await;
+    let mut health_events = gateway.node.events("kind=health.*", None).await;
     for _ in 0..2 {
         assert_eq!(gateway.ask("fake/fake-502", false).await.status(), 502);
     }
@@ -271,6 +272,15 @@ async fn an_open_breaker_without_fallback_is_a_503_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(providers["providers"][0]["breaker"]["state"], "open");
+    // The HealthActor hears of it and announces the node degraded.
+    let (_, degraded) = health_events.next_of("health.degraded").await;
+    assert!(
+        degraded.to_string().contains("providers/fake"),
+        "{degraded}"
+    );
+    let health: Value = gateway.node.get("/v1/health").await.json().await.unwrap();
+    assert_eq!(health["components"]["providers/fake"]["status"], "degraded");
+    assert_eq!(health["status"], "degraded", "{health}");
     fake.shutdown().await;
 }
 
