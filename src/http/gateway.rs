@@ -140,7 +140,7 @@ pub(super) async fn chat_completions(
                     }
                     let event = match chunks.next().await {
                         Some(Ok(chunk)) => {
-                            return Some((Ok(sse_data(&chunk)), (chunks, guard, false)));
+                            return Some((sse_data(&chunk), (chunks, guard, false)));
                         }
                         Some(Err(class)) => {
                             let error = stream_error(&class);
@@ -156,8 +156,20 @@ pub(super) async fn chat_completions(
                             Bytes::from_static(b"data: [DONE]\n\n")
                         }
                     };
-                    Some((Ok::<_, Infallible>(event), (chunks, None, true)))
+                    Some((event, (chunks, None, true)))
                 });
+            // Events that are ready together (one read from the provider often holds several)
+            // go out in one write.
+            let events = events.ready_chunks(64).map(|batch| {
+                if let [single] = batch.as_slice() {
+                    return Ok::<_, Infallible>(single.clone());
+                }
+                let mut joined = Vec::with_capacity(batch.iter().map(Bytes::len).sum());
+                for event in &batch {
+                    joined.extend_from_slice(event);
+                }
+                Ok(Bytes::from(joined))
+            });
             Ok(Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "text/event-stream")
