@@ -16,7 +16,7 @@ use crate::testing::fake_provider::{FakeConfig, FakeProvider};
 
 /// `troupe bench gateway`
 #[derive(Debug, Args)]
-pub(super) struct GatewayArgs {
+pub(crate) struct GatewayArgs {
     /// Request rates to run, requests per second.
     #[arg(long, value_delimiter = ',', default_value = "500,2000")]
     rps: Vec<u32>,
