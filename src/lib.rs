@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod provider;
+pub mod replay;
 pub mod session;
 pub mod store;
 pub mod telemetry;
