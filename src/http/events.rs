@@ -126,16 +126,18 @@ pub(super) fn push_filter_value(
     value: &str,
 ) -> Result<bool, ApiError> {
     match key {
-        "kind" => filter.kinds.push(value.parse::<KindPattern>().map_err(|error| {
-            ApiError::bad_request("invalid_filter", error.to_string()).with_details(
-                serde_json::json!({
-                    "kinds": troupe_actors::event::EventKind::ALL
-                        .iter()
-                        .map(|kind| kind.as_str())
-                        .collect::<Vec<_>>()
-                }),
-            )
-        })?),
+        "kind" => filter
+            .kinds
+            .push(value.parse::<KindPattern>().map_err(|error| {
+                ApiError::bad_request("invalid_filter", error.to_string()).with_details(
+                    serde_json::json!({
+                        "kinds": troupe_actors::event::EventKind::ALL
+                            .iter()
+                            .map(|kind| kind.as_str())
+                            .collect::<Vec<_>>()
+                    }),
+                )
+            })?),
         "session" => filter.sessions.push(
             SessionId::new(value)
                 .map_err(|error| ApiError::bad_request("invalid_filter", error.to_string()))?,

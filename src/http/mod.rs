@@ -8,8 +8,10 @@
 mod admin;
 pub mod error;
 mod events;
+mod events_ws;
 mod ops;
 mod sessions;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ pub fn router(core: Arc<NodeCore>) -> Router {
         .route("/v1/ready", get(ops::ready))
         .route("/v1/links", get(ops::links))
         .route("/v1/events", get(events::stream))
+        .route("/v1/events/ws", get(events_ws::upgrade))
         .route("/metrics", get(ops::metrics))
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{id}", get(sessions::get))

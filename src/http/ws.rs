@@ -184,7 +184,13 @@ mod tests {
 
     #[test]
     fn loopback_hosts_with_any_port_pass() {
-        for host in ["localhost", "localhost:7070", "127.0.0.1:1", "[::1]:7070", "LOCALHOST"] {
+        for host in [
+            "localhost",
+            "localhost:7070",
+            "127.0.0.1:1",
+            "[::1]:7070",
+            "LOCALHOST",
+        ] {
             assert!(
                 check_host_and_origin(&headers(&[("host", host)]), &allowed()).is_ok(),
                 "{host}"
@@ -194,7 +200,12 @@ mod tests {
 
     #[test]
     fn other_hosts_are_refused_as_dns_rebinding() {
-        for host in ["evil.example", "evil.example:7070", "127.0.0.2", "localhost.evil"] {
+        for host in [
+            "evil.example",
+            "evil.example:7070",
+            "127.0.0.2",
+            "localhost.evil",
+        ] {
             let error = check_host_and_origin(&headers(&[("host", host)]), &allowed()).unwrap_err();
             assert_eq!(error.status, 403, "{host}");
             assert_eq!(error.code, "host_not_allowed");
@@ -205,9 +216,17 @@ mod tests {
 
     #[test]
     fn origins_must_name_an_allowed_host() {
-        let ok = headers(&[("host", "127.0.0.1:7070"), ("origin", "http://localhost:3000")]);
+        let ok = headers(&[
+            ("host", "127.0.0.1:7070"),
+            ("origin", "http://localhost:3000"),
+        ]);
         assert!(check_host_and_origin(&ok, &allowed()).is_ok());
-        for origin in ["https://evil.example", "null", "file://", "http://127.0.0.1.evil:80"] {
+        for origin in [
+            "https://evil.example",
+            "null",
+            "file://",
+            "http://127.0.0.1.evil:80",
+        ] {
             let bad = headers(&[("host", "127.0.0.1:7070"), ("origin", origin)]);
             let error = check_host_and_origin(&bad, &allowed()).unwrap_err();
             assert_eq!(error.code, "origin_not_allowed", "{origin}");

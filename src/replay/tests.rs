@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use troupe_actors::event::{
-    Delivery, EventData, EventFilter, EventId, FilterSet, KindPattern, ReplayFrom,
-    SessionProgress,
+    Delivery, EventData, EventFilter, EventId, FilterSet, KindPattern, ReplayFrom, SessionProgress,
 };
 use troupe_actors::ids::SessionId;
 

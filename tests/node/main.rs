@@ -8,3 +8,4 @@ mod events;
 mod lifecycle;
 mod sessions;
 mod support;
+mod transports;

@@ -186,8 +186,7 @@ impl FilterSet {
             return Err(SubscriptionError::BadName);
         }
         filter.validate()?;
-        if !self.subscriptions.contains_key(name) && self.subscriptions.len() >= MAX_SUBSCRIPTIONS
-        {
+        if !self.subscriptions.contains_key(name) && self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
             return Err(SubscriptionError::TooMany);
         }
         self.subscriptions.insert(name.to_owned(), filter);
@@ -330,7 +329,10 @@ mod tests {
         assert!(!set.matches(&event("a", Some("s1"), progress())));
         assert!(set.unsubscribe("providers"));
         assert!(set.is_empty());
-        assert!(!set.matches(&event("a", None, recovered())), "empty passes nothing");
+        assert!(
+            !set.matches(&event("a", None, recovered())),
+            "empty passes nothing"
+        );
     }
 
     #[test]
