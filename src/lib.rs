@@ -20,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod json;
 pub mod link;
+pub mod mcp;
 pub mod metrics;
 pub mod node;
 pub mod process;

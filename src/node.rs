@@ -253,7 +253,7 @@ async fn start_http(
         .local_addr()
         .map_err(|source| NodeError::Bind { addr, source })?;
     let stop_accepting = CancellationToken::new();
-    let router = crate::http::router(core.clone());
+    let router = crate::http::router(core.clone(), stop_accepting.clone());
     let task = tokio::spawn(crate::http::serve(
         listener,
         router,

@@ -11,7 +11,7 @@ mod events;
 mod events_ws;
 mod ops;
 mod sessions;
-mod ws;
+pub(crate) mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +32,8 @@ use crate::auth::{Principal, Role};
 use crate::node::NodeCore;
 pub use error::{ApiError, ApiJson};
 
-/// Builds the node's router.
-pub fn router(core: Arc<NodeCore>) -> Router {
+/// Builds the node's router. `stop` ends long-lived MCP streams at shutdown.
+pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) -> Router {
     let viewer = Router::new()
         .route("/v1/ready", get(ops::ready))
         .route("/v1/links", get(ops::links))
@@ -56,7 +56,8 @@ pub fn router(core: Arc<NodeCore>) -> Router {
     let mut router = Router::new()
         .route("/v1/health", get(ops::health))
         .merge(viewer)
-        .merge(operator);
+        .merge(operator)
+        .merge(crate::mcp::http::routes(core.clone(), stop));
     if core.config.debug.fault_injection {
         router = router.merge(
             Router::new()
@@ -119,7 +120,11 @@ async fn not_found(request: Request) -> ApiError {
 }
 
 /// Authenticates the request and checks its role and rate.
-fn authorize(core: &NodeCore, request: &Request, needed: Role) -> Result<Principal, ApiError> {
+pub(crate) fn authorize(
+    core: &NodeCore,
+    request: &Request,
+    needed: Role,
+) -> Result<Principal, ApiError> {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)

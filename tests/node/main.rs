@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod events;
 mod lifecycle;
+mod mcp;
 mod sessions;
 mod support;
 mod transports;
