@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod json;
 pub mod link;

@@ -216,6 +216,7 @@ where
                     .await;
                     break format!("socket error: {error}");
                 }
+                Some(Incoming::Invalid(why)) => error_frame("invalid_message", why),
                 Some(Incoming::Binary) => error_frame(
                     "binary_frame",
                     "this link takes JSON text frames only",

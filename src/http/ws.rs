@@ -18,6 +18,9 @@ pub(crate) enum Incoming {
     Text(String),
     /// A binary frame (no link accepts them; each answers with an error).
     Binary,
+    /// A frame that cannot be a message (e.g. a stdin line that is not UTF-8); answered with an
+    /// error, the link stays.
+    Invalid(String),
     /// The client closed the link.
     Close,
     /// The socket failed: a frame over the size limit, a protocol error, a reset.

@@ -113,7 +113,7 @@ async fn websocket(
 }
 
 /// A JSON-RPC parse error with id `null`.
-fn parse_error(message: &str) -> String {
+pub(crate) fn parse_error(message: &str) -> String {
     serde_json::json!({
         "jsonrpc": "2.0",
         "id": null,
@@ -123,8 +123,40 @@ fn parse_error(message: &str) -> String {
 }
 
 /// Serves one MCP client over a WebSocket until it or the node ends the link.
-async fn serve_websocket<Si, St>(core: Arc<NodeCore>, parts: Parts, mut sink: Si, stream: St)
+async fn serve_websocket<Si, St>(core: Arc<NodeCore>, parts: Parts, sink: Si, stream: St)
 where
+    Si: futures::Sink<Outgoing> + Unpin + Send + 'static,
+    Si::Error: std::fmt::Display,
+    St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
+{
+    let via_stdio = parts
+        .uri
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair == "client=stdio"));
+    let transport = if via_stdio {
+        TransportKind::McpStdio
+    } else {
+        TransportKind::McpWebSocket
+    };
+    let server = TroupeMcp::new(core, transport, None);
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    serve_frames(server, Some(parts), peer, principal, sink, stream).await;
+}
+
+/// Serves one MCP client whose messages come one per frame (a WebSocket, or stdin lines): a
+/// bounded outbound queue whose senders wait, parse errors answered, the link opened up front.
+pub(crate) async fn serve_frames<Si, St>(
+    server: TroupeMcp,
+    parts: Option<Parts>,
+    peer: Option<std::net::SocketAddr>,
+    principal: Option<crate::auth::Principal>,
+    mut sink: Si,
+    stream: St,
+) where
     Si: futures::Sink<Outgoing> + Unpin + Send + 'static,
     Si::Error: std::fmt::Display,
     St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
@@ -148,12 +180,7 @@ where
             ended.cancel();
         })
     };
-    let server = TroupeMcp::new(core.clone(), TransportKind::McpWebSocket, None);
-    let peer = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0);
-    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    let principal = principal.or_else(|| server.local_principal.clone());
     let link_closed = match server.attach_link(peer, principal.as_ref()).await {
         Ok(link) => link.closed.clone(),
         Err(error) => {
@@ -180,7 +207,9 @@ where
             match frame {
                 Incoming::Text(text) => match serde_json::from_str::<ClientJsonRpcMessage>(&text) {
                     Ok(mut message) => {
-                        if let ClientJsonRpcMessage::Request(request) = &mut message {
+                        if let (ClientJsonRpcMessage::Request(request), Some(parts)) =
+                            (&mut message, parts)
+                        {
                             request.request.extensions_mut().insert(parts);
                         }
                         Some(Some(message))
@@ -191,6 +220,10 @@ where
                         Some(None)
                     }
                 },
+                Incoming::Invalid(why) => {
+                    let _ = errors.send(Outgoing::Text(parse_error(&why))).await;
+                    Some(None)
+                }
                 Incoming::Binary => {
                     let reply = parse_error("binary frames are not accepted; send JSON text");
                     let _ = errors.send(Outgoing::Text(reply)).await;

@@ -1,5 +1,5 @@
 //! The MCP server (official SDK `rmcp`): one tool set over every MCP transport — Streamable HTTP
-//! at `/mcp` and WebSocket at `/mcp/ws` ([`http`]).
+//! at `/mcp` and WebSocket at `/mcp/ws` ([`http`]), stdin/stdout ([`stdio`], `troupe mcp`).
 //!
 //! Tools: `spawn_session`, `get_session`, `list_sessions`, `cancel_session`, `session_output`,
 //! `node_health`, `list_providers`. Roles apply as on REST: a viewer token reads, an operator
@@ -12,6 +12,7 @@
 //! responses are never dropped: the transports queue them and make senders wait.
 
 pub mod http;
+pub mod stdio;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -354,3 +354,242 @@ async fn websocket_upgrades_check_token_role_host_and_origin() {
         400
     );
 }
+
+/// A `troupe mcp` process driven over its stdin and stdout.
+struct StdioMcp {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl StdioMcp {
+    fn start(args: &[&str], discovery: &std::path::Path, cwd: &std::path::Path) -> Self {
+        use std::process::Stdio;
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(troupe_bin())
+            .arg("mcp")
+            .args(args)
+            .env("TROUPE_DISCOVERY_DIR", discovery)
+            .env_remove("RUST_BACKTRACE")
+            .current_dir(cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(bytes).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.send_raw(format!("{message}\n").as_bytes()).await;
+    }
+
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("a line within the patience")
+            .unwrap()
+            .expect("stdout open");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("a JSON line: {line}"))
+    }
+
+    /// Lines until the answer to `id`; returns the notifications before it and the answer.
+    async fn answer(&mut self, id: u64) -> (Vec<Value>, Value) {
+        let mut notifications = Vec::new();
+        loop {
+            let message = self.next().await;
+            if message["id"] == id {
+                return (notifications, message);
+            }
+            notifications.push(message);
+        }
+    }
+
+    async fn initialize(&mut self) {
+        self.send(
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "stdio-test", "version": "0"},
+            }}),
+        )
+        .await;
+        let (_, answer) = self.answer(0).await;
+        assert_eq!(answer["result"]["serverInfo"]["name"], "troupe", "{answer}");
+        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    async fn finish(mut self) {
+        drop(self.stdin.take());
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("troupe mcp exits when stdin closes")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+}
+
+fn tools_call(id: u64, name: &str, arguments: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": name, "arguments": arguments}})
+}
+
+/// A discovery entry of a process that does not exist (a node killed without cleaning up).
+fn stale_entry(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("ghost-999999999.json");
+    std::fs::write(
+        &path,
+        json!({"node_id": "ghost", "pid": 999_999_999u32, "http": "127.0.0.1:9",
+               "token_file": "/nonexistent/admin.token", "started_at": "2099-01-01T00:00:00Z",
+               "updated_at": 4_000_000_000u64})
+        .to_string(),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_session_spawned_over_stdio_reaches_sse_and_websocket_subscribers_in_order() {
+    let fixture = Fixture::start(10_000).await;
+    let node = &fixture.node;
+    let discovery = node.data_dir.join("discovery");
+    node.logs
+        .wait_for("discovery entry written", |line| {
+            line["message"] == "discovery entry written"
+        })
+        .await;
+    // A stale entry beside the node's (sorted first) is ignored and cleaned.
+    let ghost = stale_entry(&discovery);
+    let mut sse = node.events("kind=session.*", None).await;
+    let mut ws = WsEvents::open(node, "kind=session.*").await;
+
+    let mut stdio = StdioMcp::start(&[], &discovery, fixture._temp.path());
+    stdio.initialize().await;
+    let mut call = tools_call(
+        1,
+        "spawn_session",
+        json!({"session": {"kind": "command", "program": "sh",
+                           "args": ["-c", "echo one; echo two"]}, "wait": true}),
+    );
+    call["params"]["_meta"] = json!({"progressToken": "t"});
+    stdio.send(call).await;
+    let (notifications, answer) = stdio.answer(1).await;
+    let record = &answer["result"]["structuredContent"];
+    assert_eq!(record["state"], "succeeded", "{answer}");
+    assert!(
+        notifications
+            .iter()
+            .any(|message| message["method"] == "notifications/progress"
+                && message["params"]["progressToken"] == "t"),
+        "the stdio client sees progress: {notifications:?}"
+    );
+    assert!(!ghost.exists(), "the stale entry was cleaned");
+
+    // The same session, the same events, in the same order, on SSE and WebSocket.
+    let over_sse = session_events_sse(&mut sse, 1).await;
+    let over_ws = session_events_ws(&mut ws, 1).await;
+    assert_eq!(over_sse, over_ws);
+    let kinds: Vec<&str> = over_sse.iter().map(|(_, kind)| kind.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"session.queued"));
+    assert!(kinds.contains(&"session.started") && kinds.contains(&"session.output"));
+    assert_eq!(kinds.last(), Some(&"session.succeeded"));
+    let unique: BTreeSet<_> = over_sse.iter().collect();
+    assert_eq!(unique.len(), over_sse.len(), "no duplicates");
+    // The stdio client is a link of the node it attached to.
+    let links: Value = node.get("/v1/links").await.json().await.unwrap();
+    assert!(links.to_string().contains("\"mcp_stdio\""), "{links}");
+    stdio.finish().await;
+}
+
+#[tokio::test]
+async fn troupe_nodes_lists_live_nodes_and_the_entry_goes_with_a_clean_stop() {
+    let fixture = Fixture::start(10_000).await;
+    let mut node = fixture.node;
+    let discovery = node.data_dir.join("discovery");
+    node.logs
+        .wait_for("discovery entry written", |line| {
+            line["message"] == "discovery entry written"
+        })
+        .await;
+    let ghost = stale_entry(&discovery);
+    let output = tokio::process::Command::new(troupe_bin())
+        .args(["nodes", "--json"])
+        .env("TROUPE_DISCOVERY_DIR", &discovery)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let listed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["http"], node.addr.to_string());
+    assert_eq!(listed[0]["pid"], node.child.id().unwrap());
+    assert!(
+        listed[0]["token_file"]
+            .as_str()
+            .unwrap()
+            .ends_with("admin.token")
+    );
+    assert!(!ghost.exists(), "stale entries are cleaned");
+    node.terminate();
+    assert!(node.wait_exit().await.success());
+    let left: Vec<_> = std::fs::read_dir(&discovery)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the entry is removed on a clean stop: {left:?}"
+    );
+}
+
+#[tokio::test]
+async fn troupe_mcp_runs_an_embedded_node_when_none_is_running_and_answers_bad_lines() {
+    let temp = tempfile::tempdir().unwrap();
+    let discovery = temp.path().join("discovery");
+    stale_entry(&discovery);
+    let data = temp.path().join("data");
+    let mut stdio = StdioMcp::start(
+        &["--data-dir", data.to_str().unwrap()],
+        &discovery,
+        temp.path(),
+    );
+    stdio.initialize().await;
+    stdio.send(tools_call(1, "node_health", json!({}))).await;
+    let (_, health) = stdio.answer(1).await;
+    assert_eq!(
+        health["result"]["structuredContent"]["status"], "healthy",
+        "{health}"
+    );
+    // Not UTF-8, not JSON: a parse error each, and the link stays.
+    stdio.send_raw(b"\xff\xfe not utf-8\n").await;
+    let error = stdio.next().await;
+    assert_eq!(error["error"]["code"], -32700, "{error}");
+    stdio.send_raw(b"{oops\n").await;
+    let error = stdio.next().await;
+    assert_eq!(error["error"]["code"], -32700, "{error}");
+    stdio
+        .send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        .await;
+    let (_, listed) = stdio.answer(2).await;
+    assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 7);
+    stdio.finish().await;
+}
