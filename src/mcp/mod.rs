@@ -22,10 +22,12 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, Implementation,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, CreateTaskResult,
+    DetailedTask, GetTaskParams, GetTaskResult, Implementation, JsonObject,
     ListPromptsRequestMethod, ListPromptsResult, ListResourceTemplatesRequestMethod,
     ListResourceTemplatesResult, ListResourcesRequestMethod, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Task,
+    TaskPayload, TaskStatus, Tool,
 };
 use rmcp::schemars::{self, JsonSchema};
 use rmcp::service::RequestContext;
@@ -392,6 +394,102 @@ impl TroupeMcp {
     }
 }
 
+/// A session as an MCP task: the task id is the session id.
+fn task_of(view: &SessionView) -> Task {
+    let record = &view.record;
+    let updated = record
+        .ended_at
+        .or(record.started_at)
+        .unwrap_or(record.created_at);
+    Task::new(
+        record.id.as_str(),
+        TaskStatus::Working,
+        record.created_at.to_string(),
+        updated.to_string(),
+    )
+    .with_status_message(record.state.as_str())
+    .with_poll_interval_ms(1000)
+}
+
+/// A session's task with its payload: working until it ends; completed (with the final record as
+/// the tool result) when it succeeded; failed when it failed, timed out or was interrupted;
+/// cancelled when cancelled.
+fn detailed_task(view: &SessionView) -> DetailedTask {
+    let record = view_json(view);
+    let as_object = |value: Value| -> JsonObject {
+        match value {
+            Value::Object(object) => object,
+            other => JsonObject::from_iter([("value".to_owned(), other)]),
+        }
+    };
+    let payload = match view.record.state {
+        SessionState::Succeeded => TaskPayload::Completed {
+            result: as_object(
+                serde_json::to_value(CallToolResult::structured(record)).unwrap_or_default(),
+            ),
+        },
+        SessionState::Cancelled => TaskPayload::Cancelled,
+        state if state.is_terminal() => TaskPayload::Failed {
+            error: as_object(json!({
+                "code": state.as_str(),
+                "message": format!("session {} ended {}", view.record.id, state.as_str()),
+                "data": record,
+            })),
+        },
+        _ => TaskPayload::Working,
+    };
+    DetailedTask::new(task_of(view), payload)
+}
+
+impl TroupeMcp {
+    /// A role check for protocol methods (not tools): a JSON-RPC error when it fails.
+    fn require_protocol(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        needed: Role,
+    ) -> Result<Principal, McpError> {
+        let principal = self
+            .principal(ctx)
+            .ok_or_else(|| McpError::invalid_request("no credentials", None))?;
+        if !principal.role.allows(needed) {
+            return Err(McpError::invalid_request(
+                format!(
+                    "token {:?} has role {}; this needs {}",
+                    principal.name,
+                    principal.role.as_str(),
+                    needed.as_str()
+                ),
+                None,
+            ));
+        }
+        Ok(principal)
+    }
+
+    /// `spawn_session` for a client of the tasks extension: the session starts and the call
+    /// answers with its task.
+    async fn spawn_task(
+        &self,
+        request: CallToolRequestParams,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        if let Err(denied) = self.require(ctx, "spawn_session", Role::Operator) {
+            return Ok(denied.into());
+        }
+        let args: SpawnArgs =
+            serde_json::from_value(Value::Object(request.arguments.unwrap_or_default()))
+                .map_err(|error| McpError::invalid_params(error.to_string(), None))?;
+        let session: SessionRequest = serde_json::to_value(&args.session)
+            .and_then(serde_json::from_value)
+            .map_err(|error| McpError::invalid_params(error.to_string(), None))?;
+        match self.core.sessions.spawn(session).await {
+            Ok(view) => Ok(CallToolResponse::Task(CreateTaskResult::new(task_of(
+                &view,
+            )))),
+            Err(error) => Ok(tool_error(error.into()).into()),
+        }
+    }
+}
+
 #[tool_router]
 impl TroupeMcp {
     #[tool(
@@ -686,14 +784,19 @@ impl TroupeMcp {
 
 impl ServerHandler for TroupeMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("troupe", env!("CARGO_PKG_VERSION")))
-            .with_instructions(
-                "troupe runs agent sessions (commands, Aider, LLM chats) under supervision. \
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(Implementation::new("troupe", env!("CARGO_PKG_VERSION")))
+        .with_instructions(
+            "troupe runs agent sessions (commands, Aider, LLM chats) under supervision. \
                  spawn_session starts one (wait=true follows it to the end with progress), \
                  get_session / list_sessions / session_output read them, cancel_session stops \
                  one. node_health and list_providers describe the node.",
-            )
+        )
     }
 
     async fn list_tools(
@@ -715,9 +818,50 @@ impl ServerHandler for TroupeMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         self.ensure_link(&ctx).await?;
+        // Sessions are tasks for clients that declare the tasks extension in the request's
+        // own capabilities (2026-07-28): spawn_session answers with a task at once.
+        let client_tasks = ctx
+            .meta
+            .client_capabilities()
+            .is_some_and(|capabilities| capabilities.supports_tasks());
+        if request.name == "spawn_session" && client_tasks {
+            return self.spawn_task(request, &ctx).await;
+        }
         self.tool_router
             .call(ToolCallContext::new(self, request, ctx))
             .await
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        self.require_protocol(&ctx, Role::Viewer)?;
+        let id = SessionId::new(&request.task_id).map_err(|_| {
+            McpError::invalid_params(format!("no task {:?}", request.task_id), None)
+        })?;
+        let view = self.core.sessions.get(&id).await.map_err(|error| {
+            let error = ApiError::from(error);
+            McpError::invalid_params(error.message, None)
+        })?;
+        Ok(GetTaskResult::new(detailed_task(&view)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.require_protocol(&ctx, Role::Operator)?;
+        let id = SessionId::new(&request.task_id).map_err(|_| {
+            McpError::invalid_params(format!("no task {:?}", request.task_id), None)
+        })?;
+        self.core.sessions.cancel(&id).await.map_err(|error| {
+            let error = ApiError::from(error);
+            McpError::invalid_params(error.message, None)
+        })?;
+        Ok(())
     }
 
     // troupe offers no prompts or resources: say so rather than answer empty lists.

@@ -98,7 +98,10 @@ async fn post(node: &NodeProcess, token: &str, body: &Value, version: &str) -> r
         .header("mcp-protocol-version", version);
     if version == V2026 {
         request = request.header("mcp-method", body["method"].as_str().unwrap());
-        if let Some(name) = body["params"]["name"].as_str() {
+        let name = body["params"]["name"]
+            .as_str()
+            .or(body["params"]["taskId"].as_str());
+        if let Some(name) = name {
             request = request.header("mcp-name", name);
         }
     }
@@ -507,4 +510,83 @@ async fn a_client_that_vanishes_mid_call_leaves_its_session_running_and_visible(
     let (_, ended) = observer.next_of("session.succeeded").await;
     assert_eq!(ended["session"], id.as_str());
     assert_eq!(node.session(&id).await["state"], "succeeded");
+}
+
+/// A 2026-07-28 request from a client that declares the tasks extension.
+fn with_tasks(mut body: Value) -> Value {
+    body["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] =
+        json!({"extensions": {"io.modelcontextprotocol/tasks": {}}});
+    body
+}
+
+#[tokio::test]
+async fn sessions_are_tasks_for_clients_of_the_tasks_extension() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let mut events = node.events("kind=session.*", None).await;
+
+    // A short session: the call answers with a task at once; tasks/get follows the session.
+    let (_, created) = call(
+        node,
+        &node.token,
+        with_tasks(tool_call(
+            1,
+            "spawn_session",
+            json!({"session": sh("echo done")}),
+        )),
+    )
+    .await;
+    let result = &created["result"];
+    assert_eq!(result["resultType"], "task", "{created}");
+    let task = result["taskId"].as_str().unwrap().to_owned();
+    assert_eq!(result["status"], "working");
+    assert!(task.starts_with("s-"), "the task is the session: {task}");
+    events.next_of("session.succeeded").await;
+    let (_, got) = call(
+        node,
+        &node.token,
+        with_tasks(request(2, "tasks/get", json!({"taskId": task}))),
+    )
+    .await;
+    assert_eq!(got["result"]["status"], "completed", "{got}");
+    assert_eq!(
+        got["result"]["result"]["structuredContent"]["state"], "succeeded",
+        "{got}"
+    );
+
+    // A long one, cancelled through tasks/cancel (a viewer may not).
+    let (_, created) = call(
+        node,
+        &node.token,
+        with_tasks(tool_call(
+            3,
+            "spawn_session",
+            json!({"session": sh("sleep 30")}),
+        )),
+    )
+    .await;
+    let task = created["result"]["taskId"].as_str().unwrap().to_owned();
+    events.next_of("session.started").await;
+    let (_, refused) = call(
+        node,
+        VIEWER,
+        with_tasks(request(4, "tasks/cancel", json!({"taskId": task}))),
+    )
+    .await;
+    assert!(refused["error"].is_object(), "{refused}");
+    let (_, cancelled) = call(
+        node,
+        &node.token,
+        with_tasks(request(5, "tasks/cancel", json!({"taskId": task}))),
+    )
+    .await;
+    assert!(cancelled["error"].is_null(), "{cancelled}");
+    events.next_of("session.cancelled").await;
+    let (_, got) = call(
+        node,
+        VIEWER,
+        with_tasks(request(6, "tasks/get", json!({"taskId": task}))),
+    )
+    .await;
+    assert_eq!(got["result"]["status"], "cancelled", "{got}");
 }
