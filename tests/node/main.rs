@@ -7,6 +7,7 @@ mod cli;
 mod events;
 mod lifecycle;
 mod mcp;
+mod python;
 mod sessions;
 mod support;
 mod transports;
