@@ -1,6 +1,7 @@
 //! The `troupe` command line: `troupe node` runs a node; the other commands talk to one over
 //! its HTTP API. This is the only place that uses `anyhow`: commands report errors to people.
 
+mod bench;
 mod client;
 mod events;
 mod health;
@@ -33,6 +34,9 @@ enum Command {
     /// Serve MCP on stdin/stdout: bridged to the running node discovery finds, or an embedded
     /// node when there is none.
     Mcp(mcp::McpArgs),
+    /// Measure the node (event delivery over SSE and WebSocket).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// List the running nodes discovery finds on this machine.
     Nodes(mcp::NodesArgs),
     /// Spawn, list, show, cancel sessions and read their output.
@@ -60,6 +64,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(args).await,
             Command::Session(command) => session::run(command).await,
             Command::Mcp(args) => mcp::run(args).await,
+            Command::Bench(command) => bench::run(command).await,
             Command::Nodes(args) => mcp::nodes(args),
         }
     });
