@@ -308,6 +308,14 @@ async fn roles_tokens_and_hosts_apply_to_mcp() {
         .await
         .unwrap();
     assert_eq!(same_origin.status(), 200);
+
+    // A body over http.max_body_bytes (1 MiB by default) is refused; the node stays up.
+    let mut huge = tool_call(4, "node_health", json!({}));
+    huge["params"]["arguments"]["padding"] = json!("x".repeat(2 * 1024 * 1024));
+    let response = post(node, &node.token, &huge, V2026).await;
+    assert_eq!(response.status(), 413);
+    let (_, health) = call(node, &node.token, tool_call(5, "node_health", json!({}))).await;
+    assert_eq!(content(&health)["status"], "healthy");
 }
 
 #[tokio::test]
