@@ -17,13 +17,16 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod json;
 pub mod link;
+pub mod mcp;
 pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod provider;
+pub mod replay;
 pub mod session;
 pub mod store;
 pub mod telemetry;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use troupe_actors::event::{EventFilter, TransportKind};
+use troupe_actors::event::{DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, TransportKind};
 use troupe_actors::ids::{LinkId, Timestamp, fresh_id};
 use troupe_actors::kernel::ActorHandle;
 use troupe_actors::link::{TransportActor, TransportArgs, TransportMsg};
@@ -41,16 +41,25 @@ pub struct LinkGuard {
     pub id: LinkId,
     /// Cancelled when the link must end.
     pub closed: CancellationToken,
-    /// The link's current filter.
-    pub filter: watch::Receiver<EventFilter>,
+    /// The link's current subscriptions.
+    pub filter: watch::Receiver<FilterSet>,
     handle: ActorHandle<TransportMsg>,
     reason: Option<String>,
 }
 
 impl LinkGuard {
-    /// The TransportActor's handle (to change the filter).
+    /// The TransportActor's handle.
     pub fn handle(&self) -> &ActorHandle<TransportMsg> {
         &self.handle
+    }
+
+    /// Asks the TransportActor to change the link's subscriptions; the new set arrives on
+    /// [`LinkGuard::filter`]. False when the link is ending.
+    pub fn set_filter(&self, filter: FilterSet) -> bool {
+        let summary = describe_filters(&filter);
+        self.handle
+            .cast(TransportMsg::SetFilter { filter, summary })
+            .is_ok()
     }
 
     /// Records why the socket side ends (default: "client disconnected").
@@ -66,6 +75,24 @@ impl Drop for LinkGuard {
             .take()
             .unwrap_or_else(|| "client disconnected".into());
         let _ = self.handle.cast(TransportMsg::ClientGone { reason });
+    }
+}
+
+/// Describes a link's subscriptions for link listings: `all`, `kind=session.* session=s-1`, or
+/// `name: …; name: …` when it holds several (`none` when it holds none).
+pub fn describe_filters(filters: &FilterSet) -> String {
+    let parts: Vec<(&str, String)> = filters
+        .iter()
+        .map(|(name, filter)| (name, describe_filter(filter)))
+        .collect();
+    match parts.as_slice() {
+        [] => "none".into(),
+        [(name, only)] if *name == DEFAULT_SUBSCRIPTION => only.clone(),
+        _ => parts
+            .iter()
+            .map(|(name, filter)| format!("{name}: {filter}"))
+            .collect::<Vec<_>>()
+            .join("; "),
     }
 }
 
@@ -97,7 +124,7 @@ pub async fn open_link(
     transport: TransportKind,
     peer: Option<SocketAddr>,
     principal: Option<&Principal>,
-    filter: EventFilter,
+    filter: FilterSet,
 ) -> Result<LinkGuard, LinkError> {
     let id = LinkId::new(fresh_id("l-")).expect("generated ids are valid");
     let handle = ActorHandle::new(core.tree.links.path().child(id.as_str()));
@@ -109,7 +136,7 @@ pub async fn open_link(
             transport,
             peer: peer.map(|peer| peer.to_string()),
             principal: principal.map(|principal| principal.name.clone()),
-            filter: describe_filter(&filter),
+            filter: describe_filters(&filter),
             connected_at: Timestamp::now(),
         },
         registry: core.tree.registry.clone(),

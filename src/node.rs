@@ -285,7 +285,7 @@ async fn start_http(
     core.session_keys
         .set_base_url(format!("http://{reachable}/v1"));
     let stop_accepting = CancellationToken::new();
-    let router = crate::http::router(core.clone());
+    let router = crate::http::router(core.clone(), stop_accepting.clone());
     let task = tokio::spawn(crate::http::serve(
         listener,
         router,

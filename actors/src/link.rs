@@ -1,8 +1,11 @@
 //! The TransportActor: one per client link (an SSE stream, a WebSocket, an MCP client).
 //!
 //! It owns the link's bookkeeping, not its socket: it registers the link with the registry
-//! (which publishes `link.connected` / `link.disconnected`), owns the link's subscription filter
-//! (the socket side watches it), and holds the token that closes the socket side. Links are
+//! (which publishes `link.connected` / `link.disconnected`), owns the link's subscriptions (a
+//! [`FilterSet`] the socket side watches), and holds the token that closes the socket side. The
+//! bounded outbound queue of a link lives on its socket side: for event streams the bus
+//! subscription (drop-oldest, then an `events.lagged` marker), for MCP a bounded channel whose
+//! senders wait (responses are never dropped). Links are
 //! temporary children of the TransportSupervisor: a link that dies is cleaned up — its socket
 //! closed, its registry entry removed, even after a panic — and never restarted, and nothing else
 //! is disturbed.
@@ -10,16 +13,16 @@
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::EventFilter;
+use crate::event::FilterSet;
 use crate::kernel::{Actor, ActorError, Context};
 use crate::registry::{LinkInfo, Registry, RegistryMsg};
 
 /// Messages of a TransportActor.
 pub enum TransportMsg {
-    /// The client changed its subscription.
+    /// The client changed its subscriptions.
     SetFilter {
-        /// The new filter.
-        filter: EventFilter,
+        /// The new subscriptions.
+        filter: FilterSet,
         /// The filter in words, for link listings.
         summary: String,
     },
@@ -39,8 +42,8 @@ pub struct TransportArgs {
     pub registry: Registry,
     /// Cancelled when the link ends, whatever the cause; the socket side closes on it.
     pub closed: CancellationToken,
-    /// The subscription filter; the socket side reads it.
-    pub filter: watch::Sender<EventFilter>,
+    /// The link's subscriptions; the socket side reads them.
+    pub filter: watch::Sender<FilterSet>,
 }
 
 /// The TransportActor.

@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod events;
 mod health;
+mod mcp;
 mod node;
 mod session;
 
@@ -30,6 +31,11 @@ enum Command {
     Health(health::HealthArgs),
     /// Print a node's events (the recent ones, or follow them live).
     Events(events::EventsArgs),
+    /// Serve MCP on stdin/stdout: bridged to the running node discovery finds, or an embedded
+    /// node when there is none.
+    Mcp(mcp::McpArgs),
+    /// List the running nodes discovery finds on this machine.
+    Nodes(mcp::NodesArgs),
     /// Spawn, list, show, cancel sessions and read their output.
     #[command(subcommand)]
     Session(session::SessionCommand),
@@ -57,7 +63,9 @@ pub fn main() -> ExitCode {
             Command::Health(args) => health::run(args).await,
             Command::Events(args) => events::run(args).await,
             Command::Session(command) => session::run(command).await,
+            Command::Mcp(args) => mcp::run(args).await,
             Command::Bench(command) => bench::run(command).await,
+            Command::Nodes(args) => mcp::nodes(args),
         }
     });
     match outcome {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::{Config, LogFormat, Overrides};
+use crate::discovery::{self, Entry, Registration};
 use crate::node::Node;
 
 /// `troupe node` options (each also a config key; flags win).
@@ -51,12 +52,16 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     // leads to a graceful shutdown rather than the default action.
     let signal = shutdown_signal()?;
     let node = Node::builder().config(config).start().await?;
+    let registration = register(&node);
     let failed = tokio::select! {
         () = signal => false,
         () = node.wait() => true,
     };
     if failed {
         tracing::error!("the node's root supervisor gave up; shutting down");
+    }
+    if let Some(registration) = registration {
+        registration.remove();
     }
     node.shutdown().await;
     Ok(if failed {
@@ -66,8 +71,32 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Writes the node's discovery entry (when it serves HTTP); a failure is logged, not fatal.
+fn register(node: &crate::node::NodeHandle) -> Option<Registration> {
+    let http = node.http_addr()?;
+    let entry = Entry {
+        node_id: node.node_id().to_string(),
+        pid: std::process::id(),
+        http,
+        token_file: node.admin_token_path().to_owned(),
+        started_at: troupe_actors::ids::Timestamp::now().to_string(),
+        updated_at: 0,
+    };
+    let dir = discovery::directory();
+    match Registration::start(dir.clone(), entry) {
+        Ok(registration) => {
+            tracing::info!(file = %registration.path().display(), "discovery entry written");
+            Some(registration)
+        }
+        Err(error) => {
+            tracing::warn!(%error, dir = %dir.display(), "cannot write the discovery entry; `troupe mcp` will not find this node");
+            None
+        }
+    }
+}
+
 /// Registers SIGINT and SIGTERM handlers now; the future resolves on the first of them.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(super) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;

@@ -42,6 +42,12 @@ impl ApiError {
         self
     }
 
+    /// Replaces the code (e.g. a more precise `forbidden`).
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+
     /// Adds a `Retry-After`.
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);

@@ -3,8 +3,9 @@
 //! Query parameters (repeatable): `kind` (`session.output`, or a family `session.*`), `session`,
 //! `node`; `after=ID` or the `Last-Event-ID` header to resume; `tail=N` to start with the last N
 //! events; `follow=false` to get the replay only and end. Each event's SSE `id:` is its event id,
-//! so a reconnecting client resumes with exactly the events it missed. A comment heartbeat keeps
-//! idle connections alive. Each followed stream is a link: a TransportActor owns it.
+//! so a reconnecting client resumes with exactly the events it missed, from the persisted event
+//! log when the id is older than the in-memory ring ([`crate::replay`]). A comment heartbeat
+//! keeps idle connections alive. Each followed stream is a link: a TransportActor owns it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use troupe_actors::event::{
-    Delivery, EventFilter, EventId, KindPattern, ReplayFrom, Subscription, TransportKind,
+    Delivery, EventFilter, EventId, FilterSet, KindPattern, ReplayFrom, TransportKind,
 };
 use troupe_actors::ids::{NodeId, SessionId};
 
@@ -27,6 +28,7 @@ use crate::auth::Principal;
 use crate::json::delivery_to_json;
 use crate::link::{LinkError, LinkGuard, open_link};
 use crate::node::NodeCore;
+use crate::replay::EventStream;
 
 /// Most events a `tail` may ask for.
 pub(crate) const MAX_TAIL: usize = 10_000;
@@ -50,36 +52,10 @@ impl StreamQuery {
             ..StreamQuery::default()
         };
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            if push_filter_value(&mut parsed.filter, &key, &value)? {
+                continue;
+            }
             match key.as_ref() {
-                "kind" => parsed
-                    .filter
-                    .kinds
-                    .push(value.parse::<KindPattern>().map_err(|error| {
-                        ApiError::bad_request("invalid_filter", error.to_string()).with_details(
-                            serde_json::json!({
-                                "kinds": troupe_actors::event::EventKind::ALL
-                                    .iter()
-                                    .map(|kind| kind.as_str())
-                                    .collect::<Vec<_>>()
-                            }),
-                        )
-                    })?),
-                "session" => {
-                    parsed
-                        .filter
-                        .sessions
-                        .push(SessionId::new(value.as_ref()).map_err(|error| {
-                            ApiError::bad_request("invalid_filter", error.to_string())
-                        })?)
-                }
-                "node" => {
-                    parsed
-                        .filter
-                        .nodes
-                        .push(NodeId::new(value.as_ref()).map_err(|error| {
-                            ApiError::bad_request("invalid_filter", error.to_string())
-                        })?)
-                }
                 "after" => {
                     parsed.after = Some(value.parse().map_err(
                         |error: troupe_actors::event::InvalidEventId| {
@@ -142,6 +118,39 @@ impl StreamQuery {
     }
 }
 
+/// Adds `value` to the filter dimension `key` (`kind`, `session` or `node`); false when `key`
+/// is not a filter dimension.
+pub(super) fn push_filter_value(
+    filter: &mut EventFilter,
+    key: &str,
+    value: &str,
+) -> Result<bool, ApiError> {
+    match key {
+        "kind" => filter
+            .kinds
+            .push(value.parse::<KindPattern>().map_err(|error| {
+                ApiError::bad_request("invalid_filter", error.to_string()).with_details(
+                    serde_json::json!({
+                        "kinds": troupe_actors::event::EventKind::ALL
+                            .iter()
+                            .map(|kind| kind.as_str())
+                            .collect::<Vec<_>>()
+                    }),
+                )
+            })?),
+        "session" => filter.sessions.push(
+            SessionId::new(value)
+                .map_err(|error| ApiError::bad_request("invalid_filter", error.to_string()))?,
+        ),
+        "node" => filter.nodes.push(
+            NodeId::new(value)
+                .map_err(|error| ApiError::bad_request("invalid_filter", error.to_string()))?,
+        ),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 fn last_event_id(headers: &HeaderMap) -> Result<Option<EventId>, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
         return Ok(None);
@@ -180,52 +189,63 @@ pub(super) async fn stream(
     let node = core.node_id.clone();
 
     if !query.follow {
-        let (mut subscription, _) = core
-            .tree
-            .events
-            .subscribe_from(start, query.filter.clone())
-            .await?;
-        let deliveries: Vec<_> = subscription
-            .take_backlog()
-            .iter()
-            .map(|delivery| Ok::<_, Infallible>(sse_event(&node, delivery)))
-            .collect();
-        return Ok(Sse::new(futures::stream::iter(deliveries)).into_response());
+        let replay = EventStream::open(
+            &core.tree.events,
+            &core.store,
+            start,
+            FilterSet::single(query.filter.clone()),
+        )
+        .await?;
+        let events = futures::stream::unfold(replay, move |mut replay| {
+            let node = node.clone();
+            async move {
+                let delivery = replay.next_replayed().await?;
+                Some((Ok::<_, Infallible>(sse_event(&node, &delivery)), replay))
+            }
+        });
+        return Ok(Sse::new(events).into_response());
     }
 
     // Subscribe first, so the link's own `link.connected` is part of its stream.
-    let (subscription, _) = core
-        .tree
-        .events
-        .subscribe_from(start, query.filter.clone())
-        .await?;
+    let events = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        start,
+        FilterSet::single(query.filter.clone()),
+    )
+    .await?;
     let link = open_link(
         &core,
         TransportKind::Sse,
         Some(peer),
         Some(&principal),
-        query.filter.clone(),
+        FilterSet::single(query.filter.clone()),
     )
     .await
-    .map_err(|error| match error {
+    .map_err(link_error)?;
+    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
+    Ok(Sse::new(link_stream(node, events, link))
+        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
+        .into_response())
+}
+
+/// The answer when a link cannot be opened.
+pub(super) fn link_error(error: LinkError) -> ApiError {
+    match error {
         LinkError::TooMany { .. } => ApiError::unavailable("too_many_links", error.to_string())
             .retry_after(Duration::from_secs(5)),
         LinkError::Unavailable(_) => ApiError::unavailable("links_unavailable", error.to_string())
             .retry_after(Duration::from_secs(1)),
-    })?;
-    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
-    Ok(Sse::new(link_stream(node, subscription, link))
-        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
-        .into_response())
+    }
 }
 
 /// The deliveries of a link until its client goes away or the link is closed.
 fn link_stream(
     node: NodeId,
-    subscription: Subscription,
+    events: EventStream,
     link: LinkGuard,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    futures::stream::unfold((subscription, link), move |(mut subscription, mut link)| {
+    futures::stream::unfold((events, link), move |(mut events, mut link)| {
         let node = node.clone();
         async move {
             loop {
@@ -239,13 +259,13 @@ fn link_stream(
                         if changed.is_err() {
                             return None;
                         }
-                        let filter = link.filter.borrow_and_update().clone();
-                        subscription.set_filter(filter);
+                        let filters = link.filter.borrow_and_update().clone();
+                        events.set_filters(filters);
                     }
-                    delivery = subscription.recv() => {
+                    delivery = events.recv() => {
                         let delivery = delivery?;
                         let event = sse_event(&node, &delivery);
-                        return Some((Ok(event), (subscription, link)));
+                        return Some((Ok(event), (events, link)));
                     }
                 }
             }

@@ -8,9 +8,11 @@
 mod admin;
 pub mod error;
 mod events;
+mod events_ws;
 mod gateway;
 mod ops;
 mod sessions;
+pub(crate) mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,12 +33,13 @@ use crate::auth::{Principal, Role};
 use crate::node::NodeCore;
 pub use error::{ApiError, ApiJson};
 
-/// Builds the node's router.
-pub fn router(core: Arc<NodeCore>) -> Router {
+/// Builds the node's router. `stop` ends long-lived MCP streams at shutdown.
+pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) -> Router {
     let viewer = Router::new()
         .route("/v1/ready", get(ops::ready))
         .route("/v1/links", get(ops::links))
         .route("/v1/events", get(events::stream))
+        .route("/v1/events/ws", get(events_ws::upgrade))
         .route("/metrics", get(ops::metrics))
         .route("/v1/sessions", get(sessions::list))
         .route("/v1/sessions/{id}", get(sessions::get))
@@ -64,7 +67,8 @@ pub fn router(core: Arc<NodeCore>) -> Router {
         .route("/v1/health", get(ops::health))
         .merge(viewer)
         .merge(operator)
-        .merge(gateway);
+        .merge(gateway)
+        .merge(crate::mcp::http::routes(core.clone(), stop));
     if core.config.debug.fault_injection {
         router = router.merge(
             Router::new()
@@ -135,7 +139,11 @@ async fn not_found(request: Request) -> ApiError {
 }
 
 /// Authenticates the request and checks its role and rate.
-fn authorize(core: &NodeCore, request: &Request, needed: Role) -> Result<Principal, ApiError> {
+pub(crate) fn authorize(
+    core: &NodeCore,
+    request: &Request,
+    needed: Role,
+) -> Result<Principal, ApiError> {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)

@@ -301,6 +301,19 @@ impl Store {
             .await
     }
 
+    /// Events at arrival positions after `after_pos` that match `filter`: the next page of a
+    /// replay, continuing from the previous page's `through_pos`.
+    pub async fn events_after_pos(
+        &self,
+        after_pos: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError> {
+        let filter = filter.clone();
+        self.read(move |db| read::events_after_pos(db, after_pos, &filter, limit))
+            .await
+    }
+
     fn send(&self, request: Request) -> Result<(), StoreError> {
         let tx = self.inner.tx.as_ref().ok_or_else(closed)?;
         tx.send(request).map_err(|_| closed())

@@ -216,7 +216,6 @@ pub(super) fn events_after(
     filter: &EventFilter,
     limit: usize,
 ) -> Result<EventsPage, StoreError> {
-    let limit = limit.clamp(1, MAX_EVENT_PAGE);
     let txn = begin(db)?;
     let index = txn
         .open_table(EVENT_INDEX)
@@ -228,13 +227,39 @@ pub(super) fn events_after(
     else {
         return Ok(EventsPage::default());
     };
+    scan_events(&txn, start, filter, limit)
+}
+
+/// Events at arrival positions after `after_pos` that match `filter`, in arrival order (to
+/// continue a replay from the `through_pos` of the previous page).
+pub(super) fn events_after_pos(
+    db: &Database,
+    after_pos: u64,
+    filter: &EventFilter,
+    limit: usize,
+) -> Result<EventsPage, StoreError> {
+    let txn = begin(db)?;
+    scan_events(&txn, after_pos, filter, limit)
+}
+
+fn scan_events(
+    txn: &ReadTransaction,
+    after_pos: u64,
+    filter: &EventFilter,
+    limit: usize,
+) -> Result<EventsPage, StoreError> {
+    let limit = limit.clamp(1, MAX_EVENT_PAGE);
     let events = txn.open_table(EVENTS).or_io("open table events")?;
     let mut page = EventsPage {
         found: true,
-        through_pos: start,
+        through_pos: after_pos,
         ..EventsPage::default()
     };
-    for (examined, entry) in events.range(start + 1..).or_io("read events")?.enumerate() {
+    for (examined, entry) in events
+        .range(after_pos + 1..)
+        .or_io("read events")?
+        .enumerate()
+    {
         if page.events.len() == limit || examined == MAX_EVENT_SCAN {
             page.more = true;
             break;

@@ -799,6 +799,38 @@ async fn events_after_returns_the_following_matching_events() {
 }
 
 #[tokio::test]
+async fn events_after_pos_continues_a_replay_where_the_last_page_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    append_mixed(&store, 10, now_micros());
+    store.flush().await.unwrap();
+    let only_b = EventFilter {
+        nodes: vec![other_node()],
+        ..EventFilter::all()
+    };
+    // The first page stops after node-b:106 (pos 8); the next one starts right after it,
+    // whether or not the last examined event matched.
+    let first = store
+        .events_after(&EventId::new(node(), 1), &only_b, 2)
+        .await
+        .unwrap();
+    assert_eq!(first.through_pos, 8);
+    let next = store
+        .events_after_pos(first.through_pos, &only_b, 2)
+        .await
+        .unwrap();
+    assert_eq!(positions(&next.events), [12]);
+    assert_eq!(next.through_pos, 13);
+    assert!(!next.more);
+    let past_the_end = store
+        .events_after_pos(13, &EventFilter::all(), 10)
+        .await
+        .unwrap();
+    assert!(past_the_end.events.is_empty() && !past_the_end.more);
+    assert_eq!(past_the_end.through_pos, 13);
+}
+
+#[tokio::test]
 async fn retention_by_count_deletes_the_oldest_events_and_their_index() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(

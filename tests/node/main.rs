@@ -7,5 +7,8 @@ mod cli;
 mod events;
 mod gateway;
 mod lifecycle;
+mod mcp;
+mod python;
 mod sessions;
 mod support;
+mod transports;

@@ -200,6 +200,8 @@ pub fn spawn_node_with(data_dir: &Path, extra: &[&str], env: &NodeEnv) -> (Child
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
+        // Keep test nodes out of the user's discovery directory (a test may override this).
+        .env("TROUPE_DISCOVERY_DIR", data_dir.join("discovery"))
         .envs(env.vars.iter().cloned())
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())

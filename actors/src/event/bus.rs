@@ -154,6 +154,9 @@ pub struct Replay {
     pub missed: u64,
     /// The oldest event still in the ring.
     pub oldest: Option<EventId>,
+    /// The arrival position of the oldest event still in the ring: a replay that fills a gap
+    /// from the event log reads the log up to (not including) this position.
+    pub oldest_pos: Option<u64>,
 }
 
 /// The bus actor.
@@ -277,12 +280,14 @@ impl EventBusState {
     fn replay(&self, from: &ReplayFrom, filter: &EventFilter) -> Replay {
         let through_pos = self.shared.last_pos.load(Ordering::Relaxed);
         let oldest = self.ring.front().map(|item| item.event.id.clone());
+        let oldest_pos = self.ring.front().map(|item| item.pos);
         let matching = |item: &&BusItem| filter.matches(&item.event);
         match from {
             ReplayFrom::Now => Replay {
                 through_pos,
                 found: true,
                 oldest,
+                oldest_pos,
                 ..Replay::default()
             },
             ReplayFrom::Tail(n) => {
@@ -301,6 +306,7 @@ impl EventBusState {
                     found: true,
                     missed: 0,
                     oldest,
+                    oldest_pos,
                 }
             }
             ReplayFrom::After(cursor) => {
@@ -328,6 +334,7 @@ impl EventBusState {
                     found: found_at.is_some(),
                     missed,
                     oldest,
+                    oldest_pos,
                 }
             }
         }
@@ -403,6 +410,26 @@ impl Subscription {
             }
         }
         backlog
+    }
+
+    /// The next replayed delivery not received yet, without waiting for live events; `None`
+    /// once the replay is consumed.
+    pub fn take_next_backlog(&mut self) -> Option<Delivery> {
+        let delivery = self.backlog.pop_front()?;
+        Some(self.note(delivery))
+    }
+
+    /// Removes the `events.lagged` marker a subscription starts with when its resume point was
+    /// older than the ring, and returns it: the caller fills that gap from the event log
+    /// itself. `None` when the subscription did not start with a gap.
+    pub fn take_gap_marker(&mut self) -> Option<EventsLagged> {
+        match self.backlog.front() {
+            Some(Delivery::Lagged(_)) => match self.backlog.pop_front() {
+                Some(Delivery::Lagged(lagged)) => Some(lagged),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Replaces the filter (for links whose client changes its subscription).

@@ -1,8 +1,10 @@
 //! Subscription filters: which kinds, sessions and nodes a subscriber wants.
 //!
 //! Within one dimension the values are alternatives (any kind listed); across dimensions all must
-//! match (this kind AND this session). An empty dimension matches everything.
+//! match (this kind AND this session). An empty dimension matches everything. A link may hold
+//! several named filters at once ([`FilterSet`]): an event passes when any of them matches.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -132,6 +134,105 @@ impl EventFilter {
     }
 }
 
+/// Most named subscriptions one link may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 16;
+
+/// Longest subscription name, in bytes.
+pub const MAX_SUBSCRIPTION_NAME: usize = 64;
+
+/// The name of the subscription a link starts with (its URL's filter).
+pub const DEFAULT_SUBSCRIPTION: &str = "default";
+
+/// A link's subscriptions: named filters, any of which lets an event through. Empty means
+/// nothing passes (every subscription was cancelled).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilterSet {
+    subscriptions: BTreeMap<String, EventFilter>,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The link already holds the most subscriptions allowed.
+    #[error("a link holds at most {MAX_SUBSCRIPTIONS} subscriptions; unsubscribe one first")]
+    TooMany,
+    /// The name is empty, too long, or not printable ASCII.
+    #[error("subscription names are 1 to 64 printable ASCII characters")]
+    BadName,
+    /// The filter is over its limits.
+    #[error(transparent)]
+    Filter(#[from] FilterTooLarge),
+}
+
+impl FilterSet {
+    /// One subscription, named [`DEFAULT_SUBSCRIPTION`].
+    pub fn single(filter: EventFilter) -> Self {
+        let mut subscriptions = BTreeMap::new();
+        subscriptions.insert(DEFAULT_SUBSCRIPTION.to_owned(), filter);
+        Self { subscriptions }
+    }
+
+    /// No subscription: nothing passes.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) the subscription `name`.
+    pub fn subscribe(&mut self, name: &str, filter: EventFilter) -> Result<(), SubscriptionError> {
+        if name.is_empty()
+            || name.len() > MAX_SUBSCRIPTION_NAME
+            || !name.bytes().all(|byte| byte.is_ascii_graphic())
+        {
+            return Err(SubscriptionError::BadName);
+        }
+        filter.validate()?;
+        if !self.subscriptions.contains_key(name) && self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return Err(SubscriptionError::TooMany);
+        }
+        self.subscriptions.insert(name.to_owned(), filter);
+        Ok(())
+    }
+
+    /// Removes the subscription `name`; false when there was none.
+    pub fn unsubscribe(&mut self, name: &str) -> bool {
+        self.subscriptions.remove(name).is_some()
+    }
+
+    /// The subscriptions' names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.subscriptions.keys().map(String::as_str)
+    }
+
+    /// The subscriptions.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &EventFilter)> {
+        self.subscriptions
+            .iter()
+            .map(|(name, filter)| (name.as_str(), filter))
+    }
+
+    /// True when no subscription is left.
+    pub fn is_empty(&self) -> bool {
+        self.subscriptions.is_empty()
+    }
+
+    /// True when some subscription matches `event`.
+    pub fn matches(&self, event: &Event) -> bool {
+        self.subscriptions
+            .values()
+            .any(|filter| filter.matches(event))
+    }
+
+    /// One filter that lets through at least everything the set does (the set itself when it
+    /// holds one subscription, everything otherwise): what the bus filters on before the
+    /// link applies the set exactly.
+    pub fn cover(&self) -> EventFilter {
+        match self.subscriptions.values().next() {
+            Some(only) if self.subscriptions.len() == 1 => only.clone(),
+            _ => EventFilter::all(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +302,69 @@ mod tests {
         };
         assert!(by_node.matches(&event("b", None, recovered())));
         assert!(!by_node.matches(&event("a", None, recovered())));
+    }
+
+    #[test]
+    fn a_filter_set_passes_what_any_subscription_matches() {
+        let mut set = FilterSet::single(EventFilter {
+            sessions: vec![SessionId::new("s1").unwrap()],
+            ..EventFilter::all()
+        });
+        assert_eq!(set.cover(), set.iter().next().unwrap().1.clone());
+        assert!(set.matches(&event("a", Some("s1"), progress())));
+        assert!(!set.matches(&event("a", None, recovered())));
+        set.subscribe(
+            "providers",
+            EventFilter {
+                kinds: vec!["provider.*".parse().unwrap()],
+                ..EventFilter::all()
+            },
+        )
+        .unwrap();
+        assert!(set.matches(&event("a", None, recovered())));
+        assert_eq!(set.cover(), EventFilter::all());
+        assert_eq!(set.names().collect::<Vec<_>>(), ["default", "providers"]);
+        assert!(set.unsubscribe(DEFAULT_SUBSCRIPTION));
+        assert!(!set.unsubscribe(DEFAULT_SUBSCRIPTION));
+        assert!(!set.matches(&event("a", Some("s1"), progress())));
+        assert!(set.unsubscribe("providers"));
+        assert!(set.is_empty());
+        assert!(
+            !set.matches(&event("a", None, recovered())),
+            "empty passes nothing"
+        );
+    }
+
+    #[test]
+    fn filter_sets_are_bounded() {
+        let mut set = FilterSet::none();
+        for index in 0..MAX_SUBSCRIPTIONS {
+            set.subscribe(&format!("s{index}"), EventFilter::all())
+                .unwrap();
+        }
+        assert_eq!(
+            set.subscribe("one-more", EventFilter::all()),
+            Err(SubscriptionError::TooMany)
+        );
+        assert!(
+            set.subscribe("s0", EventFilter::all()).is_ok(),
+            "replacing is fine"
+        );
+        for bad in ["", "has space", &"x".repeat(65)] {
+            assert_eq!(
+                set.subscribe(bad, EventFilter::all()),
+                Err(SubscriptionError::BadName),
+                "{bad:?}"
+            );
+        }
+        let huge = EventFilter {
+            nodes: vec![NodeId::new("n").unwrap(); MAX_FILTER_VALUES + 1],
+            ..EventFilter::all()
+        };
+        assert!(matches!(
+            set.subscribe("s1", huge),
+            Err(SubscriptionError::Filter(_))
+        ));
     }
 
     #[test]

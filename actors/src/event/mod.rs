@@ -10,5 +10,8 @@ pub use bus::{
     EventBusMsg, EventBusState, EventStore, REPLAY_TIMEOUT, Replay, ReplayFrom, StoreResume,
     Subscription,
 };
-pub use filter::{EventFilter, FilterTooLarge, KindPattern, MAX_FILTER_VALUES};
+pub use filter::{
+    DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, FilterTooLarge, KindPattern, MAX_FILTER_VALUES,
+    MAX_SUBSCRIPTION_NAME, MAX_SUBSCRIPTIONS, SubscriptionError,
+};
 pub use model::*;

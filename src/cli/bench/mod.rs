@@ -2,6 +2,7 @@
 //! process on the same machine, so the figures compare like with like. Each scenario starts its
 //! own embedded node(s) on loopback in a temporary data directory and cleans up after itself.
 
+mod events;
 mod gateway;
 mod sessions;
 
@@ -17,6 +18,8 @@ pub(super) enum BenchCommand {
     /// The gateway's added latency against calling the (fake) provider directly, whole answers
     /// and streams, at fixed request rates.
     Gateway(gateway::GatewayArgs),
+    /// Event delivery over SSE and WebSocket against the in-process bus.
+    Events(events::EventsArgs),
 }
 
 /// Runs one scenario.
@@ -25,6 +28,7 @@ pub(super) async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Sessions(args) => sessions::run(args).await,
         BenchCommand::Gateway(args) => gateway::run(args).await,
+        BenchCommand::Events(args) => events::run(args).await,
     }
 }
 

@@ -1,0 +1,319 @@
+//! `GET /v1/events/ws`: the event stream over a WebSocket.
+//!
+//! The query takes the same filters as `GET /v1/events` (`kind`, `session`, `node`, repeatable)
+//! and where to start (`after=ID` resumes after an event id, from the persisted log when the
+//! ring no longer holds it; `tail=N`; otherwise live). Every frame the node sends is one JSON
+//! object with a `type`: `event` (`{"type":"event","event":{…}}`, the same event JSON as SSE;
+//! `events.lagged` markers included), `subscribed`, `unsubscribed` or `error`. The client may
+//! change what the link receives while it is open:
+//!
+//! - `{"type":"subscribe","name":"providers","filter":{"kind":["provider.*"]}}` adds (or
+//!   replaces) a named subscription; an event is sent when any subscription matches. The URL's
+//!   filter is the subscription named `default`.
+//! - `{"type":"unsubscribe","name":"default"}` removes one.
+//!
+//! The answer to a change is sent once the change applies: events after it follow the new
+//! subscriptions. Bad frames are answered with an `error` frame and the link stays open; a frame
+//! over [`MAX_CLIENT_FRAME`] bytes closes it. Each socket is a link owned by a TransportActor.
+//! Its outbound queue is the bus subscription (bounded, drop-oldest, then `events.lagged`); a
+//! client that accepts nothing for [`SEND_TIMEOUT`] is disconnected.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use futures::{Sink, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use troupe_actors::event::{DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, TransportKind};
+use troupe_actors::ids::NodeId;
+
+use super::ApiError;
+use super::events::{StreamQuery, link_error, push_filter_value};
+use super::ws::{
+    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Incoming, Outgoing, check_host_and_origin,
+    send_within, split,
+};
+use crate::auth::Principal;
+use crate::json::delivery_to_json;
+use crate::link::{LinkGuard, open_link};
+use crate::node::NodeCore;
+use crate::replay::EventStream;
+
+/// Largest frame a client may send, in bytes (subscription changes are small).
+pub(crate) const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// How long a frame may wait for the client to accept it before the link is closed.
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a subscription change may wait for the link's TransportActor.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) async fn upgrade(
+    State(core): State<Arc<NodeCore>>,
+    Extension(principal): Extension<Principal>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    check_host_and_origin(&headers, &core.config.http.allowed_hosts)?;
+    let query = StreamQuery::parse(query.as_deref())?;
+    if !query.follow {
+        return Err(ApiError::bad_request(
+            "invalid_follow",
+            "a WebSocket always follows; use GET /v1/events?follow=false for a one-shot replay",
+        ));
+    }
+    let filters = FilterSet::single(query.filter.clone());
+    // Subscribe first, so the link's own `link.connected` is part of its stream.
+    let events = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        query.start(None),
+        filters.clone(),
+    )
+    .await?;
+    let link = open_link(
+        &core,
+        TransportKind::WebSocket,
+        Some(peer),
+        Some(&principal),
+        filters,
+    )
+    .await
+    .map_err(link_error)?;
+    let node = core.node_id.clone();
+    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
+    Ok(ws
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .on_upgrade(move |socket| async move {
+            let (sink, stream) = split(socket);
+            run(
+                Link {
+                    node,
+                    events,
+                    link,
+                    heartbeat,
+                },
+                sink,
+                stream,
+            )
+            .await;
+        }))
+}
+
+/// One WebSocket event link.
+pub(crate) struct Link {
+    pub(crate) node: NodeId,
+    pub(crate) events: EventStream,
+    pub(crate) link: LinkGuard,
+    pub(crate) heartbeat: Duration,
+}
+
+/// A client's request on the link.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Command {
+    Subscribe {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        filter: FilterJson,
+    },
+    Unsubscribe {
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+/// A filter as a client writes it: the query parameters' names, each a list.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterJson {
+    #[serde(default)]
+    kind: Vec<String>,
+    #[serde(default)]
+    session: Vec<String>,
+    #[serde(default)]
+    node: Vec<String>,
+}
+
+impl FilterJson {
+    fn parse(&self) -> Result<EventFilter, ApiError> {
+        let mut filter = EventFilter::all();
+        for (key, values) in [
+            ("kind", &self.kind),
+            ("session", &self.session),
+            ("node", &self.node),
+        ] {
+            for value in values {
+                push_filter_value(&mut filter, key, value)?;
+            }
+        }
+        filter
+            .validate()
+            .map_err(|error| ApiError::bad_request("invalid_filter", error.to_string()))?;
+        Ok(filter)
+    }
+}
+
+fn error_frame(code: &str, message: impl std::fmt::Display) -> Outgoing {
+    Outgoing::Text(
+        json!({"type": "error", "code": code, "message": message.to_string()}).to_string(),
+    )
+}
+
+/// Runs a link until its client or the node ends it.
+pub(crate) async fn run<Si, St>(mut state: Link, mut sink: Si, mut stream: St)
+where
+    Si: Sink<Outgoing> + Unpin,
+    Si::Error: std::fmt::Display,
+    St: Stream<Item = Incoming> + Unpin,
+{
+    let mut ping = tokio::time::interval(state.heartbeat);
+    ping.tick().await;
+    let reason = loop {
+        let outgoing = tokio::select! {
+            biased;
+            () = state.link.closed.cancelled() => {
+                let _ = send_within(
+                    &mut sink,
+                    Outgoing::Close(CLOSE_GOING_AWAY, "closed by the node".into()),
+                    SEND_TIMEOUT,
+                )
+                .await;
+                break "closed by the node".to_owned();
+            }
+            changed = state.link.filter.changed() => {
+                if changed.is_err() {
+                    break "the link's actor ended".to_owned();
+                }
+                let filters = state.link.filter.borrow_and_update().clone();
+                state.events.set_filters(filters);
+                continue;
+            }
+            incoming = stream.next() => match incoming {
+                None | Some(Incoming::Close) => {
+                    let _ = send_within(
+                        &mut sink,
+                        Outgoing::Close(CLOSE_NORMAL, String::new()),
+                        SEND_TIMEOUT,
+                    )
+                    .await;
+                    break "client disconnected".to_owned();
+                }
+                Some(Incoming::Failed(error)) => {
+                    let _ = send_within(
+                        &mut sink,
+                        Outgoing::Close(CLOSE_POLICY, truncate(&error)),
+                        SEND_TIMEOUT,
+                    )
+                    .await;
+                    break format!("socket error: {error}");
+                }
+                Some(Incoming::Invalid(why)) => error_frame("invalid_message", why),
+                Some(Incoming::Binary) => error_frame(
+                    "binary_frame",
+                    "this link takes JSON text frames only",
+                ),
+                Some(Incoming::Text(text)) => state.command(&text).await,
+            },
+            delivery = state.events.recv() => match delivery {
+                Some(delivery) => {
+                    let (_, json) = delivery_to_json(&state.node, &delivery);
+                    Outgoing::Text(format!(r#"{{"type":"event","event":{json}}}"#))
+                }
+                None => break "the node's event bus ended".to_owned(),
+            },
+            _ = ping.tick() => Outgoing::Ping,
+        };
+        if let Err(failure) = send_within(&mut sink, outgoing, SEND_TIMEOUT).await {
+            break failure.to_string();
+        }
+    };
+    state.link.set_reason(reason);
+}
+
+/// Close reasons are at most 123 bytes.
+fn truncate(text: &str) -> String {
+    let mut end = text.len().min(120);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+impl Link {
+    /// Applies one client frame and returns the answer.
+    async fn command(&mut self, text: &str) -> Outgoing {
+        let command: Command = match serde_json::from_str(text) {
+            Ok(command) => command,
+            Err(error) => {
+                return error_frame(
+                    "invalid_message",
+                    format!(
+                        "{error}; send {{\"type\":\"subscribe\",\"name\":…,\"filter\":{{\"kind\":[…],\
+                         \"session\":[…],\"node\":[…]}}}} or {{\"type\":\"unsubscribe\",\"name\":…}}"
+                    ),
+                );
+            }
+        };
+        let mut filters = self.events.filters().clone();
+        let (answer, name) = match command {
+            Command::Subscribe { name, filter } => {
+                let name = name.unwrap_or_else(|| DEFAULT_SUBSCRIPTION.to_owned());
+                let filter = match filter.parse() {
+                    Ok(filter) => filter,
+                    Err(error) => return error_frame(error.code, error.message),
+                };
+                if let Err(error) = filters.subscribe(&name, filter) {
+                    return error_frame("invalid_subscription", error);
+                }
+                ("subscribed", name)
+            }
+            Command::Unsubscribe { name } => {
+                let name = name.unwrap_or_else(|| DEFAULT_SUBSCRIPTION.to_owned());
+                if !filters.unsubscribe(&name) {
+                    return error_frame(
+                        "not_subscribed",
+                        format!("there is no subscription named {name:?}"),
+                    );
+                }
+                ("unsubscribed", name)
+            }
+        };
+        if let Err(message) = self.apply(filters).await {
+            return error_frame("link_unavailable", message);
+        }
+        let names: Vec<&str> = self.events.filters().names().collect();
+        Outgoing::Text(json!({"type": answer, "name": name, "subscriptions": names}).to_string())
+    }
+
+    /// Hands the new subscriptions to the TransportActor (which lists them) and applies them
+    /// once it has.
+    async fn apply(&mut self, filters: FilterSet) -> Result<(), String> {
+        if !self.link.set_filter(filters.clone()) {
+            return Err("the link is ending".into());
+        }
+        let applied = tokio::time::timeout(
+            CHANGE_TIMEOUT,
+            self.link.filter.wait_for(|current| *current == filters),
+        )
+        .await;
+        match applied {
+            Ok(Ok(_)) => {
+                self.events.set_filters(filters);
+                Ok(())
+            }
+            Ok(Err(_)) => Err("the link is ending".into()),
+            Err(_) => Err(format!(
+                "the link's actor did not apply the change within {CHANGE_TIMEOUT:?}"
+            )),
+        }
+    }
+}

@@ -1,0 +1,893 @@
+//! The MCP server (official SDK `rmcp`): one tool set over every MCP transport — Streamable HTTP
+//! at `/mcp` and WebSocket at `/mcp/ws` ([`http`]), stdin/stdout ([`stdio`], `troupe mcp`).
+//!
+//! Tools: `spawn_session`, `get_session`, `list_sessions`, `cancel_session`, `session_output`,
+//! `node_health`, `list_providers`. Roles apply as on REST: a viewer token reads, an operator
+//! also spawns and cancels. Tool failures the caller can act on (unknown session, refused
+//! request, missing role) are tool results with `isError: true` and the API's error envelope
+//! as structured content; protocol misuse is a JSON-RPC error.
+//!
+//! Each MCP client is a link owned by a TransportActor (opened on its first request: a legacy
+//! session, a WebSocket, or a single stateless request of the 2026-07-28 protocol). MCP
+//! responses are never dropped: the transports queue them and make senders wait.
+
+pub mod http;
+pub mod stdio;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, CreateTaskResult,
+    DetailedTask, GetTaskParams, GetTaskResult, Implementation, JsonObject,
+    ListPromptsRequestMethod, ListPromptsResult, ListResourceTemplatesRequestMethod,
+    ListResourceTemplatesResult, ListResourcesRequestMethod, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Task,
+    TaskPayload, TaskStatus, Tool,
+};
+use rmcp::schemars::{self, JsonSchema};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+use troupe_actors::event::{
+    Delivery, EventData, EventFilter, KindPattern, SessionKindTag, TransportKind,
+};
+use troupe_actors::ids::SessionId;
+use troupe_actors::session::SessionState;
+
+use crate::auth::{Principal, Role};
+use crate::http::ApiError;
+use crate::json::SessionJson;
+use crate::link::{LinkGuard, open_link};
+use crate::node::NodeCore;
+use crate::session::request::SessionRequest;
+use crate::session::{SessionError, SessionView};
+use crate::store::{MAX_OUTPUT_PAGE, MAX_PAGE, SessionQuery};
+
+/// The MCP server of one client.
+#[derive(Clone)]
+pub struct TroupeMcp {
+    core: Arc<NodeCore>,
+    tool_router: ToolRouter<TroupeMcp>,
+    transport: TransportKind,
+    /// Who calls when the transport carries no HTTP request (stdio: the local user).
+    local_principal: Option<Principal>,
+    link: Arc<OnceCell<LinkGuard>>,
+}
+
+/// `spawn_session` arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnArgs {
+    /// The session to run, as `POST /v1/sessions` takes it.
+    pub session: SessionArgs,
+    /// Wait until the session ends and return its final record. With a progress token the
+    /// call sends `notifications/progress` as the session starts, prints and reports progress.
+    /// Cancelling the call stops the waiting, not the session (use `cancel_session`).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// A session request (the body of `POST /v1/sessions`).
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionArgs {
+    /// `command` (any allowed program), `aider` (the Aider coding agent) or `chat` (one LLM
+    /// conversation through the node's providers).
+    pub kind: String,
+    /// command: the program (a name in PATH or a path; must be in `sessions.allowed_programs`
+    /// when that list is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    /// command, aider: arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// command: environment entries added for the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// command, aider: working directory (relative to the node's first workspace root, or an
+    /// absolute path inside a workspace root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// aider: the instruction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// aider: files to edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<String>>,
+    /// aider, chat: the model (`provider/model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// aider: let Aider use git.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<bool>,
+    /// chat: the conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessageArgs>>,
+    /// Seconds before the run is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// 0 (lowest) to 9; higher runs first when the node is busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Labels to find the session by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// A retry with the same key returns the first session instead of a second one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// One chat message.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageArgs {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// Arguments naming one session.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionIdArgs {
+    /// The session id (`s-…`), as `spawn_session` or `list_sessions` returned it.
+    pub id: String,
+}
+
+/// `list_sessions` arguments.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListArgs {
+    /// Only sessions in these states (`queued`, `starting`, `running`, `succeeded`, `failed`,
+    /// `cancelled`, `timed_out`, `interrupted`).
+    #[serde(default)]
+    pub state: Vec<String>,
+    /// Only sessions of these kinds (`command`, `aider`, `chat`).
+    #[serde(default)]
+    pub kind: Vec<String>,
+    /// Only sessions carrying all these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Page size, 1 to 500 (default 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// `session_output` arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputArgs {
+    /// The session id.
+    pub id: String,
+    /// Return lines after this line number (0: from the start).
+    #[serde(default)]
+    pub offset: u64,
+    /// Most lines to return, 1 to 10,000 (default 1,000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// A tool result with the API's error envelope.
+fn tool_error(error: ApiError) -> CallToolResult {
+    CallToolResult::structured_error(json!({
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "details": error.details,
+        }
+    }))
+}
+
+fn view_json(view: &SessionView) -> Value {
+    serde_json::to_value(SessionJson(view)).unwrap_or_default()
+}
+
+fn session_id(raw: &str) -> Result<SessionId, CallToolResult> {
+    SessionId::new(raw).map_err(|_| {
+        tool_error(ApiError::not_found(
+            "unknown_session",
+            format!("no session {:?}", raw.chars().take(80).collect::<String>()),
+        ))
+    })
+}
+
+/// Whether a session event ends the session.
+fn is_terminal(data: &EventData) -> bool {
+    matches!(
+        data,
+        EventData::SessionSucceeded(_)
+            | EventData::SessionFailed(_)
+            | EventData::SessionCancelled(_)
+            | EventData::SessionTimedOut(_)
+            | EventData::SessionInterrupted(_)
+    )
+}
+
+/// What a progress notification says about a session event, if anything.
+fn progress_message(data: &EventData) -> Option<String> {
+    let message = match data {
+        EventData::SessionStarted(_) => "started".to_owned(),
+        EventData::SessionOutput(output) => {
+            let last = output.lines.last().map(String::as_str).unwrap_or("");
+            let last: String = last.chars().take(200).collect();
+            format!("output line {}: {last}", output.first_line)
+        }
+        EventData::SessionProgress(progress) => format!("progress: {}", progress.message),
+        EventData::SessionRateLimited(_) => "rate limited by the provider; waiting".to_owned(),
+        EventData::SessionLongRunning(_) => "still running".to_owned(),
+        _ => return None,
+    };
+    Some(message)
+}
+
+impl TroupeMcp {
+    /// A server for one client of `transport`. `local_principal` is who calls when requests
+    /// carry no HTTP request (stdio).
+    pub fn new(
+        core: Arc<NodeCore>,
+        transport: TransportKind,
+        local_principal: Option<Principal>,
+    ) -> Self {
+        Self {
+            core,
+            tool_router: Self::tool_router(),
+            transport,
+            local_principal,
+            link: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// The caller, from the HTTP request the auth middleware let through, or the local one.
+    fn principal(&self, ctx: &RequestContext<RoleServer>) -> Option<Principal> {
+        ctx.extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<Principal>().cloned())
+            .or_else(|| self.local_principal.clone())
+    }
+
+    fn peer(ctx: &RequestContext<RoleServer>) -> Option<SocketAddr> {
+        ctx.extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|parts| {
+                parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            })
+            .map(|info| info.0)
+    }
+
+    /// Opens this client's link on its first request.
+    async fn ensure_link(&self, ctx: &RequestContext<RoleServer>) -> Result<(), McpError> {
+        let principal = self.principal(ctx);
+        self.link
+            .get_or_try_init(|| async {
+                open_link(
+                    &self.core,
+                    self.transport,
+                    Self::peer(ctx),
+                    principal.as_ref(),
+                    troupe_actors::event::FilterSet::none(),
+                )
+                .await
+                .map_err(|error| McpError::internal_error(error.to_string(), None))
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Opens this client's link now (socket transports, which know their client up front).
+    pub async fn attach_link(
+        &self,
+        peer: Option<SocketAddr>,
+        principal: Option<&Principal>,
+    ) -> Result<&LinkGuard, crate::link::LinkError> {
+        self.link
+            .get_or_try_init(|| {
+                open_link(
+                    &self.core,
+                    self.transport,
+                    peer,
+                    principal,
+                    troupe_actors::event::FilterSet::none(),
+                )
+            })
+            .await
+    }
+
+    /// The link's guard, once opened (its `closed` token ends a socket transport).
+    pub fn link(&self) -> Option<&LinkGuard> {
+        self.link.get()
+    }
+
+    /// The caller if its role allows `needed`; otherwise the tool's error result.
+    fn require(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        tool: &str,
+        needed: Role,
+    ) -> Result<Principal, CallToolResult> {
+        let principal = self.principal(ctx).ok_or_else(|| {
+            tool_error(ApiError::unauthorized(
+                "this MCP transport carries no credentials",
+            ))
+        })?;
+        if !principal.role.allows(needed) {
+            return Err(tool_error(
+                ApiError::forbidden(format!(
+                    "token {:?} has role {}; {tool} needs {}",
+                    principal.name,
+                    principal.role.as_str(),
+                    needed.as_str()
+                ))
+                .with_details(json!({
+                    "role": principal.role.as_str(),
+                    "needed": needed.as_str(),
+                })),
+            ));
+        }
+        Ok(principal)
+    }
+
+    /// Waits for session `id` to end, sending progress notifications when the caller asked
+    /// for them. `None` when the client cancelled the call (the session keeps running).
+    async fn wait_for_end(
+        &self,
+        id: &SessionId,
+        mut events: troupe_actors::event::Subscription,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<Option<SessionView>, ApiError> {
+        let token = ctx.meta.get_progress_token();
+        let mut steps = 0u32;
+        let view = self.core.sessions.get(id).await?;
+        if view.record.state.is_terminal() {
+            return Ok(Some(view));
+        }
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                () = ctx.ct.cancelled() => return Ok(None),
+                delivery = events.recv() => delivery,
+            };
+            match delivery {
+                None => {
+                    return Err(ApiError::unavailable(
+                        "shutting_down",
+                        "the node's event bus stopped while waiting for the session",
+                    ));
+                }
+                Some(Delivery::Lagged(_)) => {
+                    let view = self.core.sessions.get(id).await?;
+                    if view.record.state.is_terminal() {
+                        return Ok(Some(view));
+                    }
+                }
+                Some(Delivery::Event(event)) => {
+                    if is_terminal(&event.data) {
+                        return Ok(Some(self.core.sessions.get(id).await?));
+                    }
+                    if let (Some(token), Some(message)) = (&token, progress_message(&event.data)) {
+                        steps += 1;
+                        let mut param = ProgressNotificationParam::new(token.clone(), steps.into())
+                            .with_message(message);
+                        if let EventData::SessionProgress(progress) = &event.data
+                            && let Some(total) = progress.total
+                        {
+                            param = param.with_total(total as f64);
+                        }
+                        // A client that went away is seen through `ctx.ct`.
+                        let _ = ctx.peer.notify_progress(param).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A session as an MCP task: the task id is the session id.
+fn task_of(view: &SessionView) -> Task {
+    let record = &view.record;
+    let updated = record
+        .ended_at
+        .or(record.started_at)
+        .unwrap_or(record.created_at);
+    Task::new(
+        record.id.as_str(),
+        TaskStatus::Working,
+        record.created_at.to_string(),
+        updated.to_string(),
+    )
+    .with_status_message(record.state.as_str())
+    .with_poll_interval_ms(1000)
+}
+
+/// A session's task with its payload: working until it ends; completed (with the final record as
+/// the tool result) when it succeeded; failed when it failed, timed out or was interrupted;
+/// cancelled when cancelled.
+fn detailed_task(view: &SessionView) -> DetailedTask {
+    let record = view_json(view);
+    let as_object = |value: Value| -> JsonObject {
+        match value {
+            Value::Object(object) => object,
+            other => JsonObject::from_iter([("value".to_owned(), other)]),
+        }
+    };
+    let payload = match view.record.state {
+        SessionState::Succeeded => TaskPayload::Completed {
+            result: as_object(
+                serde_json::to_value(CallToolResult::structured(record)).unwrap_or_default(),
+            ),
+        },
+        SessionState::Cancelled => TaskPayload::Cancelled,
+        state if state.is_terminal() => TaskPayload::Failed {
+            error: as_object(json!({
+                "code": state.as_str(),
+                "message": format!("session {} ended {}", view.record.id, state.as_str()),
+                "data": record,
+            })),
+        },
+        _ => TaskPayload::Working,
+    };
+    DetailedTask::new(task_of(view), payload)
+}
+
+impl TroupeMcp {
+    /// A role check for protocol methods (not tools): a JSON-RPC error when it fails.
+    fn require_protocol(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        needed: Role,
+    ) -> Result<Principal, McpError> {
+        let principal = self
+            .principal(ctx)
+            .ok_or_else(|| McpError::invalid_request("no credentials", None))?;
+        if !principal.role.allows(needed) {
+            return Err(McpError::invalid_request(
+                format!(
+                    "token {:?} has role {}; this needs {}",
+                    principal.name,
+                    principal.role.as_str(),
+                    needed.as_str()
+                ),
+                None,
+            ));
+        }
+        Ok(principal)
+    }
+
+    /// `spawn_session` for a client of the tasks extension: the session starts and the call
+    /// answers with its task.
+    async fn spawn_task(
+        &self,
+        request: CallToolRequestParams,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        if let Err(denied) = self.require(ctx, "spawn_session", Role::Operator) {
+            return Ok(denied.into());
+        }
+        let args: SpawnArgs =
+            serde_json::from_value(Value::Object(request.arguments.unwrap_or_default()))
+                .map_err(|error| McpError::invalid_params(error.to_string(), None))?;
+        let session: SessionRequest = serde_json::to_value(&args.session)
+            .and_then(serde_json::from_value)
+            .map_err(|error| McpError::invalid_params(error.to_string(), None))?;
+        match self.core.sessions.spawn(session).await {
+            Ok(view) => Ok(CallToolResponse::Task(CreateTaskResult::new(task_of(
+                &view,
+            )))),
+            Err(error) => Ok(tool_error(error.into()).into()),
+        }
+    }
+}
+
+#[tool_router]
+impl TroupeMcp {
+    #[tool(
+        description = "Start a session on this troupe node: a command, an Aider coding run or an \
+                       LLM chat. Returns the session record (id, state, queue position). With \
+                       wait=true, waits until the session ends and returns its final record, \
+                       sending progress notifications when the request carries a progress token. \
+                       Needs the operator role."
+    )]
+    async fn spawn_session(
+        &self,
+        Parameters(args): Parameters<SpawnArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "spawn_session", Role::Operator) {
+            return Ok(denied);
+        }
+        let request: SessionRequest =
+            match serde_json::to_value(&args.session).and_then(serde_json::from_value) {
+                Ok(request) => request,
+                Err(error) => {
+                    return Ok(tool_error(ApiError::bad_request(
+                        "invalid_session",
+                        error.to_string(),
+                    )));
+                }
+            };
+        // Subscribe before submitting, so no event of the new session is missed.
+        let events = args.wait.then(|| {
+            self.core.tree.events.subscribe(EventFilter {
+                kinds: vec![KindPattern::Family("session".into())],
+                ..EventFilter::all()
+            })
+        });
+        let view = match self.core.sessions.spawn(request).await {
+            Ok(view) => view,
+            Err(error) => return Ok(tool_error(error.into())),
+        };
+        let Some(mut events) = events else {
+            return Ok(CallToolResult::structured(view_json(&view)));
+        };
+        events.set_filter(EventFilter {
+            kinds: vec![KindPattern::Family("session".into())],
+            sessions: vec![view.record.id.clone()],
+            ..EventFilter::all()
+        });
+        match self.wait_for_end(&view.record.id, events, &ctx).await {
+            Ok(Some(end)) => Ok(CallToolResult::structured(view_json(&end))),
+            // Cancelled: the protocol sends no response; the session runs on.
+            Ok(None) => Err(McpError::internal_error(
+                "the call was cancelled; the session keeps running",
+                None,
+            )),
+            Err(error) => Ok(tool_error(error)),
+        }
+    }
+
+    #[tool(
+        description = "One session's record: state, exit code, timestamps, spec (environment \
+                       values redacted), queue position while queued.",
+        annotations(read_only_hint = true)
+    )]
+    async fn get_session(
+        &self,
+        Parameters(args): Parameters<SessionIdArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "get_session", Role::Viewer) {
+            return Ok(denied);
+        }
+        let id = match session_id(&args.id) {
+            Ok(id) => id,
+            Err(error) => return Ok(error),
+        };
+        Ok(match self.core.sessions.get(&id).await {
+            Ok(view) => CallToolResult::structured(view_json(&view)),
+            Err(error) => tool_error(error.into()),
+        })
+    }
+
+    #[tool(
+        description = "Sessions of this node, newest first, filtered by state, kind and labels; \
+                       pages with next_cursor.",
+        annotations(read_only_hint = true)
+    )]
+    async fn list_sessions(
+        &self,
+        Parameters(args): Parameters<ListArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "list_sessions", Role::Viewer) {
+            return Ok(denied);
+        }
+        match self.list(args).await {
+            Ok(value) => Ok(CallToolResult::structured(value)),
+            Err(error) => Ok(tool_error(error)),
+        }
+    }
+
+    #[tool(
+        description = "Cancel a session: a queued one never runs, a running one is stopped \
+                       (its process group gets SIGTERM, then SIGKILL). Idempotent. Needs the \
+                       operator role.",
+        annotations(destructive_hint = true, idempotent_hint = true)
+    )]
+    async fn cancel_session(
+        &self,
+        Parameters(args): Parameters<SessionIdArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "cancel_session", Role::Operator) {
+            return Ok(denied);
+        }
+        let id = match session_id(&args.id) {
+            Ok(id) => id,
+            Err(error) => return Ok(error),
+        };
+        Ok(match self.core.sessions.cancel(&id).await {
+            Ok(view) => CallToolResult::structured(view_json(&view)),
+            Err(error) => tool_error(error.into()),
+        })
+    }
+
+    #[tool(
+        description = "A page of a session's output lines (stdout, stderr or chat tokens) after \
+                       line `offset`; pass next_offset back to continue.",
+        annotations(read_only_hint = true)
+    )]
+    async fn session_output(
+        &self,
+        Parameters(args): Parameters<OutputArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "session_output", Role::Viewer) {
+            return Ok(denied);
+        }
+        let id = match session_id(&args.id) {
+            Ok(id) => id,
+            Err(error) => return Ok(error),
+        };
+        let limit = args.limit.unwrap_or(1000);
+        if !(1..=MAX_OUTPUT_PAGE).contains(&limit) {
+            return Ok(tool_error(ApiError::bad_request(
+                "invalid_parameter",
+                format!("limit={limit}: use 1 to {MAX_OUTPUT_PAGE}"),
+            )));
+        }
+        Ok(
+            match self.core.sessions.output(&id, args.offset, limit).await {
+                Ok(page) => CallToolResult::structured(json!({
+                    "lines": page.lines.iter().map(|line| json!({
+                        "line": line.line,
+                        "stream": line.stream,
+                        "text": line.text,
+                    })).collect::<Vec<_>>(),
+                    "next_offset": page.next_offset,
+                    "total": page.total,
+                    "truncated": page.truncated,
+                })),
+                Err(error) => tool_error(error.into()),
+            },
+        )
+    }
+
+    #[tool(
+        description = "The node's health: status (healthy, degraded, unhealthy), actors running \
+                       and restarting, recent restarts, reasons, live links.",
+        annotations(read_only_hint = true)
+    )]
+    async fn node_health(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "node_health", Role::Viewer) {
+            return Ok(denied);
+        }
+        Ok(match self.core.tree.health.report().await {
+            Ok(report) => {
+                let mut value = serde_json::to_value(report).unwrap_or_default();
+                value["node"] = json!(self.core.node_id.as_str());
+                value["links"] = json!(self.core.tree.registry.tables().links().len());
+                CallToolResult::structured(value)
+            }
+            Err(error) => tool_error(error.into()),
+        })
+    }
+
+    #[tool(
+        description = "The LLM providers this node is configured with ([[providers]]): name, API \
+                       kind, base URL, models, rate limits, fallback chain. Configuration only: \
+                       live breaker and budget state is not reported yet.",
+        annotations(read_only_hint = true)
+    )]
+    async fn list_providers(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "list_providers", Role::Viewer) {
+            return Ok(denied);
+        }
+        let providers: Vec<Value> = self
+            .core
+            .config
+            .providers
+            .iter()
+            .map(|provider| {
+                json!({
+                    "name": provider.name,
+                    "kind": provider.kind,
+                    "base_url": provider.base_url,
+                    "models": provider.models,
+                    "rpm": provider.rpm,
+                    "tpm": provider.tpm,
+                    "max_concurrency": provider.max_concurrency,
+                    "fallback": provider.fallback,
+                })
+            })
+            .collect();
+        Ok(CallToolResult::structured(json!({
+            "providers": providers,
+            "source": "config",
+        })))
+    }
+}
+
+impl TroupeMcp {
+    async fn list(&self, args: ListArgs) -> Result<Value, ApiError> {
+        let limit = args.limit.unwrap_or(100);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit={limit}: use 1 to {MAX_PAGE}"),
+            ));
+        }
+        if args.state.len() + args.kind.len() + args.labels.len() > 64 {
+            return Err(ApiError::bad_request(
+                "invalid_filter",
+                "at most 64 filter values",
+            ));
+        }
+        let mut query = SessionQuery {
+            limit,
+            cursor: args.cursor,
+            labels: args.labels,
+            ..SessionQuery::default()
+        };
+        for state in &args.state {
+            query.states.push(
+                state
+                    .parse::<SessionState>()
+                    .map_err(|message| ApiError::bad_request("invalid_filter", message))?,
+            );
+        }
+        for kind in &args.kind {
+            query.kinds.push(match kind.as_str() {
+                "command" => SessionKindTag::Command,
+                "aider" => SessionKindTag::Aider,
+                "chat" => SessionKindTag::Chat,
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_filter",
+                        format!("kind={other:?}: use command, aider or chat"),
+                    ));
+                }
+            });
+        }
+        let page = self
+            .core
+            .sessions
+            .list(query)
+            .await
+            .map_err(|error| match error {
+                SessionError::Store(troupe_actors::session::StoreError::Invalid(message)) => {
+                    ApiError::bad_request("invalid_cursor", message)
+                }
+                other => other.into(),
+            })?;
+        let sessions: Vec<Value> = page
+            .sessions
+            .into_iter()
+            .map(|record| {
+                view_json(&SessionView {
+                    record,
+                    queue_position: None,
+                    existing: false,
+                })
+            })
+            .collect();
+        Ok(json!({"sessions": sessions, "next_cursor": page.next_cursor}))
+    }
+}
+
+impl ServerHandler for TroupeMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(Implementation::new("troupe", env!("CARGO_PKG_VERSION")))
+        .with_instructions(
+            "troupe runs agent sessions (commands, Aider, LLM chats) under supervision. \
+                 spawn_session starts one (wait=true follows it to the end with progress), \
+                 get_session / list_sessions / session_output read them, cancel_session stops \
+                 one. node_health and list_providers describe the node.",
+        )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        self.ensure_link(&ctx).await?;
+        Ok(ListToolsResult::with_all_items(self.tool_router.list_all()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.tool_router.get(name).cloned()
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        self.ensure_link(&ctx).await?;
+        // Sessions are tasks for clients that declare the tasks extension in the request's
+        // own capabilities (2026-07-28): spawn_session answers with a task at once.
+        let client_tasks = ctx
+            .meta
+            .client_capabilities()
+            .is_some_and(|capabilities| capabilities.supports_tasks());
+        if request.name == "spawn_session" && client_tasks {
+            return self.spawn_task(request, &ctx).await;
+        }
+        self.tool_router
+            .call(ToolCallContext::new(self, request, ctx))
+            .await
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        self.require_protocol(&ctx, Role::Viewer)?;
+        let id = SessionId::new(&request.task_id).map_err(|_| {
+            McpError::invalid_params(format!("no task {:?}", request.task_id), None)
+        })?;
+        let view = self.core.sessions.get(&id).await.map_err(|error| {
+            let error = ApiError::from(error);
+            McpError::invalid_params(error.message, None)
+        })?;
+        Ok(GetTaskResult::new(detailed_task(&view)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.require_protocol(&ctx, Role::Operator)?;
+        let id = SessionId::new(&request.task_id).map_err(|_| {
+            McpError::invalid_params(format!("no task {:?}", request.task_id), None)
+        })?;
+        self.core.sessions.cancel(&id).await.map_err(|error| {
+            let error = ApiError::from(error);
+            McpError::invalid_params(error.message, None)
+        })?;
+        Ok(())
+    }
+
+    // troupe offers no prompts or resources: say so rather than answer empty lists.
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        Err(McpError::method_not_found::<ListPromptsRequestMethod>())
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        Err(McpError::method_not_found::<ListResourcesRequestMethod>())
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        Err(McpError::method_not_found::<
+            ListResourceTemplatesRequestMethod,
+        >())
+    }
+}

@@ -1,0 +1,230 @@
+//! Event streams that resume: the bus's in-memory ring for recent events, and the persisted
+//! event log (the store) for a resume point the ring no longer holds.
+//!
+//! SSE and WebSocket links both read through [`EventStream`]. A client that resumes after an id
+//! older than the ring first receives the events the log holds between that id and the ring's
+//! oldest event, then the ring's replay, then live events: in order, without a gap and without a
+//! duplicate (positions below the ring's oldest come from the log, the rest from the ring, and
+//! live events at or below the replay's position are skipped by the bus subscription). Only when
+//! the log does not know the id either (retention deleted it, or it never existed) does the
+//! stream start with an `events.lagged` marker. The gap is read page by page as the client
+//! consumes it, so a long gap costs one page of memory, not the whole gap.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use troupe_actors::event::{
+    Delivery, Event, EventBus, EventFilter, EventsLagged, FilterSet, ReplayFrom, Subscription,
+};
+use troupe_actors::kernel::CallError;
+
+use crate::store::Store;
+
+/// Events read from the log per page while filling a gap.
+const GAP_PAGE: usize = 1_000;
+
+/// An event subscription that fills a resume gap from the event log. It filters with a link's
+/// [`FilterSet`]: the bus and the log filter on the set's cover, the stream applies the set
+/// exactly.
+pub struct EventStream {
+    filters: FilterSet,
+    /// A marker to deliver first (the log could not fill the gap either).
+    marker: Option<EventsLagged>,
+    gap: Option<Gap>,
+    live: Subscription,
+    store: Store,
+}
+
+/// The part of a resume that comes from the event log.
+struct Gap {
+    filter: EventFilter,
+    /// Continue after this arrival position.
+    after_pos: u64,
+    /// The ring's oldest position: events from here on come from the ring.
+    until_pos: u64,
+    buffer: VecDeque<Arc<Event>>,
+    /// More of the log may follow `after_pos`.
+    more: bool,
+    /// The id of the last event delivered from the gap, for a marker if reading fails.
+    last_delivered: Option<troupe_actors::event::EventId>,
+}
+
+impl EventStream {
+    /// Subscribes from `start`: a replay (from the log as far as needed), then live events.
+    pub async fn open(
+        bus: &EventBus,
+        store: &Store,
+        start: ReplayFrom,
+        filters: FilterSet,
+    ) -> Result<Self, CallError> {
+        let filter = filters.cover();
+        let (live, replay) = bus.subscribe_from(start.clone(), filter.clone()).await?;
+        let mut stream = Self {
+            filters,
+            marker: None,
+            gap: None,
+            live,
+            store: store.clone(),
+        };
+        let ReplayFrom::After(cursor) = start else {
+            return Ok(stream);
+        };
+        let Some(marker) = stream.live.take_gap_marker() else {
+            return Ok(stream);
+        };
+        // Everything the bus accepted before the replay is queued for the log; make it durable
+        // so the log holds every event below the ring's oldest.
+        if let Err(error) = store.flush().await {
+            tracing::warn!(%error, "cannot flush the event log before a replay");
+        }
+        let until_pos = replay.oldest_pos.unwrap_or(replay.through_pos + 1);
+        match store.events_after(&cursor, &filter, GAP_PAGE).await {
+            Ok(page) if page.found => {
+                let mut gap = Gap {
+                    filter,
+                    after_pos: page.through_pos,
+                    until_pos,
+                    buffer: VecDeque::new(),
+                    more: page.more,
+                    last_delivered: Some(cursor),
+                };
+                gap.take(page.events);
+                stream.gap = Some(gap);
+            }
+            Ok(_) => stream.marker = Some(marker),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the event log for a replay");
+                stream.marker = Some(marker);
+            }
+        }
+        Ok(stream)
+    }
+
+    /// The next delivery; `None` once the node's bus is gone.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        loop {
+            let delivery = match self.next_from_log().await {
+                Some(delivery) => delivery,
+                None => self.live.recv().await?,
+            };
+            if self.passes(&delivery) {
+                return Some(delivery);
+            }
+        }
+    }
+
+    /// The next delivery if one is ready without waiting (to batch writes). Never reads the
+    /// log: while a gap is being filled it answers `None` and [`EventStream::recv`] goes on.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        loop {
+            if self.marker.is_some() {
+                return None;
+            }
+            let delivery = match &mut self.gap {
+                Some(gap) => {
+                    let event = gap.buffer.pop_front()?;
+                    gap.last_delivered = Some(event.id.clone());
+                    Delivery::Event(event)
+                }
+                None => self.live.try_recv()?,
+            };
+            if self.passes(&delivery) {
+                return Some(delivery);
+            }
+        }
+    }
+
+    /// The replay only, without live events: the log's part, then the ring's; `None` at its end.
+    pub async fn next_replayed(&mut self) -> Option<Delivery> {
+        loop {
+            let delivery = match self.next_from_log().await {
+                Some(delivery) => delivery,
+                None => self.live.take_next_backlog()?,
+            };
+            if self.passes(&delivery) {
+                return Some(delivery);
+            }
+        }
+    }
+
+    /// Replaces the subscriptions (a client changed them). Applies to the log pages not read
+    /// yet and to live events.
+    pub fn set_filters(&mut self, filters: FilterSet) {
+        let cover = filters.cover();
+        if let Some(gap) = &mut self.gap {
+            gap.filter = cover.clone();
+        }
+        self.live.set_filter(cover);
+        self.filters = filters;
+    }
+
+    /// The current subscriptions.
+    pub fn filters(&self) -> &FilterSet {
+        &self.filters
+    }
+
+    fn passes(&self, delivery: &Delivery) -> bool {
+        match delivery {
+            Delivery::Event(event) => self.filters.matches(event),
+            Delivery::Lagged(_) => true,
+        }
+    }
+
+    /// The marker, then the gap; `None` once both are done.
+    async fn next_from_log(&mut self) -> Option<Delivery> {
+        if let Some(marker) = self.marker.take() {
+            return Some(Delivery::Lagged(marker));
+        }
+        loop {
+            let gap = self.gap.as_mut()?;
+            if let Some(event) = gap.buffer.pop_front() {
+                gap.last_delivered = Some(event.id.clone());
+                return Some(Delivery::Event(event));
+            }
+            if !gap.more {
+                self.gap = None;
+                return None;
+            }
+            match self
+                .store
+                .events_after_pos(gap.after_pos, &gap.filter, GAP_PAGE)
+                .await
+            {
+                Ok(page) => {
+                    gap.after_pos = page.through_pos;
+                    gap.more = page.more;
+                    gap.take(page.events);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the event log while filling a replay");
+                    let resume_after = gap.last_delivered.clone();
+                    self.gap = None;
+                    return Some(Delivery::Lagged(EventsLagged {
+                        missed: 0,
+                        resume_after,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+impl Gap {
+    /// Keeps the page's events that come before the ring; the gap ends at the first that does
+    /// not.
+    fn take(&mut self, events: Vec<troupe_actors::event::BusItem>) {
+        for item in events {
+            if item.pos >= self.until_pos {
+                self.more = false;
+                return;
+            }
+            self.buffer.push_back(item.event);
+        }
+        if self.after_pos + 1 >= self.until_pos {
+            self.more = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! Resuming from the ring and the log, against a real node (bus + redb store) whose ring holds
+//! only a few events.
+
+use std::time::Duration;
+
+use troupe_actors::event::{
+    Delivery, EventData, EventFilter, EventId, FilterSet, KindPattern, ReplayFrom, SessionProgress,
+};
+use troupe_actors::ids::SessionId;
+
+use super::EventStream;
+use crate::config::Config;
+use crate::node::{Node, NodeHandle};
+
+const RING: usize = 4;
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn node(dir: &std::path::Path) -> NodeHandle {
+    let mut config = Config::default();
+    config.events.ring_capacity = RING;
+    config.sessions.workspace_roots = vec![dir.to_owned()];
+    Node::builder()
+        .config(config)
+        .data_dir(dir.join("data"))
+        .without_http()
+        .start()
+        .await
+        .unwrap()
+}
+
+fn progress(message: &str) -> EventData {
+    EventData::SessionProgress(SessionProgress {
+        message: message.into(),
+        current: None,
+        total: None,
+    })
+}
+
+/// Publishes `count` progress events for `session` and returns their ids, once the bus has
+/// taken them all (observed through a live subscription).
+async fn publish(node: &NodeHandle, session: &str, count: usize) -> Vec<EventId> {
+    let session = SessionId::new(session).unwrap();
+    let mut watch = node.subscribe(EventFilter {
+        sessions: vec![session.clone()],
+        ..EventFilter::all()
+    });
+    for index in 0..count {
+        node.events()
+            .publish(Some(session.clone()), progress(&format!("step {index}")));
+    }
+    let mut ids = Vec::new();
+    while ids.len() < count {
+        match tokio::time::timeout(PATIENCE, watch.recv()).await.unwrap() {
+            Some(Delivery::Event(event)) => ids.push(event.id.clone()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ids
+}
+
+async fn next_id(stream: &mut EventStream) -> Delivery {
+    tokio::time::timeout(PATIENCE, stream.recv())
+        .await
+        .expect("a delivery")
+        .expect("the bus runs")
+}
+
+fn id_of(delivery: &Delivery) -> EventId {
+    match delivery {
+        Delivery::Event(event) => event.id.clone(),
+        Delivery::Lagged(lagged) => panic!("unexpected lag marker {lagged:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_resume_older_than_the_ring_is_filled_from_the_log_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let ids = publish(&node, "s-a", 3 * RING).await;
+    let core = node.core();
+    let filter = EventFilter {
+        sessions: vec![SessionId::new("s-a").unwrap()],
+        ..EventFilter::all()
+    };
+    let mut stream = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        ReplayFrom::After(ids[0].clone()),
+        FilterSet::single(filter),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 1..ids.len() {
+        got.push(id_of(&next_id(&mut stream).await));
+    }
+    assert_eq!(got, ids[1..], "exactly the events after the resume point");
+    // Then live events, the first one next.
+    let later = publish(&node, "s-a", 1).await;
+    assert_eq!(id_of(&next_id(&mut stream).await), later[0]);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_filtered_resume_spanning_several_log_pages_keeps_only_matching_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let first = publish(&node, "s-a", 1).await;
+    let mut wanted = Vec::new();
+    for _ in 0..3 {
+        wanted.extend(publish(&node, "s-b", super::GAP_PAGE / 2 + 7).await);
+        publish(&node, "s-a", 5).await;
+    }
+    let core = node.core();
+    let filter = EventFilter {
+        sessions: vec![SessionId::new("s-b").unwrap()],
+        ..EventFilter::all()
+    };
+    let mut stream = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        ReplayFrom::After(first[0].clone()),
+        FilterSet::single(filter),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while let Some(delivery) = stream.next_replayed().await {
+        got.push(id_of(&delivery));
+    }
+    assert_eq!(got.len(), wanted.len());
+    assert_eq!(got, wanted);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_id_the_log_does_not_know_starts_with_a_lag_marker_then_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let ids = publish(&node, "s-a", 2 * RING).await;
+    let core = node.core();
+    let unknown: EventId = "elsewhere:5".parse().unwrap();
+    let mut stream = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        ReplayFrom::After(unknown.clone()),
+        FilterSet::single(EventFilter {
+            kinds: vec![KindPattern::Exact(
+                troupe_actors::event::EventKind::SessionProgress,
+            )],
+            ..EventFilter::all()
+        }),
+    )
+    .await
+    .unwrap();
+    match next_id(&mut stream).await {
+        Delivery::Lagged(lagged) => assert_eq!(lagged.resume_after, Some(unknown)),
+        other => panic!("expected a lag marker, got {other:?}"),
+    }
+    let mut got = Vec::new();
+    while let Some(delivery) = stream.next_replayed().await {
+        got.push(id_of(&delivery));
+    }
+    // The ring's part only: a non-empty suffix of what was published (the ring may also hold
+    // other kinds of events, which the filter leaves out).
+    assert!(!got.is_empty() && got.len() <= RING, "{got:?}");
+    assert!(ids.ends_with(&got), "{got:?} is the newest part of {ids:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resume_inside_the_ring_does_not_touch_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let ids = publish(&node, "s-a", RING).await;
+    let core = node.core();
+    let mut stream = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        ReplayFrom::After(ids[1].clone()),
+        FilterSet::single(EventFilter::all()),
+    )
+    .await
+    .unwrap();
+    assert!(stream.gap.is_none() && stream.marker.is_none());
+    let mut got = Vec::new();
+    while let Some(delivery) = stream.next_replayed().await {
+        got.push(id_of(&delivery));
+    }
+    assert_eq!(got, ids[2..]);
+    node.shutdown().await;
+}
