@@ -249,6 +249,8 @@ pub enum ClusterProfile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
+    /// Runs the cluster endpoint (also turned on by `--cluster-listen`, `--join`, or seeds).
+    pub enabled: bool,
     /// QUIC address.
     pub listen: SocketAddr,
     /// Addresses of nodes to join.
@@ -263,9 +265,26 @@ pub struct ClusterConfig {
     pub key: PathBuf,
 }
 
+impl ClusterConfig {
+    /// True when the node runs its cluster endpoint: `enabled`, or seeds to join.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled || !self.seeds.is_empty()
+    }
+
+    /// `path` resolved against the data directory unless absolute.
+    pub fn resolve(&self, data_dir: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            data_dir.join(path)
+        }
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
+            enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
             seeds: Vec::new(),
             profile: ClusterProfile::Lan,
@@ -459,6 +478,9 @@ impl Config {
         let mut config: Config = figment.extract().map_err(describe)?;
         config.cluster.seeds.extend(overrides.join.iter().copied());
         config.cluster.seeds.dedup();
+        if overrides.cluster_listen.is_some() || !overrides.join.is_empty() {
+            config.cluster.enabled = true;
+        }
         config.validate()?;
         Ok(config)
     }

@@ -11,6 +11,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use troupe_actors::event::EventBus;
+
+use crate::cluster::{ClusterStats, Refusal};
 use troupe_actors::kernel::ActorDirectory;
 use troupe_actors::registry::RegistryTables;
 use troupe_actors::session::{DURATION_BUCKETS_SECS, SessionState, SessionStats};
@@ -263,6 +265,60 @@ fn encode_sessions(encoder: &mut DescriptorEncoder<'_>, stats: &SessionStats) ->
     )
 }
 
+struct ClusterCollector {
+    stats: Arc<ClusterStats>,
+}
+
+impl fmt::Debug for ClusterCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterCollector")
+    }
+}
+
+impl Collector for ClusterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let stats = &self.stats;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        family(
+            &mut encoder,
+            "troupe_cluster_refused",
+            "Cluster peers refused, by reason (no_certificate, unknown_ca, expired, wrong_node, \
+             handshake)",
+            MetricType::Counter,
+            Refusal::ALL.iter().map(|reason| {
+                (
+                    vec![("reason", reason.as_str().to_owned())],
+                    ConstCounter::new(stats.refused(*reason)),
+                )
+            }),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_cluster_connections",
+            "Cluster connections established (both directions)",
+            MetricType::Counter,
+            ConstCounter::new(load(&stats.connections)),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_cluster_datagrams",
+            "Membership datagrams, by outcome",
+            MetricType::Counter,
+            [
+                ("sent", load(&stats.datagrams_sent)),
+                ("received", load(&stats.datagrams_received)),
+                ("dropped", load(&stats.datagrams_dropped)),
+            ]
+            .map(|(outcome, count)| {
+                (
+                    vec![("outcome", outcome.to_owned())],
+                    ConstCounter::new(count),
+                )
+            }),
+        )
+    }
+}
+
 impl NodeMetrics {
     /// A registry reading the node's actors, bus, registry and session counters.
     pub fn new(
@@ -279,6 +335,13 @@ impl NodeMetrics {
             sessions,
         }));
         Self { registry }
+    }
+
+    /// Adds the cluster endpoint's counters.
+    pub fn with_cluster(mut self, stats: Arc<ClusterStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(ClusterCollector { stats }));
+        self
     }
 
     /// Renders the Prometheus text exposition.

@@ -27,6 +27,8 @@ use troupe_actors::session::{OutputLimits, SessionSettings, SessionSpec};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
 
 use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
+use crate::cluster::ClusterEndpoint;
+use crate::cluster::certs::{self, NodeFiles};
 use crate::config::{Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
@@ -57,6 +59,9 @@ pub enum NodeError {
         /// Why.
         source: troupe_actors::session::StoreError,
     },
+    /// The cluster endpoint could not start (credentials, node id, socket).
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The HTTP listener could not be bound.
     #[error(
         "cannot listen on {addr}: {source}; choose another address with --listen or http.listen"
@@ -181,7 +186,7 @@ impl NodeBuilder {
             node_id.clone(),
             tree.events.clone(),
         );
-        let metrics = NodeMetrics::new(
+        let mut metrics = NodeMetrics::new(
             tree.directory.clone(),
             tree.events.clone(),
             tree.registry.tables().clone(),
@@ -189,6 +194,21 @@ impl NodeBuilder {
                 .as_ref()
                 .map(|sessions| sessions.stats.clone()),
         );
+        let cluster = if config.cluster.is_enabled() {
+            match start_cluster(&config, &data_dir, &node_id) {
+                Ok(endpoint) => {
+                    metrics = metrics.with_cluster(endpoint.stats().clone());
+                    Some(endpoint)
+                }
+                Err(error) => {
+                    tree.shutdown(Duration::from_secs(10)).await;
+                    let _ = store.clone().close().await;
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
         let core = Arc::new(NodeCore {
             tokens: TokenBook::new(&config.auth, Some(&admin_token)),
             limiter: RequestLimiter::new(&config.auth),
@@ -200,6 +220,7 @@ impl NodeBuilder {
             sessions,
             store,
             shutting_down: AtomicBool::new(false),
+            cluster,
             config,
         });
 
@@ -210,6 +231,9 @@ impl NodeBuilder {
                 Ok(started) => started,
                 Err(error) => {
                     core.tree.shutdown(Duration::from_secs(10)).await;
+                    if let Some(cluster) = &core.cluster {
+                        cluster.close(Duration::from_secs(1)).await;
+                    }
                     let _ = core.store.clone().close().await;
                     return Err(error);
                 }
@@ -218,6 +242,11 @@ impl NodeBuilder {
         tracing::info!(
             node = %node_id,
             http = %http_addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
+            cluster = %core
+                .cluster
+                .as_ref()
+                .and_then(|cluster| cluster.local_addr().ok())
+                .map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
             data_dir = %core.data_dir.display(),
             fault_injection = core.config.debug.fault_injection,
             "node started"
@@ -230,6 +259,41 @@ impl NodeBuilder {
             }),
         })
     }
+}
+
+/// Loads this node's cluster credentials, checks they name this node, binds the endpoint.
+fn start_cluster(
+    config: &Config,
+    data_dir: &Path,
+    node_id: &NodeId,
+) -> Result<ClusterEndpoint, NodeError> {
+    let cluster = &config.cluster;
+    let files = NodeFiles {
+        ca: cluster.resolve(data_dir, &cluster.ca),
+        cert: cluster.resolve(data_dir, &cluster.cert),
+        key: cluster.resolve(data_dir, &cluster.key),
+    };
+    let credentials = certs::load(&files).map_err(|error| {
+        NodeError::Cluster(format!(
+            "{error}; create this node's files with `troupe cluster init` (first node) or \
+             `troupe cluster issue {node_id} --out {}` on a node holding the CA, or set \
+             cluster.ca, cluster.cert and cluster.key",
+            data_dir.join("cluster").display()
+        ))
+    })?;
+    if credentials.node != *node_id {
+        return Err(NodeError::Cluster(format!(
+            "the certificate {} was issued to node {:?} but this node is {:?}; set node_id to \
+             match, or issue a certificate for {:?}",
+            files.cert.display(),
+            credentials.node.as_str(),
+            node_id.as_str(),
+            node_id.as_str()
+        )));
+    }
+    let endpoint = ClusterEndpoint::bind(&credentials, cluster.listen, Arc::default())
+        .map_err(|error| NodeError::Cluster(error.to_string()))?;
+    Ok(endpoint)
 }
 
 struct Server {
@@ -356,6 +420,8 @@ pub struct NodeCore {
     /// The store.
     pub store: Store,
     shutting_down: AtomicBool,
+    /// The cluster endpoint, when the cluster is enabled.
+    pub cluster: Option<ClusterEndpoint>,
 }
 
 impl NodeCore {
@@ -386,6 +452,15 @@ impl NodeHandle {
     /// The bound HTTP address, when HTTP runs.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.inner.http_addr
+    }
+
+    /// The bound cluster (QUIC) address, when the cluster is enabled.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.inner
+            .core
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.local_addr().ok())
     }
 
     /// The data directory.
@@ -502,6 +577,9 @@ impl NodeHandle {
         }
         let timeout = Duration::from_secs(core.config.supervision.shutdown_timeout_secs);
         core.tree.shutdown(timeout).await;
+        if first && let Some(cluster) = &core.cluster {
+            cluster.close(Duration::from_secs(1)).await;
+        }
         if first && let Err(error) = core.store.clone().close().await {
             tracing::warn!(%error, "the store did not close cleanly");
         }

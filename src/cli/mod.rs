@@ -2,6 +2,7 @@
 //! its HTTP API. This is the only place that uses `anyhow`: commands report errors to people.
 
 mod client;
+mod cluster;
 mod events;
 mod health;
 mod node;
@@ -32,6 +33,9 @@ enum Command {
     /// Spawn, list, show, cancel sessions and read their output.
     #[command(subcommand)]
     Session(session::SessionCommand),
+    /// Cluster certificates and members.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -53,6 +57,7 @@ pub fn main() -> ExitCode {
             Command::Health(args) => health::run(args).await,
             Command::Events(args) => events::run(args).await,
             Command::Session(command) => session::run(command).await,
+            Command::Cluster(command) => cluster::run(command).await,
         }
     });
     match outcome {

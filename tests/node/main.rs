@@ -4,6 +4,7 @@
 
 mod api;
 mod cli;
+mod cluster;
 mod events;
 mod lifecycle;
 mod support;

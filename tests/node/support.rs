@@ -72,6 +72,8 @@ pub struct NodeProcess {
     pub token: String,
     pub logs: Logs,
     pub data_dir: PathBuf,
+    /// The cluster (QUIC) address, when the cluster is on.
+    pub cluster: Option<SocketAddr>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -97,6 +99,9 @@ impl NodeProcess {
             ),
         };
         let addr: SocketAddr = started["http"].as_str().unwrap().parse().unwrap();
+        let cluster = started["cluster"]
+            .as_str()
+            .and_then(|addr| addr.parse::<SocketAddr>().ok());
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .unwrap()
             .trim()
@@ -107,6 +112,7 @@ impl NodeProcess {
             token,
             logs,
             data_dir: data_dir.to_owned(),
+            cluster,
             _temp: None,
         }
     }
