@@ -263,6 +263,8 @@ pub struct ClusterConfig {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+    /// Labels gossiped with the node's metadata (placement constraints match them).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ClusterConfig {
@@ -291,6 +293,7 @@ impl Default for ClusterConfig {
             ca: PathBuf::from("cluster/ca.pem"),
             cert: PathBuf::from("cluster/node.pem"),
             key: PathBuf::from("cluster/node.key"),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -532,6 +535,20 @@ impl Config {
                 "auth.requests_per_second",
                 "requests_per_second and burst must be at least 1".into(),
             ));
+        }
+        if self.cluster.labels.len() > 16 {
+            return Err(semantic(
+                "cluster.labels",
+                format!("{} labels; at most 16", self.cluster.labels.len()),
+            ));
+        }
+        for (key, value) in &self.cluster.labels {
+            if key.is_empty() || key.len() > 64 || value.len() > 64 {
+                return Err(semantic(
+                    &format!("cluster.labels.{key}"),
+                    "label names must be 1 to 64 bytes and values at most 64 bytes".into(),
+                ));
+            }
         }
         if self.sessions.max_concurrent == 0 {
             return Err(semantic(

@@ -15,13 +15,16 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use troupe_actors::cluster::{MembershipMsg, MembershipProfile};
 use troupe_actors::event::{
     EventBus, EventBusConfig, EventFilter, Replay, ReplayFrom, Subscription,
 };
 use troupe_actors::health::{HealthConfig, HealthReport};
 use troupe_actors::ids::{ActorPath, NodeId, SessionId};
 use troupe_actors::kernel::{CallError, FaultError, FaultKind};
-use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts};
+use troupe_actors::node::{
+    ClusterPorts, NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts,
+};
 use troupe_actors::registry::Registry;
 use troupe_actors::session::{OutputLimits, SessionSettings, SessionSpec};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
@@ -29,7 +32,8 @@ use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
 use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
 use crate::cluster::ClusterEndpoint;
 use crate::cluster::certs::{self, NodeFiles};
-use crate::config::{Config, ConfigError};
+use crate::cluster::membership::{QuicDatagrams, WireCodec};
+use crate::config::{ClusterProfile, Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
 use crate::session::commands::{NoGateway, NodeCommands};
@@ -168,7 +172,38 @@ impl NodeBuilder {
                 .collect(),
             policy.workspace_roots[0].clone(),
         );
+        let cluster = if config.cluster.is_enabled() {
+            match start_cluster(&config, &data_dir, &node_id) {
+                Ok(endpoint) => Some(endpoint),
+                Err(error) => {
+                    let _ = store.clone().close().await;
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
+        let cluster_ports = match &cluster {
+            Some(endpoint) => {
+                let addr = endpoint.local_addr().map_err(|error| {
+                    NodeError::Cluster(format!("the cluster socket has no address: {error}"))
+                })?;
+                Some(ClusterPorts {
+                    addr,
+                    seeds: config.cluster.seeds.clone(),
+                    profile: match config.cluster.profile {
+                        ClusterProfile::Lan => MembershipProfile::Lan,
+                        ClusterProfile::Fast => MembershipProfile::Fast,
+                    },
+                    labels: config.cluster.labels.clone(),
+                    codec: Arc::new(WireCodec),
+                    transport: Arc::new(QuicDatagrams(endpoint.clone())),
+                })
+            }
+            None => None,
+        };
         let ports = NodePorts {
+            cluster: cluster_ports,
             event_store: Some(Arc::new(store.clone())),
             sessions: Some(SessionPorts {
                 runner: Arc::new(LocalRunner::new(OutputLimits::default())),
@@ -176,7 +211,15 @@ impl NodeBuilder {
                 commands: Arc::new(commands),
             }),
         };
-        let tree = NodeTree::start(tree_config(&config, node_id.clone()), ports).await?;
+        let tree = match NodeTree::start(tree_config(&config, node_id.clone()), ports).await {
+            Ok(tree) => tree,
+            Err(error) => {
+                if let Some(endpoint) = &cluster {
+                    endpoint.close(Duration::from_secs(1)).await;
+                }
+                return Err(error.into());
+            }
+        };
         let sessions = SessionService::new(
             tree.session_manager
                 .clone()
@@ -194,21 +237,12 @@ impl NodeBuilder {
                 .as_ref()
                 .map(|sessions| sessions.stats.clone()),
         );
-        let cluster = if config.cluster.is_enabled() {
-            match start_cluster(&config, &data_dir, &node_id) {
-                Ok(endpoint) => {
-                    metrics = metrics.with_cluster(endpoint.stats().clone());
-                    Some(endpoint)
-                }
-                Err(error) => {
-                    tree.shutdown(Duration::from_secs(10)).await;
-                    let _ = store.clone().close().await;
-                    return Err(error);
-                }
+        if let Some(endpoint) = &cluster {
+            metrics = metrics.with_cluster(endpoint.stats().clone());
+            if let Some((_, membership)) = &tree.cluster {
+                crate::cluster::membership::attach(endpoint, membership.clone());
             }
-        } else {
-            None
-        };
+        }
         let core = Arc::new(NodeCore {
             tokens: TokenBook::new(&config.auth, Some(&admin_token)),
             limiter: RequestLimiter::new(&config.auth),
@@ -239,6 +273,9 @@ impl NodeBuilder {
                 }
             }
         };
+        if let (Some(http), Some((_, membership))) = (http_addr, &core.tree.cluster) {
+            let _ = membership.cast(MembershipMsg::SetHttp(http.to_string()));
+        }
         tracing::info!(
             node = %node_id,
             http = %http_addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),

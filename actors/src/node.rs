@@ -9,7 +9,9 @@
 //! ├── SessionSupervisor (dynamic one_for_one)            sessions
 //! │   ├── SessionManager                                 sessions/manager
 //! │   └── SessionActor ×N (transient)                    sessions/<id>
-//! └── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
+//! ├── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
+//! └── ClusterSupervisor (one_for_one, when clustered)     cluster
+//!     └── MembershipActor                                cluster/membership
 //! ```
 //!
 //! I/O arrives through ports ([`NodePorts`]): this module never touches a socket or a file.
@@ -20,6 +22,10 @@ use std::time::Duration;
 use ractor::ActorCell;
 use tokio::sync::watch;
 
+use crate::cluster::{
+    DatagramTransport, LocalMeta, MembershipActor, MembershipArgs, MembershipCodec, MembershipMsg,
+    MembershipProfile,
+};
 use crate::event::{BusShared, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventStore};
 use crate::health::{Health, HealthActor, HealthArgs, HealthConfig, HealthShared};
 use crate::ids::{ActorPath, NodeId};
@@ -80,6 +86,25 @@ pub struct NodePorts {
     pub event_store: Option<Arc<dyn EventStore>>,
     /// What sessions need; without it the node runs no sessions.
     pub sessions: Option<SessionPorts>,
+    /// What the cluster needs; without it the node is not clustered.
+    pub cluster: Option<ClusterPorts>,
+}
+
+/// The ports and settings of the cluster branch.
+#[derive(Clone)]
+pub struct ClusterPorts {
+    /// This node's cluster address.
+    pub addr: std::net::SocketAddr,
+    /// Addresses to join through.
+    pub seeds: Vec<std::net::SocketAddr>,
+    /// Failure-detection timing.
+    pub profile: MembershipProfile,
+    /// Labels gossiped in the node's metadata.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The wire format.
+    pub codec: Arc<dyn MembershipCodec>,
+    /// Datagrams out.
+    pub transport: Arc<dyn DatagramTransport>,
 }
 
 /// The ports of sessions.
@@ -127,6 +152,8 @@ pub struct NodeTree {
     pub session_manager: Option<Sessions>,
     /// The TransportSupervisor.
     pub links: SupervisorHandle,
+    /// The ClusterSupervisor and MembershipActor, when clustered.
+    pub cluster: Option<(SupervisorHandle, ActorHandle<MembershipMsg>)>,
     /// Every supervised actor by path.
     pub directory: ActorDirectory,
     root: SupervisorHandle,
@@ -184,6 +211,38 @@ impl NodeTree {
                 };
                 Some(ChildSpec::worker(&machinery.manager, move || {
                     (SessionManager, args.clone())
+                }))
+            }
+            _ => None,
+        };
+
+        let cluster = ports.cluster.as_ref().map(|_| {
+            let supervisor: SupervisorHandle = ActorHandle::new(root_path.child("cluster"));
+            let membership = ActorHandle::new(root_path.child("cluster").child("membership"));
+            (supervisor, membership)
+        });
+        let membership_spec = match (&ports.cluster, &cluster) {
+            (Some(cluster_ports), Some((_, membership))) => {
+                let args = MembershipArgs {
+                    node: config.node.clone(),
+                    addr: cluster_ports.addr,
+                    seeds: cluster_ports.seeds.clone(),
+                    profile: cluster_ports.profile,
+                    codec: cluster_ports.codec.clone(),
+                    transport: cluster_ports.transport.clone(),
+                    events: events.clone(),
+                    registry: registry.clone(),
+                    local: LocalMeta {
+                        labels: cluster_ports.labels.clone(),
+                        max_concurrent: u32::try_from(config.sessions.max_concurrent)
+                            .unwrap_or(u32::MAX),
+                        queue_capacity: u32::try_from(config.sessions.queue_capacity)
+                            .unwrap_or(u32::MAX),
+                        stats: session_manager.as_ref().map(|s| s.stats.clone()),
+                    },
+                };
+                Some(ChildSpec::worker(membership, move || {
+                    (MembershipActor, args.clone())
                 }))
             }
             _ => None,
@@ -248,6 +307,17 @@ impl NodeTree {
             })
             .policy(ChildPolicy::Permanent),
         ];
+        let mut children = children;
+        if let (Some((supervisor, _)), Some(spec)) = (&cluster, membership_spec) {
+            children.push(ChildSpec::supervisor(supervisor, {
+                let mut args = supervisor_args(SupervisorConfig {
+                    strategy: Strategy::OneForOne,
+                    ..supervision
+                });
+                args.children.push(spec);
+                move || (Supervisor, args.clone())
+            }));
+        }
 
         let root: SupervisorHandle = ActorHandle::new(root_path.clone());
         directory.insert(
@@ -284,6 +354,7 @@ impl NodeTree {
             sessions,
             session_manager,
             links,
+            cluster,
             directory,
             root,
             root_cell,
@@ -310,6 +381,20 @@ impl NodeTree {
     /// Stops the tree: every supervisor stops its children in reverse start order, each
     /// gracefully within its timeout, then killed. Afterwards every handle reports `Stopped`.
     pub async fn shutdown(&self, timeout: Duration) {
+        if let Some((_, membership)) = &self.cluster
+            && !self.has_exited()
+        {
+            // Tell the cluster first, so peers record a leave rather than a failure.
+            let left = membership
+                .call(
+                    |reply| MembershipMsg::Leave { reply },
+                    Duration::from_secs(1),
+                )
+                .await;
+            if let Err(error) = left {
+                tracing::warn!(%error, "the cluster was not told that this node leaves");
+            }
+        }
         if let Some(sessions) = &self.session_manager
             && !self.has_exited()
         {

@@ -18,6 +18,18 @@ pub(super) enum ClusterCommand {
     /// Issue a certificate for node NAME from the CA in this node's data dir: writes ca.pem
     /// (the CA certificate only), node.pem and node.key into --out.
     Issue(IssueArgs),
+    /// Show the cluster members a node knows (GET /v1/cluster/members).
+    Members(MembersArgs),
+}
+
+/// `troupe cluster members` options.
+#[derive(Debug, clap::Args)]
+pub(super) struct MembersArgs {
+    #[command(flatten)]
+    client: super::client::ClientArgs,
+    /// Print the JSON answer.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Which node's configuration to read (for its data dir and node id).
@@ -101,6 +113,58 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                 files.key.display(),
             );
         }
+        ClusterCommand::Members(args) => {
+            let client = super::client::NodeClient::new(&args.client)?;
+            let response = client.send(client.get("/v1/cluster/members")).await?;
+            let view: serde_json::Value = super::client::check(response).await?.json().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", members_table(&view));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn members_table(view: &serde_json::Value) -> String {
+    if view["enabled"] != true {
+        return "the cluster is off on this node (see cluster.enabled, --cluster-listen)\n".into();
+    }
+    let text = |value: &serde_json::Value| match value {
+        serde_json::Value::String(text) => text.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "this node: {} at {}\n{:<20} {:<8} {:<22} {:<22} {}\n",
+        text(&view["self"]["node"]),
+        text(&view["self"]["addr"]),
+        "NODE",
+        "STATE",
+        "CLUSTER ADDR",
+        "HTTP",
+        "LOAD (running/queued/max)"
+    );
+    for member in view["members"].as_array().into_iter().flatten() {
+        let meta = &member["meta"];
+        let load = &meta["load"];
+        let load = if load.is_null() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{}/{}/{}",
+                load["running"], load["queued"], load["max_concurrent"]
+            )
+        };
+        out.push_str(&format!(
+            "{:<20} {:<8} {:<22} {:<22} {}\n",
+            text(&member["node"]),
+            text(&member["state"]),
+            text(&member["addr"]),
+            text(&meta["http"]),
+            load
+        ));
+    }
+    out
 }

@@ -568,6 +568,17 @@ impl ClusterEndpoint {
 
     /// Closes every connection and the socket, waiting up to `timeout` for peers to learn it.
     pub async fn close(&self, timeout: Duration) {
+        // Let what is queued (the leave announcement) go out first, briefly.
+        let deadline = tokio::time::Instant::now() + timeout / 2;
+        while tokio::time::Instant::now() < deadline
+            && self
+                .inner
+                .senders
+                .iter()
+                .any(|sender| sender.capacity() < sender.max_capacity())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.inner.closed.cancel();
         self.inner
             .endpoint

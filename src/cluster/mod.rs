@@ -3,5 +3,6 @@
 
 pub mod certs;
 pub mod endpoint;
+pub mod membership;
 
 pub use endpoint::{ClusterEndpoint, ClusterStats, DialError, EndpointError, Refusal};

@@ -35,6 +35,7 @@ pub fn router(core: Arc<NodeCore>) -> Router {
     let viewer = Router::new()
         .route("/v1/ready", get(ops::ready))
         .route("/v1/links", get(ops::links))
+        .route("/v1/cluster/members", get(ops::members))
         .route("/v1/events", get(events::stream))
         .route("/metrics", get(ops::metrics))
         .route("/v1/sessions", get(sessions::list))

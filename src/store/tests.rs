@@ -1212,6 +1212,7 @@ async fn a_restarted_node_continues_its_event_ids_and_replays_from_the_store() {
         let ports = NodePorts {
             event_store: Some(Arc::new(store)),
             sessions: None,
+            cluster: None,
         };
         NodeTree::start(NodeTreeConfig::new(node()), ports)
             .await

@@ -131,3 +131,110 @@ async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
         "{text}"
     );
 }
+
+/// Writes a config selecting the `fast` profile and returns its path.
+fn fast_config(root: &Path) -> String {
+    let file = root.join("fast.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nprofile = \"fast\"\nlabels = { zone = \"z1\" }\n",
+    )
+    .unwrap();
+    file.to_str().unwrap().to_owned()
+}
+
+/// Starts node `name` in `root/name` with the fast profile, joining `join` when given.
+async fn cluster_node(root: &Path, name: &str, join: Option<std::net::SocketAddr>) -> NodeProcess {
+    let config = fast_config(root);
+    let join = join.map(|addr| addr.to_string());
+    let mut args = vec![
+        "--config",
+        config.as_str(),
+        "--node-id",
+        name,
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ];
+    if let Some(join) = &join {
+        args.extend(["--join", join.as_str()]);
+    }
+    let node = NodeProcess::start_in(&root.join(name), &args).await;
+    assert!(node.cluster.is_some(), "node {name} has no cluster address");
+    node
+}
+
+/// Reads `kind` events from `stream` until one for each of `nodes` arrived.
+async fn wait_membership(stream: &mut crate::support::SseStream, kind: &str, nodes: &[&str]) {
+    let mut missing: Vec<&str> = nodes.to_vec();
+    while !missing.is_empty() {
+        let (_, event) = stream.next_of(kind).await;
+        let node = event["data"]["node"].as_str().unwrap().to_owned();
+        missing.retain(|name| *name != node);
+    }
+}
+
+#[tokio::test]
+async fn three_nodes_join_through_one_seed_and_detect_a_killed_one_and_a_leaving_one() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let a = cluster_node(temp.path(), "a", None).await;
+    let mut a_events = a.events("kind=node.*&tail=100", None).await;
+    let b = cluster_node(temp.path(), "b", a.cluster).await;
+    let mut b_events = b.events("kind=node.*&tail=100", None).await;
+    let mut c = cluster_node(temp.path(), "c", a.cluster).await;
+
+    wait_membership(&mut a_events, "node.joined", &["b", "c"]).await;
+    wait_membership(&mut b_events, "node.joined", &["a", "c"]).await;
+
+    // The member view has every other node with its metadata (HTTP address, load, labels).
+    let view: serde_json::Value = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let view: serde_json::Value = b.get("/v1/cluster/members").await.json().await.unwrap();
+            let complete = view["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|member| member["state"] == "alive" && member["meta"]["http"].is_string());
+            if complete && view["members"].as_array().unwrap().len() == 2 {
+                break view;
+            }
+            // Metadata follows membership by a gossip round; wait for the next membership event
+            // or metadata refresh rather than sleeping blindly.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every member's metadata arrives");
+    let members = view["members"].as_array().unwrap();
+    let a_member = members.iter().find(|m| m["node"] == "a").unwrap();
+    assert_eq!(a_member["meta"]["http"], a.addr.to_string());
+    assert_eq!(a_member["meta"]["labels"]["zone"], "z1");
+    assert_eq!(a_member["meta"]["load"]["max_concurrent"], 8);
+    assert_eq!(a_member["addr"], a.cluster.unwrap().to_string());
+
+    // The CLI shows the same view.
+    let (ok, out, err) = troupe(&[
+        "cluster",
+        "members",
+        "--node",
+        &format!("http://{}", b.addr),
+        "--data-dir",
+        path(&b.data_dir),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("alive") && out.contains(&a.addr.to_string()),
+        "{out}"
+    );
+
+    // kill -9: the others declare it down.
+    c.child.start_kill().unwrap();
+    let _ = c.wait_exit().await;
+    wait_membership(&mut a_events, "node.down", &["c"]).await;
+    wait_membership(&mut b_events, "node.down", &["c"]).await;
+
+    // A clean shutdown is a leave, not a failure.
+    b.terminate();
+    wait_membership(&mut a_events, "node.left", &["b"]).await;
+}

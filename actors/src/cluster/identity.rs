@@ -81,9 +81,13 @@ mod tests {
         let renewed = first.renew().unwrap();
         assert!(renewed.win_addr_conflict(&first));
         assert!(!first.win_addr_conflict(&renewed));
-        let restarted = NodeIdentity::fresh(node, "127.0.0.1:7072".parse().unwrap(), renewed.generation);
+        let restarted =
+            NodeIdentity::fresh(node, "127.0.0.1:7072".parse().unwrap(), renewed.generation);
         assert!(restarted.generation > renewed.generation);
         assert_eq!(restarted.addr(), first.addr(), "the same member");
-        assert_eq!(first.to_string(), format!("a@127.0.0.1:7071#{}", first.generation));
+        assert_eq!(
+            first.to_string(),
+            format!("a@127.0.0.1:7071#{}", first.generation)
+        );
     }
 }

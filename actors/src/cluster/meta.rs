@@ -134,7 +134,8 @@ pub struct MetaKey {
 
 impl foca::Invalidates for MetaKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && (self.generation, self.version) >= (other.generation, other.version)
+        self.node == other.node
+            && (self.generation, self.version) >= (other.generation, other.version)
     }
 }
 
