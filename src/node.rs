@@ -33,6 +33,7 @@ use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
 use crate::cluster::ClusterEndpoint;
 use crate::cluster::certs::{self, NodeFiles};
 use crate::cluster::membership::{QuicDatagrams, WireCodec};
+use crate::cluster::relay::{self, QuicRelaySource, RelayServer};
 use crate::config::{ClusterProfile, Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
@@ -198,6 +199,7 @@ impl NodeBuilder {
                     labels: config.cluster.labels.clone(),
                     codec: Arc::new(WireCodec),
                     transport: Arc::new(QuicDatagrams(endpoint.clone())),
+                    relay: Some(Arc::new(QuicRelaySource(endpoint.clone()))),
                 })
             }
             None => None,
@@ -242,6 +244,11 @@ impl NodeBuilder {
             if let Some((_, membership)) = &tree.cluster {
                 crate::cluster::membership::attach(endpoint, membership.clone());
             }
+            endpoint.set_stream_handler(relay::serve_streams(RelayServer {
+                node: node_id.clone(),
+                events: tree.events.clone(),
+                store: store.clone(),
+            }));
         }
         let core = Arc::new(NodeCore {
             tokens: TokenBook::new(&config.auth, Some(&admin_token)),

@@ -11,7 +11,8 @@
 //! │   └── SessionActor ×N (transient)                    sessions/<id>
 //! ├── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
 //! └── ClusterSupervisor (one_for_one, when clustered)     cluster
-//!     └── MembershipActor                                cluster/membership
+//!     ├── MembershipActor                                cluster/membership
+//!     └── PeerActor ×N (one per member, event relay)     cluster/peer-<node>
 //! ```
 //!
 //! I/O arrives through ports ([`NodePorts`]): this module never touches a socket or a file.
@@ -24,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{
     DatagramTransport, LocalMeta, MembershipActor, MembershipArgs, MembershipCodec, MembershipMsg,
-    MembershipProfile,
+    MembershipProfile, RelayCursors, RelayPorts, RelaySource,
 };
 use crate::event::{BusShared, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventStore};
 use crate::health::{Health, HealthActor, HealthArgs, HealthConfig, HealthShared};
@@ -105,6 +106,8 @@ pub struct ClusterPorts {
     pub codec: Arc<dyn MembershipCodec>,
     /// Datagrams out.
     pub transport: Arc<dyn DatagramTransport>,
+    /// Opens event relay links; without it events are not relayed.
+    pub relay: Option<Arc<dyn RelaySource>>,
 }
 
 /// The ports of sessions.
@@ -222,7 +225,7 @@ impl NodeTree {
             (supervisor, membership)
         });
         let membership_spec = match (&ports.cluster, &cluster) {
-            (Some(cluster_ports), Some((_, membership))) => {
+            (Some(cluster_ports), Some((supervisor, membership))) => {
                 let args = MembershipArgs {
                     node: config.node.clone(),
                     addr: cluster_ports.addr,
@@ -240,6 +243,12 @@ impl NodeTree {
                             .unwrap_or(u32::MAX),
                         stats: session_manager.as_ref().map(|s| s.stats.clone()),
                     },
+                    relay: cluster_ports.relay.clone().map(|source| RelayPorts {
+                        supervisor: supervisor.clone(),
+                        source,
+                        cursors: RelayCursors::default(),
+                        peers: Arc::default(),
+                    }),
                 };
                 Some(ChildSpec::worker(membership, move || {
                     (MembershipActor, args.clone())

@@ -168,6 +168,9 @@ pub trait Inbound: Send + Sync + 'static {
     fn datagram(&self, from: &NodeId, bytes: Bytes);
 }
 
+/// Handles a bidirectional stream a peer opened (the event relay).
+pub type StreamHandler = Arc<dyn Fn(NodeId, quinn::SendStream, quinn::RecvStream) + Send + Sync>;
+
 struct Inner {
     node: NodeId,
     endpoint: quinn::Endpoint,
@@ -175,6 +178,7 @@ struct Inner {
     connections: DashMap<NodeId, quinn::Connection>,
     senders: DashMap<NodeId, mpsc::Sender<(SocketAddr, Bytes)>>,
     inbound: OnceLock<Arc<dyn Inbound>>,
+    streams: OnceLock<StreamHandler>,
     stats: Arc<ClusterStats>,
     closed: CancellationToken,
 }
@@ -276,6 +280,7 @@ impl ClusterEndpoint {
                 connections: DashMap::new(),
                 senders: DashMap::new(),
                 inbound: OnceLock::new(),
+                streams: OnceLock::new(),
                 stats,
                 closed: CancellationToken::new(),
             }),
@@ -302,6 +307,11 @@ impl ClusterEndpoint {
     /// Connects the inbound side (once; later calls are ignored).
     pub fn attach(&self, inbound: Arc<dyn Inbound>) {
         let _ = self.inner.inbound.set(inbound);
+    }
+
+    /// Sets what handles streams peers open (once; later calls are ignored).
+    pub fn set_stream_handler(&self, handler: StreamHandler) {
+        let _ = self.inner.streams.set(handler);
     }
 
     /// Nodes with an open connection.
@@ -403,6 +413,10 @@ impl ClusterEndpoint {
             self.clone()
                 .read_datagrams(node.clone(), connection.clone()),
         );
+        tokio::spawn(
+            self.clone()
+                .accept_streams(node.clone(), connection.clone()),
+        );
         Ok(node)
     }
 
@@ -428,6 +442,23 @@ impl ClusterEndpoint {
                         .connections
                         .remove_if(&node, |_, open| open.stable_id() == connection.stable_id());
                     return;
+                }
+            }
+        }
+    }
+
+    async fn accept_streams(self, node: NodeId, connection: quinn::Connection) {
+        loop {
+            let stream = tokio::select! {
+                () = self.inner.closed.cancelled() => return,
+                stream = connection.accept_bi() => stream,
+            };
+            let Ok((send, recv)) = stream else { return };
+            match self.inner.streams.get() {
+                Some(handler) => handler(node.clone(), send, recv),
+                None => {
+                    let mut send = send;
+                    let _ = send.reset(0u32.into());
                 }
             }
         }

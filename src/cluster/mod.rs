@@ -4,5 +4,6 @@
 pub mod certs;
 pub mod endpoint;
 pub mod membership;
+pub mod relay;
 
 pub use endpoint::{ClusterEndpoint, ClusterStats, DialError, EndpointError, Refusal};

@@ -238,3 +238,97 @@ async fn three_nodes_join_through_one_seed_and_detect_a_killed_one_and_a_leaving
     b.terminate();
     wait_membership(&mut a_events, "node.left", &["b"]).await;
 }
+
+#[tokio::test]
+async fn a_watcher_on_one_node_sees_another_nodes_events_once_and_in_order() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b"]).await;
+    let a = cluster_node(temp.path(), "a", None).await;
+    let b = cluster_node(temp.path(), "b", a.cluster).await;
+    let mut b_members = b.events("kind=node.*&tail=100", None).await;
+    wait_membership(&mut b_members, "node.joined", &["a"]).await;
+
+    // Events published on a (links opening) reach a watcher on b, with a's ids, in order.
+    let mut relayed = b.events("kind=link.connected&node=a", None).await;
+    let mut opened = Vec::new();
+    let mut ids = Vec::new();
+    // The relay link may come up a moment after the membership: keep opening links on a until
+    // the first one arrives on b, then open three more and expect exactly those, in order.
+    let first = tokio::time::timeout(PATIENCE, async {
+        loop {
+            opened.push(a.events("kind=session.*", None).await);
+            if let Ok(event) =
+                tokio::time::timeout(std::time::Duration::from_millis(500), relayed.next()).await
+            {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a's events reach b");
+    assert_eq!(first.1["node"], "a");
+    let first_seq: u64 = first.0.rsplit_once(':').unwrap().1.parse().unwrap();
+    for _ in 0..3 {
+        opened.push(a.events("kind=session.*", None).await);
+        let (id, event) = relayed.next().await;
+        assert_eq!(event["node"], "a");
+        assert_eq!(event["kind"], "link.connected");
+        ids.push(id.rsplit_once(':').unwrap().1.parse::<u64>().unwrap());
+    }
+    assert!(
+        ids[0] > first_seq && ids.windows(2).all(|pair| pair[0] < pair[1]),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_node_rejoins_with_a_higher_generation_and_its_events_resume_without_gap() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b"]).await;
+    let mut a = cluster_node(temp.path(), "a", None).await;
+    let b = cluster_node(temp.path(), "b", a.cluster).await;
+    let mut b_members = b.events("kind=node.*&tail=100", None).await;
+    wait_membership(&mut b_members, "node.joined", &["a"]).await;
+    let mut relayed = b.events("node=a", None).await;
+
+    // Some of a's events reach b.
+    let _link = a.events("kind=session.*", None).await;
+    let (first_id, _) = relayed.next_of("link.connected").await;
+    let first: u64 = first_id.rsplit_once(':').unwrap().1.parse().unwrap();
+    let generation = |event: &serde_json::Value| event["data"]["generation"].as_u64().unwrap();
+    let before = {
+        let view: serde_json::Value = b.get("/v1/cluster/members").await.json().await.unwrap();
+        view["members"][0]["generation"].as_u64().unwrap()
+    };
+
+    // a stops cleanly and comes back on another port, joining through b.
+    drop(_link);
+    a.terminate();
+    let _ = a.wait_exit().await;
+    wait_membership(&mut b_members, "node.left", &["a"]).await;
+    let a = cluster_node(temp.path(), "a", b.cluster).await;
+    let (_, joined) = loop {
+        let (id, event) = b_members.next_of("node.joined").await;
+        if event["data"]["node"] == "a" {
+            break (id, event);
+        }
+    };
+    assert!(
+        generation(&joined) > before,
+        "a higher generation: {joined}"
+    );
+    let _link = a.events("kind=session.*", None).await;
+
+    // b's watcher sees a's events after the first one with no gap and no duplicate, up to a
+    // link.connected published by the new process.
+    let mut last = first;
+    loop {
+        let (id, event) = relayed.next().await;
+        let seq: u64 = id.rsplit_once(':').unwrap().1.parse().unwrap();
+        assert_eq!(seq, last + 1, "no gap, no duplicate: {event}");
+        last = seq;
+        if event["kind"] == "link.connected" {
+            break;
+        }
+    }
+}

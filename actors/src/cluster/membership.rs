@@ -20,12 +20,14 @@ use ractor::RpcReplyPort;
 
 use super::identity::NodeIdentity;
 use super::meta::{META_FORMAT, MetaHandler, NodeLoad, NodeMeta};
+use super::peer::{PeerActor, PeerArgs, PeerMsg, RelayCursors, RelaySource};
 use super::ports::{DatagramTransport, FocaCodec, MembershipCodec};
 use crate::event::{EventBus, EventData, NodeMembership};
 use crate::ids::NodeId;
-use crate::kernel::{Actor, ActorError, Context};
+use crate::kernel::{Actor, ActorError, ActorHandle, Context};
 use crate::registry::{MemberEntry, Registry, RegistryMsg};
 use crate::session::SessionStats;
+use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle};
 
 /// Largest membership datagram (fits a QUIC datagram on any path with the minimum MTU).
 pub const MAX_PACKET_BYTES: usize = 1150;
@@ -101,6 +103,58 @@ pub struct MembershipArgs {
     pub registry: Registry,
     /// What this node gossips about itself.
     pub local: LocalMeta,
+    /// The event relay: a PeerActor per member, when relaying.
+    pub relay: Option<RelayPorts>,
+}
+
+/// What the membership needs to run a PeerActor per member.
+#[derive(Clone)]
+pub struct RelayPorts {
+    /// Where PeerActors are started (the ClusterSupervisor).
+    pub supervisor: SupervisorHandle,
+    /// Opens relay links.
+    pub source: Arc<dyn RelaySource>,
+    /// Cursors per peer (outlive PeerActor instances).
+    pub cursors: RelayCursors,
+    /// The PeerActors started so far (outlive MembershipActor instances).
+    pub peers: Arc<dashmap::DashMap<NodeId, ActorHandle<PeerMsg>>>,
+}
+
+impl RelayPorts {
+    /// Tells the peer's actor that it is up (starting the actor the first time) or down.
+    fn update(&self, identity: &NodeIdentity, up: bool, events: &EventBus) {
+        if let Some(peer) = self.peers.get(&identity.node) {
+            let _ = peer.cast(if up {
+                PeerMsg::Up(identity.clone())
+            } else {
+                PeerMsg::Down
+            });
+            return;
+        }
+        if !up {
+            return;
+        }
+        let name = format!("peer-{}", identity.node);
+        let handle = ActorHandle::new(self.supervisor.path().child(&name));
+        self.peers.insert(identity.node.clone(), handle.clone());
+        let args = PeerArgs {
+            peer: identity.clone(),
+            events: events.clone(),
+            source: self.source.clone(),
+            cursors: self.cursors.clone(),
+        };
+        let spec = ChildSpec::worker(&handle, move || (PeerActor, args.clone()))
+            .policy(ChildPolicy::Permanent);
+        let supervisor = self.supervisor.clone();
+        let peers = self.peers.clone();
+        let node = identity.node.clone();
+        tokio::spawn(async move {
+            if let Err(error) = supervisor.start_child(spec).await {
+                tracing::warn!(peer = %node, %error, "the relay PeerActor did not start");
+                peers.remove(&node);
+            }
+        });
+    }
 }
 
 /// Messages of the MembershipActor.
@@ -303,6 +357,16 @@ impl MembershipState {
                     }
                     _ => {}
                 }
+            }
+            if let Some(relay) = &self.args.relay
+                && (before.as_ref().map(|seen| (&seen.identity, seen.state))
+                    != Some((&identity, now)))
+            {
+                relay.update(
+                    &identity,
+                    matches!(now, "alive" | "suspect"),
+                    &self.args.events,
+                );
             }
             let seen = Seen {
                 identity,

@@ -5,11 +5,14 @@
 pub mod identity;
 pub mod membership;
 pub mod meta;
+pub mod peer;
 pub mod ports;
 
 pub use identity::NodeIdentity;
 pub use membership::{
     LocalMeta, MAX_PACKET_BYTES, MembershipActor, MembershipArgs, MembershipMsg, MembershipProfile,
+    RelayPorts,
 };
 pub use meta::{MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta};
+pub use peer::{LinkReports, PeerActor, PeerMsg, RelayCursors, RelaySource};
 pub use ports::{CodecError, DatagramTransport, MembershipCodec};
