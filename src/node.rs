@@ -34,6 +34,7 @@ use crate::cluster::ClusterEndpoint;
 use crate::cluster::certs::{self, NodeFiles};
 use crate::cluster::membership::{QuicDatagrams, WireCodec};
 use crate::cluster::relay::{self, QuicRelaySource, RelayServer};
+use crate::cluster::remote::SessionOwners;
 use crate::config::{ClusterProfile, Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
@@ -239,6 +240,7 @@ impl NodeBuilder {
                 .as_ref()
                 .map(|sessions| sessions.stats.clone()),
         );
+        let calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>> = Arc::default();
         if let Some(endpoint) = &cluster {
             metrics = metrics.with_cluster(endpoint.stats().clone());
             if let Some((_, membership)) = &tree.cluster {
@@ -248,6 +250,7 @@ impl NodeBuilder {
                 node: node_id.clone(),
                 events: tree.events.clone(),
                 store: store.clone(),
+                calls: calls.clone(),
             }));
         }
         let core = Arc::new(NodeCore {
@@ -261,9 +264,14 @@ impl NodeBuilder {
             sessions,
             store,
             shutting_down: AtomicBool::new(false),
+            sessions_owners: cluster.as_ref().map(|_| SessionOwners::default()),
             cluster,
             config,
         });
+        if let Some(owners) = &core.sessions_owners {
+            owners.follow(&core);
+            let _ = calls.set((Arc::downgrade(&core), admin_token.clone()));
+        }
 
         let (http_addr, server) = if self.without_http {
             (None, None)
@@ -466,6 +474,8 @@ pub struct NodeCore {
     shutting_down: AtomicBool,
     /// The cluster endpoint, when the cluster is enabled.
     pub cluster: Option<ClusterEndpoint>,
+    /// Owners of other nodes' sessions, when the cluster is enabled.
+    pub sessions_owners: Option<SessionOwners>,
 }
 
 impl NodeCore {

@@ -5,5 +5,6 @@ pub mod certs;
 pub mod endpoint;
 pub mod membership;
 pub mod relay;
+pub mod remote;
 
 pub use endpoint::{ClusterEndpoint, ClusterStats, DialError, EndpointError, Refusal};

@@ -21,6 +21,8 @@ use troupe_actors::event::{
 use troupe_actors::ids::NodeId;
 
 use super::endpoint::ClusterEndpoint;
+use super::remote::{RemoteAnswer, RemoteCall};
+use crate::node::NodeCore;
 use crate::store::Store;
 use crate::wire::{self, WireError};
 
@@ -55,6 +57,10 @@ pub enum Frame {
     Batch(Vec<Event>),
     /// Receiver → sender: the receiver has everything up to this sequence number.
     Ack(u64),
+    /// A request forwarded to the node that owns the session (the only frame of its stream).
+    Call(RemoteCall),
+    /// The answer to a [`Frame::Call`].
+    Answer(RemoteAnswer),
 }
 
 /// Why a stream ended.
@@ -118,6 +124,8 @@ pub struct RelayServer {
     pub events: EventBus,
     /// Its event log.
     pub store: Store,
+    /// Where forwarded calls run: the node's core and its admin token (set once it exists).
+    pub calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>>,
 }
 
 impl RelayServer {
@@ -135,7 +143,7 @@ impl RelayServer {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        if let Err(error) = self.run(&mut send, &mut recv).await {
+        if let Err(error) = self.run(&peer, &mut send, &mut recv).await {
             tracing::debug!(%peer, %error, "relay stream ended");
         }
         let _ = send.finish();
@@ -143,12 +151,27 @@ impl RelayServer {
 
     async fn run(
         &self,
+        peer: &NodeId,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), RelayError> {
         let hello = tokio::time::timeout(PATIENCE, read_frame(recv))
             .await
             .map_err(|_| RelayError::Protocol("no hello in time".into()))??;
+        if let Frame::Call(call) = hello {
+            let core = self
+                .calls
+                .get()
+                .and_then(|(core, token)| core.upgrade().map(|core| (core, token.clone())));
+            let answer = match core {
+                Some((core, token)) => super::remote::answer(core, &token, peer, call).await,
+                None => RemoteAnswer {
+                    status: 503,
+                    body: br#"{"error":{"code":"shutting_down","message":"the node is not serving","details":{}}}"#.to_vec(),
+                },
+            };
+            return write_frame(send, &Frame::Answer(answer)).await;
+        }
         let after = match hello {
             Frame::Hello { version, after } if version == RELAY_VERSION => after,
             Frame::Hello { version, .. } => {

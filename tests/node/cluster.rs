@@ -332,3 +332,148 @@ async fn a_restarted_node_rejoins_with_a_higher_generation_and_its_events_resume
         }
     }
 }
+
+/// Reads events from `stream` until one concerns session `id` with kind `kind`.
+async fn wait_session_event(stream: &mut crate::support::SseStream, id: &str, kind: &str) {
+    loop {
+        let (_, event) = stream.next_of(kind).await;
+        if event["session"] == id {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sessions_spawned_through_one_node_run_on_another_and_are_reached_through_it() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let a = cluster_node(temp.path(), "a", None).await;
+    let b = cluster_node(temp.path(), "b", a.cluster).await;
+    let mut b_members = b.events("kind=node.*&tail=100", None).await;
+    let mut c = cluster_node(temp.path(), "c", a.cluster).await;
+    wait_membership(&mut b_members, "node.joined", &["a", "c"]).await;
+
+    // Spawn through b on c.
+    let response = b
+        .post_json(
+            "/v1/sessions",
+            serde_json::json!({"kind": "command", "program": "sh",
+                "args": ["-c", "echo hi-from-c; sleep 60"], "node": "c"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let created: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(created["node"], "c", "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    // b learns the owner from c's relayed events, then reaches the session through c.
+    let mut on_b = b.events(&format!("session={id}&tail=100"), None).await;
+    wait_session_event(&mut on_b, &id, "session.output").await;
+    let got = b.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(got.status(), 200);
+    let got: serde_json::Value = got.json().await.unwrap();
+    assert_eq!(got["node"], "c");
+    let output = b.get(&format!("/v1/sessions/{id}/output")).await;
+    assert_eq!(output.status(), 200);
+    assert!(output.text().await.unwrap().contains("hi-from-c"));
+
+    // A cluster-wide listing has it; a local one does not.
+    let listed: serde_json::Value = b
+        .get("/v1/sessions?scope=cluster")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id),
+        "{listed}"
+    );
+    assert_eq!(listed["nodes"]["c"], "ok", "{listed}");
+    let local: serde_json::Value = b.get("/v1/sessions").await.json().await.unwrap();
+    assert!(
+        !local["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id)
+    );
+
+    // Cancel through b.
+    let cancelled = b
+        .client()
+        .delete(b.url(&format!("/v1/sessions/{id}")))
+        .bearer_auth(&b.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 202);
+    wait_session_event(&mut on_b, &id, "session.cancelled").await;
+
+    // least_loaded places somewhere in the cluster.
+    let placed: serde_json::Value = a
+        .post_json(
+            "/v1/sessions",
+            serde_json::json!({"kind": "command", "program": "sh", "args": ["-c", "true"],
+                "placement": "least_loaded"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ["a", "b", "c"].contains(&placed["node"].as_str().unwrap()),
+        "{placed}"
+    );
+
+    // A session still running on c when c dies is shown unreachable in cluster listings.
+    let running: serde_json::Value = b
+        .post_json(
+            "/v1/sessions",
+            serde_json::json!({"kind": "command", "program": "sh", "args": ["-c", "sleep 20"],
+                "node": "c"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let running = running["id"].as_str().unwrap().to_owned();
+    let mut running_on_b = b.events(&format!("session={running}&tail=100"), None).await;
+    wait_session_event(&mut running_on_b, &running, "session.started").await;
+
+    // The owner goes down: the answer says so and names it.
+    c.child.start_kill().unwrap();
+    let _ = c.wait_exit().await;
+    wait_membership(&mut b_members, "node.down", &["c"]).await;
+    let down = b.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(down.status(), 503);
+    let down: serde_json::Value = down.json().await.unwrap();
+    assert_eq!(down["error"]["code"], "owner_unreachable", "{down}");
+    assert_eq!(down["error"]["details"]["node"], "c");
+
+    let listed: serde_json::Value = b
+        .get("/v1/sessions?scope=cluster")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["nodes"]["c"], "unreachable", "{listed}");
+    let shown = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == running)
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(shown["state"], "unreachable");
+    assert!(
+        !listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id),
+        "an ended session is not shown unreachable"
+    );
+}
