@@ -1,6 +1,7 @@
 //! The `troupe` command line: `troupe node` runs a node; the other commands talk to one over
 //! its HTTP API. This is the only place that uses `anyhow`: commands report errors to people.
 
+mod bench;
 mod client;
 mod cluster;
 mod events;
@@ -36,6 +37,9 @@ enum Command {
     /// Cluster certificates and members.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Measure (two nodes in this process on loopback).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -58,6 +62,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(args).await,
             Command::Session(command) => session::run(command).await,
             Command::Cluster(command) => cluster::run(command).await,
+            Command::Bench(command) => bench::run(command).await,
         }
     });
     match outcome {
