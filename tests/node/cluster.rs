@@ -100,6 +100,21 @@ async fn nodes_start_with_certificates_made_by_the_cli() {
     assert!(!ok && err.contains("already exists"), "{err}");
 }
 
+/// The node's stderr once it contains `needle` (the reader task may lag the exit a little).
+async fn logged(logs: &crate::support::Logs, needle: &str) -> String {
+    let found = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let text = logs.all().join("\n");
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| logs.all().join("\n"))
+}
+
 #[tokio::test]
 async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
     let temp = tempfile::tempdir().unwrap();
@@ -112,7 +127,7 @@ async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
         .unwrap()
         .unwrap();
     assert!(!status.success());
-    let text = logs.all().join("\n");
+    let text = logged(&logs, "troupe cluster init").await;
     assert!(text.contains("troupe cluster init"), "{text}");
 
     make_cluster(temp.path(), &["b"]).await;
@@ -125,7 +140,7 @@ async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
         .unwrap()
         .unwrap();
     assert!(!status.success());
-    let text = logs.all().join("\n");
+    let text = logged(&logs, "issued to node").await;
     assert!(
         text.contains("issued to node \\\"b\\\"") || text.contains("issued to node \"b\""),
         "{text}"
@@ -333,6 +348,29 @@ async fn a_restarted_node_rejoins_with_a_higher_generation_and_its_events_resume
     }
 }
 
+/// Waits until `node`'s member view (the registry, updated next to the `node.*` events) has
+/// every one of `nodes` alive.
+async fn wait_alive(node: &NodeProcess, nodes: &[&str]) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let view: serde_json::Value =
+                node.get("/v1/cluster/members").await.json().await.unwrap();
+            let members = view["members"].as_array().cloned().unwrap_or_default();
+            let alive = |name: &str| {
+                members
+                    .iter()
+                    .any(|m| m["node"] == name && m["state"] == "alive")
+            };
+            if nodes.iter().all(|name| alive(name)) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the member view catches up with the membership events");
+}
+
 /// Reads events from `stream` until one concerns session `id` with kind `kind`.
 async fn wait_session_event(stream: &mut crate::support::SseStream, id: &str, kind: &str) {
     loop {
@@ -352,6 +390,7 @@ async fn sessions_spawned_through_one_node_run_on_another_and_are_reached_throug
     let mut b_members = b.events("kind=node.*&tail=100", None).await;
     let mut c = cluster_node(temp.path(), "c", a.cluster).await;
     wait_membership(&mut b_members, "node.joined", &["a", "c"]).await;
+    wait_alive(&b, &["a", "c"]).await;
 
     // Spawn through b on c.
     let response = b

@@ -326,6 +326,14 @@ impl MembershipState {
                 FocaState::Down if self.left.contains(&node) => "left",
                 FocaState::Down => "down",
             };
+            let seen = Seen {
+                identity: identity.clone(),
+                state: now,
+            };
+            if before.as_ref() != Some(&seen) {
+                // The view first, so whoever reacts to the event finds the member in it.
+                self.register(&seen);
+            }
             if renamed && now != "down" && now != "left" {
                 // A restarted node: a new generation, even if the old one was never seen down.
                 self.left.remove(&node);
@@ -368,12 +376,7 @@ impl MembershipState {
                     &self.args.events,
                 );
             }
-            let seen = Seen {
-                identity,
-                state: now,
-            };
             if before.as_ref() != Some(&seen) {
-                self.register(&seen);
                 self.seen.insert(node, seen);
             }
         }

@@ -18,16 +18,9 @@ use crate::cluster::certs;
 use crate::config::{ClusterProfile, Config};
 use crate::node::{Node, NodeHandle};
 
-/// `troupe bench` subcommands.
-#[derive(Debug, clap::Subcommand)]
-pub(super) enum BenchCommand {
-    /// Event relay between two nodes on loopback: latency at a steady rate, and throughput.
-    Cluster(ClusterArgs),
-}
-
 /// `troupe bench cluster` options.
 #[derive(Debug, clap::Args)]
-pub(super) struct ClusterArgs {
+pub(crate) struct ClusterArgs {
     /// Events per second of the latency run.
     #[arg(long, default_value_t = 10_000)]
     rate: u32,
@@ -85,9 +78,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-pub(super) async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Cluster(args) = command;
-    crate::tls::install_default_provider();
+pub(super) async fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let root = std::env::temp_dir().join(format!(
         "troupe-bench-{}-{}",
         std::process::id(),
