@@ -274,6 +274,8 @@ pub enum ClusterProfile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
+    /// Runs the cluster endpoint (also turned on by `--cluster-listen`, `--join`, or seeds).
+    pub enabled: bool,
     /// QUIC address.
     pub listen: SocketAddr,
     /// Addresses of nodes to join.
@@ -286,17 +288,37 @@ pub struct ClusterConfig {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+    /// Labels gossiped with the node's metadata (placement constraints match them).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ClusterConfig {
+    /// True when the node runs its cluster endpoint: `enabled`, or seeds to join.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled || !self.seeds.is_empty()
+    }
+
+    /// `path` resolved against the data directory unless absolute.
+    pub fn resolve(&self, data_dir: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            data_dir.join(path)
+        }
+    }
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
+            enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
             seeds: Vec::new(),
             profile: ClusterProfile::Lan,
             ca: PathBuf::from("cluster/ca.pem"),
             cert: PathBuf::from("cluster/node.pem"),
             key: PathBuf::from("cluster/node.key"),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -484,6 +506,9 @@ impl Config {
         let mut config: Config = figment.extract().map_err(describe)?;
         config.cluster.seeds.extend(overrides.join.iter().copied());
         config.cluster.seeds.dedup();
+        if overrides.cluster_listen.is_some() || !overrides.join.is_empty() {
+            config.cluster.enabled = true;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -535,6 +560,20 @@ impl Config {
                 "auth.requests_per_second",
                 "requests_per_second and burst must be at least 1".into(),
             ));
+        }
+        if self.cluster.labels.len() > 16 {
+            return Err(semantic(
+                "cluster.labels",
+                format!("{} labels; at most 16", self.cluster.labels.len()),
+            ));
+        }
+        for (key, value) in &self.cluster.labels {
+            if key.is_empty() || key.len() > 64 || value.len() > 64 {
+                return Err(semantic(
+                    &format!("cluster.labels.{key}"),
+                    "label names must be 1 to 64 bytes and values at most 64 bytes".into(),
+                ));
+            }
         }
         if self.sessions.max_concurrent == 0 {
             return Err(semantic(

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod http;

@@ -11,6 +11,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use troupe_actors::event::EventBus;
+
+use crate::cluster::{ClusterStats, Refusal};
 use troupe_actors::kernel::ActorDirectory;
 use troupe_actors::provider::ProviderActorRef;
 use troupe_actors::registry::RegistryTables;
@@ -264,6 +266,60 @@ fn encode_sessions(encoder: &mut DescriptorEncoder<'_>, stats: &SessionStats) ->
     )
 }
 
+struct ClusterCollector {
+    stats: Arc<ClusterStats>,
+}
+
+impl fmt::Debug for ClusterCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterCollector")
+    }
+}
+
+impl Collector for ClusterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let stats = &self.stats;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        family(
+            &mut encoder,
+            "troupe_cluster_refused",
+            "Cluster peers refused, by reason (no_certificate, unknown_ca, expired, wrong_node, \
+             handshake)",
+            MetricType::Counter,
+            Refusal::ALL.iter().map(|reason| {
+                (
+                    vec![("reason", reason.as_str().to_owned())],
+                    ConstCounter::new(stats.refused(*reason)),
+                )
+            }),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_cluster_connections",
+            "Cluster connections established (both directions)",
+            MetricType::Counter,
+            ConstCounter::new(load(&stats.connections)),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_cluster_datagrams",
+            "Membership datagrams, by outcome",
+            MetricType::Counter,
+            [
+                ("sent", load(&stats.datagrams_sent)),
+                ("received", load(&stats.datagrams_received)),
+                ("dropped", load(&stats.datagrams_dropped)),
+            ]
+            .map(|(outcome, count)| {
+                (
+                    vec![("outcome", outcome.to_owned())],
+                    ConstCounter::new(count),
+                )
+            }),
+        )
+    }
+}
+
 impl NodeMetrics {
     /// A registry reading the node's actors, bus, registry and session counters.
     pub fn new(
@@ -289,6 +345,13 @@ impl NodeMetrics {
             self.registry
                 .register_collector(Box::new(ProviderCollector { providers }));
         }
+    }
+
+    /// Adds the cluster endpoint's counters.
+    pub fn with_cluster(mut self, stats: Arc<ClusterStats>) -> Self {
+        self.registry
+            .register_collector(Box::new(ClusterCollector { stats }));
+        self
     }
 
     /// Renders the Prometheus text exposition.

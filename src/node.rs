@@ -15,20 +15,28 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use troupe_actors::cluster::{MembershipMsg, MembershipProfile};
 use troupe_actors::event::{
     EventBus, EventBusConfig, EventFilter, Replay, ReplayFrom, Subscription,
 };
 use troupe_actors::health::{HealthConfig, HealthReport};
 use troupe_actors::ids::{ActorPath, NodeId, SessionId};
 use troupe_actors::kernel::{CallError, FaultError, FaultKind};
-use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts};
+use troupe_actors::node::{
+    ClusterPorts, NodePorts, NodeTree, NodeTreeConfig, NodeTreeError, SessionPorts,
+};
 use troupe_actors::provider::ProviderSet;
 use troupe_actors::registry::Registry;
 use troupe_actors::session::{ChatRunner, OutputLimits, SessionSettings, SessionSpec};
 use troupe_actors::supervisor::{Backoff, RestartIntensity, SupervisorConfig};
 
 use crate::auth::{self, RequestLimiter, TokenBook, TokenFileError};
-use crate::config::{Config, ConfigError};
+use crate::cluster::ClusterEndpoint;
+use crate::cluster::certs::{self, NodeFiles};
+use crate::cluster::membership::{QuicDatagrams, WireCodec};
+use crate::cluster::relay::{self, QuicRelaySource, RelayServer};
+use crate::cluster::remote::SessionOwners;
+use crate::config::{ClusterProfile, Config, ConfigError};
 use crate::metrics::NodeMetrics;
 use crate::process::LocalRunner;
 use crate::provider::client::HttpProvider;
@@ -61,6 +69,9 @@ pub enum NodeError {
         /// Why.
         source: troupe_actors::session::StoreError,
     },
+    /// The cluster endpoint could not start (credentials, node id, socket).
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The HTTP listener could not be bound.
     #[error(
         "cannot listen on {addr}: {source}; choose another address with --listen or http.listen"
@@ -182,7 +193,39 @@ impl NodeBuilder {
         } else {
             Some(Arc::new(NodeChats::new(providers.set.clone())))
         };
+        let cluster = if config.cluster.is_enabled() {
+            match start_cluster(&config, &data_dir, &node_id) {
+                Ok(endpoint) => Some(endpoint),
+                Err(error) => {
+                    let _ = store.clone().close().await;
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
+        let cluster_ports = match &cluster {
+            Some(endpoint) => {
+                let addr = endpoint.local_addr().map_err(|error| {
+                    NodeError::Cluster(format!("the cluster socket has no address: {error}"))
+                })?;
+                Some(ClusterPorts {
+                    addr,
+                    seeds: config.cluster.seeds.clone(),
+                    profile: match config.cluster.profile {
+                        ClusterProfile::Lan => MembershipProfile::Lan,
+                        ClusterProfile::Fast => MembershipProfile::Fast,
+                    },
+                    labels: config.cluster.labels.clone(),
+                    codec: Arc::new(WireCodec),
+                    transport: Arc::new(QuicDatagrams(endpoint.clone())),
+                    relay: Some(Arc::new(QuicRelaySource(endpoint.clone()))),
+                })
+            }
+            None => None,
+        };
         let ports = NodePorts {
+            cluster: cluster_ports,
             event_store: Some(Arc::new(store.clone())),
             sessions: Some(SessionPorts {
                 runner: Arc::new(LocalRunner::new(OutputLimits::default())),
@@ -192,7 +235,15 @@ impl NodeBuilder {
             }),
             providers: providers.actors,
         };
-        let tree = NodeTree::start(tree_config(&config, node_id.clone()), ports).await?;
+        let tree = match NodeTree::start(tree_config(&config, node_id.clone()), ports).await {
+            Ok(tree) => tree,
+            Err(error) => {
+                if let Some(endpoint) = &cluster {
+                    endpoint.close(Duration::from_secs(1)).await;
+                }
+                return Err(error.into());
+            }
+        };
         let sessions = SessionService::new(
             tree.session_manager
                 .clone()
@@ -211,6 +262,19 @@ impl NodeBuilder {
                 .map(|sessions| sessions.stats.clone()),
         );
         metrics.add_providers(tree.provider_actors.clone());
+        let calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>> = Arc::default();
+        if let Some(endpoint) = &cluster {
+            metrics = metrics.with_cluster(endpoint.stats().clone());
+            if let Some((_, membership)) = &tree.cluster {
+                crate::cluster::membership::attach(endpoint, membership.clone());
+            }
+            endpoint.set_stream_handler(relay::serve_streams(RelayServer {
+                node: node_id.clone(),
+                events: tree.events.clone(),
+                store: store.clone(),
+                calls: calls.clone(),
+            }));
+        }
         let core = Arc::new(NodeCore {
             tokens: TokenBook::new(&config.auth, Some(&admin_token)),
             limiter: RequestLimiter::new(&config.auth),
@@ -224,8 +288,14 @@ impl NodeBuilder {
             providers: providers.set,
             session_keys,
             shutting_down: AtomicBool::new(false),
+            sessions_owners: cluster.as_ref().map(|_| SessionOwners::default()),
+            cluster,
             config,
         });
+        if let Some(owners) = &core.sessions_owners {
+            owners.follow(&core);
+            let _ = calls.set((Arc::downgrade(&core), admin_token.clone()));
+        }
 
         let (http_addr, server) = if self.without_http {
             (None, None)
@@ -234,14 +304,25 @@ impl NodeBuilder {
                 Ok(started) => started,
                 Err(error) => {
                     core.tree.shutdown(Duration::from_secs(10)).await;
+                    if let Some(cluster) = &core.cluster {
+                        cluster.close(Duration::from_secs(1)).await;
+                    }
                     let _ = core.store.clone().close().await;
                     return Err(error);
                 }
             }
         };
+        if let (Some(http), Some((_, membership))) = (http_addr, &core.tree.cluster) {
+            let _ = membership.cast(MembershipMsg::SetHttp(http.to_string()));
+        }
         tracing::info!(
             node = %node_id,
             http = %http_addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
+            cluster = %core
+                .cluster
+                .as_ref()
+                .and_then(|cluster| cluster.local_addr().ok())
+                .map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
             data_dir = %core.data_dir.display(),
             fault_injection = core.config.debug.fault_injection,
             "node started"
@@ -254,6 +335,41 @@ impl NodeBuilder {
             }),
         })
     }
+}
+
+/// Loads this node's cluster credentials, checks they name this node, binds the endpoint.
+fn start_cluster(
+    config: &Config,
+    data_dir: &Path,
+    node_id: &NodeId,
+) -> Result<ClusterEndpoint, NodeError> {
+    let cluster = &config.cluster;
+    let files = NodeFiles {
+        ca: cluster.resolve(data_dir, &cluster.ca),
+        cert: cluster.resolve(data_dir, &cluster.cert),
+        key: cluster.resolve(data_dir, &cluster.key),
+    };
+    let credentials = certs::load(&files).map_err(|error| {
+        NodeError::Cluster(format!(
+            "{error}; create this node's files with `troupe cluster init` (first node) or \
+             `troupe cluster issue {node_id} --out {}` on a node holding the CA, or set \
+             cluster.ca, cluster.cert and cluster.key",
+            data_dir.join("cluster").display()
+        ))
+    })?;
+    if credentials.node != *node_id {
+        return Err(NodeError::Cluster(format!(
+            "the certificate {} was issued to node {:?} but this node is {:?}; set node_id to \
+             match, or issue a certificate for {:?}",
+            files.cert.display(),
+            credentials.node.as_str(),
+            node_id.as_str(),
+            node_id.as_str()
+        )));
+    }
+    let endpoint = ClusterEndpoint::bind(&credentials, cluster.listen, Arc::default())
+        .map_err(|error| NodeError::Cluster(error.to_string()))?;
+    Ok(endpoint)
 }
 
 struct Server {
@@ -392,6 +508,10 @@ pub struct NodeCore {
     /// Session-scoped gateway keys.
     pub session_keys: Arc<SessionKeys>,
     shutting_down: AtomicBool,
+    /// The cluster endpoint, when the cluster is enabled.
+    pub cluster: Option<ClusterEndpoint>,
+    /// Owners of other nodes' sessions, when the cluster is enabled.
+    pub sessions_owners: Option<SessionOwners>,
 }
 
 impl NodeCore {
@@ -422,6 +542,15 @@ impl NodeHandle {
     /// The bound HTTP address, when HTTP runs.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.inner.http_addr
+    }
+
+    /// The bound cluster (QUIC) address, when the cluster is enabled.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.inner
+            .core
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.local_addr().ok())
     }
 
     /// The data directory.
@@ -538,6 +667,9 @@ impl NodeHandle {
         }
         let timeout = Duration::from_secs(core.config.supervision.shutdown_timeout_secs);
         core.tree.shutdown(timeout).await;
+        if first && let Some(cluster) = &core.cluster {
+            cluster.close(Duration::from_secs(1)).await;
+        }
         if first && let Err(error) = core.store.clone().close().await {
             tracing::warn!(%error, "the store did not close cleanly");
         }

@@ -68,6 +68,19 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     Ok(value)
 }
 
+/// Decodes a value from the front of `bytes`; returns it and how many bytes it used (for
+/// formats that put several values back to back, like membership packets).
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), WireError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|error| WireError::Decode(error.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

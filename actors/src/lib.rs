@@ -16,6 +16,7 @@
 //! - [`provider`]: a provider's pure policy: budget, circuit breaker, retry schedule, rate-limit
 //!   headers.
 
+pub mod cluster;
 pub mod event;
 pub mod health;
 pub mod ids;

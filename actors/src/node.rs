@@ -10,7 +10,10 @@
 //! ├── SessionSupervisor (dynamic one_for_one)            sessions
 //! │   ├── SessionManager                                 sessions/manager
 //! │   └── SessionActor ×N (transient)                    sessions/<id>
-//! └── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
+//! ├── TransportSupervisor (dynamic, temporary)           links       └── links/<id>
+//! └── ClusterSupervisor (one_for_one, when clustered)     cluster
+//!     ├── MembershipActor                                cluster/membership
+//!     └── PeerActor ×N (one per member, event relay)     cluster/peer-<node>
 //! ```
 //!
 //! I/O arrives through ports ([`NodePorts`]): this module never touches a socket or a file.
@@ -21,6 +24,10 @@ use std::time::Duration;
 use ractor::ActorCell;
 use tokio::sync::watch;
 
+use crate::cluster::{
+    DatagramTransport, LocalMeta, MembershipActor, MembershipArgs, MembershipCodec, MembershipMsg,
+    MembershipProfile, RelayCursors, RelayPorts, RelaySource,
+};
 use crate::event::{BusShared, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventStore};
 use crate::health::{Health, HealthActor, HealthArgs, HealthConfig, HealthShared};
 use crate::ids::{ActorPath, NodeId};
@@ -86,6 +93,27 @@ pub struct NodePorts {
     /// before the tree starts, so that ports built from them (a chat runner) can be passed in
     /// too.
     pub providers: Vec<ProviderActorRef>,
+    /// What the cluster needs; without it the node is not clustered.
+    pub cluster: Option<ClusterPorts>,
+}
+
+/// The ports and settings of the cluster branch.
+#[derive(Clone)]
+pub struct ClusterPorts {
+    /// This node's cluster address.
+    pub addr: std::net::SocketAddr,
+    /// Addresses to join through.
+    pub seeds: Vec<std::net::SocketAddr>,
+    /// Failure-detection timing.
+    pub profile: MembershipProfile,
+    /// Labels gossiped in the node's metadata.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The wire format.
+    pub codec: Arc<dyn MembershipCodec>,
+    /// Datagrams out.
+    pub transport: Arc<dyn DatagramTransport>,
+    /// Opens event relay links; without it events are not relayed.
+    pub relay: Option<Arc<dyn RelaySource>>,
 }
 
 /// The ports of sessions.
@@ -137,6 +165,8 @@ pub struct NodeTree {
     pub session_manager: Option<Sessions>,
     /// The TransportSupervisor.
     pub links: SupervisorHandle,
+    /// The ClusterSupervisor and MembershipActor, when clustered.
+    pub cluster: Option<(SupervisorHandle, ActorHandle<MembershipMsg>)>,
     /// Every supervised actor by path.
     pub directory: ActorDirectory,
     root: SupervisorHandle,
@@ -195,6 +225,44 @@ impl NodeTree {
                 };
                 Some(ChildSpec::worker(&machinery.manager, move || {
                     (SessionManager, args.clone())
+                }))
+            }
+            _ => None,
+        };
+
+        let cluster = ports.cluster.as_ref().map(|_| {
+            let supervisor: SupervisorHandle = ActorHandle::new(root_path.child("cluster"));
+            let membership = ActorHandle::new(root_path.child("cluster").child("membership"));
+            (supervisor, membership)
+        });
+        let membership_spec = match (&ports.cluster, &cluster) {
+            (Some(cluster_ports), Some((supervisor, membership))) => {
+                let args = MembershipArgs {
+                    node: config.node.clone(),
+                    addr: cluster_ports.addr,
+                    seeds: cluster_ports.seeds.clone(),
+                    profile: cluster_ports.profile,
+                    codec: cluster_ports.codec.clone(),
+                    transport: cluster_ports.transport.clone(),
+                    events: events.clone(),
+                    registry: registry.clone(),
+                    local: LocalMeta {
+                        labels: cluster_ports.labels.clone(),
+                        max_concurrent: u32::try_from(config.sessions.max_concurrent)
+                            .unwrap_or(u32::MAX),
+                        queue_capacity: u32::try_from(config.sessions.queue_capacity)
+                            .unwrap_or(u32::MAX),
+                        stats: session_manager.as_ref().map(|s| s.stats.clone()),
+                    },
+                    relay: cluster_ports.relay.clone().map(|source| RelayPorts {
+                        supervisor: supervisor.clone(),
+                        source,
+                        cursors: RelayCursors::default(),
+                        peers: Arc::default(),
+                    }),
+                };
+                Some(ChildSpec::worker(membership, move || {
+                    (MembershipActor, args.clone())
                 }))
             }
             _ => None,
@@ -262,6 +330,17 @@ impl NodeTree {
             })
             .policy(ChildPolicy::Permanent),
         ];
+        let mut children = children;
+        if let (Some((supervisor, _)), Some(spec)) = (&cluster, membership_spec) {
+            children.push(ChildSpec::supervisor(supervisor, {
+                let mut args = supervisor_args(SupervisorConfig {
+                    strategy: Strategy::OneForOne,
+                    ..supervision
+                });
+                args.children.push(spec);
+                move || (Supervisor, args.clone())
+            }));
+        }
 
         let root: SupervisorHandle = ActorHandle::new(root_path.clone());
         directory.insert(
@@ -299,6 +378,7 @@ impl NodeTree {
             sessions,
             session_manager,
             links,
+            cluster,
             directory,
             root,
             root_cell,
@@ -325,6 +405,20 @@ impl NodeTree {
     /// Stops the tree: every supervisor stops its children in reverse start order, each
     /// gracefully within its timeout, then killed. Afterwards every handle reports `Stopped`.
     pub async fn shutdown(&self, timeout: Duration) {
+        if let Some((_, membership)) = &self.cluster
+            && !self.has_exited()
+        {
+            // Tell the cluster first, so peers record a leave rather than a failure.
+            let left = membership
+                .call(
+                    |reply| MembershipMsg::Leave { reply },
+                    Duration::from_secs(1),
+                )
+                .await;
+            if let Err(error) = left {
+                tracing::warn!(%error, "the cluster was not told that this node leaves");
+            }
+        }
         if let Some(sessions) = &self.session_manager
             && !self.has_exited()
         {

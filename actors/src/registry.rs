@@ -60,6 +60,8 @@ pub struct MemberEntry {
     pub generation: u64,
     /// alive, suspect, down or left.
     pub state: String,
+    /// What it last said about itself (of this generation), when anything.
+    pub meta: Option<crate::cluster::NodeMeta>,
 }
 
 /// The registry's read side.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod cluster;
 mod events;
 mod health;
 mod mcp;
@@ -39,6 +40,9 @@ enum Command {
     /// Spawn, list, show, cancel sessions and read their output.
     #[command(subcommand)]
     Session(session::SessionCommand),
+    /// Cluster certificates and members.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Measure a node end to end against a baseline in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -66,6 +70,7 @@ pub fn main() -> ExitCode {
             Command::Mcp(args) => mcp::run(args).await,
             Command::Bench(command) => bench::run(command).await,
             Command::Nodes(args) => mcp::nodes(args),
+            Command::Cluster(command) => cluster::run(command).await,
         }
     });
     match outcome {

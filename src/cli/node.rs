@@ -29,6 +29,12 @@ pub(super) struct NodeArgs {
     /// Log filter, e.g. `info` or `info,troupe=debug` (log.level).
     #[arg(long)]
     log_level: Option<String>,
+    /// Cluster (QUIC) listen address; turns the cluster on (cluster.listen).
+    #[arg(long)]
+    cluster_listen: Option<SocketAddr>,
+    /// A node to join (repeatable; added to cluster.seeds); turns the cluster on.
+    #[arg(long, value_name = "ADDR")]
+    join: Vec<SocketAddr>,
     /// Enable POST /v1/admin/faults (debug.fault_injection).
     #[arg(long)]
     fault_injection: bool,
@@ -42,7 +48,8 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         log_format: args.log_format,
         log_level: args.log_level,
         fault_injection: args.fault_injection.then_some(true),
-        ..Overrides::default()
+        cluster_listen: args.cluster_listen,
+        join: args.join,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     crate::telemetry::init(config.log.format, &config.log.level);

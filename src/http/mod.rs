@@ -38,6 +38,7 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
     let viewer = Router::new()
         .route("/v1/ready", get(ops::ready))
         .route("/v1/links", get(ops::links))
+        .route("/v1/cluster/members", get(ops::members))
         .route("/v1/events", get(events::stream))
         .route("/v1/events/ws", get(events_ws::upgrade))
         .route("/metrics", get(ops::metrics))
@@ -45,11 +46,19 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
         .route("/v1/sessions/{id}", get(sessions::get))
         .route("/v1/sessions/{id}/output", get(sessions::output))
         .route("/v1/providers", get(gateway::providers))
+        .route_layer(middleware::from_fn_with_state(
+            core.clone(),
+            crate::cluster::remote::route_sessions,
+        ))
         .route_layer(middleware::from_fn_with_state(core.clone(), require_viewer));
 
     let operator = Router::new()
         .route("/v1/sessions", post(sessions::create))
         .route("/v1/sessions/{id}", axum::routing::delete(sessions::cancel))
+        .route_layer(middleware::from_fn_with_state(
+            core.clone(),
+            crate::cluster::remote::route_sessions,
+        ))
         .route_layer(middleware::from_fn_with_state(
             core.clone(),
             require_operator,

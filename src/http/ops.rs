@@ -64,3 +64,19 @@ pub(super) async fn metrics(State(core): State<Arc<NodeCore>>) -> Response {
 pub(super) async fn links(State(core): State<Arc<NodeCore>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "links": core.tree.registry.tables().links() }))
 }
+
+/// `GET /v1/cluster/members`: this node and the members it knows, with their metadata.
+pub(super) async fn members(State(core): State<Arc<NodeCore>>) -> Json<serde_json::Value> {
+    let this = core.cluster.as_ref().map(|endpoint| {
+        serde_json::json!({
+            "node": core.node_id,
+            "addr": endpoint.local_addr().ok().map(|addr| addr.to_string()),
+            "connected": endpoint.connected(),
+        })
+    });
+    Json(serde_json::json!({
+        "enabled": core.cluster.is_some(),
+        "self": this,
+        "members": core.tree.registry.tables().members(),
+    }))
+}

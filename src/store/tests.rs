@@ -1245,6 +1245,7 @@ async fn a_restarted_node_continues_its_event_ids_and_replays_from_the_store() {
             event_store: Some(Arc::new(store)),
             sessions: None,
             providers: Vec::new(),
+            cluster: None,
         };
         NodeTree::start(NodeTreeConfig::new(node()), ports)
             .await

@@ -4,6 +4,7 @@
 
 mod api;
 mod cli;
+mod cluster;
 mod events;
 mod gateway;
 mod lifecycle;

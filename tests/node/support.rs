@@ -72,6 +72,8 @@ pub struct NodeProcess {
     pub token: String,
     pub logs: Logs,
     pub data_dir: PathBuf,
+    /// The cluster (QUIC) address, when the cluster is on.
+    pub cluster: Option<SocketAddr>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -102,6 +104,9 @@ impl NodeProcess {
             ),
         };
         let addr: SocketAddr = started["http"].as_str().unwrap().parse().unwrap();
+        let cluster = started["cluster"]
+            .as_str()
+            .and_then(|addr| addr.parse::<SocketAddr>().ok());
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .unwrap()
             .trim()
@@ -112,6 +117,7 @@ impl NodeProcess {
             token,
             logs,
             data_dir: data_dir.to_owned(),
+            cluster,
             _temp: None,
         }
     }
@@ -187,6 +193,11 @@ pub struct NodeEnv {
     pub vars: Vec<(String, String)>,
     /// The node's working directory (its default workspace root); the test's when `None`.
     pub cwd: Option<PathBuf>,
+}
+
+/// Starts the binary; returns it and its log lines.
+pub fn spawn_node(data_dir: &Path, extra: &[&str]) -> (Child, Logs) {
+    spawn_node_with(data_dir, extra, &NodeEnv::default())
 }
 
 /// Starts the binary with `env`; returns it and its log lines.

@@ -2,6 +2,7 @@
 #![allow(missing_docs, unreachable_pub)]
 
 mod bus;
+mod cluster;
 mod handles;
 mod node;
 mod providers;

@@ -296,6 +296,7 @@ impl Harness {
         };
         let runner = Arc::new(ScriptedRunner::default());
         let ports = NodePorts {
+            cluster: None,
             event_store: None,
             sessions: Some(SessionPorts {
                 runner: runner.clone(),

@@ -2,6 +2,7 @@
 //! process on the same machine, so the figures compare like with like. Each scenario starts its
 //! own embedded node(s) on loopback in a temporary data directory and cleans up after itself.
 
+mod cluster;
 mod events;
 mod gateway;
 mod sessions;
@@ -20,6 +21,8 @@ pub(super) enum BenchCommand {
     Gateway(gateway::GatewayArgs),
     /// Event delivery over SSE and WebSocket against the in-process bus.
     Events(events::EventsArgs),
+    /// Event relay between two nodes on loopback: latency at a steady rate, and throughput.
+    Cluster(cluster::ClusterArgs),
 }
 
 /// Runs one scenario.
@@ -29,6 +32,7 @@ pub(super) async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Sessions(args) => sessions::run(args).await,
         BenchCommand::Gateway(args) => gateway::run(args).await,
         BenchCommand::Events(args) => events::run(args).await,
+        BenchCommand::Cluster(args) => cluster::run(args).await,
     }
 }
 

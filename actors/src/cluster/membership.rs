@@ -1,0 +1,591 @@
+//! The MembershipActor: owns the node's foca (SWIM) instance and is the only code that touches
+//! it. Every input (a datagram, a timer, an announce tick, a metadata tick, a leave request) is
+//! fed to foca and then foca's runtime is drained at once: datagrams go to the transport (which
+//! never blocks), timers become delayed messages to this actor, notifications and the new
+//! membership state become `node.*` events and registry updates.
+//!
+//! Who a peer is comes from its certificate: a datagram whose header names another node than the
+//! connection it arrived on is dropped (logged), so a node cannot speak for another.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, State as FocaState, Timer};
+use ractor::RpcReplyPort;
+
+use super::identity::NodeIdentity;
+use super::meta::{META_FORMAT, MetaHandler, NodeLoad, NodeMeta};
+use super::peer::{PeerActor, PeerArgs, PeerMsg, RelayCursors, RelaySource};
+use super::ports::{DatagramTransport, FocaCodec, MembershipCodec};
+use crate::event::{EventBus, EventData, NodeMembership};
+use crate::ids::NodeId;
+use crate::kernel::{Actor, ActorError, ActorHandle, Context};
+use crate::registry::{MemberEntry, Registry, RegistryMsg};
+use crate::session::SessionStats;
+use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle};
+
+/// Largest membership datagram (fits a QUIC datagram on any path with the minimum MTU).
+pub const MAX_PACKET_BYTES: usize = 1150;
+
+/// Failure-detection timing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MembershipProfile {
+    /// foca's LAN defaults (memberlist's): probe every second, suspicion scaled to the size.
+    #[default]
+    Lan,
+    /// Fast detection for tests and demos: probe every 300 ms (RTT 100 ms), suspect to down
+    /// after 900 ms, gossip every 100 ms.
+    Fast,
+}
+
+impl MembershipProfile {
+    /// foca's configuration for this profile.
+    pub fn foca_config(self) -> foca::Config {
+        let mut config = foca::Config::new_lan(NonZeroU32::new(32).expect("32 > 0"));
+        if self == MembershipProfile::Fast {
+            config.probe_period = Duration::from_millis(300);
+            config.probe_rtt = Duration::from_millis(100);
+            config.suspect_to_down_after = Duration::from_millis(900);
+            if let Some(gossip) = config.periodic_gossip.as_mut() {
+                gossip.frequency = Duration::from_millis(100);
+            }
+        }
+        config.max_packet_size = std::num::NonZeroUsize::new(MAX_PACKET_BYTES).expect("1150 > 0");
+        config
+    }
+
+    /// How often the seeds are announced to until the node is active, and the metadata is
+    /// refreshed.
+    pub fn tick(self) -> Duration {
+        match self {
+            MembershipProfile::Lan => Duration::from_secs(1),
+            MembershipProfile::Fast => Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a node says about itself in its metadata, besides load.
+#[derive(Debug, Clone, Default)]
+pub struct LocalMeta {
+    /// Labels (placement constraints match them).
+    pub labels: BTreeMap<String, String>,
+    /// Sessions it runs at once.
+    pub max_concurrent: u32,
+    /// Sessions it lets wait.
+    pub queue_capacity: u32,
+    /// Its session counters (running, queued), when it runs sessions.
+    pub stats: Option<Arc<SessionStats>>,
+}
+
+/// Arguments of each MembershipActor instance.
+#[derive(Clone)]
+pub struct MembershipArgs {
+    /// This node.
+    pub node: NodeId,
+    /// Its cluster address (as peers should dial it).
+    pub addr: SocketAddr,
+    /// Addresses to announce to until the node is active.
+    pub seeds: Vec<SocketAddr>,
+    /// Timing.
+    pub profile: MembershipProfile,
+    /// The wire format.
+    pub codec: Arc<dyn MembershipCodec>,
+    /// Datagrams out.
+    pub transport: Arc<dyn DatagramTransport>,
+    /// Where `node.*` events go.
+    pub events: EventBus,
+    /// Where the member view goes.
+    pub registry: Registry,
+    /// What this node gossips about itself.
+    pub local: LocalMeta,
+    /// The event relay: a PeerActor per member, when relaying.
+    pub relay: Option<RelayPorts>,
+}
+
+/// What the membership needs to run a PeerActor per member.
+#[derive(Clone)]
+pub struct RelayPorts {
+    /// Where PeerActors are started (the ClusterSupervisor).
+    pub supervisor: SupervisorHandle,
+    /// Opens relay links.
+    pub source: Arc<dyn RelaySource>,
+    /// Cursors per peer (outlive PeerActor instances).
+    pub cursors: RelayCursors,
+    /// The PeerActors started so far (outlive MembershipActor instances).
+    pub peers: Arc<dashmap::DashMap<NodeId, ActorHandle<PeerMsg>>>,
+}
+
+impl RelayPorts {
+    /// Tells the peer's actor that it is up (starting the actor the first time) or down.
+    fn update(&self, identity: &NodeIdentity, up: bool, events: &EventBus) {
+        if let Some(peer) = self.peers.get(&identity.node) {
+            let _ = peer.cast(if up {
+                PeerMsg::Up(identity.clone())
+            } else {
+                PeerMsg::Down
+            });
+            return;
+        }
+        if !up {
+            return;
+        }
+        let name = format!("peer-{}", identity.node);
+        let handle = ActorHandle::new(self.supervisor.path().child(&name));
+        self.peers.insert(identity.node.clone(), handle.clone());
+        let args = PeerArgs {
+            peer: identity.clone(),
+            events: events.clone(),
+            source: self.source.clone(),
+            cursors: self.cursors.clone(),
+        };
+        let spec = ChildSpec::worker(&handle, move || (PeerActor, args.clone()))
+            .policy(ChildPolicy::Permanent);
+        let supervisor = self.supervisor.clone();
+        let peers = self.peers.clone();
+        let node = identity.node.clone();
+        tokio::spawn(async move {
+            if let Err(error) = supervisor.start_child(spec).await {
+                tracing::warn!(peer = %node, %error, "the relay PeerActor did not start");
+                peers.remove(&node);
+            }
+        });
+    }
+}
+
+/// Messages of the MembershipActor.
+pub enum MembershipMsg {
+    /// A datagram from `from` (named by its certificate).
+    Datagram {
+        /// The sender.
+        from: NodeId,
+        /// The packet.
+        bytes: Bytes,
+    },
+    /// A foca timer fired.
+    Timer(Timer<NodeIdentity>),
+    /// Announce to the seeds (until active) and refresh this node's metadata.
+    Tick,
+    /// A seed address was resolved to a node.
+    Resolved {
+        /// The seed.
+        addr: SocketAddr,
+        /// The node answering there, or why none did.
+        node: Result<NodeId, String>,
+    },
+    /// This node's HTTP address, once it is bound.
+    SetHttp(String),
+    /// Leave the cluster (clean shutdown); answered once the leave is sent.
+    Leave {
+        /// Answered when done.
+        reply: RpcReplyPort<()>,
+    },
+}
+
+type Swim = Foca<NodeIdentity, FocaCodec, FastRng, MetaHandler>;
+
+/// foca's randomness, from fastrand (seeded by fastrand's own per-thread seed).
+pub(crate) struct FastRng(fastrand::Rng);
+
+impl rand::TryRng for FastRng {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(self.0.u32(..))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(self.0.u64(..))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.fill(dst);
+        Ok(())
+    }
+}
+
+/// A member as this node last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    identity: NodeIdentity,
+    state: &'static str,
+}
+
+/// The state of one MembershipActor instance.
+pub struct MembershipState {
+    args: MembershipArgs,
+    swim: Swim,
+    runtime: AccumulatingRuntime<NodeIdentity>,
+    meta_updates: std::sync::mpsc::Receiver<NodeMeta>,
+    identity: NodeIdentity,
+    active: bool,
+    leaving: bool,
+    seen: HashMap<NodeId, Seen>,
+    metas: HashMap<NodeId, NodeMeta>,
+    left: HashSet<NodeId>,
+    http: Option<String>,
+    published: Option<NodeMeta>,
+    meta_version: u64,
+}
+
+/// The MembershipActor.
+pub struct MembershipActor;
+
+fn membership(identity: &NodeIdentity) -> NodeMembership {
+    NodeMembership {
+        node: identity.node.clone(),
+        addr: Some(identity.addr.to_string()),
+        generation: Some(identity.generation),
+    }
+}
+
+impl MembershipState {
+    /// Feeds whatever foca produced to the transport, the timers, the events and the registry.
+    fn drain(&mut self, ctx: &Context<MembershipMsg>) {
+        while let Some((to, bytes)) = self.runtime.to_send() {
+            self.args.transport.send(&to, bytes);
+        }
+        while let Some((delay, timer)) = self.runtime.to_schedule() {
+            ctx.send_after(delay, MembershipMsg::Timer(timer));
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            match notification {
+                OwnedNotification::Active => {
+                    if !self.active {
+                        tracing::info!(node = %self.identity, "joined the cluster");
+                    }
+                    self.active = true;
+                }
+                OwnedNotification::Idle => {
+                    tracing::info!(node = %self.identity, "no other member is reachable");
+                    self.active = false;
+                }
+                OwnedNotification::Rejoin(identity) => {
+                    tracing::warn!(
+                        node = %identity,
+                        "this node was declared down; rejoined as a new generation"
+                    );
+                    self.identity = identity;
+                }
+                OwnedNotification::Defunct => {
+                    tracing::warn!(node = %self.identity, "this node was declared down");
+                    self.active = false;
+                }
+                _ => {}
+            }
+        }
+        while let Ok(meta) = self.meta_updates.try_recv() {
+            if meta.leaving {
+                self.left.insert(meta.node.clone());
+            }
+            let node = meta.node.clone();
+            self.metas.insert(node.clone(), meta);
+            if let Some(seen) = self.seen.get(&node).cloned() {
+                self.register(&seen);
+            }
+        }
+        self.sync_view();
+    }
+
+    /// Compares foca's membership with what was last seen: publishes `node.*` events for the
+    /// changes and updates the registry.
+    fn sync_view(&mut self) {
+        let current: Vec<(NodeIdentity, FocaState)> = self
+            .swim
+            .iter_membership_state()
+            .map(|member| (member.id().clone(), member.state()))
+            .collect();
+        // Several identities of one node (generations) may be known: the newest wins.
+        let mut newest: HashMap<NodeId, (NodeIdentity, FocaState)> = HashMap::new();
+        for (identity, state) in current {
+            if identity.node == self.identity.node {
+                continue;
+            }
+            match newest.get(&identity.node) {
+                Some((known, _)) if known.generation > identity.generation => {}
+                _ => {
+                    newest.insert(identity.node.clone(), (identity, state));
+                }
+            }
+        }
+        for (node, (identity, state)) in newest {
+            let before = self.seen.get(&node).cloned();
+            let renamed = before
+                .as_ref()
+                .is_some_and(|seen| seen.identity.generation != identity.generation);
+            let was_up = before
+                .as_ref()
+                .is_some_and(|seen| matches!(seen.state, "alive" | "suspect"));
+            let now = match state {
+                FocaState::Alive => "alive",
+                FocaState::Suspect => "suspect",
+                FocaState::Down if self.left.contains(&node) => "left",
+                FocaState::Down => "down",
+            };
+            let seen = Seen {
+                identity: identity.clone(),
+                state: now,
+            };
+            if before.as_ref() != Some(&seen) {
+                // The view first, so whoever reacts to the event finds the member in it.
+                self.register(&seen);
+            }
+            if renamed && now != "down" && now != "left" {
+                // A restarted node: a new generation, even if the old one was never seen down.
+                self.left.remove(&node);
+                self.args
+                    .events
+                    .publish(None, EventData::NodeJoined(membership(&identity)));
+            } else {
+                match (was_up, now) {
+                    (false, "alive" | "suspect") => {
+                        self.left.remove(&node);
+                        self.args
+                            .events
+                            .publish(None, EventData::NodeJoined(membership(&identity)));
+                    }
+                    (true, "suspect") if before.as_ref().is_some_and(|s| s.state == "alive") => {
+                        self.args
+                            .events
+                            .publish(None, EventData::NodeSuspected(membership(&identity)));
+                    }
+                    (true, "down") => {
+                        self.args
+                            .events
+                            .publish(None, EventData::NodeDown(membership(&identity)));
+                    }
+                    (true, "left") => {
+                        self.args
+                            .events
+                            .publish(None, EventData::NodeLeft(membership(&identity)));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(relay) = &self.args.relay
+                && (before.as_ref().map(|seen| (&seen.identity, seen.state))
+                    != Some((&identity, now)))
+            {
+                relay.update(
+                    &identity,
+                    matches!(now, "alive" | "suspect"),
+                    &self.args.events,
+                );
+            }
+            if before.as_ref() != Some(&seen) {
+                self.seen.insert(node, seen);
+            }
+        }
+    }
+
+    fn register(&self, seen: &Seen) {
+        let meta = self
+            .metas
+            .get(&seen.identity.node)
+            .filter(|meta| meta.generation == seen.identity.generation)
+            .cloned();
+        self.args
+            .registry
+            .update(RegistryMsg::MemberUp(MemberEntry {
+                node: seen.identity.node.clone(),
+                addr: seen.identity.addr.to_string(),
+                generation: seen.identity.generation,
+                state: seen.state.to_owned(),
+                meta,
+            }));
+    }
+
+    /// This node's metadata now.
+    fn local_meta(&self) -> NodeMeta {
+        let local = &self.args.local;
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            u32::try_from(counter.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
+        };
+        NodeMeta {
+            format: META_FORMAT,
+            node: self.identity.node.clone(),
+            generation: self.identity.generation,
+            version: self.meta_version,
+            http: self.http.clone(),
+            load: NodeLoad {
+                running: local.stats.as_ref().map_or(0, |stats| load(&stats.running)),
+                queued: local.stats.as_ref().map_or(0, |stats| load(&stats.queued)),
+                max_concurrent: local.max_concurrent,
+                queue_capacity: local.queue_capacity,
+            },
+            labels: local.labels.clone(),
+            providers: Vec::new(),
+            leaving: self.leaving,
+            truncated: false,
+        }
+    }
+
+    /// Gossips this node's metadata when it changed (or when the identity did).
+    fn publish_meta(&mut self) {
+        let mut meta = self.local_meta();
+        if let Some(published) = &self.published
+            && published.same_content(&meta)
+            && published.generation == meta.generation
+        {
+            return;
+        }
+        self.meta_version += 1;
+        meta.version = self.meta_version;
+        match meta.fit(self.args.codec.as_ref()) {
+            Ok(bytes) => {
+                if let Err(error) = self.swim.add_broadcast(&bytes) {
+                    tracing::warn!(%error, "node metadata was not gossiped");
+                }
+                self.published = Some(meta);
+            }
+            Err(error) => tracing::warn!(%error, "node metadata cannot be encoded"),
+        }
+    }
+
+    fn announce(&mut self, ctx: &Context<MembershipMsg>) {
+        for addr in self.args.seeds.clone() {
+            if addr == self.args.addr {
+                continue;
+            }
+            let resolving = self.args.transport.resolve(addr);
+            let myself = ctx.handle().clone();
+            tokio::spawn(async move {
+                let node = resolving.await;
+                let _ = myself.cast(MembershipMsg::Resolved { addr, node });
+            });
+        }
+    }
+}
+
+impl Actor for MembershipActor {
+    type Msg = MembershipMsg;
+    type State = MembershipState;
+    type Arguments = MembershipArgs;
+
+    async fn pre_start(
+        &self,
+        ctx: &Context<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorError> {
+        let identity = NodeIdentity::fresh(args.node.clone(), args.addr, 0);
+        let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
+        let swim = Foca::with_custom_broadcast(
+            identity.clone(),
+            args.profile.foca_config(),
+            FastRng(fastrand::Rng::new()),
+            FocaCodec(args.codec.clone()),
+            handler,
+        );
+        let tick = args.profile.tick();
+        ctx.send_interval(tick, || MembershipMsg::Tick);
+        let _ = ctx.send_self(MembershipMsg::Tick);
+        tracing::info!(node = %identity, seeds = args.seeds.len(), "membership started");
+        Ok(MembershipState {
+            args,
+            swim,
+            runtime: AccumulatingRuntime::new(),
+            meta_updates,
+            identity,
+            active: false,
+            leaving: false,
+            seen: HashMap::new(),
+            metas: HashMap::new(),
+            left: HashSet::new(),
+            http: None,
+            published: None,
+            meta_version: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        ctx: &Context<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        match message {
+            MembershipMsg::Datagram { from, bytes } => {
+                if bytes.len() > MAX_PACKET_BYTES {
+                    tracing::debug!(peer = %from, size = bytes.len(), "oversized datagram dropped");
+                    return Ok(());
+                }
+                match state.args.codec.decode_header(&bytes) {
+                    Ok((header, _)) if header.src.node != from => {
+                        tracing::warn!(
+                            peer = %from,
+                            claimed = %header.src.node,
+                            "datagram claims another node than its certificate; dropped"
+                        );
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(peer = %from, %error, "malformed datagram dropped");
+                        return Ok(());
+                    }
+                }
+                if state.leaving {
+                    return Ok(());
+                }
+                if let Err(error) = state.swim.handle_data(&bytes, &mut state.runtime) {
+                    tracing::debug!(peer = %from, %error, "datagram refused by the membership");
+                }
+            }
+            MembershipMsg::Timer(timer) => {
+                if let Err(error) = state.swim.handle_timer(timer, &mut state.runtime) {
+                    tracing::debug!(%error, "membership timer failed");
+                }
+            }
+            MembershipMsg::Tick => {
+                if state.leaving {
+                    return Ok(());
+                }
+                state.publish_meta();
+                if !state.active || state.swim.num_members() == 0 {
+                    state.announce(ctx);
+                }
+            }
+            MembershipMsg::Resolved { addr, node } => match node {
+                Ok(node) if node == state.identity.node => {}
+                Ok(node) => {
+                    if !state.active || state.swim.num_members() == 0 {
+                        let seed = NodeIdentity {
+                            node,
+                            addr,
+                            generation: 0,
+                        };
+                        if let Err(error) = state.swim.announce(seed, &mut state.runtime) {
+                            tracing::debug!(%addr, %error, "announce failed");
+                        }
+                    }
+                }
+                Err(error) => tracing::debug!(%addr, %error, "seed unreachable; retrying"),
+            },
+            MembershipMsg::SetHttp(http) => {
+                state.http = Some(http);
+                state.publish_meta();
+            }
+            MembershipMsg::Leave { reply } => {
+                if !state.leaving {
+                    state.leaving = true;
+                    state.publish_meta();
+                    // Push the leaving metadata out, then the leave itself.
+                    let _ = state.swim.gossip(&mut state.runtime);
+                    if let Err(error) = state.swim.leave_cluster(&mut state.runtime) {
+                        tracing::debug!(%error, "leave failed");
+                    }
+                    tracing::info!(node = %state.identity, "left the cluster");
+                }
+                state.drain(ctx);
+                let _ = reply.send(());
+                return Ok(());
+            }
+        }
+        state.drain(ctx);
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The cluster, actor side: who the members are (foca's SWIM in the [`membership`] actor, over
+//! datagrams the node carries), what they say about themselves ([`meta`]), and the ports the
+//! node implements ([`ports`]). No sockets here: the QUIC endpoint lives in `src/cluster`.
+
+pub mod identity;
+pub mod membership;
+pub mod meta;
+pub mod peer;
+pub mod ports;
+
+pub use identity::NodeIdentity;
+pub use membership::{
+    LocalMeta, MAX_PACKET_BYTES, MembershipActor, MembershipArgs, MembershipMsg, MembershipProfile,
+    RelayPorts,
+};
+pub use meta::{MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta};
+pub use peer::{LinkReports, PeerActor, PeerMsg, RelayCursors, RelaySource};
+pub use ports::{CodecError, DatagramTransport, MembershipCodec};

@@ -1,0 +1,375 @@
+//! The cluster's certificates: a CA made by `troupe cluster init`, node certificates issued from
+//! it by `troupe cluster issue NAME`, and loading them back for the QUIC endpoint.
+//!
+//! A node certificate carries the node id as its common name and the fixed DNS name
+//! [`SERVER_NAME`] (what a dialing node asks for, so node ids need not be DNS names). The node id
+//! is read back from the certificate after every handshake and compared with the one expected.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use time::OffsetDateTime;
+use troupe_actors::ids::NodeId;
+
+/// The DNS name in every node certificate, used as the TLS server name when dialing.
+pub const SERVER_NAME: &str = "troupe-node";
+/// File names under `<data_dir>/cluster/` (the config defaults point at them).
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA's private key (only on nodes that issue certificates).
+pub const CA_KEY_FILE: &str = "ca.key";
+/// This node's certificate.
+pub const NODE_CERT_FILE: &str = "node.pem";
+/// This node's private key.
+pub const NODE_KEY_FILE: &str = "node.key";
+
+/// How long a CA made by `troupe cluster init` is valid.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long an issued node certificate is valid.
+pub const NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest certificate or key file read.
+const MAX_PEM_BYTES: u64 = 64 * 1024;
+
+/// Why certificates could not be made, written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read or written.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file that must not be overwritten exists.
+    #[error("{} already exists; remove it first (or choose another directory)", .0.display())]
+    Exists(PathBuf),
+    /// A file does not hold what it should.
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Certificate generation failed.
+    #[error("cannot generate the certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// The files of one node: the CA certificate, its certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The node certificate.
+    pub cert: PathBuf,
+    /// The node key.
+    pub key: PathBuf,
+}
+
+impl NodeFiles {
+    /// The default names in `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join(CA_CERT_FILE),
+            cert: dir.join(NODE_CERT_FILE),
+            key: dir.join(NODE_KEY_FILE),
+        }
+    }
+}
+
+/// A node certificate and key, loaded.
+#[derive(Debug)]
+pub struct NodeCredentials {
+    /// The CA certificate.
+    pub ca: CertificateDer<'static>,
+    /// The node certificate (leaf first).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its key.
+    pub key: PrivateKeyDer<'static>,
+    /// The node id in the certificate.
+    pub node: NodeId,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CertError {
+    let path = path.to_owned();
+    move |source| CertError::Io { what, path, source }
+}
+
+fn create_dir(dir: &Path) -> Result<(), CertError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("cannot create the directory", dir))
+}
+
+/// Writes a new file (never replaces one), with `mode`.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                CertError::Exists(path.to_owned())
+            } else {
+                io("cannot create", path)(source)
+            }
+        })?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io("cannot write", path))
+}
+
+fn read_pem(path: &Path) -> Result<String, CertError> {
+    let size = fs::metadata(path).map_err(io("cannot read", path))?.len();
+    if size > MAX_PEM_BYTES {
+        return Err(CertError::Invalid {
+            path: path.to_owned(),
+            message: format!("{size} bytes; a PEM file of at most {MAX_PEM_BYTES} is expected"),
+        });
+    }
+    fs::read_to_string(path).map_err(io("cannot read", path))
+}
+
+fn validity(params: &mut CertificateParams, now: OffsetDateTime, valid_for: Duration) {
+    // An hour of slack for clocks that disagree a little.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + valid_for;
+}
+
+fn ca_params(now: OffsetDateTime) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "troupe cluster CA");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, now, CA_VALIDITY);
+    params
+}
+
+/// A new CA: its certificate and key, PEM.
+pub fn new_ca(now: OffsetDateTime) -> Result<(String, String), CertError> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params(now).self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A node certificate for `node` signed by the CA, valid from `not_before` to `not_after`:
+/// certificate and key, PEM.
+pub fn issue_node(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    node: &NodeId,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<(String, String), CertError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
+    let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, node.as_str());
+    params.distinguished_name = name;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// `troupe cluster init`: writes a new CA (`ca.pem`, `ca.key`) and a certificate for `node`
+/// (`node.pem`, `node.key`) into `dir`. Refuses to replace any of them.
+pub fn init(dir: &Path, node: &NodeId, now: OffsetDateTime) -> Result<NodeFiles, CertError> {
+    create_dir(dir)?;
+    let files = NodeFiles::in_dir(dir);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    for path in [&files.ca, &ca_key_path, &files.cert, &files.key] {
+        if path.exists() {
+            return Err(CertError::Exists(path.clone()));
+        }
+    }
+    let (ca_pem, ca_key) = new_ca(now)?;
+    let (node_pem, node_key) = issue_node(
+        &ca_pem,
+        &ca_key,
+        node,
+        now - time::Duration::hours(1),
+        now + NODE_VALIDITY,
+    )?;
+    write_new(&ca_key_path, &ca_key, 0o600)?;
+    write_new(&files.ca, &ca_pem, 0o644)?;
+    write_new(&files.key, &node_key, 0o600)?;
+    write_new(&files.cert, &node_pem, 0o644)?;
+    Ok(files)
+}
+
+/// `troupe cluster issue NAME --out DIR`: a certificate for `node` from the CA in `ca_dir`,
+/// written with the CA certificate (not its key) into `out`.
+pub fn issue(
+    ca_dir: &Path,
+    node: &NodeId,
+    out: &Path,
+    now: OffsetDateTime,
+) -> Result<NodeFiles, CertError> {
+    let ca_pem = read_pem(&ca_dir.join(CA_CERT_FILE))?;
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_key = read_pem(&ca_key_path).map_err(|error| match error {
+        CertError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            CertError::Invalid {
+                path: ca_key_path.clone(),
+                message: "no CA key here; run `troupe cluster init` on this node first, or \
+                          issue from the node that holds the CA"
+                    .into(),
+            }
+        }
+        other => other,
+    })?;
+    create_dir(out)?;
+    let files = NodeFiles::in_dir(out);
+    for path in [&files.ca, &files.cert, &files.key] {
+        if path.exists() {
+            return Err(CertError::Exists(path.clone()));
+        }
+    }
+    let (node_pem, node_key) = issue_node(
+        &ca_pem,
+        &ca_key,
+        node,
+        now - time::Duration::hours(1),
+        now + NODE_VALIDITY,
+    )?;
+    write_new(&files.ca, &ca_pem, 0o644)?;
+    write_new(&files.key, &node_key, 0o600)?;
+    write_new(&files.cert, &node_pem, 0o644)?;
+    Ok(files)
+}
+
+/// Loads a node's files and reads its node id from its certificate.
+pub fn load(files: &NodeFiles) -> Result<NodeCredentials, CertError> {
+    let invalid = |path: &Path, message: String| CertError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let ca_pem = read_pem(&files.ca)?;
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|error| invalid(&files.ca, format!("no PEM certificate ({error})")))?;
+    let cert_pem = read_pem(&files.cert)?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| invalid(&files.cert, format!("bad PEM ({error})")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(invalid(&files.cert, "no PEM certificate".into()));
+    };
+    let node = node_id_of(leaf).map_err(|message| invalid(&files.cert, message))?;
+    let key_pem = read_pem(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|error| invalid(&files.key, format!("no PEM private key ({error})")))?;
+    Ok(NodeCredentials {
+        ca,
+        chain,
+        key,
+        node,
+    })
+}
+
+/// The node id a certificate was issued to (its common name).
+pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|error| format!("not an X.509 certificate ({error})"))?;
+    let common_name = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|name| name.as_str().ok())
+        .ok_or_else(|| "the certificate has no common name (the node id)".to_owned())?;
+    NodeId::new(common_name)
+        .map_err(|error| format!("the certificate's common name is not a node id: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_issue_writes_files_that_load_with_their_node_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("a/cluster");
+        let now = OffsetDateTime::now_utc();
+        let files = init(&ca_dir, &NodeId::new("a").unwrap(), now).unwrap();
+        assert_eq!(load(&files).unwrap().node.as_str(), "a");
+        let key_mode = |path: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::metadata(path).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(key_mode(&files.key), 0o600);
+        assert_eq!(key_mode(&ca_dir.join(CA_KEY_FILE)), 0o600);
+
+        let out = dir.path().join("b");
+        let issued = issue(&ca_dir, &NodeId::new("b").unwrap(), &out, now).unwrap();
+        let loaded = load(&issued).unwrap();
+        assert_eq!(loaded.node.as_str(), "b");
+        assert_eq!(loaded.ca, load(&files).unwrap().ca, "the same CA");
+        assert!(!out.join(CA_KEY_FILE).exists(), "the CA key stays home");
+
+        let again = init(&ca_dir, &NodeId::new("a").unwrap(), now).unwrap_err();
+        assert!(matches!(again, CertError::Exists(_)), "{again}");
+        let again = issue(&ca_dir, &NodeId::new("b").unwrap(), &out, now).unwrap_err();
+        assert!(again.to_string().contains("already exists"), "{again}");
+    }
+
+    #[test]
+    fn issuing_without_a_ca_key_says_where_to_get_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let home = init(&dir.path().join("a"), &NodeId::new("a").unwrap(), now).unwrap();
+        let copy = dir.path().join("b");
+        let issued = issue(
+            home.ca.parent().unwrap(),
+            &NodeId::new("b").unwrap(),
+            &copy,
+            now,
+        )
+        .unwrap();
+        let error = issue(
+            &copy,
+            &NodeId::new("c").unwrap(),
+            &dir.path().join("c"),
+            now,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("troupe cluster init"), "{error}");
+        assert!(issued.ca.exists());
+    }
+
+    #[test]
+    fn garbage_files_are_refused_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = NodeFiles::in_dir(dir.path());
+        fs::write(&files.ca, "not pem").unwrap();
+        fs::write(&files.cert, "not pem").unwrap();
+        fs::write(&files.key, "not pem").unwrap();
+        let error = load(&files).unwrap_err().to_string();
+        assert!(error.contains("ca.pem"), "{error}");
+    }
+}
