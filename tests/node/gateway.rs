@@ -8,7 +8,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use troupe::testing::fake_provider::{FakeConfig, FakeProvider, FakeProviderHandle};
 
-use crate::support::{NodeProcess, PATIENCE};
+use crate::support::{NodeProcess, PATIENCE, skip_without_python_client};
 
 /// A node whose providers are fake ones.
 struct Gateway {
@@ -517,6 +517,17 @@ async fn anthropic_and_gemini_providers_answer_in_openai_shapes_through_the_gate
 /// Needs Python 3 with the `openai` package (`pip install openai`).
 #[tokio::test]
 async fn the_official_openai_python_client_talks_to_the_gateway_unchanged() {
+    let probe = tokio::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .await;
+    if !probe.is_ok_and(|output| output.status.success()) {
+        skip_without_python_client(
+            "python3 cannot import the official `openai` client; install it with \
+             `python3 -m pip install openai`",
+        );
+        return;
+    }
     let fake = FakeProvider::start(FakeConfig {
         reply: "Grüße vom Gateway".into(),
         ..FakeConfig::default()

@@ -14,10 +14,10 @@ async fn python_with_mcp() -> Option<String> {
     match probe {
         Ok(output) if output.status.success() => Some(python),
         _ => {
-            println!(
-                "SKIPPED: {python} cannot import the Python MCP SDK; install it with \
+            skip_without_python_client(&format!(
+                "{python} cannot import the Python MCP SDK; install it with \
                  `python3 -m pip install mcp` (or set TROUPE_TEST_PYTHON)"
-            );
+            ));
             None
         }
     }

@@ -432,3 +432,13 @@ pub async fn run_cli(
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// A test that needs a real client (a Python package) which is not installed: prints why and
+/// lets the test return early, unless `TROUPE_REQUIRE_CLIENTS=1` (set by `.ci/run`, which
+/// installs them), where a missing client is a failure rather than a silent skip.
+pub fn skip_without_python_client(why: &str) {
+    if std::env::var("TROUPE_REQUIRE_CLIENTS").as_deref() == Ok("1") {
+        panic!("TROUPE_REQUIRE_CLIENTS=1 but {why}");
+    }
+    println!("SKIPPED: {why}");
+}
