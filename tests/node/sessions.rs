@@ -298,6 +298,15 @@ async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtak
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "queue_full");
     assert_eq!(body["error"]["details"]["queue_capacity"], 2);
+    let metrics = node.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "troupe_sessions{state=\"running\"} 1",
+        "troupe_sessions{state=\"queued\"} 2",
+        "troupe_sessions_refused_total 1",
+        "troupe_session_queue_depth 2",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
     let listed: Value = node
         .get("/v1/sessions?label=refused=yes")
         .await
@@ -676,4 +685,101 @@ async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
     let (status, _, stderr) = run_cli(node, &["session", "show", "no-such-session"]).await;
     assert_ne!(status.code(), Some(0));
     assert!(stderr.contains("no session"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_embedded_node_spawns_reads_lists_and_cancels_sessions_through_its_handle() {
+    use troupe::actors::event::{Delivery, EventFilter};
+    use troupe::actors::session::SessionState;
+    use troupe::session::request::SessionRequest;
+    use troupe::store::SessionQuery;
+
+    troupe::tls::install_default_provider();
+    let temp = tempfile::tempdir().unwrap();
+    let workspace = temp.path().join("ws");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let mut config = troupe::config::Config::default();
+    config.sessions.workspace_roots = vec![workspace];
+    let node = troupe::Node::builder()
+        .config(config)
+        .data_dir(temp.path().join("data"))
+        .without_http()
+        .start()
+        .await
+        .unwrap();
+    let request = |value: Value| serde_json::from_value::<SessionRequest>(value).unwrap();
+
+    let ended = EventFilter {
+        kinds: vec!["session.succeeded".parse().unwrap()],
+        ..EventFilter::default()
+    };
+    let mut events = node.subscribe(ended);
+    let view = node
+        .spawn_request(request(sh("echo embedded; echo twice")))
+        .await
+        .unwrap();
+    let id = view.record.id.clone();
+    let event = tokio::time::timeout(PATIENCE, events.recv())
+        .await
+        .expect("the session ends")
+        .expect("the subscription is open");
+    let Delivery::Event(event) = event else {
+        panic!("lagged: {event:?}")
+    };
+    assert_eq!(event.session.as_ref(), Some(&id));
+    assert_eq!(
+        node.get_session(&id).await.unwrap().record.state,
+        SessionState::Succeeded
+    );
+    let output = node.session_output(&id, 0, 10).await.unwrap();
+    let texts: Vec<&str> = output.lines.iter().map(|line| line.text.as_str()).collect();
+    assert_eq!(texts, ["embedded", "twice"]);
+
+    let sleeper = node
+        .spawn_request(request(
+            json!({"kind": "command", "program": "sleep", "args": ["300"]}),
+        ))
+        .await
+        .unwrap()
+        .record
+        .id;
+    node.cancel_session(&sleeper).await.unwrap();
+    let cancelled = EventFilter {
+        kinds: vec!["session.cancelled".parse().unwrap()],
+        sessions: vec![sleeper.clone()],
+        ..EventFilter::default()
+    };
+    let mut events = node.subscribe(cancelled);
+    // It may have ended before the subscription: the store has the final word.
+    if !node
+        .get_session(&sleeper)
+        .await
+        .unwrap()
+        .record
+        .state
+        .is_terminal()
+    {
+        tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .expect("the cancel completes");
+    }
+    assert_eq!(
+        node.get_session(&sleeper).await.unwrap().record.state,
+        SessionState::Cancelled
+    );
+    let page = node
+        .list_sessions(SessionQuery {
+            states: vec![SessionState::Succeeded],
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.sessions.len(), 1);
+    assert_eq!(page.sessions[0].id, id);
+    assert!(matches!(
+        node.get_session(&troupe::actors::ids::SessionId::new("s-missing").unwrap())
+            .await,
+        Err(troupe::session::SessionError::NotFound(_))
+    ));
+    node.shutdown().await;
 }
