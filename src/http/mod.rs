@@ -10,7 +10,7 @@ pub mod error;
 mod events;
 mod events_ws;
 mod gateway;
-mod ops;
+pub(crate) mod ops;
 mod sessions;
 pub(crate) mod ws;
 

@@ -67,6 +67,11 @@ pub(super) async fn links(State(core): State<Arc<NodeCore>>) -> Json<serde_json:
 
 /// `GET /v1/cluster/members`: this node and the members it knows, with their metadata.
 pub(super) async fn members(State(core): State<Arc<NodeCore>>) -> Json<serde_json::Value> {
+    Json(members_json(&core))
+}
+
+/// The member view as every front end shows it (REST and the MCP `cluster_members` tool).
+pub(crate) fn members_json(core: &NodeCore) -> serde_json::Value {
     let this = core.cluster.as_ref().map(|endpoint| {
         serde_json::json!({
             "node": core.node_id,
@@ -74,9 +79,9 @@ pub(super) async fn members(State(core): State<Arc<NodeCore>>) -> Json<serde_jso
             "connected": endpoint.connected(),
         })
     });
-    Json(serde_json::json!({
+    serde_json::json!({
         "enabled": core.cluster.is_some(),
         "self": this,
         "members": core.tree.registry.tables().members(),
-    }))
+    })
 }

@@ -2,7 +2,7 @@
 //! at `/mcp` and WebSocket at `/mcp/ws` ([`http`]), stdin/stdout ([`stdio`], `troupe mcp`).
 //!
 //! Tools: `spawn_session`, `get_session`, `list_sessions`, `cancel_session`, `session_output`,
-//! `node_health`, `list_providers`. Roles apply as on REST: a viewer token reads, an operator
+//! `node_health`, `list_providers`, `cluster_members`. Roles apply as on REST: a viewer token reads, an operator
 //! also spawns and cancels. Tool failures the caller can act on (unknown session, refused
 //! request, missing role) are tool results with `isError: true` and the API's error envelope
 //! as structured content; protocol misuse is a JSON-RPC error.
@@ -678,9 +678,9 @@ impl TroupeMcp {
     }
 
     #[tool(
-        description = "The LLM providers this node is configured with ([[providers]]): name, API \
-                       kind, base URL, models, rate limits, fallback chain. Configuration only: \
-                       live breaker and budget state is not reported yet.",
+        description = "The LLM providers of this node, live: per provider its models, fallback \
+                       chain, budget (rpm/tpm and what is left), circuit breaker state, calls in \
+                       flight and queued, counters and recent errors.",
         annotations(read_only_hint = true)
     )]
     async fn list_providers(
@@ -690,28 +690,33 @@ impl TroupeMcp {
         if let Err(denied) = self.require(&ctx, "list_providers", Role::Viewer) {
             return Ok(denied);
         }
-        let providers: Vec<Value> = self
+        let providers: Vec<_> = self
             .core
-            .config
             .providers
-            .iter()
-            .map(|provider| {
-                json!({
-                    "name": provider.name,
-                    "kind": provider.kind,
-                    "base_url": provider.base_url,
-                    "models": provider.models,
-                    "rpm": provider.rpm,
-                    "tpm": provider.tpm,
-                    "max_concurrency": provider.max_concurrency,
-                    "fallback": provider.fallback,
-                })
-            })
+            .providers()
+            .map(|provider| provider.status())
             .collect();
-        Ok(CallToolResult::structured(json!({
-            "providers": providers,
-            "source": "config",
-        })))
+        Ok(CallToolResult::structured(
+            json!({ "providers": providers }),
+        ))
+    }
+
+    #[tool(
+        description = "The cluster as this node sees it: whether it is clustered, its own QUIC \
+                       address, and every member with its state (alive, suspect, down, left), \
+                       generation and gossiped metadata (load, labels, HTTP address).",
+        annotations(read_only_hint = true)
+    )]
+    async fn cluster_members(
+        &self,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if let Err(denied) = self.require(&ctx, "cluster_members", Role::Viewer) {
+            return Ok(denied);
+        }
+        Ok(CallToolResult::structured(crate::http::ops::members_json(
+            &self.core,
+        )))
     }
 }
 
@@ -795,7 +800,7 @@ impl ServerHandler for TroupeMcp {
             "troupe runs agent sessions (commands, Aider, LLM chats) under supervision. \
                  spawn_session starts one (wait=true follows it to the end with progress), \
                  get_session / list_sessions / session_output read them, cancel_session stops \
-                 one. node_health and list_providers describe the node.",
+                 one. node_health, list_providers and cluster_members describe the node and its cluster.",
         )
     }
 

@@ -144,6 +144,7 @@ async fn tools_are_listed_with_schemas_and_called_over_streamable_http() {
         "session_output",
         "node_health",
         "list_providers",
+        "cluster_members",
     ] {
         assert!(names.contains(&name), "{name} in {names:?}");
     }
@@ -195,7 +196,18 @@ async fn tools_are_listed_with_schemas_and_called_over_streamable_http() {
     .await;
     assert_eq!(content(&output)["lines"][0]["text"], "from-mcp");
     let (_, providers) = call(node, &node.token, tool_call(7, "list_providers", json!({}))).await;
-    assert_eq!(content(&providers)["source"], "config");
+    assert_eq!(
+        content(&providers)["providers"],
+        json!([]),
+        "live provider state (none configured here)"
+    );
+    let (_, members) = call(
+        node,
+        &node.token,
+        tool_call(70, "cluster_members", json!({})),
+    )
+    .await;
+    assert_eq!(content(&members)["enabled"], false, "{members}");
 
     // Errors the caller can act on are tool errors with the API's envelope.
     let (_, unknown) = call(
@@ -399,7 +411,7 @@ async fn a_legacy_2025_06_18_client_initializes_a_session_and_calls_tools() {
         .await
         .unwrap();
     let listed = messages(listed).await.pop().unwrap();
-    assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 7);
+    assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 8);
     // The legacy session is a link.
     let links: Value = node.get("/v1/links").await.json().await.unwrap();
     assert!(links.to_string().contains("\"mcp_http\""), "{links}");
