@@ -26,6 +26,7 @@ EXPECTED_TOOLS = {
     "session_output",
     "node_health",
     "list_providers",
+    "cluster_members",
 }
 
 
