@@ -590,6 +590,6 @@ async fn troupe_mcp_runs_an_embedded_node_when_none_is_running_and_answers_bad_l
         .send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
         .await;
     let (_, listed) = stdio.answer(2).await;
-    assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 7);
+    assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 8);
     stdio.finish().await;
 }
