@@ -224,6 +224,7 @@ mod tests {
                 missed: 9,
                 resume_after: Some(EventId::new(node(), 4)),
             }),
+            EventData::SessionUnreachable(SessionUnreachable { node: node() }),
         ]
     }
 

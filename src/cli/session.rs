@@ -3,6 +3,10 @@
 //! `spawn` without `--detach` streams the run's output as it comes, shows its state with a
 //! spinner on a terminal, and exits with the run's exit code (124 when it timed out, 130 when
 //! it was cancelled, 1 for any other failure without a code).
+//!
+//! In a cluster, `spawn --on NODE` or `--placement least_loaded [--constraint KEY=VALUE]…`
+//! chooses where the session runs, `list --scope cluster` lists every member's sessions, and
+//! `show`, `cancel` and `logs` reach a session on any member: the node asked routes them.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -54,6 +58,17 @@ struct SpawnOptions {
     /// Idempotency key: spawning again with the same key returns the same session.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Cluster: run the session on this member (a node id, as `troupe cluster members` shows).
+    #[arg(long = "on", value_name = "NODE", conflicts_with = "placement")]
+    on: Option<String>,
+    /// Cluster: let the cluster choose the node (`least_loaded`: the member with room and the
+    /// lowest load).
+    #[arg(long, value_name = "STRATEGY", value_parser = ["least_loaded"])]
+    placement: Option<String>,
+    /// With --placement: only nodes carrying this label `KEY=VALUE` (repeatable; every one
+    /// must match the node's cluster.labels).
+    #[arg(long = "constraint", value_name = "KEY=VALUE", value_parser = parse_pair, requires = "placement")]
+    constraints: Vec<(String, String)>,
     /// Print the session record as JSON.
     #[arg(long)]
     json: bool,
@@ -105,7 +120,11 @@ pub(super) struct ListArgs {
     /// Only sessions of this kind (repeatable).
     #[arg(long = "kind")]
     kinds: Vec<String>,
-    /// At most this many.
+    /// `local` (this node) or `cluster` (every member: a NODE column, and a line on stderr for
+    /// each member that did not answer; its open sessions show as `unreachable`).
+    #[arg(long, default_value = "local", value_parser = ["local", "cluster"])]
+    scope: String,
+    /// At most this many (per node with --scope cluster).
     #[arg(long, default_value_t = 50)]
     limit: usize,
     /// Print JSON.
@@ -215,6 +234,19 @@ async fn spawn(
     }
     if let Some(key) = &options.idempotency_key {
         body["idempotency_key"] = json!(key);
+    }
+    if let Some(node) = &options.on {
+        body["node"] = json!(node);
+    }
+    if let Some(strategy) = &options.placement {
+        body["placement"] = if options.constraints.is_empty() {
+            json!(strategy)
+        } else {
+            json!({
+                "strategy": strategy,
+                "labels": options.constraints.iter().cloned().collect::<BTreeMap<_, _>>(),
+            })
+        };
     }
     let response = client
         .send(
@@ -367,10 +399,24 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         query.append_pair("kind", kind);
     }
     query.append_pair("limit", &args.limit.clamp(1, 1000).to_string());
+    let cluster = args.scope == "cluster";
+    if cluster {
+        query.append_pair("scope", "cluster");
+    }
     let page = get_json(&client, &format!("/v1/sessions?{}", query.finish())).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&page)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(nodes) = page["nodes"].as_object() {
+        for (node, status) in nodes {
+            if status != "ok" {
+                eprintln!(
+                    "troupe: node {node}: {}",
+                    status.as_str().unwrap_or("no answer")
+                );
+            }
+        }
     }
     for record in page["sessions"].as_array().into_iter().flatten() {
         let command = match record["kind"].as_str() {
@@ -393,8 +439,13 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             None => String::new(),
         };
         let command: String = command.chars().take(60).collect();
+        let node = if cluster {
+            format!("{:<12} ", record["node"].as_str().unwrap_or("?"))
+        } else {
+            String::new()
+        };
         println!(
-            "{:<20} {:<10} {:<28} {}",
+            "{:<20} {node}{:<11} {:<28} {}",
             record["id"].as_str().unwrap_or("?"),
             record["state"].as_str().unwrap_or("?"),
             record["created_at"].as_str().unwrap_or(""),

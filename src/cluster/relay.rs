@@ -163,14 +163,7 @@ impl RelayServer {
                 .calls
                 .get()
                 .and_then(|(core, token)| core.upgrade().map(|core| (core, token.clone())));
-            let answer = match core {
-                Some((core, token)) => super::remote::answer(core, &token, peer, call).await,
-                None => RemoteAnswer {
-                    status: 503,
-                    body: br#"{"error":{"code":"shutting_down","message":"the node is not serving","details":{}}}"#.to_vec(),
-                },
-            };
-            return write_frame(send, &Frame::Answer(answer)).await;
+            return super::remote::serve_call(core, peer, call, send).await;
         }
         let after = match hello {
             Frame::Hello { version, after } if version == RELAY_VERSION => after,

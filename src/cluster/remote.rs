@@ -1,554 +1,475 @@
-//! Remote work: session requests routed to the node that owns (or should run) the session.
+//! Remote work: the one routing API every front end (REST, MCP, and the CLI through REST) uses
+//! for sessions, so a session request reaches the node that owns (or should run) the session.
 //!
-//! The HTTP session routes pass through [`route_sessions`] after authentication:
-//! - `POST /v1/sessions` with `node` naming another member, or `placement: "least_loaded"`
-//!   choosing another member (the one with room and the lowest load ratio from its gossiped
-//!   metadata, this node winning ties), is forwarded to that member;
-//! - `GET /v1/sessions/{id}`, `GET …/output` and `DELETE /v1/sessions/{id}` of a session this
-//!   node does not have but knows the owner of (from the owner's relayed `session.queued`
-//!   event) are forwarded to the owner;
-//! - `GET /v1/sessions?scope=cluster` merges the listings of every member that is up.
+//! - [`spawn`]: a request with `node` naming another member, or a `placement` that chooses one
+//!   ([`placement`]: least loaded with room among the nodes carrying the placement labels, this
+//!   node winning ties), is forwarded there; otherwise it runs here.
+//! - [`get`], [`cancel`], [`output`], [`follow`]: a session this node does not have, whose owner
+//!   it knows ([`SessionOwners`]: from the owner's relayed events and answers), is asked of it;
+//!   `follow` streams the owner's Server-Sent Events through.
+//! - [`list_cluster`]: this node's listing merged with every member's; the open sessions of a
+//!   member that cannot be reached are shown from their last known record as `unreachable`.
 //!
-//! A forwarded request travels as one `Call` frame on a new QUIC stream; the owner runs it
-//! through its own router as its admin (the caller's role was checked here) with the header
-//! `x-troupe-forwarded`, which stops it from being forwarded again, and answers with the status
-//! and body. An owner that is down or unreachable is a 503 `owner_unreachable` naming the node.
+//! A forwarded request (module `forward`) runs on the owner through its own router as its admin
+//! (the caller's role was checked here), marked so it is never forwarded again
+//! ([`Hop::Forwarded`]).
+//! An owner that is down or does not answer is a 503 `owner_unreachable` naming the node, with
+//! the last known record of the session in `details.session` when there is one; nothing is
+//! guessed. Nothing here parses a request twice: the front ends parse it once, at their edge.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+mod forward;
+mod owners;
+pub mod placement;
+
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use tower::ServiceExt;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
 use troupe_actors::event::{EventFilter, EventKind, KindPattern};
 use troupe_actors::ids::{NodeId, SessionId};
-use troupe_actors::registry::MemberEntry;
+use troupe_actors::session::{CancelError, SessionState};
 
-use super::endpoint::ClusterEndpoint;
-use super::relay::{Frame, read_frame, write_frame};
+use forward::{Exchange, call_node, exchange, not_clustered};
+pub use forward::{
+    FORWARDED, MAX_FORWARD_BYTES, RemoteAnswer, RemoteCall, RemoteFollow, serve_call,
+};
+pub use owners::{KnownSession, MAX_KNOWN_SESSIONS, OwnersTable, RecordSnapshot, SessionOwners};
+use placement::{Candidate, PlacementError};
+
 use crate::http::ApiError;
 use crate::node::NodeCore;
+use crate::session::request::{Placement, SessionRequest};
+use crate::session::{SessionError, SessionView};
+use crate::store::OutputPage;
 
-/// The header on forwarded requests (its value: the forwarding node).
-pub const FORWARDED: &str = "x-troupe-forwarded";
-/// Largest forwarded request or answer body.
-pub const MAX_FORWARD_BYTES: usize = 4 * 1024 * 1024 - 1024;
-/// How long a forwarded request may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Sessions of other nodes remembered with their owner.
-const MAX_KNOWN_SESSIONS: usize = 100_000;
-
-/// A request forwarded to another node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemoteCall {
-    /// HTTP method.
-    pub method: String,
-    /// Path and query.
-    pub uri: String,
-    /// JSON body (may be empty).
-    pub body: Vec<u8>,
+/// Whether a request may be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// It came from a client: it goes where the session is.
+    Client,
+    /// Another node forwarded it here: it is answered here, never forwarded again.
+    Forwarded,
 }
 
-/// The owner's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemoteAnswer {
-    /// HTTP status.
-    pub status: u16,
-    /// JSON body.
-    pub body: Vec<u8>,
-}
-
-/// What this node knows of another node's session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KnownSession {
-    /// The owner.
-    pub node: NodeId,
-    /// True once its end was relayed.
-    pub ended: bool,
-}
-
-#[derive(Default)]
-struct OwnersTable {
-    known: HashMap<SessionId, KnownSession>,
-    order: VecDeque<SessionId>,
-}
-
-/// Which node owns which session of other nodes (and whether it ended), learned from relayed
-/// `session.queued` and end events. Written by one task only; at most 100,000 sessions (the
-/// oldest are forgotten first).
-#[derive(Clone, Default)]
-pub struct SessionOwners {
-    inner: Arc<Mutex<OwnersTable>>,
-}
-
-impl SessionOwners {
-    fn table(&self) -> std::sync::MutexGuard<'_, OwnersTable> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    /// The owner of `id`, when another node announced it.
-    pub fn owner(&self, id: &SessionId) -> Option<NodeId> {
-        self.table().known.get(id).map(|known| known.node.clone())
-    }
-
-    /// Sessions of `node` that had not ended when last heard of, oldest first.
-    pub fn open_sessions_of(&self, node: &NodeId) -> Vec<SessionId> {
-        let table = self.table();
-        table
-            .order
-            .iter()
-            .filter(|id| {
-                table
-                    .known
-                    .get(*id)
-                    .is_some_and(|known| known.node == *node && !known.ended)
-            })
-            .cloned()
-            .collect()
-    }
-
-    fn queued(&self, id: SessionId, node: NodeId) {
-        let mut table = self.table();
-        let known = KnownSession { node, ended: false };
-        if table.known.insert(id.clone(), known).is_none() {
-            table.order.push_back(id);
-            if table.order.len() > MAX_KNOWN_SESSIONS
-                && let Some(oldest) = table.order.pop_front()
-            {
-                table.known.remove(&oldest);
-            }
+impl Hop {
+    /// From a request's headers.
+    pub fn of(headers: &HeaderMap) -> Self {
+        if headers.contains_key(FORWARDED) {
+            Self::Forwarded
+        } else {
+            Self::Client
         }
     }
+}
 
-    fn ended(&self, id: &SessionId) {
-        if let Some(known) = self.table().known.get_mut(id) {
-            known.ended = true;
-        }
+/// Where a session operation was answered.
+#[derive(Debug)]
+pub enum Routed<T> {
+    /// Here: the local result.
+    Here(T),
+    /// By the owner (or the chosen node).
+    There {
+        /// That node.
+        node: NodeId,
+        /// Its answer.
+        answer: RemoteAnswer,
+    },
+}
+
+/// Adds what this node last knew of session `id` to an `owner_unreachable` error.
+fn with_last_known(core: &NodeCore, id: &SessionId, mut error: ApiError) -> ApiError {
+    if error.code == "owner_unreachable"
+        && let Some(known) = core
+            .sessions_owners
+            .as_ref()
+            .and_then(|owners| owners.known(id))
+        && let Some(Value::Object(details)) = &mut error.details
+    {
+        details.insert("session".into(), known.to_json());
     }
+    error
+}
 
-    /// Follows the bus: `session.queued` of another node records its owner, its end events
-    /// mark it ended.
-    pub fn follow(&self, core: &NodeCore) {
-        let filter = EventFilter {
-            kinds: [
-                EventKind::SessionQueued,
-                EventKind::SessionSucceeded,
-                EventKind::SessionFailed,
-                EventKind::SessionCancelled,
-                EventKind::SessionTimedOut,
-                EventKind::SessionInterrupted,
-            ]
-            .into_iter()
-            .map(KindPattern::Exact)
-            .collect(),
-            ..EventFilter::default()
-        };
-        let mut events = core.tree.events.subscribe(filter);
-        let this = core.node_id.clone();
-        let owners = self.clone();
-        tokio::spawn(async move {
-            while let Some(delivery) = events.recv().await {
-                if let troupe_actors::event::Delivery::Event(event) = delivery
-                    && *event.node() != this
-                    && let Some(session) = &event.session
-                {
-                    if event.data.kind() == EventKind::SessionQueued {
-                        owners.queued(session.clone(), event.node().clone());
-                    } else {
-                        owners.ended(session);
-                    }
-                }
-            }
-        });
+/// This node's own load (exact, from its session counters) as a placement candidate.
+fn own_candidate(core: &NodeCore) -> Candidate {
+    let stats = core.sessions.stats();
+    let count = |counter: &std::sync::atomic::AtomicU64| {
+        u32::try_from(counter.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(u32::MAX)
+    };
+    let limit = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+    Candidate {
+        node: core.node_id.clone(),
+        load: troupe_actors::cluster::NodeLoad {
+            running: count(&stats.running),
+            queued: count(&stats.queued),
+            max_concurrent: limit(core.config.sessions.max_concurrent),
+            queue_capacity: limit(core.config.sessions.queue_capacity),
+        },
+        labels: core.config.cluster.labels.clone(),
     }
 }
 
-fn member(core: &NodeCore, node: &NodeId) -> Option<MemberEntry> {
+/// Members that are alive and gossiped their metadata.
+fn member_candidates(core: &NodeCore) -> Vec<Candidate> {
+    if core.cluster.is_none() {
+        return Vec::new();
+    }
     core.tree
         .registry
         .tables()
         .members()
         .into_iter()
-        .find(|member| member.node == *node)
+        .filter(|member| member.state == "alive")
+        .filter_map(|member| {
+            let meta = member.meta.as_ref()?;
+            (!meta.leaving).then(|| Candidate {
+                node: member.node.clone(),
+                load: meta.load,
+                labels: meta.labels.clone(),
+            })
+        })
+        .collect()
 }
 
-fn unreachable(node: &NodeId, why: &str) -> ApiError {
-    ApiError::unavailable(
-        "owner_unreachable",
-        format!("node {node} is {why}; its sessions cannot be reached until it is back"),
+/// Where a placement puts a new session.
+fn place(core: &NodeCore, placement: &Placement) -> Result<NodeId, ApiError> {
+    placement::choose(
+        &own_candidate(core),
+        &member_candidates(core),
+        &placement.labels,
     )
-    .with_details(serde_json::json!({ "node": node }))
-    .retry_after(Duration::from_secs(5))
+    .map_err(|error| {
+        let message = error.to_string();
+        match error {
+            PlacementError::NoMatch {
+                unmatched,
+                constraints,
+                nodes,
+            } => ApiError::new(StatusCode::CONFLICT, "no_matching_node", message).with_details(
+                json!({
+                    "unmatched": unmatched,
+                    "constraints": constraints,
+                    "nodes": nodes.into_iter().map(|(node, labels)| (node.to_string(), labels))
+                        .collect::<BTreeMap<_, _>>(),
+                }),
+            ),
+            PlacementError::NoRoom { matching } => ApiError::unavailable("no_capacity", message)
+                .with_details(json!({
+                    "constraints": placement.labels,
+                    "nodes": matching.into_iter().map(|(node, load)| (node.to_string(), json!({
+                        "running": load.running,
+                        "queued": load.queued,
+                        "max_concurrent": load.max_concurrent,
+                        "queue_capacity": load.queue_capacity,
+                    }))).collect::<BTreeMap<_, _>>(),
+                }))
+                .retry_after(Duration::from_secs(1)),
+        }
+    })
 }
 
-/// Forwards `call` to `node` and returns its answer as a response.
-async fn forward(
+/// Spawns a session where the request says: on `node`, where `placement` chooses, or here.
+pub async fn spawn(
     core: &NodeCore,
-    endpoint: &ClusterEndpoint,
-    node: &NodeId,
-    call: RemoteCall,
-) -> Result<Response, ApiError> {
-    let answer = call_node(core, endpoint, node, call).await?;
-    let mut response = (
-        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY),
-        answer.body,
-    )
-        .into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(value) = HeaderValue::from_str(node.as_str()) {
-        response.headers_mut().insert("x-troupe-node", value);
-    }
-    Ok(response)
-}
-
-async fn call_node(
-    core: &NodeCore,
-    endpoint: &ClusterEndpoint,
-    node: &NodeId,
-    call: RemoteCall,
-) -> Result<RemoteAnswer, ApiError> {
-    let Some(entry) = member(core, node) else {
+    mut request: SessionRequest,
+    hop: Hop,
+) -> Result<Routed<SessionView>, ApiError> {
+    request.check_target().map_err(SessionError::from)?;
+    let target = match (&request.node, &request.placement) {
+        (Some(node), _) => {
+            let node = NodeId::new(node).map_err(|_| {
+                ApiError::bad_request("invalid_session", format!("invalid node {node:?}"))
+            })?;
+            Some(node)
+        }
+        (None, Some(placement)) if hop == Hop::Client => Some(place(core, placement)?),
+        (None, _) => None,
+    };
+    let node = match target {
+        Some(node) if node != core.node_id => node,
+        _ => return Ok(Routed::Here(core.sessions.spawn(request).await?)),
+    };
+    if hop == Hop::Forwarded {
         return Err(ApiError::bad_request(
             "unknown_node",
-            format!("node {node} is not a member of this node's cluster"),
-        )
-        .with_details(serde_json::json!({ "node": node })));
-    };
-    if !matches!(entry.state.as_str(), "alive" | "suspect") {
-        return Err(unreachable(node, &entry.state));
-    }
-    let addr: SocketAddr = entry
-        .addr
-        .parse()
-        .map_err(|_| unreachable(node, "at an unreadable address"))?;
-    let exchange = async {
-        let (_, connection) = endpoint
-            .connect(addr, Some(node))
-            .await
-            .map_err(|error| error.to_string())?;
-        let (mut send, mut recv) = connection
-            .open_bi()
-            .await
-            .map_err(|error| error.to_string())?;
-        write_frame(&mut send, &Frame::Call(call))
-            .await
-            .map_err(|error| error.to_string())?;
-        let _ = send.finish();
-        match read_frame(&mut recv)
-            .await
-            .map_err(|error| error.to_string())?
-        {
-            Frame::Answer(answer) => Ok(answer),
-            other => Err(format!("expected an answer, got {other:?}")),
-        }
-    };
-    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(error)) => {
-            tracing::warn!(%node, %error, "forwarded request failed");
-            Err(unreachable(node, &format!("unreachable ({error})")))
-        }
-        Err(_) => Err(unreachable(node, "not answering in time")),
-    }
-}
-
-/// Runs a forwarded call through this node's router, as its admin.
-pub async fn answer(
-    core: Arc<NodeCore>,
-    admin_token: &str,
-    from: &NodeId,
-    call: RemoteCall,
-) -> RemoteAnswer {
-    let request = Request::builder()
-        .method(call.method.as_str())
-        .uri(call.uri.as_str())
-        .header(header::AUTHORIZATION, format!("Bearer {admin_token}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::HOST, "localhost")
-        .header(FORWARDED, from.as_str())
-        .body(Body::from(call.body));
-    let request = match request {
-        Ok(request) => request,
-        Err(error) => {
-            return RemoteAnswer {
-                status: 400,
-                body: format!(
-                    r#"{{"error":{{"code":"invalid_forward","message":"{}","details":{{}}}}}}"#,
-                    error.to_string().replace('"', "'")
-                )
-                .into_bytes(),
-            };
-        }
-    };
-    // A forwarded call is one REST session request answered in full (no MCP stream that a stop
-    // token would have to end), so a token of its own is enough.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let response = match crate::http::router(core, stop).oneshot(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
-    let status = response.status().as_u16();
-    let body = axum::body::to_bytes(response.into_body(), MAX_FORWARD_BYTES)
-        .await
-        .map(|bytes| bytes.to_vec())
-        .unwrap_or_else(|error| {
             format!(
-                r#"{{"error":{{"code":"answer_too_large","message":"{}","details":{{}}}}}}"#,
-                error.to_string().replace('"', "'")
-            )
-            .into_bytes()
-        });
-    RemoteAnswer { status, body }
-}
-
-/// Chooses where a `least_loaded` session runs: this node or a member that is alive and has
-/// room, lowest `(running + queued) / max_concurrent` first; this node wins ties.
-fn least_loaded(core: &NodeCore) -> NodeId {
-    let own = core
-        .tree
-        .session_manager
-        .as_ref()
-        .map(|sessions| {
-            let load = |c: &std::sync::atomic::AtomicU64| {
-                c.load(std::sync::atomic::Ordering::Relaxed) as f64
-            };
-            (load(&sessions.stats.running) + load(&sessions.stats.queued))
-                / (core.config.sessions.max_concurrent.max(1) as f64)
-        })
-        .unwrap_or(f64::MAX);
-    let mut best = (own, core.node_id.clone());
-    for member in core.tree.registry.tables().members() {
-        let Some(meta) = &member.meta else { continue };
-        if member.state != "alive" || !meta.load.has_room() {
-            continue;
-        }
-        if meta.load.ratio() < best.0 {
-            best = (meta.load.ratio(), member.node.clone());
-        }
-    }
-    best.1
-}
-
-fn session_path(path: &str) -> Option<(&str, bool)> {
-    let rest = path.strip_prefix("/v1/sessions/")?;
-    match rest.split_once('/') {
-        None => Some((rest, false)),
-        Some((id, "output")) => Some((id, true)),
-        Some(_) => None,
-    }
-}
-
-/// The routing middleware of the session routes (see the module documentation).
-pub async fn route_sessions(
-    State(core): State<Arc<NodeCore>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Some(endpoint) = core.cluster.clone() else {
-        return Ok(next.run(request).await);
-    };
-    if request.headers().contains_key(FORWARDED) {
-        return Ok(next.run(request).await);
-    }
-    let path = request.uri().path().to_owned();
-    let query = request.uri().query().map(str::to_owned);
-    let method = request.method().clone();
-    if path == "/v1/sessions" && method == Method::POST {
-        return spawn(&core, &endpoint, request, next).await;
-    }
-    if path == "/v1/sessions" && method == Method::GET {
-        let scope_cluster = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-            .any(|(key, value)| key == "scope" && value == "cluster");
-        if scope_cluster {
-            return list_cluster(&core, &endpoint, request, next).await;
-        }
-        return Ok(next.run(request).await);
-    }
-    let Some((id, output)) = session_path(&path) else {
-        return Ok(next.run(request).await);
-    };
-    let Ok(id) = SessionId::new(id) else {
-        return Ok(next.run(request).await);
-    };
-    let local = next.run(request).await;
-    if local.status() != StatusCode::NOT_FOUND {
-        return Ok(local);
-    }
-    let Some(owner) = core
-        .sessions_owners
-        .as_ref()
-        .and_then(|owners| owners.owner(&id))
-    else {
-        return Ok(local);
-    };
-    let follow = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-        .any(|(key, value)| key == "follow" && value == "true");
-    if output && follow {
-        return Err(ApiError::bad_request(
-            "remote_follow",
-            format!(
-                "session {id} runs on node {owner}; follow its output with \
-                 GET /v1/events?session={id} (events are relayed) or on node {owner}"
+                "a request forwarded to node {} names node {node}; it is not forwarded twice",
+                core.node_id
             ),
-        )
-        .with_details(serde_json::json!({ "node": owner })));
+        ));
     }
-    let uri = match &query {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
-    };
-    forward(
-        &core,
-        &endpoint,
-        &owner,
+    if core.cluster.is_none() {
+        return Err(not_clustered(core, &node));
+    }
+    request.node = Some(node.to_string());
+    request.placement = None;
+    let body = serde_json::to_vec(&request).map_err(|error| {
+        ApiError::bad_request(
+            "invalid_session",
+            format!("the request cannot be forwarded: {error}"),
+        )
+    })?;
+    let answer = call_node(
+        core,
+        &node,
         RemoteCall {
-            method: method.to_string(),
-            uri,
-            body: Vec::new(),
+            method: "POST".into(),
+            uri: "/v1/sessions".into(),
+            body,
         },
     )
-    .await
+    .await?;
+    observe(core, &answer);
+    Ok(Routed::There { node, answer })
 }
 
-async fn spawn(
+/// Learns the owner (and record) of a session from an answer that carries one.
+fn observe(core: &NodeCore, answer: &RemoteAnswer) {
+    if let (Some(owners), Ok(record)) = (&core.sessions_owners, answer.json()) {
+        owners.observe_json(&core.node_id, &record);
+    }
+}
+
+/// Asks the owner of `id` (a session this node does not have) with `call`; `missing` is the
+/// local error to return when no other node is known to own it.
+async fn ask_owner(
     core: &NodeCore,
-    endpoint: &ClusterEndpoint,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, core.config.http.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "the body is larger than {} bytes (http.max_body_bytes)",
-                    core.config.http.max_body_bytes
-                ),
-            )
-        })?;
-    let parsed: Option<serde_json::Map<String, serde_json::Value>> =
-        serde_json::from_slice(&bytes).ok();
-    let target = parsed
-        .as_ref()
-        .and_then(|body| match (body.get("node"), body.get("placement")) {
-            (Some(serde_json::Value::String(node)), _) => NodeId::new(node).ok(),
-            (_, Some(serde_json::Value::String(placement))) if placement == "least_loaded" => {
-                Some(least_loaded(core))
+    id: &SessionId,
+    hop: Hop,
+    missing: SessionError,
+    call: RemoteCall,
+) -> Result<(NodeId, Exchange), ApiError> {
+    let owner = match hop {
+        Hop::Client => core
+            .sessions_owners
+            .as_ref()
+            .and_then(|owners| owners.owner(id)),
+        Hop::Forwarded => None,
+    };
+    let Some(owner) = owner else {
+        return Err(missing.into());
+    };
+    match exchange(core, &owner, call).await {
+        Ok(exchange) => Ok((owner, exchange)),
+        Err(error) => Err(with_last_known(core, id, error)),
+    }
+}
+
+async fn ask_owner_whole<T>(
+    core: &NodeCore,
+    id: &SessionId,
+    hop: Hop,
+    missing: SessionError,
+    method: &str,
+    uri: String,
+) -> Result<Routed<T>, ApiError> {
+    let call = RemoteCall {
+        method: method.into(),
+        uri,
+        body: Vec::new(),
+    };
+    let (node, exchange) = ask_owner(core, id, hop, missing, call).await?;
+    Ok(Routed::There {
+        node,
+        answer: exchange.head,
+    })
+}
+
+/// One session: here, or asked of its owner.
+pub async fn get(
+    core: &NodeCore,
+    id: &SessionId,
+    hop: Hop,
+) -> Result<Routed<SessionView>, ApiError> {
+    match core.sessions.get(id).await {
+        Err(missing @ SessionError::NotFound(_)) => {
+            let routed =
+                ask_owner_whole(core, id, hop, missing, "GET", format!("/v1/sessions/{id}"))
+                    .await?;
+            if let Routed::There { answer, .. } = &routed {
+                observe(core, answer);
             }
-            _ => None,
-        });
-    match (target, parsed) {
-        (Some(target), Some(mut body)) if target != core.node_id => {
-            body.insert("node".into(), serde_json::Value::String(target.to_string()));
-            body.remove("placement");
-            let body = serde_json::to_vec(&body).unwrap_or_default();
-            forward(
+            Ok(routed)
+        }
+        other => Ok(Routed::Here(other?)),
+    }
+}
+
+/// Cancels a session: here, or through its owner.
+pub async fn cancel(
+    core: &NodeCore,
+    id: &SessionId,
+    hop: Hop,
+) -> Result<Routed<SessionView>, ApiError> {
+    match core.sessions.cancel(id).await {
+        Err(missing @ SessionError::Cancel(CancelError::NotFound(_))) => {
+            ask_owner_whole(
                 core,
-                endpoint,
-                &target,
-                RemoteCall {
-                    method: "POST".into(),
-                    uri: "/v1/sessions".into(),
-                    body,
-                },
+                id,
+                hop,
+                missing,
+                "DELETE",
+                format!("/v1/sessions/{id}"),
             )
             .await
         }
-        _ => Ok(next
-            .run(Request::from_parts(parts, Body::from(bytes)))
-            .await),
+        other => Ok(Routed::Here(other?)),
     }
 }
 
-async fn list_cluster(
+/// A page of a session's output: here, or from its owner.
+pub async fn output(
     core: &NodeCore,
-    endpoint: &ClusterEndpoint,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let (mut parts, body) = request.into_parts();
-    let query: Vec<(String, String)> =
-        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-            .filter(|(key, _)| key != "scope" && key != "cursor")
-            .map(|(key, value)| (key.into_owned(), value.into_owned()))
-            .collect();
-    let query = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&query)
-        .finish();
-    let uri = format!("/v1/sessions?{query}");
-    parts.uri = uri
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_filter", "the query cannot be rebuilt"))?;
-    let local = next.run(Request::from_parts(parts, body)).await;
-    if local.status() != StatusCode::OK {
-        return Ok(local);
+    id: &SessionId,
+    offset: u64,
+    limit: usize,
+    hop: Hop,
+) -> Result<Routed<OutputPage>, ApiError> {
+    match core.sessions.output(id, offset, limit).await {
+        Err(missing @ SessionError::NotFound(_)) => {
+            let uri = format!("/v1/sessions/{id}/output?offset={offset}&limit={limit}");
+            ask_owner_whole(core, id, hop, missing, "GET", uri).await
+        }
+        other => Ok(Routed::Here(other?)),
     }
-    let local = axum::body::to_bytes(local.into_body(), MAX_FORWARD_BYTES)
-        .await
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .unwrap_or_default();
-    let mut sessions: Vec<serde_json::Value> =
-        local["sessions"].as_array().cloned().unwrap_or_default();
+}
+
+/// A session's output followed live: here, or streamed from its owner.
+pub enum Followed<S> {
+    /// The local lines.
+    Here(S),
+    /// The owner's Server-Sent Events.
+    There(Box<RemoteFollow>),
+}
+
+/// Follows a session's output from line `offset`: here, or streamed from its owner.
+pub async fn follow(
+    core: &NodeCore,
+    id: &SessionId,
+    offset: u64,
+    hop: Hop,
+) -> Result<
+    Followed<
+        impl futures::Stream<Item = Result<crate::store::OutputLine, SessionError>> + Send + 'static,
+    >,
+    ApiError,
+> {
+    match core.sessions.follow(id, offset).await {
+        Err(missing @ SessionError::NotFound(_)) => {
+            // Subscribe before asking, so the owner's node.down cannot slip between the two.
+            let downs = core.tree.events.subscribe(EventFilter {
+                kinds: vec![KindPattern::Exact(EventKind::NodeDown)],
+                nodes: vec![core.node_id.clone()],
+                ..EventFilter::default()
+            });
+            let call = RemoteCall {
+                method: "GET".into(),
+                uri: format!("/v1/sessions/{id}/output?follow=true&offset={offset}"),
+                body: Vec::new(),
+            };
+            let (node, exchange) = ask_owner(core, id, hop, missing, call).await?;
+            Ok(Followed::There(Box::new(RemoteFollow::new(
+                node, exchange, downs,
+            ))))
+        }
+        other => Ok(Followed::Here(other?)),
+    }
+}
+
+/// The filters of a cluster listing, as `GET /v1/sessions` takes them (`state`, `kind`,
+/// `label=KEY=VALUE`, `limit`), already validated by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilters {
+    /// `state` values.
+    pub states: Vec<SessionState>,
+    /// `kind` values.
+    pub kinds: Vec<String>,
+    /// `label` values.
+    pub labels: BTreeMap<String, String>,
+    /// Page size per node.
+    pub limit: usize,
+}
+
+impl ListFilters {
+    fn query(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for state in &self.states {
+            query.append_pair("state", state.as_str());
+        }
+        for kind in &self.kinds {
+            query.append_pair("kind", kind);
+        }
+        for (key, value) in &self.labels {
+            query.append_pair("label", &format!("{key}={value}"));
+        }
+        query.append_pair("limit", &self.limit.to_string());
+        query.finish()
+    }
+
+    /// Whether a last known record matches (its last state for `state`; unknown labels match
+    /// no label filter).
+    fn matches(&self, known: &KnownSession) -> bool {
+        let kind = serde_json::to_value(known.kind).unwrap_or_default();
+        (self.states.is_empty() || self.states.contains(&known.state))
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| kind == k.as_str()))
+            && (self.labels.is_empty()
+                || known.labels.as_ref().is_some_and(|labels| {
+                    self.labels
+                        .iter()
+                        .all(|(key, value)| labels.get(key) == Some(value))
+                }))
+    }
+}
+
+/// Merges this node's listing (`local`, records in the API's JSON) with every member's, newest
+/// first: `{"sessions", "next_cursor": null, "nodes": {ID: "ok" | "unreachable" | "answered
+/// STATUS"}}`. The open sessions of a member that cannot be reached are listed from their last
+/// known record.
+pub async fn list_cluster(core: &NodeCore, filters: &ListFilters, local: Vec<Value>) -> Value {
+    let mut sessions = local;
     let mut nodes = serde_json::Map::new();
     nodes.insert(core.node_id.to_string(), "ok".into());
-    let members = core.tree.registry.tables().members();
+    let members = if core.cluster.is_some() {
+        core.tree.registry.tables().members()
+    } else {
+        Vec::new()
+    };
+    let uri = format!("/v1/sessions?{}", filters.query());
     let calls = members.iter().map(|member| {
-        let uri = uri.clone();
-        async move {
-            let answer = call_node(
-                core,
-                endpoint,
-                &member.node,
-                RemoteCall {
-                    method: "GET".into(),
-                    uri,
-                    body: Vec::new(),
-                },
-            )
-            .await;
-            (member, answer)
-        }
+        let call = RemoteCall {
+            method: "GET".into(),
+            uri: uri.clone(),
+            body: Vec::new(),
+        };
+        async move { (member, call_node(core, &member.node, call).await) }
     });
     for (member, answer) in futures::future::join_all(calls).await {
-        match answer {
-            Ok(answer) if answer.status == 200 => {
-                let body: serde_json::Value =
-                    serde_json::from_slice(&answer.body).unwrap_or_default();
-                sessions.extend(body["sessions"].as_array().cloned().unwrap_or_default());
+        match answer.as_ref().map(RemoteAnswer::json) {
+            Ok(Ok(body)) => {
+                let listed = body["sessions"].as_array().cloned().unwrap_or_default();
+                if let Some(owners) = &core.sessions_owners {
+                    for record in &listed {
+                        owners.observe_json(&core.node_id, record);
+                    }
+                }
+                sessions.extend(listed);
                 nodes.insert(member.node.to_string(), "ok".into());
             }
-            Ok(answer) => {
-                nodes.insert(
-                    member.node.to_string(),
-                    format!("answered {}", answer.status).into(),
-                );
+            Ok(Err(_)) => {
+                let status = answer.map(|answer| answer.status).unwrap_or_default();
+                nodes.insert(member.node.to_string(), format!("answered {status}").into());
             }
             Err(_) => {
                 nodes.insert(member.node.to_string(), "unreachable".into());
-                // What this node last heard of the member's open sessions.
                 if let Some(owners) = &core.sessions_owners {
-                    for id in owners.open_sessions_of(&member.node) {
-                        sessions.push(serde_json::json!({
-                            "id": id,
-                            "node": member.node,
-                            "state": "unreachable",
-                        }));
-                    }
+                    sessions.extend(
+                        owners
+                            .open_sessions_of(&member.node)
+                            .iter()
+                            .filter(|known| filters.matches(known))
+                            .map(KnownSession::to_json),
+                    );
                 }
             }
         }
@@ -559,10 +480,9 @@ async fn list_cluster(
             .unwrap_or("")
             .cmp(a["created_at"].as_str().unwrap_or(""))
     });
-    Ok(crate::http::ApiJson(serde_json::json!({
+    json!({
         "sessions": sessions,
         "next_cursor": null,
         "nodes": nodes,
-    }))
-    .into_response())
+    })
 }

@@ -46,19 +46,11 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
         .route("/v1/sessions/{id}", get(sessions::get))
         .route("/v1/sessions/{id}/output", get(sessions::output))
         .route("/v1/providers", get(gateway::providers))
-        .route_layer(middleware::from_fn_with_state(
-            core.clone(),
-            crate::cluster::remote::route_sessions,
-        ))
         .route_layer(middleware::from_fn_with_state(core.clone(), require_viewer));
 
     let operator = Router::new()
         .route("/v1/sessions", post(sessions::create))
         .route("/v1/sessions/{id}", axum::routing::delete(sessions::cancel))
-        .route_layer(middleware::from_fn_with_state(
-            core.clone(),
-            crate::cluster::remote::route_sessions,
-        ))
         .route_layer(middleware::from_fn_with_state(
             core.clone(),
             require_operator,

@@ -1,13 +1,15 @@
 //! The session API: `POST /v1/sessions` (202 + `Location`), `GET /v1/sessions` (filters and a
-//! cursor), `GET /v1/sessions/{id}`, `GET /v1/sessions/{id}/output` (pages, or `follow=true` as
-//! Server-Sent Events until the run ends), `DELETE /v1/sessions/{id}` (cancel, idempotent).
+//! cursor, or `scope=cluster`), `GET /v1/sessions/{id}`, `GET /v1/sessions/{id}/output` (pages,
+//! or `follow=true` as Server-Sent Events until the run ends), `DELETE /v1/sessions/{id}`
+//! (cancel, idempotent). In a cluster each goes through the routing of `cluster::remote`, which
+//! answers here or asks the node that owns (or should run) the session.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -16,6 +18,7 @@ use troupe_actors::ids::SessionId;
 use troupe_actors::session::{CancelError, SessionState, StoreError, SubmitError};
 
 use super::{ApiError, ApiJson};
+use crate::cluster::remote::{self, Followed, Hop, ListFilters, Routed};
 use crate::json::SessionJson;
 use crate::node::NodeCore;
 use crate::session::request::{RequestError, SessionRequest};
@@ -94,48 +97,76 @@ fn view_response(status: StatusCode, view: &SessionView) -> Response {
 /// `POST /v1/sessions`
 pub(super) async fn create(
     State(core): State<Arc<NodeCore>>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<SessionRequest>,
 ) -> Result<Response, ApiError> {
-    let view = core.sessions.spawn(request).await?;
-    let status = if view.existing {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
+    let (status, mut response, id) = match remote::spawn(&core, request, Hop::of(&headers)).await? {
+        Routed::Here(view) => {
+            let status = if view.existing {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let id = view.record.id.to_string();
+            (status, view_response(status, &view), Some(id))
+        }
+        Routed::There { node, answer } => {
+            let id = answer
+                .json()
+                .ok()
+                .and_then(|record| record["id"].as_str().map(str::to_owned));
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, answer.into_response(&node), id)
+        }
     };
-    let mut response = view_response(status, &view);
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/sessions/{}", view.record.id)) {
+    if status.is_success()
+        && let Some(id) = id
+        && let Ok(location) = HeaderValue::from_str(&format!("/v1/sessions/{id}"))
+    {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
 }
 
+fn routed_view(routed: Routed<SessionView>, status: StatusCode) -> Response {
+    match routed {
+        Routed::Here(view) => view_response(status, &view),
+        Routed::There { node, answer } => answer.into_response(&node),
+    }
+}
+
 /// `GET /v1/sessions/{id}`
 pub(super) async fn get(
     State(core): State<Arc<NodeCore>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = core.sessions.get(&session_id(&id)?).await?;
-    Ok(view_response(StatusCode::OK, &view))
+    let routed = remote::get(&core, &session_id(&id)?, Hop::of(&headers)).await?;
+    Ok(routed_view(routed, StatusCode::OK))
 }
 
 /// `DELETE /v1/sessions/{id}`
 pub(super) async fn cancel(
     State(core): State<Arc<NodeCore>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let view = core.sessions.cancel(&session_id(&id)?).await?;
-    Ok(view_response(StatusCode::ACCEPTED, &view))
+    let routed = remote::cancel(&core, &session_id(&id)?, Hop::of(&headers)).await?;
+    Ok(routed_view(routed, StatusCode::ACCEPTED))
 }
 
-/// `GET /v1/sessions?state=…&label=k=v&kind=…&limit=…&cursor=…`
+/// `GET /v1/sessions?state=…&label=k=v&kind=…&limit=…&cursor=…&scope=local|cluster`
 pub(super) async fn list(
     State(core): State<Arc<NodeCore>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let mut filter = SessionQuery {
         limit: 100,
         ..SessionQuery::default()
     };
+    let mut kinds = Vec::new();
+    let mut cluster = false;
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match key.as_ref() {
             "state" => filter.states.push(
@@ -143,17 +174,20 @@ pub(super) async fn list(
                     .parse()
                     .map_err(|message: String| ApiError::bad_request("invalid_filter", message))?,
             ),
-            "kind" => filter.kinds.push(match value.as_ref() {
-                "command" => SessionKindTag::Command,
-                "aider" => SessionKindTag::Aider,
-                "chat" => SessionKindTag::Chat,
-                other => {
-                    return Err(ApiError::bad_request(
-                        "invalid_filter",
-                        format!("kind={other:?}: use command, aider or chat"),
-                    ));
-                }
-            }),
+            "kind" => {
+                filter.kinds.push(match value.as_ref() {
+                    "command" => SessionKindTag::Command,
+                    "aider" => SessionKindTag::Aider,
+                    "chat" => SessionKindTag::Chat,
+                    other => {
+                        return Err(ApiError::bad_request(
+                            "invalid_filter",
+                            format!("kind={other:?}: use command, aider or chat"),
+                        ));
+                    }
+                });
+                kinds.push(value.into_owned());
+            }
             "label" => {
                 let (label, expected) = value.split_once('=').ok_or_else(|| {
                     ApiError::bad_request(
@@ -176,17 +210,42 @@ pub(super) async fn list(
                     })?
             }
             "cursor" => filter.cursor = Some(value.into_owned()),
-            "scope" if value == "local" => {}
+            "scope" => {
+                cluster = match value.as_ref() {
+                    "local" => false,
+                    "cluster" => true,
+                    other => {
+                        return Err(ApiError::bad_request(
+                            "invalid_parameter",
+                            format!("scope={other:?}: use local or cluster"),
+                        ));
+                    }
+                }
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",
                     format!(
-                        "unknown query parameter {other:?}; use state, label, kind, limit, cursor"
+                        "unknown query parameter {other:?}; use state, label, kind, limit, \
+                         cursor, scope"
                     ),
                 ));
             }
         }
     }
+    if cluster && filter.cursor.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "cursor does not apply to scope=cluster (each node lists its newest `limit` sessions)",
+        ));
+    }
+    // A forwarded listing is this node's part of another node's cluster listing.
+    let cluster = (cluster && Hop::of(&headers) == Hop::Client).then(|| ListFilters {
+        states: filter.states.clone(),
+        kinds,
+        labels: filter.labels.clone(),
+        limit: filter.limit,
+    });
     if filter.states.len() + filter.kinds.len() + filter.labels.len() > 64 {
         return Err(ApiError::bad_request(
             "invalid_filter",
@@ -215,6 +274,9 @@ pub(super) async fn list(
             .unwrap_or_default()
         })
         .collect();
+    if let Some(filters) = cluster {
+        return Ok(ApiJson(remote::list_cluster(&core, &filters, sessions).await).into_response());
+    }
     Ok(ApiJson(serde_json::json!({
         "sessions": sessions,
         "next_cursor": page.next_cursor,
@@ -225,9 +287,11 @@ pub(super) async fn list(
 /// `GET /v1/sessions/{id}/output?offset=…&limit=…&follow=…`
 pub(super) async fn output(
     State(core): State<Arc<NodeCore>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let hop = Hop::of(&headers);
     let id = session_id(&id)?;
     let mut offset = 0u64;
     let mut limit = 1000usize;
@@ -261,7 +325,10 @@ pub(super) async fn output(
         }
     }
     if !follow {
-        let page = core.sessions.output(&id, offset, limit).await?;
+        let page = match remote::output(&core, &id, offset, limit, hop).await? {
+            Routed::Here(page) => page,
+            Routed::There { node, answer } => return Ok(answer.into_response(&node)),
+        };
         let lines: Vec<_> = page
             .lines
             .iter()
@@ -275,7 +342,10 @@ pub(super) async fn output(
         }))
         .into_response());
     }
-    let lines = core.sessions.follow(&id, offset).await?;
+    let lines = match remote::follow(&core, &id, offset, hop).await? {
+        Followed::Here(lines) => lines,
+        Followed::There(remote) => return Ok(remote.into_response()),
+    };
     let sessions = core.sessions.clone();
     let end_id = id.clone();
     let lines = lines.map(|line| {

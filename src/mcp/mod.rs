@@ -42,6 +42,7 @@ use troupe_actors::ids::SessionId;
 use troupe_actors::session::SessionState;
 
 use crate::auth::{Principal, Role};
+use crate::cluster::remote::{self, Hop, ListFilters, Routed};
 use crate::http::ApiError;
 use crate::json::SessionJson;
 use crate::link::{LinkGuard, open_link};
@@ -122,6 +123,30 @@ pub struct SessionArgs {
     /// A retry with the same key returns the first session instead of a second one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Cluster: run on this member (a node id as `cluster_members` lists them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Cluster: let the cluster choose the node, `"least_loaded"`, or with label constraints
+    /// `{"strategy": "least_loaded", "labels": {"zone": "eu"}}` (only nodes carrying every
+    /// label). Not together with `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementArgs>,
+}
+
+/// Where the cluster runs a session.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum PlacementArgs {
+    /// `"least_loaded"`.
+    Strategy(String),
+    /// A strategy with label constraints.
+    Constrained {
+        /// `"least_loaded"`.
+        strategy: String,
+        /// Labels the chosen node must carry.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
 }
 
 /// One chat message.
@@ -162,6 +187,11 @@ pub struct ListArgs {
     /// The `next_cursor` of the previous page.
     #[serde(default)]
     pub cursor: Option<String>,
+    /// `local` (this node, the default) or `cluster`: every member's sessions too, with
+    /// `nodes` saying which answered; sessions of an unreachable member are shown from their
+    /// last known record as `unreachable`. `cursor` does not apply to `cluster`.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// `session_output` arguments.
@@ -187,6 +217,43 @@ fn tool_error(error: ApiError) -> CallToolResult {
             "details": error.details,
         }
     }))
+}
+
+/// A routed session answer as a tool result: the local value rendered by `here`, or the
+/// owner's answer (its record or page, or its error envelope).
+fn routed_result<T>(
+    routed: Result<Routed<T>, ApiError>,
+    here: impl FnOnce(T) -> Value,
+) -> CallToolResult {
+    match routed {
+        Ok(Routed::Here(value)) => CallToolResult::structured(here(value)),
+        Ok(Routed::There { answer, .. }) => match answer.json() {
+            Ok(body) => CallToolResult::structured(body),
+            Err(envelope) => CallToolResult::structured_error(envelope),
+        },
+        Err(error) => tool_error(error),
+    }
+}
+
+/// Whether a session record (JSON) is in a final state.
+fn record_ended(record: &Value) -> bool {
+    record["state"]
+        .as_str()
+        .and_then(|state| state.parse::<SessionState>().ok())
+        .is_some_and(SessionState::is_terminal)
+}
+
+fn page_json(page: &crate::store::OutputPage) -> Value {
+    json!({
+        "lines": page.lines.iter().map(|line| json!({
+            "line": line.line,
+            "stream": line.stream,
+            "text": line.text,
+        })).collect::<Vec<_>>(),
+        "next_offset": page.next_offset,
+        "total": page.total,
+        "truncated": page.truncated,
+    })
 }
 
 fn view_json(view: &SessionView) -> Value {
@@ -339,6 +406,17 @@ impl TroupeMcp {
         Ok(principal)
     }
 
+    /// Session `id`'s record, here or from its owner.
+    async fn record(&self, id: &SessionId) -> Result<Value, CallToolResult> {
+        match remote::get(&self.core, id, Hop::Client).await {
+            Ok(Routed::Here(view)) => Ok(view_json(&view)),
+            Ok(Routed::There { answer, .. }) => {
+                answer.json().map_err(CallToolResult::structured_error)
+            }
+            Err(error) => Err(tool_error(error)),
+        }
+    }
+
     /// Waits for session `id` to end, sending progress notifications when the caller asked
     /// for them. `None` when the client cancelled the call (the session keeps running).
     async fn wait_for_end(
@@ -346,12 +424,12 @@ impl TroupeMcp {
         id: &SessionId,
         mut events: troupe_actors::event::Subscription,
         ctx: &RequestContext<RoleServer>,
-    ) -> Result<Option<SessionView>, ApiError> {
+    ) -> Result<Option<Value>, CallToolResult> {
         let token = ctx.meta.get_progress_token();
         let mut steps = 0u32;
-        let view = self.core.sessions.get(id).await?;
-        if view.record.state.is_terminal() {
-            return Ok(Some(view));
+        let record = self.record(id).await?;
+        if record_ended(&record) {
+            return Ok(Some(record));
         }
         loop {
             let delivery = tokio::select! {
@@ -361,20 +439,27 @@ impl TroupeMcp {
             };
             match delivery {
                 None => {
-                    return Err(ApiError::unavailable(
+                    return Err(tool_error(ApiError::unavailable(
                         "shutting_down",
                         "the node's event bus stopped while waiting for the session",
-                    ));
+                    )));
                 }
                 Some(Delivery::Lagged(_)) => {
-                    let view = self.core.sessions.get(id).await?;
-                    if view.record.state.is_terminal() {
-                        return Ok(Some(view));
+                    let record = self.record(id).await?;
+                    if record_ended(&record) {
+                        return Ok(Some(record));
                     }
                 }
                 Some(Delivery::Event(event)) => {
                     if is_terminal(&event.data) {
-                        return Ok(Some(self.core.sessions.get(id).await?));
+                        return Ok(Some(self.record(id).await?));
+                    }
+                    // Its node went down: the owner's answer (or the 503 naming it) decides.
+                    if let EventData::SessionUnreachable(_) = &event.data {
+                        let record = self.record(id).await?;
+                        if record_ended(&record) {
+                            return Ok(Some(record));
+                        }
                     }
                     if let (Some(token), Some(message)) = (&token, progress_message(&event.data)) {
                         steps += 1;
@@ -481,11 +566,13 @@ impl TroupeMcp {
         let session: SessionRequest = serde_json::to_value(&args.session)
             .and_then(serde_json::from_value)
             .map_err(|error| McpError::invalid_params(error.to_string(), None))?;
-        match self.core.sessions.spawn(session).await {
-            Ok(view) => Ok(CallToolResponse::Task(CreateTaskResult::new(task_of(
+        // A session placed on another node is answered with its record: tasks are this
+        // node's sessions.
+        match remote::spawn(&self.core, session, Hop::Client).await {
+            Ok(Routed::Here(view)) => Ok(CallToolResponse::Task(CreateTaskResult::new(task_of(
                 &view,
             )))),
-            Err(error) => Ok(tool_error(error.into()).into()),
+            other => Ok(routed_result(other, |view| view_json(&view)).into()),
         }
     }
 }
@@ -497,6 +584,8 @@ impl TroupeMcp {
                        LLM chat. Returns the session record (id, state, queue position). With \
                        wait=true, waits until the session ends and returns its final record, \
                        sending progress notifications when the request carries a progress token. \
+                       In a cluster, session.node runs it on that member and session.placement \
+                       (least_loaded, optionally with labels) lets the cluster choose. \
                        Needs the operator role."
     )]
     async fn spawn_session(
@@ -524,26 +613,33 @@ impl TroupeMcp {
                 ..EventFilter::all()
             })
         });
-        let view = match self.core.sessions.spawn(request).await {
-            Ok(view) => view,
-            Err(error) => return Ok(tool_error(error.into())),
+        let (id, record) = match remote::spawn(&self.core, request, Hop::Client).await {
+            Ok(Routed::Here(view)) => (view.record.id.clone(), view_json(&view)),
+            Ok(Routed::There { answer, .. }) => match answer.json() {
+                Ok(record) => match record["id"].as_str().map(SessionId::new) {
+                    Some(Ok(id)) => (id, record),
+                    _ => return Ok(CallToolResult::structured_error(record)),
+                },
+                Err(envelope) => return Ok(CallToolResult::structured_error(envelope)),
+            },
+            Err(error) => return Ok(tool_error(error)),
         };
         let Some(mut events) = events else {
-            return Ok(CallToolResult::structured(view_json(&view)));
+            return Ok(CallToolResult::structured(record));
         };
         events.set_filter(EventFilter {
             kinds: vec![KindPattern::Family("session".into())],
-            sessions: vec![view.record.id.clone()],
+            sessions: vec![id.clone()],
             ..EventFilter::all()
         });
-        match self.wait_for_end(&view.record.id, events, &ctx).await {
-            Ok(Some(end)) => Ok(CallToolResult::structured(view_json(&end))),
+        match self.wait_for_end(&id, events, &ctx).await {
+            Ok(Some(end)) => Ok(CallToolResult::structured(end)),
             // Cancelled: the protocol sends no response; the session runs on.
             Ok(None) => Err(McpError::internal_error(
                 "the call was cancelled; the session keeps running",
                 None,
             )),
-            Err(error) => Ok(tool_error(error)),
+            Err(error) => Ok(error),
         }
     }
 
@@ -564,14 +660,13 @@ impl TroupeMcp {
             Ok(id) => id,
             Err(error) => return Ok(error),
         };
-        Ok(match self.core.sessions.get(&id).await {
-            Ok(view) => CallToolResult::structured(view_json(&view)),
-            Err(error) => tool_error(error.into()),
-        })
+        let routed = remote::get(&self.core, &id, Hop::Client).await;
+        Ok(routed_result(routed, |view| view_json(&view)))
     }
 
     #[tool(
-        description = "Sessions of this node, newest first, filtered by state, kind and labels; \
+        description = "Sessions of this node (scope cluster: of every member too), newest first, \
+                       filtered by state, kind and labels; \
                        pages with next_cursor.",
         annotations(read_only_hint = true)
     )]
@@ -607,10 +702,8 @@ impl TroupeMcp {
             Ok(id) => id,
             Err(error) => return Ok(error),
         };
-        Ok(match self.core.sessions.cancel(&id).await {
-            Ok(view) => CallToolResult::structured(view_json(&view)),
-            Err(error) => tool_error(error.into()),
-        })
+        let routed = remote::cancel(&self.core, &id, Hop::Client).await;
+        Ok(routed_result(routed, |view| view_json(&view)))
     }
 
     #[tool(
@@ -637,21 +730,8 @@ impl TroupeMcp {
                 format!("limit={limit}: use 1 to {MAX_OUTPUT_PAGE}"),
             )));
         }
-        Ok(
-            match self.core.sessions.output(&id, args.offset, limit).await {
-                Ok(page) => CallToolResult::structured(json!({
-                    "lines": page.lines.iter().map(|line| json!({
-                        "line": line.line,
-                        "stream": line.stream,
-                        "text": line.text,
-                    })).collect::<Vec<_>>(),
-                    "next_offset": page.next_offset,
-                    "total": page.total,
-                    "truncated": page.truncated,
-                })),
-                Err(error) => tool_error(error.into()),
-            },
-        )
+        let routed = remote::output(&self.core, &id, args.offset, limit, Hop::Client).await;
+        Ok(routed_result(routed, |page| page_json(&page)))
     }
 
     #[tool(
@@ -735,6 +815,24 @@ impl TroupeMcp {
                 "at most 64 filter values",
             ));
         }
+        let cluster = match args.scope.as_deref() {
+            None | Some("local") => false,
+            Some("cluster") if args.cursor.is_some() => {
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    "cursor does not apply to scope cluster (each node lists its newest `limit` \
+                     sessions)",
+                ));
+            }
+            Some("cluster") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("scope={other:?}: use local or cluster"),
+                ));
+            }
+        };
+        let kinds = args.kind.clone();
         let mut query = SessionQuery {
             limit,
             cursor: args.cursor,
@@ -761,6 +859,7 @@ impl TroupeMcp {
                 }
             });
         }
+        let (query_states, query_labels) = (query.states.clone(), query.labels.clone());
         let page = self
             .core
             .sessions
@@ -783,6 +882,15 @@ impl TroupeMcp {
                 })
             })
             .collect();
+        if cluster {
+            let filters = ListFilters {
+                states: query_states,
+                kinds,
+                labels: query_labels,
+                limit,
+            };
+            return Ok(remote::list_cluster(&self.core, &filters, sessions).await);
+        }
         Ok(json!({"sessions": sessions, "next_cursor": page.next_cursor}))
     }
 }

@@ -9,51 +9,195 @@
 //! {"kind": "aider", "message": "add a test", "files": ["src/lib.rs"], "model": "fake/m1", "args": []}
 //! {"kind": "chat", "model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 //! ```
+//!
+//! In a cluster, `placement` may also carry label constraints:
+//! `"placement": {"strategy": "least_loaded", "labels": {"zone": "eu"}}` (see [`Placement`]).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use troupe_actors::session::{
     AiderSession, ChatMessage, ChatSession, CommandSession, SessionKind, SessionSpec,
 };
 
-/// The request body, every field of every kind; which ones apply is checked per kind.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The request body, every field of every kind; which ones apply is checked per kind. It
+/// serializes back to the same shape (absent fields left out), which is how a request placed on
+/// another node is forwarded there.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionRequest {
     /// `command`, `aider` or `chat`.
     pub kind: String,
     /// command: the program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program: Option<String>,
     /// command, aider: arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
     /// command: environment entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
     /// command, aider: working directory (relative to the first workspace root, or absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
     /// aider: the instruction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// aider: files to edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<String>>,
     /// aider, chat: the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// aider: let Aider use git.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<bool>,
     /// chat: the conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
     /// Timeout in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
     /// 0 (lowest) to 9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
     /// Labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
     /// Idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
-    /// Run on this node (cluster).
+    /// Run on this node (cluster): a member's node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// `least_loaded` (cluster).
-    pub placement: Option<String>,
+    /// Let the cluster choose the node (`"least_loaded"`, optionally with label constraints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Most label constraints in a placement (as many as a node may carry).
+pub const MAX_PLACEMENT_LABELS: usize = 16;
+/// Longest label name or value in a placement constraint, in bytes (as in `cluster.labels`).
+pub const MAX_LABEL_BYTES: usize = 64;
+
+/// How the cluster chooses the node of a session: `"least_loaded"` (the shape of DESIGN.md), or
+/// `{"strategy": "least_loaded", "labels": {"zone": "eu"}}` to choose only among nodes whose
+/// gossiped labels (`cluster.labels`) include every one of `labels`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The strategy as typed (only `least_loaded` exists; [`Placement::check`] says so).
+    pub strategy: String,
+    /// Labels the chosen node must carry, with these values.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Placement {
+    /// The only strategy.
+    pub const LEAST_LOADED: &'static str = "least_loaded";
+
+    /// Checks the strategy and the constraints' sizes.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if self.strategy != Self::LEAST_LOADED {
+            return Err(RequestError::Invalid {
+                field: "placement",
+                message: format!(
+                    "{:?}: the only placement strategy is \"least_loaded\"",
+                    self.strategy.chars().take(40).collect::<String>()
+                ),
+            });
+        }
+        if self.labels.len() > MAX_PLACEMENT_LABELS {
+            return Err(RequestError::Invalid {
+                field: "placement",
+                message: format!(
+                    "{} label constraints; at most {MAX_PLACEMENT_LABELS}",
+                    self.labels.len()
+                ),
+            });
+        }
+        for (key, value) in &self.labels {
+            if key.is_empty() || key.len() > MAX_LABEL_BYTES || value.len() > MAX_LABEL_BYTES {
+                return Err(RequestError::Invalid {
+                    field: "placement",
+                    message: format!(
+                        "label constraint {:?}: names must be 1 to {MAX_LABEL_BYTES} bytes and \
+                         values at most {MAX_LABEL_BYTES} bytes",
+                        key.chars().take(80).collect::<String>()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Placement {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.labels.is_empty() {
+            return serializer.serialize_str(&self.strategy);
+        }
+        #[derive(Serialize)]
+        struct Spec<'a> {
+            strategy: &'a str,
+            labels: &'a BTreeMap<String, String>,
+        }
+        Spec {
+            strategy: &self.strategy,
+            labels: &self.labels,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Placement {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PlacementVisitor;
+
+        impl<'de> Visitor<'de> for PlacementVisitor {
+            type Value = Placement;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "\"least_loaded\" or {\"strategy\": \"least_loaded\", \"labels\": {\"KEY\": \"VALUE\"}}",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, strategy: &str) -> Result<Placement, E> {
+                Ok(Placement {
+                    strategy: strategy.to_owned(),
+                    labels: BTreeMap::new(),
+                })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Placement, A::Error> {
+                let mut strategy = None;
+                let mut labels = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "strategy" if strategy.is_none() => strategy = Some(map.next_value()?),
+                        "labels" if labels.is_none() => labels = Some(map.next_value()?),
+                        "strategy" | "labels" => {
+                            return Err(de::Error::custom(format!(
+                                "placement: duplicate field `{key}`"
+                            )));
+                        }
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["strategy", "labels"]));
+                        }
+                    }
+                }
+                Ok(Placement {
+                    strategy: strategy.ok_or_else(|| de::Error::missing_field("strategy"))?,
+                    labels: labels.unwrap_or_default(),
+                })
+            }
+        }
+
+        deserializer.deserialize_any(PlacementVisitor)
+    }
 }
 
 /// A request the node refuses, with the field at fault.
@@ -282,14 +426,7 @@ impl SessionRequest {
             }
             other => return Err(RequestError::UnknownKind(other.chars().take(40).collect())),
         };
-        if let Some(placement) = &self.placement
-            && placement != "least_loaded"
-        {
-            return Err(RequestError::Invalid {
-                field: "placement",
-                message: format!("{placement:?}: the only placement is \"least_loaded\""),
-            });
-        }
+        self.check_target()?;
         Ok(SessionSpec {
             kind,
             timeout_secs: self.timeout_secs,
@@ -297,6 +434,34 @@ impl SessionRequest {
             labels: self.labels.unwrap_or_default(),
             idempotency_key: self.idempotency_key,
         })
+    }
+
+    /// Checks `node` and `placement` on their own (not against the cluster): a valid node id,
+    /// a known strategy with bounded constraints, and not both.
+    pub fn check_target(&self) -> Result<(), RequestError> {
+        if let Some(node) = &self.node
+            && let Err(error) = troupe_actors::ids::NodeId::new(node)
+        {
+            return Err(RequestError::Invalid {
+                field: "node",
+                message: format!(
+                    "{:?} is not a node id: {}; use a member's id as \
+                     GET /v1/cluster/members lists them",
+                    node.chars().take(80).collect::<String>(),
+                    error.reason
+                ),
+            });
+        }
+        if let Some(placement) = &self.placement {
+            placement.check()?;
+            if self.node.is_some() {
+                return Err(RequestError::Invalid {
+                    field: "placement",
+                    message: "give `node` or `placement`, not both".into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn refuse(
@@ -451,5 +616,106 @@ mod tests {
                 .unwrap_err();
             assert_eq!(error.field(), Some("files"), "{bad}");
         }
+    }
+
+    #[test]
+    fn placement_is_a_strategy_name_or_a_strategy_with_label_constraints() {
+        let plain =
+            parse(r#"{"kind": "command", "program": "sh", "placement": "least_loaded"}"#).unwrap();
+        let placement = plain.placement.clone().unwrap();
+        assert_eq!(placement.strategy, "least_loaded");
+        assert!(placement.labels.is_empty());
+        assert!(plain.check_target().is_ok());
+        // It serializes back to the shape it came in.
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"kind": "command", "program": "sh", "placement": "least_loaded"})
+        );
+
+        let constrained = parse(
+            r#"{"kind": "command", "program": "sh",
+                "placement": {"strategy": "least_loaded", "labels": {"zone": "eu", "gpu": "yes"}}}"#,
+        )
+        .unwrap();
+        let placement = constrained.placement.clone().unwrap();
+        assert_eq!(placement.labels["zone"], "eu");
+        assert_eq!(placement.labels.len(), 2);
+        assert!(constrained.check_target().is_ok());
+        let again: SessionRequest =
+            serde_json::from_value(serde_json::to_value(&constrained).unwrap()).unwrap();
+        assert_eq!(again.placement, constrained.placement);
+
+        // Unknown strategies, unknown fields, oversized constraints and both targets are refused.
+        let error = parse(r#"{"kind": "command", "program": "sh", "placement": "random"}"#)
+            .unwrap()
+            .check_target()
+            .unwrap_err();
+        assert_eq!(error.field(), Some("placement"));
+        assert!(error.to_string().contains("least_loaded"), "{error}");
+        assert!(
+            parse(r#"{"kind": "command", "program": "sh", "placement": {"strategy": "least_loaded", "zone": "eu"}}"#)
+                .is_err()
+        );
+        assert!(
+            parse(
+                r#"{"kind": "command", "program": "sh", "placement": {"labels": {"zone": "eu"}}}"#
+            )
+            .is_err()
+        );
+        assert!(parse(r#"{"kind": "command", "program": "sh", "placement": 3}"#).is_err());
+        let many: BTreeMap<String, String> =
+            (0..17).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        let too_many = SessionRequest {
+            kind: "command".into(),
+            placement: Some(Placement {
+                strategy: "least_loaded".into(),
+                labels: many,
+            }),
+            ..SessionRequest::default()
+        };
+        assert_eq!(
+            too_many.check_target().unwrap_err().field(),
+            Some("placement")
+        );
+        let long = SessionRequest {
+            placement: Some(Placement {
+                strategy: "least_loaded".into(),
+                labels: [("zone".to_owned(), "x".repeat(65))].into(),
+            }),
+            ..SessionRequest::default()
+        };
+        assert!(long.check_target().is_err());
+        let both = parse(
+            r#"{"kind": "command", "program": "sh", "node": "b", "placement": "least_loaded"}"#,
+        )
+        .unwrap();
+        assert!(
+            both.check_target()
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+    }
+
+    #[test]
+    fn an_invalid_node_is_refused_not_ignored() {
+        for bad in ["", "has space", "a/b", &"n".repeat(65)] {
+            let request = SessionRequest {
+                kind: "command".into(),
+                node: Some(bad.to_owned()),
+                ..SessionRequest::default()
+            };
+            let error = request.check_target().unwrap_err();
+            assert_eq!(error.field(), Some("node"), "{bad:?}");
+            assert!(
+                error.to_string().contains("GET /v1/cluster/members"),
+                "{error}"
+            );
+        }
+        let good = SessionRequest {
+            node: Some("node-b".into()),
+            ..SessionRequest::default()
+        };
+        assert!(good.check_target().is_ok());
     }
 }

@@ -10,6 +10,7 @@ mod gateway;
 mod lifecycle;
 mod mcp;
 mod python;
+mod remote;
 mod sessions;
 mod support;
 mod transports;

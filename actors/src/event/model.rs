@@ -218,6 +218,10 @@ event_kinds! {
     NodeLeft(NodeMembership) => "node.left",
     /// A subscriber fell behind and lost events (delivered to that subscriber only).
     EventsLagged(EventsLagged) => "events.lagged",
+    /// A session of another node was open when that node went down: this node can no longer
+    /// reach it (published by every node that saw the `node.down`, once per open session).
+    /// Appended last so the wire index of every older kind stays the same.
+    SessionUnreachable(SessionUnreachable) => "session.unreachable",
 }
 
 /// Why a string is not an event kind.
@@ -343,6 +347,13 @@ pub struct SessionEnded {
     pub reason: Option<String>,
     /// Run time (from start, or from queueing when it never started).
     pub duration_ms: u64,
+}
+
+/// Payload of `session.unreachable`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionUnreachable {
+    /// The node that owns the session and went down.
+    pub node: NodeId,
 }
 
 /// Where a rate limit was learnt.
@@ -531,7 +542,11 @@ mod tests {
             assert_eq!(kind.as_str().parse::<EventKind>().unwrap(), *kind);
             assert_eq!(EventKind::ALL[kind.index()], *kind);
         }
-        assert_eq!(EventKind::ALL.len(), 29, "DESIGN.md lists 29 kinds");
+        assert_eq!(
+            EventKind::ALL.len(),
+            30,
+            "DESIGN.md lists 29 kinds; the cluster adds session.unreachable"
+        );
         assert!("session.nope".parse::<EventKind>().is_err());
     }
 

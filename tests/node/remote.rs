@@ -1,0 +1,662 @@
+//! Remote work across real nodes on loopback (`fast` profile): sessions spawned on a named node
+//! or by placement with label constraints, a remote session's output followed through another
+//! node, the MCP tools and the CLI reaching other nodes, and a killed owner whose sessions turn
+//! `unreachable` until it returns and the views converge.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cluster::make_cluster;
+use crate::support::{NodeProcess, PATIENCE, SseStream, run_cli};
+
+/// How long a `kill -9` may take to be noticed: the `fast` profile declares a silent member
+/// down within about 1.5 s (probe 300 ms, suspect-to-down 900 ms); 10 s leaves room for a
+/// loaded machine.
+const DETECTION_BOUND: Duration = Duration::from_secs(10);
+
+/// Starts node `name` in `root/name` with the `fast` profile, `labels`, at most two sessions
+/// running at once, joining `join` when given.
+async fn node(
+    root: &Path,
+    name: &str,
+    labels: &[(&str, &str)],
+    join: Option<std::net::SocketAddr>,
+) -> NodeProcess {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{key} = \"{value}\""))
+        .collect();
+    let config = root.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nprofile = \"fast\"\nlabels = {{ {} }}\n\n[sessions]\nmax_concurrent = 2\n",
+            labels.join(", ")
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let join = join.map(|addr| addr.to_string());
+    let mut args = vec![
+        "--config",
+        config.as_str(),
+        "--node-id",
+        name,
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ];
+    if let Some(join) = &join {
+        args.extend(["--join", join.as_str()]);
+    }
+    let node = NodeProcess::start_in(&root.join(name), &args).await;
+    assert!(node.cluster.is_some(), "node {name} has no cluster address");
+    node
+}
+
+/// Waits until `node`'s member view has each of `names` alive with its gossiped metadata.
+/// Metadata follows `node.joined` by a gossip round and no event announces it, so this reads the
+/// view again every 50 ms, for at most [`PATIENCE`].
+async fn wait_members(node: &NodeProcess, names: &[&str]) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let view: Value = node.get("/v1/cluster/members").await.json().await.unwrap();
+            let members = view["members"].as_array().cloned().unwrap_or_default();
+            let ready = |name: &str| {
+                members.iter().any(|member| {
+                    member["node"] == name
+                        && member["state"] == "alive"
+                        && member["meta"]["http"].is_string()
+                })
+            };
+            if names.iter().all(|name| ready(name)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every member is alive with its metadata");
+}
+
+/// Waits until `from`'s events reach `to` through the relay. A relay link starts a moment after
+/// the membership and carries only events published after it is up, so this opens client links
+/// on `from` (each publishes a `link.connected`) until one arrives on `to`, waiting up to 500 ms
+/// for each, for at most [`PATIENCE`].
+async fn wait_relay(from: &NodeProcess, from_name: &str, to: &NodeProcess) {
+    let mut relayed = to
+        .events(&format!("kind=link.connected&node={from_name}"), None)
+        .await;
+    let mut opened = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            opened.push(from.events("kind=health.*", None).await);
+            if tokio::time::timeout(Duration::from_millis(500), relayed.next())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the relay link comes up");
+}
+
+/// Reads `stream` until an event of `kind` concerns session `id`; returns it.
+async fn session_event(stream: &mut SseStream, id: &str, kind: &str) -> Value {
+    loop {
+        let (_, event) = stream.next_of(kind).await;
+        if event["session"] == id {
+            return event;
+        }
+    }
+}
+
+/// Reads `stream` until a `node.*` event of `kind` names `name`.
+async fn membership_event(stream: &mut SseStream, kind: &str, name: &str) -> Value {
+    loop {
+        let (_, event) = stream.next_of(kind).await;
+        if event["data"]["node"] == name {
+            return event;
+        }
+    }
+}
+
+async fn spawn_through(node: &NodeProcess, body: Value) -> (u16, Value) {
+    let response = node.post_json("/v1/sessions", body).await;
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+fn command(script: &str) -> Value {
+    json!({"kind": "command", "program": "sh", "args": ["-c", script]})
+}
+
+fn with(mut body: Value, key: &str, value: Value) -> Value {
+    body[key] = value;
+    body
+}
+
+#[tokio::test]
+async fn sessions_are_placed_on_a_named_node_or_the_least_loaded_one_carrying_the_labels() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let a = node(temp.path(), "a", &[("zone", "z1")], None).await;
+    let b = node(temp.path(), "b", &[("zone", "z2")], a.cluster).await;
+    let c = node(temp.path(), "c", &[("zone", "z2")], a.cluster).await;
+    wait_members(&a, &["b", "c"]).await;
+    wait_members(&b, &["a", "c"]).await;
+    wait_members(&c, &["a", "b"]).await;
+
+    // By name, through another node.
+    let (status, placed) = spawn_through(&b, with(command("true"), "node", json!("c"))).await;
+    assert_eq!(status, 202, "{placed}");
+    assert_eq!(placed["node"], "c");
+
+    // An invalid node is refused, not run here; an unknown one too.
+    let (status, refused) =
+        spawn_through(&b, with(command("true"), "node", json!("no such node!"))).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "node", "{refused}");
+    let (status, refused) = spawn_through(&b, with(command("true"), "node", json!("zz"))).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "unknown_node", "{refused}");
+    let (status, refused) = spawn_through(
+        &b,
+        with(
+            with(command("true"), "node", json!("c")),
+            "placement",
+            json!("least_loaded"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "placement");
+
+    // Load b: both of its slots run.
+    let mut on_b = b.events("kind=session.started&tail=100", None).await;
+    for _ in 0..2 {
+        let (status, busy) = spawn_through(&b, command("sleep 60")).await;
+        assert_eq!(status, 202, "{busy}");
+        assert_eq!(busy["node"], "b");
+        session_event(&mut on_b, busy["id"].as_str().unwrap(), "session.started").await;
+    }
+
+    // least_loaded through the loaded node avoids it (its own load is exact).
+    let (status, placed) = spawn_through(
+        &b,
+        with(command("true"), "placement", json!("least_loaded")),
+    )
+    .await;
+    assert_eq!(status, 202, "{placed}");
+    assert_ne!(
+        placed["node"], "b",
+        "placement avoids the loaded node: {placed}"
+    );
+
+    // A label constraint picks among the nodes carrying it: c, not the loaded b, nor a.
+    let in_z2 = json!({"strategy": "least_loaded", "labels": {"zone": "z2"}});
+    let (status, placed) = spawn_through(&b, with(command("true"), "placement", in_z2)).await;
+    assert_eq!(status, 202, "{placed}");
+    assert_eq!(placed["node"], "c", "{placed}");
+    let in_z1 = json!({"strategy": "least_loaded", "labels": {"zone": "z1"}});
+    let (status, placed) = spawn_through(&c, with(command("true"), "placement", in_z1)).await;
+    assert_eq!(status, 202, "{placed}");
+    assert_eq!(placed["node"], "a", "{placed}");
+
+    // A constraint no node carries is a 409 naming it.
+    let nowhere = json!({"strategy": "least_loaded", "labels": {"zone": "z9", "disk": "ssd"}});
+    let (status, refused) = spawn_through(&a, with(command("true"), "placement", nowhere)).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "no_matching_node", "{refused}");
+    assert_eq!(refused["error"]["details"]["unmatched"]["zone"], "z9");
+    assert_eq!(refused["error"]["details"]["unmatched"]["disk"], "ssd");
+    assert_eq!(refused["error"]["details"]["nodes"]["b"]["zone"], "z2");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("disk=ssd, zone=z9"), "{message}");
+    let (status, refused) =
+        spawn_through(&a, with(command("true"), "placement", json!("most_loaded"))).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "placement");
+}
+
+/// A 2026-07-28 MCP `tools/call` on `node`; returns the tool result.
+async fn mcp_tool(node: &NodeProcess, name: &str, arguments: Value) -> Value {
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {
+            "name": name,
+            "arguments": arguments,
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "troupe-tests", "version": "0"},
+            },
+        },
+    });
+    let response = node
+        .client()
+        .post(node.url("/mcp"))
+        .bearer_auth(&node.token)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", name)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{name}");
+    let sse = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|value| value.to_str().unwrap().starts_with("text/event-stream"));
+    let text = tokio::time::timeout(PATIENCE, response.text())
+        .await
+        .expect("the answer ends")
+        .unwrap();
+    let answer: Value = if sse {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(str::trim)
+            .filter(|data| !data.is_empty())
+            .map(|data| serde_json::from_str::<Value>(data).unwrap())
+            .rfind(|message| message.get("id").is_some())
+            .expect("an answer")
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    answer["result"].clone()
+}
+
+#[tokio::test]
+async fn a_remote_session_is_followed_listed_and_reached_through_rest_mcp_and_the_cli() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let b = node(temp.path(), "b", &[("zone", "z1")], None).await;
+    let c = node(temp.path(), "c", &[("zone", "z2")], b.cluster).await;
+    wait_members(&b, &["c"]).await;
+    wait_relay(&c, "c", &b).await;
+
+    // A run on c that prints, then waits for the test before printing again: its first line
+    // reaches a follower on b while it still runs, so the output is streamed, not buffered.
+    let flag = temp.path().join("go-on");
+    let script = format!(
+        "echo first; while [ ! -f {} ]; do sleep 0.05; done; echo second",
+        flag.display()
+    );
+    let (status, created) = spawn_through(&b, with(command(&script), "node", json!("c"))).await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let response = b
+        .get(&format!("/v1/sessions/{id}/output?follow=true"))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-troupe-node"], "c");
+    let mut lines = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    let mut next = async || {
+        let event = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut lines))
+            .await
+            .expect("an output event")
+            .expect("the stream is open")
+            .expect("a well-formed event");
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        (event.event, data)
+    };
+    let (kind, first) = next().await;
+    assert_eq!(
+        (kind.as_str(), first["text"].as_str()),
+        ("message", Some("first"))
+    );
+    std::fs::write(&flag, "").unwrap();
+    let (_, second) = next().await;
+    assert_eq!(second["text"], "second");
+    let (kind, end) = next().await;
+    assert_eq!(kind, "end");
+    assert_eq!(end["state"], "succeeded");
+
+    // The CLI through b: spawn on c and follow it to the end, logs, show, a cluster listing.
+    let (status, stdout, stderr) = run_cli(
+        &b,
+        &[
+            "session",
+            "spawn",
+            "--on",
+            "c",
+            "--",
+            "sh",
+            "-c",
+            "echo via-cli",
+        ],
+    )
+    .await;
+    assert!(status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "via-cli");
+    let (status, stdout, stderr) = run_cli(&b, &["session", "logs", &id]).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout, "first\nsecond\n");
+    let (status, stdout, stderr) = run_cli(&b, &["session", "show", &id, "--json"]).await;
+    assert!(status.success(), "{stderr}");
+    let shown: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (shown["node"].as_str(), shown["state"].as_str()),
+        (Some("c"), Some("succeeded"))
+    );
+    let (status, stdout, stderr) = run_cli(
+        &b,
+        &[
+            "session",
+            "spawn",
+            "--detach",
+            "--placement",
+            "least_loaded",
+            "--constraint",
+            "zone=z2",
+            "--",
+            "sleep",
+            "60",
+        ],
+    )
+    .await;
+    assert!(status.success(), "{stderr}");
+    let sleeper = stdout.trim().to_owned();
+    let (status, stdout, stderr) = run_cli(&b, &["session", "list", "--scope", "cluster"]).await;
+    assert!(status.success(), "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with(&sleeper))
+        .unwrap_or_else(|| panic!("{sleeper} is listed: {stdout}"));
+    assert!(
+        row.split_whitespace().nth(1) == Some("c"),
+        "NODE column: {row}"
+    );
+    let (status, stdout, _) = run_cli(&b, &["session", "list"]).await;
+    assert!(status.success());
+    assert!(!stdout.contains(&sleeper), "a local listing: {stdout}");
+    let (status, stdout, stderr) = run_cli(&b, &["session", "cancel", &sleeper, "--json"]).await;
+    assert!(status.success(), "{stderr}");
+    let cancelled: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(cancelled["node"], "c");
+    let (status, _, stderr) = run_cli(
+        &b,
+        &["session", "spawn", "--constraint", "zone=z2", "--", "true"],
+    )
+    .await;
+    assert!(
+        !status.success() && stderr.contains("--placement"),
+        "{stderr}"
+    );
+
+    // MCP on b: spawn on c, read, list across the cluster, cancel; spawn by placement and wait.
+    let spawned = mcp_tool(
+        &b,
+        "spawn_session",
+        json!({"session": {"kind": "command", "program": "sh",
+                           "args": ["-c", "echo from-mcp; sleep 60"], "node": "c"}}),
+    )
+    .await;
+    assert_ne!(spawned["isError"], true, "{spawned}");
+    let record = &spawned["structuredContent"];
+    assert_eq!(record["node"], "c", "{spawned}");
+    let mcp_id = record["id"].as_str().unwrap().to_owned();
+    let mut on_b = b.events(&format!("session={mcp_id}&tail=100"), None).await;
+    session_event(&mut on_b, &mcp_id, "session.output").await;
+    let got = mcp_tool(&b, "get_session", json!({"id": mcp_id})).await;
+    assert_eq!(got["structuredContent"]["node"], "c", "{got}");
+    assert_eq!(got["structuredContent"]["state"], "running", "{got}");
+    let output = mcp_tool(&b, "session_output", json!({"id": mcp_id})).await;
+    assert_eq!(
+        output["structuredContent"]["lines"][0]["text"], "from-mcp",
+        "{output}"
+    );
+    let listed = mcp_tool(&b, "list_sessions", json!({"scope": "cluster"})).await;
+    let listed = &listed["structuredContent"];
+    assert_eq!(listed["nodes"]["c"], "ok", "{listed}");
+    assert!(
+        listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|session| session["id"] == mcp_id.as_str() && session["node"] == "c"),
+        "{listed}"
+    );
+    let local = mcp_tool(&b, "list_sessions", json!({})).await;
+    assert!(
+        !local["structuredContent"]["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|session| session["id"] == mcp_id.as_str()),
+        "{local}"
+    );
+    let cancelled = mcp_tool(&b, "cancel_session", json!({"id": mcp_id})).await;
+    assert_eq!(cancelled["structuredContent"]["node"], "c", "{cancelled}");
+    session_event(&mut on_b, &mcp_id, "session.cancelled").await;
+    let waited = mcp_tool(
+        &b,
+        "spawn_session",
+        json!({"wait": true, "session": {"kind": "command", "program": "sh",
+               "args": ["-c", "echo placed"],
+               "placement": {"strategy": "least_loaded", "labels": {"zone": "z2"}}}}),
+    )
+    .await;
+    assert_eq!(waited["structuredContent"]["node"], "c", "{waited}");
+    assert_eq!(
+        waited["structuredContent"]["state"], "succeeded",
+        "{waited}"
+    );
+    let nowhere = mcp_tool(
+        &b,
+        "spawn_session",
+        json!({"session": {"kind": "command", "program": "true",
+               "placement": {"strategy": "least_loaded", "labels": {"zone": "z9"}}}}),
+    )
+    .await;
+    assert_eq!(nowhere["isError"], true, "{nowhere}");
+    assert_eq!(
+        nowhere["structuredContent"]["error"]["code"], "no_matching_node",
+        "{nowhere}"
+    );
+    drop(c);
+}
+
+#[tokio::test]
+async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_it_returns() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let b = node(temp.path(), "b", &[], None).await;
+    let mut c = node(temp.path(), "c", &[("zone", "z2")], b.cluster).await;
+    wait_members(&b, &["c"]).await;
+    wait_relay(&c, "c", &b).await;
+    let mut b_events = b
+        .events(
+            "kind=node.*&kind=session.unreachable&kind=session.interrupted&kind=link.connected&tail=100",
+            None,
+        )
+        .await;
+
+    // One run on c that ended, and two that run (c's two slots); b has heard of all three.
+    let mut on_b = b.events("kind=session.*&node=c&tail=100", None).await;
+    let (_, done) = spawn_through(&b, with(command("true"), "node", json!("c"))).await;
+    let done = done["id"].as_str().unwrap().to_owned();
+    session_event(&mut on_b, &done, "session.succeeded").await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (status, record) = spawn_through(
+            &b,
+            json!({"kind": "command", "program": "sleep", "args": ["60"], "node": "c",
+                   "labels": {"team": "web"}}),
+        )
+        .await;
+        assert_eq!(status, 202, "{record}");
+        let id = record["id"].as_str().unwrap().to_owned();
+        session_event(&mut on_b, &id, "session.started").await;
+        open.push(id);
+    }
+
+    // kill -9 of the owner: b declares it down within the fast profile's bound.
+    c.child.start_kill().unwrap();
+    let _ = c.wait_exit().await;
+    tokio::time::timeout(
+        DETECTION_BOUND,
+        membership_event(&mut b_events, "node.down", "c"),
+    )
+    .await
+    .expect("node.down for c within the fast profile's bound");
+
+    // One session.unreachable per open session, published by b, naming c; none for the ended
+    // one. A link opened afterwards marks the end: everything b published for that node.down
+    // came before it.
+    let mut unreachable = Vec::new();
+    while unreachable.len() < 2 {
+        let (id, event) = b_events.next_of("session.unreachable").await;
+        assert!(id.starts_with("b:"), "published by b: {event}");
+        assert_eq!(event["data"]["node"], "c", "{event}");
+        unreachable.push(event["session"].as_str().unwrap().to_owned());
+    }
+    unreachable.sort();
+    let mut expected = open.clone();
+    expected.sort();
+    assert_eq!(unreachable, expected);
+    let _marker = b.events("kind=health.*", None).await;
+    loop {
+        let (_, event) = b_events.next().await;
+        match event["kind"].as_str().unwrap() {
+            "link.connected" if event["node"] == "b" => break,
+            "session.unreachable" => panic!("a second session.unreachable: {event}"),
+            _ => {}
+        }
+    }
+
+    // b's views: a 503 naming c with the last known record; listings show that record.
+    let response = b.get(&format!("/v1/sessions/{}", open[0])).await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "owner_unreachable", "{error}");
+    assert_eq!(error["error"]["details"]["node"], "c");
+    let last = &error["error"]["details"]["session"];
+    assert_eq!(last["id"], open[0].as_str(), "{error}");
+    assert_eq!(last["state"], "unreachable");
+    assert_eq!(last["last_state"], "running");
+    assert_eq!(last["kind"], "command");
+    assert_eq!(
+        last["labels"]["team"], "web",
+        "labels from c's answer to the spawn"
+    );
+    assert!(last["started_at"].is_string(), "{last}");
+    let listed: Value = b
+        .get("/v1/sessions?scope=cluster")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["nodes"]["c"], "unreachable", "{listed}");
+    let sessions = listed["sessions"].as_array().unwrap();
+    for id in &open {
+        let shown = sessions
+            .iter()
+            .find(|session| session["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} is listed: {listed}"));
+        assert_eq!(shown["state"], "unreachable");
+        assert_eq!(shown["node"], "c");
+        assert!(shown["created_at"].is_string(), "{shown}");
+    }
+    assert!(
+        !sessions
+            .iter()
+            .any(|session| session["id"] == done.as_str()),
+        "an ended session is not shown unreachable: {listed}"
+    );
+    let filtered: Value = b
+        .get("/v1/sessions?scope=cluster&label=team=ops")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        filtered["sessions"].as_array().unwrap().is_empty(),
+        "{filtered}"
+    );
+    let (status, stdout, stderr) = run_cli(&b, &["session", "list", "--scope", "cluster"]).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("node c: unreachable"), "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with(&open[0]) && line.contains("unreachable")),
+        "{stdout}"
+    );
+    let (status, _, stderr) = run_cli(&b, &["session", "show", &open[0]]).await;
+    assert!(!status.success() && stderr.contains("node c"), "{stderr}");
+    let got = mcp_tool(&b, "get_session", json!({"id": open[0]})).await;
+    assert_eq!(got["isError"], true, "{got}");
+    assert_eq!(
+        got["structuredContent"]["error"]["code"],
+        "owner_unreachable"
+    );
+
+    // c comes back with its store, which is the truth: its restart interrupted both runs, and
+    // b's views (a get, a cluster listing, MCP) show c's answer again.
+    let mut c = node(temp.path(), "c", &[("zone", "z2")], b.cluster).await;
+    membership_event(&mut b_events, "node.joined", "c").await;
+    let got = b.session(&open[0]).await;
+    assert_eq!(
+        (got["node"].as_str(), got["state"].as_str()),
+        (Some("c"), Some("interrupted")),
+        "{got}"
+    );
+    let listed: Value = b
+        .get("/v1/sessions?scope=cluster")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["nodes"]["c"], "ok", "{listed}");
+    for id in &open {
+        let shown = listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|session| session["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} is listed: {listed}"));
+        assert_eq!(shown["state"], "interrupted", "{shown}");
+        assert!(shown.get("last_state").is_none(), "c's own record: {shown}");
+    }
+    let got = mcp_tool(&b, "get_session", json!({"id": open[1]})).await;
+    assert_eq!(got["structuredContent"]["state"], "interrupted", "{got}");
+
+    // b's own knowledge converged too: when c dies again, only the run started since is
+    // unreachable, not the two c reported interrupted.
+    wait_relay(&c, "c", &b).await;
+    let (status, record) = spawn_through(
+        &b,
+        json!({"kind": "command", "program": "sleep", "args": ["60"], "node": "c"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{record}");
+    let fresh = record["id"].as_str().unwrap().to_owned();
+    session_event(&mut on_b, &fresh, "session.started").await;
+    c.child.start_kill().unwrap();
+    let _ = c.wait_exit().await;
+    tokio::time::timeout(
+        DETECTION_BOUND,
+        membership_event(&mut b_events, "node.down", "c"),
+    )
+    .await
+    .expect("node.down for c within the fast profile's bound");
+    let (_, event) = b_events.next_of("session.unreachable").await;
+    assert_eq!(event["session"], fresh.as_str(), "{event}");
+    let _marker = b.events("kind=health.*", None).await;
+    loop {
+        let (_, event) = b_events.next().await;
+        match event["kind"].as_str().unwrap() {
+            "link.connected" if event["node"] == "b" => break,
+            "session.unreachable" => panic!("only the fresh run is unreachable: {event}"),
+            _ => {}
+        }
+    }
+}
