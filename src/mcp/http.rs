@@ -121,22 +121,19 @@ async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Ne
         .await
 }
 
-/// Methods a client may call in some MCP revision. rmcp reads a known method whose params do not
-/// parse as a "custom" request and answers it as an unknown method; [`check_message`] answers
-/// `-32602` (invalid params) instead.
+/// Methods a client may call in 2026-07-28 (and before). rmcp reads a known method whose params
+/// do not parse as a "custom" request and answers it as an unknown method; [`check_message`]
+/// answers `-32602` (invalid params) instead. Methods that 2026-07-28 removed (`initialize`,
+/// `ping`, `logging/setLevel`, `resources/subscribe`, `resources/unsubscribe`) are left to rmcp,
+/// which answers them `-32601` (HTTP 404) there, as that revision requires.
 const CLIENT_METHODS: &[&str] = &[
-    "initialize",
     "server/discover",
-    "ping",
     "completion/complete",
-    "logging/setLevel",
     "prompts/list",
     "prompts/get",
     "resources/list",
     "resources/templates/list",
     "resources/read",
-    "resources/subscribe",
-    "resources/unsubscribe",
     "resources/directory/read",
     "subscriptions/listen",
     "tools/list",
