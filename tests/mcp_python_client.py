@@ -3,14 +3,18 @@
 Usage:
     python3 tests/mcp_python_client.py http URL TOKEN
     python3 tests/mcp_python_client.py stdio TROUPE_BIN DATA_DIR WORKDIR
+    python3 tests/mcp_python_client.py bridge TROUPE_BIN URL TOKEN
 
-Over HTTP it runs the checks twice: with the current protocol (mode="auto": 2026-07-28, no
-handshake) and the legacy one (mode="legacy": initialize, 2025-11-25). Over stdio it runs
-`troupe mcp --standalone` (an embedded node). Each run lists the tools, calls node_health,
-spawns a session with wait=true and a progress callback, and reads it back. Prints one
-`OK <label> ...` line per run; exits 1 with a traceback on the first failure.
+Each transport is exercised twice: with the current protocol (mode="auto": 2026-07-28, no
+handshake) and the legacy one (mode="legacy": initialize, 2025-11-25). `stdio` runs
+`troupe mcp --standalone` (an embedded node); `bridge` runs `troupe mcp`, which must attach to
+the running node at URL through local discovery (TROUPE_DISCOVERY_DIR is passed on): the session
+it spawns is then read back from that node over HTTP. Each run lists the tools, calls
+node_health, spawns a session with wait=true and a progress callback, and reads it back. Prints
+one `OK <label> ...` line per run; exits 1 with a traceback on the first failure.
 """
 
+import os
 import sys
 
 import anyio
@@ -74,13 +78,18 @@ async def exercise(label, server, **options):
             f"progress={len(progress)} session={record['id']}",
             flush=True,
         )
+        return record["id"]
+
+
+def http_client(url, token):
+    return httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
 
 
 async def main(argv):
     if argv[1] == "http":
         url, token = argv[2], argv[3]
         for label, mode in [("http-current", "auto"), ("http-legacy", "legacy")]:
-            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+            async with http_client(url, token) as http:
                 await exercise(label, streamable_http_client(url, http_client=http), mode=mode)
     elif argv[1] == "stdio":
         binary, data_dir, workdir = argv[2], argv[3], argv[4]
@@ -91,8 +100,20 @@ async def main(argv):
         )
         for label, mode in [("stdio-current", "auto"), ("stdio-legacy", "legacy")]:
             await exercise(label, params, mode=mode)
+    elif argv[1] == "bridge":
+        binary, url, token = argv[2], argv[3], argv[4]
+        # The SDK passes only a few variables to the server by default; discovery needs
+        # TROUPE_DISCOVERY_DIR (and the user's runtime directory) to find the node.
+        params = StdioServerParameters(command=binary, args=["mcp"], env=dict(os.environ))
+        for label, mode in [("bridge-current", "auto"), ("bridge-legacy", "legacy")]:
+            session = await exercise(label, params, mode=mode)
+            async with http_client(url, token) as http:
+                async with Client(streamable_http_client(url, http_client=http)) as client:
+                    got = await client.call_tool("get_session", {"id": session})
+                    assert not got.is_error, f"{session} is not on the node at {url}: {got}"
+            print(f"OK {label}-same-node session={session} url={url}", flush=True)
     else:
-        raise SystemExit(f"unknown transport {argv[1]!r}; use http or stdio")
+        raise SystemExit(f"unknown transport {argv[1]!r}; use http, stdio or bridge")
 
 
 if __name__ == "__main__":

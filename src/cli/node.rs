@@ -79,7 +79,7 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes the node's discovery entry (when it serves HTTP); a failure is logged, not fatal.
-fn register(node: &crate::node::NodeHandle) -> Option<Registration> {
+pub(super) fn register(node: &crate::node::NodeHandle) -> Option<Registration> {
     let http = node.http_addr()?;
     let entry = Entry {
         node_id: node.node_id().to_string(),

@@ -6,6 +6,11 @@
 //! so a reconnecting client resumes with exactly the events it missed, from the persisted event
 //! log when the id is older than the in-memory ring ([`crate::replay`]). A comment heartbeat
 //! keeps idle connections alive. Each followed stream is a link: a TransportActor owns it.
+//!
+//! A followed stream's events go through a small queue to the response body. A client that
+//! stops reading fills its socket and then that queue; once an event has waited
+//! [`SEND_TIMEOUT`] for room, the link ends (`link.disconnected`, reason "the client stopped
+//! reading"), its bus subscription is released and the response ends.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +39,10 @@ use crate::replay::EventStream;
 pub(crate) const MAX_TAIL: usize = 10_000;
 /// Replay length of `follow=false` without `after` or `tail`.
 const DEFAULT_REPLAY: usize = 100;
+/// Events queued between a followed stream's link and its response body.
+const BODY_QUEUE: usize = 16;
+/// How long an event may wait for room in the body queue before the link is ended.
+pub(crate) const SEND_TIMEOUT: Duration = super::events_ws::SEND_TIMEOUT;
 
 /// The parsed query of an event-stream request.
 #[derive(Debug, Default)]
@@ -239,38 +248,67 @@ pub(super) fn link_error(error: LinkError) -> ApiError {
     }
 }
 
-/// The deliveries of a link until its client goes away or the link is closed.
+/// The deliveries of a link as a response body: a task feeds them through a bounded queue until
+/// the client goes away, stops reading ([`SEND_TIMEOUT`]), or the link is closed.
 fn link_stream(
     node: NodeId,
     events: EventStream,
     link: LinkGuard,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    futures::stream::unfold((events, link), move |(mut events, mut link)| {
-        let node = node.clone();
-        async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    () = link.closed.cancelled() => {
-                        link.set_reason("closed by the node");
-                        return None;
-                    }
-                    changed = link.filter.changed() => {
-                        if changed.is_err() {
-                            return None;
-                        }
-                        let filters = link.filter.borrow_and_update().clone();
-                        events.set_filters(filters);
-                    }
-                    delivery = events.recv() => {
-                        let delivery = delivery?;
-                        let event = sse_event(&node, &delivery);
-                        return Some((Ok(event), (events, link)));
-                    }
+    let (queue, body) = tokio::sync::mpsc::channel(BODY_QUEUE);
+    tokio::spawn(feed_link(node, events, link, queue, SEND_TIMEOUT));
+    futures::stream::unfold(body, |mut body| async move {
+        let event = body.recv().await?;
+        Some((Ok(event), body))
+    })
+}
+
+/// Feeds a link's deliveries into `queue` (the response body) until the body is dropped (the
+/// client went away), an event waits `timeout` for room (the client stopped reading), or the
+/// link is closed. Dropping `link` and `events` on return ends the link and its subscription.
+async fn feed_link(
+    node: NodeId,
+    mut events: EventStream,
+    mut link: LinkGuard,
+    queue: tokio::sync::mpsc::Sender<SseEvent>,
+    timeout: Duration,
+) {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            () = link.closed.cancelled() => {
+                link.set_reason("closed by the node");
+                return;
+            }
+            () = queue.closed() => return,
+            changed = link.filter.changed() => {
+                if changed.is_err() {
+                    return;
                 }
+                let filters = link.filter.borrow_and_update().clone();
+                events.set_filters(filters);
+                continue;
+            }
+            delivery = events.recv() => match delivery {
+                Some(delivery) => delivery,
+                None => {
+                    link.set_reason("the node's event bus ended");
+                    return;
+                }
+            },
+        };
+        match tokio::time::timeout(timeout, queue.send(sse_event(&node, &delivery))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::info!(link = %link.id, "an SSE client stopped reading; ending its link");
+                link.set_reason(format!(
+                    "the client stopped reading (nothing accepted for {timeout:?})"
+                ));
+                return;
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]

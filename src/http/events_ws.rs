@@ -14,7 +14,9 @@
 //!
 //! The answer to a change is sent once the change applies: events after it follow the new
 //! subscriptions. Bad frames are answered with an `error` frame and the link stays open; a frame
-//! over [`MAX_CLIENT_FRAME`] bytes closes it. Each socket is a link owned by a TransportActor.
+//! over [`MAX_CLIENT_FRAME`] bytes closes it. Each subscribe or unsubscribe frame is charged to
+//! the token's rate limit like an HTTP request; over it, the answer is an `error` frame with code
+//! `rate_limited` and `retry_after_ms`, and nothing changes. Each socket is a link owned by a TransportActor.
 //! Its outbound queue is the bus subscription (bounded, drop-oldest, then `events.lagged`); a
 //! client that accepts nothing for [`SEND_TIMEOUT`] is disconnected.
 
@@ -99,6 +101,7 @@ pub(super) async fn upgrade(
                     events,
                     link,
                     heartbeat,
+                    limit: Some((core, principal)),
                 },
                 sink,
                 stream,
@@ -113,6 +116,8 @@ pub(crate) struct Link {
     pub(crate) events: EventStream,
     pub(crate) link: LinkGuard,
     pub(crate) heartbeat: Duration,
+    /// The node whose per-token rate limit each client frame is charged to, and the token.
+    pub(crate) limit: Option<(Arc<NodeCore>, Principal)>,
 }
 
 /// A client's request on the link.
@@ -251,6 +256,23 @@ fn truncate(text: &str) -> String {
 impl Link {
     /// Applies one client frame and returns the answer.
     async fn command(&mut self, text: &str) -> Outgoing {
+        if let Some((core, principal)) = &self.limit
+            && let Err(wait) = core.limiter.check(principal)
+        {
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            return Outgoing::Text(
+                json!({
+                    "type": "error",
+                    "code": "rate_limited",
+                    "message": format!(
+                        "token {:?} exceeded auth.requests_per_second; retry after {wait_ms} ms",
+                        principal.name
+                    ),
+                    "retry_after_ms": wait_ms,
+                })
+                .to_string(),
+            );
+        }
         let command: Command = match serde_json::from_str(text) {
             Ok(command) => command,
             Err(error) => {

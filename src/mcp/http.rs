@@ -6,13 +6,16 @@
 //! switched off because this one covers both doors with one list.
 //!
 //! `/mcp/ws` is not a standard MCP transport: subprotocol `mcp`, one JSON-RPC message per
-//! text frame, the same messages and lifecycle as stdio. Frames that are not JSON-RPC are
-//! answered with a JSON-RPC parse error (id `null`) and the link stays; a frame over
-//! `http.max_body_bytes` closes it. Outbound messages go through a bounded queue whose
-//! senders wait (responses are never dropped); a client that accepts nothing for 10 s is
-//! disconnected.
+//! text frame, the same messages and lifecycle as stdio. A message that is not JSON is answered
+//! with a JSON-RPC parse error (`-32700`, id `null`), JSON that is not a valid JSON-RPC message
+//! with `-32600` (with the request's id when it has one), a known method whose params do not fit
+//! with `-32602`, and the link stays; a frame over `http.max_body_bytes` closes it. The same
+//! checks answer a bad `POST /mcp` body (HTTP 400). Each JSON-RPC request on a WebSocket is
+//! charged to its token's rate limit, like each HTTP request. Outbound messages go through a
+//! bounded queue whose senders wait (responses are never dropped); a client that accepts
+//! nothing for 10 s is disconnected.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -24,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use rmcp::ServiceExt;
-use rmcp::model::{ClientJsonRpcMessage, GetExtensions, ServerJsonRpcMessage};
+use rmcp::model::{ClientJsonRpcMessage, ClientRequest, GetExtensions, ServerJsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::sync::mpsc;
@@ -32,7 +35,7 @@ use tokio_util::sync::{CancellationToken, PollSender};
 use troupe_actors::event::TransportKind;
 
 use super::TroupeMcp;
-use crate::auth::Role;
+use crate::auth::{Principal, Role};
 use crate::http::ApiError;
 use crate::http::ws::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, Incoming, Outgoing, check_host_and_origin, send_within, split,
@@ -68,7 +71,8 @@ pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCo
         .route_layer(middleware::from_fn_with_state(core, guard))
 }
 
-/// Host/Origin, then the bearer token (any role) and the rate limit.
+/// Host/Origin, then the bearer token (any role) and the rate limit, then (a JSON `POST`) the
+/// body's shape as a JSON-RPC message.
 async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Next) -> Response {
     if let Err(error) = check_host_and_origin(request.headers(), &core.config.http.allowed_hosts) {
         return error.into_response();
@@ -76,11 +80,154 @@ async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Ne
     match crate::http::authorize(&core, &request, Role::Viewer) {
         Ok(principal) => {
             request.extensions_mut().insert(principal);
-            next.run(request).await
         }
-        Err(error) => error.into_response(),
+        Err(error) => return error.into_response(),
+    }
+    let is_json_post = request.method() == axum::http::Method::POST
+        && request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("application/json"));
+    if !is_json_post {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let limit = core.config.http.max_body_bytes;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is over http.max_body_bytes ({limit} bytes)"),
+            )
+            .into_response();
+        }
+    };
+    let checked = match std::str::from_utf8(&bytes) {
+        Ok(text) => check_message(text).map(|_| ()),
+        Err(error) => Err(parse_error(&format!("the body is not UTF-8: {error}"))),
+    };
+    if let Err(reply) = checked {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            reply,
+        )
+            .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// Methods a client may call in 2026-07-28 (and before). rmcp reads a known method whose params
+/// do not parse as a "custom" request and answers it as an unknown method; [`check_message`]
+/// answers `-32602` (invalid params) instead. Methods that 2026-07-28 removed (`initialize`,
+/// `ping`, `logging/setLevel`, `resources/subscribe`, `resources/unsubscribe`) are left to rmcp,
+/// which answers them `-32601` (HTTP 404) there, as that revision requires.
+const CLIENT_METHODS: &[&str] = &[
+    "server/discover",
+    "completion/complete",
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/directory/read",
+    "subscriptions/listen",
+    "tools/list",
+    "tools/call",
+    "tasks/get",
+    "tasks/update",
+    "tasks/cancel",
+    "skills/list",
+    "skills/get",
+];
+
+/// A JSON-RPC error answer.
+fn error_reply(
+    id: serde_json::Value,
+    code: i32,
+    message: &str,
+    data: Option<serde_json::Value>,
+) -> String {
+    let mut error = serde_json::json!({"code": code, "message": message});
+    if let Some(data) = data {
+        error["data"] = data;
+    }
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string()
+}
+
+/// Parses one incoming message, or returns the JSON-RPC error that answers it: `-32700` (id
+/// `null`) when it is not JSON; `-32600` when it is JSON but not a JSON-RPC 2.0 message (a
+/// batch, a missing or wrong `jsonrpc`, a non-string method…), with the request's id when it
+/// has a string or number one; `-32602` with the id when a known method's params do not fit.
+pub(crate) fn check_message(text: &str) -> Result<ClientJsonRpcMessage, String> {
+    match serde_json::from_str::<ClientJsonRpcMessage>(text) {
+        Ok(message) => {
+            if let ClientJsonRpcMessage::Request(request) = &message
+                && let ClientRequest::CustomRequest(custom) = &request.request
+                && CLIENT_METHODS.contains(&custom.method.as_str())
+            {
+                let id = serde_json::to_value(&request.id).unwrap_or_default();
+                return Err(error_reply(
+                    id,
+                    -32602,
+                    &format!(
+                        "the params of {} do not match the method's schema",
+                        custom.method
+                    ),
+                    None,
+                ));
+            }
+            Ok(message)
+        }
+        Err(error) => {
+            let value: serde_json::Value = match serde_json::from_str(text) {
+                Ok(value) => value,
+                Err(_) => return Err(parse_error(&format!("not JSON: {error}"))),
+            };
+            let id = value
+                .get("id")
+                .filter(|id| id.is_string() || id.is_number())
+                .cloned()
+                .unwrap_or_default();
+            let message = if value.is_array() {
+                "JSON-RPC batches are not accepted: send one message at a time".to_owned()
+            } else {
+                format!(
+                    "not a valid JSON-RPC 2.0 message ({error}); send {{\"jsonrpc\": \"2.0\", \
+                     \"id\": …, \"method\": …, \"params\": {{…}}}}"
+                )
+            };
+            Err(error_reply(id, -32600, &message, None))
+        }
     }
 }
+
+/// The answer to a request over the token's rate limit: a JSON-RPC error whose `data` says how
+/// long to wait (`retry_after_ms`).
+fn rate_limited_reply(
+    id: serde_json::Value,
+    principal: &Principal,
+    wait: std::time::Duration,
+) -> String {
+    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    error_reply(
+        id,
+        RATE_LIMITED,
+        &format!(
+            "token {:?} exceeded auth.requests_per_second; retry after {wait_ms} ms",
+            principal.name
+        ),
+        Some(serde_json::json!({"code": "rate_limited", "retry_after_ms": wait_ms})),
+    )
+}
+
+/// JSON-RPC error code of a request refused by the rate limit (a server error code; MCP defines
+/// none for this).
+pub const RATE_LIMITED: i32 = -32029;
 
 async fn websocket(
     State(core): State<Arc<NodeCore>>,
@@ -147,15 +294,49 @@ where
     serve_frames(server, Some(parts), peer, principal, sink, stream).await;
 }
 
+/// Why a frame-served client ended, when it ended badly.
+pub(crate) type FramesFailure = Arc<OnceLock<String>>;
+
 /// Serves one MCP client whose messages come one per frame (a WebSocket, or stdin lines): a
-/// bounded outbound queue whose senders wait, parse errors answered, the link opened up front.
+/// bounded outbound queue whose senders wait, bad messages answered, each request of a token
+/// charged to its rate limit (clients that came with an HTTP request; the local stdio user has
+/// none), the link opened up front. Returns why the client's stream failed (an oversize frame,
+/// a socket error), if it did.
 pub(crate) async fn serve_frames<Si, St>(
+    server: TroupeMcp,
+    parts: Option<Parts>,
+    peer: Option<std::net::SocketAddr>,
+    principal: Option<crate::auth::Principal>,
+    sink: Si,
+    stream: St,
+) -> Option<String>
+where
+    Si: futures::Sink<Outgoing> + Unpin + Send + 'static,
+    Si::Error: std::fmt::Display,
+    St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
+{
+    let failure = FramesFailure::default();
+    serve_frames_until(
+        server,
+        parts,
+        peer,
+        principal,
+        sink,
+        stream,
+        failure.clone(),
+    )
+    .await;
+    failure.get().cloned()
+}
+
+async fn serve_frames_until<Si, St>(
     server: TroupeMcp,
     parts: Option<Parts>,
     peer: Option<std::net::SocketAddr>,
     principal: Option<crate::auth::Principal>,
     mut sink: Si,
     stream: St,
+    failure: FramesFailure,
 ) where
     Si: futures::Sink<Outgoing> + Unpin + Send + 'static,
     Si::Error: std::fmt::Display,
@@ -200,43 +381,70 @@ pub(crate) async fn serve_frames<Si, St>(
         ))
     });
     let errors = out_tx.clone();
+    // Clients with a token pay for each request; the local stdio user has none.
+    let charged = if parts.is_some() {
+        principal.clone()
+    } else {
+        None
+    };
+    let core = server.core.clone();
     let from_client = stream
         .take_until(ended.clone().cancelled_owned())
-        .map(move |frame| (frame, errors.clone(), parts.clone()))
-        .then(|(frame, errors, parts)| async move {
-            match frame {
-                Incoming::Text(text) => match serde_json::from_str::<ClientJsonRpcMessage>(&text) {
-                    Ok(mut message) => {
-                        if let (ClientJsonRpcMessage::Request(request), Some(parts)) =
-                            (&mut message, parts)
-                        {
-                            request.request.extensions_mut().insert(parts);
+        .map(move |frame| {
+            (
+                frame,
+                errors.clone(),
+                parts.clone(),
+                charged.clone(),
+                core.clone(),
+                failure.clone(),
+            )
+        })
+        .then(
+            |(frame, errors, parts, charged, core, failure)| async move {
+                match frame {
+                    Incoming::Text(text) => match check_message(&text) {
+                        Ok(mut message) => {
+                            if let (ClientJsonRpcMessage::Request(request), Some(principal)) =
+                                (&message, &charged)
+                                && let Err(wait) = core.limiter.check(principal)
+                            {
+                                let id = serde_json::to_value(&request.id).unwrap_or_default();
+                                let reply = rate_limited_reply(id, principal, wait);
+                                let _ = errors.send(Outgoing::Text(reply)).await;
+                                return Some(None);
+                            }
+                            if let (ClientJsonRpcMessage::Request(request), Some(parts)) =
+                                (&mut message, parts)
+                            {
+                                request.request.extensions_mut().insert(parts);
+                            }
+                            Some(Some(message))
                         }
-                        Some(Some(message))
+                        Err(reply) => {
+                            let _ = errors.send(Outgoing::Text(reply)).await;
+                            Some(None)
+                        }
+                    },
+                    Incoming::Invalid(why) => {
+                        let _ = errors.send(Outgoing::Text(parse_error(&why))).await;
+                        Some(None)
                     }
-                    Err(error) => {
-                        let reply = parse_error(&format!("not a JSON-RPC message: {error}"));
+                    Incoming::Binary => {
+                        let reply = parse_error("binary frames are not accepted; send JSON text");
                         let _ = errors.send(Outgoing::Text(reply)).await;
                         Some(None)
                     }
-                },
-                Incoming::Invalid(why) => {
-                    let _ = errors.send(Outgoing::Text(parse_error(&why))).await;
-                    Some(None)
+                    Incoming::Close => None,
+                    Incoming::Failed(error) => {
+                        let reason: String = error.chars().take(100).collect();
+                        let _ = failure.set(error);
+                        let _ = errors.send(Outgoing::Close(CLOSE_POLICY, reason)).await;
+                        None
+                    }
                 }
-                Incoming::Binary => {
-                    let reply = parse_error("binary frames are not accepted; send JSON text");
-                    let _ = errors.send(Outgoing::Text(reply)).await;
-                    Some(None)
-                }
-                Incoming::Close => None,
-                Incoming::Failed(error) => {
-                    let reason: String = error.chars().take(100).collect();
-                    let _ = errors.send(Outgoing::Close(CLOSE_POLICY, reason)).await;
-                    None
-                }
-            }
-        })
+            },
+        )
         .take_while(|item| futures::future::ready(item.is_some()))
         .filter_map(|item| futures::future::ready(item.flatten()));
     let running = match server

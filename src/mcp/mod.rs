@@ -12,6 +12,7 @@
 //! responses are never dropped: the transports queue them and make senders wait.
 
 pub mod http;
+mod logging;
 pub mod stdio;
 
 use std::collections::BTreeMap;
@@ -26,8 +27,8 @@ use rmcp::model::{
     DetailedTask, GetTaskParams, GetTaskResult, Implementation, JsonObject,
     ListPromptsRequestMethod, ListPromptsResult, ListResourceTemplatesRequestMethod,
     ListResourceTemplatesResult, ListResourcesRequestMethod, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Task,
-    TaskPayload, TaskStatus, Tool,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    SetLevelRequestMethod, Task, TaskPayload, TaskStatus, Tool,
 };
 use rmcp::schemars::{self, JsonSchema};
 use rmcp::service::RequestContext;
@@ -60,6 +61,8 @@ pub struct TroupeMcp {
     /// Who calls when the transport carries no HTTP request (stdio: the local user).
     local_principal: Option<Principal>,
     link: Arc<OnceCell<LinkGuard>>,
+    /// The level a legacy session set with `logging/setLevel`.
+    log_level: logging::SessionLogLevel,
 }
 
 /// `spawn_session` arguments.
@@ -281,23 +284,6 @@ fn is_terminal(data: &EventData) -> bool {
     )
 }
 
-/// What a progress notification says about a session event, if anything.
-fn progress_message(data: &EventData) -> Option<String> {
-    let message = match data {
-        EventData::SessionStarted(_) => "started".to_owned(),
-        EventData::SessionOutput(output) => {
-            let last = output.lines.last().map(String::as_str).unwrap_or("");
-            let last: String = last.chars().take(200).collect();
-            format!("output line {}: {last}", output.first_line)
-        }
-        EventData::SessionProgress(progress) => format!("progress: {}", progress.message),
-        EventData::SessionRateLimited(_) => "rate limited by the provider; waiting".to_owned(),
-        EventData::SessionLongRunning(_) => "still running".to_owned(),
-        _ => return None,
-    };
-    Some(message)
-}
-
 impl TroupeMcp {
     /// A server for one client of `transport`. `local_principal` is who calls when requests
     /// carry no HTTP request (stdio).
@@ -312,6 +298,7 @@ impl TroupeMcp {
             transport,
             local_principal,
             link: Arc::new(OnceCell::new()),
+            log_level: logging::SessionLogLevel::default(),
         }
     }
 
@@ -417,8 +404,9 @@ impl TroupeMcp {
         }
     }
 
-    /// Waits for session `id` to end, sending progress notifications when the caller asked
-    /// for them. `None` when the client cancelled the call (the session keeps running).
+    /// Waits for session `id` to end, sending progress notifications when the caller gave a
+    /// progress token and log notifications when it asked for a log level ([`logging`]). `None`
+    /// when the client cancelled the call (the session keeps running).
     async fn wait_for_end(
         &self,
         id: &SessionId,
@@ -426,6 +414,7 @@ impl TroupeMcp {
         ctx: &RequestContext<RoleServer>,
     ) -> Result<Option<Value>, CallToolResult> {
         let token = ctx.meta.get_progress_token();
+        let log_level = logging::requested_level(ctx, &self.log_level);
         let mut steps = 0u32;
         let record = self.record(id).await?;
         if record_ended(&record) {
@@ -451,6 +440,9 @@ impl TroupeMcp {
                     }
                 }
                 Some(Delivery::Event(event)) => {
+                    if log_level.is_some() {
+                        self.log_event(&event, log_level, ctx).await;
+                    }
                     if is_terminal(&event.data) {
                         return Ok(Some(self.record(id).await?));
                     }
@@ -461,20 +453,38 @@ impl TroupeMcp {
                             return Ok(Some(record));
                         }
                     }
-                    if let (Some(token), Some(message)) = (&token, progress_message(&event.data)) {
+                    if let (Some(token), Some(message)) =
+                        (&token, logging::progress_message(&event.data))
+                    {
                         steps += 1;
-                        let mut param = ProgressNotificationParam::new(token.clone(), steps.into())
+                        let param = ProgressNotificationParam::new(token.clone(), steps.into())
                             .with_message(message);
-                        if let EventData::SessionProgress(progress) = &event.data
-                            && let Some(total) = progress.total
-                        {
-                            param = param.with_total(total as f64);
-                        }
                         // A client that went away is seen through `ctx.ct`.
                         let _ = ctx.peer.notify_progress(param).await;
                     }
                 }
             }
+        }
+    }
+}
+
+impl TroupeMcp {
+    /// Sends a session event as a log notification when it is at or above `asked`.
+    #[allow(deprecated)] // rmcp's logging types: see `logging`.
+    async fn log_event(
+        &self,
+        event: &Arc<troupe_actors::event::Event>,
+        asked: Option<rmcp::model::LoggingLevel>,
+        ctx: &RequestContext<RoleServer>,
+    ) {
+        let delivery = Delivery::Event(event.clone());
+        let (_, text) = crate::json::delivery_to_json(&self.core.node_id, &delivery);
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if let Some(message) = logging::log_message(event, json)
+            && logging::wanted(message.level, asked)
+        {
+            // A client that went away is seen through `ctx.ct`.
+            let _ = ctx.peer.notify_logging_message(message).await;
         }
     }
 }
@@ -496,9 +506,11 @@ fn task_of(view: &SessionView) -> Task {
     .with_poll_interval_ms(1000)
 }
 
-/// A session's task with its payload: working until it ends; completed (with the final record as
-/// the tool result) when it succeeded; failed when it failed, timed out or was interrupted;
-/// cancelled when cancelled.
+/// A session's task with its payload: working until it ends; cancelled when cancelled; otherwise
+/// completed, with the final record as the tool result, which is an error result (`isError:
+/// true`) when the session failed, timed out or was interrupted. A tool that ran and failed is a
+/// completed task whose result says so; `failed` is for a task the server could not run, and its
+/// payload would have to be a JSON-RPC error object.
 fn detailed_task(view: &SessionView) -> DetailedTask {
     let record = view_json(view);
     let as_object = |value: Value| -> JsonObject {
@@ -514,12 +526,10 @@ fn detailed_task(view: &SessionView) -> DetailedTask {
             ),
         },
         SessionState::Cancelled => TaskPayload::Cancelled,
-        state if state.is_terminal() => TaskPayload::Failed {
-            error: as_object(json!({
-                "code": state.as_str(),
-                "message": format!("session {} ended {}", view.record.id, state.as_str()),
-                "data": record,
-            })),
+        state if state.is_terminal() => TaskPayload::Completed {
+            result: as_object(
+                serde_json::to_value(CallToolResult::structured_error(record)).unwrap_or_default(),
+            ),
         },
         _ => TaskPayload::Working,
     };
@@ -896,11 +906,13 @@ impl TroupeMcp {
 }
 
 impl ServerHandler for TroupeMcp {
+    #[allow(deprecated)] // the logging capability: see `logging`.
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_tasks()
+                .enable_logging()
                 .build(),
         )
         .with_server_info(Implementation::new("troupe", env!("CARGO_PKG_VERSION")))
@@ -931,10 +943,10 @@ impl ServerHandler for TroupeMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         self.ensure_link(&ctx).await?;
-        // Sessions are tasks for clients that declare the tasks extension in the request's
-        // own capabilities (2026-07-28): spawn_session answers with a task at once.
+        // Sessions are tasks for clients that declare the tasks extension: in the request's own
+        // capabilities (2026-07-28), or at `initialize` (older sessions). spawn_session then
+        // answers with a task at once.
         let client_tasks = ctx
-            .meta
             .client_capabilities()
             .is_some_and(|capabilities| capabilities.supports_tasks());
         if request.name == "spawn_session" && client_tasks {
@@ -974,6 +986,22 @@ impl ServerHandler for TroupeMcp {
             let error = ApiError::from(error);
             McpError::invalid_params(error.message, None)
         })?;
+        Ok(())
+    }
+
+    /// `logging/setLevel` of a legacy session (2025-11-25 and older): later waiting calls of this
+    /// client send log notifications at or above the level. 2026-07-28 has no such method (a
+    /// request carries its own level): `-32601` there.
+    #[allow(deprecated)] // rmcp's logging types: see `logging`.
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        if logging::is_stateless(&ctx) {
+            return Err(McpError::method_not_found::<SetLevelRequestMethod>());
+        }
+        self.log_level.set(request.level);
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //! Either served here by an embedded node ([`serve_embedded`]; the caller is the local user, with
 //! the admin role), or bridged to a running node's `/mcp/ws?client=stdio` ([`bridge`]) so every
 //! stdio client shares that node's sessions and events. Lines that are not UTF-8 are answered with
-//! a JSON-RPC parse error and skipped; a line over [`MAX_LINE`] bytes ends the link.
+//! a JSON-RPC parse error and skipped; a line over [`MAX_LINE`] bytes is answered with a JSON-RPC
+//! error (`-32600`, id `null`) and ends the link, and `troupe mcp` exits with a failure.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use troupe_actors::event::TransportKind;
 use super::TroupeMcp;
 use super::http::{parse_error, serve_frames};
 use crate::auth::{Principal, Role};
-use crate::http::ws::{Incoming, Outgoing};
+use crate::http::ws::{CLOSE_POLICY, Incoming, Outgoing};
 use crate::node::NodeCore;
 
 /// Longest line accepted on stdin, in bytes.
@@ -52,15 +53,31 @@ pub(crate) fn line_frames(
     }))
 }
 
-/// A sink writing each text frame as one line on `output`.
+/// The JSON-RPC error line that tells a stdio client why its link ends.
+fn closing_line(reason: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {"code": -32600, "message": format!("the link ends: {reason}")},
+    })
+    .to_string()
+}
+
+/// A sink writing each text frame as one line on `output`; a close for a broken rule is written
+/// as a JSON-RPC error line saying why.
 pub(crate) fn line_sink(
     output: impl AsyncWrite + Unpin + Send + 'static,
 ) -> impl Sink<Outgoing, Error = std::io::Error> + Unpin + Send + 'static {
     Box::pin(futures::sink::unfold(
         output,
         |mut output, frame: Outgoing| async move {
-            if let Outgoing::Text(text) = frame {
-                output.write_all(text.as_bytes()).await?;
+            let line = match frame {
+                Outgoing::Text(text) => Some(text),
+                Outgoing::Close(CLOSE_POLICY, reason) => Some(closing_line(&reason)),
+                Outgoing::Close(..) | Outgoing::Ping => None,
+            };
+            if let Some(line) = line {
+                output.write_all(line.as_bytes()).await?;
                 output.write_all(b"\n").await?;
                 output.flush().await?;
             }
@@ -69,8 +86,9 @@ pub(crate) fn line_sink(
     ))
 }
 
-/// Serves MCP on stdin/stdout with this process's node, until stdin closes.
-pub async fn serve_embedded(core: Arc<NodeCore>) {
+/// Serves MCP on stdin/stdout with this process's node, until stdin closes. Returns why stdin
+/// failed (a line over [`MAX_LINE`]), if it did.
+pub async fn serve_embedded(core: Arc<NodeCore>) -> Option<String> {
     let local = Principal {
         name: "stdio".into(),
         role: Role::Admin,
@@ -84,7 +102,7 @@ pub async fn serve_embedded(core: Arc<NodeCore>) {
         line_sink(tokio::io::stdout()),
         line_frames(tokio::io::stdin()),
     )
-    .await;
+    .await
 }
 
 /// Why a bridge could not start or ended badly.
@@ -101,19 +119,41 @@ pub enum BridgeError {
     /// Writing to stdout failed.
     #[error("stdout: {0}")]
     Stdout(std::io::Error),
+    /// Reading stdin failed (a line over [`MAX_LINE`] bytes); the client was told.
+    #[error("stdin: {0}")]
+    Stdin(String),
 }
 
-/// Copies stdin lines to the node's `/mcp/ws` and its frames to stdout, until either side ends.
-pub async fn bridge(addr: std::net::SocketAddr, token: &str) -> Result<(), BridgeError> {
-    bridge_streams(addr, token, tokio::io::stdin(), tokio::io::stdout()).await
+/// A bridge connected to a node's `/mcp/ws`, not yet copying.
+pub struct Bridge {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
 }
 
-async fn bridge_streams(
+impl Bridge {
+    /// Opens the node's `/mcp/ws?client=stdio` with `token`. Reads nothing from stdin, so a
+    /// caller may try another node when this fails.
+    pub async fn connect(addr: std::net::SocketAddr, token: &str) -> Result<Self, BridgeError> {
+        connect(addr, token).await.map(|socket| Self { socket })
+    }
+
+    /// Copies stdin lines to the node and its frames to stdout, until either side ends.
+    pub async fn run(self) -> Result<(), BridgeError> {
+        copy(self.socket, tokio::io::stdin(), tokio::io::stdout()).await
+    }
+}
+
+/// How long connecting to a node may take before the bridge gives up on it.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect(
     addr: std::net::SocketAddr,
     token: &str,
-    input: impl AsyncRead + Unpin + Send + 'static,
-    output: impl AsyncWrite + Unpin + Send + 'static,
-) -> Result<(), BridgeError> {
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    BridgeError,
+> {
     let url = format!("ws://{addr}/mcp/ws?client=stdio");
     let connect_error = |reason: String| BridgeError::Connect {
         url: url.clone(),
@@ -132,9 +172,21 @@ async fn bridge_streams(
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(MAX_LINE))
         .max_frame_size(Some(MAX_LINE));
-    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
         .map_err(|error| connect_error(error.to_string()))?;
+    Ok(socket)
+}
+
+async fn copy(
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    input: impl AsyncRead + Unpin + Send + 'static,
+    output: impl AsyncWrite + Unpin + Send + 'static,
+) -> Result<(), BridgeError> {
     let (mut to_node, mut from_node) = socket.split();
     let mut stdout = line_sink(output);
     let mut stdin = line_frames(input);
@@ -154,7 +206,12 @@ async fn bridge_streams(
                 }
                 Some(Incoming::Failed(why)) => {
                     tracing::warn!(reason = %why, "stdin failed; ending the bridge");
-                    break;
+                    stdout
+                        .send(Outgoing::Close(CLOSE_POLICY, why.clone()))
+                        .await
+                        .map_err(BridgeError::Stdout)?;
+                    let _ = to_node.send(Message::Close(None)).await;
+                    return Err(BridgeError::Stdin(why));
                 }
                 Some(Incoming::Binary | Incoming::Close) | None => break,
             },

@@ -610,3 +610,581 @@ async fn sessions_are_tasks_for_clients_of_the_tasks_extension() {
     .await;
     assert_eq!(got["result"]["status"], "cancelled", "{got}");
 }
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A client of `/mcp/ws` (subprotocol `mcp`).
+struct McpWs {
+    socket: WsStream,
+}
+
+fn mcp_ws_request(
+    node: &NodeProcess,
+    token: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = format!("ws://{}/mcp/ws", node.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("mcp"));
+    request
+}
+
+impl McpWs {
+    async fn open(node: &NodeProcess, token: &str) -> Self {
+        let (socket, _) = tokio_tungstenite::connect_async(mcp_ws_request(node, token))
+            .await
+            .unwrap();
+        Self { socket }
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.socket
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.socket
+            .send(Message::Text(text.to_owned().into()))
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(PATIENCE, self.socket.next())
+                .await
+                .expect("a frame")
+                .expect("open")
+                .expect("well-formed");
+            if let Message::Text(text) = frame {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    /// Messages until the answer to `id`: the others, and the answer.
+    async fn answer(&mut self, id: u64) -> (Vec<Value>, Value) {
+        let mut others = Vec::new();
+        loop {
+            let message = self.next().await;
+            if message["id"] == id && message.get("method").is_none() {
+                return (others, message);
+            }
+            others.push(message);
+        }
+    }
+
+    /// The 2025-11-25 handshake with `capabilities`; returns the initialize result.
+    async fn initialize(&mut self, capabilities: Value) -> Value {
+        self.send(
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": capabilities,
+                "clientInfo": {"name": "ws-test", "version": "0"},
+            }}),
+        )
+        .await;
+        let (_, answer) = self.answer(0).await;
+        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        answer["result"].clone()
+    }
+}
+
+fn legacy_call(id: u64, name: &str, arguments: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": name, "arguments": arguments}})
+}
+
+fn log_messages(messages: &[Value]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .filter(|message| message["method"] == "notifications/message")
+        .map(|message| {
+            assert_eq!(message["params"]["logger"], "troupe.session", "{message}");
+            (
+                message["params"]["level"].as_str().unwrap().to_owned(),
+                message["params"]["data"]["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn log_notifications_go_out_only_at_or_above_the_level_the_client_asked_for() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let failing = || json!({"session": sh("echo one; exit 3"), "wait": true});
+
+    // 2026-07-28: the level is per request, in _meta.
+    let (quiet, _) = call(node, &node.token, tool_call(1, "spawn_session", failing())).await;
+    assert!(
+        log_messages(&quiet).is_empty(),
+        "no level, no log: {quiet:?}"
+    );
+    let mut body = tool_call(2, "spawn_session", failing());
+    body["params"]["_meta"]["io.modelcontextprotocol/logLevel"] = json!("info");
+    let (notifications, answer) = call(node, &node.token, body).await;
+    assert_eq!(content(&answer)["state"], "failed");
+    let logged = log_messages(&notifications);
+    assert!(
+        logged.contains(&("info".into(), "session.started".into())),
+        "{logged:?}"
+    );
+    assert!(
+        logged.contains(&("error".into(), "session.failed".into())),
+        "{logged:?}"
+    );
+    assert!(
+        logged.iter().all(|(level, _)| level != "debug"),
+        "nothing below info: {logged:?}"
+    );
+    let mut body = tool_call(3, "spawn_session", failing());
+    body["params"]["_meta"]["io.modelcontextprotocol/logLevel"] = json!("debug");
+    let (notifications, _) = call(node, &node.token, body).await;
+    assert!(
+        log_messages(&notifications).contains(&("debug".into(), "session.output".into())),
+        "{notifications:?}"
+    );
+
+    // A legacy session sets its level once with logging/setLevel (over /mcp/ws here).
+    let mut ws = McpWs::open(node, &node.token).await;
+    let init = ws.initialize(json!({})).await;
+    assert!(init["capabilities"]["logging"].is_object(), "{init}");
+    ws.send(legacy_call(1, "spawn_session", failing())).await;
+    let (before, _) = ws.answer(1).await;
+    assert!(log_messages(&before).is_empty(), "{before:?}");
+    ws.send(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "logging/setLevel",
+                   "params": {"level": "warning"}}),
+    )
+    .await;
+    let (_, set) = ws.answer(2).await;
+    assert!(set["error"].is_null(), "{set}");
+    ws.send(legacy_call(3, "spawn_session", failing())).await;
+    let (after, _) = ws.answer(3).await;
+    assert_eq!(
+        log_messages(&after),
+        vec![("error".to_owned(), "session.failed".to_owned())],
+        "only what is at or above warning: {after:?}"
+    );
+
+    // 2026-07-28 has no logging/setLevel.
+    let response = post(
+        node,
+        &node.token,
+        &request(4, "logging/setLevel", json!({"level": "debug"})),
+        V2026,
+    )
+    .await;
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn a_failed_session_is_a_completed_task_whose_result_is_an_error() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let mut events = node.events("kind=session.*", None).await;
+    let (_, created) = call(
+        node,
+        &node.token,
+        with_tasks(tool_call(
+            1,
+            "spawn_session",
+            json!({"session": sh("echo bad; exit 3")}),
+        )),
+    )
+    .await;
+    let task = created["result"]["taskId"].as_str().unwrap().to_owned();
+    events.next_of("session.failed").await;
+    let (_, got) = call(
+        node,
+        &node.token,
+        with_tasks(request(2, "tasks/get", json!({"taskId": task}))),
+    )
+    .await;
+    let result = &got["result"];
+    assert_eq!(result["status"], "completed", "{got}");
+    assert_eq!(result["statusMessage"], "failed", "{got}");
+    assert_eq!(result["result"]["isError"], true, "{got}");
+    assert_eq!(result["result"]["structuredContent"]["state"], "failed");
+    assert_eq!(result["result"]["structuredContent"]["exit_code"], 3);
+    assert!(
+        result.get("error").is_none(),
+        "no string-coded error: {got}"
+    );
+
+    // A legacy client that declared the extension at initialize gets tasks too.
+    let mut ws = McpWs::open(node, &node.token).await;
+    ws.initialize(json!({"extensions": {"io.modelcontextprotocol/tasks": {}}}))
+        .await;
+    ws.send(legacy_call(
+        1,
+        "spawn_session",
+        json!({"session": sh("true")}),
+    ))
+    .await;
+    let (_, answer) = ws.answer(1).await;
+    let task = answer["result"]["taskId"].as_str().unwrap_or_default();
+    assert!(task.starts_with("s-"), "a task: {answer}");
+}
+
+#[tokio::test]
+async fn malformed_json_rpc_and_unknown_methods_get_json_rpc_errors_on_every_mcp_door() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let raw = |body: &'static str, method: &'static str| {
+        node.client()
+            .post(node.url("/mcp"))
+            .bearer_auth(&node.token)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", V2026)
+            .header("mcp-method", method)
+            .body(body)
+            .send()
+    };
+    for (body, code, id) in [
+        ("{not json", -32700, Value::Null),
+        (r#"{"id": 5, "method": "tools/list"}"#, -32600, json!(5)),
+        (
+            r#"{"jsonrpc": "2.0", "id": "x", "method": 7}"#,
+            -32600,
+            json!("x"),
+        ),
+        (
+            r#"[{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}]"#,
+            -32600,
+            Value::Null,
+        ),
+        (
+            r#"{"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"nome": 1}}"#,
+            -32602,
+            json!(6),
+        ),
+    ] {
+        let response = raw(body, "tools/list").await.unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+        assert_eq!(answer["id"], id, "{body}: {answer}");
+    }
+    // A method no revision defines.
+    let response = post(node, &node.token, &request(7, "foo/bar", json!({})), V2026).await;
+    assert_eq!(response.status(), 404);
+    let answer = messages(response).await.pop().unwrap();
+    assert_eq!(answer["error"]["code"], -32601, "{answer}");
+    assert_eq!(answer["id"], 7);
+
+    // The same over /mcp/ws, and the link stays.
+    let mut ws = McpWs::open(node, &node.token).await;
+    ws.initialize(json!({})).await;
+    ws.send_text(r#"{"id": 9, "method": "tools/list"}"#).await;
+    let answer = ws.next().await;
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    assert_eq!(answer["id"], 9);
+    ws.send(json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"nome": 1}}))
+        .await;
+    let (_, answer) = ws.answer(10).await;
+    assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    ws.send(json!({"jsonrpc": "2.0", "id": 11, "method": "foo/bar"}))
+        .await;
+    let (_, answer) = ws.answer(11).await;
+    assert_eq!(answer["error"]["code"], -32601, "{answer}");
+    ws.send(legacy_call(12, "node_health", json!({}))).await;
+    let (_, health) = ws.answer(12).await;
+    assert_eq!(health["result"]["structuredContent"]["status"], "healthy");
+
+    // A frame over http.max_body_bytes closes that link only.
+    let mut other = McpWs::open(node, &node.token).await;
+    other.initialize(json!({})).await;
+    let _ = ws
+        .socket
+        .send(Message::Text("x".repeat(2 * 1024 * 1024).into()))
+        .await;
+    let closed = tokio::time::timeout(PATIENCE, async {
+        while let Some(frame) = ws.socket.next().await {
+            match frame {
+                Ok(Message::Close(close)) => return close.map(|close| u16::from(close.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("the oversize frame ends the link");
+    assert!(matches!(closed, Some(1008) | None), "{closed:?}");
+    other.send(legacy_call(1, "node_health", json!({}))).await;
+    let (_, health) = other.answer(1).await;
+    assert_eq!(health["result"]["structuredContent"]["status"], "healthy");
+}
+
+#[tokio::test]
+async fn cancelling_a_waiting_spawn_stops_its_progress_and_leaves_the_session_running() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let mut observer = node.events("kind=session.*", None).await;
+    let marker = fixture._temp.path().join("release-cancel");
+    let script = format!(
+        "echo started; while [ ! -e {} ]; do sleep 0.05; done; echo released",
+        marker.display()
+    );
+    let mut ws = McpWs::open(node, &node.token).await;
+    ws.initialize(json!({})).await;
+    let mut spawn = legacy_call(
+        2,
+        "spawn_session",
+        json!({"session": sh(&script), "wait": true}),
+    );
+    spawn["params"]["_meta"] = json!({"progressToken": "c"});
+    ws.send(spawn).await;
+    let (_, output) = observer.next_of("session.output").await;
+    let id = output["session"].as_str().unwrap().to_owned();
+    // Progress arrives for the token…
+    loop {
+        let message = ws.next().await;
+        assert_ne!(message["id"], 2, "no answer yet: {message}");
+        if message["method"] == "notifications/progress"
+            && message["params"]["message"]
+                .as_str()
+                .is_some_and(|text| text.contains("started"))
+        {
+            break;
+        }
+    }
+    // …until the client cancels the call.
+    ws.send(
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                   "params": {"requestId": 2, "reason": "test"}}),
+    )
+    .await;
+    assert_eq!(node.session(&id).await["state"], "running");
+    std::fs::write(&marker, "").unwrap();
+    let (_, ended) = observer.next_of("session.succeeded").await;
+    assert_eq!(ended["session"], id.as_str());
+    // Nothing more for the cancelled call: no answer, no progress about the release.
+    ws.send(legacy_call(3, "get_session", json!({"id": id})))
+        .await;
+    let (between, answer) = ws.answer(3).await;
+    assert_eq!(answer["result"]["structuredContent"]["state"], "succeeded");
+    for message in &between {
+        assert_ne!(
+            message["id"], 2,
+            "the cancelled call was answered: {message}"
+        );
+        assert!(
+            !message.to_string().contains("released"),
+            "progress went on after the cancel: {message}"
+        );
+    }
+}
+
+/// A node with tight per-token rate limits (3 at once, 1 per second).
+async fn rate_limited_node(temp: &tempfile::TempDir) -> NodeProcess {
+    let config = temp.path().join("troupe.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nrequests_per_second = 1\nburst = 3\n\
+             tokens = [{{ name = \"dash\", role = \"viewer\", sha256 = \"{}\" }}]\n",
+            hex::encode(Sha256::digest(VIEWER.as_bytes()))
+        ),
+    )
+    .unwrap();
+    NodeProcess::start_with(
+        &temp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &NodeEnv::default(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_rate_limit_charges_each_request_on_http_websockets_and_subscribe_frames() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = rate_limited_node(&temp).await;
+
+    // /mcp/ws: the upgrade and then each JSON-RPC request pay.
+    let mut ws = McpWs::open(&node, &node.token).await;
+    ws.send(
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "limited", "version": "0"},
+        }}),
+    )
+    .await;
+    let mut refused = Vec::new();
+    for id in 1..=4u64 {
+        ws.send(json!({"jsonrpc": "2.0", "id": id, "method": "ping"}))
+            .await;
+    }
+    for _ in 0..5 {
+        let message = ws.next().await;
+        if message["error"]["code"] == troupe::mcp::http::RATE_LIMITED {
+            assert!(
+                message["id"].is_u64(),
+                "the refusal carries the id: {message}"
+            );
+            assert_eq!(message["error"]["data"]["code"], "rate_limited");
+            assert!(message["error"]["data"]["retry_after_ms"].as_u64().unwrap() > 0);
+            refused.push(message["id"].clone());
+        }
+    }
+    assert!(
+        refused.len() >= 2,
+        "five requests past a burst of three: {refused:?}"
+    );
+
+    // Events WebSocket: each subscribe frame pays (the viewer token has its own bucket).
+    let mut request = format!("ws://{}/v1/events/ws?kind=link.*", node.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {VIEWER}")).unwrap(),
+    );
+    let (mut events, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut limited = 0;
+    for n in 0..4 {
+        let frame = json!({"type": "subscribe", "name": format!("s{n}"),
+                           "filter": {"kind": ["session.*"]}});
+        events
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        let answer = loop {
+            let frame = tokio::time::timeout(PATIENCE, events.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let Message::Text(text) = frame else { continue };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["type"] != "event" {
+                break value;
+            }
+        };
+        if answer["code"] == "rate_limited" {
+            assert!(answer["retry_after_ms"].as_u64().unwrap() > 0, "{answer}");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 1, "four frames after the upgrade, burst three");
+
+    // HTTP: 429 with Retry-After (whole seconds, at least 1).
+    let mut answered = None;
+    for _ in 0..6 {
+        let response = node
+            .client()
+            .get(node.url("/v1/links"))
+            .bearer_auth(VIEWER)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            answered = Some(response);
+            break;
+        }
+    }
+    let response = answered.expect("a 429 within six requests past the burst");
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{retry}");
+    let envelope: Value = response.json().await.unwrap();
+    assert_eq!(envelope["error"]["code"], "rate_limited");
+}
+
+/// A WebSocket to `path` whose client never reads: a tiny receive buffer, and nobody polls it.
+async fn never_reading_socket(
+    node: &NodeProcess,
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> WsStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let (socket, _) =
+        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn an_mcp_websocket_client_that_never_reads_is_dropped_and_others_are_unaffected() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("troupe.toml");
+    std::fs::write(
+        &config,
+        "[auth]\nrequests_per_second = 100000\nburst = 100000\n",
+    )
+    .unwrap();
+    let node = NodeProcess::start_with(
+        &temp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &NodeEnv::default(),
+    )
+    .await;
+    let mut observer = node.events("kind=link.*", None).await;
+    let mut stalled = never_reading_socket(&node, mcp_ws_request(&node, &node.token)).await;
+    let link = loop {
+        let (_, connected) = observer.next_of("link.connected").await;
+        if connected["data"]["transport"] == "mcp_web_socket" {
+            break connected["data"]["link"].as_str().unwrap().to_owned();
+        }
+    };
+    // Thousands of requests whose answers (tools/list, a few KB each) nobody reads. The sends
+    // run in a task: once the node stops reading too, they block until the link is dropped.
+    let flood = tokio::spawn(async move {
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "stalled", "version": "0"}}});
+        let _ = stalled.send(Message::Text(init.to_string().into())).await;
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let _ = stalled
+            .send(Message::Text(initialized.to_string().into()))
+            .await;
+        for id in 1..=4000u64 {
+            let list = json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"});
+            if stalled
+                .send(Message::Text(list.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        stalled
+    });
+    // The node gives up on it (its writer waited 10 s) …
+    loop {
+        let (_, event) = observer.next_of("link.disconnected").await;
+        if event["data"]["link"] == link.as_str() {
+            break;
+        }
+    }
+    // … and everyone else is served.
+    let mut other = McpWs::open(&node, &node.token).await;
+    other.initialize(json!({})).await;
+    other.send(legacy_call(1, "node_health", json!({}))).await;
+    let (_, health) = other.answer(1).await;
+    assert_eq!(health["result"]["structuredContent"]["status"], "healthy");
+    let links: Value = node.get("/v1/links").await.json().await.unwrap();
+    assert!(!links.to_string().contains(&link), "{links}");
+    flood.abort();
+}

@@ -593,3 +593,343 @@ async fn troupe_mcp_runs_an_embedded_node_when_none_is_running_and_answers_bad_l
     assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 8);
     stdio.finish().await;
 }
+
+/// Spawns a session printing about 20 MB of output (long lines), for links that must fill up.
+async fn flood(node: &NodeProcess) -> String {
+    spawn_script(
+        node,
+        "line=$(head -c 1000 /dev/zero | tr '\\0' x); i=0; \
+         while [ $i -lt 20000 ]; do echo \"$line\"; i=$((i+1)); done",
+    )
+    .await
+}
+
+async fn spawn_script(node: &NodeProcess, script: &str) -> String {
+    let record = node
+        .spawn_session(json!({"kind": "command", "program": "sh", "args": ["-c", script]}))
+        .await;
+    record["id"].as_str().unwrap().to_owned()
+}
+
+/// A TCP connection to the node with a tiny receive buffer, for a client that will not read.
+async fn tiny_buffer_stream(node: &NodeProcess) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(node.addr).await.unwrap()
+}
+
+/// Waits for the `link.disconnected` of a `transport` link; returns its reason.
+async fn disconnected(observer: &mut SseStream, transport: &str) -> String {
+    loop {
+        let (_, event) = observer.next_of("link.disconnected").await;
+        if event["data"]["transport"] == transport {
+            return event["data"]["reason"].as_str().unwrap().to_owned();
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_sse_client_that_stops_reading_is_cleaned_up_and_others_keep_their_stream() {
+    let fixture = Fixture::start(10_000).await;
+    let node = &fixture.node;
+    let mut observer = node.events("kind=link.*", None).await;
+    let mut healthy = node.events("kind=session.succeeded", None).await;
+    // A follower of session output that sends its request and never reads a byte.
+    let mut stalled = tiny_buffer_stream(node).await;
+    {
+        use tokio::io::AsyncWriteExt;
+        let request = format!(
+            "GET /v1/events?kind=session.output HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            node.token
+        );
+        stalled.write_all(request.as_bytes()).await.unwrap();
+    }
+    let peer = stalled.local_addr().unwrap().to_string();
+    let link = loop {
+        let (_, event) = observer.next_of("link.connected").await;
+        if event["data"]["peer"] == peer.as_str() {
+            break event["data"]["link"].as_str().unwrap().to_owned();
+        }
+    };
+    let id = flood(node).await;
+    let reason = loop {
+        let (_, event) = observer.next_of("link.disconnected").await;
+        if event["data"]["link"] == link.as_str() {
+            break event["data"]["reason"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(reason.contains("stopped reading"), "{reason}");
+    let links: Value = node.get("/v1/links").await.json().await.unwrap();
+    assert!(
+        !links.to_string().contains(&link),
+        "the stalled link is gone: {links}"
+    );
+    let (_, done) = healthy.next().await;
+    assert_eq!(done["session"], id.as_str(), "the other stream went on");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn an_event_websocket_that_never_reads_is_dropped_and_others_are_unaffected() {
+    let fixture = Fixture::start(10_000).await;
+    let node = &fixture.node;
+    let mut observer = node.events("kind=link.*", None).await;
+    let stream = tiny_buffer_stream(node).await;
+    let request = ws_request(node, "/v1/events/ws?kind=session.output", &node.token);
+    let (stalled, _) =
+        tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    let mut other = WsEvents::open(node, "kind=session.succeeded").await;
+    let id = flood(node).await;
+    let reason = disconnected(&mut observer, "web_socket").await;
+    assert!(reason.contains("stopped reading"), "{reason}");
+    let done = other.next_event().await;
+    assert_eq!(done["session"], id.as_str());
+    assert_eq!(node.get("/v1/health").await.status(), 200);
+    drop(stalled);
+}
+
+/// Reads stdout lines until the exit of `troupe mcp`; returns them and its status.
+async fn rest_and_exit(mut stdio: StdioMcp) -> (Vec<Value>, std::process::ExitStatus) {
+    let mut rest = Vec::new();
+    let lines = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(line)) = stdio.lines.next_line().await {
+            rest.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
+        }
+    });
+    lines.await.expect("stdout closes");
+    drop(stdio.stdin.take());
+    let status = tokio::time::timeout(PATIENCE, stdio.child.wait())
+        .await
+        .expect("troupe mcp exits")
+        .unwrap();
+    (rest, status)
+}
+
+/// Sends an over-long line (past the 4 MiB cap): answered with an error, then the link ends.
+async fn oversize_line_ends_the_link(mut stdio: StdioMcp) {
+    let mut line = vec![b'x'; 5 * 1024 * 1024];
+    line.push(b'\n');
+    // troupe mcp stops reading at the cap, so the rest of the write may fail.
+    {
+        use tokio::io::AsyncWriteExt;
+        let stdin = stdio.stdin.as_mut().unwrap();
+        let _ = stdin.write_all(&line).await;
+        let _ = stdin.flush().await;
+    }
+    let (rest, status) = rest_and_exit(stdio).await;
+    assert!(
+        rest.iter().any(|message| message["error"]["code"] == -32600
+            && message["error"]["message"]
+                .as_str()
+                .is_some_and(|text| text.contains("4194304"))),
+        "the client is told why: {rest:?}"
+    );
+    assert!(!status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn bad_lines_through_the_stdio_bridge_are_answered_and_an_oversize_one_ends_it() {
+    let fixture = Fixture::start(10_000).await;
+    let node = &fixture.node;
+    node.logs
+        .wait_for("discovery entry written", |line| {
+            line["message"] == "discovery entry written"
+        })
+        .await;
+    let discovery = node.data_dir.join("discovery");
+    let mut stdio = StdioMcp::start(&[], &discovery, fixture._temp.path());
+    stdio.initialize().await;
+    stdio.send_raw(b"\xff\xfe not utf-8\n").await;
+    let error = stdio.next().await;
+    assert_eq!(error["error"]["code"], -32700, "{error}");
+    stdio.send_raw(b"{\"id\": 4, \"method\": 5}\n").await;
+    let error = stdio.next().await;
+    assert_eq!(error["error"]["code"], -32600, "{error}");
+    assert_eq!(error["id"], 4);
+    stdio
+        .send(json!({"jsonrpc": "2.0", "id": 5, "method": "foo/bar"}))
+        .await;
+    let (_, unknown) = stdio.answer(5).await;
+    assert_eq!(unknown["error"]["code"], -32601, "{unknown}");
+    stdio.send(tools_call(6, "node_health", json!({}))).await;
+    let (_, health) = stdio.answer(6).await;
+    assert_eq!(health["result"]["structuredContent"]["status"], "healthy");
+    oversize_line_ends_the_link(stdio).await;
+    assert_eq!(
+        node.get("/v1/health").await.status(),
+        200,
+        "the node is fine"
+    );
+}
+
+#[tokio::test]
+async fn an_oversize_line_ends_an_embedded_troupe_mcp_with_an_error() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let mut stdio = StdioMcp::start(
+        &["--standalone", "--data-dir", data.to_str().unwrap()],
+        &temp.path().join("discovery"),
+        temp.path(),
+    );
+    stdio.initialize().await;
+    stdio.send_raw(b"{\"id\": \"q\", \"params\": []}\n").await;
+    let error = stdio.next().await;
+    assert_eq!(error["error"]["code"], -32600, "{error}");
+    assert_eq!(error["id"], "q");
+    oversize_line_ends_the_link(stdio).await;
+}
+
+/// `troupe nodes --json` with `discovery`.
+async fn nodes_json(discovery: &std::path::Path) -> Vec<Value> {
+    let output = tokio::process::Command::new(troupe_bin())
+        .args(["nodes", "--json"])
+        .env("TROUPE_DISCOVERY_DIR", discovery)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    serde_json::from_slice::<Value>(&output.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The health report a `troupe mcp` with `discovery` gets (so: which node it attached to).
+async fn health_through_troupe_mcp(
+    discovery: &std::path::Path,
+    cwd: &std::path::Path,
+) -> (StdioMcp, Value) {
+    let mut stdio = StdioMcp::start(&[], discovery, cwd);
+    stdio.initialize().await;
+    stdio.send(tools_call(1, "node_health", json!({}))).await;
+    let (_, health) = stdio.answer(1).await;
+    let report = health["result"]["structuredContent"].clone();
+    assert_eq!(report["status"], "healthy", "{health}");
+    (stdio, report)
+}
+
+/// A node registered in `discovery` under `id`.
+async fn registered_node(
+    temp: &std::path::Path,
+    id: &str,
+    discovery: &std::path::Path,
+) -> NodeProcess {
+    let env = NodeEnv {
+        vars: vec![(
+            "TROUPE_DISCOVERY_DIR".into(),
+            discovery.to_str().unwrap().to_owned(),
+        )],
+        cwd: Some(temp.to_owned()),
+    };
+    let node = NodeProcess::start_with(&temp.join(id), &["--node-id", id], &env).await;
+    node.logs
+        .wait_for("discovery entry written", |line| {
+            line["message"] == "discovery entry written"
+        })
+        .await;
+    node
+}
+
+#[tokio::test]
+async fn two_nodes_on_one_machine_troupe_mcp_attaches_to_the_newest_and_a_killed_one_is_cleaned() {
+    let temp = tempfile::tempdir().unwrap();
+    let discovery = temp.path().join("discovery");
+    let a = registered_node(temp.path(), "a", &discovery).await;
+    let mut b = registered_node(temp.path(), "b", &discovery).await;
+    let listed = nodes_json(&discovery).await;
+    let ids: BTreeSet<&str> = listed
+        .iter()
+        .map(|entry| entry["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, BTreeSet::from(["a", "b"]), "{listed:?}");
+    assert_eq!(listed[0]["node_id"], "b", "the most recently started first");
+    let (stdio, report) = health_through_troupe_mcp(&discovery, temp.path()).await;
+    assert_eq!(report["node"], "b");
+    stdio.finish().await;
+
+    // SIGKILL: b cannot remove its entry; readers see its pid gone and delete it.
+    let b_pid = b.child.id().unwrap();
+    b.child.kill().await.unwrap();
+    let stale = discovery.join(format!("b-{b_pid}.json"));
+    assert!(stale.exists(), "a killed node leaves its entry behind");
+    let listed = nodes_json(&discovery).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["node_id"], "a");
+    assert!(!stale.exists(), "the stale entry was cleaned");
+    let (stdio, report) = health_through_troupe_mcp(&discovery, temp.path()).await;
+    assert_eq!(report["node"], "a");
+    stdio.finish().await;
+    drop(a);
+}
+
+#[tokio::test]
+async fn troupe_mcp_skips_an_unreachable_node_then_runs_an_embedded_node_that_others_share() {
+    let temp = tempfile::tempdir().unwrap();
+    let discovery = temp.path().join("discovery");
+    // An entry of a live process (this test) at an address nobody serves, sorted first.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let token_dir = temp.path().join("ghost");
+    std::fs::create_dir_all(&token_dir).unwrap();
+    std::fs::write(token_dir.join("admin.token"), "trp_ghost\n").unwrap();
+    std::fs::create_dir_all(&discovery).unwrap();
+    let me = std::process::id();
+    std::fs::write(
+        discovery.join(format!("ghost-{me}.json")),
+        json!({"node_id": "ghost", "pid": me, "http": dead_addr.to_string(),
+               "token_file": token_dir.join("admin.token"),
+               "started_at": "2099-01-01T00:00:00Z",
+               "updated_at": troupe::discovery::now_secs()})
+        .to_string(),
+    )
+    .unwrap();
+    let mut a = registered_node(temp.path(), "a", &discovery).await;
+    let (stdio, report) = health_through_troupe_mcp(&discovery, temp.path()).await;
+    assert_eq!(report["node"], "a", "the unreachable entry was skipped");
+    stdio.finish().await;
+    a.terminate();
+    assert!(a.wait_exit().await.success());
+
+    // Only the unreachable entry is left: an embedded node, which registers itself …
+    let data = temp.path().join("embedded");
+    let mut first = StdioMcp::start(
+        &["--data-dir", data.to_str().unwrap()],
+        &discovery,
+        temp.path(),
+    );
+    first.initialize().await;
+    first.send(tools_call(1, "node_health", json!({}))).await;
+    let (_, health) = first.answer(1).await;
+    let started = health["result"]["structuredContent"]["started_at"].clone();
+    assert!(started.is_string(), "{health}");
+    let listed = nodes_json(&discovery).await;
+    assert_eq!(
+        listed.len(),
+        2,
+        "the embedded node is discoverable: {listed:?}"
+    );
+    // … so a second stdio client shares it.
+    let (mut second, report) = health_through_troupe_mcp(&discovery, temp.path()).await;
+    assert_eq!(report["started_at"], started, "the same node");
+    // The first client leaves; the node stays for the second, then goes with it.
+    drop(first.stdin.take());
+    second.send(tools_call(2, "node_health", json!({}))).await;
+    let (_, again) = second.answer(2).await;
+    assert_eq!(again["result"]["structuredContent"]["started_at"], started);
+    second.finish().await;
+    let status = tokio::time::timeout(PATIENCE, first.child.wait())
+        .await
+        .expect("the embedded node stops once its last client is gone")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        nodes_json(&discovery).await.len(),
+        1,
+        "its entry is removed"
+    );
+}
