@@ -324,39 +324,142 @@ async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
     fake.shutdown().await;
 }
 
+/// A node with one fake provider whose `aider` is `program`: a symlink named `aider` in a
+/// directory first on the node's `PATH`. The node's `HOME` is a fresh directory, so a real Aider
+/// writes its settings there.
+struct AiderNode {
+    node: NodeProcess,
+    temp: tempfile::TempDir,
+}
+
+impl AiderNode {
+    async fn start(
+        program: &std::path::Path,
+        fake: &FakeProviderHandle,
+        vars: &[(&str, &str)],
+    ) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let bin = temp.path().join("bin");
+        let home = temp.path().join("home");
+        let workspace = temp.path().join("ws");
+        for dir in [&bin, &home, &workspace] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::os::unix::fs::symlink(program, bin.join("aider")).unwrap();
+        let config = temp.path().join("troupe.toml");
+        std::fs::write(&config, provider("fake", fake, "")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut env_vars = vec![
+            ("PATH".to_owned(), path),
+            ("HOME".to_owned(), home.display().to_string()),
+        ];
+        env_vars.extend(
+            vars.iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+        );
+        let env = crate::support::NodeEnv {
+            vars: env_vars,
+            cwd: Some(workspace),
+        };
+        let node = NodeProcess::start_with(
+            &temp.path().join("data"),
+            &["--config", config.to_str().unwrap()],
+            &env,
+        )
+        .await;
+        Self { node, temp }
+    }
+
+    fn workspace(&self) -> std::path::PathBuf {
+        self.temp.path().join("ws")
+    }
+}
+
+fn fake_aider() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-aider.sh")
+}
+
+/// Follows a session's output until its end, for up to `patience`; returns the output's texts
+/// and the end state.
+async fn output_to_end(node: &NodeProcess, id: &str, patience: Duration) -> (Vec<String>, String) {
+    use eventsource_stream::Eventsource;
+    let response = node
+        .get(&format!("/v1/sessions/{id}/output?follow=true"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream().eventsource();
+    let mut texts = Vec::new();
+    let state = tokio::time::timeout(patience, async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("a well-formed SSE event");
+            let data: Value = serde_json::from_str(&event.data).unwrap();
+            if event.event == "end" {
+                return data["state"].as_str().unwrap().to_owned();
+            }
+            texts.push(data["text"].as_str().unwrap_or_default().to_owned());
+        }
+        panic!("the output of {id} ended without an `end` event");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("session {id} did not end within {patience:?}: {texts:?}"));
+    (texts, state)
+}
+
+/// The model call of an Aider session (through the node's gateway, with its session key):
+/// what reached the fake, and the `provider.*` events its retry caused, with the session.
+async fn assert_the_call_went_through_the_gateway_for(
+    fake: &FakeProviderHandle,
+    events: &mut crate::support::SseStream,
+    id: &str,
+    message: &str,
+) {
+    let calls: Vec<_> = fake
+        .arrivals()
+        .into_iter()
+        .filter(|arrival| arrival.path == "/v1/chat/completions")
+        .collect();
+    assert!(calls.len() >= 2, "a 429, then the retry: {calls:?}");
+    for call in &calls {
+        assert_eq!(
+            call.model.as_deref(),
+            Some("m1"),
+            "the gateway routed fake/m1"
+        );
+    }
+    assert!(
+        calls.iter().any(|call| {
+            let body = call.json().expect("a JSON body");
+            body["messages"].to_string().contains(message)
+        }),
+        "the session's message reached the provider: {calls:?}"
+    );
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["session"], id, "{limited}");
+    assert_eq!(limited["data"]["source"], "provider");
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["session"], id, "{retry}");
+}
+
 #[tokio::test]
 async fn an_aider_session_gets_a_scoped_gateway_key_and_its_calls_carry_the_session() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
-    let temp = tempfile::tempdir().unwrap();
-    let bin = temp.path().join("bin");
-    let workspace = temp.path().join("ws");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(&workspace).unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-aider.sh");
-    std::os::unix::fs::symlink(&script, bin.join("aider")).unwrap();
-    let release = temp.path().join("release");
-    let config = temp.path().join("troupe.toml");
-    std::fs::write(&config, provider("fake", &fake, "")).unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let env = crate::support::NodeEnv {
-        vars: vec![
-            ("PATH".into(), path),
-            ("FAKE_AIDER_SCENARIO".into(), "hold".into()),
-            ("FAKE_AIDER_RELEASE".into(), release.display().to_string()),
+    let release_dir = tempfile::tempdir().unwrap();
+    let release = release_dir.path().join("release");
+    let release_path = release.display().to_string();
+    let aider = AiderNode::start(
+        &fake_aider(),
+        &fake,
+        &[
+            ("FAKE_AIDER_SCENARIO", "hold"),
+            ("FAKE_AIDER_RELEASE", &release_path),
         ],
-        cwd: Some(workspace),
-    };
-    let node = NodeProcess::start_with(
-        &temp.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-        &env,
     )
     .await;
+    let node = &aider.node;
     let mut events = node.events("kind=session.*&kind=provider.*", None).await;
     let record: Value = node
         .post_json(
@@ -418,6 +521,124 @@ async fn an_aider_session_gets_a_scoped_gateway_key_and_its_calls_carry_the_sess
         .unwrap();
     assert_eq!(refused.status(), 401);
     fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fake_aider_calls_the_gateway_with_its_session_key_and_the_events_carry_the_session() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    fake.set_behaviour(
+        "m1",
+        "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
+    );
+    let aider = AiderNode::start(&fake_aider(), &fake, &[("FAKE_AIDER_SCENARIO", "call")]).await;
+    let node = &aider.node;
+    let mut events = node.events("kind=provider.*", None).await;
+    let message = "add a \"greet\" function";
+    let record = node
+        .spawn_session(json!({
+            "kind": "aider", "message": message, "model": "fake/m1", "files": ["greet.py"]
+        }))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "succeeded", "{texts:#?}");
+    assert!(
+        texts
+            .iter()
+            .any(|text| text == &FakeConfig::default().reply),
+        "the fake's reply, through the gateway, in the output: {texts:#?}"
+    );
+    assert_the_call_went_through_the_gateway_for(&fake, &mut events, &id, "greet").await;
+
+    // A call the gateway gives up on reaches the script as an error, and fails the session.
+    fake.set_behaviour("m1", "insufficient-quota".parse().unwrap());
+    let record = node
+        .spawn_session(json!({"kind": "aider", "message": "again", "model": "fake/m1"}))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "failed", "{texts:#?}");
+    let record = node.session(&id).await;
+    assert!(
+        record.to_string().contains("insufficient_quota"),
+        "{record}"
+    );
+    fake.shutdown().await;
+}
+
+/// The real `aider` (the `aider-chat` package) run by an Aider session. It is found as
+/// `TROUPE_TEST_AIDER`, else as `aider` on the `PATH`; the test is skipped without it (unless
+/// `TROUPE_REQUIRE_CLIENTS=1`). `.ci/run` installs it in its own virtualenv (`target/ci-aider`).
+#[tokio::test]
+async fn the_real_aider_runs_through_the_gateway_and_its_provider_events_carry_the_session() {
+    let program = std::env::var("TROUPE_TEST_AIDER").unwrap_or_else(|_| "aider".into());
+    let probe = tokio::process::Command::new(&program)
+        .arg("--version")
+        .output()
+        .await;
+    let version = match probe {
+        Ok(output) if output.status.success() => {
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        }
+        _ => {
+            skip_without_python_client(&format!(
+                "{program} --version does not run; install Aider with \
+                 `python3 -m pip install aider-chat` (or set TROUPE_TEST_AIDER to its path)"
+            ));
+            return;
+        }
+    };
+    let program = which(&program);
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "Die Antwort kam über das Gateway.".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    fake.set_behaviour(
+        "m1",
+        "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
+    );
+    // No fetch of litellm's model list from the network.
+    let aider =
+        AiderNode::start(&program, &fake, &[("LITELLM_LOCAL_MODEL_COST_MAP", "True")]).await;
+    std::fs::write(
+        aider.workspace().join("greet.py"),
+        "def greet(name):\n    pass\n",
+    )
+    .unwrap();
+    let node = &aider.node;
+    let mut events = node.events("kind=provider.*", None).await;
+    let record = node
+        .spawn_session(json!({
+            "kind": "aider",
+            "message": "explain greet in one sentence",
+            "model": "fake/m1",
+            "files": ["greet.py"]
+        }))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = output_to_end(node, &id, PATIENCE * 6).await;
+    assert_eq!(state, "succeeded", "{version}: {texts:#?}");
+    assert!(
+        texts
+            .iter()
+            .any(|text| text.contains("Die Antwort kam über das Gateway.")),
+        "Aider printed the fake's reply: {texts:#?}"
+    );
+    assert_the_call_went_through_the_gateway_for(&fake, &mut events, &id, "explain greet").await;
+    fake.shutdown().await;
+}
+
+/// `program` as an absolute path (looked up in `PATH` when it has no `/`).
+fn which(program: &str) -> std::path::PathBuf {
+    if program.contains('/') {
+        return std::fs::canonicalize(program).unwrap();
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{program} is not on the PATH"))
 }
 
 #[tokio::test]
