@@ -51,20 +51,13 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     let mut config = Config::default();
     config.auth.requests_per_second = 1_000_000;
     config.auth.burst = 1_000_000;
-    config.providers.push(ProviderConfig {
-        name: "fake".into(),
-        kind: ProviderKind::OpenAi,
-        base_url: format!("{}/v1", fake.base_url()),
-        api_key_env: None,
-        models: Vec::new(),
-        rpm: None,
-        tpm: None,
-        max_concurrency: 100_000,
-        fallback: Vec::new(),
-        breaker: Default::default(),
-        retry: Default::default(),
-        timeouts: Default::default(),
-    });
+    let mut provider = ProviderConfig::new(
+        "fake",
+        ProviderKind::OpenAi,
+        format!("{}/v1", fake.base_url()),
+    );
+    provider.max_concurrency = 100_000;
+    config.providers.push(provider);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind loopback")?;
     let node = crate::Node::builder()
         .config(config)

@@ -10,9 +10,9 @@
 //! variables the configuration names, sent as sensitive header values and never logged.
 //!
 //! Timeouts (`timeouts = { … }` of a provider): connecting (`connect_ms`), the first byte of
-//! the answer (`first_byte_secs`, from sending the request to the headers and, for a stream, to
-//! its first event), and the gap between two pieces of a body or stream
-//! (`between_chunks_secs`).
+//! the answer (`first_byte_secs` or `_ms`, from sending the request to the headers and, for a
+//! stream, to its first event), and the gap between two pieces of a body or stream
+//! (`between_chunks_secs` or `_ms`).
 
 mod anthropic;
 mod gemini;
@@ -182,9 +182,9 @@ impl HttpProvider {
     /// is not set is not an error here: every call then fails with a message naming it.
     pub fn new(config: &ProviderConfig) -> Result<Self, ClientError> {
         let timeouts = ClientTimeouts {
-            connect: Duration::from_millis(config.timeouts.connect_ms),
-            first_byte: Duration::from_secs(config.timeouts.first_byte_secs),
-            between_chunks: Duration::from_secs(config.timeouts.between_chunks_secs),
+            connect: config.timeouts.connect(),
+            first_byte: config.timeouts.first_byte(),
+            between_chunks: config.timeouts.between_chunks(),
         };
         crate::tls::install_default_provider();
         let http = reqwest::Client::builder()

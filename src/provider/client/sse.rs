@@ -122,8 +122,8 @@ impl SseEvents {
                 let failure = match next {
                     Err(_) => ErrorClass {
                         message: Some(format!(
-                            "no event for {} s (between_chunks_secs)",
-                            state.gap.as_secs()
+                            "no event for {} ms (timeouts.between_chunks_secs / _ms)",
+                            state.gap.as_millis()
                         )),
                         ..classify_transport(TransportFailure::Timeout)
                     },

@@ -6,31 +6,28 @@ use serde_json::{Value, json};
 use troupe_actors::provider::{ErrorKind, Progress, ProviderClient};
 
 use super::{ChatReply, ChatRequest, HttpProvider};
-use crate::config::{BreakerSettings, ProviderConfig, ProviderTimeouts, RetrySettings};
+use crate::config::{ProviderConfig, ProviderTimeouts};
 use crate::provider::ProviderKind;
 use crate::testing::fake_provider::{FakeConfig, FakeProvider, FakeProviderHandle};
 
 fn client(fake: &FakeProviderHandle, kind: ProviderKind) -> HttpProvider {
+    client_with(fake, kind, ProviderTimeouts::default())
+}
+
+fn client_with(
+    fake: &FakeProviderHandle,
+    kind: ProviderKind,
+    timeouts: ProviderTimeouts,
+) -> HttpProvider {
     crate::tls::install_default_provider();
     let base_url = match kind {
         ProviderKind::OpenAi | ProviderKind::Anthropic => format!("{}/v1", fake.base_url()),
         ProviderKind::Gemini => format!("{}/v1beta", fake.base_url()),
     };
-    HttpProvider::new(&ProviderConfig {
-        name: "fake".into(),
-        kind,
-        base_url,
-        api_key_env: None,
-        models: Vec::new(),
-        rpm: None,
-        tpm: None,
-        max_concurrency: 4,
-        fallback: Vec::new(),
-        breaker: BreakerSettings::default(),
-        retry: RetrySettings::default(),
-        timeouts: ProviderTimeouts::default(),
-    })
-    .expect("client")
+    let mut config = ProviderConfig::new("fake", kind, base_url);
+    config.max_concurrency = 4;
+    config.timeouts = timeouts;
+    HttpProvider::new(&config).expect("client")
 }
 
 fn request(stream: bool) -> ChatRequest {
@@ -216,20 +213,10 @@ async fn a_stream_that_breaks_after_it_began_ends_with_an_error_not_a_silent_suc
 #[tokio::test]
 async fn a_missing_key_fails_without_sending_and_names_the_variable() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
-    let mut config = ProviderConfig {
-        name: "p".into(),
-        kind: ProviderKind::OpenAi,
-        base_url: format!("{}/v1", fake.base_url()),
-        api_key_env: Some("TROUPE_TEST_SURELY_UNSET_KEY".into()),
-        models: Vec::new(),
-        rpm: None,
-        tpm: None,
-        max_concurrency: 1,
-        fallback: Vec::new(),
-        breaker: BreakerSettings::default(),
-        retry: RetrySettings::default(),
-        timeouts: ProviderTimeouts::default(),
-    };
+    let mut config =
+        ProviderConfig::new("p", ProviderKind::OpenAi, format!("{}/v1", fake.base_url()));
+    config.api_key_env = Some("TROUPE_TEST_SURELY_UNSET_KEY".into());
+    config.max_concurrency = 1;
     let failed = HttpProvider::new(&config)
         .unwrap()
         .send("m", &request(false))
