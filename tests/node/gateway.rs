@@ -298,6 +298,63 @@ async fn a_stream_cut_after_it_began_ends_with_an_error_chunk() {
 }
 
 #[tokio::test]
+async fn provider_timeouts_are_retried_then_answered_504_or_as_the_streams_error_chunk() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "timeouts = { first_byte_ms = 200, between_chunks_ms = 200 }\n\
+         retry = { max_attempts = 2, base_ms = 10, max_delay_ms = 10 }\n\
+         breaker = { failure_threshold = 100 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    let mut events = gateway.node.events("kind=provider.*", None).await;
+
+    // Headers later than the first-byte timeout, every time: one retry, then 504.
+    let response = gateway.ask("fake/fake-slow-headers-3000", false).await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "provider_timeout", "{body}");
+    assert_eq!(body["error"]["details"]["kind"], "timeout", "{body}");
+    assert_eq!(fake.arrivals().len(), 2, "the first attempt and one retry");
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["data"]["attempt"], 2);
+    assert!(
+        retry["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("first_byte"),
+        "{retry}"
+    );
+
+    // The same for a stream whose first token is late (headers come at once).
+    fake.reset();
+    let response = gateway.ask("fake/fake-slow-first-token-3000", true).await;
+    assert_eq!(response.status(), 504);
+    assert_eq!(fake.arrivals().len(), 2);
+
+    // Late once, then in time: the retry answers.
+    fake.reset();
+    let response = gateway
+        .ask("fake/fake-fail-slow-headers-3000-then-ok:1", false)
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.arrivals().len(), 2);
+
+    // A stream that stalls after it began: no retry (bytes went out), an error chunk instead
+    // of a silent end.
+    fake.reset();
+    let response = gateway.ask("fake/fake-trickle-2000", true).await;
+    assert_eq!(response.status(), 200);
+    let events = sse_data(response).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "timeout", "{last}");
+    assert!(!events.iter().any(|data| data == "[DONE]"));
+    assert_eq!(fake.arrivals().len(), 1);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
     let fake = FakeProvider::start(FakeConfig {
         rpm: 12,

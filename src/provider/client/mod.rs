@@ -12,7 +12,8 @@
 //! Timeouts (`timeouts = { … }` of a provider): connecting (`connect_ms`), the first byte of
 //! the answer (`first_byte_secs` or `_ms`, from sending the request to the headers and, for a
 //! stream, to its first event), and the gap between two pieces of a body or stream
-//! (`between_chunks_secs` or `_ms`).
+//! (`between_chunks_secs` or `_ms`). A connect timeout is a connection failure (the request
+//! never reached the provider); the other two are [`ErrorKind::Timeout`].
 
 mod anthropic;
 mod gemini;
@@ -268,8 +269,8 @@ impl HttpProvider {
         })?;
         let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
         let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
-            Err(_) => return Err(transport(TransportFailure::Timeout, true)),
-            Ok(Err(error)) => return Err(reqwest_failure(&error)),
+            Err(_) => return Err(self.first_byte_timeout()),
+            Ok(Err(error)) => return Err(self.reqwest_failure(&error)),
             Ok(Ok(response)) => response,
         };
         let status = response.status().as_u16();
@@ -297,7 +298,7 @@ impl HttpProvider {
             );
             // Wait for the first chunk, so that a failure before it can still be retried.
             let first = match tokio::time::timeout_at(deadline, events.next()).await {
-                Err(_) => return Err(transport(TransportFailure::Timeout, true)),
+                Err(_) => return Err(self.first_byte_timeout()),
                 Ok(None) => {
                     return Err(Failed {
                         class: ErrorClass {
@@ -372,6 +373,50 @@ impl HttpProvider {
     }
 }
 
+impl HttpProvider {
+    fn first_byte_timeout(&self) -> Failed {
+        let mut failed = transport(TransportFailure::Timeout, true);
+        failed.class.message = Some(format!(
+            "no answer within {} ms (timeouts.first_byte_secs / _ms)",
+            self.timeouts.first_byte.as_millis()
+        ));
+        failed
+    }
+
+    fn reqwest_failure(&self, error: &reqwest::Error) -> Failed {
+        if error.is_connect() {
+            let mut failed = transport(TransportFailure::Connect, false);
+            failed.class.message = Some(if error.is_timeout() {
+                format!(
+                    "could not connect within {} ms (timeouts.connect_ms)",
+                    self.timeouts.connect.as_millis()
+                )
+            } else {
+                format!("could not connect: {}", error_chain(error))
+            });
+            failed
+        } else if error.is_timeout() {
+            transport(TransportFailure::Timeout, true)
+        } else {
+            let mut failed = transport(TransportFailure::Interrupted, true);
+            failed.class.message = Some(error_chain(error));
+            failed
+        }
+    }
+}
+
+/// An error and its sources in one line, at most 500 characters.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.chars().take(500).collect()
+}
+
 impl ProviderClient for HttpProvider {
     type Request = ChatRequest;
     type Reply = ChatReply;
@@ -408,18 +453,6 @@ fn transport(failure: TransportFailure, reached_provider: bool) -> Failed {
     }
 }
 
-fn reqwest_failure(error: &reqwest::Error) -> Failed {
-    if error.is_connect() {
-        transport(TransportFailure::Connect, false)
-    } else if error.is_timeout() {
-        transport(TransportFailure::Timeout, true)
-    } else {
-        let mut failed = transport(TransportFailure::Interrupted, true);
-        failed.class.message = Some(error.to_string().chars().take(500).collect());
-        failed
-    }
-}
-
 /// Reads a body up to `cap` bytes, each piece within `gap`. With `truncate`, a longer body is
 /// cut; without, it is a failure.
 async fn read_capped(
@@ -432,7 +465,15 @@ async fn read_capped(
     let mut body = Vec::new();
     loop {
         match tokio::time::timeout(gap, stream.next()).await {
-            Err(_) => return Err(classify_transport(TransportFailure::Timeout)),
+            Err(_) => {
+                return Err(ErrorClass {
+                    message: Some(format!(
+                        "no data for {} ms (timeouts.between_chunks_secs / _ms)",
+                        gap.as_millis()
+                    )),
+                    ..classify_transport(TransportFailure::Timeout)
+                });
+            }
             Ok(None) => return Ok(body),
             Ok(Some(Err(_))) => return Err(classify_transport(TransportFailure::Interrupted)),
             Ok(Some(Ok(piece))) => {

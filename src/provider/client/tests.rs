@@ -252,3 +252,155 @@ fn an_openai_request_goes_as_sent_with_only_the_model_replaced() {
     assert_eq!(body, expected);
     assert_eq!(body["x_unknown_field"], json!({"kept": true}));
 }
+
+/// Timeouts far below the fake's delays: first byte 150 ms, between chunks 150 ms.
+fn short_timeouts() -> ProviderTimeouts {
+    ProviderTimeouts {
+        first_byte_ms: Some(150),
+        between_chunks_ms: Some(150),
+        ..ProviderTimeouts::default()
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_and_a_slow_first_token_pass_the_first_byte_timeout() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let provider = client_with(&fake, kind, short_timeouts());
+        // No headers within the deadline, streamed or not.
+        for stream in [false, true] {
+            let failed = provider
+                .send("fake-slow-headers-5000", &request(stream))
+                .await
+                .expect_err("past the first-byte deadline");
+            assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind} {stream}");
+            assert!(failed.class.retryable, "{kind}: a timeout may be retried");
+            assert!(failed.reached_provider);
+            let message = failed.class.message.unwrap_or_default();
+            assert!(message.contains("within 150 ms"), "{kind}: {message}");
+        }
+        // Headers at once, but the stream's first event too late: still before the first
+        // byte went anywhere, so it is a failure the caller can retry.
+        let failed = provider
+            .send("fake-slow-first-token-5000", &request(true))
+            .await
+            .expect_err("no first event before the deadline");
+        assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind}");
+        let message = failed.class.message.unwrap_or_default();
+        assert!(message.contains("first_byte"), "{kind}: {message}");
+        // Within the deadline, the same behaviours succeed.
+        let patient = client_with(
+            &fake,
+            kind,
+            ProviderTimeouts {
+                first_byte_ms: Some(30_000),
+                ..ProviderTimeouts::default()
+            },
+        );
+        let answer = patient
+            .send("fake-slow-first-token-200", &request(true))
+            .await
+            .expect("the first event within 30 s");
+        let (text, error) = collect(answer.reply).await;
+        assert_eq!(error, None, "{kind}");
+        assert!(!text.is_empty(), "{kind}");
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trickle_slower_than_the_gap_fails_the_body_or_ends_the_stream_with_a_timeout() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let provider = client_with(
+            &fake,
+            kind,
+            ProviderTimeouts {
+                first_byte_ms: Some(30_000),
+                between_chunks_ms: Some(150),
+                ..ProviderTimeouts::default()
+            },
+        );
+        // A whole answer whose pieces come 2 s apart: the body read gives up.
+        let failed = provider
+            .send("fake-trickle-2000", &request(false))
+            .await
+            .expect_err("a gap past between_chunks");
+        assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind}");
+        assert!(failed.reached_provider);
+        // A stream: the first event comes at once (the call is committed), the next too late:
+        // the stream ends with a timeout instead of hanging or ending as if complete.
+        let answer = provider
+            .send("fake-trickle-2000", &request(true))
+            .await
+            .expect("the first event in time");
+        let (_, error) = collect(answer.reply).await;
+        assert_eq!(error, Some(ErrorKind::Timeout), "{kind}");
+        // A trickle inside the gap is a complete answer.
+        let answer = provider
+            .send("fake-trickle-20", &request(true))
+            .await
+            .expect("a quick trickle");
+        let (text, error) = collect(answer.reply).await;
+        assert_eq!(error, None, "{kind}");
+        assert_eq!(text, FakeConfig::default().reply, "{kind}");
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_is_never_accepted_hits_the_connect_timeout() {
+    // A listener with a backlog of 0 whose queue is already full: the kernel drops further
+    // SYNs, so connecting hangs until the client's connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    let mut config =
+        ProviderConfig::new("stuck", ProviderKind::OpenAi, format!("http://{addr}/v1"));
+    config.timeouts.connect_ms = 200;
+    crate::tls::install_default_provider();
+    let provider = HttpProvider::new(&config).unwrap();
+    // Fill the accept queue (the kernel keeps backlog + 1): a filler whose connect does not
+    // complete within a moment means the queue is full.
+    let filled = loop {
+        assert!(fillers.len() < 16, "the accept queue never filled");
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(stream) => fillers.push(stream.unwrap()),
+            Err(_) => break true,
+        }
+    };
+    assert!(filled);
+    let failed = provider
+        .send("m", &request(false))
+        .await
+        .expect_err("no connection");
+    assert_eq!(
+        failed.class.kind,
+        ErrorKind::Connection,
+        "{:?}",
+        failed.class
+    );
+    assert!(!failed.reached_provider, "the request was never sent");
+    assert!(failed.class.retryable);
+    let message = failed.class.message.unwrap_or_default();
+    assert!(
+        message.contains("within 200 ms (timeouts.connect_ms)"),
+        "{message}"
+    );
+    drop(listener);
+}
