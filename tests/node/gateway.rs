@@ -699,6 +699,57 @@ fn which(program: &str) -> std::path::PathBuf {
 }
 
 #[tokio::test]
+async fn a_command_session_reaches_the_gateway_with_its_own_key_and_its_events_carry_it() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "any agent".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    fake.set_behaviour(
+        "m1",
+        "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
+    );
+    let gateway = Gateway::start(&provider("fake", &fake, "")).await;
+    let node = &gateway.node;
+    let mut events = node.events("kind=provider.*", None).await;
+    // Any CLI agent that speaks OpenAI's API: here curl, with what the session was given.
+    let script = r#"
+        curl -sS -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' \
+          -d '{"model":"fake/m1","messages":[{"role":"user","content":"hi"}]}' \
+          "$OPENAI_BASE_URL/chat/completions"
+        echo
+        echo "gateway=$TROUPE_GATEWAY_URL api_base=$OPENAI_API_BASE"
+        [ "$TROUPE_GATEWAY_KEY" = "$OPENAI_API_KEY" ] && echo "one key"
+        case "$OPENAI_API_KEY" in tsk_*) echo "a session key" ;; esac
+    "#;
+    let record = node
+        .spawn_session(json!({"kind": "command", "program": "sh", "args": ["-c", script]}))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "succeeded", "{texts:#?}");
+    let reply: Value = serde_json::from_str(&texts[0]).expect("the gateway's JSON answer");
+    assert_eq!(reply["choices"][0]["message"]["content"], "any agent");
+    let url = node.url("/v1");
+    assert!(
+        texts.contains(&format!("gateway={url} api_base={url}")),
+        "{texts:#?}"
+    );
+    assert!(texts.iter().any(|text| text == "one key"), "{texts:#?}");
+    assert!(
+        texts.iter().any(|text| text == "a session key"),
+        "{texts:#?}"
+    );
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["session"], id.as_str());
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["session"], id.as_str());
+    assert_eq!(fake.arrivals().len(), 2);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_chat_session_streams_its_reply_as_output_and_stores_it() {
     let fake = FakeProvider::start(FakeConfig {
         reply: "Hallo, Grüße aus dem Test".into(),
