@@ -104,14 +104,17 @@ async fn chat_completions_pass_through_streamed_and_not() {
         .collect();
     assert_eq!(text, "Grüße");
 
-    // Each went to the provider with the provider's model name.
+    // Each went to the provider with the provider's model name, and with the fields the
+    // gateway does not know.
     let arrivals = fake.arrivals();
     assert_eq!(arrivals.len(), 2);
-    assert!(
-        arrivals
-            .iter()
-            .all(|arrival| arrival.model.as_deref() == Some("m1"))
-    );
+    for arrival in &arrivals {
+        assert_eq!(arrival.model.as_deref(), Some("m1"));
+        let body = arrival.json().expect("a JSON body");
+        assert_eq!(body["model"], "m1");
+        assert_eq!(body["x_vendor_extension"], json!({"kept": true}), "{body}");
+        assert_eq!(body["messages"][0]["content"], "hello");
+    }
 
     let models: Value = gateway.node.get("/v1/models").await.json().await.unwrap();
     let ids: Vec<&str> = models["data"]
@@ -190,8 +193,52 @@ async fn failures_that_retrying_cannot_fix_are_answered_at_once() {
     let body: Value = overflow.json().await.unwrap();
     assert_eq!(body["error"]["code"], "context_length_exceeded");
 
-    // One request each reached the fake: neither was retried.
-    assert_eq!(fake.arrivals().len(), 2);
+    // OpenAI's "Request too large" (a 429 that no wait can fix) is a 413.
+    let too_large = gateway.ask("fake/fake-request-too-large", false).await;
+    assert_eq!(too_large.status(), 413);
+    assert!(too_large.headers().get("retry-after").is_none());
+    let body: Value = too_large.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    assert_eq!(body["error"]["details"]["provider_status"], 429, "{body}");
+
+    // One request each reached the fake: none was retried.
+    assert_eq!(fake.arrivals().len(), 3);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_provider_that_keeps_answering_429_is_given_up_on_with_429_and_retry_after() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "retry = { max_attempts = 3, base_ms = 10, max_delay_ms = 10, max_wait_secs = 3 }",
+    );
+    let gateway = Gateway::start(&config).await;
+
+    // 429 with `retry-after-ms: 100`, every time: three attempts, 100 ms apart, then 429.
+    let response = gateway.ask("fake/fake-429-retry-after-ms-100", false).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1", "100 ms, rounded up");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["details"]["kind"], "rate_limited", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("gave up after 3 attempts"), "{message}");
+    let arrivals = fake.arrivals();
+    assert_eq!(arrivals.len(), 3);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= Duration::from_millis(100), "retried after {gap:?}");
+    }
+
+    // A provider asking for longer than the call may wait: given up at once, and its hint is
+    // the caller's Retry-After.
+    fake.reset();
+    let response = gateway.ask("fake/fake-429-retry-after-5", false).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(fake.arrivals().len(), 1);
     fake.shutdown().await;
 }
 
@@ -365,19 +412,117 @@ async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
     let config = provider("fake", &fake, "rpm = 10\nretry = { max_wait_secs = 1 }");
     let gateway = Gateway::start(&config).await;
     let calls = (0..20).map(|_| gateway.ask("fake/m1", false));
-    let statuses: Vec<u16> = futures::future::join_all(calls)
-        .await
+    let responses = futures::future::join_all(calls).await;
+    let statuses: Vec<u16> = responses
         .iter()
         .map(|response| response.status().as_u16())
         .collect();
-    let refused: Vec<_> = statuses.iter().filter(|&&status| status == 429).collect();
+    let refused: Vec<_> = responses
+        .iter()
+        .filter(|response| response.status() == 429)
+        .collect();
     assert!(!refused.is_empty(), "{statuses:?}");
     assert!(
         statuses
             .iter()
             .all(|&status| status == 200 || status == 429)
     );
+    // Each refusal says when to come back: a request's worth of a 10-per-minute budget is
+    // back within 6 s.
+    for response in refused {
+        let retry_after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=6).contains(&retry_after), "{retry_after}");
+    }
     assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sustained_load_stays_inside_the_providers_rpm_and_tpm_when_the_budget_is_below_them() {
+    // Every call costs 100 tokens at the fake (40 prompt + 60 completion, reported in its
+    // usage), and the fake allows 24 calls and 2,400 tokens a minute. troupe's budget is below
+    // both (20 calls, 1,500 tokens): tokens are the tighter limit.
+    let fake = FakeProvider::start(FakeConfig {
+        rpm: 24,
+        tpm: 2_400,
+        prompt_tokens: Some(40),
+        completion_tokens: Some(60),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "rpm = 20\ntpm = 1500\nretry = { max_wait_secs = 1 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    let mut events = gateway
+        .node
+        .events("kind=provider.rate_limited", None)
+        .await;
+    // 10 calls a second for 3 seconds, each on its own task (open loop).
+    let client = gateway.node.client();
+    let url = gateway.node.url("/v1/chat/completions");
+    let start = tokio::time::Instant::now();
+    let mut calls = Vec::new();
+    for index in 0..30u32 {
+        tokio::time::sleep_until(start + Duration::from_millis(100) * index).await;
+        let request = client
+            .post(&url)
+            .bearer_auth(&gateway.node.token)
+            .json(&json!({
+                "model": "fake/m1",
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 100,
+            }));
+        calls.push(tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|value| value.to_str().unwrap().to_owned());
+            let body: Value = response.json().await.unwrap();
+            (status, retry_after, body)
+        }));
+    }
+    let mut answered = 0;
+    let mut refused = Vec::new();
+    for call in calls {
+        let (status, retry_after, body) = call.await.unwrap();
+        match status {
+            200 => answered += 1,
+            429 => refused.push((retry_after, body)),
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    // The budget let through what it had (about 15 calls' worth of tokens), refused the rest
+    // with a Retry-After, and the provider never had to refuse anything.
+    assert!(answered >= 10, "{answered} answered");
+    assert!(
+        !refused.is_empty(),
+        "30 calls in 3 s must exceed 1,500 tokens"
+    );
+    for (retry_after, body) in &refused {
+        assert!(retry_after.is_some(), "{body}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    }
+    assert!(
+        refused.iter().any(|(_, body)| body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens limit")),
+        "the tokens budget was the one that ran out: {refused:?}"
+    );
+    assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
+    assert_eq!(fake.counts().get(&200), Some(&answered));
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["data"]["source"], "budget");
     fake.shutdown().await;
 }
 
