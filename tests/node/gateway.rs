@@ -149,6 +149,130 @@ async fn chat_completions_pass_through_streamed_and_not() {
     fake.shutdown().await;
 }
 
+/// The value of the metric line that starts with `series ` (name and labels as rendered).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn providers_and_metrics_show_the_budget_left_recent_errors_and_the_latency_histogram() {
+    // Every call costs 100 tokens (reported in the fake's usage).
+    let fake = FakeProvider::start(FakeConfig {
+        prompt_tokens: Some(40),
+        completion_tokens: Some(60),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    // 6 requests and 600 tokens a minute: one request back every 10 s, 10 tokens a second.
+    let config = provider(
+        "fake",
+        &fake,
+        "rpm = 6\ntpm = 600\nretry = { max_attempts = 1 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    let ask = |model: &'static str| {
+        gateway.chat(
+            &gateway.node.token,
+            json!({"model": model, "messages": [{"role": "user", "content": "hello"}],
+                   "max_tokens": 100}),
+        )
+    };
+    assert_eq!(ask("fake/m1").await.status(), 200);
+    assert_eq!(ask("fake/m1").await.status(), 200);
+    assert_eq!(ask("fake/fake-500").await.status(), 502);
+
+    let providers: Value = gateway
+        .node
+        .get("/v1/providers")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let status = &providers["providers"][0];
+    let budget = &status["budget"];
+    assert_eq!(budget["rpm"], 6);
+    assert_eq!(budget["tpm"], 600);
+    // Three requests taken, at most one back (that would take 10 s).
+    let requests_left = budget["requests_left"].as_u64().unwrap();
+    assert!((3..=4).contains(&requests_left), "{status}");
+    // Two answers used 100 tokens each; the failure was refunded; 10 a second come back.
+    let tokens_left = budget["tokens_left"].as_u64().unwrap();
+    assert!((400..600).contains(&tokens_left), "{status}");
+    let errors = status["recent_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{status}");
+    assert_eq!(errors[0]["model"], "fake-500");
+    assert_eq!(errors[0]["kind"], "server_error");
+    assert_eq!(errors[0]["status"], 500);
+    assert!(errors[0]["at"].is_string(), "{status}");
+    assert_eq!(status["counters"]["succeeded"], 2);
+    assert_eq!(status["counters"]["failed"], 1);
+    let buckets: u64 = status["counters"]["latency_buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(buckets, 3);
+
+    let text = gateway.node.get("/metrics").await.text().await.unwrap();
+    let labels = r#"{provider="fake"}"#;
+    assert_eq!(
+        metric(
+            &text,
+            &format!("troupe_provider_latency_seconds_count{labels}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"troupe_provider_latency_seconds_bucket{le="+Inf",provider="fake"}"#
+        ),
+        3.0
+    );
+    // Loopback answers in well under 5 s.
+    assert_eq!(
+        metric(
+            &text,
+            r#"troupe_provider_latency_seconds_bucket{le="5.0",provider="fake"}"#
+        ),
+        3.0
+    );
+    assert!(
+        metric(
+            &text,
+            &format!("troupe_provider_latency_seconds_sum{labels}")
+        ) > 0.0
+    );
+    let requests = metric(
+        &text,
+        r#"troupe_provider_budget_left{provider="fake",dimension="requests"}"#,
+    );
+    assert!((3.0..=4.0).contains(&requests), "{requests}");
+    let tokens = metric(
+        &text,
+        r#"troupe_provider_budget_left{provider="fake",dimension="tokens"}"#,
+    );
+    assert!((400.0..600.0).contains(&tokens), "{tokens}");
+    assert_eq!(
+        metric(
+            &text,
+            r#"troupe_provider_budget_limit{provider="fake",dimension="tokens"}"#
+        ),
+        600.0
+    );
+    assert_eq!(
+        metric(&text, &format!("troupe_provider_queued{labels}")),
+        0.0
+    );
+    fake.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_429_with_retry_after_is_retried_after_the_delay_and_announced() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
