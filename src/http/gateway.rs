@@ -128,7 +128,11 @@ pub(super) async fn chat_completions(
         .await
         .map_err(call_error)?;
     match committed.reply {
-        ChatReply::Complete(body) => Ok(Json(body).into_response()),
+        ChatReply::Complete(body) => Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .expect("a valid response")),
         ChatReply::Stream(chunks) => {
             // Polled by the response body: when the caller goes away the body is dropped, and
             // with it the guard, which reports the call abandoned.

@@ -113,8 +113,9 @@ fn content_chars(message: &Value) -> usize {
 
 /// What a provider answered, in OpenAI's shapes.
 pub enum ChatReply {
-    /// A whole `chat.completion` object.
-    Complete(Value),
+    /// A whole `chat.completion` object, as JSON text (an OpenAI-compatible provider's answer
+    /// byte for byte).
+    Complete(Bytes),
     /// A stream of `chat.completion.chunk` objects (as JSON text), its first one in hand.
     Stream(ChunkStream),
 }
@@ -122,7 +123,10 @@ pub enum ChatReply {
 impl std::fmt::Debug for ChatReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Complete(body) => f.debug_tuple("Complete").field(body).finish(),
+            Self::Complete(body) => f
+                .debug_tuple("Complete")
+                .field(&String::from_utf8_lossy(body))
+                .finish(),
             Self::Stream(_) => f.write_str("Stream(..)"),
         }
     }
@@ -239,10 +243,19 @@ impl HttpProvider {
                 ..ErrorClass::of_kind(ErrorKind::Auth)
             })
         })?;
+        let encoded = |(url, body): (String, Value)| {
+            serde_json::to_vec(&body)
+                .map(|body| (url, body))
+                .map_err(|error| format!("cannot encode the request: {error}"))
+        };
         let (url, body) = match self.kind {
             ProviderKind::OpenAi => openai::request(&self.base_url, model, request),
-            ProviderKind::Anthropic => anthropic::request(&self.base_url, model, request),
-            ProviderKind::Gemini => gemini::request(&self.base_url, model, request),
+            ProviderKind::Anthropic => {
+                anthropic::request(&self.base_url, model, request).and_then(encoded)
+            }
+            ProviderKind::Gemini => {
+                gemini::request(&self.base_url, model, request).and_then(encoded)
+            }
         }
         .map_err(|message| {
             Failed::before_sending(ErrorClass {
@@ -261,12 +274,6 @@ impl HttpProvider {
         if self.kind == ProviderKind::Anthropic {
             builder = builder.header("anthropic-version", "2023-06-01");
         }
-        let body = serde_json::to_vec(&body).map_err(|error| {
-            Failed::before_sending(ErrorClass {
-                message: Some(format!("cannot encode the request: {error}")),
-                ..ErrorClass::of_kind(ErrorKind::BadRequest)
-            })
-        })?;
         let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
         let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
             Err(_) => return Err(self.first_byte_timeout()),
@@ -340,33 +347,44 @@ impl HttpProvider {
             rate_limits,
             reached_provider: true,
         })?;
-        let parsed: Value = serde_json::from_slice(&body).map_err(|error| Failed {
+        let not_json = |error: serde_json::Error| Failed {
             class: ErrorClass {
                 message: Some(format!("the provider's answer is not JSON: {error}")),
                 ..ErrorClass::of_kind(ErrorKind::ServerError)
             },
             rate_limits,
             reached_provider: true,
-        })?;
-        let translated = match self.kind {
-            ProviderKind::OpenAi => Ok(parsed),
-            ProviderKind::Anthropic => anthropic::completion(model, &parsed),
-            ProviderKind::Gemini => gemini::completion(model, &parsed),
-        }
-        .map_err(|message| Failed {
-            class: ErrorClass {
-                message: Some(message),
-                ..ErrorClass::of_kind(ErrorKind::ServerError)
-            },
-            rate_limits,
-            reached_provider: true,
-        })?;
-        let tokens = translated
-            .pointer("/usage/total_tokens")
-            .and_then(Value::as_u64)
-            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        };
+        let (reply, tokens) = match self.kind {
+            // Passed through as it came.
+            ProviderKind::OpenAi => {
+                let tokens = openai::usage_of(&body).map_err(not_json)?;
+                (Bytes::from(body), tokens)
+            }
+            ProviderKind::Anthropic | ProviderKind::Gemini => {
+                let parsed: Value = serde_json::from_slice(&body).map_err(not_json)?;
+                let translated = if self.kind == ProviderKind::Anthropic {
+                    anthropic::completion(model, &parsed)
+                } else {
+                    gemini::completion(model, &parsed)
+                }
+                .map_err(|message| Failed {
+                    class: ErrorClass {
+                        message: Some(message),
+                        ..ErrorClass::of_kind(ErrorKind::ServerError)
+                    },
+                    rate_limits,
+                    reached_provider: true,
+                })?;
+                let tokens = translated
+                    .pointer("/usage/total_tokens")
+                    .and_then(Value::as_u64)
+                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+                (Bytes::from(translated.to_string()), tokens)
+            }
+        };
         Ok(Answer {
-            reply: ChatReply::Complete(translated),
+            reply: ChatReply::Complete(reply),
             rate_limits,
             progress: Progress::Complete { tokens },
         })

@@ -84,6 +84,7 @@ async fn every_api_shape_answers_as_an_openai_completion_streamed_and_not() {
         let ChatReply::Complete(body) = answer.reply else {
             panic!("{kind}: expected a whole answer");
         };
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(
             body["choices"][0]["message"]["content"], "Grüße, world",
             "{kind}"
@@ -247,6 +248,7 @@ fn the_estimate_counts_the_prompt_and_the_completion_allowance() {
 fn an_openai_request_goes_as_sent_with_only_the_model_replaced() {
     let (url, body) = super::openai::request("http://p/v1", "m9", &request(true)).unwrap();
     assert_eq!(url, "http://p/v1/chat/completions");
+    let body: Value = serde_json::from_slice(&body).unwrap();
     let mut expected = request(true).body;
     expected["model"] = json!("m9");
     assert_eq!(body, expected);
@@ -403,4 +405,19 @@ async fn a_connection_that_is_never_accepted_hits_the_connect_timeout() {
         "{message}"
     );
     drop(listener);
+}
+
+#[test]
+fn usage_is_read_from_a_whole_answer_without_rewriting_it() {
+    use super::openai::usage_of;
+    let answer = br#"{"id":"x","usage":{"prompt_tokens":3,"total_tokens":12},"choices":[]}"#;
+    assert_eq!(usage_of(answer).unwrap(), Some(12));
+    assert_eq!(usage_of(br#"{"id":"x","usage":null}"#).unwrap(), None);
+    assert_eq!(usage_of(br#"{"usage":"odd"}"#).unwrap(), None);
+    assert_eq!(usage_of(b"[1, 2]").unwrap(), None, "JSON, but no usage");
+    assert!(usage_of(b"<html>").is_err());
+    assert!(
+        usage_of(br#"{"usage": {"total_tokens": 1}"#).is_err(),
+        "cut short"
+    );
 }
