@@ -44,6 +44,9 @@ async fn session_caller(core: &NodeCore, key: String) -> Result<GatewayCaller, A
     let session = core.session_keys.verify(&key).ok_or_else(|| {
         ApiError::unauthorized("unknown session key (keys die with their node's restart)")
     })?;
+    if core.session_keys.known_running(&session) {
+        return Ok(GatewayCaller::Session(session));
+    }
     let view = core.sessions.get(&session).await.map_err(|_| {
         ApiError::unauthorized(format!("the session {session} of this key is not known"))
     })?;
