@@ -16,6 +16,10 @@ use troupe_actors::ids::NodeId;
 
 use crate::auth::Role;
 pub use crate::provider::ProviderKind;
+pub use providers::{MAX_QUEUE_LIMIT, ProviderConfig, ProviderTimeouts};
+pub use troupe_actors::provider::{BreakerConfig, RetryConfig};
+
+mod providers;
 
 /// The whole configuration of a node.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -135,118 +139,6 @@ impl Default for SessionsConfig {
             kill_grace_secs: 5,
             workspace_roots: Vec::new(),
             allowed_programs: Vec::new(),
-        }
-    }
-}
-
-/// One `[[providers]]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderConfig {
-    /// Name used in routes (`name/model`) and events.
-    pub name: String,
-    /// API shape.
-    pub kind: ProviderKind,
-    /// Base URL, e.g. `https://api.openai.com/v1`.
-    pub base_url: String,
-    /// Environment variable holding the API key.
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    /// Models served.
-    #[serde(default)]
-    pub models: Vec<String>,
-    /// Requests per minute allowed.
-    #[serde(default)]
-    pub rpm: Option<u32>,
-    /// Tokens per minute allowed.
-    #[serde(default)]
-    pub tpm: Option<u32>,
-    /// Calls at once.
-    #[serde(default = "default_max_concurrency")]
-    pub max_concurrency: usize,
-    /// `provider/model` to try, in order, when this one cannot serve.
-    #[serde(default)]
-    pub fallback: Vec<String>,
-    /// Circuit breaker.
-    #[serde(default)]
-    pub breaker: BreakerSettings,
-    /// Retries.
-    #[serde(default)]
-    pub retry: RetrySettings,
-    /// Timeouts of the provider's HTTP client.
-    #[serde(default)]
-    pub timeouts: ProviderTimeouts,
-}
-
-/// `timeouts = { … }` of a provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProviderTimeouts {
-    /// Establishing a connection, in milliseconds.
-    pub connect_ms: u64,
-    /// From sending a request to the first byte of the answer (for a stream: its first event).
-    pub first_byte_secs: u64,
-    /// Longest gap between two pieces of an answer.
-    pub between_chunks_secs: u64,
-}
-
-impl Default for ProviderTimeouts {
-    fn default() -> Self {
-        Self {
-            connect_ms: 5_000,
-            first_byte_secs: 120,
-            between_chunks_secs: 60,
-        }
-    }
-}
-
-fn default_max_concurrency() -> usize {
-    64
-}
-
-/// `breaker = { … }` of a provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerSettings {
-    /// Consecutive failures that open it.
-    pub failure_threshold: u32,
-    /// How long it stays open.
-    pub open_secs: u64,
-    /// Probe calls allowed while half-open.
-    pub half_open_probes: u32,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        Self {
-            failure_threshold: 5,
-            open_secs: 30,
-            half_open_probes: 1,
-        }
-    }
-}
-
-/// `retry = { … }` of a provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetrySettings {
-    /// Attempts in all (the first included).
-    pub max_attempts: u32,
-    /// First backoff step.
-    pub base_ms: u64,
-    /// Largest backoff step.
-    pub max_delay_ms: u64,
-    /// Longest total wait before giving up.
-    pub max_wait_secs: u64,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        Self {
-            max_attempts: 4,
-            base_ms: 250,
-            max_delay_ms: 8_000,
-            max_wait_secs: 60,
         }
     }
 }
@@ -581,73 +473,7 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        let mut names = std::collections::BTreeSet::new();
-        for (index, provider) in self.providers.iter().enumerate() {
-            let key = format!("providers[{index}]");
-            if provider.name.is_empty()
-                || !provider
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return Err(semantic(
-                    &format!("{key}.name"),
-                    format!("{:?}: use letters, digits, '-' and '_' only", provider.name),
-                ));
-            }
-            if !names.insert(provider.name.as_str()) {
-                return Err(semantic(
-                    &format!("{key}.name"),
-                    format!("provider {:?} is defined twice", provider.name),
-                ));
-            }
-            if !(provider.base_url.starts_with("http://")
-                || provider.base_url.starts_with("https://"))
-            {
-                return Err(semantic(
-                    &format!("{key}.base_url"),
-                    format!(
-                        "{:?} must start with http:// or https://",
-                        provider.base_url
-                    ),
-                ));
-            }
-            if provider.max_concurrency == 0 {
-                return Err(semantic(
-                    &format!("{key}.max_concurrency"),
-                    "must be at least 1".into(),
-                ));
-            }
-            let timeouts = &provider.timeouts;
-            for (name, value) in [
-                ("connect_ms", timeouts.connect_ms),
-                ("first_byte_secs", timeouts.first_byte_secs),
-                ("between_chunks_secs", timeouts.between_chunks_secs),
-            ] {
-                if value == 0 {
-                    return Err(semantic(
-                        &format!("{key}.timeouts.{name}"),
-                        "must be at least 1".into(),
-                    ));
-                }
-            }
-        }
-        for (index, provider) in self.providers.iter().enumerate() {
-            for target in &provider.fallback {
-                let known = target
-                    .split_once('/')
-                    .is_some_and(|(name, _)| names.contains(name));
-                if !known {
-                    return Err(semantic(
-                        &format!("providers[{index}].fallback"),
-                        format!(
-                            "{target:?} must be PROVIDER/MODEL with a provider defined in \
-                             [[providers]]"
-                        ),
-                    ));
-                }
-            }
-        }
+        providers::validate(&self.providers)?;
         if self.events.ring_capacity == 0 || self.events.subscriber_buffer == 0 {
             return Err(semantic(
                 "events.ring_capacity",

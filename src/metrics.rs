@@ -14,7 +14,8 @@ use troupe_actors::event::EventBus;
 
 use crate::cluster::{ClusterStats, Refusal};
 use troupe_actors::kernel::ActorDirectory;
-use troupe_actors::provider::ProviderActorRef;
+use troupe_actors::provider::stats::LATENCY_BUCKETS_SECS;
+use troupe_actors::provider::{ProviderActorRef, ProviderStatus};
 use troupe_actors::registry::RegistryTables;
 use troupe_actors::session::{DURATION_BUCKETS_SECS, SessionState, SessionStats};
 
@@ -450,15 +451,78 @@ impl Collector for ProviderCollector {
                 }),
             )?;
         }
+        // Per-bucket counts: the encoder makes them cumulative.
+        let mut latency = encoder.encode_descriptor(
+            "troupe_provider_latency_seconds",
+            "Call latency, from sending a request to the end of the answer (or the failure)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for status in &statuses {
+            let counters = &status.counters;
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_SECS
+                .iter()
+                .copied()
+                .chain(std::iter::once(f64::INFINITY))
+                .zip(counters.latency_buckets.iter().copied())
+                .collect();
+            let count = buckets.iter().map(|(_, count)| count).sum();
+            latency
+                .encode_family(&label(&status.name))?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    counters.latency_seconds_sum,
+                    count,
+                    &buckets,
+                    None,
+                )?;
+        }
+        // Budget: only the limits that are set.
+        let dimensions = |status: &ProviderStatus| {
+            let budget = status.budget;
+            [
+                ("requests", budget.rpm, budget.requests_left),
+                ("tokens", budget.tpm, budget.tokens_left),
+            ]
+            .into_iter()
+            .filter_map(|(dimension, limit, left)| Some((dimension, limit?, left?)))
+            .map(|(dimension, limit, left)| {
+                let labels = vec![
+                    ("provider", status.name.clone()),
+                    ("dimension", dimension.to_owned()),
+                ];
+                (labels, limit, left)
+            })
+            .collect::<Vec<_>>()
+        };
         family(
             &mut encoder,
-            "troupe_provider_latency_seconds_sum",
-            "Sum of call latencies (from sending to the end of the answer)",
-            MetricType::Counter,
+            "troupe_provider_budget_left",
+            "What troupe's own per-minute budget has left now (requests or tokens)",
+            MetricType::Gauge,
+            statuses
+                .iter()
+                .flat_map(dimensions)
+                .map(|(labels, _, left)| (labels, ConstGauge::new(i64::from(left)))),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_provider_budget_limit",
+            "troupe's own per-minute budget (rpm, tpm)",
+            MetricType::Gauge,
+            statuses
+                .iter()
+                .flat_map(dimensions)
+                .map(|(labels, limit, _)| (labels, ConstGauge::new(i64::from(limit)))),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_provider_queued",
+            "Calls waiting for budget or a concurrency slot",
+            MetricType::Gauge,
             statuses.iter().map(|status| {
                 (
                     label(&status.name),
-                    ConstCounter::new(status.counters.latency_seconds_sum),
+                    ConstGauge::new(i64::try_from(status.queued).unwrap_or(i64::MAX)),
                 )
             }),
         )?;

@@ -226,7 +226,11 @@ impl NodeBuilder {
         };
         let ports = NodePorts {
             cluster: cluster_ports,
-            event_store: Some(Arc::new(store.clone())),
+            event_store: Some(Arc::new(crate::provider::keys::SessionWatch::new(
+                store.clone(),
+                session_keys.clone(),
+                node_id.clone(),
+            ))),
             sessions: Some(SessionPorts {
                 runner: Arc::new(LocalRunner::new(OutputLimits::default())),
                 store: Arc::new(store.clone()),

@@ -44,6 +44,9 @@ async fn session_caller(core: &NodeCore, key: String) -> Result<GatewayCaller, A
     let session = core.session_keys.verify(&key).ok_or_else(|| {
         ApiError::unauthorized("unknown session key (keys die with their node's restart)")
     })?;
+    if core.session_keys.known_running(&session) {
+        return Ok(GatewayCaller::Session(session));
+    }
     let view = core.sessions.get(&session).await.map_err(|_| {
         ApiError::unauthorized(format!("the session {session} of this key is not known"))
     })?;
@@ -128,7 +131,11 @@ pub(super) async fn chat_completions(
         .await
         .map_err(call_error)?;
     match committed.reply {
-        ChatReply::Complete(body) => Ok(Json(body).into_response()),
+        ChatReply::Complete(body) => Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .expect("a valid response")),
         ChatReply::Stream(chunks) => {
             // Polled by the response body: when the caller goes away the body is dropped, and
             // with it the guard, which reports the call abandoned.

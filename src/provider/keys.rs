@@ -4,13 +4,22 @@
 //!
 //! A key is `tsk_<mac>_<session id>`, where `<mac>` is HMAC-SHA-256 of the session id under a
 //! secret drawn at node start (cut to 128 bits, hex). Keys need no table: the gateway checks the
-//! MAC and then that the session exists and has not ended. They die with the node (a restart
-//! draws a new secret; sessions that were running are interrupted anyway) and are never logged.
+//! MAC and then that the session has not ended. They die with the node (a restart draws a new
+//! secret; sessions that were running are interrupted anyway) and are never logged.
+//!
+//! Whether a session is running is answered without a store read for sessions whose
+//! `session.started` this node's bus has carried and whose end it has not: [`SessionWatch`], the
+//! event store the bus writes through, keeps that set. It sees every event inside the bus actor
+//! *before* any subscriber does, so a client that has seen a session's end can no longer use its
+//! key. Anything the set does not hold is looked up in the store (records are durable before
+//! their transition is announced).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use dashmap::DashSet;
 use sha2::{Digest, Sha256};
-use troupe_actors::ids::SessionId;
+use troupe_actors::event::{BusItem, EventData, EventStore, StoreResume};
+use troupe_actors::ids::{NodeId, SessionId};
 use troupe_actors::session::SessionRecord;
 use troupe_actors::session::aider::GatewayAccess;
 
@@ -24,6 +33,9 @@ pub struct SessionKeys {
     secret: [u8; 32],
     /// `http://ADDR/v1`, known once the HTTP listener is bound.
     base_url: OnceLock<String>,
+    /// This node's sessions that started and have not ended, as the bus has carried them;
+    /// written by [`SessionWatch`] only (inside the bus actor).
+    running: DashSet<SessionId>,
 }
 
 impl SessionKeys {
@@ -34,7 +46,31 @@ impl SessionKeys {
         Ok(Self {
             secret,
             base_url: OnceLock::new(),
+            running: DashSet::new(),
         })
+    }
+
+    /// True when `session` is known to be running: its start went through the bus and its end
+    /// did not. False says only "not known": ask the store.
+    pub fn known_running(&self, session: &SessionId) -> bool {
+        self.running.contains(session)
+    }
+
+    /// Keeps the running set up to date with one event of this node.
+    fn observe(&self, session: &SessionId, data: &EventData) {
+        match data {
+            EventData::SessionStarted(_) => {
+                self.running.insert(session.clone());
+            }
+            EventData::SessionSucceeded(_)
+            | EventData::SessionFailed(_)
+            | EventData::SessionCancelled(_)
+            | EventData::SessionTimedOut(_)
+            | EventData::SessionInterrupted(_) => {
+                self.running.remove(session);
+            }
+            _ => {}
+        }
     }
 
     /// Sets the gateway's base URL (once; later calls change nothing).
@@ -79,6 +115,38 @@ impl SessionKeys {
     }
 }
 
+/// The node's event store with the session keys' watch in front: every event goes to the store
+/// as before, and this node's session starts and ends update [`SessionKeys`]' running set.
+pub struct SessionWatch<S> {
+    store: S,
+    keys: Arc<SessionKeys>,
+    node: NodeId,
+}
+
+impl<S> SessionWatch<S> {
+    /// Watches the events of `node` (relayed events of other nodes' sessions are passed on
+    /// untouched).
+    pub fn new(store: S, keys: Arc<SessionKeys>, node: NodeId) -> Self {
+        Self { store, keys, node }
+    }
+}
+
+impl<S: EventStore> EventStore for SessionWatch<S> {
+    fn append(&self, item: &BusItem) {
+        let event = &item.event;
+        if let Some(session) = &event.session
+            && event.node() == &self.node
+        {
+            self.keys.observe(session, &event.data);
+        }
+        self.store.append(item);
+    }
+
+    fn resume(&self, ring_capacity: usize) -> StoreResume {
+        self.store.resume(ring_capacity)
+    }
+}
+
 impl GatewayKeys for std::sync::Arc<SessionKeys> {
     fn access_for(&self, record: &SessionRecord) -> Option<GatewayAccess> {
         let base_url = self.base_url.get()?.clone();
@@ -92,6 +160,67 @@ impl GatewayKeys for std::sync::Arc<SessionKeys> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use troupe_actors::event::{Event, EventId, SessionEnded, SessionStarted};
+    use troupe_actors::ids::Timestamp;
+
+    #[derive(Default, Clone)]
+    struct Recorded(Arc<Mutex<Vec<u64>>>);
+
+    impl EventStore for Recorded {
+        fn append(&self, item: &BusItem) {
+            self.0.lock().unwrap().push(item.pos);
+        }
+    }
+
+    #[test]
+    fn the_watch_knows_which_of_this_nodes_sessions_run_and_passes_every_event_on() {
+        let keys = Arc::new(SessionKeys::new().unwrap());
+        let store = Recorded::default();
+        let here = NodeId::new("here").unwrap();
+        let watch = SessionWatch::new(store.clone(), keys.clone(), here.clone());
+        let session = SessionId::new("s-7").unwrap();
+        let mut pos = 0;
+        let mut publish = |node: &NodeId, data: EventData| {
+            pos += 1;
+            watch.append(&BusItem {
+                pos,
+                event: Arc::new(Event {
+                    id: EventId::new(node.clone(), pos),
+                    at: Timestamp::now(),
+                    session: Some(session.clone()),
+                    data,
+                }),
+            });
+        };
+        let started = || {
+            EventData::SessionStarted(SessionStarted {
+                program: "agent".into(),
+                pid: Some(1),
+            })
+        };
+        let ended = || {
+            EventData::SessionSucceeded(SessionEnded {
+                exit_code: Some(0),
+                signal: None,
+                reason: None,
+                duration_ms: 1,
+            })
+        };
+        assert!(!keys.known_running(&session));
+        // Another node's session of the same name changes nothing here.
+        publish(&NodeId::new("there").unwrap(), started());
+        assert!(!keys.known_running(&session));
+        publish(&here, started());
+        assert!(keys.known_running(&session));
+        publish(&here, ended());
+        assert!(!keys.known_running(&session));
+        assert_eq!(
+            *store.0.lock().unwrap(),
+            [1, 2, 3],
+            "every event reached the store"
+        );
+    }
 
     #[test]
     fn a_key_names_its_session_and_a_changed_key_names_none() {

@@ -36,8 +36,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use troupe_actors::provider::{
-    BreakerConfig, BudgetConfig, ProviderActorRef, ProviderPolicyConfig, ProviderSet, ProviderSpec,
-    RetryConfig, Target,
+    BudgetConfig, ProviderActorRef, ProviderPolicyConfig, ProviderSet, ProviderSpec, Target,
 };
 
 use crate::config::{Config, ConfigError, ProviderConfig};
@@ -123,23 +122,14 @@ pub fn provider_spec(config: &ProviderConfig) -> Result<ProviderSpec, String> {
     spec.models = config.models.clone();
     spec.fallback = fallback;
     spec.max_concurrency = config.max_concurrency.max(1);
+    spec.max_queue = config.max_queue.max(1);
     spec.policy = ProviderPolicyConfig {
         budget: BudgetConfig {
             rpm: config.rpm,
             tpm: config.tpm,
         },
-        breaker: BreakerConfig {
-            failure_threshold: config.breaker.failure_threshold,
-            open_secs: config.breaker.open_secs,
-            half_open_probes: config.breaker.half_open_probes,
-            ..BreakerConfig::default()
-        },
-        retry: RetryConfig {
-            max_attempts: config.retry.max_attempts,
-            base_ms: config.retry.base_ms,
-            max_delay_ms: config.retry.max_delay_ms,
-            max_wait_secs: config.retry.max_wait_secs,
-        },
+        breaker: config.breaker,
+        retry: config.retry,
     };
     Ok(spec)
 }

@@ -119,6 +119,7 @@ async fn run_chat(
     };
     match committed.reply {
         ChatReply::Complete(body) => {
+            let body: Value = serde_json::from_slice(&body).unwrap_or_default();
             let text = body
                 .pointer("/choices/0/message/content")
                 .and_then(Value::as_str)

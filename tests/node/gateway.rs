@@ -104,14 +104,17 @@ async fn chat_completions_pass_through_streamed_and_not() {
         .collect();
     assert_eq!(text, "Grüße");
 
-    // Each went to the provider with the provider's model name.
+    // Each went to the provider with the provider's model name, and with the fields the
+    // gateway does not know.
     let arrivals = fake.arrivals();
     assert_eq!(arrivals.len(), 2);
-    assert!(
-        arrivals
-            .iter()
-            .all(|arrival| arrival.model.as_deref() == Some("m1"))
-    );
+    for arrival in &arrivals {
+        assert_eq!(arrival.model.as_deref(), Some("m1"));
+        let body = arrival.json().expect("a JSON body");
+        assert_eq!(body["model"], "m1");
+        assert_eq!(body["x_vendor_extension"], json!({"kept": true}), "{body}");
+        assert_eq!(body["messages"][0]["content"], "hello");
+    }
 
     let models: Value = gateway.node.get("/v1/models").await.json().await.unwrap();
     let ids: Vec<&str> = models["data"]
@@ -142,6 +145,130 @@ async fn chat_completions_pass_through_streamed_and_not() {
     assert!(
         metrics.contains("troupe_provider_calls_total{provider=\"fake\",outcome=\"succeeded\"} 2"),
         "{metrics}"
+    );
+    fake.shutdown().await;
+}
+
+/// The value of the metric line that starts with `series ` (name and labels as rendered).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn providers_and_metrics_show_the_budget_left_recent_errors_and_the_latency_histogram() {
+    // Every call costs 100 tokens (reported in the fake's usage).
+    let fake = FakeProvider::start(FakeConfig {
+        prompt_tokens: Some(40),
+        completion_tokens: Some(60),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    // 6 requests and 600 tokens a minute: one request back every 10 s, 10 tokens a second.
+    let config = provider(
+        "fake",
+        &fake,
+        "rpm = 6\ntpm = 600\nretry = { max_attempts = 1 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    let ask = |model: &'static str| {
+        gateway.chat(
+            &gateway.node.token,
+            json!({"model": model, "messages": [{"role": "user", "content": "hello"}],
+                   "max_tokens": 100}),
+        )
+    };
+    assert_eq!(ask("fake/m1").await.status(), 200);
+    assert_eq!(ask("fake/m1").await.status(), 200);
+    assert_eq!(ask("fake/fake-500").await.status(), 502);
+
+    let providers: Value = gateway
+        .node
+        .get("/v1/providers")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let status = &providers["providers"][0];
+    let budget = &status["budget"];
+    assert_eq!(budget["rpm"], 6);
+    assert_eq!(budget["tpm"], 600);
+    // Three requests taken, at most one back (that would take 10 s).
+    let requests_left = budget["requests_left"].as_u64().unwrap();
+    assert!((3..=4).contains(&requests_left), "{status}");
+    // Two answers used 100 tokens each; the failure was refunded; 10 a second come back.
+    let tokens_left = budget["tokens_left"].as_u64().unwrap();
+    assert!((400..600).contains(&tokens_left), "{status}");
+    let errors = status["recent_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{status}");
+    assert_eq!(errors[0]["model"], "fake-500");
+    assert_eq!(errors[0]["kind"], "server_error");
+    assert_eq!(errors[0]["status"], 500);
+    assert!(errors[0]["at"].is_string(), "{status}");
+    assert_eq!(status["counters"]["succeeded"], 2);
+    assert_eq!(status["counters"]["failed"], 1);
+    let buckets: u64 = status["counters"]["latency_buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(buckets, 3);
+
+    let text = gateway.node.get("/metrics").await.text().await.unwrap();
+    let labels = r#"{provider="fake"}"#;
+    assert_eq!(
+        metric(
+            &text,
+            &format!("troupe_provider_latency_seconds_count{labels}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"troupe_provider_latency_seconds_bucket{le="+Inf",provider="fake"}"#
+        ),
+        3.0
+    );
+    // Loopback answers in well under 5 s.
+    assert_eq!(
+        metric(
+            &text,
+            r#"troupe_provider_latency_seconds_bucket{le="5.0",provider="fake"}"#
+        ),
+        3.0
+    );
+    assert!(
+        metric(
+            &text,
+            &format!("troupe_provider_latency_seconds_sum{labels}")
+        ) > 0.0
+    );
+    let requests = metric(
+        &text,
+        r#"troupe_provider_budget_left{provider="fake",dimension="requests"}"#,
+    );
+    assert!((3.0..=4.0).contains(&requests), "{requests}");
+    let tokens = metric(
+        &text,
+        r#"troupe_provider_budget_left{provider="fake",dimension="tokens"}"#,
+    );
+    assert!((400.0..600.0).contains(&tokens), "{tokens}");
+    assert_eq!(
+        metric(
+            &text,
+            r#"troupe_provider_budget_limit{provider="fake",dimension="tokens"}"#
+        ),
+        600.0
+    );
+    assert_eq!(
+        metric(&text, &format!("troupe_provider_queued{labels}")),
+        0.0
     );
     fake.shutdown().await;
 }
@@ -190,8 +317,52 @@ async fn failures_that_retrying_cannot_fix_are_answered_at_once() {
     let body: Value = overflow.json().await.unwrap();
     assert_eq!(body["error"]["code"], "context_length_exceeded");
 
-    // One request each reached the fake: neither was retried.
-    assert_eq!(fake.arrivals().len(), 2);
+    // OpenAI's "Request too large" (a 429 that no wait can fix) is a 413.
+    let too_large = gateway.ask("fake/fake-request-too-large", false).await;
+    assert_eq!(too_large.status(), 413);
+    assert!(too_large.headers().get("retry-after").is_none());
+    let body: Value = too_large.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    assert_eq!(body["error"]["details"]["provider_status"], 429, "{body}");
+
+    // One request each reached the fake: none was retried.
+    assert_eq!(fake.arrivals().len(), 3);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_provider_that_keeps_answering_429_is_given_up_on_with_429_and_retry_after() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "retry = { max_attempts = 3, base_ms = 10, max_delay_ms = 10, max_wait_secs = 3 }",
+    );
+    let gateway = Gateway::start(&config).await;
+
+    // 429 with `retry-after-ms: 100`, every time: three attempts, 100 ms apart, then 429.
+    let response = gateway.ask("fake/fake-429-retry-after-ms-100", false).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1", "100 ms, rounded up");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["details"]["kind"], "rate_limited", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("gave up after 3 attempts"), "{message}");
+    let arrivals = fake.arrivals();
+    assert_eq!(arrivals.len(), 3);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= Duration::from_millis(100), "retried after {gap:?}");
+    }
+
+    // A provider asking for longer than the call may wait: given up at once, and its hint is
+    // the caller's Retry-After.
+    fake.reset();
+    let response = gateway.ask("fake/fake-429-retry-after-5", false).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert_eq!(fake.arrivals().len(), 1);
     fake.shutdown().await;
 }
 
@@ -298,6 +469,63 @@ async fn a_stream_cut_after_it_began_ends_with_an_error_chunk() {
 }
 
 #[tokio::test]
+async fn provider_timeouts_are_retried_then_answered_504_or_as_the_streams_error_chunk() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "timeouts = { first_byte_ms = 200, between_chunks_ms = 200 }\n\
+         retry = { max_attempts = 2, base_ms = 10, max_delay_ms = 10 }\n\
+         breaker = { failure_threshold = 100 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    let mut events = gateway.node.events("kind=provider.*", None).await;
+
+    // Headers later than the first-byte timeout, every time: one retry, then 504.
+    let response = gateway.ask("fake/fake-slow-headers-3000", false).await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "provider_timeout", "{body}");
+    assert_eq!(body["error"]["details"]["kind"], "timeout", "{body}");
+    assert_eq!(fake.arrivals().len(), 2, "the first attempt and one retry");
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["data"]["attempt"], 2);
+    assert!(
+        retry["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("first_byte"),
+        "{retry}"
+    );
+
+    // The same for a stream whose first token is late (headers come at once).
+    fake.reset();
+    let response = gateway.ask("fake/fake-slow-first-token-3000", true).await;
+    assert_eq!(response.status(), 504);
+    assert_eq!(fake.arrivals().len(), 2);
+
+    // Late once, then in time: the retry answers.
+    fake.reset();
+    let response = gateway
+        .ask("fake/fake-fail-slow-headers-3000-then-ok:1", false)
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.arrivals().len(), 2);
+
+    // A stream that stalls after it began: no retry (bytes went out), an error chunk instead
+    // of a silent end.
+    fake.reset();
+    let response = gateway.ask("fake/fake-trickle-2000", true).await;
+    assert_eq!(response.status(), 200);
+    let events = sse_data(response).await;
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "timeout", "{last}");
+    assert!(!events.iter().any(|data| data == "[DONE]"));
+    assert_eq!(fake.arrivals().len(), 1);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
     let fake = FakeProvider::start(FakeConfig {
         rpm: 12,
@@ -308,55 +536,256 @@ async fn the_local_budget_keeps_429s_from_reaching_the_provider() {
     let config = provider("fake", &fake, "rpm = 10\nretry = { max_wait_secs = 1 }");
     let gateway = Gateway::start(&config).await;
     let calls = (0..20).map(|_| gateway.ask("fake/m1", false));
-    let statuses: Vec<u16> = futures::future::join_all(calls)
-        .await
+    let responses = futures::future::join_all(calls).await;
+    let statuses: Vec<u16> = responses
         .iter()
         .map(|response| response.status().as_u16())
         .collect();
-    let refused: Vec<_> = statuses.iter().filter(|&&status| status == 429).collect();
+    let refused: Vec<_> = responses
+        .iter()
+        .filter(|response| response.status() == 429)
+        .collect();
     assert!(!refused.is_empty(), "{statuses:?}");
     assert!(
         statuses
             .iter()
             .all(|&status| status == 200 || status == 429)
     );
+    // Each refusal says when to come back: a request's worth of a 10-per-minute budget is
+    // back within 6 s.
+    for response in refused {
+        let retry_after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=6).contains(&retry_after), "{retry_after}");
+    }
     assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
     fake.shutdown().await;
 }
 
 #[tokio::test]
+async fn a_sustained_load_stays_inside_the_providers_rpm_and_tpm_when_the_budget_is_below_them() {
+    // Every call costs 100 tokens at the fake (40 prompt + 60 completion, reported in its
+    // usage), and the fake allows 24 calls and 2,400 tokens a minute. troupe's budget is below
+    // both (20 calls, 1,500 tokens): tokens are the tighter limit.
+    let fake = FakeProvider::start(FakeConfig {
+        rpm: 24,
+        tpm: 2_400,
+        prompt_tokens: Some(40),
+        completion_tokens: Some(60),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = provider(
+        "fake",
+        &fake,
+        "rpm = 20\ntpm = 1500\nretry = { max_wait_secs = 1 }",
+    );
+    let gateway = Gateway::start(&config).await;
+    let mut events = gateway
+        .node
+        .events("kind=provider.rate_limited", None)
+        .await;
+    // 10 calls a second for 3 seconds, each on its own task (open loop).
+    let client = gateway.node.client();
+    let url = gateway.node.url("/v1/chat/completions");
+    let start = tokio::time::Instant::now();
+    let mut calls = Vec::new();
+    for index in 0..30u32 {
+        tokio::time::sleep_until(start + Duration::from_millis(100) * index).await;
+        let request = client
+            .post(&url)
+            .bearer_auth(&gateway.node.token)
+            .json(&json!({
+                "model": "fake/m1",
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 100,
+            }));
+        calls.push(tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|value| value.to_str().unwrap().to_owned());
+            let body: Value = response.json().await.unwrap();
+            (status, retry_after, body)
+        }));
+    }
+    let mut answered = 0;
+    let mut refused = Vec::new();
+    for call in calls {
+        let (status, retry_after, body) = call.await.unwrap();
+        match status {
+            200 => answered += 1,
+            429 => refused.push((retry_after, body)),
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    // The budget let through what it had (about 15 calls' worth of tokens), refused the rest
+    // with a Retry-After, and the provider never had to refuse anything.
+    assert!(answered >= 10, "{answered} answered");
+    assert!(
+        !refused.is_empty(),
+        "30 calls in 3 s must exceed 1,500 tokens"
+    );
+    for (retry_after, body) in &refused {
+        assert!(retry_after.is_some(), "{body}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    }
+    assert!(
+        refused.iter().any(|(_, body)| body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens limit")),
+        "the tokens budget was the one that ran out: {refused:?}"
+    );
+    assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
+    assert_eq!(fake.counts().get(&200), Some(&answered));
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["data"]["source"], "budget");
+    fake.shutdown().await;
+}
+
+/// A node with one fake provider whose `aider` is `program`: a symlink named `aider` in a
+/// directory first on the node's `PATH`. The node's `HOME` is a fresh directory, so a real Aider
+/// writes its settings there.
+struct AiderNode {
+    node: NodeProcess,
+    temp: tempfile::TempDir,
+}
+
+impl AiderNode {
+    async fn start(
+        program: &std::path::Path,
+        fake: &FakeProviderHandle,
+        vars: &[(&str, &str)],
+    ) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let bin = temp.path().join("bin");
+        let home = temp.path().join("home");
+        let workspace = temp.path().join("ws");
+        for dir in [&bin, &home, &workspace] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::os::unix::fs::symlink(program, bin.join("aider")).unwrap();
+        let config = temp.path().join("troupe.toml");
+        std::fs::write(&config, provider("fake", fake, "")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut env_vars = vec![
+            ("PATH".to_owned(), path),
+            ("HOME".to_owned(), home.display().to_string()),
+        ];
+        env_vars.extend(
+            vars.iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+        );
+        let env = crate::support::NodeEnv {
+            vars: env_vars,
+            cwd: Some(workspace),
+        };
+        let node = NodeProcess::start_with(
+            &temp.path().join("data"),
+            &["--config", config.to_str().unwrap()],
+            &env,
+        )
+        .await;
+        Self { node, temp }
+    }
+
+    fn workspace(&self) -> std::path::PathBuf {
+        self.temp.path().join("ws")
+    }
+}
+
+fn fake_aider() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-aider.sh")
+}
+
+/// Follows a session's output until its end, for up to `patience`; returns the output's texts
+/// and the end state.
+async fn output_to_end(node: &NodeProcess, id: &str, patience: Duration) -> (Vec<String>, String) {
+    use eventsource_stream::Eventsource;
+    let response = node
+        .get(&format!("/v1/sessions/{id}/output?follow=true"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream().eventsource();
+    let mut texts = Vec::new();
+    let state = tokio::time::timeout(patience, async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("a well-formed SSE event");
+            let data: Value = serde_json::from_str(&event.data).unwrap();
+            if event.event == "end" {
+                return data["state"].as_str().unwrap().to_owned();
+            }
+            texts.push(data["text"].as_str().unwrap_or_default().to_owned());
+        }
+        panic!("the output of {id} ended without an `end` event");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("session {id} did not end within {patience:?}: {texts:?}"));
+    (texts, state)
+}
+
+/// The model call of an Aider session (through the node's gateway, with its session key):
+/// what reached the fake, and the `provider.*` events its retry caused, with the session.
+async fn assert_the_call_went_through_the_gateway_for(
+    fake: &FakeProviderHandle,
+    events: &mut crate::support::SseStream,
+    id: &str,
+    message: &str,
+) {
+    let calls: Vec<_> = fake
+        .arrivals()
+        .into_iter()
+        .filter(|arrival| arrival.path == "/v1/chat/completions")
+        .collect();
+    assert!(calls.len() >= 2, "a 429, then the retry: {calls:?}");
+    for call in &calls {
+        assert_eq!(
+            call.model.as_deref(),
+            Some("m1"),
+            "the gateway routed fake/m1"
+        );
+    }
+    assert!(
+        calls.iter().any(|call| {
+            let body = call.json().expect("a JSON body");
+            body["messages"].to_string().contains(message)
+        }),
+        "the session's message reached the provider: {calls:?}"
+    );
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["session"], id, "{limited}");
+    assert_eq!(limited["data"]["source"], "provider");
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["session"], id, "{retry}");
+}
+
+#[tokio::test]
 async fn an_aider_session_gets_a_scoped_gateway_key_and_its_calls_carry_the_session() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
-    let temp = tempfile::tempdir().unwrap();
-    let bin = temp.path().join("bin");
-    let workspace = temp.path().join("ws");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(&workspace).unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake-aider.sh");
-    std::os::unix::fs::symlink(&script, bin.join("aider")).unwrap();
-    let release = temp.path().join("release");
-    let config = temp.path().join("troupe.toml");
-    std::fs::write(&config, provider("fake", &fake, "")).unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let env = crate::support::NodeEnv {
-        vars: vec![
-            ("PATH".into(), path),
-            ("FAKE_AIDER_SCENARIO".into(), "hold".into()),
-            ("FAKE_AIDER_RELEASE".into(), release.display().to_string()),
+    let release_dir = tempfile::tempdir().unwrap();
+    let release = release_dir.path().join("release");
+    let release_path = release.display().to_string();
+    let aider = AiderNode::start(
+        &fake_aider(),
+        &fake,
+        &[
+            ("FAKE_AIDER_SCENARIO", "hold"),
+            ("FAKE_AIDER_RELEASE", &release_path),
         ],
-        cwd: Some(workspace),
-    };
-    let node = NodeProcess::start_with(
-        &temp.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-        &env,
     )
     .await;
+    let node = &aider.node;
     let mut events = node.events("kind=session.*&kind=provider.*", None).await;
     let record: Value = node
         .post_json(
@@ -417,6 +846,175 @@ async fn an_aider_session_gets_a_scoped_gateway_key_and_its_calls_carry_the_sess
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fake_aider_calls_the_gateway_with_its_session_key_and_the_events_carry_the_session() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    fake.set_behaviour(
+        "m1",
+        "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
+    );
+    let aider = AiderNode::start(&fake_aider(), &fake, &[("FAKE_AIDER_SCENARIO", "call")]).await;
+    let node = &aider.node;
+    let mut events = node.events("kind=provider.*", None).await;
+    let message = "add a \"greet\" function";
+    let record = node
+        .spawn_session(json!({
+            "kind": "aider", "message": message, "model": "fake/m1", "files": ["greet.py"]
+        }))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "succeeded", "{texts:#?}");
+    assert!(
+        texts
+            .iter()
+            .any(|text| text == &FakeConfig::default().reply),
+        "the fake's reply, through the gateway, in the output: {texts:#?}"
+    );
+    assert_the_call_went_through_the_gateway_for(&fake, &mut events, &id, "greet").await;
+
+    // A call the gateway gives up on reaches the script as an error, and fails the session.
+    fake.set_behaviour("m1", "insufficient-quota".parse().unwrap());
+    let record = node
+        .spawn_session(json!({"kind": "aider", "message": "again", "model": "fake/m1"}))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "failed", "{texts:#?}");
+    let record = node.session(&id).await;
+    assert!(
+        record.to_string().contains("insufficient_quota"),
+        "{record}"
+    );
+    fake.shutdown().await;
+}
+
+/// The real `aider` (the `aider-chat` package) run by an Aider session. It is found as
+/// `TROUPE_TEST_AIDER`, else as `aider` on the `PATH`; the test is skipped without it (unless
+/// `TROUPE_REQUIRE_CLIENTS=1`). `.ci/run` installs it in its own virtualenv (`target/ci-aider`).
+#[tokio::test]
+async fn the_real_aider_runs_through_the_gateway_and_its_provider_events_carry_the_session() {
+    let program = std::env::var("TROUPE_TEST_AIDER").unwrap_or_else(|_| "aider".into());
+    let probe = tokio::process::Command::new(&program)
+        .arg("--version")
+        .output()
+        .await;
+    let version = match probe {
+        Ok(output) if output.status.success() => {
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        }
+        _ => {
+            skip_without_python_client(&format!(
+                "{program} --version does not run; install Aider with \
+                 `python3 -m pip install aider-chat` (or set TROUPE_TEST_AIDER to its path)"
+            ));
+            return;
+        }
+    };
+    let program = which(&program);
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "Die Antwort kam über das Gateway.".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    fake.set_behaviour(
+        "m1",
+        "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
+    );
+    // No fetch of litellm's model list from the network.
+    let aider =
+        AiderNode::start(&program, &fake, &[("LITELLM_LOCAL_MODEL_COST_MAP", "True")]).await;
+    std::fs::write(
+        aider.workspace().join("greet.py"),
+        "def greet(name):\n    pass\n",
+    )
+    .unwrap();
+    let node = &aider.node;
+    let mut events = node.events("kind=provider.*", None).await;
+    let record = node
+        .spawn_session(json!({
+            "kind": "aider",
+            "message": "explain greet in one sentence",
+            "model": "fake/m1",
+            "files": ["greet.py"]
+        }))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = output_to_end(node, &id, PATIENCE * 6).await;
+    assert_eq!(state, "succeeded", "{version}: {texts:#?}");
+    assert!(
+        texts
+            .iter()
+            .any(|text| text.contains("Die Antwort kam über das Gateway.")),
+        "Aider printed the fake's reply: {texts:#?}"
+    );
+    assert_the_call_went_through_the_gateway_for(&fake, &mut events, &id, "explain greet").await;
+    fake.shutdown().await;
+}
+
+/// `program` as an absolute path (looked up in `PATH` when it has no `/`).
+fn which(program: &str) -> std::path::PathBuf {
+    if program.contains('/') {
+        return std::fs::canonicalize(program).unwrap();
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{program} is not on the PATH"))
+}
+
+#[tokio::test]
+async fn a_command_session_reaches_the_gateway_with_its_own_key_and_its_events_carry_it() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "any agent".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    fake.set_behaviour(
+        "m1",
+        "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
+    );
+    let gateway = Gateway::start(&provider("fake", &fake, "")).await;
+    let node = &gateway.node;
+    let mut events = node.events("kind=provider.*", None).await;
+    // Any CLI agent that speaks OpenAI's API: here curl, with what the session was given.
+    let script = r#"
+        curl -sS -H "Authorization: Bearer $OPENAI_API_KEY" -H 'Content-Type: application/json' \
+          -d '{"model":"fake/m1","messages":[{"role":"user","content":"hi"}]}' \
+          "$OPENAI_BASE_URL/chat/completions"
+        echo
+        echo "gateway=$TROUPE_GATEWAY_URL api_base=$OPENAI_API_BASE"
+        [ "$TROUPE_GATEWAY_KEY" = "$OPENAI_API_KEY" ] && echo "one key"
+        case "$OPENAI_API_KEY" in tsk_*) echo "a session key" ;; esac
+    "#;
+    let record = node
+        .spawn_session(json!({"kind": "command", "program": "sh", "args": ["-c", script]}))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!(state, "succeeded", "{texts:#?}");
+    let reply: Value = serde_json::from_str(&texts[0]).expect("the gateway's JSON answer");
+    assert_eq!(reply["choices"][0]["message"]["content"], "any agent");
+    let url = node.url("/v1");
+    assert!(
+        texts.contains(&format!("gateway={url} api_base={url}")),
+        "{texts:#?}"
+    );
+    assert!(texts.iter().any(|text| text == "one key"), "{texts:#?}");
+    assert!(
+        texts.iter().any(|text| text == "a session key"),
+        "{texts:#?}"
+    );
+    let (_, limited) = events.next_of("provider.rate_limited").await;
+    assert_eq!(limited["session"], id.as_str());
+    let (_, retry) = events.next_of("provider.retry").await;
+    assert_eq!(retry["session"], id.as_str());
+    assert_eq!(fake.arrivals().len(), 2);
     fake.shutdown().await;
 }
 

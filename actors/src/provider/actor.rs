@@ -198,6 +198,8 @@ impl Actor for ProviderActor {
         state: &mut Self::State,
     ) -> Result<(), ActorError> {
         let now = now();
+        // A fallback changes nothing readers see (its counter is an atomic).
+        let changes_snapshot = !matches!(message, ProviderMsg::FellBack { .. });
         let effects = match message {
             ProviderMsg::Admit { request, reply } => state.state.admit(request, reply, now),
             ProviderMsg::Finish { report, reply } => {
@@ -223,7 +225,9 @@ impl Actor for ProviderActor {
             }
         };
         state.apply(ctx, effects);
-        state.publish_snapshot();
+        if changes_snapshot {
+            state.publish_snapshot();
+        }
         state.arm(ctx, now);
         Ok(())
     }

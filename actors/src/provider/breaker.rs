@@ -130,6 +130,28 @@ pub enum Transition {
     Closed,
 }
 
+/// What a breaker's state reads as, without its counters and probes: a copy for readers (the
+/// read-side snapshot behind `/v1/providers`), taken without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerView {
+    /// `Some` while open: until when.
+    open_until: Option<Instant>,
+    half_open: bool,
+}
+
+impl BreakerView {
+    /// The state at `now`, as [`Breaker::state`] would answer it.
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match (self.open_until, self.half_open) {
+            (Some(until), _) if now < until => BreakerState::Open {
+                retry_in: until - now,
+            },
+            (Some(_), _) | (None, true) => BreakerState::HalfOpen,
+            (None, false) => BreakerState::Closed,
+        }
+    }
+}
+
 /// Leave to make one call. Report it back exactly once: [`Breaker::on_success`],
 /// [`Breaker::on_failure`] or [`Breaker::release`].
 #[must_use = "a permit must be reported back to the breaker"]
@@ -231,6 +253,24 @@ impl Breaker {
                 retry_in: *until - now,
             },
             State::Open { .. } | State::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// A copy of the state for readers.
+    pub fn view(&self) -> BreakerView {
+        match &self.state {
+            State::Closed => BreakerView {
+                open_until: None,
+                half_open: false,
+            },
+            State::Open { until } => BreakerView {
+                open_until: Some(*until),
+                half_open: false,
+            },
+            State::HalfOpen { .. } => BreakerView {
+                open_until: None,
+                half_open: true,
+            },
         }
     }
 
@@ -489,6 +529,23 @@ mod tests {
             Some(Transition::Opened { .. })
         ));
         (breaker, t0)
+    }
+
+    #[test]
+    fn a_view_reads_as_the_breaker_does_at_any_later_moment() {
+        let (mut breaker, t0) = opened(config());
+        let view = breaker.view();
+        for later in [t0, t0 + SEC, t0 + 29 * SEC, t0 + 30 * SEC, t0 + 60 * SEC] {
+            assert_eq!(view.state(later), breaker.state(later), "{later:?}");
+        }
+        // Half-open once a probe went through; closed after it succeeded.
+        let probe = permit(&mut breaker, t0 + 30 * SEC);
+        assert_eq!(breaker.view().state(t0 + 31 * SEC), BreakerState::HalfOpen);
+        assert_eq!(
+            breaker.on_success(probe, t0 + 31 * SEC),
+            Some(Transition::Closed)
+        );
+        assert_eq!(breaker.view().state(t0 + 31 * SEC), BreakerState::Closed);
     }
 
     #[test]

@@ -47,8 +47,8 @@ pub use stats::{
 };
 
 pub use breaker::{
-    Admitted, Breaker, BreakerConfig, BreakerState, OpenReason, Permit, RejectReason, Rejected,
-    Transition,
+    Admitted, Breaker, BreakerConfig, BreakerState, BreakerView, OpenReason, Permit, RejectReason,
+    Rejected, Transition,
 };
 pub use budget::{
     Budget, BudgetConfig, BudgetError, BudgetRemaining, Reservation, Wait, WaitDecision, WaitReason,

@@ -495,7 +495,7 @@ impl<W: Waiter> ProviderState<W> {
     pub fn snapshot(&mut self) -> ProviderSnapshot {
         ProviderSnapshot {
             budget: self.policy.budget.clone(),
-            breaker: self.policy.breaker.clone(),
+            breaker: self.policy.breaker.view(),
             in_flight: self.in_flight.len(),
             queued: self.queue.len(),
             recent_errors: self.errors.shared(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use super::breaker::{Breaker, BreakerState};
+use super::breaker::{BreakerState, BreakerView};
 use super::budget::Budget;
 use super::failure::ErrorKind;
 use super::spec::ProviderSpec;
@@ -143,8 +143,8 @@ pub struct ErrorRecord {
 pub struct ProviderSnapshot {
     /// The budget.
     pub budget: Budget,
-    /// The breaker.
-    pub breaker: Breaker,
+    /// The breaker's state.
+    pub breaker: BreakerView,
     /// Calls in flight.
     pub in_flight: usize,
     /// Calls waiting.
@@ -216,7 +216,7 @@ impl ProviderShared {
         let policy = super::ProviderPolicy::new(spec.policy, now);
         let snapshot = ProviderSnapshot {
             budget: policy.budget,
-            breaker: policy.breaker,
+            breaker: policy.breaker.view(),
             in_flight: 0,
             queued: 0,
             recent_errors: Arc::from(Vec::new()),

@@ -1,13 +1,23 @@
-//! `troupe bench gateway`: the gateway's added latency. Starts a fake provider and a node in
-//! this process, then sends the same open-loop load (requests at a fixed rate, each on its own
-//! task) first straight to the fake and then through the node's `/v1/chat/completions`, and
-//! prints p50/p99/p99.9 of both and their difference, for whole answers and for the time to the
-//! first byte of a stream. Everything runs on loopback; nothing leaves the machine.
+//! `troupe bench gateway`: the latency the gateway adds to a provider call.
+//!
+//! A fake provider and a node run in this process (the node's and the fake's tasks share the
+//! main runtime); the load generator runs on a thread of its own with its own single-threaded
+//! runtime and HTTP client, so its work is not queued behind theirs. It sends an open-loop load
+//! of *pairs*: at each tick one request straight to the fake and the same request through the
+//! node's `/v1/chat/completions`, sent together. Both halves of a pair meet the same machine at
+//! the same moment, so the difference of the pair is the latency the gateway added to that
+//! request; its percentiles are printed next to the absolute percentiles of both paths, for
+//! whole answers and, for streams, for the time to the first byte and to the end.
+//!
+//! Everything runs on loopback; nothing leaves the machine. The load average and the core count
+//! are printed first, since on a busy machine the tail says more about the neighbours than about
+//! the gateway.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::config::{Config, ProviderConfig};
@@ -17,10 +27,11 @@ use crate::testing::fake_provider::{FakeConfig, FakeProvider};
 /// `troupe bench gateway`
 #[derive(Debug, Args)]
 pub(crate) struct GatewayArgs {
-    /// Request rates to run, requests per second.
+    /// Request rates to run, gateway requests per second (the fake also gets as many direct
+    /// ones).
     #[arg(long, value_delimiter = ',', default_value = "500,2000")]
     rps: Vec<u32>,
-    /// Seconds of load per rate, mode and path.
+    /// Seconds of load per rate and mode.
     #[arg(long, default_value_t = 5)]
     secs: u64,
 }
@@ -28,9 +39,26 @@ pub(crate) struct GatewayArgs {
 /// Which duration of a sample a row shows.
 type Pick = fn(&Sample) -> Duration;
 
+/// One request's timings.
+#[derive(Debug, Clone, Copy)]
 struct Sample {
     ttfb: Duration,
     total: Duration,
+}
+
+/// A direct request and its twin through the gateway, sent at the same tick.
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    direct: Sample,
+    gateway: Sample,
+}
+
+/// Where the generator sends its requests.
+#[derive(Debug, Clone)]
+struct Targets {
+    direct_url: String,
+    gateway_url: String,
+    token: String,
 }
 
 /// Runs the scenario.
@@ -51,20 +79,14 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     let mut config = Config::default();
     config.auth.requests_per_second = 1_000_000;
     config.auth.burst = 1_000_000;
-    config.providers.push(ProviderConfig {
-        name: "fake".into(),
-        kind: ProviderKind::OpenAi,
-        base_url: format!("{}/v1", fake.base_url()),
-        api_key_env: None,
-        models: Vec::new(),
-        rpm: None,
-        tpm: None,
-        max_concurrency: 100_000,
-        fallback: Vec::new(),
-        breaker: Default::default(),
-        retry: Default::default(),
-        timeouts: Default::default(),
-    });
+    let mut provider = ProviderConfig::new(
+        "fake",
+        ProviderKind::OpenAi,
+        format!("{}/v1", fake.base_url()),
+    );
+    provider.max_concurrency = 100_000;
+    provider.max_queue = 1_000_000;
+    config.providers.push(provider);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind loopback")?;
     let node = crate::Node::builder()
         .config(config)
@@ -75,22 +97,28 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         .context("cannot start the node")?;
     let token = std::fs::read_to_string(node.admin_token_path())
         .context("cannot read the node's admin token")?;
-    let gateway_url = format!(
-        "http://{}/v1/chat/completions",
-        node.http_addr().context("the node has no HTTP address")?
-    );
-    let direct_url = format!("{}/v1/chat/completions", fake.base_url());
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(4096)
-        .tcp_nodelay(true)
-        .build()?;
+    let targets = Targets {
+        direct_url: format!("{}/v1/chat/completions", fake.base_url()),
+        gateway_url: format!(
+            "http://{}/v1/chat/completions",
+            node.http_addr().context("the node has no HTTP address")?
+        ),
+        token: token.trim().to_owned(),
+    };
 
     println!(
-        "gateway added latency: {} s per rate/mode/path, open loop, fake provider on loopback",
+        "gateway added latency: {} s per rate and mode after a 0.5 s warm-up; open loop of pairs \
+         (one request direct, its twin through the gateway, sent together); load generator on \
+         its own thread; fake provider on loopback",
         args.secs
     );
     println!(
-        "{:>6} {:>9} {:>8} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
+        "machine: {} cores, load average {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        load_average()
+    );
+    println!(
+        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
         "rps",
         "mode",
         "metric",
@@ -106,114 +134,192 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     );
     for &rps in &args.rps {
         for stream in [false, true] {
-            let warmup = Duration::from_millis(500);
-            load(&http, &direct_url, None, rps, warmup, stream).await?;
-            load(&http, &gateway_url, Some(token.trim()), rps, warmup, stream).await?;
-            let duration = Duration::from_secs(args.secs);
-            let direct = load(&http, &direct_url, None, rps, duration, stream).await?;
-            let through = load(
-                &http,
-                &gateway_url,
-                Some(token.trim()),
-                rps,
-                duration,
-                stream,
-            )
-            .await?;
+            let secs = args.secs;
+            let generator_targets = targets.clone();
+            // The generator's own thread and runtime; its answer comes back when it is done.
+            let run = tokio::task::spawn_blocking(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let http = reqwest::Client::builder()
+                        .pool_max_idle_per_host(4096)
+                        .tcp_nodelay(true)
+                        .build()?;
+                    let warmup = Duration::from_millis(500);
+                    load(&http, &generator_targets, rps, warmup, stream).await?;
+                    load(
+                        &http,
+                        &generator_targets,
+                        rps,
+                        Duration::from_secs(secs),
+                        stream,
+                    )
+                    .await
+                })
+            })
+            .await
+            .context("the load generator's thread failed")??;
             let mode = if stream { "stream" } else { "whole" };
+            if run.failed > 0 {
+                println!(
+                    "{rps:>6} {mode:>6}: {} of {} pairs failed (left out below), e.g. {:?}",
+                    run.failed,
+                    run.failed + run.pairs.len(),
+                    run.examples
+                );
+            }
+            let pairs = run.pairs;
+            if pairs.is_empty() {
+                continue;
+            }
             let metrics: &[(&str, Pick)] = if stream {
                 &[("ttfb", |s| s.ttfb), ("total", |s| s.total)]
             } else {
                 &[("total", |s| s.total)]
             };
             for (metric, pick) in metrics {
-                let d = percentiles(&direct, *pick);
-                let g = percentiles(&through, *pick);
+                let direct = percentiles(pairs.iter().map(|pair| secs_of(pick(&pair.direct))));
+                let through = percentiles(pairs.iter().map(|pair| secs_of(pick(&pair.gateway))));
+                let added = percentiles(
+                    pairs
+                        .iter()
+                        .map(|pair| secs_of(pick(&pair.gateway)) - secs_of(pick(&pair.direct))),
+                );
                 println!(
-                    "{rps:>6} {mode:>9} {metric:>8} | {} {} {} | {} {} {} | {} {} {}",
-                    ms(d[0]),
-                    ms(d[1]),
-                    ms(d[2]),
-                    ms(g[0]),
-                    ms(g[1]),
-                    ms(g[2]),
-                    added(g[0], d[0]),
-                    added(g[1], d[1]),
-                    added(g[2], d[2]),
+                    "{rps:>6} {mode:>6} {metric:>6} | {} {} {} | {} {} {} | {} {} {}",
+                    ms(direct[0]),
+                    ms(direct[1]),
+                    ms(direct[2]),
+                    ms(through[0]),
+                    ms(through[1]),
+                    ms(through[2]),
+                    signed_ms(added[0]),
+                    signed_ms(added[1]),
+                    signed_ms(added[2]),
                 );
             }
         }
     }
+    println!("load average after the runs: {}", load_average());
     node.shutdown().await;
     fake.shutdown().await;
     let _ = std::fs::remove_dir_all(&data_dir);
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Sends `rps` requests per second for `duration`, each on its own task; every request must
-/// succeed.
+/// What a run gave: the pairs whose halves both succeeded, and the failures (the first few
+/// kept as examples).
+#[derive(Debug, Default)]
+struct Run {
+    pairs: Vec<Pair>,
+    failed: usize,
+    examples: Vec<String>,
+}
+
+/// Sends `rps` pairs per second for `duration`, each pair on its own task.
 async fn load(
     http: &reqwest::Client,
-    url: &str,
-    token: Option<&str>,
+    targets: &Targets,
     rps: u32,
     duration: Duration,
     stream: bool,
-) -> anyhow::Result<Vec<Sample>> {
-    let body = json!({
-        "model": if token.is_some() { "fake/m1" } else { "m1" },
-        "messages": [{"role": "user", "content": "hello"}],
-        "stream": stream,
-    });
-    let count = (u64::from(rps) * duration.as_millis() as u64 / 1000).max(1);
+) -> anyhow::Result<Run> {
+    let body = |model: &str| {
+        json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "hello"}],
+            "stream": stream,
+        })
+    };
+    let (direct_body, gateway_body) = (body("m1"), body("fake/m1"));
+    let count = (u128::from(rps) * duration.as_millis() / 1000).max(1);
+    let count = u32::try_from(count).context("too many requests")?;
     let interval = Duration::from_secs(1) / rps;
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(count as usize);
     for index in 0..count {
-        tokio::time::sleep_until(start + interval * index as u32).await;
-        let mut request = http.post(url).json(&body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
+        tokio::time::sleep_until(start + interval * index).await;
+        let direct = http.post(&targets.direct_url).json(&direct_body);
+        let gateway = http
+            .post(&targets.gateway_url)
+            .bearer_auth(&targets.token)
+            .json(&gateway_body);
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let response = request.send().await?;
-            if !response.status().is_success() {
-                anyhow::bail!("status {}", response.status());
-            }
-            let mut body = response.bytes_stream();
-            use futures::StreamExt;
-            let mut ttfb = None;
-            while let Some(piece) = body.next().await {
-                piece?;
-                ttfb.get_or_insert_with(|| sent.elapsed());
-            }
-            let total = sent.elapsed();
-            Ok(Sample {
-                ttfb: ttfb.unwrap_or(total),
-                total,
+            let (direct, gateway) = tokio::join!(timed(direct), timed(gateway));
+            Ok::<_, anyhow::Error>(Pair {
+                direct: direct.context("direct")?,
+                gateway: gateway.context("through the gateway")?,
             })
         }));
     }
-    let mut samples = Vec::with_capacity(tasks.len());
+    let mut run = Run {
+        pairs: Vec::with_capacity(tasks.len()),
+        ..Run::default()
+    };
     for task in tasks {
-        samples.push(task.await.context("a request task failed")??);
+        match task.await.context("a request task failed")? {
+            Ok(pair) => run.pairs.push(pair),
+            Err(error) => {
+                run.failed += 1;
+                if run.examples.len() < 3 {
+                    run.examples.push(format!("{error:#}"));
+                }
+            }
+        }
     }
-    Ok(samples)
+    Ok(run)
 }
 
-fn percentiles(samples: &[Sample], pick: fn(&Sample) -> Duration) -> [Duration; 3] {
-    let mut values: Vec<Duration> = samples.iter().map(pick).collect();
-    values.sort_unstable();
+/// Sends one request and reads its answer to the end.
+async fn timed(request: reqwest::RequestBuilder) -> anyhow::Result<Sample> {
+    let sent = Instant::now();
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        bail!("status {}", response.status());
+    }
+    let mut body = response.bytes_stream();
+    let mut ttfb = None;
+    while let Some(piece) = body.next().await {
+        piece?;
+        ttfb.get_or_insert_with(|| sent.elapsed());
+    }
+    let total = sent.elapsed();
+    Ok(Sample {
+        ttfb: ttfb.unwrap_or(total),
+        total,
+    })
+}
+
+fn secs_of(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+/// p50, p99 and p99.9 (nearest rank) of `values`, in seconds.
+fn percentiles(values: impl Iterator<Item = f64>) -> [f64; 3] {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_unstable_by(f64::total_cmp);
     let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
     [at(0.5), at(0.99), at(0.999)]
 }
 
-fn ms(duration: Duration) -> String {
-    format!("{:>7.3}ms", duration.as_secs_f64() * 1000.0)
+fn ms(secs: f64) -> String {
+    format!("{:>7.3}ms", secs * 1000.0)
 }
 
-fn added(through: Duration, direct: Duration) -> String {
-    let delta = through.as_secs_f64() - direct.as_secs_f64();
-    format!("{:>+7.3}ms", delta * 1000.0)
+fn signed_ms(secs: f64) -> String {
+    format!("{:>+7.3}ms", secs * 1000.0)
+}
+
+/// `/proc/loadavg`'s first three fields, or `unknown`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
 }

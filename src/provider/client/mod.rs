@@ -10,9 +10,10 @@
 //! variables the configuration names, sent as sensitive header values and never logged.
 //!
 //! Timeouts (`timeouts = { … }` of a provider): connecting (`connect_ms`), the first byte of
-//! the answer (`first_byte_secs`, from sending the request to the headers and, for a stream, to
-//! its first event), and the gap between two pieces of a body or stream
-//! (`between_chunks_secs`).
+//! the answer (`first_byte_secs` or `_ms`, from sending the request to the headers and, for a
+//! stream, to its first event), and the gap between two pieces of a body or stream
+//! (`between_chunks_secs` or `_ms`). A connect timeout is a connection failure (the request
+//! never reached the provider); the other two are [`ErrorKind::Timeout`].
 
 mod anthropic;
 mod gemini;
@@ -112,8 +113,9 @@ fn content_chars(message: &Value) -> usize {
 
 /// What a provider answered, in OpenAI's shapes.
 pub enum ChatReply {
-    /// A whole `chat.completion` object.
-    Complete(Value),
+    /// A whole `chat.completion` object, as JSON text (an OpenAI-compatible provider's answer
+    /// byte for byte).
+    Complete(Bytes),
     /// A stream of `chat.completion.chunk` objects (as JSON text), its first one in hand.
     Stream(ChunkStream),
 }
@@ -121,7 +123,10 @@ pub enum ChatReply {
 impl std::fmt::Debug for ChatReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Complete(body) => f.debug_tuple("Complete").field(body).finish(),
+            Self::Complete(body) => f
+                .debug_tuple("Complete")
+                .field(&String::from_utf8_lossy(body))
+                .finish(),
             Self::Stream(_) => f.write_str("Stream(..)"),
         }
     }
@@ -182,9 +187,9 @@ impl HttpProvider {
     /// is not set is not an error here: every call then fails with a message naming it.
     pub fn new(config: &ProviderConfig) -> Result<Self, ClientError> {
         let timeouts = ClientTimeouts {
-            connect: Duration::from_millis(config.timeouts.connect_ms),
-            first_byte: Duration::from_secs(config.timeouts.first_byte_secs),
-            between_chunks: Duration::from_secs(config.timeouts.between_chunks_secs),
+            connect: config.timeouts.connect(),
+            first_byte: config.timeouts.first_byte(),
+            between_chunks: config.timeouts.between_chunks(),
         };
         crate::tls::install_default_provider();
         let http = reqwest::Client::builder()
@@ -238,10 +243,19 @@ impl HttpProvider {
                 ..ErrorClass::of_kind(ErrorKind::Auth)
             })
         })?;
+        let encoded = |(url, body): (String, Value)| {
+            serde_json::to_vec(&body)
+                .map(|body| (url, body))
+                .map_err(|error| format!("cannot encode the request: {error}"))
+        };
         let (url, body) = match self.kind {
             ProviderKind::OpenAi => openai::request(&self.base_url, model, request),
-            ProviderKind::Anthropic => anthropic::request(&self.base_url, model, request),
-            ProviderKind::Gemini => gemini::request(&self.base_url, model, request),
+            ProviderKind::Anthropic => {
+                anthropic::request(&self.base_url, model, request).and_then(encoded)
+            }
+            ProviderKind::Gemini => {
+                gemini::request(&self.base_url, model, request).and_then(encoded)
+            }
         }
         .map_err(|message| {
             Failed::before_sending(ErrorClass {
@@ -260,16 +274,10 @@ impl HttpProvider {
         if self.kind == ProviderKind::Anthropic {
             builder = builder.header("anthropic-version", "2023-06-01");
         }
-        let body = serde_json::to_vec(&body).map_err(|error| {
-            Failed::before_sending(ErrorClass {
-                message: Some(format!("cannot encode the request: {error}")),
-                ..ErrorClass::of_kind(ErrorKind::BadRequest)
-            })
-        })?;
         let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
         let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
-            Err(_) => return Err(transport(TransportFailure::Timeout, true)),
-            Ok(Err(error)) => return Err(reqwest_failure(&error)),
+            Err(_) => return Err(self.first_byte_timeout()),
+            Ok(Err(error)) => return Err(self.reqwest_failure(&error)),
             Ok(Ok(response)) => response,
         };
         let status = response.status().as_u16();
@@ -297,7 +305,7 @@ impl HttpProvider {
             );
             // Wait for the first chunk, so that a failure before it can still be retried.
             let first = match tokio::time::timeout_at(deadline, events.next()).await {
-                Err(_) => return Err(transport(TransportFailure::Timeout, true)),
+                Err(_) => return Err(self.first_byte_timeout()),
                 Ok(None) => {
                     return Err(Failed {
                         class: ErrorClass {
@@ -339,37 +347,92 @@ impl HttpProvider {
             rate_limits,
             reached_provider: true,
         })?;
-        let parsed: Value = serde_json::from_slice(&body).map_err(|error| Failed {
+        let not_json = |error: serde_json::Error| Failed {
             class: ErrorClass {
                 message: Some(format!("the provider's answer is not JSON: {error}")),
                 ..ErrorClass::of_kind(ErrorKind::ServerError)
             },
             rate_limits,
             reached_provider: true,
-        })?;
-        let translated = match self.kind {
-            ProviderKind::OpenAi => Ok(parsed),
-            ProviderKind::Anthropic => anthropic::completion(model, &parsed),
-            ProviderKind::Gemini => gemini::completion(model, &parsed),
-        }
-        .map_err(|message| Failed {
-            class: ErrorClass {
-                message: Some(message),
-                ..ErrorClass::of_kind(ErrorKind::ServerError)
-            },
-            rate_limits,
-            reached_provider: true,
-        })?;
-        let tokens = translated
-            .pointer("/usage/total_tokens")
-            .and_then(Value::as_u64)
-            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        };
+        let (reply, tokens) = match self.kind {
+            // Passed through as it came.
+            ProviderKind::OpenAi => {
+                let tokens = openai::usage_of(&body).map_err(not_json)?;
+                (Bytes::from(body), tokens)
+            }
+            ProviderKind::Anthropic | ProviderKind::Gemini => {
+                let parsed: Value = serde_json::from_slice(&body).map_err(not_json)?;
+                let translated = if self.kind == ProviderKind::Anthropic {
+                    anthropic::completion(model, &parsed)
+                } else {
+                    gemini::completion(model, &parsed)
+                }
+                .map_err(|message| Failed {
+                    class: ErrorClass {
+                        message: Some(message),
+                        ..ErrorClass::of_kind(ErrorKind::ServerError)
+                    },
+                    rate_limits,
+                    reached_provider: true,
+                })?;
+                let tokens = translated
+                    .pointer("/usage/total_tokens")
+                    .and_then(Value::as_u64)
+                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+                (Bytes::from(translated.to_string()), tokens)
+            }
+        };
         Ok(Answer {
-            reply: ChatReply::Complete(translated),
+            reply: ChatReply::Complete(reply),
             rate_limits,
             progress: Progress::Complete { tokens },
         })
     }
+}
+
+impl HttpProvider {
+    fn first_byte_timeout(&self) -> Failed {
+        let mut failed = transport(TransportFailure::Timeout, true);
+        failed.class.message = Some(format!(
+            "no answer within {} ms (timeouts.first_byte_secs / _ms)",
+            self.timeouts.first_byte.as_millis()
+        ));
+        failed
+    }
+
+    fn reqwest_failure(&self, error: &reqwest::Error) -> Failed {
+        if error.is_connect() {
+            let mut failed = transport(TransportFailure::Connect, false);
+            failed.class.message = Some(if error.is_timeout() {
+                format!(
+                    "could not connect within {} ms (timeouts.connect_ms)",
+                    self.timeouts.connect.as_millis()
+                )
+            } else {
+                format!("could not connect: {}", error_chain(error))
+            });
+            failed
+        } else if error.is_timeout() {
+            transport(TransportFailure::Timeout, true)
+        } else {
+            let mut failed = transport(TransportFailure::Interrupted, true);
+            failed.class.message = Some(error_chain(error));
+            failed
+        }
+    }
+}
+
+/// An error and its sources in one line, at most 500 characters.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.chars().take(500).collect()
 }
 
 impl ProviderClient for HttpProvider {
@@ -408,18 +471,6 @@ fn transport(failure: TransportFailure, reached_provider: bool) -> Failed {
     }
 }
 
-fn reqwest_failure(error: &reqwest::Error) -> Failed {
-    if error.is_connect() {
-        transport(TransportFailure::Connect, false)
-    } else if error.is_timeout() {
-        transport(TransportFailure::Timeout, true)
-    } else {
-        let mut failed = transport(TransportFailure::Interrupted, true);
-        failed.class.message = Some(error.to_string().chars().take(500).collect());
-        failed
-    }
-}
-
 /// Reads a body up to `cap` bytes, each piece within `gap`. With `truncate`, a longer body is
 /// cut; without, it is a failure.
 async fn read_capped(
@@ -432,7 +483,15 @@ async fn read_capped(
     let mut body = Vec::new();
     loop {
         match tokio::time::timeout(gap, stream.next()).await {
-            Err(_) => return Err(classify_transport(TransportFailure::Timeout)),
+            Err(_) => {
+                return Err(ErrorClass {
+                    message: Some(format!(
+                        "no data for {} ms (timeouts.between_chunks_secs / _ms)",
+                        gap.as_millis()
+                    )),
+                    ..classify_transport(TransportFailure::Timeout)
+                });
+            }
             Ok(None) => return Ok(body),
             Ok(Some(Err(_))) => return Err(classify_transport(TransportFailure::Interrupted)),
             Ok(Some(Ok(piece))) => {

@@ -1,11 +1,15 @@
 //! OpenAI and OpenAI-compatible servers: `POST {base_url}/chat/completions`. The request goes
-//! as it came (only `model` replaced) and the answer comes back as it is.
+//! as it came (only `model` replaced) and the answer comes back as it is, byte for byte: only
+//! its `usage` is read.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
 use bytes::Bytes;
 use eventsource_stream::Event;
+use serde::de::IgnoredAny;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use troupe_actors::provider::ErrorClass;
 
@@ -14,18 +18,55 @@ use super::sse::{EventStep, Translate, store_usage};
 use crate::provider::ProviderKind;
 use crate::provider::classify::classify_stream_error;
 
-/// The URL and body of a call.
+/// The URL and body of a call: the caller's body as it came, with `model` replaced, written
+/// straight from the caller's value (no copy of it is made).
 pub(super) fn request(
     base_url: &str,
     model: &str,
     request: &ChatRequest,
-) -> Result<(String, Value), String> {
-    let mut body = request.body.clone();
-    let Some(object) = body.as_object_mut() else {
+) -> Result<(String, Vec<u8>), String> {
+    let Some(object) = request.body.as_object() else {
         return Err("the request body must be a JSON object".into());
     };
-    object.insert("model".into(), Value::String(model.to_owned()));
+    let body = serde_json::to_vec(&WithModel { object, model })
+        .map_err(|error| format!("cannot encode the request: {error}"))?;
     Ok((format!("{base_url}/chat/completions"), body))
+}
+
+/// A JSON object written with its `model` replaced (first, then the other fields in order).
+struct WithModel<'a> {
+    object: &'a serde_json::Map<String, Value>,
+    model: &'a str,
+}
+
+impl Serialize for WithModel<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let others = self.object.iter().filter(|(key, _)| *key != "model");
+        let mut map = serializer.serialize_map(Some(1 + others.clone().count()))?;
+        map.serialize_entry("model", self.model)?;
+        for (key, value) in others {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+/// The total tokens a whole answer reports, read without building the answer as a value;
+/// `Err` when the answer is not JSON.
+pub(super) fn usage_of(body: &[u8]) -> Result<Option<u32>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    match serde_json::from_slice::<Head>(body) {
+        Ok(head) => Ok(head
+            .usage
+            .and_then(|usage| usage.get("total_tokens")?.as_u64())
+            .map(|total| u32::try_from(total).unwrap_or(u32::MAX))),
+        // JSON, but not an object with a readable `usage`: no figure.
+        Err(_) => serde_json::from_slice::<IgnoredAny>(body).map(|_| None),
+    }
 }
 
 /// Passes chunks through; `[DONE]` ends the stream, a `{"error": …}` event fails it.

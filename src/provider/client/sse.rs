@@ -86,6 +86,8 @@ struct State {
     ended: bool,
     done: bool,
     gap: Duration,
+    /// An event (or the end) has come.
+    received_any: bool,
 }
 
 impl SseEvents {
@@ -109,6 +111,7 @@ impl SseEvents {
             ended: false,
             done: false,
             gap,
+            received_any: false,
         };
         let inner = futures::stream::unfold(state, |mut state| async move {
             loop {
@@ -118,12 +121,19 @@ impl SseEvents {
                 if state.ended {
                     return None;
                 }
-                let next = tokio::time::timeout(state.gap, state.events.next()).await;
+                // The first event is waited for under the caller's first-byte deadline; the
+                // gap counts from one event to the next.
+                let next = if state.received_any {
+                    tokio::time::timeout(state.gap, state.events.next()).await
+                } else {
+                    Ok(state.events.next().await)
+                };
+                state.received_any = true;
                 let failure = match next {
                     Err(_) => ErrorClass {
                         message: Some(format!(
-                            "no event for {} s (between_chunks_secs)",
-                            state.gap.as_secs()
+                            "no event for {} ms (timeouts.between_chunks_secs / _ms)",
+                            state.gap.as_millis()
                         )),
                         ..classify_transport(TransportFailure::Timeout)
                     },

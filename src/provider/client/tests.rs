@@ -6,31 +6,28 @@ use serde_json::{Value, json};
 use troupe_actors::provider::{ErrorKind, Progress, ProviderClient};
 
 use super::{ChatReply, ChatRequest, HttpProvider};
-use crate::config::{BreakerSettings, ProviderConfig, ProviderTimeouts, RetrySettings};
+use crate::config::{ProviderConfig, ProviderTimeouts};
 use crate::provider::ProviderKind;
 use crate::testing::fake_provider::{FakeConfig, FakeProvider, FakeProviderHandle};
 
 fn client(fake: &FakeProviderHandle, kind: ProviderKind) -> HttpProvider {
+    client_with(fake, kind, ProviderTimeouts::default())
+}
+
+fn client_with(
+    fake: &FakeProviderHandle,
+    kind: ProviderKind,
+    timeouts: ProviderTimeouts,
+) -> HttpProvider {
     crate::tls::install_default_provider();
     let base_url = match kind {
         ProviderKind::OpenAi | ProviderKind::Anthropic => format!("{}/v1", fake.base_url()),
         ProviderKind::Gemini => format!("{}/v1beta", fake.base_url()),
     };
-    HttpProvider::new(&ProviderConfig {
-        name: "fake".into(),
-        kind,
-        base_url,
-        api_key_env: None,
-        models: Vec::new(),
-        rpm: None,
-        tpm: None,
-        max_concurrency: 4,
-        fallback: Vec::new(),
-        breaker: BreakerSettings::default(),
-        retry: RetrySettings::default(),
-        timeouts: ProviderTimeouts::default(),
-    })
-    .expect("client")
+    let mut config = ProviderConfig::new("fake", kind, base_url);
+    config.max_concurrency = 4;
+    config.timeouts = timeouts;
+    HttpProvider::new(&config).expect("client")
 }
 
 fn request(stream: bool) -> ChatRequest {
@@ -87,6 +84,7 @@ async fn every_api_shape_answers_as_an_openai_completion_streamed_and_not() {
         let ChatReply::Complete(body) = answer.reply else {
             panic!("{kind}: expected a whole answer");
         };
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(
             body["choices"][0]["message"]["content"], "Grüße, world",
             "{kind}"
@@ -216,20 +214,10 @@ async fn a_stream_that_breaks_after_it_began_ends_with_an_error_not_a_silent_suc
 #[tokio::test]
 async fn a_missing_key_fails_without_sending_and_names_the_variable() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
-    let mut config = ProviderConfig {
-        name: "p".into(),
-        kind: ProviderKind::OpenAi,
-        base_url: format!("{}/v1", fake.base_url()),
-        api_key_env: Some("TROUPE_TEST_SURELY_UNSET_KEY".into()),
-        models: Vec::new(),
-        rpm: None,
-        tpm: None,
-        max_concurrency: 1,
-        fallback: Vec::new(),
-        breaker: BreakerSettings::default(),
-        retry: RetrySettings::default(),
-        timeouts: ProviderTimeouts::default(),
-    };
+    let mut config =
+        ProviderConfig::new("p", ProviderKind::OpenAi, format!("{}/v1", fake.base_url()));
+    config.api_key_env = Some("TROUPE_TEST_SURELY_UNSET_KEY".into());
+    config.max_concurrency = 1;
     let failed = HttpProvider::new(&config)
         .unwrap()
         .send("m", &request(false))
@@ -260,8 +248,176 @@ fn the_estimate_counts_the_prompt_and_the_completion_allowance() {
 fn an_openai_request_goes_as_sent_with_only_the_model_replaced() {
     let (url, body) = super::openai::request("http://p/v1", "m9", &request(true)).unwrap();
     assert_eq!(url, "http://p/v1/chat/completions");
+    let body: Value = serde_json::from_slice(&body).unwrap();
     let mut expected = request(true).body;
     expected["model"] = json!("m9");
     assert_eq!(body, expected);
     assert_eq!(body["x_unknown_field"], json!({"kept": true}));
+}
+
+/// Timeouts far below the fake's delays: first byte 150 ms, between chunks 150 ms.
+fn short_timeouts() -> ProviderTimeouts {
+    ProviderTimeouts {
+        first_byte_ms: Some(150),
+        between_chunks_ms: Some(150),
+        ..ProviderTimeouts::default()
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_and_a_slow_first_token_pass_the_first_byte_timeout() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let provider = client_with(&fake, kind, short_timeouts());
+        // No headers within the deadline, streamed or not.
+        for stream in [false, true] {
+            let failed = provider
+                .send("fake-slow-headers-5000", &request(stream))
+                .await
+                .expect_err("past the first-byte deadline");
+            assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind} {stream}");
+            assert!(failed.class.retryable, "{kind}: a timeout may be retried");
+            assert!(failed.reached_provider);
+            let message = failed.class.message.unwrap_or_default();
+            assert!(message.contains("within 150 ms"), "{kind}: {message}");
+        }
+        // Headers at once, but the stream's first event too late: still before the first
+        // byte went anywhere, so it is a failure the caller can retry.
+        let failed = provider
+            .send("fake-slow-first-token-5000", &request(true))
+            .await
+            .expect_err("no first event before the deadline");
+        assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind}");
+        let message = failed.class.message.unwrap_or_default();
+        assert!(message.contains("first_byte"), "{kind}: {message}");
+        // Within the deadline, the same behaviours succeed.
+        let patient = client_with(
+            &fake,
+            kind,
+            ProviderTimeouts {
+                first_byte_ms: Some(30_000),
+                ..ProviderTimeouts::default()
+            },
+        );
+        let answer = patient
+            .send("fake-slow-first-token-200", &request(true))
+            .await
+            .expect("the first event within 30 s");
+        let (text, error) = collect(answer.reply).await;
+        assert_eq!(error, None, "{kind}");
+        assert!(!text.is_empty(), "{kind}");
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trickle_slower_than_the_gap_fails_the_body_or_ends_the_stream_with_a_timeout() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let provider = client_with(
+            &fake,
+            kind,
+            ProviderTimeouts {
+                first_byte_ms: Some(30_000),
+                between_chunks_ms: Some(150),
+                ..ProviderTimeouts::default()
+            },
+        );
+        // A whole answer whose pieces come 2 s apart: the body read gives up.
+        let failed = provider
+            .send("fake-trickle-2000", &request(false))
+            .await
+            .expect_err("a gap past between_chunks");
+        assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind}");
+        assert!(failed.reached_provider);
+        // A stream: the first event comes at once (the call is committed), the next too late:
+        // the stream ends with a timeout instead of hanging or ending as if complete.
+        let answer = provider
+            .send("fake-trickle-2000", &request(true))
+            .await
+            .expect("the first event in time");
+        let (_, error) = collect(answer.reply).await;
+        assert_eq!(error, Some(ErrorKind::Timeout), "{kind}");
+        // A trickle inside the gap is a complete answer.
+        let answer = provider
+            .send("fake-trickle-20", &request(true))
+            .await
+            .expect("a quick trickle");
+        let (text, error) = collect(answer.reply).await;
+        assert_eq!(error, None, "{kind}");
+        assert_eq!(text, FakeConfig::default().reply, "{kind}");
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_is_never_accepted_hits_the_connect_timeout() {
+    // A listener with a backlog of 0 whose queue is already full: the kernel drops further
+    // SYNs, so connecting hangs until the client's connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    let mut config =
+        ProviderConfig::new("stuck", ProviderKind::OpenAi, format!("http://{addr}/v1"));
+    config.timeouts.connect_ms = 200;
+    crate::tls::install_default_provider();
+    let provider = HttpProvider::new(&config).unwrap();
+    // Fill the accept queue (the kernel keeps backlog + 1): a filler whose connect does not
+    // complete within a moment means the queue is full.
+    let filled = loop {
+        assert!(fillers.len() < 16, "the accept queue never filled");
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(stream) => fillers.push(stream.unwrap()),
+            Err(_) => break true,
+        }
+    };
+    assert!(filled);
+    let failed = provider
+        .send("m", &request(false))
+        .await
+        .expect_err("no connection");
+    assert_eq!(
+        failed.class.kind,
+        ErrorKind::Connection,
+        "{:?}",
+        failed.class
+    );
+    assert!(!failed.reached_provider, "the request was never sent");
+    assert!(failed.class.retryable);
+    let message = failed.class.message.unwrap_or_default();
+    assert!(
+        message.contains("within 200 ms (timeouts.connect_ms)"),
+        "{message}"
+    );
+    drop(listener);
+}
+
+#[test]
+fn usage_is_read_from_a_whole_answer_without_rewriting_it() {
+    use super::openai::usage_of;
+    let answer = br#"{"id":"x","usage":{"prompt_tokens":3,"total_tokens":12},"choices":[]}"#;
+    assert_eq!(usage_of(answer).unwrap(), Some(12));
+    assert_eq!(usage_of(br#"{"id":"x","usage":null}"#).unwrap(), None);
+    assert_eq!(usage_of(br#"{"usage":"odd"}"#).unwrap(), None);
+    assert_eq!(usage_of(b"[1, 2]").unwrap(), None, "JSON, but no usage");
+    assert!(usage_of(b"<html>").is_err());
+    assert!(
+        usage_of(br#"{"usage": {"total_tokens": 1}"#).is_err(),
+        "cut short"
+    );
 }

@@ -119,7 +119,7 @@ async fn gemini_generate(
         Some((model, "generateContent")) if !model.is_empty() => (model, StreamFormat::Off),
         Some((model, "streamGenerateContent")) if !model.is_empty() => (model, streamed),
         _ => {
-            record_bare(&shared, &call.path, call.body.len());
+            record_bare(&shared, &call.path, call.body.clone());
             return gemini::not_found(&format!("models/{rest}")).into_response();
         }
     };
@@ -129,7 +129,7 @@ async fn gemini_generate(
 }
 
 async fn list_models(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
-    record_bare(&shared, uri.path(), 0);
+    record_bare(&shared, uri.path(), Bytes::new());
     Json(openai::models(&shared.config.models, unix_seconds())).into_response()
 }
 
@@ -140,7 +140,7 @@ async fn unknown_route(
     body: Bytes,
 ) -> Response {
     let path = uri.path();
-    record_bare(&shared, path, body.len());
+    record_bare(&shared, path, body);
     let mut reply = openai::bad_request(
         &format!(
             "Unknown request URL: {method} {path}. The fake provider serves POST \
@@ -154,13 +154,13 @@ async fn unknown_route(
 }
 
 /// Records a request that names no model and picks no behaviour.
-fn record_bare(shared: &Shared, path: &str, body_len: usize) {
+fn record_bare(shared: &Shared, path: &str, body: Bytes) {
     shared.record_arrival(Arrival::new(
         Instant::now(),
         path.to_owned(),
         None,
         None,
-        body_len,
+        body,
     ));
 }
 
@@ -189,7 +189,7 @@ async fn chat(
         call.path.clone(),
         model,
         behaviour.as_ref().ok().cloned(),
-        call.body.len(),
+        call.body.clone(),
     ));
     let dialect = call.dialect;
     let request = match request {

@@ -87,6 +87,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -153,8 +154,9 @@ pub struct Arrival {
     /// The behaviour picked, before `fail-…-then-ok` is settled; `None` when the name did not
     /// parse or the endpoint has none (`GET /v1/models`, unknown routes).
     pub behaviour: Option<Behaviour>,
-    /// Length of the request body in bytes.
-    pub request_body_len: usize,
+    /// The request body as it arrived (shared with the request, not copied), so that tests can
+    /// see what a client really sent: unknown fields, the model, the messages.
+    pub body: Bytes,
 }
 
 impl Arrival {
@@ -163,15 +165,20 @@ impl Arrival {
         path: String,
         model: Option<String>,
         behaviour: Option<Behaviour>,
-        request_body_len: usize,
+        body: Bytes,
     ) -> Self {
         Self {
             at,
             path,
             model,
             behaviour,
-            request_body_len,
+            body,
         }
+    }
+
+    /// The body parsed as JSON, when it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
     }
 }
 

@@ -251,7 +251,7 @@ async fn arrivals_and_counts_record_every_request() {
         arrivals[0].behaviour,
         Some("500".parse().expect("valid name"))
     );
-    assert_eq!(arrivals[0].request_body_len, body.to_string().len());
+    assert_eq!(arrivals[0].body, body.to_string());
     assert_eq!(arrivals[1].behaviour, Some(Behaviour::Success));
     assert_eq!(arrivals[2].path, "/v2/nothing");
     assert!(arrivals[0].at <= arrivals[1].at && arrivals[1].at <= arrivals[2].at);
