@@ -252,10 +252,9 @@ impl HealthState {
     fn evaluate(&mut self) -> HealthReport {
         let now = tokio::time::Instant::now().into_std();
         let mut actors = ActorSummary::default();
-        let mut total_restarts = 0;
+        let total_restarts = self.args.directory.restarts_total();
         for (path, entry) in self.args.directory.list() {
             actors.total += 1;
-            total_restarts += entry.control.stats().snapshot().restarts;
             match entry.control.status() {
                 HandleStatus::Running { .. } => actors.running += 1,
                 HandleStatus::Starting => actors.starting.push(path),
