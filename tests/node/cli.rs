@@ -70,3 +70,30 @@ async fn a_wrong_token_or_an_absent_node_gives_a_clear_error() {
     assert!(!status.success());
     assert!(stderr.contains("cannot reach a node"), "{stderr}");
 }
+
+#[tokio::test]
+async fn health_needs_no_token() {
+    let node = NodeProcess::start(&[]).await;
+    let empty = tempfile::tempdir().unwrap();
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(troupe_bin())
+            .args(["health", "--node", &format!("http://{}", node.addr)])
+            // A machine without the node's token file, and no token anywhere else.
+            .env("TROUPE_DATA_DIR", empty.path())
+            .env_remove("TROUPE_TOKEN")
+            .env_remove("TROUPE_URL")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("healthy"), "{stdout}");
+}
