@@ -197,3 +197,20 @@ async fn events_follow_resumes_across_a_forced_disconnect_without_gap_or_duplica
         "the restarts published while it was disconnected were printed: {kinds:?}"
     );
 }
+
+#[path = "../../examples/embed.rs"]
+#[allow(dead_code)]
+mod embed_example;
+
+/// examples/embed.rs, run for real so that it cannot rot.
+#[tokio::test]
+async fn the_embed_example_runs_and_sees_the_restart() {
+    let restart = embed_example::run().await.expect("the example runs");
+    assert_eq!(restart.supervisor.as_str(), "node");
+    assert_eq!(restart.child.as_str(), "health");
+    assert!(
+        restart.reason.contains("fault injected: panic in health"),
+        "{}",
+        restart.reason
+    );
+}
