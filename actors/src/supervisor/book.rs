@@ -114,13 +114,15 @@ impl RestartBook {
     }
 
     /// Counts a completed restart of `path`, for the child and node-wide; returns the child's
-    /// total.
+    /// total. A child the supervisor already forgot (terminated while it restarted in place) is
+    /// counted node-wide only, and not added back.
     pub(crate) fn record_restart(&self, path: &ActorPath) -> u64 {
-        let total = {
-            let mut inner = self.lock();
-            let child = inner.children.entry(path.clone()).or_default();
-            child.restarts.total += 1;
-            child.restarts.total
+        let total = match self.lock().children.get_mut(path) {
+            Some(child) => {
+                child.restarts.total += 1;
+                child.restarts.total
+            }
+            None => 1,
         };
         if let Some(directory) = &self.directory {
             directory.record_restart();
@@ -186,5 +188,88 @@ impl InPlaceRestarts for ChildRestartHook {
                 events.publish(None, EventData::ActorRestarted(restart));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::supervisor::{Backoff, RestartIntensity};
+
+    fn book(max_restarts: u32, backoff: Backoff) -> Arc<RestartBook> {
+        let tracker = RestartTracker::new(
+            RestartIntensity {
+                max_restarts,
+                window: Duration::from_secs(10),
+            },
+            backoff,
+        );
+        RestartBook::new(
+            tracker,
+            fastrand::Rng::with_seed(1),
+            Some(ActorDirectory::new()),
+        )
+    }
+
+    #[test]
+    fn a_restart_in_place_is_admitted_only_when_allowed_immediate_and_within_the_intensity() {
+        let path = ActorPath::root().child("a");
+        let book = book(2, Backoff::NONE);
+        let now = Instant::now();
+        book.add(&path);
+        assert_eq!(book.admit_in_place(&path, now), None, "not running yet");
+        book.allow_in_place(&path, true);
+        assert_eq!(book.admit_in_place(&path, now), Some(1));
+        assert_eq!(book.admit_in_place(&path, now), Some(2));
+        assert_eq!(
+            book.admit_in_place(&path, now),
+            None,
+            "a third failure in the window escalates: the supervisor must see it"
+        );
+        assert!(
+            matches!(
+                book.on_failure(&path, now),
+                RestartDecision::Escalate {
+                    restarts_in_window: 3
+                }
+            ),
+            "the refused admission recorded nothing, so the supervisor counts it once"
+        );
+
+        let slow = book_with_backoff();
+        slow.add(&path);
+        slow.allow_in_place(&path, true);
+        assert_eq!(
+            slow.admit_in_place(&path, now),
+            None,
+            "a backoff means a respawn"
+        );
+    }
+
+    fn book_with_backoff() -> Arc<RestartBook> {
+        book(
+            10,
+            Backoff {
+                min: Duration::from_millis(10),
+                max: Duration::from_millis(100),
+            },
+        )
+    }
+
+    #[test]
+    fn restarts_are_counted_per_child_and_node_wide_and_a_forgotten_child_is_not_added_back() {
+        let path = ActorPath::root().child("a");
+        let book = book(10, Backoff::NONE);
+        book.add(&path);
+        assert_eq!(book.record_restart(&path), 1);
+        assert_eq!(book.record_restart(&path), 2);
+        assert_eq!(book.total(&path), 2);
+        book.remove(&path);
+        book.record_restart(&path);
+        assert_eq!(book.total(&path), 0, "not added back");
+        let directory = book.directory.as_ref().unwrap();
+        assert_eq!(directory.restarts_total(), 3);
     }
 }
