@@ -7,12 +7,15 @@
 //! - A message sent through a handle is processed by some instance, or comes back to the sender
 //!   inside a [`SendError`], or — when a cast was accepted and the actor then stopped for good —
 //!   is counted as a dead letter and logged. Nothing disappears without a trace.
-//! - Messages queued in a mailbox when its instance crashed are handed back (each one travels in
-//!   an [`Envelope`] whose `Drop` returns it) and redelivered to the next instance, ahead of newer
-//!   messages and in the order they were sent. The message that was being handled when the
-//!   instance crashed is consumed: a poison message is never redelivered. One exception to the
+//! - A child restarted in place keeps its mailbox: queued messages stay where they are and per-
+//!   sender order is strict.
+//! - When an instance is respawned instead, messages queued in its mailbox are handed back
+//!   (each one travels in an [`Envelope`] whose `Drop` returns it) and redelivered to the next
+//!   instance, ahead of newer messages and in the order they were sent. One exception to the
 //!   order: a send that raced with the crash (admitted by the dying mailbox just before it
 //!   closed) may reach the next instance after messages sent later; it is never lost.
+//! - Either way, the message that was being handled when the instance failed is consumed: a
+//!   poison message is never redelivered.
 //! - While a child restarts, messages wait in a bounded buffer; past its capacity the sender gets
 //!   its message back ([`SendErrorKind::RestartBacklogFull`]).
 //!
