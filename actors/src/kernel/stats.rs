@@ -6,11 +6,25 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A counter on its own cache line: senders bump `enqueued` on one core while the actor bumps
+/// `processed` on another, and sharing a line would bounce it between them on every message.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct OwnLine(AtomicU64);
+
+impl std::ops::Deref for OwnLine {
+    type Target = AtomicU64;
+
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 /// Counters of one supervised actor, across all its instances.
 #[derive(Debug, Default)]
 pub struct ActorStats {
-    pub(crate) enqueued: AtomicU64,
-    pub(crate) processed: AtomicU64,
+    pub(crate) enqueued: OwnLine,
+    pub(crate) processed: OwnLine,
     pub(crate) busy_nanos: AtomicU64,
     pub(crate) restarts: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
