@@ -393,7 +393,10 @@ impl SupervisorState {
         let in_place = self.in_place.clone().filter(|_| {
             child.spec.kind == ChildKind::Worker && child.spec.policy != ChildPolicy::Temporary
         });
-        let allowed = in_place.is_some();
+        // Allowed before the start, so that an instance that fails right after it is bound
+        // already restarts in place.
+        self.book
+            .allow_in_place(&child.spec.path, in_place.is_some());
         let cell = child
             .spec
             .starter
@@ -404,7 +407,6 @@ impl SupervisorState {
                 other => other.to_string(),
             })?;
         child.cell = Some(cell);
-        self.book.allow_in_place(&child.spec.path, allowed);
         Ok(())
     }
 
