@@ -232,8 +232,10 @@ async fn restarts_stay_counted_after_the_restarted_child_is_removed() {
     );
 }
 
+/// A restarting core actor is the tree healing itself: degraded, so that `/v1/health` (a
+/// liveness probe) stays 200 through a restart.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_core_actor_that_is_down_makes_the_node_unhealthy_until_it_runs_again() {
+async fn a_restarting_core_actor_makes_the_node_degraded_not_unhealthy() {
     let node = watched(Backoff {
         min: Duration::from_secs(10),
         max: Duration::from_secs(10),
@@ -244,11 +246,6 @@ async fn a_core_actor_that_is_down_makes_the_node_unhealthy_until_it_runs_again(
         kinds: vec!["health.*".parse().unwrap()],
         ..EventFilter::all()
     });
-    assert_eq!(
-        node.health.report().await.unwrap().status,
-        HealthStatus::Healthy
-    );
-
     let mut status = core.watch_status();
     core.cast(ProbeMsg::Panic).unwrap();
     status
@@ -256,16 +253,47 @@ async fn a_core_actor_that_is_down_makes_the_node_unhealthy_until_it_runs_again(
         .await
         .unwrap();
     let report = node.health.report().await.unwrap();
-    assert_eq!(report.status, HealthStatus::Unhealthy);
-    assert!(
-        report
-            .reasons
-            .iter()
-            .any(|r| r == "dyn/core is not running"),
+    assert_eq!(
+        report.status,
+        HealthStatus::Degraded,
         "{:?}",
         report.reasons
     );
-    assert_eq!(report.actors.restarting, [core.path().clone()]);
+    assert_eq!(report.reasons, ["restarting: dyn/core"]);
+    match &next_event(&mut events).await.data {
+        EventData::HealthDegraded(change) => assert_eq!(change.to, HealthStatus::Degraded),
+        other => panic!("expected health.degraded, got {other:?}"),
+    }
+    assert_eq!(ping(&core).await, 2, "it runs again after its backoff");
+    assert_eq!(
+        node.health.report().await.unwrap().status,
+        HealthStatus::Healthy
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_core_actor_that_is_gone_makes_the_node_unhealthy_until_it_runs_again() {
+    let node = watched(Backoff::NONE).await;
+    let core = node.start_probe("core", ChildPolicy::Transient).await;
+    let mut events = node.bus.subscribe(EventFilter {
+        kinds: vec!["health.*".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    assert_eq!(
+        node.health.report().await.unwrap().status,
+        HealthStatus::Healthy
+    );
+
+    // A transient child that exits normally is not restarted: the core actor is gone.
+    let mut status = core.watch_status();
+    core.cast(ProbeMsg::StopNormally).unwrap();
+    status
+        .wait_for(|status| *status == HandleStatus::Stopped)
+        .await
+        .unwrap();
+    let report = node.health.report().await.unwrap();
+    assert_eq!(report.status, HealthStatus::Unhealthy);
+    assert_eq!(report.reasons, ["dyn/core is not running"]);
     match &next_event(&mut events).await.data {
         EventData::HealthDegraded(change) => {
             assert_eq!(change.from, HealthStatus::Healthy);
@@ -274,8 +302,9 @@ async fn a_core_actor_that_is_down_makes_the_node_unhealthy_until_it_runs_again(
         other => panic!("expected health.degraded, got {other:?}"),
     }
 
-    // After its backoff the core actor runs again and the node recovers.
-    assert_eq!(ping(&core).await, 2);
+    // Started again, it runs and the node recovers.
+    let core = node.start_probe("core", ChildPolicy::Transient).await;
+    assert_eq!(ping(&core).await, 1);
     let report = node.health.report().await.unwrap();
     assert_eq!(report.status, HealthStatus::Healthy, "{:?}", report.reasons);
     match &next_event(&mut events).await.data {
