@@ -14,6 +14,24 @@ async fn an_injected_panic_is_restarted_logged_and_streamed_while_health_stays_u
     let (first_id, connected) = stream.next_of("link.connected").await;
     assert_eq!(connected["data"]["transport"], "sse");
 
+    // Health is asked again and again while the restart happens (bounded: it stops once the
+    // restart is logged, or after 2,000 requests).
+    let restart_seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = tokio::spawn({
+        let client = node.client();
+        let url = node.url("/v1/health");
+        let restart_seen = restart_seen.clone();
+        async move {
+            let mut statuses = Vec::new();
+            while !restart_seen.load(std::sync::atomic::Ordering::Relaxed) && statuses.len() < 2_000
+            {
+                let response = client.get(&url).send().await.unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        }
+    });
+
     let response = node
         .post_json(
             "/v1/admin/faults",
@@ -38,6 +56,18 @@ async fn an_injected_panic_is_restarted_logged_and_streamed_while_health_stays_u
             .contains("fault injected: panic in registry")
     );
     assert_eq!(restart["restart_count"], 1);
+    node.logs
+        .wait_for("actor restarted (links)", |line| {
+            line["message"] == "actor restarted" && line["child"] == "links"
+        })
+        .await;
+    restart_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = prober.await.unwrap();
+    assert!(!statuses.is_empty());
+    assert!(
+        statuses.iter().all(|status| *status == 200),
+        "/v1/health answered 200 throughout the restart: {statuses:?}"
+    );
 
     // rest_for_one at the root restarts the TransportSupervisor too, which closes this link;
     // the client resumes after the last id it saw and gets exactly what it missed.
