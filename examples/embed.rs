@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use troupe::Node;
-use troupe::actors::event::{Delivery, EventData, EventFilter};
+use troupe::actors::event::{ActorRestarted, Delivery, EventData, EventFilter};
 use troupe::actors::ids::ActorPath;
 use troupe::actors::kernel::FaultKind;
 
@@ -16,6 +16,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("(a supervised actor panicked: {info})")
     }));
+    run().await?;
+    Ok(())
+}
+
+/// The example itself; returns the restart it saw. (A test in tests/node runs it, so it cannot
+/// rot.)
+pub async fn run() -> Result<ActorRestarted, Box<dyn std::error::Error>> {
     let data_dir = tempfile::tempdir()?;
     // No HTTP: the host program talks to the node through its handle.
     let node = Node::builder()
@@ -37,14 +44,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let delivery = tokio::time::timeout(Duration::from_secs(10), restarts.recv())
         .await?
         .ok_or("the node stopped")?;
-    if let Delivery::Event(event) = delivery
-        && let EventData::ActorRestarted(restart) = &event.data
-    {
-        println!(
-            "{} restarted {} after {} ms: {}",
-            restart.supervisor, restart.child, restart.delay_ms, restart.reason
-        );
-    }
+    let restart = match delivery {
+        Delivery::Event(event) => match &event.data {
+            EventData::ActorRestarted(restart) => restart.clone(),
+            other => return Err(format!("expected actor.restarted, got {other:?}").into()),
+        },
+        other => return Err(format!("expected an event, got {other:?}").into()),
+    };
+    println!(
+        "{} restarted {} after {} ms: {}",
+        restart.supervisor, restart.child, restart.delay_ms, restart.reason
+    );
 
     let health = node.health().await?;
     println!(
@@ -52,5 +62,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         health.status, health.restarts_in_window, health.window_secs
     );
     node.shutdown().await;
-    Ok(())
+    Ok(restart)
 }

@@ -1,20 +1,35 @@
-//! Kernel benchmarks: message round trips, restart latency, event fan-out.
+//! Kernel benchmarks: message round trips, casts, restart latency, event fan-out.
 //!
 //! Run with: cargo bench -p troupe-actors --bench kernel
 //!
+//! Every timed loop runs inside a task on the benchmark's runtime (two workers, like the node's
+//! small machines), as the node's own callers do (HTTP handlers, other actors). Timing from the
+//! bench's main thread instead would add two OS thread wake-ups to every round trip, and would
+//! measure those rather than the code.
+//!
 //! - `round_trip/*`: one request and its reply, to a supervised actor through its handle and,
-//!   as the baseline in the same run, over a raw tokio mpsc channel with a oneshot reply.
-//! - `casts/*`: a burst of one-way messages followed by one request (external sender throughput).
-//! - `restart`: a supervised child panics and a request sent right after the fault is answered by
-//!   the next instance — panic to new instance handling messages. Per-restart p50/p99 are printed
-//!   after criterion's report (criterion reports means).
+//!   as the baseline in the same run, to a task over a raw tokio mpsc channel with a oneshot
+//!   reply. The ratio of the medians is printed after criterion's report (target: the actor
+//!   reaches ≥ 50 % of the raw channel's throughput). `supervised_actor_without_deadline` sends
+//!   the same request through the handle but awaits the reply without `call`'s deadline, to show
+//!   what the deadline's timer costs.
+//! - `casts/*`: a burst of 1,000 one-way messages followed by one request (external sender
+//!   throughput), with the same baseline and printed ratio.
+//! - `restart/*`: a supervised child panics and a request sent right after the fault is answered
+//!   by the next instance — panic to new instance handling messages. `in_place`: one_for_one
+//!   without backoff, where the child restarts inside its own actor; `respawn`: one_for_all (the
+//!   child alone in its group), where the supervisor starts a new ractor actor. Both run with the
+//!   WARN line formatted by a real `tracing` subscriber (into a sink) and `actor.restarted`
+//!   published on a bus with a subscriber draining it. Per-restart p50/p99 are printed after
+//!   criterion's report (criterion reports means).
 //! - `fanout/N`: one event published, delivered to N subscribers (each a task).
 //!
 //! Intended panics go through a silent panic hook, so the numbers measure the kernel, not
 //! stderr or backtrace capture.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -29,7 +44,7 @@ use troupe_actors::event::{
 use troupe_actors::ids::{ActorPath, NodeId};
 use troupe_actors::kernel::{self, Actor, ActorError, ActorHandle, Context, FaultKind};
 use troupe_actors::supervisor::{
-    Backoff, ChildSpec, RestartIntensity, Supervisor, SupervisorArgs, SupervisorConfig,
+    Backoff, ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorArgs, SupervisorConfig,
 };
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,7 +90,7 @@ fn runtime() -> Runtime {
 }
 
 /// A supervised `Echo` child with immediate restarts and no restart limit.
-async fn supervised_echo() -> ActorHandle<EchoMsg> {
+async fn supervised_echo(strategy: Strategy, events: Option<EventBus>) -> ActorHandle<EchoMsg> {
     let path = ActorPath::root().child("bench");
     let handle = ActorHandle::new(path.child("echo"));
     let spec = ChildSpec::worker(&handle, || (Echo, ()));
@@ -83,6 +98,7 @@ async fn supervised_echo() -> ActorHandle<EchoMsg> {
         Supervisor,
         SupervisorArgs {
             config: SupervisorConfig {
+                strategy,
                 backoff: Backoff::NONE,
                 intensity: RestartIntensity {
                     max_restarts: u32::MAX,
@@ -91,6 +107,7 @@ async fn supervised_echo() -> ActorHandle<EchoMsg> {
                 ..SupervisorConfig::default()
             },
             children: vec![spec],
+            events,
             ..SupervisorArgs::default()
         },
         &ActorHandle::new(path),
@@ -114,40 +131,123 @@ fn raw_echo() -> mpsc::UnboundedSender<RawRequest> {
     tx
 }
 
+/// Per-operation times of one scenario, one entry per criterion sample.
+#[derive(Clone, Default)]
+struct PerOp(Arc<Mutex<Vec<Duration>>>);
+
+impl PerOp {
+    fn median(&self) -> Option<Duration> {
+        let mut all = self.0.lock().unwrap().clone();
+        all.sort();
+        (!all.is_empty()).then(|| all[all.len() / 2])
+    }
+}
+
+/// Runs `iters` operations in one task on `rt` and returns their total time; records the time
+/// per operation (of `ops_per_iter` each) in `per_op`.
+fn timed_in_task<F, Fut>(
+    rt: &Runtime,
+    iters: u64,
+    ops_per_iter: u64,
+    per_op: &PerOp,
+    routine: F,
+) -> Duration
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = u64> + Send,
+{
+    let took = rt.block_on(async move {
+        tokio::spawn(async move {
+            let started = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(routine().await);
+            }
+            started.elapsed()
+        })
+        .await
+        .unwrap()
+    });
+    let ops = (iters * ops_per_iter).max(1);
+    per_op
+        .0
+        .lock()
+        .unwrap()
+        .push(took / u32::try_from(ops).unwrap_or(u32::MAX));
+    took
+}
+
+fn print_ratio(scenario: &str, raw: &PerOp, actor: &PerOp, target: &str) {
+    if let (Some(raw), Some(actor)) = (raw.median(), actor.median()) {
+        println!(
+            "{scenario}: raw channel {raw:?} per message, supervised actor {actor:?} per message: \
+             the actor reaches {:.0} % of the raw throughput ({target})",
+            100.0 * raw.as_secs_f64() / actor.as_secs_f64()
+        );
+    }
+}
+
 fn round_trip(c: &mut Criterion) {
     let rt = runtime();
-    let handle = rt.block_on(supervised_echo());
+    let handle = rt.block_on(supervised_echo(Strategy::OneForOne, None));
     let raw = rt.block_on(async { raw_echo() });
+    let (raw_times, actor_times) = (PerOp::default(), PerOp::default());
     let mut group = c.benchmark_group("round_trip");
     group.throughput(Throughput::Elements(1));
     group.bench_function("tokio_mpsc", |b| {
-        b.to_async(&rt).iter(|| {
+        b.iter_custom(|iters| {
             let raw = raw.clone();
-            async move {
-                let (tx, rx) = oneshot::channel();
-                raw.send((7, tx)).unwrap();
-                rx.await.unwrap()
-            }
+            timed_in_task(&rt, iters, 1, &raw_times, move || {
+                let raw = raw.clone();
+                async move {
+                    let (tx, rx) = oneshot::channel();
+                    raw.send((7, tx)).unwrap();
+                    rx.await.unwrap()
+                }
+            })
         })
     });
     group.bench_function("supervised_actor", |b| {
-        b.to_async(&rt).iter(|| {
+        b.iter_custom(|iters| {
             let handle = handle.clone();
-            async move {
-                handle
-                    .call(|reply| EchoMsg::Ask(7, reply), CALL_TIMEOUT)
-                    .await
-                    .unwrap()
-            }
+            timed_in_task(&rt, iters, 1, &actor_times, move || {
+                let handle = handle.clone();
+                async move {
+                    handle
+                        .call(|reply| EchoMsg::Ask(7, reply), CALL_TIMEOUT)
+                        .await
+                        .unwrap()
+                }
+            })
+        })
+    });
+    let untimed_times = PerOp::default();
+    group.bench_function("supervised_actor_without_deadline", |b| {
+        b.iter_custom(|iters| {
+            let handle = handle.clone();
+            timed_in_task(&rt, iters, 1, &untimed_times, move || {
+                let handle = handle.clone();
+                async move {
+                    let (tx, rx) = ractor::concurrency::oneshot();
+                    assert!(handle.cast(EchoMsg::Ask(7, tx.into())).is_ok());
+                    rx.await.unwrap()
+                }
+            })
         })
     });
     group.finish();
+    print_ratio("round trip", &raw_times, &actor_times, "target ≥ 50 %");
+    print_ratio(
+        "round trip without deadline",
+        &raw_times,
+        &untimed_times,
+        "for comparison",
+    );
 }
 
 fn casts(c: &mut Criterion) {
     const BURST: u64 = 1_000;
     let rt = runtime();
-    let handle = rt.block_on(supervised_echo());
+    let handle = rt.block_on(supervised_echo(Strategy::OneForOne, None));
     let raw = rt.block_on(async { raw_echo() });
     let (raw_tell, mut raw_told) = mpsc::unbounded_channel::<u64>();
     let raw_sink = rt.spawn(async move {
@@ -157,39 +257,48 @@ fn casts(c: &mut Criterion) {
         }
         total
     });
+    let (raw_times, actor_times) = (PerOp::default(), PerOp::default());
     let mut group = c.benchmark_group("casts");
     group.throughput(Throughput::Elements(BURST));
     group.bench_function("tokio_mpsc", |b| {
-        b.to_async(&rt).iter(|| {
+        b.iter_custom(|iters| {
             let raw = raw.clone();
             let raw_tell = raw_tell.clone();
-            async move {
-                for value in 0..BURST {
-                    raw_tell.send(value).unwrap();
+            timed_in_task(&rt, iters, BURST, &raw_times, move || {
+                let raw = raw.clone();
+                let raw_tell = raw_tell.clone();
+                async move {
+                    for value in 0..BURST {
+                        raw_tell.send(value).unwrap();
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    raw.send((1, tx)).unwrap();
+                    rx.await.unwrap()
                 }
-                let (tx, rx) = oneshot::channel();
-                raw.send((1, tx)).unwrap();
-                rx.await.unwrap()
-            }
+            })
         })
     });
     group.bench_function("supervised_actor", |b| {
-        b.to_async(&rt).iter(|| {
+        b.iter_custom(|iters| {
             let handle = handle.clone();
-            async move {
-                for value in 0..BURST {
-                    handle.cast(EchoMsg::Tell(value)).unwrap();
+            timed_in_task(&rt, iters, BURST, &actor_times, move || {
+                let handle = handle.clone();
+                async move {
+                    for value in 0..BURST {
+                        handle.cast(EchoMsg::Tell(value)).unwrap();
+                    }
+                    handle
+                        .call(|reply| EchoMsg::Ask(1, reply), CALL_TIMEOUT)
+                        .await
+                        .unwrap()
                 }
-                handle
-                    .call(|reply| EchoMsg::Ask(1, reply), CALL_TIMEOUT)
-                    .await
-                    .unwrap()
-            }
+            })
         })
     });
     group.finish();
     drop(raw_tell);
     let _ = rt.block_on(raw_sink);
+    print_ratio("casts", &raw_times, &actor_times, "no target set");
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -197,47 +306,90 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// A bus with one subscriber that drains everything, as the node's event log does.
+fn draining_bus(rt: &Runtime) -> EventBus {
+    rt.block_on(async {
+        let shared = BusShared::new(NodeId::new("bench").unwrap(), EventBusConfig::default());
+        let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+        kernel::spawn(
+            EventBusActor,
+            EventBusArgs {
+                shared: shared.clone(),
+                store: None,
+            },
+            &handle,
+        )
+        .await
+        .unwrap();
+        let bus = EventBus::new(handle, shared);
+        let mut subscription = bus.subscribe(EventFilter::all());
+        tokio::spawn(async move { while subscription.recv().await.is_some() {} });
+        bus
+    })
+}
+
 fn restart(c: &mut Criterion) {
+    // The restart's WARN line is formatted for real (into a sink), as a node's log would.
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(std::io::sink)
+            .finish(),
+    );
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let rt = runtime();
-    let handle = rt.block_on(supervised_echo());
-    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    c.bench_function("restart", |b| {
-        let samples = samples.clone();
-        let handle = handle.clone();
-        b.to_async(&rt).iter_custom(move |iters| {
-            let samples = samples.clone();
-            let handle = handle.clone();
-            async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    assert!(handle.inject_fault(FaultKind::Panic));
-                    handle
-                        .call(|reply| EchoMsg::Ask(1, reply), CALL_TIMEOUT)
-                        .await
-                        .unwrap();
-                    let took = started.elapsed();
-                    total += took;
-                    samples.lock().unwrap().push(took);
-                }
-                total
-            }
-        })
-    });
-    std::panic::set_hook(previous);
-    let mut all = samples.lock().unwrap().clone();
-    all.sort();
-    if !all.is_empty() {
-        println!(
-            "restart latency over {} restarts: p50 {:?}, p99 {:?}, max {:?} (target: p99 < 20 µs)",
-            all.len(),
-            percentile(&all, 0.50),
-            percentile(&all, 0.99),
-            all[all.len() - 1]
-        );
+    let mut group = c.benchmark_group("restart");
+    for (name, strategy) in [
+        ("in_place", Strategy::OneForOne),
+        ("respawn", Strategy::OneForAll),
+    ] {
+        let bus = draining_bus(&rt);
+        let handle = rt.block_on(supervised_echo(strategy, Some(bus)));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let samples = samples.clone();
+                let handle = handle.clone();
+                rt.block_on(async move {
+                    tokio::spawn(async move {
+                        let mut total = Duration::ZERO;
+                        let mut taken = Vec::with_capacity(iters as usize);
+                        for _ in 0..iters {
+                            let started = Instant::now();
+                            assert!(handle.inject_fault(FaultKind::Panic));
+                            handle
+                                .call(|reply| EchoMsg::Ask(1, reply), CALL_TIMEOUT)
+                                .await
+                                .unwrap();
+                            let took = started.elapsed();
+                            total += took;
+                            taken.push(took);
+                        }
+                        samples.lock().unwrap().extend(taken);
+                        total
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+        });
+        let mut all = samples.lock().unwrap().clone();
+        all.sort();
+        if !all.is_empty() {
+            println!(
+                "restart/{name} latency over {} restarts: p50 {:?}, p99 {:?}, max {:?} \
+                 (target: p99 < 20 µs)",
+                all.len(),
+                percentile(&all, 0.50),
+                percentile(&all, 0.99),
+                all[all.len() - 1]
+            );
+        }
     }
+    group.finish();
+    std::panic::set_hook(previous);
 }
 
 fn fanout(c: &mut Criterion) {

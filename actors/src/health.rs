@@ -24,9 +24,9 @@ use crate::kernel::{
 pub enum HealthStatus {
     /// Everything runs.
     Healthy,
-    /// Working, with something restarting or failing.
+    /// Working, with something restarting or failing (a restarting core actor included).
     Degraded,
-    /// A core part is down.
+    /// A core part is down: stopped for good, or not started.
     Unhealthy,
 }
 
@@ -252,10 +252,9 @@ impl HealthState {
     fn evaluate(&mut self) -> HealthReport {
         let now = tokio::time::Instant::now().into_std();
         let mut actors = ActorSummary::default();
-        let mut total_restarts = 0;
+        let total_restarts = self.args.directory.restarts_total();
         for (path, entry) in self.args.directory.list() {
             actors.total += 1;
-            total_restarts += entry.control.stats().snapshot().restarts;
             match entry.control.status() {
                 HandleStatus::Running { .. } => actors.running += 1,
                 HandleStatus::Starting => actors.starting.push(path),
@@ -274,13 +273,19 @@ impl HealthState {
 
         let mut status = HealthStatus::Healthy;
         let mut reasons = Vec::new();
+        // A core actor that is restarting is the tree healing itself: degraded (reported below
+        // with the other restarting actors), so a liveness probe does not fail over a restart of
+        // a few milliseconds. Stopped for good, or gone, it is down: unhealthy.
         for core in &config.core_actors {
-            let running = self
+            let status_of_core = self
                 .args
                 .directory
                 .get(core)
-                .is_some_and(|entry| entry.control.status().is_running());
-            if !running {
+                .map(|entry| entry.control.status());
+            if !matches!(
+                status_of_core,
+                Some(HandleStatus::Running { .. } | HandleStatus::Restarting)
+            ) {
                 status = status.max(HealthStatus::Unhealthy);
                 reasons.push(format!("{core} is not running"));
             }

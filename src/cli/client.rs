@@ -1,5 +1,6 @@
 //! How CLI commands reach a node: its URL (`--node`, `TROUPE_URL`, or the default local
 //! address) and a token (`--token`, `TROUPE_TOKEN`, or the admin token in the data directory).
+//! Commands that only use open routes (`troupe health`) need no token.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,13 +33,12 @@ pub struct ClientArgs {
 pub struct NodeClient {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: Option<String>,
 }
 
 impl NodeClient {
-    /// Resolves the URL and token.
+    /// Resolves the URL and the token; fails when no token can be found.
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        crate::tls::install_default_provider();
         let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
         let token = match &args.token {
             Some(token) => token.clone(),
@@ -50,6 +50,16 @@ impl NodeClient {
                 )
             })?,
         };
+        Self::build(args, Some(token))
+    }
+
+    /// Resolves the URL only, for routes that are open (`/v1/health`): sends no token.
+    pub fn anonymous(args: &ClientArgs) -> anyhow::Result<Self> {
+        Self::build(args, None)
+    }
+
+    fn build(args: &ClientArgs, token: Option<String>) -> anyhow::Result<Self> {
+        crate::tls::install_default_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
@@ -71,11 +81,13 @@ impl NodeClient {
         self.method(reqwest::Method::GET, path)
     }
 
-    /// A request with the token.
+    /// A request with the token, if this client has one.
     pub fn method(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
     }
 
     /// Sends a request and turns transport failures into a message that says what to check.

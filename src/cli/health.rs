@@ -14,9 +14,10 @@ pub(super) struct HealthArgs {
     json: bool,
 }
 
-/// Exit codes: 0 healthy or degraded, 1 unhealthy or unreachable.
+/// Exit codes: 0 healthy or degraded, 1 unhealthy or unreachable. `/v1/health` is open, so
+/// no token is needed (and none is sent).
 pub(super) async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
-    let client = NodeClient::new(&args.client)?;
+    let client = NodeClient::anonymous(&args.client)?;
     let response = client.send(client.get("/v1/health")).await?;
     let unhealthy = response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE;
     let report: serde_json::Value = if unhealthy {

@@ -74,6 +74,18 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    /// 405: the route exists, the method does not. axum adds the `Allow` header.
+    pub fn method_not_allowed(method: &axum::http::Method, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!(
+                "{path} does not accept {method}; the Allow header lists the methods it does \
+                 (see docs/API.md)"
+            ),
+        )
+    }
+
     /// 503 with a code.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)

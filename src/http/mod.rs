@@ -3,7 +3,8 @@
 //! Every response carries `X-Request-Id` (the client's, or a generated one) and every log line
 //! of a request is inside a span that carries it. Every `/v1` route but `/v1/health` needs a
 //! bearer token; the route group decides the role it needs. Errors use the envelope in
-//! [`error`]. This module knows JSON; the core does not.
+//! [`error`], also for an unknown route (404) and a wrong method on a known one (405). This
+//! module knows JSON; the core does not.
 
 mod admin;
 pub mod error;
@@ -79,6 +80,7 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
     }
 
     router
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(core.config.http.max_body_bytes))
         .layer(
@@ -137,6 +139,11 @@ async fn not_found(request: Request) -> ApiError {
             request.uri().path()
         ),
     )
+}
+
+/// A route that exists, called with a method it does not have: the envelope, not a bare 405.
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::method_not_allowed(request.method(), request.uri().path())
 }
 
 /// Authenticates the request and checks its role and rate.

@@ -233,3 +233,36 @@ async fn health_ready_links_and_metrics_describe_the_node() {
         assert!(metrics.contains(family), "missing {family} in:\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn a_wrong_method_on_a_known_route_gets_the_envelope_and_allow() {
+    let node = NodeProcess::start(&[]).await;
+    let response = node
+        .client()
+        .put(node.url("/v1/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET"), "{allow}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/health does not accept PUT"),
+        "{body}"
+    );
+    // An unknown route is still a 404 in the same envelope.
+    let response = node
+        .client()
+        .put(node.url("/v1/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+}

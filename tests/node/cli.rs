@@ -1,5 +1,7 @@
 //! The CLI against a running node.
 
+use serde_json::json;
+
 use crate::support::*;
 
 #[tokio::test]
@@ -69,4 +71,146 @@ async fn a_wrong_token_or_an_absent_node_gives_a_clear_error() {
     let (status, _, stderr) = run_cli(&node, &["health", "--node", "http://127.0.0.1:9"]).await;
     assert!(!status.success());
     assert!(stderr.contains("cannot reach a node"), "{stderr}");
+}
+
+#[tokio::test]
+async fn health_needs_no_token() {
+    let node = NodeProcess::start(&[]).await;
+    let empty = tempfile::tempdir().unwrap();
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(troupe_bin())
+            .args(["health", "--node", &format!("http://{}", node.addr)])
+            // A machine without the node's token file, and no token anywhere else.
+            .env("TROUPE_DATA_DIR", empty.path())
+            .env_remove("TROUPE_TOKEN")
+            .env_remove("TROUPE_URL")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("healthy"), "{stdout}");
+}
+
+/// `troupe events --follow` across a forced disconnect: a registry panic restarts every link
+/// (rest_for_one at the root), the CLI reconnects with Last-Event-ID, and what it prints is
+/// exactly the node's event sequence: no gap, no duplicate.
+#[tokio::test]
+async fn events_follow_resumes_across_a_forced_disconnect_without_gap_or_duplicate() {
+    use tokio::io::AsyncBufReadExt;
+
+    let node = NodeProcess::start(&["--fault-injection"]).await;
+    let mut cli = tokio::process::Command::new(troupe_bin())
+        .args([
+            "events", "--follow", "--json", "--kind", "link.*", "--kind", "actor.*",
+        ])
+        .env("TROUPE_URL", format!("http://{}", node.addr))
+        .env("TROUPE_DATA_DIR", &node.data_dir)
+        .env_remove("TROUPE_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut printed = tokio::io::BufReader::new(cli.stdout.take().unwrap()).lines();
+    let mut next_printed = async || -> serde_json::Value {
+        let line = tokio::time::timeout(PATIENCE, printed.next_line())
+            .await
+            .expect("the CLI prints an event within the patience")
+            .unwrap()
+            .expect("the CLI keeps running");
+        serde_json::from_str(&line).expect("one JSON event per line")
+    };
+
+    // Its own link first: the stream is live.
+    let first = next_printed().await;
+    assert_eq!(first["kind"], "link.connected");
+    let first_link = first["data"]["link"].as_str().unwrap().to_owned();
+    let mut seen = vec![first];
+
+    let response = node
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": "registry", "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+
+    // Everything up to the CLI's new link (opened after the disconnect) and its old link's
+    // disconnect (published when the restarted registry catches up), in whatever order.
+    let (mut reconnected, mut disconnected) = (false, false);
+    while !(reconnected && disconnected) {
+        let event = next_printed().await;
+        reconnected |= event["kind"] == "link.connected" && event["data"]["link"] != first_link;
+        disconnected |=
+            event["kind"] == "link.disconnected" && event["data"]["link"] == first_link.as_str();
+        seen.push(event);
+    }
+    drop(cli);
+
+    // The node's own record of the same filter, from the ring, after the first event.
+    let first_id = seen[0]["id"].as_str().unwrap();
+    let replay = node
+        .get(&format!(
+            "/v1/events?follow=false&kind=link.*&kind=actor.*&after={first_id}"
+        ))
+        .await;
+    assert_eq!(replay.status(), 200);
+    let body = tokio::time::timeout(PATIENCE, replay.text())
+        .await
+        .expect("a finite replay")
+        .unwrap();
+    let expected: Vec<String> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|data| {
+            let event: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+            event["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let printed_ids: Vec<String> = seen[1..]
+        .iter()
+        .map(|event| event["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        expected.len() >= printed_ids.len(),
+        "the replay covers what was printed: {expected:?} vs {printed_ids:?}"
+    );
+    assert_eq!(
+        printed_ids,
+        expected[..printed_ids.len()],
+        "the CLI printed exactly the node's sequence: no gap, no duplicate"
+    );
+    let kinds: Vec<&str> = seen.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(
+        seen.iter()
+            .any(|e| e["kind"] == "actor.restarted" && e["data"]["child"] == "links"),
+        "the restarts published while it was disconnected were printed: {kinds:?}"
+    );
+}
+
+#[path = "../../examples/embed.rs"]
+#[allow(dead_code)]
+mod embed_example;
+
+/// examples/embed.rs, run for real so that it cannot rot.
+#[tokio::test]
+async fn the_embed_example_runs_and_sees_the_restart() {
+    let restart = embed_example::run().await.expect("the example runs");
+    assert_eq!(restart.supervisor.as_str(), "node");
+    assert_eq!(restart.child.as_str(), "health");
+    assert!(
+        restart.reason.contains("fault injected: panic in health"),
+        "{}",
+        restart.reason
+    );
 }

@@ -14,6 +14,24 @@ async fn an_injected_panic_is_restarted_logged_and_streamed_while_health_stays_u
     let (first_id, connected) = stream.next_of("link.connected").await;
     assert_eq!(connected["data"]["transport"], "sse");
 
+    // Health is asked again and again while the restart happens (bounded: it stops once the
+    // restart is logged, or after 2,000 requests).
+    let restart_seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = tokio::spawn({
+        let client = node.client();
+        let url = node.url("/v1/health");
+        let restart_seen = restart_seen.clone();
+        async move {
+            let mut statuses = Vec::new();
+            while !restart_seen.load(std::sync::atomic::Ordering::Relaxed) && statuses.len() < 2_000
+            {
+                let response = client.get(&url).send().await.unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        }
+    });
+
     let response = node
         .post_json(
             "/v1/admin/faults",
@@ -38,6 +56,18 @@ async fn an_injected_panic_is_restarted_logged_and_streamed_while_health_stays_u
             .contains("fault injected: panic in registry")
     );
     assert_eq!(restart["restart_count"], 1);
+    node.logs
+        .wait_for("actor restarted (links)", |line| {
+            line["message"] == "actor restarted" && line["child"] == "links"
+        })
+        .await;
+    restart_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = prober.await.unwrap();
+    assert!(!statuses.is_empty());
+    assert!(
+        statuses.iter().all(|status| *status == 200),
+        "/v1/health answered 200 throughout the restart: {statuses:?}"
+    );
 
     // rest_for_one at the root restarts the TransportSupervisor too, which closes this link;
     // the client resumes after the last id it saw and gets exactly what it missed.
@@ -127,4 +157,90 @@ async fn a_replay_without_follow_returns_the_tail_and_ends() {
         })
         .collect();
     assert_eq!(ids.len(), 4, "{body}");
+}
+
+/// A link is a temporary child: a panic in one ends that stream only. It is not restarted, its
+/// registry entry goes, `link.disconnected` follows, and every other stream keeps flowing.
+#[tokio::test]
+async fn a_panicking_link_ends_only_its_own_stream_and_is_not_restarted() {
+    let node = NodeProcess::start(&["--fault-injection"]).await;
+    let mut observer = node.events("kind=link.*&kind=actor.*", None).await;
+    let (_, own) = observer.next_of("link.connected").await;
+    let observer_link = own["data"]["link"].as_str().unwrap().to_owned();
+
+    let mut victim = node.events("kind=link.*", None).await;
+    let (_, connected) = victim.next_of("link.connected").await;
+    let victim_link = connected["data"]["link"].as_str().unwrap().to_owned();
+    assert_ne!(victim_link, observer_link);
+    // The observer sees the victim arrive (so both are registered before the fault).
+    loop {
+        let (_, event) = observer.next_of("link.connected").await;
+        if event["data"]["link"] == victim_link.as_str() {
+            break;
+        }
+    }
+
+    let response = node
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": format!("links/{victim_link}"), "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    victim.closed().await;
+
+    // The observer's stream goes on: it sees the victim's disconnect, and nothing about the
+    // victim being restarted.
+    loop {
+        let (_, event) = observer.next().await;
+        assert_ne!(
+            event["kind"], "actor.restarted",
+            "no actor restarts after a link panic: {event}"
+        );
+        if event["kind"] == "link.disconnected" {
+            assert_eq!(event["data"]["link"], victim_link.as_str());
+            break;
+        }
+    }
+    // The supervisor's decision, in the node's log: failed, and not restarted (temporary).
+    let decision = node
+        .logs
+        .wait_for("the link's failure is not restarted", |line| {
+            line["message"] == "child failed and is not restarted (its policy)"
+                && line["child"] == format!("links/{victim_link}")
+        })
+        .await;
+    assert_eq!(decision["supervisor"], "links");
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected: panic in links/"),
+        "{decision}"
+    );
+    assert!(
+        !node
+            .logs
+            .json()
+            .iter()
+            .any(|line| line["message"] == "actor restarted"),
+        "no restart was logged"
+    );
+
+    let links: serde_json::Value = node.get("/v1/links").await.json().await.unwrap();
+    let ids: Vec<&str> = links["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|link| link["id"].as_str())
+        .collect();
+    assert!(!ids.contains(&victim_link.as_str()), "{links}");
+    assert!(ids.contains(&observer_link.as_str()), "{links}");
+
+    // And it still receives live events.
+    let newcomer = node.events("kind=session.*", None).await;
+    let (_, event) = observer.next_of("link.connected").await;
+    assert_ne!(event["data"]["link"], victim_link.as_str());
+    assert_ne!(event["data"]["link"], observer_link.as_str());
+    drop(newcomer);
 }

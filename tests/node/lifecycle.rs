@@ -79,15 +79,38 @@ async fn the_admin_token_is_written_once_with_mode_0600() {
     assert_eq!(again.token, token, "the token survives restarts");
 }
 
-#[tokio::test]
-async fn sigterm_stops_the_tree_in_reverse_order_and_exits_zero() {
-    let mut node = NodeProcess::start(&[]).await;
+/// Sends `signal` to a node with an open event stream and checks the documented shutdown: it
+/// stops accepting connections, stops the tree in reverse start order (a supervisor's children
+/// before the supervisor), closes the stream, and exits 0 without an error line.
+async fn a_signal_stops_the_tree_in_reverse_order(signal: nix::sys::signal::Signal) {
+    // The supervisors' "child stopped" lines are at debug level.
+    let mut node =
+        NodeProcess::start(&["--log-level", "info,troupe_actors::supervisor=debug"]).await;
     let mut stream = node.events("kind=link.*", None).await;
-    stream.next_of("link.connected").await;
-    node.terminate();
+    let (_, connected) = stream.next_of("link.connected").await;
+    let link = format!("links/{}", connected["data"]["link"].as_str().unwrap());
+    let addr = node.addr;
+
+    let pid = nix::unistd::Pid::from_raw(node.child.id().expect("running") as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+    // The link closes while the tree stops, which begins after the listener stopped accepting.
     stream.closed().await;
+    let refused = node
+        .client()
+        .get(format!("http://{addr}/v1/health"))
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a new connection after {signal} must not be served: {refused:?}"
+    );
     let status = node.wait_exit().await;
-    assert!(status.success(), "{status:?}");
+    assert!(status.success(), "{signal}: {status:?}");
+    // The last line: once it is read, every earlier one is too.
+    node.logs
+        .wait_for("\"node stopped\"", |line| line["message"] == "node stopped")
+        .await;
+
     let logs = node.logs.json();
     let messages: Vec<&str> = logs.iter().filter_map(|l| l["message"].as_str()).collect();
     let shutting = messages
@@ -96,8 +119,56 @@ async fn sigterm_stops_the_tree_in_reverse_order_and_exits_zero() {
         .unwrap();
     let stopped = messages.iter().position(|m| *m == "node stopped").unwrap();
     assert!(shutting < stopped);
+    let stops: Vec<(String, String)> = logs
+        .iter()
+        .filter(|line| line["message"] == "child stopped")
+        .map(|line| {
+            (
+                line["supervisor"].as_str().unwrap().to_owned(),
+                line["child"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let root: Vec<&str> = stops
+        .iter()
+        .filter(|(supervisor, _)| supervisor == "node")
+        .map(|(_, child)| child.as_str())
+        .collect();
+    assert_eq!(
+        root,
+        [
+            "links",
+            "sessions",
+            "providers",
+            "health",
+            "registry",
+            "event_bus"
+        ],
+        "{signal}: the root's children stop in reverse start order"
+    );
+    let position = |child: &str| {
+        stops
+            .iter()
+            .position(|(_, stopped)| stopped == child)
+            .unwrap_or_else(|| panic!("{child} stopped: {stops:?}"))
+    };
+    assert!(position(&link) < position("links"), "{stops:?}");
+    assert!(
+        position("sessions/manager") < position("sessions"),
+        "{stops:?}"
+    );
     assert!(
         logs.iter().all(|line| line["level"] != "ERROR"),
         "a clean shutdown logs no error: {messages:?}"
     );
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_then_stops_the_tree_in_reverse_order_and_exits_zero() {
+    a_signal_stops_the_tree_in_reverse_order(nix::sys::signal::Signal::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn sigint_stops_accepting_then_stops_the_tree_in_reverse_order_and_exits_zero() {
+    a_signal_stops_the_tree_in_reverse_order(nix::sys::signal::Signal::SIGINT).await;
 }

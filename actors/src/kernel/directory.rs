@@ -2,9 +2,11 @@
 //!
 //! It is a read-side cache: each entry is written only by the supervisor that owns that child
 //! (when the child is added and when it is removed for good), and read lock-free by `/metrics`,
-//! the HealthActor and the fault-injection API.
+//! the HealthActor and the fault-injection API. It also counts the node's restarts: one counter
+//! that only grows, also when a restarted child is later removed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
@@ -76,6 +78,7 @@ pub enum FaultError {
 #[derive(Clone, Default)]
 pub struct ActorDirectory {
     entries: Arc<DashMap<ActorPath, DirectoryEntry>>,
+    restarts: Arc<AtomicU64>,
 }
 
 impl ActorDirectory {
@@ -90,6 +93,17 @@ impl ActorDirectory {
 
     pub(crate) fn remove(&self, path: &ActorPath) {
         self.entries.remove(path);
+    }
+
+    /// Counts one restart of any actor of the node.
+    pub(crate) fn record_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Restarts of every actor of the node since it started. It only grows: removing a child
+    /// (a session, a link) that had restarted does not take its restarts away.
+    pub fn restarts_total(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
     }
 
     /// The entry at `path`.

@@ -7,12 +7,15 @@
 //! - A message sent through a handle is processed by some instance, or comes back to the sender
 //!   inside a [`SendError`], or — when a cast was accepted and the actor then stopped for good —
 //!   is counted as a dead letter and logged. Nothing disappears without a trace.
-//! - Messages queued in a mailbox when its instance crashed are handed back (each one travels in
-//!   an [`Envelope`] whose `Drop` returns it) and redelivered to the next instance, ahead of newer
-//!   messages and in the order they were sent. The message that was being handled when the
-//!   instance crashed is consumed: a poison message is never redelivered. One exception to the
+//! - A child restarted in place keeps its mailbox: queued messages stay where they are and per-
+//!   sender order is strict.
+//! - When an instance is respawned instead, messages queued in its mailbox are handed back
+//!   (each one travels in an [`Envelope`] whose `Drop` returns it) and redelivered to the next
+//!   instance, ahead of newer messages and in the order they were sent. One exception to the
 //!   order: a send that raced with the crash (admitted by the dying mailbox just before it
 //!   closed) may reach the next instance after messages sent later; it is never lost.
+//! - Either way, the message that was being handled when the instance failed is consumed: a
+//!   poison message is never redelivered.
 //! - While a child restarts, messages wait in a bounded buffer; past its capacity the sender gets
 //!   its message back ([`SendErrorKind::RestartBacklogFull`]).
 //!
@@ -52,11 +55,23 @@ pub(crate) enum Payload<M> {
 }
 
 /// A message in a mailbox. If the mailbox is dropped with the envelope unopened (the instance
-/// crashed or was stopped), the message goes back to its handle for redelivery.
+/// crashed or was stopped), a message sent through a handle goes back to that handle for
+/// redelivery, and a self-send is counted as discarded.
 pub struct Envelope<M: Send + 'static> {
     payload: Option<Payload<M>>,
     seq: u64,
-    returns: Option<Arc<HandleShared<M>>>,
+    origin: Origin<M>,
+}
+
+/// Where an envelope came from, which decides what happens to it when it is not delivered.
+enum Origin<M: Send + 'static> {
+    /// Sent through a handle: handed back to it when the mailbox is dropped.
+    Handle(Arc<HandleShared<M>>),
+    /// A self-send (or timer) of one incarnation of the actor: it never reaches a later
+    /// incarnation, and is counted as discarded when it is not handled.
+    Incarnation { number: u64, stats: Arc<ActorStats> },
+    /// A kernel instruction (a fault), or an envelope whose message was taken back.
+    Control,
 }
 
 impl<M: Send + 'static> Envelope<M> {
@@ -64,16 +79,17 @@ impl<M: Send + 'static> Envelope<M> {
         Self {
             payload: Some(Payload::Message(message)),
             seq,
-            returns: Some(returns),
+            origin: Origin::Handle(returns),
         }
     }
 
-    /// An envelope that is simply dropped if undelivered (self-sends, timers).
-    pub(crate) fn untracked(message: M) -> Self {
+    /// A self-send of incarnation `number`: discarded (and counted in `stats`) if the
+    /// incarnation is gone before it is handled.
+    pub(crate) fn for_incarnation(number: u64, message: M, stats: Arc<ActorStats>) -> Self {
         Self {
             payload: Some(Payload::Message(message)),
             seq: 0,
-            returns: None,
+            origin: Origin::Incarnation { number, stats },
         }
     }
 
@@ -81,7 +97,15 @@ impl<M: Send + 'static> Envelope<M> {
         Self {
             payload: Some(Payload::Fault(kind)),
             seq: 0,
-            returns: None,
+            origin: Origin::Control,
+        }
+    }
+
+    /// The incarnation a self-send belongs to (`None` for messages sent through a handle).
+    pub(crate) fn incarnation(&self) -> Option<u64> {
+        match &self.origin {
+            Origin::Incarnation { number, .. } => Some(*number),
+            _ => None,
         }
     }
 
@@ -94,7 +118,7 @@ impl<M: Send + 'static> Envelope<M> {
 
     /// Takes the user message back without triggering redelivery.
     fn disarm(mut self) -> Option<M> {
-        self.returns = None;
+        self.origin = Origin::Control;
         match self.payload.take() {
             Some(Payload::Message(message)) => Some(message),
             _ => None,
@@ -104,10 +128,15 @@ impl<M: Send + 'static> Envelope<M> {
 
 impl<M: Send + 'static> Drop for Envelope<M> {
     fn drop(&mut self) {
-        if let (Some(Payload::Message(message)), Some(returns)) =
-            (self.payload.take(), self.returns.take())
-        {
-            returns.returned(self.seq, message);
+        let Some(Payload::Message(message)) = self.payload.take() else {
+            return;
+        };
+        match std::mem::replace(&mut self.origin, Origin::Control) {
+            Origin::Handle(returns) => returns.returned(self.seq, message),
+            Origin::Incarnation { stats, .. } => {
+                stats.discarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Origin::Control => {}
         }
     }
 }
@@ -366,9 +395,13 @@ impl<M: Send + 'static> ActorHandle<M> {
                     }
                     Err(error) => match recover(error) {
                         Some(message) => message,
-                        // Undeliverable and not recoverable: ractor only returns the message
-                        // inside `SendErr`; the other variants cannot occur for a typed ref.
-                        None => return Ok(()),
+                        // ractor only returns the message inside `SendErr`; the other variants
+                        // cannot occur for a typed ref. Should one ever occur, it is counted
+                        // and logged rather than lost silently.
+                        None => {
+                            self.shared.dead_letter(1);
+                            return Ok(());
+                        }
                     },
                 }
             }
@@ -388,7 +421,10 @@ impl<M: Send + 'static> ActorHandle<M> {
                     }
                     Err(error) => match recover(error) {
                         Some(message) => message,
-                        None => return Ok(()),
+                        None => {
+                            self.shared.dead_letter(1);
+                            return Ok(());
+                        }
                     },
                 }
             }
@@ -479,6 +515,20 @@ impl<M: Send + 'static> ActorHandle<M> {
         };
         slot.instance = Some(instance.clone());
         self.shared.current.store(Some(Arc::new(instance)));
+        self.shared.status_tx.send_replace(slot.status);
+    }
+
+    /// Records that the running instance replaced its failed incarnation in place: the mailbox
+    /// and the fast path stay as they are, only the generation moves on.
+    pub(crate) fn rebind_in_place(&self) {
+        let mut slot = self.shared.lock();
+        if !slot.status.is_running() {
+            return;
+        }
+        slot.generation += 1;
+        slot.status = HandleStatus::Running {
+            generation: slot.generation,
+        };
         self.shared.status_tx.send_replace(slot.status);
     }
 

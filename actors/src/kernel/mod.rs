@@ -7,8 +7,8 @@ mod directory;
 mod handle;
 mod stats;
 
-pub(crate) use actor::spawn_linked;
 pub use actor::{Actor, ActorError, Context, spawn};
+pub(crate) use actor::{Admission, InPlace, InPlaceRestarts, spawn_linked};
 pub use directory::{ActorControl, ActorDirectory, ChildKind, DirectoryEntry, FaultError};
 pub use handle::{
     ActorHandle, CallError, DEFAULT_RESTART_BACKLOG, Envelope, FaultKind, HandleStatus, SendError,

@@ -1,18 +1,34 @@
 //! Per-actor counters, kept in atomics so `/metrics` and the HealthActor can read them without
-//! asking the actor. Each counter has one writer: the handle (enqueued), the hosted actor
-//! (processed, busy time) or the owning supervisor (restarts).
+//! asking the actor. Each counter has one writer: the handle and the instance's self-sends
+//! (enqueued), the hosted actor (processed, busy time, discarded self-sends) or whoever restarts
+//! it: the owning supervisor, or the instance itself when it restarts in place (restarts).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A counter on its own cache line: senders bump `enqueued` on one core while the actor bumps
+/// `processed` on another, and sharing a line would bounce it between them on every message.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct OwnLine(AtomicU64);
+
+impl std::ops::Deref for OwnLine {
+    type Target = AtomicU64;
+
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 /// Counters of one supervised actor, across all its instances.
 #[derive(Debug, Default)]
 pub struct ActorStats {
-    pub(crate) enqueued: AtomicU64,
-    pub(crate) processed: AtomicU64,
+    pub(crate) enqueued: OwnLine,
+    pub(crate) processed: OwnLine,
     pub(crate) busy_nanos: AtomicU64,
     pub(crate) restarts: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
+    pub(crate) discarded: AtomicU64,
 }
 
 /// A point-in-time copy of [`ActorStats`].
@@ -28,12 +44,18 @@ pub struct ActorStatsSnapshot {
     pub restarts: u64,
     /// Messages dropped because it stopped for good before handling them.
     pub dead_letters: u64,
+    /// Self-sends and timer messages of an instance that ended before handling them.
+    pub discarded: u64,
 }
 
 impl ActorStatsSnapshot {
     /// Messages accepted but not yet handled (approximate: counters are read one by one).
+    /// A message whose handler panicked counts as handled; a self-send that its instance never
+    /// handled counts as discarded. Neither stays in the depth.
     pub fn mailbox_depth(&self) -> u64 {
-        self.enqueued.saturating_sub(self.processed)
+        self.enqueued
+            .saturating_sub(self.processed)
+            .saturating_sub(self.discarded)
     }
 }
 
@@ -46,6 +68,7 @@ impl ActorStats {
             busy: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
             restarts: self.restarts.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
         }
     }
 

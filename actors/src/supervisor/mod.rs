@@ -17,11 +17,22 @@
 //!   `restarts_in_window`, `window_secs`, …) and one `actor.restarted` event; giving up is an
 //!   ERROR line and one `actor.escalated` event.
 //! - Children are addressed through [`ActorHandle`]s that survive restarts.
+//! - Restart in place: under one_for_one with no backoff, a worker child that fails is replaced
+//!   inside its own ractor actor, keeping its mailbox, when the restart book admits it (it runs,
+//!   it is not being stopped, and the restart stays within the intensity). The failure is
+//!   recorded in the same book the supervisor uses, so intensity and escalation are unchanged;
+//!   the supervisor then logs and publishes the restart like any other. Otherwise (a group
+//!   strategy, a backoff, a supervisor child, a temporary child, or one restart too many) the
+//!   child exits and the supervisor handles it here.
+//! - In one_for_all and rest_for_one, a temporary sibling stopped because another child failed is
+//!   not restarted: it is removed, as in OTP.
 
+mod book;
 mod restart;
 mod spec;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{ActorCell, ActorId, RpcReplyPort, SupervisionEvent};
@@ -33,8 +44,9 @@ use crate::event::{ActorEscalated, ActorRestarted, EventBus, EventData};
 use crate::ids::ActorPath;
 use crate::kernel::{
     Actor, ActorDirectory, ActorError, ActorHandle, CallError, ChildKind, Context, DirectoryEntry,
-    HandleStatus,
+    HandleStatus, InPlaceRestarts,
 };
+use book::{ChildRestartHook, RestartBook};
 
 /// How long callers wait for a supervisor to start a dynamic child.
 pub const START_CHILD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,6 +105,17 @@ pub enum SupervisorMsg {
         /// Which scheduled restart.
         token: u64,
     },
+    /// A child restarted in place (sent by the child's host): log and publish it.
+    RestartedInPlace {
+        /// The child.
+        child: ActorPath,
+        /// Why its failed incarnation failed.
+        reason: String,
+        /// Its restarts so far, this one included.
+        restart_count: u64,
+        /// This supervisor's restarts inside its window, this one included.
+        restarts_in_window: u32,
+    },
 }
 
 /// Why a dynamic child was not started.
@@ -141,7 +164,6 @@ pub struct Supervisor;
 struct Child {
     spec: ChildSpec,
     cell: Option<ActorCell>,
-    restarts: ChildRestarts,
     dynamic: bool,
 }
 
@@ -156,12 +178,14 @@ struct PendingRestart {
 pub struct SupervisorState {
     path: ActorPath,
     config: SupervisorConfig,
-    tracker: RestartTracker,
+    book: Arc<RestartBook>,
+    /// What children that may restart in place get (`None` when this supervisor's strategy or
+    /// backoff does not allow it).
+    in_place: Option<Arc<dyn InPlaceRestarts>>,
     children: Vec<Child>,
     exiting: HashSet<ActorId>,
     pending: HashMap<u64, PendingRestart>,
     next_token: u64,
-    rng: fastrand::Rng,
     events: Option<EventBus>,
     directory: Option<ActorDirectory>,
 }
@@ -179,7 +203,7 @@ impl Exit {
     }
 }
 
-fn now() -> std::time::Instant {
+pub(crate) fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
@@ -197,15 +221,26 @@ impl Actor for Supervisor {
             Some(seed) => fastrand::Rng::with_seed(seed),
             None => fastrand::Rng::new(),
         };
+        let tracker = RestartTracker::new(args.config.intensity, args.config.backoff);
+        let book = RestartBook::new(tracker, rng, args.directory.clone());
+        let in_place = (args.config.strategy == Strategy::OneForOne
+            && args.config.backoff.max.is_zero())
+        .then(|| {
+            Arc::new(ChildRestartHook {
+                book: book.clone(),
+                supervisor: ctx.handle().clone(),
+                events: args.events.clone(),
+            }) as Arc<dyn InPlaceRestarts>
+        });
         let mut state = SupervisorState {
             path: ctx.path().clone(),
             config: args.config,
-            tracker: RestartTracker::new(args.config.intensity, args.config.backoff),
+            book,
+            in_place,
             children: Vec::with_capacity(args.children.len()),
             exiting: HashSet::new(),
             pending: HashMap::new(),
             next_token: 1,
-            rng,
             events: args.events,
             directory: args.directory,
         };
@@ -252,6 +287,15 @@ impl Actor for Supervisor {
                 Ok(())
             }
             SupervisorMsg::RestartDue { token } => state.restart_due(ctx, token).await,
+            SupervisorMsg::RestartedInPlace {
+                child,
+                reason,
+                restart_count,
+                restarts_in_window,
+            } => {
+                state.announce_restart(child, reason, restart_count, restarts_in_window, 0);
+                Ok(())
+            }
         }
     }
 
@@ -312,10 +356,10 @@ impl SupervisorState {
                 },
             );
         }
+        self.book.add(&spec.path);
         self.children.push(Child {
             spec,
             cell: None,
-            restarts: ChildRestarts::default(),
             dynamic,
         });
     }
@@ -323,6 +367,7 @@ impl SupervisorState {
     /// Removes a child for good (its handle must already be stopped or unbound).
     fn forget(&mut self, index: usize) {
         let child = self.children.remove(index);
+        self.book.remove(&child.spec.path);
         if let Some(directory) = &self.directory {
             directory.remove(&child.spec.path);
         }
@@ -343,10 +388,19 @@ impl SupervisorState {
         index: usize,
     ) -> Result<(), String> {
         let child = &mut self.children[index];
+        // Only workers that are restarted after a failure may restart in place: a supervisor
+        // child owns linked children that a restart in place would leave running.
+        let in_place = self.in_place.clone().filter(|_| {
+            child.spec.kind == ChildKind::Worker && child.spec.policy != ChildPolicy::Temporary
+        });
+        // Allowed before the start, so that an instance that fails right after it is bound
+        // already restarts in place.
+        self.book
+            .allow_in_place(&child.spec.path, in_place.is_some());
         let cell = child
             .spec
             .starter
-            .start(ctx.cell())
+            .start(ctx.cell(), in_place)
             .await
             .map_err(|error| match error {
                 ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
@@ -416,11 +470,7 @@ impl SupervisorState {
         }
         child.spec.starter.unbind();
         let reason = exit.reason().to_owned();
-        let jitter = self.rng.f64();
-        match self
-            .tracker
-            .on_failure(&mut self.children[index].restarts, now(), jitter)
-        {
+        match self.book.on_failure(&path, now()) {
             RestartDecision::Escalate { restarts_in_window } => {
                 Err(self.escalate(&path, &reason, restarts_in_window).await)
             }
@@ -435,12 +485,29 @@ impl SupervisorState {
                 };
                 for &sibling in group.iter().rev() {
                     if sibling != index && self.children[sibling].cell.is_some() {
-                        self.children[sibling].spec.starter.unbind();
+                        if self.children[sibling].spec.policy == ChildPolicy::Temporary {
+                            self.children[sibling].spec.starter.stop_for_good();
+                        } else {
+                            self.children[sibling].spec.starter.unbind();
+                        }
                         self.stop_child(sibling).await;
                     }
                 }
+                // OTP: a temporary sibling stopped for this restart is not restarted; it goes.
+                let temporary: Vec<ActorPath> = group
+                    .iter()
+                    .filter(|&&member| {
+                        member != index
+                            && self.children[member].spec.policy == ChildPolicy::Temporary
+                    })
+                    .map(|&member| self.children[member].spec.path.clone())
+                    .collect();
                 let entries = group
                     .iter()
+                    .filter(|&&member| {
+                        member == index
+                            || self.children[member].spec.policy != ChildPolicy::Temporary
+                    })
                     .map(|&member| {
                         let member_path = self.children[member].spec.path.clone();
                         let why = if member == index {
@@ -454,6 +521,17 @@ impl SupervisorState {
                         (member_path, why)
                     })
                     .collect();
+                for gone in &temporary {
+                    tracing::debug!(
+                        supervisor = %self.path,
+                        child = %gone,
+                        failed = %path,
+                        "temporary child stopped with its group and not restarted"
+                    );
+                    if let Some(index) = self.index_of(gone) {
+                        self.forget(index);
+                    }
+                }
                 let token = self.schedule(entries, delay, restarts_in_window);
                 if delay.is_zero() {
                     self.restart_due(ctx, token).await
@@ -522,11 +600,7 @@ impl SupervisorState {
                 Ok(()) => self.report_restart(index, &reason, &pending),
                 Err(error) => {
                     let failure = format!("restart failed in pre_start: {error}");
-                    let jitter = self.rng.f64();
-                    let decision =
-                        self.tracker
-                            .on_failure(&mut self.children[index].restarts, now(), jitter);
-                    match decision {
+                    match self.book.on_failure(&path, now()) {
                         RestartDecision::Escalate { restarts_in_window } => {
                             return Err(self.escalate(&path, &failure, restarts_in_window).await);
                         }
@@ -561,8 +635,7 @@ impl SupervisorState {
     }
 
     fn report_restart(&mut self, index: usize, reason: &str, pending: &PendingRestart) {
-        let child = &mut self.children[index];
-        child.restarts.total += 1;
+        let child = &self.children[index];
         child
             .spec
             .starter
@@ -570,32 +643,40 @@ impl SupervisorState {
             .stats()
             .restarts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let intensity = self.tracker.intensity();
-        tracing::warn!(
-            supervisor = %self.path,
-            child = %child.spec.path,
-            reason = %reason,
-            restart_count = child.restarts.total,
-            restarts_in_window = pending.restarts_in_window,
-            max_restarts = intensity.max_restarts,
-            window_secs = intensity.window.as_secs(),
-            delay_ms = pending.delay.as_millis() as u64,
-            "actor restarted"
+        let path = child.spec.path.clone();
+        let restart_count = self.book.record_restart(&path);
+        self.announce_restart(
+            path,
+            reason.to_owned(),
+            restart_count,
+            pending.restarts_in_window,
+            pending.delay.as_millis() as u64,
         );
+    }
+
+    /// The one WARN line and the one `actor.restarted` event of a restart.
+    fn announce_restart(
+        &self,
+        child: ActorPath,
+        reason: String,
+        restart_count: u64,
+        restarts_in_window: u32,
+        delay_ms: u64,
+    ) {
+        let intensity = self.book.intensity();
+        let restart = ActorRestarted {
+            supervisor: self.path.clone(),
+            child,
+            reason,
+            restart_count,
+            restarts_in_window,
+            max_restarts: intensity.max_restarts,
+            window_secs: intensity.window.as_secs(),
+            delay_ms,
+        };
+        log_restart(&restart);
         if let Some(events) = &self.events {
-            events.publish(
-                None,
-                EventData::ActorRestarted(ActorRestarted {
-                    supervisor: self.path.clone(),
-                    child: child.spec.path.clone(),
-                    reason: reason.to_owned(),
-                    restart_count: child.restarts.total,
-                    restarts_in_window: pending.restarts_in_window,
-                    max_restarts: intensity.max_restarts,
-                    window_secs: intensity.window.as_secs(),
-                    delay_ms: pending.delay.as_millis() as u64,
-                }),
-            );
+            events.publish(None, EventData::ActorRestarted(restart));
         }
     }
 
@@ -606,7 +687,7 @@ impl SupervisorState {
         reason: &str,
         restarts_in_window: u32,
     ) -> ActorError {
-        let window = self.tracker.intensity().window;
+        let window = self.book.intensity().window;
         tracing::error!(
             supervisor = %self.path,
             child = %child,
@@ -663,6 +744,8 @@ impl SupervisorState {
         let Some(cell) = child.cell.take() else {
             return;
         };
+        // From here a failure of the child is part of its stop, not something to repair.
+        self.book.allow_in_place(&child.spec.path, false);
         self.exiting.insert(cell.get_id());
         match child.spec.shutdown {
             Shutdown::Graceful(timeout) => match cell.drain_and_wait(Some(timeout)).await {
@@ -684,6 +767,11 @@ impl SupervisorState {
                 let _ = cell.kill_and_wait(None).await;
             }
         }
+        tracing::debug!(
+            supervisor = %self.path,
+            child = %self.children[index].spec.path,
+            "child stopped"
+        );
     }
 
     fn child_infos(&self) -> Vec<ChildInfo> {
@@ -696,7 +784,7 @@ impl SupervisorState {
                     kind: child.spec.kind,
                     policy: child.spec.policy,
                     status: control.status(),
-                    restarts: child.restarts.total,
+                    restarts: self.book.total(&child.spec.path),
                 }
             })
             .collect()
@@ -716,6 +804,21 @@ impl Drop for SupervisorState {
             }
         }
     }
+}
+
+/// The WARN line of a restart, with the fields of its `actor.restarted` event.
+pub(crate) fn log_restart(restart: &ActorRestarted) {
+    tracing::warn!(
+        supervisor = %restart.supervisor,
+        child = %restart.child,
+        reason = %restart.reason,
+        restart_count = restart.restart_count,
+        restarts_in_window = restart.restarts_in_window,
+        max_restarts = restart.max_restarts,
+        window_secs = restart.window_secs,
+        delay_ms = restart.delay_ms,
+        "actor restarted"
+    );
 }
 
 /// A supervisor's handle.

@@ -150,6 +150,18 @@ impl RestartTracker {
         }
     }
 
+    /// Whether one more failure at `now` would exceed the intensity (records nothing).
+    pub fn would_escalate(&mut self, now: Instant) -> bool {
+        self.forget_before(now);
+        self.recent.len() as u32 >= self.intensity.max_restarts
+    }
+
+    /// Whether every restart this tracker decides is immediate (no backoff): then a child may
+    /// restart in place.
+    pub fn restarts_immediately(&self) -> bool {
+        self.backoff.max.is_zero()
+    }
+
     /// Restarts recorded inside the window ending at `now`.
     pub fn restarts_in_window(&mut self, now: Instant) -> u32 {
         self.forget_before(now);
@@ -334,5 +346,29 @@ mod tests {
             book.on_failure(&mut c, t0 + MS * 2, 0.0),
             RestartDecision::Escalate { .. }
         ));
+    }
+
+    #[test]
+    fn would_escalate_predicts_the_next_decision_without_recording() {
+        let mut book = tracker(2, 1_000, 0, 0);
+        let mut child = ChildRestarts::default();
+        let t0 = Instant::now();
+        assert!(!book.would_escalate(t0));
+        book.on_failure(&mut child, t0, 0.0);
+        assert!(!book.would_escalate(t0 + MS));
+        assert!(
+            !book.would_escalate(t0 + MS),
+            "asking twice records nothing"
+        );
+        book.on_failure(&mut child, t0 + MS, 0.0);
+        assert!(book.would_escalate(t0 + MS * 2));
+        assert!(matches!(
+            book.on_failure(&mut child, t0 + MS * 2, 0.0),
+            RestartDecision::Escalate { .. }
+        ));
+        // Once the first two failures left the window, one more is fine again.
+        assert!(!book.would_escalate(t0 + MS * 1_002));
+        assert!(book.restarts_immediately());
+        assert!(!tracker(2, 1_000, 10, 100).restarts_immediately());
     }
 }

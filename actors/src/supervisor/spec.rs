@@ -8,7 +8,9 @@ use futures::future::BoxFuture;
 use ractor::{ActorCell, SpawnErr};
 
 use crate::ids::ActorPath;
-use crate::kernel::{Actor, ActorControl, ActorHandle, ChildKind, spawn_linked};
+use crate::kernel::{
+    Actor, ActorControl, ActorHandle, ChildKind, InPlace, InPlaceRestarts, spawn_linked,
+};
 
 /// Which children restart when one fails (OTP restart strategies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,14 +56,20 @@ impl Shutdown {
 
 /// Starts instances of one child and binds them to its handle.
 pub(crate) trait Starter: Send + Sync {
-    fn start(&self, supervisor: ActorCell) -> BoxFuture<'static, Result<ActorCell, SpawnErr>>;
+    /// Starts an instance linked to `supervisor`; with `in_place`, the instance may replace a
+    /// failed incarnation of itself when the supervisor admits it.
+    fn start(
+        &self,
+        supervisor: ActorCell,
+        in_place: Option<Arc<dyn InPlaceRestarts>>,
+    ) -> BoxFuture<'static, Result<ActorCell, SpawnErr>>;
     fn control(&self) -> Arc<dyn ActorControl>;
     fn unbind(&self);
     fn stop_for_good(&self);
 }
 
 struct TypedStarter<A: Actor, F> {
-    factory: F,
+    factory: Arc<F>,
     handle: ActorHandle<A::Msg>,
 }
 
@@ -70,10 +78,18 @@ where
     A: Actor,
     F: Fn() -> (A, A::Arguments) + Send + Sync + 'static,
 {
-    fn start(&self, supervisor: ActorCell) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> {
+    fn start(
+        &self,
+        supervisor: ActorCell,
+        in_place: Option<Arc<dyn InPlaceRestarts>>,
+    ) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> {
         let (actor, args) = (self.factory)();
         let handle = self.handle.clone();
-        Box::pin(async move { spawn_linked(actor, args, &handle, supervisor).await })
+        let in_place = in_place.map(|restarts| InPlace {
+            factory: self.factory.clone() as Arc<dyn Fn() -> (A, A::Arguments) + Send + Sync>,
+            restarts,
+        });
+        Box::pin(async move { spawn_linked(actor, args, &handle, supervisor, in_place).await })
     }
 
     fn control(&self) -> Arc<dyn ActorControl> {
@@ -124,7 +140,7 @@ impl ChildSpec {
             shutdown: Shutdown::WORKER,
             kind: ChildKind::Worker,
             starter: Arc::new(TypedStarter::<A, F> {
-                factory,
+                factory: Arc::new(factory),
                 handle: handle.clone(),
             }),
         }

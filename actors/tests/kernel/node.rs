@@ -2,12 +2,18 @@
 
 use std::time::Duration;
 
-use troupe_actors::event::{EventData, EventFilter};
-use troupe_actors::health::{HealthConfig, HealthStatus};
+use troupe_actors::event::{EventBus, EventBusConfig, EventData, EventFilter};
+use troupe_actors::health::{
+    Health, HealthActor, HealthArgs, HealthConfig, HealthShared, HealthStatus,
+};
 use troupe_actors::ids::{ActorPath, NodeId};
-use troupe_actors::kernel::{FaultError, FaultKind, HandleStatus};
+use troupe_actors::kernel::{
+    self, ActorDirectory, ActorHandle, FaultError, FaultKind, HandleStatus,
+};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig};
-use troupe_actors::supervisor::Backoff;
+use troupe_actors::supervisor::{
+    Backoff, ChildPolicy, ChildSpec, Supervisor, SupervisorArgs, SupervisorConfig, SupervisorHandle,
+};
 
 use crate::support::*;
 
@@ -130,4 +136,182 @@ async fn shutdown_stops_every_actor_and_marks_every_handle_stopped() {
         assert_eq!(entry.control.status(), HandleStatus::Stopped, "{path}");
     }
     assert!(tree.health.report().await.is_err());
+}
+
+/// A dynamic supervisor `dyn` with a directory, a bus, and a HealthActor watching the directory
+/// (with `dyn/core` as its one core actor).
+struct Watched {
+    supervisor: SupervisorHandle,
+    directory: ActorDirectory,
+    bus: EventBus,
+    health: Health,
+    log: Log,
+}
+
+async fn watched(backoff: Backoff) -> Watched {
+    let bus = start_bus(EventBusConfig::default()).await;
+    let directory = ActorDirectory::new();
+    let path = ActorPath::root().child("dyn");
+    let supervisor: SupervisorHandle = ActorHandle::new(path.clone());
+    kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            config: SupervisorConfig {
+                backoff,
+                jitter_seed: Some(3),
+                ..SupervisorConfig::default()
+            },
+            children: Vec::new(),
+            events: Some(bus.clone()),
+            directory: Some(directory.clone()),
+        },
+        &supervisor,
+    )
+    .await
+    .unwrap();
+    let health = ActorHandle::new(ActorPath::root().child("health"));
+    kernel::spawn(
+        HealthActor,
+        HealthArgs {
+            config: HealthConfig {
+                tick: Duration::from_secs(1),
+                window: Duration::from_secs(60),
+                degraded_after_restarts: 3,
+                core_actors: vec![path.child("core")],
+            },
+            shared: HealthShared::new(NodeId::new("n1").unwrap()),
+            directory: directory.clone(),
+            events: bus.clone(),
+        },
+        &health,
+    )
+    .await
+    .unwrap();
+    Watched {
+        supervisor,
+        directory,
+        bus,
+        health: Health::new(health),
+        log: Log::default(),
+    }
+}
+
+impl Watched {
+    async fn start_probe(&self, name: &'static str, policy: ChildPolicy) -> ActorHandle<ProbeMsg> {
+        let handle = ActorHandle::new(ActorPath::root().child("dyn").child(name));
+        let args = ProbeArgs::new(name, &self.log);
+        let spec = ChildSpec::worker(&handle, move || (Probe, args.clone())).policy(policy);
+        self.supervisor.start_child(spec).await.unwrap();
+        handle
+    }
+}
+
+/// Regression: health summed the restart counters of the actors currently in the directory, so
+/// removing a child that had restarted made the node's restart count go down.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn restarts_stay_counted_after_the_restarted_child_is_removed() {
+    let node = watched(Backoff::NONE).await;
+    let _core = node.start_probe("core", ChildPolicy::Permanent).await;
+    let x = node.start_probe("x", ChildPolicy::Transient).await;
+    let mut events = node.bus.subscribe(EventFilter {
+        kinds: vec!["actor.restarted".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    x.cast(ProbeMsg::Panic).unwrap();
+    next_event(&mut events).await;
+    assert_eq!(node.directory.restarts_total(), 1);
+    assert_eq!(node.health.report().await.unwrap().restarts_in_window, 1);
+
+    assert!(node.supervisor.terminate_child("x").await.unwrap());
+    assert!(node.directory.get(x.path()).is_none(), "x is gone");
+    assert_eq!(node.directory.restarts_total(), 1, "the count only grows");
+    assert_eq!(
+        node.health.report().await.unwrap().restarts_in_window,
+        1,
+        "the restart stays inside the window after its actor is gone"
+    );
+}
+
+/// A restarting core actor is the tree healing itself: degraded, so that `/v1/health` (a
+/// liveness probe) stays 200 through a restart.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restarting_core_actor_makes_the_node_degraded_not_unhealthy() {
+    let node = watched(Backoff {
+        min: Duration::from_secs(10),
+        max: Duration::from_secs(10),
+    })
+    .await;
+    let core = node.start_probe("core", ChildPolicy::Permanent).await;
+    let mut events = node.bus.subscribe(EventFilter {
+        kinds: vec!["health.*".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    let mut status = core.watch_status();
+    core.cast(ProbeMsg::Panic).unwrap();
+    status
+        .wait_for(|status| *status == HandleStatus::Restarting)
+        .await
+        .unwrap();
+    let report = node.health.report().await.unwrap();
+    assert_eq!(
+        report.status,
+        HealthStatus::Degraded,
+        "{:?}",
+        report.reasons
+    );
+    assert_eq!(report.reasons, ["restarting: dyn/core"]);
+    match &next_event(&mut events).await.data {
+        EventData::HealthDegraded(change) => assert_eq!(change.to, HealthStatus::Degraded),
+        other => panic!("expected health.degraded, got {other:?}"),
+    }
+    assert_eq!(ping(&core).await, 2, "it runs again after its backoff");
+    assert_eq!(
+        node.health.report().await.unwrap().status,
+        HealthStatus::Healthy
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_core_actor_that_is_gone_makes_the_node_unhealthy_until_it_runs_again() {
+    let node = watched(Backoff::NONE).await;
+    let core = node.start_probe("core", ChildPolicy::Transient).await;
+    let mut events = node.bus.subscribe(EventFilter {
+        kinds: vec!["health.*".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    assert_eq!(
+        node.health.report().await.unwrap().status,
+        HealthStatus::Healthy
+    );
+
+    // A transient child that exits normally is not restarted: the core actor is gone.
+    let mut status = core.watch_status();
+    core.cast(ProbeMsg::StopNormally).unwrap();
+    status
+        .wait_for(|status| *status == HandleStatus::Stopped)
+        .await
+        .unwrap();
+    let report = node.health.report().await.unwrap();
+    assert_eq!(report.status, HealthStatus::Unhealthy);
+    assert_eq!(report.reasons, ["dyn/core is not running"]);
+    match &next_event(&mut events).await.data {
+        EventData::HealthDegraded(change) => {
+            assert_eq!(change.from, HealthStatus::Healthy);
+            assert_eq!(change.to, HealthStatus::Unhealthy);
+        }
+        other => panic!("expected health.degraded, got {other:?}"),
+    }
+
+    // Started again, it runs and the node recovers.
+    let core = node.start_probe("core", ChildPolicy::Transient).await;
+    assert_eq!(ping(&core).await, 1);
+    let report = node.health.report().await.unwrap();
+    assert_eq!(report.status, HealthStatus::Healthy, "{:?}", report.reasons);
+    match &next_event(&mut events).await.data {
+        EventData::HealthRecovered(change) => {
+            assert_eq!(change.from, HealthStatus::Unhealthy);
+            assert_eq!(change.to, HealthStatus::Healthy);
+        }
+        other => panic!("expected health.recovered, got {other:?}"),
+    }
 }

@@ -531,3 +531,167 @@ async fn fault_injection_reaches_any_hosted_actor_including_supervisors() {
     assert!(tree.supervisor.inject_fault(FaultKind::Panic));
     tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
 }
+
+fn no_backoff() -> SupervisorConfig {
+    SupervisorConfig {
+        backoff: Backoff::NONE,
+        ..SupervisorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_child_restarted_in_place_keeps_its_mailbox_and_is_announced_once() {
+    let (capture, _guard) = Capture::install();
+    let tree = tree(Strategy::OneForOne, &["a", "b"], no_backoff()).await;
+    let mut events = all_events(&tree.bus);
+    let a = &tree.children[0];
+    let instance = a.instance().unwrap().get_id();
+
+    // Queued behind the poison: handled by the next incarnation, in order.
+    a.cast(ProbeMsg::Panic).unwrap();
+    let pings: Vec<_> = (0..3)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { ping(&a).await })
+        })
+        .collect();
+    for answered in pings {
+        assert_eq!(answered.await.unwrap(), 2, "the next incarnation answers");
+    }
+    assert_eq!(
+        a.instance().unwrap().get_id(),
+        instance,
+        "restarted in place: the same ractor actor and mailbox"
+    );
+
+    let event = next_event(&mut events).await;
+    let restart = restarted(&event.data);
+    assert_eq!(restart.supervisor.as_str(), "sup");
+    assert_eq!(restart.child.as_str(), "sup/a");
+    assert_eq!(restart.restart_count, 1);
+    assert_eq!(restart.restarts_in_window, 1);
+    assert_eq!(restart.delay_ms, 0);
+    assert!(
+        restart.reason.contains("a was told to panic"),
+        "{}",
+        restart.reason
+    );
+    let warnings = capture.with_message(Level::WARN, "actor restarted");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].fields["child"], "sup/a");
+    assert_eq!(warnings[0].fields["restart_count"], "1");
+
+    assert_eq!(ping(&tree.children[1]).await, 1, "the sibling is untouched");
+    assert_eq!(
+        tree.log.lines(),
+        ["a started", "b started", "a started"],
+        "a failed incarnation runs no post_stop"
+    );
+    let children = tree.supervisor.children().await.unwrap();
+    assert_eq!(children[0].restarts, 1);
+    assert_eq!(a.stats().snapshot().restarts, 1);
+    assert_eq!(a.stats().snapshot().mailbox_depth(), 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn self_sends_and_timers_of_a_failed_incarnation_never_reach_the_next() {
+    let tree = tree(Strategy::OneForOne, &["a"], no_backoff()).await;
+    let a = &tree.children[0];
+
+    // A timer armed by incarnation 1 dies with it.
+    a.cast(ProbeMsg::Arm(Duration::from_secs(1))).unwrap();
+    a.cast(ProbeMsg::Panic).unwrap();
+    assert_eq!(ping(a).await, 2);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!tree.log.lines().contains(&"a fired".to_owned()));
+
+    // A self-send queued by incarnation 2 just before it panics is discarded, and counted.
+    a.cast(ProbeMsg::FireThenPanic).unwrap();
+    assert_eq!(ping(a).await, 3);
+    assert!(!tree.log.lines().contains(&"a fired".to_owned()));
+    let stats = a.stats().snapshot();
+    assert_eq!(stats.discarded, 1);
+    assert_eq!(
+        stats.mailbox_depth(),
+        0,
+        "nothing discarded stays in the depth"
+    );
+
+    // The running incarnation's own timer fires.
+    a.cast(ProbeMsg::Arm(Duration::from_secs(1))).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ping(a).await, 3);
+    let fired = tree.log.lines().iter().filter(|l| *l == "a fired").count();
+    assert_eq!(fired, 1);
+}
+
+/// OTP: a temporary child stopped because a sibling failed is not restarted with the group.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn temporary_siblings_are_not_restarted_by_one_for_all_or_rest_for_one() {
+    for strategy in [Strategy::OneForAll, Strategy::RestForOne] {
+        let log = Log::default();
+        let bus = start_bus(EventBusConfig::default()).await;
+        let path = ActorPath::root().child("group");
+        let (a_spec, a) = probe_spec(&path, &ProbeArgs::new("a", &log));
+        let (t_spec, t) = probe_spec(&path, &ProbeArgs::new("t", &log));
+        let (c_spec, c) = probe_spec(&path, &ProbeArgs::new("c", &log));
+        let supervisor: SupervisorHandle = ActorHandle::new(path.clone());
+        kernel::spawn(
+            Supervisor,
+            SupervisorArgs {
+                config: SupervisorConfig {
+                    strategy,
+                    ..no_backoff()
+                },
+                children: vec![a_spec, t_spec.policy(ChildPolicy::Temporary), c_spec],
+                events: Some(bus.clone()),
+                directory: None,
+            },
+            &supervisor,
+        )
+        .await
+        .unwrap();
+        let mut events = all_events(&bus);
+        let mut t_status = t.watch_status();
+
+        a.cast(ProbeMsg::Panic).unwrap();
+        let mut restarted_children = Vec::new();
+        for _ in 0..2 {
+            let event = next_event(&mut events).await;
+            restarted_children.push(restarted(&event.data).child.to_string());
+        }
+        assert_eq!(restarted_children, ["group/a", "group/c"], "{strategy:?}");
+        t_status
+            .wait_for(|status| *status == HandleStatus::Stopped)
+            .await
+            .unwrap();
+        assert_eq!(
+            t.cast(ProbeMsg::Panic).unwrap_err().kind,
+            SendErrorKind::Stopped,
+            "{strategy:?}"
+        );
+        assert_eq!(ping(&a).await, 2);
+        assert_eq!(ping(&c).await, 2);
+        let names: Vec<String> = supervisor
+            .children()
+            .await
+            .unwrap()
+            .iter()
+            .map(|child| child.path.to_string())
+            .collect();
+        assert_eq!(names, ["group/a", "group/c"], "{strategy:?}");
+        assert_eq!(
+            log.lines(),
+            [
+                "a started",
+                "t started",
+                "c started",
+                "c stopped",
+                "t stopped",
+                "a started",
+                "c started"
+            ],
+            "{strategy:?}: siblings stop in reverse order; the temporary one stays stopped"
+        );
+    }
+}

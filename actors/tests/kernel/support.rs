@@ -91,6 +91,12 @@ pub enum ProbeMsg {
     Busy(Duration),
     /// Stops itself normally.
     StopNormally,
+    /// Arms a timer that sends `Fired` to this incarnation after the delay.
+    Arm(Duration),
+    /// Logs "<name> fired".
+    Fired,
+    /// Sends `Fired` to itself, then panics before handling it.
+    FireThenPanic,
 }
 
 impl Actor for Probe {
@@ -131,6 +137,16 @@ impl Actor for Probe {
             ProbeMsg::Panic => panic!("{} was told to panic", state.name),
             ProbeMsg::Busy(duration) => tokio::time::sleep(duration).await,
             ProbeMsg::StopNormally => ctx.stop(None),
+            ProbeMsg::Arm(delay) => {
+                ctx.send_after(delay, ProbeMsg::Fired);
+            }
+            ProbeMsg::Fired => state.log.push(format!("{} fired", state.name)),
+            ProbeMsg::FireThenPanic => {
+                if ctx.send_self(ProbeMsg::Fired).is_err() {
+                    panic!("{} could not send to itself", state.name);
+                }
+                panic!("{} was told to panic", state.name)
+            }
         }
         Ok(())
     }
