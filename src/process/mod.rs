@@ -48,6 +48,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -169,11 +170,12 @@ impl ProcessRunner for LocalRunner {
             spawn_error("the process runner must be called from within a tokio runtime".into())
         })?;
         check_workdir(command).map_err(spawn_error)?;
+        let program = resolve_program(&command.program).map_err(spawn_error)?;
         let reservation = Reservation::new(&self.table, session)?;
 
-        let mut child = build_command(command)
+        let mut child = build_command(&program, command)
             .spawn()
-            .map_err(|error| spawn_error(describe_spawn_error(command, &error)))?;
+            .map_err(|error| spawn_error(describe_spawn_error(&error)))?;
         let (Some(pid), Some(stdout), Some(stderr)) =
             (child.id(), child.stdout.take(), child.stderr.take())
         else {
@@ -565,8 +567,39 @@ fn exit_status(waited: &std::io::Result<std::process::ExitStatus>) -> ExitStatus
     }
 }
 
-fn build_command(command: &CommandLine) -> Command {
-    let mut built = Command::new(&command.program);
+/// The directories searched when the node itself has no `PATH` (glibc's default).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+/// The executable `program` names: a path (it holds a `/`) as it is, a bare name looked up in
+/// the *node's* `PATH`, never in the session's environment. The allow-list admits programs by
+/// name, and a session that sets `PATH` in its `env` must not be able to swap the program for
+/// one of its own: its `PATH` only reaches what the program itself runs. Relative entries of
+/// the node's `PATH` (`.`, empty) are skipped, so the session's working directory is never
+/// searched either.
+fn resolve_program(program: &str) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable_file(candidate))
+        .ok_or_else(|| {
+            "not found in PATH (the node's own: a session's env PATH is not searched); give a \
+             full path or add its directory to the PATH the node runs with"
+                .to_owned()
+        })
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+}
+
+fn build_command(program: &Path, command: &CommandLine) -> Command {
+    let mut built = Command::new(program);
     built
         .args(&command.args)
         .current_dir(&command.workdir)
@@ -602,15 +635,13 @@ fn check_workdir(command: &CommandLine) -> Result<(), String> {
     }
 }
 
-fn describe_spawn_error(command: &CommandLine, error: &std::io::Error) -> String {
+fn describe_spawn_error(error: &std::io::Error) -> String {
     match error.kind() {
-        std::io::ErrorKind::NotFound if command.program.contains('/') => {
+        // The program was found (a bare name is resolved first), so it vanished meanwhile or
+        // names an interpreter (`#!`) that does not exist.
+        std::io::ErrorKind::NotFound => {
             format!("no such file, or its interpreter is missing ({error})")
         }
-        std::io::ErrorKind::NotFound => format!(
-            "not found in PATH, or its interpreter is missing ({error}); give a full path or \
-             add its directory to PATH"
-        ),
         std::io::ErrorKind::PermissionDenied => format!(
             "permission denied: the file is not executable, or a directory on its path or the \
              working directory is not accessible ({error})"

@@ -198,6 +198,30 @@ async fn environment_workdir_and_stdin_are_set_up() {
 }
 
 #[tokio::test]
+async fn a_session_path_cannot_swap_the_program() {
+    use std::os::unix::fs::PermissionsExt;
+
+    // A directory with an impostor `sh`, put first in the session's own PATH.
+    let impostors = tempfile::tempdir().unwrap();
+    let fake = impostors.path().join("sh");
+    std::fs::write(&fake, "#!/bin/sh\necho hijacked\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = sh("echo \"path=$PATH\"");
+    let path = format!("{}:/usr/bin:/bin", impostors.path().display());
+    command.env.insert("PATH".into(), path.clone());
+    let (sink, mut events) = channel_sink();
+    let runner = LocalRunner::default();
+    runner.start(&session("s-path"), &command, sink).unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(
+        seen.stdout,
+        [format!("path={path}")],
+        "the node's sh ran, with the session's PATH for what it runs itself"
+    );
+    assert_eq!(status, code(0));
+}
+
+#[tokio::test]
 async fn invalid_utf8_is_replaced() {
     let runner = LocalRunner::default();
     let (sink, mut events) = channel_sink();

@@ -553,6 +553,22 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
             400,
             "invalid_session",
         ),
+        // The environment cannot load code the allow-list never admitted.
+        (
+            json!({"kind": "command", "program": "true", "env": {"LD_PRELOAD": "/tmp/evil.so"}}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "env": {"LD_LIBRARY_PATH": "/tmp/evil"}}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "env": {"GCONV_PATH": "/tmp/evil"}}),
+            400,
+            "invalid_session",
+        ),
         (
             json!({"kind": "telepathy", "program": "true"}),
             400,
@@ -619,6 +635,33 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
         id_of(&ok).as_str(),
         "no event for a refused session"
     );
+
+    // A session's own PATH cannot swap an allowed program for another one: the node's `sh`
+    // runs, and the session's PATH reaches only what it runs itself.
+    let impostors = temp.path().join("impostors");
+    std::fs::create_dir_all(&impostors).unwrap();
+    let pwned = temp.path().join("pwned");
+    let fake = impostors.join("sh");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho hijacked\ntouch {}\n", pwned.display()),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!("{}:/usr/bin:/bin", impostors.display());
+    let own_path = node
+        .spawn_session(json!({
+            "kind": "command", "program": "sh", "args": ["-c", "echo \"real sh, PATH=$PATH\""],
+            "env": {"PATH": path},
+        }))
+        .await;
+    let (lines, state) = node.run_to_end(&id_of(&own_path)).await;
+    assert_eq!(state, "succeeded");
+    assert_eq!(lines, [format!("real sh, PATH={path}")]);
+    assert!(!pwned.exists(), "the impostor never ran");
 }
 
 #[tokio::test]

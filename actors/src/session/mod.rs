@@ -37,6 +37,6 @@ pub use ports::{
 };
 pub use spec::{
     AiderSession, ChatMessage, ChatSession, CommandSession, MAX_PRIORITY, ProcessInfo, SessionKind,
-    SessionRecord, SessionSpec, SpecError, SpecLimits, Transition,
+    SessionRecord, SessionSpec, SpecError, SpecLimits, Transition, refused_env,
 };
 pub use state::{InvalidTransition, SessionState};

@@ -187,6 +187,9 @@ impl SessionSpec {
                     }
                     check.name(&format!("env.{key}"), key)?;
                     check.value(&format!("env.{key}"), value)?;
+                    if let Some(why) = refused_env(key) {
+                        return Err(error(&format!("env.{key}"), why.into()));
+                    }
                 }
                 if let Some(workdir) = &command.workdir {
                     check.value("workdir", &workdir.to_string_lossy())?;
@@ -239,6 +242,27 @@ impl SessionSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a spec may not set the environment variable `key`, if it may not.
+///
+/// The program allow-list decides which executable a session runs; the environment must not
+/// undo that. The dynamic loader's variables (`LD_PRELOAD`, `LD_LIBRARY_PATH`, `LD_AUDIT`, every
+/// `LD_*`) and glibc's `GCONV_PATH` make any program load shared objects of the caller's
+/// choosing, i.e. run code the allow-list never admitted, so they are refused. `PATH` is
+/// allowed: the runner looks a bare program name up in the node's own `PATH`, never in the
+/// session's, so a session's `PATH` only affects what its program itself runs. Variables a
+/// program interprets itself (`PYTHONPATH`, `NODE_OPTIONS`, `BASH_ENV`, …) are like its
+/// arguments: what they can make it do is part of what allowing that program means.
+pub fn refused_env(key: &str) -> Option<&'static str> {
+    if key.starts_with("LD_") || key == "GCONV_PATH" {
+        Some(
+            "variables that make the dynamic loader load other code (LD_*, GCONV_PATH) are \
+             refused: they would run code the program allow-list never admitted",
+        )
+    } else {
+        None
     }
 }
 
@@ -394,6 +418,22 @@ mod tests {
             command.env.insert("A=B".into(), "x".into());
         }
         assert_eq!(spec.validate(&limits).unwrap_err().field, "env.A=B");
+        for key in ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH"] {
+            let mut spec = command(vec![]);
+            if let SessionKind::Command(command) = &mut spec.kind {
+                command.env.insert(key.into(), "/tmp/x".into());
+            }
+            let refused = spec.validate(&limits).unwrap_err();
+            assert_eq!(refused.field, format!("env.{key}"));
+        }
+        let mut path = command(vec![]);
+        if let SessionKind::Command(command) = &mut path.kind {
+            command
+                .env
+                .insert("PATH".into(), "/tmp/evil:/usr/bin".into());
+            command.env.insert("LANG".into(), "C.UTF-8".into());
+        }
+        assert_eq!(path.validate(&limits), Ok(()), "PATH itself is allowed");
         let mut chat = command(vec![]);
         chat.kind = SessionKind::Chat(ChatSession {
             model: "m".into(),
