@@ -93,6 +93,48 @@ pub(super) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
     Ok(members)
 }
 
+/// Live processes of the node's user (the node itself excepted) whose environment holds
+/// `TROUPE_SESSION_ID=<id>` for one of `sessions`: what is left of those sessions, whatever
+/// group they are in now. Processes that vanish, or whose environment cannot be read, are
+/// skipped.
+pub(super) fn session_processes(
+    sessions: &std::collections::HashSet<&str>,
+    own: &Own,
+) -> io::Result<Vec<ProcStat>> {
+    let mut found = Vec::new();
+    if sessions.is_empty() {
+        return Ok(found);
+    }
+    let prefix = format!("{}=", troupe_actors::session::SESSION_ID_ENV);
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = read_proc(pid) else { continue };
+        if stat.pid == own.pid || stat.uid != own.uid || !stat.is_alive() {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let marked = environ.split(|byte| *byte == 0).any(|entry| {
+            entry
+                .strip_prefix(prefix.as_bytes())
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .is_some_and(|id| sessions.contains(id))
+        });
+        if marked {
+            found.push(stat);
+        }
+    }
+    Ok(found)
+}
+
 /// Whether any process of the group can still receive a signal. An unreadable `/proc` counts
 /// as "yes": callers use this to decide whether to keep waiting or to send SIGKILL, and both
 /// are harmless for a live group.

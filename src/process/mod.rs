@@ -62,8 +62,8 @@ use tokio_util::sync::CancellationToken;
 use troupe_actors::event::OutputStream;
 use troupe_actors::ids::SessionId;
 use troupe_actors::session::{
-    CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessInfo, ProcessRunner,
-    ProcessSink, RunnerError,
+    CommandLine, ExitStatus, Leftover, LeftoverGroup, OutputLimits, ProcessEvent, ProcessInfo,
+    ProcessRunner, ProcessSink, RunnerError, SESSION_ID_ENV,
 };
 
 use self::delivery::{BacklogLimits, Delivery};
@@ -173,7 +173,7 @@ impl ProcessRunner for LocalRunner {
         let program = resolve_program(&command.program).map_err(spawn_error)?;
         let reservation = Reservation::new(&self.table, session)?;
 
-        let mut child = build_command(&program, command)
+        let mut child = build_command(session, &program, command)
             .spawn()
             .map_err(|error| spawn_error(describe_spawn_error(&error)))?;
         let (Some(pid), Some(stdout), Some(stderr)) =
@@ -275,7 +275,7 @@ impl ProcessRunner for LocalRunner {
         true
     }
 
-    fn kill_leftovers(&self, groups: &[LeftoverGroup], grace: Duration) -> Vec<i32> {
+    fn kill_leftovers(&self, leftovers: &[Leftover], grace: Duration) -> Vec<i32> {
         let own = match Own::current() {
             Ok(own) => own,
             Err(error) => {
@@ -290,9 +290,29 @@ impl ProcessRunner for LocalRunner {
                 Slot::Starting => None,
             })
             .collect();
+        let mut groups: Vec<LeftoverGroup> = leftovers.iter().filter_map(|l| l.group).collect();
+        // Processes still carrying one of the sessions' ids: a group never recorded (the node
+        // stopped between the fork and the commit of `running`), or members that left it.
+        let sessions: std::collections::HashSet<&str> =
+            leftovers.iter().map(|l| l.session.as_str()).collect();
+        match group::session_processes(&sessions, &own) {
+            Ok(found) => {
+                for process in found {
+                    if !groups.iter().any(|g| g.pgid == process.pgrp) {
+                        groups.push(LeftoverGroup {
+                            pgid: process.pgrp,
+                            start_ticks: None,
+                        });
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot scan /proc for processes of sessions that ran before the restart");
+            }
+        }
         let mut signalled = Vec::new();
         let mut follow_up = Vec::new();
-        for group in groups {
+        for group in &groups {
             if ours.contains(&group.pgid) {
                 tracing::info!(
                     pgid = group.pgid,
@@ -598,7 +618,7 @@ fn is_executable_file(path: &Path) -> bool {
         .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
 }
 
-fn build_command(program: &Path, command: &CommandLine) -> Command {
+fn build_command(session: &SessionId, program: &Path, command: &CommandLine) -> Command {
     let mut built = Command::new(program);
     built
         .args(&command.args)
@@ -612,6 +632,9 @@ fn build_command(program: &Path, command: &CommandLine) -> Command {
         built.env_remove(name);
     }
     built.envs(&command.env);
+    // Set last, so nothing overrides it: it is how a restarted node finds the session's
+    // processes even when it never recorded their group (see `kill_leftovers`).
+    built.env(SESSION_ID_ENV, session.as_str());
     built
 }
 

@@ -570,6 +570,11 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
             "invalid_session",
         ),
         (
+            json!({"kind": "command", "program": "true", "env": {"TROUPE_SESSION_ID": "s-other"}}),
+            400,
+            "invalid_session",
+        ),
+        (
             json!({"kind": "telepathy", "program": "true"}),
             400,
             "unknown_kind",

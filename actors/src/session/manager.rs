@@ -7,7 +7,8 @@
 //! - Submissions are stored durably before they are accepted. The store write runs outside the
 //!   manager's mailbox, so many submissions share one commit.
 //! - Recovery: on the node's first start the manager marks sessions that were running
-//!   `interrupted` and terminates their leftover process groups, and requeues queued ones. After
+//!   `interrupted` (or what a recorded stop request says) and terminates what is left of their
+//!   processes, and requeues queued ones. After
 //!   a restart of the manager alone it adopts the session actors that still run and restarts the
 //!   ones that are gone, which reattach to their processes.
 
@@ -22,7 +23,7 @@ use ractor::RpcReplyPort;
 
 use super::actor::{SessionActor, SessionArgs, SessionMsg};
 use super::context::SessionContext;
-use super::ports::{LeftoverGroup, StoreError};
+use super::ports::{Leftover, LeftoverGroup, StoreError};
 use super::spec::{SessionRecord, SessionSpec, SpecError, SpecLimits, Transition};
 use super::state::SessionState;
 use crate::event::{EventData, SessionEnded, SessionQueued};
@@ -311,12 +312,13 @@ impl ManagerState {
                     self.enqueue(record);
                 }
                 SessionState::Starting | SessionState::Running if first_start => {
-                    if let Some(process) = record.process {
-                        leftovers.push(LeftoverGroup {
+                    leftovers.push(Leftover {
+                        session: record.id.clone(),
+                        group: record.process.map(|process| LeftoverGroup {
                             pgid: process.pgid,
                             start_ticks: process.start_ticks,
-                        });
-                    }
+                        }),
+                    });
                     self.interrupt(record).await?;
                 }
                 SessionState::Starting | SessionState::Running => {
@@ -336,24 +338,35 @@ impl ManagerState {
                 .runner
                 .kill_leftovers(&leftovers, context.settings.kill_grace);
             tracing::warn!(
+                sessions = leftovers.len(),
                 groups = ?killed,
-                "terminated process groups left over from before the node restarted"
+                "terminated what was left of sessions that ran before the node restarted"
             );
         }
         Ok(())
     }
 
+    /// Records the end of a session that was running when the node stopped: `interrupted`, or
+    /// what a stop request recorded before the stop says (`cancelled`, `timed_out`).
     async fn interrupt(&self, record: SessionRecord) -> Result<(), StoreError> {
-        let reason = "the node stopped while the session was running".to_owned();
+        let end = record
+            .stop_requested
+            .map_or(SessionState::Interrupted, |stop| stop.end_state());
+        let reason = match end {
+            SessionState::Interrupted => "the node stopped while the session was running",
+            SessionState::Cancelled => "cancelled on request (the node stopped before it ended)",
+            _ => "ran past its timeout (the node stopped before it ended)",
+        }
+        .to_owned();
         let at = Timestamp::now();
         let transition = Transition {
             from: record.state,
-            to: SessionState::Interrupted,
+            to: end,
             at,
             reason: Some(reason.clone()),
         };
         let mut next = record.clone();
-        next.state = SessionState::Interrupted;
+        next.state = end;
         next.ended_at = Some(at);
         next.reason = Some(reason.clone());
         match self.args.context.store.transition(next, transition).await {
@@ -363,19 +376,19 @@ impl ManagerState {
         }
         let started = record.started_at.unwrap_or(record.created_at);
         let duration = Duration::from_micros(at.as_micros().saturating_sub(started.as_micros()));
-        self.args
-            .context
-            .stats
-            .record_end(SessionState::Interrupted, duration);
-        self.args.context.events.publish(
-            Some(record.id),
-            EventData::SessionInterrupted(SessionEnded {
-                exit_code: None,
-                signal: None,
-                reason: Some(reason),
-                duration_ms: duration.as_millis() as u64,
-            }),
-        );
+        self.args.context.stats.record_end(end, duration);
+        let ended = SessionEnded {
+            exit_code: None,
+            signal: None,
+            reason: Some(reason),
+            duration_ms: duration.as_millis() as u64,
+        };
+        let data = match end {
+            SessionState::Cancelled => EventData::SessionCancelled(ended),
+            SessionState::TimedOut => EventData::SessionTimedOut(ended),
+            _ => EventData::SessionInterrupted(ended),
+        };
+        self.args.context.events.publish(Some(record.id), data);
         Ok(())
     }
 
@@ -460,6 +473,7 @@ impl ManagerState {
             reason: None,
             process: None,
             output_lines: 0,
+            stop_requested: None,
         };
         if let Some(key) = &record.spec.idempotency_key {
             self.keys.insert(key.clone(), id.clone());

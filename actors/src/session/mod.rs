@@ -32,11 +32,12 @@ pub use manager::{
 };
 
 pub use ports::{
-    CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner, ProcessSink,
-    RunnerError, SessionStore, StoreError,
+    CommandLine, ExitStatus, Leftover, LeftoverGroup, LoggedLine, OutputLimits, ProcessEvent,
+    ProcessRunner, ProcessSink, RunnerError, SessionStore, StoreError,
 };
 pub use spec::{
-    AiderSession, ChatMessage, ChatSession, CommandSession, MAX_PRIORITY, ProcessInfo, SessionKind,
-    SessionRecord, SessionSpec, SpecError, SpecLimits, Transition, refused_env,
+    AiderSession, ChatMessage, ChatSession, CommandSession, MAX_PRIORITY, ProcessInfo,
+    SESSION_ID_ENV, SessionKind, SessionRecord, SessionSpec, SpecError, SpecLimits, StopRequest,
+    Transition, refused_env,
 };
 pub use state::{InvalidTransition, SessionState};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use troupe_actors::event::{EventData, EventFilter, OutputStream, Subscription};
+use troupe_actors::event::{EventData, EventFilter, OutputStream, ReplayFrom, Subscription};
 use troupe_actors::ids::{ActorPath, NodeId, SessionId, Timestamp};
 use troupe_actors::kernel::{FaultKind, HandleStatus};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, SessionPorts};
@@ -22,7 +22,11 @@ struct ScriptedRunner {
     processes: Mutex<HashMap<SessionId, Arc<dyn ProcessSink>>>,
     started: Mutex<Vec<(SessionId, CommandLine)>>,
     terminated: Mutex<Vec<SessionId>>,
-    leftovers: Mutex<Vec<i32>>,
+    /// Told of every terminate.
+    terminate_seen: tokio::sync::Notify,
+    /// When set, a terminated process does not exit by itself: the test emits its exit.
+    keep_alive_on_terminate: std::sync::atomic::AtomicBool,
+    leftovers: Mutex<Vec<Leftover>>,
     next_pid: Mutex<u32>,
 }
 
@@ -94,6 +98,13 @@ impl ProcessRunner for ScriptedRunner {
 
     fn terminate(&self, session: &SessionId, _grace: Duration) -> bool {
         self.terminated.lock().unwrap().push(session.clone());
+        self.terminate_seen.notify_one();
+        if self
+            .keep_alive_on_terminate
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return self.processes.lock().unwrap().contains_key(session);
+        }
         let Some(sink) = self.processes.lock().unwrap().remove(session) else {
             return false;
         };
@@ -105,10 +116,12 @@ impl ProcessRunner for ScriptedRunner {
         true
     }
 
-    fn kill_leftovers(&self, groups: &[LeftoverGroup], _grace: Duration) -> Vec<i32> {
-        let pgids: Vec<i32> = groups.iter().map(|g| g.pgid).collect();
-        self.leftovers.lock().unwrap().extend(&pgids);
-        pgids
+    fn kill_leftovers(&self, leftovers: &[Leftover], _grace: Duration) -> Vec<i32> {
+        self.leftovers.lock().unwrap().extend_from_slice(leftovers);
+        leftovers
+            .iter()
+            .filter_map(|l| l.group.map(|g| g.pgid))
+            .collect()
     }
 }
 
@@ -125,6 +138,7 @@ struct StoreData {
     records: BTreeMap<SessionId, SessionRecord>,
     transitions: Vec<(SessionId, Transition)>,
     output: Vec<String>,
+    lines: BTreeMap<(SessionId, u64), (OutputStream, String)>,
     last_line: HashMap<SessionId, u64>,
 }
 
@@ -207,16 +221,62 @@ impl SessionStore for MemoryStore {
         })
     }
 
+    fn update(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
+        let data = self.data.clone();
+        Box::pin(async move {
+            tokio::time::sleep(WRITE_DELAY).await;
+            let mut data = data.lock().unwrap();
+            match data.records.get(&record.id).map(|r| r.state) {
+                None => Err(StoreError::NotFound(record.id.clone())),
+                Some(actual) if actual != record.state || actual.is_terminal() => {
+                    Err(StoreError::Conflict {
+                        id: record.id.clone(),
+                        expected: record.state,
+                        actual,
+                    })
+                }
+                Some(_) => {
+                    data.records.insert(record.id.clone(), record);
+                    Ok(())
+                }
+            }
+        })
+    }
+
     /// Like the real store: a line number seen before is taken for a redelivery and skipped.
-    fn append_output(&self, id: &SessionId, _stream: OutputStream, first: u64, lines: &[String]) {
+    fn append_output(&self, id: &SessionId, stream: OutputStream, first: u64, lines: &[String]) {
         let mut data = self.data.lock().unwrap();
         let last = data.last_line.get(id).copied().unwrap_or(0);
         for (line, text) in (first..).zip(lines) {
             if line > last {
                 data.output.push(text.clone());
+                data.lines
+                    .insert((id.clone(), line), (stream, text.clone()));
                 data.last_line.insert(id.clone(), line);
             }
         }
+    }
+
+    fn read_output(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<LoggedLine>, StoreError>> {
+        let lines = self
+            .data
+            .lock()
+            .unwrap()
+            .lines
+            .range((id.clone(), after + 1)..=(id.clone(), u64::MAX))
+            .take(limit)
+            .map(|((_, line), (stream, text))| LoggedLine {
+                line: *line,
+                stream: *stream,
+                text: text.clone(),
+            })
+            .collect();
+        Box::pin(async move { Ok(lines) })
     }
 
     fn output_lines(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
@@ -271,7 +331,21 @@ impl CommandBuilder for Commands {
                 env_remove: Vec::new(),
                 workdir: "/tmp".into(),
             }),
-            _ => Err("only commands in these tests".into()),
+            SessionKind::Aider(aider) => Ok(CommandLine {
+                program: "aider".into(),
+                args: vec![format!("--message={}", aider.message)],
+                env: BTreeMap::new(),
+                env_remove: Vec::new(),
+                workdir: "/tmp".into(),
+            }),
+            _ => Err("only commands and Aider in these tests".into()),
+        }
+    }
+
+    fn interpreter(&self, record: &SessionRecord) -> Option<Box<dyn OutputInterpreter>> {
+        match record.spec.kind {
+            SessionKind::Aider(_) => Some(Box::new(aider::AiderInterpreter::new())),
+            _ => None,
         }
     }
 }
@@ -307,10 +381,18 @@ impl Harness {
             providers: Vec::new(),
         };
         let tree = NodeTree::start(config, ports).await.unwrap();
-        let events = tree.events.subscribe(EventFilter {
-            kinds: vec!["session.*".parse().unwrap(), "actor.*".parse().unwrap()],
-            ..EventFilter::all()
-        });
+        // From the start of the ring: recovery publishes while the tree starts.
+        let (events, _) = tree
+            .events
+            .subscribe_from(
+                ReplayFrom::Tail(10_000),
+                EventFilter {
+                    kinds: vec!["session.*".parse().unwrap(), "actor.*".parse().unwrap()],
+                    ..EventFilter::all()
+                },
+            )
+            .await
+            .unwrap();
         Self {
             tree,
             runner,
@@ -660,9 +742,17 @@ async fn after_a_node_restart_running_sessions_are_interrupted_and_queued_ones_r
             start_ticks: Some(7),
         }),
         output_lines: 0,
+        stop_requested: None,
+    };
+    let cancelling = SessionRecord {
+        stop_requested: Some(StopRequest::Cancel),
+        ..record("s-was-cancelling", SessionState::Running, Some(4343))
     };
     for r in [
         record("s-was-running", SessionState::Running, Some(4242)),
+        // Killed between its fork and the `running` commit: no group recorded.
+        record("s-was-starting", SessionState::Starting, None),
+        cancelling,
         record("s-was-queued", SessionState::Queued, None),
         record("s-was-done", SessionState::Succeeded, None),
     ] {
@@ -677,8 +767,42 @@ async fn after_a_node_restart_running_sessions_are_interrupted_and_queued_ones_r
         }
         other => panic!("{other:?}"),
     }
+    let was_starting = SessionId::new("s-was-starting").unwrap();
+    h.expect(&was_starting, "session.interrupted").await;
+    let was_cancelling = SessionId::new("s-was-cancelling").unwrap();
+    match h.expect(&was_cancelling, "session.cancelled").await {
+        EventData::SessionCancelled(ended) => {
+            assert!(ended.reason.unwrap().contains("cancelled on request"))
+        }
+        other => panic!("{other:?}"),
+    }
     h.expect(&was_queued, "session.started").await;
-    assert_eq!(*h.runner.leftovers.lock().unwrap(), [4242]);
+    let mut leftovers = h.runner.leftovers.lock().unwrap().clone();
+    leftovers.sort_by(|a, b| a.session.cmp(&b.session));
+    let group = |pgid| {
+        Some(LeftoverGroup {
+            pgid,
+            start_ticks: Some(7),
+        })
+    };
+    assert_eq!(
+        leftovers,
+        [
+            Leftover {
+                session: was_cancelling,
+                group: group(4343),
+            },
+            Leftover {
+                session: was_running,
+                group: group(4242),
+            },
+            Leftover {
+                session: was_starting,
+                group: None,
+            },
+        ],
+        "every one of them, with or without a recorded group"
+    );
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -733,5 +857,186 @@ impl Harness {
                 return restart.child.to_string();
             }
         }
+    }
+}
+
+impl Harness {
+    /// The events of session `id` from now until its end, as kinds, with the end's data.
+    async fn until_end(&mut self, id: &SessionId) -> (Vec<&'static str>, EventData) {
+        let mut kinds = Vec::new();
+        loop {
+            let (session, kind, data) = match self.seen.iter().position(|(s, _, _)| s == id) {
+                Some(index) => self.seen.remove(index).unwrap(),
+                None => self.next().await,
+            };
+            if session != *id {
+                self.seen.push_back((session, kind, data));
+                continue;
+            }
+            kinds.push(kind);
+            let end = kind
+                .strip_prefix("session.")
+                .and_then(|s| s.parse::<SessionState>().ok())
+                .is_some_and(SessionState::is_terminal);
+            if end {
+                return (kinds, data);
+            }
+        }
+    }
+
+    fn keep_processes_alive_on_terminate(&self) {
+        self.runner
+            .keep_alive_on_terminate
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Crashes the session's actor and waits until its next instance runs.
+    async fn crash_session_actor(&mut self, id: &SessionId) {
+        let handle = self.sessions().shared.handle(id).unwrap();
+        assert!(handle.inject_fault(FaultKind::Panic));
+        assert_eq!(self.next_restart().await, format!("sessions/{id}"));
+        assert!(handle.wait_running().await);
+    }
+
+    fn record(&self, id: &SessionId) -> SessionRecord {
+        self.store.data.lock().unwrap().records[id].clone()
+    }
+
+    fn terminal_transitions(&self, id: &SessionId) -> usize {
+        self.store
+            .data
+            .lock()
+            .unwrap()
+            .transitions
+            .iter()
+            .filter(|(session, t)| session == id && t.to.is_terminal())
+            .count()
+    }
+}
+
+fn killed_by_sigterm() -> ProcessEvent {
+    ProcessEvent::Exited(ExitStatus {
+        code: None,
+        signal: Some(15),
+    })
+}
+
+/// Regression: the cancel lived only in the crashed instance, so the next one read the SIGTERM
+/// death as a failure ("killed by signal 15").
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cancel_survives_a_crash_of_the_session_actor_between_the_signal_and_the_exit() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    h.keep_processes_alive_on_terminate();
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let answer = h.cancel(&id).await.unwrap();
+    assert_eq!(answer.state, SessionState::Running, "still running");
+    assert_eq!(answer.stop_requested, Some(StopRequest::Cancel));
+    assert_eq!(
+        h.record(&id).stop_requested,
+        Some(StopRequest::Cancel),
+        "durable before the process was signalled"
+    );
+    assert_eq!(
+        *h.runner.terminated.lock().unwrap(),
+        std::slice::from_ref(&id)
+    );
+
+    h.crash_session_actor(&id).await;
+    h.runner.emit(&id, killed_by_sigterm());
+    match h.expect(&id, "session.cancelled").await {
+        EventData::SessionCancelled(ended) => {
+            assert_eq!(ended.signal, Some(15));
+            assert_eq!(ended.reason.as_deref(), Some("cancelled on request"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.terminal_transitions(&id), 1);
+    assert_eq!(h.record(&id).state, SessionState::Cancelled);
+}
+
+/// Regression: after a restart the backlog replayed the exit before the re-armed deadline fired,
+/// so a timed-out run was recorded as failed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_timeout_survives_a_crash_of_the_session_actor_between_the_signal_and_the_exit() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    h.keep_processes_alive_on_terminate();
+    let mut spec = command("sh");
+    spec.timeout_secs = Some(10);
+    let id = h.submit(spec).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    // The deadline passes: the stop is recorded, then the process is signalled.
+    h.runner.terminate_seen.notified().await;
+    assert_eq!(h.record(&id).stop_requested, Some(StopRequest::Timeout));
+
+    // The actor crashes; the exit arrives while it restarts.
+    let handle = h.sessions().shared.handle(&id).unwrap();
+    assert!(handle.inject_fault(FaultKind::Panic));
+    h.runner.emit(&id, killed_by_sigterm());
+    assert_eq!(h.next_restart().await, format!("sessions/{id}"));
+    match h.expect(&id, "session.timed_out").await {
+        EventData::SessionTimedOut(ended) => {
+            assert_eq!(ended.reason.as_deref(), Some("ran past its timeout of 10s"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.terminal_transitions(&id), 1);
+}
+
+/// Regression: the new instance's Aider interpreter started empty, so a give-up printed before
+/// the crash and Aider's exit 0 after it ended as `succeeded`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_aider_give_up_printed_before_a_crash_still_fails_the_run_that_exits_0() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let spec = SessionSpec {
+        kind: SessionKind::Aider(AiderSession {
+            message: "add a greet function".into(),
+            files: Vec::new(),
+            model: None,
+            args: Vec::new(),
+            workdir: None,
+            git: false,
+        }),
+        ..command("sh")
+    };
+    let id = h.submit(spec).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let transcript = include_str!("../fixtures/aider/rate_limited_gave_up.txt");
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: transcript.lines().map(str::to_owned).collect(),
+        },
+    );
+    h.expect(&id, "session.output").await;
+    let mut rate_limits = 0;
+    while rate_limits < 9 {
+        match h.expect(&id, "session.rate_limited").await {
+            EventData::SessionRateLimited(_) => rate_limits += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    h.crash_session_actor(&id).await;
+    h.runner.exit(&id, 0);
+    let (kinds, end) = h.until_end(&id).await;
+    assert_eq!(kinds, ["session.failed"], "no signal is published twice");
+    match end {
+        EventData::SessionFailed(ended) => {
+            assert_eq!(ended.exit_code, Some(0));
+            let reason = ended.reason.unwrap();
+            assert!(
+                reason.contains("Aider gave up after 9 rate-limit errors"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
     }
 }
