@@ -8,9 +8,10 @@
 //!   manager's mailbox, so many submissions share one commit.
 //! - Recovery: on the node's first start the manager marks sessions that were running
 //!   `interrupted` (or what a recorded stop request says) and terminates what is left of their
-//!   processes, and requeues queued ones. After
-//!   a restart of the manager alone it adopts the session actors that still run and restarts the
-//!   ones that are gone, which reattach to their processes.
+//!   processes, and requeues queued ones. After a restart of the manager alone it adopts the
+//!   session actors that still run (also those it had just taken off the queue, whose records
+//!   still say `queued`) and restarts the ones that are gone, which reattach to their processes;
+//!   submissions whose store write was in flight are answered by the new instance.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +31,7 @@ use crate::event::{EventData, SessionEnded, SessionQueued};
 use crate::health::HealthStatus;
 use crate::ids::{SessionId, Timestamp, fresh_id};
 use crate::kernel::{Actor, ActorError, ActorHandle, Context, HandleStatus};
-use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, SupervisorHandle};
+use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, StartChildError, SupervisorHandle};
 
 /// How long callers wait for the manager.
 pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,7 +146,7 @@ pub enum ManagerMsg {
         /// The session.
         id: SessionId,
         /// Why.
-        reason: String,
+        error: StartChildError,
     },
     /// Report counts to the HealthActor (timer).
     ReportHealth,
@@ -157,12 +158,15 @@ pub enum ManagerMsg {
     },
 }
 
-/// What survives restarts of the manager: whether the node's first start was handled, and the
-/// live session actors' handles (written only by the manager).
+/// What survives restarts of the manager (written only by the current instance): whether the
+/// node's first start was handled, the live session actors' handles, and the submissions whose
+/// store write is in flight, with their callers' reply ports (so a submission accepted by one
+/// instance is answered, and run, by the next).
 #[derive(Clone, Default)]
 pub struct ManagerShared {
     recovered: Arc<AtomicBool>,
     handles: Arc<DashMap<SessionId, ActorHandle<SessionMsg>>>,
+    pending: Arc<DashMap<SessionId, Pending>>,
 }
 
 impl ManagerShared {
@@ -202,7 +206,9 @@ pub struct ManagerState {
     queue: BTreeMap<QueueKey, SessionRecord>,
     queued: HashMap<SessionId, QueueKey>,
     running: HashMap<SessionId, Timestamp>,
-    pending: HashMap<SessionId, Pending>,
+    /// Submissions an earlier instance was storing and recovery found stored: accepted in
+    /// `post_start`.
+    stored_pending: Vec<(SessionId, Pending)>,
     keys: HashMap<String, SessionId>,
     next_seq: u64,
     draining: Option<Vec<RpcReplyPort<()>>>,
@@ -223,7 +229,7 @@ impl Actor for SessionManager {
             queue: BTreeMap::new(),
             queued: HashMap::new(),
             running: HashMap::new(),
-            pending: HashMap::new(),
+            stored_pending: Vec::new(),
             keys: HashMap::new(),
             next_seq: 0,
             draining: None,
@@ -253,6 +259,9 @@ impl Actor for SessionManager {
             .collect();
         for id in orphans {
             state.spawn_session(ctx, id);
+        }
+        for (id, pending) in std::mem::take(&mut state.stored_pending) {
+            state.accept(ctx, id, pending);
         }
         state.drain_queue(ctx);
         ctx.send_interval(Duration::from_secs(1), || ManagerMsg::ReportHealth);
@@ -293,7 +302,7 @@ impl Actor for SessionManager {
                 }
                 state.answer_drain();
             }
-            ManagerMsg::StartFailed { id, reason } => state.start_failed(ctx, id, reason),
+            ManagerMsg::StartFailed { id, error } => state.start_failed(ctx, id, error),
             ManagerMsg::ReportHealth => state.report_health(),
         }
         Ok(())
@@ -309,7 +318,17 @@ impl ManagerState {
         for record in unfinished {
             match record.state {
                 SessionState::Queued => {
-                    self.enqueue(record);
+                    if let Some((id, pending)) = self.args.shared.pending.remove(&record.id) {
+                        // Its store write landed, but the instance that made it is gone: this
+                        // one answers the caller and runs it.
+                        self.stored_pending.push((id, pending));
+                    } else if self.has_live_actor(&record.id) {
+                        // Taken off the queue a moment ago; its actor has not recorded
+                        // `starting` yet. It runs: never queue it again.
+                        self.adopt(&record, Timestamp::now());
+                    } else {
+                        self.enqueue(record);
+                    }
                 }
                 SessionState::Starting | SessionState::Running if first_start => {
                     leftovers.push(Leftover {
@@ -322,15 +341,16 @@ impl ManagerState {
                     self.interrupt(record).await?;
                 }
                 SessionState::Starting | SessionState::Running => {
-                    self.running.insert(
-                        record.id.clone(),
-                        record.started_at.unwrap_or(record.created_at),
-                    );
-                    if let Some(key) = &record.spec.idempotency_key {
-                        self.keys.insert(key.clone(), record.id.clone());
-                    }
+                    let since = record.started_at.unwrap_or(record.created_at);
+                    self.adopt(&record, since);
                 }
                 _ => {}
+            }
+        }
+        // Submissions still being stored: their callers wait, and their keys are taken.
+        for entry in self.args.shared.pending.iter() {
+            if let Some(key) = &entry.value().record.spec.idempotency_key {
+                self.keys.insert(key.clone(), entry.key().clone());
             }
         }
         if !leftovers.is_empty() {
@@ -344,6 +364,22 @@ impl ManagerState {
             );
         }
         Ok(())
+    }
+
+    /// Counts a session whose actor runs (or is about to) as running.
+    fn adopt(&mut self, record: &SessionRecord, since: Timestamp) {
+        self.running.insert(record.id.clone(), since);
+        if let Some(key) = &record.spec.idempotency_key {
+            self.keys.insert(key.clone(), record.id.clone());
+        }
+    }
+
+    /// Whether the session has an actor that runs, is starting or restarting.
+    fn has_live_actor(&self, id: &SessionId) -> bool {
+        self.args
+            .shared
+            .handle(id)
+            .is_some_and(|handle| handle.status() != HandleStatus::Stopped)
     }
 
     /// Records the end of a session that was running when the node stopped: `interrupted`, or
@@ -409,8 +445,10 @@ impl ManagerState {
     }
 
     fn starts_pending(&self) -> usize {
-        self.pending
-            .values()
+        self.args
+            .shared
+            .pending
+            .iter()
             .filter(|pending| pending.start)
             .count()
     }
@@ -420,7 +458,7 @@ impl ManagerState {
     }
 
     fn waiting(&self) -> usize {
-        self.queue.len() + self.pending.len() - self.starts_pending()
+        self.queue.len() + self.args.shared.pending.len() - self.starts_pending()
     }
 
     async fn submit(
@@ -488,7 +526,7 @@ impl ManagerState {
                 let _ = me.cast(ManagerMsg::Created { id, result });
             }
         });
-        self.pending.insert(
+        self.args.shared.pending.insert(
             id,
             Pending {
                 record,
@@ -501,7 +539,7 @@ impl ManagerState {
     /// The session already submitted with `key`, if any.
     async fn existing_by_key(&self, key: &str) -> Option<Result<Admitted, StoreError>> {
         if let Some(id) = self.keys.get(key) {
-            if let Some(pending) = self.pending.get(id) {
+            if let Some(pending) = self.args.shared.pending.get(id) {
                 return Some(Ok(Admitted {
                     record: pending.record.clone(),
                     position: None,
@@ -533,7 +571,8 @@ impl ManagerState {
         id: SessionId,
         result: Result<(), StoreError>,
     ) {
-        let Some(pending) = self.pending.remove(&id) else {
+        let Some((_, pending)) = self.args.shared.pending.remove(&id) else {
+            // Accepted already: a restarted instance found the record in the store.
             return;
         };
         if let Err(error) = result {
@@ -543,6 +582,11 @@ impl ManagerState {
             let _ = pending.reply.send(Err(SubmitError::Store(error)));
             return;
         }
+        self.accept(ctx, id, pending);
+    }
+
+    /// A submission is stored: count it, run or queue it, announce it, answer the caller.
+    fn accept(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, pending: Pending) {
         self.args
             .context
             .stats
@@ -599,6 +643,12 @@ impl ManagerState {
     }
 
     fn spawn_session(&mut self, ctx: &Context<ManagerMsg>, id: SessionId) {
+        if self.has_live_actor(&id) {
+            // Its actor runs already; a second one would be refused, and a new handle would
+            // not reach the running one.
+            tracing::warn!(session = %id, "not starting a second actor for a session");
+            return;
+        }
         let handle = ActorHandle::new(self.args.supervisor.path().child(id.as_str()));
         self.args.shared.handles.insert(id.clone(), handle.clone());
         let args = SessionArgs {
@@ -613,15 +663,19 @@ impl ManagerState {
         let me = ctx.handle().clone();
         tokio::spawn(async move {
             if let Err(error) = supervisor.start_child(spec).await {
-                let _ = me.cast(ManagerMsg::StartFailed {
-                    id,
-                    reason: error.to_string(),
-                });
+                let _ = me.cast(ManagerMsg::StartFailed { id, error });
             }
         });
     }
 
-    fn start_failed(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, reason: String) {
+    fn start_failed(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, error: StartChildError) {
+        if let StartChildError::AlreadyExists(_) = error {
+            // The session has an actor already (it runs, and ends with a `Finished`): never
+            // mark a live run failed.
+            tracing::warn!(session = %id, "a session's actor was started twice; the first one runs it");
+            return;
+        }
+        let reason = error.to_string();
         tracing::error!(session = %id, reason = %reason, "a session actor could not be started");
         self.running.remove(&id);
         self.args.shared.handles.remove(&id);

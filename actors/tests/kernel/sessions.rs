@@ -140,11 +140,61 @@ struct StoreData {
     output: Vec<String>,
     lines: BTreeMap<(SessionId, u64), (OutputStream, String)>,
     last_line: HashMap<SessionId, u64>,
+    /// Writes that wait for the test before they land.
+    gates: Vec<Gate>,
+}
+
+/// Holds back one kind of write of one session until the test opens it.
+struct Gate {
+    session: Option<SessionId>,
+    what: GatedWrite,
+    arrived: Arc<tokio::sync::Notify>,
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GatedWrite {
+    /// Any create.
+    Create,
+    /// A transition to this state.
+    To(SessionState),
 }
 
 const WRITE_DELAY: Duration = Duration::from_millis(5);
 
 impl MemoryStore {
+    /// Holds back the next matching write until the returned opener is called; `arrived` is
+    /// told when it is held.
+    fn gate(
+        &self,
+        session: Option<SessionId>,
+        what: GatedWrite,
+    ) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Semaphore>) {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        self.data.lock().unwrap().gates.push(Gate {
+            session,
+            what,
+            arrived: arrived.clone(),
+            open: open.clone(),
+        });
+        (arrived, open)
+    }
+
+    /// The gate for this write, if one holds it (taken: it holds one write).
+    fn gated(
+        data: &Mutex<StoreData>,
+        session: &SessionId,
+        what: GatedWrite,
+    ) -> Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Semaphore>)> {
+        let mut data = data.lock().unwrap();
+        let index = data.gates.iter().position(|gate| {
+            gate.what == what && gate.session.as_ref().is_none_or(|s| s == session)
+        })?;
+        let gate = data.gates.remove(index);
+        Some((gate.arrived, gate.open))
+    }
+
     fn insert(&self, record: SessionRecord) {
         self.data
             .lock()
@@ -184,7 +234,12 @@ impl MemoryStore {
 impl SessionStore for MemoryStore {
     fn create(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
         let data = self.data.clone();
+        let gate = MemoryStore::gated(&self.data, &record.id, GatedWrite::Create);
         Box::pin(async move {
+            if let Some((arrived, open)) = gate {
+                arrived.notify_one();
+                let _ = open.acquire().await.unwrap();
+            }
             tokio::time::sleep(WRITE_DELAY).await;
             data.lock()
                 .unwrap()
@@ -200,7 +255,12 @@ impl SessionStore for MemoryStore {
         transition: Transition,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let data = self.data.clone();
+        let gate = MemoryStore::gated(&self.data, &record.id, GatedWrite::To(transition.to));
         Box::pin(async move {
+            if let Some((arrived, open)) = gate {
+                arrived.notify_one();
+                let _ = open.acquire().await.unwrap();
+            }
             tokio::time::sleep(WRITE_DELAY).await;
             let mut data = data.lock().unwrap();
             match data.records.get(&record.id).map(|r| r.state) {
@@ -1039,4 +1099,103 @@ async fn an_aider_give_up_printed_before_a_crash_still_fails_the_run_that_exits_
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Regression: the pending submission (and its caller's reply) lived in the crashed instance:
+/// the caller got an error for a stored session, which then stayed queued until the next start
+/// of the node.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_submission_in_flight_when_the_manager_crashes_is_answered_and_runs() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::Create);
+    let mut h = Harness::start(SessionSettings::default(), store).await;
+    let manager = h.sessions().manager.clone();
+    let submission = tokio::spawn(async move {
+        manager
+            .call(
+                |reply| ManagerMsg::Submit {
+                    spec: command("sh"),
+                    reply,
+                },
+                MANAGER_TIMEOUT,
+            )
+            .await
+    });
+    held.notified().await;
+    let path = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
+    assert_eq!(h.next_restart().await, "sessions/manager");
+    open.add_permits(1);
+
+    let admitted = submission
+        .await
+        .unwrap()
+        .expect("the manager answers")
+        .expect("the submission is accepted");
+    let id = admitted.record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    h.runner.exit(&id, 0);
+    h.expect(&id, "session.succeeded").await;
+    assert_eq!(h.runner.starts(), 1);
+}
+
+/// Regression: a session taken off the queue still reads `queued` in the store until its actor
+/// records `starting`; a manager restarted in between queued it again, its second actor was
+/// refused (`AlreadyExists`) and the live run was recorded as failed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_session_just_taken_off_the_queue_is_not_queued_again_by_a_restarted_manager() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let store = Arc::new(MemoryStore::default());
+    let mut h = Harness::start(settings, store.clone()).await;
+    let first = h.submit(command("sh")).await.unwrap().record.id;
+    let second = h.submit(command("sh")).await.unwrap();
+    assert_eq!(second.position, Some(1));
+    let second = second.record.id;
+    h.expect(&first, "session.queued").await;
+    h.expect(&second, "session.queued").await;
+    h.expect(&first, "session.started").await;
+    h.running(&first).await;
+
+    // The second one's actor will wait in its `queued → starting` write.
+    let (held, open) = store.gate(Some(second.clone()), GatedWrite::To(SessionState::Starting));
+    h.runner.exit(&first, 0);
+    h.expect(&first, "session.succeeded").await;
+    held.notified().await;
+    assert_eq!(h.record(&second).state, SessionState::Queued);
+
+    let path = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
+    assert_eq!(h.next_restart().await, "sessions/manager");
+    let summary = h
+        .sessions()
+        .manager
+        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.running, summary.queued),
+        (1, 0),
+        "adopted as running, not queued again"
+    );
+
+    open.add_permits(1);
+    h.expect(&second, "session.started").await;
+    h.running(&second).await;
+    h.runner.exit(&second, 0);
+    h.expect(&second, "session.succeeded").await;
+    assert_eq!(h.runner.starts(), 2, "each session started once");
+    assert_eq!(
+        store.history(&second),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Running,
+            SessionState::Succeeded
+        ]
+    );
 }
