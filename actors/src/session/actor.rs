@@ -17,6 +17,7 @@ use ractor::RpcReplyPort;
 
 use super::chat::ChatInterpreter;
 use super::context::{HandleSink, OutputInterpreter, OutputSignal, SessionContext};
+use super::flood::{GateDecision, OutputGate};
 use super::manager::ManagerMsg;
 use super::ports::{ExitStatus, ProcessEvent, StoreError};
 use super::spec::{ChatSession, ProcessInfo, SessionKind, SessionRecord, StopRequest, Transition};
@@ -46,6 +47,8 @@ pub enum SessionMsg {
     Interrupt,
     /// The record as it stands.
     Get(RpcReplyPort<SessionRecord>),
+    /// Output held back by the per-session event bound may go out now (timer).
+    FlushOutput,
 }
 
 /// Arguments of a SessionActor.
@@ -67,6 +70,8 @@ pub struct SessionActorState {
     args: SessionArgs,
     record: SessionRecord,
     interpreter: Option<Box<dyn OutputInterpreter>>,
+    /// The bound on this session's `session.output` events.
+    gate: OutputGate,
     /// The run ended (or could not start): stop after `post_start`.
     done: bool,
     /// When the run started, on the runtime's clock (derived once per instance from the durable
@@ -110,10 +115,15 @@ impl Actor for SessionActor {
             SessionKind::Chat(_) => Some(Box::new(ChatInterpreter::default())),
             _ => args.context.commands.interpreter(&record),
         };
+        let gate = OutputGate::new(
+            args.context.settings.output_events_per_sec,
+            tokio::time::Instant::now(),
+        );
         Ok(SessionActorState {
             args,
             record,
             interpreter,
+            gate,
             done: false,
             anchor: tokio::time::Instant::now(),
         })
@@ -214,7 +224,11 @@ impl Actor for SessionActor {
         }
         match message {
             SessionMsg::Process(ProcessEvent::Output { stream, lines }) => {
-                state.output(stream, lines);
+                state.output(ctx, stream, lines);
+            }
+            SessionMsg::FlushOutput => {
+                let decision = state.gate.flush(tokio::time::Instant::now());
+                state.gated(ctx, decision);
             }
             SessionMsg::Process(ProcessEvent::Exited(status)) => {
                 state.exited(ctx, status).await?;
@@ -446,7 +460,12 @@ impl SessionActorState {
         Ok(())
     }
 
-    fn output(&mut self, stream: crate::event::OutputStream, lines: Vec<String>) {
+    fn output(
+        &mut self,
+        ctx: &Context<SessionMsg>,
+        stream: crate::event::OutputStream,
+        lines: Vec<String>,
+    ) {
         if lines.is_empty() {
             return;
         }
@@ -466,13 +485,27 @@ impl SessionActorState {
         let skipped = lines.len().saturating_sub(per_event) as u64;
         let mut lines = lines;
         lines.truncate(per_event);
-        self.publish(EventData::SessionOutput(SessionOutput {
-            stream,
-            first_line,
-            lines,
-            skipped,
-        }));
+        let decision = self.gate.offer(
+            tokio::time::Instant::now(),
+            SessionOutput {
+                stream,
+                first_line,
+                lines,
+                skipped,
+            },
+        );
+        self.gated(ctx, decision);
         self.signal(signals);
+    }
+
+    /// Publishes what the output gate lets out and arms its flush timer.
+    fn gated(&self, ctx: &Context<SessionMsg>, decision: GateDecision) {
+        for output in decision.publish {
+            self.publish(EventData::SessionOutput(output));
+        }
+        if let Some(after) = decision.flush_after {
+            ctx.send_after(after, SessionMsg::FlushOutput);
+        }
     }
 
     fn signal(&self, signals: Vec<OutputSignal>) {
@@ -551,6 +584,10 @@ impl SessionActorState {
                 return Ok(());
             }
             Err(error) => return Err(error),
+        }
+        // Output held back by the event bound goes out before the end.
+        if let Some(output) = self.gate.drain() {
+            self.publish(EventData::SessionOutput(output));
         }
         self.announce_end(state, reason, status);
         self.finished(ctx);

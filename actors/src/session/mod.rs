@@ -13,6 +13,7 @@ mod actor;
 pub mod aider;
 mod chat;
 mod context;
+mod flood;
 mod manager;
 mod ports;
 mod spec;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use troupe_actors::event::{EventData, EventFilter, OutputStream, ReplayFrom, Subscription};
+use troupe_actors::event::{
+    Delivery, EventBusConfig, EventData, EventFilter, OutputStream, ReplayFrom, Subscription,
+};
 use troupe_actors::ids::{ActorPath, NodeId, SessionId, Timestamp};
 use troupe_actors::kernel::{FaultKind, HandleStatus};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, SessionPorts};
@@ -421,9 +423,18 @@ struct Harness {
 
 impl Harness {
     async fn start(settings: SessionSettings, store: Arc<MemoryStore>) -> Self {
+        Self::start_with(settings, store, EventBusConfig::default()).await
+    }
+
+    async fn start_with(
+        settings: SessionSettings,
+        store: Arc<MemoryStore>,
+        events: EventBusConfig,
+    ) -> Self {
         quiet_intended_panics();
         let mut config = NodeTreeConfig::new(NodeId::new("n1").unwrap());
         config.sessions = settings;
+        config.events = events;
         config.supervision.backoff = Backoff {
             min: Duration::from_millis(10),
             max: Duration::from_millis(10),
@@ -1197,5 +1208,97 @@ async fn a_session_just_taken_off_the_queue_is_not_queued_again_by_a_restarted_m
             SessionState::Running,
             SessionState::Succeeded
         ]
+    );
+}
+
+/// A flooding session next to a quiet one: the flood is coalesced to a few events that still
+/// account for every line, and a subscriber with a small buffer loses nothing of the quiet one.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_flooding_session_cannot_push_a_quiet_sessions_events_out_of_a_subscribers_buffer() {
+    let buffer = 64;
+    let mut h = Harness::start_with(
+        SessionSettings::default(),
+        Arc::default(),
+        EventBusConfig {
+            subscriber_buffer: buffer,
+            ..EventBusConfig::default()
+        },
+    )
+    .await;
+    let quiet = h.submit(command("sh")).await.unwrap().record.id;
+    let chatty = h.submit(command("sh")).await.unwrap().record.id;
+    for id in [&quiet, &chatty] {
+        h.expect(id, "session.queued").await;
+        h.expect(id, "session.started").await;
+        h.running(id).await;
+    }
+    // A watcher that reads nothing until the end.
+    let mut watcher = h.tree.events.subscribe(EventFilter {
+        kinds: vec!["session.*".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    let mut ends = h.tree.events.subscribe(EventFilter {
+        kinds: vec!["session.succeeded".parse().unwrap()],
+        ..EventFilter::all()
+    });
+
+    h.runner.emit(
+        &quiet,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: vec!["the quiet one speaks".into()],
+        },
+    );
+    let flood: u64 = 20_000;
+    for line in 0..flood {
+        h.runner.emit(
+            &chatty,
+            ProcessEvent::Output {
+                stream: OutputStream::Stderr,
+                lines: vec![format!("flood {line}")],
+            },
+        );
+    }
+    h.runner.exit(&chatty, 0);
+    h.runner.exit(&quiet, 0);
+    for _ in 0..2 {
+        next_event(&mut ends).await;
+    }
+
+    let mut quiet_lines = Vec::new();
+    let mut chatty_events = 0;
+    let mut chatty_lines = 0;
+    let mut chatty_next = 1;
+    loop {
+        let delivery = tokio::time::timeout(Duration::from_secs(1), watcher.recv()).await;
+        let Ok(Some(delivery)) = delivery else { break };
+        let event = match delivery {
+            Delivery::Event(event) => event,
+            other => panic!("the watcher lost events: {other:?}"),
+        };
+        if let EventData::SessionOutput(output) = &event.data {
+            if event.session.as_ref() == Some(&quiet) {
+                quiet_lines.extend(output.lines.clone());
+            } else {
+                assert_eq!(output.first_line, chatty_next, "contiguous, in order");
+                chatty_events += 1;
+                chatty_lines += output.lines.len() as u64 + output.skipped;
+                chatty_next = output.first_line + output.lines.len() as u64 + output.skipped;
+            }
+        }
+    }
+    assert_eq!(quiet_lines, ["the quiet one speaks"]);
+    assert_eq!(
+        chatty_lines, flood,
+        "every line accounted for, in the events or as skipped"
+    );
+    assert!(
+        chatty_events < buffer / 2,
+        "{chatty_events} output events for a flood of {flood} batches"
+    );
+    assert_eq!(
+        h.store.data.lock().unwrap().last_line[&chatty],
+        flood,
+        "the log has every line"
     );
 }
