@@ -273,18 +273,38 @@ async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtak
         id_of(&blocker)
     );
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let health = loop {
         let health: Value = node.get("/v1/health").await.json().await.unwrap();
         let sessions = health["components"]["sessions"].to_string();
         if sessions.contains(&expected) && sessions.contains("the queue is full") {
-            break;
+            break health;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "health never saw the sessions: {health}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    };
+    // The same figures as fields.
+    let sessions = &health["components"]["sessions"];
+    assert_eq!(sessions["status"], "degraded", "{sessions}");
+    assert_eq!(sessions["running"], 1, "{sessions}");
+    assert_eq!(sessions["queued"], 2, "{sessions}");
+    assert_eq!(sessions["max_concurrent"], 1, "{sessions}");
+    assert_eq!(sessions["queue_capacity"], 2, "{sessions}");
+    assert_eq!(
+        sessions["longest_running"]["id"],
+        id_of(&blocker).as_str(),
+        "{sessions}"
+    );
+    assert!(
+        sessions["longest_running"]["since"].is_string(),
+        "{sessions}"
+    );
+    assert!(
+        sessions["longest_running"]["elapsed_secs"].is_u64(),
+        "{sessions}"
+    );
     let retry_after: u64 = refused.headers()["retry-after"]
         .to_str()
         .unwrap()

@@ -15,6 +15,7 @@ use crate::event::{EventBus, OutputStream};
 use crate::health::Health;
 use crate::ids::NodeId;
 use crate::kernel::{ActorHandle, SendError};
+use crate::registry::Registry;
 
 /// Session tuning (from the `[sessions]` configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +160,8 @@ pub struct SessionContext {
     pub events: EventBus,
     /// Where session counts are reported.
     pub health: Health,
+    /// Where sessions are told to be (this node) and gone.
+    pub registry: Registry,
     /// Tuning.
     pub settings: SessionSettings,
     /// Counters.

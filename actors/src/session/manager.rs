@@ -12,6 +12,8 @@
 //!   session actors that still run (also those it had just taken off the queue, whose records
 //!   still say `queued`) and restarts the ones that are gone, which reattach to their processes;
 //!   submissions whose store write was in flight are answered by the new instance.
+//! - The RegistryActor learns of every session accepted here (`SessionUp`) and of its end
+//!   (`SessionDown`).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
@@ -28,9 +30,10 @@ use super::ports::{Leftover, LeftoverGroup, StoreError};
 use super::spec::{SessionRecord, SessionSpec, SpecError, SpecLimits, Transition};
 use super::state::SessionState;
 use crate::event::{EventData, SessionEnded, SessionQueued};
-use crate::health::HealthStatus;
+use crate::health::{ComponentFigures, HealthStatus, LongestRunning, SessionsHealth};
 use crate::ids::{SessionId, Timestamp, fresh_id};
 use crate::kernel::{Actor, ActorError, ActorHandle, Context, HandleStatus};
+use crate::registry::{RegistryMsg, SessionEntry};
 use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, StartChildError, SupervisorHandle};
 
 /// How long callers wait for the manager.
@@ -288,6 +291,7 @@ impl Actor for SessionManager {
             ManagerMsg::Finished { id } => {
                 state.running.remove(&id);
                 state.args.shared.handles.remove(&id);
+                state.registry(RegistryMsg::SessionDown(id));
                 state.drain_queue(ctx);
                 state.update_gauges();
                 state.answer_drain();
@@ -327,6 +331,10 @@ impl ManagerState {
                         // `starting` yet. It runs: never queue it again.
                         self.adopt(&record, Timestamp::now());
                     } else {
+                        self.registry(RegistryMsg::SessionUp(SessionEntry {
+                            id: record.id.clone(),
+                            node: record.node.clone(),
+                        }));
                         self.enqueue(record);
                     }
                 }
@@ -372,6 +380,10 @@ impl ManagerState {
         if let Some(key) = &record.spec.idempotency_key {
             self.keys.insert(key.clone(), record.id.clone());
         }
+        self.registry(RegistryMsg::SessionUp(SessionEntry {
+            id: record.id.clone(),
+            node: record.node.clone(),
+        }));
     }
 
     /// Whether the session has an actor that runs, is starting or restarting.
@@ -380,6 +392,10 @@ impl ManagerState {
             .shared
             .handle(id)
             .is_some_and(|handle| handle.status() != HandleStatus::Stopped)
+    }
+
+    fn registry(&self, message: RegistryMsg) {
+        self.args.context.registry.update(message);
     }
 
     /// Records the end of a session that was running when the node stopped: `interrupted`, or
@@ -595,6 +611,10 @@ impl ManagerState {
         let record = pending.record;
         let kind = record.spec.kind.tag();
         let priority = record.spec.priority;
+        self.registry(RegistryMsg::SessionUp(SessionEntry {
+            id: id.clone(),
+            node: record.node.clone(),
+        }));
         let position = if pending.start && self.busy() < self.args.context.settings.max_concurrent {
             self.running.insert(id.clone(), Timestamp::now());
             self.spawn_session(ctx, id.clone());
@@ -679,6 +699,7 @@ impl ManagerState {
         tracing::error!(session = %id, reason = %reason, "a session actor could not be started");
         self.running.remove(&id);
         self.args.shared.handles.remove(&id);
+        self.registry(RegistryMsg::SessionDown(id.clone()));
         let context = self.args.context.clone();
         tokio::spawn(async move {
             let Ok(Some(record)) = context.store.get(&id).await else {
@@ -722,6 +743,7 @@ impl ManagerState {
                 .remove(&key)
                 .expect("queued sessions are in the queue");
             self.update_gauges();
+            self.registry(RegistryMsg::SessionDown(id.clone()));
             tokio::spawn(async move {
                 let at = Timestamp::now();
                 let reason = "cancelled on request".to_owned();
@@ -825,9 +847,23 @@ impl ManagerState {
         } else {
             HealthStatus::Healthy
         };
-        self.args
-            .context
-            .health
-            .report_component("sessions", status, detail);
+        let now = Timestamp::now();
+        let figures = SessionsHealth {
+            running: summary.running,
+            queued: summary.queued,
+            max_concurrent: summary.max_concurrent,
+            queue_capacity: summary.queue_capacity,
+            longest_running: summary.longest_running.map(|(id, since)| LongestRunning {
+                id,
+                since,
+                elapsed_secs: now.as_micros().saturating_sub(since.as_micros()) / 1_000_000,
+            }),
+        };
+        self.args.context.health.report_figures(
+            "sessions",
+            status,
+            detail,
+            Some(ComponentFigures::Sessions(figures)),
+        );
     }
 }

@@ -1302,3 +1302,86 @@ async fn a_flooding_session_cannot_push_a_quiet_sessions_events_out_of_a_subscri
         "the log has every line"
     );
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_registry_knows_where_sessions_are_until_they_end() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+    h.running(&running).await;
+    let tables = h.tree.registry.tables().clone();
+    let known = |tables: &troupe_actors::registry::RegistryTables| {
+        tables
+            .sessions()
+            .into_iter()
+            .map(|entry| (entry.id, entry.node.to_string()))
+            .collect::<Vec<_>>()
+    };
+    until(|| known(&tables).len() == 2).await;
+    let mut expected = vec![
+        (running.clone(), "n1".to_owned()),
+        (queued.clone(), "n1".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(known(&tables), expected);
+
+    h.cancel(&queued).await.unwrap();
+    h.expect(&queued, "session.cancelled").await;
+    h.runner.exit(&running, 0);
+    h.expect(&running, "session.succeeded").await;
+    until(|| known(&tables).is_empty()).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn health_reports_the_sessions_as_fields() {
+    use troupe_actors::health::{ComponentFigures, HealthStatus};
+
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        queue_capacity: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = h.tree.health.report().await.unwrap();
+    let sessions = &report.components["sessions"];
+    assert_eq!(sessions.status, HealthStatus::Degraded, "the queue is full");
+    let Some(ComponentFigures::Sessions(figures)) = &sessions.figures else {
+        panic!("no figures: {sessions:?}")
+    };
+    assert_eq!(
+        (
+            figures.running,
+            figures.queued,
+            figures.max_concurrent,
+            figures.queue_capacity
+        ),
+        (1, 1, 1, 1)
+    );
+    let longest = figures.longest_running.as_ref().expect("one runs");
+    assert_eq!(longest.id, running);
+    assert!(longest.since <= Timestamp::now());
+}
+
+/// Yields until `condition` holds (other tasks run meanwhile); fails after many rounds.
+async fn until(mut condition: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if condition() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the condition never held");
+}
