@@ -269,6 +269,7 @@ impl NodeBuilder {
                 .map(|sessions| sessions.stats.clone()),
         );
         metrics.add_providers(tree.provider_actors.clone());
+        let mut metrics = metrics.with_store(store.clone());
         let calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>> = Arc::default();
         if let Some(endpoint) = &cluster {
             metrics = metrics.with_cluster(endpoint.stats().clone());
