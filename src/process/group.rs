@@ -139,6 +139,9 @@ pub(super) fn session_processes(
 /// as "yes": callers use this to decide whether to keep waiting or to send SIGKILL, and both
 /// are harmless for a live group.
 pub(super) fn has_live_members(pgid: i32) -> bool {
+    if group_is_empty(pgid) {
+        return false;
+    }
     match group_members(pgid) {
         Ok(members) => members.iter().any(ProcStat::is_alive),
         Err(error) => {
@@ -150,9 +153,20 @@ pub(super) fn has_live_members(pgid: i32) -> bool {
 
 /// [`has_live_members`] off the async threads (a `/proc` scan reads one file per process).
 pub(super) async fn has_live_members_async(pgid: i32) -> bool {
+    if group_is_empty(pgid) {
+        return false;
+    }
     tokio::task::spawn_blocking(move || has_live_members(pgid))
         .await
         .unwrap_or(true)
+}
+
+/// True when no process at all is in the group: signal 0 to it finds none (`ESRCH`). One
+/// syscall instead of a `/proc` scan, which reads a file per process on the machine and was most
+/// of the cost of a short session on a busy machine. Anything else (members, zombies among them,
+/// or a member of another user) leaves the answer to the scan.
+fn group_is_empty(pgid: i32) -> bool {
+    pgid > 1 && killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH)
 }
 
 /// Sends `signal` to the group. "No such process" (the group is gone) is not an error.
@@ -330,6 +344,28 @@ mod tests {
                 .iter()
                 .any(|m| m.pid == own.pid)
         );
+    }
+
+    #[test]
+    fn an_empty_group_is_known_without_a_scan() {
+        use std::os::unix::process::CommandExt;
+
+        let own = Own::current().unwrap();
+        assert!(
+            !group_is_empty(own.pgrp),
+            "the node's own group has the node"
+        );
+        let mut child = std::process::Command::new("true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(
+            group_is_empty(pgid),
+            "its only member exited and was reaped"
+        );
+        assert!(!has_live_members(pgid));
     }
 
     #[test]
