@@ -621,6 +621,8 @@ fn is_executable_file(path: &Path) -> bool {
 fn build_command(session: &SessionId, program: &Path, command: &CommandLine) -> Command {
     let mut built = Command::new(program);
     built
+        // argv[0] stays the name the session gave, as if its shell had looked it up.
+        .arg0(&command.program)
         .args(&command.args)
         .current_dir(&command.workdir)
         .stdin(Stdio::null())

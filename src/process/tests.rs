@@ -206,7 +206,7 @@ async fn a_session_path_cannot_swap_the_program_and_the_session_id_is_set() {
     let fake = impostors.path().join("sh");
     std::fs::write(&fake, "#!/bin/sh\necho hijacked\n").unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut command = sh("echo \"path=$PATH\"; echo \"id=$TROUPE_SESSION_ID\"");
+    let mut command = sh("echo \"path=$PATH\"; echo \"id=$TROUPE_SESSION_ID\"; echo \"zero=$0\"");
     let path = format!("{}:/usr/bin:/bin", impostors.path().display());
     command.env.insert("PATH".into(), path.clone());
     let (sink, mut events) = channel_sink();
@@ -215,7 +215,7 @@ async fn a_session_path_cannot_swap_the_program_and_the_session_id_is_set() {
     let (seen, status) = until_exit(&mut events).await;
     assert_eq!(
         seen.stdout,
-        [format!("path={path}"), "id=s-path".into()],
+        [format!("path={path}"), "id=s-path".into(), "zero=sh".into()],
         "the node's sh ran, with the session's PATH for what it runs itself"
     );
     assert_eq!(status, code(0));
