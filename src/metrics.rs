@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use troupe_actors::event::EventBus;
 
 use crate::cluster::{ClusterStats, Refusal};
+use crate::store::Store;
 use troupe_actors::kernel::ActorDirectory;
 use troupe_actors::provider::stats::LATENCY_BUCKETS_SECS;
 use troupe_actors::provider::{ProviderActorRef, ProviderStatus};
@@ -37,7 +38,60 @@ struct TreeCollector {
     directory: ActorDirectory,
     events: EventBus,
     tables: RegistryTables,
-    sessions: Option<Arc<SessionStats>>,
+}
+
+struct SessionsCollector {
+    stats: Arc<SessionStats>,
+}
+
+impl fmt::Debug for SessionsCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionsCollector")
+    }
+}
+
+impl Collector for SessionsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        encode_sessions(&mut encoder, &self.stats)
+    }
+}
+
+struct StoreCollector {
+    store: Store,
+}
+
+impl fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoreCollector")
+    }
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let stats = self.store.stats();
+        single(
+            &mut encoder,
+            "troupe_store_commits",
+            "Durable write transactions of the store (each a group commit)",
+            MetricType::Counter,
+            ConstCounter::new(stats.commits),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_store_failed_batches",
+            "Write batches rolled back after a storage failure",
+            MetricType::Counter,
+            ConstCounter::new(stats.failed_batches),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_store_dropped_appends",
+            "Output lines batches and events not written to the store because too many writes \
+             were waiting for the disk (or the store was closed)",
+            MetricType::Counter,
+            ConstCounter::new(stats.dropped_appends),
+        )
+    }
 }
 
 impl fmt::Debug for TreeCollector {
@@ -180,11 +234,7 @@ impl Collector for TreeCollector {
             "Live client links",
             MetricType::Gauge,
             ConstGauge::new(i64::try_from(self.tables.links().len()).unwrap_or(i64::MAX)),
-        )?;
-        if let Some(sessions) = &self.sessions {
-            encode_sessions(&mut encoder, sessions)?;
-        }
-        Ok(())
+        )
     }
 }
 
@@ -334,9 +384,18 @@ impl NodeMetrics {
             directory,
             events,
             tables,
-            sessions,
         }));
+        if let Some(stats) = sessions {
+            registry.register_collector(Box::new(SessionsCollector { stats }));
+        }
         Self { registry }
+    }
+
+    /// Adds the store's counters (`troupe_store_*`).
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.registry
+            .register_collector(Box::new(StoreCollector { store }));
+        self
     }
 
     /// Adds per-provider series (`troupe_provider_*`), read from each provider's counters and
@@ -550,5 +609,94 @@ impl Collector for ProviderCollector {
                 )
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use troupe_actors::event::OutputStream;
+    use troupe_actors::ids::{NodeId, SessionId};
+    use troupe_actors::session::SessionStore;
+
+    use super::*;
+
+    fn render(collector: impl Collector + 'static) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(collector));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    fn assert_has(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == *line),
+                "{line:?} is not in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn ended_sessions_count_per_final_state_and_fill_the_duration_histogram() {
+        let stats = Arc::new(SessionStats::default());
+        stats.record_end(SessionState::Succeeded, Duration::from_millis(50));
+        stats.record_end(SessionState::Failed, Duration::from_secs(2));
+        stats.record_end(SessionState::Cancelled, Duration::from_secs(7200));
+        let text = render(SessionsCollector { stats });
+        assert_has(
+            &text,
+            &[
+                "troupe_sessions_ended_total{state=\"succeeded\"} 1",
+                "troupe_sessions_ended_total{state=\"failed\"} 1",
+                "troupe_sessions_ended_total{state=\"cancelled\"} 1",
+                "troupe_sessions_ended_total{state=\"timed_out\"} 0",
+                "troupe_sessions_ended_total{state=\"interrupted\"} 0",
+                // Cumulative buckets: 0.05 s, 2 s, then 2 h past the last bound.
+                "troupe_session_duration_seconds_bucket{le=\"0.1\"} 1",
+                "troupe_session_duration_seconds_bucket{le=\"1.0\"} 1",
+                "troupe_session_duration_seconds_bucket{le=\"5.0\"} 2",
+                "troupe_session_duration_seconds_bucket{le=\"3600.0\"} 2",
+                "troupe_session_duration_seconds_bucket{le=\"+Inf\"} 3",
+                "troupe_session_duration_seconds_sum 7202.05",
+                "troupe_session_duration_seconds_count 3",
+            ],
+        );
+        assert!(
+            !text.contains("troupe_sessions_ended_total{state=\"running\"}"),
+            "only final states: {text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn appends_the_store_drops_are_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            NodeId::new("n1").unwrap(),
+            crate::store::StoreConfig {
+                // No append may wait for the disk: every one is dropped and counted.
+                max_pending_appends: 0,
+                ..crate::store::StoreConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let session = SessionId::new("s-1").unwrap();
+        store.append_output(&session, OutputStream::Stdout, 1, &["a".to_owned()]);
+        store.append_output(&session, OutputStream::Stdout, 2, &["b".to_owned()]);
+        let text = render(StoreCollector {
+            store: store.clone(),
+        });
+        assert_has(
+            &text,
+            &[
+                "troupe_store_dropped_appends_total 2",
+                "troupe_store_failed_batches_total 0",
+            ],
+        );
+        store.close().await.unwrap();
     }
 }

@@ -143,6 +143,13 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
         let config = self.config;
         config.validate()?;
+        if let Some(listener) = &self.listener {
+            let local = listener.local_addr().map_err(|source| NodeError::Bind {
+                addr: config.http.listen,
+                source,
+            })?;
+            check_listener(&config, local)?;
+        }
         let node_id = config.resolved_node_id();
         let data_dir = config.resolved_data_dir();
         auth::ensure_data_dir(&data_dir)?;
@@ -266,6 +273,7 @@ impl NodeBuilder {
                 .map(|sessions| sessions.stats.clone()),
         );
         metrics.add_providers(tree.provider_actors.clone());
+        let mut metrics = metrics.with_store(store.clone());
         let calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>> = Arc::default();
         if let Some(endpoint) = &cluster {
             metrics = metrics.with_cluster(endpoint.stats().clone());
@@ -339,6 +347,20 @@ impl NodeBuilder {
             }),
         })
     }
+}
+
+/// The non-loopback rule of [`Config::validate`] applied to the address a listener handed to
+/// [`NodeBuilder::listener`] is really bound to (`http.listen` is not used then, so checking the
+/// configuration alone would let such a node serve every interface without tokens or an
+/// allow-list).
+fn check_listener(config: &Config, bound: SocketAddr) -> Result<(), NodeError> {
+    if bound.ip().is_loopback() {
+        return Ok(());
+    }
+    let mut exposed = config.clone();
+    exposed.http.listen = bound;
+    exposed.validate()?;
+    Ok(())
 }
 
 /// Loads this node's cluster credentials, checks they name this node, binds the endpoint.
@@ -690,5 +712,39 @@ impl NodeHandle {
         if first {
             tracing::info!(node = %core.node_id, "node stopped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule is checked on the address alone: nothing is bound to a public interface.
+    #[test]
+    fn a_listener_on_a_non_loopback_address_needs_tokens_and_an_allow_list() {
+        let config = Config::default();
+        let loopback: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert!(check_listener(&config, loopback).is_ok());
+        assert!(check_listener(&config, "[::1]:40000".parse().unwrap()).is_ok());
+        for exposed in ["0.0.0.0:40000", "10.1.2.3:7070", "[::]:7070"] {
+            let error = check_listener(&config, exposed.parse().unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("auth.tokens"), "{exposed}: {error}");
+            assert!(error.contains("not a loopback address"), "{error}");
+        }
+
+        let mut with_tokens = Config::default();
+        with_tokens.auth.tokens = vec![crate::config::TokenConfig {
+            name: "ci".into(),
+            role: crate::auth::Role::Operator,
+            sha256: "0".repeat(64),
+        }];
+        let error = check_listener(&with_tokens, "0.0.0.0:40000".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("sessions.allowed_programs"), "{error}");
+        with_tokens.sessions.allowed_programs = vec!["sh".into()];
+        assert!(check_listener(&with_tokens, "0.0.0.0:40000".parse().unwrap()).is_ok());
     }
 }

@@ -13,7 +13,7 @@ use ractor::RpcReplyPort;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{EventBus, EventData, HealthChanged};
-use crate::ids::{ActorPath, NodeId, Timestamp};
+use crate::ids::{ActorPath, NodeId, SessionId, Timestamp};
 use crate::kernel::{
     Actor, ActorDirectory, ActorError, ActorHandle, CallError, Context, HandleStatus,
 };
@@ -66,6 +66,43 @@ pub struct ComponentHealth {
     pub detail: String,
     /// When it last reported.
     pub updated_at: Timestamp,
+    /// Its figures as fields, when it reports any (shown beside `status` and `detail`).
+    #[serde(flatten)]
+    pub figures: Option<ComponentFigures>,
+}
+
+/// Structured figures a component reports with its health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ComponentFigures {
+    /// The `sessions` component.
+    Sessions(SessionsHealth),
+}
+
+/// The session machinery's figures (component `sessions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionsHealth {
+    /// Sessions running (or starting).
+    pub running: usize,
+    /// Sessions waiting for a slot.
+    pub queued: usize,
+    /// Run slots (`sessions.max_concurrent`).
+    pub max_concurrent: usize,
+    /// Queue capacity (`sessions.queue_capacity`).
+    pub queue_capacity: usize,
+    /// The session running longest, when one runs.
+    pub longest_running: Option<LongestRunning>,
+}
+
+/// The session running longest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LongestRunning {
+    /// The session.
+    pub id: SessionId,
+    /// When it started.
+    pub since: Timestamp,
+    /// Seconds it had run when the figures were taken.
+    pub elapsed_secs: u64,
 }
 
 /// Actor counts in a report.
@@ -118,6 +155,8 @@ pub enum HealthMsg {
         status: HealthStatus,
         /// A short explanation.
         detail: String,
+        /// Its figures, if it reports any.
+        figures: Option<ComponentFigures>,
     },
     /// A component no longer exists.
     Forget {
@@ -227,6 +266,7 @@ impl Actor for HealthActor {
                 component,
                 status,
                 detail,
+                figures,
             } => {
                 state.components.insert(
                     component,
@@ -234,6 +274,7 @@ impl Actor for HealthActor {
                         status,
                         detail,
                         updated_at: Timestamp::now(),
+                        figures,
                     },
                 );
             }
@@ -393,10 +434,22 @@ impl Health {
         status: HealthStatus,
         detail: impl Into<String>,
     ) {
+        self.report_figures(component, status, detail, None);
+    }
+
+    /// Reports a component's health with its figures as fields.
+    pub fn report_figures(
+        &self,
+        component: impl Into<String>,
+        status: HealthStatus,
+        detail: impl Into<String>,
+        figures: Option<ComponentFigures>,
+    ) {
         let _ = self.handle.cast(HealthMsg::Report {
             component: component.into(),
             status,
             detail: detail.into(),
+            figures,
         });
     }
 

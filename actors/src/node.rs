@@ -216,6 +216,7 @@ impl NodeTree {
                         commands: session_ports.commands.clone(),
                         events: events.clone(),
                         health: health.clone(),
+                        registry: registry.clone(),
                         settings: config.sessions.clone(),
                         stats: machinery.stats.clone(),
                     },

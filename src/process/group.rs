@@ -93,10 +93,55 @@ pub(super) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
     Ok(members)
 }
 
+/// Live processes of the node's user (the node itself excepted) whose environment holds
+/// `TROUPE_SESSION_ID=<id>` for one of `sessions`: what is left of those sessions, whatever
+/// group they are in now. Processes that vanish, or whose environment cannot be read, are
+/// skipped.
+pub(super) fn session_processes(
+    sessions: &std::collections::HashSet<&str>,
+    own: &Own,
+) -> io::Result<Vec<ProcStat>> {
+    let mut found = Vec::new();
+    if sessions.is_empty() {
+        return Ok(found);
+    }
+    let prefix = format!("{}=", troupe_actors::session::SESSION_ID_ENV);
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = read_proc(pid) else { continue };
+        if stat.pid == own.pid || stat.uid != own.uid || !stat.is_alive() {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let marked = environ.split(|byte| *byte == 0).any(|entry| {
+            entry
+                .strip_prefix(prefix.as_bytes())
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .is_some_and(|id| sessions.contains(id))
+        });
+        if marked {
+            found.push(stat);
+        }
+    }
+    Ok(found)
+}
+
 /// Whether any process of the group can still receive a signal. An unreadable `/proc` counts
 /// as "yes": callers use this to decide whether to keep waiting or to send SIGKILL, and both
 /// are harmless for a live group.
 pub(super) fn has_live_members(pgid: i32) -> bool {
+    if group_is_empty(pgid) {
+        return false;
+    }
     match group_members(pgid) {
         Ok(members) => members.iter().any(ProcStat::is_alive),
         Err(error) => {
@@ -108,9 +153,20 @@ pub(super) fn has_live_members(pgid: i32) -> bool {
 
 /// [`has_live_members`] off the async threads (a `/proc` scan reads one file per process).
 pub(super) async fn has_live_members_async(pgid: i32) -> bool {
+    if group_is_empty(pgid) {
+        return false;
+    }
     tokio::task::spawn_blocking(move || has_live_members(pgid))
         .await
         .unwrap_or(true)
+}
+
+/// True when no process at all is in the group: signal 0 to it finds none (`ESRCH`). One
+/// syscall instead of a `/proc` scan, which reads a file per process on the machine and was most
+/// of the cost of a short session on a busy machine. Anything else (members, zombies among them,
+/// or a member of another user) leaves the answer to the scan.
+fn group_is_empty(pgid: i32) -> bool {
+    pgid > 1 && killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH)
 }
 
 /// Sends `signal` to the group. "No such process" (the group is gone) is not an error.
@@ -288,6 +344,28 @@ mod tests {
                 .iter()
                 .any(|m| m.pid == own.pid)
         );
+    }
+
+    #[test]
+    fn an_empty_group_is_known_without_a_scan() {
+        use std::os::unix::process::CommandExt;
+
+        let own = Own::current().unwrap();
+        assert!(
+            !group_is_empty(own.pgrp),
+            "the node's own group has the node"
+        );
+        let mut child = std::process::Command::new("true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(
+            group_is_empty(pgid),
+            "its only member exited and was reaped"
+        );
+        assert!(!has_live_members(pgid));
     }
 
     #[test]

@@ -48,6 +48,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -61,8 +62,8 @@ use tokio_util::sync::CancellationToken;
 use troupe_actors::event::OutputStream;
 use troupe_actors::ids::SessionId;
 use troupe_actors::session::{
-    CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessInfo, ProcessRunner,
-    ProcessSink, RunnerError,
+    CommandLine, ExitStatus, Leftover, LeftoverGroup, OutputLimits, ProcessEvent, ProcessInfo,
+    ProcessRunner, ProcessSink, RunnerError, SESSION_ID_ENV,
 };
 
 use self::delivery::{BacklogLimits, Delivery};
@@ -169,11 +170,12 @@ impl ProcessRunner for LocalRunner {
             spawn_error("the process runner must be called from within a tokio runtime".into())
         })?;
         check_workdir(command).map_err(spawn_error)?;
+        let program = resolve_program(&command.program).map_err(spawn_error)?;
         let reservation = Reservation::new(&self.table, session)?;
 
-        let mut child = build_command(command)
+        let mut child = build_command(session, &program, command)
             .spawn()
-            .map_err(|error| spawn_error(describe_spawn_error(command, &error)))?;
+            .map_err(|error| spawn_error(describe_spawn_error(&error)))?;
         let (Some(pid), Some(stdout), Some(stderr)) =
             (child.id(), child.stdout.take(), child.stderr.take())
         else {
@@ -273,7 +275,7 @@ impl ProcessRunner for LocalRunner {
         true
     }
 
-    fn kill_leftovers(&self, groups: &[LeftoverGroup], grace: Duration) -> Vec<i32> {
+    fn kill_leftovers(&self, leftovers: &[Leftover], grace: Duration) -> Vec<i32> {
         let own = match Own::current() {
             Ok(own) => own,
             Err(error) => {
@@ -288,9 +290,29 @@ impl ProcessRunner for LocalRunner {
                 Slot::Starting => None,
             })
             .collect();
+        let mut groups: Vec<LeftoverGroup> = leftovers.iter().filter_map(|l| l.group).collect();
+        // Processes still carrying one of the sessions' ids: a group never recorded (the node
+        // stopped between the fork and the commit of `running`), or members that left it.
+        let sessions: std::collections::HashSet<&str> =
+            leftovers.iter().map(|l| l.session.as_str()).collect();
+        match group::session_processes(&sessions, &own) {
+            Ok(found) => {
+                for process in found {
+                    if !groups.iter().any(|g| g.pgid == process.pgrp) {
+                        groups.push(LeftoverGroup {
+                            pgid: process.pgrp,
+                            start_ticks: None,
+                        });
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot scan /proc for processes of sessions that ran before the restart");
+            }
+        }
         let mut signalled = Vec::new();
         let mut follow_up = Vec::new();
-        for group in groups {
+        for group in &groups {
             if ours.contains(&group.pgid) {
                 tracing::info!(
                     pgid = group.pgid,
@@ -565,9 +587,42 @@ fn exit_status(waited: &std::io::Result<std::process::ExitStatus>) -> ExitStatus
     }
 }
 
-fn build_command(command: &CommandLine) -> Command {
-    let mut built = Command::new(&command.program);
+/// The directories searched when the node itself has no `PATH` (glibc's default).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+/// The executable `program` names: a path (it holds a `/`) as it is, a bare name looked up in
+/// the *node's* `PATH`, never in the session's environment. The allow-list admits programs by
+/// name, and a session that sets `PATH` in its `env` must not be able to swap the program for
+/// one of its own: its `PATH` only reaches what the program itself runs. Relative entries of
+/// the node's `PATH` (`.`, empty) are skipped, so the session's working directory is never
+/// searched either.
+fn resolve_program(program: &str) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable_file(candidate))
+        .ok_or_else(|| {
+            "not found in PATH (the node's own: a session's env PATH is not searched); give a \
+             full path or add its directory to the PATH the node runs with"
+                .to_owned()
+        })
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+}
+
+fn build_command(session: &SessionId, program: &Path, command: &CommandLine) -> Command {
+    let mut built = Command::new(program);
     built
+        // argv[0] stays the name the session gave, as if its shell had looked it up.
+        .arg0(&command.program)
         .args(&command.args)
         .current_dir(&command.workdir)
         .stdin(Stdio::null())
@@ -579,6 +634,9 @@ fn build_command(command: &CommandLine) -> Command {
         built.env_remove(name);
     }
     built.envs(&command.env);
+    // Set last, so nothing overrides it: it is how a restarted node finds the session's
+    // processes even when it never recorded their group (see `kill_leftovers`).
+    built.env(SESSION_ID_ENV, session.as_str());
     built
 }
 
@@ -602,15 +660,13 @@ fn check_workdir(command: &CommandLine) -> Result<(), String> {
     }
 }
 
-fn describe_spawn_error(command: &CommandLine, error: &std::io::Error) -> String {
+fn describe_spawn_error(error: &std::io::Error) -> String {
     match error.kind() {
-        std::io::ErrorKind::NotFound if command.program.contains('/') => {
+        // The program was found (a bare name is resolved first), so it vanished meanwhile or
+        // names an interpreter (`#!`) that does not exist.
+        std::io::ErrorKind::NotFound => {
             format!("no such file, or its interpreter is missing ({error})")
         }
-        std::io::ErrorKind::NotFound => format!(
-            "not found in PATH, or its interpreter is missing ({error}); give a full path or \
-             add its directory to PATH"
-        ),
         std::io::ErrorKind::PermissionDenied => format!(
             "permission denied: the file is not executable, or a directory on its path or the \
              working directory is not accessible ({error})"

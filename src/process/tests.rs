@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use troupe_actors::event::OutputStream;
 use troupe_actors::ids::SessionId;
 use troupe_actors::session::{
-    CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner, ProcessSink,
-    RunnerError,
+    CommandLine, ExitStatus, Leftover, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner,
+    ProcessSink, RunnerError,
 };
 
 use super::LocalRunner;
@@ -193,6 +193,30 @@ async fn environment_workdir_and_stdin_are_set_up() {
             pwd.display().to_string(),
             "stdin=0".into(),
         ]
+    );
+    assert_eq!(status, code(0));
+}
+
+#[tokio::test]
+async fn a_session_path_cannot_swap_the_program_and_the_session_id_is_set() {
+    use std::os::unix::fs::PermissionsExt;
+
+    // A directory with an impostor `sh`, put first in the session's own PATH.
+    let impostors = tempfile::tempdir().unwrap();
+    let fake = impostors.path().join("sh");
+    std::fs::write(&fake, "#!/bin/sh\necho hijacked\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = sh("echo \"path=$PATH\"; echo \"id=$TROUPE_SESSION_ID\"; echo \"zero=$0\"");
+    let path = format!("{}:/usr/bin:/bin", impostors.path().display());
+    command.env.insert("PATH".into(), path.clone());
+    let (sink, mut events) = channel_sink();
+    let runner = LocalRunner::default();
+    runner.start(&session("s-path"), &command, sink).unwrap();
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(
+        seen.stdout,
+        [format!("path={path}"), "id=s-path".into(), "zero=sh".into()],
+        "the node's sh ran, with the session's PATH for what it runs itself"
     );
     assert_eq!(status, code(0));
 }
@@ -549,9 +573,12 @@ async fn kill_leftovers_kills_a_recorded_group_but_not_a_mismatched_one() {
 
     let runner = LocalRunner::default();
     let stray = Stray::start("trap '' TERM; sleep 1000 & sleep 1000 & echo started; wait").await;
-    let recorded = |start_ticks| LeftoverGroup {
-        pgid: stray.pgid,
-        start_ticks,
+    let recorded = |start_ticks| Leftover {
+        session: session("s-stray"),
+        group: Some(LeftoverGroup {
+            pgid: stray.pgid,
+            start_ticks,
+        }),
     };
     let grace = Duration::from_millis(100);
 
@@ -584,12 +611,15 @@ async fn kill_leftovers_kills_the_rest_of_a_group_whose_leader_died() {
     let mut stray = Stray::start("sleep 1000 & echo started").await;
     within(stray.child.wait()).await.unwrap();
     assert_eq!(live_members(stray.pgid).len(), 1, "the sleep is left");
-    let recorded = LeftoverGroup {
-        pgid: stray.pgid,
-        start_ticks: Some(stray.start_ticks),
+    let recorded = Leftover {
+        session: session("s-stray"),
+        group: Some(LeftoverGroup {
+            pgid: stray.pgid,
+            start_ticks: Some(stray.start_ticks),
+        }),
     };
     assert_eq!(
-        runner.kill_leftovers(&[recorded], Duration::from_secs(5)),
+        runner.kill_leftovers(std::slice::from_ref(&recorded), Duration::from_secs(5)),
         [stray.pgid]
     );
     stray.wait_gone().await;
@@ -598,4 +628,67 @@ async fn kill_leftovers_kills_the_rest_of_a_group_whose_leader_died() {
         runner.kill_leftovers(&[recorded], Duration::ZERO),
         Vec::<i32>::new()
     );
+}
+
+/// The node may die between starting a session's process and recording its group: the next
+/// start finds the processes by the session id in their environment, also ones that left the
+/// group.
+#[tokio::test]
+async fn kill_leftovers_finds_the_processes_of_a_session_whose_group_was_never_recorded() {
+    let before_the_crash = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    let id = session("s-unrecorded");
+    let info = before_the_crash
+        .start(
+            &id,
+            // The escaped process prints its pid once it has left the group.
+            &sh(
+                "setsid sh -c 'echo \"escaped $$\"; exec sleep 1000 >/dev/null 2>&1' & \
+                 sleep 1000 & wait",
+            ),
+            sink,
+        )
+        .unwrap();
+    let mut seen = Seen::default();
+    let escaped: i32 = loop {
+        let event = within(events.recv()).await.expect("the line arrives");
+        assert!(seen.add(event).is_none(), "exited early");
+        if let Some(pid) = seen.stdout.iter().find_map(|l| l.strip_prefix("escaped ")) {
+            break pid.parse().unwrap();
+        }
+    };
+    let escaped_group = group::read_proc(escaped).unwrap().pgrp;
+    assert_ne!(escaped_group, info.pgid, "setsid left the session's group");
+
+    let after_the_restart = LocalRunner::default();
+    let other = Leftover {
+        session: session("s-someone-else"),
+        group: None,
+    };
+    assert_eq!(
+        after_the_restart.kill_leftovers(std::slice::from_ref(&other), Duration::ZERO),
+        Vec::<i32>::new(),
+        "no process carries that session's id"
+    );
+    let mut signalled = after_the_restart.kill_leftovers(
+        &[Leftover {
+            session: id.clone(),
+            group: None,
+        }],
+        Duration::from_secs(5),
+    );
+    signalled.sort_unstable();
+    let mut expected = vec![info.pgid, escaped_group];
+    expected.sort_unstable();
+    assert_eq!(signalled, expected);
+    let (_, status) = until_exit(&mut events).await;
+    assert_eq!(status, signal(15));
+    let deadline = std::time::Instant::now() + SAFETY_NET;
+    while group::read_proc(escaped).is_ok_and(|stat| stat.is_alive()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the escaped process survived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -31,7 +31,7 @@ use redb::Database;
 use tokio::sync::oneshot;
 use troupe_actors::event::{BusItem, EventFilter, EventId, EventStore, OutputStream, StoreResume};
 use troupe_actors::ids::{NodeId, SessionId, Timestamp};
-use troupe_actors::session::{SessionRecord, SessionStore, StoreError, Transition};
+use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError, Transition};
 
 pub use query::{
     DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE,
@@ -438,6 +438,40 @@ impl SessionStore for Store {
         Box::pin(async move {
             sent?;
             answered(answer.await)
+        })
+    }
+
+    fn update(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Request::Update {
+            record: Box::new(record),
+            reply: Reply::Async(reply),
+        });
+        Box::pin(async move {
+            sent?;
+            answered(answer.await)
+        })
+    }
+
+    fn read_output(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<LoggedLine>, StoreError>> {
+        let (store, id) = (self.clone(), id.clone());
+        Box::pin(async move {
+            Ok(store
+                .output(&id, after, limit)
+                .await?
+                .lines
+                .into_iter()
+                .map(|line| LoggedLine {
+                    line: line.line,
+                    stream: line.stream,
+                    text: line.text,
+                })
+                .collect())
         })
     }
 

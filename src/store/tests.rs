@@ -18,7 +18,7 @@ use troupe_actors::event::{
 use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{
     ChatMessage, ChatSession, CommandSession, SessionKind, SessionRecord, SessionSpec,
-    SessionState, SessionStore, StoreError, Transition,
+    SessionState, SessionStore, StopRequest, StoreError, Transition,
 };
 
 use super::schema::{EVENT_INDEX, EVENTS, SESSION_ORDER, SESSIONS, UNFINISHED, event_overhead};
@@ -77,6 +77,7 @@ fn record(id: &str, created_micros: u64) -> SessionRecord {
         reason: None,
         process: None,
         output_lines: 0,
+        stop_requested: None,
     }
 }
 
@@ -1384,4 +1385,55 @@ async fn group_commit_throughput() {
             store.close().await.unwrap();
         }
     }
+}
+
+/// A stop request is recorded on a running session without a transition, and survives a
+/// reopen; a finished session (or one in another state) refuses it and keeps its record.
+#[tokio::test]
+async fn an_update_replaces_the_record_of_a_session_still_in_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let queued = record("s-1", now_micros());
+    store.create(queued.clone()).await.unwrap();
+    let starting = advance(&store, &queued, SessionState::Starting).await;
+    let running = advance(&store, &starting, SessionState::Running).await;
+    let stopping = SessionRecord {
+        stop_requested: Some(StopRequest::Cancel),
+        ..running.clone()
+    };
+    store.update(stopping.clone()).await.unwrap();
+    assert_eq!(store.transitions(&sid("s-1")).await.unwrap().len(), 2);
+
+    let stale = SessionRecord {
+        state: SessionState::Starting,
+        ..stopping.clone()
+    };
+    assert_eq!(
+        store.update(stale).await,
+        Err(StoreError::Conflict {
+            id: sid("s-1"),
+            expected: SessionState::Starting,
+            actual: SessionState::Running,
+        })
+    );
+    let ended = advance(&store, &stopping, SessionState::Cancelled).await;
+    assert_eq!(
+        store.update(ended.clone()).await,
+        Err(StoreError::Conflict {
+            id: sid("s-1"),
+            expected: SessionState::Cancelled,
+            actual: SessionState::Cancelled,
+        }),
+        "a finished record is final"
+    );
+    assert!(matches!(
+        store.update(record("s-unknown", 1)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    store.close().await.unwrap();
+
+    let store = open(dir.path()).await;
+    let stored = store.get(&sid("s-1")).await.unwrap().unwrap();
+    assert_eq!(stored, ended);
+    assert_eq!(stored.stop_requested, Some(StopRequest::Cancel));
 }

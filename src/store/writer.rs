@@ -52,6 +52,11 @@ pub(super) enum Request {
         transition: Transition,
         reply: Reply,
     },
+    /// Replace a session's record in the same (non-terminal) state; answered after the commit.
+    Update {
+        record: Box<SessionRecord>,
+        reply: Reply,
+    },
     /// Append output lines (not answered).
     Output {
         id: SessionId,
@@ -357,6 +362,11 @@ impl WriterState {
                         dirty |= result.is_ok();
                         answers.push(Answer::Done(reply, result));
                     }
+                    Request::Update { record, reply } => {
+                        let result = run_op(tables, failure, |tables| tables.update(&record));
+                        dirty |= result.is_ok();
+                        answers.push(Answer::Done(reply, result));
+                    }
                     Request::Output {
                         id,
                         stream,
@@ -650,6 +660,32 @@ impl<'txn> Tables<'txn> {
             self.unfinished
                 .remove((stored.created_at.as_micros(), id))?;
         }
+        Ok(())
+    }
+
+    /// Replaces the record of a session that is (still) in `record.state`, not terminal.
+    fn update(&mut self, record: &SessionRecord) -> Result<(), OpError> {
+        let id = record.id.as_str();
+        let stored = self
+            .stored_record(id)?
+            .ok_or_else(|| StoreError::NotFound(record.id.clone()))?;
+        if stored.state != record.state || stored.state.is_terminal() {
+            return Err(StoreError::Conflict {
+                id: record.id.clone(),
+                expected: record.state,
+                actual: stored.state,
+            }
+            .into());
+        }
+        if record.created_at != stored.created_at {
+            return Err(StoreError::Invalid(format!(
+                "session {id}: created_at cannot change (stored {}, given {})",
+                stored.created_at, record.created_at
+            ))
+            .into());
+        }
+        let bytes = encode("sessions", id, record)?;
+        self.sessions.insert(id, bytes.as_slice())?;
         Ok(())
     }
 

@@ -273,18 +273,38 @@ async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtak
         id_of(&blocker)
     );
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let health = loop {
         let health: Value = node.get("/v1/health").await.json().await.unwrap();
         let sessions = health["components"]["sessions"].to_string();
         if sessions.contains(&expected) && sessions.contains("the queue is full") {
-            break;
+            break health;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "health never saw the sessions: {health}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    };
+    // The same figures as fields.
+    let sessions = &health["components"]["sessions"];
+    assert_eq!(sessions["status"], "degraded", "{sessions}");
+    assert_eq!(sessions["running"], 1, "{sessions}");
+    assert_eq!(sessions["queued"], 2, "{sessions}");
+    assert_eq!(sessions["max_concurrent"], 1, "{sessions}");
+    assert_eq!(sessions["queue_capacity"], 2, "{sessions}");
+    assert_eq!(
+        sessions["longest_running"]["id"],
+        id_of(&blocker).as_str(),
+        "{sessions}"
+    );
+    assert!(
+        sessions["longest_running"]["since"].is_string(),
+        "{sessions}"
+    );
+    assert!(
+        sessions["longest_running"]["elapsed_secs"].is_u64(),
+        "{sessions}"
+    );
     let retry_after: u64 = refused.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -553,6 +573,27 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
             400,
             "invalid_session",
         ),
+        // The environment cannot load code the allow-list never admitted.
+        (
+            json!({"kind": "command", "program": "true", "env": {"LD_PRELOAD": "/tmp/evil.so"}}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "env": {"LD_LIBRARY_PATH": "/tmp/evil"}}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "env": {"GCONV_PATH": "/tmp/evil"}}),
+            400,
+            "invalid_session",
+        ),
+        (
+            json!({"kind": "command", "program": "true", "env": {"TROUPE_SESSION_ID": "s-other"}}),
+            400,
+            "invalid_session",
+        ),
         (
             json!({"kind": "telepathy", "program": "true"}),
             400,
@@ -619,6 +660,33 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
         id_of(&ok).as_str(),
         "no event for a refused session"
     );
+
+    // A session's own PATH cannot swap an allowed program for another one: the node's `sh`
+    // runs, and the session's PATH reaches only what it runs itself.
+    let impostors = temp.path().join("impostors");
+    std::fs::create_dir_all(&impostors).unwrap();
+    let pwned = temp.path().join("pwned");
+    let fake = impostors.join("sh");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho hijacked\ntouch {}\n", pwned.display()),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!("{}:/usr/bin:/bin", impostors.display());
+    let own_path = node
+        .spawn_session(json!({
+            "kind": "command", "program": "sh", "args": ["-c", "echo \"real sh, PATH=$PATH\""],
+            "env": {"PATH": path},
+        }))
+        .await;
+    let (lines, state) = node.run_to_end(&id_of(&own_path)).await;
+    assert_eq!(state, "succeeded");
+    assert_eq!(lines, [format!("real sh, PATH={path}")]);
+    assert!(!pwned.exists(), "the impostor never ran");
 }
 
 #[tokio::test]

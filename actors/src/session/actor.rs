@@ -6,7 +6,10 @@
 //! restart-surviving handle. So a crash of the actor loses neither, and the run is reported once:
 //! the store refuses a second terminal transition.
 //!
-//! Every state change is durable before its event is published.
+//! Every state change is durable before its event is published. A stop request (cancel, timeout,
+//! node shutdown) is durable before the process is signalled, and the output interpreter of a
+//! new instance first reads the output log the earlier ones wrote: so a restarted instance
+//! decides the same outcome its predecessor would have.
 
 use std::time::Duration;
 
@@ -14,9 +17,10 @@ use ractor::RpcReplyPort;
 
 use super::chat::ChatInterpreter;
 use super::context::{HandleSink, OutputInterpreter, OutputSignal, SessionContext};
+use super::flood::{GateDecision, OutputGate};
 use super::manager::ManagerMsg;
 use super::ports::{ExitStatus, ProcessEvent, StoreError};
-use super::spec::{ChatSession, ProcessInfo, SessionKind, SessionRecord, Transition};
+use super::spec::{ChatSession, ProcessInfo, SessionKind, SessionRecord, StopRequest, Transition};
 use super::state::SessionState;
 use crate::event::{
     EventData, SessionEnded, SessionLongRunning, SessionOutput, SessionRateLimited, SessionStarted,
@@ -43,6 +47,8 @@ pub enum SessionMsg {
     Interrupt,
     /// The record as it stands.
     Get(RpcReplyPort<SessionRecord>),
+    /// Output held back by the per-session event bound may go out now (timer).
+    FlushOutput,
 }
 
 /// Arguments of a SessionActor.
@@ -64,9 +70,8 @@ pub struct SessionActorState {
     args: SessionArgs,
     record: SessionRecord,
     interpreter: Option<Box<dyn OutputInterpreter>>,
-    cancel_requested: bool,
-    timed_out: bool,
-    interrupt_requested: bool,
+    /// The bound on this session's `session.output` events.
+    gate: OutputGate,
     /// The run ended (or could not start): stop after `post_start`.
     done: bool,
     /// When the run started, on the runtime's clock (derived once per instance from the durable
@@ -86,6 +91,9 @@ enum Reattached {
 
 /// How long to wait for the exit status of a process the runner does not know any more.
 const LOST_PROCESS_WAIT: Duration = Duration::from_secs(5);
+
+/// Output lines read per page when a new instance replays the log to its interpreter.
+const REPLAY_PAGE: usize = 1000;
 
 impl Actor for SessionActor {
     type Msg = SessionMsg;
@@ -107,13 +115,15 @@ impl Actor for SessionActor {
             SessionKind::Chat(_) => Some(Box::new(ChatInterpreter::default())),
             _ => args.context.commands.interpreter(&record),
         };
+        let gate = OutputGate::new(
+            args.context.settings.output_events_per_sec,
+            tokio::time::Instant::now(),
+        );
         Ok(SessionActorState {
             args,
             record,
             interpreter,
-            cancel_requested: false,
-            timed_out: false,
-            interrupt_requested: false,
+            gate,
             done: false,
             anchor: tokio::time::Instant::now(),
         })
@@ -140,6 +150,9 @@ impl Actor for SessionActor {
                 .output_lines(&state.args.id)
                 .await?;
             state.record.output_lines = state.record.output_lines.max(appended);
+            // What earlier instances saw decides the outcome too (Aider's give-up before a
+            // crash, then exit 0): the new interpreter reads it first.
+            state.replay_output(appended).await?;
         }
         match state.record.state {
             SessionState::Queued => {
@@ -162,6 +175,10 @@ impl Actor for SessionActor {
                 if matches!(state.reattach(sink()), Reattached::Unknown) {
                     // Either its exit status is already on its way to this handle, or it is lost.
                     ctx.send_after(LOST_PROCESS_WAIT, SessionMsg::ProcessLost);
+                } else if let Some(stop) = state.record.stop_requested {
+                    // The earlier instance may have crashed between recording the request and
+                    // signalling the process: signal it (again).
+                    state.terminate(stop.why());
                 }
             }
             _ => state.done = true,
@@ -207,24 +224,20 @@ impl Actor for SessionActor {
         }
         match message {
             SessionMsg::Process(ProcessEvent::Output { stream, lines }) => {
-                state.output(stream, lines);
+                state.output(ctx, stream, lines);
+            }
+            SessionMsg::FlushOutput => {
+                let decision = state.gate.flush(tokio::time::Instant::now());
+                state.gated(ctx, decision);
             }
             SessionMsg::Process(ProcessEvent::Exited(status)) => {
                 state.exited(ctx, status).await?;
             }
             SessionMsg::Cancel { reply } => {
-                if !state.cancel_requested {
-                    state.cancel_requested = true;
-                    state.terminate("cancel requested");
-                }
+                state.request_stop(StopRequest::Cancel).await?;
                 let _ = reply.send(state.record.clone());
             }
-            SessionMsg::Deadline => {
-                if !state.timed_out {
-                    state.timed_out = true;
-                    state.terminate("timeout");
-                }
-            }
+            SessionMsg::Deadline => state.request_stop(StopRequest::Timeout).await?,
             SessionMsg::LongRunning(multiple) => {
                 let threshold = state.args.context.settings.long_running_after;
                 let elapsed = state.anchor.elapsed();
@@ -238,23 +251,17 @@ impl Actor for SessionActor {
                     SessionMsg::LongRunning(next),
                 );
             }
-            SessionMsg::Interrupt => {
-                if !state.interrupt_requested {
-                    state.interrupt_requested = true;
-                    state.terminate("the node is shutting down");
-                }
-            }
+            SessionMsg::Interrupt => state.request_stop(StopRequest::Interrupt).await?,
             SessionMsg::ProcessLost => {
-                state
-                    .end(
-                        ctx,
-                        SessionState::Interrupted,
-                        Some(
-                            "the session's process was lost (its exit status never arrived)".into(),
-                        ),
-                        None,
-                    )
-                    .await?;
+                let lost = "the session's process was lost (its exit status never arrived)";
+                let (end, reason) = match state.record.stop_requested {
+                    Some(stop) => (
+                        stop.end_state(),
+                        format!("{}; {lost}", state.stop_reason(stop)),
+                    ),
+                    None => (SessionState::Interrupted, lost.to_owned()),
+                };
+                state.end(ctx, end, Some(reason), None).await?;
             }
             SessionMsg::Get(reply) => {
                 let _ = reply.send(state.record.clone());
@@ -306,6 +313,60 @@ impl SessionActorState {
             .transition(next.clone(), transition)
             .await?;
         self.record = next;
+        Ok(())
+    }
+
+    /// Records a stop request durably, then signals the process (SIGTERM, SIGKILL after the
+    /// grace). A request no stronger than one already recorded changes nothing.
+    async fn request_stop(&mut self, stop: StopRequest) -> Result<(), StoreError> {
+        if self
+            .record
+            .stop_requested
+            .is_some_and(|asked| asked >= stop)
+        {
+            return Ok(());
+        }
+        let mut next = self.record.clone();
+        next.stop_requested = Some(stop);
+        self.args.context.store.update(next.clone()).await?;
+        self.record = next;
+        self.terminate(stop.why());
+        Ok(())
+    }
+
+    /// The reason recorded for a run that ended after `stop`.
+    fn stop_reason(&self, stop: StopRequest) -> String {
+        match stop {
+            StopRequest::Interrupt => "the node shut down while the session was running".into(),
+            StopRequest::Cancel => "cancelled on request".into(),
+            StopRequest::Timeout => {
+                let timeout = self.record.spec.timeout_secs.map_or(
+                    self.args.context.settings.default_timeout,
+                    Duration::from_secs,
+                );
+                format!("ran past its timeout of {}s", timeout.as_secs())
+            }
+        }
+    }
+
+    /// Feeds the interpreter the stored output up to line `through`, discarding its signals
+    /// (an earlier instance published them).
+    async fn replay_output(&mut self, through: u64) -> Result<(), StoreError> {
+        let Some(interpreter) = self.interpreter.as_mut() else {
+            return Ok(());
+        };
+        let store = self.args.context.store.clone();
+        let mut after = 0;
+        while after < through {
+            let page = store.read_output(&self.args.id, after, REPLAY_PAGE).await?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.line;
+            for line in page.iter().filter(|line| line.line <= through) {
+                let _ = interpreter.feed(line.stream, &line.text);
+            }
+        }
         Ok(())
     }
 
@@ -399,7 +460,12 @@ impl SessionActorState {
         Ok(())
     }
 
-    fn output(&mut self, stream: crate::event::OutputStream, lines: Vec<String>) {
+    fn output(
+        &mut self,
+        ctx: &Context<SessionMsg>,
+        stream: crate::event::OutputStream,
+        lines: Vec<String>,
+    ) {
         if lines.is_empty() {
             return;
         }
@@ -419,13 +485,27 @@ impl SessionActorState {
         let skipped = lines.len().saturating_sub(per_event) as u64;
         let mut lines = lines;
         lines.truncate(per_event);
-        self.publish(EventData::SessionOutput(SessionOutput {
-            stream,
-            first_line,
-            lines,
-            skipped,
-        }));
+        let decision = self.gate.offer(
+            tokio::time::Instant::now(),
+            SessionOutput {
+                stream,
+                first_line,
+                lines,
+                skipped,
+            },
+        );
+        self.gated(ctx, decision);
         self.signal(signals);
+    }
+
+    /// Publishes what the output gate lets out and arms its flush timer.
+    fn gated(&self, ctx: &Context<SessionMsg>, decision: GateDecision) {
+        for output in decision.publish {
+            self.publish(EventData::SessionOutput(output));
+        }
+        if let Some(after) = decision.flush_after {
+            ctx.send_after(after, SessionMsg::FlushOutput);
+        }
     }
 
     fn signal(&self, signals: Vec<OutputSignal>) {
@@ -467,25 +547,8 @@ impl SessionActorState {
             let signals = interpreter.finish();
             self.signal(signals);
         }
-        let (state, reason) = if self.interrupt_requested {
-            (
-                SessionState::Interrupted,
-                Some("the node shut down while the session was running".to_owned()),
-            )
-        } else if self.cancel_requested {
-            (
-                SessionState::Cancelled,
-                Some("cancelled on request".to_owned()),
-            )
-        } else if self.timed_out {
-            let timeout = self.record.spec.timeout_secs.map_or(
-                self.args.context.settings.default_timeout,
-                Duration::from_secs,
-            );
-            (
-                SessionState::TimedOut,
-                Some(format!("ran past its timeout of {}s", timeout.as_secs())),
-            )
+        let (state, reason) = if let Some(stop) = self.record.stop_requested {
+            (stop.end_state(), Some(self.stop_reason(stop)))
         } else {
             let verdict = self
                 .interpreter
@@ -521,6 +584,10 @@ impl SessionActorState {
                 return Ok(());
             }
             Err(error) => return Err(error),
+        }
+        // Output held back by the event bound goes out before the end.
+        if let Some(output) = self.gate.drain() {
+            self.publish(EventData::SessionOutput(output));
         }
         self.announce_end(state, reason, status);
         self.finished(ctx);

@@ -15,6 +15,7 @@ use crate::event::{EventBus, OutputStream};
 use crate::health::Health;
 use crate::ids::NodeId;
 use crate::kernel::{ActorHandle, SendError};
+use crate::registry::Registry;
 
 /// Session tuning (from the `[sessions]` configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,10 @@ pub struct SessionSettings {
     /// Lines per `session.output` event; more in one batch are counted as skipped (they are in
     /// the session's log).
     pub lines_per_event: usize,
+    /// `session.output` events per second of one session, at most (and its burst): past that,
+    /// output is coalesced into one held event whose `skipped` counts the lines it does not
+    /// carry (they are in the log). See `session/flood.rs`.
+    pub output_events_per_sec: u32,
     /// What a refused submission is told to wait.
     pub retry_after_when_full: Duration,
 }
@@ -45,6 +50,7 @@ impl Default for SessionSettings {
             default_timeout: Duration::from_secs(3600),
             kill_grace: Duration::from_secs(5),
             lines_per_event: 64,
+            output_events_per_sec: 20,
             retry_after_when_full: Duration::from_secs(5),
         }
     }
@@ -154,6 +160,8 @@ pub struct SessionContext {
     pub events: EventBus,
     /// Where session counts are reported.
     pub health: Health,
+    /// Where sessions are told to be (this node) and gone.
+    pub registry: Registry,
     /// Tuning.
     pub settings: SessionSettings,
     /// Counters.

@@ -7,9 +7,13 @@
 //! - Submissions are stored durably before they are accepted. The store write runs outside the
 //!   manager's mailbox, so many submissions share one commit.
 //! - Recovery: on the node's first start the manager marks sessions that were running
-//!   `interrupted` and terminates their leftover process groups, and requeues queued ones. After
-//!   a restart of the manager alone it adopts the session actors that still run and restarts the
-//!   ones that are gone, which reattach to their processes.
+//!   `interrupted` (or what a recorded stop request says) and terminates what is left of their
+//!   processes, and requeues queued ones. After a restart of the manager alone it adopts the
+//!   session actors that still run (also those it had just taken off the queue, whose records
+//!   still say `queued`) and restarts the ones that are gone, which reattach to their processes;
+//!   submissions whose store write was in flight are answered by the new instance.
+//! - The RegistryActor learns of every session accepted here (`SessionUp`) and of its end
+//!   (`SessionDown`).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
@@ -22,14 +26,15 @@ use ractor::RpcReplyPort;
 
 use super::actor::{SessionActor, SessionArgs, SessionMsg};
 use super::context::SessionContext;
-use super::ports::{LeftoverGroup, StoreError};
+use super::ports::{Leftover, LeftoverGroup, StoreError};
 use super::spec::{SessionRecord, SessionSpec, SpecError, SpecLimits, Transition};
 use super::state::SessionState;
 use crate::event::{EventData, SessionEnded, SessionQueued};
-use crate::health::HealthStatus;
+use crate::health::{ComponentFigures, HealthStatus, LongestRunning, SessionsHealth};
 use crate::ids::{SessionId, Timestamp, fresh_id};
 use crate::kernel::{Actor, ActorError, ActorHandle, Context, HandleStatus};
-use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, SupervisorHandle};
+use crate::registry::{RegistryMsg, SessionEntry};
+use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, StartChildError, SupervisorHandle};
 
 /// How long callers wait for the manager.
 pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,7 +149,7 @@ pub enum ManagerMsg {
         /// The session.
         id: SessionId,
         /// Why.
-        reason: String,
+        error: StartChildError,
     },
     /// Report counts to the HealthActor (timer).
     ReportHealth,
@@ -156,12 +161,15 @@ pub enum ManagerMsg {
     },
 }
 
-/// What survives restarts of the manager: whether the node's first start was handled, and the
-/// live session actors' handles (written only by the manager).
+/// What survives restarts of the manager (written only by the current instance): whether the
+/// node's first start was handled, the live session actors' handles, and the submissions whose
+/// store write is in flight, with their callers' reply ports (so a submission accepted by one
+/// instance is answered, and run, by the next).
 #[derive(Clone, Default)]
 pub struct ManagerShared {
     recovered: Arc<AtomicBool>,
     handles: Arc<DashMap<SessionId, ActorHandle<SessionMsg>>>,
+    pending: Arc<DashMap<SessionId, Pending>>,
 }
 
 impl ManagerShared {
@@ -201,7 +209,9 @@ pub struct ManagerState {
     queue: BTreeMap<QueueKey, SessionRecord>,
     queued: HashMap<SessionId, QueueKey>,
     running: HashMap<SessionId, Timestamp>,
-    pending: HashMap<SessionId, Pending>,
+    /// Submissions an earlier instance was storing and recovery found stored: accepted in
+    /// `post_start`.
+    stored_pending: Vec<(SessionId, Pending)>,
     keys: HashMap<String, SessionId>,
     next_seq: u64,
     draining: Option<Vec<RpcReplyPort<()>>>,
@@ -222,7 +232,7 @@ impl Actor for SessionManager {
             queue: BTreeMap::new(),
             queued: HashMap::new(),
             running: HashMap::new(),
-            pending: HashMap::new(),
+            stored_pending: Vec::new(),
             keys: HashMap::new(),
             next_seq: 0,
             draining: None,
@@ -253,6 +263,9 @@ impl Actor for SessionManager {
         for id in orphans {
             state.spawn_session(ctx, id);
         }
+        for (id, pending) in std::mem::take(&mut state.stored_pending) {
+            state.accept(ctx, id, pending);
+        }
         state.drain_queue(ctx);
         ctx.send_interval(Duration::from_secs(1), || ManagerMsg::ReportHealth);
         state.update_gauges();
@@ -278,6 +291,7 @@ impl Actor for SessionManager {
             ManagerMsg::Finished { id } => {
                 state.running.remove(&id);
                 state.args.shared.handles.remove(&id);
+                state.registry(RegistryMsg::SessionDown(id));
                 state.drain_queue(ctx);
                 state.update_gauges();
                 state.answer_drain();
@@ -292,7 +306,7 @@ impl Actor for SessionManager {
                 }
                 state.answer_drain();
             }
-            ManagerMsg::StartFailed { id, reason } => state.start_failed(ctx, id, reason),
+            ManagerMsg::StartFailed { id, error } => state.start_failed(ctx, id, error),
             ManagerMsg::ReportHealth => state.report_health(),
         }
         Ok(())
@@ -308,27 +322,43 @@ impl ManagerState {
         for record in unfinished {
             match record.state {
                 SessionState::Queued => {
-                    self.enqueue(record);
+                    if let Some((id, pending)) = self.args.shared.pending.remove(&record.id) {
+                        // Its store write landed, but the instance that made it is gone: this
+                        // one answers the caller and runs it.
+                        self.stored_pending.push((id, pending));
+                    } else if self.has_live_actor(&record.id) {
+                        // Taken off the queue a moment ago; its actor has not recorded
+                        // `starting` yet. It runs: never queue it again.
+                        self.adopt(&record, Timestamp::now());
+                    } else {
+                        self.registry(RegistryMsg::SessionUp(SessionEntry {
+                            id: record.id.clone(),
+                            node: record.node.clone(),
+                        }));
+                        self.enqueue(record);
+                    }
                 }
                 SessionState::Starting | SessionState::Running if first_start => {
-                    if let Some(process) = record.process {
-                        leftovers.push(LeftoverGroup {
+                    leftovers.push(Leftover {
+                        session: record.id.clone(),
+                        group: record.process.map(|process| LeftoverGroup {
                             pgid: process.pgid,
                             start_ticks: process.start_ticks,
-                        });
-                    }
+                        }),
+                    });
                     self.interrupt(record).await?;
                 }
                 SessionState::Starting | SessionState::Running => {
-                    self.running.insert(
-                        record.id.clone(),
-                        record.started_at.unwrap_or(record.created_at),
-                    );
-                    if let Some(key) = &record.spec.idempotency_key {
-                        self.keys.insert(key.clone(), record.id.clone());
-                    }
+                    let since = record.started_at.unwrap_or(record.created_at);
+                    self.adopt(&record, since);
                 }
                 _ => {}
+            }
+        }
+        // Submissions still being stored: their callers wait, and their keys are taken.
+        for entry in self.args.shared.pending.iter() {
+            if let Some(key) = &entry.value().record.spec.idempotency_key {
+                self.keys.insert(key.clone(), entry.key().clone());
             }
         }
         if !leftovers.is_empty() {
@@ -336,24 +366,59 @@ impl ManagerState {
                 .runner
                 .kill_leftovers(&leftovers, context.settings.kill_grace);
             tracing::warn!(
+                sessions = leftovers.len(),
                 groups = ?killed,
-                "terminated process groups left over from before the node restarted"
+                "terminated what was left of sessions that ran before the node restarted"
             );
         }
         Ok(())
     }
 
+    /// Counts a session whose actor runs (or is about to) as running.
+    fn adopt(&mut self, record: &SessionRecord, since: Timestamp) {
+        self.running.insert(record.id.clone(), since);
+        if let Some(key) = &record.spec.idempotency_key {
+            self.keys.insert(key.clone(), record.id.clone());
+        }
+        self.registry(RegistryMsg::SessionUp(SessionEntry {
+            id: record.id.clone(),
+            node: record.node.clone(),
+        }));
+    }
+
+    /// Whether the session has an actor that runs, is starting or restarting.
+    fn has_live_actor(&self, id: &SessionId) -> bool {
+        self.args
+            .shared
+            .handle(id)
+            .is_some_and(|handle| handle.status() != HandleStatus::Stopped)
+    }
+
+    fn registry(&self, message: RegistryMsg) {
+        self.args.context.registry.update(message);
+    }
+
+    /// Records the end of a session that was running when the node stopped: `interrupted`, or
+    /// what a stop request recorded before the stop says (`cancelled`, `timed_out`).
     async fn interrupt(&self, record: SessionRecord) -> Result<(), StoreError> {
-        let reason = "the node stopped while the session was running".to_owned();
+        let end = record
+            .stop_requested
+            .map_or(SessionState::Interrupted, |stop| stop.end_state());
+        let reason = match end {
+            SessionState::Interrupted => "the node stopped while the session was running",
+            SessionState::Cancelled => "cancelled on request (the node stopped before it ended)",
+            _ => "ran past its timeout (the node stopped before it ended)",
+        }
+        .to_owned();
         let at = Timestamp::now();
         let transition = Transition {
             from: record.state,
-            to: SessionState::Interrupted,
+            to: end,
             at,
             reason: Some(reason.clone()),
         };
         let mut next = record.clone();
-        next.state = SessionState::Interrupted;
+        next.state = end;
         next.ended_at = Some(at);
         next.reason = Some(reason.clone());
         match self.args.context.store.transition(next, transition).await {
@@ -363,19 +428,19 @@ impl ManagerState {
         }
         let started = record.started_at.unwrap_or(record.created_at);
         let duration = Duration::from_micros(at.as_micros().saturating_sub(started.as_micros()));
-        self.args
-            .context
-            .stats
-            .record_end(SessionState::Interrupted, duration);
-        self.args.context.events.publish(
-            Some(record.id),
-            EventData::SessionInterrupted(SessionEnded {
-                exit_code: None,
-                signal: None,
-                reason: Some(reason),
-                duration_ms: duration.as_millis() as u64,
-            }),
-        );
+        self.args.context.stats.record_end(end, duration);
+        let ended = SessionEnded {
+            exit_code: None,
+            signal: None,
+            reason: Some(reason),
+            duration_ms: duration.as_millis() as u64,
+        };
+        let data = match end {
+            SessionState::Cancelled => EventData::SessionCancelled(ended),
+            SessionState::TimedOut => EventData::SessionTimedOut(ended),
+            _ => EventData::SessionInterrupted(ended),
+        };
+        self.args.context.events.publish(Some(record.id), data);
         Ok(())
     }
 
@@ -396,8 +461,10 @@ impl ManagerState {
     }
 
     fn starts_pending(&self) -> usize {
-        self.pending
-            .values()
+        self.args
+            .shared
+            .pending
+            .iter()
             .filter(|pending| pending.start)
             .count()
     }
@@ -407,7 +474,7 @@ impl ManagerState {
     }
 
     fn waiting(&self) -> usize {
-        self.queue.len() + self.pending.len() - self.starts_pending()
+        self.queue.len() + self.args.shared.pending.len() - self.starts_pending()
     }
 
     async fn submit(
@@ -460,6 +527,7 @@ impl ManagerState {
             reason: None,
             process: None,
             output_lines: 0,
+            stop_requested: None,
         };
         if let Some(key) = &record.spec.idempotency_key {
             self.keys.insert(key.clone(), id.clone());
@@ -474,7 +542,7 @@ impl ManagerState {
                 let _ = me.cast(ManagerMsg::Created { id, result });
             }
         });
-        self.pending.insert(
+        self.args.shared.pending.insert(
             id,
             Pending {
                 record,
@@ -487,7 +555,7 @@ impl ManagerState {
     /// The session already submitted with `key`, if any.
     async fn existing_by_key(&self, key: &str) -> Option<Result<Admitted, StoreError>> {
         if let Some(id) = self.keys.get(key) {
-            if let Some(pending) = self.pending.get(id) {
+            if let Some(pending) = self.args.shared.pending.get(id) {
                 return Some(Ok(Admitted {
                     record: pending.record.clone(),
                     position: None,
@@ -519,7 +587,8 @@ impl ManagerState {
         id: SessionId,
         result: Result<(), StoreError>,
     ) {
-        let Some(pending) = self.pending.remove(&id) else {
+        let Some((_, pending)) = self.args.shared.pending.remove(&id) else {
+            // Accepted already: a restarted instance found the record in the store.
             return;
         };
         if let Err(error) = result {
@@ -529,6 +598,11 @@ impl ManagerState {
             let _ = pending.reply.send(Err(SubmitError::Store(error)));
             return;
         }
+        self.accept(ctx, id, pending);
+    }
+
+    /// A submission is stored: count it, run or queue it, announce it, answer the caller.
+    fn accept(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, pending: Pending) {
         self.args
             .context
             .stats
@@ -537,6 +611,10 @@ impl ManagerState {
         let record = pending.record;
         let kind = record.spec.kind.tag();
         let priority = record.spec.priority;
+        self.registry(RegistryMsg::SessionUp(SessionEntry {
+            id: id.clone(),
+            node: record.node.clone(),
+        }));
         let position = if pending.start && self.busy() < self.args.context.settings.max_concurrent {
             self.running.insert(id.clone(), Timestamp::now());
             self.spawn_session(ctx, id.clone());
@@ -585,6 +663,12 @@ impl ManagerState {
     }
 
     fn spawn_session(&mut self, ctx: &Context<ManagerMsg>, id: SessionId) {
+        if self.has_live_actor(&id) {
+            // Its actor runs already; a second one would be refused, and a new handle would
+            // not reach the running one.
+            tracing::warn!(session = %id, "not starting a second actor for a session");
+            return;
+        }
         let handle = ActorHandle::new(self.args.supervisor.path().child(id.as_str()));
         self.args.shared.handles.insert(id.clone(), handle.clone());
         let args = SessionArgs {
@@ -599,18 +683,23 @@ impl ManagerState {
         let me = ctx.handle().clone();
         tokio::spawn(async move {
             if let Err(error) = supervisor.start_child(spec).await {
-                let _ = me.cast(ManagerMsg::StartFailed {
-                    id,
-                    reason: error.to_string(),
-                });
+                let _ = me.cast(ManagerMsg::StartFailed { id, error });
             }
         });
     }
 
-    fn start_failed(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, reason: String) {
+    fn start_failed(&mut self, ctx: &Context<ManagerMsg>, id: SessionId, error: StartChildError) {
+        if let StartChildError::AlreadyExists(_) = error {
+            // The session has an actor already (it runs, and ends with a `Finished`): never
+            // mark a live run failed.
+            tracing::warn!(session = %id, "a session's actor was started twice; the first one runs it");
+            return;
+        }
+        let reason = error.to_string();
         tracing::error!(session = %id, reason = %reason, "a session actor could not be started");
         self.running.remove(&id);
         self.args.shared.handles.remove(&id);
+        self.registry(RegistryMsg::SessionDown(id.clone()));
         let context = self.args.context.clone();
         tokio::spawn(async move {
             let Ok(Some(record)) = context.store.get(&id).await else {
@@ -654,6 +743,7 @@ impl ManagerState {
                 .remove(&key)
                 .expect("queued sessions are in the queue");
             self.update_gauges();
+            self.registry(RegistryMsg::SessionDown(id.clone()));
             tokio::spawn(async move {
                 let at = Timestamp::now();
                 let reason = "cancelled on request".to_owned();
@@ -757,9 +847,23 @@ impl ManagerState {
         } else {
             HealthStatus::Healthy
         };
-        self.args
-            .context
-            .health
-            .report_component("sessions", status, detail);
+        let now = Timestamp::now();
+        let figures = SessionsHealth {
+            running: summary.running,
+            queued: summary.queued,
+            max_concurrent: summary.max_concurrent,
+            queue_capacity: summary.queue_capacity,
+            longest_running: summary.longest_running.map(|(id, since)| LongestRunning {
+                id,
+                since,
+                elapsed_secs: now.as_micros().saturating_sub(since.as_micros()) / 1_000_000,
+            }),
+        };
+        self.args.context.health.report_figures(
+            "sessions",
+            status,
+            detail,
+            Some(ComponentFigures::Sessions(figures)),
+        );
     }
 }

@@ -13,6 +13,7 @@ mod actor;
 pub mod aider;
 mod chat;
 mod context;
+mod flood;
 mod manager;
 mod ports;
 mod spec;
@@ -32,11 +33,12 @@ pub use manager::{
 };
 
 pub use ports::{
-    CommandLine, ExitStatus, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner, ProcessSink,
-    RunnerError, SessionStore, StoreError,
+    CommandLine, ExitStatus, Leftover, LeftoverGroup, LoggedLine, OutputLimits, ProcessEvent,
+    ProcessRunner, ProcessSink, RunnerError, SessionStore, StoreError,
 };
 pub use spec::{
-    AiderSession, ChatMessage, ChatSession, CommandSession, MAX_PRIORITY, ProcessInfo, SessionKind,
-    SessionRecord, SessionSpec, SpecError, SpecLimits, Transition,
+    AiderSession, ChatMessage, ChatSession, CommandSession, MAX_PRIORITY, ProcessInfo,
+    SESSION_ID_ENV, SessionKind, SessionRecord, SessionSpec, SpecError, SpecLimits, StopRequest,
+    Transition, refused_env,
 };
 pub use state::{InvalidTransition, SessionState};

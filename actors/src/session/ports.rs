@@ -117,6 +117,16 @@ pub struct LeftoverGroup {
     pub start_ticks: Option<u64>,
 }
 
+/// A session that was running when the node stopped: whatever of it is still alive must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The session (its processes carry it in their environment, see
+    /// [`SESSION_ID_ENV`](super::SESSION_ID_ENV)).
+    pub session: SessionId,
+    /// Its process group, when the node recorded it before it stopped.
+    pub group: Option<LeftoverGroup>,
+}
+
 /// Starts and stops session processes.
 pub trait ProcessRunner: Send + Sync + 'static {
     /// Starts `command` for `session` in its own process group with stdin closed; its events go
@@ -137,10 +147,12 @@ pub trait ProcessRunner: Send + Sync + 'static {
     /// process already exited.
     fn terminate(&self, session: &SessionId, grace: Duration) -> bool;
 
-    /// Kills process groups left over from before a node restart (SIGTERM, then SIGKILL after
-    /// `grace`), skipping groups whose members cannot belong to the recorded leader. Returns the
-    /// groups it signalled.
-    fn kill_leftovers(&self, groups: &[LeftoverGroup], grace: Duration) -> Vec<i32>;
+    /// Kills what is left of sessions that were running before a node restart (SIGTERM, then
+    /// SIGKILL after `grace`): their recorded process groups, skipping groups whose members
+    /// cannot belong to the recorded leader, and the groups of any process that still carries
+    /// one of their session ids (which also finds a session whose group was never recorded, and
+    /// processes that left its group). Returns the groups it signalled.
+    fn kill_leftovers(&self, leftovers: &[Leftover], grace: Duration) -> Vec<i32>;
 }
 
 /// Why the store failed.
@@ -172,6 +184,17 @@ pub enum StoreError {
     Io(String),
 }
 
+/// One line of a session's stored output log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedLine {
+    /// Its number, from 1.
+    pub line: u64,
+    /// Which stream printed it.
+    pub stream: OutputStream,
+    /// The text.
+    pub text: String,
+}
+
 /// Persistence of sessions. Writes resolve once they are durable.
 pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new session (durable when it resolves); fails with [`StoreError::Exists`] when
@@ -187,6 +210,12 @@ pub trait SessionStore: Send + Sync + 'static {
         transition: Transition,
     ) -> BoxFuture<'static, Result<(), StoreError>>;
 
+    /// Replaces the record of a session whose stored state is `record.state` and not terminal,
+    /// without a transition (durable when it resolves): for what must outlive the session's
+    /// actor between transitions, such as a stop request. Fails with [`StoreError::Conflict`]
+    /// when the stored state is another one.
+    fn update(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>>;
+
     /// Appends output lines to the session's log (batched, not awaited; the log is capped and
     /// lines past the cap are counted, not stored).
     fn append_output(
@@ -201,6 +230,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// before this call (it waits for queued appends to be written). A restarted session actor
     /// numbers its next lines after these, so nothing is taken for a redelivery.
     fn output_lines(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>>;
+
+    /// Stored output lines numbered after `after`, at most `limit`, in order (lines past the
+    /// log's cap were never stored and are not returned).
+    fn read_output(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<LoggedLine>, StoreError>>;
 
     /// The session with this idempotency key, if any.
     fn find_by_key(

@@ -187,6 +187,9 @@ impl SessionSpec {
                     }
                     check.name(&format!("env.{key}"), key)?;
                     check.value(&format!("env.{key}"), value)?;
+                    if let Some(why) = refused_env(key) {
+                        return Err(error(&format!("env.{key}"), why.into()));
+                    }
                 }
                 if let Some(workdir) = &command.workdir {
                     check.value("workdir", &workdir.to_string_lossy())?;
@@ -239,6 +242,34 @@ impl SessionSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// The environment variable every session process gets, holding its session id (the node sets
+/// it; a spec may not). It also lets a node that restarts after a crash find the processes of
+/// sessions whose process group it never recorded.
+pub const SESSION_ID_ENV: &str = "TROUPE_SESSION_ID";
+
+/// Why a spec may not set the environment variable `key`, if it may not.
+///
+/// The program allow-list decides which executable a session runs; the environment must not
+/// undo that. The dynamic loader's variables (`LD_PRELOAD`, `LD_LIBRARY_PATH`, `LD_AUDIT`, every
+/// `LD_*`) and glibc's `GCONV_PATH` make any program load shared objects of the caller's
+/// choosing, i.e. run code the allow-list never admitted, so they are refused. `PATH` is
+/// allowed: the runner looks a bare program name up in the node's own `PATH`, never in the
+/// session's, so a session's `PATH` only affects what its program itself runs. Variables a
+/// program interprets itself (`PYTHONPATH`, `NODE_OPTIONS`, `BASH_ENV`, …) are like its
+/// arguments: what they can make it do is part of what allowing that program means.
+pub fn refused_env(key: &str) -> Option<&'static str> {
+    if key.starts_with("LD_") || key == "GCONV_PATH" {
+        Some(
+            "variables that make the dynamic loader load other code (LD_*, GCONV_PATH) are \
+             refused: they would run code the program allow-list never admitted",
+        )
+    } else if key == SESSION_ID_ENV {
+        Some("the node sets TROUPE_SESSION_ID to the session's id itself")
+    } else {
+        None
     }
 }
 
@@ -323,6 +354,43 @@ pub struct SessionRecord {
     pub process: Option<ProcessInfo>,
     /// Lines of output so far.
     pub output_lines: u64,
+    /// A stop asked for while the session ran (cancel, timeout, node shutdown), recorded before
+    /// its process was signalled: the run's outcome follows from it even when the session's
+    /// actor restarts between the signal and the exit.
+    #[serde(default)]
+    pub stop_requested: Option<StopRequest>,
+}
+
+/// Why a running session was asked to stop; the strongest request decides its end state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopRequest {
+    /// Its timeout passed: it ends `timed_out`.
+    Timeout,
+    /// Someone cancelled it: it ends `cancelled` (even if its timeout passes meanwhile).
+    Cancel,
+    /// The node is shutting down: it ends `interrupted` (whatever was asked before).
+    Interrupt,
+}
+
+impl StopRequest {
+    /// The state the session ends in.
+    pub fn end_state(self) -> SessionState {
+        match self {
+            Self::Timeout => SessionState::TimedOut,
+            Self::Cancel => SessionState::Cancelled,
+            Self::Interrupt => SessionState::Interrupted,
+        }
+    }
+
+    /// Why the process is signalled, for logs.
+    pub fn why(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Cancel => "cancel requested",
+            Self::Interrupt => "the node is shutting down",
+        }
+    }
 }
 
 /// One recorded change of state.
@@ -394,6 +462,28 @@ mod tests {
             command.env.insert("A=B".into(), "x".into());
         }
         assert_eq!(spec.validate(&limits).unwrap_err().field, "env.A=B");
+        for key in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "LD_AUDIT",
+            "GCONV_PATH",
+            SESSION_ID_ENV,
+        ] {
+            let mut spec = command(vec![]);
+            if let SessionKind::Command(command) = &mut spec.kind {
+                command.env.insert(key.into(), "/tmp/x".into());
+            }
+            let refused = spec.validate(&limits).unwrap_err();
+            assert_eq!(refused.field, format!("env.{key}"));
+        }
+        let mut path = command(vec![]);
+        if let SessionKind::Command(command) = &mut path.kind {
+            command
+                .env
+                .insert("PATH".into(), "/tmp/evil:/usr/bin".into());
+            command.env.insert("LANG".into(), "C.UTF-8".into());
+        }
+        assert_eq!(path.validate(&limits), Ok(()), "PATH itself is allowed");
         let mut chat = command(vec![]);
         chat.kind = SessionKind::Chat(ChatSession {
             model: "m".into(),

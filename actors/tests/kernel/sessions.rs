@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use troupe_actors::event::{EventData, EventFilter, OutputStream, Subscription};
+use troupe_actors::event::{
+    Delivery, EventBusConfig, EventData, EventFilter, OutputStream, ReplayFrom, Subscription,
+};
 use troupe_actors::ids::{ActorPath, NodeId, SessionId, Timestamp};
 use troupe_actors::kernel::{FaultKind, HandleStatus};
 use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig, SessionPorts};
@@ -22,7 +24,11 @@ struct ScriptedRunner {
     processes: Mutex<HashMap<SessionId, Arc<dyn ProcessSink>>>,
     started: Mutex<Vec<(SessionId, CommandLine)>>,
     terminated: Mutex<Vec<SessionId>>,
-    leftovers: Mutex<Vec<i32>>,
+    /// Told of every terminate.
+    terminate_seen: tokio::sync::Notify,
+    /// When set, a terminated process does not exit by itself: the test emits its exit.
+    keep_alive_on_terminate: std::sync::atomic::AtomicBool,
+    leftovers: Mutex<Vec<Leftover>>,
     next_pid: Mutex<u32>,
 }
 
@@ -94,6 +100,13 @@ impl ProcessRunner for ScriptedRunner {
 
     fn terminate(&self, session: &SessionId, _grace: Duration) -> bool {
         self.terminated.lock().unwrap().push(session.clone());
+        self.terminate_seen.notify_one();
+        if self
+            .keep_alive_on_terminate
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return self.processes.lock().unwrap().contains_key(session);
+        }
         let Some(sink) = self.processes.lock().unwrap().remove(session) else {
             return false;
         };
@@ -105,10 +118,12 @@ impl ProcessRunner for ScriptedRunner {
         true
     }
 
-    fn kill_leftovers(&self, groups: &[LeftoverGroup], _grace: Duration) -> Vec<i32> {
-        let pgids: Vec<i32> = groups.iter().map(|g| g.pgid).collect();
-        self.leftovers.lock().unwrap().extend(&pgids);
-        pgids
+    fn kill_leftovers(&self, leftovers: &[Leftover], _grace: Duration) -> Vec<i32> {
+        self.leftovers.lock().unwrap().extend_from_slice(leftovers);
+        leftovers
+            .iter()
+            .filter_map(|l| l.group.map(|g| g.pgid))
+            .collect()
     }
 }
 
@@ -125,12 +140,63 @@ struct StoreData {
     records: BTreeMap<SessionId, SessionRecord>,
     transitions: Vec<(SessionId, Transition)>,
     output: Vec<String>,
+    lines: BTreeMap<(SessionId, u64), (OutputStream, String)>,
     last_line: HashMap<SessionId, u64>,
+    /// Writes that wait for the test before they land.
+    gates: Vec<Gate>,
+}
+
+/// Holds back one kind of write of one session until the test opens it.
+struct Gate {
+    session: Option<SessionId>,
+    what: GatedWrite,
+    arrived: Arc<tokio::sync::Notify>,
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GatedWrite {
+    /// Any create.
+    Create,
+    /// A transition to this state.
+    To(SessionState),
 }
 
 const WRITE_DELAY: Duration = Duration::from_millis(5);
 
 impl MemoryStore {
+    /// Holds back the next matching write until the returned opener is called; `arrived` is
+    /// told when it is held.
+    fn gate(
+        &self,
+        session: Option<SessionId>,
+        what: GatedWrite,
+    ) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Semaphore>) {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        self.data.lock().unwrap().gates.push(Gate {
+            session,
+            what,
+            arrived: arrived.clone(),
+            open: open.clone(),
+        });
+        (arrived, open)
+    }
+
+    /// The gate for this write, if one holds it (taken: it holds one write).
+    fn gated(
+        data: &Mutex<StoreData>,
+        session: &SessionId,
+        what: GatedWrite,
+    ) -> Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Semaphore>)> {
+        let mut data = data.lock().unwrap();
+        let index = data.gates.iter().position(|gate| {
+            gate.what == what && gate.session.as_ref().is_none_or(|s| s == session)
+        })?;
+        let gate = data.gates.remove(index);
+        Some((gate.arrived, gate.open))
+    }
+
     fn insert(&self, record: SessionRecord) {
         self.data
             .lock()
@@ -170,7 +236,12 @@ impl MemoryStore {
 impl SessionStore for MemoryStore {
     fn create(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
         let data = self.data.clone();
+        let gate = MemoryStore::gated(&self.data, &record.id, GatedWrite::Create);
         Box::pin(async move {
+            if let Some((arrived, open)) = gate {
+                arrived.notify_one();
+                let _ = open.acquire().await.unwrap();
+            }
             tokio::time::sleep(WRITE_DELAY).await;
             data.lock()
                 .unwrap()
@@ -186,7 +257,12 @@ impl SessionStore for MemoryStore {
         transition: Transition,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let data = self.data.clone();
+        let gate = MemoryStore::gated(&self.data, &record.id, GatedWrite::To(transition.to));
         Box::pin(async move {
+            if let Some((arrived, open)) = gate {
+                arrived.notify_one();
+                let _ = open.acquire().await.unwrap();
+            }
             tokio::time::sleep(WRITE_DELAY).await;
             let mut data = data.lock().unwrap();
             match data.records.get(&record.id).map(|r| r.state) {
@@ -207,16 +283,62 @@ impl SessionStore for MemoryStore {
         })
     }
 
+    fn update(&self, record: SessionRecord) -> BoxFuture<'static, Result<(), StoreError>> {
+        let data = self.data.clone();
+        Box::pin(async move {
+            tokio::time::sleep(WRITE_DELAY).await;
+            let mut data = data.lock().unwrap();
+            match data.records.get(&record.id).map(|r| r.state) {
+                None => Err(StoreError::NotFound(record.id.clone())),
+                Some(actual) if actual != record.state || actual.is_terminal() => {
+                    Err(StoreError::Conflict {
+                        id: record.id.clone(),
+                        expected: record.state,
+                        actual,
+                    })
+                }
+                Some(_) => {
+                    data.records.insert(record.id.clone(), record);
+                    Ok(())
+                }
+            }
+        })
+    }
+
     /// Like the real store: a line number seen before is taken for a redelivery and skipped.
-    fn append_output(&self, id: &SessionId, _stream: OutputStream, first: u64, lines: &[String]) {
+    fn append_output(&self, id: &SessionId, stream: OutputStream, first: u64, lines: &[String]) {
         let mut data = self.data.lock().unwrap();
         let last = data.last_line.get(id).copied().unwrap_or(0);
         for (line, text) in (first..).zip(lines) {
             if line > last {
                 data.output.push(text.clone());
+                data.lines
+                    .insert((id.clone(), line), (stream, text.clone()));
                 data.last_line.insert(id.clone(), line);
             }
         }
+    }
+
+    fn read_output(
+        &self,
+        id: &SessionId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<LoggedLine>, StoreError>> {
+        let lines = self
+            .data
+            .lock()
+            .unwrap()
+            .lines
+            .range((id.clone(), after + 1)..=(id.clone(), u64::MAX))
+            .take(limit)
+            .map(|((_, line), (stream, text))| LoggedLine {
+                line: *line,
+                stream: *stream,
+                text: text.clone(),
+            })
+            .collect();
+        Box::pin(async move { Ok(lines) })
     }
 
     fn output_lines(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
@@ -271,7 +393,21 @@ impl CommandBuilder for Commands {
                 env_remove: Vec::new(),
                 workdir: "/tmp".into(),
             }),
-            _ => Err("only commands in these tests".into()),
+            SessionKind::Aider(aider) => Ok(CommandLine {
+                program: "aider".into(),
+                args: vec![format!("--message={}", aider.message)],
+                env: BTreeMap::new(),
+                env_remove: Vec::new(),
+                workdir: "/tmp".into(),
+            }),
+            _ => Err("only commands and Aider in these tests".into()),
+        }
+    }
+
+    fn interpreter(&self, record: &SessionRecord) -> Option<Box<dyn OutputInterpreter>> {
+        match record.spec.kind {
+            SessionKind::Aider(_) => Some(Box::new(aider::AiderInterpreter::new())),
+            _ => None,
         }
     }
 }
@@ -287,9 +423,18 @@ struct Harness {
 
 impl Harness {
     async fn start(settings: SessionSettings, store: Arc<MemoryStore>) -> Self {
+        Self::start_with(settings, store, EventBusConfig::default()).await
+    }
+
+    async fn start_with(
+        settings: SessionSettings,
+        store: Arc<MemoryStore>,
+        events: EventBusConfig,
+    ) -> Self {
         quiet_intended_panics();
         let mut config = NodeTreeConfig::new(NodeId::new("n1").unwrap());
         config.sessions = settings;
+        config.events = events;
         config.supervision.backoff = Backoff {
             min: Duration::from_millis(10),
             max: Duration::from_millis(10),
@@ -307,10 +452,18 @@ impl Harness {
             providers: Vec::new(),
         };
         let tree = NodeTree::start(config, ports).await.unwrap();
-        let events = tree.events.subscribe(EventFilter {
-            kinds: vec!["session.*".parse().unwrap(), "actor.*".parse().unwrap()],
-            ..EventFilter::all()
-        });
+        // From the start of the ring: recovery publishes while the tree starts.
+        let (events, _) = tree
+            .events
+            .subscribe_from(
+                ReplayFrom::Tail(10_000),
+                EventFilter {
+                    kinds: vec!["session.*".parse().unwrap(), "actor.*".parse().unwrap()],
+                    ..EventFilter::all()
+                },
+            )
+            .await
+            .unwrap();
         Self {
             tree,
             runner,
@@ -660,9 +813,17 @@ async fn after_a_node_restart_running_sessions_are_interrupted_and_queued_ones_r
             start_ticks: Some(7),
         }),
         output_lines: 0,
+        stop_requested: None,
+    };
+    let cancelling = SessionRecord {
+        stop_requested: Some(StopRequest::Cancel),
+        ..record("s-was-cancelling", SessionState::Running, Some(4343))
     };
     for r in [
         record("s-was-running", SessionState::Running, Some(4242)),
+        // Killed between its fork and the `running` commit: no group recorded.
+        record("s-was-starting", SessionState::Starting, None),
+        cancelling,
         record("s-was-queued", SessionState::Queued, None),
         record("s-was-done", SessionState::Succeeded, None),
     ] {
@@ -677,8 +838,42 @@ async fn after_a_node_restart_running_sessions_are_interrupted_and_queued_ones_r
         }
         other => panic!("{other:?}"),
     }
+    let was_starting = SessionId::new("s-was-starting").unwrap();
+    h.expect(&was_starting, "session.interrupted").await;
+    let was_cancelling = SessionId::new("s-was-cancelling").unwrap();
+    match h.expect(&was_cancelling, "session.cancelled").await {
+        EventData::SessionCancelled(ended) => {
+            assert!(ended.reason.unwrap().contains("cancelled on request"))
+        }
+        other => panic!("{other:?}"),
+    }
     h.expect(&was_queued, "session.started").await;
-    assert_eq!(*h.runner.leftovers.lock().unwrap(), [4242]);
+    let mut leftovers = h.runner.leftovers.lock().unwrap().clone();
+    leftovers.sort_by(|a, b| a.session.cmp(&b.session));
+    let group = |pgid| {
+        Some(LeftoverGroup {
+            pgid,
+            start_ticks: Some(7),
+        })
+    };
+    assert_eq!(
+        leftovers,
+        [
+            Leftover {
+                session: was_cancelling,
+                group: group(4343),
+            },
+            Leftover {
+                session: was_running,
+                group: group(4242),
+            },
+            Leftover {
+                session: was_starting,
+                group: None,
+            },
+        ],
+        "every one of them, with or without a recorded group"
+    );
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -734,4 +929,459 @@ impl Harness {
             }
         }
     }
+}
+
+impl Harness {
+    /// The events of session `id` from now until its end, as kinds, with the end's data.
+    async fn until_end(&mut self, id: &SessionId) -> (Vec<&'static str>, EventData) {
+        let mut kinds = Vec::new();
+        loop {
+            let (session, kind, data) = match self.seen.iter().position(|(s, _, _)| s == id) {
+                Some(index) => self.seen.remove(index).unwrap(),
+                None => self.next().await,
+            };
+            if session != *id {
+                self.seen.push_back((session, kind, data));
+                continue;
+            }
+            kinds.push(kind);
+            let end = kind
+                .strip_prefix("session.")
+                .and_then(|s| s.parse::<SessionState>().ok())
+                .is_some_and(SessionState::is_terminal);
+            if end {
+                return (kinds, data);
+            }
+        }
+    }
+
+    fn keep_processes_alive_on_terminate(&self) {
+        self.runner
+            .keep_alive_on_terminate
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Crashes the session's actor and waits until its next instance runs.
+    async fn crash_session_actor(&mut self, id: &SessionId) {
+        let handle = self.sessions().shared.handle(id).unwrap();
+        assert!(handle.inject_fault(FaultKind::Panic));
+        assert_eq!(self.next_restart().await, format!("sessions/{id}"));
+        assert!(handle.wait_running().await);
+    }
+
+    fn record(&self, id: &SessionId) -> SessionRecord {
+        self.store.data.lock().unwrap().records[id].clone()
+    }
+
+    fn terminal_transitions(&self, id: &SessionId) -> usize {
+        self.store
+            .data
+            .lock()
+            .unwrap()
+            .transitions
+            .iter()
+            .filter(|(session, t)| session == id && t.to.is_terminal())
+            .count()
+    }
+}
+
+fn killed_by_sigterm() -> ProcessEvent {
+    ProcessEvent::Exited(ExitStatus {
+        code: None,
+        signal: Some(15),
+    })
+}
+
+/// Regression: the cancel lived only in the crashed instance, so the next one read the SIGTERM
+/// death as a failure ("killed by signal 15").
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cancel_survives_a_crash_of_the_session_actor_between_the_signal_and_the_exit() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    h.keep_processes_alive_on_terminate();
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let answer = h.cancel(&id).await.unwrap();
+    assert_eq!(answer.state, SessionState::Running, "still running");
+    assert_eq!(answer.stop_requested, Some(StopRequest::Cancel));
+    assert_eq!(
+        h.record(&id).stop_requested,
+        Some(StopRequest::Cancel),
+        "durable before the process was signalled"
+    );
+    assert_eq!(
+        *h.runner.terminated.lock().unwrap(),
+        std::slice::from_ref(&id)
+    );
+
+    h.crash_session_actor(&id).await;
+    h.runner.emit(&id, killed_by_sigterm());
+    match h.expect(&id, "session.cancelled").await {
+        EventData::SessionCancelled(ended) => {
+            assert_eq!(ended.signal, Some(15));
+            assert_eq!(ended.reason.as_deref(), Some("cancelled on request"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.terminal_transitions(&id), 1);
+    assert_eq!(h.record(&id).state, SessionState::Cancelled);
+}
+
+/// Regression: after a restart the backlog replayed the exit before the re-armed deadline fired,
+/// so a timed-out run was recorded as failed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_timeout_survives_a_crash_of_the_session_actor_between_the_signal_and_the_exit() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    h.keep_processes_alive_on_terminate();
+    let mut spec = command("sh");
+    spec.timeout_secs = Some(10);
+    let id = h.submit(spec).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    // The deadline passes: the stop is recorded, then the process is signalled.
+    h.runner.terminate_seen.notified().await;
+    assert_eq!(h.record(&id).stop_requested, Some(StopRequest::Timeout));
+
+    // The actor crashes; the exit arrives while it restarts.
+    let handle = h.sessions().shared.handle(&id).unwrap();
+    assert!(handle.inject_fault(FaultKind::Panic));
+    h.runner.emit(&id, killed_by_sigterm());
+    assert_eq!(h.next_restart().await, format!("sessions/{id}"));
+    match h.expect(&id, "session.timed_out").await {
+        EventData::SessionTimedOut(ended) => {
+            assert_eq!(ended.reason.as_deref(), Some("ran past its timeout of 10s"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.terminal_transitions(&id), 1);
+}
+
+/// Regression: the new instance's Aider interpreter started empty, so a give-up printed before
+/// the crash and Aider's exit 0 after it ended as `succeeded`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_aider_give_up_printed_before_a_crash_still_fails_the_run_that_exits_0() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let spec = SessionSpec {
+        kind: SessionKind::Aider(AiderSession {
+            message: "add a greet function".into(),
+            files: Vec::new(),
+            model: None,
+            args: Vec::new(),
+            workdir: None,
+            git: false,
+        }),
+        ..command("sh")
+    };
+    let id = h.submit(spec).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let transcript = include_str!("../fixtures/aider/rate_limited_gave_up.txt");
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: transcript.lines().map(str::to_owned).collect(),
+        },
+    );
+    h.expect(&id, "session.output").await;
+    let mut rate_limits = 0;
+    while rate_limits < 9 {
+        match h.expect(&id, "session.rate_limited").await {
+            EventData::SessionRateLimited(_) => rate_limits += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    h.crash_session_actor(&id).await;
+    h.runner.exit(&id, 0);
+    let (kinds, end) = h.until_end(&id).await;
+    assert_eq!(kinds, ["session.failed"], "no signal is published twice");
+    match end {
+        EventData::SessionFailed(ended) => {
+            assert_eq!(ended.exit_code, Some(0));
+            let reason = ended.reason.unwrap();
+            assert!(
+                reason.contains("Aider gave up after 9 rate-limit errors"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Regression: the pending submission (and its caller's reply) lived in the crashed instance:
+/// the caller got an error for a stored session, which then stayed queued until the next start
+/// of the node.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_submission_in_flight_when_the_manager_crashes_is_answered_and_runs() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::Create);
+    let mut h = Harness::start(SessionSettings::default(), store).await;
+    let manager = h.sessions().manager.clone();
+    let submission = tokio::spawn(async move {
+        manager
+            .call(
+                |reply| ManagerMsg::Submit {
+                    spec: command("sh"),
+                    reply,
+                },
+                MANAGER_TIMEOUT,
+            )
+            .await
+    });
+    held.notified().await;
+    let path = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
+    assert_eq!(h.next_restart().await, "sessions/manager");
+    open.add_permits(1);
+
+    let admitted = submission
+        .await
+        .unwrap()
+        .expect("the manager answers")
+        .expect("the submission is accepted");
+    let id = admitted.record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    h.runner.exit(&id, 0);
+    h.expect(&id, "session.succeeded").await;
+    assert_eq!(h.runner.starts(), 1);
+}
+
+/// Regression: a session taken off the queue still reads `queued` in the store until its actor
+/// records `starting`; a manager restarted in between queued it again, its second actor was
+/// refused (`AlreadyExists`) and the live run was recorded as failed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_session_just_taken_off_the_queue_is_not_queued_again_by_a_restarted_manager() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let store = Arc::new(MemoryStore::default());
+    let mut h = Harness::start(settings, store.clone()).await;
+    let first = h.submit(command("sh")).await.unwrap().record.id;
+    let second = h.submit(command("sh")).await.unwrap();
+    assert_eq!(second.position, Some(1));
+    let second = second.record.id;
+    h.expect(&first, "session.queued").await;
+    h.expect(&second, "session.queued").await;
+    h.expect(&first, "session.started").await;
+    h.running(&first).await;
+
+    // The second one's actor will wait in its `queued → starting` write.
+    let (held, open) = store.gate(Some(second.clone()), GatedWrite::To(SessionState::Starting));
+    h.runner.exit(&first, 0);
+    h.expect(&first, "session.succeeded").await;
+    held.notified().await;
+    assert_eq!(h.record(&second).state, SessionState::Queued);
+
+    let path = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
+    assert_eq!(h.next_restart().await, "sessions/manager");
+    let summary = h
+        .sessions()
+        .manager
+        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.running, summary.queued),
+        (1, 0),
+        "adopted as running, not queued again"
+    );
+
+    open.add_permits(1);
+    h.expect(&second, "session.started").await;
+    h.running(&second).await;
+    h.runner.exit(&second, 0);
+    h.expect(&second, "session.succeeded").await;
+    assert_eq!(h.runner.starts(), 2, "each session started once");
+    assert_eq!(
+        store.history(&second),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Running,
+            SessionState::Succeeded
+        ]
+    );
+}
+
+/// A flooding session next to a quiet one: the flood is coalesced to a few events that still
+/// account for every line, and a subscriber with a small buffer loses nothing of the quiet one.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_flooding_session_cannot_push_a_quiet_sessions_events_out_of_a_subscribers_buffer() {
+    let buffer = 64;
+    let mut h = Harness::start_with(
+        SessionSettings::default(),
+        Arc::default(),
+        EventBusConfig {
+            subscriber_buffer: buffer,
+            ..EventBusConfig::default()
+        },
+    )
+    .await;
+    let quiet = h.submit(command("sh")).await.unwrap().record.id;
+    let chatty = h.submit(command("sh")).await.unwrap().record.id;
+    for id in [&quiet, &chatty] {
+        h.expect(id, "session.queued").await;
+        h.expect(id, "session.started").await;
+        h.running(id).await;
+    }
+    // A watcher that reads nothing until the end.
+    let mut watcher = h.tree.events.subscribe(EventFilter {
+        kinds: vec!["session.*".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    let mut ends = h.tree.events.subscribe(EventFilter {
+        kinds: vec!["session.succeeded".parse().unwrap()],
+        ..EventFilter::all()
+    });
+
+    h.runner.emit(
+        &quiet,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: vec!["the quiet one speaks".into()],
+        },
+    );
+    let flood: u64 = 20_000;
+    for line in 0..flood {
+        h.runner.emit(
+            &chatty,
+            ProcessEvent::Output {
+                stream: OutputStream::Stderr,
+                lines: vec![format!("flood {line}")],
+            },
+        );
+    }
+    h.runner.exit(&chatty, 0);
+    h.runner.exit(&quiet, 0);
+    for _ in 0..2 {
+        next_event(&mut ends).await;
+    }
+
+    let mut quiet_lines = Vec::new();
+    let mut chatty_events = 0;
+    let mut chatty_lines = 0;
+    let mut chatty_next = 1;
+    loop {
+        let delivery = tokio::time::timeout(Duration::from_secs(1), watcher.recv()).await;
+        let Ok(Some(delivery)) = delivery else { break };
+        let event = match delivery {
+            Delivery::Event(event) => event,
+            other => panic!("the watcher lost events: {other:?}"),
+        };
+        if let EventData::SessionOutput(output) = &event.data {
+            if event.session.as_ref() == Some(&quiet) {
+                quiet_lines.extend(output.lines.clone());
+            } else {
+                assert_eq!(output.first_line, chatty_next, "contiguous, in order");
+                chatty_events += 1;
+                chatty_lines += output.lines.len() as u64 + output.skipped;
+                chatty_next = output.first_line + output.lines.len() as u64 + output.skipped;
+            }
+        }
+    }
+    assert_eq!(quiet_lines, ["the quiet one speaks"]);
+    assert_eq!(
+        chatty_lines, flood,
+        "every line accounted for, in the events or as skipped"
+    );
+    assert!(
+        chatty_events < buffer / 2,
+        "{chatty_events} output events for a flood of {flood} batches"
+    );
+    assert_eq!(
+        h.store.data.lock().unwrap().last_line[&chatty],
+        flood,
+        "the log has every line"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_registry_knows_where_sessions_are_until_they_end() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+    h.running(&running).await;
+    let tables = h.tree.registry.tables().clone();
+    let known = |tables: &troupe_actors::registry::RegistryTables| {
+        tables
+            .sessions()
+            .into_iter()
+            .map(|entry| (entry.id, entry.node.to_string()))
+            .collect::<Vec<_>>()
+    };
+    until(|| known(&tables).len() == 2).await;
+    let mut expected = vec![
+        (running.clone(), "n1".to_owned()),
+        (queued.clone(), "n1".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(known(&tables), expected);
+
+    h.cancel(&queued).await.unwrap();
+    h.expect(&queued, "session.cancelled").await;
+    h.runner.exit(&running, 0);
+    h.expect(&running, "session.succeeded").await;
+    until(|| known(&tables).is_empty()).await;
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn health_reports_the_sessions_as_fields() {
+    use troupe_actors::health::{ComponentFigures, HealthStatus};
+
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        queue_capacity: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = h.tree.health.report().await.unwrap();
+    let sessions = &report.components["sessions"];
+    assert_eq!(sessions.status, HealthStatus::Degraded, "the queue is full");
+    let Some(ComponentFigures::Sessions(figures)) = &sessions.figures else {
+        panic!("no figures: {sessions:?}")
+    };
+    assert_eq!(
+        (
+            figures.running,
+            figures.queued,
+            figures.max_concurrent,
+            figures.queue_capacity
+        ),
+        (1, 1, 1, 1)
+    );
+    let longest = figures.longest_running.as_ref().expect("one runs");
+    assert_eq!(longest.id, running);
+    assert!(longest.since <= Timestamp::now());
+}
+
+/// Yields until `condition` holds (other tasks run meanwhile); fails after many rounds.
+async fn until(mut condition: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if condition() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the condition never held");
 }
