@@ -180,6 +180,7 @@ mod tests {
             reason: None,
             process: None,
             output_lines: 0,
+            stop_requested: None,
         }
     }
 
