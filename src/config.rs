@@ -127,6 +127,9 @@ pub struct SessionsConfig {
     pub workspace_roots: Vec<PathBuf>,
     /// Programs sessions may run (empty: any, allowed only on a loopback listener).
     pub allowed_programs: Vec<String>,
+    /// `session.output` events one session may publish per second (and the burst); output past
+    /// that is coalesced into the next event (every line stays in the session's log).
+    pub output_events_per_sec: u32,
 }
 
 impl Default for SessionsConfig {
@@ -139,6 +142,7 @@ impl Default for SessionsConfig {
             kill_grace_secs: 5,
             workspace_roots: Vec::new(),
             allowed_programs: Vec::new(),
+            output_events_per_sec: 20,
         }
     }
 }
@@ -466,6 +470,12 @@ impl Config {
                     "label names must be 1 to 64 bytes and values at most 64 bytes".into(),
                 ));
             }
+        }
+        if self.sessions.output_events_per_sec == 0 {
+            return Err(semantic(
+                "sessions.output_events_per_sec",
+                "must be at least 1".into(),
+            ));
         }
         if self.sessions.max_concurrent == 0 {
             return Err(semantic(

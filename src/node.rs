@@ -471,6 +471,7 @@ fn tree_config(config: &Config, node: NodeId) -> NodeTreeConfig {
         long_running_after: Duration::from_secs(config.sessions.long_running_after_secs),
         default_timeout: Duration::from_secs(config.sessions.default_timeout_secs),
         kill_grace: Duration::from_secs(config.sessions.kill_grace_secs),
+        output_events_per_sec: config.sessions.output_events_per_sec,
         ..SessionSettings::default()
     };
     tree

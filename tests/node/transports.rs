@@ -18,11 +18,17 @@ struct Fixture {
 
 impl Fixture {
     async fn start(ring: usize) -> Self {
+        Self::start_with(ring, &[]).await
+    }
+
+    async fn start_with(ring: usize, vars: &[(&str, &str)]) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let workspace = temp.path().join("ws");
         std::fs::create_dir_all(&workspace).unwrap();
+        let mut env_vars = vec![("TROUPE_EVENTS__RING_CAPACITY".into(), ring.to_string())];
+        env_vars.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let env = NodeEnv {
-            vars: vec![("TROUPE_EVENTS__RING_CAPACITY".into(), ring.to_string())],
+            vars: env_vars,
             cwd: Some(workspace),
         };
         let node = NodeProcess::start_with(&temp.path().join("data"), &[], &env).await;
@@ -595,6 +601,9 @@ async fn troupe_mcp_runs_an_embedded_node_when_none_is_running_and_answers_bad_l
 }
 
 /// Spawns a session printing about 20 MB of output (long lines), for links that must fill up.
+/// Every output batch of a session is an event, so a flood fills a reader's socket quickly.
+const UNCOALESCED: &[(&str, &str)] = &[("TROUPE_SESSIONS__OUTPUT_EVENTS_PER_SEC", "1000000")];
+
 async fn flood(node: &NodeProcess) -> String {
     spawn_script(
         node,
@@ -630,7 +639,7 @@ async fn disconnected(observer: &mut SseStream, transport: &str) -> String {
 
 #[tokio::test]
 async fn an_sse_client_that_stops_reading_is_cleaned_up_and_others_keep_their_stream() {
-    let fixture = Fixture::start(10_000).await;
+    let fixture = Fixture::start_with(10_000, UNCOALESCED).await;
     let node = &fixture.node;
     let mut observer = node.events("kind=link.*", None).await;
     let mut healthy = node.events("kind=session.succeeded", None).await;
@@ -672,7 +681,7 @@ async fn an_sse_client_that_stops_reading_is_cleaned_up_and_others_keep_their_st
 
 #[tokio::test]
 async fn an_event_websocket_that_never_reads_is_dropped_and_others_are_unaffected() {
-    let fixture = Fixture::start(10_000).await;
+    let fixture = Fixture::start_with(10_000, UNCOALESCED).await;
     let node = &fixture.node;
     let mut observer = node.events("kind=link.*", None).await;
     let stream = tiny_buffer_stream(node).await;
