@@ -28,7 +28,7 @@ use crate::config::{ClusterProfile, Config};
 pub(super) struct DemoArgs {
     /// Seconds to wait after each step while the events print (0 to 60; 0 runs straight
     /// through).
-    #[arg(long, default_value = "5", value_parser = parse_pause)]
+    #[arg(long, default_value = "8", value_parser = parse_pause)]
     pause: Duration,
 }
 
