@@ -464,7 +464,20 @@ impl Demo {
                 })
                 .await?;
         }
-        let members = self.node("a")?.get("/v1/cluster/members").await?;
+        // Metadata (HTTP address, load) follows membership by a gossip round: give it up to
+        // 5 s so the table shows it.
+        let a = self.node("a")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let members = loop {
+            let members = a.get("/v1/cluster/members").await?;
+            let described = members["members"]
+                .as_array()
+                .is_some_and(|all| all.iter().all(|member| member["meta"]["http"].is_string()));
+            if described || Instant::now() >= deadline {
+                break members;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         self.say(&format!(
             "gossip: a knows b and c. Its member view (troupe cluster members):\n{}",
             super::cluster::members_table(&members)
