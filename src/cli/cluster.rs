@@ -127,7 +127,8 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn members_table(view: &serde_json::Value) -> String {
+/// The member view as a table (also shown by `troupe demo`).
+pub(super) fn members_table(view: &serde_json::Value) -> String {
     if view["enabled"] != true {
         return "the cluster is off on this node (see cluster.enabled, --cluster-listen)\n".into();
     }

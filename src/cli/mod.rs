@@ -4,8 +4,10 @@
 mod bench;
 mod client;
 mod cluster;
+mod demo;
 mod events;
 mod health;
+mod loopback;
 mod mcp;
 mod node;
 mod session;
@@ -46,6 +48,12 @@ enum Command {
     /// Measure a node end to end against a baseline in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Three nodes on loopback in about a minute: gossip, event relay, a supervised restart,
+    /// failure detection after a kill -9.
+    Demo(demo::DemoArgs),
+    /// A node run by `troupe demo` or `troupe bench cluster` (configuration on stdin).
+    #[command(name = "loopback-node", hide = true)]
+    LoopbackNode(loopback::ChildArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -71,6 +79,8 @@ pub fn main() -> ExitCode {
             Command::Bench(command) => bench::run(command).await,
             Command::Nodes(args) => mcp::nodes(args),
             Command::Cluster(command) => cluster::run(command).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::LoopbackNode(args) => loopback::run_child(args).await,
         }
     });
     match outcome {

@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod cluster;
+mod demo;
 mod events;
 mod gateway;
 mod lifecycle;

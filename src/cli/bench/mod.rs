@@ -3,6 +3,7 @@
 //! own embedded node(s) on loopback in a temporary data directory and cleans up after itself.
 
 mod cluster;
+mod detection;
 mod events;
 mod gateway;
 mod sessions;
@@ -21,7 +22,8 @@ pub(super) enum BenchCommand {
     Gateway(gateway::GatewayArgs),
     /// Event delivery over SSE and WebSocket against the in-process bus.
     Events(events::EventsArgs),
-    /// Event relay between two nodes on loopback: latency at a steady rate, and throughput.
+    /// Clusters of two and five nodes on loopback: relay latency and throughput, failure
+    /// detection over repeated kill -9, false node.down events in a steady run.
     Cluster(cluster::ClusterArgs),
 }
 
