@@ -259,6 +259,20 @@ async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtak
         .await;
     assert_eq!(high["queue_position"], 1, "priority before age");
     assert_eq!(node.session(&id_of(&low)).await["queue_position"], 2);
+    // The listing shows the same positions (and none for the running one).
+    let listed: Value = node.get("/v1/sessions").await.json().await.unwrap();
+    let position_of = |id: &str| {
+        listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["id"] == id)
+            .unwrap_or_else(|| panic!("{id} is listed: {listed}"))["queue_position"]
+            .clone()
+    };
+    assert_eq!(position_of(&id_of(&high)), 1, "{listed}");
+    assert_eq!(position_of(&id_of(&low)), 2, "{listed}");
+    assert_eq!(position_of(&id_of(&blocker)), Value::Null, "{listed}");
 
     let refused = node
         .post_json(
