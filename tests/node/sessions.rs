@@ -487,6 +487,23 @@ async fn a_session_actor_that_panics_is_restarted_and_its_run_is_reported_once()
         restarted["data"]["child"],
         format!("sessions/{id}").as_str()
     );
+    // Counted before it was announced: the actor's restarts, the node's total, and the
+    // actor's discarded self-sends (a family of its own, whatever the count).
+    let metrics = node.get("/metrics").await.text().await.unwrap();
+    for line in [
+        format!("troupe_actor_restarts_total{{actor=\"sessions/{id}\"}} 1"),
+        "troupe_restarts_total 1".to_owned(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+    let discarded = format!("troupe_actor_discarded_total{{actor=\"sessions/{id}\"}} ");
+    assert!(
+        metrics.lines().any(|l| l.starts_with(&discarded)),
+        "{discarded} missing:\n{metrics}"
+    );
 
     // The restarted actor re-attached to the same process, which now finishes.
     assert_eq!(node.session(&id).await["state"], "running");
@@ -494,6 +511,12 @@ async fn a_session_actor_that_panics_is_restarted_and_its_run_is_reported_once()
     let (lines, state) = node.run_to_end(&id).await;
     assert_eq!(state, "succeeded");
     assert_eq!(lines, ["waiting", "went"]);
+    // The node-wide total keeps the restart once the session (and its actor) is gone.
+    let metrics = node.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "troupe_restarts_total 1"),
+        "{metrics}"
+    );
 
     // Exactly one end, then nothing more about this session.
     let mut ends = 0;
