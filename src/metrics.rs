@@ -14,7 +14,7 @@ use troupe_actors::event::EventBus;
 
 use crate::cluster::{ClusterStats, Refusal};
 use crate::store::Store;
-use troupe_actors::kernel::ActorDirectory;
+use troupe_actors::kernel::{ActorDirectory, ActorStatsSnapshot};
 use troupe_actors::provider::stats::LATENCY_BUCKETS_SECS;
 use troupe_actors::provider::{ProviderActorRef, ProviderStatus};
 use troupe_actors::registry::RegistryTables;
@@ -126,79 +126,17 @@ fn single<M: EncodeMetric>(
 
 impl Collector for TreeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let actors: Vec<_> = self
+        let actors: Vec<ActorSample> = self
             .directory
             .list()
             .into_iter()
-            .map(|(path, entry)| {
-                let label = vec![("actor", path.to_string())];
-                (
-                    label,
-                    entry.control.status(),
-                    entry.control.stats().snapshot(),
-                )
+            .map(|(path, entry)| ActorSample {
+                path: path.to_string(),
+                running: entry.control.status().is_running(),
+                stats: entry.control.stats().snapshot(),
             })
             .collect();
-        family(
-            &mut encoder,
-            "troupe_actor_up",
-            "1 while an instance of the actor runs, 0 while it restarts or after it stopped",
-            MetricType::Gauge,
-            actors.iter().map(|(labels, status, _)| {
-                (
-                    labels.clone(),
-                    ConstGauge::new(i64::from(status.is_running())),
-                )
-            }),
-        )?;
-        family(
-            &mut encoder,
-            "troupe_actor_restarts",
-            "Restarts of the actor by its supervisor",
-            MetricType::Counter,
-            actors
-                .iter()
-                .map(|(labels, _, stats)| (labels.clone(), ConstCounter::new(stats.restarts))),
-        )?;
-        family(
-            &mut encoder,
-            "troupe_actor_messages",
-            "Messages the actor has handled",
-            MetricType::Counter,
-            actors
-                .iter()
-                .map(|(labels, _, stats)| (labels.clone(), ConstCounter::new(stats.processed))),
-        )?;
-        family(
-            &mut encoder,
-            "troupe_actor_mailbox_depth",
-            "Messages accepted for the actor and not handled yet",
-            MetricType::Gauge,
-            actors.iter().map(|(labels, _, stats)| {
-                (
-                    labels.clone(),
-                    ConstGauge::new(i64::try_from(stats.mailbox_depth()).unwrap_or(i64::MAX)),
-                )
-            }),
-        )?;
-        family(
-            &mut encoder,
-            "troupe_actor_busy_seconds",
-            "Time the actor spent in its handler",
-            MetricType::Counter,
-            actors.iter().map(|(labels, _, stats)| {
-                (labels.clone(), ConstCounter::new(stats.busy.as_secs_f64()))
-            }),
-        )?;
-        family(
-            &mut encoder,
-            "troupe_actor_dead_letters",
-            "Messages dropped because the actor stopped for good before handling them",
-            MetricType::Counter,
-            actors
-                .iter()
-                .map(|(labels, _, stats)| (labels.clone(), ConstCounter::new(stats.dead_letters))),
-        )?;
+        encode_actors(&mut encoder, &actors, self.directory.restarts_total())?;
         family(
             &mut encoder,
             "troupe_events_published",
@@ -236,6 +174,95 @@ impl Collector for TreeCollector {
             ConstGauge::new(i64::try_from(self.tables.links().len()).unwrap_or(i64::MAX)),
         )
     }
+}
+
+/// One supervised actor as `/metrics` reads it.
+struct ActorSample {
+    path: String,
+    running: bool,
+    stats: ActorStatsSnapshot,
+}
+
+/// The per-actor series (`troupe_actor_*{actor}`) and the node-wide restart total, which keeps
+/// counting the restarts of children that are gone (ended sessions, closed links).
+fn encode_actors(
+    encoder: &mut DescriptorEncoder<'_>,
+    actors: &[ActorSample],
+    restarts_total: u64,
+) -> fmt::Result {
+    let label = |actor: &ActorSample| vec![("actor", actor.path.clone())];
+    let counter = |pick: fn(&ActorStatsSnapshot) -> u64| {
+        move |actor: &ActorSample| (label(actor), ConstCounter::new(pick(&actor.stats)))
+    };
+    single(
+        encoder,
+        "troupe_restarts",
+        "Restarts of any actor of the node since it started (also of actors that are gone)",
+        MetricType::Counter,
+        ConstCounter::new(restarts_total),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_up",
+        "1 while an instance of the actor runs, 0 while it restarts or after it stopped",
+        MetricType::Gauge,
+        actors
+            .iter()
+            .map(|actor| (label(actor), ConstGauge::new(i64::from(actor.running)))),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_restarts",
+        "Restarts of the actor by its supervisor",
+        MetricType::Counter,
+        actors.iter().map(counter(|stats| stats.restarts)),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_messages",
+        "Messages the actor has handled",
+        MetricType::Counter,
+        actors.iter().map(counter(|stats| stats.processed)),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_mailbox_depth",
+        "Messages accepted for the actor and not handled yet",
+        MetricType::Gauge,
+        actors.iter().map(|actor| {
+            (
+                label(actor),
+                ConstGauge::new(i64::try_from(actor.stats.mailbox_depth()).unwrap_or(i64::MAX)),
+            )
+        }),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_busy_seconds",
+        "Time the actor spent in its handler",
+        MetricType::Counter,
+        actors.iter().map(|actor| {
+            (
+                label(actor),
+                ConstCounter::new(actor.stats.busy.as_secs_f64()),
+            )
+        }),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_dead_letters",
+        "Messages dropped because the actor stopped for good before handling them",
+        MetricType::Counter,
+        actors.iter().map(counter(|stats| stats.dead_letters)),
+    )?;
+    family(
+        encoder,
+        "troupe_actor_discarded",
+        "Self-sends and timer messages of a failed instance of the actor, dropped instead of \
+         reaching the next instance",
+        MetricType::Counter,
+        actors.iter().map(counter(|stats| stats.discarded)),
+    )
 }
 
 fn encode_sessions(encoder: &mut DescriptorEncoder<'_>, stats: &SessionStats) -> fmt::Result {
@@ -667,6 +694,59 @@ mod tests {
         assert!(
             !text.contains("troupe_sessions_ended_total{state=\"running\"}"),
             "only final states: {text}"
+        );
+    }
+
+    struct Actors(Vec<ActorSample>, u64);
+
+    impl fmt::Debug for Actors {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("Actors")
+        }
+    }
+
+    impl Collector for Actors {
+        fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+            encode_actors(&mut encoder, &self.0, self.1)
+        }
+    }
+
+    #[test]
+    fn per_actor_counters_discarded_included_and_the_node_restart_total_are_exported() {
+        let restarting = ActorSample {
+            path: "sessions/s-1".into(),
+            running: false,
+            stats: ActorStatsSnapshot {
+                enqueued: 10,
+                processed: 7,
+                busy: Duration::from_millis(1500),
+                restarts: 2,
+                dead_letters: 1,
+                discarded: 2,
+            },
+        };
+        let quiet = ActorSample {
+            path: "registry".into(),
+            running: true,
+            stats: ActorStatsSnapshot::default(),
+        };
+        // The node counted 5 restarts: 3 of them of actors no longer in the directory.
+        let text = render(Actors(vec![quiet, restarting], 5));
+        assert_has(
+            &text,
+            &[
+                "troupe_restarts_total 5",
+                "troupe_actor_discarded_total{actor=\"sessions/s-1\"} 2",
+                "troupe_actor_discarded_total{actor=\"registry\"} 0",
+                "troupe_actor_restarts_total{actor=\"sessions/s-1\"} 2",
+                "troupe_actor_dead_letters_total{actor=\"sessions/s-1\"} 1",
+                "troupe_actor_messages_total{actor=\"sessions/s-1\"} 7",
+                "troupe_actor_busy_seconds_total{actor=\"sessions/s-1\"} 1.5",
+                // 10 accepted, 7 handled, 2 discarded: 1 waits.
+                "troupe_actor_mailbox_depth{actor=\"sessions/s-1\"} 1",
+                "troupe_actor_up{actor=\"sessions/s-1\"} 0",
+                "troupe_actor_up{actor=\"registry\"} 1",
+            ],
         );
     }
 

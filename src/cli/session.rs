@@ -1,8 +1,12 @@
 //! `troupe session …`: spawn a session and watch it, spawn Aider, list, show, cancel, read logs.
 //!
-//! `spawn` without `--detach` streams the run's output as it comes, shows its state with a
-//! spinner on a terminal, and exits with the run's exit code (124 when it timed out, 130 when
-//! it was cancelled, 1 for any other failure without a code).
+//! `spawn` without `--detach` streams the run's output as it comes and exits with the run's
+//! exit code (124 when it timed out, 130 when it was cancelled, 1 for any other failure without
+//! a code). Meanwhile it shows the session's state on stderr as it changes — queued (with its
+//! position), starting, running, then the end — as a spinner on a terminal and as plain lines
+//! otherwise. The state comes from the node's event stream (`GET /v1/events`) and the record it
+//! prompts a re-read of, never from polling. `logs --follow` ends with the run too, with the same
+//! exit code.
 //!
 //! In a cluster, `spawn --on NODE` or `--placement least_loaded [--constraint KEY=VALUE]…`
 //! chooses where the session runs, `list --scope cluster` lists every member's sessions, and
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use eventsource_stream::Eventsource;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use super::client::{ClientArgs, NodeClient, check};
@@ -149,7 +153,7 @@ pub(super) struct LogsArgs {
     client: ClientArgs,
     /// The session id.
     id: String,
-    /// Keep printing until the run ends.
+    /// Keep printing until the run ends, then exit with the run's exit code (as `spawn` does).
     #[arg(long, short)]
     follow: bool,
 }
@@ -206,10 +210,12 @@ pub(super) async fn run(command: SessionCommand) -> anyhow::Result<ExitCode> {
         SessionCommand::Logs(args) => {
             let client = NodeClient::new(&args.client)?;
             let state = print_output(&client, &args.id, args.follow, None).await?;
-            Ok(match state {
-                Some(state) if args.follow => exit_code_for(&state, None),
-                _ => ExitCode::SUCCESS,
-            })
+            if !args.follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let record = get_json(&client, &format!("/v1/sessions/{}", args.id)).await?;
+            let state = state.unwrap_or_else(|| record["state"].as_str().unwrap_or("").to_owned());
+            Ok(exit_code_for(&state, record["exit_code"].as_i64()))
         }
     }
 }
@@ -268,42 +274,280 @@ async fn spawn(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let spinner = (std::io::stderr().is_terminal() && !options.json).then(|| {
+    let display = if options.json {
+        StateDisplay::Off
+    } else if std::io::stderr().is_terminal() {
         let spinner = indicatif::ProgressBar::new_spinner();
-        spinner.set_message(format!("{id}: {}", describe_state(&record)));
+        spinner.set_message(id.clone());
         spinner.enable_steady_tick(Duration::from_millis(120));
-        spinner
-    });
-    let state = print_output(&client, &id, true, spinner.as_ref()).await?;
+        StateDisplay::Spinner(spinner)
+    } else {
+        StateDisplay::Lines
+    };
+    let spinner = match &display {
+        StateDisplay::Spinner(spinner) => Some(spinner.clone()),
+        _ => None,
+    };
+    let mut shown = ShownState::new(id.clone(), display);
+    // The answer to the spawn: a session sent to run at once is still `queued` in it, but has
+    // no queue position.
+    shown.show(describe_state(&record));
+    let mut watching = !matches!(shown.display, StateDisplay::Off);
+    let state = {
+        let output = print_output(&client, &id, true, spinner.as_ref());
+        let node = record["node"].as_str().map(str::to_owned);
+        let watch = async {
+            if let Err(error) = watch_state(&client, &id, node.as_deref(), &mut shown).await {
+                shown.note(&format!("its state is not followed any more: {error:#}"));
+            }
+        };
+        tokio::pin!(output, watch);
+        loop {
+            tokio::select! {
+                state = &mut output => break state?,
+                () = &mut watch, if watching => watching = false,
+            }
+        }
+    };
     let final_record = get_json(&client, &format!("/v1/sessions/{id}")).await?;
-    if let Some(spinner) = spinner {
-        spinner.finish_and_clear();
-    }
     let state = state.unwrap_or_else(|| {
         final_record["state"]
             .as_str()
             .unwrap_or("unknown")
             .to_owned()
     });
+    let reason = final_record["reason"]
+        .as_str()
+        .map(|reason| format!(": {reason}"))
+        .unwrap_or_default();
+    shown.finish(&format!("{state}{reason}"));
     if options.json {
         println!("{}", serde_json::to_string_pretty(&final_record)?);
-    } else if state != "succeeded" {
-        eprintln!(
-            "troupe: session {id} {state}{}",
-            final_record["reason"]
-                .as_str()
-                .map(|reason| format!(": {reason}"))
-                .unwrap_or_default()
-        );
     }
     Ok(exit_code_for(&state, final_record["exit_code"].as_i64()))
 }
 
-fn describe_state(record: &Value) -> String {
+/// The event kinds that move a session along: into the queue, out of it, to its end.
+const STATE_KINDS: [&str; 7] = [
+    "session.queued",
+    "session.started",
+    "session.succeeded",
+    "session.failed",
+    "session.cancelled",
+    "session.timed_out",
+    "session.interrupted",
+];
+
+/// How many times in a row the state watch reopens a broken event stream before it gives up
+/// (the output stream still ends the command).
+const WATCH_RECONNECTS: u32 = 5;
+
+/// Follows a session's state on `shown` until it runs or ends: the end itself comes with the
+/// output stream. Subscribes to the state events of the session's node first and reads the
+/// record afterwards, so no change falls between the two. While the session is queued, a state
+/// event of another session of its node (a start, an end, a newcomer of higher priority) may
+/// move its position, and prompts one re-read of the record; events that arrived meanwhile are
+/// taken together. A broken stream is reopened (the record is read again), a refused one ends
+/// the watch.
+async fn watch_state(
+    client: &NodeClient,
+    id: &str,
+    node: Option<&str>,
+    shown: &mut ShownState,
+) -> anyhow::Result<()> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for kind in STATE_KINDS {
+        query.append_pair("kind", kind);
+    }
+    if let Some(node) = node {
+        query.append_pair("node", node);
+    }
+    let path = format!("/v1/events?{}", query.finish());
+    let record_path = format!("/v1/sessions/{id}");
+    let mut failures = 0;
+    loop {
+        let response = check(client.send(client.get(&path)).await?).await?;
+        let mut events = response.bytes_stream().eventsource();
+        if shown.show(describe_state(&get_json(client, &record_path).await?)) {
+            return Ok(());
+        }
+        loop {
+            let Some(Ok(first)) = events.next().await else {
+                break;
+            };
+            failures = 0;
+            // Whatever else has already arrived is handled with it.
+            let mut batch = vec![first];
+            while let Some(Some(Ok(event))) = events.next().now_or_never() {
+                batch.push(event);
+            }
+            let mut others = false;
+            for event in batch {
+                let event: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                if event["session"] != id {
+                    others |= event["kind"].is_string();
+                    continue;
+                }
+                let (kind, position) = (event["kind"].as_str(), event["data"]["position"].as_u64());
+                let done = match (kind, position) {
+                    (Some("session.queued"), Some(position)) if position > 0 => {
+                        shown.show(queued_at(position))
+                    }
+                    (Some("session.queued"), _) => shown.show(StateText::starting()),
+                    (Some("session.started"), _) => shown.show(StateText::running()),
+                    // Ended: the output stream says how.
+                    _ => true,
+                };
+                if done {
+                    return Ok(());
+                }
+            }
+            if others
+                && shown.queued()
+                && shown.show(describe_state(&get_json(client, &record_path).await?))
+            {
+                return Ok(());
+            }
+        }
+        failures += 1;
+        if failures > WATCH_RECONNECTS {
+            bail!("the event stream broke {failures} times in a row");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Where a session is, as shown: a rank that only grows (queued, starting, running, ended) and
+/// its words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StateText {
+    rank: u8,
+    text: String,
+}
+
+impl StateText {
+    const QUEUED: u8 = 0;
+    const STARTING: u8 = 1;
+    const RUNNING: u8 = 2;
+    const ENDED: u8 = 3;
+
+    fn starting() -> Self {
+        Self {
+            rank: Self::STARTING,
+            text: "starting".into(),
+        }
+    }
+
+    fn running() -> Self {
+        Self {
+            rank: Self::RUNNING,
+            text: "running".into(),
+        }
+    }
+}
+
+fn queued_at(position: u64) -> StateText {
+    StateText {
+        rank: StateText::QUEUED,
+        text: format!("queued (position {position})"),
+    }
+}
+
+/// The state of a session record. A `queued` record without a queue position has left the
+/// queue: the node is starting it.
+fn describe_state(record: &Value) -> StateText {
+    let text = |rank: u8, text: &str| StateText {
+        rank,
+        text: text.to_owned(),
+    };
     match (record["state"].as_str(), record["queue_position"].as_u64()) {
-        (Some("queued"), Some(position)) => format!("queued (position {position})"),
-        (Some(state), _) => state.to_owned(),
-        _ => "unknown".into(),
+        (Some("queued"), Some(position)) => queued_at(position),
+        (Some("queued" | "starting"), None) => StateText::starting(),
+        (Some("running"), _) => StateText::running(),
+        (Some(state @ ("succeeded" | "failed" | "cancelled" | "timed_out" | "interrupted")), _) => {
+            text(StateText::ENDED, state)
+        }
+        // `unreachable` (its node is down, in a cluster) or a state this CLI does not know.
+        (Some(state), _) => text(StateText::RUNNING, state),
+        (None, _) => text(StateText::QUEUED, "unknown"),
+    }
+}
+
+/// Where the state of a followed session goes (stderr): a spinner on a terminal, plain lines
+/// otherwise, or nowhere (`--json`).
+enum StateDisplay {
+    Spinner(indicatif::ProgressBar),
+    Lines,
+    Off,
+}
+
+/// The state shown so far. It never goes back: a record read late cannot undo a newer event.
+struct ShownState {
+    id: String,
+    display: StateDisplay,
+    current: Option<StateText>,
+}
+
+impl ShownState {
+    fn new(id: String, display: StateDisplay) -> Self {
+        Self {
+            id,
+            display,
+            current: None,
+        }
+    }
+
+    fn queued(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|current| current.rank == StateText::QUEUED)
+    }
+
+    /// Shows `state` if it is news; returns whether the session has left the queue for good
+    /// (running or ended), after which only its end remains to be shown.
+    fn show(&mut self, state: StateText) -> bool {
+        let news = match &self.current {
+            None => true,
+            Some(current) => {
+                state.rank > current.rank
+                    || (state.rank == current.rank && state.text != current.text)
+            }
+        };
+        if news {
+            match &self.display {
+                StateDisplay::Spinner(spinner) => {
+                    spinner.set_message(format!("{}: {}", self.id, state.text));
+                }
+                StateDisplay::Lines => eprintln!("troupe: session {} {}", self.id, state.text),
+                StateDisplay::Off => {}
+            }
+            self.current = Some(state);
+        }
+        self.current
+            .as_ref()
+            .is_some_and(|current| current.rank >= StateText::RUNNING)
+    }
+
+    /// Prints a remark about the session.
+    fn note(&self, text: &str) {
+        let line = || eprintln!("troupe: session {}: {text}", self.id);
+        match &self.display {
+            StateDisplay::Spinner(spinner) => spinner.suspend(line),
+            StateDisplay::Lines => line(),
+            StateDisplay::Off => {}
+        }
+    }
+
+    /// Clears the spinner and prints the final state.
+    fn finish(self, end: &str) {
+        match self.display {
+            StateDisplay::Spinner(spinner) => {
+                spinner.finish_and_clear();
+                eprintln!("troupe: session {} {end}", self.id);
+            }
+            StateDisplay::Lines => eprintln!("troupe: session {} {end}", self.id),
+            StateDisplay::Off => {}
+        }
     }
 }
 
@@ -500,6 +744,45 @@ mod tests {
         assert_eq!(exit_code_for("failed", Some(300)), ExitCode::FAILURE);
         assert_eq!(exit_code_for("timed_out", None), ExitCode::from(124));
         assert_eq!(exit_code_for("cancelled", None), ExitCode::from(130));
+    }
+
+    #[test]
+    fn records_read_as_the_states_a_follower_shows() {
+        let shown = |record: Value| describe_state(&record).text;
+        assert_eq!(
+            shown(json!({"state": "queued", "queue_position": 2})),
+            "queued (position 2)"
+        );
+        // Off the queue (or sent to run at once by the spawn's answer): being started.
+        assert_eq!(
+            shown(json!({"state": "queued", "queue_position": null})),
+            "starting"
+        );
+        assert_eq!(shown(json!({"state": "starting"})), "starting");
+        assert_eq!(shown(json!({"state": "running"})), "running");
+        assert_eq!(shown(json!({"state": "timed_out"})), "timed_out");
+        assert_eq!(shown(json!({"state": "unreachable"})), "unreachable");
+    }
+
+    #[test]
+    fn the_shown_state_only_moves_forward() {
+        let mut shown = ShownState::new("s-1".into(), StateDisplay::Off);
+        assert!(!shown.show(queued_at(3)));
+        assert!(shown.queued());
+        // The position moves up while queued.
+        assert!(!shown.show(queued_at(1)));
+        assert_eq!(shown.current.as_ref().unwrap().text, "queued (position 1)");
+        assert!(!shown.show(StateText::starting()));
+        assert!(!shown.queued());
+        // A record read before the start cannot put it back in the queue.
+        assert!(!shown.show(queued_at(1)));
+        assert_eq!(shown.current.as_ref().unwrap().text, "starting");
+        assert!(
+            shown.show(StateText::running()),
+            "running: nothing more to watch"
+        );
+        assert!(shown.show(StateText::starting()));
+        assert_eq!(shown.current.as_ref().unwrap().text, "running");
     }
 
     #[test]

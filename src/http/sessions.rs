@@ -254,7 +254,7 @@ pub(super) async fn list(
     }
     let page = core
         .sessions
-        .list(filter)
+        .list_views(filter)
         .await
         .map_err(|error| match error {
             SessionError::Store(StoreError::Invalid(message)) => {
@@ -264,15 +264,8 @@ pub(super) async fn list(
         })?;
     let sessions: Vec<serde_json::Value> = page
         .sessions
-        .into_iter()
-        .map(|record| {
-            serde_json::to_value(SessionJson(&SessionView {
-                record,
-                queue_position: None,
-                existing: false,
-            }))
-            .unwrap_or_default()
-        })
+        .iter()
+        .map(|view| serde_json::to_value(SessionJson(view)).unwrap_or_default())
         .collect();
     if let Some(filters) = cluster {
         return Ok(ApiJson(remote::list_cluster(&core, &filters, sessions).await).into_response());

@@ -873,7 +873,7 @@ impl TroupeMcp {
         let page = self
             .core
             .sessions
-            .list(query)
+            .list_views(query)
             .await
             .map_err(|error| match error {
                 SessionError::Store(troupe_actors::session::StoreError::Invalid(message)) => {
@@ -881,17 +881,7 @@ impl TroupeMcp {
                 }
                 other => other.into(),
             })?;
-        let sessions: Vec<Value> = page
-            .sessions
-            .into_iter()
-            .map(|record| {
-                view_json(&SessionView {
-                    record,
-                    queue_position: None,
-                    existing: false,
-                })
-            })
-            .collect();
+        let sessions: Vec<Value> = page.sessions.iter().map(view_json).collect();
         if cluster {
             let filters = ListFilters {
                 states: query_states,

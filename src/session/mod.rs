@@ -15,8 +15,8 @@ use troupe_actors::ids::{NodeId, SessionId};
 use troupe_actors::kernel::CallError;
 use troupe_actors::node::Sessions;
 use troupe_actors::session::{
-    Admitted, CancelError, MANAGER_TIMEOUT, ManagerMsg, SessionRecord, SessionSpec, StoreError,
-    SubmitError,
+    Admitted, CancelError, MANAGER_TIMEOUT, ManagerMsg, SessionRecord, SessionSpec, SessionState,
+    StoreError, SubmitError,
 };
 
 use crate::store::{OutputLine, OutputPage, SessionPage, SessionQuery, Store};
@@ -31,6 +31,15 @@ pub struct SessionView {
     pub queue_position: Option<u64>,
     /// True when an earlier submission with the same idempotency key was returned.
     pub existing: bool,
+}
+
+/// A page of sessions as the API shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionViewPage {
+    /// The sessions, newest first.
+    pub sessions: Vec<SessionView>,
+    /// Pass as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// Why a session operation failed.
@@ -136,21 +145,69 @@ impl SessionService {
     }
 
     async fn position(&self, record: &SessionRecord) -> Option<u64> {
-        if record.state != troupe_actors::session::SessionState::Queued {
-            return None;
-        }
-        let id = record.id.clone();
-        self.sessions
-            .manager
-            .call(|reply| ManagerMsg::Position { id, reply }, MANAGER_TIMEOUT)
+        self.positions(std::slice::from_ref(record))
             .await
-            .ok()
+            .pop()
             .flatten()
     }
 
-    /// A page of sessions, newest first.
+    /// The queue positions of `records`, in their order (`None` for those not queued). When
+    /// the manager does not answer (it is restarting), none is known.
+    async fn positions(&self, records: &[SessionRecord]) -> Vec<Option<u64>> {
+        let queued: Vec<SessionId> = records
+            .iter()
+            .filter(|record| record.state == SessionState::Queued)
+            .map(|record| record.id.clone())
+            .collect();
+        let mut known = if queued.is_empty() {
+            Vec::new()
+        } else {
+            let ids = queued.clone();
+            self.sessions
+                .manager
+                .call(
+                    |reply| ManagerMsg::Positions { ids, reply },
+                    MANAGER_TIMEOUT,
+                )
+                .await
+                .unwrap_or_default()
+        }
+        .into_iter();
+        records
+            .iter()
+            .map(|record| {
+                if record.state == SessionState::Queued {
+                    known.next().flatten()
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// A page of session records, newest first.
     pub async fn list(&self, query: SessionQuery) -> Result<SessionPage, SessionError> {
         Ok(self.store.list(query).await?)
+    }
+
+    /// A page of sessions as the API shows them: the records, newest first, with the queue
+    /// positions of the queued ones.
+    pub async fn list_views(&self, query: SessionQuery) -> Result<SessionViewPage, SessionError> {
+        let page = self.store.list(query).await?;
+        let positions = self.positions(&page.sessions).await;
+        Ok(SessionViewPage {
+            sessions: page
+                .sessions
+                .into_iter()
+                .zip(positions)
+                .map(|(record, queue_position)| SessionView {
+                    record,
+                    queue_position,
+                    existing: false,
+                })
+                .collect(),
+            next_cursor: page.next_cursor,
+        })
     }
 
     /// Cancels a session; idempotent (an ended session is returned as it is).

@@ -259,6 +259,20 @@ async fn past_capacity_the_api_answers_429_and_a_higher_priority_session_overtak
         .await;
     assert_eq!(high["queue_position"], 1, "priority before age");
     assert_eq!(node.session(&id_of(&low)).await["queue_position"], 2);
+    // The listing shows the same positions (and none for the running one).
+    let listed: Value = node.get("/v1/sessions").await.json().await.unwrap();
+    let position_of = |id: &str| {
+        listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["id"] == id)
+            .unwrap_or_else(|| panic!("{id} is listed: {listed}"))["queue_position"]
+            .clone()
+    };
+    assert_eq!(position_of(&id_of(&high)), 1, "{listed}");
+    assert_eq!(position_of(&id_of(&low)), 2, "{listed}");
+    assert_eq!(position_of(&id_of(&blocker)), Value::Null, "{listed}");
 
     let refused = node
         .post_json(
@@ -473,6 +487,23 @@ async fn a_session_actor_that_panics_is_restarted_and_its_run_is_reported_once()
         restarted["data"]["child"],
         format!("sessions/{id}").as_str()
     );
+    // Counted before it was announced: the actor's restarts, the node's total, and the
+    // actor's discarded self-sends (a family of its own, whatever the count).
+    let metrics = node.get("/metrics").await.text().await.unwrap();
+    for line in [
+        format!("troupe_actor_restarts_total{{actor=\"sessions/{id}\"}} 1"),
+        "troupe_restarts_total 1".to_owned(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+    let discarded = format!("troupe_actor_discarded_total{{actor=\"sessions/{id}\"}} ");
+    assert!(
+        metrics.lines().any(|l| l.starts_with(&discarded)),
+        "{discarded} missing:\n{metrics}"
+    );
 
     // The restarted actor re-attached to the same process, which now finishes.
     assert_eq!(node.session(&id).await["state"], "running");
@@ -480,6 +511,12 @@ async fn a_session_actor_that_panics_is_restarted_and_its_run_is_reported_once()
     let (lines, state) = node.run_to_end(&id).await;
     assert_eq!(state, "succeeded");
     assert_eq!(lines, ["waiting", "went"]);
+    // The node-wide total keeps the restart once the session (and its actor) is gone.
+    let metrics = node.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "troupe_restarts_total 1"),
+        "{metrics}"
+    );
 
     // Exactly one end, then nothing more about this session.
     let mut ends = 0;
@@ -749,6 +786,194 @@ async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
     let (status, _, stderr) = run_cli(node, &["session", "show", "no-such-session"]).await;
     assert_ne!(status.code(), Some(0));
     assert!(stderr.contains("no session"), "{stderr}");
+}
+
+/// A `troupe` CLI command running against a node, its output read line by line as it comes.
+struct LiveCli {
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    /// Every stderr line read so far.
+    stderr_seen: Vec<String>,
+}
+
+impl LiveCli {
+    fn spawn(node: &NodeProcess, args: &[&str]) -> Self {
+        use std::process::Stdio;
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut child = tokio::process::Command::new(troupe_bin())
+            .args(args)
+            .env("TROUPE_URL", format!("http://{}", node.addr))
+            .env("TROUPE_DATA_DIR", &node.data_dir)
+            .env_remove("TROUPE_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Self {
+            stdout: BufReader::new(child.stdout.take().unwrap()).lines(),
+            stderr: BufReader::new(child.stderr.take().unwrap()).lines(),
+            child,
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    async fn stdout_line(&mut self) -> String {
+        tokio::time::timeout(PATIENCE, self.stdout.next_line())
+            .await
+            .expect("a line on stdout within the patience")
+            .unwrap()
+            .expect("the command is still printing")
+    }
+
+    /// The next stderr line that contains `text` (the lines before it are kept too).
+    async fn stderr_line_with(&mut self, text: &str) -> String {
+        loop {
+            let line = tokio::time::timeout(PATIENCE, self.stderr.next_line())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no {text:?} on stderr within the patience: {:?}",
+                        self.stderr_seen
+                    )
+                })
+                .unwrap()
+                .unwrap_or_else(|| panic!("stderr closed before {text:?}: {:?}", self.stderr_seen));
+            self.stderr_seen.push(line.clone());
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for the command to end; returns its status, what is left on stdout, and every
+    /// stderr line.
+    async fn finish(mut self) -> (std::process::ExitStatus, String, Vec<String>) {
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the command ends within the patience")
+            .unwrap();
+        let mut rest = String::new();
+        while let Some(line) = self.stdout.next_line().await.unwrap() {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        while let Some(line) = self.stderr.next_line().await.unwrap() {
+            self.stderr_seen.push(line);
+        }
+        (status, rest, self.stderr_seen)
+    }
+}
+
+/// A shell script that prints `first-line`, waits until the file `gate` exists, prints
+/// `last-line` and exits with `code`.
+fn gated(gate: &Path, code: u8) -> Value {
+    sh(&format!(
+        "echo first-line; while [ ! -e {} ]; do sleep 0.02; done; echo last-line; exit {code}",
+        gate.display()
+    ))
+}
+
+#[tokio::test]
+async fn the_cli_shows_a_queued_session_move_to_running_and_exits_with_the_run_code() {
+    let fixture = Fixture::start("[sessions]\nmax_concurrent = 1\n", &[]).await;
+    let node = &fixture.node;
+    let mut started = node.events("kind=session.started", None).await;
+    let blocker = node.spawn_session(sh("sleep 300")).await;
+    started.next_of("session.started").await;
+
+    let gate = fixture.workspace().join("gate");
+    let script = gated(&gate, 3);
+    let mut cli = LiveCli::spawn(
+        node,
+        &[
+            "session",
+            "spawn",
+            "--",
+            "sh",
+            "-c",
+            script["args"][1].as_str().unwrap(),
+        ],
+    );
+    // No terminal here: the state comes as plain lines on stderr.
+    let queued = cli.stderr_line_with(" queued").await;
+    assert!(queued.ends_with("queued (position 1)"), "{queued}");
+    let id = queued
+        .strip_prefix("troupe: session ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a session id in {queued:?}"))
+        .to_owned();
+    assert_eq!(node.session(&id).await["state"], "queued");
+
+    // The slot frees: the CLI follows the session out of the queue without being asked again.
+    assert_eq!(
+        node.delete(&format!("/v1/sessions/{}", id_of(&blocker)))
+            .await
+            .status(),
+        202
+    );
+    let running = cli.stderr_line_with(" running").await;
+    assert_eq!(running, format!("troupe: session {id} running"));
+    // Output streams while the run goes on (it waits for the gate).
+    assert_eq!(cli.stdout_line().await, "first-line");
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(cli.stdout_line().await, "last-line");
+
+    let (status, rest, stderr) = cli.finish().await;
+    assert_eq!(status.code(), Some(3), "{stderr:?}");
+    assert_eq!(rest, "", "only the run's output on stdout");
+    let states: Vec<&str> = stderr
+        .iter()
+        .filter_map(|line| line.strip_prefix(&format!("troupe: session {id} ")))
+        .collect();
+    let at = |state: &str| {
+        states
+            .iter()
+            .position(|shown| shown.starts_with(state))
+            .unwrap_or_else(|| panic!("{state} is shown: {states:?}"))
+    };
+    assert!(at("queued") < at("running"), "{states:?}");
+    assert!(at("running") < at("failed"), "{states:?}");
+    assert!(
+        states
+            .iter()
+            .all(|state| ["queued", "starting", "running", "failed"]
+                .iter()
+                .any(|known| state.starts_with(known))),
+        "{states:?}"
+    );
+    assert_eq!(
+        *states.last().unwrap(),
+        "failed: exit code 3",
+        "the end comes last: {states:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_follows_logs_while_the_run_goes_on_and_exits_with_the_run_code() {
+    let fixture = Fixture::start("", &[]).await;
+    let node = &fixture.node;
+    let gate = fixture.workspace().join("gate");
+    let id = id_of(&node.spawn_session(gated(&gate, 4)).await);
+
+    let mut cli = LiveCli::spawn(node, &["session", "logs", &id, "--follow"]);
+    assert_eq!(cli.stdout_line().await, "first-line");
+    // The run waits for the gate, so the command cannot have ended.
+    assert!(cli.child.try_wait().unwrap().is_none(), "it follows");
+    assert_eq!(node.session(&id).await["state"], "running");
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(cli.stdout_line().await, "last-line");
+    let (status, rest, stderr) = cli.finish().await;
+    assert_eq!(status.code(), Some(4), "{stderr:?}");
+    assert_eq!(rest, "", "nothing after the run's last line");
+
+    // Following a session that has already ended prints its log and ends at once, with the
+    // same status.
+    let (status, stdout, stderr) = run_cli(node, &["session", "logs", &id, "--follow"]).await;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert_eq!(stdout, "first-line\nlast-line\n");
 }
 
 #[tokio::test]

@@ -123,12 +123,12 @@ pub enum ManagerMsg {
         /// The record as it stands.
         reply: RpcReplyPort<Result<SessionRecord, CancelError>>,
     },
-    /// A queued session's place in the queue.
-    Position {
-        /// The session.
-        id: SessionId,
-        /// 1 for next; `None` when not queued.
-        reply: RpcReplyPort<Option<u64>>,
+    /// The places in the queue of some sessions (one pass over the queue for all of them).
+    Positions {
+        /// The sessions.
+        ids: Vec<SessionId>,
+        /// In the order of `ids`: 1 for next; `None` for a session that is not queued.
+        reply: RpcReplyPort<Vec<Option<u64>>>,
     },
     /// Counts.
     Summary(RpcReplyPort<SessionsSummary>),
@@ -282,8 +282,8 @@ impl Actor for SessionManager {
             ManagerMsg::Submit { spec, reply } => state.submit(ctx, spec, reply).await,
             ManagerMsg::Created { id, result } => state.created(ctx, id, result),
             ManagerMsg::Cancel { id, reply } => state.cancel(id, reply),
-            ManagerMsg::Position { id, reply } => {
-                let _ = reply.send(state.position(&id));
+            ManagerMsg::Positions { ids, reply } => {
+                let _ = reply.send(state.positions(&ids));
             }
             ManagerMsg::Summary(reply) => {
                 let _ = reply.send(state.summary());
@@ -458,6 +458,24 @@ impl ManagerState {
     fn position(&self, id: &SessionId) -> Option<u64> {
         let key = self.queued.get(id)?;
         Some(self.queue.range(..=*key).count() as u64)
+    }
+
+    /// The positions of `ids`: one walk of the queue up to the last of them, not one per id.
+    fn positions(&self, ids: &[SessionId]) -> Vec<Option<u64>> {
+        let keys: Vec<Option<QueueKey>> =
+            ids.iter().map(|id| self.queued.get(id).copied()).collect();
+        let Some(last) = keys.iter().flatten().max().copied() else {
+            return vec![None; ids.len()];
+        };
+        let places: HashMap<QueueKey, u64> = self
+            .queue
+            .range(..=last)
+            .zip(1..)
+            .map(|((key, _), place)| (*key, place))
+            .collect();
+        keys.iter()
+            .map(|key| key.and_then(|key| places.get(&key).copied()))
+            .collect()
     }
 
     fn starts_pending(&self) -> usize {
