@@ -16,7 +16,7 @@ use super::query::{
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, OUTPUT, OUTPUT_COUNTERS, OrIo,
     OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED, corrupt, decode,
-    last_seq_key, meta_get,
+    last_seq_key, meta_get, reserved_key,
 };
 
 type SessionsTable = ReadOnlyTable<&'static str, &'static [u8]>;
@@ -291,6 +291,7 @@ pub(super) fn resume(
         last_pos = last_pos.max(pos.value());
     }
     let mut last_seq = meta_get(&meta, &last_seq_key(node.as_str())).or_io("read meta")?;
+    last_seq = last_seq.max(meta_get(&meta, &reserved_key(node.as_str())).or_io("read meta")?);
     let node_key = node.as_str();
     if let Some(entry) = index
         .range((node_key, 0)..=(node_key, u64::MAX))
@@ -327,4 +328,11 @@ pub(super) fn resume(
         last_pos,
         recent,
     })
+}
+
+/// This node's id reservation on disk (0 when none was ever made).
+pub(super) fn reserved(db: &Database, node: &NodeId) -> Result<u64, StoreError> {
+    let txn = begin(db)?;
+    let meta = txn.open_table(META).or_io("open table meta")?;
+    meta_get(&meta, &reserved_key(node.as_str())).or_io("read meta")
 }

@@ -12,6 +12,10 @@
 //! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
 //! lost (and logged). Event-log retention runs here too, inside the batches' transactions.
 //!
+//! Id reservations (see [`Reservation`]) ride along too: every batch writes the reservation
+//! wanted at its start, and once the batch is committed the reservation is published as durable.
+//! They do not queue behind appends, so a backlog of appends cannot stall publishing.
+//!
 //! This thread never blocks on anything but the channel and the disk, and never calls back into
 //! async code: replies go through oneshot channels.
 
@@ -32,7 +36,7 @@ use super::query::PruneReport;
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_EVENT_BYTES, META_EVENT_COUNT, META_LAST_POS,
     OUTPUT, OUTPUT_COUNTERS, OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
-    corrupt, decode, encode, event_overhead, last_seq_key, meta_get,
+    corrupt, decode, encode, event_overhead, last_seq_key, meta_get, reserved_key,
 };
 
 /// Most events one automatic retention pass deletes, so a commit stays short; the rest goes in
@@ -70,6 +74,31 @@ pub(super) enum Request {
     },
     /// Commit what is queued, stop the thread, then answer.
     Close(Reply),
+    /// Wake up: a reservation is wanted (see [`Reservation`]).
+    Wake,
+    /// The bus stopped cleanly after handing out ids up to this one: lower the reservation to
+    /// it (so the next start continues right after it).
+    Release(u64),
+}
+
+/// This node's id reservation, shared by the handles and the writer. A handle raises `wanted`
+/// and wakes the writer; the writer writes it in its next batch and, once that batch is
+/// committed, raises `durable`, which the handle awaits.
+#[derive(Debug)]
+pub(super) struct Reservation {
+    /// The highest reservation asked for.
+    pub(super) wanted: AtomicU64,
+    /// The reservation on disk.
+    pub(super) durable: tokio::sync::watch::Sender<u64>,
+}
+
+impl Reservation {
+    pub(super) fn new(durable: u64) -> Self {
+        Self {
+            wanted: AtomicU64::new(durable),
+            durable: tokio::sync::watch::Sender::new(durable),
+        }
+    }
 }
 
 impl Request {
@@ -124,6 +153,7 @@ pub(super) struct Writer {
     pub(super) config: StoreConfig,
     pub(super) rx: Receiver<Request>,
     pub(super) stats: Arc<Stats>,
+    pub(super) reservation: Arc<Reservation>,
 }
 
 impl Writer {
@@ -136,11 +166,13 @@ impl Writer {
             config,
             rx,
             stats,
+            reservation,
         } = self;
         let mut state = WriterState {
             node,
             config,
             stats,
+            reservation,
             next_age_prune: Instant::now(),
             prune_backlog: false,
         };
@@ -204,6 +236,7 @@ struct WriterState {
     node: NodeId,
     config: StoreConfig,
     stats: Arc<Stats>,
+    reservation: Arc<Reservation>,
     next_age_prune: Instant,
     prune_backlog: bool,
 }
@@ -244,15 +277,30 @@ impl WriterState {
     ) -> Result<(), StoreError> {
         let now = Instant::now();
         let age_due = now >= self.next_age_prune;
-        if batch.is_empty() && !age_due && !self.prune_backlog {
+        let reserve_due =
+            self.reservation.wanted.load(Ordering::Acquire) > *self.reservation.durable.borrow();
+        if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due {
             return Ok(());
         }
         let requests = batch.len() as u64;
         let mut answers = Vec::with_capacity(batch.len());
         let mut report = None;
-        let outcome = self.apply(db, batch, age_due, &mut answers, closers, &mut report);
+        let mut reserved = None;
+        let outcome = self.apply(
+            db,
+            batch,
+            age_due,
+            &mut answers,
+            closers,
+            &mut report,
+            &mut reserved,
+        );
         match outcome {
             Ok(committed) => {
+                if let Some(reserved) = reserved {
+                    // On disk now (or already was): whoever waits for it may go on.
+                    self.reservation.durable.send_replace(reserved);
+                }
                 self.stats
                     .commits
                     .fetch_add(u64::from(committed), Ordering::Relaxed);
@@ -298,6 +346,7 @@ impl WriterState {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         db: &Database,
@@ -306,6 +355,7 @@ impl WriterState {
         answers: &mut Vec<Answer>,
         closers: &mut Vec<Reply>,
         report: &mut Option<PruneReport>,
+        reserved: &mut Option<u64>,
     ) -> Result<bool, StoreError> {
         let io = |error: redb::Error| StoreError::Io(format!("write transaction: {error}"));
         // Whether anything was written: a batch of flushes, refusals and empty retention passes
@@ -390,7 +440,23 @@ impl WriterState {
                         answers.push(Answer::Pruned(reply));
                     }
                     Request::Close(reply) => closers.push(reply),
+                    Request::Wake => {}
+                    Request::Release(last) => {
+                        if let Some(tables) = tables.as_mut() {
+                            tables.reserved = last;
+                            self.reservation.wanted.store(last, Ordering::Release);
+                            dirty = true;
+                        }
+                    }
                 }
+            }
+            if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
+                let wanted = self.reservation.wanted.load(Ordering::Acquire);
+                if wanted > tables.reserved {
+                    tables.reserved = wanted;
+                    dirty = true;
+                }
+                *reserved = Some(tables.reserved);
             }
             if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
                 match self.retention(tables, age_due, explicit_prune) {
@@ -518,6 +584,9 @@ struct Tables<'txn> {
     last_seq_key: String,
     totals: Totals,
     loaded: Totals,
+    /// This node's id reservation, and as loaded.
+    reserved: u64,
+    reserved_loaded: u64,
 }
 
 impl<'txn> Tables<'txn> {
@@ -530,6 +599,7 @@ impl<'txn> Tables<'txn> {
             last_pos: meta_get(&meta, META_LAST_POS)?,
             last_seq: meta_get(&meta, &last_seq_key)?,
         };
+        let reserved = meta_get(&meta, &reserved_key(node.as_str()))?;
         Ok(Self {
             sessions: txn.open_table(SESSIONS)?,
             order: txn.open_table(SESSION_ORDER)?,
@@ -545,19 +615,25 @@ impl<'txn> Tables<'txn> {
             last_seq_key,
             totals,
             loaded: totals,
+            reserved,
+            reserved_loaded: reserved,
         })
     }
 
     fn save_totals(&mut self) -> Result<(), redb::StorageError> {
-        if self.totals == self.loaded {
-            return Ok(());
+        if self.totals != self.loaded {
+            self.meta.insert(META_EVENT_BYTES, self.totals.bytes)?;
+            self.meta.insert(META_EVENT_COUNT, self.totals.count)?;
+            self.meta.insert(META_LAST_POS, self.totals.last_pos)?;
+            self.meta
+                .insert(self.last_seq_key.as_str(), self.totals.last_seq)?;
+            self.loaded = self.totals;
         }
-        self.meta.insert(META_EVENT_BYTES, self.totals.bytes)?;
-        self.meta.insert(META_EVENT_COUNT, self.totals.count)?;
-        self.meta.insert(META_LAST_POS, self.totals.last_pos)?;
-        self.meta
-            .insert(self.last_seq_key.as_str(), self.totals.last_seq)?;
-        self.loaded = self.totals;
+        if self.reserved != self.reserved_loaded {
+            self.meta
+                .insert(reserved_key(&self.node).as_str(), self.reserved)?;
+            self.reserved_loaded = self.reserved;
+        }
         Ok(())
     }
 
