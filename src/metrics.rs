@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use troupe_actors::event::EventBus;
 
 use crate::cluster::{ClusterStats, Refusal};
+use troupe_actors::cluster::WireFault;
 use troupe_actors::kernel::ActorDirectory;
 use troupe_actors::provider::ProviderActorRef;
 use troupe_actors::registry::RegistryTables;
@@ -290,6 +291,20 @@ impl Collector for ClusterCollector {
                 (
                     vec![("reason", reason.as_str().to_owned())],
                     ConstCounter::new(stats.refused(*reason)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_cluster_wire_errors",
+            "Peers breaking the cluster wire protocol, by reason (malformed, oversized or \
+             truncated frames, unknown versions, out-of-turn frames, foreign events, oversized, \
+             malformed or spoofed datagrams, unknown metadata formats)",
+            MetricType::Counter,
+            WireFault::ALL.iter().map(|fault| {
+                (
+                    vec![("reason", fault.as_str().to_owned())],
+                    ConstCounter::new(stats.wire_errors(*fault)),
                 )
             }),
         )?;

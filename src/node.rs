@@ -273,6 +273,7 @@ impl NodeBuilder {
                 events: tree.events.clone(),
                 store: store.clone(),
                 calls: calls.clone(),
+                stats: endpoint.stats().clone(),
             }));
         }
         let core = Arc::new(NodeCore {

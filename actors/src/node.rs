@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{
     DatagramTransport, LocalMeta, MembershipActor, MembershipArgs, MembershipCodec, MembershipMsg,
-    MembershipProfile, RelayCursors, RelayPorts, RelaySource,
+    MembershipProfile, RelayPorts, RelaySource,
 };
 use crate::event::{BusShared, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventStore};
 use crate::health::{Health, HealthActor, HealthArgs, HealthConfig, HealthShared};
@@ -257,7 +257,6 @@ impl NodeTree {
                     relay: cluster_ports.relay.clone().map(|source| RelayPorts {
                         supervisor: supervisor.clone(),
                         source,
-                        cursors: RelayCursors::default(),
                         peers: Arc::default(),
                     }),
                 };

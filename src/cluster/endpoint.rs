@@ -9,6 +9,10 @@
 //!
 //! Membership datagrams are sent through per-peer tasks so the sender never waits: a datagram
 //! that cannot go now (queue full, dial failed, connection lost) is dropped, like UDP.
+//!
+//! A peer that breaks the wire protocol ([`WireFault`]) on a relay stream is one WARN log line
+//! naming it and the reason and one increment of `troupe_cluster_wire_errors_total{reason}`
+//! ([`log_wire_fault`]); the relay closes that stream only.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +26,7 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use troupe_actors::cluster::WireFault;
 use troupe_actors::ids::NodeId;
 
 use super::certs::{self, NodeCredentials, SERVER_NAME};
@@ -94,6 +99,7 @@ impl Refusal {
 #[derive(Debug, Default)]
 pub struct ClusterStats {
     refused: [AtomicU64; 5],
+    wire_errors: [AtomicU64; WireFault::ALL.len()],
     /// Connections established (both directions).
     pub connections: AtomicU64,
     /// Datagrams dropped (queue full, no connection, too large).
@@ -115,6 +121,38 @@ impl ClusterStats {
         let index = Refusal::ALL.iter().position(|r| *r == reason).unwrap_or(4);
         self.refused[index].load(Ordering::Relaxed)
     }
+
+    /// Counts one wire error.
+    pub fn wire_error(&self, fault: WireFault) {
+        if let Some(index) = WireFault::ALL.iter().position(|f| *f == fault) {
+            self.wire_errors[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wire errors of kind `fault` so far.
+    pub fn wire_errors(&self, fault: WireFault) -> u64 {
+        WireFault::ALL
+            .iter()
+            .position(|f| *f == fault)
+            .map_or(0, |index| self.wire_errors[index].load(Ordering::Relaxed))
+    }
+}
+
+/// Counts and logs (WARN, naming the peer and the reason) one wire fault; closing what must be
+/// closed is the caller's part.
+pub fn log_wire_fault(stats: &ClusterStats, peer: &NodeId, fault: WireFault, detail: &str) {
+    stats.wire_error(fault);
+    tracing::warn!(
+        %peer,
+        reason = fault.as_str(),
+        detail,
+        closes = match fault {
+            WireFault::UnknownMetaFormat => "nothing (the metadata is skipped)",
+            fault if fault.closes_connection() => "connection",
+            _ => "stream",
+        },
+        "cluster peer broke the wire protocol"
+    );
 }
 
 /// Why the endpoint could not start.

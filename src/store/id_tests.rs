@@ -1,5 +1,6 @@
-//! Event ids never repeat, whatever happened to the log (a kill, dropped appends): the store's
-//! id reservations, driven through a real event bus.
+//! Event ids never repeat, whatever happened to the log (a kill, dropped appends), and a
+//! restarted node knows where each relayed stream continues: the store's id reservations, its
+//! per-node sequence numbers, and the relay's backfill reads, driven through a real event bus.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -18,6 +19,10 @@ use super::*;
 
 fn node() -> NodeId {
     NodeId::new("node-a").unwrap()
+}
+
+fn peer(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
 }
 
 fn progress(n: u64) -> EventData {
@@ -157,6 +162,103 @@ async fn a_clean_stop_of_the_bus_keeps_ids_dense_across_a_restart() {
     let mut events = bus.subscribe(EventFilter::all());
     bus.publish(None, progress(6));
     assert_eq!(next_seq(&mut events).await, 6);
+}
+
+#[tokio::test]
+async fn resume_knows_where_each_relayed_stream_continues_even_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let mut pos = 0;
+    for (publisher, seqs) in [
+        (node(), 1..=4),
+        (peer("p1"), 5..=7),
+        (peer("p2"), 3..=3),
+        (node(), 5..=6),
+    ] {
+        for seq in seqs {
+            pos += 1;
+            store.append(&item(pos, publisher.clone(), seq));
+        }
+    }
+    let resume = store.resume(100);
+    assert_eq!(resume.last_seq, 6);
+    assert_eq!(resume.relayed, [(peer("p1"), 7), (peer("p2"), 3)]);
+
+    // Retention deletes every event; the sequence numbers stay.
+    let far = Timestamp::from_micros(Timestamp::now().as_micros() + 365 * 24 * 3600 * 1_000_000);
+    store.prune(far).await.unwrap();
+    store.close().await.unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let resume = store.resume(100);
+    assert!(resume.recent.is_empty());
+    assert_eq!(resume.last_seq, 6);
+    assert_eq!(resume.relayed, [(peer("p1"), 7), (peer("p2"), 3)]);
+}
+
+#[tokio::test]
+async fn a_restarted_bus_seeds_its_relay_cursors_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    for seq in 1..=9 {
+        store.append(&item(seq, peer("p1"), seq));
+    }
+    store.close().await.unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, _cell) = start_bus(&store).await;
+    assert_eq!(bus.relayed_through(&peer("p1")), Some(9));
+    assert_eq!(bus.relayed_through(&peer("p2")), None);
+    // A relink that sends what the log already holds duplicates nothing.
+    let mut events = bus.subscribe(EventFilter::all());
+    let batch = (8..=10).map(|seq| Event::clone(&item(0, peer("p1"), seq).event));
+    assert_eq!(
+        bus.relay_batch(&peer("p1"), None, batch.collect())
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(next_seq(&mut events).await, 10);
+}
+
+#[tokio::test]
+async fn node_events_after_reads_one_nodes_events_by_sequence_even_past_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let mut pos = 0;
+    // Own events 1, 2, 4, 5 (3 was lost in a crash), relayed ones in between.
+    for (publisher, seq) in [
+        (node(), 1),
+        (peer("p1"), 1),
+        (node(), 2),
+        (node(), 4),
+        (peer("p1"), 2),
+        (node(), 5),
+    ] {
+        pos += 1;
+        store.append(&item(pos, publisher, seq));
+    }
+    store.flush().await.unwrap();
+    let seqs = |items: Vec<BusItem>| {
+        items
+            .iter()
+            .map(|item| (item.event.id.node.to_string(), item.event.id.seq))
+            .collect::<Vec<_>>()
+    };
+    let own = |seq| ("node-a".to_owned(), seq);
+    assert_eq!(
+        seqs(store.node_events_after(&node(), 3, 10).await.unwrap()),
+        [own(4), own(5)]
+    );
+    assert_eq!(
+        seqs(store.node_events_after(&node(), 0, 2).await.unwrap()),
+        [own(1), own(2)]
+    );
+    assert!(
+        store
+            .node_events_after(&node(), 5, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// The child process of [`ids_seen_before_a_kill_are_never_handed_out_again`] reads its

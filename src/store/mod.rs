@@ -308,6 +308,20 @@ impl Store {
             .await
     }
 
+    /// Events of `node` with a sequence number above `after`, in sequence order, at most `limit`
+    /// (clamped to [`MAX_EVENT_PAGE`]): the relay's backfill, which must not depend on the event
+    /// `after` itself being stored (it may have been lost in a crash, or pruned).
+    pub async fn node_events_after(
+        &self,
+        node: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<BusItem>, StoreError> {
+        let node = node.clone();
+        self.read(move |db| read::node_events_after(db, &node, after, limit))
+            .await
+    }
+
     /// Reserves this node's event ids through `through`: resolves once the reservation is
     /// durable, so that [`EventStore::resume`] after any crash answers at least `through`.
     /// Reservations do not queue behind appends (see the writer).

@@ -53,7 +53,9 @@ pub(super) const META_LAST_SEQ_PREFIX: &str = "events.last_seq/";
 /// may have handed out ids up to there that never reached the log).
 pub(super) const META_RESERVED_PREFIX: &str = "events.reserved/";
 
-/// The meta key holding `node`'s highest stored sequence number.
+/// The meta key holding `node`'s highest stored sequence number (kept for every node whose
+/// events are stored, this one and the peers it relays, so a restarted node knows where each
+/// relayed stream continues even after retention deleted the events).
 pub(super) fn last_seq_key(node: &str) -> String {
     format!("{META_LAST_SEQ_PREFIX}{node}")
 }

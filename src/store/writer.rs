@@ -19,6 +19,7 @@
 //! This thread never blocks on anything but the channel and the disk, and never calls back into
 //! async code: replies go through oneshot channels.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -558,7 +559,6 @@ struct Totals {
     bytes: u64,
     count: u64,
     last_pos: u64,
-    last_seq: u64,
 }
 
 /// The fields of a stored event that retention needs.
@@ -581,9 +581,10 @@ struct Tables<'txn> {
     event_index: Table<'txn, (&'static str, u64), u64>,
     meta: Table<'txn, &'static str, u64>,
     node: String,
-    last_seq_key: String,
     totals: Totals,
     loaded: Totals,
+    /// Highest sequence number stored per publishing node: (as loaded, as now).
+    last_seqs: HashMap<String, (u64, u64)>,
     /// This node's id reservation, and as loaded.
     reserved: u64,
     reserved_loaded: u64,
@@ -592,12 +593,10 @@ struct Tables<'txn> {
 impl<'txn> Tables<'txn> {
     fn open(txn: &'txn WriteTransaction, node: &NodeId) -> Result<Self, redb::Error> {
         let meta = txn.open_table(META)?;
-        let last_seq_key = last_seq_key(node.as_str());
         let totals = Totals {
             bytes: meta_get(&meta, META_EVENT_BYTES)?,
             count: meta_get(&meta, META_EVENT_COUNT)?,
             last_pos: meta_get(&meta, META_LAST_POS)?,
-            last_seq: meta_get(&meta, &last_seq_key)?,
         };
         let reserved = meta_get(&meta, &reserved_key(node.as_str()))?;
         Ok(Self {
@@ -612,9 +611,9 @@ impl<'txn> Tables<'txn> {
             event_index: txn.open_table(EVENT_INDEX)?,
             meta,
             node: node.as_str().to_owned(),
-            last_seq_key,
             totals,
             loaded: totals,
+            last_seqs: HashMap::new(),
             reserved,
             reserved_loaded: reserved,
         })
@@ -625,14 +624,30 @@ impl<'txn> Tables<'txn> {
             self.meta.insert(META_EVENT_BYTES, self.totals.bytes)?;
             self.meta.insert(META_EVENT_COUNT, self.totals.count)?;
             self.meta.insert(META_LAST_POS, self.totals.last_pos)?;
-            self.meta
-                .insert(self.last_seq_key.as_str(), self.totals.last_seq)?;
             self.loaded = self.totals;
+        }
+        for (node, (loaded, now)) in &mut self.last_seqs {
+            if *now > *loaded {
+                self.meta.insert(last_seq_key(node).as_str(), *now)?;
+                *loaded = *now;
+            }
         }
         if self.reserved != self.reserved_loaded {
             self.meta
                 .insert(reserved_key(&self.node).as_str(), self.reserved)?;
             self.reserved_loaded = self.reserved;
+        }
+        Ok(())
+    }
+
+    /// Notes that `node`'s event `seq` is stored.
+    fn note_seq(&mut self, node: &str, seq: u64) -> Result<(), redb::StorageError> {
+        if !self.last_seqs.contains_key(node) {
+            let stored = meta_get(&self.meta, &last_seq_key(node))?;
+            self.last_seqs.insert(node.to_owned(), (stored, stored));
+        }
+        if let Some((_, now)) = self.last_seqs.get_mut(node) {
+            *now = (*now).max(seq);
         }
         Ok(())
     }
@@ -788,9 +803,7 @@ impl<'txn> Tables<'txn> {
         self.totals.bytes += value.len() as u64 + overhead;
         self.totals.count += 1;
         self.totals.last_pos = self.totals.last_pos.max(item.pos);
-        if node == self.node {
-            self.totals.last_seq = self.totals.last_seq.max(id.seq);
-        }
+        self.note_seq(node, id.seq)?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ mod gateway;
 mod lifecycle;
 mod mcp;
 mod python;
+mod relay;
 mod sessions;
 mod support;
 mod transports;

@@ -20,7 +20,7 @@ use ractor::RpcReplyPort;
 
 use super::identity::NodeIdentity;
 use super::meta::{META_FORMAT, MetaHandler, NodeLoad, NodeMeta};
-use super::peer::{PeerActor, PeerArgs, PeerMsg, RelayCursors, RelaySource};
+use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
 use super::ports::{DatagramTransport, FocaCodec, MembershipCodec};
 use crate::event::{EventBus, EventData, NodeMembership};
 use crate::ids::NodeId;
@@ -114,8 +114,6 @@ pub struct RelayPorts {
     pub supervisor: SupervisorHandle,
     /// Opens relay links.
     pub source: Arc<dyn RelaySource>,
-    /// Cursors per peer (outlive PeerActor instances).
-    pub cursors: RelayCursors,
     /// The PeerActors started so far (outlive MembershipActor instances).
     pub peers: Arc<dashmap::DashMap<NodeId, ActorHandle<PeerMsg>>>,
 }
@@ -141,7 +139,6 @@ impl RelayPorts {
             peer: identity.clone(),
             events: events.clone(),
             source: self.source.clone(),
-            cursors: self.cursors.clone(),
         };
         let spec = ChildSpec::worker(&handle, move || (PeerActor, args.clone()))
             .policy(ChildPolicy::Permanent);

@@ -14,5 +14,5 @@ pub use membership::{
     RelayPorts,
 };
 pub use meta::{MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta};
-pub use peer::{LinkReports, PeerActor, PeerMsg, RelayCursors, RelaySource};
-pub use ports::{CodecError, DatagramTransport, MembershipCodec};
+pub use peer::{BatchError, LinkReports, PeerActor, PeerMsg, RelaySource};
+pub use ports::{CodecError, DatagramTransport, MembershipCodec, WireFault};

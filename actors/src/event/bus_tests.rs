@@ -1,4 +1,4 @@
-//! The bus's id reservations, against a store double whose
+//! The bus's id reservations and acknowledged relay batches, against a store double whose
 //! durable part survives a "crash" and whose appends do not.
 
 use std::sync::{Arc, Mutex};
@@ -185,4 +185,80 @@ async fn a_clean_stop_gives_the_unused_reservation_back_so_ids_stay_dense() {
     let mut events = bus.subscribe(EventFilter::all());
     bus.publish(None, progress(6));
     assert_eq!(next_seq(&mut events).await, 6);
+}
+
+fn remote(seq: u64) -> Event {
+    Event {
+        id: EventId::new(NodeId::new("peer").unwrap(), seq),
+        at: Timestamp::now(),
+        session: None,
+        data: progress(seq),
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_relayed_batch_is_answered_once_taken_with_the_highest_sequence_and_no_duplicate() {
+    let store = GatedStore::new();
+    let (bus, _cell) = start(&store).await;
+    let peer = NodeId::new("peer").unwrap();
+    let mut events = bus.subscribe(EventFilter::all());
+    assert_eq!(bus.relayed_through(&peer), None);
+
+    // The link said the stream starts after 10: nothing at or below it is taken.
+    assert_eq!(
+        bus.relay_batch(&peer, Some(10), Vec::new()).await.unwrap(),
+        10
+    );
+    let batch = vec![remote(9), remote(11), remote(12), remote(12)];
+    assert_eq!(bus.relay_batch(&peer, None, batch).await.unwrap(), 12);
+    // A batch sent again (a relink racing an old link) changes nothing.
+    let again = vec![remote(11), remote(12), remote(13)];
+    assert_eq!(bus.relay_batch(&peer, None, again).await.unwrap(), 13);
+    assert_eq!(bus.relayed_through(&peer), Some(13));
+    for expected in [11, 12, 13] {
+        assert_eq!(next_seq(&mut events).await, expected);
+    }
+    // Events of another node in a peer's batch, or this node's own, are not taken.
+    let mut foreign = remote(14);
+    foreign.id.node = NodeId::new("other").unwrap();
+    let mut own = remote(15);
+    own.id.node = NodeId::new("n1").unwrap();
+    assert_eq!(
+        bus.relay_batch(&peer, None, vec![foreign, own])
+            .await
+            .unwrap(),
+        13
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), events.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn node_after_replays_from_the_ring_and_says_whether_it_reaches_back() {
+    let store = GatedStore::new();
+    store.gate.add_permits(10);
+    let (bus, _cell) = start(&store).await;
+    let peer = NodeId::new("peer").unwrap();
+    let mut events = bus.subscribe(EventFilter::all());
+    bus.relay_batch(&peer, None, (5..=8).map(remote).collect())
+        .await
+        .unwrap();
+    bus.publish(None, progress(1));
+    next_seq(&mut events).await;
+    let ask = |seq| ReplayFrom::NodeAfter(EventId::new(peer.clone(), seq));
+    let seqs = |replay: &Replay| replay.events.iter().map(|e| e.id.seq).collect::<Vec<_>>();
+
+    let from_6 = bus.replay(ask(6), EventFilter::all()).await.unwrap();
+    assert!(from_6.found);
+    assert_eq!(seqs(&from_6), [7, 8]);
+    // 2 is older than the ring's oldest event of the peer (5): the log must fill 3 and 4.
+    let from_2 = bus.replay(ask(2), EventFilter::all()).await.unwrap();
+    assert!(!from_2.found);
+    assert_eq!(seqs(&from_2), [5, 6, 7, 8]);
+    // Past the newest: nothing to send, nothing missing.
+    let from_20 = bus.replay(ask(20), EventFilter::all()).await.unwrap();
+    assert!(from_20.found && from_20.events.is_empty());
 }
