@@ -10,9 +10,10 @@
 //! Membership datagrams are sent through per-peer tasks so the sender never waits: a datagram
 //! that cannot go now (queue full, dial failed, connection lost) is dropped, like UDP.
 //!
-//! A peer that breaks the wire protocol ([`WireFault`]) on a relay stream is one WARN log line
-//! naming it and the reason and one increment of `troupe_cluster_wire_errors_total{reason}`
-//! ([`log_wire_fault`]); the relay closes that stream only.
+//! A peer that breaks the wire protocol ([`WireFault`]) is one WARN log line naming it and the
+//! reason and one increment of `troupe_cluster_wire_errors_total{reason}`; a datagram fault also
+//! closes that peer's connection (see [`WireFault::closes_connection`]), a stream fault only its
+//! stream (closed by the relay). Nothing else is affected: other peers, other connections.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use troupe_actors::cluster::WireFault;
+use troupe_actors::cluster::{MAX_PACKET_BYTES, WireFault};
 use troupe_actors::ids::NodeId;
 
 use super::certs::{self, NodeCredentials, SERVER_NAME};
@@ -39,6 +40,8 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams waiting per peer before new ones are dropped.
 const PEER_QUEUE: usize = 256;
+/// The application close code of a connection closed for a protocol violation.
+pub const PROTOCOL_VIOLATION: u32 = 2;
 
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -465,6 +468,16 @@ impl ClusterEndpoint {
                 datagram = connection.read_datagram() => datagram,
             };
             match datagram {
+                Ok(bytes) if bytes.len() > MAX_PACKET_BYTES => {
+                    // Checked here, before anything queues it: the connection closes, so a
+                    // flood of them ends with the first.
+                    self.wire_fault(
+                        &node,
+                        WireFault::OversizedDatagram,
+                        &format!("{} bytes; at most {MAX_PACKET_BYTES}", bytes.len()),
+                        Some(&connection),
+                    );
+                }
                 Ok(bytes) => {
                     self.inner
                         .stats
@@ -622,6 +635,34 @@ impl ClusterEndpoint {
                 Err(error) => {
                     tracing::debug!(peer = %node, %error, "datagram dropped");
                     dropped(1);
+                }
+            }
+        }
+    }
+
+    /// `peer` broke the wire protocol: one WARN line naming it and the reason, one count in
+    /// `troupe_cluster_wire_errors_total{reason}`, and, for the faults that warrant it, the
+    /// connection closed (`connection`, or else the one open to `peer`). A stream fault's stream
+    /// is closed by its reader.
+    pub fn wire_fault(
+        &self,
+        peer: &NodeId,
+        fault: WireFault,
+        detail: &str,
+        connection: Option<&quinn::Connection>,
+    ) {
+        log_wire_fault(&self.inner.stats, peer, fault, detail);
+        if !fault.closes_connection() {
+            return;
+        }
+        let close = |connection: &quinn::Connection| {
+            connection.close(PROTOCOL_VIOLATION.into(), fault.as_str().as_bytes());
+        };
+        match connection {
+            Some(connection) => close(connection),
+            None => {
+                if let Some(open) = self.inner.connections.get(peer) {
+                    close(&open);
                 }
             }
         }

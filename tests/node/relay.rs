@@ -1,12 +1,18 @@
 //! The event relay between real nodes on loopback (fast profile): exactly once and in order
 //! across three nodes, through a cut link, across a kill -9 of the sender and a restart of the
-//! receiver; event ids never reused after a kill -9.
+//! receiver; event ids never reused after a kill -9; a rogue peer breaking the wire protocol
+//! only closes its own stream or connection.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
+use troupe::cluster::ClusterEndpoint;
+use troupe::cluster::certs::{self, NodeFiles};
+use troupe::cluster::endpoint::PROTOCOL_VIOLATION;
+use troupe::cluster::relay::{Frame, RELAY_VERSION, read_frame, write_frame};
+use troupe_actors::ids::NodeId;
 
 use crate::cluster::make_cluster;
 use crate::support::{NodeProcess, PATIENCE, SseStream};
@@ -369,4 +375,195 @@ async fn event_ids_seen_before_a_kill_are_never_handed_out_again() {
         seq(&id) > highest,
         "{event} reuses an id up to {highest}, seen before the kill"
     );
+}
+
+/// A node that holds a certificate of the cluster but speaks garbage.
+async fn rogue(root: &Path) -> ClusterEndpoint {
+    troupe::tls::install_default_provider();
+    let credentials = certs::load(&NodeFiles::in_dir(&root.join("rogue/cluster"))).unwrap();
+    ClusterEndpoint::bind(
+        &credentials,
+        "127.0.0.1:0".parse().unwrap(),
+        Default::default(),
+    )
+    .unwrap()
+}
+
+/// Waits for a WARN line of `node` about the rogue breaking the protocol with `reason`.
+async fn warned(node: &NodeProcess, reason: &str) {
+    let line = node
+        .logs
+        .wait_for(reason, |line| {
+            line["message"] == "cluster peer broke the wire protocol"
+                && line["reason"] == reason
+                && line["peer"] == "rogue"
+        })
+        .await;
+    assert_eq!(line["level"], "WARN");
+}
+
+/// Waits until `stream`'s reads end (the peer reset or finished it).
+async fn stream_closed(recv: &mut quinn::RecvStream) {
+    let mut buffer = [0u8; 1024];
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match recv.read(&mut buffer).await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await
+    .expect("the node closes the stream");
+}
+
+#[tokio::test]
+async fn a_rogue_peer_breaking_the_wire_protocol_closes_only_its_stream_or_connection() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "rogue"]).await;
+    let a = node(temp.path(), "a", None, "", &[]).await;
+    let b = node(temp.path(), "b", a.cluster, "", &[]).await;
+    let mut on_b = b.events("node=a", None).await;
+    let (_, _links) = relay_up(&a, &mut on_b).await;
+    let a_as_b_sees_it = || async {
+        let view: Value = b.get("/v1/cluster/members").await.json().await.unwrap();
+        let a = view["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["node"] == "a")
+            .cloned()
+            .unwrap();
+        (
+            a["state"].as_str().unwrap().to_owned(),
+            a["generation"].as_u64().unwrap(),
+        )
+    };
+    let before = a_as_b_sees_it().await;
+    assert_eq!(before.0, "alive");
+    let rogue = rogue(temp.path()).await;
+    let a_id = NodeId::new("a").unwrap();
+    let (_, connection) = rogue
+        .connect(a.cluster.unwrap(), Some(&a_id))
+        .await
+        .unwrap();
+
+    // Garbage on a stream: a frame of noise.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut noise = 60u32.to_be_bytes().to_vec();
+    noise.extend((0..60u8).map(|n| n.wrapping_mul(37)));
+    send.write_all(&noise).await.unwrap();
+    stream_closed(&mut recv).await;
+    warned(&a, "malformed_frame").await;
+
+    // A handshake in a version nobody speaks: refused, then the stream ends.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Frame::Hello {
+            version: 99,
+            after: None,
+        },
+    )
+    .await
+    .unwrap();
+    match read_frame(&mut recv).await.unwrap() {
+        Frame::Refused { reason } => {
+            assert!(reason.contains("99") && reason.contains(&RELAY_VERSION.to_string()))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    stream_closed(&mut recv).await;
+    warned(&a, "unknown_version").await;
+
+    // A length prefix over the frame cap.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    stream_closed(&mut recv).await;
+    warned(&a, "oversized_frame").await;
+
+    // A frame cut short: the stream finishes inside it.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&100u32.to_be_bytes()).await.unwrap();
+    send.write_all(&[7u8; 10]).await.unwrap();
+    send.finish().unwrap();
+    stream_closed(&mut recv).await;
+    warned(&a, "truncated_frame").await;
+
+    // A frame out of turn.
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    write_frame(&mut send, &Frame::Ack(5)).await.unwrap();
+    stream_closed(&mut recv).await;
+    warned(&a, "unexpected_frame").await;
+
+    // All of that on one connection, still open: stream faults close their stream only.
+    assert!(
+        connection.close_reason().is_none(),
+        "{:?}",
+        connection.close_reason()
+    );
+
+    // A datagram over the membership's packet cap closes the connection.
+    let size = connection.max_datagram_size().unwrap();
+    assert!(size > 1150, "the path carries {size}-byte datagrams");
+    connection.send_datagram(vec![0u8; size].into()).unwrap();
+    let closed = tokio::time::timeout(PATIENCE, connection.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, PROTOCOL_VIOLATION.into());
+            assert_eq!(&close.reason[..], b"oversized_datagram");
+        }
+        other => panic!("{other}"),
+    }
+    warned(&a, "oversized_datagram").await;
+
+    // The rogue may dial again; a datagram that is no membership packet closes that one too.
+    let (_, connection) = rogue
+        .connect(a.cluster.unwrap(), Some(&a_id))
+        .await
+        .unwrap();
+    connection
+        .send_datagram(b"not a membership packet".to_vec().into())
+        .unwrap();
+    let closed = tokio::time::timeout(PATIENCE, connection.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(close)
+            if &close.reason[..] == b"malformed_datagram"),
+        "{closed}"
+    );
+    warned(&a, "malformed_datagram").await;
+
+    // Every fault is counted by reason.
+    let metrics = a.get("/metrics").await.text().await.unwrap();
+    for reason in [
+        "malformed_frame",
+        "unknown_version",
+        "oversized_frame",
+        "truncated_frame",
+        "unexpected_frame",
+        "oversized_datagram",
+        "malformed_datagram",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "troupe_cluster_wire_errors_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    // a is up, its events still reach b, and b never lost it (a member declared down comes
+    // back as a new generation), nothing panicked.
+    assert_eq!(a.get("/v1/health").await.status(), 200);
+    let _after = a.events("kind=provider.retry", None).await;
+    on_b.next_of("link.connected").await;
+    assert_eq!(a_as_b_sees_it().await, before);
+    assert!(
+        !a.logs.all().iter().any(|line| line.contains("panicked")),
+        "a panicked"
+    );
+    rogue.close(Duration::from_secs(1)).await;
 }

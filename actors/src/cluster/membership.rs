@@ -5,7 +5,10 @@
 //! membership state become `node.*` events and registry updates.
 //!
 //! Who a peer is comes from its certificate: a datagram whose header names another node than the
-//! connection it arrived on is dropped (logged), so a node cannot speak for another.
+//! connection it arrived on is refused, so a node cannot speak for another. A datagram that
+//! breaks the protocol (over the packet cap, undecodable, spoofed) is handed to the transport's
+//! [`DatagramTransport::reject`], which logs it naming the peer, counts it and closes that
+//! connection; it never reaches foca's state.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -19,9 +22,9 @@ use foca::{AccumulatingRuntime, Foca, OwnedNotification, State as FocaState, Tim
 use ractor::RpcReplyPort;
 
 use super::identity::NodeIdentity;
-use super::meta::{META_FORMAT, MetaHandler, NodeLoad, NodeMeta};
+use super::meta::{META_FORMAT, MetaError, MetaHandler, NodeLoad, NodeMeta};
 use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
-use super::ports::{DatagramTransport, FocaCodec, MembershipCodec};
+use super::ports::{DatagramTransport, FocaCodec, MembershipCodec, WireFault};
 use crate::event::{EventBus, EventData, NodeMembership};
 use crate::ids::NodeId;
 use crate::kernel::{Actor, ActorError, ActorHandle, Context};
@@ -458,6 +461,23 @@ impl MembershipState {
     }
 }
 
+/// Which of foca's refusals are the peer breaking the protocol (the rest are ordinary: a
+/// message for an older identity, a stale probe).
+fn classify(error: &foca::Error) -> Option<WireFault> {
+    match error {
+        foca::Error::DataTooBig => Some(WireFault::OversizedDatagram),
+        foca::Error::MalformedPacket | foca::Error::Decode(_) => Some(WireFault::MalformedDatagram),
+        foca::Error::DataFromOurselves | foca::Error::IndirectForOurselves => {
+            Some(WireFault::SpoofedDatagram)
+        }
+        foca::Error::CustomBroadcast(inner) => match inner.downcast_ref::<MetaError>() {
+            Some(MetaError::UnknownFormat(_)) => Some(WireFault::UnknownMetaFormat),
+            _ => Some(WireFault::MalformedDatagram),
+        },
+        _ => None,
+    }
+}
+
 impl Actor for MembershipActor {
     type Msg = MembershipMsg;
     type State = MembershipState;
@@ -506,22 +526,31 @@ impl Actor for MembershipActor {
     ) -> Result<(), ActorError> {
         match message {
             MembershipMsg::Datagram { from, bytes } => {
+                let transport = state.args.transport.clone();
+                let reject = |fault: WireFault, detail: String| {
+                    transport.reject(&from, fault, &detail);
+                };
                 if bytes.len() > MAX_PACKET_BYTES {
-                    tracing::debug!(peer = %from, size = bytes.len(), "oversized datagram dropped");
+                    reject(
+                        WireFault::OversizedDatagram,
+                        format!("{} bytes; at most {MAX_PACKET_BYTES}", bytes.len()),
+                    );
                     return Ok(());
                 }
                 match state.args.codec.decode_header(&bytes) {
                     Ok((header, _)) if header.src.node != from => {
-                        tracing::warn!(
-                            peer = %from,
-                            claimed = %header.src.node,
-                            "datagram claims another node than its certificate; dropped"
+                        reject(
+                            WireFault::SpoofedDatagram,
+                            format!(
+                                "the header names node {} but the certificate names {from}",
+                                header.src.node
+                            ),
                         );
                         return Ok(());
                     }
                     Ok(_) => {}
                     Err(error) => {
-                        tracing::debug!(peer = %from, %error, "malformed datagram dropped");
+                        reject(WireFault::MalformedDatagram, error.to_string());
                         return Ok(());
                     }
                 }
@@ -529,7 +558,12 @@ impl Actor for MembershipActor {
                     return Ok(());
                 }
                 if let Err(error) = state.swim.handle_data(&bytes, &mut state.runtime) {
-                    tracing::debug!(peer = %from, %error, "datagram refused by the membership");
+                    match classify(&error) {
+                        Some(fault) => reject(fault, error.to_string()),
+                        None => {
+                            tracing::debug!(peer = %from, %error, "datagram refused by the membership");
+                        }
+                    }
                 }
             }
             MembershipMsg::Timer(timer) => {

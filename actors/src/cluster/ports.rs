@@ -44,6 +44,10 @@ pub trait DatagramTransport: Send + Sync + 'static {
     fn send(&self, to: &NodeIdentity, payload: Bytes);
     /// Finds out which node answers at `addr` (a seed given as an address only).
     fn resolve(&self, addr: SocketAddr) -> BoxFuture<'static, Result<NodeId, String>>;
+    /// `from` sent a datagram that breaks the protocol: log it naming the peer, count it, and
+    /// close the connection to `from` when [`WireFault::closes_connection`] says so. Never
+    /// blocks.
+    fn reject(&self, from: &NodeId, fault: WireFault, detail: &str);
 }
 
 /// How a peer broke the cluster's wire protocol (the `reason` label of

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use troupe_actors::cluster::{
     CodecError, DatagramTransport, MembershipCodec, MembershipMsg, MembershipProfile, NodeIdentity,
-    NodeMeta,
+    NodeMeta, WireFault,
 };
 use troupe_actors::event::{
     Delivery, Event, EventData, EventFilter, KindPattern, ReplayFrom, Subscription,
@@ -70,6 +70,7 @@ struct Net {
     nodes: HashMap<NodeId, ActorHandle<MembershipMsg>>,
     addrs: HashMap<SocketAddr, NodeId>,
     cut: HashSet<(NodeId, NodeId)>,
+    rejected: Vec<(NodeId, WireFault)>,
 }
 
 #[derive(Clone, Default)]
@@ -119,6 +120,15 @@ impl DatagramTransport for Port {
             .cloned()
             .filter(|node| !net.cut.contains(&(self.me.clone(), node.clone())));
         async move { found.ok_or_else(|| format!("nothing answers at {addr}")) }.boxed()
+    }
+
+    fn reject(&self, from: &NodeId, fault: WireFault, _detail: &str) {
+        self.net
+            .0
+            .lock()
+            .unwrap()
+            .rejected
+            .push((from.clone(), fault));
     }
 }
 
@@ -267,6 +277,8 @@ async fn three_members_join_a_cut_off_one_goes_down_and_rejoins_after_the_heal()
     let back = wait_for(&mut b_events, "node.joined", "c").await;
     assert!(back > down, "{back:?} after {down:?}");
 
+    let rejected = net.0.lock().unwrap().rejected.clone();
+    assert!(rejected.is_empty(), "{rejected:?}");
     for tree in [a, b, c] {
         tree.shutdown(Duration::from_secs(5)).await;
     }
