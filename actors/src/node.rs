@@ -253,6 +253,7 @@ impl NodeTree {
                         queue_capacity: u32::try_from(config.sessions.queue_capacity)
                             .unwrap_or(u32::MAX),
                         stats: session_manager.as_ref().map(|s| s.stats.clone()),
+                        providers: ports.providers.clone(),
                     },
                     relay: cluster_ports.relay.clone().map(|source| RelayPorts {
                         supervisor: supervisor.clone(),

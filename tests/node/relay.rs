@@ -1,7 +1,7 @@
 //! The event relay between real nodes on loopback (fast profile): exactly once and in order
 //! across three nodes, through a cut link, across a kill -9 of the sender and a restart of the
 //! receiver; event ids never reused after a kill -9; a rogue peer breaking the wire protocol
-//! only closes its own stream or connection.
+//! only closes its own stream or connection; providers' breakers in the member view.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,6 +12,7 @@ use troupe::cluster::ClusterEndpoint;
 use troupe::cluster::certs::{self, NodeFiles};
 use troupe::cluster::endpoint::PROTOCOL_VIOLATION;
 use troupe::cluster::relay::{Frame, RELAY_VERSION, read_frame, write_frame};
+use troupe::testing::fake_provider::{FakeConfig, FakeProvider};
 use troupe_actors::ids::NodeId;
 
 use crate::cluster::make_cluster;
@@ -566,4 +567,67 @@ async fn a_rogue_peer_breaking_the_wire_protocol_closes_only_its_stream_or_conne
         "a panicked"
     );
     rogue.close(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_providers_breaker_opening_on_one_node_shows_in_another_nodes_member_view() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b"]).await;
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let provider = format!(
+        "[[providers]]\nname = \"primary\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\n\
+         breaker = {{ failure_threshold = 2, open_secs = 600 }}\nretry = {{ max_attempts = 1 }}\n",
+        fake.base_url()
+    );
+    let a = node(temp.path(), "a", None, &provider, &[]).await;
+    let b = node(temp.path(), "b", a.cluster, "", &[]).await;
+    let breaker_seen_by_b = |view: &Value| {
+        view["members"]
+            .as_array()
+            .and_then(|members| members.iter().find(|m| m["node"] == "a"))
+            .and_then(|a| a["meta"]["providers"].as_array())
+            .and_then(|providers| providers.iter().find(|p| p["name"] == "primary"))
+            .and_then(|primary| primary["breaker"].as_str())
+            .map(str::to_owned)
+    };
+    // Metadata changes publish no event: the member view is read until it shows the change.
+    let wait_breaker = |state: &'static str| {
+        let b = &b;
+        async move {
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    let view: Value = b.get("/v1/cluster/members").await.json().await.unwrap();
+                    if breaker_seen_by_b(&view).as_deref() == Some(state) {
+                        return view;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("b never saw a's breaker {state}"))
+        }
+    };
+    wait_breaker("closed").await;
+
+    let mut events = a.events("kind=provider.breaker_opened", None).await;
+    fake.set_behaviour("m1", "500".parse().unwrap());
+    for _ in 0..2 {
+        let response = a
+            .post_json(
+                "/v1/chat/completions",
+                json!({"model": "primary/m1", "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert!(response.status().is_server_error(), "{}", response.status());
+    }
+    events.next_of("provider.breaker_opened").await;
+    let view = wait_breaker("open").await;
+    let a_meta = &view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["node"] == "a")
+        .unwrap()["meta"];
+    assert_eq!(a_meta["truncated"], false, "{a_meta}");
+    fake.shutdown().await;
 }

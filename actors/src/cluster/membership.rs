@@ -22,12 +22,16 @@ use foca::{AccumulatingRuntime, Foca, OwnedNotification, State as FocaState, Tim
 use ractor::RpcReplyPort;
 
 use super::identity::NodeIdentity;
-use super::meta::{META_FORMAT, MetaError, MetaHandler, NodeLoad, NodeMeta};
+use super::meta::{
+    BreakerPosition, META_FORMAT, MetaError, MetaHandler, NodeLoad, NodeMeta, ProviderHealth,
+};
 use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
 use super::ports::{DatagramTransport, FocaCodec, MembershipCodec, WireFault};
 use crate::event::{EventBus, EventData, NodeMembership};
 use crate::ids::NodeId;
 use crate::kernel::{Actor, ActorError, ActorHandle, Context};
+use crate::provider::ProviderActorRef;
+use crate::provider::breaker::BreakerState;
 use crate::registry::{MemberEntry, Registry, RegistryMsg};
 use crate::session::SessionStats;
 use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle};
@@ -73,7 +77,7 @@ impl MembershipProfile {
 }
 
 /// What a node says about itself in its metadata, besides load.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LocalMeta {
     /// Labels (placement constraints match them).
     pub labels: BTreeMap<String, String>,
@@ -83,6 +87,8 @@ pub struct LocalMeta {
     pub queue_capacity: u32,
     /// Its session counters (running, queued), when it runs sessions.
     pub stats: Option<Arc<SessionStats>>,
+    /// Its providers, whose breakers it gossips.
+    pub providers: Vec<ProviderActorRef>,
 }
 
 /// Arguments of each MembershipActor instance.
@@ -418,7 +424,21 @@ impl MembershipState {
                 queue_capacity: local.queue_capacity,
             },
             labels: local.labels.clone(),
-            providers: Vec::new(),
+            providers: local
+                .providers
+                .iter()
+                .map(|provider| {
+                    let now = tokio::time::Instant::now().into_std();
+                    ProviderHealth {
+                        name: provider.name().to_owned(),
+                        breaker: match provider.shared().snapshot().breaker.state(now) {
+                            BreakerState::Closed => BreakerPosition::Closed,
+                            BreakerState::Open { .. } => BreakerPosition::Open,
+                            BreakerState::HalfOpen => BreakerPosition::HalfOpen,
+                        },
+                    }
+                })
+                .collect(),
             leaving: self.leaving,
             truncated: false,
         }
