@@ -220,6 +220,7 @@ impl NodeBuilder {
                     codec: Arc::new(WireCodec),
                     transport: Arc::new(QuicDatagrams(endpoint.clone())),
                     relay: Some(Arc::new(QuicRelaySource(endpoint.clone()))),
+                    rng_seed: None,
                 })
             }
             None => None,

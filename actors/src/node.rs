@@ -114,6 +114,8 @@ pub struct ClusterPorts {
     pub transport: Arc<dyn DatagramTransport>,
     /// Opens event relay links; without it events are not relayed.
     pub relay: Option<Arc<dyn RelaySource>>,
+    /// Seed of the membership's random choices (`None`: random); tests fix it.
+    pub rng_seed: Option<u64>,
 }
 
 /// The ports of sessions.
@@ -260,6 +262,7 @@ impl NodeTree {
                         source,
                         peers: Arc::default(),
                     }),
+                    rng_seed: cluster_ports.rng_seed,
                 };
                 Some(ChildSpec::worker(membership, move || {
                     (MembershipActor, args.clone())

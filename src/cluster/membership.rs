@@ -247,6 +247,7 @@ mod tests {
                 codec: Arc::new(WireCodec),
                 transport: capture.clone(),
                 relay: None,
+                rng_seed: Some(1),
             }),
             ..NodePorts::default()
         };

@@ -46,7 +46,8 @@ pub enum MembershipProfile {
     #[default]
     Lan,
     /// Fast detection for tests and demos: probe every 300 ms (RTT 100 ms), suspect to down
-    /// after 900 ms, gossip every 100 ms.
+    /// after 900 ms, gossip every 100 ms, announce to down members every 2 s (so a healed
+    /// partition joins up within seconds).
     Fast,
 }
 
@@ -60,6 +61,9 @@ impl MembershipProfile {
             config.suspect_to_down_after = Duration::from_millis(900);
             if let Some(gossip) = config.periodic_gossip.as_mut() {
                 gossip.frequency = Duration::from_millis(100);
+            }
+            if let Some(announce) = config.periodic_announce_to_down_members.as_mut() {
+                announce.frequency = Duration::from_secs(2);
             }
         }
         config.max_packet_size = std::num::NonZeroUsize::new(MAX_PACKET_BYTES).expect("1150 > 0");
@@ -114,6 +118,9 @@ pub struct MembershipArgs {
     pub local: LocalMeta,
     /// The event relay: a PeerActor per member, when relaying.
     pub relay: Option<RelayPorts>,
+    /// Seed of foca's random choices (probe order, gossip targets); `None`: a random seed. Tests
+    /// pass one so a scenario plays out the same way every time.
+    pub rng_seed: Option<u64>,
 }
 
 /// What the membership needs to run a PeerActor per member.
@@ -194,7 +201,8 @@ pub enum MembershipMsg {
 
 type Swim = Foca<NodeIdentity, FocaCodec, FastRng, MetaHandler>;
 
-/// foca's randomness, from fastrand (seeded by fastrand's own per-thread seed).
+/// foca's randomness, from fastrand (seeded by [`MembershipArgs::rng_seed`] or by fastrand's
+/// own per-thread seed).
 pub(crate) struct FastRng(fastrand::Rng);
 
 impl rand::TryRng for FastRng {
@@ -236,6 +244,10 @@ pub struct MembershipState {
     http: Option<String>,
     published: Option<NodeMeta>,
     meta_version: u64,
+    /// Since when each suspected identity is suspected (noted at ticks).
+    suspected_since: HashMap<NodeIdentity, tokio::time::Instant>,
+    /// foca's suspect-to-down timeout.
+    suspect_timeout: Duration,
 }
 
 /// The MembershipActor.
@@ -466,6 +478,41 @@ impl MembershipState {
         }
     }
 
+    /// Concludes suspicions that outlived twice foca's timeout as foca's own timer would have:
+    /// down. foca forgets its pending timers when this node renews its identity (after being
+    /// declared down itself, e.g. across a healed partition), which would otherwise leave a
+    /// member suspected for good in this view when nobody refutes it.
+    fn conclude_stale_suspicions(&mut self) {
+        let now = tokio::time::Instant::now();
+        let suspects: Vec<(NodeIdentity, foca::Incarnation)> = self
+            .swim
+            .iter_membership_state()
+            .filter(|member| member.state() == FocaState::Suspect)
+            .map(|member| (member.id().clone(), member.incarnation()))
+            .collect();
+        self.suspected_since
+            .retain(|identity, _| suspects.iter().any(|(suspect, _)| suspect == identity));
+        let mut stale = Vec::new();
+        for (identity, incarnation) in suspects {
+            let since = *self.suspected_since.entry(identity.clone()).or_insert(now);
+            if now.duration_since(since) > self.suspect_timeout * 2 {
+                tracing::info!(
+                    member = %identity,
+                    "a suspicion outlived its timeout (its timer was lost when this node renewed \
+                     its identity); concluding it: down"
+                );
+                stale.push(foca::Member::new(identity, incarnation, FocaState::Down));
+            }
+        }
+        if !stale.is_empty()
+            && let Err(error) = self
+                .swim
+                .apply_many(stale.into_iter(), true, &mut self.runtime)
+        {
+            tracing::debug!(%error, "concluding a stale suspicion failed");
+        }
+    }
+
     fn announce(&mut self, ctx: &Context<MembershipMsg>) {
         for addr in self.args.seeds.clone() {
             if addr == self.args.addr {
@@ -510,10 +557,15 @@ impl Actor for MembershipActor {
     ) -> Result<Self::State, ActorError> {
         let identity = NodeIdentity::fresh(args.node.clone(), args.addr, 0);
         let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
+        let config = args.profile.foca_config();
+        let suspect_timeout = config.suspect_to_down_after;
         let swim = Foca::with_custom_broadcast(
             identity.clone(),
-            args.profile.foca_config(),
-            FastRng(fastrand::Rng::new()),
+            config,
+            FastRng(match args.rng_seed {
+                Some(seed) => fastrand::Rng::with_seed(seed),
+                None => fastrand::Rng::new(),
+            }),
             FocaCodec(args.codec.clone()),
             handler,
         );
@@ -535,6 +587,8 @@ impl Actor for MembershipActor {
             http: None,
             published: None,
             meta_version: 0,
+            suspected_since: HashMap::new(),
+            suspect_timeout,
         })
     }
 
@@ -595,6 +649,7 @@ impl Actor for MembershipActor {
                 if state.leaving {
                     return Ok(());
                 }
+                state.conclude_stale_suspicions();
                 state.publish_meta();
                 if !state.active || state.swim.num_members() == 0 {
                     state.announce(ctx);
