@@ -128,8 +128,10 @@ async fn dropped_event_appends_cannot_make_an_id_repeat() {
     }
     assert_eq!(seen, 10);
     assert_eq!(store.stats().dropped_appends, 10, "nothing reached the log");
-    // Killed: no clean stop of the bus.
-    cell.kill();
+    // Killed: no clean stop of the bus. (Waited for, so its handle on the store is gone.)
+    cell.kill_and_wait(Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
     store.close().await.unwrap();
 
     let store = open_with(dir.path(), config).await;
