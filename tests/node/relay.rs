@@ -1,7 +1,8 @@
 //! The event relay between real nodes on loopback (fast profile): exactly once and in order
 //! across three nodes, through a cut link, across a kill -9 of the sender and a restart of the
-//! receiver; event ids never reused after a kill -9; a rogue peer breaking the wire protocol
-//! only closes its own stream or connection; providers' breakers in the member view.
+//! receiver; a sender never more than a window of batches ahead of its receiver's
+//! acknowledgements; event ids never reused after a kill -9; a rogue peer breaking the wire
+//! protocol only closes its own stream or connection; providers' breakers in the member view.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -11,7 +12,7 @@ use serde_json::{Value, json};
 use troupe::cluster::ClusterEndpoint;
 use troupe::cluster::certs::{self, NodeFiles};
 use troupe::cluster::endpoint::PROTOCOL_VIOLATION;
-use troupe::cluster::relay::{Frame, RELAY_VERSION, read_frame, write_frame};
+use troupe::cluster::relay::{Frame, RELAY_VERSION, WINDOW, read_frame, write_frame};
 use troupe::testing::fake_provider::{FakeConfig, FakeProvider};
 use troupe_actors::ids::NodeId;
 
@@ -630,4 +631,58 @@ async fn a_providers_breaker_opening_on_one_node_shows_in_another_nodes_member_v
         .unwrap()["meta"];
     assert_eq!(a_meta["truncated"], false, "{a_meta}");
     fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sender_keeps_at_most_a_window_of_unacknowledged_batches() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["rogue"]).await;
+    let a = node(temp.path(), "a", None, "", &[]).await;
+    let receiver = rogue(temp.path()).await;
+    let a_id = NodeId::new("a").unwrap();
+    let (_, connection) = receiver
+        .connect(a.cluster.unwrap(), Some(&a_id))
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Frame::Hello {
+            version: RELAY_VERSION,
+            after: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        read_frame(&mut recv).await.unwrap(),
+        Frame::Welcome { .. }
+    ));
+
+    // Far more events than a window holds; this receiver acknowledges nothing.
+    dense_output(&a, 1, 200_000).await;
+    let batch = |frame: Frame| match frame {
+        Frame::Batch(events) => events,
+        other => panic!("expected a batch, got {}", other.name()),
+    };
+    for _ in 0..WINDOW {
+        let frame = tokio::time::timeout(PATIENCE, read_frame(&mut recv))
+            .await
+            .expect("a batch within the window")
+            .unwrap();
+        assert!(!batch(frame).is_empty());
+    }
+    // The window is full: nothing more comes until a batch is acknowledged. (This wait can only
+    // let a broken sender pass, never fail a correct one.)
+    let more = tokio::time::timeout(Duration::from_secs(2), read_frame(&mut recv)).await;
+    assert!(more.is_err(), "a batch beyond the window arrived");
+    write_frame(&mut send, &Frame::Ack(0)).await.unwrap();
+    let frame = tokio::time::timeout(PATIENCE, read_frame(&mut recv))
+        .await
+        .expect("one more batch after an acknowledgement")
+        .unwrap();
+    assert!(!batch(frame).is_empty());
+    let more = tokio::time::timeout(Duration::from_secs(2), read_frame(&mut recv)).await;
+    assert!(more.is_err(), "two batches for one acknowledgement");
+    receiver.close(Duration::from_secs(1)).await;
 }
