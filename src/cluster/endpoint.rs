@@ -818,10 +818,16 @@ mod tests {
         }
     }
 
+    /// Waits (bounded) until `endpoint` counted a refusal for `reason`. The counter has no
+    /// notification to wait on; a regression fails here after 30 s instead of hanging.
     async fn wait_refused(endpoint: &ClusterEndpoint, reason: Refusal) {
-        while endpoint.stats().refused(reason) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let counted = tokio::time::timeout(Duration::from_secs(30), async {
+            while endpoint.stats().refused(reason) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(counted.is_ok(), "no {} refusal counted", reason.as_str());
     }
 
     #[tokio::test]
