@@ -659,8 +659,11 @@ async fn a_sender_keeps_at_most_a_window_of_unacknowledged_batches() {
         Frame::Welcome { .. }
     ));
 
-    // Far more events than a window holds; this receiver acknowledges nothing.
-    dense_output(&a, 1, 200_000).await;
+    // Far more events than a window can hold even at 256 events of 256 lines per batch (about
+    // 4,700 events); this receiver acknowledges nothing.
+    a.spawn_session(json!({"kind": "command", "program": "sh",
+        "args": ["-c", "yes x | head -n 1200000"]}))
+        .await;
     let batch = |frame: Frame| match frame {
         Frame::Batch(events) => events,
         other => panic!("expected a batch, got {}", other.name()),
