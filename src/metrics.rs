@@ -14,6 +14,7 @@ use troupe_actors::event::EventBus;
 
 use crate::cluster::{ClusterStats, Refusal};
 use crate::store::Store;
+use troupe_actors::cluster::WireFault;
 use troupe_actors::kernel::{ActorDirectory, ActorStatsSnapshot};
 use troupe_actors::provider::stats::LATENCY_BUCKETS_SECS;
 use troupe_actors::provider::{ProviderActorRef, ProviderStatus};
@@ -368,6 +369,20 @@ impl Collector for ClusterCollector {
                 (
                     vec![("reason", reason.as_str().to_owned())],
                     ConstCounter::new(stats.refused(*reason)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "troupe_cluster_wire_errors",
+            "Peers breaking the cluster wire protocol, by reason (malformed, oversized or \
+             truncated frames, unknown versions, out-of-turn frames, foreign events, oversized, \
+             malformed or spoofed datagrams, unknown metadata formats)",
+            MetricType::Counter,
+            WireFault::ALL.iter().map(|fault| {
+                (
+                    vec![("reason", fault.as_str().to_owned())],
+                    ConstCounter::new(stats.wire_errors(*fault)),
                 )
             }),
         )?;

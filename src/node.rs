@@ -227,6 +227,7 @@ impl NodeBuilder {
                     codec: Arc::new(WireCodec),
                     transport: Arc::new(QuicDatagrams(endpoint.clone())),
                     relay: Some(Arc::new(QuicRelaySource(endpoint.clone()))),
+                    rng_seed: None,
                 })
             }
             None => None,
@@ -285,6 +286,7 @@ impl NodeBuilder {
                 events: tree.events.clone(),
                 store: store.clone(),
                 calls: calls.clone(),
+                stats: endpoint.stats().clone(),
             }));
         }
         let core = Arc::new(NodeCore {

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{
     DatagramTransport, LocalMeta, MembershipActor, MembershipArgs, MembershipCodec, MembershipMsg,
-    MembershipProfile, RelayCursors, RelayPorts, RelaySource,
+    MembershipProfile, RelayPorts, RelaySource,
 };
 use crate::event::{BusShared, EventBus, EventBusActor, EventBusArgs, EventBusConfig, EventStore};
 use crate::health::{Health, HealthActor, HealthArgs, HealthConfig, HealthShared};
@@ -114,6 +114,8 @@ pub struct ClusterPorts {
     pub transport: Arc<dyn DatagramTransport>,
     /// Opens event relay links; without it events are not relayed.
     pub relay: Option<Arc<dyn RelaySource>>,
+    /// Seed of the membership's random choices (`None`: random); tests fix it.
+    pub rng_seed: Option<u64>,
 }
 
 /// The ports of sessions.
@@ -254,13 +256,14 @@ impl NodeTree {
                         queue_capacity: u32::try_from(config.sessions.queue_capacity)
                             .unwrap_or(u32::MAX),
                         stats: session_manager.as_ref().map(|s| s.stats.clone()),
+                        providers: ports.providers.clone(),
                     },
                     relay: cluster_ports.relay.clone().map(|source| RelayPorts {
                         supervisor: supervisor.clone(),
                         source,
-                        cursors: RelayCursors::default(),
                         peers: Arc::default(),
                     }),
+                    rng_seed: cluster_ports.rng_seed,
                 };
                 Some(ChildSpec::worker(membership, move || {
                     (MembershipActor, args.clone())

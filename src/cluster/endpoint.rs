@@ -9,6 +9,11 @@
 //!
 //! Membership datagrams are sent through per-peer tasks so the sender never waits: a datagram
 //! that cannot go now (queue full, dial failed, connection lost) is dropped, like UDP.
+//!
+//! A peer that breaks the wire protocol ([`WireFault`]) is one WARN log line naming it and the
+//! reason and one increment of `troupe_cluster_wire_errors_total{reason}`; a datagram fault also
+//! closes that peer's connection (see [`WireFault::closes_connection`]), a stream fault only its
+//! stream (closed by the relay). Nothing else is affected: other peers, other connections.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +27,7 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use troupe_actors::cluster::{MAX_PACKET_BYTES, WireFault};
 use troupe_actors::ids::NodeId;
 
 use super::certs::{self, NodeCredentials, SERVER_NAME};
@@ -34,6 +40,8 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams waiting per peer before new ones are dropped.
 const PEER_QUEUE: usize = 256;
+/// The application close code of a connection closed for a protocol violation.
+pub const PROTOCOL_VIOLATION: u32 = 2;
 
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +102,7 @@ impl Refusal {
 #[derive(Debug, Default)]
 pub struct ClusterStats {
     refused: [AtomicU64; 5],
+    wire_errors: [AtomicU64; WireFault::ALL.len()],
     /// Connections established (both directions).
     pub connections: AtomicU64,
     /// Datagrams dropped (queue full, no connection, too large).
@@ -115,6 +124,38 @@ impl ClusterStats {
         let index = Refusal::ALL.iter().position(|r| *r == reason).unwrap_or(4);
         self.refused[index].load(Ordering::Relaxed)
     }
+
+    /// Counts one wire error.
+    pub fn wire_error(&self, fault: WireFault) {
+        if let Some(index) = WireFault::ALL.iter().position(|f| *f == fault) {
+            self.wire_errors[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wire errors of kind `fault` so far.
+    pub fn wire_errors(&self, fault: WireFault) -> u64 {
+        WireFault::ALL
+            .iter()
+            .position(|f| *f == fault)
+            .map_or(0, |index| self.wire_errors[index].load(Ordering::Relaxed))
+    }
+}
+
+/// Counts and logs (WARN, naming the peer and the reason) one wire fault; closing what must be
+/// closed is the caller's part.
+pub fn log_wire_fault(stats: &ClusterStats, peer: &NodeId, fault: WireFault, detail: &str) {
+    stats.wire_error(fault);
+    tracing::warn!(
+        %peer,
+        reason = fault.as_str(),
+        detail,
+        closes = match fault {
+            WireFault::UnknownMetaFormat => "nothing (the metadata is skipped)",
+            fault if fault.closes_connection() => "connection",
+            _ => "stream",
+        },
+        "cluster peer broke the wire protocol"
+    );
 }
 
 /// Why the endpoint could not start.
@@ -427,6 +468,16 @@ impl ClusterEndpoint {
                 datagram = connection.read_datagram() => datagram,
             };
             match datagram {
+                Ok(bytes) if bytes.len() > MAX_PACKET_BYTES => {
+                    // Checked here, before anything queues it: the connection closes, so a
+                    // flood of them ends with the first.
+                    self.wire_fault(
+                        &node,
+                        WireFault::OversizedDatagram,
+                        &format!("{} bytes; at most {MAX_PACKET_BYTES}", bytes.len()),
+                        Some(&connection),
+                    );
+                }
                 Ok(bytes) => {
                     self.inner
                         .stats
@@ -589,6 +640,34 @@ impl ClusterEndpoint {
         }
     }
 
+    /// `peer` broke the wire protocol: one WARN line naming it and the reason, one count in
+    /// `troupe_cluster_wire_errors_total{reason}`, and, for the faults that warrant it, the
+    /// connection closed (`connection`, or else the one open to `peer`). A stream fault's stream
+    /// is closed by its reader.
+    pub fn wire_fault(
+        &self,
+        peer: &NodeId,
+        fault: WireFault,
+        detail: &str,
+        connection: Option<&quinn::Connection>,
+    ) {
+        log_wire_fault(&self.inner.stats, peer, fault, detail);
+        if !fault.closes_connection() {
+            return;
+        }
+        let close = |connection: &quinn::Connection| {
+            connection.close(PROTOCOL_VIOLATION.into(), fault.as_str().as_bytes());
+        };
+        match connection {
+            Some(connection) => close(connection),
+            None => {
+                if let Some(open) = self.inner.connections.get(peer) {
+                    close(&open);
+                }
+            }
+        }
+    }
+
     /// The largest datagram a connection to `node` carries now, if one is open.
     pub fn max_datagram_size(&self, node: &NodeId) -> Option<usize> {
         self.inner
@@ -739,10 +818,16 @@ mod tests {
         }
     }
 
+    /// Waits (bounded) until `endpoint` counted a refusal for `reason`. The counter has no
+    /// notification to wait on; a regression fails here after 30 s instead of hanging.
     async fn wait_refused(endpoint: &ClusterEndpoint, reason: Refusal) {
-        while endpoint.stats().refused(reason) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let counted = tokio::time::timeout(Duration::from_secs(30), async {
+            while endpoint.stats().refused(reason) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(counted.is_ok(), "no {} refusal counted", reason.as_str());
     }
 
     #[tokio::test]

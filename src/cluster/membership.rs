@@ -10,6 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use troupe_actors::cluster::{
     CodecError, DatagramTransport, MembershipCodec, MembershipMsg, NodeIdentity, NodeMeta,
+    WireFault,
 };
 use troupe_actors::ids::NodeId;
 use troupe_actors::kernel::ActorHandle;
@@ -77,6 +78,10 @@ impl DatagramTransport for QuicDatagrams {
         }
         .boxed()
     }
+
+    fn reject(&self, from: &NodeId, fault: WireFault, detail: &str) {
+        self.0.wire_fault(from, fault, detail, None);
+    }
 }
 
 /// Incoming datagrams to the MembershipActor.
@@ -98,15 +103,61 @@ pub fn attach(endpoint: &ClusterEndpoint, membership: ActorHandle<MembershipMsg>
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use troupe_actors::cluster::{MembershipProfile, NodeLoad};
+    use troupe_actors::node::{ClusterPorts, NodePorts, NodeTree, NodeTreeConfig};
+
     use super::*;
+
+    fn identity(name: &str) -> NodeIdentity {
+        NodeIdentity {
+            node: NodeId::new(name).unwrap(),
+            addr: "127.0.0.1:7071".parse().unwrap(),
+            generation: 7,
+        }
+    }
+
+    /// A membership packet as foca lays it out: a header, the number of members, the members.
+    fn packet(from: &str, to: &str) -> Vec<u8> {
+        let header = foca::Header {
+            src: identity(from),
+            src_incarnation: 3,
+            dst: identity(to),
+            message: foca::Message::Ping(1),
+        };
+        let mut packet = WireCodec.encode_header(&header).unwrap();
+        packet.extend(2u16.to_be_bytes());
+        for name in [from, "c"] {
+            packet.extend(
+                WireCodec
+                    .encode_member(&foca::Member::alive(identity(name)))
+                    .unwrap(),
+            );
+        }
+        packet
+    }
+
+    fn meta() -> NodeMeta {
+        NodeMeta {
+            format: troupe_actors::cluster::META_FORMAT,
+            node: NodeId::new("a").unwrap(),
+            generation: 7,
+            version: 2,
+            http: Some("127.0.0.1:7070".into()),
+            load: NodeLoad::default(),
+            labels: BTreeMap::from([("zone".to_owned(), "z1".to_owned())]),
+            providers: Vec::new(),
+            leaving: false,
+            truncated: false,
+        }
+    }
 
     #[test]
     fn headers_and_members_decode_back_to_back() {
-        let identity = NodeIdentity {
-            node: NodeId::new("a").unwrap(),
-            addr: "127.0.0.1:7071".parse().unwrap(),
-            generation: 7,
-        };
+        let identity = identity("a");
         let header = foca::Header {
             src: identity.clone(),
             src_incarnation: 3,
@@ -121,9 +172,142 @@ mod tests {
         let (again, rest) = WireCodec.decode_member(&packet[used..]).unwrap();
         assert_eq!(again, member);
         assert_eq!(used + rest, packet.len());
-        for cut in 0..packet.len() {
-            let _ = WireCodec.decode_header(&packet[..cut]);
-            let _ = WireCodec.decode_member(&packet[cut..]);
+    }
+
+    #[test]
+    fn random_truncated_and_flipped_datagrams_decode_or_fail_never_panic() {
+        let valid = packet("b", "a");
+        let meta_bytes = WireCodec.encode_meta(&meta()).unwrap();
+        assert_eq!(WireCodec.decode_meta(&meta_bytes).unwrap(), meta());
+        for cut in 0..valid.len() {
+            let _ = WireCodec.decode_header(&valid[..cut]);
+            let _ = WireCodec.decode_member(&valid[cut..]);
         }
+        for cut in 0..meta_bytes.len() {
+            assert!(
+                WireCodec.decode_meta(&meta_bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut decoded = 0;
+        for seed in 0..20_000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let bytes: Vec<u8> = match seed % 3 {
+                0 => (0..rng.usize(0..1200)).map(|_| rng.u8(..)).collect(),
+                1 => {
+                    let mut bytes = valid.clone();
+                    for _ in 0..rng.usize(1..4) {
+                        let at = rng.usize(..bytes.len());
+                        bytes[at] ^= rng.u8(1..);
+                    }
+                    bytes
+                }
+                _ => {
+                    let mut bytes = meta_bytes.clone();
+                    let at = rng.usize(..bytes.len());
+                    bytes[at] ^= rng.u8(1..);
+                    bytes
+                }
+            };
+            if let Ok((_, used)) = WireCodec.decode_header(&bytes) {
+                assert!(used <= bytes.len());
+                decoded += 1;
+                let _ = WireCodec.decode_member(&bytes[used..]);
+            }
+            let _ = WireCodec.decode_meta(&bytes);
+        }
+        assert!(decoded > 0, "some flipped packets still decode");
+    }
+
+    /// A transport that sends nowhere and remembers what was rejected.
+    #[derive(Default)]
+    struct Capture(Mutex<Vec<(NodeId, WireFault)>>);
+
+    impl DatagramTransport for Capture {
+        fn send(&self, _to: &NodeIdentity, _payload: Bytes) {}
+
+        fn resolve(&self, addr: SocketAddr) -> BoxFuture<'static, Result<NodeId, String>> {
+            async move { Err(format!("nothing at {addr}")) }.boxed()
+        }
+
+        fn reject(&self, from: &NodeId, fault: WireFault, _detail: &str) {
+            self.0.lock().unwrap().push((from.clone(), fault));
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn thousands_of_broken_datagrams_through_the_membership_are_rejected_and_it_goes_on() {
+        let capture = Arc::new(Capture::default());
+        let ports = NodePorts {
+            cluster: Some(ClusterPorts {
+                addr: "127.0.0.1:7071".parse().unwrap(),
+                seeds: Vec::new(),
+                profile: MembershipProfile::Fast,
+                labels: BTreeMap::new(),
+                codec: Arc::new(WireCodec),
+                transport: capture.clone(),
+                relay: None,
+                rng_seed: Some(1),
+            }),
+            ..NodePorts::default()
+        };
+        let tree = NodeTree::start(NodeTreeConfig::new(NodeId::new("a").unwrap()), ports)
+            .await
+            .unwrap();
+        let membership = tree.cluster.as_ref().unwrap().1.clone();
+        let valid = packet("b", "a");
+        let header_len = WireCodec.decode_header(&valid).unwrap().1;
+        let b = NodeId::new("b").unwrap();
+        for seed in 0..5_000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let bytes: Vec<u8> = match seed % 5 {
+                0 => (0..rng.usize(0..1150)).map(|_| rng.u8(..)).collect(),
+                // A good header, then noise for foca to decode as members and broadcasts.
+                1 => {
+                    let mut bytes = valid[..header_len].to_vec();
+                    bytes.extend((0..rng.usize(0..200)).map(|_| rng.u8(..)));
+                    bytes
+                }
+                2 => valid[..rng.usize(0..valid.len())].to_vec(),
+                3 => {
+                    let mut bytes = valid.clone();
+                    let at = rng.usize(header_len..bytes.len());
+                    bytes[at] ^= rng.u8(1..);
+                    bytes
+                }
+                _ => (0..rng.usize(1151..2000)).map(|_| rng.u8(..)).collect(),
+            };
+            membership
+                .cast(MembershipMsg::Datagram {
+                    from: b.clone(),
+                    bytes: Bytes::from(bytes),
+                })
+                .unwrap();
+        }
+        // The actor still answers, after every datagram above (one mailbox, in order).
+        membership
+            .call(
+                |reply| MembershipMsg::Leave { reply },
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("the membership answers");
+        let rejected = capture.0.lock().unwrap().clone();
+        assert!(rejected.iter().all(|(from, _)| *from == b));
+        let count = |fault| rejected.iter().filter(|(_, f)| *f == fault).count();
+        assert_eq!(count(WireFault::OversizedDatagram), 1_000);
+        assert!(
+            count(WireFault::MalformedDatagram) > 1_000,
+            "{}",
+            rejected.len()
+        );
+        let restarts: u64 = tree
+            .directory
+            .list()
+            .iter()
+            .map(|(_, entry)| entry.control.stats().snapshot().restarts)
+            .sum();
+        assert_eq!(restarts, 0, "nothing panicked");
+        tree.shutdown(Duration::from_secs(5)).await;
     }
 }

@@ -1,37 +1,55 @@
 //! The event relay over QUIC streams.
 //!
 //! A node pulls each peer's own events: its PeerActor opens a link (one bidirectional stream)
-//! and says `Hello {version, after}`; the peer answers `Welcome` (or `Refused` for a version it
-//! does not speak) and then sends its own events after `after` — first what it still has (its
-//! bus's ring, then its persisted event log), then live ones — in `Batch` frames, waiting for an
-//! `Ack` of each before it sends the next. Frames are length-prefixed (u32, big endian) values
-//! of the wire codec, each at most [`wire::MAX_FRAME_BYTES`]; a malformed, oversized or
-//! unexpected frame ends that stream only, with a log line.
+//! and says `Hello {version, after}`; the peer answers `Welcome {version, after}` (or `Refused`
+//! for a version it does not speak), where `after` is where its stream starts (the receiver's
+//! cursor, or its newest event when the receiver asked for new events only), and then sends its
+//! own events after it: first what it still has (its bus's ring, then its persisted event log),
+//! then live ones, in `Batch` frames of at most [`MAX_BATCH`] events. The receiver hands each
+//! batch to its bus and acknowledges it (`Ack`) once the bus has taken it; the sender keeps at
+//! most [`WINDOW`] batches unacknowledged. So a slow receiver slows its sender (whose live
+//! subscription is bounded; on lag it re-reads from its ring and log), memory stays bounded on
+//! both sides, and relay latency is not an acknowledgement round trip per batch.
+//!
+//! Frames are length-prefixed (u32, big endian) values of the wire codec, each at most
+//! [`wire::MAX_FRAME_BYTES`], read without allocating more than what actually arrived. A
+//! malformed, oversized, truncated or out-of-turn frame, or an unknown version, is a
+//! [`WireFault`]: one WARN line naming the peer and the reason, one count in
+//! `troupe_cluster_wire_errors_total{reason}`, and that stream is reset. Only the stream: the
+//! connection also carries membership datagrams and other streams, whose framing a broken frame
+//! here cannot affect, so they go on (a receiver's PeerActor opens a new link after a pause).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use troupe_actors::cluster::{LinkReports, NodeIdentity, RelaySource};
+use troupe_actors::cluster::{BatchError, LinkReports, NodeIdentity, RelaySource, WireFault};
 use troupe_actors::event::{
     Delivery, Event, EventBus, EventFilter, EventId, ReplayFrom, Subscription,
 };
 use troupe_actors::ids::NodeId;
 
-use super::endpoint::ClusterEndpoint;
+use super::endpoint::{ClusterEndpoint, ClusterStats, log_wire_fault};
 use super::remote::{RemoteAnswer, RemoteCall};
 use crate::node::NodeCore;
 use crate::store::Store;
 use crate::wire::{self, WireError};
 
-/// The relay protocol version this build speaks.
-pub const RELAY_VERSION: u16 = 1;
+/// The relay protocol version this build speaks (2: `Welcome` says where the stream starts, and
+/// several batches are in flight).
+pub const RELAY_VERSION: u16 = 2;
 /// Most events in one batch.
 pub const MAX_BATCH: usize = 256;
-/// How long the sender waits for an acknowledgement, and the receiver for the handshake.
+/// Batches a sender keeps unacknowledged per link.
+pub const WINDOW: usize = 16;
+/// How long the sender waits for an acknowledgement when its window is full, and either side
+/// for the handshake.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// The stream reset code of a link ended for a wire fault.
+const STREAM_PROTOCOL_VIOLATION: u32 = 2;
 
 /// One frame of the relay protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,10 +61,13 @@ pub enum Frame {
         /// The highest sequence number of the sender's events the receiver has.
         after: Option<u64>,
     },
-    /// Sender → receiver: the handshake is accepted.
+    /// Sender → receiver: the handshake is accepted; the stream holds the sender's events after
+    /// `after`.
     Welcome {
         /// Protocol version.
         version: u16,
+        /// The sequence number the stream starts after.
+        after: u64,
     },
     /// Sender → receiver: the handshake is refused.
     Refused {
@@ -55,7 +76,8 @@ pub enum Frame {
     },
     /// Sender → receiver: events of the sender, in sequence order.
     Batch(Vec<Event>),
-    /// Receiver → sender: the receiver has everything up to this sequence number.
+    /// Receiver → sender: one batch is taken; the receiver has everything up to this sequence
+    /// number.
     Ack(u64),
     /// A request forwarded to the node that owns the session (the only frame of its stream).
     Call(RemoteCall),
@@ -63,56 +85,177 @@ pub enum Frame {
     Answer(RemoteAnswer),
 }
 
+impl Frame {
+    /// The frame's name, for errors (a batch's contents do not belong in a log line).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Welcome { .. } => "welcome",
+            Frame::Refused { .. } => "refused",
+            Frame::Batch(_) => "batch",
+            Frame::Ack(_) => "ack",
+            Frame::Call(_) => "call",
+            Frame::Answer(_) => "answer",
+        }
+    }
+}
+
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The stream failed or closed.
+    /// The stream or its connection failed, or a wait ran out.
     #[error("stream: {0}")]
     Io(String),
-    /// A frame could not be decoded or was too large.
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    /// The peer said something out of turn.
-    #[error("protocol: {0}")]
-    Protocol(String),
+    /// The peer finished the stream between two frames.
+    #[error("the peer ended the stream")]
+    Ended,
+    /// The peer refused the handshake.
+    #[error("the peer refused the link: {0}")]
+    Refused(String),
+    /// The peer broke the wire protocol.
+    #[error("{}: {detail}", fault.as_str())]
+    Wire {
+        /// How.
+        fault: WireFault,
+        /// What exactly.
+        detail: String,
+    },
+    /// This side could not encode a frame.
+    #[error("cannot encode a frame: {0}")]
+    Encode(WireError),
 }
 
-/// Writes one frame.
-pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), RelayError> {
-    let bytes = wire::encode(frame)?;
-    let length = u32::try_from(bytes.len()).map_err(|_| WireError::TooLarge {
-        size: bytes.len(),
-        max: wire::MAX_FRAME_BYTES,
-    })?;
-    send.write_all(&length.to_be_bytes())
-        .await
-        .map_err(|error| RelayError::Io(error.to_string()))?;
-    send.write_all(&bytes)
-        .await
-        .map_err(|error| RelayError::Io(error.to_string()))
-}
-
-/// Reads one frame (its size checked before anything is allocated).
-pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    recv: &mut R,
-) -> Result<Frame, RelayError> {
-    let mut length = [0u8; 4];
-    recv.read_exact(&mut length)
-        .await
-        .map_err(|error| RelayError::Io(error.to_string()))?;
-    let length = u32::from_be_bytes(length) as usize;
-    if length > wire::MAX_FRAME_BYTES {
-        return Err(WireError::TooLarge {
-            size: length,
-            max: wire::MAX_FRAME_BYTES,
+impl RelayError {
+    fn wire(fault: WireFault, detail: impl Into<String>) -> Self {
+        RelayError::Wire {
+            fault,
+            detail: detail.into(),
         }
-        .into());
     }
-    let mut bytes = vec![0u8; length];
-    recv.read_exact(&mut bytes)
+
+    fn unexpected(expected: &str, got: &Frame) -> Self {
+        Self::wire(
+            WireFault::UnexpectedFrame,
+            format!("expected {expected}, got {}", got.name()),
+        )
+    }
+
+    /// The wire fault, when the peer broke the protocol.
+    pub fn fault(&self) -> Option<WireFault> {
+        match self {
+            RelayError::Wire { fault, .. } => Some(*fault),
+            _ => None,
+        }
+    }
+}
+
+fn io(error: impl std::fmt::Display) -> RelayError {
+    RelayError::Io(error.to_string())
+}
+
+/// A frame as it goes on the stream: the length prefix, then the value.
+pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, RelayError> {
+    let bytes = wire::encode(frame).map_err(RelayError::Encode)?;
+    let length = u32::try_from(bytes.len()).map_err(|_| {
+        RelayError::Encode(WireError::TooLarge {
+            size: bytes.len(),
+            max: wire::MAX_FRAME_BYTES,
+        })
+    })?;
+    let mut framed = Vec::with_capacity(4 + bytes.len());
+    framed.extend_from_slice(&length.to_be_bytes());
+    framed.extend_from_slice(&bytes);
+    Ok(framed)
+}
+
+/// Writes one frame (one write, so prefix and value leave together).
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    send: &mut W,
+    frame: &Frame,
+) -> Result<(), RelayError> {
+    let framed = encode_frame(frame)?;
+    send.write_all(&framed).await.map_err(io)
+}
+
+/// Reads one frame. Its size is checked before anything is read into memory, and memory grows
+/// only with the bytes that actually arrive. A stream that ends between frames is
+/// [`RelayError::Ended`]; inside one, a [`WireFault::TruncatedFrame`].
+pub async fn read_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Frame, RelayError> {
+    let mut prefix = [0u8; 4];
+    let mut filled = 0;
+    while filled < prefix.len() {
+        let read = recv.read(&mut prefix[filled..]).await.map_err(io)?;
+        if read == 0 {
+            return Err(if filled == 0 {
+                RelayError::Ended
+            } else {
+                RelayError::wire(
+                    WireFault::TruncatedFrame,
+                    format!("the stream ended {filled} bytes into a length prefix"),
+                )
+            });
+        }
+        filled += read;
+    }
+    let length = u32::from_be_bytes(prefix) as usize;
+    if length > wire::MAX_FRAME_BYTES {
+        return Err(RelayError::wire(
+            WireFault::OversizedFrame,
+            format!(
+                "a frame of {length} bytes; at most {}",
+                wire::MAX_FRAME_BYTES
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(length.min(64 * 1024));
+    (&mut *recv)
+        .take(length as u64)
+        .read_to_end(&mut bytes)
         .await
-        .map_err(|error| RelayError::Io(error.to_string()))?;
-    Ok(wire::decode(&bytes)?)
+        .map_err(io)?;
+    if bytes.len() < length {
+        return Err(RelayError::wire(
+            WireFault::TruncatedFrame,
+            format!(
+                "the stream ended {} bytes into a frame of {length}",
+                bytes.len()
+            ),
+        ));
+    }
+    wire::decode(&bytes)
+        .map_err(|error| RelayError::wire(WireFault::MalformedFrame, error.to_string()))
+}
+
+/// Ends a stream after `outcome`: finished when it ended well, reset (and, for a wire fault,
+/// logged as such and counted) otherwise.
+fn close_stream(
+    stats: &ClusterStats,
+    peer: &NodeId,
+    side: &str,
+    send: &mut quinn::SendStream,
+    outcome: &Result<(), RelayError>,
+) {
+    match outcome {
+        Ok(()) | Err(RelayError::Ended) => {
+            let _ = send.finish();
+        }
+        Err(error) => {
+            match error {
+                RelayError::Wire { fault, detail } => log_wire_fault(stats, peer, *fault, detail),
+                RelayError::Refused(reason) => {
+                    tracing::warn!(%peer, side, %reason, "relay link refused by the peer");
+                }
+                error => tracing::debug!(%peer, side, %error, "relay stream ended"),
+            }
+            // A handshake this side refused ends with its `Refused` frame: finish, so that the
+            // frame arrives (a reset would discard it).
+            if error.fault() == Some(WireFault::UnknownVersion) && side == "sender" {
+                let _ = send.finish();
+            } else {
+                let _ = send.reset(STREAM_PROTOCOL_VIOLATION.into());
+            }
+        }
+    }
 }
 
 /// The sending side: answers links opened by peers with this node's events.
@@ -126,6 +269,8 @@ pub struct RelayServer {
     pub store: Store,
     /// Where forwarded calls run: the node's core and its admin token (set once it exists).
     pub calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>>,
+    /// Where wire faults are counted.
+    pub stats: Arc<ClusterStats>,
 }
 
 impl RelayServer {
@@ -136,36 +281,29 @@ impl RelayServer {
         }
     }
 
-    /// Serves one link from `peer` until it ends.
-    pub async fn serve(
-        self,
-        peer: NodeId,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
-        if let Err(error) = self.run(&peer, &mut send, &mut recv).await {
-            tracing::debug!(%peer, %error, "relay stream ended");
-        }
-        let _ = send.finish();
+    /// Serves one stream from `peer` until it ends.
+    pub async fn serve(self, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+        let outcome = self.run(&peer, &mut send, recv).await;
+        close_stream(&self.stats, &peer, "sender", &mut send, &outcome);
     }
 
     async fn run(
         &self,
         peer: &NodeId,
         send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        mut recv: quinn::RecvStream,
     ) -> Result<(), RelayError> {
-        let hello = tokio::time::timeout(PATIENCE, read_frame(recv))
+        let hello = tokio::time::timeout(PATIENCE, read_frame(&mut recv))
             .await
-            .map_err(|_| RelayError::Protocol("no hello in time".into()))??;
-        if let Frame::Call(call) = hello {
-            let core = self
-                .calls
-                .get()
-                .and_then(|(core, token)| core.upgrade().map(|core| (core, token.clone())));
-            return super::remote::serve_call(core, peer, call, send).await;
-        }
+            .map_err(|_| io("no hello in time"))??;
         let after = match hello {
+            Frame::Call(call) => {
+                let core = self
+                    .calls
+                    .get()
+                    .and_then(|(core, token)| core.upgrade().map(|core| (core, token.clone())));
+                return super::remote::serve_call(core, peer, call, send).await;
+            }
             Frame::Hello { version, after } if version == RELAY_VERSION => after,
             Frame::Hello { version, .. } => {
                 let reason = format!(
@@ -178,36 +316,44 @@ impl RelayServer {
                     },
                 )
                 .await?;
-                return Err(RelayError::Protocol(reason));
+                return Err(RelayError::wire(WireFault::UnknownVersion, reason));
             }
-            other => {
-                return Err(RelayError::Protocol(format!(
-                    "expected hello, got {other:?}"
-                )));
-            }
+            other => return Err(RelayError::unexpected("hello", &other)),
         };
+        // Live events are buffered from now on; what came before is read back below.
+        let mut live = self.events.subscribe(self.own());
+        let newest = self.events.last_seq();
+        let start = after.unwrap_or(newest);
+        if start > newest {
+            tracing::warn!(
+                %peer,
+                asked_after = start,
+                newest,
+                "a peer asks for this node's events after a sequence number it never reached \
+                 (was this node's data directory replaced?); nothing up to it reaches the peer"
+            );
+        }
         write_frame(
             send,
             &Frame::Welcome {
                 version: RELAY_VERSION,
+                after: start,
             },
         )
         .await?;
-        // Live events are buffered from now on; what came before is read back below.
-        let mut live = self.events.subscribe(self.own());
-        let mut last = match after {
-            Some(after) => self.backfill(after, send, recv).await?,
-            None => 0,
-        };
+        let mut out = Outbox::new(send, recv);
+        let mut last = start;
+        if after.is_some() {
+            last = self.backfill(last, &mut out).await?;
+        }
         loop {
-            let batch = next_batch(&mut live, last).await;
+            let batch = tokio::select! {
+                batch = next_batch(&mut live, last) => batch,
+                failed = out.failed() => return Err(failed),
+            };
             match batch {
-                LiveBatch::Events(events) => {
-                    last = self.send_batch(events, send, recv).await?.max(last);
-                }
-                LiveBatch::Lagged => {
-                    last = self.backfill(last, send, recv).await?;
-                }
+                LiveBatch::Events(events) => last = out.send(events).await?.max(last),
+                LiveBatch::Lagged => last = self.backfill(last, &mut out).await?,
                 LiveBatch::Closed => return Ok(()),
             }
         }
@@ -215,96 +361,99 @@ impl RelayServer {
 
     /// Sends this node's events after `after` that are still known (the ring, else the log);
     /// returns the last sequence number sent (or `after`).
-    async fn backfill(
-        &self,
-        mut after: u64,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<u64, RelayError> {
+    async fn backfill(&self, after: u64, out: &mut Outbox<'_>) -> Result<u64, RelayError> {
+        let mut last = after;
         loop {
-            let from = if after == 0 {
-                ReplayFrom::Tail(usize::MAX)
-            } else {
-                ReplayFrom::After(EventId::new(self.node.clone(), after))
-            };
             let replay = self
                 .events
-                .replay(from, self.own())
-                .await
-                .map_err(|error| RelayError::Io(format!("the bus did not answer: {error}")))?;
-            if replay.found || after == 0 {
-                let events: Vec<Event> = replay
-                    .events
-                    .iter()
-                    .filter(|event| event.id.seq > after)
-                    .map(|event| Event::clone(event))
-                    .collect();
-                for chunk in events.chunks(MAX_BATCH) {
-                    after = self
-                        .send_batch(chunk.to_vec(), send, recv)
-                        .await?
-                        .max(after);
-                }
-                return Ok(after);
-            }
-            // Older than the ring: page through the persisted log.
-            let page = self
-                .store
-                .events_after(
-                    &EventId::new(self.node.clone(), after),
-                    &self.own(),
-                    MAX_BATCH,
+                .replay(
+                    ReplayFrom::NodeAfter(EventId::new(self.node.clone(), last)),
+                    self.own(),
                 )
                 .await
-                .map_err(|error| {
-                    RelayError::Io(format!("the event log did not answer: {error}"))
-                })?;
-            let events: Vec<Event> = page
+                .map_err(|error| io(format!("the bus did not answer: {error}")))?;
+            let in_ring: Vec<Event> = replay
                 .events
-                .into_iter()
-                .map(|item| Event::clone(&item.event))
-                .filter(|event| event.id.seq > after)
+                .iter()
+                .filter(|event| event.id.seq > last)
+                .map(|event| Event::clone(event))
                 .collect();
-            if events.is_empty() {
-                // Retention already deleted them (or the log has nothing newer): whatever the
-                // ring has after `after` is all there is.
-                let replay = self
-                    .events
-                    .replay(ReplayFrom::Tail(usize::MAX), self.own())
+            if !replay.found {
+                // The ring does not reach back to `last`: older events come from the log, up to
+                // the ring's oldest.
+                let ring_first = in_ring.first().map(|event| event.id.seq);
+                let page: Vec<Event> = self
+                    .store
+                    .node_events_after(&self.node, last, MAX_BATCH)
                     .await
-                    .map_err(|error| RelayError::Io(format!("the bus did not answer: {error}")))?;
-                let events: Vec<Event> = replay
-                    .events
-                    .iter()
-                    .filter(|event| event.id.seq > after)
-                    .map(|event| Event::clone(event))
+                    .map_err(|error| io(format!("the event log did not answer: {error}")))?
+                    .into_iter()
+                    .map(|item| Event::clone(&item.event))
+                    .filter(|event| ring_first.is_none_or(|first| event.id.seq < first))
                     .collect();
-                for chunk in events.chunks(MAX_BATCH) {
-                    after = self
-                        .send_batch(chunk.to_vec(), send, recv)
-                        .await?
-                        .max(after);
+                if !page.is_empty() {
+                    last = out.send(page).await?.max(last);
+                    continue;
                 }
-                return Ok(after);
+                // Nothing older in the log (retention deleted it, or it never got there): what
+                // the ring has is all there is.
             }
-            after = self.send_batch(events, send, recv).await?.max(after);
+            for chunk in in_ring.chunks(MAX_BATCH) {
+                last = out.send(chunk.to_vec()).await?.max(last);
+            }
+            return Ok(last);
+        }
+    }
+}
+
+/// The sending half of a link: batches go out as long as fewer than [`WINDOW`] are
+/// unacknowledged; a task reads the acknowledgements.
+struct Outbox<'a> {
+    send: &'a mut quinn::SendStream,
+    window: Arc<Semaphore>,
+    ended: oneshot::Receiver<RelayError>,
+    _reader: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<'a> Outbox<'a> {
+    fn new(send: &'a mut quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        let window = Arc::new(Semaphore::new(WINDOW));
+        let (report, ended) = oneshot::channel();
+        let reader = tokio::spawn(read_acks(recv, window.clone(), report));
+        Self {
+            send,
+            window,
+            ended,
+            _reader: AbortOnDrop(reader),
         }
     }
 
-    /// Sends a batch (split when too large for a frame) and waits for its acknowledgement;
-    /// returns the highest sequence number sent.
-    async fn send_batch(
-        &self,
-        events: Vec<Event>,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<u64, RelayError> {
+    /// Resolves when the acknowledgements stop (the peer ended the stream or broke the
+    /// protocol).
+    async fn failed(&mut self) -> RelayError {
+        (&mut self.ended)
+            .await
+            .unwrap_or_else(|_| io("the acknowledgement reader stopped"))
+    }
+
+    /// Sends a batch (split when too large for a frame) once the window has room; returns the
+    /// highest sequence number sent.
+    async fn send(&mut self, events: Vec<Event>) -> Result<u64, RelayError> {
         let Some(last) = events.last().map(|event| event.id.seq) else {
             return Ok(0);
         };
         let frame = Frame::Batch(events);
-        match wire::encode(&frame) {
-            Err(WireError::TooLarge { .. }) => {
+        let framed = match encode_frame(&frame) {
+            Ok(framed) => framed,
+            Err(RelayError::Encode(WireError::TooLarge { .. })) => {
                 let Frame::Batch(mut events) = frame else {
                     unreachable!("built above")
                 };
@@ -313,20 +462,50 @@ impl RelayServer {
                     return Ok(last);
                 }
                 let second = events.split_off(events.len() / 2);
-                Box::pin(self.send_batch(events, send, recv)).await?;
-                return Box::pin(self.send_batch(second, send, recv)).await;
+                Box::pin(self.send(events)).await?;
+                return Box::pin(self.send(second)).await;
             }
-            Err(error) => return Err(error.into()),
-            Ok(_) => {}
-        }
-        write_frame(send, &frame).await?;
-        match tokio::time::timeout(PATIENCE, read_frame(recv)).await {
-            Ok(Ok(Frame::Ack(_))) => Ok(last),
-            Ok(Ok(other)) => Err(RelayError::Protocol(format!("expected ack, got {other:?}"))),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(RelayError::Protocol("no acknowledgement in time".into())),
-        }
+            Err(error) => return Err(error),
+        };
+        let window = self.window.clone();
+        let permit = tokio::select! {
+            permit = tokio::time::timeout(PATIENCE, window.acquire()) => match permit {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(io("the window closed")),
+                Err(_) => return Err(io("no acknowledgement in time")),
+            },
+            failed = self.failed() => return Err(failed),
+        };
+        // Given back by the acknowledgement of this batch.
+        permit.forget();
+        self.send.write_all(&framed).await.map_err(io)?;
+        Ok(last)
     }
+}
+
+/// Reads acknowledgements, one per batch, each giving back a place in the window; reports why
+/// they stopped.
+async fn read_acks(
+    mut recv: quinn::RecvStream,
+    window: Arc<Semaphore>,
+    report: oneshot::Sender<RelayError>,
+) {
+    let error = loop {
+        match read_frame(&mut recv).await {
+            Ok(Frame::Ack(_)) => {
+                if window.available_permits() >= WINDOW {
+                    break RelayError::wire(
+                        WireFault::UnexpectedFrame,
+                        "an acknowledgement of no batch",
+                    );
+                }
+                window.add_permits(1);
+            }
+            Ok(other) => break RelayError::unexpected("an acknowledgement", &other),
+            Err(error) => break error,
+        }
+    };
+    let _ = report.send(error);
 }
 
 enum LiveBatch {
@@ -382,7 +561,7 @@ impl RelaySource for QuicRelaySource {
         tokio::spawn(async move {
             tokio::select! {
                 () = stop.cancelled() => {}
-                outcome = link(endpoint, &peer, after, &reports) => {
+                outcome = link(&endpoint, &peer, after, &reports) => {
                     let reason = match outcome {
                         Ok(()) => "the peer ended the stream".to_owned(),
                         Err(error) => error.to_string(),
@@ -396,7 +575,7 @@ impl RelaySource for QuicRelaySource {
 }
 
 async fn link(
-    endpoint: ClusterEndpoint,
+    endpoint: &ClusterEndpoint,
     peer: &NodeIdentity,
     after: Option<u64>,
     reports: &LinkReports,
@@ -404,45 +583,99 @@ async fn link(
     let (_, connection) = endpoint
         .connect(peer.addr, Some(&peer.node))
         .await
-        .map_err(|error| RelayError::Io(error.to_string()))?;
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .map_err(|error| RelayError::Io(error.to_string()))?;
-    write_frame(
+        .map_err(io)?;
+    let (mut send, mut recv) = connection.open_bi().await.map_err(io)?;
+    let outcome = receive(&mut send, &mut recv, peer, after, reports).await;
+    close_stream(
+        endpoint.stats(),
+        &peer.node,
+        "receiver",
         &mut send,
+        &outcome,
+    );
+    outcome
+}
+
+/// The receiving half of a link: the handshake, then every batch handed to the bus and
+/// acknowledged once the bus took it.
+async fn receive(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: &NodeIdentity,
+    after: Option<u64>,
+    reports: &LinkReports,
+) -> Result<(), RelayError> {
+    write_frame(
+        send,
         &Frame::Hello {
             version: RELAY_VERSION,
             after,
         },
     )
     .await?;
-    match tokio::time::timeout(PATIENCE, read_frame(&mut recv))
+    let start = match tokio::time::timeout(PATIENCE, read_frame(recv))
         .await
-        .map_err(|_| RelayError::Protocol("no welcome in time".into()))??
+        .map_err(|_| io("no welcome in time"))??
     {
-        Frame::Welcome { version } if version == RELAY_VERSION => {}
-        Frame::Refused { reason } => return Err(RelayError::Protocol(reason)),
-        other => {
-            return Err(RelayError::Protocol(format!(
-                "expected welcome, got {other:?}"
-            )));
+        Frame::Welcome { version, after } if version == RELAY_VERSION => after,
+        Frame::Welcome { version, .. } => {
+            return Err(RelayError::wire(
+                WireFault::UnknownVersion,
+                format!("welcome with relay version {version}; this node speaks {RELAY_VERSION}"),
+            ));
         }
+        Frame::Refused { reason } => return Err(RelayError::Refused(reason)),
+        other => return Err(RelayError::unexpected("welcome", &other)),
+    };
+    if let Some(after) = after
+        && start < after
+    {
+        tracing::warn!(
+            %peer,
+            cursor = after,
+            start,
+            "a peer starts its stream before the cursor; what it sends up to the cursor is \
+             dropped as already seen"
+        );
     }
-    tracing::debug!(%peer, ?after, "relay link up");
-    loop {
-        match read_frame(&mut recv).await {
-            Ok(Frame::Batch(events)) => {
-                let cursor = reports.batch(events).await.map_err(RelayError::Io)?;
-                write_frame(&mut send, &Frame::Ack(cursor)).await?;
+    let batch_error = |error: BatchError| match error {
+        BatchError::ForeignEvent(id) => RelayError::wire(
+            WireFault::ForeignEvent,
+            format!("event {id} is not the peer's own"),
+        ),
+        error @ BatchError::Bus(_) => io(error),
+    };
+    reports.welcome(start).await.map_err(batch_error)?;
+    tracing::debug!(%peer, ?after, start, "relay link up");
+    // Batches go to the bus as they arrive; their acknowledgements follow, in order, once the
+    // bus has taken each (the sender never has more than WINDOW unacknowledged).
+    let (taking, mut taken) = tokio::sync::mpsc::channel(WINDOW);
+    let read = async {
+        loop {
+            match read_frame(recv).await? {
+                Frame::Batch(events) => {
+                    if taking.capacity() == 0 {
+                        return Err(RelayError::wire(
+                            WireFault::UnexpectedFrame,
+                            format!("more than {WINDOW} batches unacknowledged"),
+                        ));
+                    }
+                    let _ = taking.send(reports.batch(events)).await;
+                }
+                other => return Err(RelayError::unexpected("a batch", &other)),
             }
-            Ok(other) => {
-                return Err(RelayError::Protocol(format!(
-                    "expected a batch, got {other:?}"
-                )));
-            }
-            Err(error) => return Err(error),
         }
+    };
+    let acknowledge = async {
+        while let Some(batch) = taken.recv().await {
+            let cursor = batch.await.map_err(batch_error)?;
+            write_frame(send, &Frame::Ack(cursor)).await?;
+        }
+        Ok(())
+    };
+    tokio::select! {
+        outcome = read => outcome,
+        outcome = acknowledge => outcome,
     }
 }
 
@@ -457,33 +690,178 @@ pub fn serve_streams(
 
 #[cfg(test)]
 mod tests {
+    use troupe_actors::event::{EventData, OutputStream, SessionOutput};
+    use troupe_actors::ids::Timestamp;
+
     use super::*;
 
-    #[tokio::test]
-    async fn frames_round_trip_and_garbage_or_oversized_frames_are_errors() {
-        let frame = Frame::Hello {
-            version: RELAY_VERSION,
-            after: Some(7),
-        };
-        let bytes = wire::encode(&frame).unwrap();
-        let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
-        framed.extend(&bytes);
-        assert_eq!(read_frame(&mut framed.as_slice()).await.unwrap(), frame);
-
-        let oversized = ((wire::MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
-        assert!(matches!(
-            read_frame(&mut oversized.as_slice()).await,
-            Err(RelayError::Wire(WireError::TooLarge { .. }))
-        ));
-        for seed in 0..200u64 {
-            let mut rng = fastrand::Rng::with_seed(seed);
-            let length = rng.usize(0..64);
-            let mut noise: Vec<u8> = (length as u32).to_be_bytes().to_vec();
-            noise.extend((0..rng.usize(0..80)).map(|_| rng.u8(..)));
-            let _ = read_frame(&mut noise.as_slice()).await;
+    fn event(seq: u64) -> Event {
+        Event {
+            id: EventId::new(NodeId::new("a").unwrap(), seq),
+            at: Timestamp::from_micros(1_700_000_000_000_000 + seq),
+            session: None,
+            data: EventData::SessionOutput(SessionOutput {
+                stream: OutputStream::Stdout,
+                first_line: seq,
+                lines: vec![format!("line {seq} é🦀"), String::new()],
+                skipped: 0,
+            }),
         }
-        for cut in 0..framed.len() {
-            assert!(read_frame(&mut &framed[..cut]).await.is_err());
+    }
+
+    /// One frame of every kind the relay speaks.
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                version: RELAY_VERSION,
+                after: Some(7),
+            },
+            Frame::Hello {
+                version: RELAY_VERSION,
+                after: None,
+            },
+            Frame::Welcome {
+                version: RELAY_VERSION,
+                after: 42,
+            },
+            Frame::Refused {
+                reason: "relay version 99 is not spoken here".into(),
+            },
+            Frame::Batch((1..=5).map(event).collect()),
+            Frame::Ack(u64::MAX),
+            Frame::Call(RemoteCall {
+                method: "GET".into(),
+                uri: "/v1/sessions/s-1".into(),
+                body: Vec::new(),
+            }),
+            Frame::Answer(RemoteAnswer {
+                status: 200,
+                body: b"{}".to_vec(),
+                more: true,
+                retry_after: Some(3),
+            }),
+        ]
+    }
+
+    /// Reads every frame of `bytes` until the stream ends or breaks; returns them and the end.
+    async fn read_all(mut bytes: &[u8]) -> (Vec<Frame>, RelayError) {
+        let mut frames = Vec::new();
+        loop {
+            match read_frame(&mut bytes).await {
+                Ok(frame) => frames.push(frame),
+                Err(error) => return (frames, error),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_frame_round_trips_and_a_stream_of_them_ends_cleanly() {
+        let mut stream = Vec::new();
+        for frame in samples() {
+            let framed = encode_frame(&frame).unwrap();
+            assert_eq!(read_frame(&mut framed.as_slice()).await.unwrap(), frame);
+            stream.extend(framed);
+        }
+        let (frames, end) = read_all(&stream).await;
+        assert_eq!(frames, samples());
+        assert!(matches!(end, RelayError::Ended), "{end}");
+    }
+
+    #[tokio::test]
+    async fn every_truncation_of_every_frame_is_a_truncated_frame_or_a_clean_end() {
+        for frame in samples() {
+            let framed = encode_frame(&frame).unwrap();
+            for cut in 0..framed.len() {
+                let error = read_frame(&mut &framed[..cut]).await.unwrap_err();
+                if cut == 0 {
+                    assert!(matches!(error, RelayError::Ended), "{error}");
+                } else {
+                    assert_eq!(
+                        error.fault(),
+                        Some(WireFault::TruncatedFrame),
+                        "{} cut at {cut}: {error}",
+                        frame.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_length_is_refused_before_the_body_is_read() {
+        // The writer stays open and sends nothing more: reading the body would wait forever.
+        let (mut writer, mut reader) = tokio::io::duplex(64);
+        writer
+            .write_all(&((wire::MAX_FRAME_BYTES + 1) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut reader))
+            .await
+            .expect("refused at once")
+            .unwrap_err();
+        assert_eq!(error.fault(), Some(WireFault::OversizedFrame), "{error}");
+        let error = read_frame(&mut u32::MAX.to_be_bytes().as_slice())
+            .await
+            .unwrap_err();
+        assert_eq!(error.fault(), Some(WireFault::OversizedFrame));
+    }
+
+    #[tokio::test]
+    async fn random_streams_are_frames_or_wire_faults_never_panics() {
+        let mut faults = std::collections::HashMap::new();
+        for seed in 0..20_000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let bytes: Vec<u8> = match seed % 4 {
+                // Pure noise.
+                0 => (0..rng.usize(0..300)).map(|_| rng.u8(..)).collect(),
+                // A plausible length prefix and a body of exactly that length: noise that gets
+                // through to the decoder.
+                1 => {
+                    let length = rng.usize(0..600);
+                    let mut framed = (length as u32).to_be_bytes().to_vec();
+                    framed.extend((0..length).map(|_| rng.u8(..)));
+                    framed
+                }
+                // A valid frame with bytes flipped.
+                2 => {
+                    let frames = samples();
+                    let mut framed = encode_frame(&frames[rng.usize(..frames.len())]).unwrap();
+                    for _ in 0..rng.usize(1..4) {
+                        let at = rng.usize(..framed.len());
+                        framed[at] ^= rng.u8(1..);
+                    }
+                    framed
+                }
+                // Valid frames, then noise.
+                _ => {
+                    let mut framed = Vec::new();
+                    for frame in samples().into_iter().take(rng.usize(1..8)) {
+                        framed.extend(encode_frame(&frame).unwrap());
+                    }
+                    framed.extend((0..rng.usize(1..64)).map(|_| rng.u8(..)));
+                    framed
+                }
+            };
+            let (frames, end) = read_all(&bytes).await;
+            // Whatever was decoded is a frame that encodes again.
+            for frame in &frames {
+                encode_frame(frame).unwrap();
+            }
+            let label = match &end {
+                RelayError::Ended => "ended",
+                RelayError::Wire { fault, .. } => fault.as_str(),
+                other => panic!("seed {seed}: a byte slice cannot fail with {other}"),
+            };
+            *faults.entry(label).or_insert(0u32) += 1;
+        }
+        // The cases reach every outcome a reader can have.
+        for outcome in [
+            "ended",
+            "truncated_frame",
+            "malformed_frame",
+            "oversized_frame",
+        ] {
+            assert!(faults.get(outcome).copied().unwrap_or(0) > 0, "{faults:?}");
         }
     }
 }

@@ -16,6 +16,8 @@ mod schema;
 mod writer;
 
 #[cfg(test)]
+mod id_tests;
+#[cfg(test)]
 mod tests;
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -39,7 +41,7 @@ pub use query::{
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
-use writer::{Reply, Request, Stats, Writer};
+use writer::{Reply, Request, Reservation, Stats, Writer};
 
 /// Name of the store's file in the data directory.
 pub const FILE_NAME: &str = "troupe.redb";
@@ -117,6 +119,7 @@ struct Inner {
     path: PathBuf,
     config: StoreConfig,
     stats: Arc<Stats>,
+    reservation: Arc<Reservation>,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -185,8 +188,10 @@ impl Store {
                 error => StoreError::Io(format!("cannot open {}: {error}", path.display())),
             })?;
         initialize(&db, &path)?;
+        let reserved = read::reserved(&db, &node)?;
         let db = Arc::new(db);
         let stats = Arc::new(Stats::default());
+        let reservation = Arc::new(Reservation::new(reserved));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
@@ -194,6 +199,7 @@ impl Store {
             config: config.clone(),
             rx,
             stats: stats.clone(),
+            reservation: reservation.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("troupe-store".into())
@@ -206,6 +212,7 @@ impl Store {
                 path,
                 config,
                 stats,
+                reservation,
                 tx: Some(tx),
                 thread: Some(thread),
             }),
@@ -299,6 +306,46 @@ impl Store {
         let (after, filter) = (after.clone(), filter.clone());
         self.read(move |db| read::events_after(db, &after, &filter, limit))
             .await
+    }
+
+    /// Events of `node` with a sequence number above `after`, in sequence order, at most `limit`
+    /// (clamped to [`MAX_EVENT_PAGE`]): the relay's backfill, which must not depend on the event
+    /// `after` itself being stored (it may have been lost in a crash, or pruned).
+    pub async fn node_events_after(
+        &self,
+        node: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<BusItem>, StoreError> {
+        let node = node.clone();
+        self.read(move |db| read::node_events_after(db, &node, after, limit))
+            .await
+    }
+
+    /// Reserves this node's event ids through `through`: resolves once the reservation is
+    /// durable, so that [`EventStore::resume`] after any crash answers at least `through`.
+    /// Reservations do not queue behind appends (see the writer).
+    pub fn reserve_ids(
+        &self,
+        through: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let reservation = self.inner.reservation.clone();
+        reservation.wanted.fetch_max(through, Ordering::AcqRel);
+        let sent = self.send(Request::Wake);
+        let mut durable = reservation.durable.subscribe();
+        async move {
+            sent?;
+            durable
+                .wait_for(|durable| *durable >= through)
+                .await
+                .map_err(|_| closed())?;
+            Ok(())
+        }
+    }
+
+    /// This node's id reservation on disk now.
+    pub fn reserved_ids(&self) -> u64 {
+        *self.inner.reservation.durable.borrow()
     }
 
     /// Events at arrival positions after `after_pos` that match `filter`: the next page of a
@@ -526,8 +573,11 @@ impl EventStore for Store {
     }
 
     /// Flushes queued appends first (blocking the caller for one commit, so a restarted bus
-    /// sees every event it accepted), then reads the counters and the newest events. The trait
-    /// cannot report a failure: one is logged and the counters read so far are returned.
+    /// sees every event it accepted), then reads the counters (this node's last sequence number
+    /// is its reservation when that is higher: after a crash, ids handed out but never stored
+    /// are not reused), each other node's last stored sequence number, and the newest events.
+    /// The trait cannot report a failure: one is logged and the counters read so far are
+    /// returned.
     fn resume(&self, ring_capacity: usize) -> StoreResume {
         if let Err(error) = self.flush_blocking() {
             tracing::warn!(%error, "store: could not flush before resuming the event bus");
@@ -540,8 +590,28 @@ impl EventStore for Store {
                     "store: cannot read the event log; the bus starts from zero and event ids \
                      may repeat"
                 );
-                StoreResume::default()
+                StoreResume {
+                    last_seq: self.reserved_ids(),
+                    ..StoreResume::default()
+                }
             }
+        }
+    }
+
+    fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+        let reserving = self.reserve_ids(through);
+        Some(Box::pin(async move {
+            reserving.await.map_err(|error| error.to_string())
+        }))
+    }
+
+    fn release(&self, last: u64) {
+        if let Err(error) = self.send(Request::Release(last)) {
+            tracing::warn!(
+                %error,
+                last,
+                "store: the event id reservation was not released; the next start skips past it"
+            );
         }
     }
 }

@@ -2,6 +2,7 @@
 //! beside the writer without waiting for it). [`Store`](super::Store) runs them on tokio's
 //! blocking pool.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable};
@@ -14,9 +15,9 @@ use super::query::{
     OutputPage, SessionPage, SessionQuery,
 };
 use super::schema::{
-    EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, OUTPUT, OUTPUT_COUNTERS, OrIo,
-    OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED, corrupt, decode,
-    last_seq_key, meta_get,
+    EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX, OUTPUT,
+    OUTPUT_COUNTERS, OrIo, OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
+    corrupt, decode, last_seq_key, meta_get, reserved_key,
 };
 
 type SessionsTable = ReadOnlyTable<&'static str, &'static [u8]>;
@@ -291,15 +292,54 @@ pub(super) fn resume(
         last_pos = last_pos.max(pos.value());
     }
     let mut last_seq = meta_get(&meta, &last_seq_key(node.as_str())).or_io("read meta")?;
-    let node_key = node.as_str();
-    if let Some(entry) = index
-        .range((node_key, 0)..=(node_key, u64::MAX))
-        .or_io("read event_index")?
-        .next_back()
-    {
-        let (key, _) = entry.or_io("read event_index")?;
-        last_seq = last_seq.max(key.value().1);
+    last_seq = last_seq.max(meta_get(&meta, &reserved_key(node.as_str())).or_io("read meta")?);
+    // Every node's newest stored sequence number: the meta keys (they survive retention), then
+    // the index (for logs written before those keys were kept for relayed nodes).
+    let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+    for entry in meta.range(META_LAST_SEQ_PREFIX..).or_io("read meta")? {
+        let (key, value) = entry.or_io("read meta")?;
+        let Some(publisher) = key.value().strip_prefix(META_LAST_SEQ_PREFIX) else {
+            break;
+        };
+        newest.insert(publisher.to_owned(), value.value());
     }
+    let mut next = index
+        .first()
+        .or_io("read event_index")?
+        .map(|(key, _)| key.value().0.to_owned());
+    while let Some(publisher) = next.take() {
+        let key = publisher.as_str();
+        if let Some(entry) = index
+            .range((key, 0)..=(key, u64::MAX))
+            .or_io("read event_index")?
+            .next_back()
+        {
+            let (found, _) = entry.or_io("read event_index")?;
+            let seq = newest.entry(publisher.clone()).or_insert(0);
+            *seq = (*seq).max(found.value().1);
+        }
+        // The first key of the next publisher: just past this one's last possible key.
+        for entry in index.range((key, u64::MAX)..).or_io("read event_index")? {
+            let (found, _) = entry.or_io("read event_index")?;
+            if found.value().0 != key {
+                next = Some(found.value().0.to_owned());
+                break;
+            }
+        }
+    }
+    if let Some(own) = newest.remove(node.as_str()) {
+        last_seq = last_seq.max(own);
+    }
+    let relayed = newest
+        .into_iter()
+        .filter_map(|(publisher, seq)| match NodeId::new(&publisher) {
+            Ok(publisher) => Some((publisher, seq)),
+            Err(error) => {
+                tracing::warn!(%publisher, %error, "store: skipping an unreadable node id");
+                None
+            }
+        })
+        .collect();
     // The counters matter most (ids must never repeat); the ring is best effort: an unreadable
     // event is left out, and a failure part way keeps what was read.
     let mut recent = Vec::with_capacity(ring_capacity.min(65_536));
@@ -326,5 +366,43 @@ pub(super) fn resume(
         last_seq,
         last_pos,
         recent,
+        relayed,
     })
+}
+
+/// This node's id reservation on disk (0 when none was ever made).
+pub(super) fn reserved(db: &Database, node: &NodeId) -> Result<u64, StoreError> {
+    let txn = begin(db)?;
+    let meta = txn.open_table(META).or_io("open table meta")?;
+    meta_get(&meta, &reserved_key(node.as_str())).or_io("read meta")
+}
+
+/// Events of `node` with a sequence number above `after`, in sequence order.
+pub(super) fn node_events_after(
+    db: &Database,
+    node: &NodeId,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<BusItem>, StoreError> {
+    let limit = limit.clamp(1, MAX_EVENT_PAGE);
+    let txn = begin(db)?;
+    let index = txn
+        .open_table(EVENT_INDEX)
+        .or_io("open table event_index")?;
+    let events = txn.open_table(EVENTS).or_io("open table events")?;
+    let key = node.as_str();
+    let mut found = Vec::new();
+    for entry in index
+        .range((key, after.saturating_add(1))..=(key, u64::MAX))
+        .or_io("read event_index")?
+        .take(limit)
+    {
+        let (_, pos) = entry.or_io("read event_index")?;
+        let pos = pos.value();
+        // The index may outlive an event for a moment of retention; skip what is gone.
+        if let Some(value) = events.get(pos).or_io("read events")? {
+            found.push(event(pos, value.value())?);
+        }
+    }
+    Ok(found)
 }

@@ -49,9 +49,20 @@ pub(super) const META_LAST_POS: &str = "events.last_pos";
 /// Prefix of the highest sequence number ever stored per publishing node (survives retention).
 pub(super) const META_LAST_SEQ_PREFIX: &str = "events.last_seq/";
 
-/// The meta key holding `node`'s highest stored sequence number.
+/// Prefix of the sequence number through which a node's ids are reserved (this node only: it
+/// may have handed out ids up to there that never reached the log).
+pub(super) const META_RESERVED_PREFIX: &str = "events.reserved/";
+
+/// The meta key holding `node`'s highest stored sequence number (kept for every node whose
+/// events are stored, this one and the peers it relays, so a restarted node knows where each
+/// relayed stream continues even after retention deleted the events).
 pub(super) fn last_seq_key(node: &str) -> String {
     format!("{META_LAST_SEQ_PREFIX}{node}")
+}
+
+/// The meta key holding the sequence number through which `node`'s ids are reserved.
+pub(super) fn reserved_key(node: &str) -> String {
+    format!("{META_RESERVED_PREFIX}{node}")
 }
 
 /// Bytes an event costs in the log's budget besides its JSON value: the position key, the index

@@ -12,9 +12,14 @@
 //! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
 //! lost (and logged). Event-log retention runs here too, inside the batches' transactions.
 //!
+//! Id reservations (see [`Reservation`]) ride along too: every batch writes the reservation
+//! wanted at its start, and once the batch is committed the reservation is published as durable.
+//! They do not queue behind appends, so a backlog of appends cannot stall publishing.
+//!
 //! This thread never blocks on anything but the channel and the disk, and never calls back into
 //! async code: replies go through oneshot channels.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -32,7 +37,7 @@ use super::query::PruneReport;
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_EVENT_BYTES, META_EVENT_COUNT, META_LAST_POS,
     OUTPUT, OUTPUT_COUNTERS, OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
-    corrupt, decode, encode, event_overhead, last_seq_key, meta_get,
+    corrupt, decode, encode, event_overhead, last_seq_key, meta_get, reserved_key,
 };
 
 /// Most events one automatic retention pass deletes, so a commit stays short; the rest goes in
@@ -75,6 +80,31 @@ pub(super) enum Request {
     },
     /// Commit what is queued, stop the thread, then answer.
     Close(Reply),
+    /// Wake up: a reservation is wanted (see [`Reservation`]).
+    Wake,
+    /// The bus stopped cleanly after handing out ids up to this one: lower the reservation to
+    /// it (so the next start continues right after it).
+    Release(u64),
+}
+
+/// This node's id reservation, shared by the handles and the writer. A handle raises `wanted`
+/// and wakes the writer; the writer writes it in its next batch and, once that batch is
+/// committed, raises `durable`, which the handle awaits.
+#[derive(Debug)]
+pub(super) struct Reservation {
+    /// The highest reservation asked for.
+    pub(super) wanted: AtomicU64,
+    /// The reservation on disk.
+    pub(super) durable: tokio::sync::watch::Sender<u64>,
+}
+
+impl Reservation {
+    pub(super) fn new(durable: u64) -> Self {
+        Self {
+            wanted: AtomicU64::new(durable),
+            durable: tokio::sync::watch::Sender::new(durable),
+        }
+    }
 }
 
 impl Request {
@@ -129,6 +159,7 @@ pub(super) struct Writer {
     pub(super) config: StoreConfig,
     pub(super) rx: Receiver<Request>,
     pub(super) stats: Arc<Stats>,
+    pub(super) reservation: Arc<Reservation>,
 }
 
 impl Writer {
@@ -141,11 +172,13 @@ impl Writer {
             config,
             rx,
             stats,
+            reservation,
         } = self;
         let mut state = WriterState {
             node,
             config,
             stats,
+            reservation,
             next_age_prune: Instant::now(),
             prune_backlog: false,
         };
@@ -209,6 +242,7 @@ struct WriterState {
     node: NodeId,
     config: StoreConfig,
     stats: Arc<Stats>,
+    reservation: Arc<Reservation>,
     next_age_prune: Instant,
     prune_backlog: bool,
 }
@@ -249,15 +283,30 @@ impl WriterState {
     ) -> Result<(), StoreError> {
         let now = Instant::now();
         let age_due = now >= self.next_age_prune;
-        if batch.is_empty() && !age_due && !self.prune_backlog {
+        let reserve_due =
+            self.reservation.wanted.load(Ordering::Acquire) > *self.reservation.durable.borrow();
+        if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due {
             return Ok(());
         }
         let requests = batch.len() as u64;
         let mut answers = Vec::with_capacity(batch.len());
         let mut report = None;
-        let outcome = self.apply(db, batch, age_due, &mut answers, closers, &mut report);
+        let mut reserved = None;
+        let outcome = self.apply(
+            db,
+            batch,
+            age_due,
+            &mut answers,
+            closers,
+            &mut report,
+            &mut reserved,
+        );
         match outcome {
             Ok(committed) => {
+                if let Some(reserved) = reserved {
+                    // On disk now (or already was): whoever waits for it may go on.
+                    self.reservation.durable.send_replace(reserved);
+                }
                 self.stats
                     .commits
                     .fetch_add(u64::from(committed), Ordering::Relaxed);
@@ -303,6 +352,7 @@ impl WriterState {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         db: &Database,
@@ -311,6 +361,7 @@ impl WriterState {
         answers: &mut Vec<Answer>,
         closers: &mut Vec<Reply>,
         report: &mut Option<PruneReport>,
+        reserved: &mut Option<u64>,
     ) -> Result<bool, StoreError> {
         let io = |error: redb::Error| StoreError::Io(format!("write transaction: {error}"));
         // Whether anything was written: a batch of flushes, refusals and empty retention passes
@@ -400,7 +451,23 @@ impl WriterState {
                         answers.push(Answer::Pruned(reply));
                     }
                     Request::Close(reply) => closers.push(reply),
+                    Request::Wake => {}
+                    Request::Release(last) => {
+                        if let Some(tables) = tables.as_mut() {
+                            tables.reserved = last;
+                            self.reservation.wanted.store(last, Ordering::Release);
+                            dirty = true;
+                        }
+                    }
                 }
+            }
+            if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
+                let wanted = self.reservation.wanted.load(Ordering::Acquire);
+                if wanted > tables.reserved {
+                    tables.reserved = wanted;
+                    dirty = true;
+                }
+                *reserved = Some(tables.reserved);
             }
             if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
                 match self.retention(tables, age_due, explicit_prune) {
@@ -502,7 +569,6 @@ struct Totals {
     bytes: u64,
     count: u64,
     last_pos: u64,
-    last_seq: u64,
 }
 
 /// The fields of a stored event that retention needs.
@@ -525,21 +591,24 @@ struct Tables<'txn> {
     event_index: Table<'txn, (&'static str, u64), u64>,
     meta: Table<'txn, &'static str, u64>,
     node: String,
-    last_seq_key: String,
     totals: Totals,
     loaded: Totals,
+    /// Highest sequence number stored per publishing node: (as loaded, as now).
+    last_seqs: HashMap<String, (u64, u64)>,
+    /// This node's id reservation, and as loaded.
+    reserved: u64,
+    reserved_loaded: u64,
 }
 
 impl<'txn> Tables<'txn> {
     fn open(txn: &'txn WriteTransaction, node: &NodeId) -> Result<Self, redb::Error> {
         let meta = txn.open_table(META)?;
-        let last_seq_key = last_seq_key(node.as_str());
         let totals = Totals {
             bytes: meta_get(&meta, META_EVENT_BYTES)?,
             count: meta_get(&meta, META_EVENT_COUNT)?,
             last_pos: meta_get(&meta, META_LAST_POS)?,
-            last_seq: meta_get(&meta, &last_seq_key)?,
         };
+        let reserved = meta_get(&meta, &reserved_key(node.as_str()))?;
         Ok(Self {
             sessions: txn.open_table(SESSIONS)?,
             order: txn.open_table(SESSION_ORDER)?,
@@ -552,22 +621,44 @@ impl<'txn> Tables<'txn> {
             event_index: txn.open_table(EVENT_INDEX)?,
             meta,
             node: node.as_str().to_owned(),
-            last_seq_key,
             totals,
             loaded: totals,
+            last_seqs: HashMap::new(),
+            reserved,
+            reserved_loaded: reserved,
         })
     }
 
     fn save_totals(&mut self) -> Result<(), redb::StorageError> {
-        if self.totals == self.loaded {
-            return Ok(());
+        if self.totals != self.loaded {
+            self.meta.insert(META_EVENT_BYTES, self.totals.bytes)?;
+            self.meta.insert(META_EVENT_COUNT, self.totals.count)?;
+            self.meta.insert(META_LAST_POS, self.totals.last_pos)?;
+            self.loaded = self.totals;
         }
-        self.meta.insert(META_EVENT_BYTES, self.totals.bytes)?;
-        self.meta.insert(META_EVENT_COUNT, self.totals.count)?;
-        self.meta.insert(META_LAST_POS, self.totals.last_pos)?;
-        self.meta
-            .insert(self.last_seq_key.as_str(), self.totals.last_seq)?;
-        self.loaded = self.totals;
+        for (node, (loaded, now)) in &mut self.last_seqs {
+            if *now > *loaded {
+                self.meta.insert(last_seq_key(node).as_str(), *now)?;
+                *loaded = *now;
+            }
+        }
+        if self.reserved != self.reserved_loaded {
+            self.meta
+                .insert(reserved_key(&self.node).as_str(), self.reserved)?;
+            self.reserved_loaded = self.reserved;
+        }
+        Ok(())
+    }
+
+    /// Notes that `node`'s event `seq` is stored.
+    fn note_seq(&mut self, node: &str, seq: u64) -> Result<(), redb::StorageError> {
+        if !self.last_seqs.contains_key(node) {
+            let stored = meta_get(&self.meta, &last_seq_key(node))?;
+            self.last_seqs.insert(node.to_owned(), (stored, stored));
+        }
+        if let Some((_, now)) = self.last_seqs.get_mut(node) {
+            *now = (*now).max(seq);
+        }
         Ok(())
     }
 
@@ -748,9 +839,7 @@ impl<'txn> Tables<'txn> {
         self.totals.bytes += value.len() as u64 + overhead;
         self.totals.count += 1;
         self.totals.last_pos = self.totals.last_pos.max(item.pos);
-        if node == self.node {
-            self.totals.last_seq = self.totals.last_seq.max(id.seq);
-        }
+        self.note_seq(node, id.seq)?;
         Ok(())
     }
 

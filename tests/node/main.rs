@@ -11,6 +11,7 @@ mod gateway;
 mod lifecycle;
 mod mcp;
 mod python;
+mod relay;
 mod remote;
 mod sessions;
 mod support;

@@ -5,7 +5,10 @@
 //! membership state become `node.*` events and registry updates.
 //!
 //! Who a peer is comes from its certificate: a datagram whose header names another node than the
-//! connection it arrived on is dropped (logged), so a node cannot speak for another.
+//! connection it arrived on is refused, so a node cannot speak for another. A datagram that
+//! breaks the protocol (over the packet cap, undecodable, spoofed) is handed to the transport's
+//! [`DatagramTransport::reject`], which logs it naming the peer, counts it and closes that
+//! connection; it never reaches foca's state.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -19,12 +22,16 @@ use foca::{AccumulatingRuntime, Foca, OwnedNotification, State as FocaState, Tim
 use ractor::RpcReplyPort;
 
 use super::identity::NodeIdentity;
-use super::meta::{META_FORMAT, MetaHandler, NodeLoad, NodeMeta};
-use super::peer::{PeerActor, PeerArgs, PeerMsg, RelayCursors, RelaySource};
-use super::ports::{DatagramTransport, FocaCodec, MembershipCodec};
+use super::meta::{
+    BreakerPosition, META_FORMAT, MetaError, MetaHandler, NodeLoad, NodeMeta, ProviderHealth,
+};
+use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
+use super::ports::{DatagramTransport, FocaCodec, MembershipCodec, WireFault};
 use crate::event::{EventBus, EventData, NodeMembership};
 use crate::ids::NodeId;
 use crate::kernel::{Actor, ActorError, ActorHandle, Context};
+use crate::provider::ProviderActorRef;
+use crate::provider::breaker::BreakerState;
 use crate::registry::{MemberEntry, Registry, RegistryMsg};
 use crate::session::SessionStats;
 use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle};
@@ -39,7 +46,8 @@ pub enum MembershipProfile {
     #[default]
     Lan,
     /// Fast detection for tests and demos: probe every 300 ms (RTT 100 ms), suspect to down
-    /// after 900 ms, gossip every 100 ms.
+    /// after 900 ms, gossip every 100 ms, announce to down members every 2 s (so a healed
+    /// partition joins up within seconds).
     Fast,
 }
 
@@ -53,6 +61,9 @@ impl MembershipProfile {
             config.suspect_to_down_after = Duration::from_millis(900);
             if let Some(gossip) = config.periodic_gossip.as_mut() {
                 gossip.frequency = Duration::from_millis(100);
+            }
+            if let Some(announce) = config.periodic_announce_to_down_members.as_mut() {
+                announce.frequency = Duration::from_secs(2);
             }
         }
         config.max_packet_size = std::num::NonZeroUsize::new(MAX_PACKET_BYTES).expect("1150 > 0");
@@ -70,7 +81,7 @@ impl MembershipProfile {
 }
 
 /// What a node says about itself in its metadata, besides load.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LocalMeta {
     /// Labels (placement constraints match them).
     pub labels: BTreeMap<String, String>,
@@ -80,6 +91,8 @@ pub struct LocalMeta {
     pub queue_capacity: u32,
     /// Its session counters (running, queued), when it runs sessions.
     pub stats: Option<Arc<SessionStats>>,
+    /// Its providers, whose breakers it gossips.
+    pub providers: Vec<ProviderActorRef>,
 }
 
 /// Arguments of each MembershipActor instance.
@@ -105,6 +118,9 @@ pub struct MembershipArgs {
     pub local: LocalMeta,
     /// The event relay: a PeerActor per member, when relaying.
     pub relay: Option<RelayPorts>,
+    /// Seed of foca's random choices (probe order, gossip targets); `None`: a random seed. Tests
+    /// pass one so a scenario plays out the same way every time.
+    pub rng_seed: Option<u64>,
 }
 
 /// What the membership needs to run a PeerActor per member.
@@ -114,8 +130,6 @@ pub struct RelayPorts {
     pub supervisor: SupervisorHandle,
     /// Opens relay links.
     pub source: Arc<dyn RelaySource>,
-    /// Cursors per peer (outlive PeerActor instances).
-    pub cursors: RelayCursors,
     /// The PeerActors started so far (outlive MembershipActor instances).
     pub peers: Arc<dashmap::DashMap<NodeId, ActorHandle<PeerMsg>>>,
 }
@@ -141,7 +155,6 @@ impl RelayPorts {
             peer: identity.clone(),
             events: events.clone(),
             source: self.source.clone(),
-            cursors: self.cursors.clone(),
         };
         let spec = ChildSpec::worker(&handle, move || (PeerActor, args.clone()))
             .policy(ChildPolicy::Permanent);
@@ -188,7 +201,8 @@ pub enum MembershipMsg {
 
 type Swim = Foca<NodeIdentity, FocaCodec, FastRng, MetaHandler>;
 
-/// foca's randomness, from fastrand (seeded by fastrand's own per-thread seed).
+/// foca's randomness, from fastrand (seeded by [`MembershipArgs::rng_seed`] or by fastrand's
+/// own per-thread seed).
 pub(crate) struct FastRng(fastrand::Rng);
 
 impl rand::TryRng for FastRng {
@@ -230,6 +244,10 @@ pub struct MembershipState {
     http: Option<String>,
     published: Option<NodeMeta>,
     meta_version: u64,
+    /// Since when each suspected identity is suspected (noted at ticks).
+    suspected_since: HashMap<NodeIdentity, tokio::time::Instant>,
+    /// foca's suspect-to-down timeout.
+    suspect_timeout: Duration,
 }
 
 /// The MembershipActor.
@@ -418,7 +436,21 @@ impl MembershipState {
                 queue_capacity: local.queue_capacity,
             },
             labels: local.labels.clone(),
-            providers: Vec::new(),
+            providers: local
+                .providers
+                .iter()
+                .map(|provider| {
+                    let now = tokio::time::Instant::now().into_std();
+                    ProviderHealth {
+                        name: provider.name().to_owned(),
+                        breaker: match provider.shared().snapshot().breaker.state(now) {
+                            BreakerState::Closed => BreakerPosition::Closed,
+                            BreakerState::Open { .. } => BreakerPosition::Open,
+                            BreakerState::HalfOpen => BreakerPosition::HalfOpen,
+                        },
+                    }
+                })
+                .collect(),
             leaving: self.leaving,
             truncated: false,
         }
@@ -446,6 +478,41 @@ impl MembershipState {
         }
     }
 
+    /// Concludes suspicions that outlived twice foca's timeout as foca's own timer would have:
+    /// down. foca forgets its pending timers when this node renews its identity (after being
+    /// declared down itself, e.g. across a healed partition), which would otherwise leave a
+    /// member suspected for good in this view when nobody refutes it.
+    fn conclude_stale_suspicions(&mut self) {
+        let now = tokio::time::Instant::now();
+        let suspects: Vec<(NodeIdentity, foca::Incarnation)> = self
+            .swim
+            .iter_membership_state()
+            .filter(|member| member.state() == FocaState::Suspect)
+            .map(|member| (member.id().clone(), member.incarnation()))
+            .collect();
+        self.suspected_since
+            .retain(|identity, _| suspects.iter().any(|(suspect, _)| suspect == identity));
+        let mut stale = Vec::new();
+        for (identity, incarnation) in suspects {
+            let since = *self.suspected_since.entry(identity.clone()).or_insert(now);
+            if now.duration_since(since) > self.suspect_timeout * 2 {
+                tracing::info!(
+                    member = %identity,
+                    "a suspicion outlived its timeout (its timer was lost when this node renewed \
+                     its identity); concluding it: down"
+                );
+                stale.push(foca::Member::new(identity, incarnation, FocaState::Down));
+            }
+        }
+        if !stale.is_empty()
+            && let Err(error) = self
+                .swim
+                .apply_many(stale.into_iter(), true, &mut self.runtime)
+        {
+            tracing::debug!(%error, "concluding a stale suspicion failed");
+        }
+    }
+
     fn announce(&mut self, ctx: &Context<MembershipMsg>) {
         for addr in self.args.seeds.clone() {
             if addr == self.args.addr {
@@ -461,6 +528,23 @@ impl MembershipState {
     }
 }
 
+/// Which of foca's refusals are the peer breaking the protocol (the rest are ordinary: a
+/// message for an older identity, a stale probe).
+fn classify(error: &foca::Error) -> Option<WireFault> {
+    match error {
+        foca::Error::DataTooBig => Some(WireFault::OversizedDatagram),
+        foca::Error::MalformedPacket | foca::Error::Decode(_) => Some(WireFault::MalformedDatagram),
+        foca::Error::DataFromOurselves | foca::Error::IndirectForOurselves => {
+            Some(WireFault::SpoofedDatagram)
+        }
+        foca::Error::CustomBroadcast(inner) => match inner.downcast_ref::<MetaError>() {
+            Some(MetaError::UnknownFormat(_)) => Some(WireFault::UnknownMetaFormat),
+            _ => Some(WireFault::MalformedDatagram),
+        },
+        _ => None,
+    }
+}
+
 impl Actor for MembershipActor {
     type Msg = MembershipMsg;
     type State = MembershipState;
@@ -473,10 +557,15 @@ impl Actor for MembershipActor {
     ) -> Result<Self::State, ActorError> {
         let identity = NodeIdentity::fresh(args.node.clone(), args.addr, 0);
         let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
+        let config = args.profile.foca_config();
+        let suspect_timeout = config.suspect_to_down_after;
         let swim = Foca::with_custom_broadcast(
             identity.clone(),
-            args.profile.foca_config(),
-            FastRng(fastrand::Rng::new()),
+            config,
+            FastRng(match args.rng_seed {
+                Some(seed) => fastrand::Rng::with_seed(seed),
+                None => fastrand::Rng::new(),
+            }),
             FocaCodec(args.codec.clone()),
             handler,
         );
@@ -498,6 +587,8 @@ impl Actor for MembershipActor {
             http: None,
             published: None,
             meta_version: 0,
+            suspected_since: HashMap::new(),
+            suspect_timeout,
         })
     }
 
@@ -509,22 +600,31 @@ impl Actor for MembershipActor {
     ) -> Result<(), ActorError> {
         match message {
             MembershipMsg::Datagram { from, bytes } => {
+                let transport = state.args.transport.clone();
+                let reject = |fault: WireFault, detail: String| {
+                    transport.reject(&from, fault, &detail);
+                };
                 if bytes.len() > MAX_PACKET_BYTES {
-                    tracing::debug!(peer = %from, size = bytes.len(), "oversized datagram dropped");
+                    reject(
+                        WireFault::OversizedDatagram,
+                        format!("{} bytes; at most {MAX_PACKET_BYTES}", bytes.len()),
+                    );
                     return Ok(());
                 }
                 match state.args.codec.decode_header(&bytes) {
                     Ok((header, _)) if header.src.node != from => {
-                        tracing::warn!(
-                            peer = %from,
-                            claimed = %header.src.node,
-                            "datagram claims another node than its certificate; dropped"
+                        reject(
+                            WireFault::SpoofedDatagram,
+                            format!(
+                                "the header names node {} but the certificate names {from}",
+                                header.src.node
+                            ),
                         );
                         return Ok(());
                     }
                     Ok(_) => {}
                     Err(error) => {
-                        tracing::debug!(peer = %from, %error, "malformed datagram dropped");
+                        reject(WireFault::MalformedDatagram, error.to_string());
                         return Ok(());
                     }
                 }
@@ -532,7 +632,12 @@ impl Actor for MembershipActor {
                     return Ok(());
                 }
                 if let Err(error) = state.swim.handle_data(&bytes, &mut state.runtime) {
-                    tracing::debug!(peer = %from, %error, "datagram refused by the membership");
+                    match classify(&error) {
+                        Some(fault) => reject(fault, error.to_string()),
+                        None => {
+                            tracing::debug!(peer = %from, %error, "datagram refused by the membership");
+                        }
+                    }
                 }
             }
             MembershipMsg::Timer(timer) => {
@@ -544,6 +649,7 @@ impl Actor for MembershipActor {
                 if state.leaving {
                     return Ok(());
                 }
+                state.conclude_stale_suspicions();
                 state.publish_meta();
                 if !state.active || state.swim.num_members() == 0 {
                     state.announce(ctx);

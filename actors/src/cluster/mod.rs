@@ -13,6 +13,6 @@ pub use membership::{
     LocalMeta, MAX_PACKET_BYTES, MembershipActor, MembershipArgs, MembershipMsg, MembershipProfile,
     RelayPorts,
 };
-pub use meta::{MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta};
-pub use peer::{LinkReports, PeerActor, PeerMsg, RelayCursors, RelaySource};
-pub use ports::{CodecError, DatagramTransport, MembershipCodec};
+pub use meta::{BreakerPosition, MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta, ProviderHealth};
+pub use peer::{BatchError, LinkReports, PeerActor, PeerMsg, RelaySource};
+pub use ports::{CodecError, DatagramTransport, MembershipCodec, WireFault};

@@ -1,25 +1,26 @@
-//! The PeerActor: one per cluster peer, under the ClusterSupervisor. It pulls the peer's own
-//! events over a relay link (opened through the [`RelaySource`] port) and publishes them on this
-//! node's bus with their original ids. It keeps the cursor: the highest sequence number of the
-//! peer it has handed to the bus. A new link (after a disconnect, or when the peer comes back with
-//! a new generation) asks for the events after that cursor, so nothing is lost and, since the bus
-//! also drops any `(node, seq)` it has seen, nothing is duplicated.
+//! The PeerActor: one per cluster peer, under the ClusterSupervisor. It keeps a relay link open
+//! to the peer (through the [`RelaySource`] port) while the peer is up; the link pulls the peer's
+//! own events and hands them to this node's bus, which keeps their original ids.
 //!
-//! Flow control: a link hands over one batch at a time and waits for the answer (the new cursor)
-//! before it acknowledges and reads the next, so at most one batch per peer is in this node's
-//! memory; the sender waits for that acknowledgement before it sends more.
+//! The cursor is the bus's: the highest sequence number of the peer the bus has taken (seeded
+//! from the event log when the node starts). A new link (after a disconnect, a crash of this
+//! actor, the peer's return with a new generation, or this node's restart) asks for the events
+//! after it, so nothing is lost, and since the bus drops any `(node, seq)` not above it, nothing
+//! is duplicated.
+//!
+//! Flow control: a link hands a batch to the bus and waits until the bus has taken it before it
+//! acknowledges it to the sender, which keeps only a few unacknowledged batches in flight. So a
+//! slow bus here slows the sender, and memory per peer stays bounded end to end.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use ractor::RpcReplyPort;
 use tokio_util::sync::DropGuard;
 
 use super::identity::NodeIdentity;
-use crate::event::{Event, EventBus};
+use crate::event::{Event, EventBus, EventId};
 use crate::ids::NodeId;
-use crate::kernel::{Actor, ActorError, ActorHandle, Context};
+use crate::kernel::{Actor, ActorError, ActorHandle, CallError, Context};
 
 /// How long after a failed link the next one is tried.
 pub const RELINK_AFTER: Duration = Duration::from_millis(500);
@@ -31,29 +32,59 @@ pub trait RelaySource: Send + Sync + 'static {
     fn open(&self, peer: &NodeIdentity, after: Option<u64>, reports: LinkReports) -> DropGuard;
 }
 
-/// How a link reports to its PeerActor. Reports of a replaced link are ignored.
+/// Why a batch was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The batch holds an event of another node than the peer (a peer speaks only for itself).
+    #[error("the batch holds event {0} of another node than the peer")]
+    ForeignEvent(EventId),
+    /// The bus did not take it in time (or is gone).
+    #[error("the bus did not take the batch: {0}")]
+    Bus(#[from] CallError),
+}
+
+/// How a link hands over what it receives, and tells its PeerActor that it ended. Reports of a
+/// replaced link are ignored.
 #[derive(Clone)]
 pub struct LinkReports {
     peer: ActorHandle<PeerMsg>,
     link: u64,
+    node: NodeId,
+    events: EventBus,
 }
 
 impl LinkReports {
-    /// Hands a batch (the peer's events, in order) to the actor; returns the cursor after it,
-    /// to acknowledge to the sender.
-    pub async fn batch(&self, events: Vec<Event>) -> Result<u64, String> {
-        let link = self.link;
-        self.peer
-            .call(
-                |reply| PeerMsg::Batch {
-                    link,
-                    events,
-                    reply,
-                },
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|error| error.to_string())
+    /// The peer this link is to.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// The peer said its stream starts after `after`; returns the cursor to expect events after
+    /// (the higher of the two: nothing at or below it is taken).
+    pub async fn welcome(&self, after: u64) -> Result<u64, BatchError> {
+        Ok(self
+            .events
+            .relay_batch(&self.node, Some(after), Vec::new())
+            .await?)
+    }
+
+    /// Hands a batch (the peer's events, in order) to the bus at once; the future resolves once
+    /// the bus has taken it, with the cursor to acknowledge to the sender. Batches handed over
+    /// one after another are taken in that order, so a link may hand over the next one before
+    /// the previous one is answered.
+    pub fn batch(
+        &self,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<u64, BatchError>> + Send + 'static {
+        let foreign = events
+            .iter()
+            .find(|event| event.id.node != self.node)
+            .map(|event| event.id.clone());
+        let taken = match foreign {
+            Some(id) => Err(BatchError::ForeignEvent(id)),
+            None => Ok(self.events.relay_batch(&self.node, None, events)),
+        };
+        async move { Ok(taken?.await?) }
     }
 
     /// The link ended (or never came up).
@@ -65,9 +96,6 @@ impl LinkReports {
     }
 }
 
-/// The cursors of every peer; they outlive PeerActor instances (one writer: that peer's actor).
-pub type RelayCursors = Arc<DashMap<NodeId, u64>>;
-
 /// Arguments of a PeerActor.
 #[derive(Clone)]
 pub struct PeerArgs {
@@ -77,8 +105,6 @@ pub struct PeerArgs {
     pub events: EventBus,
     /// Opens links.
     pub source: Arc<dyn RelaySource>,
-    /// Cursors kept across restarts.
-    pub cursors: RelayCursors,
 }
 
 /// Messages of a PeerActor.
@@ -87,15 +113,6 @@ pub enum PeerMsg {
     Up(NodeIdentity),
     /// The peer is down or left: stop linking until it is up again.
     Down,
-    /// A batch from link `link`.
-    Batch {
-        /// The link.
-        link: u64,
-        /// The peer's events.
-        events: Vec<Event>,
-        /// The cursor after the batch.
-        reply: RpcReplyPort<u64>,
-    },
     /// Link `link` ended.
     LinkDown {
         /// The link.
@@ -119,25 +136,19 @@ pub struct PeerState {
 }
 
 impl PeerState {
-    fn cursor(&self) -> Option<u64> {
-        self.args
-            .cursors
-            .get(&self.args.peer.node)
-            .map(|cursor| *cursor)
-    }
-
     fn open(&mut self, ctx: &Context<PeerMsg>) {
         self.link += 1;
+        let node = self.args.peer.node.clone();
+        let cursor = self.args.events.relayed_through(&node);
         let reports = LinkReports {
             peer: ctx.handle().clone(),
             link: self.link,
+            node,
+            events: self.args.events.clone(),
         };
-        // Dropping the old guard closes the old link.
-        self.guard = Some(
-            self.args
-                .source
-                .open(&self.args.peer, self.cursor(), reports),
-        );
+        // Dropping the old guard closes the old link first.
+        self.guard = None;
+        self.guard = Some(self.args.source.open(&self.args.peer, cursor, reports));
     }
 }
 
@@ -182,26 +193,6 @@ impl Actor for PeerActor {
             PeerMsg::Down => {
                 state.up = false;
                 state.guard = None;
-            }
-            PeerMsg::Batch {
-                link,
-                events,
-                reply,
-            } => {
-                if link != state.link {
-                    return Ok(());
-                }
-                let node = state.args.peer.node.clone();
-                let mut cursor = state.cursor().unwrap_or(0);
-                for event in events {
-                    if event.id.node != node || event.id.seq <= cursor {
-                        continue;
-                    }
-                    cursor = event.id.seq;
-                    state.args.events.relay(event);
-                }
-                state.args.cursors.insert(node, cursor);
-                let _ = reply.send(cursor);
             }
             PeerMsg::LinkDown { link, reason } => {
                 if link == state.link && state.up {

@@ -44,6 +44,86 @@ pub trait DatagramTransport: Send + Sync + 'static {
     fn send(&self, to: &NodeIdentity, payload: Bytes);
     /// Finds out which node answers at `addr` (a seed given as an address only).
     fn resolve(&self, addr: SocketAddr) -> BoxFuture<'static, Result<NodeId, String>>;
+    /// `from` sent a datagram that breaks the protocol: log it naming the peer, count it, and
+    /// close the connection to `from` when [`WireFault::closes_connection`] says so. Never
+    /// blocks.
+    fn reject(&self, from: &NodeId, fault: WireFault, detail: &str);
+}
+
+/// How a peer broke the cluster's wire protocol (the `reason` label of
+/// `troupe_cluster_wire_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireFault {
+    /// A stream frame that does not decode as a frame.
+    MalformedFrame,
+    /// A stream frame whose length prefix is over the frame cap.
+    OversizedFrame,
+    /// A stream that ended inside a frame.
+    TruncatedFrame,
+    /// A relay handshake with a protocol version this node does not speak.
+    UnknownVersion,
+    /// A frame that is valid but out of turn (a batch before the handshake, an ack nobody
+    /// asked for, …).
+    UnexpectedFrame,
+    /// A relayed event of another node than the peer that sent it.
+    ForeignEvent,
+    /// A membership datagram over the packet cap.
+    OversizedDatagram,
+    /// A membership datagram that does not decode (header, members or metadata).
+    MalformedDatagram,
+    /// A membership datagram that claims to come from another node than its connection's
+    /// certificate (or from this node).
+    SpoofedDatagram,
+    /// Node metadata in a layout this build does not read (a newer node): the metadata is
+    /// ignored, the rest of the datagram is used.
+    UnknownMetaFormat,
+}
+
+impl WireFault {
+    /// Every fault, for metrics.
+    pub const ALL: [WireFault; 10] = [
+        WireFault::MalformedFrame,
+        WireFault::OversizedFrame,
+        WireFault::TruncatedFrame,
+        WireFault::UnknownVersion,
+        WireFault::UnexpectedFrame,
+        WireFault::ForeignEvent,
+        WireFault::OversizedDatagram,
+        WireFault::MalformedDatagram,
+        WireFault::SpoofedDatagram,
+        WireFault::UnknownMetaFormat,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireFault::MalformedFrame => "malformed_frame",
+            WireFault::OversizedFrame => "oversized_frame",
+            WireFault::TruncatedFrame => "truncated_frame",
+            WireFault::UnknownVersion => "unknown_version",
+            WireFault::UnexpectedFrame => "unexpected_frame",
+            WireFault::ForeignEvent => "foreign_event",
+            WireFault::OversizedDatagram => "oversized_datagram",
+            WireFault::MalformedDatagram => "malformed_datagram",
+            WireFault::SpoofedDatagram => "spoofed_datagram",
+            WireFault::UnknownMetaFormat => "unknown_meta_format",
+        }
+    }
+
+    /// Whether the whole connection to the peer is closed (datagram faults: a datagram has no
+    /// stream of its own to close, and a peer that sends broken membership packets is not one
+    /// to keep gossiping with; it redials). Stream faults close only their stream (the
+    /// connection also carries membership and other streams, which a broken frame on one
+    /// stream does not affect), and unknown metadata formats only skip the metadata, so a
+    /// newer node can still be a member.
+    pub fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            WireFault::OversizedDatagram
+                | WireFault::MalformedDatagram
+                | WireFault::SpoofedDatagram
+        )
+    }
 }
 
 /// foca's codec, over a [`MembershipCodec`].

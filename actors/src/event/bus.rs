@@ -7,14 +7,30 @@
 //! loses the oldest of them and receives one `events.lagged {missed}` marker instead.
 //!
 //! What survives a restart of the bus actor: the fan-out channel (subscribers stay connected),
-//! the sequence counters (ids keep growing), and publishes queued at the time of the crash (they
-//! are redelivered by the handle). What is rebuilt: the ring, from the store when there is one.
+//! the sequence counters (ids keep growing), the highest sequence relayed per other node, and
+//! publishes queued at the time of the crash (they are redelivered by the handle). What is
+//! rebuilt: the ring, from the store when there is one.
+//!
+//! Ids never repeat, not even after the node is killed or its event log lost appends: with a
+//! store, the bus hands out a sequence number only once the store has durably reserved it
+//! ([`EventStore::reserve`]), asking for the next block of numbers well before the current one
+//! runs out, so publishing does not wait in the steady state. A node that crashed starts past
+//! its reservation (the numbers in between are never used); a clean stop gives back what was
+//! not handed out ([`EventStore::release`]), so the numbering stays dense across clean restarts.
+//!
+//! Events of other nodes arrive in acknowledged batches ([`EventBus::relay_batch`]): the call
+//! resolves once the bus has taken the batch, so a relay link that waits for it before it
+//! acknowledges to the sender cannot outrun this node's bus. Duplicates (a `(node, seq)` not
+//! above the highest one relayed from that node) are dropped; the highest ones are seeded from
+//! the store at start, so a restarted node knows where each peer's stream stopped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use dashmap::DashMap;
+use futures::future::BoxFuture;
 use ractor::RpcReplyPort;
 use tokio::sync::broadcast;
 
@@ -25,6 +41,18 @@ use crate::kernel::{Actor, ActorError, ActorHandle, CallError, Context, SendErro
 
 /// How long front ends wait for the bus to answer a replay query.
 pub const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a relay link waits for the bus to take a batch before it gives up (and relinks).
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sequence numbers reserved at a time; the next block is asked for when less than half of the
+/// current one is left. After a crash at most two blocks of numbers go unused.
+pub const RESERVE_BLOCK: u64 = 16_384;
+/// Publishes that may wait for a reservation (a stalled disk); past that they are dropped and
+/// counted, so a dead store cannot exhaust memory.
+pub const MAX_UNRESERVED: usize = 100_000;
+/// How long after a failed reservation the next attempt is made.
+const RESERVE_RETRY: Duration = Duration::from_secs(1);
+/// How long a reservation may take before it counts as failed (and is tried again).
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One published event with its position in this node's arrival order.
 #[derive(Debug, Clone)]
@@ -46,17 +74,36 @@ pub trait EventStore: Send + Sync + 'static {
         let _ = ring_capacity;
         StoreResume::default()
     }
+
+    /// Durably records that this node may hand out sequence numbers up to `through`, so that
+    /// [`EventStore::resume`] after a crash answers at least `through`. `None`: nothing to wait
+    /// for (this store keeps no ids across restarts). The future must resolve only once the
+    /// reservation is durable; it must not block the caller (the bus awaits it in a task).
+    fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+        let _ = through;
+        None
+    }
+
+    /// The bus stopped cleanly after handing out sequence numbers up to `last`: the reservation
+    /// past it may be given back, so the next start continues at `last + 1`. Must not block.
+    fn release(&self, last: u64) {
+        let _ = last;
+    }
 }
 
 /// What the store remembers for the bus at start.
 #[derive(Debug, Clone, Default)]
 pub struct StoreResume {
-    /// The highest sequence number this node ever published.
+    /// The highest sequence number this node may have handed out: its newest stored event, or
+    /// its reservation when that is higher (after a crash).
     pub last_seq: u64,
     /// The highest arrival position ever assigned.
     pub last_pos: u64,
     /// The most recent events (oldest first) to seed the replay ring.
     pub recent: Vec<BusItem>,
+    /// The highest sequence number stored of each other node (where its relayed stream
+    /// continues).
+    pub relayed: Vec<(NodeId, u64)>,
 }
 
 /// Sizes of the bus.
@@ -84,6 +131,13 @@ pub struct BusShared {
     tx: broadcast::Sender<BusItem>,
     last_seq: AtomicU64,
     last_pos: AtomicU64,
+    /// Sequence numbers up to this one are durably reserved (meaningful with a store).
+    reserved: AtomicU64,
+    /// Highest sequence number relayed here per other node (written by the bus actor only).
+    relayed: DashMap<NodeId, u64>,
+    /// Publishes waiting for a reservation, oldest first: they survive a crash of the instance
+    /// that took them from its mailbox. Touched only by the current instance, in its handler.
+    waiting: std::sync::Mutex<VecDeque<Unreserved>>,
     resumed: std::sync::Once,
     published_by_kind: Vec<AtomicU64>,
     dropped: AtomicU64,
@@ -99,6 +153,9 @@ impl BusShared {
             tx,
             last_seq: AtomicU64::new(0),
             last_pos: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            relayed: DashMap::new(),
+            waiting: std::sync::Mutex::new(VecDeque::new()),
             resumed: std::sync::Once::new(),
             published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             dropped: AtomicU64::new(0),
@@ -117,8 +174,20 @@ pub enum EventBusMsg {
         /// When it happened.
         at: Timestamp,
     },
-    /// Publish an event another node published (keeps its id; duplicates are dropped).
-    Relay(Event),
+    /// Publish a batch of events node `node` published (they keep their ids; any `(node, seq)`
+    /// not above the highest one relayed from `node` is dropped); answered with that highest
+    /// sequence number once the batch is taken.
+    RelayBatch {
+        /// The node whose events these are (events of any other node are dropped).
+        node: NodeId,
+        /// Where `node`'s stream starts, when the link just said so: nothing at or below it will
+        /// come.
+        floor: Option<u64>,
+        /// Its events, in sequence order.
+        events: Vec<Event>,
+        /// The highest sequence number of `node` taken so far.
+        reply: RpcReplyPort<u64>,
+    },
     /// Answer a replay query from the ring.
     Replay {
         /// Where to start.
@@ -128,6 +197,15 @@ pub enum EventBusMsg {
         /// Where the answer goes.
         reply: RpcReplyPort<Replay>,
     },
+    /// A reservation asked for by this bus ended.
+    Reserved {
+        /// Through which sequence number.
+        through: u64,
+        /// Whether it is durable, or why not.
+        outcome: Result<(), String>,
+    },
+    /// Time to ask for a reservation again after a failure.
+    RetryReserve,
 }
 
 /// Where a replay starts.
@@ -137,6 +215,11 @@ pub enum ReplayFrom {
     After(EventId),
     /// The last `n` matching events.
     Tail(usize),
+    /// The events of `id.node` with a sequence number above `id.seq` still in the ring (the
+    /// relay's backfill; robust to ids that were never stored). `found` is true when the ring
+    /// holds every such event: it holds one of that node at or below `id.seq`, or `id.seq` is
+    /// at or past that node's newest.
+    NodeAfter(EventId),
     /// Nothing: live events only.
     Now,
 }
@@ -170,13 +253,20 @@ pub struct EventBusArgs {
     pub store: Option<Arc<dyn EventStore>>,
 }
 
+/// A publish waiting for its sequence number to be reserved.
+struct Unreserved {
+    session: Option<SessionId>,
+    data: EventData,
+    at: Timestamp,
+}
+
 /// State of one bus instance.
 pub struct EventBusState {
     shared: Arc<BusShared>,
     store: Option<Arc<dyn EventStore>>,
     ring: VecDeque<BusItem>,
-    /// Highest relayed sequence per remote node, for deduplication.
-    relayed: HashMap<NodeId, u64>,
+    /// A reservation is being asked for.
+    reserving: bool,
 }
 
 impl Actor for EventBusActor {
@@ -186,7 +276,7 @@ impl Actor for EventBusActor {
 
     async fn pre_start(
         &self,
-        _ctx: &Context<Self::Msg>,
+        ctx: &Context<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorError> {
         let shared = args.shared;
@@ -197,54 +287,55 @@ impl Actor for EventBusActor {
                 shared
                     .last_seq
                     .fetch_max(resume.last_seq, Ordering::Relaxed);
+                // Nothing past what may have been handed out is reserved yet.
+                shared
+                    .reserved
+                    .fetch_max(resume.last_seq, Ordering::Relaxed);
                 shared
                     .last_pos
                     .fetch_max(resume.last_pos, Ordering::Relaxed);
+                let relayed = resume.relayed.iter().map(|(node, seq)| (node, *seq));
+                let in_ring = resume
+                    .recent
+                    .iter()
+                    .map(|item| (&item.event.id.node, item.event.id.seq));
+                for (node, seq) in relayed.chain(in_ring) {
+                    if *node != shared.node {
+                        let mut high = shared.relayed.entry(node.clone()).or_insert(0);
+                        *high = (*high).max(seq);
+                    }
+                }
             });
             ring.extend(resume.recent);
         }
-        let mut relayed = HashMap::new();
-        for item in &ring {
-            if item.event.id.node != shared.node {
-                let seq = relayed.entry(item.event.id.node.clone()).or_insert(0);
-                *seq = (*seq).max(item.event.id.seq);
-            }
-        }
-        Ok(EventBusState {
+        let mut state = EventBusState {
             shared,
             store: args.store,
             ring,
-            relayed,
-        })
+            reserving: false,
+        };
+        // Reserve ahead at once, so the first publishes do not wait for the disk.
+        state.reserve_ahead(ctx);
+        Ok(state)
     }
 
     async fn handle(
         &self,
-        _ctx: &Context<Self::Msg>,
+        ctx: &Context<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorError> {
         match message {
             EventBusMsg::Publish { session, data, at } => {
-                let seq = state.shared.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
-                let event = Event {
-                    id: EventId::new(state.shared.node.clone(), seq),
-                    at,
-                    session,
-                    data,
-                };
-                state.accept(event);
+                state.publish(ctx, Unreserved { session, data, at });
             }
-            EventBusMsg::Relay(event) => {
-                if event.id.node == state.shared.node {
-                    return Ok(());
-                }
-                let seen = state.relayed.entry(event.id.node.clone()).or_insert(0);
-                if event.id.seq <= *seen {
-                    return Ok(());
-                }
-                *seen = event.id.seq;
-                state.accept(event);
+            EventBusMsg::RelayBatch {
+                node,
+                floor,
+                events,
+                reply,
+            } => {
+                let _ = reply.send(state.relay_batch(&node, floor, events));
             }
             EventBusMsg::Replay {
                 from,
@@ -253,12 +344,169 @@ impl Actor for EventBusActor {
             } => {
                 let _ = reply.send(state.replay(&from, &filter));
             }
+            EventBusMsg::Reserved { through, outcome } => {
+                state.reserving = false;
+                match outcome {
+                    Ok(()) => {
+                        state.shared.reserved.fetch_max(through, Ordering::Relaxed);
+                        state.hand_out(ctx);
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            %error,
+                            waiting = state.waiting().len(),
+                            "event ids could not be reserved in the store; publishes wait and the \
+                             reservation is tried again"
+                        );
+                        ctx.send_after(RESERVE_RETRY, EventBusMsg::RetryReserve);
+                    }
+                }
+            }
+            EventBusMsg::RetryReserve => state.reserve_ahead(ctx),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _ctx: &Context<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorError> {
+        let unreserved: Vec<Unreserved> = state.waiting().drain(..).collect();
+        if !unreserved.is_empty() {
+            let count = unreserved.len() as u64;
+            state.shared.dropped.fetch_add(count, Ordering::Relaxed);
+            tracing::warn!(
+                count,
+                "events dropped at shutdown: their ids were not reserved yet"
+            );
+        }
+        if let Some(store) = &state.store {
+            // Every id handed out is at most `last`; a later start continues right after it.
+            let last = state.shared.last_seq.load(Ordering::Relaxed);
+            state.shared.reserved.store(last, Ordering::Relaxed);
+            store.release(last);
         }
         Ok(())
     }
 }
 
 impl EventBusState {
+    /// Publishes an event of this node once its sequence number is reserved, keeping the order
+    /// of publishes.
+    fn publish(&mut self, ctx: &Context<EventBusMsg>, publish: Unreserved) {
+        let waiting = self.waiting().len();
+        if waiting == 0 && self.is_reserved(self.next_seq()) {
+            self.stamp(publish);
+            self.reserve_ahead(ctx);
+            return;
+        }
+        if waiting >= MAX_UNRESERVED {
+            let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            if dropped.is_multiple_of(1000) {
+                tracing::warn!(
+                    waiting,
+                    "event dropped: too many publishes wait for the store to reserve ids"
+                );
+            }
+            return;
+        }
+        self.waiting().push_back(publish);
+        self.hand_out(ctx);
+    }
+
+    /// The publishes waiting for a reservation (only this instance touches them, never across
+    /// an await).
+    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Unreserved>> {
+        // A poisoned lock means a handler panicked while holding it; the queue itself is intact.
+        self.shared
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.shared.last_seq.load(Ordering::Relaxed) + 1
+    }
+
+    fn is_reserved(&self, seq: u64) -> bool {
+        self.store.is_none() || seq <= self.shared.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the waiting events whose sequence numbers are reserved now, then reserves
+    /// ahead.
+    fn hand_out(&mut self, ctx: &Context<EventBusMsg>) {
+        while self.is_reserved(self.next_seq()) {
+            let Some(publish) = self.waiting().pop_front() else {
+                break;
+            };
+            self.stamp(publish);
+        }
+        self.reserve_ahead(ctx);
+    }
+
+    fn stamp(&mut self, publish: Unreserved) {
+        let seq = self.shared.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let event = Event {
+            id: EventId::new(self.shared.node.clone(), seq),
+            at: publish.at,
+            session: publish.session,
+            data: publish.data,
+        };
+        self.accept(event);
+    }
+
+    /// Asks the store for the next block of sequence numbers when less than half a block is
+    /// reserved past what is handed out and waiting.
+    fn reserve_ahead(&mut self, ctx: &Context<EventBusMsg>) {
+        let Some(store) = &self.store else { return };
+        if self.reserving {
+            return;
+        }
+        let wanted = self.shared.last_seq.load(Ordering::Relaxed) + self.waiting().len() as u64;
+        if self.shared.reserved.load(Ordering::Relaxed) >= wanted + RESERVE_BLOCK / 2 {
+            return;
+        }
+        let through = wanted + RESERVE_BLOCK;
+        match store.reserve(through) {
+            None => {
+                self.shared.reserved.fetch_max(through, Ordering::Relaxed);
+            }
+            Some(reservation) => {
+                self.reserving = true;
+                let bus = ctx.handle().clone();
+                tokio::spawn(async move {
+                    let outcome = match tokio::time::timeout(RESERVE_TIMEOUT, reservation).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(format!("no answer within {RESERVE_TIMEOUT:?}")),
+                    };
+                    // A bus that stopped for good no longer needs it.
+                    let _ = bus.cast(EventBusMsg::Reserved { through, outcome });
+                });
+            }
+        }
+    }
+
+    /// Takes a batch of `node`'s events; returns the highest sequence number of `node` taken.
+    fn relay_batch(&mut self, node: &NodeId, floor: Option<u64>, events: Vec<Event>) -> u64 {
+        if *node == self.shared.node {
+            return 0;
+        }
+        let mut high = self.shared.relayed.get(node).map_or(0, |high| *high);
+        if let Some(floor) = floor {
+            high = high.max(floor);
+        }
+        for event in events {
+            if event.id.node != *node || event.id.seq <= high {
+                continue;
+            }
+            high = event.id.seq;
+            self.accept(event);
+        }
+        self.shared.relayed.insert(node.clone(), high);
+        high
+    }
+
     fn accept(&mut self, event: Event) {
         let pos = self.shared.last_pos.fetch_add(1, Ordering::Relaxed) + 1;
         self.shared.published_by_kind[event.kind().index()].fetch_add(1, Ordering::Relaxed);
@@ -304,6 +552,38 @@ impl EventBusState {
                     events,
                     through_pos,
                     found: true,
+                    missed: 0,
+                    oldest,
+                    oldest_pos,
+                }
+            }
+            ReplayFrom::NodeAfter(cursor) => {
+                let of_node = |item: &&BusItem| item.event.id.node == cursor.node;
+                let covered = self
+                    .ring
+                    .iter()
+                    .filter(of_node)
+                    .any(|item| item.event.id.seq <= cursor.seq);
+                let newest = if cursor.node == self.shared.node {
+                    self.shared.last_seq.load(Ordering::Relaxed)
+                } else {
+                    self.shared
+                        .relayed
+                        .get(&cursor.node)
+                        .map_or(0, |high| *high)
+                };
+                let events = self
+                    .ring
+                    .iter()
+                    .filter(of_node)
+                    .filter(|item| item.event.id.seq > cursor.seq)
+                    .filter(matching)
+                    .map(|item| item.event.clone())
+                    .collect();
+                Replay {
+                    events,
+                    through_pos,
+                    found: covered || cursor.seq >= newest,
                     missed: 0,
                     oldest,
                     oldest_pos,
@@ -522,11 +802,48 @@ impl EventBus {
         }
     }
 
-    /// Publishes an event that another node published, keeping its id.
-    pub fn relay(&self, event: Event) {
-        if self.handle.cast(EventBusMsg::Relay(event)).is_err() {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Publishes a batch of events that node `node` published, keeping their ids. The batch is
+    /// handed to the bus at once (so batches handed over one after another are taken in that
+    /// order, without waiting for each other); the future resolves once the bus has taken it,
+    /// with the highest sequence number of `node` taken so far (what a relay link
+    /// acknowledges). `floor`: `node`'s stream starts after it (nothing at or below it will
+    /// come). Events of other nodes and duplicates are dropped.
+    pub fn relay_batch(
+        &self,
+        node: &NodeId,
+        floor: Option<u64>,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<u64, CallError>> + Send + 'static {
+        let (reply, answer) = ractor::concurrency::oneshot();
+        let sent = self.handle.cast(EventBusMsg::RelayBatch {
+            node: node.clone(),
+            floor,
+            events,
+            reply: reply.into(),
+        });
+        let path = self.handle.path().clone();
+        async move {
+            if let Err(error) = sent {
+                return Err(match error.kind {
+                    SendErrorKind::Stopped => CallError::Stopped { path },
+                    SendErrorKind::RestartBacklogFull => CallError::Backlogged { path },
+                });
+            }
+            match tokio::time::timeout(RELAY_TIMEOUT, answer).await {
+                Ok(Ok(high)) => Ok(high),
+                Ok(Err(_)) => Err(CallError::NoReply { path }),
+                Err(_) => Err(CallError::Timeout {
+                    path,
+                    after: RELAY_TIMEOUT,
+                }),
+            }
         }
+    }
+
+    /// The highest sequence number of `node` relayed here (from this run or, after a restart,
+    /// from the store); `None` when none ever was.
+    pub fn relayed_through(&self, node: &NodeId) -> Option<u64> {
+        self.shared.relayed.get(node).map(|high| *high)
     }
 
     /// Subscribes to live events only.
@@ -618,3 +935,7 @@ impl EventBus {
         self.shared.last_seq.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+#[path = "bus_tests.rs"]
+mod tests;

@@ -7,8 +7,8 @@ mod model;
 
 pub use bus::{
     BusItem, BusShared, Delivery, EventBus, EventBusActor, EventBusArgs, EventBusConfig,
-    EventBusMsg, EventBusState, EventStore, REPLAY_TIMEOUT, Replay, ReplayFrom, StoreResume,
-    Subscription,
+    EventBusMsg, EventBusState, EventStore, MAX_UNRESERVED, RELAY_TIMEOUT, REPLAY_TIMEOUT,
+    RESERVE_BLOCK, Replay, ReplayFrom, StoreResume, Subscription,
 };
 pub use filter::{
     DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, FilterTooLarge, KindPattern, MAX_FILTER_VALUES,

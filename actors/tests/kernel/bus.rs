@@ -211,6 +211,7 @@ impl EventStore for MemoryStore {
             last_seq: items.last().map_or(0, |item| item.event.id.seq),
             last_pos: items.last().map_or(0, |item| item.pos),
             recent,
+            ..StoreResume::default()
         }
     }
 }
@@ -302,7 +303,9 @@ async fn relayed_events_keep_their_ids_and_duplicates_are_dropped() {
         data: progress(seq),
     };
     for seq in [1, 2, 2, 1, 3] {
-        bus.relay(event(seq));
+        bus.relay_batch(&remote, None, vec![event(seq)])
+            .await
+            .unwrap();
     }
     let mut ids = Vec::new();
     for _ in 0..3 {

@@ -1,0 +1,264 @@
+//! The bus's id reservations and acknowledged relay batches, against a store double whose
+//! durable part survives a "crash" and whose appends do not.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::event::{SessionProgress, StoreResume};
+use crate::ids::ActorPath;
+use crate::kernel::{self, ActorHandle};
+
+/// What survives a crash of the store double: the reservation only. Appends are lost (as if
+/// the node was killed before they were committed, or the log dropped them).
+#[derive(Default)]
+struct Disk {
+    reserved: u64,
+    reservations: Vec<u64>,
+    released: Option<u64>,
+}
+
+/// A store whose reservations wait for the test to let them through.
+#[derive(Clone)]
+struct GatedStore {
+    disk: Arc<Mutex<Disk>>,
+    gate: Arc<Semaphore>,
+}
+
+impl GatedStore {
+    fn new() -> Self {
+        Self {
+            disk: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+impl EventStore for GatedStore {
+    fn append(&self, _item: &BusItem) {}
+
+    fn resume(&self, _ring_capacity: usize) -> StoreResume {
+        StoreResume {
+            last_seq: self.disk.lock().unwrap().reserved,
+            ..StoreResume::default()
+        }
+    }
+
+    fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+        let (disk, gate) = (self.disk.clone(), self.gate.clone());
+        Some(Box::pin(async move {
+            gate.acquire().await.map_err(|e| e.to_string())?.forget();
+            let mut disk = disk.lock().unwrap();
+            disk.reserved = disk.reserved.max(through);
+            disk.reservations.push(through);
+            Ok(())
+        }))
+    }
+
+    fn release(&self, last: u64) {
+        let mut disk = self.disk.lock().unwrap();
+        disk.reserved = last;
+        disk.released = Some(last);
+    }
+}
+
+fn progress(n: u64) -> EventData {
+    EventData::SessionProgress(SessionProgress {
+        message: format!("step {n}"),
+        current: Some(n),
+        total: None,
+    })
+}
+
+/// Starts a bus for node `n1` on `store`, as a node (re)starting would.
+async fn start(store: &GatedStore) -> (EventBus, ractor::ActorCell) {
+    let shared = BusShared::new(NodeId::new("n1").unwrap(), EventBusConfig::default());
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    let store: Arc<dyn EventStore> = Arc::new(store.clone());
+    let (cell, _) = kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared: shared.clone(),
+            store: Some(store),
+        },
+        &handle,
+    )
+    .await
+    .unwrap();
+    (EventBus::new(handle, shared), cell)
+}
+
+async fn next_seq(subscription: &mut Subscription) -> u64 {
+    match tokio::time::timeout(Duration::from_secs(60), subscription.recv()).await {
+        Ok(Some(Delivery::Event(event))) => event.id.seq,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_id_is_handed_out_only_once_reserved_and_a_crash_resumes_past_the_reservation() {
+    let store = GatedStore::new();
+    let (bus, cell) = start(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    for n in 1..=3 {
+        bus.publish(None, progress(n));
+    }
+    // Nothing is reserved yet: the publishes wait, in order.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .is_err(),
+        "an event got an id before it was reserved"
+    );
+    store.gate.add_permits(1);
+    assert_eq!(
+        [
+            next_seq(&mut events).await,
+            next_seq(&mut events).await,
+            next_seq(&mut events).await
+        ],
+        [1, 2, 3]
+    );
+    let reserved = store.disk.lock().unwrap().reserved;
+    assert_eq!(reserved, RESERVE_BLOCK, "one block reserved ahead");
+
+    // Killed: no clean stop, appends lost. The next start skips past the reservation, so no
+    // id a client or peer saw is handed out again.
+    cell.kill();
+    let (bus, _) = start(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    store.gate.add_permits(1);
+    bus.publish(None, progress(4));
+    assert_eq!(next_seq(&mut events).await, reserved + 1);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn reservations_follow_the_ids_a_block_ahead_and_ids_stay_in_order() {
+    let store = GatedStore::new();
+    store.gate.add_permits(1_000);
+    let (bus, _cell) = start(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    let total = RESERVE_BLOCK * 3;
+    let mut expected = 1;
+    for chunk in 0..total / 1024 {
+        for n in 1..=1024 {
+            bus.publish(None, progress(chunk * 1024 + n));
+        }
+        for _ in 0..1024 {
+            assert_eq!(next_seq(&mut events).await, expected);
+            expected += 1;
+        }
+    }
+    let disk = store.disk.lock().unwrap();
+    assert!(
+        disk.reserved >= total && disk.reserved <= total + RESERVE_BLOCK,
+        "reserved {} for {total} ids",
+        disk.reserved
+    );
+    assert!(
+        disk.reservations.windows(2).all(|pair| pair[0] < pair[1]),
+        "{:?}",
+        disk.reservations
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_clean_stop_gives_the_unused_reservation_back_so_ids_stay_dense() {
+    let store = GatedStore::new();
+    store.gate.add_permits(100);
+    let (bus, cell) = start(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    for n in 1..=5 {
+        bus.publish(None, progress(n));
+    }
+    for expected in 1..=5 {
+        assert_eq!(next_seq(&mut events).await, expected);
+    }
+    cell.stop_and_wait(None, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(store.disk.lock().unwrap().released, Some(5));
+    let (bus, _) = start(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    bus.publish(None, progress(6));
+    assert_eq!(next_seq(&mut events).await, 6);
+}
+
+fn remote(seq: u64) -> Event {
+    Event {
+        id: EventId::new(NodeId::new("peer").unwrap(), seq),
+        at: Timestamp::now(),
+        session: None,
+        data: progress(seq),
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_relayed_batch_is_answered_once_taken_with_the_highest_sequence_and_no_duplicate() {
+    let store = GatedStore::new();
+    let (bus, _cell) = start(&store).await;
+    let peer = NodeId::new("peer").unwrap();
+    let mut events = bus.subscribe(EventFilter::all());
+    assert_eq!(bus.relayed_through(&peer), None);
+
+    // The link said the stream starts after 10: nothing at or below it is taken.
+    assert_eq!(
+        bus.relay_batch(&peer, Some(10), Vec::new()).await.unwrap(),
+        10
+    );
+    let batch = vec![remote(9), remote(11), remote(12), remote(12)];
+    assert_eq!(bus.relay_batch(&peer, None, batch).await.unwrap(), 12);
+    // A batch sent again (a relink racing an old link) changes nothing.
+    let again = vec![remote(11), remote(12), remote(13)];
+    assert_eq!(bus.relay_batch(&peer, None, again).await.unwrap(), 13);
+    assert_eq!(bus.relayed_through(&peer), Some(13));
+    for expected in [11, 12, 13] {
+        assert_eq!(next_seq(&mut events).await, expected);
+    }
+    // Events of another node in a peer's batch, or this node's own, are not taken.
+    let mut foreign = remote(14);
+    foreign.id.node = NodeId::new("other").unwrap();
+    let mut own = remote(15);
+    own.id.node = NodeId::new("n1").unwrap();
+    assert_eq!(
+        bus.relay_batch(&peer, None, vec![foreign, own])
+            .await
+            .unwrap(),
+        13
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), events.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn node_after_replays_from_the_ring_and_says_whether_it_reaches_back() {
+    let store = GatedStore::new();
+    store.gate.add_permits(10);
+    let (bus, _cell) = start(&store).await;
+    let peer = NodeId::new("peer").unwrap();
+    let mut events = bus.subscribe(EventFilter::all());
+    bus.relay_batch(&peer, None, (5..=8).map(remote).collect())
+        .await
+        .unwrap();
+    bus.publish(None, progress(1));
+    next_seq(&mut events).await;
+    let ask = |seq| ReplayFrom::NodeAfter(EventId::new(peer.clone(), seq));
+    let seqs = |replay: &Replay| replay.events.iter().map(|e| e.id.seq).collect::<Vec<_>>();
+
+    let from_6 = bus.replay(ask(6), EventFilter::all()).await.unwrap();
+    assert!(from_6.found);
+    assert_eq!(seqs(&from_6), [7, 8]);
+    // 2 is older than the ring's oldest event of the peer (5): the log must fill 3 and 4.
+    let from_2 = bus.replay(ask(2), EventFilter::all()).await.unwrap();
+    assert!(!from_2.found);
+    assert_eq!(seqs(&from_2), [5, 6, 7, 8]);
+    // Past the newest: nothing to send, nothing missing.
+    let from_20 = bus.replay(ask(20), EventFilter::all()).await.unwrap();
+    assert!(from_20.found && from_20.events.is_empty());
+}

@@ -1,0 +1,356 @@
+//! Event ids never repeat, whatever happened to the log (a kill, dropped appends), and a
+//! restarted node knows where each relayed stream continues: the store's id reservations, its
+//! per-node sequence numbers, and the relay's backfill reads, driven through a real event bus.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use troupe_actors::event::{
+    BusItem, BusShared, Delivery, Event, EventBus, EventBusActor, EventBusArgs, EventBusConfig,
+    EventData, EventFilter, EventId, EventStore, SessionProgress,
+};
+use troupe_actors::ids::{ActorPath, NodeId, Timestamp};
+use troupe_actors::kernel::{self, ActorHandle};
+
+use super::*;
+
+fn node() -> NodeId {
+    NodeId::new("node-a").unwrap()
+}
+
+fn peer(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+fn progress(n: u64) -> EventData {
+    EventData::SessionProgress(SessionProgress {
+        message: format!("step {n}"),
+        current: Some(n),
+        total: None,
+    })
+}
+
+fn item(pos: u64, node: NodeId, seq: u64) -> BusItem {
+    BusItem {
+        pos,
+        event: Arc::new(Event {
+            id: EventId::new(node, seq),
+            at: Timestamp::now(),
+            session: None,
+            data: progress(seq),
+        }),
+    }
+}
+
+async fn open_with(dir: &Path, config: StoreConfig) -> Store {
+    Store::open(dir, node(), config).await.unwrap()
+}
+
+/// A bus on `store`, as a node starting on it would run one.
+async fn start_bus(store: &Store) -> (EventBus, ractor::ActorCell) {
+    let shared = BusShared::new(node(), EventBusConfig::default());
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    let store: Arc<dyn EventStore> = Arc::new(store.clone());
+    let (cell, _) = kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared: shared.clone(),
+            store: Some(store),
+        },
+        &handle,
+    )
+    .await
+    .unwrap();
+    (EventBus::new(handle, shared), cell)
+}
+
+async fn next_seq(events: &mut troupe_actors::event::Subscription) -> u64 {
+    match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+        Ok(Some(Delivery::Event(event))) => event.id.seq,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_reservation_is_durable_before_it_is_answered_and_a_reopened_store_resumes_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    store.reserve_ids(500).await.unwrap();
+    assert_eq!(store.reserved_ids(), 500);
+    // A lower reservation changes nothing.
+    store.reserve_ids(100).await.unwrap();
+    assert_eq!(store.reserved_ids(), 500);
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    assert_eq!(
+        store.resume(10).last_seq,
+        500,
+        "no event stored, yet 500 may be out"
+    );
+}
+
+#[tokio::test]
+async fn a_release_gives_back_the_unused_reservation_so_a_clean_restart_stays_dense() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    store.reserve_ids(1000).await.unwrap();
+    for seq in 1..=3 {
+        store.append(&item(seq, node(), seq));
+    }
+    // Seven were handed out (four of them never reached the log): the next start goes on at 8.
+    store.release(7);
+    store.close().await.unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    assert_eq!(store.resume(10).last_seq, 7);
+}
+
+#[tokio::test]
+async fn dropped_event_appends_cannot_make_an_id_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every append is refused, as under a stalled disk.
+    let config = StoreConfig {
+        max_pending_appends: 0,
+        ..StoreConfig::default()
+    };
+    let store = open_with(dir.path(), config.clone()).await;
+    let (bus, cell) = start_bus(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    for n in 1..=10 {
+        bus.publish(None, progress(n));
+    }
+    let mut seen = 0;
+    for _ in 1..=10 {
+        seen = next_seq(&mut events).await;
+    }
+    assert_eq!(seen, 10);
+    assert_eq!(store.stats().dropped_appends, 10, "nothing reached the log");
+    // Killed: no clean stop of the bus. (Waited for, so its handle on the store is gone.)
+    cell.kill_and_wait(Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), config).await;
+    let (bus, _cell) = start_bus(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    bus.publish(None, progress(11));
+    let next = next_seq(&mut events).await;
+    assert!(next > seen, "id {next} after {seen} was handed out");
+}
+
+#[tokio::test]
+async fn a_clean_stop_of_the_bus_keeps_ids_dense_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, cell) = start_bus(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    for n in 1..=5 {
+        bus.publish(None, progress(n));
+    }
+    for _ in 1..=5 {
+        next_seq(&mut events).await;
+    }
+    cell.stop_and_wait(None, Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, _cell) = start_bus(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    bus.publish(None, progress(6));
+    assert_eq!(next_seq(&mut events).await, 6);
+}
+
+#[tokio::test]
+async fn resume_knows_where_each_relayed_stream_continues_even_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let mut pos = 0;
+    for (publisher, seqs) in [
+        (node(), 1..=4),
+        (peer("p1"), 5..=7),
+        (peer("p2"), 3..=3),
+        (node(), 5..=6),
+    ] {
+        for seq in seqs {
+            pos += 1;
+            store.append(&item(pos, publisher.clone(), seq));
+        }
+    }
+    let resume = store.resume(100);
+    assert_eq!(resume.last_seq, 6);
+    assert_eq!(resume.relayed, [(peer("p1"), 7), (peer("p2"), 3)]);
+
+    // Retention deletes every event; the sequence numbers stay.
+    let far = Timestamp::from_micros(Timestamp::now().as_micros() + 365 * 24 * 3600 * 1_000_000);
+    store.prune(far).await.unwrap();
+    store.close().await.unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let resume = store.resume(100);
+    assert!(resume.recent.is_empty());
+    assert_eq!(resume.last_seq, 6);
+    assert_eq!(resume.relayed, [(peer("p1"), 7), (peer("p2"), 3)]);
+}
+
+#[tokio::test]
+async fn a_restarted_bus_seeds_its_relay_cursors_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    for seq in 1..=9 {
+        store.append(&item(seq, peer("p1"), seq));
+    }
+    store.close().await.unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, _cell) = start_bus(&store).await;
+    assert_eq!(bus.relayed_through(&peer("p1")), Some(9));
+    assert_eq!(bus.relayed_through(&peer("p2")), None);
+    // A relink that sends what the log already holds duplicates nothing.
+    let mut events = bus.subscribe(EventFilter::all());
+    let batch = (8..=10).map(|seq| Event::clone(&item(0, peer("p1"), seq).event));
+    assert_eq!(
+        bus.relay_batch(&peer("p1"), None, batch.collect())
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(next_seq(&mut events).await, 10);
+}
+
+#[tokio::test]
+async fn node_events_after_reads_one_nodes_events_by_sequence_even_past_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let mut pos = 0;
+    // Own events 1, 2, 4, 5 (3 was lost in a crash), relayed ones in between.
+    for (publisher, seq) in [
+        (node(), 1),
+        (peer("p1"), 1),
+        (node(), 2),
+        (node(), 4),
+        (peer("p1"), 2),
+        (node(), 5),
+    ] {
+        pos += 1;
+        store.append(&item(pos, publisher, seq));
+    }
+    store.flush().await.unwrap();
+    let seqs = |items: Vec<BusItem>| {
+        items
+            .iter()
+            .map(|item| (item.event.id.node.to_string(), item.event.id.seq))
+            .collect::<Vec<_>>()
+    };
+    let own = |seq| ("node-a".to_owned(), seq);
+    assert_eq!(
+        seqs(store.node_events_after(&node(), 3, 10).await.unwrap()),
+        [own(4), own(5)]
+    );
+    assert_eq!(
+        seqs(store.node_events_after(&node(), 0, 2).await.unwrap()),
+        [own(1), own(2)]
+    );
+    assert!(
+        store
+            .node_events_after(&node(), 5, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The child process of [`ids_seen_before_a_kill_are_never_handed_out_again`] reads its
+/// directory here.
+const KILL_DIR: &str = "TROUPE_STORE_ID_KILL_DIR";
+
+/// Runs in a child process: publishes through a bus on the store as fast as it can and prints
+/// every id a subscriber received, until the parent kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child of ids_seen_before_a_kill_are_never_handed_out_again"]
+async fn id_kill_child_publishes_until_killed() {
+    let Some(dir) = std::env::var_os(KILL_DIR) else {
+        return;
+    };
+    let store = Store::open(dir, node(), StoreConfig::default())
+        .await
+        .unwrap();
+    let (bus, _cell) = start_bus(&store).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    // Bounded, so a child whose parent died finishes on its own.
+    for n in 0..2_000_000u64 {
+        bus.publish(None, progress(n));
+        while let Some(Delivery::Event(event)) = events.try_recv() {
+            println!("SEEN {}", event.id.seq);
+        }
+        if n % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Kills (SIGKILL) a process that publishes events through a bus on the store while a
+/// subscriber prints the ids it sees; the log lags the bus, so some of those ids never reach
+/// it. The reopened store must resume past every id seen.
+#[test]
+fn ids_seen_before_a_kill_are_never_handed_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "store::id_tests::id_kill_child_publishes_until_killed",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(KILL_DIR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut highest = 0;
+    let mut killed = false;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let Some(seq) = line
+            .strip_prefix("SEEN ")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        highest = highest.max(seq);
+        if highest >= 20_000 && !killed {
+            child.kill().unwrap();
+            killed = true;
+        }
+    }
+    child.wait().unwrap();
+    assert!(
+        killed,
+        "the child stopped before it was killed (at {highest})"
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = open_with(dir.path(), StoreConfig::default()).await;
+        let resume = store.resume(10);
+        let stored = resume.recent.last().map_or(0, |item| item.event.id.seq);
+        println!(
+            "highest id seen {highest}, highest stored {stored}, resume at {}",
+            resume.last_seq
+        );
+        assert!(
+            resume.last_seq >= highest,
+            "the store resumes at {} but {highest} was seen",
+            resume.last_seq
+        );
+        let (bus, _cell) = start_bus(&store).await;
+        let mut events = bus.subscribe(EventFilter::all());
+        bus.publish(None, progress(0));
+        assert!(next_seq(&mut events).await > highest);
+    });
+}
