@@ -17,6 +17,7 @@
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashSet;
+use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use troupe_actors::event::{BusItem, EventData, EventStore, StoreResume};
 use troupe_actors::ids::{NodeId, SessionId};
@@ -145,6 +146,14 @@ impl<S: EventStore> EventStore for SessionWatch<S> {
     fn resume(&self, ring_capacity: usize) -> StoreResume {
         self.store.resume(ring_capacity)
     }
+
+    fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+        self.store.reserve(through)
+    }
+
+    fn release(&self, last: u64) {
+        self.store.release(last);
+    }
 }
 
 impl GatewayKeys for std::sync::Arc<SessionKeys> {
@@ -164,13 +173,50 @@ mod tests {
     use troupe_actors::event::{Event, EventId, SessionEnded, SessionStarted};
     use troupe_actors::ids::Timestamp;
 
+    /// Positions appended, reservations asked for and the release, in order.
     #[derive(Default, Clone)]
-    struct Recorded(Arc<Mutex<Vec<u64>>>);
+    struct Recorded(Arc<Mutex<Vec<u64>>>, Arc<Mutex<Vec<String>>>);
 
     impl EventStore for Recorded {
         fn append(&self, item: &BusItem) {
             self.0.lock().unwrap().push(item.pos);
         }
+
+        fn resume(&self, _ring_capacity: usize) -> StoreResume {
+            self.1.lock().unwrap().push("resume".into());
+            StoreResume {
+                last_seq: 41,
+                ..StoreResume::default()
+            }
+        }
+
+        fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+            self.1.lock().unwrap().push(format!("reserve {through}"));
+            Some(Box::pin(async { Ok(()) }))
+        }
+
+        fn release(&self, last: u64) {
+            self.1.lock().unwrap().push(format!("release {last}"));
+        }
+    }
+
+    /// The watch wraps the node's store: id reservation must reach the store through it, or a
+    /// crashed node hands out ids it handed out before (a regression found by the relay tests).
+    #[test]
+    fn the_watch_passes_resume_reservations_and_the_release_on_to_the_store() {
+        let keys = Arc::new(SessionKeys::new().unwrap());
+        let store = Recorded::default();
+        let watch = SessionWatch::new(store.clone(), keys, NodeId::new("here").unwrap());
+        assert_eq!(watch.resume(8).last_seq, 41);
+        assert!(
+            watch.reserve(16_384).is_some(),
+            "the reservation was swallowed"
+        );
+        watch.release(57);
+        assert_eq!(
+            *store.1.lock().unwrap(),
+            ["resume", "reserve 16384", "release 57"]
+        );
     }
 
     #[test]

@@ -64,31 +64,27 @@ pub struct BusItem {
 }
 
 /// Persistence hook: the node writes every event to its store through this.
+///
+/// Every method is required, with no default: a wrapper around a store that forgot to pass
+/// `reserve` or `release` on would silently turn id reservation off, and ids would repeat after
+/// a crash. An in-memory store says so explicitly (`None`, nothing to release).
 pub trait EventStore: Send + Sync + 'static {
     /// Called for every event, in arrival order, from inside the bus actor: it must not block
     /// (queue the write and batch it).
     fn append(&self, item: &BusItem);
 
     /// Where to continue after the node restarts: counters and the most recent events.
-    fn resume(&self, ring_capacity: usize) -> StoreResume {
-        let _ = ring_capacity;
-        StoreResume::default()
-    }
+    fn resume(&self, ring_capacity: usize) -> StoreResume;
 
     /// Durably records that this node may hand out sequence numbers up to `through`, so that
     /// [`EventStore::resume`] after a crash answers at least `through`. `None`: nothing to wait
     /// for (this store keeps no ids across restarts). The future must resolve only once the
     /// reservation is durable; it must not block the caller (the bus awaits it in a task).
-    fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
-        let _ = through;
-        None
-    }
+    fn reserve(&self, through: u64) -> Option<BoxFuture<'static, Result<(), String>>>;
 
     /// The bus stopped cleanly after handing out sequence numbers up to `last`: the reservation
     /// past it may be given back, so the next start continues at `last + 1`. Must not block.
-    fn release(&self, last: u64) {
-        let _ = last;
-    }
+    fn release(&self, last: u64);
 }
 
 /// What the store remembers for the bus at start.

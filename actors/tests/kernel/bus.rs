@@ -1,5 +1,6 @@
 //! The event bus: ordering, filters, lag markers, replay, and surviving its own restarts.
 
+use futures::future::BoxFuture;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -214,6 +215,13 @@ impl EventStore for MemoryStore {
             ..StoreResume::default()
         }
     }
+
+    /// Ids live in memory only: nothing to reserve or give back.
+    fn reserve(&self, _through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+        None
+    }
+
+    fn release(&self, _last: u64) {}
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
