@@ -17,11 +17,15 @@ use troupe::testing::fake_provider::{FakeConfig, FakeProvider};
 use troupe_actors::ids::NodeId;
 
 use crate::cluster::make_cluster;
-use crate::support::{NodeProcess, PATIENCE, SseStream};
+use crate::support::{NodeEnv, NodeProcess, PATIENCE, SseStream};
 
 fn seq(id: &str) -> u64 {
     id.rsplit_once(':').unwrap().1.parse().unwrap()
 }
+
+/// Raises the per-session output event rate far above what a test prints, so that every line is
+/// one event and the streams these tests read are dense.
+const UNCOALESCED: &str = "output_events_per_sec = 1000000";
 
 /// Starts node `name` in `root/name` with the fast profile and `extra` config, joining `join`.
 async fn node(
@@ -32,7 +36,12 @@ async fn node(
     flags: &[&str],
 ) -> NodeProcess {
     let config = root.join(format!("{name}.toml"));
-    std::fs::write(&config, format!("[cluster]\nprofile = \"fast\"\n{extra}")).unwrap();
+    // Every output line is its own event (no flood coalescing): these tests need dense streams.
+    std::fs::write(
+        &config,
+        format!("[sessions]\n{UNCOALESCED}\n[cluster]\nprofile = \"fast\"\n{extra}"),
+    )
+    .unwrap();
     let join = join.map(|addr| addr.to_string());
     let mut args = vec![
         "--config",
@@ -253,6 +262,9 @@ struct Watch {
 impl Watch {
     async fn read(&mut self, stream: &mut SseStream) {
         let (id, event) = stream.next().await;
+        if event["kind"] != "session.output" {
+            eprintln!("DEBUG {id} {event}");
+        }
         assert_ne!(event["kind"], "events.lagged", "{event}");
         let session = || event["session"].as_str().unwrap().to_owned();
         match event["kind"].as_str().unwrap() {
@@ -297,8 +309,20 @@ async fn a_sender_killed_mid_stream_restarts_and_a_watcher_elsewhere_sees_no_gap
     let a = node(temp.path(), "a", b.cluster, "", &[]).await;
     // Its recovery ends the sessions that were running (interrupted; one may have succeeded
     // before the kill): read b's watcher until both ended, then up to one more event.
-    while watch.ended.len() < sessions.len() {
-        watch.read(&mut on_b).await;
+    let r = tokio::time::timeout(Duration::from_secs(15), async {
+        while watch.ended.len() < sessions.len() {
+            watch.read(&mut on_b).await;
+        }
+    })
+    .await;
+    if r.is_err() {
+        for l in a.logs.all() {
+            eprintln!("ALOG {}", &l[..l.len().min(400)]);
+        }
+        for l in b.logs.all() {
+            eprintln!("BLOG {}", &l[..l.len().min(400)]);
+        }
+        panic!("x");
     }
     let mut seen = watch.seen;
     let (tail, _marker) = until_marker(&a, &mut on_b).await;
@@ -356,19 +380,27 @@ async fn a_restarted_receiver_resumes_each_peers_stream_after_the_last_event_it_
 async fn event_ids_seen_before_a_kill_are_never_handed_out_again() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("solo");
-    let mut solo = NodeProcess::start_in(&data, &[]).await;
+    let dense = NodeEnv {
+        vars: vec![(
+            "TROUPE_SESSIONS__OUTPUT_EVENTS_PER_SEC".into(),
+            "1000000".into(),
+        )],
+        cwd: None,
+    };
+    let mut solo = NodeProcess::start_with(&data, &[], &dense).await;
     let mut watcher = solo.events("", None).await;
     // Output as fast as a process prints: the event log lags the bus by a commit or more.
     dense_output(&solo, 2, 1_000_000).await;
     let mut highest = 0;
-    for _ in 0..400 {
+    // Far enough into the flood that the log is behind what the watcher saw.
+    for _ in 0..5_000 {
         let (id, _) = watcher.next().await;
         highest = highest.max(seq(&id));
     }
     solo.child.start_kill().unwrap();
     let _ = solo.wait_exit().await;
 
-    let solo = NodeProcess::start_in(&data, &[]).await;
+    let solo = NodeProcess::start_with(&data, &[], &dense).await;
     let mut watcher = solo.events("", None).await;
     // Recovery (sessions interrupted) and this watcher's own link publish new events.
     let _link = solo.events("kind=provider.retry", None).await;
@@ -577,7 +609,7 @@ async fn a_providers_breaker_opening_on_one_node_shows_in_another_nodes_member_v
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
     let provider = format!(
         "[[providers]]\nname = \"primary\"\nkind = \"openai\"\nbase_url = \"{}/v1\"\n\
-         breaker = {{ failure_threshold = 2, open_secs = 600 }}\nretry = {{ max_attempts = 1 }}\n",
+         breaker = {{ failure_threshold = 2, open_secs = 600, max_open_secs = 600 }}\nretry = {{ max_attempts = 1 }}\n",
         fake.base_url()
     );
     let a = node(temp.path(), "a", None, &provider, &[]).await;
