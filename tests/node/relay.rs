@@ -17,7 +17,7 @@ use troupe::testing::fake_provider::{FakeConfig, FakeProvider};
 use troupe_actors::ids::NodeId;
 
 use crate::cluster::make_cluster;
-use crate::support::{NodeEnv, NodeProcess, PATIENCE, SseStream};
+use crate::support::{NodeEnv, NodeProcess, PATIENCE, SseStream, relay_up};
 
 fn seq(id: &str) -> u64 {
     id.rsplit_once(':').unwrap().1.parse().unwrap()
@@ -58,29 +58,6 @@ async fn node(
     let node = NodeProcess::start_in(&root.join(name), &args).await;
     assert!(node.cluster.is_some(), "node {name} has no cluster address");
     node
-}
-
-/// Opens links on `from` (each publishes a `link.connected` of `from`) until one of them is
-/// relayed to `to` (its watcher `relayed` filters `node=<from>`): the relay link is up. Returns
-/// that event's id and the links, which must stay open.
-async fn relay_up(from: &NodeProcess, relayed: &mut SseStream) -> (String, Vec<SseStream>) {
-    let mut opened = Vec::new();
-    let id = tokio::time::timeout(PATIENCE, async {
-        loop {
-            opened.push(from.events("kind=provider.retry", None).await);
-            if let Ok((id, _)) = tokio::time::timeout(
-                Duration::from_millis(500),
-                relayed.next_of("link.connected"),
-            )
-            .await
-            {
-                return id;
-            }
-        }
-    })
-    .await
-    .expect("the relay link comes up");
-    (id, opened)
 }
 
 /// Reads `stream` until the event with id `last`; returns the ids read (`last` included).

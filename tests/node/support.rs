@@ -442,3 +442,26 @@ pub fn skip_without_python_client(why: &str) {
     }
     println!("SKIPPED: {why}");
 }
+
+/// Opens links on `from` (each publishes a `link.connected` of `from`) until one of them is
+/// relayed to `to` (its watcher `relayed` filters `node=<from>`): the relay link is up. Returns
+/// that event's id and the links, which must stay open.
+pub async fn relay_up(from: &NodeProcess, relayed: &mut SseStream) -> (String, Vec<SseStream>) {
+    let mut opened = Vec::new();
+    let id = tokio::time::timeout(PATIENCE, async {
+        loop {
+            opened.push(from.events("kind=provider.retry", None).await);
+            if let Ok((id, _)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                relayed.next_of("link.connected"),
+            )
+            .await
+            {
+                return id;
+            }
+        }
+    })
+    .await
+    .expect("the relay link comes up");
+    (id, opened)
+}
