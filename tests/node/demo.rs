@@ -114,6 +114,8 @@ async fn the_demo_shows_gossip_relay_a_restart_and_failure_detection_and_cleans_
         .filter(|e| e.node == "a" && e.kind == "node.joined" && e.detail.starts_with("c "))
         .count();
     assert!(c_joined >= 2, "{out}");
+    // The restarted c's own verdict on the run it had when killed reaches a over the relay.
+    assert!(seen("c", "session.interrupted", "s-"), "{out}");
     assert!(seen("a", "node.left", "b "), "{out}");
     assert!(out.contains("unreachable"), "{out}");
     assert!(out.contains("\nDone."), "{out}");
