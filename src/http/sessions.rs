@@ -175,17 +175,11 @@ pub(super) async fn list(
                     .map_err(|message: String| ApiError::bad_request("invalid_filter", message))?,
             ),
             "kind" => {
-                filter.kinds.push(match value.as_ref() {
-                    "command" => SessionKindTag::Command,
-                    "aider" => SessionKindTag::Aider,
-                    "chat" => SessionKindTag::Chat,
-                    other => {
-                        return Err(ApiError::bad_request(
-                            "invalid_filter",
-                            format!("kind={other:?}: use command, aider or chat"),
-                        ));
-                    }
-                });
+                filter.kinds.push(
+                    value
+                        .parse::<SessionKindTag>()
+                        .map_err(|message| ApiError::bad_request("invalid_filter", message))?,
+                );
                 kinds.push(value.into_owned());
             }
             "label" => {

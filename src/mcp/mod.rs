@@ -857,17 +857,10 @@ impl TroupeMcp {
             );
         }
         for kind in &args.kind {
-            query.kinds.push(match kind.as_str() {
-                "command" => SessionKindTag::Command,
-                "aider" => SessionKindTag::Aider,
-                "chat" => SessionKindTag::Chat,
-                other => {
-                    return Err(ApiError::bad_request(
-                        "invalid_filter",
-                        format!("kind={other:?}: use command, aider or chat"),
-                    ));
-                }
-            });
+            query.kinds.push(
+                kind.parse::<SessionKindTag>()
+                    .map_err(|message| ApiError::bad_request("invalid_filter", message))?,
+            );
         }
         let (query_states, query_labels) = (query.states.clone(), query.labels.clone());
         let page = self

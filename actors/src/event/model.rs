@@ -260,6 +260,21 @@ pub enum SessionKindTag {
     Chat,
 }
 
+impl FromStr for SessionKindTag {
+    type Err = String;
+
+    /// Parses a kind as the API spells it (`command`, `aider`, `chat`); the error says which
+    /// spellings exist.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "command" => Ok(Self::Command),
+            "aider" => Ok(Self::Aider),
+            "chat" => Ok(Self::Chat),
+            other => Err(format!("kind={other:?}: use command, aider or chat")),
+        }
+    }
+}
+
 /// Which stream a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -548,6 +563,20 @@ mod tests {
             "DESIGN.md lists 29 kinds; the cluster adds session.unreachable"
         );
         assert!("session.nope".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn session_kinds_parse_as_they_serialize() {
+        for kind in [
+            SessionKindTag::Command,
+            SessionKindTag::Aider,
+            SessionKindTag::Chat,
+        ] {
+            let name = serde_json::to_value(kind).unwrap();
+            assert_eq!(name.as_str().unwrap().parse::<SessionKindTag>(), Ok(kind));
+        }
+        let refused = "shell".parse::<SessionKindTag>().unwrap_err();
+        assert!(refused.contains("command, aider or chat"), "{refused}");
     }
 
     #[test]
