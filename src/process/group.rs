@@ -71,19 +71,22 @@ pub(super) fn read_proc(pid: i32) -> io::Result<ProcStat> {
     })
 }
 
+/// The pid of every process in `/proc` now (entries that vanish while it is read are skipped).
+fn pids() -> io::Result<impl Iterator<Item = i32>> {
+    Ok(std::fs::read_dir("/proc")?.filter_map(|entry| {
+        entry
+            .ok()?
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+    }))
+}
+
 /// Every process whose group is `pgid`, zombies included (filter with
 /// [`ProcStat::is_alive`]). Processes that vanish while `/proc` is read are skipped.
 pub(super) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
     let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids()? {
         if let Ok(stat) = read_proc(pid)
             && stat.pgrp == pgid
         {
@@ -106,15 +109,7 @@ pub(super) fn session_processes(
         return Ok(found);
     }
     let prefix = format!("{}=", troupe_actors::session::SESSION_ID_ENV);
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids()? {
         let Ok(stat) = read_proc(pid) else { continue };
         if stat.pid == own.pid || stat.uid != own.uid || !stat.is_alive() {
             continue;
