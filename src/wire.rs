@@ -52,6 +52,25 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
     Ok(bytes)
 }
 
+/// Encodes a value behind a 4-byte big-endian length prefix, in one buffer (how stream frames go
+/// out: no second copy to put the prefix in front).
+pub fn encode_framed<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
+    let mut framed = Vec::with_capacity(256);
+    framed.extend_from_slice(&[0; 4]);
+    bincode::serde::encode_into_std_write(value, &mut framed, config())
+        .map_err(|error| WireError::Encode(error.to_string()))?;
+    let size = framed.len() - 4;
+    if size > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge {
+            size,
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    let length = u32::try_from(size).expect("at most MAX_FRAME_BYTES");
+    framed[..4].copy_from_slice(&length.to_be_bytes());
+    Ok(framed)
+}
+
 /// Decodes a value that must use all of `bytes`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     if bytes.len() > MAX_FRAME_BYTES {

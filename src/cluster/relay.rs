@@ -155,17 +155,29 @@ fn io(error: impl std::fmt::Display) -> RelayError {
 
 /// A frame as it goes on the stream: the length prefix, then the value.
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, RelayError> {
-    let bytes = wire::encode(frame).map_err(RelayError::Encode)?;
-    let length = u32::try_from(bytes.len()).map_err(|_| {
-        RelayError::Encode(WireError::TooLarge {
-            size: bytes.len(),
-            max: wire::MAX_FRAME_BYTES,
-        })
-    })?;
-    let mut framed = Vec::with_capacity(4 + bytes.len());
-    framed.extend_from_slice(&length.to_be_bytes());
-    framed.extend_from_slice(&bytes);
-    Ok(framed)
+    wire::encode_framed(frame).map_err(RelayError::Encode)
+}
+
+/// A [`Frame::Batch`] of events the bus shares (`Arc`s from its ring or a subscription), encoded
+/// to exactly the bytes of `Frame::Batch(events)` without copying the events first.
+pub fn encode_batch(events: &[Arc<Event>]) -> Result<Vec<u8>, RelayError> {
+    wire::encode_framed(&BatchFrame(events)).map_err(RelayError::Encode)
+}
+
+/// Serializes as `Frame::Batch` does: the same variant (index 3, checked by a test against the
+/// derived encoding), then the events as a sequence.
+struct BatchFrame<'a>(&'a [Arc<Event>]);
+
+impl Serialize for BatchFrame<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Events<'a>(&'a [Arc<Event>]);
+        impl Serialize for Events<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.iter().map(|event| &**event))
+            }
+        }
+        serializer.serialize_newtype_variant("Frame", 3, "Batch", &Events(self.0))
+    }
 }
 
 /// Writes one frame (one write, so prefix and value leave together).
@@ -352,7 +364,7 @@ impl RelayServer {
                 failed = out.failed() => return Err(failed),
             };
             match batch {
-                LiveBatch::Events(events) => last = out.send(events).await?.max(last),
+                LiveBatch::Events(events) => last = out.send(&events).await?.max(last),
                 LiveBatch::Lagged => last = self.backfill(last, &mut out).await?,
                 LiveBatch::Closed => return Ok(()),
             }
@@ -372,34 +384,33 @@ impl RelayServer {
                 )
                 .await
                 .map_err(|error| io(format!("the bus did not answer: {error}")))?;
-            let in_ring: Vec<Event> = replay
+            let in_ring: Vec<Arc<Event>> = replay
                 .events
-                .iter()
+                .into_iter()
                 .filter(|event| event.id.seq > last)
-                .map(|event| Event::clone(event))
                 .collect();
             if !replay.found {
                 // The ring does not reach back to `last`: older events come from the log, up to
                 // the ring's oldest.
                 let ring_first = in_ring.first().map(|event| event.id.seq);
-                let page: Vec<Event> = self
+                let page: Vec<Arc<Event>> = self
                     .store
                     .node_events_after(&self.node, last, MAX_BATCH)
                     .await
                     .map_err(|error| io(format!("the event log did not answer: {error}")))?
                     .into_iter()
-                    .map(|item| Event::clone(&item.event))
+                    .map(|item| item.event)
                     .filter(|event| ring_first.is_none_or(|first| event.id.seq < first))
                     .collect();
                 if !page.is_empty() {
-                    last = out.send(page).await?.max(last);
+                    last = out.send(&page).await?.max(last);
                     continue;
                 }
                 // Nothing older in the log (retention deleted it, or it never got there): what
                 // the ring has is all there is.
             }
             for chunk in in_ring.chunks(MAX_BATCH) {
-                last = out.send(chunk.to_vec()).await?.max(last);
+                last = out.send(chunk).await?.max(last);
             }
             return Ok(last);
         }
@@ -446,23 +457,19 @@ impl<'a> Outbox<'a> {
 
     /// Sends a batch (split when too large for a frame) once the window has room; returns the
     /// highest sequence number sent.
-    async fn send(&mut self, events: Vec<Event>) -> Result<u64, RelayError> {
+    async fn send(&mut self, events: &[Arc<Event>]) -> Result<u64, RelayError> {
         let Some(last) = events.last().map(|event| event.id.seq) else {
             return Ok(0);
         };
-        let frame = Frame::Batch(events);
-        let framed = match encode_frame(&frame) {
+        let framed = match encode_batch(events) {
             Ok(framed) => framed,
             Err(RelayError::Encode(WireError::TooLarge { .. })) => {
-                let Frame::Batch(mut events) = frame else {
-                    unreachable!("built above")
-                };
                 if events.len() == 1 {
                     tracing::warn!(event = %events[0].id, "event too large to relay; skipped");
                     return Ok(last);
                 }
-                let second = events.split_off(events.len() / 2);
-                Box::pin(self.send(events)).await?;
+                let (first, second) = events.split_at(events.len() / 2);
+                Box::pin(self.send(first)).await?;
                 return Box::pin(self.send(second)).await;
             }
             Err(error) => return Err(error),
@@ -509,7 +516,7 @@ async fn read_acks(
 }
 
 enum LiveBatch {
-    Events(Vec<Event>),
+    Events(Vec<Arc<Event>>),
     Lagged,
     Closed,
 }
@@ -530,7 +537,7 @@ async fn next_batch(live: &mut Subscription, last: u64) -> LiveBatch {
             Some(Delivery::Lagged(_)) => return LiveBatch::Lagged,
             Some(Delivery::Event(event)) => {
                 if event.id.seq > last {
-                    events.push(Event::clone(&event));
+                    events.push(event);
                 }
             }
         }
@@ -765,6 +772,34 @@ mod tests {
         let (frames, end) = read_all(&stream).await;
         assert_eq!(frames, samples());
         assert!(matches!(end, RelayError::Ended), "{end}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_shared_events_encodes_to_the_bytes_of_its_frame() {
+        for count in [0, 1, 5, MAX_BATCH] {
+            let events: Vec<Event> = (1..=count as u64).map(event).collect();
+            let shared: Vec<Arc<Event>> = events.iter().cloned().map(Arc::new).collect();
+            let framed = encode_batch(&shared).unwrap();
+            assert_eq!(framed, encode_frame(&Frame::Batch(events.clone())).unwrap());
+            let decoded = read_frame(&mut framed.as_slice()).await.unwrap();
+            assert_eq!(decoded, Frame::Batch(events), "{count} events");
+        }
+    }
+
+    #[test]
+    fn a_frame_too_large_is_refused_when_encoded() {
+        let mut huge = event(1);
+        huge.data = EventData::SessionOutput(SessionOutput {
+            stream: OutputStream::Stdout,
+            first_line: 1,
+            lines: vec!["x".repeat(wire::MAX_FRAME_BYTES)],
+            skipped: 0,
+        });
+        let error = encode_batch(&[Arc::new(huge)]).unwrap_err();
+        assert!(
+            matches!(error, RelayError::Encode(WireError::TooLarge { .. })),
+            "{error}"
+        );
     }
 
     #[tokio::test]
