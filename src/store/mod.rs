@@ -69,6 +69,12 @@ pub struct StoreConfig {
     /// Save the allocator state with every commit so reopening after a crash is instant instead
     /// of a walk over the whole file (costs a second fsync per commit).
     pub quick_repair: bool,
+    /// A batch of appends only (events, output lines: nobody waits for them) is committed at
+    /// most this soon after the previous commit, gathering what arrives meanwhile. Under a
+    /// flood that bounds commits (each a durable write with its syncs) to about one per linger
+    /// instead of one back to back after another; a sparse append, or any request someone
+    /// waits for (a create, a transition, a flush, an id reservation), commits at once.
+    pub append_linger: Duration,
 }
 
 impl Default for StoreConfig {
@@ -83,6 +89,7 @@ impl Default for StoreConfig {
             max_batch: 4096,
             max_pending_appends: 100_000,
             quick_repair: true,
+            append_linger: Duration::from_millis(10),
         }
     }
 }

@@ -683,6 +683,33 @@ async fn output_past_a_cap_is_counted_not_stored() {
     assert_eq!((page.total, page.truncated), (4, 2));
 }
 
+/// Appends alone wait for the linger, gathering into one commit; a request someone waits for
+/// commits at once with everything queued before it (with an hour's linger, a waiter that
+/// waited for it would hang this test).
+#[tokio::test]
+async fn appends_linger_into_one_commit_and_a_waiter_ends_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(
+        dir.path(),
+        StoreConfig {
+            append_linger: Duration::from_secs(3600),
+            ..StoreConfig::default()
+        },
+    )
+    .await;
+    store.flush().await.unwrap();
+    let before = store.stats();
+    for seq in 1..=200 {
+        EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
+    }
+    store.create(record("s-1", 1)).await.unwrap();
+    let after = store.stats();
+    assert_eq!(after.requests - before.requests, 201);
+    assert_eq!(after.commits - before.commits, 1, "{after:?}");
+    let stored = store.node_events_after(&node(), 0, 1000).await.unwrap();
+    assert_eq!(stored.len(), 200);
+}
+
 #[tokio::test]
 async fn appends_past_the_pending_bound_are_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();

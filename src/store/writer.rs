@@ -7,6 +7,11 @@
 //! ride along in the same batches unanswered. One fsync is shared by everything in a batch, which
 //! is what makes hundreds of durable transitions per second possible.
 //!
+//! A batch of appends only waits up to `StoreConfig::append_linger` after the previous commit
+//! before it commits, gathering more: under a flood of events and output that bounds the commits
+//! (and their syncs, the writer's main cost) instead of running them back to back; a request
+//! someone waits for ends that wait at once.
+//!
 //! A request the store refuses (a conflict, a duplicate, a corrupt stored value) is answered with
 //! its error and writes nothing; the rest of the batch goes ahead. A storage failure aborts the
 //! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
@@ -184,6 +189,7 @@ impl Writer {
         };
         let mut closers = Vec::new();
         let mut closed = Ok(());
+        let mut last_commit = Instant::now();
         loop {
             let wait = if state.prune_backlog {
                 Duration::ZERO
@@ -198,18 +204,26 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            while batch.len() < state.config.max_batch.max(1) {
+            let max_batch = state.config.max_batch.max(1);
+            while batch.len() < max_batch {
                 match rx.try_recv() {
                     Ok(request) => batch.push(request),
                     Err(_) => break,
                 }
             }
+            linger(
+                &rx,
+                &mut batch,
+                max_batch,
+                last_commit + state.config.append_linger,
+            );
             let appends = batch.iter().filter(|request| request.is_append()).count();
             state
                 .stats
                 .pending_appends
                 .fetch_sub(appends, Ordering::Relaxed);
             let outcome = state.commit(&db, batch, &mut closers);
+            last_commit = Instant::now();
             if !closers.is_empty() {
                 closed = outcome;
                 break;
@@ -225,6 +239,40 @@ impl Writer {
         drop(db);
         for closer in closers {
             closer.send(closed.clone());
+        }
+    }
+}
+
+/// While `batch` holds appends only, keeps gathering requests until `until` (see
+/// [`StoreConfig::append_linger`](super::StoreConfig::append_linger)); a request someone waits
+/// for ends the wait at once, with whatever is queued behind it.
+fn linger(rx: &Receiver<Request>, batch: &mut Vec<Request>, max_batch: usize, until: Instant) {
+    if batch.is_empty() || !batch.iter().all(Request::is_append) {
+        return;
+    }
+    while batch.len() < max_batch {
+        let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+        else {
+            return;
+        };
+        match rx.recv_timeout(left) {
+            Ok(request) => {
+                let waited_for = !request.is_append();
+                batch.push(request);
+                if waited_for {
+                    while batch.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(request) => batch.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                    return;
+                }
+            }
+            // Disconnected: the next receive in the loop sees it and ends the writer.
+            Err(_) => return,
         }
     }
 }
