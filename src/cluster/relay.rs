@@ -391,8 +391,13 @@ impl RelayServer {
                 .collect();
             if !replay.found {
                 // The ring does not reach back to `last`: older events come from the log, up to
-                // the ring's oldest.
+                // the ring's oldest. Appends queued for the log are committed first, so an event
+                // that left the ring before its commit is read, not skipped.
                 let ring_first = in_ring.first().map(|event| event.id.seq);
+                self.store
+                    .flush()
+                    .await
+                    .map_err(|error| io(format!("the event log did not commit: {error}")))?;
                 let page: Vec<Arc<Event>> = self
                     .store
                     .node_events_after(&self.node, last, MAX_BATCH)
