@@ -89,7 +89,9 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     }
     crate::tls::install_default_provider();
     let data_dir = std::env::temp_dir().join(format!("troupe-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&data_dir).context("cannot create the bench's scratch directory")?;
+    // Made as the node would make it (mode 0700): the node's admin token goes there too.
+    crate::auth::ensure_data_dir(&data_dir)
+        .context("cannot create the bench's scratch directory")?;
     // The node logs as `troupe node` would, at its default level; into a file, not the terminal.
     let log_path = data_dir.join("node.log");
     let log_file = std::fs::File::create(&log_path).context("cannot create the node's log file")?;
@@ -300,7 +302,11 @@ impl CpuTimes {
 
 /// utime + stime of a `/proc/…/stat` file, in seconds.
 fn cpu_seconds(path: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
+    cpu_seconds_of(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime of the text of a `/proc/…/stat` file, in seconds.
+fn cpu_seconds_of(stat: &str) -> Option<f64> {
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
     let fields: Vec<&str> = stat
         .get(stat.rfind(')')? + 2..)?
@@ -434,4 +440,22 @@ fn load_average() -> String {
                 .join(" ")
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_seconds_of;
+
+    #[test]
+    fn cpu_time_is_read_after_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime …: utime 250 ticks, stime 50 ticks.
+        let stat = "4242 (tokio rt (x)) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0";
+        assert_eq!(cpu_seconds_of(stat), Some(3.0));
+        assert_eq!(cpu_seconds_of("4242 (cut short) S 1"), None);
+        assert!(
+            super::cpu_seconds("/proc/self/stat").is_some_and(|secs| secs >= 0.0),
+            "this process's own stat file reads"
+        );
+    }
 }
