@@ -220,6 +220,10 @@ impl HttpProvider {
             .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
+            // A provider's API answers where it is asked; a redirect of a POST is a wrong
+            // base_url, reported as such (and not following saves each call the redirect
+            // layer's bookkeeping).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| ClientError::Build {
                 provider: config.name.clone(),
@@ -331,6 +335,28 @@ impl HttpProvider {
         let status = response.status().as_u16();
         let wall = SystemTime::now();
         let rate_limits = RateLimitSnapshot::from_headers(header_pairs(response.headers()), wall);
+        if response.status().is_redirection() {
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("nowhere")
+                .chars()
+                .take(200)
+                .collect::<String>();
+            return Err(Failed {
+                class: ErrorClass {
+                    message: Some(format!(
+                        "the provider answered {status}, a redirect to {location}; calls are \
+                         not redirected: set base_url to where it points"
+                    )),
+                    status: Some(status),
+                    ..ErrorClass::of_kind(ErrorKind::Unexpected)
+                },
+                rate_limits,
+                reached_provider: true,
+            });
+        }
         if !response.status().is_success() {
             let headers = response.headers().clone();
             let body = read_capped(response, MAX_ERROR_BODY, self.timeouts.between_chunks, true)

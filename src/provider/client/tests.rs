@@ -439,3 +439,47 @@ fn a_base_url_that_makes_no_valid_url_is_refused_when_the_client_is_built() {
         assert!(error.to_string().contains("base_url"), "{error}");
     }
 }
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_says_where_it_pointed() {
+    crate::tls::install_default_provider();
+    // A server that redirects every call elsewhere and counts what reaches the target.
+    let followed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = followed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, "/elsewhere/chat/completions")],
+                )
+            }),
+        )
+        .route(
+            "/elsewhere/chat/completions",
+            axum::routing::post(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { "{}" }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = ProviderConfig::new("p", ProviderKind::OpenAi, format!("http://{addr}/v1"));
+    let failed = HttpProvider::new(&config)
+        .unwrap()
+        .send("m", &request(false))
+        .await
+        .expect_err("a redirect is a failure");
+    assert_eq!(failed.class.kind, ErrorKind::Unexpected);
+    assert_eq!(failed.class.status, Some(307));
+    assert!(failed.reached_provider);
+    let message = failed.class.message.unwrap();
+    assert!(
+        message.contains("/elsewhere/chat/completions") && message.contains("base_url"),
+        "{message}"
+    );
+    assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    server.abort();
+}
