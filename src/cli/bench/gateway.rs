@@ -14,9 +14,9 @@
 //! figures.
 //!
 //! Each row also gives the CPU time the run cost per pair: this process less the generator's
-//! thread (the fake provider and the node), and the generator's thread. Unlike the latencies,
-//! CPU time hardly depends on what else runs on the machine, so it compares two builds even on
-//! a busy one.
+//! thread (the fake provider and the node), and the generator's thread. It depends less on the
+//! neighbours than the tail latencies do, but still moves with the machine's load (idle workers
+//! park and wake more on a quiet machine): compare builds in alternating runs.
 //!
 //! Everything runs on loopback; nothing leaves the machine. The load average and the core count
 //! are printed first, since on a busy machine the tail says more about the neighbours than about
