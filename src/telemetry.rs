@@ -9,10 +9,19 @@ use crate::config::LogFormat;
 /// Installs the global subscriber and the panic hook. `filter` is a tracing filter directive
 /// (`info`, `info,troupe=debug`); the configuration validated it already.
 pub fn init(format: LogFormat, filter: &str) {
+    init_with_writer(format, filter, std::io::stderr);
+}
+
+/// [`init`], with the lines going to `writer` instead of standard error (`troupe bench` keeps
+/// a node's log in a file, so that the figures include its cost without flooding the terminal).
+pub fn init_with_writer<W>(format: LogFormat, filter: &str, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let installed = match format {
         LogFormat::Pretty => builder.with_target(false).try_init(),
         LogFormat::Json => builder

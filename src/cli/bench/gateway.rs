@@ -9,6 +9,15 @@
 //! request; its percentiles are printed next to the absolute percentiles of both paths, for
 //! whole answers and, for streams, for the time to the first byte and to the end.
 //!
+//! The node logs as a node started by `troupe node` does (its default level, `info`, one line
+//! per request), into a file in the bench's scratch directory, so its logging is part of the
+//! figures.
+//!
+//! Each row also gives the CPU time the run cost per pair: this process less the generator's
+//! thread (the fake provider and the node), and the generator's thread. It depends less on the
+//! neighbours than the tail latencies do, but still moves with the machine's load (idle workers
+//! park and wake more on a quiet machine): compare builds in alternating runs.
+//!
 //! Everything runs on loopback; nothing leaves the machine. The load average and the core count
 //! are printed first, since on a busy machine the tail says more about the neighbours than about
 //! the gateway.
@@ -34,6 +43,18 @@ pub(crate) struct GatewayArgs {
     /// Seconds of load per rate and mode.
     #[arg(long, default_value_t = 5)]
     secs: u64,
+    /// Which answers to ask for: `whole`, `stream` or both.
+    #[arg(long, value_delimiter = ',', default_value = "whole,stream")]
+    modes: Vec<Mode>,
+}
+
+/// Whole answers or streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// `stream: false`.
+    Whole,
+    /// `stream: true`.
+    Stream,
 }
 
 /// Which duration of a sample a row shows.
@@ -67,6 +88,19 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         bail!("--rps must be 1..=20000 and --secs 1..=60");
     }
     crate::tls::install_default_provider();
+    let data_dir = std::env::temp_dir().join(format!("troupe-bench-{}", std::process::id()));
+    // Made as the node would make it (mode 0700): the node's admin token goes there too.
+    crate::auth::ensure_data_dir(&data_dir)
+        .context("cannot create the bench's scratch directory")?;
+    // The node logs as `troupe node` would, at its default level; into a file, not the terminal.
+    let log_path = data_dir.join("node.log");
+    let log_file = std::fs::File::create(&log_path).context("cannot create the node's log file")?;
+    let defaults = Config::default();
+    crate::telemetry::init_with_writer(
+        defaults.log.format,
+        &defaults.log.level,
+        std::sync::Arc::new(log_file),
+    );
     let fake = FakeProvider::start(FakeConfig {
         reply: "The quick brown fox jumps over the lazy dog.".into(),
         rpm: u64::MAX / 4,
@@ -75,7 +109,6 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     })
     .await
     .context("cannot start the fake provider")?;
-    let data_dir = std::env::temp_dir().join(format!("troupe-bench-{}", std::process::id()));
     let mut config = Config::default();
     config.auth.requests_per_second = 1_000_000;
     config.auth.burst = 1_000_000;
@@ -109,8 +142,9 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     println!(
         "gateway added latency: {} s per rate and mode after a 0.5 s warm-up; open loop of pairs \
          (one request direct, its twin through the gateway, sent together); load generator on \
-         its own thread; fake provider on loopback",
-        args.secs
+         its own thread; fake provider on loopback; the node logs at info to {}",
+        args.secs,
+        log_path.display()
     );
     println!(
         "machine: {} cores, load average {}",
@@ -118,7 +152,7 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         load_average()
     );
     println!(
-        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
+        "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>8} {:>8}",
         "rps",
         "mode",
         "metric",
@@ -130,10 +164,13 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         "gw999",
         "added50",
         "added99",
-        "added999"
+        "added999",
+        "cpu/pair",
+        "gen/pair"
     );
     for &rps in &args.rps {
-        for stream in [false, true] {
+        for &mode in &args.modes {
+            let stream = mode == Mode::Stream;
             let secs = args.secs;
             let generator_targets = targets.clone();
             // The generator's own thread and runtime; its answer comes back when it is done.
@@ -148,14 +185,17 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                         .build()?;
                     let warmup = Duration::from_millis(500);
                     load(&http, &generator_targets, rps, warmup, stream).await?;
-                    load(
+                    let before = CpuTimes::now();
+                    let mut run = load(
                         &http,
                         &generator_targets,
                         rps,
                         Duration::from_secs(secs),
                         stream,
                     )
-                    .await
+                    .await?;
+                    run.cpu = CpuTimes::now().since(before);
+                    Ok::<_, anyhow::Error>(run)
                 })
             })
             .await
@@ -169,6 +209,18 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                     run.examples
                 );
             }
+            let sent = (run.pairs.len() + run.failed).max(1) as f64;
+            let cpu = run.cpu.map_or_else(
+                || format!("{:>8} {:>8}", "?", "?"),
+                |cpu| {
+                    let per_pair = |secs: f64| format!("{:>6.0}us", secs * 1e6 / sent);
+                    format!(
+                        "{:>8} {:>8}",
+                        per_pair(cpu.process - cpu.generator),
+                        per_pair(cpu.generator)
+                    )
+                },
+            );
             let pairs = run.pairs;
             if pairs.is_empty() {
                 continue;
@@ -187,7 +239,7 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                         .map(|pair| secs_of(pick(&pair.gateway)) - secs_of(pick(&pair.direct))),
                 );
                 println!(
-                    "{rps:>6} {mode:>6} {metric:>6} | {} {} {} | {} {} {} | {} {} {}",
+                    "{rps:>6} {mode:>6} {metric:>6} | {} {} {} | {} {} {} | {} {} {} | {cpu}",
                     ms(direct[0]),
                     ms(direct[1]),
                     ms(direct[2]),
@@ -208,14 +260,66 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// What a run gave: the pairs whose halves both succeeded, and the failures (the first few
-/// kept as examples).
+/// What a run gave: the pairs whose halves both succeeded, the failures (the first few kept as
+/// examples), and the CPU time it cost (when `/proc` could tell).
 #[derive(Debug, Default)]
 struct Run {
     pairs: Vec<Pair>,
     failed: usize,
     examples: Vec<String>,
+    cpu: Option<CpuSpent>,
 }
+
+/// CPU time (user + system) used so far by this process and by the calling thread, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct CpuTimes {
+    process: Option<f64>,
+    thread: Option<f64>,
+}
+
+/// CPU time spent between two [`CpuTimes`], in seconds.
+#[derive(Debug, Clone, Copy)]
+struct CpuSpent {
+    process: f64,
+    generator: f64,
+}
+
+impl CpuTimes {
+    fn now() -> Self {
+        Self {
+            process: cpu_seconds("/proc/self/stat"),
+            thread: cpu_seconds("/proc/thread-self/stat"),
+        }
+    }
+
+    fn since(self, earlier: Self) -> Option<CpuSpent> {
+        Some(CpuSpent {
+            process: self.process? - earlier.process?,
+            generator: self.thread? - earlier.thread?,
+        })
+    }
+}
+
+/// utime + stime of a `/proc/…/stat` file, in seconds.
+fn cpu_seconds(path: &str) -> Option<f64> {
+    cpu_seconds_of(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime of the text of a `/proc/…/stat` file, in seconds.
+fn cpu_seconds_of(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
+/// Clock ticks per second of `/proc`'s times: Linux's USER_HZ, 100 on every architecture it
+/// exports to user space.
+const USER_HZ: f64 = 100.0;
 
 /// Sends `rps` pairs per second for `duration`, each pair on its own task.
 async fn load(
@@ -232,7 +336,13 @@ async fn load(
             "stream": stream,
         })
     };
-    let (direct_body, gateway_body) = (body("m1"), body("fake/m1"));
+    // Both bodies written and both URLs parsed once: the generator's work per request is the
+    // same for both halves of a pair, and small.
+    let direct_body = bytes::Bytes::from(serde_json::to_vec(&body("m1"))?);
+    let gateway_body = bytes::Bytes::from(serde_json::to_vec(&body("fake/m1"))?);
+    let direct_url = reqwest::Url::parse(&targets.direct_url)?;
+    let gateway_url = reqwest::Url::parse(&targets.gateway_url)?;
+    let bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", targets.token))?;
     let count = (u128::from(rps) * duration.as_millis() / 1000).max(1);
     let count = u32::try_from(count).context("too many requests")?;
     let interval = Duration::from_secs(1) / rps;
@@ -240,11 +350,15 @@ async fn load(
     let mut tasks = Vec::with_capacity(count as usize);
     for index in 0..count {
         tokio::time::sleep_until(start + interval * index).await;
-        let direct = http.post(&targets.direct_url).json(&direct_body);
+        let direct = http
+            .post(direct_url.clone())
+            .header(reqwest::header::CONTENT_TYPE, JSON)
+            .body(direct_body.clone());
         let gateway = http
-            .post(&targets.gateway_url)
-            .bearer_auth(&targets.token)
-            .json(&gateway_body);
+            .post(gateway_url.clone())
+            .header(reqwest::header::CONTENT_TYPE, JSON)
+            .header(reqwest::header::AUTHORIZATION, bearer.clone())
+            .body(gateway_body.clone());
         tasks.push(tokio::spawn(async move {
             let (direct, gateway) = tokio::join!(timed(direct), timed(gateway));
             Ok::<_, anyhow::Error>(Pair {
@@ -270,6 +384,10 @@ async fn load(
     }
     Ok(run)
 }
+
+/// The requests' content type.
+const JSON: reqwest::header::HeaderValue =
+    reqwest::header::HeaderValue::from_static("application/json");
 
 /// Sends one request and reads its answer to the end.
 async fn timed(request: reqwest::RequestBuilder) -> anyhow::Result<Sample> {
@@ -322,4 +440,22 @@ fn load_average() -> String {
                 .join(" ")
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_seconds_of;
+
+    #[test]
+    fn cpu_time_is_read_after_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime …: utime 250 ticks, stime 50 ticks.
+        let stat = "4242 (tokio rt (x)) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0";
+        assert_eq!(cpu_seconds_of(stat), Some(3.0));
+        assert_eq!(cpu_seconds_of("4242 (cut short) S 1"), None);
+        assert!(
+            super::cpu_seconds("/proc/self/stat").is_some_and(|secs| secs >= 0.0),
+            "this process's own stat file reads"
+        );
+    }
 }

@@ -18,12 +18,11 @@ use crate::provider::classify::classify_stream_error;
 /// `max_tokens` when the request sets none (Anthropic requires one).
 const DEFAULT_MAX_TOKENS: u64 = 4096;
 
-/// The URL and body of a call.
-pub(super) fn request(
-    base_url: &str,
-    model: &str,
-    request: &ChatRequest,
-) -> Result<(String, Value), String> {
+/// The path of the endpoint under the provider's base URL.
+pub(super) const PATH: &str = "/messages";
+
+/// The body of a call.
+pub(super) fn request(model: &str, request: &ChatRequest) -> Result<Value, String> {
     let body = &request.body;
     let messages = body
         .get("messages")
@@ -73,7 +72,7 @@ pub(super) fn request(
     if request.stream {
         out.insert("stream".into(), json!(true));
     }
-    Ok((format!("{base_url}/messages"), Value::Object(out)))
+    Ok(Value::Object(out))
 }
 
 fn finish_reason(stop_reason: Option<&str>) -> &'static str {

@@ -169,6 +169,29 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The base URL does not make a valid endpoint URL.
+    #[error(
+        "provider {provider:?}: base_url {base_url:?} does not make a valid URL ({reason}); \
+         write it as http(s)://host[:port]/path, e.g. https://api.openai.com/v1"
+    )]
+    BadUrl {
+        /// The provider.
+        provider: String,
+        /// The configured base URL.
+        base_url: String,
+        /// What the URL parser said.
+        reason: String,
+    },
+}
+
+/// Where a provider's calls go: URLs that do not depend on the model are parsed once.
+enum Endpoint {
+    /// `{base_url}/chat/completions`.
+    OpenAi(reqwest::Url),
+    /// `{base_url}/messages`.
+    Anthropic(reqwest::Url),
+    /// `{base_url}/models/{model}:…`, built per call.
+    Gemini,
 }
 
 /// One provider's HTTP client.
@@ -176,6 +199,7 @@ pub struct HttpProvider {
     name: String,
     kind: ProviderKind,
     base_url: String,
+    endpoint: Endpoint,
     http: reqwest::Client,
     /// The credential header, or why there is none.
     key: Result<Option<(http::HeaderName, HeaderValue)>, String>,
@@ -196,6 +220,10 @@ impl HttpProvider {
             .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
+            // A provider's API answers where it is asked; a redirect of a POST is a wrong
+            // base_url, reported as such (and not following saves each call the redirect
+            // layer's bookkeeping).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| ClientError::Build {
                 provider: config.name.clone(),
@@ -214,13 +242,33 @@ impl HttpProvider {
                 )),
             },
         };
+        let base_url = config.base_url.trim_end_matches('/').to_owned();
+        let parse = |url: String| {
+            reqwest::Url::parse(&url).map_err(|error| ClientError::BadUrl {
+                provider: config.name.clone(),
+                base_url: config.base_url.clone(),
+                reason: error.to_string(),
+            })
+        };
+        let endpoint = match config.kind {
+            ProviderKind::OpenAi => Endpoint::OpenAi(parse(format!("{base_url}{}", openai::PATH))?),
+            ProviderKind::Anthropic => {
+                Endpoint::Anthropic(parse(format!("{base_url}{}", anthropic::PATH))?)
+            }
+            // The model is part of the path: built per call, checked here once.
+            ProviderKind::Gemini => {
+                parse(format!("{base_url}/models/m:generateContent"))?;
+                Endpoint::Gemini
+            }
+        };
         if let Err(problem) = &key {
             tracing::warn!(provider = %config.name, "{problem}");
         }
         Ok(Self {
             name: config.name.clone(),
             kind: config.kind,
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            base_url,
+            endpoint,
             http,
             key,
             timeouts,
@@ -243,18 +291,22 @@ impl HttpProvider {
                 ..ErrorClass::of_kind(ErrorKind::Auth)
             })
         })?;
-        let encoded = |(url, body): (String, Value)| {
-            serde_json::to_vec(&body)
-                .map(|body| (url, body))
-                .map_err(|error| format!("cannot encode the request: {error}"))
+        let encoded = |body: Value| {
+            serde_json::to_vec(&body).map_err(|error| format!("cannot encode the request: {error}"))
         };
-        let (url, body) = match self.kind {
-            ProviderKind::OpenAi => openai::request(&self.base_url, model, request),
-            ProviderKind::Anthropic => {
-                anthropic::request(&self.base_url, model, request).and_then(encoded)
+        let (url, body) = match &self.endpoint {
+            Endpoint::OpenAi(url) => {
+                openai::request(model, request).map(|body| (url.clone(), body))
             }
-            ProviderKind::Gemini => {
-                gemini::request(&self.base_url, model, request).and_then(encoded)
+            Endpoint::Anthropic(url) => anthropic::request(model, request)
+                .and_then(encoded)
+                .map(|body| (url.clone(), body)),
+            Endpoint::Gemini => {
+                gemini::request(&self.base_url, model, request).and_then(|(url, body)| {
+                    let url = reqwest::Url::parse(&url)
+                        .map_err(|error| format!("the URL {url:?} is not valid: {error}"))?;
+                    Ok((url, encoded(body)?))
+                })
             }
         }
         .map_err(|message| {
@@ -283,6 +335,28 @@ impl HttpProvider {
         let status = response.status().as_u16();
         let wall = SystemTime::now();
         let rate_limits = RateLimitSnapshot::from_headers(header_pairs(response.headers()), wall);
+        if response.status().is_redirection() {
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("nowhere")
+                .chars()
+                .take(200)
+                .collect::<String>();
+            return Err(Failed {
+                class: ErrorClass {
+                    message: Some(format!(
+                        "the provider answered {status}, a redirect to {location}; calls are \
+                         not redirected: set base_url to where it points"
+                    )),
+                    status: Some(status),
+                    ..ErrorClass::of_kind(ErrorKind::Unexpected)
+                },
+                rate_limits,
+                reached_provider: true,
+            });
+        }
         if !response.status().is_success() {
             let headers = response.headers().clone();
             let body = read_capped(response, MAX_ERROR_BODY, self.timeouts.between_chunks, true)

@@ -18,19 +18,17 @@ use super::sse::{EventStep, Translate, store_usage};
 use crate::provider::ProviderKind;
 use crate::provider::classify::classify_stream_error;
 
-/// The URL and body of a call: the caller's body as it came, with `model` replaced, written
-/// straight from the caller's value (no copy of it is made).
-pub(super) fn request(
-    base_url: &str,
-    model: &str,
-    request: &ChatRequest,
-) -> Result<(String, Vec<u8>), String> {
+/// The path of the endpoint under the provider's base URL.
+pub(super) const PATH: &str = "/chat/completions";
+
+/// The body of a call: the caller's body as it came, with `model` replaced, written straight
+/// from the caller's value (no copy of it is made).
+pub(super) fn request(model: &str, request: &ChatRequest) -> Result<Vec<u8>, String> {
     let Some(object) = request.body.as_object() else {
         return Err("the request body must be a JSON object".into());
     };
-    let body = serde_json::to_vec(&WithModel { object, model })
-        .map_err(|error| format!("cannot encode the request: {error}"))?;
-    Ok((format!("{base_url}/chat/completions"), body))
+    serde_json::to_vec(&WithModel { object, model })
+        .map_err(|error| format!("cannot encode the request: {error}"))
 }
 
 /// A JSON object written with its `model` replaced (first, then the other fields in order).

@@ -5,7 +5,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use troupe_actors::provider::{ErrorKind, Progress, ProviderClient};
 
-use super::{ChatReply, ChatRequest, HttpProvider};
+use super::{ChatReply, ChatRequest, ClientError, HttpProvider};
 use crate::config::{ProviderConfig, ProviderTimeouts};
 use crate::provider::ProviderKind;
 use crate::testing::fake_provider::{FakeConfig, FakeProvider, FakeProviderHandle};
@@ -246,8 +246,7 @@ fn the_estimate_counts_the_prompt_and_the_completion_allowance() {
 
 #[test]
 fn an_openai_request_goes_as_sent_with_only_the_model_replaced() {
-    let (url, body) = super::openai::request("http://p/v1", "m9", &request(true)).unwrap();
-    assert_eq!(url, "http://p/v1/chat/completions");
+    let body = super::openai::request("m9", &request(true)).unwrap();
     let body: Value = serde_json::from_slice(&body).unwrap();
     let mut expected = request(true).body;
     expected["model"] = json!("m9");
@@ -420,4 +419,67 @@ fn usage_is_read_from_a_whole_answer_without_rewriting_it() {
         usage_of(br#"{"usage": {"total_tokens": 1}"#).is_err(),
         "cut short"
     );
+}
+
+#[test]
+fn a_base_url_that_makes_no_valid_url_is_refused_when_the_client_is_built() {
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let config = ProviderConfig::new("p", kind, "http://exa mple/v1");
+        let Err(error) = HttpProvider::new(&config) else {
+            panic!("{kind:?}: a host with a space was accepted");
+        };
+        assert!(
+            matches!(&error, ClientError::BadUrl { provider, .. } if provider == "p"),
+            "{kind:?}: {error}"
+        );
+        assert!(error.to_string().contains("base_url"), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_says_where_it_pointed() {
+    crate::tls::install_default_provider();
+    // A server that redirects every call elsewhere and counts what reaches the target.
+    let followed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = followed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, "/elsewhere/chat/completions")],
+                )
+            }),
+        )
+        .route(
+            "/elsewhere/chat/completions",
+            axum::routing::post(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { "{}" }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = ProviderConfig::new("p", ProviderKind::OpenAi, format!("http://{addr}/v1"));
+    let failed = HttpProvider::new(&config)
+        .unwrap()
+        .send("m", &request(false))
+        .await
+        .expect_err("a redirect is a failure");
+    assert_eq!(failed.class.kind, ErrorKind::Unexpected);
+    assert_eq!(failed.class.status, Some(307));
+    assert!(failed.reached_provider);
+    let message = failed.class.message.unwrap();
+    assert!(
+        message.contains("/elsewhere/chat/completions") && message.contains("base_url"),
+        "{message}"
+    );
+    assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    server.abort();
 }
