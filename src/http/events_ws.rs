@@ -32,17 +32,17 @@ use axum::response::Response;
 use futures::{Sink, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use troupe_actors::event::{DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, TransportKind};
+use troupe_actors::event::{DEFAULT_SUBSCRIPTION, Delivery, EventFilter, FilterSet, TransportKind};
 use troupe_actors::ids::NodeId;
 
 use super::ApiError;
 use super::events::{StreamQuery, link_error, push_filter_value};
 use super::ws::{
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Incoming, Outgoing, check_host_and_origin,
-    send_within, split,
+    send_all_within, send_within, split,
 };
 use crate::auth::Principal;
-use crate::json::delivery_to_json;
+use crate::json::ws_event_text;
 use crate::link::{LinkGuard, open_link};
 use crate::node::NodeCore;
 use crate::replay::EventStream;
@@ -51,6 +51,8 @@ use crate::replay::EventStream;
 pub(crate) const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// How long a frame may wait for the client to accept it before the link is closed.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most event frames written with one flush.
+pub(crate) const MAX_BATCH_EVENTS: usize = 256;
 /// How long a subscription change may wait for the link's TransportActor.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -230,8 +232,11 @@ where
             },
             delivery = state.events.recv() => match delivery {
                 Some(delivery) => {
-                    let (_, json) = delivery_to_json(&state.node, &delivery);
-                    Outgoing::Text(format!(r#"{{"type":"event","event":{json}}}"#))
+                    let frames = take_ready(&state.node, delivery, &mut state.events);
+                    if let Err(failure) = send_all_within(&mut sink, frames, SEND_TIMEOUT).await {
+                        break failure.to_string();
+                    }
+                    continue;
                 }
                 None => break "the node's event bus ended".to_owned(),
             },
@@ -242,6 +247,19 @@ where
         }
     };
     state.link.set_reason(reason);
+}
+
+/// `first` and the deliveries ready right after it (at most [`MAX_BATCH_EVENTS`]), as text
+/// frames in order: written with one flush.
+fn take_ready(node: &NodeId, first: Delivery, events: &mut EventStream) -> Vec<Outgoing> {
+    let mut frames = vec![Outgoing::SharedText(ws_event_text(node, &first))];
+    while frames.len() < MAX_BATCH_EVENTS {
+        let Some(delivery) = events.try_recv() else {
+            break;
+        };
+        frames.push(Outgoing::SharedText(ws_event_text(node, &delivery)));
+    }
+    frames
 }
 
 /// Close reasons are at most 123 bytes.

@@ -444,6 +444,7 @@ impl EventBusState {
     fn stamp(&mut self, publish: Unreserved) {
         let seq = self.shared.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let event = Event {
+            rendered: Default::default(),
             id: EventId::new(self.shared.node.clone(), seq),
             at: publish.at,
             session: publish.session,

@@ -189,6 +189,7 @@ async fn a_clean_stop_gives_the_unused_reservation_back_so_ids_stay_dense() {
 
 fn remote(seq: u64) -> Event {
     Event {
+        rendered: Default::default(),
         id: EventId::new(NodeId::new("peer").unwrap(), seq),
         at: Timestamp::now(),
         session: None,

@@ -241,6 +241,7 @@ mod tests {
 
     fn event(node: &str, session: Option<&str>, data: EventData) -> Event {
         Event {
+            rendered: Default::default(),
             id: EventId::new(NodeId::new(node).unwrap(), 1),
             at: Timestamp::now(),
             session: session.map(|s| SessionId::new(s).unwrap()),
