@@ -215,6 +215,12 @@ impl FilterSet {
         self.subscriptions.is_empty()
     }
 
+    /// True when the set is its own [`FilterSet::cover`] (it holds one subscription), so an
+    /// event that passed the cover needs no second check.
+    pub fn is_its_cover(&self) -> bool {
+        self.subscriptions.len() == 1
+    }
+
     /// True when some subscription matches `event`.
     pub fn matches(&self, event: &Event) -> bool {
         self.subscriptions
