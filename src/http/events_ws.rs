@@ -357,3 +357,153 @@ impl Link {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use troupe_actors::event::{EventData, ReplayFrom, SessionProgress};
+    use troupe_actors::ids::SessionId;
+
+    use super::*;
+
+    /// What the link did to its socket: a frame fed, or a flush.
+    #[derive(Debug)]
+    enum Written {
+        Frame(Outgoing),
+        Flush,
+    }
+
+    /// A sink that reports every frame and every flush that wrote something.
+    struct Recorder {
+        out: tokio::sync::mpsc::UnboundedSender<Written>,
+        unflushed: bool,
+    }
+
+    impl Sink<Outgoing> for Recorder {
+        type Error = String;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(mut self: Pin<&mut Self>, frame: Outgoing) -> Result<(), String> {
+            self.unflushed = true;
+            self.out
+                .send(Written::Frame(frame))
+                .map_err(|e| e.to_string())
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            if std::mem::take(&mut self.unflushed) {
+                let _ = self.out.send(Written::Flush);
+            }
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_events_go_out_in_order_without_loss_with_one_flush_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let core = node.core().clone();
+        let session = SessionId::new("s-burst").unwrap();
+        let filter = EventFilter {
+            sessions: vec![session.clone()],
+            ..EventFilter::all()
+        };
+        let events = EventStream::open(
+            &core.tree.events,
+            &core.store,
+            ReplayFrom::Now,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        let link = open_link(
+            &core,
+            TransportKind::WebSocket,
+            None,
+            None,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        // The whole burst is on the bus before the link runs, so it is all ready at once.
+        let burst = 2 * MAX_BATCH_EVENTS + 9;
+        let mut watch = node.subscribe(filter);
+        for index in 0..burst {
+            node.events().publish(
+                Some(session.clone()),
+                EventData::SessionProgress(SessionProgress {
+                    message: format!("line {index}"),
+                    current: Some(index as u64),
+                    total: None,
+                }),
+            );
+        }
+        let mut published = Vec::new();
+        while published.len() < burst {
+            match tokio::time::timeout(Duration::from_secs(30), watch.recv()).await {
+                Ok(Some(Delivery::Event(event))) => published.push(event.id.to_string()),
+                other => panic!("the bus did not take the burst: {other:?}"),
+            }
+        }
+
+        let (out, mut written) = tokio::sync::mpsc::unbounded_channel();
+        let (_client, incoming) = futures::channel::mpsc::unbounded::<Incoming>();
+        let state = Link {
+            node: core.node_id.clone(),
+            events,
+            link,
+            heartbeat: Duration::from_secs(3600),
+            limit: None,
+        };
+        let running = tokio::spawn(run(
+            state,
+            Recorder {
+                out,
+                unflushed: false,
+            },
+            incoming,
+        ));
+        let mut ids = Vec::new();
+        let mut in_batch = 0;
+        let mut flushes = 0;
+        while ids.len() < burst || in_batch > 0 {
+            let written = tokio::time::timeout(Duration::from_secs(30), written.recv())
+                .await
+                .expect("a frame")
+                .expect("the link runs");
+            match written {
+                Written::Frame(Outgoing::SharedText(text)) => {
+                    let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                    assert_eq!(frame["type"], "event");
+                    assert_eq!(frame["event"]["kind"], "session.progress", "no lag marker");
+                    ids.push(frame["event"]["id"].as_str().unwrap().to_owned());
+                    in_batch += 1;
+                    assert!(in_batch <= MAX_BATCH_EVENTS, "a batch is bounded");
+                }
+                Written::Frame(other) => panic!("unexpected frame {other:?}"),
+                Written::Flush => {
+                    flushes += 1;
+                    in_batch = 0;
+                }
+            }
+        }
+        assert_eq!(ids, published, "every event, in order");
+        assert!(
+            flushes < burst / 8,
+            "{burst} ready events were flushed {flushes} times"
+        );
+        running.abort();
+        node.shutdown().await;
+    }
+}
