@@ -51,6 +51,11 @@ use crate::replay::EventStream;
 pub(crate) const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// How long a frame may wait for the client to accept it before the link is closed.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from the socket at a time. The link polls its socket after every batch it sends,
+/// and tungstenite zeroes this much buffer for each read attempt: its 128 KiB default cost more
+/// than the events themselves. Client frames are small; bigger ones (up to
+/// [`MAX_CLIENT_FRAME`]) are read in several steps.
+const READ_BUFFER: usize = 4 * 1024;
 /// Most event frames written with one flush.
 pub(crate) const MAX_BATCH_EVENTS: usize = 256;
 /// How long a subscription change may wait for the link's TransportActor.
@@ -95,6 +100,7 @@ pub(super) async fn upgrade(
     Ok(ws
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let (sink, stream) = split(socket);
             run(
