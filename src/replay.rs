@@ -152,6 +152,7 @@ impl EventStream {
     pub fn set_filters(&mut self, filters: FilterSet) {
         let cover = filters.cover();
         if let Some(gap) = &mut self.gap {
+            gap.buffer.retain(|event| cover.matches(event));
             gap.filter = cover.clone();
         }
         self.live.set_filter(cover);
@@ -163,8 +164,12 @@ impl EventStream {
         &self.filters
     }
 
+    /// True when `delivery` passes the link's subscriptions. The bus and the log already
+    /// applied their cover (also to what they held when it last changed), so a set that is its
+    /// own cover needs no second check.
     fn passes(&self, delivery: &Delivery) -> bool {
         match delivery {
+            Delivery::Event(_) if self.filters.is_its_cover() => true,
             Delivery::Event(event) => self.filters.matches(event),
             Delivery::Lagged(_) => true,
         }

@@ -260,6 +260,7 @@ mod tests {
         assert_eq!(kinds.len(), EventKind::ALL.len(), "a sample of every kind");
         for (seq, data) in payloads.into_iter().enumerate() {
             round_trip(&Event {
+                rendered: Default::default(),
                 id: EventId::new(node(), seq as u64 + 1),
                 at: Timestamp::now(),
                 session: (seq % 2 == 0).then(|| SessionId::new("s-1").unwrap()),
@@ -294,6 +295,7 @@ mod tests {
     #[test]
     fn truncated_and_random_frames_are_errors_not_panics() {
         let event = Event {
+            rendered: Default::default(),
             id: EventId::new(node(), 1),
             at: Timestamp::now(),
             session: None,

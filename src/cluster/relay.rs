@@ -709,6 +709,7 @@ mod tests {
 
     fn event(seq: u64) -> Event {
         Event {
+            rendered: Default::default(),
             id: EventId::new(NodeId::new("a").unwrap(), seq),
             at: Timestamp::from_micros(1_700_000_000_000_000 + seq),
             session: None,

@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use troupe_actors::event::{
     Delivery, EventFilter, EventId, FilterSet, KindPattern, ReplayFrom, TransportKind,
@@ -30,7 +31,7 @@ use troupe_actors::ids::{NodeId, SessionId};
 
 use super::ApiError;
 use crate::auth::Principal;
-use crate::json::delivery_to_json;
+use crate::json::{SSE_HEARTBEAT, append_sse_frame, sse_frame};
 use crate::link::{LinkError, LinkGuard, open_link};
 use crate::node::NodeCore;
 use crate::replay::EventStream;
@@ -39,10 +40,15 @@ use crate::replay::EventStream;
 pub(crate) const MAX_TAIL: usize = 10_000;
 /// Replay length of `follow=false` without `after` or `tail`.
 const DEFAULT_REPLAY: usize = 100;
-/// Events queued between a followed stream's link and its response body.
+/// Chunks (each one or more events) queued between a followed stream's link and its response
+/// body.
 const BODY_QUEUE: usize = 16;
-/// How long an event may wait for room in the body queue before the link is ended.
+/// How long a chunk may wait for room in the body queue before the link is ended.
 pub(crate) const SEND_TIMEOUT: Duration = super::events_ws::SEND_TIMEOUT;
+/// Most events written as one body chunk.
+pub(crate) const MAX_CHUNK_EVENTS: usize = 256;
+/// A chunk takes no more events once it holds this many bytes.
+pub(crate) const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The parsed query of an event-stream request.
 #[derive(Debug, Default)]
@@ -177,13 +183,19 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<EventId>, ApiError> {
         })
 }
 
-fn sse_event(node: &NodeId, delivery: &Delivery) -> SseEvent {
-    let (id, json) = delivery_to_json(node, delivery);
-    let event = SseEvent::default().data(json);
-    match id {
-        Some(id) => event.id(id),
-        None => event,
-    }
+/// A response streaming `body` as Server-Sent Events (the bytes are complete SSE frames).
+fn sse_response<S>(body: S) -> Response
+where
+    S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 pub(super) async fn stream(
@@ -209,10 +221,10 @@ pub(super) async fn stream(
             let node = node.clone();
             async move {
                 let delivery = replay.next_replayed().await?;
-                Some((Ok::<_, Infallible>(sse_event(&node, &delivery)), replay))
+                Some((Ok::<_, Infallible>(sse_frame(&node, &delivery)), replay))
             }
         });
-        return Ok(Sse::new(events).into_response());
+        return Ok(sse_response(events));
     }
 
     // Subscribe first, so the link's own `link.connected` is part of its stream.
@@ -233,9 +245,7 @@ pub(super) async fn stream(
     .await
     .map_err(link_error)?;
     let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
-    Ok(Sse::new(link_stream(node, events, link))
-        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
-        .into_response())
+    Ok(sse_response(link_stream(node, events, link, heartbeat)))
 }
 
 /// The answer when a link cannot be opened.
@@ -254,33 +264,59 @@ fn link_stream(
     node: NodeId,
     events: EventStream,
     link: LinkGuard,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    heartbeat: Duration,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let (queue, body) = tokio::sync::mpsc::channel(BODY_QUEUE);
-    tokio::spawn(feed_link(node, events, link, queue, SEND_TIMEOUT));
+    tokio::spawn(feed_link(
+        node,
+        events,
+        link,
+        queue,
+        Pacing {
+            send_timeout: SEND_TIMEOUT,
+            heartbeat,
+        },
+    ));
     futures::stream::unfold(body, |mut body| async move {
-        let event = body.recv().await?;
-        Some((Ok(event), body))
+        let chunk = body.recv().await?;
+        Some((Ok(chunk), body))
     })
 }
 
+/// The timing of a followed stream.
+#[derive(Debug, Clone, Copy)]
+struct Pacing {
+    /// How long a chunk may wait for room in the body queue before the link is ended.
+    send_timeout: Duration,
+    /// After this long without a frame, a `: heartbeat` comment is sent.
+    heartbeat: Duration,
+}
+
 /// Feeds a link's deliveries into `queue` (the response body) until the body is dropped (the
-/// client went away), an event waits `timeout` for room (the client stopped reading), or the
-/// link is closed. Dropping `link` and `events` on return ends the link and its subscription.
+/// client went away), a chunk waits for room longer than the send timeout (the client stopped
+/// reading), or the link is closed. Each wake-up sends what is ready as one chunk
+/// ([`take_ready`]), so the socket writes follow the wake-ups, not the events. Dropping `link`
+/// and `events` on return ends the link and its subscription.
 async fn feed_link(
     node: NodeId,
     mut events: EventStream,
     mut link: LinkGuard,
-    queue: tokio::sync::mpsc::Sender<SseEvent>,
-    timeout: Duration,
+    queue: tokio::sync::mpsc::Sender<Bytes>,
+    pacing: Pacing,
 ) {
+    let closed = link.closed.clone().cancelled_owned();
+    let gone = queue.closed();
+    let idle = tokio::time::sleep(pacing.heartbeat);
+    tokio::pin!(closed, gone, idle);
+    let mut last_sent = tokio::time::Instant::now();
     loop {
-        let delivery = tokio::select! {
+        let chunk = tokio::select! {
             biased;
-            () = link.closed.cancelled() => {
+            () = &mut closed => {
                 link.set_reason("closed by the node");
                 return;
             }
-            () = queue.closed() => return,
+            () = &mut gone => return,
             changed = link.filter.changed() => {
                 if changed.is_err() {
                     return;
@@ -290,25 +326,60 @@ async fn feed_link(
                 continue;
             }
             delivery = events.recv() => match delivery {
-                Some(delivery) => delivery,
+                Some(delivery) => take_ready(&node, delivery, &mut events),
                 None => {
                     link.set_reason("the node's event bus ended");
                     return;
                 }
             },
+            () = &mut idle => {
+                let due = last_sent + pacing.heartbeat;
+                if tokio::time::Instant::now() < due {
+                    idle.as_mut().reset(due);
+                    continue;
+                }
+                Bytes::from_static(SSE_HEARTBEAT)
+            }
         };
-        match tokio::time::timeout(timeout, queue.send(sse_event(&node, &delivery))).await {
+        match tokio::time::timeout(pacing.send_timeout, queue.send(chunk)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
                 tracing::info!(link = %link.id, "an SSE client stopped reading; ending its link");
                 link.set_reason(format!(
-                    "the client stopped reading (nothing accepted for {timeout:?})"
+                    "the client stopped reading (nothing accepted for {:?})",
+                    pacing.send_timeout
                 ));
                 return;
             }
         }
+        last_sent = tokio::time::Instant::now();
+        if idle.is_elapsed() {
+            idle.as_mut().reset(last_sent + pacing.heartbeat);
+        }
     }
+}
+
+/// `first` and the deliveries ready right after it, as one body chunk of SSE frames: at most
+/// [`MAX_CHUNK_EVENTS`] events or about [`MAX_CHUNK_BYTES`] bytes, in order. A lone event is
+/// its shared frame as is, without a copy.
+fn take_ready(node: &NodeId, first: Delivery, events: &mut EventStream) -> Bytes {
+    let first = sse_frame(node, &first);
+    let Some(second) = events.try_recv() else {
+        return first;
+    };
+    let mut chunk = BytesMut::with_capacity(MAX_CHUNK_BYTES.min(first.len() * 32));
+    chunk.extend_from_slice(&first);
+    append_sse_frame(node, &second, &mut chunk);
+    let mut taken = 2;
+    while taken < MAX_CHUNK_EVENTS && chunk.len() < MAX_CHUNK_BYTES {
+        let Some(delivery) = events.try_recv() else {
+            break;
+        };
+        append_sse_frame(node, &delivery, &mut chunk);
+        taken += 1;
+    }
+    chunk.freeze()
 }
 
 #[cfg(test)]
@@ -345,6 +416,134 @@ mod tests {
             let error = StreamQuery::parse(Some(query)).unwrap_err();
             assert_eq!(error.code, code, "{query}");
         }
+    }
+
+    /// The `id:` of each event frame and the number of lag markers in a stream of SSE bytes.
+    fn frame_ids(bytes: &[u8]) -> (Vec<String>, usize) {
+        let text = std::str::from_utf8(bytes).unwrap();
+        let mut ids = Vec::new();
+        let mut markers = 0;
+        for frame in text.split_terminator("\n\n") {
+            if frame.starts_with(':') {
+                continue;
+            }
+            match frame.split_once("\nid: ") {
+                Some((_, id)) => ids.push(id.to_owned()),
+                None if frame.contains(r#""kind":"events.lagged""#) => markers += 1,
+                None => panic!("a frame without an id: {frame:?}"),
+            }
+        }
+        (ids, markers)
+    }
+
+    #[tokio::test]
+    async fn a_burst_goes_out_in_few_chunks_in_order_without_loss_then_heartbeats() {
+        use troupe_actors::event::{EventData, SessionProgress};
+
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let core = node.core().clone();
+        let session = SessionId::new("s-burst").unwrap();
+        let filter = EventFilter {
+            sessions: vec![session.clone()],
+            ..EventFilter::all()
+        };
+        let events = EventStream::open(
+            &core.tree.events,
+            &core.store,
+            ReplayFrom::Now,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        let link = open_link(
+            &core,
+            TransportKind::Sse,
+            None,
+            None,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        // The whole burst is on the bus before the feed starts, so it is all ready at once.
+        let burst = 3 * MAX_CHUNK_EVENTS + 17;
+        let mut watch = node.subscribe(filter);
+        for index in 0..burst {
+            node.events().publish(
+                Some(session.clone()),
+                EventData::SessionProgress(SessionProgress {
+                    message: format!("line {index} with some text to make the frame longer"),
+                    current: Some(index as u64),
+                    total: None,
+                }),
+            );
+        }
+        let mut published = Vec::new();
+        while published.len() < burst {
+            match tokio::time::timeout(Duration::from_secs(30), watch.recv()).await {
+                Ok(Some(Delivery::Event(event))) => published.push(event.id.to_string()),
+                other => panic!("the bus did not take the burst: {other:?}"),
+            }
+        }
+
+        let (queue, mut body) = tokio::sync::mpsc::channel(BODY_QUEUE);
+        let heartbeat = Duration::from_millis(200);
+        let feed = tokio::spawn(feed_link(
+            node.core().node_id.clone(),
+            events,
+            link,
+            queue,
+            Pacing {
+                send_timeout: SEND_TIMEOUT,
+                heartbeat,
+            },
+        ));
+        let mut received = Vec::new();
+        let mut chunks = 0;
+        while frame_ids(&received).0.len() < burst {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), body.recv())
+                .await
+                .expect("a chunk")
+                .expect("the feed runs");
+            let (ids, markers) = frame_ids(&chunk);
+            assert_eq!(markers, 0, "nothing was lost");
+            assert!(
+                ids.len() <= MAX_CHUNK_EVENTS,
+                "{} events in one chunk",
+                ids.len()
+            );
+            assert!(
+                chunk.len() <= MAX_CHUNK_BYTES + 1024,
+                "{} bytes in one chunk",
+                chunk.len()
+            );
+            received.extend_from_slice(&chunk);
+            chunks += 1;
+        }
+        assert_eq!(frame_ids(&received).0, published, "every event, in order");
+        assert!(
+            chunks < burst / 8,
+            "{burst} ready events went out in {chunks} chunks"
+        );
+        // Then, idle: a heartbeat comment, exactly as before.
+        let idle = tokio::time::timeout(Duration::from_secs(30), body.recv())
+            .await
+            .expect("a heartbeat")
+            .expect("the feed runs");
+        assert_eq!(&idle[..], b": heartbeat\n\n");
+        // The client goes away: the feed ends and releases the link.
+        drop(body);
+        tokio::time::timeout(Duration::from_secs(30), feed)
+            .await
+            .expect("the feed ends")
+            .unwrap();
+        node.shutdown().await;
     }
 
     #[test]

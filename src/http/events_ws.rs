@@ -32,17 +32,17 @@ use axum::response::Response;
 use futures::{Sink, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use troupe_actors::event::{DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, TransportKind};
+use troupe_actors::event::{DEFAULT_SUBSCRIPTION, Delivery, EventFilter, FilterSet, TransportKind};
 use troupe_actors::ids::NodeId;
 
 use super::ApiError;
 use super::events::{StreamQuery, link_error, push_filter_value};
 use super::ws::{
     CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Incoming, Outgoing, check_host_and_origin,
-    send_within, split,
+    send_all_within, send_within, split,
 };
 use crate::auth::Principal;
-use crate::json::delivery_to_json;
+use crate::json::ws_event_text;
 use crate::link::{LinkGuard, open_link};
 use crate::node::NodeCore;
 use crate::replay::EventStream;
@@ -51,6 +51,13 @@ use crate::replay::EventStream;
 pub(crate) const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// How long a frame may wait for the client to accept it before the link is closed.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from the socket at a time. The link polls its socket after every batch it sends,
+/// and tungstenite zeroes this much buffer for each read attempt: its 128 KiB default cost more
+/// than the events themselves. Client frames are small; bigger ones (up to
+/// [`MAX_CLIENT_FRAME`]) are read in several steps.
+const READ_BUFFER: usize = 4 * 1024;
+/// Most event frames written with one flush.
+pub(crate) const MAX_BATCH_EVENTS: usize = 256;
 /// How long a subscription change may wait for the link's TransportActor.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -93,6 +100,7 @@ pub(super) async fn upgrade(
     Ok(ws
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let (sink, stream) = split(socket);
             run(
@@ -230,8 +238,11 @@ where
             },
             delivery = state.events.recv() => match delivery {
                 Some(delivery) => {
-                    let (_, json) = delivery_to_json(&state.node, &delivery);
-                    Outgoing::Text(format!(r#"{{"type":"event","event":{json}}}"#))
+                    let frames = take_ready(&state.node, delivery, &mut state.events);
+                    if let Err(failure) = send_all_within(&mut sink, frames, SEND_TIMEOUT).await {
+                        break failure.to_string();
+                    }
+                    continue;
                 }
                 None => break "the node's event bus ended".to_owned(),
             },
@@ -242,6 +253,19 @@ where
         }
     };
     state.link.set_reason(reason);
+}
+
+/// `first` and the deliveries ready right after it (at most [`MAX_BATCH_EVENTS`]), as text
+/// frames in order: written with one flush.
+fn take_ready(node: &NodeId, first: Delivery, events: &mut EventStream) -> Vec<Outgoing> {
+    let mut frames = vec![Outgoing::SharedText(ws_event_text(node, &first))];
+    while frames.len() < MAX_BATCH_EVENTS {
+        let Some(delivery) = events.try_recv() else {
+            break;
+        };
+        frames.push(Outgoing::SharedText(ws_event_text(node, &delivery)));
+    }
+    frames
 }
 
 /// Close reasons are at most 123 bytes.
@@ -337,5 +361,155 @@ impl Link {
                 "the link's actor did not apply the change within {CHANGE_TIMEOUT:?}"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use troupe_actors::event::{EventData, ReplayFrom, SessionProgress};
+    use troupe_actors::ids::SessionId;
+
+    use super::*;
+
+    /// What the link did to its socket: a frame fed, or a flush.
+    #[derive(Debug)]
+    enum Written {
+        Frame(Outgoing),
+        Flush,
+    }
+
+    /// A sink that reports every frame and every flush that wrote something.
+    struct Recorder {
+        out: tokio::sync::mpsc::UnboundedSender<Written>,
+        unflushed: bool,
+    }
+
+    impl Sink<Outgoing> for Recorder {
+        type Error = String;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(mut self: Pin<&mut Self>, frame: Outgoing) -> Result<(), String> {
+            self.unflushed = true;
+            self.out
+                .send(Written::Frame(frame))
+                .map_err(|e| e.to_string())
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            if std::mem::take(&mut self.unflushed) {
+                let _ = self.out.send(Written::Flush);
+            }
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_events_go_out_in_order_without_loss_with_one_flush_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let core = node.core().clone();
+        let session = SessionId::new("s-burst").unwrap();
+        let filter = EventFilter {
+            sessions: vec![session.clone()],
+            ..EventFilter::all()
+        };
+        let events = EventStream::open(
+            &core.tree.events,
+            &core.store,
+            ReplayFrom::Now,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        let link = open_link(
+            &core,
+            TransportKind::WebSocket,
+            None,
+            None,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        // The whole burst is on the bus before the link runs, so it is all ready at once.
+        let burst = 2 * MAX_BATCH_EVENTS + 9;
+        let mut watch = node.subscribe(filter);
+        for index in 0..burst {
+            node.events().publish(
+                Some(session.clone()),
+                EventData::SessionProgress(SessionProgress {
+                    message: format!("line {index}"),
+                    current: Some(index as u64),
+                    total: None,
+                }),
+            );
+        }
+        let mut published = Vec::new();
+        while published.len() < burst {
+            match tokio::time::timeout(Duration::from_secs(30), watch.recv()).await {
+                Ok(Some(Delivery::Event(event))) => published.push(event.id.to_string()),
+                other => panic!("the bus did not take the burst: {other:?}"),
+            }
+        }
+
+        let (out, mut written) = tokio::sync::mpsc::unbounded_channel();
+        let (_client, incoming) = futures::channel::mpsc::unbounded::<Incoming>();
+        let state = Link {
+            node: core.node_id.clone(),
+            events,
+            link,
+            heartbeat: Duration::from_secs(3600),
+            limit: None,
+        };
+        let running = tokio::spawn(run(
+            state,
+            Recorder {
+                out,
+                unflushed: false,
+            },
+            incoming,
+        ));
+        let mut ids = Vec::new();
+        let mut in_batch = 0;
+        let mut flushes = 0;
+        while ids.len() < burst || in_batch > 0 {
+            let written = tokio::time::timeout(Duration::from_secs(30), written.recv())
+                .await
+                .expect("a frame")
+                .expect("the link runs");
+            match written {
+                Written::Frame(Outgoing::SharedText(text)) => {
+                    let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                    assert_eq!(frame["type"], "event");
+                    assert_eq!(frame["event"]["kind"], "session.progress", "no lag marker");
+                    ids.push(frame["event"]["id"].as_str().unwrap().to_owned());
+                    in_batch += 1;
+                    assert!(in_batch <= MAX_BATCH_EVENTS, "a batch is bounded");
+                }
+                Written::Frame(other) => panic!("unexpected frame {other:?}"),
+                Written::Flush => {
+                    flushes += 1;
+                    in_batch = 0;
+                }
+            }
+        }
+        assert_eq!(ids, published, "every event, in order");
+        assert!(
+            flushes < burst / 8,
+            "{burst} ready events were flushed {flushes} times"
+        );
+        running.abort();
+        node.shutdown().await;
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use axum::http::{HeaderMap, header};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 
@@ -32,6 +32,9 @@ pub(crate) enum Incoming {
 pub(crate) enum Outgoing {
     /// A text frame.
     Text(String),
+    /// A text frame whose bytes are shared with other links (an event rendered once for all its
+    /// subscribers), sent without a copy.
+    SharedText(Utf8Bytes),
     /// A keep-alive ping.
     Ping,
     /// Close the link with a code and a reason.
@@ -56,6 +59,7 @@ pub(crate) fn split(
     let sink = sink.with(|frame: Outgoing| {
         futures::future::ready(Ok::<_, axum::Error>(match frame {
             Outgoing::Text(text) => Message::Text(text.into()),
+            Outgoing::SharedText(text) => Message::Text(text),
             Outgoing::Ping => Message::Ping(Default::default()),
             Outgoing::Close(code, reason) => Message::Close(Some(CloseFrame {
                 code,
@@ -73,6 +77,30 @@ pub(crate) fn split(
         })
     });
     (Box::pin(sink), Box::pin(stream))
+}
+
+/// Sends `frames` in order and then flushes once (one socket write for the lot, as far as the
+/// sink buffers), giving up after `timeout` for all of them (a client that stopped reading).
+pub(crate) async fn send_all_within<S>(
+    sink: &mut S,
+    frames: impl IntoIterator<Item = Outgoing>,
+    timeout: Duration,
+) -> Result<(), SendFailure>
+where
+    S: Sink<Outgoing> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    let send = async {
+        for frame in frames {
+            sink.feed(frame).await?;
+        }
+        sink.flush().await
+    };
+    match tokio::time::timeout(timeout, send).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(SendFailure::Socket(error.to_string())),
+        Err(_) => Err(SendFailure::Stalled(timeout)),
+    }
 }
 
 /// Sends one frame, giving up after `timeout` (a client that stopped reading).

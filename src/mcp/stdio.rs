@@ -73,6 +73,7 @@ pub(crate) fn line_sink(
         |mut output, frame: Outgoing| async move {
             let line = match frame {
                 Outgoing::Text(text) => Some(text),
+                Outgoing::SharedText(text) => Some(text.as_str().to_owned()),
                 Outgoing::Close(CLOSE_POLICY, reason) => Some(closing_line(&reason)),
                 Outgoing::Close(..) | Outgoing::Ping => None,
             };

@@ -232,6 +232,7 @@ mod tests {
             watch.append(&BusItem {
                 pos,
                 event: Arc::new(Event {
+                    rendered: Default::default(),
                     id: EventId::new(node.clone(), pos),
                     at: Timestamp::now(),
                     session: Some(session.clone()),

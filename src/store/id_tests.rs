@@ -37,6 +37,7 @@ fn item(pos: u64, node: NodeId, seq: u64) -> BusItem {
     BusItem {
         pos,
         event: Arc::new(Event {
+            rendered: Default::default(),
             id: EventId::new(node, seq),
             at: Timestamp::now(),
             session: None,

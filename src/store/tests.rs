@@ -114,6 +114,7 @@ fn now_micros() -> u64 {
 
 fn event(node: NodeId, seq: u64, at_micros: u64) -> Event {
     Event {
+        rendered: Default::default(),
         id: EventId::new(node, seq),
         at: Timestamp::from_micros(at_micros),
         session: None,

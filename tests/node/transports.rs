@@ -315,6 +315,22 @@ async fn subscribe_and_unsubscribe_change_a_live_websocket_link() {
     };
     assert_eq!(answer["code"], "binary_frame");
 
+    // A frame far larger than the link's 4 KiB socket reads, yet within the limit, is read whole.
+    let padded = format!(
+        "{}{}",
+        json!({"type": "subscribe", "name": "big", "filter": {"kind": ["provider.*"]}}),
+        " ".repeat(40 * 1024)
+    );
+    ws.socket.send(Message::Text(padded.into())).await.unwrap();
+    let answer = loop {
+        let frame = ws.next().await;
+        if frame["type"] != "event" {
+            break frame;
+        }
+    };
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    assert_eq!(answer["name"], "big");
+
     // An oversize frame closes this link only.
     let mut other = WsEvents::open(node, "kind=link.*").await;
     assert_eq!(other.next_event().await["kind"], "link.connected");

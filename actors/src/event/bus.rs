@@ -444,6 +444,7 @@ impl EventBusState {
     fn stamp(&mut self, publish: Unreserved) {
         let seq = self.shared.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let event = Event {
+            rendered: Default::default(),
             id: EventId::new(self.shared.node.clone(), seq),
             at: publish.at,
             session: publish.session,
@@ -708,8 +709,14 @@ impl Subscription {
         }
     }
 
-    /// Replaces the filter (for links whose client changes its subscription).
+    /// Replaces the filter (for links whose client changes its subscription). Replayed events
+    /// not received yet are filtered again, so everything a subscription hands out passes its
+    /// current filter.
     pub fn set_filter(&mut self, filter: EventFilter) {
+        self.backlog.retain(|delivery| match delivery {
+            Delivery::Event(event) => filter.matches(event),
+            Delivery::Lagged(_) => true,
+        });
         self.filter = filter;
     }
 

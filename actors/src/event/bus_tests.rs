@@ -189,6 +189,7 @@ async fn a_clean_stop_gives_the_unused_reservation_back_so_ids_stay_dense() {
 
 fn remote(seq: u64) -> Event {
     Event {
+        rendered: Default::default(),
         id: EventId::new(NodeId::new("peer").unwrap(), seq),
         at: Timestamp::now(),
         session: None,
@@ -261,4 +262,38 @@ async fn node_after_replays_from_the_ring_and_says_whether_it_reaches_back() {
     // Past the newest: nothing to send, nothing missing.
     let from_20 = bus.replay(ask(20), EventFilter::all()).await.unwrap();
     assert!(from_20.found && from_20.events.is_empty());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_narrower_filter_also_applies_to_the_replay_not_received_yet() {
+    let store = GatedStore::new();
+    store.gate.add_permits(10);
+    let (bus, _cell) = start(&store).await;
+    let (a, b) = (
+        SessionId::new("s-a").unwrap(),
+        SessionId::new("s-b").unwrap(),
+    );
+    let mut watch = bus.subscribe(EventFilter::all());
+    for n in 1..=6 {
+        let session = if n % 2 == 0 { &a } else { &b };
+        bus.publish(Some(session.clone()), progress(n));
+        next_seq(&mut watch).await;
+    }
+    let (mut subscription, _) = bus
+        .subscribe_from(ReplayFrom::Tail(6), EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(next_seq(&mut subscription).await, 1);
+    subscription.set_filter(EventFilter {
+        sessions: vec![a.clone()],
+        ..EventFilter::all()
+    });
+    // What the replay still held of session s-b is gone; live events follow the filter too.
+    bus.publish(Some(b), progress(7));
+    bus.publish(Some(a), progress(8));
+    let mut rest = Vec::new();
+    while rest.len() < 4 {
+        rest.push(next_seq(&mut subscription).await);
+    }
+    assert_eq!(rest, [2, 4, 6, 8]);
 }

@@ -215,6 +215,12 @@ impl FilterSet {
         self.subscriptions.is_empty()
     }
 
+    /// True when the set is its own [`FilterSet::cover`] (it holds one subscription), so an
+    /// event that passed the cover needs no second check.
+    pub fn is_its_cover(&self) -> bool {
+        self.subscriptions.len() == 1
+    }
+
     /// True when some subscription matches `event`.
     pub fn matches(&self, event: &Event) -> bool {
         self.subscriptions
@@ -241,6 +247,7 @@ mod tests {
 
     fn event(node: &str, session: Option<&str>, data: EventData) -> Event {
         Event {
+            rendered: Default::default(),
             id: EventId::new(NodeId::new(node).unwrap(), 1),
             at: Timestamp::now(),
             session: session.map(|s| SessionId::new(s).unwrap()),

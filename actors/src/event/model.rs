@@ -93,9 +93,24 @@ pub struct Event {
     pub session: Option<SessionId>,
     /// Kind and payload.
     pub data: EventData,
+    /// The front ends' rendering of this event, made once and shared by every subscriber (not
+    /// part of the event's value: see [`RenderCache`]).
+    #[serde(skip)]
+    pub rendered: RenderCache,
 }
 
 impl Event {
+    /// An event with an empty [`RenderCache`].
+    pub fn new(id: EventId, at: Timestamp, session: Option<SessionId>, data: EventData) -> Self {
+        Self {
+            id,
+            at,
+            session,
+            data,
+            rendered: RenderCache::default(),
+        }
+    }
+
     /// The node that published it.
     pub fn node(&self) -> &NodeId {
         &self.id.node
@@ -104,6 +119,52 @@ impl Event {
     /// Its kind.
     pub fn kind(&self) -> EventKind {
         self.data.kind()
+    }
+}
+
+/// An opaque slot in which the front ends keep their rendering of one event (its JSON text and
+/// ready-made frames), filled by the first subscriber that needs it and shared by all the others
+/// through the `Arc<Event>` the bus fans out: an event delivered to a thousand subscribers is
+/// rendered once. The core never fills or reads it (it knows no JSON): it holds any value of one
+/// type, which the front end chooses.
+///
+/// It is not part of the event's value: it is neither serialized nor compared, and a clone starts
+/// empty (a cloned event may be changed, and must not keep a rendering of the original).
+#[derive(Default)]
+pub struct RenderCache(std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>);
+
+impl RenderCache {
+    /// The rendering, made by `render` if there is none yet. `None` when the slot holds a value
+    /// of another type than `T` (the caller then renders without the cache).
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(
+        &self,
+        render: impl FnOnce() -> T,
+    ) -> Option<&T> {
+        self.0
+            .get_or_init(|| Box::new(render()))
+            .downcast_ref::<T>()
+    }
+}
+
+impl Clone for RenderCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for RenderCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for RenderCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "RenderCache(filled)"
+        } else {
+            "RenderCache(empty)"
+        })
     }
 }
 

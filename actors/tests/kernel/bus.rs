@@ -305,6 +305,7 @@ async fn relayed_events_keep_their_ids_and_duplicates_are_dropped() {
     let mut subscriber = bus.subscribe(EventFilter::all());
     let remote = NodeId::new("remote").unwrap();
     let event = |seq| troupe_actors::event::Event {
+        rendered: Default::default(),
         id: EventId::new(remote.clone(), seq),
         at: troupe_actors::ids::Timestamp::now(),
         session: None,

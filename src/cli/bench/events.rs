@@ -9,12 +9,12 @@
 //! elsewhere), peak and at the end.
 
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
+use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Mutex;
@@ -148,24 +148,33 @@ struct Tally {
     missed_in_markers: u64,
     /// Subscribers whose stream broke or hit the deadline before their last event.
     cut_short: u64,
+    /// CPU seconds (user + system) the process of these subscribers used while they ran (the
+    /// clients process reports its own; 0 for the in-process subscriber).
+    #[serde(default)]
+    cpu_secs: f64,
     latency_us: Histogram,
 }
 
 impl Tally {
-    /// Counts one frame (SSE data or a WebSocket text frame) without a full JSON parse: the
-    /// clients must keep up with every delivery of the run.
-    fn record_frame(&mut self, data: &str) {
-        if data.contains(r#""kind":"session.progress""#) {
-            if let Some(sent) = field(data, r#""message":""#).and_then(|digits| digits.parse().ok())
-            {
+    /// Counts one frame (SSE data or a WebSocket text frame) received at `now` (µs since the
+    /// epoch) without a full JSON parse: the clients must keep up with every delivery of the
+    /// run, on the node's machine.
+    fn record_frame(&mut self, data: &[u8], now: u64) {
+        static PROGRESS: LazyLock<Finder<'static>> =
+            LazyLock::new(|| Finder::new(br#""kind":"session.progress""#));
+        static LAGGED: LazyLock<Finder<'static>> =
+            LazyLock::new(|| Finder::new(br#""kind":"events.lagged""#));
+        static MESSAGE: LazyLock<Finder<'static>> =
+            LazyLock::new(|| Finder::new(br#""message":""#));
+        static MISSED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""missed":"#));
+        if PROGRESS.find(data).is_some() {
+            if let Some(sent) = field(data, &MESSAGE) {
                 self.delivered += 1;
-                self.latency_us.record(now_micros().saturating_sub(sent));
+                self.latency_us.record(now.saturating_sub(sent));
             }
-        } else if data.contains(r#""kind":"events.lagged""#) {
+        } else if LAGGED.find(data).is_some() {
             self.lag_markers += 1;
-            self.missed_in_markers += field(data, r#""missed":"#)
-                .and_then(|digits| digits.parse::<u64>().ok())
-                .unwrap_or(0);
+            self.missed_in_markers += field(data, &MISSED).unwrap_or(0);
         }
     }
 
@@ -179,14 +188,63 @@ impl Tally {
     }
 }
 
-/// The digits after `key` in `data`.
-fn field<'a>(data: &'a str, key: &str) -> Option<&'a str> {
-    let start = data.find(key)? + key.len();
-    let rest = &data[start..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    (end > 0).then(|| &rest[..end])
+/// The number written right after `key` in `data`.
+fn field(data: &[u8], key: &Finder<'_>) -> Option<u64> {
+    let start = key.find(data)? + key.needle().len();
+    let digits = data[start..]
+        .iter()
+        .take_while(|byte| byte.is_ascii_digit())
+        .take(19);
+    let mut value = None;
+    for digit in digits {
+        value = Some(value.unwrap_or(0u64) * 10 + u64::from(digit - b'0'));
+    }
+    value
+}
+
+/// The `data:` lines of a Server-Sent Events byte stream, frame by frame, read straight from the
+/// received chunks (only a frame split across chunks is copied).
+#[derive(Default)]
+struct SseFrames {
+    partial: Vec<u8>,
+}
+
+impl SseFrames {
+    /// Hands each complete frame's data in `chunk` (after what an earlier chunk left) to `each`.
+    fn push(&mut self, chunk: &[u8], mut each: impl FnMut(&[u8])) {
+        static END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+        let mut rest = chunk;
+        if !self.partial.is_empty() {
+            // Finish the split frame: its end is in this chunk (a "\n\n" possibly split too).
+            let before = self.partial.len();
+            self.partial.extend_from_slice(chunk);
+            let seam = before - 1;
+            let Some(end) = END.find(&self.partial[seam..]).map(|at| seam + at) else {
+                return;
+            };
+            Self::frame(&self.partial[..end], &mut each);
+            rest = &chunk[end + 2 - before..];
+            self.partial.clear();
+        }
+        while let Some(end) = END.find(rest) {
+            Self::frame(&rest[..end], &mut each);
+            rest = &rest[end + 2..];
+        }
+        self.partial.extend_from_slice(rest);
+    }
+
+    fn frame(mut frame: &[u8], each: &mut impl FnMut(&[u8])) {
+        loop {
+            let end = memchr::memchr(b'\n', frame).unwrap_or(frame.len());
+            if let Some(data) = frame[..end].strip_prefix(b"data: ") {
+                each(data);
+            }
+            if end == frame.len() {
+                return;
+            }
+            frame = &frame[end + 1..];
+        }
+    }
 }
 
 pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
@@ -275,6 +333,7 @@ async fn drive(
         "the clients process failed to start: {ready:?}"
     );
 
+    let cpu_at_start = cpu_secs();
     let mut bus = node.subscribe(EventFilter {
         sessions: vec![session.clone()],
         ..EventFilter::all()
@@ -349,8 +408,10 @@ async fn drive(
     {
         tallies.push(serde_json::from_str(&line).context("a tally line from the clients")?);
     }
+    let node_cpu = cpu_secs() - cpu_at_start;
     let status = child.wait().await?;
     anyhow::ensure!(status.success(), "the clients process failed: {status}");
+    let clients_cpu: f64 = tallies.iter().map(|tally| tally.cpu_secs).sum();
     let end_kib = resident_kib().unwrap_or(0);
     peak_kib = peak_kib.max(end_kib);
 
@@ -378,6 +439,16 @@ async fn drive(
     for tally in &tallies {
         report(tally, total);
     }
+    let deliveries: u64 = tallies.iter().map(|tally| tally.delivered).sum();
+    let per_delivery = |secs: f64| secs * 1e9 / deliveries.max(1) as f64;
+    println!(
+        "CPU while publishing and delivering: node process {node_cpu:.1} s ({:.0} ns per \
+         delivery), clients process {clients_cpu:.1} s ({:.0} ns per delivery); load average \
+         {}",
+        per_delivery(node_cpu),
+        per_delivery(clients_cpu),
+        load_average().unwrap_or_else(|| "unknown".into()),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -426,15 +497,19 @@ async fn clients(base: &str, args: &EventsArgs) -> anyhow::Result<ExitCode> {
             .error_for_status()?;
         let sink = sse.clone();
         tasks.push(tokio::spawn(async move {
-            let mut events = response.bytes_stream().eventsource();
+            let mut chunks = response.bytes_stream();
+            let mut frames = SseFrames::default();
             let mut tally = Tally {
                 subscribers: 1,
                 ..Tally::default()
             };
             let _ = tokio::time::timeout(deadline, async {
                 while tally.delivered + tally.missed_in_markers < total {
-                    match events.next().await {
-                        Some(Ok(event)) => tally.record_frame(&event.data),
+                    match chunks.next().await {
+                        Some(Ok(chunk)) => {
+                            let now = now_micros();
+                            frames.push(&chunk, |data| tally.record_frame(data, now));
+                        }
                         _ => break,
                     }
                 }
@@ -462,7 +537,9 @@ async fn clients(base: &str, args: &EventsArgs) -> anyhow::Result<ExitCode> {
             let _ = tokio::time::timeout(deadline, async {
                 while tally.delivered + tally.missed_in_markers < total {
                     match socket.next().await {
-                        Some(Ok(Message::Text(text))) => tally.record_frame(&text),
+                        Some(Ok(Message::Text(text))) => {
+                            tally.record_frame(text.as_bytes(), now_micros());
+                        }
                         Some(Ok(_)) => {}
                         _ => break,
                     }
@@ -474,13 +551,43 @@ async fn clients(base: &str, args: &EventsArgs) -> anyhow::Result<ExitCode> {
         }));
     }
     println!("ready");
+    let cpu_at_start = cpu_secs();
     for task in tasks {
         let _ = task.await;
     }
+    // The process's CPU goes to the transport of most subscribers (the two share it).
+    let cpu = cpu_secs() - cpu_at_start;
+    let (mut sse, mut ws) = (sse.lock().await.clone(), ws.lock().await.clone());
+    if sse.subscribers >= ws.subscribers {
+        sse.cpu_secs = cpu;
+    } else {
+        ws.cpu_secs = cpu;
+    }
     for tally in [sse, ws] {
-        println!("{}", serde_json::to_string(&*tally.lock().await)?);
+        println!("{}", serde_json::to_string(&tally)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_secs() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |usage| {
+        let seconds =
+            |time: nix::sys::time::TimeVal| time.tv_sec() as f64 + time.tv_usec() as f64 / 1e6;
+        seconds(usage.user_time()) + seconds(usage.system_time())
+    })
+}
+
+/// The machine's load averages (1, 5, 15 minutes), from `/proc/loadavg`.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
 /// This process's resident memory, from `/proc/self/status`.
@@ -509,21 +616,39 @@ mod tests {
     fn tallies_count_progress_events_and_lag_markers_of_sse_and_websocket_frames() {
         let mut tally = Tally::default();
         let sent = now_micros();
-        tally.record_frame(&format!(
+        let now = now_micros();
+        tally.record_frame(format!(
             r#"{{"id":"a:1","kind":"session.progress","data":{{"message":"{sent}","current":0}}}}"#
-        ));
-        tally.record_frame(&format!(
+        ).as_bytes(), now);
+        tally.record_frame(format!(
             r#"{{"type":"event","event":{{"kind":"session.progress","data":{{"message":"{sent}"}}}}}}"#
-        ));
+        ).as_bytes(), now);
         tally.record_frame(
-            r#"{"type":"event","event":{"id":null,"kind":"events.lagged","data":{"missed":7,"resume_after":"a:3"}}}"#,
+            br#"{"type":"event","event":{"id":null,"kind":"events.lagged","data":{"missed":7,"resume_after":"a:3"}}}"#,
+            now,
         );
-        tally.record_frame(r#"{"kind":"link.connected","data":{}}"#);
-        tally.record_frame("not json");
+        tally.record_frame(br#"{"kind":"link.connected","data":{}}"#, now);
+        tally.record_frame(b"not json", now);
         assert_eq!(tally.delivered, 2);
         assert_eq!(tally.lag_markers, 1);
         assert_eq!(tally.missed_in_markers, 7);
         assert_eq!(tally.latency_us.total(), 2);
+    }
+
+    #[test]
+    fn sse_frames_are_found_whatever_the_chunk_boundaries() {
+        let stream: &[u8] = b"data: {\"n\":1}\nid: a:1\n\n: heartbeat\n\ndata: {\"n\":2}\n\n\
+                               data: {\"n\":3}\nid: a:3\n\n";
+        let expected: Vec<&[u8]> = vec![b"{\"n\":1}", b"{\"n\":2}", b"{\"n\":3}"];
+        for size in 1..=stream.len() {
+            let mut frames = SseFrames::default();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(size) {
+                frames.push(chunk, |data| seen.push(data.to_vec()));
+            }
+            assert_eq!(seen, expected, "chunks of {size} bytes");
+            assert!(frames.partial.is_empty(), "chunks of {size} bytes");
+        }
     }
 
     #[test]

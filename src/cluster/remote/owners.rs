@@ -415,6 +415,7 @@ mod tests {
 
     fn event(from: &str, seq: u64, session: Option<&str>, data: EventData) -> Event {
         Event {
+            rendered: Default::default(),
             id: EventId::new(node(from), seq),
             at: Timestamp::from_micros(1_700_000_000_000_000 + seq),
             session: session.map(self::session),
