@@ -383,6 +383,97 @@ fn take_ready(node: &NodeId, first: Delivery, events: &mut EventStream) -> Bytes
 }
 
 #[cfg(test)]
+pub(super) mod burst {
+    //! A node with one link of a transport, and a burst of events for it already on the bus:
+    //! the fixture of the tests that check how a link writes what is ready at once.
+
+    use std::time::Duration;
+
+    use troupe_actors::event::{
+        Delivery, EventData, EventFilter, FilterSet, ReplayFrom, SessionProgress, TransportKind,
+    };
+    use troupe_actors::ids::SessionId;
+
+    use crate::link::{LinkGuard, open_link};
+    use crate::replay::EventStream;
+
+    /// The node (keep it alive), the link's event stream and its link, and the ids of the
+    /// burst in publishing order.
+    pub(crate) struct ReadyBurst {
+        pub(crate) node: crate::node::NodeHandle,
+        pub(crate) events: EventStream,
+        pub(crate) link: LinkGuard,
+        pub(crate) published: Vec<String>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Starts a node, opens a `transport` link for one session's events, then publishes
+    /// `burst` progress events (message `message(index)`) and waits until the bus took them all.
+    pub(crate) async fn ready_burst(
+        transport: TransportKind,
+        burst: usize,
+        message: impl Fn(usize) -> String,
+    ) -> ReadyBurst {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let core = node.core().clone();
+        let session = SessionId::new("s-burst").unwrap();
+        let filter = EventFilter {
+            sessions: vec![session.clone()],
+            ..EventFilter::all()
+        };
+        let events = EventStream::open(
+            &core.tree.events,
+            &core.store,
+            ReplayFrom::Now,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        let link = open_link(
+            &core,
+            transport,
+            None,
+            None,
+            FilterSet::single(filter.clone()),
+        )
+        .await
+        .unwrap();
+        let mut watch = node.subscribe(filter);
+        for index in 0..burst {
+            node.events().publish(
+                Some(session.clone()),
+                EventData::SessionProgress(SessionProgress {
+                    message: message(index),
+                    current: Some(index as u64),
+                    total: None,
+                }),
+            );
+        }
+        let mut published = Vec::new();
+        while published.len() < burst {
+            match tokio::time::timeout(Duration::from_secs(30), watch.recv()).await {
+                Ok(Some(Delivery::Event(event))) => published.push(event.id.to_string()),
+                other => panic!("the bus did not take the burst: {other:?}"),
+            }
+        }
+        ReadyBurst {
+            node,
+            events,
+            link,
+            published,
+            _dir: dir,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -438,59 +529,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_goes_out_in_few_chunks_in_order_without_loss_then_heartbeats() {
-        use troupe_actors::event::{EventData, SessionProgress};
-
-        let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::Node::builder()
-            .config(crate::config::Config::default())
-            .data_dir(dir.path().join("data"))
-            .without_http()
-            .start()
-            .await
-            .unwrap();
-        let core = node.core().clone();
-        let session = SessionId::new("s-burst").unwrap();
-        let filter = EventFilter {
-            sessions: vec![session.clone()],
-            ..EventFilter::all()
-        };
-        let events = EventStream::open(
-            &core.tree.events,
-            &core.store,
-            ReplayFrom::Now,
-            FilterSet::single(filter.clone()),
-        )
-        .await
-        .unwrap();
-        let link = open_link(
-            &core,
-            TransportKind::Sse,
-            None,
-            None,
-            FilterSet::single(filter.clone()),
-        )
-        .await
-        .unwrap();
         // The whole burst is on the bus before the feed starts, so it is all ready at once.
         let burst = 3 * MAX_CHUNK_EVENTS + 17;
-        let mut watch = node.subscribe(filter);
-        for index in 0..burst {
-            node.events().publish(
-                Some(session.clone()),
-                EventData::SessionProgress(SessionProgress {
-                    message: format!("line {index} with some text to make the frame longer"),
-                    current: Some(index as u64),
-                    total: None,
-                }),
-            );
-        }
-        let mut published = Vec::new();
-        while published.len() < burst {
-            match tokio::time::timeout(Duration::from_secs(30), watch.recv()).await {
-                Ok(Some(Delivery::Event(event))) => published.push(event.id.to_string()),
-                other => panic!("the bus did not take the burst: {other:?}"),
-            }
-        }
+        let super::burst::ReadyBurst {
+            node,
+            events,
+            link,
+            published,
+            ..
+        } = super::burst::ready_burst(TransportKind::Sse, burst, |index| {
+            format!("line {index} with some text to make the frame longer")
+        })
+        .await;
 
         let (queue, mut body) = tokio::sync::mpsc::channel(BODY_QUEUE);
         let heartbeat = Duration::from_millis(200);

@@ -369,9 +369,6 @@ mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
-    use troupe_actors::event::{EventData, ReplayFrom, SessionProgress};
-    use troupe_actors::ids::SessionId;
-
     use super::*;
 
     /// What the link did to its socket: a frame fed, or a flush.
@@ -411,57 +408,19 @@ mod tests {
 
     #[tokio::test]
     async fn ready_events_go_out_in_order_without_loss_with_one_flush_per_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::Node::builder()
-            .config(crate::config::Config::default())
-            .data_dir(dir.path().join("data"))
-            .without_http()
-            .start()
-            .await
-            .unwrap();
-        let core = node.core().clone();
-        let session = SessionId::new("s-burst").unwrap();
-        let filter = EventFilter {
-            sessions: vec![session.clone()],
-            ..EventFilter::all()
-        };
-        let events = EventStream::open(
-            &core.tree.events,
-            &core.store,
-            ReplayFrom::Now,
-            FilterSet::single(filter.clone()),
-        )
-        .await
-        .unwrap();
-        let link = open_link(
-            &core,
-            TransportKind::WebSocket,
-            None,
-            None,
-            FilterSet::single(filter.clone()),
-        )
-        .await
-        .unwrap();
         // The whole burst is on the bus before the link runs, so it is all ready at once.
         let burst = 2 * MAX_BATCH_EVENTS + 9;
-        let mut watch = node.subscribe(filter);
-        for index in 0..burst {
-            node.events().publish(
-                Some(session.clone()),
-                EventData::SessionProgress(SessionProgress {
-                    message: format!("line {index}"),
-                    current: Some(index as u64),
-                    total: None,
-                }),
-            );
-        }
-        let mut published = Vec::new();
-        while published.len() < burst {
-            match tokio::time::timeout(Duration::from_secs(30), watch.recv()).await {
-                Ok(Some(Delivery::Event(event))) => published.push(event.id.to_string()),
-                other => panic!("the bus did not take the burst: {other:?}"),
-            }
-        }
+        let crate::http::events::burst::ReadyBurst {
+            node,
+            events,
+            link,
+            published,
+            ..
+        } = crate::http::events::burst::ready_burst(TransportKind::WebSocket, burst, |index| {
+            format!("line {index}")
+        })
+        .await;
+        let core = node.core().clone();
 
         let (out, mut written) = tokio::sync::mpsc::unbounded_channel();
         let (_client, incoming) = futures::channel::mpsc::unbounded::<Incoming>();
