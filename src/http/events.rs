@@ -266,8 +266,26 @@ fn link_stream(
     link: LinkGuard,
     heartbeat: Duration,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let (_feed, body) = spawn_feed(node, events, link, heartbeat);
+    futures::stream::unfold(body, |mut body| async move {
+        let chunk = body.recv().await?;
+        Some((Ok(chunk), body))
+    })
+}
+
+/// Starts the task that feeds a link's chunks into a bounded queue; returns it and the queue's
+/// receiving end (the response body reads it).
+fn spawn_feed(
+    node: NodeId,
+    events: EventStream,
+    link: LinkGuard,
+    heartbeat: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Receiver<Bytes>,
+) {
     let (queue, body) = tokio::sync::mpsc::channel(BODY_QUEUE);
-    tokio::spawn(feed_link(
+    let feed = tokio::spawn(feed_link(
         node,
         events,
         link,
@@ -277,10 +295,7 @@ fn link_stream(
             heartbeat,
         },
     ));
-    futures::stream::unfold(body, |mut body| async move {
-        let chunk = body.recv().await?;
-        Some((Ok(chunk), body))
-    })
+    (feed, body)
 }
 
 /// The timing of a followed stream.
@@ -542,18 +557,12 @@ mod tests {
         })
         .await;
 
-        let (queue, mut body) = tokio::sync::mpsc::channel(BODY_QUEUE);
-        let heartbeat = Duration::from_millis(200);
-        let feed = tokio::spawn(feed_link(
+        let (feed, mut body) = spawn_feed(
             node.core().node_id.clone(),
             events,
             link,
-            queue,
-            Pacing {
-                send_timeout: SEND_TIMEOUT,
-                heartbeat,
-            },
-        ));
+            Duration::from_millis(200),
+        );
         let mut received = Vec::new();
         let mut chunks = 0;
         while frame_ids(&received).0.len() < burst {
