@@ -233,6 +233,10 @@ pub struct EventsConfig {
     pub retention_secs: u64,
     /// The persisted event log is trimmed to about this size.
     pub retention_bytes: u64,
+    /// Milliseconds a batch of event and output appends alone may wait after the store's
+    /// previous commit, gathering more (fewer commits under a flood; anything awaited, such as a
+    /// session transition, commits at once). At most 60,000.
+    pub log_linger_ms: u64,
 }
 
 impl Default for EventsConfig {
@@ -243,6 +247,7 @@ impl Default for EventsConfig {
             heartbeat_secs: 15,
             retention_secs: 7 * 24 * 3600,
             retention_bytes: 256 * 1024 * 1024,
+            log_linger_ms: 10,
         }
     }
 }
@@ -488,6 +493,16 @@ impl Config {
             return Err(semantic(
                 "events.ring_capacity",
                 "ring_capacity and subscriber_buffer must be at least 1".into(),
+            ));
+        }
+        if self.events.log_linger_ms > 60_000 {
+            return Err(semantic(
+                "events.log_linger_ms",
+                format!(
+                    "{} is over 60000 (a minute): appends that long unwritten would be lost in a \
+                     crash for nothing",
+                    self.events.log_linger_ms
+                ),
             ));
         }
         if self.supervision.backoff_min_ms > self.supervision.backoff_max_ms {
@@ -776,6 +791,14 @@ fault_injection = false
             )
             .unwrap_err();
             assert!(error.contains("log.level"), "{error}");
+
+            let error = load_in(
+                jail,
+                Some("[events]\nlog_linger_ms = 60001\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.contains("events.log_linger_ms"), "{error}");
             Ok(())
         });
     }

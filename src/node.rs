@@ -168,6 +168,7 @@ impl NodeBuilder {
             StoreConfig {
                 event_retention: Duration::from_secs(config.events.retention_secs),
                 event_retention_bytes: config.events.retention_bytes,
+                append_linger: Duration::from_millis(config.events.log_linger_ms),
                 ..StoreConfig::default()
             },
         )

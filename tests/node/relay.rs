@@ -698,3 +698,75 @@ async fn a_sender_keeps_at_most_a_window_of_unacknowledged_batches() {
     assert!(more.is_err(), "two batches for one acknowledgement");
     receiver.close(Duration::from_secs(1)).await;
 }
+
+/// An event can leave the ring before the log commits it (here: a ring of 8, and appends that
+/// would wait a minute for the log, since nothing awaited is written meanwhile). A peer resuming
+/// from before the ring still gets every event: the backfill commits what is queued before it
+/// reads the log.
+#[tokio::test]
+async fn a_backfill_reads_events_that_left_the_ring_before_the_log_committed_them() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["rogue"]).await;
+    let a = node(
+        temp.path(),
+        "a",
+        None,
+        "[events]\nring_capacity = 8\nlog_linger_ms = 60000\n",
+        &[],
+    )
+    .await;
+    // The watcher's own link.connected, then one per link below: far more than the ring holds.
+    let mut watch = a.events("", None).await;
+    let mut links = Vec::new();
+    for _ in 0..20 {
+        links.push(a.events("kind=provider.retry", None).await);
+    }
+    let (mut connected, mut newest) = (0, 0);
+    while connected < 21 {
+        let (id, event) = watch.next().await;
+        newest = newest.max(seq(&id));
+        if event["kind"] == "link.connected" {
+            connected += 1;
+        }
+    }
+
+    // A peer resumes a's stream from its very start.
+    let receiver = rogue(temp.path()).await;
+    let a_id = NodeId::new("a").unwrap();
+    let (_, connection) = receiver
+        .connect(a.cluster.unwrap(), Some(&a_id))
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Frame::Hello {
+            version: RELAY_VERSION,
+            after: Some(0),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        read_frame(&mut recv).await.unwrap(),
+        Frame::Welcome { after: 0, .. }
+    ));
+    let mut got = Vec::new();
+    while got.last().is_none_or(|last| *last < newest) {
+        let frame = tokio::time::timeout(PATIENCE, read_frame(&mut recv))
+            .await
+            .expect("a batch")
+            .unwrap();
+        match frame {
+            Frame::Batch(events) => got.extend(events.iter().map(|event| event.id.seq)),
+            other => panic!("expected a batch, got {}", other.name()),
+        }
+    }
+    let expected: Vec<u64> = (1..=newest).collect();
+    assert_eq!(
+        got[..expected.len().min(got.len())],
+        expected[..],
+        "every event of a from its first, none skipped"
+    );
+    receiver.close(Duration::from_secs(1)).await;
+}
