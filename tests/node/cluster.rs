@@ -100,21 +100,6 @@ async fn nodes_start_with_certificates_made_by_the_cli() {
     assert!(!ok && err.contains("already exists"), "{err}");
 }
 
-/// The node's stderr once it contains `needle` (the reader task may lag the exit a little).
-async fn logged(logs: &crate::support::Logs, needle: &str) -> String {
-    let found = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let text = logs.all().join("\n");
-            if text.contains(needle) {
-                return text;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| logs.all().join("\n"))
-}
-
 #[tokio::test]
 async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
     let temp = tempfile::tempdir().unwrap();
@@ -127,7 +112,7 @@ async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
         .unwrap()
         .unwrap();
     assert!(!status.success());
-    let text = logged(&logs, "troupe cluster init").await;
+    let text = logs.wait_text("troupe cluster init").await;
     assert!(text.contains("troupe cluster init"), "{text}");
 
     make_cluster(temp.path(), &["b"]).await;
@@ -140,7 +125,7 @@ async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
         .unwrap()
         .unwrap();
     assert!(!status.success());
-    let text = logged(&logs, "issued to node").await;
+    let text = logs.wait_text("issued to node").await;
     assert!(
         text.contains("issued to node \\\"b\\\"") || text.contains("issued to node \"b\""),
         "{text}"
@@ -213,8 +198,8 @@ async fn three_nodes_join_through_one_seed_and_detect_a_killed_one_and_a_leaving
             if complete && view["members"].as_array().unwrap().len() == 2 {
                 break view;
             }
-            // Metadata follows membership by a gossip round; wait for the next membership event
-            // or metadata refresh rather than sleeping blindly.
+            // Metadata follows membership by a gossip round and no event announces it: poll the
+            // view (each poll is one cheap GET), bounded by PATIENCE.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     })
@@ -349,7 +334,8 @@ async fn a_restarted_node_rejoins_with_a_higher_generation_and_its_events_resume
 }
 
 /// Waits until `node`'s member view (the registry, updated next to the `node.*` events) has
-/// every one of `nodes` alive.
+/// every one of `nodes` alive. The view is the registry's table, which its actor writes on its
+/// own task, so it can trail the event a reader saw: polled, bounded by PATIENCE.
 async fn wait_alive(node: &NodeProcess, nodes: &[&str]) {
     tokio::time::timeout(PATIENCE, async {
         loop {

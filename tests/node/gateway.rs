@@ -402,6 +402,9 @@ async fn consecutive_server_errors_open_the_breaker_calls_fall_back_and_a_probe_
 
     // The provider recovers; after the cool-down a probe goes through and closes the breaker.
     primary.clear_behaviour("m1");
+    // The cool-down (open_secs = 1) runs on the node's wall clock in another process, and the
+    // breaker half-opens on the first call after it (no event before): wait it out. The
+    // breaker's timing itself is unit-tested with an explicit `now`.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let response = gateway.ask("primary/m1", false).await;
     assert_eq!(response.status(), 200);

@@ -59,6 +59,23 @@ impl Logs {
         })
     }
 
+    /// Waits (up to [`PATIENCE`]) until the lines so far contain `needle`; returns them all,
+    /// joined, either way (the caller's assertion says what was missing).
+    pub async fn wait_text(&self, needle: &str) -> String {
+        let found = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let notified = self.changed.notified();
+                let text = self.all().join("\n");
+                if text.contains(needle) {
+                    return text;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| self.all().join("\n"))
+    }
+
     fn push(&self, line: String) {
         self.lines.lock().unwrap().push(line);
         self.changed.notify_waiters();
