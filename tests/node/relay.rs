@@ -400,6 +400,40 @@ async fn rogue(root: &Path) -> ClusterEndpoint {
     .unwrap()
 }
 
+/// Opens a relay stream from the rogue to node `a` asking for its events after `after`, as a
+/// peer would; returns the rogue (keep it), the stream's halves, once `a` welcomed it.
+async fn rogue_relay(
+    root: &Path,
+    a: &NodeProcess,
+    after: Option<u64>,
+) -> (ClusterEndpoint, quinn::SendStream, quinn::RecvStream) {
+    let receiver = rogue(root).await;
+    let a_id = NodeId::new("a").unwrap();
+    let (_, connection) = receiver
+        .connect(a.cluster.unwrap(), Some(&a_id))
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    write_frame(
+        &mut send,
+        &Frame::Hello {
+            version: RELAY_VERSION,
+            after,
+        },
+    )
+    .await
+    .unwrap();
+    match read_frame(&mut recv).await.unwrap() {
+        Frame::Welcome { after: start, .. } => {
+            if let Some(after) = after {
+                assert_eq!(start, after, "the stream starts where it was asked to");
+            }
+        }
+        other => panic!("expected a welcome, got {}", other.name()),
+    }
+    (receiver, send, recv)
+}
+
 /// Waits for a WARN line of `node` about the rogue breaking the protocol with `reason`.
 async fn warned(node: &NodeProcess, reason: &str) {
     let line = node
@@ -647,26 +681,7 @@ async fn a_sender_keeps_at_most_a_window_of_unacknowledged_batches() {
     let temp = tempfile::tempdir().unwrap();
     make_cluster(temp.path(), &["rogue"]).await;
     let a = node(temp.path(), "a", None, "", &[]).await;
-    let receiver = rogue(temp.path()).await;
-    let a_id = NodeId::new("a").unwrap();
-    let (_, connection) = receiver
-        .connect(a.cluster.unwrap(), Some(&a_id))
-        .await
-        .unwrap();
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    write_frame(
-        &mut send,
-        &Frame::Hello {
-            version: RELAY_VERSION,
-            after: None,
-        },
-    )
-    .await
-    .unwrap();
-    assert!(matches!(
-        read_frame(&mut recv).await.unwrap(),
-        Frame::Welcome { .. }
-    ));
+    let (receiver, mut send, mut recv) = rogue_relay(temp.path(), &a, None).await;
 
     // Far more events than a window can hold even at 256 events of 256 lines per batch (about
     // 4,700 events); this receiver acknowledges nothing.
@@ -731,26 +746,8 @@ async fn a_backfill_reads_events_that_left_the_ring_before_the_log_committed_the
     }
 
     // A peer resumes a's stream from its very start.
-    let receiver = rogue(temp.path()).await;
-    let a_id = NodeId::new("a").unwrap();
-    let (_, connection) = receiver
-        .connect(a.cluster.unwrap(), Some(&a_id))
-        .await
-        .unwrap();
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    write_frame(
-        &mut send,
-        &Frame::Hello {
-            version: RELAY_VERSION,
-            after: Some(0),
-        },
-    )
-    .await
-    .unwrap();
-    assert!(matches!(
-        read_frame(&mut recv).await.unwrap(),
-        Frame::Welcome { after: 0, .. }
-    ));
+    // The sending half stays open (dropping it would end the stream).
+    let (receiver, _send, mut recv) = rogue_relay(temp.path(), &a, Some(0)).await;
     let mut got = Vec::new();
     while got.last().is_none_or(|last| *last < newest) {
         let frame = tokio::time::timeout(PATIENCE, read_frame(&mut recv))

@@ -124,6 +124,16 @@ async fn membership_event(stream: &mut SseStream, kind: &str, name: &str) -> Val
     }
 }
 
+/// kill -9 of node c; returns once `watcher` (node.* events of another node) has c's node.down,
+/// which must come within the fast profile's bound.
+async fn kill_and_detect(c: &mut NodeProcess, watcher: &mut SseStream) {
+    c.child.start_kill().unwrap();
+    let _ = c.wait_exit().await;
+    tokio::time::timeout(DETECTION_BOUND, membership_event(watcher, "node.down", "c"))
+        .await
+        .expect("node.down for c within the fast profile's bound");
+}
+
 async fn spawn_through(node: &NodeProcess, body: Value) -> (u16, Value) {
     let response = node.post_json("/v1/sessions", body).await;
     let status = response.status().as_u16();
@@ -499,14 +509,7 @@ async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_i
     }
 
     // kill -9 of the owner: b declares it down within the fast profile's bound.
-    c.child.start_kill().unwrap();
-    let _ = c.wait_exit().await;
-    tokio::time::timeout(
-        DETECTION_BOUND,
-        membership_event(&mut b_events, "node.down", "c"),
-    )
-    .await
-    .expect("node.down for c within the fast profile's bound");
+    kill_and_detect(&mut c, &mut b_events).await;
 
     // One session.unreachable per open session, published by b, naming c; none for the ended
     // one. A link opened afterwards marks the end: everything b published for that node.down
@@ -640,14 +643,7 @@ async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_i
     assert_eq!(status, 202, "{record}");
     let fresh = record["id"].as_str().unwrap().to_owned();
     session_event(&mut on_b, &fresh, "session.started").await;
-    c.child.start_kill().unwrap();
-    let _ = c.wait_exit().await;
-    tokio::time::timeout(
-        DETECTION_BOUND,
-        membership_event(&mut b_events, "node.down", "c"),
-    )
-    .await
-    .expect("node.down for c within the fast profile's bound");
+    kill_and_detect(&mut c, &mut b_events).await;
     let (_, event) = b_events.next_of("session.unreachable").await;
     assert_eq!(event["session"], fresh.as_str(), "{event}");
     let _marker = b.events("kind=health.*", None).await;
