@@ -5,7 +5,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::support::{NodeProcess, PATIENCE, relay_up, spawn_node, troupe_bin};
+use crate::support::{NodeProcess, PATIENCE, relay_up, spawn_node, start_cluster_node, troupe_bin};
 
 /// Runs `troupe ARGS` and returns (success, stdout, stderr).
 async fn troupe(args: &[&str]) -> (bool, String, String) {
@@ -133,34 +133,10 @@ async fn a_node_without_cluster_files_or_with_another_nodes_says_what_to_do() {
 }
 
 /// Writes a config selecting the `fast` profile and returns its path.
-fn fast_config(root: &Path) -> String {
-    let file = root.join("fast.toml");
-    std::fs::write(
-        &file,
-        "[cluster]\nprofile = \"fast\"\nlabels = { zone = \"z1\" }\n",
-    )
-    .unwrap();
-    file.to_str().unwrap().to_owned()
-}
-
 /// Starts node `name` in `root/name` with the fast profile, joining `join` when given.
 async fn cluster_node(root: &Path, name: &str, join: Option<std::net::SocketAddr>) -> NodeProcess {
-    let config = fast_config(root);
-    let join = join.map(|addr| addr.to_string());
-    let mut args = vec![
-        "--config",
-        config.as_str(),
-        "--node-id",
-        name,
-        "--cluster-listen",
-        "127.0.0.1:0",
-    ];
-    if let Some(join) = &join {
-        args.extend(["--join", join.as_str()]);
-    }
-    let node = NodeProcess::start_in(&root.join(name), &args).await;
-    assert!(node.cluster.is_some(), "node {name} has no cluster address");
-    node
+    let config = "[cluster]\nprofile = \"fast\"\nlabels = { zone = \"z1\" }\n";
+    start_cluster_node(root, name, config, join, &[]).await
 }
 
 /// Reads `kind` events from `stream` until one for each of `nodes` arrived.

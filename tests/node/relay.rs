@@ -17,7 +17,7 @@ use troupe::testing::fake_provider::{FakeConfig, FakeProvider};
 use troupe_actors::ids::NodeId;
 
 use crate::cluster::make_cluster;
-use crate::support::{NodeEnv, NodeProcess, PATIENCE, SseStream, relay_up};
+use crate::support::{NodeEnv, NodeProcess, PATIENCE, SseStream, relay_up, start_cluster_node};
 
 fn seq(id: &str) -> u64 {
     id.rsplit_once(':').unwrap().1.parse().unwrap()
@@ -35,29 +35,9 @@ async fn node(
     extra: &str,
     flags: &[&str],
 ) -> NodeProcess {
-    let config = root.join(format!("{name}.toml"));
     // Every output line is its own event (no flood coalescing): these tests need dense streams.
-    std::fs::write(
-        &config,
-        format!("[sessions]\n{UNCOALESCED}\n[cluster]\nprofile = \"fast\"\n{extra}"),
-    )
-    .unwrap();
-    let join = join.map(|addr| addr.to_string());
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--node-id",
-        name,
-        "--cluster-listen",
-        "127.0.0.1:0",
-    ];
-    if let Some(join) = &join {
-        args.extend(["--join", join.as_str()]);
-    }
-    args.extend(flags);
-    let node = NodeProcess::start_in(&root.join(name), &args).await;
-    assert!(node.cluster.is_some(), "node {name} has no cluster address");
-    node
+    let config = format!("[sessions]\n{UNCOALESCED}\n[cluster]\nprofile = \"fast\"\n{extra}");
+    start_cluster_node(root, name, &config, join, flags).await
 }
 
 /// Reads `stream` until the event with id `last`; returns the ids read (`last` included).

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cluster::make_cluster;
-use crate::support::{NodeProcess, PATIENCE, SseStream, run_cli};
+use crate::support::{NodeProcess, PATIENCE, SseStream, run_cli, start_cluster_node};
 
 /// How long a `kill -9` may take to be noticed: the `fast` profile declares a silent member
 /// down within about 1.5 s (probe 300 ms, suspect-to-down 900 ms); 10 s leaves room for a
@@ -28,31 +28,11 @@ async fn node(
         .iter()
         .map(|(key, value)| format!("{key} = \"{value}\""))
         .collect();
-    let config = root.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nprofile = \"fast\"\nlabels = {{ {} }}\n\n[sessions]\nmax_concurrent = 2\n",
-            labels.join(", ")
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_owned();
-    let join = join.map(|addr| addr.to_string());
-    let mut args = vec![
-        "--config",
-        config.as_str(),
-        "--node-id",
-        name,
-        "--cluster-listen",
-        "127.0.0.1:0",
-    ];
-    if let Some(join) = &join {
-        args.extend(["--join", join.as_str()]);
-    }
-    let node = NodeProcess::start_in(&root.join(name), &args).await;
-    assert!(node.cluster.is_some(), "node {name} has no cluster address");
-    node
+    let config = format!(
+        "[cluster]\nprofile = \"fast\"\nlabels = {{ {} }}\n\n[sessions]\nmax_concurrent = 2\n",
+        labels.join(", ")
+    );
+    start_cluster_node(root, name, &config, join, &[]).await
 }
 
 /// Waits until `node`'s member view has each of `names` alive with its gossiped metadata.
@@ -132,6 +112,20 @@ async fn kill_and_detect(c: &mut NodeProcess, watcher: &mut SseStream) {
     tokio::time::timeout(DETECTION_BOUND, membership_event(watcher, "node.down", "c"))
         .await
         .expect("node.down for c within the fast profile's bound");
+}
+
+/// Opens a link on `b` (its `link.connected` marks the end of what b published so far) and
+/// reads `b_events` up to it: no `session.unreachable` may come before, else `why`.
+async fn no_more_unreachable(b: &NodeProcess, b_events: &mut SseStream, why: &str) {
+    let _marker = b.events("kind=health.*", None).await;
+    loop {
+        let (_, event) = b_events.next().await;
+        match event["kind"].as_str().unwrap() {
+            "link.connected" if event["node"] == "b" => break,
+            "session.unreachable" => panic!("{why}: {event}"),
+            _ => {}
+        }
+    }
 }
 
 async fn spawn_through(node: &NodeProcess, body: Value) -> (u16, Value) {
@@ -525,15 +519,7 @@ async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_i
     let mut expected = open.clone();
     expected.sort();
     assert_eq!(unreachable, expected);
-    let _marker = b.events("kind=health.*", None).await;
-    loop {
-        let (_, event) = b_events.next().await;
-        match event["kind"].as_str().unwrap() {
-            "link.connected" if event["node"] == "b" => break,
-            "session.unreachable" => panic!("a second session.unreachable: {event}"),
-            _ => {}
-        }
-    }
+    no_more_unreachable(&b, &mut b_events, "a second session.unreachable").await;
 
     // b's views: a 503 naming c with the last known record; listings show that record.
     let response = b.get(&format!("/v1/sessions/{}", open[0])).await;
@@ -646,13 +632,5 @@ async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_i
     kill_and_detect(&mut c, &mut b_events).await;
     let (_, event) = b_events.next_of("session.unreachable").await;
     assert_eq!(event["session"], fresh.as_str(), "{event}");
-    let _marker = b.events("kind=health.*", None).await;
-    loop {
-        let (_, event) = b_events.next().await;
-        match event["kind"].as_str().unwrap() {
-            "link.connected" if event["node"] == "b" => break,
-            "session.unreachable" => panic!("only the fresh run is unreachable: {event}"),
-            _ => {}
-        }
-    }
+    no_more_unreachable(&b, &mut b_events, "only the fresh run is unreachable").await;
 }

@@ -482,3 +482,33 @@ pub async fn relay_up(from: &NodeProcess, relayed: &mut SseStream) -> (String, V
     .expect("the relay link comes up");
     (id, opened)
 }
+
+/// Starts cluster node `name` in `root/name` with the configuration `config` (written to
+/// `root/name.toml`), listening for the cluster on `127.0.0.1:0` and joining `join` when given;
+/// `flags` go after. Panics when the node has no cluster address.
+pub async fn start_cluster_node(
+    root: &Path,
+    name: &str,
+    config: &str,
+    join: Option<SocketAddr>,
+    flags: &[&str],
+) -> NodeProcess {
+    let file = root.join(format!("{name}.toml"));
+    std::fs::write(&file, config).unwrap();
+    let join = join.map(|addr| addr.to_string());
+    let mut args = vec![
+        "--config",
+        file.to_str().unwrap(),
+        "--node-id",
+        name,
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ];
+    if let Some(join) = &join {
+        args.extend(["--join", join.as_str()]);
+    }
+    args.extend(flags);
+    let node = NodeProcess::start_in(&root.join(name), &args).await;
+    assert!(node.cluster.is_some(), "node {name} has no cluster address");
+    node
+}
