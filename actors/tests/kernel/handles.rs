@@ -118,7 +118,14 @@ async fn wait_until_running_again(handle: &ActorHandle<CounterMsg>, after_genera
         }),
     )
     .await
-    .expect("restart within 30 s")
+    .unwrap_or_else(|_| {
+        panic!(
+            "no restart past generation {after_generation} within 30 s; the handle is {:?}, \
+             its counters {:?}",
+            *handle.watch_status().borrow(),
+            handle.stats().snapshot()
+        )
+    })
     .unwrap();
 }
 
