@@ -267,6 +267,11 @@ pub(crate) struct HandleShared<M: Send + 'static> {
 }
 
 impl<M: Send + 'static> HandleShared<M> {
+    /// Locks the slot. Never drop an instance reference while holding this lock: the last
+    /// reference to a dead mailbox drops the envelopes still in it (a send that raced with the
+    /// crash can land after the mailbox was drained), each envelope's `Drop` calls
+    /// [`HandleShared::returned`], which takes this lock, and a std mutex taken twice on one
+    /// thread deadlocks it. Take the reference out, release the lock, then drop it.
     fn lock(&self) -> MutexGuard<'_, Slot<M>> {
         // A panic while holding this lock can only come from a bug in this module; the slot's
         // data stays consistent at every await-free step, so poisoning is safe to ignore.
@@ -513,9 +518,13 @@ impl<M: Send + 'static> ActorHandle<M> {
         slot.status = HandleStatus::Running {
             generation: slot.generation,
         };
-        slot.instance = Some(instance.clone());
-        self.shared.current.store(Some(Arc::new(instance)));
+        let replaced = (
+            slot.instance.replace(instance.clone()),
+            self.shared.current.swap(Some(Arc::new(instance))),
+        );
         self.shared.status_tx.send_replace(slot.status);
+        drop(slot);
+        drop(replaced);
     }
 
     /// Records that the running instance replaced its failed incarnation in place: the mailbox
@@ -539,9 +548,10 @@ impl<M: Send + 'static> ActorHandle<M> {
             return;
         }
         slot.status = HandleStatus::Restarting;
-        slot.instance = None;
-        self.shared.current.store(None);
+        let released = (slot.instance.take(), self.shared.current.swap(None));
         self.shared.status_tx.send_replace(slot.status);
+        drop(slot);
+        drop(released);
     }
 
     /// Marks the child as stopped for good; waiting messages become dead letters (a request's
@@ -549,11 +559,11 @@ impl<M: Send + 'static> ActorHandle<M> {
     pub(crate) fn stop_for_good(&self) {
         let mut slot = self.shared.lock();
         slot.status = HandleStatus::Stopped;
-        slot.instance = None;
-        self.shared.current.store(None);
+        let released = (slot.instance.take(), self.shared.current.swap(None));
         let dropped = std::mem::take(&mut slot.pending);
         self.shared.status_tx.send_replace(slot.status);
         drop(slot);
+        drop(released);
         if !dropped.is_empty() {
             self.shared.dead_letter(dropped.len() as u64);
         }
