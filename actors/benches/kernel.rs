@@ -10,9 +10,10 @@
 //! - `round_trip/*`: one request and its reply, to a supervised actor through its handle and,
 //!   as the baseline in the same run, to a task over a raw tokio mpsc channel with a oneshot
 //!   reply. The ratio of the medians is printed after criterion's report (target: the actor
-//!   reaches ≥ 50 % of the raw channel's throughput). `supervised_actor_without_deadline` sends
-//!   the same request through the handle but awaits the reply without `call`'s deadline, to show
-//!   what the deadline's timer costs.
+//!   reaches ≥ 50 % of the raw channel's throughput). `bare_ractor_actor` is the same echo as a
+//!   plain ractor actor (ractor's mailbox and loop alone): the floor the kernel builds on.
+//!   `supervised_actor_without_deadline` sends the same request through the handle but awaits
+//!   the reply without `call`'s deadline, to show what the deadline costs.
 //! - `casts/*`: a burst of 1,000 one-way messages followed by one request (external sender
 //!   throughput), with the same baseline and printed ratio.
 //! - `restart/*`: a supervised child panics and a request sent right after the fault is answered
@@ -119,6 +120,39 @@ async fn supervised_echo(strategy: Strategy, events: Option<EventBus>) -> ActorH
 
 type RawRequest = (u64, oneshot::Sender<u64>);
 
+/// The same echo as a bare ractor actor: ractor's own mailbox and loop, no handle, envelope,
+/// counters or supervision. What the kernel adds is the gap between this and the handle.
+struct BareEcho;
+
+impl ractor::Actor for BareEcho {
+    type Msg = EchoMsg;
+    type State = u64;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ractor::ActorRef<EchoMsg>,
+        _args: (),
+    ) -> Result<u64, ractor::ActorProcessingErr> {
+        Ok(0)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ractor::ActorRef<EchoMsg>,
+        message: EchoMsg,
+        total: &mut u64,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        match message {
+            EchoMsg::Ask(value, reply) => {
+                let _ = reply.send(value + *total);
+            }
+            EchoMsg::Tell(value) => *total = total.wrapping_add(value),
+        }
+        Ok(())
+    }
+}
+
 fn raw_echo() -> mpsc::UnboundedSender<RawRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<RawRequest>();
     tokio::spawn(async move {
@@ -220,6 +254,21 @@ fn round_trip(c: &mut Criterion) {
             })
         })
     });
+    let bare = rt.block_on(async { ractor::Actor::spawn(None, BareEcho, ()).await.unwrap().0 });
+    let bare_times = PerOp::default();
+    group.bench_function("bare_ractor_actor", |b| {
+        b.iter_custom(|iters| {
+            let bare = bare.clone();
+            timed_in_task(&rt, iters, 1, &bare_times, move || {
+                let bare = bare.clone();
+                async move {
+                    let (tx, rx) = ractor::concurrency::oneshot();
+                    bare.send_message(EchoMsg::Ask(7, tx.into())).unwrap();
+                    rx.await.unwrap()
+                }
+            })
+        })
+    });
     let untimed_times = PerOp::default();
     group.bench_function("supervised_actor_without_deadline", |b| {
         b.iter_custom(|iters| {
@@ -236,6 +285,12 @@ fn round_trip(c: &mut Criterion) {
     });
     group.finish();
     print_ratio("round trip", &raw_times, &actor_times, "target ≥ 50 %");
+    print_ratio(
+        "round trip, bare ractor actor (ractor's own floor)",
+        &raw_times,
+        &bare_times,
+        "for comparison",
+    );
     print_ratio(
         "round trip without deadline",
         &raw_times,

@@ -832,7 +832,7 @@ impl EventBus {
                     SendErrorKind::RestartBacklogFull => CallError::Backlogged { path },
                 });
             }
-            match tokio::time::timeout(RELAY_TIMEOUT, answer).await {
+            match crate::kernel::within(RELAY_TIMEOUT, answer).await {
                 Ok(Ok(high)) => Ok(high),
                 Ok(Err(_)) => Err(CallError::NoReply { path }),
                 Err(_) => Err(CallError::Timeout {

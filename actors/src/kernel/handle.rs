@@ -469,7 +469,8 @@ impl<M: Send + 'static> ActorHandle<M> {
                 SendErrorKind::RestartBacklogFull => CallError::Backlogged { path },
             });
         }
-        match tokio::time::timeout(timeout, rx).await {
+        // The deadline without a timer per call: see `deadline`.
+        match super::deadline::within(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(CallError::NoReply {
                 path: self.shared.path.clone(),

@@ -3,12 +3,14 @@
 //! linking, supervision events); the restart policy itself lives in [`crate::supervisor`].
 
 mod actor;
+mod deadline;
 mod directory;
 mod handle;
 mod stats;
 
 pub use actor::{Actor, ActorError, Context, spawn};
 pub(crate) use actor::{Admission, InPlace, InPlaceRestarts, spawn_linked};
+pub(crate) use deadline::within;
 pub use directory::{ActorControl, ActorDirectory, ChildKind, DirectoryEntry, FaultError};
 pub use handle::{
     ActorHandle, CallError, DEFAULT_RESTART_BACKLOG, Envelope, FaultKind, HandleStatus, SendError,
