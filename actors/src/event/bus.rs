@@ -73,7 +73,8 @@ pub trait EventStore: Send + Sync + 'static {
     /// (queue the write and batch it).
     fn append(&self, item: &BusItem);
 
-    /// Where to continue after the node restarts: counters and the most recent events.
+    /// Where to continue after the node restarts: counters and the most recent events. May
+    /// block (the bus calls it on tokio's blocking pool).
     fn resume(&self, ring_capacity: usize) -> StoreResume;
 
     /// Durably records that this node may hand out sequence numbers up to `through`, so that
@@ -278,7 +279,15 @@ impl Actor for EventBusActor {
         let shared = args.shared;
         let mut ring = VecDeque::with_capacity(shared.config.ring_capacity.min(65_536));
         if let Some(store) = &args.store {
-            let resume = store.resume(shared.config.ring_capacity);
+            // `resume` blocks (a store flushes its queued appends and reads its log): off the
+            // runtime's workers, which this start would otherwise hold for as long as that takes.
+            let resume = {
+                let store = Arc::clone(store);
+                let capacity = shared.config.ring_capacity;
+                tokio::task::spawn_blocking(move || store.resume(capacity))
+                    .await
+                    .map_err(|error| format!("reading the event store to resume failed: {error}"))?
+            };
             shared.resumed.call_once(|| {
                 shared
                     .last_seq

@@ -297,3 +297,61 @@ async fn a_narrower_filter_also_applies_to_the_replay_not_received_yet() {
     }
     assert_eq!(rest, [2, 4, 6, 8]);
 }
+
+/// A store whose `resume` blocks until a task of the runtime lets it go (or 5 s pass).
+struct SlowResume {
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+    released_in_time: std::sync::atomic::AtomicBool,
+}
+
+impl EventStore for SlowResume {
+    fn append(&self, _item: &BusItem) {}
+
+    fn resume(&self, _ring_capacity: usize) -> StoreResume {
+        let waited = self
+            .release
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(5));
+        self.released_in_time
+            .store(waited.is_ok(), std::sync::atomic::Ordering::SeqCst);
+        StoreResume::default()
+    }
+
+    fn reserve(&self, _through: u64) -> Option<BoxFuture<'static, Result<(), String>>> {
+        None
+    }
+
+    fn release(&self, _last: u64) {}
+}
+
+/// The store's resume may block (a flush of queued appends, a read of the log): the bus runs it
+/// off the runtime's threads, so a one-thread runtime keeps running other tasks meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_store_resume_does_not_hold_the_runtime_thread() {
+    let (release, wait) = std::sync::mpsc::channel();
+    let store = Arc::new(SlowResume {
+        release: Mutex::new(wait),
+        released_in_time: std::sync::atomic::AtomicBool::new(false),
+    });
+    let releaser = tokio::spawn(async move { release.send(()).unwrap() });
+    let shared = BusShared::new(NodeId::new("n1").unwrap(), EventBusConfig::default());
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared,
+            store: Some(store.clone() as Arc<dyn EventStore>),
+        },
+        &handle,
+    )
+    .await
+    .unwrap();
+    releaser.await.unwrap();
+    assert!(
+        store
+            .released_in_time
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "resume blocked the only runtime thread until its 5 s timeout"
+    );
+}
