@@ -91,8 +91,14 @@ impl ActorDirectory {
         self.entries.insert(path, entry);
     }
 
-    pub(crate) fn remove(&self, path: &ActorPath) {
-        self.entries.remove(path);
+    /// Removes the entry at `path` if it is still the one of `control`'s actor. A supervisor that
+    /// died abruptly drops its state (and removes its dynamic children) after its parent was
+    /// told; by then a restarted supervisor may have registered a new actor at the same path,
+    /// whose entry must stay.
+    pub(crate) fn remove(&self, path: &ActorPath, control: &dyn ActorControl) {
+        self.entries.remove_if(path, |_, entry| {
+            Arc::ptr_eq(entry.control.stats(), control.stats())
+        });
     }
 
     /// Counts one restart of any actor of the node.
@@ -132,5 +138,34 @@ impl ActorDirectory {
         } else {
             Err(FaultError::NotRunning(path.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(handle: &ActorHandle<()>) -> DirectoryEntry {
+        DirectoryEntry {
+            kind: ChildKind::Worker,
+            control: Arc::new(handle.clone()),
+        }
+    }
+
+    #[test]
+    fn a_late_removal_leaves_a_newer_actor_at_the_same_path_registered() {
+        let directory = ActorDirectory::new();
+        let path = ActorPath::root().child("sessions").child("s1");
+        let old = ActorHandle::<()>::new(path.clone());
+        let new = ActorHandle::<()>::new(path.clone());
+        directory.insert(path.clone(), entry(&old));
+        // A restarted supervisor registers a new actor at the path before the old one's state
+        // is dropped.
+        directory.insert(path.clone(), entry(&new));
+        directory.remove(&path, &old);
+        let kept = directory.get(&path).expect("the newer entry stays");
+        assert!(Arc::ptr_eq(kept.control.stats(), new.stats()));
+        directory.remove(&path, &new);
+        assert!(directory.get(&path).is_none());
     }
 }

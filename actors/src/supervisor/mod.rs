@@ -369,7 +369,7 @@ impl SupervisorState {
         let child = self.children.remove(index);
         self.book.remove(&child.spec.path);
         if let Some(directory) = &self.directory {
-            directory.remove(&child.spec.path);
+            directory.remove(&child.spec.path, &*child.spec.starter.control());
         }
         for pending in self.pending.values_mut() {
             pending.entries.retain(|(path, _)| *path != child.spec.path);
@@ -799,7 +799,7 @@ impl Drop for SupervisorState {
             if child.dynamic {
                 child.spec.starter.stop_for_good();
                 if let Some(directory) = &self.directory {
-                    directory.remove(&child.spec.path);
+                    directory.remove(&child.spec.path, &*child.spec.starter.control());
                 }
             }
         }
