@@ -6,23 +6,24 @@
 //! host program without other timers), a wake-up of the thread parked on the timer driver so that
 //! it re-arms: on a 2-vCPU machine that more than doubled the cost of a round trip.
 //!
-//! Instead each runtime has one sweeper task. A waiting call puts its deadline into the sweeper's
-//! table (one short lock and a map insert) and takes it out when answered; the sweeper sleeps on
+//! A call first gives the answer one scheduling round (the actor usually runs right after its
+//! caller yields); most calls end there, without reading the clock. Only a call still waiting
+//! after that round needs its deadline, counted from then.
+//!
+//! For those, each runtime has one sweeper task. A waiting call puts its deadline into the sweeper's
+//! table (one short lock, a slot of a slab) and takes it out when answered; the sweeper sleeps on
 //! one ordinary tokio timer until the earliest deadline it knows, then fails the calls that are
 //! due. A new deadline wakes the sweeper only when it is earlier than the one the sweeper sleeps
 //! until, which with equal timeouts happens about once per timeout period, not once per call.
 //! Because the sweeper sleeps on a tokio timer, paused test time (`start_paused`, `advance`)
 //! drives call deadlines exactly as it drives `tokio::time::timeout`.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures::task::AtomicWaker;
 use tokio::runtime::{Handle, Id};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -31,13 +32,29 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Elapsed;
 
-/// Awaits `future` for at most `timeout`, like `tokio::time::timeout`, without arming a timer for
-/// this call (see the module docs). Outside a tokio runtime it falls back to
+/// Awaits `future` for at most `timeout` (counted from the end of the scheduling round it was
+/// first polled in), like `tokio::time::timeout`, without arming a timer for this call (see the
+/// module docs). Outside a tokio runtime it falls back to
 /// `tokio::time::timeout`, which needs one.
-pub(crate) async fn within<F>(timeout: Duration, future: F) -> Result<F::Output, Elapsed>
+pub(crate) async fn within<F>(timeout: Duration, mut future: F) -> Result<F::Output, Elapsed>
 where
     F: Future + Unpin,
 {
+    // Most calls are answered within the scheduling round that sent them (the actor runs right
+    // after its caller yields): give the answer that round before registering a deadline, so
+    // that such calls neither read the clock nor touch the sweeper's table. The deadline then
+    // counts from the end of that round, which is microseconds later than the call's start.
+    let mut round = std::pin::pin!(tokio::task::yield_now());
+    let answered = std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = Pin::new(&mut future).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        round.as_mut().poll(cx).map(|()| None)
+    })
+    .await;
+    if let Some(output) = answered {
+        return Ok(output);
+    }
     let Some(deadline) = Instant::now().checked_add(timeout) else {
         // Too far away to represent: no deadline at all.
         return Ok(future.await);
@@ -73,41 +90,32 @@ impl<F: Future + Unpin> Future for Within<F> {
         if let Poll::Ready(output) = Pin::new(&mut this.future).poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        if this.entry.is_none()
-            && let Some(table) = this.table.take()
-        {
-            this.entry = Some(table.register(this.deadline));
-        }
-        let Some(entry) = &this.entry else {
-            unreachable!("the entry is registered above")
-        };
-        entry.expiry.waker.register(cx.waker());
-        if entry.expiry.expired.load(Ordering::Acquire) {
-            return Poll::Ready(Err(Elapsed));
+        match &this.entry {
+            Some(entry) => {
+                // Woken without an answer: by the sweeper, or spuriously.
+                if entry.table.expired_or_rewait(entry.key, cx.waker()) {
+                    return Poll::Ready(Err(Elapsed));
+                }
+            }
+            None => {
+                if let Some(table) = this.table.take() {
+                    this.entry = Some(table.register(this.deadline, cx.waker()));
+                }
+            }
         }
         Poll::Pending
     }
 }
 
-/// What the sweeper sets when a deadline passes, and whom it wakes.
-#[derive(Default)]
-struct Expiry {
-    expired: AtomicBool,
-    waker: AtomicWaker,
-}
-
 /// A registered deadline; dropping it (the call was answered or abandoned) takes it out.
 struct Entry {
     table: Arc<Table>,
-    key: (Instant, u64),
-    expiry: Arc<Expiry>,
+    key: usize,
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        if !self.expiry.expired.load(Ordering::Acquire) {
-            self.table.lock().waiting.remove(&self.key);
-        }
+        self.table.lock().remove(self.key);
     }
 }
 
@@ -117,12 +125,43 @@ struct Table {
     sweeper: Notify,
 }
 
+/// One waiting call.
+struct Waiting {
+    deadline: Instant,
+    /// Taken (and woken) by the sweeper when the deadline passes.
+    waker: Option<Waker>,
+    expired: bool,
+}
+
+/// The waiting calls in a slab: registering and removing are O(1) without an allocation once
+/// the slab has grown; the sweeper, which wakes about once per timeout period, scans it.
 struct State {
-    waiting: BTreeMap<(Instant, u64), Arc<Expiry>>,
-    next_key: u64,
+    slots: Vec<Option<Waiting>>,
+    free: Vec<usize>,
     /// The deadline the sweeper will wake up for at the latest; `None` while it waits for a
     /// notification only. A deadline at or after this one needs no wake-up.
     sleeping_until: Option<Instant>,
+}
+
+impl State {
+    fn insert(&mut self, waiting: Waiting) -> usize {
+        match self.free.pop() {
+            Some(key) => {
+                self.slots[key] = Some(waiting);
+                key
+            }
+            None => {
+                self.slots.push(Some(waiting));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        if self.slots[key].take().is_some() {
+            self.free.push(key);
+        }
+    }
 }
 
 /// The tables of the live runtimes (weak: a table lives as long as its sweeper task).
@@ -172,8 +211,8 @@ impl Table {
         }
         let table = Arc::new(Self {
             state: Mutex::new(State {
-                waiting: BTreeMap::new(),
-                next_key: 0,
+                slots: Vec::new(),
+                free: Vec::new(),
                 sleeping_until: None,
             }),
             sweeper: Notify::new(),
@@ -183,12 +222,13 @@ impl Table {
         table
     }
 
-    fn register(self: Arc<Self>, deadline: Instant) -> Entry {
-        let expiry = Arc::new(Expiry::default());
+    fn register(self: Arc<Self>, deadline: Instant, waker: &Waker) -> Entry {
         let mut state = self.lock();
-        let key = (deadline, state.next_key);
-        state.next_key += 1;
-        state.waiting.insert(key, expiry.clone());
+        let key = state.insert(Waiting {
+            deadline,
+            waker: Some(waker.clone()),
+            expired: false,
+        });
         let wake = state.sleeping_until.is_none_or(|until| deadline < until);
         if wake {
             state.sleeping_until = Some(deadline);
@@ -198,29 +238,48 @@ impl Table {
             // A stored permit if the sweeper is busy: it looks at the table again either way.
             self.sweeper.notify_one();
         }
-        Entry {
-            table: self,
-            key,
-            expiry,
+        Entry { table: self, key }
+    }
+
+    /// True when the deadline of `key` has passed; otherwise `waker` is the one to wake.
+    fn expired_or_rewait(&self, key: usize, waker: &Waker) -> bool {
+        let mut state = self.lock();
+        let Some(waiting) = state.slots[key].as_mut() else {
+            unreachable!("an entry is removed only by its own drop")
+        };
+        if waiting.expired {
+            return true;
         }
+        if !waiting
+            .waker
+            .as_ref()
+            .is_some_and(|known| known.will_wake(waker))
+        {
+            waiting.waker = Some(waker.clone());
+        }
+        false
     }
 
     /// Fails every call due at `now`; returns the next deadline to sleep until.
     fn expire_due(&self, now: Instant) -> Option<Instant> {
         let mut due = Vec::new();
         let mut state = self.lock();
-        while let Some(entry) = state.waiting.first_entry() {
-            if entry.key().0 > now {
-                break;
+        let mut next: Option<Instant> = None;
+        for waiting in state.slots.iter_mut().flatten() {
+            if waiting.expired {
+                continue;
             }
-            due.push(entry.remove());
+            if waiting.deadline <= now {
+                waiting.expired = true;
+                due.extend(waiting.waker.take());
+            } else {
+                next = Some(next.map_or(waiting.deadline, |next| next.min(waiting.deadline)));
+            }
         }
-        let next = state.waiting.first_key_value().map(|((at, _), _)| *at);
         state.sleeping_until = next;
         drop(state);
-        for expiry in due {
-            expiry.expired.store(true, Ordering::Release);
-            expiry.waker.wake();
+        for waker in due {
+            waker.wake();
         }
         next
     }
@@ -266,7 +325,7 @@ mod tests {
         answer.await.unwrap();
         let table = Table::current().unwrap();
         assert!(
-            table.lock().waiting.is_empty(),
+            table.lock().slots.iter().all(Option::is_none),
             "the answered call is removed"
         );
     }
@@ -317,7 +376,14 @@ mod tests {
             .map(|index| (index % 2 == 0).then_some(index))
             .collect();
         assert_eq!(outcomes, expected);
-        assert!(Table::current().unwrap().lock().waiting.is_empty());
+        assert!(
+            Table::current()
+                .unwrap()
+                .lock()
+                .slots
+                .iter()
+                .all(Option::is_none)
+        );
         drop(unanswered);
     }
 }
