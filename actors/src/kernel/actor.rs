@@ -7,6 +7,11 @@
 //! [`Envelope`](super::handle::Envelope) so queued messages survive a crash, counts messages and
 //! handler time, and implements fault injection for every actor at once.
 //!
+//! Mailboxes: a supervised worker reads the kernel's own channel in one long-running handler
+//! (the "pump"), which skips ractor's per-message work; ractor's ports still carry kill, stop,
+//! drain and supervision events. Actors that supervise ([`Actor::SUPERVISES`]) and unsupervised
+//! actors ([`spawn`]) read ractor's mailbox. See [`Mailbox`] and docs/ARCHITECTURE.md.
+//!
 //! Restart in place: when the supervisor allows it ([`InPlaceRestarts`]), a failed handler does
 //! not end the ractor actor. The host drops the failed incarnation's state and timers, builds a
 //! new incarnation (`pre_start`, `post_start`) in the same task, and goes on with the same
@@ -17,14 +22,15 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::FutureExt;
 use ractor::{ActorCell, ActorRef, SpawnErr, SupervisionEvent};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::handle::{ActorHandle, Envelope, FaultKind, Payload};
+use super::handle::{ActorHandle, Envelope, FaultKind, HostMsg, Mailbox, Payload};
 use super::stats::ActorStats;
 use crate::ids::ActorPath;
 
@@ -33,6 +39,11 @@ pub type ActorError = ractor::ActorProcessingErr;
 
 /// A troupe actor: one message enum, state owned by the actor and changed only in its handler.
 pub trait Actor: Sized + Send + Sync + 'static {
+    /// Whether this actor supervises linked children ([`Actor::on_child_event`]). Such an actor
+    /// takes its messages through ractor's mailbox, which ractor reads together with
+    /// supervision events; a supervised worker (the default) reads the kernel's own mailbox.
+    const SUPERVISES: bool = false;
+
     /// The one message enum of this actor, one variant per intent.
     type Msg: Send + 'static;
     /// State owned by one instance; rebuilt by `pre_start` on every restart.
@@ -89,21 +100,34 @@ pub trait Actor: Sized + Send + Sync + 'static {
 
 /// What an actor instance knows about itself.
 pub struct Context<M: Send + 'static> {
-    myself: ActorRef<Envelope<M>>,
+    myself: ActorRef<HostMsg<M>>,
+    /// This instance's mailbox, for self-sends and timers.
+    mailbox: Arc<Mailbox<M>>,
     handle: ActorHandle<M>,
     /// Counts the incarnations hosted by this ractor actor (1 for the first).
     incarnation: u64,
     /// Cancelled when this incarnation ends: its timers stop with it.
     timers: CancellationToken,
+    /// Set by [`Context::stop`]: the kernel's mailbox loop ends after the current message, so
+    /// that ractor's stop (sent to its own port) is seen.
+    stopping: Arc<AtomicBool>,
 }
 
 impl<M: Send + 'static> Context<M> {
-    fn new(myself: ActorRef<Envelope<M>>, handle: ActorHandle<M>, incarnation: u64) -> Self {
+    fn new(
+        myself: ActorRef<HostMsg<M>>,
+        mailbox: Arc<Mailbox<M>>,
+        handle: ActorHandle<M>,
+        incarnation: u64,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             myself,
+            mailbox,
             handle,
             incarnation,
             timers: CancellationToken::new(),
+            stopping,
         }
     }
 
@@ -128,23 +152,23 @@ impl<M: Send + 'static> Context<M> {
 
     /// Sends a message to this incarnation. Returns it if the instance is stopping.
     pub fn send_self(&self, message: M) -> Result<(), M> {
-        match self.myself.send_message(self.envelope(message)) {
+        match self.mailbox.send(self.envelope(message)) {
             Ok(()) => {
                 self.handle.stats().enqueued.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(ractor::MessagingErr::SendErr(envelope)) => match envelope.open() {
+            Err(Some(envelope)) => match envelope.open() {
                 Payload::Message(message) => Err(message),
-                Payload::Fault(_) => unreachable!("self-sends carry messages"),
+                Payload::Fault(_) | Payload::Drain => unreachable!("self-sends carry messages"),
             },
-            Err(_) => unreachable!("a typed ActorRef only fails with SendErr"),
+            Err(None) => unreachable!("a typed ActorRef only fails with SendErr"),
         }
     }
 
     /// Sends `message` to this incarnation after `delay`, without blocking the mailbox meanwhile.
     /// The timer dies with the incarnation: it never fires into a restarted one.
     pub fn send_after(&self, delay: Duration, message: M) -> tokio::task::JoinHandle<()> {
-        let myself = self.myself.clone();
+        let mailbox = self.mailbox.clone();
         let stats = self.handle.stats().clone();
         let incarnation = self.incarnation;
         let ended = self.timers.clone();
@@ -153,12 +177,12 @@ impl<M: Send + 'static> Context<M> {
                 () = ended.cancelled() => {}
                 () = tokio::time::sleep(delay) => {
                     let envelope = Envelope::for_incarnation(incarnation, message, stats.clone());
-                    match myself.send_message(envelope) {
+                    match mailbox.send(envelope) {
                         Ok(()) => {
                             stats.enqueued.fetch_add(1, Ordering::Relaxed);
                         }
                         // Never enqueued, so not counted as discarded either.
-                        Err(error) => forget_unsent(error),
+                        Err(refused) => forget_unsent(refused),
                     }
                 }
             }
@@ -170,7 +194,7 @@ impl<M: Send + 'static> Context<M> {
     where
         F: Fn() -> M + Send + 'static,
     {
-        let myself = self.myself.clone();
+        let mailbox = self.mailbox.clone();
         let stats = self.handle.stats().clone();
         let incarnation = self.incarnation;
         let ended = self.timers.clone();
@@ -184,8 +208,8 @@ impl<M: Send + 'static> Context<M> {
                     _ = ticks.tick() => {}
                 }
                 let envelope = Envelope::for_incarnation(incarnation, make(), stats.clone());
-                if let Err(error) = myself.send_message(envelope) {
-                    forget_unsent(error);
+                if let Err(refused) = mailbox.send(envelope) {
+                    forget_unsent(refused);
                     return;
                 }
                 stats.enqueued.fetch_add(1, Ordering::Relaxed);
@@ -195,13 +219,14 @@ impl<M: Send + 'static> Context<M> {
 
     /// Stops this instance after the current message (graceful: `post_stop` runs).
     pub fn stop(&self, reason: Option<String>) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.myself.stop(reason);
     }
 }
 
 /// Drops a self-send that its mailbox refused without counting it as discarded.
-fn forget_unsent<M: Send + 'static>(error: ractor::MessagingErr<Envelope<M>>) {
-    if let ractor::MessagingErr::SendErr(envelope) = error {
+fn forget_unsent<M: Send + 'static>(refused: Option<Envelope<M>>) {
+    if let Some(envelope) = refused {
         drop(envelope.open());
     }
 }
@@ -233,7 +258,8 @@ pub(crate) struct InPlace<A: Actor> {
     pub(crate) restarts: Arc<dyn InPlaceRestarts>,
 }
 
-/// Runs a troupe [`Actor`] as a ractor actor whose mailbox carries envelopes.
+/// Runs a troupe [`Actor`] as a ractor actor whose messages arrive in envelopes: through the
+/// kernel's own mailbox (supervised workers) or ractor's (see [`Mailbox`]).
 pub(crate) struct Hosted<A: Actor> {
     handle: ActorHandle<A::Msg>,
     in_place: Option<InPlace<A>>,
@@ -250,6 +276,9 @@ pub(crate) struct HostedState<A: Actor> {
     ctx: Context<A::Msg>,
     /// `None` only between a failed incarnation and its replacement.
     current: Option<Incarnation<A>>,
+    /// The kernel's mailbox of a pumped instance. Whatever is still queued in it when the
+    /// state is dropped goes back to the handle (the envelopes' `Drop`).
+    inbox: Option<mpsc::UnboundedReceiver<Envelope<A::Msg>>>,
 }
 
 impl<A: Actor> Drop for HostedState<A> {
@@ -258,18 +287,66 @@ impl<A: Actor> Drop for HostedState<A> {
     }
 }
 
+/// What a hosted actor is started with: the actor, its arguments, and the kernel's mailbox
+/// when it reads one.
+pub(crate) struct HostedArgs<A: Actor> {
+    actor: A,
+    args: A::Arguments,
+    pump: Option<Pump<A::Msg>>,
+}
+
+/// Both ends of the kernel's mailbox of one instance.
+struct Pump<M: Send + 'static> {
+    tx: mpsc::UnboundedSender<Envelope<M>>,
+    rx: mpsc::UnboundedReceiver<Envelope<M>>,
+}
+
+/// What one envelope did to the mailbox loop.
+enum Flow {
+    Continue,
+    /// A drain request: stop reading the kernel's mailbox.
+    Drained,
+}
+
 /// Counts a message as handled when dropped: after the handler returns, panics, or is cancelled
 /// by a kill, so a failed handler never leaves the mailbox depth one too high.
 struct Handled<'a> {
     stats: &'a ActorStats,
-    started: Instant,
 }
 
 impl Drop for Handled<'_> {
     fn drop(&mut self) {
-        self.stats.record_handled(self.started.elapsed());
+        self.stats.processed.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Adds the time from its start to its drop to the actor's busy time: one message, or a run of
+/// messages handled back to back. Read from the TSC (`quanta`, calibrated once per process):
+/// the OS clock read twice per message cost a quarter of a burst's time on a VM.
+struct Busy<'a> {
+    stats: &'a ActorStats,
+    started: quanta::Instant,
+}
+
+impl<'a> Busy<'a> {
+    fn start(stats: &'a ActorStats) -> Self {
+        Self {
+            stats,
+            started: quanta::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .record_busy(quanta::Instant::now().saturating_duration_since(self.started));
+    }
+}
+
+/// Messages a mailbox loop handles back to back before it awaits again (which lets the
+/// runtime's cooperative budget make it yield to other tasks).
+const RUN: usize = 64;
 
 fn panic_reason(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -286,7 +363,6 @@ impl<A: Actor> Hosted<A> {
     async fn deliver(&self, hosted: &mut HostedState<A>, message: A::Msg) -> Result<(), String> {
         let _handled = Handled {
             stats: self.handle.stats(),
-            started: Instant::now(),
         };
         let Some(current) = hosted.current.as_mut() else {
             return Err("no incarnation is running".to_owned());
@@ -305,6 +381,86 @@ impl<A: Actor> Hosted<A> {
         }
     }
 
+    /// Opens one envelope and acts on it: a message for the current incarnation, a fault to
+    /// suffer, or a drain request. A failure is repaired in place or returned (see `failed`).
+    async fn process(
+        &self,
+        hosted: &mut HostedState<A>,
+        envelope: Envelope<A::Msg>,
+    ) -> Result<Flow, ActorError> {
+        if envelope
+            .incarnation()
+            .is_some_and(|incarnation| incarnation != hosted.ctx.incarnation)
+        {
+            // A self-send or timer of a failed incarnation: it dies with that incarnation.
+            drop(envelope.open());
+            self.handle
+                .stats()
+                .discarded
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Flow::Continue);
+        }
+        let reason = match envelope.open() {
+            Payload::Message(message) => match self.deliver(hosted, message).await {
+                Ok(()) => return Ok(Flow::Continue),
+                Err(reason) => reason,
+            },
+            Payload::Fault(FaultKind::Panic) => {
+                let path = self.handle.path().clone();
+                // A real panic (hook, unwinding and all), caught like a handler's own.
+                let panicked: std::thread::Result<()> =
+                    std::panic::catch_unwind(move || panic!("fault injected: panic in {path}"));
+                match panicked {
+                    Ok(()) => unreachable!("the injected fault panics"),
+                    Err(payload) => panic_reason(payload),
+                }
+            }
+            Payload::Fault(FaultKind::Error) => {
+                format!("fault injected: error in {}", self.handle.path())
+            }
+            Payload::Drain => return Ok(Flow::Drained),
+        };
+        self.failed(hosted, reason).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Reads the kernel's mailbox until a drain request, a [`Context::stop`], or a failure that
+    /// is not repaired in place. Returning hands the actor back to ractor's loop, which then
+    /// sees the drain or stop on its own ports.
+    async fn pump(&self, hosted: &mut HostedState<A>) -> Result<(), ActorError> {
+        let Some(mut inbox) = hosted.inbox.take() else {
+            return Ok(());
+        };
+        let ended = 'pump: loop {
+            let Some(mut envelope) = inbox.recv().await else {
+                // Every sender is gone, the handle's included: nothing can arrive any more.
+                break Ok(());
+            };
+            let _busy = Busy::start(self.handle.stats());
+            let mut handled = 0;
+            loop {
+                match self.process(hosted, envelope).await {
+                    Ok(Flow::Continue) if !hosted.ctx.stopping.load(Ordering::Relaxed) => {}
+                    Ok(_) => break 'pump Ok(()),
+                    Err(error) => break 'pump Err(error),
+                }
+                handled += 1;
+                if handled == RUN {
+                    break;
+                }
+                // Taken only when it will be handled: an envelope dropped here would go back
+                // to the handle and arrive out of order.
+                match inbox.try_recv() {
+                    Ok(queued) => envelope = queued,
+                    Err(_) => break,
+                }
+            }
+        };
+        // Kept with the state: what is still queued goes back to the handle when it is dropped.
+        hosted.inbox = Some(inbox);
+        ended
+    }
+
     /// The current incarnation failed with `reason`: replace it in place when the supervisor
     /// admits that, or fail the ractor actor so the supervisor handles it.
     async fn failed(&self, hosted: &mut HostedState<A>, reason: String) -> Result<(), ActorError> {
@@ -321,8 +477,10 @@ impl<A: Actor> Hosted<A> {
         hosted.current = None;
         let ctx = Context::new(
             hosted.ctx.myself.clone(),
+            hosted.ctx.mailbox.clone(),
             self.handle.clone(),
             hosted.ctx.incarnation + 1,
+            hosted.ctx.stopping.clone(),
         );
         hosted.ctx = ctx;
         let (actor, args) = (in_place.factory)();
@@ -354,77 +512,66 @@ impl<A: Actor> Hosted<A> {
 }
 
 impl<A: Actor> ractor::Actor for Hosted<A> {
-    type Msg = Envelope<A::Msg>;
+    type Msg = HostMsg<A::Msg>;
     type State = HostedState<A>;
-    type Arguments = (A, A::Arguments);
+    type Arguments = HostedArgs<A>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        (actor, args): Self::Arguments,
+        HostedArgs { actor, args, pump }: Self::Arguments,
     ) -> Result<Self::State, ActorError> {
-        let ctx = Context::new(myself, self.handle.clone(), 1);
+        let (tx, inbox) = match pump {
+            Some(Pump { tx, rx }) => (Some(tx), Some(rx)),
+            None => (None, None),
+        };
+        let mailbox = Arc::new(Mailbox::new(myself.clone(), tx));
+        let ctx = Context::new(
+            myself,
+            mailbox,
+            self.handle.clone(),
+            1,
+            Arc::new(AtomicBool::new(false)),
+        );
         let state = actor.pre_start(&ctx, args).await?;
         Ok(HostedState {
             ctx,
             current: Some(Incarnation { actor, state }),
+            inbox,
         })
     }
 
     async fn post_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         hosted: &mut Self::State,
     ) -> Result<(), ActorError> {
-        match hosted.current.as_mut() {
-            Some(current) => {
-                current
-                    .actor
-                    .post_start(&hosted.ctx, &mut current.state)
-                    .await
-            }
-            None => Ok(()),
+        if let Some(current) = hosted.current.as_mut() {
+            current
+                .actor
+                .post_start(&hosted.ctx, &mut current.state)
+                .await?;
         }
+        if hosted.inbox.is_some() {
+            // The first message in ractor's mailbox: from here the instance reads the kernel's.
+            myself.send_message(HostMsg::Pump)?;
+        }
+        Ok(())
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
-        envelope: Self::Msg,
+        message: Self::Msg,
         hosted: &mut Self::State,
     ) -> Result<(), ActorError> {
-        if envelope
-            .incarnation()
-            .is_some_and(|incarnation| incarnation != hosted.ctx.incarnation)
-        {
-            // A self-send or timer of a failed incarnation: it dies with that incarnation.
-            drop(envelope.open());
-            self.handle
-                .stats()
-                .discarded
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+        match message {
+            HostMsg::Deliver(envelope) => {
+                let _busy = Busy::start(self.handle.stats());
+                self.process(hosted, envelope).await.map(|_| ())
+            }
+            HostMsg::Pump => self.pump(hosted).await,
         }
-        let reason = match envelope.open() {
-            Payload::Message(message) => match self.deliver(hosted, message).await {
-                Ok(()) => return Ok(()),
-                Err(reason) => reason,
-            },
-            Payload::Fault(FaultKind::Panic) => {
-                let path = self.handle.path().clone();
-                // A real panic (hook, unwinding and all), caught like a handler's own.
-                let panicked: std::thread::Result<()> =
-                    std::panic::catch_unwind(move || panic!("fault injected: panic in {path}"));
-                match panicked {
-                    Ok(()) => unreachable!("the injected fault panics"),
-                    Err(payload) => panic_reason(payload),
-                }
-            }
-            Payload::Fault(FaultKind::Error) => {
-                format!("fault injected: error in {}", self.handle.path())
-            }
-        };
-        self.failed(hosted, reason).await
     }
 
     async fn handle_supervisor_evt(
@@ -461,28 +608,60 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
     }
 }
 
+/// A started supervised instance, as its supervisor keeps it.
+pub(crate) struct Instance {
+    pub(crate) cell: ActorCell,
+    /// Asks the kernel's mailbox loop to end after what is queued (`None`: the instance reads
+    /// ractor's mailbox, which ractor's drain reaches directly).
+    drain: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Instance {
+    /// Lets the instance finish what is queued and hand itself back to ractor's loop, where
+    /// ractor's drain (which the supervisor sends next) stops it.
+    pub(crate) fn request_drain(&self) {
+        if let Some(drain) = &self.drain {
+            drain();
+        }
+    }
+}
+
 /// Starts one instance of `actor` linked to `supervisor` and binds it to `handle`. With
-/// `in_place`, a failure may be repaired inside the instance (see the module docs).
+/// `in_place`, a failure may be repaired inside the instance (see the module docs). Workers read
+/// the kernel's mailbox; actors that supervise read ractor's ([`Actor::SUPERVISES`]).
 pub(crate) async fn spawn_linked<A: Actor>(
     actor: A,
     args: A::Arguments,
     handle: &ActorHandle<A::Msg>,
     supervisor: ActorCell,
     in_place: Option<InPlace<A>>,
-) -> Result<ActorCell, SpawnErr> {
+) -> Result<Instance, SpawnErr> {
     let hosted = Hosted {
         handle: handle.clone(),
         in_place,
     };
+    let pump = (!A::SUPERVISES).then(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Pump { tx, rx }
+    });
+    let tx = pump.as_ref().map(|pump| pump.tx.clone());
     let (instance, _join) =
-        ractor::Actor::spawn_linked(None, hosted, (actor, args), supervisor).await?;
+        ractor::Actor::spawn_linked(None, hosted, HostedArgs { actor, args, pump }, supervisor)
+            .await?;
     let cell = instance.get_cell();
-    handle.bind(instance);
-    Ok(cell)
+    let drain = tx.clone().map(|tx| {
+        Box::new(move || {
+            // A closed mailbox means the instance is already gone: nothing to drain.
+            let _ = tx.send(Envelope::drain());
+        }) as Box<dyn Fn() + Send + Sync>
+    });
+    handle.bind(Mailbox::new(instance, tx));
+    Ok(Instance { cell, drain })
 }
 
 /// Starts an unsupervised actor (the root of a tree, or a standalone actor in a host program).
-/// The returned join handle finishes when the instance exits.
+/// The returned join handle finishes when the instance exits. It reads ractor's mailbox, so
+/// ractor's `ActorCell::stop` and `drain` work on it as on any ractor actor.
 pub async fn spawn<A: Actor>(
     actor: A,
     args: A::Arguments,
@@ -492,8 +671,17 @@ pub async fn spawn<A: Actor>(
         handle: handle.clone(),
         in_place: None,
     };
-    let (instance, join) = ractor::Actor::spawn(None, hosted, (actor, args)).await?;
+    let (instance, join) = ractor::Actor::spawn(
+        None,
+        hosted,
+        HostedArgs {
+            actor,
+            args,
+            pump: None,
+        },
+    )
+    .await?;
     let cell = instance.get_cell();
-    handle.bind(instance);
+    handle.bind(Mailbox::new(instance, None));
     Ok((cell, join))
 }

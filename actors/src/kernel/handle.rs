@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use ractor::{ActorRef, MessagingErr, RpcReplyPort};
-use tokio::sync::watch;
+use ractor::{ActorCell, ActorRef, MessagingErr, RpcReplyPort};
+use tokio::sync::{mpsc, watch};
 
 use super::stats::ActorStats;
 use crate::ids::ActorPath;
@@ -52,6 +52,60 @@ pub enum FaultKind {
 pub(crate) enum Payload<M> {
     Message(M),
     Fault(FaultKind),
+    /// The supervisor stops the instance: everything queued before this is handled, then the
+    /// kernel's mailbox loop ends and ractor's drain stops the actor.
+    Drain,
+}
+
+/// What ractor's own mailbox of a hosted actor carries.
+pub(crate) enum HostMsg<M: Send + 'static> {
+    /// A message for an actor that takes its messages through ractor's mailbox.
+    Deliver(Envelope<M>),
+    /// Starts the loop over the kernel's own mailbox (sent once, after `post_start`).
+    Pump,
+}
+
+/// Where a handle delivers: one running instance's mailbox.
+///
+/// Supervised workers take their messages from the kernel's own channel (`pump`), read by one
+/// long-running handler, which skips ractor's per-message work (a boxed message, a four-port
+/// select, a second select against kill signals); ractor's own ports still carry stop, drain,
+/// kill and supervision. Supervisors (which must see supervision events between messages) and
+/// unsupervised actors (whose `ActorCell::stop` callers expect ractor's semantics) take their
+/// messages through ractor's mailbox.
+pub(crate) struct Mailbox<M: Send + 'static> {
+    actor: ActorRef<HostMsg<M>>,
+    pump: Option<mpsc::UnboundedSender<Envelope<M>>>,
+}
+
+impl<M: Send + 'static> Mailbox<M> {
+    pub(crate) fn new(
+        actor: ActorRef<HostMsg<M>>,
+        pump: Option<mpsc::UnboundedSender<Envelope<M>>>,
+    ) -> Self {
+        Self { actor, pump }
+    }
+
+    /// Queues `envelope`; a closed mailbox gives it back (`None`: ractor refused it for a reason
+    /// that does not return the message, which a typed reference cannot hit).
+    pub(crate) fn send(&self, envelope: Envelope<M>) -> Result<(), Option<Envelope<M>>> {
+        match &self.pump {
+            Some(pump) => pump.send(envelope).map_err(|refused| Some(refused.0)),
+            None => {
+                self.actor
+                    .send_message(HostMsg::Deliver(envelope))
+                    .map_err(|error| match error {
+                        MessagingErr::SendErr(HostMsg::Deliver(envelope)) => Some(envelope),
+                        _ => None,
+                    })
+            }
+        }
+    }
+
+    /// The ractor actor behind the mailbox.
+    pub(crate) fn cell(&self) -> ActorCell {
+        self.actor.get_cell()
+    }
 }
 
 /// A message in a mailbox. If the mailbox is dropped with the envelope unopened (the instance
@@ -96,6 +150,14 @@ impl<M: Send + 'static> Envelope<M> {
     fn fault(kind: FaultKind) -> Self {
         Self {
             payload: Some(Payload::Fault(kind)),
+            seq: 0,
+            origin: Origin::Control,
+        }
+    }
+
+    pub(crate) fn drain() -> Self {
+        Self {
+            payload: Some(Payload::Drain),
             seq: 0,
             origin: Origin::Control,
         }
@@ -250,7 +312,7 @@ struct Slot<M: Send + 'static> {
     status: HandleStatus,
     /// Number of instances bound so far.
     generation: u64,
-    instance: Option<ActorRef<Envelope<M>>>,
+    instance: Option<Arc<Mailbox<M>>>,
     /// Messages waiting for the next instance, with their send sequence numbers.
     pending: Vec<(u64, M)>,
 }
@@ -258,7 +320,7 @@ struct Slot<M: Send + 'static> {
 pub(crate) struct HandleShared<M: Send + 'static> {
     path: ActorPath,
     /// The running instance, for the lock-free fast path. Only changed under `slot`'s lock.
-    current: ArcSwapOption<ActorRef<Envelope<M>>>,
+    current: ArcSwapOption<Mailbox<M>>,
     next_seq: AtomicU64,
     slot: Mutex<Slot<M>>,
     status_tx: watch::Sender<HandleStatus>,
@@ -297,9 +359,8 @@ impl<M: Send + 'static> HandleShared<M> {
                 self.dead_letter(1);
             }
             (HandleStatus::Running { .. }, Some(instance)) if slot.pending.is_empty() => {
-                if let Err(error) =
-                    instance.send_message(Envelope::tracked(seq, message, self.clone()))
-                    && let Some(message) = recover(error)
+                if let Err(refused) = instance.send(Envelope::tracked(seq, message, self.clone()))
+                    && let Some(message) = recover(refused)
                 {
                     slot.pending.push((seq, message));
                 }
@@ -393,12 +454,12 @@ impl<M: Send + 'static> ActorHandle<M> {
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let message = match self.shared.current.load().as_deref() {
             Some(instance) => {
-                match instance.send_message(Envelope::tracked(seq, message, self.shared.clone())) {
+                match instance.send(Envelope::tracked(seq, message, self.shared.clone())) {
                     Ok(()) => {
                         self.shared.stats.enqueued.fetch_add(1, Ordering::Relaxed);
                         return Ok(());
                     }
-                    Err(error) => match recover(error) {
+                    Err(refused) => match recover(refused) {
                         Some(message) => message,
                         // ractor only returns the message inside `SendErr`; the other variants
                         // cannot occur for a typed ref. Should one ever occur, it is counted
@@ -419,12 +480,12 @@ impl<M: Send + 'static> ActorHandle<M> {
         let mut slot = self.shared.lock();
         let message = match (slot.status, &slot.instance) {
             (HandleStatus::Running { .. }, Some(instance)) if slot.pending.is_empty() => {
-                match instance.send_message(Envelope::tracked(seq, message, self.shared.clone())) {
+                match instance.send(Envelope::tracked(seq, message, self.shared.clone())) {
                     Ok(()) => {
                         self.shared.stats.enqueued.fetch_add(1, Ordering::Relaxed);
                         return Ok(());
                     }
-                    Err(error) => match recover(error) {
+                    Err(refused) => match recover(refused) {
                         Some(message) => message,
                         None => {
                             self.shared.dead_letter(1);
@@ -488,7 +549,7 @@ impl<M: Send + 'static> ActorHandle<M> {
         let slot = self.shared.lock();
         match (&slot.status, &slot.instance) {
             (HandleStatus::Running { .. }, Some(instance)) => {
-                instance.send_message(Envelope::fault(kind)).is_ok()
+                instance.send(Envelope::fault(kind)).is_ok()
             }
             _ => false,
         }
@@ -496,7 +557,8 @@ impl<M: Send + 'static> ActorHandle<M> {
 
     /// Binds a freshly started instance: buffered messages go to it first, in send order, and
     /// only then does the fast path see it. Called by the supervisor.
-    pub(crate) fn bind(&self, instance: ActorRef<Envelope<M>>) {
+    pub(crate) fn bind(&self, instance: Mailbox<M>) {
+        let instance = Arc::new(instance);
         let mut slot = self.shared.lock();
         let mut pending = std::mem::take(&mut slot.pending);
         pending.sort_by_key(|(seq, _)| *seq);
@@ -506,9 +568,9 @@ impl<M: Send + 'static> ActorHandle<M> {
                 undelivered.push((seq, message));
                 continue;
             }
-            if let Err(error) =
-                instance.send_message(Envelope::tracked(seq, message, self.shared.clone()))
-                && let Some(message) = recover(error)
+            if let Err(refused) =
+                instance.send(Envelope::tracked(seq, message, self.shared.clone()))
+                && let Some(message) = recover(refused)
             {
                 // The new instance died already; keep the rest for the one after it.
                 undelivered.push((seq, message));
@@ -521,7 +583,7 @@ impl<M: Send + 'static> ActorHandle<M> {
         };
         let replaced = (
             slot.instance.replace(instance.clone()),
-            self.shared.current.swap(Some(Arc::new(instance))),
+            self.shared.current.swap(Some(instance)),
         );
         self.shared.status_tx.send_replace(slot.status);
         drop(slot);
@@ -585,15 +647,16 @@ impl<M: Send + 'static> ActorHandle<M> {
         }
     }
 
-    /// The running instance's ractor reference, if any (for linking and monitoring).
-    pub fn instance(&self) -> Option<ActorRef<Envelope<M>>> {
-        self.shared.current.load().as_deref().cloned()
+    /// The running instance's ractor cell, if any (for linking and monitoring). Stop a
+    /// supervised actor through its supervisor or from inside ([`super::Context::stop`]): a
+    /// supervised worker reads its messages from the kernel's mailbox, and ractor's
+    /// `ActorCell::stop` and `drain` reach it only between two runs of that loop (a kill
+    /// reaches it at once).
+    pub fn instance(&self) -> Option<ActorCell> {
+        self.shared.current.load().as_deref().map(Mailbox::cell)
     }
 }
 
-fn recover<M: Send + 'static>(error: MessagingErr<Envelope<M>>) -> Option<M> {
-    match error {
-        MessagingErr::SendErr(envelope) => envelope.disarm(),
-        _ => None,
-    }
+fn recover<M: Send + 'static>(refused: Option<Envelope<M>>) -> Option<M> {
+    refused.and_then(Envelope::disarm)
 }

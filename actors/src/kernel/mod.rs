@@ -9,7 +9,7 @@ mod handle;
 mod stats;
 
 pub use actor::{Actor, ActorError, Context, spawn};
-pub(crate) use actor::{Admission, InPlace, InPlaceRestarts, spawn_linked};
+pub(crate) use actor::{Admission, InPlace, InPlaceRestarts, Instance, spawn_linked};
 pub(crate) use deadline::within;
 pub use directory::{ActorControl, ActorDirectory, ChildKind, DirectoryEntry, FaultError};
 pub use handle::{

@@ -72,8 +72,7 @@ impl ActorStats {
         }
     }
 
-    pub(crate) fn record_handled(&self, busy: Duration) {
-        self.processed.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn record_busy(&self, busy: Duration) {
         self.busy_nanos
             .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
     }

@@ -35,7 +35,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{ActorCell, ActorId, RpcReplyPort, SupervisionEvent};
+use ractor::{ActorId, RpcReplyPort, SupervisionEvent};
 
 pub use restart::{Backoff, ChildRestarts, RestartDecision, RestartIntensity, RestartTracker};
 pub use spec::{ChildPolicy, ChildSpec, Shutdown, Strategy};
@@ -44,7 +44,7 @@ use crate::event::{ActorEscalated, ActorRestarted, EventBus, EventData};
 use crate::ids::ActorPath;
 use crate::kernel::{
     Actor, ActorDirectory, ActorError, ActorHandle, CallError, ChildKind, Context, DirectoryEntry,
-    HandleStatus, InPlaceRestarts,
+    HandleStatus, InPlaceRestarts, Instance,
 };
 use book::{ChildRestartHook, RestartBook};
 
@@ -163,7 +163,8 @@ pub struct Supervisor;
 
 struct Child {
     spec: ChildSpec,
-    cell: Option<ActorCell>,
+    /// The running instance, if any.
+    instance: Option<Instance>,
     dynamic: bool,
 }
 
@@ -208,6 +209,8 @@ pub(crate) fn now() -> std::time::Instant {
 }
 
 impl Actor for Supervisor {
+    const SUPERVISES: bool = true;
+
     type Msg = SupervisorMsg;
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
@@ -324,11 +327,12 @@ impl Actor for Supervisor {
         if state.exiting.remove(&id) {
             return Ok(());
         }
-        let Some(index) = state
-            .children
-            .iter()
-            .position(|child| child.cell.as_ref().is_some_and(|cell| cell.get_id() == id))
-        else {
+        let Some(index) = state.children.iter().position(|child| {
+            child
+                .instance
+                .as_ref()
+                .is_some_and(|instance| instance.cell.get_id() == id)
+        }) else {
             return Ok(());
         };
         state.child_exited(ctx, index, exit).await
@@ -359,7 +363,7 @@ impl SupervisorState {
         self.book.add(&spec.path);
         self.children.push(Child {
             spec,
-            cell: None,
+            instance: None,
             dynamic,
         });
     }
@@ -397,7 +401,7 @@ impl SupervisorState {
         // already restarts in place.
         self.book
             .allow_in_place(&child.spec.path, in_place.is_some());
-        let cell = child
+        let instance = child
             .spec
             .starter
             .start(ctx.cell(), in_place)
@@ -406,7 +410,7 @@ impl SupervisorState {
                 ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
                 other => other.to_string(),
             })?;
-        child.cell = Some(cell);
+        child.instance = Some(instance);
         Ok(())
     }
 
@@ -441,7 +445,7 @@ impl SupervisorState {
         exit: Exit,
     ) -> Result<(), ActorError> {
         let child = &mut self.children[index];
-        child.cell = None;
+        child.instance = None;
         let restart = matches!(
             (child.spec.policy, &exit),
             (ChildPolicy::Permanent, _) | (ChildPolicy::Transient, Exit::Abnormal(_))
@@ -484,7 +488,7 @@ impl SupervisorState {
                     Strategy::RestForOne => (index..self.children.len()).collect(),
                 };
                 for &sibling in group.iter().rev() {
-                    if sibling != index && self.children[sibling].cell.is_some() {
+                    if sibling != index && self.children[sibling].instance.is_some() {
                         if self.children[sibling].spec.policy == ChildPolicy::Temporary {
                             self.children[sibling].spec.starter.stop_for_good();
                         } else {
@@ -593,7 +597,7 @@ impl SupervisorState {
             let Some(index) = self.index_of(&path) else {
                 continue;
             };
-            if self.children[index].cell.is_some() {
+            if self.children[index].instance.is_some() {
                 continue;
             }
             match self.start_one(ctx, index).await {
@@ -741,28 +745,32 @@ impl SupervisorState {
     /// Stops one child gracefully within its shutdown timeout, then kills it.
     async fn stop_child(&mut self, index: usize) {
         let child = &mut self.children[index];
-        let Some(cell) = child.cell.take() else {
+        let Some(instance) = child.instance.take() else {
             return;
         };
+        let cell = &instance.cell;
         // From here a failure of the child is part of its stop, not something to repair.
         self.book.allow_in_place(&child.spec.path, false);
         self.exiting.insert(cell.get_id());
         match child.spec.shutdown {
-            Shutdown::Graceful(timeout) => match cell.drain_and_wait(Some(timeout)).await {
-                Ok(()) => {}
-                Err(ractor::RactorErr::Timeout) => {
-                    tracing::warn!(
-                        supervisor = %self.path,
-                        child = %child.spec.path,
-                        timeout_ms = timeout.as_millis() as u64,
-                        "child did not stop in time; killing it"
-                    );
-                    let _ = cell.kill_and_wait(None).await;
+            Shutdown::Graceful(timeout) => {
+                instance.request_drain();
+                match cell.drain_and_wait(Some(timeout)).await {
+                    Ok(()) => {}
+                    Err(ractor::RactorErr::Timeout) => {
+                        tracing::warn!(
+                            supervisor = %self.path,
+                            child = %child.spec.path,
+                            timeout_ms = timeout.as_millis() as u64,
+                            "child did not stop in time; killing it"
+                        );
+                        let _ = cell.kill_and_wait(None).await;
+                    }
+                    Err(_) => {
+                        let _ = cell.kill_and_wait(None).await;
+                    }
                 }
-                Err(_) => {
-                    let _ = cell.kill_and_wait(None).await;
-                }
-            },
+            }
             Shutdown::Kill => {
                 let _ = cell.kill_and_wait(None).await;
             }

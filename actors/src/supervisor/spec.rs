@@ -9,7 +9,7 @@ use ractor::{ActorCell, SpawnErr};
 
 use crate::ids::ActorPath;
 use crate::kernel::{
-    Actor, ActorControl, ActorHandle, ChildKind, InPlace, InPlaceRestarts, spawn_linked,
+    Actor, ActorControl, ActorHandle, ChildKind, InPlace, InPlaceRestarts, Instance, spawn_linked,
 };
 
 /// Which children restart when one fails (OTP restart strategies).
@@ -62,7 +62,7 @@ pub(crate) trait Starter: Send + Sync {
         &self,
         supervisor: ActorCell,
         in_place: Option<Arc<dyn InPlaceRestarts>>,
-    ) -> BoxFuture<'static, Result<ActorCell, SpawnErr>>;
+    ) -> BoxFuture<'static, Result<Instance, SpawnErr>>;
     fn control(&self) -> Arc<dyn ActorControl>;
     fn unbind(&self);
     fn stop_for_good(&self);
@@ -82,7 +82,7 @@ where
         &self,
         supervisor: ActorCell,
         in_place: Option<Arc<dyn InPlaceRestarts>>,
-    ) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> {
+    ) -> BoxFuture<'static, Result<Instance, SpawnErr>> {
         let (actor, args) = (self.factory)();
         let handle = self.handle.clone();
         let in_place = in_place.map(|restarts| InPlace {

@@ -394,6 +394,45 @@ async fn stopping_a_supervisor_stops_children_gracefully_in_reverse_order() {
     assert_eq!(tree.log.lines(), ["c stopped", "b stopped", "a stopped"]);
 }
 
+/// A worker reads the kernel's own mailbox; a graceful stop still lets it handle everything
+/// queued before the stop, then runs `post_stop` (without the drain request to that mailbox it
+/// would be killed after its 5 s shutdown timeout, and "a stopped" would be missing).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_graceful_stop_handles_the_messages_queued_before_it() {
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 100)).await;
+    tree.log.clear();
+    for _ in 0..3 {
+        tree.children[0].cast(ProbeMsg::Fired).unwrap();
+    }
+    let before = tokio::time::Instant::now();
+    tree.cell.stop_and_wait(None, None).await.unwrap();
+    assert_eq!(
+        tree.log.lines(),
+        ["a fired", "a fired", "a fired", "a stopped"]
+    );
+    assert!(
+        before.elapsed() < Duration::from_secs(5),
+        "stopped by its drain, not killed at its shutdown timeout"
+    );
+}
+
+/// Busy time counts the time spent inside handlers, also when messages are handled back to
+/// back in one run of the mailbox loop (it is read once per run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_time_counts_the_time_inside_handlers() {
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 100)).await;
+    let child = &tree.children[0];
+    for _ in 0..3 {
+        child
+            .cast(ProbeMsg::Busy(Duration::from_millis(20)))
+            .unwrap();
+    }
+    ping(child).await;
+    let stats = child.stats().snapshot();
+    assert!(stats.busy >= Duration::from_millis(60), "{stats:?}");
+    assert_eq!(stats.mailbox_depth(), 0, "{stats:?}");
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_child_that_does_not_stop_in_time_is_killed() {
     quiet_intended_panics();
