@@ -344,8 +344,8 @@ impl Drop for Busy<'_> {
     }
 }
 
-/// Messages a mailbox loop handles back to back before it awaits again (which lets the
-/// runtime's cooperative budget make it yield to other tasks).
+/// Messages a mailbox loop handles back to back (while the task's cooperative budget lasts)
+/// before it awaits its mailbox again.
 const RUN: usize = 64;
 
 fn panic_reason(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -445,9 +445,13 @@ impl<A: Actor> Hosted<A> {
                     Err(error) => break 'pump Err(error),
                 }
                 handled += 1;
-                if handled == RUN {
+                // `try_recv` uses none of the runtime's cooperative budget, which `recv` would:
+                // without spending it here, a flooded actor would hold its worker for up to
+                // RUN times the budget's messages, starving every other task on that worker.
+                if handled == RUN || !tokio::task::coop::has_budget_remaining() {
                     break;
                 }
+                tokio::task::consume_budget().await;
                 // Taken only when it will be handled: an envelope dropped here would go back
                 // to the handle and arrive out of order.
                 match inbox.try_recv() {
