@@ -433,6 +433,28 @@ async fn busy_time_counts_the_time_inside_handlers() {
     assert_eq!(stats.mailbox_depth(), 0, "{stats:?}");
 }
 
+/// A flooded worker yields to the other tasks of its runtime as any tokio task does (its
+/// mailbox loop spends the cooperative budget per message): on a one-thread runtime, a task
+/// spawned after a flood of 10,000 messages runs long before the flood is handled.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_flooded_worker_lets_other_tasks_run() {
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 100)).await;
+    tree.log.clear();
+    for _ in 0..10_000 {
+        tree.children[0].cast(ProbeMsg::Fired).unwrap();
+    }
+    let log = tree.log.clone();
+    let handled_when_it_ran = tokio::spawn(async move { log.lines().len() })
+        .await
+        .unwrap();
+    assert!(
+        handled_when_it_ran < 1_000,
+        "the other task waited for {handled_when_it_ran} messages"
+    );
+    ping(&tree.children[0]).await;
+    assert_eq!(tree.log.lines().len(), 10_000);
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_child_that_does_not_stop_in_time_is_killed() {
     quiet_intended_panics();
