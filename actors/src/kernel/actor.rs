@@ -76,7 +76,9 @@ pub trait Actor: Sized + Send + Sync + 'static {
         state: &mut Self::State,
     ) -> impl Future<Output = Result<(), ActorError>> + Send;
 
-    /// Receives ractor supervision events about actors linked to this one (supervisors only).
+    /// Receives ractor supervision events about actors linked to this one. Only an actor with
+    /// [`Actor::SUPERVISES`] set sees them as they come: a worker reads the kernel's mailbox in
+    /// one long-running handler, and ractor delivers supervision events between handlers.
     fn on_child_event(
         &self,
         ctx: &Context<Self::Msg>,
