@@ -435,7 +435,8 @@ impl<A: Actor> Hosted<A> {
         };
         let ended = 'pump: loop {
             let Some(mut envelope) = inbox.recv().await else {
-                // Every sender is gone, the handle's included: nothing can arrive any more.
+                // Every sender is gone. This instance's own context holds one, so this does not
+                // happen while it runs; should it, nothing could arrive any more.
                 break Ok(());
             };
             let _busy = Busy::start(self.handle.stats());
