@@ -77,8 +77,9 @@ pub trait Actor: Sized + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ActorError>> + Send;
 
     /// Receives ractor supervision events about actors linked to this one. Only an actor with
-    /// [`Actor::SUPERVISES`] set sees them as they come: a worker reads the kernel's mailbox in
-    /// one long-running handler, and ractor delivers supervision events between handlers.
+    /// [`Actor::SUPERVISES`] set receives them: a worker reads the kernel's mailbox in one
+    /// handler that runs until the worker stops, and ractor delivers supervision events only
+    /// between handlers.
     fn on_child_event(
         &self,
         ctx: &Context<Self::Msg>,
@@ -143,7 +144,8 @@ impl<M: Send + 'static> Context<M> {
         &self.handle
     }
 
-    /// The ractor cell of this instance (to link children to it).
+    /// The ractor cell of this instance (to link children to it: only an actor with
+    /// [`Actor::SUPERVISES`] set hears from linked children).
     pub fn cell(&self) -> ActorCell {
         self.myself.get_cell()
     }
@@ -278,8 +280,8 @@ pub(crate) struct HostedState<A: Actor> {
     ctx: Context<A::Msg>,
     /// `None` only between a failed incarnation and its replacement.
     current: Option<Incarnation<A>>,
-    /// The kernel's mailbox of a pumped instance. Whatever is still queued in it when the
-    /// state is dropped goes back to the handle (the envelopes' `Drop`).
+    /// The kernel's mailbox of a pumped instance until its loop takes it. Whatever is still
+    /// queued in it when it is dropped goes back to the handle (the envelopes' `Drop`).
     inbox: Option<mpsc::UnboundedReceiver<Envelope<A::Msg>>>,
 }
 
@@ -344,6 +346,19 @@ impl Drop for Busy<'_> {
         self.stats
             .record_busy(quanta::Instant::now().saturating_duration_since(self.started));
     }
+}
+
+/// Calibrates the TSC clock busy time is read from (`quanta` does it on first use, for up to
+/// 200 ms) on the blocking pool, once per process, before the first actor starts: not inside
+/// an actor's first message, on a runtime worker.
+async fn calibrated_clock() {
+    static CALIBRATED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    CALIBRATED
+        .get_or_init(|| async {
+            // A failed calibration task leaves it to the first use, which calibrates inline.
+            let _ = tokio::task::spawn_blocking(quanta::Instant::now).await;
+        })
+        .await;
 }
 
 /// Messages a mailbox loop handles back to back (while the task's cooperative budget lasts)
@@ -427,8 +442,9 @@ impl<A: Actor> Hosted<A> {
     }
 
     /// Reads the kernel's mailbox until a drain request, a [`Context::stop`], or a failure that
-    /// is not repaired in place. Returning hands the actor back to ractor's loop, which then
-    /// sees the drain or stop on its own ports.
+    /// is not repaired in place (a kill interrupts it). Returning hands the actor back to
+    /// ractor's loop, which then sees the drain or stop on its own ports; until then ractor's
+    /// stop and drain sent by others wait.
     async fn pump(&self, hosted: &mut HostedState<A>) -> Result<(), ActorError> {
         let Some(mut inbox) = hosted.inbox.take() else {
             return Ok(());
@@ -463,8 +479,12 @@ impl<A: Actor> Hosted<A> {
                 }
             }
         };
-        // Kept with the state: what is still queued goes back to the handle when it is dropped.
-        hosted.inbox = Some(inbox);
+        // The kernel's mailbox closes with the loop: what is still queued goes back to the
+        // handle now, and later sends fail and wait in the handle for the next instance (sorted
+        // by send order there). Kept open until the state is dropped, it would hand its messages
+        // back only after the supervisor handled the exit, possibly after the next instance got
+        // messages sent later.
+        drop(inbox);
         ended
     }
 
@@ -541,6 +561,12 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
             Arc::new(AtomicBool::new(false)),
         );
         let state = actor.pre_start(&ctx, args).await?;
+        if inbox.is_some() {
+            // Queued now, before the spawn returns to the supervisor: ahead of any drain the
+            // supervisor may send right after (a sibling failing to start), so the loop always
+            // runs first and hands the actor to ractor's drain with `post_stop`.
+            ctx.myself.send_message(HostMsg::Pump)?;
+        }
         Ok(HostedState {
             ctx,
             current: Some(Incarnation { actor, state }),
@@ -550,20 +576,18 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
 
     async fn post_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         hosted: &mut Self::State,
     ) -> Result<(), ActorError> {
-        if let Some(current) = hosted.current.as_mut() {
-            current
-                .actor
-                .post_start(&hosted.ctx, &mut current.state)
-                .await?;
+        match hosted.current.as_mut() {
+            Some(current) => {
+                current
+                    .actor
+                    .post_start(&hosted.ctx, &mut current.state)
+                    .await
+            }
+            None => Ok(()),
         }
-        if hosted.inbox.is_some() {
-            // The first message in ractor's mailbox: from here the instance reads the kernel's.
-            myself.send_message(HostMsg::Pump)?;
-        }
-        Ok(())
     }
 
     async fn handle(
@@ -603,6 +627,8 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
         _myself: ActorRef<Self::Msg>,
         hosted: &mut Self::State,
     ) -> Result<(), ActorError> {
+        // Stopped before its loop ran: its mailbox closes here, for the reason `pump` gives.
+        drop(hosted.inbox.take());
         match hosted.current.as_mut() {
             Some(current) => {
                 current
@@ -643,6 +669,7 @@ pub(crate) async fn spawn_linked<A: Actor>(
     supervisor: ActorCell,
     in_place: Option<InPlace<A>>,
 ) -> Result<Instance, SpawnErr> {
+    calibrated_clock().await;
     let hosted = Hosted {
         handle: handle.clone(),
         in_place,
@@ -674,6 +701,7 @@ pub async fn spawn<A: Actor>(
     args: A::Arguments,
     handle: &ActorHandle<A::Msg>,
 ) -> Result<(ActorCell, tokio::task::JoinHandle<()>), SpawnErr> {
+    calibrated_clock().await;
     let hosted = Hosted {
         handle: handle.clone(),
         in_place: None,

@@ -16,7 +16,10 @@
 //! due. A new deadline wakes the sweeper only when it is earlier than the one the sweeper sleeps
 //! until, which with equal timeouts happens about once per timeout period, not once per call.
 //! Because the sweeper sleeps on a tokio timer, paused test time (`start_paused`, `advance`)
-//! drives call deadlines exactly as it drives `tokio::time::timeout`.
+//! drives call deadlines as it drives `tokio::time::timeout`, with one difference: the sweeper's
+//! timer stays armed after the calls it was for are answered (until it fires), so a paused
+//! runtime with nothing else to do may auto-advance to it. Like `tokio::time::timeout`, this
+//! needs a runtime with its timer enabled.
 
 use std::future::Future;
 use std::pin::Pin;

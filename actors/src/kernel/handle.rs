@@ -647,11 +647,11 @@ impl<M: Send + 'static> ActorHandle<M> {
         }
     }
 
-    /// The running instance's ractor cell, if any (for linking and monitoring). Stop a
+    /// The running instance's ractor cell, if any (for monitoring, or a kill). Stop a
     /// supervised actor through its supervisor or from inside ([`super::Context::stop`]): a
-    /// supervised worker reads its messages from the kernel's mailbox, and ractor's
-    /// `ActorCell::stop` and `drain` reach it only between two runs of that loop (a kill
-    /// reaches it at once).
+    /// supervised worker reads its messages from the kernel's mailbox in one handler that runs
+    /// until the supervisor drains it or it stops itself, so ractor's `ActorCell::stop` and
+    /// `drain` sent by anyone else do not reach it before then (a kill reaches it at once).
     pub fn instance(&self) -> Option<ActorCell> {
         self.shared.current.load().as_deref().map(Mailbox::cell)
     }

@@ -416,6 +416,31 @@ async fn a_graceful_stop_handles_the_messages_queued_before_it() {
     );
 }
 
+/// A child started just before a sibling fails to start is stopped gracefully: its
+/// `post_stop` runs (the drain sent right after its start must not overtake the start of its
+/// mailbox loop).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_child_started_before_a_sibling_fails_to_start_is_stopped_gracefully() {
+    let log = Log::default();
+    let path = ActorPath::root().child("sup");
+    let (a_spec, _a) = probe_spec(&path, &ProbeArgs::new("a", &log));
+    let b_args = ProbeArgs::new("b", &log);
+    b_args.failing_starts.store(1, Ordering::SeqCst);
+    let (b_spec, _b) = probe_spec(&path, &b_args);
+    let supervisor: SupervisorHandle = ActorHandle::new(path);
+    let started = kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            children: vec![a_spec, b_spec],
+            ..SupervisorArgs::default()
+        },
+        &supervisor,
+    )
+    .await;
+    assert!(started.is_err(), "the tree cannot start without b");
+    assert_eq!(log.lines(), ["a started", "b failed to start", "a stopped"]);
+}
+
 /// Busy time counts the time spent inside handlers, also when messages are handled back to
 /// back in one run of the mailbox loop (it is read once per run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
