@@ -323,19 +323,30 @@ async fn messages_queued_behind_a_stop_reach_the_next_instance_in_send_order() {
             let mut next = 0u64;
             for _ in 0..STOPS {
                 let before = generation(&handle);
+                let mut status = handle.watch_status();
                 handle.cast(CounterMsg::Stop).unwrap();
-                // Through the stop and the restart, and a little after.
-                let mut after = 0;
-                while after < 200 {
+                // Through the stop and the restart (bounded: the actor must keep up), one
+                // scheduling round per 64 messages.
+                for _ in 0..5_000 {
                     handle.cast(CounterMsg::Seq(next)).unwrap();
                     next += 1;
-                    if generation(&handle) > before {
-                        after += 1;
-                    }
                     if next.is_multiple_of(64) {
                         tokio::task::yield_now().await;
                     }
-                    assert!(next < 10_000_000, "the child did not restart");
+                }
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    status.wait_for(|status| {
+                        matches!(status, HandleStatus::Running { generation } if *generation > before)
+                    }),
+                )
+                .await
+                .expect("the child restarts after its stop")
+                .unwrap();
+                // And a little after.
+                for _ in 0..200 {
+                    handle.cast(CounterMsg::Seq(next)).unwrap();
+                    next += 1;
                 }
             }
             next
