@@ -324,27 +324,29 @@ impl Drop for Handled<'_> {
     }
 }
 
-/// Adds the time from its start to its drop to the actor's busy time: one message, or a run of
-/// messages handled back to back. Read from the TSC (`quanta`, calibrated once per process):
-/// the OS clock read twice per message cost a quarter of a burst's time on a VM.
+/// Measures the actor's busy time, read from the TSC (`quanta`, calibrated once per process):
+/// the OS clock read twice per message cost a quarter of a burst's time on a VM. Messages
+/// handled back to back share their clock reads: each message's time runs from the end of the
+/// previous one (or the start of the run) to its own end, one read per message.
 struct Busy<'a> {
     stats: &'a ActorStats,
-    started: quanta::Instant,
+    since: quanta::Instant,
 }
 
 impl<'a> Busy<'a> {
     fn start(stats: &'a ActorStats) -> Self {
         Self {
             stats,
-            started: quanta::Instant::now(),
+            since: quanta::Instant::now(),
         }
     }
-}
 
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
+    /// Adds the time since the start or the last lap; the next lap starts now.
+    fn lap(&mut self) {
+        let now = quanta::Instant::now();
         self.stats
-            .record_busy(quanta::Instant::now().saturating_duration_since(self.started));
+            .record_busy(now.saturating_duration_since(self.since));
+        self.since = now;
     }
 }
 
@@ -455,10 +457,12 @@ impl<A: Actor> Hosted<A> {
                 // happen while it runs; should it, nothing could arrive any more.
                 break Ok(());
             };
-            let _busy = Busy::start(self.handle.stats());
+            let mut busy = Busy::start(self.handle.stats());
             let mut handled = 0;
             loop {
-                match self.process(hosted, envelope).await {
+                let processed = self.process(hosted, envelope).await;
+                busy.lap();
+                match processed {
                     Ok(Flow::Continue) if !hosted.ctx.stopping.load(Ordering::Relaxed) => {}
                     Ok(_) => break 'pump Ok(()),
                     Err(error) => break 'pump Err(error),
@@ -598,8 +602,10 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
     ) -> Result<(), ActorError> {
         match message {
             HostMsg::Deliver(envelope) => {
-                let _busy = Busy::start(self.handle.stats());
-                self.process(hosted, envelope).await.map(|_| ())
+                let mut busy = Busy::start(self.handle.stats());
+                let processed = self.process(hosted, envelope).await;
+                busy.lap();
+                processed.map(|_| ())
             }
             HostMsg::Pump => self.pump(hosted).await,
         }

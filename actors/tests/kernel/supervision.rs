@@ -442,7 +442,8 @@ async fn a_child_started_before_a_sibling_fails_to_start_is_stopped_gracefully()
 }
 
 /// Busy time counts the time spent inside handlers, also when messages are handled back to
-/// back in one run of the mailbox loop (it is read once per run).
+/// back in one run of the mailbox loop (they share clock reads), and it is counted as each
+/// message ends, not when the run does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_time_counts_the_time_inside_handlers() {
     let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 100)).await;
@@ -452,10 +453,12 @@ async fn busy_time_counts_the_time_inside_handlers() {
             .cast(ProbeMsg::Busy(Duration::from_millis(20)))
             .unwrap();
     }
+    // The ping is answered from inside its handler, before it is itself counted; the three
+    // busy messages before it are.
     ping(child).await;
     let stats = child.stats().snapshot();
     assert!(stats.busy >= Duration::from_millis(60), "{stats:?}");
-    assert_eq!(stats.mailbox_depth(), 0, "{stats:?}");
+    assert!(stats.processed >= 3, "{stats:?}");
 }
 
 /// A flooded worker yields to the other tasks of its runtime as any tokio task does (its
