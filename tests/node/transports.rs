@@ -620,15 +620,6 @@ async fn troupe_mcp_runs_an_embedded_node_when_none_is_running_and_answers_bad_l
 /// Every output batch of a session is an event, so a flood fills a reader's socket quickly.
 const UNCOALESCED: &[(&str, &str)] = &[("TROUPE_SESSIONS__OUTPUT_EVENTS_PER_SEC", "1000000")];
 
-async fn flood(node: &NodeProcess) -> String {
-    spawn_script(
-        node,
-        "line=$(head -c 1000 /dev/zero | tr '\\0' x); i=0; \
-         while [ $i -lt 20000 ]; do echo \"$line\"; i=$((i+1)); done",
-    )
-    .await
-}
-
 async fn spawn_script(node: &NodeProcess, script: &str) -> String {
     let record = node
         .spawn_session(json!({"kind": "command", "program": "sh", "args": ["-c", script]}))
@@ -653,12 +644,26 @@ async fn disconnected(observer: &mut SseStream, transport: &str) -> String {
     }
 }
 
+/// Output that keeps coming (about 10 MB/s) until the session is cancelled. A finite flood is
+/// not enough here: the stalled link is detected by a write that waits too long, and what
+/// reaches it of a finite flood (after its subscription lags) can fit in the socket buffers,
+/// which grow to megabytes on loopback; then no write ever waits.
+async fn endless_flood(node: &NodeProcess) -> String {
+    spawn_script(
+        node,
+        "line=$(head -c 1000 /dev/zero | tr '\\0' x); \
+         while :; do i=0; while [ $i -lt 100 ]; do echo \"$line\"; i=$((i+1)); done; \
+         sleep 0.01; done",
+    )
+    .await
+}
+
 #[tokio::test]
 async fn an_sse_client_that_stops_reading_is_cleaned_up_and_others_keep_their_stream() {
     let fixture = Fixture::start_with(10_000, UNCOALESCED).await;
     let node = &fixture.node;
     let mut observer = node.events("kind=link.*", None).await;
-    let mut healthy = node.events("kind=session.succeeded", None).await;
+    let mut healthy = node.events("kind=session.cancelled", None).await;
     // A follower of session output that sends its request and never reads a byte.
     let mut stalled = tiny_buffer_stream(node).await;
     {
@@ -677,7 +682,7 @@ async fn an_sse_client_that_stops_reading_is_cleaned_up_and_others_keep_their_st
             break event["data"]["link"].as_str().unwrap().to_owned();
         }
     };
-    let id = flood(node).await;
+    let id = endless_flood(node).await;
     let reason = loop {
         let (_, event) = observer.next_of("link.disconnected").await;
         if event["data"]["link"] == link.as_str() {
@@ -689,6 +694,12 @@ async fn an_sse_client_that_stops_reading_is_cleaned_up_and_others_keep_their_st
     assert!(
         !links.to_string().contains(&link),
         "the stalled link is gone: {links}"
+    );
+    assert!(
+        node.delete(&format!("/v1/sessions/{id}"))
+            .await
+            .status()
+            .is_success()
     );
     let (_, done) = healthy.next().await;
     assert_eq!(done["session"], id.as_str(), "the other stream went on");
@@ -706,10 +717,16 @@ async fn an_event_websocket_that_never_reads_is_dropped_and_others_are_unaffecte
         tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
             .await
             .unwrap();
-    let mut other = WsEvents::open(node, "kind=session.succeeded").await;
-    let id = flood(node).await;
+    let mut other = WsEvents::open(node, "kind=session.cancelled").await;
+    let id = endless_flood(node).await;
     let reason = disconnected(&mut observer, "web_socket").await;
     assert!(reason.contains("stopped reading"), "{reason}");
+    assert!(
+        node.delete(&format!("/v1/sessions/{id}"))
+            .await
+            .status()
+            .is_success()
+    );
     let done = other.next_event().await;
     assert_eq!(done["session"], id.as_str());
     assert_eq!(node.get("/v1/health").await.status(), 200);
