@@ -326,6 +326,9 @@ async fn wait_alive(node: &NodeProcess, nodes: &[&str]) {
             if nodes.iter().all(|name| alive(name)) {
                 return;
             }
+            // The member view is written by the registry on its own task after membership
+            // changes, and no event announces that write: poll the view (one cheap GET),
+            // bounded by PATIENCE.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })

@@ -53,6 +53,9 @@ async fn wait_members(node: &NodeProcess, names: &[&str]) {
             if names.iter().all(|name| ready(name)) {
                 return;
             }
+            // The member view is written by the registry on its own task after membership
+            // changes, and no event announces that write: poll the view (one cheap GET),
+            // bounded by PATIENCE.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
