@@ -6,6 +6,7 @@ mod actor;
 mod deadline;
 mod directory;
 mod handle;
+mod idle;
 mod stats;
 
 pub use actor::{Actor, ActorError, Context, spawn};
@@ -16,4 +17,5 @@ pub use handle::{
     ActorHandle, CallError, DEFAULT_RESTART_BACKLOG, Envelope, FaultKind, HandleStatus, SendError,
     SendErrorKind,
 };
+pub(crate) use idle::when_worker_idles;
 pub use stats::{ActorStats, ActorStatsSnapshot};

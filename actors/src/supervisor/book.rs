@@ -13,7 +13,7 @@ use super::restart::{ChildRestarts, RestartDecision, RestartIntensity, RestartTr
 use super::{SupervisorMsg, log_restart};
 use crate::event::{ActorRestarted, EventBus, EventData};
 use crate::ids::ActorPath;
-use crate::kernel::{ActorDirectory, ActorHandle, Admission, InPlaceRestarts};
+use crate::kernel::{ActorDirectory, ActorHandle, Admission, InPlaceRestarts, when_worker_idles};
 
 pub(crate) struct RestartBook {
     inner: Mutex<BookInner>,
@@ -163,31 +163,39 @@ impl InPlaceRestarts for ChildRestartHook {
             restart_count,
             restarts_in_window: admission.restarts_in_window,
         };
-        // The supervisor logs and publishes it, off this child's path. If the supervisor is
-        // gone for good, the child does it itself so the restart is never unannounced.
-        if let Err(refused) = self.supervisor.cast(message)
-            && let SupervisorMsg::RestartedInPlace {
-                child,
-                reason,
-                restart_count,
-                restarts_in_window,
-            } = refused.into_message()
-        {
-            let restart = ActorRestarted {
-                supervisor: self.supervisor.path().clone(),
-                child,
-                reason,
-                restart_count,
-                restarts_in_window,
-                max_restarts: self.book.intensity().max_restarts,
-                window_secs: self.book.intensity().window.as_secs(),
-                delay_ms: 0,
-            };
-            log_restart(&restart);
-            if let Some(events) = &self.events {
-                events.publish(None, EventData::ActorRestarted(restart));
+        let supervisor = self.supervisor.clone();
+        let book = Arc::clone(&self.book);
+        let events = self.events.clone();
+        // Sent once this worker idles, not before the restarted child's next message: waking
+        // the supervisor now would put a cross-CPU wake-up on that message's path (see
+        // `kernel::idle`). The supervisor logs and publishes it on its own task. If the
+        // supervisor is gone for good, this does it itself so the restart is never unannounced.
+        when_worker_idles(move || {
+            if let Err(refused) = supervisor.cast(message)
+                && let SupervisorMsg::RestartedInPlace {
+                    child,
+                    reason,
+                    restart_count,
+                    restarts_in_window,
+                } = refused.into_message()
+            {
+                let intensity = book.intensity();
+                let restart = ActorRestarted {
+                    supervisor: supervisor.path().clone(),
+                    child,
+                    reason,
+                    restart_count,
+                    restarts_in_window,
+                    max_restarts: intensity.max_restarts,
+                    window_secs: intensity.window.as_secs(),
+                    delay_ms: 0,
+                };
+                log_restart(&restart);
+                if let Some(events) = &events {
+                    events.publish(None, EventData::ActorRestarted(restart));
+                }
             }
-        }
+        });
     }
 }
 
