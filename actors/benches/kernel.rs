@@ -23,8 +23,10 @@
 //!   WARN line formatted by a real `tracing` subscriber (into a sink) and `actor.restarted`
 //!   published on a bus with a subscriber draining it. Both restart back to back, so a
 //!   restart's WARN line and event overlap the next restart; `in_place_isolated` waits (untimed)
-//!   for each restart's event before the next fault, as when restarts are rare. Per-restart
-//!   p50/p99 are printed after criterion's report (criterion reports means).
+//!   for each restart's event before the next fault, as when restarts are rare.
+//!   `no_fault_baseline` is the same loop and child without the fault: each request is a plain
+//!   call, so its tail is what the runtime's scheduling alone costs a round trip in this loop.
+//!   Per-request p50/p99 are printed after criterion's report (criterion reports means).
 //! - `fanout/N`: one event published, delivered to N subscribers (each a task).
 //!
 //! Intended panics go through a silent panic hook, so the numbers measure the kernel, not
@@ -398,10 +400,11 @@ fn restart(c: &mut Criterion) {
     std::panic::set_hook(Box::new(|_| {}));
     let rt = runtime();
     let mut group = c.benchmark_group("restart");
-    for (name, strategy, isolated) in [
-        ("in_place", Strategy::OneForOne, false),
-        ("respawn", Strategy::OneForAll, false),
-        ("in_place_isolated", Strategy::OneForOne, true),
+    for (name, strategy, isolated, fault) in [
+        ("in_place", Strategy::OneForOne, false, true),
+        ("respawn", Strategy::OneForAll, false, true),
+        ("in_place_isolated", Strategy::OneForOne, true, true),
+        ("no_fault_baseline", Strategy::OneForOne, false, false),
     ] {
         let bus = draining_bus(&rt);
         let handle = rt.block_on(supervised_echo(strategy, Some(bus.clone())));
@@ -410,7 +413,7 @@ fn restart(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let samples = samples.clone();
                 let handle = handle.clone();
-                let mut announced = isolated.then(|| {
+                let mut announced = (isolated && fault).then(|| {
                     bus.subscribe(EventFilter {
                         kinds: vec![KindPattern::Exact(EventKind::ActorRestarted)],
                         ..EventFilter::all()
@@ -422,7 +425,9 @@ fn restart(c: &mut Criterion) {
                         let mut taken = Vec::with_capacity(iters as usize);
                         for _ in 0..iters {
                             let started = Instant::now();
-                            assert!(handle.inject_fault(FaultKind::Panic));
+                            if fault {
+                                assert!(handle.inject_fault(FaultKind::Panic));
+                            }
                             handle
                                 .call(|reply| EchoMsg::Ask(1, reply), CALL_TIMEOUT)
                                 .await
@@ -447,9 +452,13 @@ fn restart(c: &mut Criterion) {
         let mut all = samples.lock().unwrap().clone();
         all.sort();
         if !all.is_empty() {
+            let (what, target) = if fault {
+                ("restarts", " (target: p99 < 20 µs)")
+            } else {
+                ("calls without a fault, the baseline", "")
+            };
             println!(
-                "restart/{name} latency over {} restarts: p50 {:?}, p99 {:?}, max {:?} \
-                 (target: p99 < 20 µs)",
+                "restart/{name} latency over {} {what}: p50 {:?}, p99 {:?}, max {:?}{target}",
                 all.len(),
                 percentile(&all, 0.50),
                 percentile(&all, 0.99),
