@@ -51,14 +51,7 @@ impl Wake for Deferred {
 impl Drop for Deferred {
     fn drop(&mut self) {
         // Dropped without a wake (the runtime shut down): the work still happens.
-        let work = self
-            .work
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(work) = work {
-            work();
-        }
+        self.run();
     }
 }
 

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::restart::{ChildRestarts, RestartDecision, RestartIntensity, RestartTracker};
-use super::{SupervisorMsg, log_restart};
-use crate::event::{ActorRestarted, EventBus, EventData};
+use super::{ActorRestartedFacts, SupervisorMsg, announce_restart};
+use crate::event::EventBus;
 use crate::ids::ActorPath;
 use crate::kernel::{ActorDirectory, ActorHandle, Admission, InPlaceRestarts, when_worker_idles};
 
@@ -179,21 +179,18 @@ impl InPlaceRestarts for ChildRestartHook {
                     restarts_in_window,
                 } = refused.into_message()
             {
-                let intensity = book.intensity();
-                let restart = ActorRestarted {
-                    supervisor: supervisor.path().clone(),
-                    child,
-                    reason,
-                    restart_count,
-                    restarts_in_window,
-                    max_restarts: intensity.max_restarts,
-                    window_secs: intensity.window.as_secs(),
-                    delay_ms: 0,
-                };
-                log_restart(&restart);
-                if let Some(events) = &events {
-                    events.publish(None, EventData::ActorRestarted(restart));
-                }
+                announce_restart(
+                    supervisor.path(),
+                    book.intensity(),
+                    events.as_ref(),
+                    ActorRestartedFacts {
+                        child,
+                        reason,
+                        restart_count,
+                        restarts_in_window,
+                        delay_ms: 0,
+                    },
+                );
             }
         });
     }

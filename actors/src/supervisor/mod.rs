@@ -667,21 +667,18 @@ impl SupervisorState {
         restarts_in_window: u32,
         delay_ms: u64,
     ) {
-        let intensity = self.book.intensity();
-        let restart = ActorRestarted {
-            supervisor: self.path.clone(),
-            child,
-            reason,
-            restart_count,
-            restarts_in_window,
-            max_restarts: intensity.max_restarts,
-            window_secs: intensity.window.as_secs(),
-            delay_ms,
-        };
-        log_restart(&restart);
-        if let Some(events) = &self.events {
-            events.publish(None, EventData::ActorRestarted(restart));
-        }
+        announce_restart(
+            &self.path,
+            self.book.intensity(),
+            self.events.as_ref(),
+            ActorRestartedFacts {
+                child,
+                reason,
+                restart_count,
+                restarts_in_window,
+                delay_ms,
+            },
+        );
     }
 
     /// Stops every child and returns the error this supervisor fails with.
@@ -815,7 +812,39 @@ impl Drop for SupervisorState {
 }
 
 /// The WARN line of a restart, with the fields of its `actor.restarted` event.
-pub(crate) fn log_restart(restart: &ActorRestarted) {
+/// What a restart is announced with, beyond its supervisor's identity and intensity.
+pub(crate) struct ActorRestartedFacts {
+    pub(crate) child: ActorPath,
+    pub(crate) reason: String,
+    pub(crate) restart_count: u64,
+    pub(crate) restarts_in_window: u32,
+    pub(crate) delay_ms: u64,
+}
+
+/// Announces a restart: its WARN line, then its `actor.restarted` event.
+pub(crate) fn announce_restart(
+    supervisor: &ActorPath,
+    intensity: RestartIntensity,
+    events: Option<&EventBus>,
+    facts: ActorRestartedFacts,
+) {
+    let restart = ActorRestarted {
+        supervisor: supervisor.clone(),
+        child: facts.child,
+        reason: facts.reason,
+        restart_count: facts.restart_count,
+        restarts_in_window: facts.restarts_in_window,
+        max_restarts: intensity.max_restarts,
+        window_secs: intensity.window.as_secs(),
+        delay_ms: facts.delay_ms,
+    };
+    log_restart(&restart);
+    if let Some(events) = events {
+        events.publish(None, EventData::ActorRestarted(restart));
+    }
+}
+
+fn log_restart(restart: &ActorRestarted) {
     tracing::warn!(
         supervisor = %restart.supervisor,
         child = %restart.child,
