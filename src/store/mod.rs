@@ -114,7 +114,9 @@ pub struct StoreStats {
 /// The node's store. Cheap to clone; every clone talks to the same writer thread.
 ///
 /// Close it with [`Store::close`] to flush what is queued. Dropping the last handle without
-/// closing also commits what was queued, and waits (blocking) for the writer thread to finish.
+/// closing also commits what was queued, and waits (blocking) for the writer thread to finish;
+/// on a worker of a multi-threaded tokio runtime the wait runs in `block_in_place`, so the
+/// worker's other tasks go on elsewhere meanwhile.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -136,9 +138,21 @@ impl Drop for Inner {
         // Closing the channel lets the writer commit what is queued and stop; waiting for it
         // releases the file, so the store can be reopened at once.
         drop(self.tx.take());
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // The wait blocks. On a worker of a multi-threaded runtime, the worker's other tasks
+        // move to another thread for it (a current-thread runtime has nowhere to move them).
+        let join = move || thread.join();
+        let joined = match tokio::runtime::Handle::try_current() {
+            Ok(runtime)
+                if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+            {
+                tokio::task::block_in_place(join)
+            }
+            _ => join(),
+        };
+        if joined.is_err() {
             tracing::error!("store: the writer thread panicked");
         }
     }
