@@ -13,7 +13,10 @@
 //!   reaches ≥ 50 % of the raw channel's throughput). `bare_ractor_actor` is the same echo as a
 //!   plain ractor actor (ractor's mailbox and loop alone): the floor the kernel builds on.
 //!   `supervised_actor_without_deadline` sends the same request through the handle but awaits
-//!   the reply without `call`'s deadline, to show what the deadline costs.
+//!   the reply without `call`'s deadline, to show what the deadline costs. Then, outside
+//!   criterion, the raw channel and the actor alternate in blocks of 2,000 calls inside one task
+//!   (ABBA order), and the ratio of their medians is printed: criterion runs scenarios seconds
+//!   apart, and this kind of VM drifts by ±20 % between them.
 //! - `casts/*`: a burst of 1,000 one-way messages followed by one request (external sender
 //!   throughput), with the same baseline and printed ratio.
 //! - `restart/*`: a supervised child panics and a request sent right after the fault is answered
@@ -300,6 +303,82 @@ fn round_trip(c: &mut Criterion) {
         &raw_times,
         &untimed_times,
         "for comparison",
+    );
+    interleaved_round_trips(&rt, raw, handle);
+}
+
+/// The round trip once more, with the raw channel and the actor in alternating blocks inside one
+/// task (in ABBA order), so that both meet the machine in the same state: criterion runs the
+/// two scenarios seconds apart, and this VM's speed drifts between them. Prints the medians of
+/// the per-block times and the ratio of those medians, with the spread of the per-round ratios.
+fn interleaved_round_trips(
+    rt: &Runtime,
+    raw: mpsc::UnboundedSender<RawRequest>,
+    handle: ActorHandle<EchoMsg>,
+) {
+    const BLOCK: u32 = 2_000;
+    const ROUNDS: usize = 400;
+    let (raws, actors) = rt.block_on(async move {
+        tokio::spawn(async move {
+            let raw_block = || {
+                let raw = raw.clone();
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..BLOCK {
+                        let (tx, rx) = oneshot::channel();
+                        raw.send((7, tx)).unwrap();
+                        std::hint::black_box(rx.await.unwrap());
+                    }
+                    started.elapsed() / BLOCK
+                }
+            };
+            let actor_block = || {
+                let handle = handle.clone();
+                async move {
+                    let started = Instant::now();
+                    for _ in 0..BLOCK {
+                        let answer = handle
+                            .call(|reply| EchoMsg::Ask(7, reply), CALL_TIMEOUT)
+                            .await
+                            .unwrap();
+                        std::hint::black_box(answer);
+                    }
+                    started.elapsed() / BLOCK
+                }
+            };
+            let (mut raws, mut actors) = (Vec::new(), Vec::new());
+            for round in 0..ROUNDS {
+                if round % 2 == 0 {
+                    raws.push(raw_block().await);
+                    actors.push(actor_block().await);
+                } else {
+                    actors.push(actor_block().await);
+                    raws.push(raw_block().await);
+                }
+            }
+            (raws, actors)
+        })
+        .await
+        .unwrap()
+    });
+    let mut ratios: Vec<f64> = raws
+        .iter()
+        .zip(&actors)
+        .map(|(raw, actor)| raw.as_secs_f64() / actor.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = |mut times: Vec<Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+    let (raw, actor) = (median(raws), median(actors));
+    println!(
+        "round trip, interleaved ({ROUNDS} rounds of {BLOCK} calls each way): raw channel \
+         {raw:?}, supervised actor {actor:?} per message: the actor reaches {:.0} % of the raw \
+         throughput (per-round ratio p10 {:.0} %, p90 {:.0} %; target ≥ 50 %)",
+        100.0 * raw.as_secs_f64() / actor.as_secs_f64(),
+        100.0 * ratios[ratios.len() / 10],
+        100.0 * ratios[ratios.len() * 9 / 10],
     );
 }
 
