@@ -17,7 +17,8 @@
 //! new incarnation (`pre_start`, `post_start`) in the same task, and goes on with the same
 //! mailbox. That skips the three cross-task hand-offs of a respawn (the supervision event, the
 //! spawn, the redelivery of queued messages); the supervisor only logs and publishes the restart
-//! afterwards, off the critical path.
+//! afterwards, off the critical path: [`InPlaceRestarts::report`] hands the announcement to the
+//! worker's deferred wake-ups (`kernel::idle`).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -252,7 +253,8 @@ pub(crate) trait InPlaceRestarts: Send + Sync {
     /// The new incarnation started: counts the restart (returns the child's restart total).
     fn record(&self, path: &ActorPath) -> u64;
 
-    /// The new incarnation runs: the supervisor logs and publishes the restart.
+    /// The new incarnation runs: the restart is announced (its WARN line and event), without
+    /// delaying the new incarnation's next message.
     fn report(&self, path: &ActorPath, admission: Admission, restart_count: u64, reason: String);
 }
 

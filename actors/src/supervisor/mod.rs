@@ -21,7 +21,8 @@
 //!   inside its own ractor actor, keeping its mailbox, when the restart book admits it (it runs,
 //!   it is not being stopped, and the restart stays within the intensity). The failure is
 //!   recorded in the same book the supervisor uses, so intensity and escalation are unchanged;
-//!   the supervisor then logs and publishes the restart like any other. Otherwise (a group
+//!   the supervisor then logs and publishes the restart like any other, once the child's worker
+//!   idles (see `kernel::idle`). Otherwise (a group
 //!   strategy, a backoff, a supervisor child, a temporary child, or one restart too many) the
 //!   child exits and the supervisor handles it here.
 //! - In one_for_all and rest_for_one, a temporary sibling stopped because another child failed is
