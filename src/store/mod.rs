@@ -141,6 +141,8 @@ impl Drop for Inner {
         let Some(thread) = self.thread.take() else {
             return;
         };
+        // A lingering writer notices the closed channel when it wakes.
+        thread.thread().unpark();
         // The wait blocks. On a worker of a multi-threaded runtime, the worker's other tasks
         // move to another thread for it (a current-thread runtime has nowhere to move them).
         let join = move || thread.join();
@@ -268,6 +270,19 @@ impl Store {
         }
     }
 
+    /// Waits (bounded) until the writer sleeps in a linger over queued appends.
+    #[cfg(test)]
+    pub(crate) async fn until_lingering(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.inner.stats.lingering.load(Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store's writer did not start lingering within 30 s"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Resolves once everything queued before it (appends included) is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
@@ -384,7 +399,15 @@ impl Store {
 
     fn send(&self, request: Request) -> Result<(), StoreError> {
         let tx = self.inner.tx.as_ref().ok_or_else(closed)?;
-        tx.send(request).map_err(|_| closed())
+        let append = request.is_append();
+        tx.send(request).map_err(|_| closed())?;
+        // A writer gathering appends sleeps until its linger ends and is not woken by more
+        // appends (one wake-up of another thread per event would cost the publisher more than
+        // the append); anything else ends the linger at once.
+        if !append && let Some(thread) = &self.inner.thread {
+            thread.thread().unpark();
+        }
+        Ok(())
     }
 
     /// Queues an append unless too many are waiting already.

@@ -703,12 +703,58 @@ async fn appends_linger_into_one_commit_and_a_waiter_ends_the_wait() {
     for seq in 1..=200 {
         EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
     }
+    store.until_lingering().await;
     store.create(record("s-1", 1)).await.unwrap();
     let after = store.stats();
     assert_eq!(after.requests - before.requests, 201);
     assert_eq!(after.commits - before.commits, 1, "{after:?}");
     let stored = store.node_events_after(&node(), 0, 1000).await.unwrap();
     assert_eq!(stored.len(), 200);
+}
+
+/// Appends do not wake a lingering writer, but dropping the last handle does: the queued appends
+/// are committed and the drop returns (with an hour's linger, a writer left asleep would hang
+/// this test).
+#[tokio::test]
+async fn dropping_the_store_while_it_lingers_commits_the_appends_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let lingering = StoreConfig {
+        append_linger: Duration::from_secs(3600),
+        ..StoreConfig::default()
+    };
+    let store = open_with(dir.path(), lingering).await;
+    store.flush().await.unwrap();
+    for seq in 1..=50 {
+        EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
+    }
+    store.until_lingering().await;
+    drop(store);
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let stored = store.node_events_after(&node(), 0, 1000).await.unwrap();
+    assert_eq!(stored.len(), 50);
+}
+
+/// An id reservation asked for while the writer lingers over appends is made durable at once
+/// (publishing waits for it), not after the linger.
+#[tokio::test]
+async fn a_reservation_asked_for_while_the_writer_lingers_is_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(
+        dir.path(),
+        StoreConfig {
+            append_linger: Duration::from_secs(3600),
+            ..StoreConfig::default()
+        },
+    )
+    .await;
+    store.flush().await.unwrap();
+    for seq in 1..=20 {
+        EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
+    }
+    store.until_lingering().await;
+    let through = store.reserved_ids() + 1_000;
+    store.reserve_ids(through).await.unwrap();
+    assert!(store.reserved_ids() >= through);
 }
 
 #[tokio::test]

@@ -26,8 +26,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
@@ -113,7 +113,7 @@ impl Reservation {
 }
 
 impl Request {
-    fn is_append(&self) -> bool {
+    pub(super) fn is_append(&self) -> bool {
         matches!(self, Self::Output { .. } | Self::Event(_))
     }
 }
@@ -153,6 +153,8 @@ pub(super) struct Stats {
     pub(super) commit_nanos: AtomicU64,
     /// Batches lost to a storage failure.
     pub(super) failed_batches: AtomicU64,
+    /// The writer sleeps in a linger, gathering appends (read by tests, to act while it does).
+    pub(super) lingering: AtomicBool,
     /// Events deleted by retention.
     pub(super) pruned_events: AtomicU64,
 }
@@ -216,6 +218,7 @@ impl Writer {
                 &mut batch,
                 max_batch,
                 last_commit + state.config.append_linger,
+                &state.stats.lingering,
             );
             let appends = batch.iter().filter(|request| request.is_append()).count();
             state
@@ -246,18 +249,23 @@ impl Writer {
 /// While `batch` holds appends only, keeps gathering requests until `until` (see
 /// [`StoreConfig::append_linger`](super::StoreConfig::append_linger)); a request someone waits
 /// for ends the wait at once, with whatever is queued behind it.
-fn linger(rx: &Receiver<Request>, batch: &mut Vec<Request>, max_batch: usize, until: Instant) {
+///
+/// The thread sleeps (`park_timeout`) rather than blocking on the channel: appends arriving
+/// meanwhile do not wake it (each wake-up would be a system call on the publisher's path, once
+/// per event); a request someone waits for, and the store's drop, unpark it
+/// ([`Store`](super::Store)'s `send`). A stray unpark only makes it look at the channel early.
+fn linger(
+    rx: &Receiver<Request>,
+    batch: &mut Vec<Request>,
+    max_batch: usize,
+    until: Instant,
+    lingering: &AtomicBool,
+) {
     if batch.is_empty() || !batch.iter().all(Request::is_append) {
         return;
     }
     while batch.len() < max_batch {
-        let Some(left) = until
-            .checked_duration_since(Instant::now())
-            .filter(|left| !left.is_zero())
-        else {
-            return;
-        };
-        match rx.recv_timeout(left) {
+        match rx.try_recv() {
             Ok(request) => {
                 let waited_for = !request.is_append();
                 batch.push(request);
@@ -272,7 +280,18 @@ fn linger(rx: &Receiver<Request>, batch: &mut Vec<Request>, max_batch: usize, un
                 }
             }
             // Disconnected: the next receive in the loop sees it and ends the writer.
-            Err(_) => return,
+            Err(TryRecvError::Disconnected) => return,
+            Err(TryRecvError::Empty) => {
+                let Some(left) = until
+                    .checked_duration_since(Instant::now())
+                    .filter(|left| !left.is_zero())
+                else {
+                    return;
+                };
+                lingering.store(true, Ordering::Release);
+                std::thread::park_timeout(left);
+                lingering.store(false, Ordering::Release);
+            }
         }
     }
 }
