@@ -1,7 +1,7 @@
 //! MCP over stdin/stdout (`troupe mcp`): one JSON-RPC message per line, both ways.
 //!
 //! Either served here by an embedded node ([`serve_embedded`]; the caller is the local user, with
-//! the admin role), or bridged to a running node's `/mcp/ws?client=stdio` ([`bridge`]) so every
+//! the admin role), or bridged to a running node's `/mcp/ws?client=stdio` ([`Bridge`]) so every
 //! stdio client shares that node's sessions and events. Lines that are not UTF-8 are answered with
 //! a JSON-RPC parse error and skipped; a line over [`MAX_LINE`] bytes is answered with a JSON-RPC
 //! error (`-32600`, id `null`) and ends the link, and `troupe mcp` exits with a failure.

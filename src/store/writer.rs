@@ -21,8 +21,8 @@
 //! wanted at its start, and once the batch is committed the reservation is published as durable.
 //! They do not queue behind appends, so a backlog of appends cannot stall publishing.
 //!
-//! This thread never blocks on anything but the channel and the disk, and never calls back into
-//! async code: replies go through oneshot channels.
+//! This thread never blocks on anything but the channel, its linger's sleep (see [`linger`]) and
+//! the disk, and never calls back into async code: replies go through oneshot channels.
 
 use std::collections::HashMap;
 use std::sync::Arc;
