@@ -16,6 +16,7 @@
 //! The work is never lost: should the runtime drop its deferred wake-ups without running them
 //! (it shuts down), the work runs when they are dropped.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
@@ -23,6 +24,11 @@ use std::task::{Context, Poll, Wake, Waker};
 /// Work waiting in the worker's deferred wake-ups; runs once, on wake or on drop.
 struct Deferred {
     work: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+thread_local! {
+    /// Deferred work is running on this thread (inside the scheduler's deferred wake-ups).
+    static RUNNING: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Deferred {
@@ -33,7 +39,9 @@ impl Deferred {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(work) = work {
+            let outer = RUNNING.replace(true);
             work();
+            RUNNING.set(outer);
         }
     }
 }
@@ -58,6 +66,13 @@ impl Drop for Deferred {
 /// Runs `work` once the current runtime worker idles or reaches its next maintenance tick (see
 /// the module docs); at once outside a runtime worker.
 pub(crate) fn when_worker_idles(work: impl FnOnce() + Send + 'static) {
+    // Work deferred from deferred work runs at once: tokio holds its list of deferred wake-ups
+    // while it wakes them, so deferring again from inside one would find it taken (and the
+    // worker is idling anyway).
+    if RUNNING.get() {
+        work();
+        return;
+    }
     let deferred = Arc::new(Deferred {
         work: Mutex::new(Some(Box::new(work))),
     });
@@ -135,6 +150,25 @@ mod tests {
         pong.await.unwrap();
         let ran_at = ran_at.expect("the work waited for the busy worker to idle");
         assert!(ran_at > 0, "ran inside the poll that deferred it");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn work_deferred_from_deferred_work_runs_too() {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let outer = ran.clone();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            when_worker_idles(move || {
+                outer.fetch_add(1, Ordering::SeqCst);
+                let inner = outer.clone();
+                when_worker_idles(move || {
+                    inner.fetch_add(1, Ordering::SeqCst);
+                    let _ = done.send(());
+                });
+            });
+        });
+        finished.await.unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 
     #[test]
