@@ -114,9 +114,7 @@ pub struct StoreStats {
 /// The node's store. Cheap to clone; every clone talks to the same writer thread.
 ///
 /// Close it with [`Store::close`] to flush what is queued. Dropping the last handle without
-/// closing also commits what was queued, and waits (blocking) for the writer thread to finish;
-/// on a worker of a multi-threaded tokio runtime the wait runs in `block_in_place`, so the
-/// worker's other tasks go on elsewhere meanwhile.
+/// closing also commits what was queued, and waits (blocking) for the writer thread to finish.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -143,18 +141,7 @@ impl Drop for Inner {
         };
         // A lingering writer notices the closed channel when it wakes.
         thread.thread().unpark();
-        // The wait blocks. On a worker of a multi-threaded runtime, the worker's other tasks
-        // move to another thread for it (a current-thread runtime has nowhere to move them).
-        let join = move || thread.join();
-        let joined = match tokio::runtime::Handle::try_current() {
-            Ok(runtime)
-                if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
-            {
-                tokio::task::block_in_place(join)
-            }
-            _ => join(),
-        };
-        if joined.is_err() {
+        if thread.join().is_err() {
             tracing::error!("store: the writer thread panicked");
         }
     }

@@ -39,9 +39,15 @@ impl Deferred {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(work) = work {
-            let outer = RUNNING.replace(true);
+            /// Restores the flag however the work ends (a panic included).
+            struct Restore(bool);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    RUNNING.set(self.0);
+                }
+            }
+            let _restore = Restore(RUNNING.replace(true));
             work();
-            RUNNING.set(outer);
         }
     }
 }
@@ -65,6 +71,10 @@ impl Drop for Deferred {
 
 /// Runs `work` once the current runtime worker idles or reaches its next maintenance tick (see
 /// the module docs); at once outside a runtime worker.
+///
+/// The work runs inside the scheduler's deferred wake-ups, like a waker's `wake`: it must be
+/// short and must not block (no `block_in_place`, no blocking join or lock wait); a cast to an
+/// actor is the intended kind of work.
 pub(crate) fn when_worker_idles(work: impl FnOnce() + Send + 'static) {
     // Work deferred from deferred work runs at once: tokio holds its list of deferred wake-ups
     // while it wakes them, so deferring again from inside one would find it taken (and the

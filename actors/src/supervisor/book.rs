@@ -5,7 +5,7 @@
 //! This is the one part of a supervisor's state used outside its handler. It sits behind a
 //! mutex that is held only for pure bookkeeping: no await, no I/O, no logging, no sends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -138,11 +138,40 @@ impl RestartBook {
     }
 }
 
+/// Restarts in place not announced yet, oldest first, shared by the children's hosts (which add
+/// them) and their supervisor (which announces them).
+#[derive(Default)]
+pub(crate) struct Unannounced {
+    queue: Mutex<VecDeque<ActorRestartedFacts>>,
+}
+
+impl Unannounced {
+    /// Adds one; true when it is the only one (nobody has been asked to announce yet).
+    fn push(&self, facts: ActorRestartedFacts) -> bool {
+        let mut queue = self.lock();
+        queue.push_back(facts);
+        queue.len() == 1
+    }
+
+    /// Takes every restart not announced yet, oldest first.
+    pub(crate) fn take(&self) -> Vec<ActorRestartedFacts> {
+        self.lock().drain(..).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<ActorRestartedFacts>> {
+        // Pushes and drains only: a panic cannot leave the queue half-written.
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// What a child's host holds to restart in place under this supervisor.
 pub(crate) struct ChildRestartHook {
     pub(crate) book: Arc<RestartBook>,
     pub(crate) supervisor: ActorHandle<SupervisorMsg>,
     pub(crate) events: Option<EventBus>,
+    pub(crate) unannounced: Arc<Unannounced>,
 }
 
 impl InPlaceRestarts for ChildRestartHook {
@@ -157,40 +186,31 @@ impl InPlaceRestarts for ChildRestartHook {
     }
 
     fn report(&self, path: &ActorPath, admission: Admission, restart_count: u64, reason: String) {
-        let message = SupervisorMsg::RestartedInPlace {
+        let first = self.unannounced.push(ActorRestartedFacts {
             child: path.clone(),
             reason,
             restart_count,
             restarts_in_window: admission.restarts_in_window,
-        };
+            delay_ms: 0,
+        });
+        if !first {
+            // Asked for already; that announcement takes this one too, in order.
+            return;
+        }
         let supervisor = self.supervisor.clone();
         let book = Arc::clone(&self.book);
         let events = self.events.clone();
-        // Sent once this worker idles, not before the restarted child's next message: waking
-        // the supervisor now would put a cross-CPU wake-up on that message's path (see
-        // `kernel::idle`). The supervisor logs and publishes it on its own task. If the
-        // supervisor is gone for good, this does it itself so the restart is never unannounced.
+        let unannounced = Arc::clone(&self.unannounced);
+        // The supervisor is asked once this worker idles, not before the restarted child's next
+        // message: waking it now would put a cross-CPU wake-up on that message's path (see
+        // `kernel::idle`). It announces everything queued, oldest first, and does so before it
+        // handles any exit of a child and when it stops, so no restart is announced after a
+        // later one. If it is gone for good, the queue is announced here.
         when_worker_idles(move || {
-            if let Err(refused) = supervisor.cast(message)
-                && let SupervisorMsg::RestartedInPlace {
-                    child,
-                    reason,
-                    restart_count,
-                    restarts_in_window,
-                } = refused.into_message()
-            {
-                announce_restart(
-                    supervisor.path(),
-                    book.intensity(),
-                    events.as_ref(),
-                    ActorRestartedFacts {
-                        child,
-                        reason,
-                        restart_count,
-                        restarts_in_window,
-                        delay_ms: 0,
-                    },
-                );
+            if supervisor.cast(SupervisorMsg::AnnounceInPlace).is_err() {
+                for facts in unannounced.take() {
+                    announce_restart(supervisor.path(), book.intensity(), events.as_ref(), facts);
+                }
             }
         });
     }

@@ -21,8 +21,9 @@
 //!   inside its own ractor actor, keeping its mailbox, when the restart book admits it (it runs,
 //!   it is not being stopped, and the restart stays within the intensity). The failure is
 //!   recorded in the same book the supervisor uses, so intensity and escalation are unchanged;
-//!   the supervisor then logs and publishes the restart like any other, once the child's worker
-//!   idles (see `kernel::idle`). Otherwise (a group
+//!   the supervisor then logs and publishes the restart like any other, asked once the child's
+//!   worker idles (see `kernel::idle`), in the order restarts happened, and before it handles any
+//!   later exit of a child. Otherwise (a group
 //!   strategy, a backoff, a supervisor child, a temporary child, or one restart too many) the
 //!   child exits and the supervisor handles it here.
 //! - In one_for_all and rest_for_one, a temporary sibling stopped because another child failed is
@@ -47,7 +48,7 @@ use crate::kernel::{
     Actor, ActorDirectory, ActorError, ActorHandle, CallError, ChildKind, Context, DirectoryEntry,
     HandleStatus, InPlaceRestarts, Instance,
 };
-use book::{ChildRestartHook, RestartBook};
+use book::{ChildRestartHook, RestartBook, Unannounced};
 
 /// How long callers wait for a supervisor to start a dynamic child.
 pub const START_CHILD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,17 +107,8 @@ pub enum SupervisorMsg {
         /// Which scheduled restart.
         token: u64,
     },
-    /// A child restarted in place (sent by the child's host): log and publish it.
-    RestartedInPlace {
-        /// The child.
-        child: ActorPath,
-        /// Why its failed incarnation failed.
-        reason: String,
-        /// Its restarts so far, this one included.
-        restart_count: u64,
-        /// This supervisor's restarts inside its window, this one included.
-        restarts_in_window: u32,
-    },
+    /// Children restarted in place (their hosts queued them): announce them, oldest first.
+    AnnounceInPlace,
 }
 
 /// Why a dynamic child was not started.
@@ -184,6 +176,8 @@ pub struct SupervisorState {
     /// What children that may restart in place get (`None` when this supervisor's strategy or
     /// backoff does not allow it).
     in_place: Option<Arc<dyn InPlaceRestarts>>,
+    /// Restarts in place its children's hosts queued and this supervisor has not announced yet.
+    unannounced: Arc<Unannounced>,
     children: Vec<Child>,
     exiting: HashSet<ActorId>,
     pending: HashMap<u64, PendingRestart>,
@@ -227,6 +221,7 @@ impl Actor for Supervisor {
         };
         let tracker = RestartTracker::new(args.config.intensity, args.config.backoff);
         let book = RestartBook::new(tracker, rng, args.directory.clone());
+        let unannounced = Arc::new(Unannounced::default());
         let in_place = (args.config.strategy == Strategy::OneForOne
             && args.config.backoff.max.is_zero())
         .then(|| {
@@ -234,6 +229,7 @@ impl Actor for Supervisor {
                 book: book.clone(),
                 supervisor: ctx.handle().clone(),
                 events: args.events.clone(),
+                unannounced: unannounced.clone(),
             }) as Arc<dyn InPlaceRestarts>
         });
         let mut state = SupervisorState {
@@ -241,6 +237,7 @@ impl Actor for Supervisor {
             config: args.config,
             book,
             in_place,
+            unannounced,
             children: Vec::with_capacity(args.children.len()),
             exiting: HashSet::new(),
             pending: HashMap::new(),
@@ -291,13 +288,8 @@ impl Actor for Supervisor {
                 Ok(())
             }
             SupervisorMsg::RestartDue { token } => state.restart_due(ctx, token).await,
-            SupervisorMsg::RestartedInPlace {
-                child,
-                reason,
-                restart_count,
-                restarts_in_window,
-            } => {
-                state.announce_restart(child, reason, restart_count, restarts_in_window, 0);
+            SupervisorMsg::AnnounceInPlace => {
+                state.announce_in_place();
                 Ok(())
             }
         }
@@ -325,6 +317,8 @@ impl Actor for Supervisor {
             }
             _ => return Ok(()),
         };
+        // Restarts in place come first: they happened before this exit.
+        state.announce_in_place();
         if state.exiting.remove(&id) {
             return Ok(());
         }
@@ -344,8 +338,11 @@ impl Actor for Supervisor {
         _ctx: &Context<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorError> {
+        state.announce_in_place();
         state.pending.clear();
         state.stop_all().await;
+        // Children restarted in place while they were being stopped.
+        state.announce_in_place();
         Ok(())
     }
 }
@@ -660,6 +657,18 @@ impl SupervisorState {
     }
 
     /// The one WARN line and the one `actor.restarted` event of a restart.
+    /// Announces the restarts in place queued by this supervisor's children, oldest first.
+    fn announce_in_place(&self) {
+        for facts in self.unannounced.take() {
+            announce_restart(
+                &self.path,
+                self.book.intensity(),
+                self.events.as_ref(),
+                facts,
+            );
+        }
+    }
+
     fn announce_restart(
         &self,
         child: ActorPath,

@@ -682,6 +682,68 @@ async fn a_child_restarted_in_place_keeps_its_mailbox_and_is_announced_once() {
     assert_eq!(a.stats().snapshot().mailbox_depth(), 0);
 }
 
+/// Restarts in place handled in one run of the mailbox are announced in the order they happened
+/// (their announcements wait until the worker idles, and tokio wakes what waits that way last
+/// first).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn restarts_in_place_in_one_run_are_announced_in_order() {
+    let (capture, _guard) = Capture::install();
+    let tree = tree(Strategy::OneForOne, &["a"], no_backoff()).await;
+    let mut events = all_events(&tree.bus);
+    let a = &tree.children[0];
+    for _ in 0..3 {
+        a.cast(ProbeMsg::Panic).unwrap();
+    }
+    assert_eq!(
+        ping(a).await,
+        4,
+        "three restarts, then the fourth incarnation answers"
+    );
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        counts.push(restarted(&next_event(&mut events).await.data).restart_count);
+    }
+    assert_eq!(counts, [1, 2, 3]);
+    let warnings = capture.with_message(Level::WARN, "actor restarted");
+    let logged: Vec<&str> = warnings
+        .iter()
+        .map(|warning| warning.fields["restart_count"].as_str())
+        .collect();
+    assert_eq!(logged, ["1", "2", "3"]);
+}
+
+/// A restart in place is announced before a later restart of the same child that its supervisor
+/// handles itself (here: one over the intensity, which escalates).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restart_in_place_is_announced_before_what_its_supervisor_does_next() {
+    let tree = tree(
+        Strategy::OneForOne,
+        &["a"],
+        SupervisorConfig {
+            intensity: RestartIntensity {
+                max_restarts: 1,
+                window: Duration::from_secs(60),
+            },
+            ..no_backoff()
+        },
+    )
+    .await;
+    let mut events = all_events(&tree.bus);
+    let a = &tree.children[0];
+    // The first panic restarts in place; the second, in the same run, is one too many.
+    a.cast(ProbeMsg::Panic).unwrap();
+    a.cast(ProbeMsg::Panic).unwrap();
+    let first = next_event(&mut events).await;
+    assert_eq!(restarted(&first.data).restart_count, 1);
+    let second = next_event(&mut events).await;
+    assert!(
+        matches!(second.data, EventData::ActorEscalated(_)),
+        "{:?}",
+        second.data
+    );
+    tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn self_sends_and_timers_of_a_failed_incarnation_never_reach_the_next() {
     let tree = tree(Strategy::OneForOne, &["a"], no_backoff()).await;
