@@ -684,14 +684,11 @@ async fn output_past_a_cap_is_counted_not_stored() {
     assert_eq!((page.total, page.truncated), (4, 2));
 }
 
-/// Appends alone wait for the linger, gathering into one commit; a request someone waits for
-/// commits at once with everything queued before it (with an hour's linger, a waiter that
-/// waited for it would hang this test).
-#[tokio::test]
-async fn appends_linger_into_one_commit_and_a_waiter_ends_the_wait() {
-    let dir = tempfile::tempdir().unwrap();
+/// A store whose writer lingers for an hour over appends, with events 1..=`appends` of this
+/// node queued and the writer asleep in its linger (stats taken before the appends).
+async fn lingering_store(dir: &Path, appends: u64) -> (Store, StoreStats) {
     let store = open_with(
-        dir.path(),
+        dir,
         StoreConfig {
             append_linger: Duration::from_secs(3600),
             ..StoreConfig::default()
@@ -700,10 +697,20 @@ async fn appends_linger_into_one_commit_and_a_waiter_ends_the_wait() {
     .await;
     store.flush().await.unwrap();
     let before = store.stats();
-    for seq in 1..=200 {
+    for seq in 1..=appends {
         EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
     }
     store.until_lingering().await;
+    (store, before)
+}
+
+/// Appends alone wait for the linger, gathering into one commit; a request someone waits for
+/// commits at once with everything queued before it (with an hour's linger, a waiter that
+/// waited for it would hang this test).
+#[tokio::test]
+async fn appends_linger_into_one_commit_and_a_waiter_ends_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, before) = lingering_store(dir.path(), 200).await;
     store.create(record("s-1", 1)).await.unwrap();
     let after = store.stats();
     assert_eq!(after.requests - before.requests, 201);
@@ -718,16 +725,7 @@ async fn appends_linger_into_one_commit_and_a_waiter_ends_the_wait() {
 #[tokio::test]
 async fn dropping_the_store_while_it_lingers_commits_the_appends_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let lingering = StoreConfig {
-        append_linger: Duration::from_secs(3600),
-        ..StoreConfig::default()
-    };
-    let store = open_with(dir.path(), lingering).await;
-    store.flush().await.unwrap();
-    for seq in 1..=50 {
-        EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
-    }
-    store.until_lingering().await;
+    let (store, _) = lingering_store(dir.path(), 50).await;
     drop(store);
     let store = open_with(dir.path(), StoreConfig::default()).await;
     let stored = store.node_events_after(&node(), 0, 1000).await.unwrap();
@@ -739,19 +737,7 @@ async fn dropping_the_store_while_it_lingers_commits_the_appends_at_once() {
 #[tokio::test]
 async fn a_reservation_asked_for_while_the_writer_lingers_is_not_held_back() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_with(
-        dir.path(),
-        StoreConfig {
-            append_linger: Duration::from_secs(3600),
-            ..StoreConfig::default()
-        },
-    )
-    .await;
-    store.flush().await.unwrap();
-    for seq in 1..=20 {
-        EventStore::append(&store, &item(seq, event(node(), seq, now_micros())));
-    }
-    store.until_lingering().await;
+    let (store, _) = lingering_store(dir.path(), 20).await;
     let through = store.reserved_ids() + 1_000;
     store.reserve_ids(through).await.unwrap();
     assert!(store.reserved_ids() >= through);
