@@ -153,9 +153,17 @@ impl Unannounced {
         queue.len() == 1
     }
 
-    /// Takes every restart not announced yet, oldest first.
-    pub(crate) fn take(&self) -> Vec<ActorRestartedFacts> {
-        self.lock().drain(..).collect()
+    /// Announces every restart not announced yet, oldest first, under `supervisor`.
+    pub(crate) fn announce(
+        &self,
+        supervisor: &ActorPath,
+        intensity: RestartIntensity,
+        events: Option<&EventBus>,
+    ) {
+        let queued: Vec<ActorRestartedFacts> = self.lock().drain(..).collect();
+        for facts in queued {
+            announce_restart(supervisor, intensity, events, facts);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<ActorRestartedFacts>> {
@@ -208,9 +216,7 @@ impl InPlaceRestarts for ChildRestartHook {
         // later one. If it is gone for good, the queue is announced here.
         when_worker_idles(move || {
             if supervisor.cast(SupervisorMsg::AnnounceInPlace).is_err() {
-                for facts in unannounced.take() {
-                    announce_restart(supervisor.path(), book.intensity(), events.as_ref(), facts);
-                }
+                unannounced.announce(supervisor.path(), book.intensity(), events.as_ref());
             }
         });
     }

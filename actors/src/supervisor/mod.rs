@@ -659,14 +659,8 @@ impl SupervisorState {
     /// The one WARN line and the one `actor.restarted` event of a restart.
     /// Announces the restarts in place queued by this supervisor's children, oldest first.
     fn announce_in_place(&self) {
-        for facts in self.unannounced.take() {
-            announce_restart(
-                &self.path,
-                self.book.intensity(),
-                self.events.as_ref(),
-                facts,
-            );
-        }
+        self.unannounced
+            .announce(&self.path, self.book.intensity(), self.events.as_ref());
     }
 
     fn announce_restart(
