@@ -269,7 +269,13 @@ impl<W: Waiter> ProviderState<W> {
     /// A caller asks to make one call; its answer is a [`Effect::Reply`] to `reply`, now or
     /// later.
     pub fn admit(&mut self, request: AdmitRequest, reply: W, now: Instant) -> Vec<Effect<W>> {
-        if self.queue.len() >= self.spec().max_queue.max(1) {
+        let max_queue = self.spec().max_queue.max(1);
+        if self.queue.len() >= max_queue {
+            // Callers that went away leave the queue only when they reach its head; a full
+            // queue first lets them go, so they do not turn the living away.
+            self.queue.retain(|waiter| !waiter.reply.is_gone());
+        }
+        if self.queue.len() >= max_queue {
             bump(&self.shared.stats.throttled);
             let refusal = Refusal::Throttled {
                 retry_after: Duration::from_secs(1),
@@ -348,9 +354,14 @@ impl<W: Waiter> ProviderState<W> {
                     // Busy or out of quota says nothing about the provider's health.
                     self.policy.breaker.release(permit);
                     None
-                } else {
+                } else if *reached_provider {
                     // It answered, sensibly: the request was at fault.
                     self.policy.breaker.on_success(permit, now)
+                } else {
+                    // Refused before it was sent (no key, a request this API cannot carry): the
+                    // provider was never asked, so its health is as unknown as before.
+                    self.policy.breaker.release(permit);
+                    None
                 };
             }
             (

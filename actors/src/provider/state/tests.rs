@@ -273,6 +273,40 @@ fn the_queue_is_bounded() {
 }
 
 #[test]
+fn callers_that_went_away_do_not_hold_places_in_a_full_queue() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(
+        spec(|spec| {
+            spec.max_concurrency = 1;
+            spec.max_queue = 2;
+        }),
+        1,
+        now,
+    );
+    admitted(&state.admit(request(1, 10), TestWaiter::new(1), now));
+    let (second, third) = (TestWaiter::new(2), TestWaiter::new(3));
+    assert!(replies(&state.admit(request(1, 10), second.clone(), now)).is_empty());
+    assert!(replies(&state.admit(request(1, 10), third.clone(), now)).is_empty());
+    second.gone.store(true, Ordering::Relaxed);
+    third.gone.store(true, Ordering::Relaxed);
+    let effects = state.admit(request(1, 10), TestWaiter::new(4), now);
+    assert!(replies(&effects).is_empty(), "queued, not refused");
+    assert_eq!(state.queued(), 1);
+    // A full queue of living callers still refuses.
+    state.admit(request(1, 10), TestWaiter::new(5), now);
+    assert!(matches!(
+        replies(&state.admit(request(1, 10), TestWaiter::new(6), now)).as_slice(),
+        [(
+            6,
+            Admission::Refused(Refusal::Throttled {
+                limit: LocalLimit::Queue,
+                ..
+            })
+        )]
+    ));
+}
+
+#[test]
 fn a_call_waiting_for_a_slot_past_its_allowance_is_refused() {
     let now = Instant::now();
     let mut state = ProviderState::new(
@@ -491,6 +525,64 @@ fn a_client_error_is_an_answer_for_the_breaker() {
             assert_eq!(next, Some(NextStep::GiveUp(GiveUpReason::NotRetryable)));
         }
     }
+}
+
+/// Open the breaker (five server errors), then let its cool-down pass: the next call is the
+/// half-open probe.
+fn open_then_probe(state: &mut ProviderState<TestWaiter>, now: Instant) -> (Ticket, Instant) {
+    for attempt in 1..=5 {
+        let ticket = admitted(&state.admit(request(1, 10), TestWaiter::new(attempt), now));
+        finish(
+            state,
+            report(ticket, failed(ErrorKind::ServerError, 500)),
+            now,
+        );
+    }
+    let after = now + secs(30);
+    let probe = admitted(&state.admit(request(1, 10), TestWaiter::new(10), after));
+    assert!(probe.probe);
+    (probe, after)
+}
+
+#[test]
+fn a_call_refused_before_it_was_sent_says_nothing_to_the_breaker() {
+    let before_sending = || Outcome::Failed {
+        class: ErrorClass::of_kind(ErrorKind::BadRequest),
+        reached_provider: false,
+    };
+    // Half-open: the probe never reached the provider, so the breaker stays half-open and the
+    // next call is the probe.
+    let now = Instant::now();
+    let mut state = ProviderState::new(spec(|_| {}), 1, now);
+    let (probe, after) = open_then_probe(&mut state, now);
+    let (_, effects) = finish(&mut state, report(probe, before_sending()), after);
+    assert!(kinds(&effects).is_empty(), "{:?}", kinds(&effects));
+    let next = admitted(&state.admit(request(1, 10), TestWaiter::new(11), after));
+    assert!(next.probe, "the probe's place was given back");
+    let (_, effects) = finish(
+        &mut state,
+        report(next, failed(ErrorKind::ServerError, 500)),
+        after,
+    );
+    assert!(kinds(&effects).contains(&"provider.breaker_opened"));
+
+    // Closed: such calls between server errors do not reset the count of consecutive failures.
+    let mut state = ProviderState::new(
+        spec(|spec| spec.policy.breaker.failure_threshold = 2),
+        1,
+        now,
+    );
+    let mut opened = false;
+    for outcome in [
+        failed(ErrorKind::ServerError, 500),
+        before_sending(),
+        failed(ErrorKind::ServerError, 500),
+    ] {
+        let ticket = admitted(&state.admit(request(1, 10), TestWaiter::new(1), now));
+        let (_, effects) = finish(&mut state, report(ticket, outcome), now);
+        opened |= kinds(&effects).contains(&"provider.breaker_opened");
+    }
+    assert!(opened, "two server errors in a row open it");
 }
 
 #[test]
