@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use troupe_actors::kernel::CallError;
@@ -154,14 +155,41 @@ impl From<JsonRejection> for ApiError {
                 "unsupported_media_type",
                 "send the body as JSON with Content-Type: application/json",
             ),
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the body is larger than http.max_body_bytes allows",
-            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
             other => ApiError::new(other.status(), "invalid_body", other.body_text()),
         }
     }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            payload_too_large()
+        } else {
+            ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+        }
+    }
+}
+
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: WebSocketUpgradeRejection) -> Self {
+        ApiError::new(
+            rejection.status(),
+            "websocket_required",
+            format!(
+                "this route speaks WebSocket only: open it with a WebSocket client ({})",
+                rejection.body_text()
+            ),
+        )
+    }
+}
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the body is larger than http.max_body_bytes allows; raise it in the node's configuration",
+    )
 }
 
 /// `Json<T>` whose rejections use the error envelope.

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -67,9 +68,10 @@ pub(super) async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     check_host_and_origin(&headers, &core.config.http.allowed_hosts)?;
+    let ws = ws?;
     let query = StreamQuery::parse(query.as_deref())?;
     if !query.follow {
         return Err(ApiError::bad_request(

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -91,9 +92,9 @@ pub(super) async fn require_gateway(
 pub(super) async fn chat_completions(
     State(core): State<Arc<NodeCore>>,
     axum::Extension(caller): axum::Extension<GatewayCaller>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: Value = serde_json::from_slice(&body).map_err(|error| {
+    let body: Value = serde_json::from_slice(&body?).map_err(|error| {
         ApiError::bad_request(
             "invalid_json",
             format!("the body is not valid JSON: {error}"),
@@ -206,11 +207,12 @@ fn stream_error(class: &ErrorClass) -> Value {
 }
 
 fn route_error(error: RouteError) -> ApiError {
-    let code = match error {
-        RouteError::BadName => "invalid_request",
-        RouteError::UnknownModel { .. } | RouteError::NotServed { .. } => "model_not_found",
-    };
-    ApiError::not_found(code, error.to_string())
+    match error {
+        RouteError::BadName => ApiError::bad_request("invalid_request", error.to_string()),
+        RouteError::UnknownModel { .. } | RouteError::NotServed { .. } => {
+            ApiError::not_found("model_not_found", error.to_string())
+        }
+    }
 }
 
 /// What the caller sees when the gateway gave up.

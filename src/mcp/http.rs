@@ -19,6 +19,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
@@ -232,9 +233,10 @@ pub const RATE_LIMITED: i32 = -32029;
 async fn websocket(
     State(core): State<Arc<NodeCore>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let ws = ws?;
     let offers_mcp = headers
         .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
         .iter()

@@ -300,6 +300,60 @@ async fn a_429_with_retry_after_is_retried_after_the_delay_and_announced() {
 }
 
 #[tokio::test]
+async fn bad_bodies_get_the_envelope_and_never_reach_the_provider() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let gateway = Gateway::start(&format!(
+        "[http]\nmax_body_bytes = 65536\n{}",
+        provider("fake", &fake, "")
+    ))
+    .await;
+
+    // A body over http.max_body_bytes (an image inlined as base64, say).
+    let huge = gateway
+        .chat(
+            &gateway.node.token,
+            json!({
+                "model": "fake/m1",
+                "messages": [{"role": "user", "content": "x".repeat(100_000)}],
+            }),
+        )
+        .await;
+    assert_eq!(huge.status(), 413);
+    let body: Value = huge.json().await.expect("the JSON envelope");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+
+    for (model, status, code) in [
+        (json!(""), 400, "invalid_request"),
+        (json!("m".repeat(1_000)), 400, "invalid_request"),
+        (json!(7), 400, "invalid_request"),
+        (json!("nobody/m1"), 404, "model_not_found"),
+    ] {
+        let response = gateway
+            .chat(
+                &gateway.node.token,
+                json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .await;
+        assert_eq!(response.status(), status, "model {model}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "model {model}: {body}");
+    }
+    assert!(fake.arrivals().is_empty(), "nothing reached the provider");
+
+    // The WebSocket routes asked without an upgrade answer with the envelope too.
+    for path in ["/v1/events/ws", "/mcp/ws"] {
+        let response = gateway.node.get(path).await;
+        assert_eq!(response.status(), 400, "{path}");
+        let body: Value = response.json().await.expect("the JSON envelope");
+        assert_eq!(
+            body["error"]["code"], "websocket_required",
+            "{path}: {body}"
+        );
+    }
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn failures_that_retrying_cannot_fix_are_answered_at_once() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
     let gateway = Gateway::start(&provider("fake", &fake, "")).await;
