@@ -7,7 +7,7 @@
 //! stop the tree (children in reverse order, each gracefully within its timeout, then killed;
 //! open event streams end as their links stop), then wait for the server to finish.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -421,14 +421,8 @@ async fn start_http(
     let local = listener
         .local_addr()
         .map_err(|source| NodeError::Bind { addr, source })?;
-    // Sessions run on this machine: an unspecified address is reached on loopback.
-    let reachable = if local.ip().is_unspecified() {
-        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port())
-    } else {
-        local
-    };
     core.session_keys
-        .set_base_url(format!("http://{reachable}/v1"));
+        .set_base_url(format!("http://{}/v1", reachable_locally(local)));
     let stop_accepting = CancellationToken::new();
     let router = crate::http::router(core.clone(), stop_accepting.clone());
     let task = tokio::spawn(crate::http::serve(
@@ -443,6 +437,21 @@ async fn start_http(
             task,
         }),
     ))
+}
+
+/// How a process on this machine reaches a node listening on `listen`: an unspecified address
+/// (`0.0.0.0`, `[::]`) is reached on loopback of the same family, which the node's default
+/// allowed hosts accept.
+pub(crate) fn reachable_locally(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port())
+        }
+        _ => listen,
+    }
 }
 
 fn tree_config(config: &Config, node: NodeId) -> NodeTreeConfig {
@@ -722,6 +731,30 @@ impl NodeHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `troupe mcp` and sessions dial for a node on every address is loopback, which the
+    /// default allowed hosts accept (the raw `0.0.0.0` they would refuse).
+    #[test]
+    fn a_node_on_every_address_is_reached_on_loopback_its_hosts_accept() {
+        let allowed = Config::default().http.allowed_hosts;
+        let host_ok = |addr: SocketAddr| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert("host", addr.to_string().parse().unwrap());
+            crate::http::ws::check_host_and_origin(&headers, &allowed).is_ok()
+        };
+        for (listen, reached) in [
+            ("0.0.0.0:7070", "127.0.0.1:7070"),
+            ("[::]:7070", "[::1]:7070"),
+            ("127.0.0.1:7070", "127.0.0.1:7070"),
+            ("10.1.2.3:7070", "10.1.2.3:7070"),
+        ] {
+            let reachable = reachable_locally(listen.parse().unwrap());
+            assert_eq!(reachable.to_string(), reached, "{listen}");
+        }
+        assert!(!host_ok("0.0.0.0:7070".parse().unwrap()));
+        assert!(host_ok(reachable_locally("0.0.0.0:7070".parse().unwrap())));
+        assert!(host_ok(reachable_locally("[::]:7070".parse().unwrap())));
+    }
 
     /// The rule is checked on the address alone: nothing is bound to a public interface.
     #[test]

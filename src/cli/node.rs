@@ -80,7 +80,8 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 
 /// Writes the node's discovery entry (when it serves HTTP); a failure is logged, not fatal.
 pub(super) fn register(node: &crate::node::NodeHandle) -> Option<Registration> {
-    let http = node.http_addr()?;
+    // What `troupe mcp` connects to: a node listening on every address is reached on loopback.
+    let http = crate::node::reachable_locally(node.http_addr()?);
     let entry = Entry {
         node_id: node.node_id().to_string(),
         pid: std::process::id(),
