@@ -212,6 +212,9 @@ pub fn ensure_admin_token(data_dir: &Path) -> Result<(String, PathBuf, bool), To
             .truncate(true)
             .mode(0o600)
             .open(path)?;
+        // `mode` applies only to a file this call creates: an empty one left there (a `touch`
+        // under umask 022) would keep its looser mode.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(token.as_bytes())?;
         file.write_all(b"\n")?;
         file.sync_all()
@@ -293,6 +296,16 @@ mod tests {
         assert!(!created);
         assert_eq!(again, token);
         assert_eq!(read_admin_token(&data), Some(token));
+
+        // An empty token file someone left readable is filled and closed to others.
+        fs::write(&path, "").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, _, created) = ensure_admin_token(&data).unwrap();
+        assert!(created);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]
