@@ -727,6 +727,24 @@ impl ManagerState {
                 return;
             }
             let why = format!("the session could not be started: {reason}");
+            let mut record = record;
+            if record.state == SessionState::Queued {
+                // Taken off the queue, its actor never ran to mark it starting: record the
+                // attempt, since a queued run cannot fail (nor be left queued with no queue).
+                let mut starting = record.clone();
+                starting.state = SessionState::Starting;
+                let transition = Transition {
+                    from: SessionState::Queued,
+                    to: SessionState::Starting,
+                    at: Timestamp::now(),
+                    reason: None,
+                };
+                if let Err(error) = context.store.transition(starting.clone(), transition).await {
+                    tracing::error!(session = %id, %error, "cannot record a session that could not be started");
+                    return;
+                }
+                record = starting;
+            }
             let mut next = record.clone();
             next.state = SessionState::Failed;
             next.reason = Some(why.clone());
@@ -737,8 +755,11 @@ impl ManagerState {
                 at: Timestamp::now(),
                 reason: Some(why.clone()),
             };
-            if context.store.transition(next, transition).await.is_ok() {
-                context.events.publish(
+            match context.store.transition(next, transition).await {
+                Err(error) => {
+                    tracing::error!(session = %id, %error, "cannot record a session that could not be started");
+                }
+                Ok(()) => context.events.publish(
                     Some(id),
                     EventData::SessionFailed(SessionEnded {
                         exit_code: None,
@@ -746,7 +767,7 @@ impl ManagerState {
                         reason: Some(why),
                         duration_ms: 0,
                     }),
-                );
+                ),
             }
         });
         self.drain_queue(ctx);

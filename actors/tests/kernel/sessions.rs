@@ -144,6 +144,8 @@ struct StoreData {
     last_line: HashMap<SessionId, u64>,
     /// Writes that wait for the test before they land.
     gates: Vec<Gate>,
+    /// Reads of a record that fail (a storage error) before they work again.
+    failing_gets: usize,
 }
 
 /// Holds back one kind of write of one session until the test opens it.
@@ -362,7 +364,12 @@ impl SessionStore for MemoryStore {
     }
 
     fn get(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
-        let found = self.data.lock().unwrap().records.get(id).cloned();
+        let mut data = self.data.lock().unwrap();
+        if data.failing_gets > 0 {
+            data.failing_gets -= 1;
+            return Box::pin(async { Err(StoreError::Io("the disk is gone".into())) });
+        }
+        let found = data.records.get(id).cloned();
         Box::pin(async move { Ok(found) })
     }
 
@@ -618,6 +625,35 @@ async fn a_failing_exit_code_and_a_missing_program_fail() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_session_whose_actor_cannot_start_fails_and_the_queue_moves_on() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    // The session actor's first read of its record fails: its pre_start fails.
+    h.store.data.lock().unwrap().failing_gets = 1;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    match h.expect(&id, "session.failed").await {
+        EventData::SessionFailed(ended) => {
+            let reason = ended.reason.unwrap();
+            assert!(reason.contains("could not be started"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        h.store.history(&id),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Failed
+        ]
+    );
+    assert_eq!(h.runner.starts(), 0, "no process ran");
+    // The next session runs.
+    let next = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&next, "session.queued").await;
+    h.expect(&next, "session.started").await;
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
