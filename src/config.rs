@@ -63,6 +63,9 @@ pub struct HttpConfig {
     pub allowed_hosts: Vec<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Seconds a legacy MCP session (`Mcp-Session-Id`) may go without a request or a call in
+    /// flight before the node closes it.
+    pub mcp_session_idle_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -71,6 +74,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()],
             max_body_bytes: 1024 * 1024,
+            mcp_session_idle_secs: 300,
         }
     }
 }
@@ -434,6 +438,12 @@ impl Config {
             return Err(semantic(
                 "http.max_body_bytes",
                 "must be at least 1024 bytes".into(),
+            ));
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.http.mcp_session_idle_secs) {
+            return Err(semantic(
+                "http.mcp_session_idle_secs",
+                "must be 1 to 604800 seconds (a week)".into(),
             ));
         }
         for (index, token) in self.auth.tokens.iter().enumerate() {

@@ -16,6 +16,7 @@
 //! nothing for 10 s is disconnected.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -36,6 +37,7 @@ use tokio_util::sync::{CancellationToken, PollSender};
 use troupe_actors::event::TransportKind;
 
 use super::TroupeMcp;
+use super::idle::IdleSessions;
 use crate::auth::{Principal, Role};
 use crate::http::ApiError;
 use crate::http::ws::{
@@ -51,15 +53,23 @@ const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The `/mcp` and `/mcp/ws` routes. `stop` ends open MCP streams at shutdown.
 pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCore>> {
     let factory_core = core.clone();
+    // Legacy sessions end when idle by troupe's rule (`idle`), not by rmcp's message timer.
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive = None;
+    let sessions = Arc::new(sessions);
+    let idle = IdleSessions::start(
+        sessions.clone(),
+        Duration::from_secs(core.config.http.mcp_session_idle_secs),
+        stop.clone(),
+    );
     let service = StreamableHttpService::new(
         move || {
-            Ok(TroupeMcp::new(
-                factory_core.clone(),
-                TransportKind::McpHttp,
-                None,
-            ))
+            Ok(
+                TroupeMcp::new(factory_core.clone(), TransportKind::McpHttp, None)
+                    .with_idle_sessions(idle.clone()),
+            )
         },
-        Arc::new(LocalSessionManager::default()),
+        sessions,
         StreamableHttpServerConfig::default()
             .disable_allowed_hosts()
             .disable_allowed_origins()

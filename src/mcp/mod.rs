@@ -12,6 +12,7 @@
 //! responses are never dropped: the transports queue them and make senders wait.
 
 pub mod http;
+mod idle;
 mod logging;
 pub mod stdio;
 
@@ -63,6 +64,8 @@ pub struct TroupeMcp {
     link: Arc<OnceCell<LinkGuard>>,
     /// The level a legacy session set with `logging/setLevel`.
     log_level: logging::SessionLogLevel,
+    /// Legacy Streamable HTTP sessions, which end when idle (`/mcp` only).
+    idle_sessions: Option<Arc<idle::IdleSessions>>,
 }
 
 /// `spawn_session` arguments.
@@ -299,7 +302,27 @@ impl TroupeMcp {
             local_principal,
             link: Arc::new(OnceCell::new()),
             log_level: logging::SessionLogLevel::default(),
+            idle_sessions: None,
         }
+    }
+
+    /// Counts this server's requests as the activity of their legacy session.
+    pub(crate) fn with_idle_sessions(mut self, sessions: Arc<idle::IdleSessions>) -> Self {
+        self.idle_sessions = Some(sessions);
+        self
+    }
+
+    /// Marks the request's legacy session busy until the guard goes (nothing for transports
+    /// and requests without one).
+    fn busy(&self, extensions: &rmcp::model::Extensions) -> Option<idle::Busy> {
+        let sessions = self.idle_sessions.as_ref()?;
+        let id = extensions
+            .get::<axum::http::request::Parts>()?
+            .headers
+            .get("mcp-session-id")?
+            .to_str()
+            .ok()?;
+        Some(sessions.busy(id))
     }
 
     /// The caller, from the HTTP request the auth middleware let through, or the local one.
@@ -912,6 +935,7 @@ impl ServerHandler for TroupeMcp {
         _request: Option<PaginatedRequestParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
+        let _busy = self.busy(&ctx.extensions);
         self.ensure_link(&ctx).await?;
         Ok(ListToolsResult::with_all_items(self.tool_router.list_all()))
     }
@@ -925,6 +949,7 @@ impl ServerHandler for TroupeMcp {
         request: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        let _busy = self.busy(&ctx.extensions);
         self.ensure_link(&ctx).await?;
         // Sessions are tasks for clients that declare the tasks extension: in the request's own
         // capabilities (2026-07-28), or at `initialize` (older sessions). spawn_session then
@@ -945,6 +970,7 @@ impl ServerHandler for TroupeMcp {
         request: GetTaskParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, McpError> {
+        let _busy = self.busy(&ctx.extensions);
         self.require_protocol(&ctx, Role::Viewer)?;
         let id = SessionId::new(&request.task_id).map_err(|_| {
             McpError::invalid_params(format!("no task {:?}", request.task_id), None)
@@ -961,6 +987,7 @@ impl ServerHandler for TroupeMcp {
         request: CancelTaskParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
+        let _busy = self.busy(&ctx.extensions);
         self.require_protocol(&ctx, Role::Operator)?;
         let id = SessionId::new(&request.task_id).map_err(|_| {
             McpError::invalid_params(format!("no task {:?}", request.task_id), None)
@@ -981,11 +1008,21 @@ impl ServerHandler for TroupeMcp {
         request: rmcp::model::SetLevelRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
+        let _busy = self.busy(&ctx.extensions);
         if logging::is_stateless(&ctx) {
             return Err(McpError::method_not_found::<SetLevelRequestMethod>());
         }
         self.log_level.set(request.level);
         Ok(())
+    }
+
+    async fn ping(&self, ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+        let _busy = self.busy(&ctx.extensions);
+        Ok(())
+    }
+
+    async fn on_initialized(&self, ctx: rmcp::service::NotificationContext<RoleServer>) {
+        let _busy = self.busy(&ctx.extensions);
     }
 
     // troupe offers no prompts or resources: say so rather than answer empty lists.

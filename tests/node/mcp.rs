@@ -2,6 +2,8 @@
 //! a legacy 2025-06-18 session), WebSocket, roles, DNS-rebinding checks, progress, and a client
 //! that vanishes mid-call.
 
+use std::time::Duration;
+
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -22,6 +24,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// With extra environment variables for the node (`TROUPE_<SECTION>__<KEY>` settings).
+    async fn start_with(vars: Vec<(String, String)>) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let workspace = temp.path().join("ws");
         std::fs::create_dir_all(&workspace).unwrap();
@@ -35,7 +42,7 @@ impl Fixture {
         )
         .unwrap();
         let env = NodeEnv {
-            vars: Vec::new(),
+            vars,
             cwd: Some(workspace),
         };
         let node = NodeProcess::start_with(
@@ -371,10 +378,9 @@ async fn a_waiting_spawn_sends_progress_for_the_given_token() {
     assert!(quiet.is_empty(), "{quiet:?}");
 }
 
-#[tokio::test]
-async fn a_legacy_2025_06_18_client_initializes_a_session_and_calls_tools() {
-    let fixture = Fixture::start().await;
-    let node = &fixture.node;
+/// A legacy (2025-06-18) session: `initialize` (its answer checked), then
+/// `notifications/initialized`. Returns the session's id.
+async fn legacy_session(node: &NodeProcess) -> String {
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18",
         "capabilities": {},
@@ -392,29 +398,120 @@ async fn a_legacy_2025_06_18_client_initializes_a_session_and_calls_tools() {
         "{answer}"
     );
     assert_eq!(answer["result"]["serverInfo"]["name"], "troupe");
-    let with_session = |body: Value| {
-        node.client()
-            .post(node.url("/mcp"))
-            .bearer_auth(&node.token)
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-protocol-version", "2025-06-18")
-            .header("mcp-session-id", session.clone())
-            .json(&body)
-            .send()
-    };
-    let initialized =
-        with_session(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-            .await
-            .unwrap();
+    let initialized = legacy_post(
+        node,
+        &session,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
     assert_eq!(initialized.status(), 202);
-    let listed = with_session(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
-        .await
-        .unwrap();
+    session
+}
+
+/// One message of legacy session `session`, ready to send.
+fn legacy_request(node: &NodeProcess, session: &str, body: Value) -> reqwest::RequestBuilder {
+    node.client()
+        .post(node.url("/mcp"))
+        .bearer_auth(&node.token)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .header("mcp-session-id", session)
+        .json(&body)
+}
+
+/// One message of legacy session `session`.
+async fn legacy_post(node: &NodeProcess, session: &str, body: Value) -> reqwest::Response {
+    legacy_request(node, session, body).send().await.unwrap()
+}
+
+/// How many legacy MCP sessions are links now.
+async fn mcp_http_links(node: &NodeProcess) -> usize {
+    let links: Value = node.get("/v1/links").await.json().await.unwrap();
+    links["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|link| link["transport"] == "mcp_http")
+        .count()
+}
+
+#[tokio::test]
+async fn a_legacy_2025_06_18_client_initializes_a_session_and_calls_tools() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let session = legacy_session(node).await;
+    let listed = legacy_post(
+        node,
+        &session,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
     let listed = messages(listed).await.pop().unwrap();
     assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 8);
     // The legacy session is a link.
-    let links: Value = node.get("/v1/links").await.json().await.unwrap();
-    assert!(links.to_string().contains("\"mcp_http\""), "{links}");
+    assert_eq!(mcp_http_links(node).await, 1);
+}
+
+#[tokio::test]
+async fn a_legacy_session_lives_while_a_call_waits_and_closes_once_idle() {
+    let fixture = Fixture::start_with(vec![(
+        "TROUPE_HTTP__MCP_SESSION_IDLE_SECS".into(),
+        "1".into(),
+    )])
+    .await;
+    let node = &fixture.node;
+    let waiting = legacy_session(node).await;
+    let idle = legacy_session(node).await;
+    let listed = legacy_post(
+        node,
+        &idle,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(listed.status(), 200);
+    let _ = messages(listed).await;
+    // A run far longer than the idle allowance, with no progress token: nothing passes on the
+    // session while the call waits.
+    let call = legacy_request(
+        node,
+        &waiting,
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "spawn_session",
+            "arguments": {"session": sh("sleep 4"), "wait": true},
+        }}),
+    )
+    .send();
+    let call = tokio::spawn(async move { messages(call.await.unwrap()).await });
+    // Both links exist; the idle one goes (polled through REST, which is not the session).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while mcp_http_links(node).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle session was never closed"
+        );
+        // A bounded poll of the node's view, not a wait for time to pass.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = tokio::time::timeout(PATIENCE, call)
+        .await
+        .expect("the waiting call is answered")
+        .unwrap()
+        .pop()
+        .expect("an answer, not a stream cut with the session");
+    assert_eq!(answer["id"], 3, "{answer}");
+    assert_eq!(
+        content(&answer)["state"],
+        "succeeded",
+        "the final record: {answer}"
+    );
+    // The idle session is gone for good: its client is told to start a new one.
+    let gone = legacy_post(
+        node,
+        &idle,
+        json!({"jsonrpc": "2.0", "id": 4, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(gone.status(), 404);
 }
 
 #[tokio::test]

@@ -1,0 +1,174 @@
+//! When a legacy Streamable HTTP session (protocol 2025-11-25 and older, `Mcp-Session-Id`)
+//! ends for want of its client.
+//!
+//! rmcp's own idle timer counts messages only: a session that sends and receives nothing for
+//! its `keep_alive` is closed, even while one of its calls waits (a `spawn_session` with
+//! `wait: true` on a quiet run), and that call's answer is lost with it. So rmcp's timer is off
+//! and this reaper replaces it: a session is closed once it has had no call in flight and no
+//! request for `http.mcp_session_idle_secs`. It also ends sessions whose client initialized and
+//! never came back, which rmcp's timer used to catch.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use rmcp::transport::streamable_http_server::SessionManager;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// An rmcp session id (the `Mcp-Session-Id` header's value).
+type McpSessionId = Arc<str>;
+
+/// What one session is doing: calls in flight, and when it last did anything.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new(now: Instant) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(now),
+        }
+    }
+
+    fn touch(&self) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Instant::now();
+    }
+
+    /// How long it has been idle; zero while a call is in flight.
+    fn idle_for(&self, now: Instant) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        now.saturating_duration_since(
+            *self
+                .last
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
+    }
+}
+
+/// A request of a session in progress: the session is not idle until it is dropped.
+#[derive(Debug)]
+#[must_use = "the session counts as busy only while the guard lives"]
+pub(crate) struct Busy(Option<Arc<Activity>>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(activity) = self.0.take() {
+            activity.touch();
+            activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Closes the legacy sessions of one node's `/mcp` that have been idle too long.
+#[derive(Debug)]
+pub(crate) struct IdleSessions {
+    manager: Arc<LocalSessionManager>,
+    idle: Duration,
+    activity: DashMap<McpSessionId, Arc<Activity>>,
+}
+
+impl IdleSessions {
+    /// Watches `manager`'s sessions; starts its reaper, which stops with `stop`.
+    pub(crate) fn start(
+        manager: Arc<LocalSessionManager>,
+        idle: Duration,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
+            manager,
+            idle,
+            activity: DashMap::new(),
+        });
+        let reaper = Arc::downgrade(&this);
+        // Often enough that a session outlives its allowance by at most a quarter of it.
+        let tick = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = interval.tick() => {}
+                }
+                let Some(this) = reaper.upgrade() else { return };
+                this.reap(Instant::now()).await;
+            }
+        });
+        this
+    }
+
+    /// Session `id` (from a request's `Mcp-Session-Id`) handles a request until the guard goes.
+    pub(crate) fn busy(&self, id: &str) -> Busy {
+        let activity = self
+            .activity
+            .entry(Arc::from(id))
+            .or_insert_with(|| Arc::new(Activity::new(Instant::now())))
+            .clone();
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
+        Busy(Some(activity))
+    }
+
+    /// Closes the sessions idle past the allowance, and forgets those rmcp no longer has. A
+    /// session seen here for the first time starts its idle time now.
+    async fn reap(&self, now: Instant) {
+        let live: HashSet<McpSessionId> =
+            self.manager.sessions.read().await.keys().cloned().collect();
+        self.activity.retain(|id, _| live.contains(id));
+        for id in live {
+            let idle = self
+                .activity
+                .entry(id.clone())
+                .or_insert_with(|| Arc::new(Activity::new(now)))
+                .idle_for(now);
+            if idle < self.idle {
+                continue;
+            }
+            self.activity.remove(&id);
+            match self.manager.close_session(&id).await {
+                Ok(()) => tracing::info!(
+                    mcp_session = %id,
+                    idle_secs = idle.as_secs(),
+                    "closed an MCP session whose client has been quiet past http.mcp_session_idle_secs"
+                ),
+                Err(error) => {
+                    tracing::debug!(mcp_session = %id, %error, "an idle MCP session was gone already");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_in_flight_is_never_idle_and_the_idle_time_starts_when_it_ends() {
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let sessions = IdleSessions {
+            manager: Arc::default(),
+            idle: Duration::from_secs(60),
+            activity: DashMap::from_iter([(Arc::from("s"), activity.clone())]),
+        };
+        let busy = sessions.busy("s");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(activity.idle_for(Instant::now()), Duration::ZERO);
+        drop(busy);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(activity.idle_for(Instant::now()), Duration::from_secs(5));
+    }
+}
