@@ -6,6 +6,7 @@
 //!   node winning ties), is forwarded there; otherwise it runs here.
 //! - [`get`], [`cancel`], [`output`], [`follow`]: a session this node does not have, whose owner
 //!   it knows ([`SessionOwners`]: from the owner's relayed events and answers), is asked of it;
+//!   one whose owner it does not know is looked for on every member that is up first;
 //!   `follow` streams the owner's Server-Sent Events through.
 //! - [`list_cluster`]: this node's listing merged with every member's; the open sessions of a
 //!   member that cannot be reached are shown from their last known record as `unreachable`.
@@ -241,10 +242,14 @@ async fn ask_owner(
     call: RemoteCall,
 ) -> Result<(NodeId, Exchange), ApiError> {
     let owner = match hop {
-        Hop::Client => core
+        Hop::Client => match core
             .sessions_owners
             .as_ref()
-            .and_then(|owners| owners.owner(id)),
+            .and_then(|owners| owners.owner(id))
+        {
+            Some(owner) => Some(owner),
+            None => search_owner(core, id).await?,
+        },
         Hop::Forwarded => None,
     };
     let Some(owner) = owner else {
@@ -253,6 +258,61 @@ async fn ask_owner(
     match exchange(core, &owner, call).await {
         Ok(exchange) => Ok((owner, exchange)),
         Err(error) => Err(with_last_known(core, id, error)),
+    }
+}
+
+/// Finds the owner of session `id`, which this node has not heard of (it was spawned before
+/// this node last started, or its events were pushed out of the owners table): asks every
+/// member that is up. `None` when none has it and none is down; a 503 `owner_unreachable`
+/// naming the members that could not be asked when none of the others has it, since one of
+/// them may be its owner.
+async fn search_owner(core: &NodeCore, id: &SessionId) -> Result<Option<NodeId>, ApiError> {
+    if core.cluster.is_none() {
+        return Ok(None);
+    }
+    let members: Vec<_> = core
+        .tree
+        .registry
+        .tables()
+        .members()
+        .into_iter()
+        .filter(|member| member.node != core.node_id && member.state != "left")
+        .collect();
+    let asks = members.iter().map(|member| async move {
+        let call = RemoteCall {
+            method: "GET".into(),
+            uri: format!("/v1/sessions/{id}"),
+            body: Vec::new(),
+        };
+        (&member.node, call_node(core, &member.node, call).await)
+    });
+    let mut unreachable = Vec::new();
+    for (node, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(answer) if answer.status == 200 => {
+                observe(core, &answer);
+                return Ok(Some(node.clone()));
+            }
+            Ok(_) => {}
+            Err(error) if error.code == "owner_unreachable" => unreachable.push(node.clone()),
+            Err(error) => return Err(error),
+        }
+    }
+    match unreachable.as_slice() {
+        [] => Ok(None),
+        [first, ..] => Err(ApiError::unavailable(
+            "owner_unreachable",
+            format!(
+                "session {id} is not on this node nor on the members that answered; {} cannot                  be reached and may own it: retry once it is back",
+                unreachable
+                    .iter()
+                    .map(NodeId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .with_details(json!({"node": first, "nodes": unreachable}))
+        .retry_after(Duration::from_secs(5))),
     }
 }
 

@@ -472,6 +472,45 @@ async fn a_remote_session_is_followed_listed_and_reached_through_rest_mcp_and_th
 }
 
 #[tokio::test]
+async fn a_session_this_node_never_heard_of_is_found_on_its_owner_or_named_unreachable() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let mut b = node(temp.path(), "b", &[], None).await;
+    let mut c = node(temp.path(), "c", &[], b.cluster).await;
+    wait_members(&b, &["c"]).await;
+    // b restarts: whatever it had heard of c's sessions is gone with its memory, and the relay
+    // resumes after what b had stored, so c's session.queued never comes again.
+    let (_, record) = spawn_through(&c, command("sleep 60")).await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    b.terminate();
+    let _ = b.wait_exit().await;
+    let b = node(temp.path(), "b", &[], c.cluster).await;
+    wait_members(&b, &["c"]).await;
+
+    let response = b.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(response.status(), 200, "found on c");
+    assert_eq!(response.headers()["x-troupe-node"], "c");
+    let found: Value = response.json().await.unwrap();
+    assert_eq!(found["node"], "c", "{found}");
+    // Known now: the output is asked of c at once.
+    let output = b.get(&format!("/v1/sessions/{id}/output")).await;
+    assert_eq!(output.status(), 200);
+
+    // A session nobody has is still a 404.
+    let nowhere = b.get("/v1/sessions/s-nowhere").await;
+    assert_eq!(nowhere.status(), 404);
+
+    // With c down, an id b never heard of may be c's: a 503 naming c, not a 404.
+    let mut b_events = b.events("kind=node.*", None).await;
+    kill_and_detect(&mut c, &mut b_events).await;
+    let response = b.get("/v1/sessions/s-nowhere").await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "owner_unreachable", "{error}");
+    assert_eq!(error["error"]["details"]["node"], "c", "{error}");
+}
+
+#[tokio::test]
 async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_it_returns() {
     let temp = tempfile::tempdir().unwrap();
     make_cluster(temp.path(), &["b", "c"]).await;
