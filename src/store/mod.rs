@@ -36,8 +36,9 @@ use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError, Transition};
 
 pub use query::{
-    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE,
-    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery,
+    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
+    MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, OutputLine, OutputPage, PruneReport, SessionPage,
+    SessionQuery,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};

@@ -13,6 +13,11 @@ pub const MAX_PAGE: usize = 1000;
 pub const DEFAULT_PAGE: usize = 100;
 /// Most output lines one page holds.
 pub const MAX_OUTPUT_PAGE: usize = 10_000;
+/// Most text one output page holds, counted as its lines' JSON strings (escapes included): a
+/// page of long or control-heavy lines ends early (its `next_offset` says where to go on), so
+/// that any page fits one forwarded cluster answer and one MCP message. A page always holds at
+/// least one line.
+pub const MAX_OUTPUT_PAGE_BYTES: usize = 1024 * 1024;
 /// Most events one [`Store::events_after`](super::Store::events_after) page holds.
 pub const MAX_EVENT_PAGE: usize = 10_000;
 /// Most events one [`Store::events_after`](super::Store::events_after) call examines (matching or

@@ -11,8 +11,8 @@ use troupe_actors::ids::{NodeId, SessionId};
 use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
 use super::query::{
-    Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_PAGE, OutputLine,
-    OutputPage, SessionPage, SessionQuery,
+    Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_OUTPUT_PAGE_BYTES,
+    MAX_PAGE, OutputLine, OutputPage, SessionPage, SessionQuery,
 };
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX, OUTPUT,
@@ -155,6 +155,7 @@ pub(super) fn output(
     let output = txn.open_table(OUTPUT).or_io("open table output")?;
     let limit = limit.clamp(1, MAX_OUTPUT_PAGE);
     let mut lines = Vec::with_capacity(limit.min(1024));
+    let mut bytes = 0usize;
     let start = offset.saturating_add(1);
     for entry in output
         .range((key, start)..=(key, u64::MAX))
@@ -165,6 +166,10 @@ pub(super) fn output(
         let line = entry_key.value().1;
         let (stream, text): (OutputStream, String) =
             decode("output", format_args!("{key}/{line}"), value.value())?;
+        bytes += json_string_len(&text);
+        if bytes > MAX_OUTPUT_PAGE_BYTES && !lines.is_empty() {
+            break;
+        }
         lines.push(OutputLine { line, stream, text });
     }
     let next_offset = lines.last().map_or(offset, |line| line.line);
@@ -174,6 +179,17 @@ pub(super) fn output(
         total: counters.last_line,
         truncated: counters.truncated,
     })
+}
+
+/// The length of `text` as a JSON string's contents: what escaping makes of each byte.
+fn json_string_len(text: &str) -> usize {
+    text.bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// A session's transitions, in order.

@@ -641,6 +641,53 @@ async fn output_pages_follow_offsets_and_skip_redelivered_lines() {
 }
 
 #[tokio::test]
+async fn an_output_page_of_long_lines_ends_at_its_byte_budget_and_the_next_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let id = sid("s-1");
+    store.create(record("s-1", now_micros())).await.unwrap();
+    // 200 long lines of plain text, then 200 of terminal escapes (each byte six in JSON).
+    let plain: Vec<String> = (0..200)
+        .map(|n| format!("{n:05}{}", "x".repeat(12_000)))
+        .collect();
+    let escapes: Vec<String> = (0..200).map(|_| "\u{1b}".repeat(12_000)).collect();
+    store.append_output(&id, OutputStream::Stdout, 1, &plain);
+    store.append_output(&id, OutputStream::Stdout, 201, &escapes);
+    store.flush().await.unwrap();
+
+    let mut offset = 0;
+    let mut seen = 0;
+    loop {
+        let page = store.output(&id, offset, MAX_OUTPUT_PAGE).await.unwrap();
+        if page.lines.is_empty() {
+            break;
+        }
+        let json =
+            serde_json::to_vec(&page.lines.iter().map(|line| &line.text).collect::<Vec<_>>())
+                .unwrap();
+        assert!(
+            json.len() <= MAX_OUTPUT_PAGE_BYTES + 3 * page.lines.len() + 2,
+            "a page of {} lines is {} bytes as JSON",
+            page.lines.len(),
+            json.len()
+        );
+        assert_eq!(page.lines[0].line, offset + 1, "no line skipped");
+        seen += page.lines.len();
+        offset = page.next_offset;
+    }
+    assert_eq!(seen, 400);
+
+    // A single line over the budget still comes, alone.
+    let big = sid("s-2");
+    store.create(record("s-2", now_micros())).await.unwrap();
+    let huge = "\u{1b}".repeat(MAX_OUTPUT_PAGE_BYTES / 4);
+    store.append_output(&big, OutputStream::Stdout, 1, &[huge.clone(), huge]);
+    store.flush().await.unwrap();
+    let page = store.output(&big, 0, 10).await.unwrap();
+    assert_eq!((page.lines.len(), page.next_offset), (1, 1));
+}
+
+#[tokio::test]
 async fn output_past_a_cap_is_counted_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(

@@ -472,7 +472,8 @@ async fn a_remote_session_is_followed_listed_and_reached_through_rest_mcp_and_th
 }
 
 #[tokio::test]
-async fn a_session_this_node_never_heard_of_is_found_on_its_owner_or_named_unreachable() {
+async fn a_session_this_node_never_heard_of_is_found_and_read_through_it_or_its_possible_owner_named()
+ {
     let temp = tempfile::tempdir().unwrap();
     make_cluster(temp.path(), &["b", "c"]).await;
     let mut b = node(temp.path(), "b", &[], None).await;
@@ -495,6 +496,31 @@ async fn a_session_this_node_never_heard_of_is_found_on_its_owner_or_named_unrea
     // Known now: the output is asked of c at once.
     let output = b.get(&format!("/v1/sessions/{id}/output")).await;
     assert_eq!(output.status(), 200);
+
+    // A page of long lines, asked through b, fits one forwarded answer: it ends early, and
+    // next_offset goes on.
+    let mut c_events = c.events("kind=session.succeeded", None).await;
+    let (_, record) = spawn_through(
+        &c,
+        command(r#"for i in $(seq 400); do head -c 12000 /dev/zero | tr '\0' x; echo; done"#),
+    )
+    .await;
+    let long = record["id"].as_str().unwrap().to_owned();
+    session_event(&mut c_events, &long, "session.succeeded").await;
+    let mut offset = 0;
+    let mut lines = 0;
+    while lines < 400 {
+        let response = b
+            .get(&format!("/v1/sessions/{long}/output?offset={offset}"))
+            .await;
+        assert_eq!(response.status(), 200, "page after line {offset}");
+        let page: Value = response.json().await.unwrap();
+        let got = page["lines"].as_array().unwrap().len();
+        assert!(got > 0 && got < 400, "a page of {got} lines");
+        lines += got;
+        offset = page["next_offset"].as_u64().unwrap();
+    }
+    assert_eq!(lines, 400);
 
     // A session nobody has is still a 404.
     let nowhere = b.get("/v1/sessions/s-nowhere").await;
