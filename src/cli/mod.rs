@@ -83,6 +83,10 @@ pub fn main() -> ExitCode {
             Command::LoopbackNode(args) => loopback::run_child(args).await,
         }
     });
+    // Dropping the runtime would wait for every blocking task, and a read of stdin (`troupe
+    // mcp` whose link ended while its client keeps stdin open) never ends by itself: give the
+    // blocking tasks a moment, then leave.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match outcome {
         Ok(code) => code,
         Err(error) => {
