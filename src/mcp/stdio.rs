@@ -4,7 +4,9 @@
 //! the admin role), or bridged to a running node's `/mcp/ws?client=stdio` ([`Bridge`]) so every
 //! stdio client shares that node's sessions and events. Lines that are not UTF-8 are answered with
 //! a JSON-RPC parse error and skipped; a line over [`MAX_LINE`] bytes is answered with a JSON-RPC
-//! error (`-32600`, id `null`) and ends the link, and `troupe mcp` exits with a failure.
+//! error (`-32600`, id `null`) and ends the link, and `troupe mcp` exits with a failure. A bridge
+//! does the same when its node refuses a line or the link to it breaks, and when stdin ends it
+//! writes the answers still owed to the requests it passed on (for at most five seconds).
 
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
 use troupe_actors::event::TransportKind;
 
@@ -24,6 +27,9 @@ use crate::node::NodeCore;
 
 /// Longest line accepted on stdin, in bytes.
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
+/// Largest message a bridge takes from its node. The node's own answers: larger than any a tool
+/// gives (a page of output, whose text is capped at about 1 MiB, carried twice), still bounded.
+const MAX_FROM_NODE: usize = 32 * 1024 * 1024;
 
 /// Lines of `input` as frames.
 pub(crate) fn line_frames(
@@ -123,6 +129,10 @@ pub enum BridgeError {
     /// Reading stdin failed (a line over [`MAX_LINE`] bytes); the client was told.
     #[error("stdin: {0}")]
     Stdin(String),
+    /// The node refused a message (one over its `http.max_body_bytes`) or the link to it
+    /// failed; the client was told.
+    #[error("{0}")]
+    Node(String),
 }
 
 /// A bridge connected to a node's `/mcp/ws`, not yet copying.
@@ -171,8 +181,8 @@ async fn connect(
         .headers_mut()
         .insert("sec-websocket-protocol", HeaderValue::from_static("mcp"));
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(Some(MAX_LINE))
-        .max_frame_size(Some(MAX_LINE));
+        .max_message_size(Some(MAX_FROM_NODE))
+        .max_frame_size(Some(MAX_FROM_NODE));
     let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
     let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
@@ -191,12 +201,17 @@ async fn copy(
     let (mut to_node, mut from_node) = socket.split();
     let mut stdout = line_sink(output);
     let mut stdin = line_frames(input);
-    loop {
+    let mut pending = Pending::default();
+    // Set when stdin has ended: the answers still owed are awaited until then.
+    let mut draining: Option<tokio::time::Instant> = None;
+    let ended = loop {
+        let drain_deadline = draining.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            frame = stdin.next() => match frame {
+            frame = stdin.next(), if draining.is_none() => match frame {
                 Some(Incoming::Text(text)) => {
+                    pending.sent(&text);
                     if to_node.send(Message::Text(text.into())).await.is_err() {
-                        break;
+                        break Ended::LinkFailed("the node's link is gone".into());
                     }
                 }
                 Some(Incoming::Invalid(why)) => {
@@ -214,28 +229,114 @@ async fn copy(
                     let _ = to_node.send(Message::Close(None)).await;
                     return Err(BridgeError::Stdin(why));
                 }
-                Some(Incoming::Binary | Incoming::Close) | None => break,
+                Some(Incoming::Binary | Incoming::Close) | None => {
+                    if pending.is_empty() {
+                        break Ended::Done;
+                    }
+                    draining = Some(tokio::time::Instant::now() + DRAIN);
+                }
             },
             frame = from_node.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
+                    pending.answered(text.as_str());
                     stdout
                         .send(Outgoing::Text(text.as_str().to_owned()))
                         .await
                         .map_err(BridgeError::Stdout)?;
+                    if draining.is_some() && pending.is_empty() {
+                        break Ended::Done;
+                    }
                 }
                 Some(Ok(Message::Close(close))) => {
-                    tracing::info!(?close, "the node closed the MCP link");
-                    break;
+                    let normal = close.as_ref().is_none_or(|frame| {
+                        matches!(frame.code, CloseCode::Normal | CloseCode::Away)
+                    });
+                    if normal {
+                        tracing::info!(?close, "the node closed the MCP link");
+                        break Ended::Done;
+                    }
+                    let reason = close.map_or_else(String::new, |frame| {
+                        format!("{} ({})", frame.reason, u16::from(frame.code))
+                    });
+                    break Ended::Refused(reason);
                 }
                 Some(Ok(_)) => {}
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "the MCP link to the node failed");
-                    break;
-                }
-                None => break,
+                Some(Err(error)) => break Ended::LinkFailed(error.to_string()),
+                None => break Ended::LinkFailed("the node closed the connection".into()),
             },
+            () = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
+                tracing::warn!(
+                    unanswered = pending.len(),
+                    "stdin closed and the node did not answer every request within {DRAIN:?}"
+                );
+                break Ended::Done;
+            }
+        }
+    };
+    let _ = to_node.send(Message::Close(None)).await;
+    let why = match ended {
+        Ended::Done => return Ok(()),
+        Ended::Refused(reason) => format!("the node ended the link: {reason}"),
+        Ended::LinkFailed(reason) => format!("the link to the node failed: {reason}"),
+    };
+    tracing::warn!(reason = %why, "the MCP bridge ends");
+    // The client is told why in a JSON-RPC error line, as when stdin breaks a rule.
+    stdout
+        .send(Outgoing::Close(CLOSE_POLICY, why.clone()))
+        .await
+        .map_err(BridgeError::Stdout)?;
+    Err(BridgeError::Node(why))
+}
+
+/// How long a bridge whose stdin ended waits for the answers its client is still owed.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How a bridge's copying ended.
+enum Ended {
+    /// stdin ended (and the owed answers came), or the node closed the link normally.
+    Done,
+    /// The node closed the link for a broken rule (a message over its size limit).
+    Refused(String),
+    /// The connection to the node failed (or an answer exceeded [`MAX_FROM_NODE`]).
+    LinkFailed(String),
+}
+
+/// The ids of the requests a bridge sent and has not seen answered (as JSON text).
+#[derive(Debug, Default)]
+struct Pending(std::collections::HashSet<String>);
+
+/// The fields of a JSON-RPC message that tell a request from an answer.
+#[derive(serde::Deserialize)]
+struct Probe {
+    id: Option<serde_json::Value>,
+    method: Option<serde::de::IgnoredAny>,
+}
+
+impl Pending {
+    fn probe(text: &str) -> Option<(String, bool)> {
+        let probe: Probe = serde_json::from_str(text).ok()?;
+        Some((probe.id?.to_string(), probe.method.is_some()))
+    }
+
+    /// A line the client sent: a request is owed an answer.
+    fn sent(&mut self, text: &str) {
+        if let Some((id, true)) = Self::probe(text) {
+            self.0.insert(id);
         }
     }
-    let _ = to_node.send(Message::Close(None)).await;
-    Ok(())
+
+    /// A message from the node: an answer settles its request.
+    fn answered(&mut self, text: &str) {
+        if let Some((id, false)) = Self::probe(text) {
+            self.0.remove(&id);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }

@@ -467,6 +467,67 @@ impl StdioMcp {
     }
 }
 
+/// A `troupe mcp` bridged to `fixture`'s node, once the node's discovery entry is written.
+async fn bridged_stdio(fixture: &Fixture) -> StdioMcp {
+    let node = &fixture.node;
+    node.logs
+        .wait_for("discovery entry written", |line| {
+            line["message"] == "discovery entry written"
+        })
+        .await;
+    let discovery = node.data_dir.join("discovery");
+    let mut stdio = StdioMcp::start(&[], &discovery, fixture._temp.path());
+    stdio.initialize().await;
+    stdio
+}
+
+#[tokio::test]
+async fn a_bridge_whose_stdin_ends_still_writes_the_answers_it_owes() {
+    let fixture = Fixture::start(10_000).await;
+    let mut stdio = bridged_stdio(&fixture).await;
+    // A call that takes a moment, and stdin closed right behind it (a one-shot script).
+    stdio
+        .send(tools_call(
+            1,
+            "spawn_session",
+            json!({"session": {"kind": "command", "program": "sh",
+                               "args": ["-c", "sleep 1; echo done"]}, "wait": true}),
+        ))
+        .await;
+    stdio.send(tools_call(2, "node_health", json!({}))).await;
+    drop(stdio.stdin.take());
+    let (_, health) = stdio.answer(2).await;
+    assert_eq!(health["result"]["isError"], false, "{health}");
+    let (_, spawned) = stdio.answer(1).await;
+    assert_eq!(
+        spawned["result"]["structuredContent"]["state"], "succeeded",
+        "{spawned}"
+    );
+    let status = tokio::time::timeout(PATIENCE, stdio.child.wait())
+        .await
+        .expect("it exits once the answers are out")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_line_the_node_refuses_ends_the_bridge_with_an_error_line_and_a_failing_exit() {
+    let fixture = Fixture::start(10_000).await;
+    let mut stdio = bridged_stdio(&fixture).await;
+    // Under the bridge's own limit, over the node's http.max_body_bytes (1 MiB).
+    let padding = "x".repeat(2 * 1024 * 1024);
+    stdio
+        .send(tools_call(1, "node_health", json!({"padding": padding})))
+        .await;
+    let line = stdio.next().await;
+    assert_eq!(line["error"]["code"], -32600, "{line}");
+    let status = tokio::time::timeout(PATIENCE, stdio.child.wait())
+        .await
+        .expect("the bridge ends")
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+}
+
 fn tools_call(id: u64, name: &str, arguments: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
            "params": {"name": name, "arguments": arguments}})
