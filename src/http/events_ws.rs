@@ -104,7 +104,7 @@ pub(super) async fn upgrade(
         .max_frame_size(MAX_CLIENT_FRAME)
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
-            let (sink, stream) = split(socket);
+            let (sink, stream) = split(socket, None);
             run(
                 Link {
                     node,

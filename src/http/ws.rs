@@ -48,9 +48,34 @@ pub(crate) const CLOSE_POLICY: u16 = 1008;
 /// Close code: normal closure.
 pub(crate) const CLOSE_NORMAL: u16 = 1000;
 
-/// Splits an upgraded socket into our frame types.
+/// When a socket last heard from its client: any frame, pings and pongs included.
+#[derive(Debug)]
+pub(crate) struct Heard(std::sync::Mutex<tokio::time::Instant>);
+
+impl Heard {
+    /// Heard just now.
+    pub(crate) fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::Mutex::new(tokio::time::Instant::now())))
+    }
+
+    fn now(&self) {
+        *self.0.lock().unwrap_or_else(|poison| poison.into_inner()) = tokio::time::Instant::now();
+    }
+
+    /// How long the client has been silent.
+    pub(crate) fn silent_for(&self) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .elapsed()
+    }
+}
+
+/// Splits an upgraded socket into our frame types; every frame from the client is noted in
+/// `heard`, when given.
 pub(crate) fn split(
     socket: WebSocket,
+    heard: Option<std::sync::Arc<Heard>>,
 ) -> (
     impl Sink<Outgoing, Error = axum::Error> + Send + Unpin + 'static,
     impl Stream<Item = Incoming> + Send + Unpin + 'static,
@@ -67,7 +92,10 @@ pub(crate) fn split(
             })),
         }))
     });
-    let stream = stream.filter_map(|frame| {
+    let stream = stream.filter_map(move |frame| {
+        if let (Some(heard), Ok(_)) = (&heard, &frame) {
+            heard.now();
+        }
         futures::future::ready(match frame {
             Ok(Message::Text(text)) => Some(Incoming::Text(text.as_str().to_owned())),
             Ok(Message::Binary(_)) => Some(Incoming::Binary),

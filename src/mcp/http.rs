@@ -41,7 +41,8 @@ use super::idle::IdleSessions;
 use crate::auth::{Principal, Role};
 use crate::http::ApiError;
 use crate::http::ws::{
-    CLOSE_GOING_AWAY, CLOSE_POLICY, Incoming, Outgoing, check_host_and_origin, send_within, split,
+    CLOSE_GOING_AWAY, CLOSE_POLICY, Heard, Incoming, Outgoing, check_host_and_origin, send_within,
+    split,
 };
 use crate::node::NodeCore;
 
@@ -266,8 +267,9 @@ async fn websocket(
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| async move {
-            let (sink, stream) = split(socket);
-            serve_websocket(core, parts, sink, stream).await;
+            let heard = Heard::new();
+            let (sink, stream) = split(socket, Some(heard.clone()));
+            serve_websocket(core, parts, heard, sink, stream).await;
         }))
 }
 
@@ -282,8 +284,13 @@ pub(crate) fn parse_error(message: &str) -> String {
 }
 
 /// Serves one MCP client over a WebSocket until it or the node ends the link.
-async fn serve_websocket<Si, St>(core: Arc<NodeCore>, parts: Parts, sink: Si, stream: St)
-where
+async fn serve_websocket<Si, St>(
+    core: Arc<NodeCore>,
+    parts: Parts,
+    heard: Arc<Heard>,
+    sink: Si,
+    stream: St,
+) where
     Si: futures::Sink<Outgoing> + Unpin + Send + 'static,
     Si::Error: std::fmt::Display,
     St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
@@ -297,13 +304,65 @@ where
     } else {
         TransportKind::McpWebSocket
     };
+    let liveness = Liveness {
+        heard,
+        every: Duration::from_secs(core.config.events.heartbeat_secs.max(1)),
+    };
     let server = TroupeMcp::new(core, transport, None);
     let peer = parts
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
     let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
-    serve_frames(server, Some(parts), peer, principal, sink, stream).await;
+    let client = FramesClient {
+        parts: Some(parts),
+        peer,
+        principal,
+        liveness: Some(liveness),
+    };
+    serve_frames(server, client, sink, stream).await;
+}
+
+/// How a socket client shows it is still there: it answers the pings sent `every` so often
+/// (WebSocket clients answer pings by themselves) or sends anything else. One silent for
+/// [`SILENT_PINGS`] pings, or that has not initialized within [`INIT_TIMEOUT`], is
+/// disconnected, so a client that vanished without closing its connection does not hold a link.
+pub(crate) struct Liveness {
+    heard: Arc<Heard>,
+    every: Duration,
+}
+
+/// Pings a socket client may leave unanswered before it is disconnected.
+const SILENT_PINGS: u32 = 3;
+/// How long a socket client has to initialize.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Liveness {
+    /// Pings the client through `out` until `done`; cancels `silent` (and stops) once the client
+    /// has been silent for [`SILENT_PINGS`] pings.
+    fn watch(
+        self,
+        out: mpsc::Sender<Outgoing>,
+        done: CancellationToken,
+        silent: CancellationToken,
+    ) {
+        tokio::spawn(async move {
+            let mut ping =
+                tokio::time::interval_at(tokio::time::Instant::now() + self.every, self.every);
+            loop {
+                tokio::select! {
+                    () = done.cancelled() => return,
+                    _ = ping.tick() => {}
+                }
+                if self.heard.silent_for() >= self.every * SILENT_PINGS {
+                    silent.cancel();
+                    return;
+                }
+                // A full queue already waits on the client; its send timeout deals with that.
+                let _ = out.try_send(Outgoing::Ping);
+            }
+        });
+    }
 }
 
 /// Why a frame-served client ended, when it ended badly.
@@ -316,9 +375,7 @@ pub(crate) type FramesFailure = Arc<OnceLock<String>>;
 /// a socket error), if it did.
 pub(crate) async fn serve_frames<Si, St>(
     server: TroupeMcp,
-    parts: Option<Parts>,
-    peer: Option<std::net::SocketAddr>,
-    principal: Option<crate::auth::Principal>,
+    client: FramesClient,
     sink: Si,
     stream: St,
 ) -> Option<String>
@@ -328,24 +385,26 @@ where
     St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
 {
     let failure = FramesFailure::default();
-    serve_frames_until(
-        server,
-        parts,
-        peer,
-        principal,
-        sink,
-        stream,
-        failure.clone(),
-    )
-    .await;
+    serve_frames_until(server, client, sink, stream, failure.clone()).await;
     failure.get().cloned()
+}
+
+/// Who a frame-served client is.
+#[derive(Default)]
+pub(crate) struct FramesClient {
+    /// The HTTP request that opened the link (none for stdin).
+    pub(crate) parts: Option<Parts>,
+    /// Its address.
+    pub(crate) peer: Option<std::net::SocketAddr>,
+    /// Its token's principal (none: the server's local one).
+    pub(crate) principal: Option<crate::auth::Principal>,
+    /// How it shows it is still there (a socket; stdin ends by itself).
+    pub(crate) liveness: Option<Liveness>,
 }
 
 async fn serve_frames_until<Si, St>(
     server: TroupeMcp,
-    parts: Option<Parts>,
-    peer: Option<std::net::SocketAddr>,
-    principal: Option<crate::auth::Principal>,
+    client: FramesClient,
     mut sink: Si,
     stream: St,
     failure: FramesFailure,
@@ -373,6 +432,12 @@ async fn serve_frames_until<Si, St>(
             ended.cancel();
         })
     };
+    let FramesClient {
+        parts,
+        peer,
+        principal,
+        liveness,
+    } = client;
     let principal = principal.or_else(|| server.local_principal.clone());
     let link_closed = match server.attach_link(peer, principal.as_ref()).await {
         Ok(link) => link.closed.clone(),
@@ -384,6 +449,16 @@ async fn serve_frames_until<Si, St>(
             return;
         }
     };
+    // Cancelled when this link ends (stops the pings), and when its client went silent.
+    let (done, silent) = (CancellationToken::new(), CancellationToken::new());
+    let init_timeout = match liveness {
+        Some(liveness) => {
+            liveness.watch(out_tx.clone(), done.clone(), silent.clone());
+            INIT_TIMEOUT
+        }
+        None => Duration::MAX,
+    };
+    let stop_pings = done.drop_guard();
     let to_client = PollSender::new(out_tx.clone()).with(|message: ServerJsonRpcMessage| {
         futures::future::ready(Ok::<_, tokio_util::sync::PollSendError<Outgoing>>(
             Outgoing::Text(serde_json::to_string(&message).unwrap_or_else(|error| {
@@ -459,11 +534,16 @@ async fn serve_frames_until<Si, St>(
         )
         .take_while(|item| futures::future::ready(item.is_some()))
         .filter_map(|item| futures::future::ready(item.flatten()));
-    let running = match server
+    let serving = server
         .clone()
-        .serve((Box::pin(to_client), Box::pin(from_client)))
-        .await
-    {
+        .serve((Box::pin(to_client), Box::pin(from_client)));
+    let started = tokio::select! {
+        started = tokio::time::timeout(init_timeout, serving) => started
+            .map_err(|_| format!("no initialize within {init_timeout:?}"))
+            .and_then(|started| started.map_err(|error| error.to_string())),
+        () = silent.cancelled() => Err("the client answered no ping".into()),
+    };
+    let running = match started {
         Ok(running) => running,
         Err(error) => {
             tracing::info!(%error, "an MCP WebSocket client did not initialize");
@@ -473,6 +553,7 @@ async fn serve_frames_until<Si, St>(
                     "initialization failed".into(),
                 ))
                 .await;
+            drop(stop_pings);
             drop(out_tx);
             let _ = writer.await;
             return;
@@ -487,7 +568,16 @@ async fn serve_frames_until<Si, St>(
                 .send(Outgoing::Close(CLOSE_GOING_AWAY, "closed by the node".into()))
                 .await;
         }
+        () = silent.cancelled() => {
+            tracing::info!("an MCP WebSocket client answered no ping; disconnecting it");
+            cancel.cancel();
+            let _ = out_tx
+                .send(Outgoing::Close(CLOSE_GOING_AWAY, "no answer to pings".into()))
+                .await;
+        }
     }
+    // The pinger holds a sender: stopped first, or the writer would wait for it.
+    drop(stop_pings);
     drop(out_tx);
     let _ = writer.await;
 }

@@ -20,7 +20,7 @@ use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
 use troupe_actors::event::TransportKind;
 
 use super::TroupeMcp;
-use super::http::{parse_error, serve_frames};
+use super::http::{FramesClient, parse_error, serve_frames};
 use crate::auth::{Principal, Role};
 use crate::http::ws::{CLOSE_POLICY, Incoming, Outgoing};
 use crate::node::NodeCore;
@@ -103,9 +103,7 @@ pub async fn serve_embedded(core: Arc<NodeCore>) -> Option<String> {
     let server = TroupeMcp::new(core, TransportKind::McpStdio, Some(local));
     serve_frames(
         server,
-        None,
-        None,
-        None,
+        FramesClient::default(),
         line_sink(tokio::io::stdout()),
         line_frames(tokio::io::stdin()),
     )

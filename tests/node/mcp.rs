@@ -1285,3 +1285,62 @@ async fn an_mcp_websocket_client_that_never_reads_is_dropped_and_others_are_unaf
     assert!(!links.to_string().contains(&link), "{links}");
     flood.abort();
 }
+
+#[tokio::test]
+async fn an_mcp_websocket_client_that_answers_no_ping_is_dropped_and_a_live_one_stays() {
+    // Pings every second: a client that answers none for three is taken for gone.
+    let fixture =
+        Fixture::start_with(vec![("TROUPE_EVENTS__HEARTBEAT_SECS".into(), "1".into())]).await;
+    let node = &fixture.node;
+    let mut observer = node.events("kind=link.*", None).await;
+    // A client that vanished without closing its connection: it initialized, then never reads
+    // again, so it never answers a ping.
+    let mut vanished = never_reading_socket(node, mcp_ws_request(node, &node.token)).await;
+    let link = loop {
+        let (_, connected) = observer.next_of("link.connected").await;
+        if connected["data"]["transport"] == "mcp_web_socket" {
+            break connected["data"]["link"].as_str().unwrap().to_owned();
+        }
+    };
+    for message in [
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "vanished", "version": "0"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    ] {
+        vanished
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+    // A live client waits on a run longer than three pings, reading its socket all along.
+    let mut live = McpWs::open(node, &node.token).await;
+    live.initialize(json!({})).await;
+    live.send(legacy_call(
+        1,
+        "spawn_session",
+        json!({"session": sh("sleep 4"), "wait": true}),
+    ))
+    .await;
+    let waiting = tokio::spawn(async move { live.answer(1).await.1 });
+
+    loop {
+        let (_, event) = observer.next_of("link.disconnected").await;
+        if event["data"]["link"] == link.as_str() {
+            break;
+        }
+        assert_ne!(
+            event["data"]["transport"], "mcp_web_socket",
+            "only the silent client goes: {event}"
+        );
+    }
+    let answer = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("the live client is answered")
+        .unwrap();
+    assert_eq!(
+        answer["result"]["structuredContent"]["state"], "succeeded",
+        "{answer}"
+    );
+    drop(vanished);
+}
