@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use troupe_actors::event::SessionKindTag;
 use troupe_actors::ids::SessionId;
-use troupe_actors::session::{CancelError, SessionState, StoreError, SubmitError};
+use troupe_actors::session::{CancelError, StoreError, SubmitError};
 
 use super::{ApiError, ApiJson};
 use crate::cluster::remote::{self, Followed, Hop, ListFilters, Routed};
@@ -346,18 +346,18 @@ pub(super) async fn output(
                 .data(serde_json::json!({"message": error.to_string()}).to_string()),
         })
     });
-    // After the last line: one `end` event with the session's final state.
+    // After the last line: one `end` event with the session's final state, or an `error` event
+    // when the state cannot be read (nothing is made up).
     let end = futures::stream::once(async move {
-        let state = sessions
-            .get(&end_id)
-            .await
-            .map(|view| view.record.state)
-            .unwrap_or(SessionState::Interrupted);
-        Ok::<_, Infallible>(
-            SseEvent::default()
+        Ok::<_, Infallible>(match sessions.get(&end_id).await {
+            Ok(view) => SseEvent::default()
                 .event("end")
-                .data(serde_json::json!({"state": state}).to_string()),
-        )
+                .data(serde_json::json!({"state": view.record.state}).to_string()),
+            Err(error) => SseEvent::default().event("error").data(
+                serde_json::json!({"message": format!("the session's end cannot be read: {error}")})
+                    .to_string(),
+            ),
+        })
     });
     Ok(Sse::new(lines.chain(end))
         .keep_alive(

@@ -258,6 +258,8 @@ impl SessionService {
             buffer: std::collections::VecDeque::new(),
             wake,
             finished: false,
+            retry: FollowRetry::default(),
+            pause: None,
         };
         Ok(futures::stream::unfold(follow, |mut follow| async move {
             follow.next_line().await.map(|item| (item, follow))
@@ -272,10 +274,35 @@ struct Follow {
     buffer: std::collections::VecDeque<OutputLine>,
     wake: troupe_actors::event::Subscription,
     finished: bool,
+    retry: FollowRetry,
+    /// How long to wait before the next read, after a failed one.
+    pause: Option<Duration>,
 }
 
 /// How often a follower looks at the store without an event (a safety net).
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// Failed reads in a row after which a follower gives up.
+const FOLLOW_MAX_FAILURES: u32 = 5;
+
+/// What a follower does after its store reads fail: wait longer each time (1, 2, 4, 8 s), and
+/// give up after [`FOLLOW_MAX_FAILURES`] in a row, rather than spin on a broken store.
+#[derive(Debug, Default)]
+struct FollowRetry {
+    failures: u32,
+}
+
+impl FollowRetry {
+    /// A read failed: how long to wait before the next, or `None` to give up.
+    fn failed(&mut self) -> Option<Duration> {
+        self.failures += 1;
+        (self.failures < FOLLOW_MAX_FAILURES).then(|| FOLLOW_POLL * (1 << (self.failures - 1)))
+    }
+
+    /// A read worked: the count starts again.
+    fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+}
 
 impl Follow {
     async fn next_line(&mut self) -> Option<Result<OutputLine, SessionError>> {
@@ -286,31 +313,64 @@ impl Follow {
             if self.finished {
                 return None;
             }
-            // Whether the session has ended must be read before the output, so that lines
-            // written before the end are all in the page read next.
-            let ended = match self.service.get(&self.id).await {
-                Ok(view) => view.record.state.is_terminal(),
-                Err(error) => return Some(Err(error)),
-            };
-            let page = match self.service.store.output(&self.id, self.next, 1000).await {
-                Ok(page) => page,
-                Err(error) => return Some(Err(error.into())),
-            };
-            if let Some(last) = page.lines.last() {
-                self.next = last.line;
+            if let Some(pause) = self.pause.take() {
+                tokio::time::sleep(pause).await;
             }
-            let got_lines = !page.lines.is_empty();
-            self.buffer.extend(page.lines);
-            if got_lines {
-                continue;
-            }
-            if ended {
-                // The end is recorded after the last line: nothing more will come.
-                self.finished = true;
-                continue;
+            match self.read().await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(error) => {
+                    match self.retry.failed() {
+                        Some(pause) => self.pause = Some(pause),
+                        None => self.finished = true,
+                    }
+                    return Some(Err(error));
+                }
             }
             // Any event of the session (or a lag marker) is a reason to look again.
             let _ = tokio::time::timeout(FOLLOW_POLL, self.wake.recv()).await;
         }
+    }
+
+    /// Reads the next lines into the buffer; true when there is something to go on with (lines,
+    /// or the end).
+    async fn read(&mut self) -> Result<bool, SessionError> {
+        // Whether the session has ended must be read before the output, so that lines written
+        // before the end are all in the page read next.
+        let ended = self.service.get(&self.id).await?.record.state.is_terminal();
+        let page = self.service.store.output(&self.id, self.next, 1000).await?;
+        self.retry.succeeded();
+        if let Some(last) = page.lines.last() {
+            self.next = last.line;
+        }
+        let got_lines = !page.lines.is_empty();
+        self.buffer.extend(page.lines);
+        if !got_lines && ended {
+            // The end is recorded after the last line: nothing more will come.
+            self.finished = true;
+        }
+        Ok(got_lines || ended)
+    }
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_waits_longer_after_each_failed_read_then_gives_up() {
+        let mut retry = FollowRetry::default();
+        let waits: Vec<_> = std::iter::from_fn(|| retry.failed()).collect();
+        assert_eq!(
+            waits,
+            [1, 2, 4, 8].map(Duration::from_secs),
+            "then it gives up"
+        );
+        retry.succeeded();
+        assert_eq!(
+            retry.failed(),
+            Some(FOLLOW_POLL),
+            "a read that works starts again"
+        );
     }
 }
