@@ -122,6 +122,9 @@ pub enum CallError {
         class: ErrorClass,
         /// Why retrying stopped.
         gave_up: GiveUpReason,
+        /// Whether the last attempt went to the provider (not refused by its client before
+        /// sending: no API key, a request its API cannot carry).
+        sent: bool,
     },
     /// The provider's actor did not answer (restarting, or stopped).
     #[error("{target}: the provider's actor is unavailable ({detail}); retry shortly")]
@@ -143,6 +146,11 @@ impl CallError {
             | Self::Failed { target, .. }
             | Self::Unavailable { target, .. } => target,
         }
+    }
+
+    /// True when the provider's client refused the request before sending it.
+    pub fn was_refused_before_sending(&self) -> bool {
+        matches!(self, Self::Failed { sent: false, .. })
     }
 
     /// May the call move on to the next provider of its route?
@@ -249,6 +257,10 @@ impl<C: ProviderClient> ProviderSet<C> {
             {
                 Ok(committed) => return Ok(committed),
                 Err(error) if error.allows_fallback() => last = Some((hop, error)),
+                // A fallback that cannot even carry the request (its API cannot express it, or
+                // it has no key) is passed over: what the caller needs to hear is why the
+                // provider before it failed, not a 400 about a request that was fine there.
+                Err(error) if last.is_some() && error.was_refused_before_sending() => {}
                 Err(error) => return Err(error),
             }
         }
@@ -329,7 +341,7 @@ async fn attempts<C: ProviderClient>(
                 });
             }
             Err(failed) => {
-                let class = failed.class.clone();
+                let (class, sent) = (failed.class.clone(), failed.reached_provider);
                 match guard.fail_and_ask(failed, retry).await {
                     NextStep::Retry { delay } => {
                         tokio::time::sleep(delay).await;
@@ -341,6 +353,7 @@ async fn attempts<C: ProviderClient>(
                             target: target.clone(),
                             class,
                             gave_up,
+                            sent,
                         });
                     }
                 }

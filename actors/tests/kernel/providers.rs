@@ -28,6 +28,8 @@ enum Scripted {
     Stream(&'static str),
     /// A failure.
     Fail(ErrorClass),
+    /// A request the client refuses before sending (no key, one its API cannot carry).
+    Refuse(ErrorClass),
     /// Waits for the gate, then answers.
     Gated(Arc<Notify>, &'static str),
 }
@@ -105,6 +107,7 @@ impl ProviderClient for ScriptedClient {
                     rate_limits: Default::default(),
                     reached_provider: true,
                 }),
+                Scripted::Refuse(class) => Err(Failed::before_sending(class)),
                 Scripted::Gated(gate, text) => {
                     gate.notified().await;
                     Ok(answer(text, Progress::Complete { tokens: None }))
@@ -291,6 +294,45 @@ async fn exhausted_quota_is_not_retried_but_falls_back() {
     );
     h.expect("provider.fallback").await;
     assert_eq!(h.status("p").counters.retries, 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_fallback_that_cannot_carry_the_request_is_passed_over() {
+    let h = Harness::start(vec![
+        provider("p", |spec| {
+            spec.policy.retry.max_attempts = 1;
+            spec.fallback = vec!["q/other".parse().unwrap(), "r/third".parse().unwrap()];
+        }),
+        provider("q", |_| {}),
+        provider("r", |_| {}),
+    ])
+    .await;
+    h.client.always(
+        "m",
+        Scripted::Fail(class(ErrorKind::ServerError, 503, None)),
+    );
+    h.client.always(
+        "other",
+        Scripted::Refuse(class(ErrorKind::BadRequest, 400, None)),
+    );
+    h.client.always(
+        "third",
+        Scripted::Fail(class(ErrorKind::ServerError, 502, None)),
+    );
+    // Every provider failed: the caller hears the last one that was asked, not q's refusal.
+    let error = h.call("p/m").await.unwrap_err();
+    assert!(
+        matches!(&error, CallError::Failed { class, target, .. }
+            if class.kind == ErrorKind::ServerError && target.provider == "r"),
+        "{error}"
+    );
+    // With r answering, the call succeeds past q.
+    h.client.always("third", Scripted::Answer("from r"));
+    let answered = h.call("p/m").await.unwrap();
+    assert_eq!(answered.reply, "from r");
+    // A refusal by the first provider is still the answer: nothing before it failed.
+    let error = h.call("q/other").await.unwrap_err();
+    assert!(error.was_refused_before_sending(), "{error}");
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
