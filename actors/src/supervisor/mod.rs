@@ -637,6 +637,8 @@ impl SupervisorState {
     }
 
     fn report_restart(&mut self, index: usize, reason: &str, pending: &PendingRestart) {
+        // Restarts in place that completed while this one was under way came first.
+        self.announce_in_place();
         let child = &self.children[index];
         child
             .spec
@@ -692,6 +694,7 @@ impl SupervisorState {
         reason: &str,
         restarts_in_window: u32,
     ) -> ActorError {
+        self.announce_in_place();
         let window = self.book.intensity().window;
         tracing::error!(
             supervisor = %self.path,
@@ -715,6 +718,9 @@ impl SupervisorState {
         }
         self.pending.clear();
         self.stop_all().await;
+        // Children restarted in place while they were being stopped: this instance ends with an
+        // error, without `post_stop`.
+        self.announce_in_place();
         format!(
             "{} escalated: {restarts_in_window} restarts within {}s; last, {child} failed: {reason}",
             self.path,
@@ -802,8 +808,11 @@ impl SupervisorState {
 
 impl Drop for SupervisorState {
     /// A supervisor that dies abruptly (a panic, a kill) never runs `post_stop`; its dynamic
-    /// children die with it and nobody will restart them, so their handles stop here.
+    /// children die with it and nobody will restart them, so their handles stop here, and the
+    /// restarts in place it had not announced yet are announced (the next instance has a queue
+    /// of its own).
     fn drop(&mut self) {
+        self.announce_in_place();
         for child in &self.children {
             if child.dynamic {
                 child.spec.starter.stop_for_good();

@@ -744,6 +744,73 @@ async fn a_restart_in_place_is_announced_before_what_its_supervisor_does_next() 
     tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
 }
 
+/// Yields until `log` has `line` (the actors under test run on this thread).
+async fn until_logged(log: &Log, line: &str) {
+    while !log.lines().iter().any(|logged| logged == line) {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A restart in place that completes while the supervisor itself restarts another child (a
+/// slow `pre_start`) is announced before that child's restart, which completes later.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restart_in_place_is_announced_before_a_respawn_that_completes_after_it() {
+    let tree = tree(Strategy::OneForOne, &["a", "w"], no_backoff()).await;
+    let mut events = all_events(&tree.bus);
+    let (a, w) = (&tree.children[0], &tree.children[1]);
+    // w's restart in place fails in pre_start, so its supervisor starts it again: slowly.
+    tree.args[1].failing_starts.store(1, Ordering::SeqCst);
+    tree.args[1].slow_start_ms.store(50, Ordering::SeqCst);
+    w.cast(ProbeMsg::Panic).unwrap();
+    until_logged(&tree.log, "w starting slowly").await;
+    // Meanwhile a restarts in place, and is done first.
+    a.cast(ProbeMsg::Panic).unwrap();
+    assert_eq!(ping(a).await, 2);
+    let first = next_event(&mut events).await;
+    let second = next_event(&mut events).await;
+    let order = [first, second].map(|event| restarted(&event.data).child.name().to_owned());
+    assert_eq!(order, ["a", "w"]);
+}
+
+/// A restart in place that completes while its supervisor escalates (stopping its children) is
+/// still announced, once.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restart_in_place_completed_during_an_escalation_is_announced() {
+    let tree = tree(
+        Strategy::OneForOne,
+        &["a", "b"],
+        SupervisorConfig {
+            intensity: RestartIntensity {
+                max_restarts: 1,
+                window: Duration::from_secs(60),
+            },
+            ..no_backoff()
+        },
+    )
+    .await;
+    let mut events = all_events(&tree.bus);
+    // a restarts in place (1 of 1) and is slow to start; b is killed meanwhile: one too many.
+    tree.args[0].slow_start_ms.store(100, Ordering::SeqCst);
+    tree.children[0].cast(ProbeMsg::Panic).unwrap();
+    until_logged(&tree.log, "a starting slowly").await;
+    tree.children[1].instance().unwrap().kill();
+    tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
+    let mut kinds = Vec::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await
+    {
+        if let troupe_actors::event::Delivery::Event(event) = delivery {
+            match &event.data {
+                EventData::ActorRestarted(restart) => {
+                    kinds.push(format!("restarted {}", restart.child.name()));
+                }
+                EventData::ActorEscalated(_) => kinds.push("escalated".into()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(kinds, ["escalated", "restarted a"]);
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn self_sends_and_timers_of_a_failed_incarnation_never_reach_the_next() {
     let tree = tree(Strategy::OneForOne, &["a"], no_backoff()).await;

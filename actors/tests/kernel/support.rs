@@ -1,7 +1,7 @@
 //! Test actors and helpers shared by the kernel's integration tests.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +70,9 @@ pub struct ProbeArgs {
     pub log: Log,
     /// How many upcoming `pre_start` calls fail.
     pub failing_starts: Arc<AtomicU32>,
+    /// How long the next `pre_start` that succeeds takes, in milliseconds (then 0 again); it
+    /// logs "<name> starting slowly" first.
+    pub slow_start_ms: Arc<AtomicU64>,
 }
 
 impl ProbeArgs {
@@ -78,6 +81,7 @@ impl ProbeArgs {
             name,
             log: log.clone(),
             failing_starts: Arc::new(AtomicU32::new(0)),
+            slow_start_ms: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -115,6 +119,11 @@ impl Actor for Probe {
         if failing.is_ok() {
             args.log.push(format!("{} failed to start", args.name));
             return Err(format!("{} cannot start yet", args.name).into());
+        }
+        let slow = args.slow_start_ms.swap(0, Ordering::SeqCst);
+        if slow > 0 {
+            args.log.push(format!("{} starting slowly", args.name));
+            tokio::time::sleep(Duration::from_millis(slow)).await;
         }
         args.log.push(format!("{} started", args.name));
         Ok(args)
