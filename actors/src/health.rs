@@ -388,14 +388,18 @@ impl HealthState {
 }
 
 /// Records a sample and returns the restarts since the window's start. One sample at or before
-/// the start is kept as the baseline.
+/// the start is kept as the baseline. A sample is kept only when the total moved (the previous
+/// one stands for it until then), so the samples grow with the restarts in the window, not with
+/// how often health is asked for.
 fn restarts_in_window(
     samples: &mut VecDeque<(Instant, u64)>,
     now: Instant,
     total: u64,
     window: Duration,
 ) -> u64 {
-    samples.push_back((now, total));
+    if samples.back().is_none_or(|&(_, last)| last != total) {
+        samples.push_back((now, total));
+    }
     while samples.len() > 1 && now.saturating_duration_since(samples[1].0) >= window {
         samples.pop_front();
     }
@@ -458,5 +462,33 @@ impl Health {
         let _ = self.handle.cast(HealthMsg::Forget {
             component: component.into(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_are_counted_over_the_window_and_idle_reports_add_no_samples() {
+        let start = Instant::now();
+        let window = Duration::from_secs(60);
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut samples = VecDeque::from([(start, 0)]);
+        // A thousand reports without a restart keep one sample.
+        for second in 0..1000 {
+            assert_eq!(
+                restarts_in_window(&mut samples, at(second / 100), 0, window),
+                0
+            );
+        }
+        assert_eq!(samples.len(), 1);
+        // Restarts at 10 s and 30 s; by 75 s the first has left the window, by 95 s both.
+        assert_eq!(restarts_in_window(&mut samples, at(10), 1, window), 1);
+        assert_eq!(restarts_in_window(&mut samples, at(30), 3, window), 3);
+        assert_eq!(restarts_in_window(&mut samples, at(40), 3, window), 3);
+        assert_eq!(restarts_in_window(&mut samples, at(75), 3, window), 2);
+        assert_eq!(restarts_in_window(&mut samples, at(95), 3, window), 0);
+        assert!(samples.len() <= 2, "{samples:?}");
     }
 }
