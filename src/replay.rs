@@ -33,6 +33,8 @@ pub struct EventStream {
     gap: Option<Gap>,
     live: Subscription,
     store: Store,
+    /// The newest event on the bus when the stream opened (any kind, any filter).
+    head: Option<troupe_actors::event::EventId>,
 }
 
 /// The part of a resume that comes from the event log.
@@ -50,6 +52,12 @@ struct Gap {
 }
 
 impl EventStream {
+    /// The newest event on the bus when the stream opened, whatever its filter: where a stream
+    /// that starts now (or with a tail) starts, for a client to resume from.
+    pub fn head(&self) -> Option<&troupe_actors::event::EventId> {
+        self.head.as_ref()
+    }
+
     /// Subscribes from `start`: a replay (from the log as far as needed), then live events.
     pub async fn open(
         bus: &EventBus,
@@ -65,6 +73,7 @@ impl EventStream {
             gap: None,
             live,
             store: store.clone(),
+            head: replay.newest.clone(),
         };
         let ReplayFrom::After(cursor) = start else {
             return Ok(stream);

@@ -66,6 +66,16 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
     let client = NodeClient::new(&args.client)?;
     let path = format!("/v1/events?{}", args.query());
     let mut last_id: Option<String> = None;
+    // Where a followed stream starts, when it does not resume from an id: the node's newest
+    // event (of any kind). A reconnect resumes after it even when no event had matched the
+    // filter yet (a restart that cuts the stream comes before its own `actor.restarted`).
+    let mut start_id = None;
+    if args.follow && args.after.is_none() {
+        start_id = newest_event_id(&client).await;
+        if args.tail.unwrap_or(0) == 0 {
+            last_id = start_id.clone();
+        }
+    }
     let mut delay = Duration::from_millis(500);
     loop {
         let mut request = client.get(&path);
@@ -76,6 +86,9 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
             outcome = stream_once(&client, request, &args, &mut last_id) => outcome,
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         };
+        if last_id.is_none() {
+            last_id = start_id.clone();
+        }
         match outcome {
             Ok(()) if !args.follow => return Ok(ExitCode::SUCCESS),
             Ok(()) => eprintln!("troupe: the stream ended; reconnecting"),
@@ -94,6 +107,19 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+/// The id of the node's newest event, if the node says (a one-shot replay of the last one).
+async fn newest_event_id(client: &NodeClient) -> Option<String> {
+    let response = client
+        .send(client.get("/v1/events?follow=false&tail=1"))
+        .await
+        .ok()?;
+    let body = check(response).await.ok()?.text().await.ok()?;
+    body.lines()
+        .filter_map(|line| line.strip_prefix("id:"))
+        .map(|id| id.trim().to_owned())
+        .next_back()
 }
 
 enum StreamError {

@@ -198,6 +198,54 @@ async fn events_follow_resumes_across_a_forced_disconnect_without_gap_or_duplica
     );
 }
 
+/// The README's tour: `troupe events --follow --kind 'actor.*'` sees the restarts of a panic
+/// that also cut its own stream, though no event had matched its filter before (the stream's
+/// first frame names where it started, and the CLI resumes from there).
+#[tokio::test]
+async fn a_follower_whose_filter_matched_nothing_yet_still_resumes_where_it_started() {
+    use tokio::io::AsyncBufReadExt;
+
+    let node = NodeProcess::start(&["--fault-injection"]).await;
+    let mut observer = node.events("kind=link.connected", None).await;
+    let mut cli = tokio::process::Command::new(troupe_bin())
+        .args(["events", "--follow", "--json", "--kind", "actor.*"])
+        .env("TROUPE_URL", format!("http://{}", node.addr))
+        .env("TROUPE_DATA_DIR", &node.data_dir)
+        .env_remove("TROUPE_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The CLI's link is up: the second link.connected (the observer's own comes first).
+    observer.next_of("link.connected").await;
+    observer.next_of("link.connected").await;
+    let response = node
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": "registry", "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let mut printed = tokio::io::BufReader::new(cli.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(PATIENCE, printed.next_line())
+            .await
+            .expect("the restarts are printed within the patience")
+            .unwrap()
+            .expect("the CLI keeps running");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            event["kind"].as_str().unwrap().starts_with("actor."),
+            "{event}"
+        );
+        if event["kind"] == "actor.restarted" && event["data"]["child"] == "links" {
+            break;
+        }
+    }
+}
+
 #[path = "../../examples/embed.rs"]
 #[allow(dead_code)]
 mod embed_example;

@@ -137,6 +137,53 @@ async fn a_reconnect_with_last_event_id_gets_exactly_the_missed_events_in_order(
     assert!(!got.contains(&id));
 }
 
+/// The first frame of a followed stream that does not resume.
+async fn first_frame(node: &NodeProcess, last_event_id: Option<&str>) -> String {
+    use futures::StreamExt;
+    let mut request = node
+        .client()
+        .get(node.url("/v1/events?kind=actor.restarted"))
+        .bearer_auth(&node.token);
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(PATIENCE, body.next())
+            .await
+            .expect("a frame within the patience")
+            .expect("the stream stays open")
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    text.split("\n\n").next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_followed_stream_names_where_it_starts_unless_it_resumes() {
+    // Heartbeats each second: the resumed stream's first frame is one, when nothing else comes.
+    let temp = tempfile::tempdir().unwrap();
+    let env = NodeEnv {
+        vars: vec![("TROUPE_EVENTS__HEARTBEAT_SECS".into(), "1".into())],
+        cwd: None,
+    };
+    let node = NodeProcess::start_with(&temp.path().join("data"), &[], &env).await;
+    // Something happened (this stream's own link.connected), but nothing matches the filter
+    // below: that stream still says where it starts, as an id without data (EventSource clients
+    // remember it and send it back as Last-Event-ID).
+    let mut links = node.events("kind=link.connected", None).await;
+    links.next_of("link.connected").await;
+    let frame = first_frame(&node, None).await;
+    let id = frame.strip_prefix("id: ").expect("an id frame first");
+    assert!(id.contains(':') && !id.contains('\n'), "{frame:?}");
+    // Resuming from it: no such frame, the stream goes on from the id given.
+    let resumed = first_frame(&node, Some(id)).await;
+    assert!(!resumed.starts_with("id: "), "{resumed:?}");
+}
+
 #[tokio::test]
 async fn a_replay_without_follow_returns_the_tail_and_ends() {
     let node = NodeProcess::start(&[]).await;

@@ -237,6 +237,9 @@ pub struct Replay {
     /// The arrival position of the oldest event still in the ring: a replay that fills a gap
     /// from the event log reads the log up to (not including) this position.
     pub oldest_pos: Option<u64>,
+    /// The newest event at the time of the query (at `through_pos`), whatever the filter: a
+    /// stream that starts now can name it as where it starts.
+    pub newest: Option<EventId>,
 }
 
 /// The bus actor.
@@ -532,6 +535,13 @@ impl EventBusState {
     }
 
     fn replay(&self, from: &ReplayFrom, filter: &EventFilter) -> Replay {
+        Replay {
+            newest: self.ring.back().map(|item| item.event.id.clone()),
+            ..self.replay_matching(from, filter)
+        }
+    }
+
+    fn replay_matching(&self, from: &ReplayFrom, filter: &EventFilter) -> Replay {
         let through_pos = self.shared.last_pos.load(Ordering::Relaxed);
         let oldest = self.ring.front().map(|item| item.event.id.clone());
         let oldest_pos = self.ring.front().map(|item| item.pos);
@@ -561,6 +571,7 @@ impl EventBusState {
                     missed: 0,
                     oldest,
                     oldest_pos,
+                    newest: None,
                 }
             }
             ReplayFrom::NodeAfter(cursor) => {
@@ -593,6 +604,7 @@ impl EventBusState {
                     missed: 0,
                     oldest,
                     oldest_pos,
+                    newest: None,
                 }
             }
             ReplayFrom::After(cursor) => {
@@ -621,6 +633,7 @@ impl EventBusState {
                     missed,
                     oldest,
                     oldest_pos,
+                    newest: None,
                 }
             }
         }
