@@ -14,7 +14,7 @@ use crate::config::default_data_dir;
 /// Options shared by every command that talks to a node.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// Node URL.
+    /// Node URL (`http://HOST:PORT`; a bare `HOST:PORT` means `http://HOST:PORT`).
     #[arg(
         long = "node",
         env = "TROUPE_URL",
@@ -44,8 +44,8 @@ impl NodeClient {
             Some(token) => token.clone(),
             None => read_admin_token(&data_dir).with_context(|| {
                 format!(
-                    "no token: pass --token, set TROUPE_TOKEN, or run this on the node's machine \
-                     (it reads {})",
+                    "no token: {} has none; pass the node's --data-dir (or TROUPE_DATA_DIR) when \
+                     it runs with one, or a token with --token / TROUPE_TOKEN",
                     data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
                 )
             })?,
@@ -66,7 +66,7 @@ impl NodeClient {
             .context("cannot build the HTTP client")?;
         Ok(Self {
             http,
-            base: args.url.trim_end_matches('/').to_owned(),
+            base: node_url(&args.url)?,
             token,
         })
     }
@@ -109,6 +109,22 @@ impl NodeClient {
     }
 }
 
+/// The node's base URL from `--node`: `http://` is assumed when no scheme is given (the other
+/// address flags take `HOST:PORT`); anything that is then not an http(s) URL is refused, saying
+/// what is expected.
+fn node_url(given: &str) -> anyhow::Result<String> {
+    let given = given.trim().trim_end_matches('/');
+    let url = if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("http://{given}")
+    };
+    match reqwest::Url::parse(&url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => Ok(url),
+        _ => bail!("--node / TROUPE_URL {given:?} is not a node's address: use http://HOST:PORT"),
+    }
+}
+
 /// Turns an error response (the API's envelope) into a readable error.
 pub(super) async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     let status = response.status();
@@ -121,8 +137,28 @@ pub(super) async fn check(response: reqwest::Response) -> anyhow::Result<reqwest
         .and_then(|json| json["error"]["message"].as_str().map(str::to_owned))
         .unwrap_or(body);
     match status {
-        StatusCode::UNAUTHORIZED => bail!("the node refused the token: {message}"),
+        StatusCode::UNAUTHORIZED => bail!(
+            "the node refused the token: {message} (without --token, the CLI reads the admin \
+             token of the data directory given by --data-dir / TROUPE_DATA_DIR, or the default \
+             one: pass the node's)"
+        ),
         StatusCode::FORBIDDEN => bail!("the token's role is not enough: {message}"),
         _ => bail!("{status}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_address_without_a_scheme_is_taken_as_http_and_nonsense_is_refused() {
+        assert_eq!(node_url("127.0.0.1:7080").unwrap(), "http://127.0.0.1:7080");
+        assert_eq!(node_url("http://h:1/").unwrap(), "http://h:1");
+        assert_eq!(node_url("https://h").unwrap(), "https://h");
+        for bad in ["ftp://h:1", "a b:c", ""] {
+            let error = node_url(bad).unwrap_err().to_string();
+            assert!(error.contains("http://HOST:PORT"), "{bad}: {error}");
+        }
     }
 }
