@@ -498,6 +498,17 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let max_timeout = troupe_actors::session::SpecLimits::default().max_timeout_secs;
+        if !(1..=max_timeout).contains(&self.sessions.default_timeout_secs) {
+            return Err(semantic(
+                "sessions.default_timeout_secs",
+                format!(
+                    "{} is outside 1 to {max_timeout} seconds (a week), the range a session's own \
+                     timeout_secs may take",
+                    self.sessions.default_timeout_secs
+                ),
+            ));
+        }
         providers::validate(&self.providers)?;
         if self.events.ring_capacity == 0 || self.events.subscriber_buffer == 0 {
             return Err(semantic(
@@ -809,6 +820,24 @@ fault_injection = false
             )
             .unwrap_err();
             assert!(error.contains("events.log_linger_ms"), "{error}");
+
+            for bad in [0, 7 * 24 * 3600 + 1] {
+                let error = load_in(
+                    jail,
+                    Some(&format!("[sessions]\ndefault_timeout_secs = {bad}\n")),
+                    &Overrides::default(),
+                )
+                .unwrap_err();
+                assert!(error.contains("sessions.default_timeout_secs"), "{error}");
+            }
+
+            let error = load_in(
+                jail,
+                Some("[http]\nmcp_session_idle_secs = 0\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.contains("http.mcp_session_idle_secs"), "{error}");
             Ok(())
         });
     }
