@@ -90,8 +90,43 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("troupe: {error:#}");
+            eprintln!("troupe: {}", error_chain(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`, leaving out a cause whose text the message
+/// already holds (error types that name their cause in their own message).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_printed_twice() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let bind = crate::node::NodeError::Bind {
+            addr: "127.0.0.1:7070".parse().unwrap(),
+            source: io,
+        };
+        let error = anyhow::Error::new(bind).context("cannot start the node");
+        let line = error_chain(&error);
+        assert_eq!(line.matches("address in use").count(), 1, "{line}");
+        assert!(
+            line.starts_with("cannot start the node: cannot listen on"),
+            "{line}"
+        );
     }
 }
