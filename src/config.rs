@@ -387,9 +387,57 @@ pub enum ConfigError {
 /// Top-level keys that may be set without a section (`TROUPE_NODE_ID`, `TROUPE_DATA_DIR`).
 const TOP_LEVEL_ENV_KEYS: [&str; 2] = ["node_id", "data_dir"];
 
+/// Refuses environment variables that are a configuration key written with one underscore
+/// between section and key (`TROUPE_HTTP_LISTEN` for `TROUPE_HTTP__LISTEN`), which the merge
+/// would otherwise pass over without a word, and `TROUPE_PROVIDERS`, which only the file sets.
+/// Other `TROUPE_*` variables (`TROUPE_URL`, the gateway variables of sessions…) are left alone.
+fn misspelled_env_keys(names: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    for name in names {
+        let Some(rest) = name.strip_prefix("TROUPE_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        if rest.contains("__") {
+            continue;
+        }
+        if rest == "providers" {
+            return Err(ConfigError::Semantic {
+                key: "providers".into(),
+                message: format!(
+                    "{name} is not read: [[providers]] can only be set in the configuration file"
+                ),
+            });
+        }
+        let Some(sections) = defaults.as_object() else {
+            return Ok(());
+        };
+        for (section, keys) in sections {
+            let key = rest
+                .strip_prefix(section.as_str())
+                .and_then(|key| key.strip_prefix('_'));
+            if let (Some(key), Some(keys)) = (key, keys.as_object())
+                && keys.contains_key(key)
+            {
+                return Err(ConfigError::Semantic {
+                    key: format!("{section}.{key}"),
+                    message: format!(
+                        "{name} is not read: write TROUPE_{}__{} (two underscores between the \
+                         section and the key)",
+                        section.to_ascii_uppercase(),
+                        key.to_ascii_uppercase()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Loads and validates the configuration: flags > environment > `file` > defaults.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        misspelled_env_keys(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))?;
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
@@ -756,6 +804,40 @@ fault_injection = false
             assert_eq!(config.node_id.unwrap().as_str(), "from-flag");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_config_key_with_one_underscore_is_refused_and_unrelated_variables_pass() {
+        let names = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect::<Vec<_>>()
+        };
+        let error = misspelled_env_keys(names(&["TROUPE_HTTP_LISTEN"]).into_iter())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("TROUPE_HTTP__LISTEN"), "{error}");
+        let error = misspelled_env_keys(names(&["TROUPE_SESSIONS_MAX_CONCURRENT"]).into_iter())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("sessions.max_concurrent"), "{error}");
+        assert!(misspelled_env_keys(names(&["TROUPE_PROVIDERS"]).into_iter()).is_err());
+        misspelled_env_keys(
+            names(&[
+                "TROUPE_HTTP__LISTEN",
+                "TROUPE_NODE_ID",
+                "TROUPE_URL",
+                "TROUPE_TOKEN",
+                "TROUPE_SESSION_ID",
+                "TROUPE_GATEWAY_URL",
+                "TROUPE_GATEWAY_KEY",
+                "TROUPE_DISCOVERY_DIR",
+                "TROUPE_HTTP_SOMETHING_ELSE",
+            ])
+            .into_iter(),
+        )
+        .unwrap();
     }
 
     #[test]
