@@ -380,9 +380,11 @@ fn start_cluster(
     };
     let credentials = certs::load(&files).map_err(|error| {
         NodeError::Cluster(format!(
-            "{error}; create this node's files with `troupe cluster init` (first node) or \
-             `troupe cluster issue {node_id} --out {}` on a node holding the CA, or set \
-             cluster.ca, cluster.cert and cluster.key",
+            "{error}; create this node's files with `troupe cluster init --data-dir {} \
+             --node-id {node_id}` (first node) or `troupe cluster issue {node_id} --out {}` on a \
+             node holding the CA (with that node's --data-dir), or set cluster.ca, cluster.cert \
+             and cluster.key",
+            data_dir.display(),
             data_dir.join("cluster").display()
         ))
     })?;

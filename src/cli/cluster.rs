@@ -88,12 +88,14 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             println!(
                 "cluster CA and a certificate for node {node} written to {}\n  \
                  CA:   {} (key {}; keep it private)\n  node: {}, {}\n\
-                 issue other nodes' certificates with: troupe cluster issue NAME --out DIR",
+                 issue other nodes' certificates with: troupe cluster issue NAME --out DIR \
+                 --data-dir {}",
                 dir.display(),
                 files.ca.display(),
                 dir.join(certs::CA_KEY_FILE).display(),
                 files.cert.display(),
                 files.key.display(),
+                config.resolved_data_dir().display(),
             );
         }
         ClusterCommand::Issue(args) => {

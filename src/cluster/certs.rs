@@ -231,19 +231,24 @@ pub fn issue(
     out: &Path,
     now: OffsetDateTime,
 ) -> Result<NodeFiles, CertError> {
-    let ca_pem = read_pem(&ca_dir.join(CA_CERT_FILE))?;
-    let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_key = read_pem(&ca_key_path).map_err(|error| match error {
-        CertError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            CertError::Invalid {
-                path: ca_key_path.clone(),
-                message: "no CA key here; run `troupe cluster init` on this node first, or \
-                          issue from the node that holds the CA"
-                    .into(),
+    // A missing CA file is a node without a CA: say how to get one.
+    let no_ca = |path: PathBuf| {
+        move |error| match error {
+            CertError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                CertError::Invalid {
+                    path,
+                    message: "no CA here; run `troupe cluster init` on this node first, or issue \
+                              from the node that holds the CA (with its --data-dir)"
+                        .into(),
+                }
             }
+            other => other,
         }
-        other => other,
-    })?;
+    };
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_pem = read_pem(&ca_cert_path).map_err(no_ca(ca_cert_path.clone()))?;
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_key = read_pem(&ca_key_path).map_err(no_ca(ca_key_path.clone()))?;
     create_dir(out)?;
     let files = NodeFiles::in_dir(out);
     for path in [&files.ca, &files.cert, &files.key] {
@@ -360,6 +365,18 @@ mod tests {
         .to_string();
         assert!(error.contains("troupe cluster init"), "{error}");
         assert!(issued.ca.exists());
+
+        // A directory with no CA at all (the default data dir of a node that never made one).
+        let error = issue(
+            &dir.path().join("nowhere"),
+            &NodeId::new("d").unwrap(),
+            &dir.path().join("d"),
+            now,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("troupe cluster init"), "{error}");
+        assert!(error.contains("ca.pem"), "{error}");
     }
 
     #[test]
