@@ -14,8 +14,8 @@ pub(super) struct NodeArgs {
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// HTTP listen address (http.listen).
-    #[arg(long)]
+    /// HTTP listen address, IP:PORT (http.listen).
+    #[arg(long, value_parser = ip_and_port)]
     listen: Option<SocketAddr>,
     /// Data directory (data_dir).
     #[arg(long)]
@@ -29,11 +29,12 @@ pub(super) struct NodeArgs {
     /// Log filter, e.g. `info` or `info,troupe=debug` (log.level).
     #[arg(long)]
     log_level: Option<String>,
-    /// Cluster (QUIC) listen address; turns the cluster on (cluster.listen).
-    #[arg(long)]
+    /// Cluster (QUIC) listen address, IP:PORT; turns the cluster on (cluster.listen).
+    #[arg(long, value_parser = ip_and_port)]
     cluster_listen: Option<SocketAddr>,
-    /// A node to join (repeatable; added to cluster.seeds); turns the cluster on.
-    #[arg(long, value_name = "ADDR")]
+    /// A node to join, IP:PORT of its cluster address (repeatable; added to cluster.seeds);
+    /// turns the cluster on.
+    #[arg(long, value_name = "ADDR", value_parser = ip_and_port)]
     join: Vec<SocketAddr>,
     /// Enable POST /v1/admin/faults (debug.fault_injection).
     #[arg(long)]
@@ -113,5 +114,15 @@ pub(super) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Outpu
             _ = interrupt.recv() => tracing::info!("SIGINT received"),
             _ = terminate.recv() => tracing::info!("SIGTERM received"),
         }
+    })
+}
+
+/// An `IP:PORT` flag value; a host name is refused saying so (addresses are not resolved).
+fn ip_and_port(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!(
+            "{value:?} is not IP:PORT; use an IP address and a port, e.g. 127.0.0.1:7070 or \
+             [::1]:7070 (host names are not resolved)"
+        )
     })
 }

@@ -205,6 +205,14 @@ pub(super) async fn run(command: SessionCommand) -> anyhow::Result<ExitCode> {
                 .await?;
             let record: Value = check(response).await?.json().await?;
             print_record(&record, args.json);
+            if !args.json && matches!(record["state"].as_str(), Some("starting" | "running")) {
+                // The record is from before the process went: the group was signalled.
+                eprintln!(
+                    "cancel requested: SIGTERM sent to its process group (SIGKILL after the \
+                     grace period); `troupe session show {}` shows the end",
+                    args.id
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         SessionCommand::Logs(args) => {
