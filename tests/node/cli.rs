@@ -1,7 +1,5 @@
 //! The CLI against a running node.
 
-use serde_json::json;
-
 use crate::support::*;
 
 #[tokio::test]
@@ -100,6 +98,25 @@ async fn health_needs_no_token() {
     assert!(stdout.contains("healthy"), "{stdout}");
 }
 
+/// `troupe events --follow --json` of `kinds` against `node`, its stdout piped.
+fn follow_events(node: &NodeProcess, kinds: &[&str]) -> tokio::process::Child {
+    let mut args = vec!["events", "--follow", "--json"];
+    for kind in kinds {
+        args.extend(["--kind", kind]);
+    }
+    tokio::process::Command::new(troupe_bin())
+        .args(args)
+        .env("TROUPE_URL", format!("http://{}", node.addr))
+        .env("TROUPE_DATA_DIR", &node.data_dir)
+        .env_remove("TROUPE_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 /// `troupe events --follow` across a forced disconnect: a registry panic restarts every link
 /// (rest_for_one at the root), the CLI reconnects with Last-Event-ID, and what it prints is
 /// exactly the node's event sequence: no gap, no duplicate.
@@ -108,19 +125,7 @@ async fn events_follow_resumes_across_a_forced_disconnect_without_gap_or_duplica
     use tokio::io::AsyncBufReadExt;
 
     let node = NodeProcess::start(&["--fault-injection"]).await;
-    let mut cli = tokio::process::Command::new(troupe_bin())
-        .args([
-            "events", "--follow", "--json", "--kind", "link.*", "--kind", "actor.*",
-        ])
-        .env("TROUPE_URL", format!("http://{}", node.addr))
-        .env("TROUPE_DATA_DIR", &node.data_dir)
-        .env_remove("TROUPE_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut cli = follow_events(&node, &["link.*", "actor.*"]);
     let mut printed = tokio::io::BufReader::new(cli.stdout.take().unwrap()).lines();
     let mut next_printed = async || -> serde_json::Value {
         let line = tokio::time::timeout(PATIENCE, printed.next_line())
@@ -137,13 +142,7 @@ async fn events_follow_resumes_across_a_forced_disconnect_without_gap_or_duplica
     let first_link = first["data"]["link"].as_str().unwrap().to_owned();
     let mut seen = vec![first];
 
-    let response = node
-        .post_json(
-            "/v1/admin/faults",
-            json!({"actor": "registry", "kind": "panic"}),
-        )
-        .await;
-    assert_eq!(response.status(), 202);
+    node.inject_panic("registry").await;
 
     // Everything up to the CLI's new link (opened after the disconnect) and its old link's
     // disconnect (published when the restarted registry catches up), in whatever order.
@@ -207,27 +206,11 @@ async fn a_follower_whose_filter_matched_nothing_yet_still_resumes_where_it_star
 
     let node = NodeProcess::start(&["--fault-injection"]).await;
     let mut observer = node.events("kind=link.connected", None).await;
-    let mut cli = tokio::process::Command::new(troupe_bin())
-        .args(["events", "--follow", "--json", "--kind", "actor.*"])
-        .env("TROUPE_URL", format!("http://{}", node.addr))
-        .env("TROUPE_DATA_DIR", &node.data_dir)
-        .env_remove("TROUPE_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut cli = follow_events(&node, &["actor.*"]);
     // The CLI's link is up: the second link.connected (the observer's own comes first).
     observer.next_of("link.connected").await;
     observer.next_of("link.connected").await;
-    let response = node
-        .post_json(
-            "/v1/admin/faults",
-            json!({"actor": "registry", "kind": "panic"}),
-        )
-        .await;
-    assert_eq!(response.status(), 202);
+    node.inject_panic("registry").await;
     let mut printed = tokio::io::BufReader::new(cli.stdout.take().unwrap()).lines();
     loop {
         let line = tokio::time::timeout(PATIENCE, printed.next_line())

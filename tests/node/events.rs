@@ -32,13 +32,7 @@ async fn an_injected_panic_is_restarted_logged_and_streamed_while_health_stays_u
         }
     });
 
-    let response = node
-        .post_json(
-            "/v1/admin/faults",
-            json!({"actor": "registry", "kind": "panic"}),
-        )
-        .await;
-    assert_eq!(response.status(), 202);
+    node.inject_panic("registry").await;
 
     // The node's log: one WARN "actor restarted" line for the registry, with the reason.
     let restart = node

@@ -166,6 +166,18 @@ impl NodeProcess {
             .unwrap()
     }
 
+    /// Makes actor `actor` panic through `/v1/admin/faults` (the node runs with
+    /// `--fault-injection`); the fault is accepted.
+    pub async fn inject_panic(&self, actor: &str) {
+        let response = self
+            .post_json(
+                "/v1/admin/faults",
+                serde_json::json!({"actor": actor, "kind": "panic"}),
+            )
+            .await;
+        assert_eq!(response.status(), 202, "the fault into {actor} is accepted");
+    }
+
     /// Opens `/v1/events` with `query` and optional `Last-Event-ID`.
     pub async fn events(&self, query: &str, last_event_id: Option<&str>) -> SseStream {
         let mut request = self

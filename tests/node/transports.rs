@@ -837,14 +837,7 @@ async fn oversize_line_ends_the_link(mut stdio: StdioMcp) {
 async fn bad_lines_through_the_stdio_bridge_are_answered_and_an_oversize_one_ends_it() {
     let fixture = Fixture::start(10_000).await;
     let node = &fixture.node;
-    node.logs
-        .wait_for("discovery entry written", |line| {
-            line["message"] == "discovery entry written"
-        })
-        .await;
-    let discovery = node.data_dir.join("discovery");
-    let mut stdio = StdioMcp::start(&[], &discovery, fixture._temp.path());
-    stdio.initialize().await;
+    let mut stdio = bridged_stdio(&fixture).await;
     stdio.send_raw(b"\xff\xfe not utf-8\n").await;
     let error = stdio.next().await;
     assert_eq!(error["error"]["code"], -32700, "{error}");

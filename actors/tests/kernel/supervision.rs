@@ -716,18 +716,7 @@ async fn restarts_in_place_in_one_run_are_announced_in_order() {
 /// handles itself (here: one over the intensity, which escalates).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_restart_in_place_is_announced_before_what_its_supervisor_does_next() {
-    let tree = tree(
-        Strategy::OneForOne,
-        &["a"],
-        SupervisorConfig {
-            intensity: RestartIntensity {
-                max_restarts: 1,
-                window: Duration::from_secs(60),
-            },
-            ..no_backoff()
-        },
-    )
-    .await;
+    let tree = tree(Strategy::OneForOne, &["a"], one_restart_a_minute()).await;
     let mut events = all_events(&tree.bus);
     let a = &tree.children[0];
     // The first panic restarts in place; the second, in the same run, is one too many.
@@ -742,6 +731,17 @@ async fn a_restart_in_place_is_announced_before_what_its_supervisor_does_next() 
         second.data
     );
     tree.cell.wait(Some(Duration::from_secs(5))).await.unwrap();
+}
+
+/// Immediate restarts, and one at most within a minute.
+fn one_restart_a_minute() -> SupervisorConfig {
+    SupervisorConfig {
+        intensity: RestartIntensity {
+            max_restarts: 1,
+            window: Duration::from_secs(60),
+        },
+        ..no_backoff()
+    }
 }
 
 /// Yields until `log` has `line` (the actors under test run on this thread).
@@ -776,18 +776,7 @@ async fn a_restart_in_place_is_announced_before_a_respawn_that_completes_after_i
 /// still announced, once.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_restart_in_place_completed_during_an_escalation_is_announced() {
-    let tree = tree(
-        Strategy::OneForOne,
-        &["a", "b"],
-        SupervisorConfig {
-            intensity: RestartIntensity {
-                max_restarts: 1,
-                window: Duration::from_secs(60),
-            },
-            ..no_backoff()
-        },
-    )
-    .await;
+    let tree = tree(Strategy::OneForOne, &["a", "b"], one_restart_a_minute()).await;
     let mut events = all_events(&tree.bus);
     // a restarts in place (1 of 1) and is slow to start; b is killed meanwhile: one too many.
     tree.args[0].slow_start_ms.store(100, Ordering::SeqCst);
