@@ -80,14 +80,22 @@ pub(super) async fn upgrade(
         ));
     }
     let filters = FilterSet::single(query.filter.clone());
+    let start = query.start(None);
+    let resumes = matches!(
+        start,
+        troupe_actors::event::ReplayFrom::After(_) | troupe_actors::event::ReplayFrom::NodeAfter(_)
+    );
     // Subscribe first, so the link's own `link.connected` is part of its stream.
-    let events = EventStream::open(
-        &core.tree.events,
-        &core.store,
-        query.start(None),
-        filters.clone(),
-    )
-    .await?;
+    let events = EventStream::open(&core.tree.events, &core.store, start, filters.clone()).await?;
+    // A link that does not resume first says where it starts, for a client whose filter matches
+    // nothing before the link breaks to resume from (`?after=`).
+    let greeting = if resumes {
+        None
+    } else {
+        events
+            .head()
+            .map(|head| serde_json::json!({"type": "start", "after": head}).to_string())
+    };
     let link = open_link(
         &core,
         TransportKind::WebSocket,
@@ -112,6 +120,7 @@ pub(super) async fn upgrade(
                     link,
                     heartbeat,
                     limit: Some((core, principal)),
+                    greeting,
                 },
                 sink,
                 stream,
@@ -128,6 +137,8 @@ pub(crate) struct Link {
     pub(crate) heartbeat: Duration,
     /// The node whose per-token rate limit each client frame is charged to, and the token.
     pub(crate) limit: Option<(Arc<NodeCore>, Principal)>,
+    /// A first frame (`start`: where a link that does not resume starts).
+    pub(crate) greeting: Option<String>,
 }
 
 /// A client's request on the link.
@@ -192,6 +203,14 @@ where
 {
     let mut ping = tokio::time::interval(state.heartbeat);
     ping.tick().await;
+    if let Some(greeting) = state.greeting.take()
+        && send_within(&mut sink, Outgoing::Text(greeting), SEND_TIMEOUT)
+            .await
+            .is_err()
+    {
+        state.link.set_reason("the client stopped reading");
+        return;
+    }
     let reason = loop {
         let outgoing = tokio::select! {
             biased;
@@ -432,6 +451,7 @@ mod tests {
             link,
             heartbeat: Duration::from_secs(3600),
             limit: None,
+            greeting: None,
         };
         let running = tokio::spawn(run(
             state,

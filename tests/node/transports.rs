@@ -54,6 +54,10 @@ type Socket =
 /// A WebSocket client of `/v1/events/ws`.
 struct WsEvents {
     socket: Socket,
+    /// Where the link said it starts (its `start` frame), when it did not resume.
+    start: Option<String>,
+    /// A frame read ahead while looking for the `start` frame.
+    ahead: Option<Value>,
 }
 
 impl WsEvents {
@@ -65,11 +69,31 @@ impl WsEvents {
                 .expect("the upgrade answers")
                 .expect("the upgrade succeeds");
         assert_eq!(response.status(), 101);
-        Self { socket }
+        let mut link = Self {
+            socket,
+            start: None,
+            ahead: None,
+        };
+        // A link that does not resume starts with `start` (when the node has published
+        // anything yet); one that resumes never does.
+        let first = link.next().await;
+        if first["type"] == "start" {
+            assert!(
+                !query.contains("after="),
+                "a resumed link says no start: {first}"
+            );
+            link.start = Some(first["after"].as_str().unwrap().to_owned());
+        } else {
+            link.ahead = Some(first);
+        }
+        link
     }
 
     /// The next JSON frame (pings are skipped); panics after [`PATIENCE`].
     async fn next(&mut self) -> Value {
+        if let Some(frame) = self.ahead.take() {
+            return frame;
+        }
         loop {
             let frame = tokio::time::timeout(PATIENCE, self.socket.next())
                 .await
@@ -245,6 +269,28 @@ async fn a_websocket_and_an_sse_subscriber_see_the_same_session_events_in_order(
         "the WebSocket link is listed: {links}"
     );
     let _ = id;
+}
+
+#[tokio::test]
+async fn a_websocket_link_says_where_it_starts_and_resuming_from_there_misses_nothing() {
+    let fixture = Fixture::start(10_000).await;
+    let node = &fixture.node;
+    // The node has published something (this stream's link.connected).
+    let mut sse = node.events("kind=link.connected", None).await;
+    sse.next_of("link.connected").await;
+    // A link whose filter matches nothing yet still knows where it started…
+    let ws = WsEvents::open(node, "kind=session.queued").await;
+    let start = ws.start.clone().expect("a start frame");
+    drop(ws);
+    // … so what happened while it was away is there when it comes back.
+    let id = spawn_lines(node, 1).await;
+    let mut back = WsEvents::open(node, &format!("kind=session.queued&after={start}")).await;
+    assert!(back.start.is_none(), "a resumed link says no start");
+    let event = back.next_event().await;
+    assert_eq!(
+        (event["kind"].as_str(), event["session"].as_str()),
+        (Some("session.queued"), Some(id.as_str()))
+    );
 }
 
 #[tokio::test]
