@@ -639,11 +639,27 @@ impl Overrides {
 }
 
 /// Renders figment's errors as `` `section.key`: what is wrong (where the value came from) ``.
+/// A key's path as the docs and the validation messages write it: `providers[0].rpm`.
+fn key_path(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if part.bytes().all(|byte| byte.is_ascii_digit()) && !key.is_empty() {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(&part.to_ascii_lowercase());
+        }
+    }
+    key
+}
+
 fn describe(error: figment::Error) -> ConfigError {
     let messages: Vec<String> = error
         .into_iter()
         .map(|error| {
-            let key = error.path.join(".").to_ascii_lowercase();
+            let key = key_path(&error.path);
             let mut message = if key.is_empty() {
                 error.kind.to_string()
             } else {
@@ -868,6 +884,23 @@ fault_injection = false
             let error = load_in(jail, None, &Overrides::default()).unwrap_err();
             assert!(error.contains("max_concurent"), "{error}");
             assert!(error.contains("TROUPE_SESSIONS__MAX_CONCURENT"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_of_a_provider_names_it_as_the_docs_do() {
+        Jail::expect_with(|jail| {
+            let error = load_in(
+                jail,
+                Some(
+                    "[[providers]]\nname = \"p\"\nkind = \"openai\"\n\
+                     base_url = \"http://127.0.0.1:9/v1\"\nrpm = \"many\"\n",
+                ),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(error.contains("`providers[0].rpm`"), "{error}");
             Ok(())
         });
     }
