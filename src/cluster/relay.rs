@@ -6,8 +6,9 @@
 //! cursor, or its newest event when the receiver asked for new events only), and then sends its
 //! own events after it: first what it still has (its bus's ring, then its persisted event log),
 //! then live ones, in `Batch` frames of at most [`MAX_BATCH`] events. The receiver hands each
-//! batch to its bus and acknowledges it (`Ack`) once the bus has taken it; the sender keeps at
-//! most [`WINDOW`] batches unacknowledged. So a slow receiver slows its sender (whose live
+//! batch to its bus and acknowledges it (`Ack`) once the bus has taken it and the store has
+//! written it; the sender keeps at most [`WINDOW`] batches unacknowledged. So a slow receiver
+//! (or its disk) slows its sender (whose live
 //! subscription is bounded; on lag it re-reads from its ring and log), memory stays bounded on
 //! both sides, and relay latency is not an acknowledgement round trip per batch.
 //!
@@ -660,7 +661,8 @@ async fn receive(
     reports.welcome(start).await.map_err(batch_error)?;
     tracing::debug!(%peer, ?after, start, "relay link up");
     // Batches go to the bus as they arrive; their acknowledgements follow, in order, once the
-    // bus has taken each (the sender never has more than WINDOW unacknowledged).
+    // bus has taken each and the store has written it (the sender never has more than WINDOW
+    // unacknowledged).
     let (taking, mut taken) = tokio::sync::mpsc::channel(WINDOW);
     let read = async {
         loop {

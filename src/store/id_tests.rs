@@ -198,6 +198,37 @@ async fn resume_knows_where_each_relayed_stream_continues_even_after_retention()
     assert_eq!(resume.relayed, [(peer("p1"), 7), (peer("p2"), 3)]);
 }
 
+/// A relayed batch is answered (acknowledged to its sender) only once the store wrote it, and
+/// another node's events are not dropped for a slow disk: a peer is never told an event is
+/// here that the log lacks.
+#[tokio::test]
+async fn a_relayed_batch_is_answered_once_written_and_never_dropped_for_a_slow_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // This node's own appends are all refused, as under a stalled disk.
+    let config = StoreConfig {
+        max_pending_appends: 0,
+        ..StoreConfig::default()
+    };
+    let store = open_with(dir.path(), config).await;
+    let (bus, _cell) = start_bus(&store).await;
+    bus.publish(None, progress(1));
+    let batch = (1..=5).map(|seq| Event::clone(&item(0, peer("p1"), seq).event));
+    assert_eq!(
+        bus.relay_batch(&peer("p1"), None, batch.collect())
+            .await
+            .unwrap(),
+        5
+    );
+    // Answered: already in the log, no flush needed.
+    let stored = store.node_events_after(&peer("p1"), 0, 100).await.unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|item| item.event.id.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert!(
+        store.stats().dropped_appends >= 1,
+        "the node's own event was dropped"
+    );
+}
+
 #[tokio::test]
 async fn a_restarted_bus_seeds_its_relay_cursors_from_the_log() {
     let dir = tempfile::tempdir().unwrap();

@@ -128,6 +128,8 @@ struct Inner {
     config: StoreConfig,
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
+    /// Where the writer has got to with event appends ([`EventStore::written`]).
+    written: tokio::sync::watch::Receiver<u64>,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -204,6 +206,7 @@ impl Store {
         let stats = Arc::new(Stats::default());
         let reservation = Arc::new(Reservation::new(reserved));
         let (tx, rx) = mpsc::channel();
+        let (written_tx, written) = tokio::sync::watch::channel(0);
         let writer = Writer {
             db: db.clone(),
             node: node.clone(),
@@ -211,6 +214,7 @@ impl Store {
             rx,
             stats: stats.clone(),
             reservation: reservation.clone(),
+            written: written_tx,
         };
         let thread = std::thread::Builder::new()
             .name("troupe-store".into())
@@ -224,6 +228,7 @@ impl Store {
                 config,
                 stats,
                 reservation,
+                written,
                 tx: Some(tx),
                 thread: Some(thread),
             }),
@@ -398,18 +403,21 @@ impl Store {
         Ok(())
     }
 
-    /// Queues an append unless too many are waiting already.
-    fn enqueue_append(&self, request: Request) {
+    /// Queues an append unless too many are waiting already (`bounded`; an append whose queue
+    /// is bounded elsewhere goes in regardless).
+    fn enqueue_append(&self, request: Request, bounded: bool) {
         let stats = &self.inner.stats;
-        let pending = stats.pending_appends.fetch_add(1, Ordering::Relaxed);
-        if pending >= self.inner.config.max_pending_appends {
+        let dropped = |why| {
             stats.pending_appends.fetch_sub(1, Ordering::Relaxed);
-            self.drop_append("too many appends are waiting for the disk");
+            self.drop_append(why);
+        };
+        let pending = stats.pending_appends.fetch_add(1, Ordering::Relaxed);
+        if bounded && pending >= self.inner.config.max_pending_appends {
+            dropped("too many appends are waiting for the disk");
             return;
         }
         if self.send(request).is_err() {
-            stats.pending_appends.fetch_sub(1, Ordering::Relaxed);
-            self.drop_append("the store is closed");
+            dropped("the store is closed");
         }
     }
 
@@ -564,12 +572,15 @@ impl SessionStore for Store {
         if lines.is_empty() {
             return;
         }
-        self.enqueue_append(Request::Output {
-            id: id.clone(),
-            stream,
-            first_line,
-            lines: lines.to_vec(),
-        });
+        self.enqueue_append(
+            Request::Output {
+                id: id.clone(),
+                stream,
+                first_line,
+                lines: lines.to_vec(),
+            },
+            true,
+        );
     }
 
     fn find_by_key(
@@ -600,8 +611,19 @@ impl SessionStore for Store {
 }
 
 impl EventStore for Store {
+    /// Events of other nodes are never dropped for a slow disk: the relay acknowledges them only
+    /// once written ([`EventStore::written`]), so their queue is bounded by the relay's window.
     fn append(&self, item: &BusItem) {
-        self.enqueue_append(Request::Event(item.clone()));
+        let relayed = item.event.id.node != self.inner.node;
+        self.enqueue_append(Request::Event(item.clone()), !relayed);
+    }
+
+    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
+        let mut written = self.inner.written.clone();
+        Some(Box::pin(async move {
+            // An error: the writer has stopped (the store closed), and nothing more is written.
+            let _ = written.wait_for(|written| *written >= pos).await;
+        }))
     }
 
     /// Flushes queued appends first (blocking the caller for one commit, so a restarted bus

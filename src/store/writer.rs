@@ -167,6 +167,11 @@ pub(super) struct Writer {
     pub(super) rx: Receiver<Request>,
     pub(super) stats: Arc<Stats>,
     pub(super) reservation: Arc<Reservation>,
+    /// The highest arrival position of an event append whose batch is done: committed, or
+    /// failed (counted in `failed_batches`, logged). The writer takes appends in queue order, so
+    /// every event queued at or below it has been through a commit. Dropped with the writer,
+    /// which ends every wait on it.
+    pub(super) written: tokio::sync::watch::Sender<u64>,
 }
 
 impl Writer {
@@ -180,12 +185,14 @@ impl Writer {
             rx,
             stats,
             reservation,
+            written,
         } = self;
         let mut state = WriterState {
             node,
             config,
             stats,
             reservation,
+            written,
             next_age_prune: Instant::now(),
             prune_backlog: false,
         };
@@ -310,6 +317,7 @@ struct WriterState {
     config: StoreConfig,
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
+    written: tokio::sync::watch::Sender<u64>,
     next_age_prune: Instant,
     prune_backlog: bool,
 }
@@ -356,6 +364,13 @@ impl WriterState {
             return Ok(());
         }
         let requests = batch.len() as u64;
+        let last_event_pos = batch
+            .iter()
+            .filter_map(|request| match request {
+                Request::Event(item) => Some(item.pos),
+                _ => None,
+            })
+            .max();
         let mut answers = Vec::with_capacity(batch.len());
         let mut report = None;
         let mut reserved = None;
@@ -368,6 +383,13 @@ impl WriterState {
             &mut report,
             &mut reserved,
         );
+        if let Some(pos) = last_event_pos {
+            self.written.send_if_modified(|written| {
+                let moved = pos > *written;
+                *written = (*written).max(pos);
+                moved
+            });
+        }
         match outcome {
             Ok(committed) => {
                 if let Some(reserved) = reserved {

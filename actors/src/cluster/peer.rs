@@ -8,9 +8,10 @@
 //! after it, so nothing is lost, and since the bus drops any `(node, seq)` not above it, nothing
 //! is duplicated.
 //!
-//! Flow control: a link hands a batch to the bus and waits until the bus has taken it before it
-//! acknowledges it to the sender, which keeps only a few unacknowledged batches in flight. So a
-//! slow bus here slows the sender, and memory per peer stays bounded end to end.
+//! Flow control: a link hands a batch to the bus and waits until the bus has taken it and the
+//! store has written it before it acknowledges it to the sender, which keeps only a few
+//! unacknowledged batches in flight. So a slow bus or disk here slows the sender, what the
+//! sender was told is here is in the log, and memory per peer stays bounded end to end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +70,8 @@ impl LinkReports {
     }
 
     /// Hands a batch (the peer's events, in order) to the bus at once; the future resolves once
-    /// the bus has taken it, with the cursor to acknowledge to the sender. Batches handed over
+    /// the bus has taken it and the store has written it, with the cursor to acknowledge to the
+    /// sender. Batches handed over
     /// one after another are taken in that order, so a link may hand over the next one before
     /// the previous one is answered.
     pub fn batch(

@@ -86,6 +86,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// The bus stopped cleanly after handing out sequence numbers up to `last`: the reservation
     /// past it may be given back, so the next start continues at `last + 1`. Must not block.
     fn release(&self, last: u64);
+
+    /// Resolves once every append up to arrival position `pos` has been written (or its write
+    /// failed, which the store reports itself), without hurrying the writer. The relay
+    /// acknowledges a batch of another node's events only then, so that what a peer was told
+    /// is here is in the log, and the queue of such appends is bounded by the relay's window.
+    /// `None`: nothing to wait for.
+    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
+        let _ = pos;
+        None
+    }
 }
 
 /// What the store remembers for the bus at start.
@@ -160,6 +170,14 @@ impl BusShared {
     }
 }
 
+/// The bus's answer to a relayed batch.
+pub struct RelayTaken {
+    /// The highest sequence number of the node taken so far.
+    pub high: u64,
+    /// Resolves once the events taken are written by the store ([`EventStore::written`]).
+    pub written: Option<BoxFuture<'static, ()>>,
+}
+
 /// Messages of the bus actor.
 pub enum EventBusMsg {
     /// Publish an event of this node.
@@ -182,8 +200,8 @@ pub enum EventBusMsg {
         floor: Option<u64>,
         /// Its events, in sequence order.
         events: Vec<Event>,
-        /// The highest sequence number of `node` taken so far.
-        reply: RpcReplyPort<u64>,
+        /// The highest sequence number of `node` taken so far, and when the batch is written.
+        reply: RpcReplyPort<RelayTaken>,
     },
     /// Answer a replay query from the ring.
     Replay {
@@ -496,8 +514,20 @@ impl EventBusState {
         }
     }
 
-    /// Takes a batch of `node`'s events; returns the highest sequence number of `node` taken.
-    fn relay_batch(&mut self, node: &NodeId, floor: Option<u64>, events: Vec<Event>) -> u64 {
+    /// Takes a batch of `node`'s events; returns the highest sequence number of `node` taken,
+    /// and when the store has written what was taken.
+    fn relay_batch(&mut self, node: &NodeId, floor: Option<u64>, events: Vec<Event>) -> RelayTaken {
+        let before = self.shared.last_pos.load(Ordering::Relaxed);
+        let high = self.take_relayed(node, floor, events);
+        let last = self.shared.last_pos.load(Ordering::Relaxed);
+        let written = match &self.store {
+            Some(store) if last > before => store.written(last),
+            _ => None,
+        };
+        RelayTaken { high, written }
+    }
+
+    fn take_relayed(&mut self, node: &NodeId, floor: Option<u64>, events: Vec<Event>) -> u64 {
         if *node == self.shared.node {
             return 0;
         }
@@ -830,9 +860,9 @@ impl EventBus {
     /// Publishes a batch of events that node `node` published, keeping their ids. The batch is
     /// handed to the bus at once (so batches handed over one after another are taken in that
     /// order, without waiting for each other); the future resolves once the bus has taken it,
-    /// with the highest sequence number of `node` taken so far (what a relay link
-    /// acknowledges). `floor`: `node`'s stream starts after it (nothing at or below it will
-    /// come). Events of other nodes and duplicates are dropped.
+    /// and the store has written what it took, with the highest sequence number of `node`
+    /// taken so far (what a relay link acknowledges). `floor`: `node`'s stream starts after it
+    /// (nothing at or below it will come). Events of other nodes and duplicates are dropped.
     pub fn relay_batch(
         &self,
         node: &NodeId,
@@ -855,7 +885,12 @@ impl EventBus {
                 });
             }
             match crate::kernel::within(RELAY_TIMEOUT, answer).await {
-                Ok(Ok(high)) => Ok(high),
+                Ok(Ok(RelayTaken { high, written })) => {
+                    if let Some(written) = written {
+                        written.await;
+                    }
+                    Ok(high)
+                }
                 Ok(Err(_)) => Err(CallError::NoReply { path }),
                 Err(_) => Err(CallError::Timeout {
                     path,
