@@ -212,6 +212,10 @@ impl NodeBuilder {
         } else {
             None
         };
+        let generation_dir = data_dir.join("cluster");
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(
+            crate::cluster::read_generation(&generation_dir),
+        ));
         let cluster_ports = match &cluster {
             Some(endpoint) => {
                 let addr = endpoint.local_addr().map_err(|error| {
@@ -229,6 +233,7 @@ impl NodeBuilder {
                     transport: Arc::new(QuicDatagrams(endpoint.clone())),
                     relay: Some(Arc::new(QuicRelaySource(endpoint.clone()))),
                     rng_seed: None,
+                    generation: generation.clone(),
                 })
             }
             None => None,
@@ -257,6 +262,18 @@ impl NodeBuilder {
                 return Err(error.into());
             }
         };
+        if cluster.is_some() {
+            // The membership took its generation while the tree started: keep it for the next.
+            let used = generation.load(std::sync::atomic::Ordering::Acquire);
+            if let Err(error) = crate::cluster::write_generation(&generation_dir, used) {
+                tracing::warn!(
+                    %error,
+                    dir = %generation_dir.display(),
+                    "cannot keep the cluster generation; after a clock step back, a restart could \
+                     rejoin as an older incarnation"
+                );
+            }
+        }
         let sessions = SessionService::new(
             tree.session_manager
                 .clone()

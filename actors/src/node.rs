@@ -116,6 +116,11 @@ pub struct ClusterPorts {
     pub relay: Option<Arc<dyn RelaySource>>,
     /// Seed of the membership's random choices (`None`: random); tests fix it.
     pub rng_seed: Option<u64>,
+    /// The highest generation this node's membership has used: each incarnation takes a higher
+    /// one (its start time in microseconds, or one more than this, whichever is higher) and
+    /// records it here. A host that keeps it across restarts makes a restarted node rejoin with
+    /// a higher generation even after the clock stepped back.
+    pub generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The ports of sessions.
@@ -264,6 +269,7 @@ impl NodeTree {
                         peers: Arc::default(),
                     }),
                     rng_seed: cluster_ports.rng_seed,
+                    generation: cluster_ports.generation.clone(),
                 };
                 Some(ChildSpec::worker(membership, move || {
                     (MembershipActor, args.clone())

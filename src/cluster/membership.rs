@@ -235,6 +235,45 @@ mod tests {
         }
     }
 
+    /// A node whose clock went back since its last run still takes a generation above the one
+    /// it used then, and records it; an in-process restart of the membership goes higher again.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_membership_takes_a_generation_above_every_one_used_before() {
+        // A generation from "the future": the last run's clock was far ahead of this one's.
+        let before = 4_000_000_000_000_000_000u64;
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let ports = NodePorts {
+            cluster: Some(ClusterPorts {
+                addr: "127.0.0.1:7071".parse().unwrap(),
+                seeds: Vec::new(),
+                profile: MembershipProfile::Fast,
+                labels: BTreeMap::new(),
+                codec: Arc::new(WireCodec),
+                transport: Arc::new(Capture::default()),
+                relay: None,
+                rng_seed: Some(1),
+                generation: generation.clone(),
+            }),
+            ..NodePorts::default()
+        };
+        let tree = NodeTree::start(NodeTreeConfig::new(NodeId::new("a").unwrap()), ports)
+            .await
+            .unwrap();
+        let load = || generation.load(std::sync::atomic::Ordering::Acquire);
+        assert_eq!(load(), before + 1);
+        let membership = tree.cluster.as_ref().unwrap().1.clone();
+        assert!(membership.inject_fault(troupe_actors::kernel::FaultKind::Panic));
+        // Restarted after the supervisor's backoff (paused time moves on while all wait).
+        for _ in 0..1_000 {
+            if load() != before + 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(load(), before + 2, "the next incarnation is higher again");
+        tree.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn thousands_of_broken_datagrams_through_the_membership_are_rejected_and_it_goes_on() {
         let capture = Arc::new(Capture::default());
@@ -248,6 +287,7 @@ mod tests {
                 transport: capture.clone(),
                 relay: None,
                 rng_seed: Some(1),
+                generation: Default::default(),
             }),
             ..NodePorts::default()
         };

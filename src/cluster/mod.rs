@@ -8,3 +8,57 @@ pub mod relay;
 pub mod remote;
 
 pub use endpoint::{ClusterEndpoint, ClusterStats, DialError, EndpointError, Refusal};
+
+use std::io::Write;
+use std::path::Path;
+
+/// The file in `<data_dir>/cluster/` that keeps the highest membership generation this node has
+/// used, so that a restart rejoins with a higher one even when the clock stepped back.
+pub const GENERATION_FILE: &str = "generation";
+
+/// The generation kept in `dir`; 0 when there is none (a first start). An unreadable file is
+/// logged and taken as none: the clock then decides, as before the file existed.
+pub fn read_generation(dir: &Path) -> u64 {
+    let path = dir.join(GENERATION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(path = %path.display(), "the kept cluster generation is not a number; ignored");
+            0
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot read the kept cluster generation");
+            0
+        }
+    }
+}
+
+/// Keeps `generation` in `dir`, durably (a new file synced, then renamed over the old one).
+pub fn write_generation(dir: &Path, generation: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(GENERATION_FILE);
+    let next = dir.join(format!("{GENERATION_FILE}.new"));
+    let mut file = std::fs::File::create(&next)?;
+    writeln!(file, "{generation}")?;
+    file.sync_all()?;
+    std::fs::rename(&next, &path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+
+    #[test]
+    fn the_generation_is_kept_across_reads_and_nonsense_counts_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = dir.path().join("cluster");
+        assert_eq!(read_generation(&cluster), 0, "a first start");
+        write_generation(&cluster, 1_800_000_000_000_000).unwrap();
+        assert_eq!(read_generation(&cluster), 1_800_000_000_000_000);
+        write_generation(&cluster, 1_800_000_000_000_001).unwrap();
+        assert_eq!(read_generation(&cluster), 1_800_000_000_000_001);
+        std::fs::write(cluster.join(GENERATION_FILE), "soon").unwrap();
+        assert_eq!(read_generation(&cluster), 0);
+    }
+}

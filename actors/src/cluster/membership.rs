@@ -121,6 +121,8 @@ pub struct MembershipArgs {
     /// Seed of foca's random choices (probe order, gossip targets); `None`: a random seed. Tests
     /// pass one so a scenario plays out the same way every time.
     pub rng_seed: Option<u64>,
+    /// The highest generation used so far ([`crate::node::ClusterPorts::generation`]).
+    pub generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What the membership needs to run a PeerActor per member.
@@ -555,7 +557,16 @@ impl Actor for MembershipActor {
         ctx: &Context<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorError> {
-        let identity = NodeIdentity::fresh(args.node.clone(), args.addr, 0);
+        // Higher than every generation used before, by this process or (when the host keeps
+        // it) an earlier one: peers take the highest generation of a node id for its current
+        // incarnation.
+        let used = std::sync::atomic::Ordering::AcqRel;
+        let identity = NodeIdentity::fresh(
+            args.node.clone(),
+            args.addr,
+            args.generation.load(std::sync::atomic::Ordering::Acquire),
+        );
+        args.generation.fetch_max(identity.generation, used);
         let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
         let config = args.profile.foca_config();
         let suspect_timeout = config.suspect_to_down_after;

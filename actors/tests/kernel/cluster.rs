@@ -347,6 +347,7 @@ impl World {
                 }),
                 relay: None,
                 rng_seed: Some(u64::from(index)),
+                generation: Default::default(),
             }),
             ..NodePorts::default()
         };
