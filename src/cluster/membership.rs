@@ -235,13 +235,11 @@ mod tests {
         }
     }
 
-    /// A node whose clock went back since its last run still takes a generation above the one
-    /// it used then, and records it; an in-process restart of the membership goes higher again.
-    #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn the_membership_takes_a_generation_above_every_one_used_before() {
-        // A generation from "the future": the last run's clock was far ahead of this one's.
-        let before = 4_000_000_000_000_000_000u64;
-        let generation = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    /// Node `a`'s tree with the cluster branch on the wire codec, its datagrams to `transport`.
+    async fn clustered_node(
+        transport: Arc<dyn DatagramTransport>,
+        generation: Arc<std::sync::atomic::AtomicU64>,
+    ) -> NodeTree {
         let ports = NodePorts {
             cluster: Some(ClusterPorts {
                 addr: "127.0.0.1:7071".parse().unwrap(),
@@ -249,16 +247,26 @@ mod tests {
                 profile: MembershipProfile::Fast,
                 labels: BTreeMap::new(),
                 codec: Arc::new(WireCodec),
-                transport: Arc::new(Capture::default()),
+                transport,
                 relay: None,
                 rng_seed: Some(1),
-                generation: generation.clone(),
+                generation,
             }),
             ..NodePorts::default()
         };
-        let tree = NodeTree::start(NodeTreeConfig::new(NodeId::new("a").unwrap()), ports)
+        NodeTree::start(NodeTreeConfig::new(NodeId::new("a").unwrap()), ports)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A node whose clock went back since its last run still takes a generation above the one
+    /// it used then, and records it; an in-process restart of the membership goes higher again.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_membership_takes_a_generation_above_every_one_used_before() {
+        // A generation from "the future": the last run's clock was far ahead of this one's.
+        let before = 4_000_000_000_000_000_000u64;
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let tree = clustered_node(Arc::new(Capture::default()), generation.clone()).await;
         let load = || generation.load(std::sync::atomic::Ordering::Acquire);
         assert_eq!(load(), before + 1);
         let membership = tree.cluster.as_ref().unwrap().1.clone();
@@ -277,23 +285,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn thousands_of_broken_datagrams_through_the_membership_are_rejected_and_it_goes_on() {
         let capture = Arc::new(Capture::default());
-        let ports = NodePorts {
-            cluster: Some(ClusterPorts {
-                addr: "127.0.0.1:7071".parse().unwrap(),
-                seeds: Vec::new(),
-                profile: MembershipProfile::Fast,
-                labels: BTreeMap::new(),
-                codec: Arc::new(WireCodec),
-                transport: capture.clone(),
-                relay: None,
-                rng_seed: Some(1),
-                generation: Default::default(),
-            }),
-            ..NodePorts::default()
-        };
-        let tree = NodeTree::start(NodeTreeConfig::new(NodeId::new("a").unwrap()), ports)
-            .await
-            .unwrap();
+        let tree = clustered_node(capture.clone(), Arc::default()).await;
         let membership = tree.cluster.as_ref().unwrap().1.clone();
         let valid = packet("b", "a");
         let header_len = WireCodec.decode_header(&valid).unwrap().1;
