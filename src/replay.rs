@@ -33,8 +33,9 @@ pub struct EventStream {
     gap: Option<Gap>,
     live: Subscription,
     store: Store,
-    /// The newest event on the bus when the stream opened (any kind, any filter).
-    head: Option<troupe_actors::event::EventId>,
+    /// Where a stream that does not resume starts: the newest event on the bus when it opened
+    /// (any kind, any filter). `None` for a resume, which starts at its own id.
+    starts_after: Option<troupe_actors::event::EventId>,
 }
 
 /// The part of a resume that comes from the event log.
@@ -52,10 +53,11 @@ struct Gap {
 }
 
 impl EventStream {
-    /// The newest event on the bus when the stream opened, whatever its filter: where a stream
-    /// that starts now (or with a tail) starts, for a client to resume from.
-    pub fn head(&self) -> Option<&troupe_actors::event::EventId> {
-        self.head.as_ref()
+    /// Where a stream that does not resume (it starts now, or with a tail) starts: the newest
+    /// event on the bus when it opened, whatever its filter, for a client to resume after even
+    /// when nothing matched its filter yet. `None` for a resume (and on a bus with no events).
+    pub fn starts_after(&self) -> Option<&troupe_actors::event::EventId> {
+        self.starts_after.as_ref()
     }
 
     /// Subscribes from `start`: a replay (from the log as far as needed), then live events.
@@ -73,7 +75,10 @@ impl EventStream {
             gap: None,
             live,
             store: store.clone(),
-            head: replay.newest.clone(),
+            starts_after: match start {
+                ReplayFrom::After(_) | ReplayFrom::NodeAfter(_) => None,
+                ReplayFrom::Now | ReplayFrom::Tail(_) => replay.newest.clone(),
+            },
         };
         let ReplayFrom::After(cursor) = start else {
             return Ok(stream);

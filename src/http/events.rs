@@ -227,7 +227,6 @@ pub(super) async fn stream(
         return Ok(sse_response(events));
     }
 
-    let resumes = matches!(start, ReplayFrom::After(_) | ReplayFrom::NodeAfter(_));
     // Subscribe first, so the link's own `link.connected` is part of its stream.
     let events = EventStream::open(
         &core.tree.events,
@@ -249,13 +248,9 @@ pub(super) async fn stream(
     // A stream that does not resume first names the newest event as its `id` (a frame without
     // data, which clients do not dispatch but remember): a client whose filter matched nothing
     // before the link broke still resumes from where it started, not from whenever it returns.
-    let start_id = if resumes {
-        None
-    } else {
-        events
-            .head()
-            .map(|head| Bytes::from(format!("id: {head}\n\n")))
-    };
+    let start_id = events
+        .starts_after()
+        .map(|head| Bytes::from(format!("id: {head}\n\n")));
     let body = link_stream(node, events, link, heartbeat);
     Ok(sse_response(futures::StreamExt::chain(
         futures::stream::iter(start_id.map(Ok::<_, Infallible>)),

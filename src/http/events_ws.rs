@@ -80,22 +80,19 @@ pub(super) async fn upgrade(
         ));
     }
     let filters = FilterSet::single(query.filter.clone());
-    let start = query.start(None);
-    let resumes = matches!(
-        start,
-        troupe_actors::event::ReplayFrom::After(_) | troupe_actors::event::ReplayFrom::NodeAfter(_)
-    );
     // Subscribe first, so the link's own `link.connected` is part of its stream.
-    let events = EventStream::open(&core.tree.events, &core.store, start, filters.clone()).await?;
+    let events = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        query.start(None),
+        filters.clone(),
+    )
+    .await?;
     // A link that does not resume first says where it starts, for a client whose filter matches
     // nothing before the link breaks to resume from (`?after=`).
-    let greeting = if resumes {
-        None
-    } else {
-        events
-            .head()
-            .map(|head| serde_json::json!({"type": "start", "after": head}).to_string())
-    };
+    let greeting = events
+        .starts_after()
+        .map(|head| serde_json::json!({"type": "start", "after": head}).to_string());
     let link = open_link(
         &core,
         TransportKind::WebSocket,
