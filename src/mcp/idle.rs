@@ -78,19 +78,31 @@ pub(crate) struct IdleSessions {
     manager: Arc<LocalSessionManager>,
     idle: Duration,
     activity: DashMap<McpSessionId, Arc<Activity>>,
+    /// Ends the reaper: with the node's stop, or when this goes (a router built for one
+    /// forwarded cluster call has its own, gone with the call).
+    reaper: CancellationToken,
+}
+
+impl Drop for IdleSessions {
+    fn drop(&mut self) {
+        self.reaper.cancel();
+    }
 }
 
 impl IdleSessions {
-    /// Watches `manager`'s sessions; starts its reaper, which stops with `stop`.
+    /// Watches `manager`'s sessions; starts its reaper, which stops with `stop` or when the
+    /// returned value is dropped.
     pub(crate) fn start(
         manager: Arc<LocalSessionManager>,
         idle: Duration,
         stop: CancellationToken,
     ) -> Arc<Self> {
+        let stop = stop.child_token();
         let this = Arc::new(Self {
             manager,
             idle,
             activity: DashMap::new(),
+            reaper: stop.clone(),
         });
         let reaper = Arc::downgrade(&this);
         // Often enough that a session outlives its allowance by at most a quarter of it.
@@ -163,6 +175,7 @@ mod tests {
             manager: Arc::default(),
             idle: Duration::from_secs(60),
             activity: DashMap::from_iter([(Arc::from("s"), activity.clone())]),
+            reaper: CancellationToken::new(),
         };
         let busy = sessions.busy("s");
         tokio::time::advance(Duration::from_secs(600)).await;
@@ -170,5 +183,14 @@ mod tests {
         drop(busy);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(activity.idle_for(Instant::now()), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reaper_ends_when_its_sessions_go_even_if_the_node_runs_on() {
+        let node_stop = CancellationToken::new();
+        let sessions = IdleSessions::start(Arc::default(), Duration::from_secs(300), node_stop);
+        let reaper = sessions.reaper.clone();
+        drop(sessions);
+        assert!(reaper.is_cancelled());
     }
 }
