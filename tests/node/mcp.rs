@@ -2,8 +2,6 @@
 //! a legacy 2025-06-18 session), WebSocket, roles, DNS-rebinding checks, progress, and a client
 //! that vanishes mid-call.
 
-use std::time::Duration;
-
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -460,6 +458,7 @@ async fn a_legacy_session_lives_while_a_call_waits_and_closes_once_idle() {
     )])
     .await;
     let node = &fixture.node;
+    let mut links = node.events("kind=link.*", None).await;
     let waiting = legacy_session(node).await;
     let idle = legacy_session(node).await;
     let listed = legacy_post(
@@ -470,6 +469,13 @@ async fn a_legacy_session_lives_while_a_call_waits_and_closes_once_idle() {
     .await;
     assert_eq!(listed.status(), 200);
     let _ = messages(listed).await;
+    // A session's link opens with its first call: the first MCP HTTP link is the idle one's.
+    let idle_link = loop {
+        let (_, connected) = links.next_of("link.connected").await;
+        if connected["data"]["transport"] == "mcp_http" {
+            break connected["data"]["link"].as_str().unwrap().to_owned();
+        }
+    };
     // A run far longer than the idle allowance, with no progress token: nothing passes on the
     // session while the call waits.
     let call = legacy_request(
@@ -482,16 +488,22 @@ async fn a_legacy_session_lives_while_a_call_waits_and_closes_once_idle() {
     )
     .send();
     let call = tokio::spawn(async move { messages(call.await.unwrap()).await });
-    // Both links exist; the idle one goes (polled through REST, which is not the session).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while mcp_http_links(node).await != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the idle session was never closed"
+    // The idle session goes while the other waits.
+    loop {
+        let (_, disconnected) = links.next_of("link.disconnected").await;
+        if disconnected["data"]["link"] == idle_link.as_str() {
+            break;
+        }
+        assert_ne!(
+            disconnected["data"]["transport"], "mcp_http",
+            "only the idle session's link goes"
         );
-        // A bounded poll of the node's view, not a wait for time to pass.
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        mcp_http_links(node).await,
+        1,
+        "the waiting session's link stays"
+    );
     let answer = tokio::time::timeout(PATIENCE, call)
         .await
         .expect("the waiting call is answered")
