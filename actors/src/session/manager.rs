@@ -633,7 +633,12 @@ impl ManagerState {
             id: id.clone(),
             node: record.node.clone(),
         }));
-        let position = if pending.start && self.busy() < self.args.context.settings.max_concurrent {
+        // While the node shuts down, a submission stored meanwhile waits for the next start,
+        // like the queue: the running sessions were told to stop, and this one would not be.
+        let position = if pending.start
+            && self.draining.is_none()
+            && self.busy() < self.args.context.settings.max_concurrent
+        {
             self.running.insert(id.clone(), Timestamp::now());
             self.spawn_session(ctx, id.clone());
             None
@@ -655,6 +660,7 @@ impl ManagerState {
         }));
         self.drain_queue(ctx);
         self.update_gauges();
+        self.answer_drain();
     }
 
     /// Answers drain requests once nothing runs.

@@ -1188,6 +1188,58 @@ async fn a_submission_in_flight_when_the_manager_crashes_is_answered_and_runs() 
     assert_eq!(h.runner.starts(), 1);
 }
 
+/// Regression: a submission whose store write was in flight when the node began to shut down
+/// was started once written, after the running sessions had been told to stop, so nothing
+/// stopped it and the shutdown waited for it to end on its own (30 s in the node).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_submission_stored_while_the_node_shuts_down_waits_for_the_next_start() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::Create);
+    let h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let manager = h.sessions().manager.clone();
+    let submission = tokio::spawn({
+        let manager = manager.clone();
+        async move {
+            manager
+                .call(
+                    |reply| ManagerMsg::Submit {
+                        spec: command("sh"),
+                        reply,
+                    },
+                    MANAGER_TIMEOUT,
+                )
+                .await
+        }
+    });
+    held.notified().await;
+    let drained = tokio::spawn(async move {
+        manager
+            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
+            .await
+    });
+    // The drain is handled before the write lands: a call sent after it is answered.
+    tokio::task::yield_now().await;
+    h.sessions()
+        .manager
+        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+        .await
+        .unwrap();
+    open.add_permits(1);
+
+    let admitted = submission
+        .await
+        .unwrap()
+        .expect("the manager answers")
+        .expect("the stored submission is accepted");
+    assert_eq!(admitted.position, Some(1), "queued for the next start");
+    drained
+        .await
+        .unwrap()
+        .expect("the drain is answered: nothing runs");
+    assert_eq!(h.runner.starts(), 0, "never started while shutting down");
+    assert_eq!(store.history(&admitted.record.id), [SessionState::Queued]);
+}
+
 /// Regression: a session taken off the queue still reads `queued` in the store until its actor
 /// records `starting`; a manager restarted in between queued it again, its second actor was
 /// refused (`AlreadyExists`) and the live run was recorded as failed.
