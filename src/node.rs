@@ -84,6 +84,20 @@ pub enum NodeError {
     },
 }
 
+impl NodeError {
+    /// Whether the node did not start because another process holds its data directory (a
+    /// node running there, or one still starting or stopping).
+    pub fn data_dir_in_use(&self) -> bool {
+        matches!(
+            self,
+            Self::Store {
+                source: troupe_actors::session::StoreError::InUse(_),
+                ..
+            }
+        )
+    }
+}
+
 /// Entry point of the library API.
 pub struct Node;
 

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::{Config, LogFormat, Overrides};
 use crate::discovery;
+use crate::mcp::stdio::BridgeEnd;
 use crate::node::Node;
 
 /// `troupe mcp` options.
@@ -49,42 +51,139 @@ pub(super) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(config.log.format, &config.log.level);
     crate::tls::install_default_provider();
 
-    if !args.standalone {
-        let dir = discovery::directory();
-        if let Some(bridge) = attach(&dir).await {
-            bridge.run().await?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        tracing::info!(dir = %dir.display(), "no reachable running node; starting an embedded one");
-    }
-
+    // From here on, SIGINT and SIGTERM stop `troupe mcp` cleanly, whatever it is doing.
     let signal = super::node::shutdown_signal()?;
-    // Found by discovery's fallback, the embedded node serves HTTP on an ephemeral loopback port
-    // and registers, so the next `troupe mcp` bridges to it instead of starting a second node.
-    // `--standalone` keeps it private: no HTTP, no discovery entry.
-    let builder = Node::builder().config(config);
-    let builder = if args.standalone {
-        builder.without_http()
+    let mut signal = std::pin::pin!(signal);
+    let mut client = crate::mcp::stdio::StdioClient::stdio();
+    let node = if args.standalone {
+        // `--standalone` keeps the node private: no HTTP, no discovery entry.
+        Node::builder()
+            .config(config)
+            .without_http()
+            .start()
+            .await
+            .context("cannot start the embedded node")?
     } else {
+        let dir = discovery::directory();
+        let mut moves = Moves::default();
+        loop {
+            match find_or_start(&dir, &config).await? {
+                Found::Node(node) => break node,
+                Found::Bridge(bridge) => match tokio::select! {
+                    ended = bridge.run(&mut client) => ended?,
+                    () = signal.as_mut() => BridgeEnd::Done,
+                } {
+                    BridgeEnd::Done => return Ok(ExitCode::SUCCESS),
+                    BridgeEnd::NodeGone(why) => {
+                        moves.note(&why)?;
+                        tracing::warn!(
+                            reason = %why,
+                            "the node this stdio client was bridged to went away; moving the \
+                             client to another node (one running, or one started here)"
+                        );
+                    }
+                },
+            }
+        }
+    };
+    serve_here(node, client, !args.standalone, signal).await
+}
+
+/// What [`find_or_start`] found: a running node to bridge to, or a node started here.
+enum Found {
+    Bridge(Box<crate::mcp::stdio::Bridge>),
+    Node(crate::node::NodeHandle),
+}
+
+/// How long `troupe mcp` waits for a data directory that another process holds (a node that
+/// is starting, and will register, or stopping) before it gives up.
+const IN_USE_PATIENCE: Duration = Duration::from_secs(15);
+
+/// A bridge to a running node when discovery finds one; otherwise an embedded node started here,
+/// which serves HTTP on an ephemeral loopback port so the next `troupe mcp` bridges to it. When
+/// the data directory is in use (several `troupe mcp` starting at once, or the node of another
+/// one stopping), waits for whoever holds it to register or to leave.
+async fn find_or_start(dir: &std::path::Path, config: &Config) -> anyhow::Result<Found> {
+    let deadline = tokio::time::Instant::now() + IN_USE_PATIENCE;
+    let mut told = false;
+    loop {
+        // Entries that cannot be used are reported on the first look only.
+        if let Some(bridge) = attach(dir, !told).await {
+            return Ok(Found::Bridge(Box::new(bridge)));
+        }
+        if !told {
+            tracing::info!(dir = %dir.display(), "no reachable running node; starting an embedded one");
+        }
         let listener = std::net::TcpListener::bind("127.0.0.1:0")
             .context("cannot bind a loopback port for the embedded node")?;
-        builder.listener(listener)
-    };
-    let node = builder
-        .start()
-        .await
-        .context("cannot start the embedded node")?;
-    let registration = if args.standalone {
-        None
-    } else {
+        let started = Node::builder()
+            .config(config.clone())
+            .listener(listener)
+            .start()
+            .await;
+        match started {
+            Ok(node) => return Ok(Found::Node(node)),
+            Err(error) if error.data_dir_in_use() && tokio::time::Instant::now() < deadline => {
+                if !told {
+                    tracing::info!(
+                        data_dir = %config.resolved_data_dir().display(),
+                        "the data directory is in use by another process (a node starting or \
+                         stopping); waiting up to {IN_USE_PATIENCE:?} for it to register or leave"
+                    );
+                    told = true;
+                }
+                // Apart, so that several waiting clients do not retry in step.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))).await;
+            }
+            Err(error) => return Err(error).context("cannot start the embedded node"),
+        }
+    }
+}
+
+/// The moves of one stdio client from node to node: a client whose nodes keep going away is
+/// stopped rather than moved forever.
+#[derive(Default)]
+struct Moves(Vec<tokio::time::Instant>);
+
+impl Moves {
+    /// At most this many moves …
+    const MAX: usize = 5;
+    /// … within this long.
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn note(&mut self, why: &str) -> anyhow::Result<()> {
+        let now = tokio::time::Instant::now();
+        self.0.retain(|at| now.duration_since(*at) < Self::WINDOW);
+        self.0.push(now);
+        if self.0.len() > Self::MAX {
+            anyhow::bail!(
+                "the node went away {} times within {:?} (last: {why}); giving up",
+                self.0.len(),
+                Self::WINDOW
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Serves `client` with `node`, a node of this process, until the client leaves; a registered
+/// node (`discoverable`) then stays until the stdio clients bridged to it leave too.
+async fn serve_here(
+    node: crate::node::NodeHandle,
+    client: crate::mcp::stdio::StdioClient,
+    discoverable: bool,
+    mut signal: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<ExitCode> {
+    let registration = if discoverable {
         super::node::register(&node)
+    } else {
+        None
     };
     tracing::info!(node = %node.node_id(), http = ?node.http_addr(), "serving MCP on stdio with an embedded node");
-    let mut signal = std::pin::pin!(signal);
     let mut stopping = false;
     let failure = tokio::select! {
-        failure = crate::mcp::stdio::serve_embedded(node.core().clone()) => failure,
-        () = &mut signal => {
+        failure = crate::mcp::stdio::serve_embedded(node.core().clone(), client) => failure,
+        () = signal.as_mut() => {
             stopping = true;
             None
         }
@@ -98,7 +197,7 @@ pub(super) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
         if !stopping {
             tokio::select! {
                 () = bridged_clients_gone(&node) => {}
-                () = &mut signal => {}
+                () = signal.as_mut() => {}
                 () = node.wait() => {}
             }
         }
@@ -116,11 +215,14 @@ pub(super) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
 
 /// A bridge to the first live node in discovery that answers, most recently started first.
 /// Entries whose token cannot be read or whose node cannot be reached are skipped (a warning
-/// each), so a node that hangs or lost its token does not block `troupe mcp`.
-async fn attach(dir: &std::path::Path) -> Option<crate::mcp::stdio::Bridge> {
+/// each when `report`), so a node that hangs or lost its token does not block `troupe mcp`.
+async fn attach(dir: &std::path::Path, report: bool) -> Option<crate::mcp::stdio::Bridge> {
     for entry in discovery::live(dir, discovery::now_secs()) {
         let token_dir = entry.token_file.parent().unwrap_or(&entry.token_file);
         let Some(token) = crate::auth::read_admin_token(token_dir) else {
+            if !report {
+                continue;
+            }
             tracing::warn!(
                 node = %entry.node_id,
                 file = %entry.token_file.display(),
@@ -133,9 +235,10 @@ async fn attach(dir: &std::path::Path) -> Option<crate::mcp::stdio::Bridge> {
                 tracing::info!(node = %entry.node_id, http = %entry.http, "bridging stdio to a running node");
                 return Some(bridge);
             }
-            Err(error) => {
+            Err(error) if report => {
                 tracing::warn!(node = %entry.node_id, %error, "a running node cannot be reached; trying the next node");
             }
+            Err(_) => {}
         }
     }
     None

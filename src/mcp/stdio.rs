@@ -5,9 +5,16 @@
 //! stdio client shares that node's sessions and events. Lines that are not UTF-8 are answered with
 //! a JSON-RPC parse error and skipped; a line over [`MAX_LINE`] bytes is answered with a JSON-RPC
 //! error (`-32600`, id `null`) and ends the link, and `troupe mcp` exits with a failure. A bridge
-//! does the same when its node refuses a line or the link to it breaks, and when stdin ends it
-//! writes the answers still owed to the requests it passed on (for at most five seconds).
+//! does the same when its node refuses a line, and when stdin ends it writes the answers still
+//! owed to the requests it passed on (for at most five seconds).
+//!
+//! The client's side of the link is a [`StdioClient`], which outlives the node it is served by:
+//! when a bridge's node goes away (it stopped, or the link to it broke), each request still
+//! waiting is answered with an error saying so, and the caller moves the client to another node
+//! (one that discovery finds, or one it starts), replaying the client's `initialize`,
+//! `notifications/initialized` and last `logging/setLevel` there so the client need not know.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -93,21 +100,107 @@ pub(crate) fn line_sink(
     ))
 }
 
-/// Serves MCP on stdin/stdout with this process's node, until stdin closes. Returns why stdin
-/// failed (a line over [`MAX_LINE`]), if it did.
-pub async fn serve_embedded(core: Arc<NodeCore>) -> Option<String> {
+/// The stdio client of `troupe mcp`: its lines in and out, the answers it is owed, and how it set
+/// up its MCP session. It outlives the node serving it (see the module's doc).
+pub struct StdioClient {
+    input: Pin<Box<dyn Stream<Item = Incoming> + Send>>,
+    output: Pin<Box<dyn Sink<Outgoing, Error = std::io::Error> + Send>>,
+    owed: Pending,
+    setup: Setup,
+}
+
+impl StdioClient {
+    /// The process's own stdin and stdout.
+    pub fn stdio() -> Self {
+        Self::new(tokio::io::stdin(), tokio::io::stdout())
+    }
+
+    /// A client whose lines come from `input` and go to `output`.
+    pub fn new(
+        input: impl AsyncRead + Unpin + Send + 'static,
+        output: impl AsyncWrite + Unpin + Send + 'static,
+    ) -> Self {
+        Self {
+            input: Box::pin(line_frames(input)),
+            output: Box::pin(line_sink(output)),
+            owed: Pending::default(),
+            setup: Setup::default(),
+        }
+    }
+
+    /// A line the client sent, on its way to a node.
+    fn sent(&mut self, text: &str) {
+        if let Some(probe) = Probe::of(text) {
+            self.owed.sent(&probe);
+            self.setup.sent(&probe, text);
+        }
+    }
+
+    /// A message from the node: `false` when it answers a replayed request (not the client's).
+    fn received(&mut self, text: &str) -> bool {
+        let Some(probe) = Probe::of(text) else {
+            return true;
+        };
+        if Setup::is_replayed(&probe) {
+            if probe.error.is_some() {
+                tracing::warn!(answer = %text, "the node refused a replayed setup request");
+            }
+            return false;
+        }
+        self.owed.answered(&probe);
+        self.setup.answered(&probe);
+        true
+    }
+
+    /// Answers every request still owed with an error saying the node went away (`why`).
+    async fn fail_owed(&mut self, why: &str) -> Result<(), BridgeError> {
+        for id in std::mem::take(&mut self.owed.0) {
+            self.setup.answered_with_error(&id);
+            let id: serde_json::Value = serde_json::from_str(&id).unwrap_or_default();
+            let line = serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": id,
+                "error": {
+                    "code": -32603,
+                    "message": format!(
+                        "the node went away before answering ({why}); the request may or may not \
+                         have taken effect"
+                    ),
+                },
+            });
+            self.output
+                .send(Outgoing::Text(line.to_string()))
+                .await
+                .map_err(BridgeError::Stdout)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves MCP to `client` with this process's node, until its input closes. The client's session
+/// setup, if it was served elsewhere before, is replayed first. Returns why the input failed (a
+/// line over [`MAX_LINE`]), if it did.
+pub async fn serve_embedded(core: Arc<NodeCore>, client: StdioClient) -> Option<String> {
     let local = Principal {
         name: "stdio".into(),
         role: Role::Admin,
     };
     let server = TroupeMcp::new(core, TransportKind::McpStdio, Some(local));
-    serve_frames(
-        server,
-        FramesClient::default(),
-        line_sink(tokio::io::stdout()),
-        line_frames(tokio::io::stdin()),
-    )
-    .await
+    let StdioClient {
+        input,
+        output,
+        setup,
+        ..
+    } = client;
+    let replay = futures::stream::iter(setup.replay().into_iter().map(Incoming::Text));
+    let output = output.with_flat_map(|frame: Outgoing| {
+        let replayed = match &frame {
+            Outgoing::Text(text) => Probe::of(text).is_some_and(|probe| Setup::is_replayed(&probe)),
+            _ => false,
+        };
+        futures::stream::iter((!replayed).then_some(Ok(frame)))
+    });
+    serve_frames(server, FramesClient::default(), output, replay.chain(input)).await
 }
 
 /// Why a bridge could not start or ended badly.
@@ -140,6 +233,16 @@ pub struct Bridge {
     >,
 }
 
+/// How a bridge ended without an error.
+#[derive(Debug)]
+pub enum BridgeEnd {
+    /// The client's input ended (and the answers it was owed were written).
+    Done,
+    /// The node went away (why): the client's owed answers were failed, and it may go on with
+    /// another node.
+    NodeGone(String),
+}
+
 impl Bridge {
     /// Opens the node's `/mcp/ws?client=stdio` with `token`. Reads nothing from stdin, so a
     /// caller may try another node when this fails.
@@ -147,9 +250,10 @@ impl Bridge {
         connect(addr, token).await.map(|socket| Self { socket })
     }
 
-    /// Copies stdin lines to the node and its frames to stdout, until either side ends.
-    pub async fn run(self) -> Result<(), BridgeError> {
-        copy(self.socket, tokio::io::stdin(), tokio::io::stdout()).await
+    /// Replays the client's session setup (when it was served elsewhere before), then copies its
+    /// lines to the node and the node's messages to it, until either side ends.
+    pub async fn run(self, client: &mut StdioClient) -> Result<BridgeEnd, BridgeError> {
+        copy(self.socket, client).await
     }
 }
 
@@ -193,34 +297,40 @@ async fn copy(
     socket: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
-    input: impl AsyncRead + Unpin + Send + 'static,
-    output: impl AsyncWrite + Unpin + Send + 'static,
-) -> Result<(), BridgeError> {
+    client: &mut StdioClient,
+) -> Result<BridgeEnd, BridgeError> {
     let (mut to_node, mut from_node) = socket.split();
-    let mut stdout = line_sink(output);
-    let mut stdin = line_frames(input);
-    let mut pending = Pending::default();
     // Set when stdin has ended: the answers still owed are awaited until then.
     let mut draining: Option<tokio::time::Instant> = None;
+    let mut replay = client.setup.replay().into_iter();
     let ended = loop {
+        // The client's setup goes first, in order, before any of its new lines.
+        if let Some(text) = replay.next() {
+            if to_node.send(Message::Text(text.into())).await.is_err() {
+                break Ended::LinkFailed("the node's link is gone".into());
+            }
+            continue;
+        }
         let drain_deadline = draining.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            frame = stdin.next(), if draining.is_none() => match frame {
+            frame = client.input.next(), if draining.is_none() => match frame {
                 Some(Incoming::Text(text)) => {
-                    pending.sent(&text);
+                    client.sent(&text);
                     if to_node.send(Message::Text(text.into())).await.is_err() {
                         break Ended::LinkFailed("the node's link is gone".into());
                     }
                 }
                 Some(Incoming::Invalid(why)) => {
-                    stdout
+                    client
+                        .output
                         .send(Outgoing::Text(parse_error(&why)))
                         .await
                         .map_err(BridgeError::Stdout)?;
                 }
                 Some(Incoming::Failed(why)) => {
                     tracing::warn!(reason = %why, "stdin failed; ending the bridge");
-                    stdout
+                    client
+                        .output
                         .send(Outgoing::Close(CLOSE_POLICY, why.clone()))
                         .await
                         .map_err(BridgeError::Stdout)?;
@@ -228,7 +338,7 @@ async fn copy(
                     return Err(BridgeError::Stdin(why));
                 }
                 Some(Incoming::Binary | Incoming::Close) | None => {
-                    if pending.is_empty() {
+                    if client.owed.is_empty() {
                         break Ended::Done;
                     }
                     draining = Some(tokio::time::Instant::now() + DRAIN);
@@ -236,12 +346,14 @@ async fn copy(
             },
             frame = from_node.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    pending.answered(text.as_str());
-                    stdout
-                        .send(Outgoing::Text(text.as_str().to_owned()))
-                        .await
-                        .map_err(BridgeError::Stdout)?;
-                    if draining.is_some() && pending.is_empty() {
+                    if client.received(text.as_str()) {
+                        client
+                            .output
+                            .send(Outgoing::Text(text.as_str().to_owned()))
+                            .await
+                            .map_err(BridgeError::Stdout)?;
+                    }
+                    if draining.is_some() && client.owed.is_empty() {
                         break Ended::Done;
                     }
                 }
@@ -249,13 +361,14 @@ async fn copy(
                     let normal = close.as_ref().is_none_or(|frame| {
                         matches!(frame.code, CloseCode::Normal | CloseCode::Away)
                     });
+                    let reason = close.map_or_else(
+                        || "closed without a reason".to_owned(),
+                        |frame| format!("{} ({})", frame.reason, u16::from(frame.code)),
+                    );
                     if normal {
-                        tracing::info!(?close, "the node closed the MCP link");
-                        break Ended::Done;
+                        tracing::info!(%reason, "the node closed the MCP link");
+                        break Ended::LinkFailed(format!("the node closed the link: {reason}"));
                     }
-                    let reason = close.map_or_else(String::new, |frame| {
-                        format!("{} ({})", frame.reason, u16::from(frame.code))
-                    });
                     break Ended::Refused(reason);
                 }
                 Some(Ok(_)) => {}
@@ -264,7 +377,7 @@ async fn copy(
             },
             () = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
                 tracing::warn!(
-                    unanswered = pending.len(),
+                    unanswered = client.owed.len(),
                     "stdin closed and the node did not answer every request within {DRAIN:?}"
                 );
                 break Ended::Done;
@@ -272,18 +385,28 @@ async fn copy(
         }
     };
     let _ = to_node.send(Message::Close(None)).await;
-    let why = match ended {
-        Ended::Done => return Ok(()),
-        Ended::Refused(reason) => format!("the node ended the link: {reason}"),
-        Ended::LinkFailed(reason) => format!("the link to the node failed: {reason}"),
-    };
-    tracing::warn!(reason = %why, "the MCP bridge ends");
-    // The client is told why in a JSON-RPC error line, as when stdin breaks a rule.
-    stdout
-        .send(Outgoing::Close(CLOSE_POLICY, why.clone()))
-        .await
-        .map_err(BridgeError::Stdout)?;
-    Err(BridgeError::Node(why))
+    match ended {
+        Ended::Done => Ok(BridgeEnd::Done),
+        Ended::Refused(reason) => {
+            let why = format!("the node ended the link: {reason}");
+            tracing::warn!(reason = %why, "the MCP bridge ends");
+            // The client is told why in a JSON-RPC error line, as when stdin breaks a rule.
+            client
+                .output
+                .send(Outgoing::Close(CLOSE_POLICY, why.clone()))
+                .await
+                .map_err(BridgeError::Stdout)?;
+            Err(BridgeError::Node(why))
+        }
+        Ended::LinkFailed(why) => {
+            client.fail_owed(&why).await?;
+            if draining.is_some() {
+                // The client has nothing more to say: nothing to move elsewhere.
+                return Ok(BridgeEnd::Done);
+            }
+            Ok(BridgeEnd::NodeGone(why))
+        }
+    }
 }
 
 /// How long a bridge whose stdin ended waits for the answers its client is still owed.
@@ -291,41 +414,53 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How a bridge's copying ended.
 enum Ended {
-    /// stdin ended (and the owed answers came), or the node closed the link normally.
+    /// stdin ended, and the owed answers came (or stopped being awaited).
     Done,
     /// The node closed the link for a broken rule (a message over its size limit).
     Refused(String),
-    /// The connection to the node failed (or an answer exceeded [`MAX_FROM_NODE`]).
+    /// The node went away: it closed the link (stopping), the connection failed, or an answer
+    /// exceeded [`MAX_FROM_NODE`].
     LinkFailed(String),
+}
+
+/// The fields of a JSON-RPC message that tell a request from an answer, and how it went.
+#[derive(serde::Deserialize)]
+struct Probe {
+    id: Option<serde_json::Value>,
+    method: Option<String>,
+    error: Option<serde::de::IgnoredAny>,
+}
+
+impl Probe {
+    fn of(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// The id as JSON text (how requests are matched to answers).
+    fn id(&self) -> Option<String> {
+        self.id.as_ref().map(serde_json::Value::to_string)
+    }
 }
 
 /// The ids of the requests a bridge sent and has not seen answered (as JSON text).
 #[derive(Debug, Default)]
 struct Pending(std::collections::HashSet<String>);
 
-/// The fields of a JSON-RPC message that tell a request from an answer.
-#[derive(serde::Deserialize)]
-struct Probe {
-    id: Option<serde_json::Value>,
-    method: Option<serde::de::IgnoredAny>,
-}
-
 impl Pending {
-    fn probe(text: &str) -> Option<(String, bool)> {
-        let probe: Probe = serde_json::from_str(text).ok()?;
-        Some((probe.id?.to_string(), probe.method.is_some()))
-    }
-
-    /// A line the client sent: a request is owed an answer.
-    fn sent(&mut self, text: &str) {
-        if let Some((id, true)) = Self::probe(text) {
+    /// A message the client sent: a request is owed an answer.
+    fn sent(&mut self, probe: &Probe) {
+        if probe.method.is_some()
+            && let Some(id) = probe.id()
+        {
             self.0.insert(id);
         }
     }
 
     /// A message from the node: an answer settles its request.
-    fn answered(&mut self, text: &str) {
-        if let Some((id, false)) = Self::probe(text) {
+    fn answered(&mut self, probe: &Probe) {
+        if probe.method.is_none()
+            && let Some(id) = probe.id()
+        {
             self.0.remove(&id);
         }
     }
@@ -336,5 +471,211 @@ impl Pending {
 
     fn len(&self) -> usize {
         self.0.len()
+    }
+}
+
+/// The start of the ids a bridge gives the setup requests it replays to a new node, so their
+/// answers are told from the client's.
+const REPLAYED_ID: &str = "troupe-mcp/replayed/";
+
+/// How the client set up its MCP session (protocols before 2026-07-28 have a handshake and a
+/// session log level), so that another node can be brought to the same point.
+#[derive(Debug, Default)]
+struct Setup {
+    /// Its `initialize` request, once answered with a result.
+    initialize: Option<serde_json::Value>,
+    /// Its `initialize` request while the answer is owed (the id as JSON text).
+    initializing: Option<(String, serde_json::Value)>,
+    /// Whether it sent `notifications/initialized` since.
+    initialized: bool,
+    /// Its last `logging/setLevel` request.
+    log_level: Option<serde_json::Value>,
+}
+
+impl Setup {
+    fn sent(&mut self, probe: &Probe, text: &str) {
+        match probe.method.as_deref() {
+            Some("initialize") => {
+                // A new handshake starts the session over.
+                *self = Self::default();
+                if let (Some(id), Ok(request)) = (probe.id(), serde_json::from_str(text)) {
+                    self.initializing = Some((id, request));
+                }
+            }
+            Some("notifications/initialized") => self.initialized = true,
+            Some("logging/setLevel") => self.log_level = serde_json::from_str(text).ok(),
+            _ => {}
+        }
+    }
+
+    fn answered(&mut self, probe: &Probe) {
+        let answers_initialize = self
+            .initializing
+            .as_ref()
+            .is_some_and(|(id, _)| probe.id().as_deref() == Some(id.as_str()));
+        if probe.method.is_none() && answers_initialize {
+            let (_, request) = self.initializing.take().expect("checked above");
+            if probe.error.is_none() {
+                self.initialize = Some(request);
+            }
+        }
+    }
+
+    /// The request `id` (JSON text) was answered with an error by the bridge.
+    fn answered_with_error(&mut self, id: &str) {
+        if self
+            .initializing
+            .as_ref()
+            .is_some_and(|(pending, _)| pending == id)
+        {
+            self.initializing = None;
+        }
+    }
+
+    /// The messages that bring a new node to this client's setup, in order, requests with ids of
+    /// their own ([`REPLAYED_ID`]).
+    fn replay(&self) -> Vec<String> {
+        let Some(initialize) = &self.initialize else {
+            return Vec::new();
+        };
+        let with_id = |request: &serde_json::Value, name: &str| {
+            let mut request = request.clone();
+            request["id"] = serde_json::Value::String(format!("{REPLAYED_ID}{name}"));
+            request.to_string()
+        };
+        let mut lines = vec![with_id(initialize, "initialize")];
+        if self.initialized {
+            lines.push(
+                serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                    .to_string(),
+            );
+        }
+        if let Some(level) = &self.log_level {
+            lines.push(with_id(level, "logging/setLevel"));
+        }
+        lines
+    }
+
+    /// Whether `probe` answers a replayed request.
+    fn is_replayed(probe: &Probe) -> bool {
+        probe.method.is_none()
+            && matches!(&probe.id, Some(serde_json::Value::String(id)) if id.starts_with(REPLAYED_ID))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(setup: &mut Setup, message: serde_json::Value) {
+        let text = message.to_string();
+        setup.sent(&Probe::of(&text).unwrap(), &text);
+    }
+
+    fn answered(setup: &mut Setup, message: serde_json::Value) {
+        setup.answered(&Probe::of(&message.to_string()).unwrap());
+    }
+
+    fn initialize(id: u64) -> serde_json::Value {
+        serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize",
+                           "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                      "clientInfo": {"name": "t", "version": "0"}}})
+    }
+
+    #[test]
+    fn a_completed_setup_is_replayed_in_order_under_ids_of_its_own() {
+        let mut setup = Setup::default();
+        assert!(
+            setup.replay().is_empty(),
+            "no handshake (2026-07-28), nothing to replay"
+        );
+        sent(&mut setup, initialize(7));
+        assert!(setup.replay().is_empty(), "not answered yet");
+        answered(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 7, "result": {}}),
+        );
+        sent(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        );
+        sent(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 8, "method": "logging/setLevel",
+                               "params": {"level": "info"}}),
+        );
+        sent(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": "logging/setLevel",
+                               "params": {"level": "debug"}}),
+        );
+        let replay: Vec<serde_json::Value> = setup
+            .replay()
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(replay.len(), 3, "{replay:?}");
+        assert_eq!(replay[0]["method"], "initialize");
+        assert_eq!(replay[0]["id"], "troupe-mcp/replayed/initialize");
+        assert_eq!(
+            replay[0]["params"],
+            initialize(7)["params"],
+            "the client's own"
+        );
+        assert_eq!(replay[1]["method"], "notifications/initialized");
+        assert!(replay[1].get("id").is_none());
+        assert_eq!(replay[2]["params"]["level"], "debug", "the last level set");
+        assert_eq!(replay[2]["id"], "troupe-mcp/replayed/logging/setLevel");
+        let answer = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+            replay[0]["id"]
+        );
+        assert!(Setup::is_replayed(&Probe::of(&answer).unwrap()));
+        let own = r#"{"jsonrpc":"2.0","id":7,"result":{}}"#;
+        assert!(!Setup::is_replayed(&Probe::of(own).unwrap()));
+    }
+
+    #[test]
+    fn a_handshake_that_failed_or_was_cut_off_is_not_replayed() {
+        let mut setup = Setup::default();
+        sent(&mut setup, initialize(1));
+        answered(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 1,
+                               "error": {"code": -32602, "message": "no"}}),
+        );
+        assert!(setup.replay().is_empty(), "refused");
+
+        sent(&mut setup, initialize(2));
+        setup.answered_with_error("2");
+        answered(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 2, "result": {}}),
+        );
+        assert!(
+            setup.replay().is_empty(),
+            "cut off: its node went away first"
+        );
+
+        // A second handshake starts the session over.
+        sent(&mut setup, initialize(3));
+        answered(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 3, "result": {}}),
+        );
+        sent(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        );
+        sent(&mut setup, initialize(4));
+        answered(
+            &mut setup,
+            serde_json::json!({"jsonrpc": "2.0", "id": 4, "result": {}}),
+        );
+        assert_eq!(
+            setup.replay().len(),
+            1,
+            "initialized belongs to the first handshake"
+        );
     }
 }

@@ -193,7 +193,7 @@ impl Store {
         let db = Database::builder()
             .create(&path)
             .map_err(|error| match error {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Io(format!(
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(format!(
                     "{} is already open; is another troupe node using the data directory {}?",
                     path.display(),
                     data_dir.display()

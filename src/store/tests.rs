@@ -1116,7 +1116,10 @@ async fn a_second_open_of_the_same_directory_is_refused() {
         .await
         .err()
         .unwrap();
-    assert!(io_message(refused).contains("already open"));
+    assert!(
+        matches!(&refused, StoreError::InUse(message) if message.contains("already open")),
+        "{refused}"
+    );
 }
 
 /// The child process of [`acknowledged_writes_survive_a_kill`] reads its directory here.

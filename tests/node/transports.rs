@@ -428,10 +428,26 @@ struct StdioMcp {
     child: tokio::process::Child,
     stdin: Option<tokio::process::ChildStdin>,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// Its log lines, when started with [`StdioMcp::start_logged`].
+    logs: Option<tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>>,
 }
 
 impl StdioMcp {
     fn start(args: &[&str], discovery: &std::path::Path, cwd: &std::path::Path) -> Self {
+        Self::spawn(args, discovery, cwd, false)
+    }
+
+    /// [`StdioMcp::start`], its log kept for [`StdioMcp::wait_for_log`].
+    fn start_logged(args: &[&str], discovery: &std::path::Path, cwd: &std::path::Path) -> Self {
+        Self::spawn(args, discovery, cwd, true)
+    }
+
+    fn spawn(
+        args: &[&str],
+        discovery: &std::path::Path,
+        cwd: &std::path::Path,
+        logged: bool,
+    ) -> Self {
         use std::process::Stdio;
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(troupe_bin())
@@ -439,20 +455,55 @@ impl StdioMcp {
             .args(args)
             .env("TROUPE_DISCOVERY_DIR", discovery)
             .env_remove("RUST_BACKTRACE")
+            .env("NO_COLOR", "1")
             .current_dir(cwd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .unwrap();
         let stdin = child.stdin.take();
         let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let logs = child
+            .stderr
+            .take()
+            .map(|stderr| tokio::io::BufReader::new(stderr).lines());
         Self {
             child,
             stdin,
             lines,
+            logs,
         }
+    }
+
+    /// Reads its log until a line contains `text`.
+    async fn wait_for_log(&mut self, text: &str) {
+        let logs = self.logs.as_mut().expect("started with start_logged");
+        let found = async {
+            while let Some(line) = logs.next_line().await.unwrap() {
+                if line.contains(text) {
+                    return;
+                }
+            }
+            panic!("the log ended without {text:?}");
+        };
+        tokio::time::timeout(PATIENCE, found)
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {text:?} within the patience"));
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("running") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
     }
 
     async fn send_raw(&mut self, bytes: &[u8]) {
@@ -1073,5 +1124,106 @@ async fn troupe_mcp_skips_an_unreachable_node_then_runs_an_embedded_node_that_ot
         nodes_json(&discovery).await.len(),
         1,
         "its entry is removed"
+    );
+}
+
+#[tokio::test]
+async fn troupe_mcp_waits_for_its_data_directory_while_another_process_holds_it() {
+    // Several `troupe mcp` started at once (a client launching its servers) race for the same
+    // data directory: the one that loses waits for the other to register or leave.
+    let temp = tempfile::tempdir().unwrap();
+    let discovery = temp.path().join("discovery");
+    let data = temp.path().join("data");
+    let held = troupe::store::Store::open(
+        &data,
+        troupe::actors::ids::NodeId::new("holder").unwrap(),
+        troupe::store::StoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    let mut stdio = StdioMcp::start_logged(
+        &["--data-dir", data.to_str().unwrap()],
+        &discovery,
+        temp.path(),
+    );
+    stdio
+        .wait_for_log("the data directory is in use by another process")
+        .await;
+    held.close().await.unwrap();
+    stdio.initialize().await;
+    stdio.send(tools_call(1, "node_health", json!({}))).await;
+    let (_, health) = stdio.answer(1).await;
+    assert_eq!(
+        health["result"]["structuredContent"]["status"], "healthy",
+        "{health}"
+    );
+    stdio.finish().await;
+}
+
+#[tokio::test]
+async fn a_bridged_stdio_client_moves_to_a_new_node_when_its_node_goes_away() {
+    let temp = tempfile::tempdir().unwrap();
+    let discovery = temp.path().join("discovery");
+    let data = temp.path().join("data");
+    let args = ["--data-dir", data.to_str().unwrap()];
+    let started_at = |health: &Value| health["result"]["structuredContent"]["started_at"].clone();
+    // The first `troupe mcp` runs the node, the second bridges to it.
+    let mut host = StdioMcp::start(&args, &discovery, temp.path());
+    host.initialize().await;
+    host.send(tools_call(1, "node_health", json!({}))).await;
+    let first_node = started_at(&host.answer(1).await.1);
+    let mut bridged = StdioMcp::start(&args, &discovery, temp.path());
+    bridged.initialize().await;
+    bridged.send(tools_call(1, "node_health", json!({}))).await;
+    assert_eq!(
+        started_at(&bridged.answer(1).await.1),
+        first_node,
+        "bridged"
+    );
+    // A call in flight when the node goes: the node has it once a later call is answered.
+    bridged
+        .send(tools_call(
+            2,
+            "spawn_session",
+            json!({"session": {"kind": "command", "program": "sleep", "args": ["30"]},
+                   "wait": true}),
+        ))
+        .await;
+    bridged.send(tools_call(3, "node_health", json!({}))).await;
+    bridged.answer(3).await;
+
+    // The host's client leaves and stops it (stdin closed, then SIGTERM, as clients do).
+    drop(host.stdin.take());
+    host.terminate();
+    let status = tokio::time::timeout(PATIENCE, host.child.wait())
+        .await
+        .expect("the host stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The call in flight is answered (by the node as it stopped, or by the bridge saying the
+    // node went away), never left hanging …
+    let (_, owed) = bridged.answer(2).await;
+    assert!(
+        owed.get("result").is_some()
+            || owed["error"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("went away")),
+        "{owed}"
+    );
+    // … and the client goes on, without a new handshake, with a node its bridge started.
+    bridged.send(tools_call(4, "node_health", json!({}))).await;
+    let (_, health) = bridged.answer(4).await;
+    assert_eq!(health["result"]["isError"], false, "{health}");
+    let second_node = started_at(&health);
+    assert!(second_node.is_string(), "{health}");
+    assert_ne!(second_node, first_node, "a new node: {health}");
+    let listed = nodes_json(&discovery).await;
+    assert_eq!(listed.len(), 1, "the new node is discoverable: {listed:?}");
+    bridged.finish().await;
+    assert_eq!(
+        nodes_json(&discovery).await.len(),
+        0,
+        "and gone with its client"
     );
 }

@@ -182,6 +182,10 @@ pub enum StoreError {
     /// The storage itself failed.
     #[error("storage failure: {0}")]
     Io(String),
+    /// Another process holds the store: its data directory is in use (by another node, or one
+    /// that is starting or stopping).
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// One line of a session's stored output log.
