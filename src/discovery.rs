@@ -38,6 +38,10 @@ pub struct Entry {
     pub started_at: String,
     /// When the entry was last written, in seconds since the Unix epoch.
     pub updated_at: u64,
+    /// Whether the node is embedded in a `troupe mcp` (it stops when its stdio clients are
+    /// gone) rather than run by `troupe node`. Absent in entries of older versions: `false`.
+    #[serde(default)]
+    pub embedded: bool,
 }
 
 impl Entry {
@@ -212,6 +216,7 @@ mod tests {
             token_file: "/tmp/admin.token".into(),
             started_at: format!("2026-11-22T00:00:{:02}Z", updated_at % 60),
             updated_at,
+            embedded: false,
         }
     }
 

@@ -66,16 +66,26 @@ pub(super) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
     } else {
         let dir = discovery::directory();
         let mut moves = Moves::default();
+        // How long a node must be missing from discovery before one is started here.
+        let mut patience = Duration::ZERO;
         loop {
-            match find_or_start(&dir, &config).await? {
+            match find_or_start(&dir, &config, patience).await? {
                 Found::Node(node) => break node,
-                Found::Bridge(bridge) => match tokio::select! {
+                Found::Bridge { bridge, embedded } => match tokio::select! {
                     ended = bridge.run(&mut client) => ended?,
                     () = signal.as_mut() => BridgeEnd::Done,
                 } {
                     BridgeEnd::Done => return Ok(ExitCode::SUCCESS),
                     BridgeEnd::NodeGone(why) => {
                         moves.note(&why)?;
+                        // A `troupe node` that went away may be restarting (on a data directory
+                        // a node started here could take from it): it gets a while to return.
+                        // A `troupe mcp`'s node is not coming back.
+                        patience = if embedded {
+                            Duration::ZERO
+                        } else {
+                            NODE_RETURN_PATIENCE
+                        };
                         tracing::warn!(
                             reason = %why,
                             "the node this stdio client was bridged to went away; moving the \
@@ -91,25 +101,63 @@ pub(super) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
 
 /// What [`find_or_start`] found: a running node to bridge to, or a node started here.
 enum Found {
-    Bridge(Box<crate::mcp::stdio::Bridge>),
+    Bridge {
+        bridge: Box<crate::mcp::stdio::Bridge>,
+        /// The node is a `troupe mcp`'s (see [`discovery::Entry::embedded`]).
+        embedded: bool,
+    },
     Node(crate::node::NodeHandle),
 }
+
+/// How long a bridge whose `troupe node` went away waits for a node to appear in discovery (the
+/// same one restarted, or another) before it starts one itself.
+const NODE_RETURN_PATIENCE: Duration = Duration::from_secs(10);
 
 /// How long `troupe mcp` waits for a data directory that another process holds (a node that
 /// is starting, and will register, or stopping) before it gives up.
 const IN_USE_PATIENCE: Duration = Duration::from_secs(15);
 
-/// A bridge to a running node when discovery finds one; otherwise an embedded node started here,
-/// which serves HTTP on an ephemeral loopback port so the next `troupe mcp` bridges to it. When
-/// the data directory is in use (several `troupe mcp` starting at once, or the node of another
-/// one stopping), waits for whoever holds it to register or to leave.
-async fn find_or_start(dir: &std::path::Path, config: &Config) -> anyhow::Result<Found> {
+/// A bridge to a running node when discovery finds one (within `patience`, looking again every
+/// quarter of a second); otherwise an embedded node started here, which serves HTTP on an
+/// ephemeral loopback port so the next `troupe mcp` bridges to it. When the data directory is in
+/// use (several `troupe mcp` starting at once, or the node of another one stopping), waits for
+/// whoever holds it to register or to leave.
+async fn find_or_start(
+    dir: &std::path::Path,
+    config: &Config,
+    patience: Duration,
+) -> anyhow::Result<Found> {
+    let started = tokio::time::Instant::now();
+    let mut looked = false;
+    while let Some(left) = patience
+        .checked_sub(started.elapsed())
+        .filter(|left| !left.is_zero())
+    {
+        // Entries that cannot be used are reported on the first look only.
+        if let Some((bridge, embedded)) = attach(dir, !looked).await {
+            return Ok(Found::Bridge {
+                bridge: Box::new(bridge),
+                embedded,
+            });
+        }
+        if !looked {
+            tracing::info!(
+                dir = %dir.display(),
+                "no running node in discovery; waiting up to {left:?} for one to come back \
+                 before starting one here"
+            );
+            looked = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250).min(left)).await;
+    }
     let deadline = tokio::time::Instant::now() + IN_USE_PATIENCE;
     let mut told = false;
     loop {
-        // Entries that cannot be used are reported on the first look only.
-        if let Some(bridge) = attach(dir, !told).await {
-            return Ok(Found::Bridge(Box::new(bridge)));
+        if let Some((bridge, embedded)) = attach(dir, !told && !looked).await {
+            return Ok(Found::Bridge {
+                bridge: Box::new(bridge),
+                embedded,
+            });
         }
         if !told {
             tracing::info!(dir = %dir.display(), "no reachable running node; starting an embedded one");
@@ -175,7 +223,7 @@ async fn serve_here(
     mut signal: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<ExitCode> {
     let registration = if discoverable {
-        super::node::register(&node)
+        super::node::register(&node, true)
     } else {
         None
     };
@@ -216,7 +264,7 @@ async fn serve_here(
 /// A bridge to the first live node in discovery that answers, most recently started first.
 /// Entries whose token cannot be read or whose node cannot be reached are skipped (a warning
 /// each when `report`), so a node that hangs or lost its token does not block `troupe mcp`.
-async fn attach(dir: &std::path::Path, report: bool) -> Option<crate::mcp::stdio::Bridge> {
+async fn attach(dir: &std::path::Path, report: bool) -> Option<(crate::mcp::stdio::Bridge, bool)> {
     for entry in discovery::live(dir, discovery::now_secs()) {
         let token_dir = entry.token_file.parent().unwrap_or(&entry.token_file);
         let Some(token) = crate::auth::read_admin_token(token_dir) else {
@@ -233,7 +281,7 @@ async fn attach(dir: &std::path::Path, report: bool) -> Option<crate::mcp::stdio
         match crate::mcp::stdio::Bridge::connect(entry.http, &token).await {
             Ok(bridge) => {
                 tracing::info!(node = %entry.node_id, http = %entry.http, "bridging stdio to a running node");
-                return Some(bridge);
+                return Some((bridge, entry.embedded));
             }
             Err(error) if report => {
                 tracing::warn!(node = %entry.node_id, %error, "a running node cannot be reached; trying the next node");
@@ -286,14 +334,15 @@ pub(super) fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:>8}  {:<22} {:<28} TOKEN FILE",
-        "NODE", "PID", "HTTP", "STARTED"
+        "{:<24} {:>8}  {:<10} {:<22} {:<28} TOKEN FILE",
+        "NODE", "PID", "RUN BY", "HTTP", "STARTED"
     );
     for entry in entries {
         println!(
-            "{:<24} {:>8}  {:<22} {:<28} {}",
+            "{:<24} {:>8}  {:<10} {:<22} {:<28} {}",
             entry.node_id,
             entry.pid,
+            if entry.embedded { "mcp" } else { "node" },
             entry.http,
             entry.started_at,
             entry.token_file.display()

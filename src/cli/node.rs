@@ -60,7 +60,7 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     // leads to a graceful shutdown rather than the default action.
     let signal = shutdown_signal()?;
     let node = Node::builder().config(config).start().await?;
-    let registration = register(&node);
+    let registration = register(&node, false);
     let failed = tokio::select! {
         () = signal => false,
         () = node.wait() => true,
@@ -80,7 +80,8 @@ pub(super) async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes the node's discovery entry (when it serves HTTP); a failure is logged, not fatal.
-pub(super) fn register(node: &crate::node::NodeHandle) -> Option<Registration> {
+/// `embedded`: the node is a `troupe mcp`'s.
+pub(super) fn register(node: &crate::node::NodeHandle, embedded: bool) -> Option<Registration> {
     // What `troupe mcp` connects to: a node listening on every address is reached on loopback.
     let http = crate::node::reachable_locally(node.http_addr()?);
     let entry = Entry {
@@ -90,6 +91,7 @@ pub(super) fn register(node: &crate::node::NodeHandle) -> Option<Registration> {
         token_file: node.admin_token_path().to_owned(),
         started_at: troupe_actors::ids::Timestamp::now().to_string(),
         updated_at: 0,
+        embedded,
     };
     let dir = discovery::directory();
     match Registration::start(dir.clone(), entry) {

@@ -1220,10 +1220,52 @@ async fn a_bridged_stdio_client_moves_to_a_new_node_when_its_node_goes_away() {
     assert_ne!(second_node, first_node, "a new node: {health}");
     let listed = nodes_json(&discovery).await;
     assert_eq!(listed.len(), 1, "the new node is discoverable: {listed:?}");
+    assert_eq!(listed[0]["embedded"], true, "a troupe mcp's: {listed:?}");
     bridged.finish().await;
     assert_eq!(
         nodes_json(&discovery).await.len(),
         0,
         "and gone with its client"
     );
+}
+
+#[tokio::test]
+async fn a_bridge_whose_troupe_node_restarts_waits_for_it_instead_of_taking_its_data_directory() {
+    let temp = tempfile::tempdir().unwrap();
+    let discovery = temp.path().join("discovery");
+    let node = registered_node(temp.path(), "a", &discovery).await;
+    // The bridge is given the node's data directory: a node started by the bridge would take
+    // it, and the restarted `troupe node` would not start.
+    let data = temp.path().join("a");
+    let mut bridged = StdioMcp::start_logged(
+        &["--data-dir", data.to_str().unwrap()],
+        &discovery,
+        temp.path(),
+    );
+    bridged.initialize().await;
+    bridged.send(tools_call(1, "node_health", json!({}))).await;
+    let (_, before) = bridged.answer(1).await;
+    let first = before["result"]["structuredContent"]["started_at"].clone();
+    assert!(first.is_string(), "{before}");
+
+    node.terminate();
+    let mut node = node;
+    assert!(node.wait_exit().await.success());
+    // The bridge waits for a node to come back (a node of its own would have taken the
+    // directory by now) …
+    bridged
+        .wait_for_log("no running node in discovery; waiting up to")
+        .await;
+    // … and the restarted node starts and is found.
+    let _restarted = registered_node(temp.path(), "a", &discovery).await;
+
+    bridged.send(tools_call(2, "node_health", json!({}))).await;
+    let (_, after) = bridged.answer(2).await;
+    let report = &after["result"]["structuredContent"];
+    assert_eq!(report["node"], "a", "{after}");
+    assert_ne!(report["started_at"], first, "the restarted node: {after}");
+    let listed = nodes_json(&discovery).await;
+    assert_eq!(listed.len(), 1, "no node of the bridge's own: {listed:?}");
+    assert_eq!(listed[0]["embedded"], false, "{listed:?}");
+    bridged.finish().await;
 }
