@@ -747,3 +747,32 @@ async fn a_backfill_reads_events_that_left_the_ring_before_the_log_committed_the
     );
     receiver.close(Duration::from_secs(1)).await;
 }
+
+/// Regression: the PeerActors' handles outlived a restart of the cluster branch (a failure of
+/// any earlier sibling restarts it: the root is rest_for_one), stopped for good, and the new
+/// membership sent its `up`s to them: no member's events reached this node until it restarted.
+#[tokio::test]
+async fn after_its_cluster_branch_restarts_a_node_relays_its_peers_events_again() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["c"]).await;
+    let a = node(temp.path(), "a", None, "", &[]).await;
+    let c = node(temp.path(), "c", a.cluster, "", &["--fault-injection"]).await;
+    let mut on_c = c.events("node=a", None).await;
+    relay_up(&a, &mut on_c).await;
+
+    // The registry fails: it and every later sibling restart, the cluster branch included.
+    let response = c
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": "registry", "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    c.logs
+        .wait_for("the cluster branch restarted", |line| {
+            line["message"] == "actor restarted" && line["child"] == "cluster"
+        })
+        .await;
+    let mut on_c = c.events("node=a", None).await;
+    relay_up(&a, &mut on_c).await;
+}

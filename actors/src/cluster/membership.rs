@@ -29,7 +29,7 @@ use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
 use super::ports::{DatagramTransport, FocaCodec, MembershipCodec, WireFault};
 use crate::event::{EventBus, EventData, NodeMembership};
 use crate::ids::NodeId;
-use crate::kernel::{Actor, ActorError, ActorHandle, Context};
+use crate::kernel::{Actor, ActorError, ActorHandle, Context, SendErrorKind};
 use crate::provider::ProviderActorRef;
 use crate::provider::breaker::BreakerState;
 use crate::registry::{MemberEntry, Registry, RegistryMsg};
@@ -139,13 +139,24 @@ pub struct RelayPorts {
 impl RelayPorts {
     /// Tells the peer's actor that it is up (starting the actor the first time) or down.
     fn update(&self, identity: &NodeIdentity, up: bool, events: &EventBus) {
-        if let Some(peer) = self.peers.get(&identity.node) {
-            let _ = peer.cast(if up {
+        // Cloned out of the map: nothing below may hold one of its locks.
+        let known = self.peers.get(&identity.node).map(|peer| peer.clone());
+        if let Some(peer) = known {
+            let message = if up {
                 PeerMsg::Up(identity.clone())
             } else {
                 PeerMsg::Down
-            });
-            return;
+            };
+            match peer.cast(message) {
+                Err(refused) if refused.kind == SendErrorKind::Stopped => {
+                    // Stopped for good: its supervisor stopped its children (the cluster
+                    // branch restarted). Another is started below when the member is up.
+                    self.peers.remove(&identity.node);
+                }
+                // Taken, or kept for the actor's next instance (or refused by a full restart
+                // backlog, which only a flood of member changes could fill).
+                _ => return,
+            }
         }
         if !up {
             return;
