@@ -40,6 +40,11 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams waiting per peer before new ones are dropped.
 const PEER_QUEUE: usize = 256;
+/// Streams a peer may have open at once on one connection: its relay link, and one per call
+/// forwarded to this node that is still in flight, each output follow for as long as it runs.
+/// (quinn's default, 100, made a node that followed 100 runs of another wait for a stream,
+/// then report a healthy owner unreachable.)
+pub const MAX_STREAMS: u32 = 4096;
 /// The application close code of a connection closed for a protocol violation.
 pub const PROTOCOL_VIOLATION: u32 = 2;
 
@@ -237,6 +242,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     ));
     transport.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
     transport.datagram_receive_buffer_size(Some(256 * 1024));
+    transport.max_concurrent_bidi_streams(MAX_STREAMS.into());
     Arc::new(transport)
 }
 
@@ -754,6 +760,40 @@ mod tests {
         assert_eq!(&bytes[..], b"ping");
         assert!(a.max_datagram_size(&id("b")).unwrap() >= 1150);
 
+        a.close(Duration::from_secs(1)).await;
+        b.close(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_peer_may_keep_thousands_of_streams_open_at_once() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = cluster(dir.path(), &["b"]);
+        let a = bind(&creds[0]);
+        let b = bind(&creds[1]);
+        // b keeps every stream a opens, as a long output follow does.
+        let (opened, mut held) = mpsc::unbounded_channel();
+        b.set_stream_handler(Arc::new(move |_, send, recv| {
+            let _ = opened.send((send, recv));
+        }));
+        let b_addr = b.local_addr().unwrap();
+        let (_, connection) = a.connect(b_addr, Some(&id("b"))).await.unwrap();
+        let count = 1_000;
+        let mut kept = Vec::new();
+        let opening = async {
+            for _ in 0..count {
+                let (mut send, recv) = connection.open_bi().await.unwrap();
+                // A stream reaches the peer with its first bytes.
+                send.write_all(b"x").await.unwrap();
+                kept.push((send, recv));
+            }
+            for _ in 0..count {
+                held.recv().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), opening)
+            .await
+            .expect("every stream opens while the others stay open");
         a.close(Duration::from_secs(1)).await;
         b.close(Duration::from_secs(1)).await;
     }

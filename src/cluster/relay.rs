@@ -597,7 +597,16 @@ async fn link(
         .connect(peer.addr, Some(&peer.node))
         .await
         .map_err(io)?;
-    let (mut send, mut recv) = connection.open_bi().await.map_err(io)?;
+    // Waits only while the peer's stream limit is reached; never for ever.
+    let (mut send, mut recv) = tokio::time::timeout(PATIENCE, connection.open_bi())
+        .await
+        .map_err(|_| {
+            io(format!(
+                "no stream to {} within {PATIENCE:?}: it has as many open as it allows",
+                peer.node
+            ))
+        })?
+        .map_err(io)?;
     let outcome = receive(&mut send, &mut recv, peer, after, reports).await;
     close_stream(
         endpoint.stats(),
