@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use redb::Database;
+use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 use troupe_actors::event::{BusItem, EventFilter, EventId, EventStore, OutputStream, StoreResume};
 use troupe_actors::ids::{NodeId, SessionId, Timestamp};
@@ -67,6 +67,11 @@ pub struct StoreConfig {
     /// Output and event appends allowed to wait for the writer; past that they are dropped,
     /// counted and logged, so a stalled disk cannot exhaust memory.
     pub max_pending_appends: usize,
+    /// Bytes of output and event appends allowed to wait for the writer (their lines and event
+    /// texts, about what they hold in memory): an append that would take the waiting bytes past
+    /// this is dropped, counted and logged like one past `max_pending_appends`. One output
+    /// append may hold 256 lines of 16 KiB, so the count alone does not bound memory.
+    pub max_pending_append_bytes: usize,
     /// Save the allocator state with every commit so reopening after a crash is instant instead
     /// of a walk over the whole file (costs a second fsync per commit).
     pub quick_repair: bool,
@@ -89,6 +94,7 @@ impl Default for StoreConfig {
             prune_interval: Duration::from_secs(60),
             max_batch: 4096,
             max_pending_appends: 100_000,
+            max_pending_append_bytes: 256 * 1024 * 1024,
             quick_repair: true,
             append_linger: Duration::from_millis(10),
         }
@@ -106,7 +112,8 @@ pub struct StoreStats {
     pub commit_time: Duration,
     /// Batches rolled back after a storage failure.
     pub failed_batches: u64,
-    /// Output and event appends dropped (too many pending, or the store was closed).
+    /// Output and event appends dropped (too many pending, or too many bytes of them, or the
+    /// store was closed).
     pub dropped_appends: u64,
     /// Events deleted by retention.
     pub pruned_events: u64,
@@ -390,6 +397,21 @@ impl Store {
             .await
     }
 
+    /// The arrival position of the oldest event the log holds; `None` when it holds none.
+    /// Retention deletes from the oldest on, so a replay that continues after a position the
+    /// log held lost events when this is past the next one.
+    pub async fn oldest_event_pos(&self) -> Result<Option<u64>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read().or_io("begin a read transaction")?;
+            let events = txn.open_table(schema::EVENTS).or_io("open table events")?;
+            Ok(events
+                .first()
+                .or_io("read events")?
+                .map(|(pos, _)| pos.value()))
+        })
+        .await
+    }
+
     fn send(&self, request: Request) -> Result<(), StoreError> {
         let tx = self.inner.tx.as_ref().ok_or_else(closed)?;
         let append = request.is_append();
@@ -403,17 +425,29 @@ impl Store {
         Ok(())
     }
 
-    /// Queues an append unless too many are waiting already (`bounded`; an append whose queue
-    /// is bounded elsewhere goes in regardless).
+    /// Queues an append unless too many, or too many bytes of them, are waiting already
+    /// (`bounded`; an append whose queue is bounded elsewhere goes in regardless). The writer
+    /// releases both counts when it takes the append.
     fn enqueue_append(&self, request: Request, bounded: bool) {
-        let stats = &self.inner.stats;
+        let (stats, config) = (&self.inner.stats, &self.inner.config);
+        let bytes = request.append_bytes();
         let dropped = |why| {
             stats.pending_appends.fetch_sub(1, Ordering::Relaxed);
+            stats
+                .pending_append_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
             self.drop_append(why);
         };
         let pending = stats.pending_appends.fetch_add(1, Ordering::Relaxed);
-        if bounded && pending >= self.inner.config.max_pending_appends {
+        let pending_bytes = stats
+            .pending_append_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        if bounded && pending >= config.max_pending_appends {
             dropped("too many appends are waiting for the disk");
+            return;
+        }
+        if bounded && pending_bytes.saturating_add(bytes) > config.max_pending_append_bytes {
+            dropped("too many bytes of appends are waiting for the disk");
             return;
         }
         if self.send(request).is_err() {

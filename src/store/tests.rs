@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use troupe_actors::event::{
     BusItem, Event, EventData, EventFilter, EventId, EventKind, EventStore, KindPattern,
-    OutputStream, SessionKindTag, SessionProgress,
+    OutputStream, SessionKindTag, SessionOutput, SessionProgress,
 };
 use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{
@@ -734,14 +734,21 @@ async fn output_past_a_cap_is_counted_not_stored() {
 /// A store whose writer lingers for an hour over appends, with events 1..=`appends` of this
 /// node queued and the writer asleep in its linger (stats taken before the appends).
 async fn lingering_store(dir: &Path, appends: u64) -> (Store, StoreStats) {
-    let store = open_with(
-        dir,
-        StoreConfig {
-            append_linger: Duration::from_secs(3600),
-            ..StoreConfig::default()
-        },
-    )
-    .await;
+    let store = open_with(dir, lingering(StoreConfig::default())).await;
+    linger_over(store, appends).await
+}
+
+/// `config` with an hour's linger over appends.
+fn lingering(config: StoreConfig) -> StoreConfig {
+    StoreConfig {
+        append_linger: Duration::from_secs(3600),
+        ..config
+    }
+}
+
+/// Queues events 1..=`appends` of this node in a store opened with [`lingering`] and waits until
+/// its writer sleeps in the linger (stats taken before the appends).
+async fn linger_over(store: Store, appends: u64) -> (Store, StoreStats) {
     store.flush().await.unwrap();
     let before = store.stats();
     for seq in 1..=appends {
@@ -807,6 +814,71 @@ async fn appends_past_the_pending_bound_are_dropped_and_counted() {
     store.flush().await.unwrap();
     assert_eq!(store.stats().dropped_appends, 2);
     assert_eq!(store.output(&sid("s-1"), 0, 10).await.unwrap().total, 0);
+}
+
+/// An event of `node` carrying `lines` of output.
+fn output_event(node: NodeId, seq: u64, lines: &[String]) -> Event {
+    Event {
+        data: EventData::SessionOutput(SessionOutput {
+            stream: OutputStream::Stdout,
+            first_line: 1,
+            lines: lines.to_vec(),
+            skipped: 0,
+        }),
+        ..event(node, seq, now_micros())
+    }
+}
+
+/// The bytes of appends waiting for the writer are bounded too (one append may hold megabytes
+/// of lines): past the bound, this node's appends are dropped and counted, other nodes' events
+/// are not (the relay bounds them), what was accepted is written, and the writer gives the
+/// bytes back when it takes the appends.
+#[tokio::test]
+async fn appends_past_the_pending_byte_bound_are_dropped_and_counted() {
+    const APPEND: usize = 16 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..4).map(|_| "x".repeat(APPEND / 4)).collect();
+    // Room for three appends of 16 KiB (and their overhead), not four.
+    let config = lingering(StoreConfig {
+        max_pending_append_bytes: 3 * APPEND + APPEND / 2,
+        ..StoreConfig::default()
+    });
+    let store = open_with(dir.path(), config).await;
+    store.create(record("s-1", 1)).await.unwrap();
+    // One small event queued, the writer asleep in its linger: nothing is taken meanwhile.
+    let (store, before) = linger_over(store, 1).await;
+    for first_line in (1..=40).step_by(4) {
+        store.append_output(&sid("s-1"), OutputStream::Stdout, first_line, &lines);
+    }
+    EventStore::append(&store, &item(2, output_event(node(), 2, &lines)));
+    EventStore::append(&store, &item(3, output_event(other_node(), 7, &lines)));
+    assert_eq!(
+        store.stats().dropped_appends - before.dropped_appends,
+        7 + 1
+    );
+    store.flush().await.unwrap();
+    let page = store.output(&sid("s-1"), 0, 100).await.unwrap();
+    assert_eq!(page.total, 12, "the first three appends");
+    assert_eq!(
+        store.node_events_after(&node(), 0, 10).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        store
+            .node_events_after(&other_node(), 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "another node's event is never dropped"
+    );
+    // Taken by the writer, the bytes are free again.
+    for first_line in [13, 17, 21] {
+        store.append_output(&sid("s-1"), OutputStream::Stdout, first_line, &lines);
+    }
+    store.flush().await.unwrap();
+    assert_eq!(store.output(&sid("s-1"), 0, 100).await.unwrap().total, 24);
+    assert_eq!(store.stats().dropped_appends - before.dropped_appends, 8);
 }
 
 // ---------------------------------------------------------------------------------------------

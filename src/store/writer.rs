@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use serde::Deserialize;
 use tokio::sync::oneshot;
-use troupe_actors::event::{BusItem, EventId, OutputStream};
+use troupe_actors::event::{BusItem, Event, EventData, EventId, OutputStream};
 use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
@@ -116,6 +116,41 @@ impl Request {
     pub(super) fn is_append(&self) -> bool {
         matches!(self, Self::Output { .. } | Self::Event(_))
     }
+
+    /// About the memory an append holds while it waits for the writer, for
+    /// [`StoreConfig::max_pending_append_bytes`]: its lines (or its event's text), each with
+    /// its `String`, and the request itself. Cheap: lengths only, nothing is encoded. 0 for
+    /// anything that is not an append.
+    pub(super) fn append_bytes(&self) -> usize {
+        let text = |text: &String| size_of::<String>() + text.len();
+        size_of::<Self>()
+            + match self {
+                Self::Output { lines, .. } => lines.iter().map(text).sum(),
+                Self::Event(item) => {
+                    // An event held here may be the last reference to it. Its larger texts are
+                    // output lines and lines quoted from output; the other payloads are small
+                    // and fixed in size.
+                    size_of::<Event>()
+                        + match &item.event.data {
+                            EventData::SessionOutput(output) => output.lines.iter().map(text).sum(),
+                            EventData::SessionProgress(progress) => text(&progress.message),
+                            EventData::SessionRateLimited(limited) => text(&limited.line),
+                            _ => 0,
+                        }
+                }
+                _ => return 0,
+            }
+    }
+}
+
+/// How many appends `requests` hold, and their [`Request::append_bytes`].
+pub(super) fn appends_in<'a>(requests: impl IntoIterator<Item = &'a Request>) -> (usize, usize) {
+    requests
+        .into_iter()
+        .filter(|request| request.is_append())
+        .fold((0, 0), |(count, bytes), request| {
+            (count + 1, bytes + request.append_bytes())
+        })
 }
 
 /// Where an answer goes: an async caller or a blocking one (the bus's `resume`).
@@ -143,6 +178,8 @@ impl Reply {
 pub(super) struct Stats {
     /// Appends queued and not yet taken by the writer.
     pub(super) pending_appends: AtomicUsize,
+    /// Their [`Request::append_bytes`], in total.
+    pub(super) pending_append_bytes: AtomicUsize,
     /// Appends refused because too many were pending, or because the writer had stopped.
     pub(super) dropped_appends: AtomicU64,
     /// Transactions committed.
@@ -227,11 +264,15 @@ impl Writer {
                 last_commit + state.config.append_linger,
                 &state.stats.lingering,
             );
-            let appends = batch.iter().filter(|request| request.is_append()).count();
+            let (appends, bytes) = appends_in(&batch);
             state
                 .stats
                 .pending_appends
                 .fetch_sub(appends, Ordering::Relaxed);
+            state
+                .stats
+                .pending_append_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
             let outcome = state.commit(&db, batch, &mut closers);
             last_commit = Instant::now();
             if !closers.is_empty() {
@@ -243,9 +284,9 @@ impl Writer {
         // that the store is closed (by their reply being dropped). Then release the file before
         // saying the store is closed (a reader may still hold the database for a moment; the
         // last of them closes it).
-        let late_appends = rx.try_iter().filter(Request::is_append).count();
+        let late = appends_in(&rx.try_iter().collect::<Vec<_>>());
         drop(rx);
-        stats_after_close(&state.stats, late_appends);
+        stats_after_close(&state.stats, late);
         drop(db);
         for closer in closers {
             closer.send(closed.clone());
@@ -303,10 +344,13 @@ fn linger(
     }
 }
 
-fn stats_after_close(stats: &Stats, late_appends: usize) {
+fn stats_after_close(stats: &Stats, (late_appends, late_bytes): (usize, usize)) {
     stats
         .pending_appends
         .fetch_sub(late_appends, Ordering::Relaxed);
+    stats
+        .pending_append_bytes
+        .fetch_sub(late_bytes, Ordering::Relaxed);
     stats
         .dropped_appends
         .fetch_add(late_appends as u64, Ordering::Relaxed);
