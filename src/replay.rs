@@ -8,7 +8,10 @@
 //! live events at or below the replay's position are skipped by the bus subscription). Only when
 //! the log does not know the id either (retention deleted it, or it never existed) does the
 //! stream start with an `events.lagged` marker. The gap is read page by page as the client
-//! consumes it, so a long gap costs one page of memory, not the whole gap.
+//! consumes it, so a long gap costs one page of memory, not the whole gap. When retention
+//! deletes events of the gap while the client reads it, the stream says so with an
+//! `events.lagged` marker where they would have been (resume after the last event delivered),
+//! then goes on with what the log still holds.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -204,15 +207,20 @@ impl EventStream {
                 self.gap = None;
                 return None;
             }
-            match self
-                .store
-                .events_after_pos(gap.after_pos, &gap.filter, GAP_PAGE)
-                .await
-            {
-                Ok(page) => {
+            match read_page(&self.store, gap).await {
+                Ok((page, oldest)) => {
+                    let lost = gap.lost(&page, oldest);
                     gap.after_pos = page.through_pos;
                     gap.more = page.more;
                     gap.take(page.events);
+                    if lost > 0 {
+                        // Retention deleted events of the gap before this page was read: say
+                        // so where they would have been, then go on with what is left.
+                        return Some(Delivery::Lagged(EventsLagged {
+                            missed: lost,
+                            resume_after: gap.last_delivered.clone(),
+                        }));
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the event log while filling a replay");
@@ -228,7 +236,44 @@ impl EventStream {
     }
 }
 
+/// The next page of a gap, then the log's oldest position (see [`Gap::lost`]).
+///
+/// A later page continues by position, not by id, so nothing in it shows that retention deleted
+/// events after `after_pos` since the previous page. Arrival positions are handed out one by one
+/// by the bus, but the log may have holes (appends dropped for a slow disk, a failed batch), so
+/// the page's first position does not tell either; the log's oldest position does: retention
+/// deletes from the oldest on, and the log held `after_pos` when the previous page was read.
+/// The oldest position is read after the page: it only grows, so a deletion the page missed
+/// shows in it (never a silent gap); at worst a deletion just after the page read is reported
+/// too.
+async fn read_page(
+    store: &Store,
+    gap: &Gap,
+) -> Result<(crate::store::EventsPage, Option<u64>), troupe_actors::session::StoreError> {
+    let page = store
+        .events_after_pos(gap.after_pos, &gap.filter, GAP_PAGE)
+        .await?;
+    let oldest = store.oldest_event_pos().await?;
+    Ok((page, oldest))
+}
+
 impl Gap {
+    /// How many arrival positions after `after_pos` retention deleted before `page` (read after
+    /// `after_pos`) was read, given the log's oldest position read after it (`None`: the log is
+    /// empty): the positions from `after_pos + 1` up to the first of the page's events, the
+    /// log's oldest and the ring's oldest. Counted like the bus's own markers: events of any
+    /// kind, so at most that many of those the filter wants. 0 when nothing was lost.
+    fn lost(&self, page: &crate::store::EventsPage, oldest: Option<u64>) -> u64 {
+        let mut kept_from = self.until_pos;
+        if let Some(first) = page.events.first() {
+            kept_from = kept_from.min(first.pos);
+        }
+        if let Some(oldest) = oldest {
+            kept_from = kept_from.min(oldest);
+        }
+        kept_from.saturating_sub(self.after_pos + 1)
+    }
+
     /// Keeps the page's events that come before the ring; the gap ends at the first that does
     /// not.
     fn take(&mut self, events: Vec<troupe_actors::event::BusItem>) {

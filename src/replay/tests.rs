@@ -190,3 +190,56 @@ async fn a_resume_inside_the_ring_does_not_touch_the_log() {
     assert_eq!(got, ids[2..]);
     node.shutdown().await;
 }
+
+/// Retention that deletes the rest of a gap while the client reads it (between two log pages)
+/// is announced with a lag marker after the last event delivered, never skipped silently.
+#[tokio::test]
+async fn retention_between_two_log_pages_gives_a_lag_marker_not_a_silent_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let ids = publish(&node, "s-a", 2 * super::GAP_PAGE + 10).await;
+    let core = node.core();
+    let filter = EventFilter {
+        sessions: vec![SessionId::new("s-a").unwrap()],
+        ..EventFilter::all()
+    };
+    let mut stream = EventStream::open(
+        &core.tree.events,
+        &core.store,
+        ReplayFrom::After(ids[0].clone()),
+        FilterSet::single(filter),
+    )
+    .await
+    .unwrap();
+    // The first page, all of it.
+    for expected in &ids[1..=super::GAP_PAGE] {
+        assert_eq!(&id_of(&next_id(&mut stream).await), expected);
+    }
+    // Retention deletes every event before the next page is read.
+    let now = troupe_actors::ids::Timestamp::now().as_micros();
+    let eight_days = 8 * 24 * 3600 * 1_000_000;
+    let report = core
+        .store
+        .prune(troupe_actors::ids::Timestamp::from_micros(now + eight_days))
+        .await
+        .unwrap();
+    assert_eq!(report.remaining, 0, "{report:?}");
+    let lagged = match next_id(&mut stream).await {
+        Delivery::Lagged(lagged) => lagged,
+        other => panic!("expected a lag marker after retention, got {other:?}"),
+    };
+    assert_eq!(lagged.resume_after.as_ref(), Some(&ids[super::GAP_PAGE]));
+    // Then the ring's part: the newest of what was published, right after the marker.
+    let mut ring = Vec::new();
+    while let Some(delivery) = stream.next_replayed().await {
+        ring.push(id_of(&delivery));
+    }
+    assert!(ring.len() <= RING && ids.ends_with(&ring), "{ring:?}");
+    let skipped = ids.len() - (super::GAP_PAGE + 1) - ring.len();
+    assert!(
+        lagged.missed >= skipped as u64,
+        "{} missed, {skipped} events of the filter skipped",
+        lagged.missed
+    );
+    node.shutdown().await;
+}
