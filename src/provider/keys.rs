@@ -154,6 +154,14 @@ impl<S: EventStore> EventStore for SessionWatch<S> {
     fn release(&self, last: u64) {
         self.store.release(last);
     }
+
+    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
+        self.store.written(pos)
+    }
+
+    fn relay_floor(&self, node: &NodeId, seq: u64) {
+        self.store.relay_floor(node, seq);
+    }
 }
 
 impl GatewayKeys for std::sync::Arc<SessionKeys> {
@@ -198,12 +206,23 @@ mod tests {
         fn release(&self, last: u64) {
             self.1.lock().unwrap().push(format!("release {last}"));
         }
+
+        fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
+            self.1.lock().unwrap().push(format!("written {pos}"));
+            Some(Box::pin(async {}))
+        }
+
+        fn relay_floor(&self, node: &NodeId, seq: u64) {
+            self.1.lock().unwrap().push(format!("floor {node} {seq}"));
+        }
     }
 
     /// The watch wraps the node's store: id reservation must reach the store through it, or a
-    /// crashed node hands out ids it handed out before (a regression found by the relay tests).
+    /// crashed node hands out ids it handed out before (a regression found by the relay tests);
+    /// so must the wait for a write (or the relay acknowledges what is not in the log yet: it
+    /// did, until the trait stopped defaulting it to "nothing to wait for") and relay floors.
     #[test]
-    fn the_watch_passes_resume_reservations_and_the_release_on_to_the_store() {
+    fn the_watch_passes_resume_reservations_writes_floors_and_the_release_on_to_the_store() {
         let keys = Arc::new(SessionKeys::new().unwrap());
         let store = Recorded::default();
         let watch = SessionWatch::new(store.clone(), keys, NodeId::new("here").unwrap());
@@ -212,10 +231,21 @@ mod tests {
             watch.reserve(16_384).is_some(),
             "the reservation was swallowed"
         );
+        assert!(
+            watch.written(12).is_some(),
+            "the wait for a write was swallowed"
+        );
+        watch.relay_floor(&NodeId::new("there").unwrap(), 99);
         watch.release(57);
         assert_eq!(
             *store.1.lock().unwrap(),
-            ["resume", "reserve 16384", "release 57"]
+            [
+                "resume",
+                "reserve 16384",
+                "written 12",
+                "floor there 99",
+                "release 57"
+            ]
         );
     }
 

@@ -229,6 +229,33 @@ async fn a_relayed_batch_is_answered_once_written_and_never_dropped_for_a_slow_d
     );
 }
 
+/// Regression: a first link's "new events only" starting point lived in the bus's memory only;
+/// a node that had stored none of a quiet peer's events came back asking for new events only
+/// again, and lost whatever the peer published while it was down.
+#[tokio::test]
+async fn where_a_relayed_stream_starts_is_kept_even_when_none_of_its_events_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, cell) = start_bus(&store).await;
+    assert_eq!(
+        bus.relay_batch(&peer("p1"), Some(42), Vec::new())
+            .await
+            .unwrap(),
+        42
+    );
+    // A lower starting point later (the peer lost events in a crash) changes nothing.
+    bus.relay_batch(&peer("p1"), Some(40), Vec::new())
+        .await
+        .unwrap();
+    cell.stop(None);
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    assert_eq!(store.resume(100).relayed, [(peer("p1"), 42)]);
+    let (bus, _cell) = start_bus(&store).await;
+    assert_eq!(bus.relayed_through(&peer("p1")), Some(42));
+}
+
 #[tokio::test]
 async fn a_restarted_bus_seeds_its_relay_cursors_from_the_log() {
     let dir = tempfile::tempdir().unwrap();

@@ -693,6 +693,16 @@ impl EventStore for Store {
         }))
     }
 
+    fn relay_floor(&self, node: &NodeId, seq: u64) {
+        let request = Request::RelayFloor {
+            node: node.clone(),
+            seq,
+        };
+        if let Err(error) = self.send(request) {
+            tracing::warn!(%error, %node, seq, "cannot keep where a relayed stream continues");
+        }
+    }
+
     fn release(&self, last: u64) {
         if let Err(error) = self.send(Request::Release(last)) {
             tracing::warn!(

@@ -90,6 +90,9 @@ pub(super) enum Request {
     /// The bus stopped cleanly after handing out ids up to this one: lower the reservation to
     /// it (so the next start continues right after it).
     Release(u64),
+    /// Another node's relayed stream continues after `seq`: keep at least that as its highest
+    /// sequence number (see `EventStore::relay_floor`).
+    RelayFloor { node: NodeId, seq: u64 },
 }
 
 /// This node's id reservation, shared by the handles and the writer. A handle raises `wanted`
@@ -585,6 +588,12 @@ impl WriterState {
                     }
                     Request::Close(reply) => closers.push(reply),
                     Request::Wake => {}
+                    Request::RelayFloor { node, seq } => {
+                        let result = run_op(tables, failure, |tables| {
+                            Ok(tables.note_seq(node.as_str(), seq)?)
+                        });
+                        dirty |= result.is_ok();
+                    }
                     Request::Release(last) => {
                         if let Some(tables) = tables.as_mut() {
                             tables.reserved = last;

@@ -91,11 +91,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// failed, which the store reports itself), without hurrying the writer. The relay
     /// acknowledges a batch of another node's events only then, so that what a peer was told
     /// is here is in the log, and the queue of such appends is bounded by the relay's window.
-    /// `None`: nothing to wait for.
-    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
-        let _ = pos;
-        None
-    }
+    /// `None`: nothing to wait for (this store writes nothing to wait for).
+    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>>;
+
+    /// Another node's relayed stream continues after `seq` (its sender said the stream starts
+    /// there: "new events only" on a first link), though none of those events may be stored:
+    /// [`EventStore::resume`] must then answer at least `seq` for `node`, so that a restart
+    /// resumes there instead of asking for new events only again, and losing what came in
+    /// between. Must not block.
+    fn relay_floor(&self, node: &NodeId, seq: u64);
 }
 
 /// What the store remembers for the bus at start.
@@ -532,8 +536,11 @@ impl EventBusState {
             return 0;
         }
         let mut high = self.shared.relayed.get(node).map_or(0, |high| *high);
-        if let Some(floor) = floor {
-            high = high.max(floor);
+        if let Some(floor) = floor.filter(|floor| *floor > high) {
+            high = floor;
+            if let Some(store) = &self.store {
+                store.relay_floor(node, floor);
+            }
         }
         for event in events {
             if event.id.node != *node || event.id.seq <= high {

@@ -63,6 +63,12 @@ impl EventStore for GatedStore {
         disk.reserved = last;
         disk.released = Some(last);
     }
+
+    fn written(&self, _pos: u64) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+
+    fn relay_floor(&self, _node: &NodeId, _seq: u64) {}
 }
 
 fn progress(n: u64) -> EventData {
@@ -323,6 +329,12 @@ impl EventStore for SlowResume {
     }
 
     fn release(&self, _last: u64) {}
+
+    fn written(&self, _pos: u64) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+
+    fn relay_floor(&self, _node: &NodeId, _seq: u64) {}
 }
 
 /// The store's resume may block (a flush of queued appends, a read of the log): the bus runs it

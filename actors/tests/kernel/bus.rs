@@ -222,6 +222,13 @@ impl EventStore for MemoryStore {
     }
 
     fn release(&self, _last: u64) {}
+
+    fn written(&self, _pos: u64) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+
+    /// This node is never clustered here.
+    fn relay_floor(&self, _node: &NodeId, _seq: u64) {}
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
