@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::{Event, Eventsource};
+use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use troupe_actors::provider::{ErrorClass, ErrorKind};
 
@@ -64,15 +64,61 @@ impl std::fmt::Display for RawError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Transport => f.write_str("the connection broke"),
-            Self::TooLong => write!(f, "an event is longer than {MAX_EVENT_BYTES} bytes"),
+            Self::TooLong => write!(
+                f,
+                "an event of the provider's stream is too long: more than {MAX_EVENT_BYTES} \
+                 bytes (MAX_EVENT_BYTES) before the blank line that ends it"
+            ),
         }
     }
 }
 
+/// The size of the event being received, for its cap: every byte since the last blank line
+/// (the end of an event), line endings included, however many lines it spreads over. Lines
+/// end with `\n`, `\r` or `\r\n`, as SSE allows. Comment lines count too: a provider ends
+/// them with a blank line like events.
+#[derive(Debug, Default)]
+struct EventSize {
+    /// Bytes of the current event so far.
+    event: usize,
+    /// Bytes of the current line so far, its ending excluded (0: a blank line so far).
+    line: usize,
+    /// The last byte was `\r`: a `\n` right after it belongs to the same line ending.
+    after_cr: bool,
+}
+
+impl EventSize {
+    /// Counts one piece of the body; `false` as soon as the event passes [`MAX_EVENT_BYTES`].
+    fn take(&mut self, piece: &[u8]) -> bool {
+        for &byte in piece {
+            match byte {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\r' | b'\n' => {
+                    self.after_cr = byte == b'\r';
+                    if self.line == 0 {
+                        // A blank line: the event ended, the next starts from nothing.
+                        self.event = 0;
+                    } else {
+                        self.line = 0;
+                        self.event += 1;
+                    }
+                }
+                _ => {
+                    self.after_cr = false;
+                    self.line += 1;
+                    self.event += 1;
+                }
+            }
+            if self.event > MAX_EVENT_BYTES {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 type RawStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
-type Events = Pin<
-    Box<dyn Stream<Item = Result<Event, eventsource_stream::EventStreamError<RawError>>> + Send>,
->;
+type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<RawError>>> + Send>>;
 
 /// A provider's SSE body as a stream of OpenAI chunks (see [`ChunkStream`](super::ChunkStream)).
 pub(super) struct SseEvents {
@@ -92,14 +138,10 @@ struct State {
 
 impl SseEvents {
     pub(super) fn new(body: RawStream, translate: Box<dyn Translate>, gap: Duration) -> Self {
-        let mut since_newline = 0usize;
+        let mut size = EventSize::default();
         let capped = body.map(move |piece| {
             let piece = piece.map_err(|_| RawError::Transport)?;
-            match piece.iter().rposition(|&byte| byte == b'\n') {
-                Some(last) => since_newline = piece.len() - last - 1,
-                None => since_newline += piece.len(),
-            }
-            if since_newline > MAX_EVENT_BYTES {
+            if !size.take(&piece) {
                 return Err(RawError::TooLong);
             }
             Ok(piece)
@@ -148,7 +190,10 @@ impl SseEvents {
                         ..classify_transport(TransportFailure::Interrupted)
                     },
                     Ok(Some(Err(error))) => ErrorClass {
-                        message: Some(error.to_string()),
+                        message: Some(match error {
+                            EventStreamError::Transport(raw) => raw.to_string(),
+                            other => other.to_string(),
+                        }),
                         ..ErrorClass::of_kind(ErrorKind::Connection)
                     },
                     Ok(Some(Ok(event))) => {
@@ -187,5 +232,60 @@ impl Stream for SseEvents {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         self.inner.as_mut().poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body's pieces through the OpenAI translator: the chunks, then the failure if any.
+    async fn read(pieces: Vec<Bytes>) -> (Vec<Bytes>, Option<ErrorClass>) {
+        let body: RawStream = Box::pin(futures::stream::iter(pieces.into_iter().map(Ok)));
+        let usage = Arc::new(AtomicU32::new(0));
+        let translate = translator(ProviderKind::OpenAi, "m", usage);
+        let mut events = SseEvents::new(body, translate, Duration::from_secs(30));
+        let mut chunks = Vec::new();
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(chunk) => chunks.push(chunk),
+                Err(class) => return (chunks, Some(class)),
+            }
+        }
+        (chunks, None)
+    }
+
+    #[tokio::test]
+    async fn an_event_sent_as_many_short_lines_is_capped_not_only_each_line() {
+        // 5 MiB of `data: x` lines, none longer than 8 bytes, and no blank line among them.
+        let lines = Bytes::from("data: x\n".repeat(1024));
+        let mut pieces = vec![lines; 640];
+        pieces.push(Bytes::from_static(b"\n"));
+        pieces.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        let (chunks, failure) = read(pieces).await;
+        assert!(chunks.is_empty(), "{} chunks passed", chunks.len());
+        let failure = failure.expect("the stream fails");
+        let message = failure.message.unwrap_or_default();
+        assert!(
+            message.contains("too long") && message.contains(&MAX_EVENT_BYTES.to_string()),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn events_of_several_lines_under_the_cap_pass_however_long_the_stream() {
+        // One event over three lines (LF, CRLF and CR endings), then more than the cap in all
+        // in small events ended by blank lines.
+        let mut pieces = vec![Bytes::from_static(
+            b"data: {\"id\": \"a\",\ndata: \"object\":\r\ndata: \"chunk\"}\r\r",
+        )];
+        let event = Bytes::from(format!("data: {}\r\n\r\n", "y".repeat(8 * 1024)));
+        let count = MAX_EVENT_BYTES / event.len() + 10;
+        pieces.extend(std::iter::repeat_n(event, count));
+        pieces.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        let (chunks, failure) = read(pieces).await;
+        assert!(failure.is_none(), "{failure:?}");
+        assert_eq!(chunks.len(), 1 + count);
+        assert_eq!(chunks[0], "{\"id\": \"a\",\n\"object\":\n\"chunk\"}");
     }
 }
