@@ -197,10 +197,15 @@ fn sse_data(json: &[u8]) -> Bytes {
     Bytes::from(event)
 }
 
-/// The OpenAI-style error object sent as the last event of a broken stream.
+/// The OpenAI-style error object sent as the last event of a broken stream (or of one whose
+/// provider blocked the prompt after it began).
 fn stream_error(class: &ErrorClass) -> Value {
+    let what = match class.kind {
+        ErrorKind::ContentFilter => "the provider stopped the stream",
+        _ => "the provider's stream broke off",
+    };
     json!({"error": {
-        "message": format!("the provider's stream broke off: {}", class.describe()),
+        "message": format!("{what}: {}", class.describe()),
         "type": "provider_error",
         "code": class.kind.as_str(),
     }})
@@ -241,6 +246,7 @@ fn call_error(error: CallError) -> ApiError {
                 ErrorKind::QuotaExhausted => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
                 ErrorKind::RequestTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
                 ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "invalid_request"),
+                ErrorKind::ContentFilter => (StatusCode::BAD_REQUEST, "content_filter"),
                 ErrorKind::NotFound => (StatusCode::NOT_FOUND, "model_not_found"),
                 ErrorKind::Auth | ErrorKind::PermissionDenied => {
                     (StatusCode::BAD_GATEWAY, "provider_auth_failed")

@@ -385,6 +385,53 @@ async fn failures_that_retrying_cannot_fix_are_answered_at_once() {
 }
 
 #[tokio::test]
+async fn a_prompt_gemini_blocks_is_a_400_content_filter_not_retried_nor_held_against_the_breaker() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let config = format!(
+        "[[providers]]\nname = \"gem\"\nkind = \"gemini\"\nbase_url = \"{}/v1beta\"\n\
+         breaker = {{ failure_threshold = 2, open_secs = 30 }}\n",
+        fake.base_url()
+    );
+    let gateway = Gateway::start(&config).await;
+
+    // Gemini answers 200 with `promptFeedback.blockReason` and no candidates; streamed, the
+    // block is the first element, so the caller still gets the 400 rather than a stream.
+    for (round, stream) in [false, true, false, true].into_iter().enumerate() {
+        let response = gateway.ask("gem/fake-prompt-blocked", stream).await;
+        assert_eq!(response.status(), 400, "stream={stream}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "content_filter", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("blocked the prompt") && message.contains("SAFETY"),
+            "{message}"
+        );
+        assert_eq!(
+            body["error"]["details"]["provider_code"], "SAFETY",
+            "{body}"
+        );
+        // One arrival per call: not retried.
+        assert_eq!(fake.arrivals().len(), round + 1);
+    }
+
+    // Four blocked prompts against a threshold of two: the breaker stays closed and the
+    // provider keeps serving.
+    let providers: Value = gateway
+        .node
+        .get("/v1/providers")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        providers["providers"][0]["breaker"]["state"], "closed",
+        "{providers}"
+    );
+    assert_eq!(gateway.ask("gem/m1", false).await.status(), 200);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_provider_that_keeps_answering_429_is_given_up_on_with_429_and_retry_after() {
     let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
     let config = provider(

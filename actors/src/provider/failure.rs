@@ -35,6 +35,10 @@ pub enum ErrorKind {
     Connection,
     /// The request is wrong (400, 422, other 4xx).
     BadRequest,
+    /// The provider's content rules refused the prompt (Gemini's `promptFeedback.blockReason`
+    /// in a 200 answer). The caller's to change: the same prompt is refused again, and no other
+    /// provider is tried behind the caller's back to get around the refusal.
+    ContentFilter,
     /// The credentials are missing or wrong (401, Gemini `API_KEY_INVALID`).
     Auth,
     /// The credentials may not do this (403).
@@ -63,9 +67,13 @@ impl ErrorKind {
 
     /// May the fallback chain try another provider or model? Not for a request that is wrong
     /// everywhere (bad request), nor for a context overflow: the fallback chain does not know
-    /// context sizes, and a smaller-context model would fail the same way.
+    /// context sizes, and a smaller-context model would fail the same way; nor for a prompt a
+    /// content filter refused (see [`Self::ContentFilter`]).
     pub fn fallback(self) -> bool {
-        !matches!(self, Self::BadRequest | Self::ContextOverflow)
+        !matches!(
+            self,
+            Self::BadRequest | Self::ContextOverflow | Self::ContentFilter
+        )
     }
 
     /// Does it say the provider is unwell (what the circuit breaker counts)? Rate limits and
@@ -89,6 +97,7 @@ impl ErrorKind {
             Self::Timeout => "timeout",
             Self::Connection => "connection",
             Self::BadRequest => "bad_request",
+            Self::ContentFilter => "content_filter",
             Self::Auth => "auth",
             Self::PermissionDenied => "permission_denied",
             Self::NotFound => "not_found",
@@ -218,10 +227,13 @@ mod tests {
             ErrorKind::QuotaExhausted,
             ErrorKind::BadRequest,
             ErrorKind::ContextOverflow,
+            ErrorKind::ContentFilter,
         ] {
             assert!(!kind.is_provider_fault(), "{kind}");
         }
         assert!(!ErrorKind::ContextOverflow.fallback());
+        let blocked = ErrorKind::ContentFilter;
+        assert!(!blocked.retryable() && !blocked.fallback(), "{blocked}");
         assert!(!ErrorKind::QuotaExhausted.retryable() && ErrorKind::QuotaExhausted.fallback());
     }
 }

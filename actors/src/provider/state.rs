@@ -425,6 +425,7 @@ impl<W: Waiter> ProviderState<W> {
                     class.kind,
                     ErrorKind::BadRequest
                         | ErrorKind::ContextOverflow
+                        | ErrorKind::ContentFilter
                         | ErrorKind::RequestTooLarge
                         | ErrorKind::NotFound
                 ) {

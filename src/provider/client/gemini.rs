@@ -3,13 +3,17 @@
 //! `https://generativelanguage.googleapis.com/v1beta`). An OpenAI chat request is translated
 //! (`contents` with roles `user` / `model`, `systemInstruction`, `generationConfig`), and the
 //! answer translated back. Only text parts are carried.
+//!
+//! A prompt Gemini's safety filter blocks comes back as a 200 with `promptFeedback.blockReason`
+//! and no `candidates` (streamed: a first element with only `promptFeedback`); it is read as
+//! [`ErrorKind::ContentFilter`], the caller's to change, not as a failure of the provider.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
 use eventsource_stream::Event;
 use serde_json::{Map, Value, json};
-use troupe_actors::provider::ErrorClass;
+use troupe_actors::provider::{ErrorClass, ErrorKind};
 
 use super::sse::{EventStep, Translate, store_usage};
 use super::{ChatRequest, chunk, completion as openai_completion, content_text, usage_json};
@@ -119,10 +123,57 @@ fn usage_of(response: &Value) -> Option<(u64, u64)> {
     ))
 }
 
-/// A `GenerateContentResponse` as a `chat.completion`.
-pub(super) fn completion(model: &str, body: &Value) -> Result<Value, String> {
+/// The failure a response (or a streamed element) stands for when Gemini blocked the prompt:
+/// `promptFeedback.blockReason` set. The reason becomes the provider code, and the message
+/// names it, the categories rated above `LOW`, and Gemini's `blockReasonMessage` if it sent one.
+fn blocked(response: &Value) -> Option<ErrorClass> {
+    let feedback = response.get("promptFeedback")?;
+    let reason = feedback.get("blockReason").and_then(Value::as_str)?;
+    let mut why = format!("blockReason {reason}");
+    let flagged: Vec<String> = feedback
+        .get("safetyRatings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|rating| {
+            rating.get("blocked").and_then(Value::as_bool) == Some(true)
+                || !matches!(
+                    rating.get("probability").and_then(Value::as_str),
+                    None | Some("NEGLIGIBLE" | "LOW" | "HARM_PROBABILITY_UNSPECIFIED")
+                )
+        })
+        .map(|rating| {
+            let field = |name| rating.get(name).and_then(Value::as_str).unwrap_or("?");
+            format!("{} {}", field("category"), field("probability"))
+        })
+        .collect();
+    if !flagged.is_empty() {
+        why.push_str(&format!(", rated {}", flagged.join(", ")));
+    }
+    if let Some(detail) = feedback.get("blockReasonMessage").and_then(Value::as_str) {
+        why.push_str(&format!(": {detail}"));
+    }
+    let message = format!(
+        "the provider blocked the prompt ({why}); change the prompt: unchanged, it is refused again"
+    );
+    Some(ErrorClass {
+        provider_code: Some(reason.chars().take(100).collect()),
+        message: Some(message.chars().take(500).collect()),
+        ..ErrorClass::of_kind(ErrorKind::ContentFilter)
+    })
+}
+
+/// A `GenerateContentResponse` as a `chat.completion`; a blocked prompt is
+/// [`ErrorKind::ContentFilter`], an answer without `candidates` otherwise a server error.
+pub(super) fn completion(model: &str, body: &Value) -> Result<Value, ErrorClass> {
+    if let Some(class) = blocked(body) {
+        return Err(class);
+    }
     if body.get("candidates").and_then(Value::as_array).is_none() {
-        return Err("the Gemini answer has no `candidates`".into());
+        return Err(ErrorClass {
+            message: Some("the Gemini answer has no `candidates`".into()),
+            ..ErrorClass::of_kind(ErrorKind::ServerError)
+        });
     }
     let reason = body
         .pointer("/candidates/0/finishReason")
@@ -141,8 +192,8 @@ pub(super) fn completion(model: &str, body: &Value) -> Result<Value, String> {
     ))
 }
 
-/// Each element as a chunk; an element with `error` fails the stream; the stream may end once
-/// an element carried a finish reason.
+/// Each element as a chunk; an element with `error`, or with a `promptFeedback.blockReason`,
+/// fails the stream; the stream may end once an element carried a finish reason.
 pub(super) struct StreamTranslator {
     model: String,
     first: bool,
@@ -171,6 +222,9 @@ impl Translate for StreamTranslator {
                 ProviderKind::Gemini,
                 event.data.as_bytes(),
             ));
+        }
+        if let Some(class) = blocked(&data) {
+            return Err(class);
         }
         let id = data
             .get("responseId")
@@ -205,5 +259,102 @@ impl Translate for StreamTranslator {
 
     fn may_end(&self) -> bool {
         self.finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// A prompt blocked by the safety filter, as `generateContent` answers it (HTTP 200).
+    const BLOCKED_SAFETY: &str = r#"{
+      "promptFeedback": {
+        "blockReason": "SAFETY",
+        "safetyRatings": [
+          {"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT", "probability": "NEGLIGIBLE"},
+          {"category": "HARM_CATEGORY_HATE_SPEECH", "probability": "LOW"},
+          {"category": "HARM_CATEGORY_HARASSMENT", "probability": "MEDIUM", "blocked": true},
+          {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "NEGLIGIBLE"}
+        ]
+      },
+      "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9},
+      "modelVersion": "gemini-1.5-flash-002"
+    }"#;
+
+    /// Gemini 2.5's block without ratings, as the first (and only) element of a stream.
+    const BLOCKED_OTHER: &str = r#"{"promptFeedback": {"blockReason": "OTHER"}, "usageMetadata": {"promptTokenCount": 12, "totalTokenCount": 12}, "modelVersion": "gemini-2.5-pro", "responseId": "aBcD"}"#;
+
+    fn event(data: &str) -> Event {
+        Event {
+            data: data.to_owned(),
+            ..Event::default()
+        }
+    }
+
+    fn translator() -> StreamTranslator {
+        StreamTranslator::new("gemini-2.5-pro", Arc::new(AtomicU32::new(0)))
+    }
+
+    fn assert_blocked(class: &ErrorClass, reason: &str) {
+        assert_eq!(class.kind, ErrorKind::ContentFilter, "{class:?}");
+        assert!(!class.retryable && !class.fallback, "{class:?}");
+        assert!(!class.kind.is_provider_fault());
+        assert_eq!(class.provider_code.as_deref(), Some(reason));
+        let message = class.message.as_deref().unwrap_or_default();
+        assert!(
+            message.contains("blocked the prompt") && message.contains(reason),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_blocked_prompt_is_a_content_filter_error_not_a_server_error() {
+        let body: Value = serde_json::from_str(BLOCKED_SAFETY).unwrap();
+        let class = completion("gemini-1.5-flash", &body).expect_err("blocked");
+        assert_blocked(&class, "SAFETY");
+        let message = class.message.unwrap();
+        assert!(
+            message.contains("HARM_CATEGORY_HARASSMENT MEDIUM") && !message.contains("HATE_SPEECH"),
+            "only the categories that counted: {message}"
+        );
+
+        let body: Value = serde_json::from_str(BLOCKED_OTHER).unwrap();
+        assert_blocked(&completion("gemini-2.5-pro", &body).unwrap_err(), "OTHER");
+        let streamed = translator().event(&event(BLOCKED_OTHER));
+        assert_blocked(&streamed.err().expect("the stream fails"), "OTHER");
+    }
+
+    #[test]
+    fn an_answer_without_candidates_or_a_block_is_still_a_server_error() {
+        for body in [
+            json!({"usageMetadata": {"promptTokenCount": 3}}),
+            json!({"promptFeedback": {"safetyRatings": []}, "usageMetadata": {}}),
+        ] {
+            let class = completion("m", &body).expect_err("no candidates");
+            assert_eq!(class.kind, ErrorKind::ServerError, "{body}");
+            assert!(class.retryable && class.kind.is_provider_fault());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_block_after_the_stream_began_ends_it_with_the_content_filter_error() {
+        let text = r#"{"candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}, "index": 0}], "responseId": "aBcD"}"#;
+        let body = futures::stream::iter(
+            [text, BLOCKED_OTHER].map(|data| Ok(Bytes::from(format!("data: {data}\r\n\r\n")))),
+        );
+        let translate = Box::new(translator());
+        let mut events = super::super::sse::SseEvents::new(
+            Box::pin(body),
+            translate,
+            std::time::Duration::from_secs(30),
+        );
+        let first: Value = serde_json::from_slice(&events.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(first["choices"][0]["delta"]["content"], "Hi");
+        let failure = events.next().await.unwrap().expect_err("the block ends it");
+        assert_blocked(&failure, "OTHER");
+        assert!(events.next().await.is_none());
     }
 }

@@ -438,15 +438,17 @@ impl HttpProvider {
             ProviderKind::Anthropic | ProviderKind::Gemini => {
                 let parsed: Value = serde_json::from_slice(&body).map_err(not_json)?;
                 let translated = if self.kind == ProviderKind::Anthropic {
-                    anthropic::completion(model, &parsed)
-                } else {
-                    gemini::completion(model, &parsed)
-                }
-                .map_err(|message| Failed {
-                    class: ErrorClass {
+                    anthropic::completion(model, &parsed).map_err(|message| ErrorClass {
                         message: Some(message),
                         ..ErrorClass::of_kind(ErrorKind::ServerError)
-                    },
+                    })
+                } else {
+                    // A blocked prompt is the caller's error; no `candidates` otherwise is the
+                    // provider's.
+                    gemini::completion(model, &parsed)
+                }
+                .map_err(|class| Failed {
+                    class,
                     rate_limits,
                     reached_provider: true,
                 })?;

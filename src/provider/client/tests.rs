@@ -483,3 +483,26 @@ async fn a_redirect_is_not_followed_and_says_where_it_pointed() {
     assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 0);
     server.abort();
 }
+
+#[tokio::test]
+async fn a_prompt_gemini_blocks_is_a_content_filter_error_not_a_server_error() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let client = client(&fake, ProviderKind::Gemini);
+    for stream in [false, true] {
+        let failed = client
+            .send("fake-prompt-blocked", &request(stream))
+            .await
+            .expect_err("a blocked prompt fails the call");
+        let class = &failed.class;
+        assert_eq!(class.kind, ErrorKind::ContentFilter, "stream={stream}");
+        assert!(
+            !class.retryable && !class.kind.is_provider_fault(),
+            "{class:?}"
+        );
+        assert_eq!(class.provider_code.as_deref(), Some("SAFETY"));
+        assert!(failed.reached_provider);
+    }
+    // The fake answered 200 both times: what made them failures is the body.
+    assert_eq!(fake.arrivals().len(), 2);
+    fake.shutdown().await;
+}

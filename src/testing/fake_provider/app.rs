@@ -308,6 +308,7 @@ async fn answer(
             return dialect.failure(overloaded, &request.model).into_response();
         }
         Behaviour::ResetBeforeHeaders => return reset(dialect, connection).await,
+        Behaviour::PromptBlocked => return dialect.prompt_blocked(completion, request),
         Behaviour::SlowHeaders(wait) => tokio::time::sleep(wait).await,
         _ => {}
     }
@@ -346,7 +347,8 @@ async fn answer(
         | Behaviour::SlowHeaders(_)
         | Behaviour::FailThenOk { .. }
         | Behaviour::Fail(_)
-        | Behaviour::ResetBeforeHeaders => body.immediate(),
+        | Behaviour::ResetBeforeHeaders
+        | Behaviour::PromptBlocked => body.immediate(),
     };
     let mut response = Response::new(delivery.into_body());
     let headers = response.headers_mut();

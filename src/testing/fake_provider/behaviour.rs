@@ -44,6 +44,10 @@ pub enum Behaviour {
     /// `overloaded_error`); a non-streaming request gets [`FailureKind::Overloaded`]
     /// (`stream-error`).
     StreamError,
+    /// Refuse the prompt by content filter: Gemini answers 200 with `promptFeedback.blockReason`
+    /// `SAFETY` and no `candidates` (streamed: that one element); OpenAI and Anthropic answer
+    /// their 400 `invalid_request_error` (`prompt-blocked`, also `blocked`).
+    PromptBlocked,
 }
 
 /// An error response: what went wrong, and whether the body is wrapped in a JSON array.
@@ -138,7 +142,7 @@ pub enum BehaviourParseError {
 pub const KNOWN_BEHAVIOURS: &str = "ok, echo, 429, 429-retry-after-S, 429-retry-after-ms-MS, \
      insufficient-quota, request-too-large, context-length-exceeded, overloaded, 500, 502, 503, \
      504, slow-headers-MS, slow-first-token-MS, trickle-MS, reset, close-mid-stream, \
-     split-chunks, stream-error, fail-<behaviour>-then-ok:N, and <error>-array";
+     split-chunks, stream-error, prompt-blocked, fail-<behaviour>-then-ok:N, and <error>-array";
 
 impl FromStr for Behaviour {
     type Err = BehaviourParseError;
@@ -201,6 +205,7 @@ fn parse_words(name: &str, words: &[&str]) -> Result<Behaviour, BehaviourParseEr
         ["close", "mid", "stream"] => Ok(Behaviour::CloseMidStream),
         ["split"] | ["split", "chunks"] => Ok(Behaviour::SplitChunks),
         ["stream", "error"] => Ok(Behaviour::StreamError),
+        ["prompt", "blocked"] | ["blocked"] => Ok(Behaviour::PromptBlocked),
         _ => Err(BehaviourParseError::Unknown {
             name: name.to_owned(),
         }),
@@ -239,6 +244,7 @@ impl fmt::Display for Behaviour {
             Self::CloseMidStream => f.write_str("close-mid-stream"),
             Self::SplitChunks => f.write_str("split-chunks"),
             Self::StreamError => f.write_str("stream-error"),
+            Self::PromptBlocked => f.write_str("prompt-blocked"),
         }
     }
 }
@@ -349,6 +355,7 @@ mod tests {
             "close-mid-stream",
             "split-chunks",
             "stream-error",
+            "prompt-blocked",
             "429-retry-after-2-array",
             "insufficient-quota-array",
             "fail-429-retry-after-ms-100-then-ok:3",

@@ -185,6 +185,25 @@ impl Dialect {
         reply
     }
 
+    /// The answer to a prompt the provider's content filter refuses (`prompt-blocked`): Gemini's
+    /// 200 without candidates, the others' 400.
+    pub(super) fn prompt_blocked(self, completion: &Completion, request: &ChatRequest) -> Response {
+        match self {
+            Self::Gemini => {
+                let body = gemini::prompt_blocked(completion, request.stream);
+                let content_type = HeaderValue::from_static(request.stream.content_type());
+                ([(header::CONTENT_TYPE, content_type)], body).into_response()
+            }
+            Self::OpenAi | Self::Anthropic => self
+                .bad_request(
+                    "Your request was rejected as a result of our safety system. Your prompt may \
+                     contain text that is not allowed by our safety system.",
+                    "messages",
+                )
+                .into_response(),
+        }
+    }
+
     /// The 429 the fake's own limits answer with.
     pub(super) fn refusal(
         self,

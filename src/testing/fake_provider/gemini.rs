@@ -132,6 +132,38 @@ pub(super) fn script(completion: &Completion, stream: StreamFormat) -> Script {
     }
 }
 
+/// A prompt the safety filter blocked: `promptFeedback` with its reason and ratings, usage, no
+/// `candidates` (answered with 200). A stream is this one element.
+pub(super) fn prompt_blocked(completion: &Completion, stream: StreamFormat) -> Bytes {
+    let rating = |category: &str, probability: &str| json!({"category": category, "probability": probability});
+    let mut harassment = rating("HARM_CATEGORY_HARASSMENT", "HIGH");
+    harassment["blocked"] = json!(true);
+    let value = json!({
+        "promptFeedback": {
+            "blockReason": "SAFETY",
+            "safetyRatings": [
+                rating("HARM_CATEGORY_SEXUALLY_EXPLICIT", "NEGLIGIBLE"),
+                rating("HARM_CATEGORY_HATE_SPEECH", "NEGLIGIBLE"),
+                harassment,
+                rating("HARM_CATEGORY_DANGEROUS_CONTENT", "NEGLIGIBLE"),
+            ]
+        },
+        "usageMetadata": {
+            "promptTokenCount": completion.prompt_tokens,
+            "totalTokenCount": completion.prompt_tokens
+        },
+        "modelVersion": completion.model,
+        "responseId": completion.id
+    });
+    match stream {
+        StreamFormat::Off => Bytes::from(value.to_string()),
+        StreamFormat::Sse => frame(stream, &value, true),
+        StreamFormat::JsonArray => [frame(stream, &value, true), Bytes::from_static(b"]")]
+            .concat()
+            .into(),
+    }
+}
+
 /// Ends a stream with an error element; a JSON array is closed after it.
 pub(super) fn stream_error(stream: StreamFormat) -> Bytes {
     let error = error_body(

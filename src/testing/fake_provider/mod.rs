@@ -51,6 +51,7 @@
 //! | `trickle-MS` | one event (or a quarter of a JSON body) every MS ms | same | same |
 //! | `split-chunks` | body written in pieces cut inside JSON objects and multi-byte characters | same | same |
 //! | `close-mid-stream` | head and half the deltas, then the connection closes unfinished | same | same |
+//! | `prompt-blocked` (`blocked`) | 400 `invalid_request_error` (safety system) | 400 `invalid_request_error` | 200 with `promptFeedback.blockReason` `SAFETY` and no `candidates` (streamed: that one element) |
 //! | `reset` | TCP reset after the request is read; no response | same | same |
 //! | `fail-<name>-then-ok:N` | `<name>` for the first N requests of a key, then `ok` | same | same |
 //!
