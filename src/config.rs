@@ -134,6 +134,11 @@ pub struct SessionsConfig {
     /// `session.output` events one session may publish per second (and the burst); output past
     /// that is coalesced into the next event (every line stays in the session's log).
     pub output_events_per_sec: u32,
+    /// Sessions that ended (succeeded, failed, cancelled, timed out, interrupted) longer ago
+    /// than this are deleted from the store with their transitions, output log and idempotency
+    /// key. 0 keeps every session forever; otherwise at least 3600. Sessions that have not
+    /// ended are never deleted.
+    pub retention_secs: u64,
 }
 
 impl Default for SessionsConfig {
@@ -147,9 +152,13 @@ impl Default for SessionsConfig {
             workspace_roots: Vec::new(),
             allowed_programs: Vec::new(),
             output_events_per_sec: 20,
+            retention_secs: 30 * 24 * 3600,
         }
     }
 }
+
+/// The shortest `sessions.retention_secs` other than 0 (keep forever).
+const MIN_SESSION_RETENTION_SECS: u64 = 3600;
 
 /// `[gateway]`
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -557,6 +566,18 @@ impl Config {
                 ),
             ));
         }
+        if (1..MIN_SESSION_RETENTION_SECS).contains(&self.sessions.retention_secs) {
+            return Err(semantic(
+                "sessions.retention_secs",
+                format!(
+                    "{} is under {MIN_SESSION_RETENTION_SECS} (an hour): an ended session's record \
+                     (how it ended) and its idempotency key would be gone before a client could \
+                     be expected to read or retry them; use at least \
+                     {MIN_SESSION_RETENTION_SECS}, or 0 to keep sessions forever",
+                    self.sessions.retention_secs
+                ),
+            ));
+        }
         providers::validate(&self.providers)?;
         if self.events.ring_capacity == 0 || self.events.subscriber_buffer == 0 {
             return Err(semantic(
@@ -953,6 +974,26 @@ fault_injection = false
             )
             .unwrap_err();
             assert!(error.contains("http.mcp_session_idle_secs"), "{error}");
+
+            for bad in [1, 3599] {
+                let error = load_in(
+                    jail,
+                    Some(&format!("[sessions]\nretention_secs = {bad}\n")),
+                    &Overrides::default(),
+                )
+                .unwrap_err();
+                assert!(error.contains("sessions.retention_secs"), "{error}");
+                assert!(error.contains("0 to keep sessions forever"), "{error}");
+            }
+            for good in [0, 3600] {
+                let config = load_in(
+                    jail,
+                    Some(&format!("[sessions]\nretention_secs = {good}\n")),
+                    &Overrides::default(),
+                )
+                .unwrap();
+                assert_eq!(config.sessions.retention_secs, good);
+            }
             Ok(())
         });
     }

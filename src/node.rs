@@ -181,6 +181,9 @@ impl NodeBuilder {
             node_id.clone(),
             StoreConfig {
                 event_retention: Duration::from_secs(config.events.retention_secs),
+                // 0: sessions are kept forever.
+                session_retention: (config.sessions.retention_secs > 0)
+                    .then(|| Duration::from_secs(config.sessions.retention_secs)),
                 event_retention_bytes: config.events.retention_bytes,
                 append_linger: Duration::from_millis(config.events.log_linger_ms),
                 ..StoreConfig::default()

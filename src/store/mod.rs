@@ -37,8 +37,8 @@ use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError
 
 pub use query::{
     DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
-    MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, OutputLine, OutputPage, PruneReport, SessionPage,
-    SessionQuery,
+    MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_SCAN, OutputLine, OutputPage, PruneReport,
+    SessionPage, SessionQuery,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
@@ -56,6 +56,14 @@ pub struct StoreConfig {
     pub max_output_bytes: u64,
     /// Events older than this are deleted.
     pub event_retention: Duration,
+    /// Sessions in a terminal state that ended longer ago than this are deleted, with their
+    /// transitions, output log and idempotency key; `None` keeps every session forever.
+    /// Sessions that have not ended are never deleted.
+    pub session_retention: Option<Duration>,
+    /// Most sessions one automatic retention pass deletes (at least one), so that a first pass
+    /// over a large store does not hold the writer for long; the next passes, which follow at
+    /// once, go on where it stopped. [`Store::prune`] is not bounded.
+    pub session_prune_chunk: usize,
     /// The event log is kept under about this many bytes (oldest events go first).
     pub event_retention_bytes: u64,
     /// The event log is kept under this many events (oldest events go first).
@@ -89,6 +97,8 @@ impl Default for StoreConfig {
             max_output_lines: 100_000,
             max_output_bytes: 16 * 1024 * 1024,
             event_retention: Duration::from_secs(7 * 24 * 3600),
+            session_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            session_prune_chunk: 100,
             event_retention_bytes: 256 * 1024 * 1024,
             event_retention_count: 1_000_000,
             prune_interval: Duration::from_secs(60),
@@ -117,6 +127,8 @@ pub struct StoreStats {
     pub dropped_appends: u64,
     /// Events deleted by retention.
     pub pruned_events: u64,
+    /// Ended sessions deleted by retention (with their transitions and output).
+    pub pruned_sessions: u64,
 }
 
 /// The node's store. Cheap to clone; every clone talks to the same writer thread.
@@ -267,6 +279,7 @@ impl Store {
             failed_batches: stats.failed_batches.load(Ordering::Relaxed),
             dropped_appends: stats.dropped_appends.load(Ordering::Relaxed),
             pruned_events: stats.pruned_events.load(Ordering::Relaxed),
+            pruned_sessions: stats.pruned_sessions.load(Ordering::Relaxed),
         }
     }
 
@@ -297,18 +310,23 @@ impl Store {
         answered(answer.await)
     }
 
-    /// Applies event retention as of `now` (the writer also does so on its own schedule, with
-    /// the wall clock): deletes events older than `now - event_retention`, and the oldest ones
-    /// while the log is over its budgets.
+    /// Applies retention as of `now` (the writer also does so on its own schedule, with the
+    /// wall clock): deletes events older than `now - event_retention`, and the oldest ones while
+    /// the log is over its budgets; and sessions in a terminal state that ended before
+    /// `now - session_retention`, with their transitions, output and idempotency key. Unlike
+    /// the automatic passes, this one finishes the job in one transaction.
     pub async fn prune(&self, now: Timestamp) -> Result<PruneReport, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Prune { now, reply })?;
         answer.await.map_err(|_| closed())?
     }
 
-    /// A page of sessions, newest first (by `created_at`, then id), filtered.
+    /// A page of sessions, newest first (by `created_at`, then id), filtered. At most
+    /// [`MAX_SESSION_SCAN`] sessions are examined: past that the page ends early (possibly
+    /// empty) with a `next_cursor` where the scan stopped.
     pub async fn list(&self, query: SessionQuery) -> Result<SessionPage, StoreError> {
-        self.read(move |db| read::list(db, &query)).await
+        self.read(move |db| read::list(db, &query, MAX_SESSION_SCAN))
+            .await
     }
 
     /// Output lines after line `offset` (0 for the first line), at most `limit` (clamped to

@@ -9,6 +9,10 @@ use troupe_actors::session::{SessionRecord, SessionState, StoreError};
 
 /// Most sessions one listing page holds.
 pub const MAX_PAGE: usize = 1000;
+/// Most sessions one listing page examines (matching or not), so a narrow filter over a large
+/// store answers in bounded time: past it the page ends early, possibly empty, with a
+/// `next_cursor` where the scan stopped.
+pub const MAX_SESSION_SCAN: usize = 10_000;
 /// Sessions per page when the query does not say.
 pub const DEFAULT_PAGE: usize = 100;
 /// Most output lines one page holds.
@@ -69,11 +73,13 @@ impl SessionQuery {
 pub struct SessionPage {
     /// The sessions.
     pub sessions: Vec<SessionRecord>,
-    /// Pass as `cursor` for the next page; `None` on the last page.
+    /// Pass as `cursor` for the next page; `None` on the last page. A page that stopped at
+    /// [`MAX_SESSION_SCAN`] has one even when it holds fewer than `limit` sessions (or none).
     pub next_cursor: Option<String>,
 }
 
-/// A position in the listing order: the last session of a page. Rendered as an opaque string;
+/// A position in the listing order: the last session of a page, or the last one a page examined
+/// when it stopped at its scan bound. Rendered as an opaque string;
 /// sessions inserted while a client pages through do not shift it, so pages never repeat or skip
 /// a session that existed when the listing started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +91,14 @@ pub(super) struct Cursor {
 const CURSOR_PREFIX: &str = "c1.";
 
 impl Cursor {
+    pub(super) fn at(created_micros: u64, id: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            created_micros,
+            id: SessionId::new(id)
+                .map_err(|error| super::schema::corrupt("session_order", id, error))?,
+        })
+    }
+
     pub(super) fn of(record: &SessionRecord) -> Self {
         Self {
             created_micros: record.created_at.as_micros(),
@@ -157,6 +171,11 @@ pub struct EventsPage {
 pub struct PruneReport {
     /// Events deleted.
     pub removed: u64,
+    /// Sessions deleted (ended before `session_cutoff`), with their transitions and output.
+    pub sessions_removed: u64,
+    /// The cutoff used for sessions: terminal sessions that ended before this were removed
+    /// (zero when session retention is off).
+    pub session_cutoff: Timestamp,
     /// Events left.
     pub remaining: u64,
     /// Approximate bytes of the log left.

@@ -104,9 +104,15 @@ pub(super) fn unfinished(db: &Database) -> Result<Vec<SessionRecord>, StoreError
     Ok(records)
 }
 
-/// A page of sessions, newest first.
-pub(super) fn list(db: &Database, query: &SessionQuery) -> Result<SessionPage, StoreError> {
+/// A page of sessions, newest first, examining at most `max_scan` of them (matching or not):
+/// past that the page ends with a cursor where the scan stopped, whatever it holds.
+pub(super) fn list(
+    db: &Database,
+    query: &SessionQuery,
+    max_scan: usize,
+) -> Result<SessionPage, StoreError> {
     let limit = query.limit.clamp(1, MAX_PAGE);
+    let max_scan = max_scan.max(1);
     let cursor = query.cursor.as_deref().map(Cursor::decode).transpose()?;
     let txn = begin(db)?;
     let sessions = sessions_table(&txn)?;
@@ -122,9 +128,20 @@ pub(super) fn list(db: &Database, query: &SessionQuery) -> Result<SessionPage, S
         sessions: Vec::with_capacity(limit.min(64)),
         next_cursor: None,
     };
-    for entry in range.rev() {
+    // The last key examined, where a page cut short by the scan bound continues.
+    let mut examined_last = (0u64, String::new());
+    for (examined, entry) in range.rev().enumerate() {
         let (key, _) = entry.or_io("read session_order")?;
-        let (_, id) = key.value();
+        let (created, id) = key.value();
+        if examined == max_scan {
+            // More rows follow, unexamined: the next page goes on after the last one examined.
+            let (created, id) = &examined_last;
+            page.next_cursor = Some(Cursor::at(*created, id)?.encode());
+            break;
+        }
+        examined_last.0 = created;
+        examined_last.1.clear();
+        examined_last.1.push_str(id);
         let record = indexed_record(&sessions, "session_order", id)?;
         if !query.matches(&record) {
             continue;

@@ -21,7 +21,10 @@ use troupe_actors::session::{
     SessionState, SessionStore, StopRequest, StoreError, Transition,
 };
 
-use super::schema::{EVENT_INDEX, EVENTS, SESSION_ORDER, SESSIONS, UNFINISHED, event_overhead};
+use super::schema::{
+    EVENT_INDEX, EVENTS, OUTPUT, OUTPUT_COUNTERS, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
+    event_overhead,
+};
 use super::*;
 
 const DAY: u64 = 24 * 3600 * 1_000_000;
@@ -572,6 +575,49 @@ async fn a_foreign_cursor_is_refused_and_limits_are_clamped() {
         .await
         .unwrap();
     assert_eq!(page.sessions.len(), 3);
+}
+
+#[tokio::test]
+async fn a_listing_stops_at_its_scan_bound_and_its_cursors_lead_to_the_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let base = now_micros();
+    // The one running session is the oldest; ten queued ones follow it.
+    let running = record("s-running", base);
+    store.create(running.clone()).await.unwrap();
+    let running = advance(&store, &running, SessionState::Starting).await;
+    let running = advance(&store, &running, SessionState::Running).await;
+    for n in 1..=10u64 {
+        store
+            .create(record(&format!("s-queued-{n:02}"), base + n))
+            .await
+            .unwrap();
+    }
+    let query = |cursor: Option<String>| SessionQuery {
+        states: vec![SessionState::Running],
+        cursor,
+        ..SessionQuery::default()
+    };
+    // Three rows examined per page: three pages of queued sessions say only "go on".
+    let mut cursor = None;
+    let mut pages = Vec::new();
+    loop {
+        let page = read::list(&store.inner.db, &query(cursor.clone()), 3).unwrap();
+        pages.push(page.sessions.clone());
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(pages.len() < 20, "the cursors do not lead on");
+    }
+    assert_eq!(
+        pages,
+        [vec![], vec![], vec![], vec![running.clone()]],
+        "empty pages with a cursor until the scan reaches the running session"
+    );
+    // Within the store's own bound one page finds it, and says it is the last.
+    let page = store.list(query(None)).await.unwrap();
+    assert_eq!((page.sessions, page.next_cursor), (vec![running], None));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1133,6 +1179,211 @@ async fn counters_survive_when_retention_deleted_every_event() {
         (6, 8),
         "ids never repeat, even with an empty log"
     );
+}
+
+/// Stores a session that ran and ended in `end` at `ended` µs, with `lines` output lines.
+async fn ended_session(
+    store: &Store,
+    id: &str,
+    (created, ended): (u64, u64),
+    end: SessionState,
+    key: Option<&str>,
+    lines: u64,
+) -> SessionRecord {
+    let mut current = record(id, created);
+    current.spec.idempotency_key = key.map(str::to_owned);
+    store.create(current.clone()).await.unwrap();
+    let current = advance(store, &current, SessionState::Starting).await;
+    let current = advance(store, &current, SessionState::Running).await;
+    let texts: Vec<String> = (1..=lines).map(|n| format!("line {n}")).collect();
+    store.append_output(&current.id, OutputStream::Stdout, 1, &texts);
+    let (mut next, mut transition) = step(&current, end);
+    next.ended_at = Some(Timestamp::from_micros(ended));
+    transition.at = Timestamp::from_micros(ended);
+    store.transition(next.clone(), transition).await.unwrap();
+    next
+}
+
+/// How many rows session `id` has in each table keyed by it: sessions, session_order,
+/// transitions, output, output_counters.
+fn rows_of(store: &Store, id: &str) -> [usize; 5] {
+    let txn = store.inner.db.begin_read().unwrap();
+    let sessions = txn.open_table(SESSIONS).unwrap();
+    let order = txn.open_table(SESSION_ORDER).unwrap();
+    let transitions = txn.open_table(TRANSITIONS).unwrap();
+    let output = txn.open_table(OUTPUT).unwrap();
+    let counters = txn.open_table(OUTPUT_COUNTERS).unwrap();
+    [
+        usize::from(sessions.get(id).unwrap().is_some()),
+        order
+            .iter()
+            .unwrap()
+            .filter(|entry| entry.as_ref().unwrap().0.value().1 == id)
+            .count(),
+        transitions.range((id, 0)..=(id, u64::MAX)).unwrap().count(),
+        output.range((id, 0)..=(id, u64::MAX)).unwrap().count(),
+        usize::from(counters.get(id).unwrap().is_some()),
+    ]
+}
+
+#[tokio::test]
+async fn sessions_that_ended_before_the_retention_are_deleted_with_their_output_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_micros();
+    let store = open(dir.path()).await;
+    let old = (now - 40 * DAY, now - 39 * DAY);
+    ended_session(
+        &store,
+        "s-old",
+        old,
+        SessionState::Succeeded,
+        Some("build-1"),
+        3,
+    )
+    .await;
+    let interrupted = (now - 35 * DAY, now - 31 * DAY);
+    ended_session(
+        &store,
+        "s-old-2",
+        interrupted,
+        SessionState::Interrupted,
+        None,
+        1,
+    )
+    .await;
+    // Created long ago, but ended yesterday: what counts is when it ended.
+    let long = (now - 40 * DAY + 1, now - DAY);
+    ended_session(
+        &store,
+        "s-long",
+        long,
+        SessionState::Failed,
+        Some("build-2"),
+        2,
+    )
+    .await;
+    let recent = (now - 2 * DAY, now - 2 * DAY + 1);
+    ended_session(&store, "s-new", recent, SessionState::Cancelled, None, 1).await;
+    // Old but not ended: never deleted.
+    let stuck = record("s-stuck", now - 40 * DAY + 2);
+    store.create(stuck.clone()).await.unwrap();
+    let stuck = advance(&store, &stuck, SessionState::Starting).await;
+    let stuck = advance(&store, &stuck, SessionState::Running).await;
+    let mut queued = record("s-queued", now - 45 * DAY);
+    queued.spec.idempotency_key = Some("build-3".into());
+    store.create(queued.clone()).await.unwrap();
+    assert_eq!(rows_of(&store, "s-old"), [1, 1, 3, 3, 1]);
+
+    let report = store.prune(Timestamp::from_micros(now)).await.unwrap();
+    assert_eq!(report.session_cutoff.as_micros(), now - 30 * DAY);
+    assert_eq!(report.sessions_removed, 2, "s-old and s-old-2");
+    assert_eq!(store.stats().pruned_sessions, 2);
+
+    for id in ["s-old", "s-old-2"] {
+        assert_eq!(store.get(&sid(id)).await.unwrap(), None, "{id}");
+        assert_eq!(rows_of(&store, id), [0; 5], "{id}: every row is gone");
+        assert_eq!(
+            store.read_output(&sid(id), 0, 100).await,
+            Err(StoreError::NotFound(sid(id)))
+        );
+    }
+    // The key is free again: the same key makes a new session.
+    assert_eq!(store.find_by_key("build-1").await.unwrap(), None);
+    let mut again = record("s-again", now);
+    again.spec.idempotency_key = Some("build-1".into());
+    store.create(again.clone()).await.unwrap();
+    assert_eq!(store.find_by_key("build-1").await.unwrap(), Some(again));
+
+    // The others are all there, with their output, transitions and keys.
+    assert_eq!(store.get(&sid("s-stuck")).await.unwrap(), Some(stuck));
+    assert_eq!(store.get(&sid("s-queued")).await.unwrap(), Some(queued));
+    assert_eq!(rows_of(&store, "s-long"), [1, 1, 3, 2, 1]);
+    assert_eq!(rows_of(&store, "s-new"), [1, 1, 3, 1, 1]);
+    assert_eq!(
+        store.find_by_key("build-2").await.unwrap().map(|r| r.id),
+        Some(sid("s-long"))
+    );
+    assert_eq!(
+        store.find_by_key("build-3").await.unwrap().map(|r| r.id),
+        Some(sid("s-queued"))
+    );
+    let listed: BTreeSet<String> = store
+        .list(SessionQuery::default())
+        .await
+        .unwrap()
+        .sessions
+        .iter()
+        .map(|record| record.id.to_string())
+        .collect();
+    let expected = ["s-again", "s-long", "s-new", "s-queued", "s-stuck"];
+    assert_eq!(listed, expected.map(String::from).into());
+    assert_eq!(
+        store
+            .prune(Timestamp::from_micros(now))
+            .await
+            .unwrap()
+            .sessions_removed,
+        0
+    );
+}
+
+#[tokio::test]
+async fn without_session_retention_ended_sessions_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_micros();
+    let store = open_with(
+        dir.path(),
+        StoreConfig {
+            session_retention: None,
+            ..StoreConfig::default()
+        },
+    )
+    .await;
+    let old = (now - 400 * DAY, now - 399 * DAY);
+    ended_session(&store, "s-old", old, SessionState::Succeeded, None, 1).await;
+    let report = store.prune(Timestamp::from_micros(now)).await.unwrap();
+    assert_eq!(report.sessions_removed, 0);
+    assert_eq!(rows_of(&store, "s-old"), [1, 1, 3, 1, 1]);
+}
+
+#[tokio::test]
+async fn automatic_session_retention_deletes_a_chunk_per_pass_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_micros();
+    let config = StoreConfig {
+        session_prune_chunk: 2,
+        prune_interval: Duration::from_secs(3600),
+        ..StoreConfig::default()
+    };
+    let store = open_with(dir.path(), config.clone()).await;
+    for n in 0..5u64 {
+        let at = (now - 40 * DAY + n, now - 39 * DAY);
+        let id = format!("s-old-{n}");
+        ended_session(&store, &id, at, SessionState::Succeeded, None, 2).await;
+    }
+    let running = record("s-running", now - 50 * DAY);
+    store.create(running.clone()).await.unwrap();
+    store.close().await.unwrap();
+
+    // The first pass runs as the store opens (with the wall clock), deletes two, and the
+    // passes after it follow at once: 2 + 2 + 1, one commit each, and nothing else is written.
+    let store = open_with(dir.path(), config).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.stats().pruned_sessions < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "retention did not go on: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store.flush().await.unwrap();
+    let stats = store.stats();
+    assert_eq!((stats.pruned_sessions, stats.commits), (5, 3));
+    for n in 0..5 {
+        assert_eq!(rows_of(&store, &format!("s-old-{n}")), [0; 5]);
+    }
+    assert_eq!(store.get(&sid("s-running")).await.unwrap(), Some(running));
 }
 
 // ---------------------------------------------------------------------------------------------

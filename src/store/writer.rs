@@ -15,7 +15,8 @@
 //! A request the store refuses (a conflict, a duplicate, a corrupt stored value) is answered with
 //! its error and writes nothing; the rest of the batch goes ahead. A storage failure aborts the
 //! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
-//! lost (and logged). Event-log retention runs here too, inside the batches' transactions.
+//! lost (and logged). Retention (of the event log and of ended sessions) runs here too, inside
+//! the batches' transactions.
 //!
 //! Id reservations (see [`Reservation`]) ride along too: every batch writes the reservation
 //! wanted at its start, and once the batch is committed the reservation is published as durable.
@@ -48,6 +49,17 @@ use super::schema::{
 /// Most events one automatic retention pass deletes, so a commit stays short; the rest goes in
 /// the next passes, which follow at once.
 const PRUNE_CHUNK: u64 = 10_000;
+
+/// Most sessions one automatic retention pass examines (deleted or kept: a session that has not
+/// ended, or ended recently, is read and kept), so a pass stays short however many are kept.
+const SESSION_PRUNE_SCAN: usize = 4_096;
+
+/// Rows (output lines and records) after which an automatic retention pass deletes no further
+/// session: one session may hold 100,000 lines. The session that crosses it is deleted whole.
+const SESSION_PRUNE_ROWS: u64 = 100_000;
+
+/// Keys of the listing order a session retention pass reads at a time.
+const SESSION_SWEEP_BATCH: usize = 512;
 
 /// What the writer is asked to do.
 pub(super) enum Request {
@@ -197,6 +209,8 @@ pub(super) struct Stats {
     pub(super) lingering: AtomicBool,
     /// Events deleted by retention.
     pub(super) pruned_events: AtomicU64,
+    /// Sessions deleted by retention.
+    pub(super) pruned_sessions: AtomicU64,
 }
 
 /// The writer thread's state.
@@ -235,6 +249,7 @@ impl Writer {
             written,
             next_age_prune: Instant::now(),
             prune_backlog: false,
+            session_sweep: None,
         };
         let mut closers = Vec::new();
         let mut closed = Ok(());
@@ -367,6 +382,45 @@ struct WriterState {
     written: tokio::sync::watch::Sender<u64>,
     next_age_prune: Instant,
     prune_backlog: bool,
+    /// The automatic session retention sweep under way, if one stopped at its bounds.
+    session_sweep: Option<SessionSweep>,
+}
+
+/// An automatic session retention sweep that stopped at a pass's bounds: the next pass goes on
+/// after the last session it examined.
+struct SessionSweep {
+    /// Terminal sessions that ended before this are deleted.
+    cutoff: Timestamp,
+    /// The last key of the listing order examined.
+    after: Option<(u64, String)>,
+}
+
+/// How much one session retention pass may do.
+#[derive(Debug, Clone, Copy)]
+struct SweepBudget {
+    /// Sessions deleted.
+    sessions: u64,
+    /// Sessions examined.
+    examined: usize,
+    /// Rows deleted (see [`SESSION_PRUNE_ROWS`]).
+    rows: u64,
+}
+
+impl SweepBudget {
+    const UNBOUNDED: Self = Self {
+        sessions: u64::MAX,
+        examined: usize::MAX,
+        rows: u64::MAX,
+    };
+}
+
+/// What one session retention pass did.
+struct Swept {
+    removed: u64,
+    /// The pass reached its bounds before the end of what it had to examine: the next one goes
+    /// on after `after`.
+    stopped: bool,
+    after: Option<(u64, String)>,
 }
 
 /// Why one request was not applied.
@@ -454,6 +508,9 @@ impl WriterState {
                 self.stats
                     .pruned_events
                     .fetch_add(report.removed, Ordering::Relaxed);
+                self.stats
+                    .pruned_sessions
+                    .fetch_add(report.sessions_removed, Ordering::Relaxed);
                 for answer in answers {
                     match answer {
                         Answer::Done(reply, result) => reply.send(result),
@@ -466,8 +523,10 @@ impl WriterState {
             }
             Err(error) => {
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                // Try retention again later rather than in a tight loop on a failing disk.
+                // Try retention again later rather than in a tight loop on a failing disk (a
+                // session sweep starts over: what it deleted in this batch was rolled back).
                 self.prune_backlog = false;
+                self.session_sweep = None;
                 self.next_age_prune = Instant::now() + self.prune_interval();
                 tracing::error!(
                     %error,
@@ -614,7 +673,7 @@ impl WriterState {
             if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
                 match self.retention(tables, age_due, explicit_prune) {
                     Ok(done) => {
-                        dirty |= done.removed > 0;
+                        dirty |= done.removed > 0 || done.sessions_removed > 0;
                         *report = Some(done);
                     }
                     Err(error) => failure = Some(io(error)),
@@ -655,7 +714,8 @@ impl WriterState {
     }
 
     /// Deletes the oldest events while the log is over its count or byte budget, or (when due,
-    /// or asked explicitly) while they are older than the retention.
+    /// or asked explicitly) while they are older than the retention; and, likewise, terminal
+    /// sessions that ended before the session retention (see [`Tables::prune_sessions`]).
     fn retention(
         &mut self,
         tables: &mut Tables<'_>,
@@ -663,11 +723,11 @@ impl WriterState {
         explicit: Option<Timestamp>,
     ) -> Result<PruneReport, redb::Error> {
         let now = explicit.or(age_due.then(Timestamp::now));
-        let cutoff = now.map(|now| {
-            let retention =
-                u64::try_from(self.config.event_retention.as_micros()).unwrap_or(u64::MAX);
-            Timestamp::from_micros(now.as_micros().saturating_sub(retention))
-        });
+        let before = |now: Timestamp, keep: Duration| {
+            let keep = u64::try_from(keep.as_micros()).unwrap_or(u64::MAX);
+            Timestamp::from_micros(now.as_micros().saturating_sub(keep))
+        };
+        let cutoff = now.map(|now| before(now, self.config.event_retention));
         // An explicit prune finishes the job; automatic ones work in chunks.
         let chunk = if explicit.is_some() {
             u64::MAX
@@ -675,9 +735,48 @@ impl WriterState {
             PRUNE_CHUNK
         };
         let removed = tables.prune(&self.config, cutoff, chunk)?;
-        self.prune_backlog = removed == chunk;
+        let session_cutoff = now
+            .zip(self.config.session_retention)
+            .map(|(now, keep)| before(now, keep));
+        let mut sessions = (0, Timestamp::default());
+        if explicit.is_some() {
+            if let Some(cutoff) = session_cutoff {
+                let swept = tables.prune_sessions(cutoff, None, SweepBudget::UNBOUNDED)?;
+                sessions = (swept.removed, cutoff);
+            }
+        } else {
+            if age_due {
+                // A new sweep from the oldest session, or the one under way with the new cutoff.
+                self.session_sweep = match (session_cutoff, self.session_sweep.take()) {
+                    (Some(cutoff), Some(sweep)) => Some(SessionSweep { cutoff, ..sweep }),
+                    (Some(cutoff), None) => Some(SessionSweep {
+                        cutoff,
+                        after: None,
+                    }),
+                    (None, _) => None,
+                };
+            }
+            if let Some(sweep) = self.session_sweep.take() {
+                let budget = SweepBudget {
+                    sessions: self.config.session_prune_chunk.max(1) as u64,
+                    examined: SESSION_PRUNE_SCAN,
+                    rows: SESSION_PRUNE_ROWS,
+                };
+                let swept = tables.prune_sessions(sweep.cutoff, sweep.after.as_ref(), budget)?;
+                sessions = (swept.removed, sweep.cutoff);
+                if swept.stopped {
+                    self.session_sweep = Some(SessionSweep {
+                        cutoff: sweep.cutoff,
+                        after: swept.after,
+                    });
+                }
+            }
+        }
+        self.prune_backlog = removed == chunk || self.session_sweep.is_some();
         Ok(PruneReport {
             removed,
+            sessions_removed: sessions.0,
+            session_cutoff: sessions.1,
             remaining: tables.totals.count,
             remaining_bytes: tables.totals.bytes,
             cutoff: cutoff.unwrap_or_default(),
@@ -1051,5 +1150,135 @@ impl<'txn> Tables<'txn> {
             self.totals.count = 0;
         }
         Ok(removed)
+    }
+
+    /// Deletes sessions in a terminal state that ended before `cutoff`, with their transitions,
+    /// output lines and counters, and their idempotency key (when it still names them), walking
+    /// the listing order from the oldest session (or after `after`). Sessions that have not
+    /// ended, or ended since, are kept. Only sessions created before `cutoff` can have ended
+    /// before it, so the walk ends there. Stops early once `budget` is spent.
+    fn prune_sessions(
+        &mut self,
+        cutoff: Timestamp,
+        after: Option<&(u64, String)>,
+        budget: SweepBudget,
+    ) -> Result<Swept, redb::Error> {
+        let mut swept = Swept {
+            removed: 0,
+            stopped: false,
+            after: after.cloned(),
+        };
+        let (mut examined, mut rows) = (0usize, 0u64);
+        loop {
+            let want = SESSION_SWEEP_BATCH.min(budget.examined - examined);
+            if want == 0 {
+                swept.stopped = true;
+                return Ok(swept);
+            }
+            let keys = self.sessions_before(cutoff, swept.after.as_ref(), want)?;
+            let last_batch = keys.len() < want;
+            for key in keys {
+                if swept.removed >= budget.sessions || rows >= budget.rows {
+                    swept.stopped = true;
+                    return Ok(swept);
+                }
+                examined += 1;
+                if let Some(deleted) = self.prune_session(key.0, &key.1, cutoff)? {
+                    swept.removed += 1;
+                    rows = rows.saturating_add(deleted);
+                }
+                swept.after = Some(key);
+            }
+            if last_batch {
+                return Ok(swept);
+            }
+        }
+    }
+
+    /// Up to `max` keys of the listing order after `after` (from the oldest when `None`) of
+    /// sessions created before `cutoff`, oldest first.
+    fn sessions_before(
+        &self,
+        cutoff: Timestamp,
+        after: Option<&(u64, String)>,
+        max: usize,
+    ) -> Result<Vec<(u64, String)>, redb::Error> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some((created, id)) => Bound::Excluded((*created, id.as_str())),
+            None => Bound::Unbounded,
+        };
+        // No id is empty: this bound is every session created before the cutoff.
+        let upper = Bound::Excluded((cutoff.as_micros(), ""));
+        let mut keys = Vec::with_capacity(max.min(SESSION_SWEEP_BATCH));
+        for entry in self.order.range::<(u64, &str)>((lower, upper))?.take(max) {
+            let (key, _) = entry?;
+            let (created, id) = key.value();
+            keys.push((created, id.to_owned()));
+        }
+        Ok(keys)
+    }
+
+    /// Deletes session `id` (created at `created` µs) if it is terminal and ended before
+    /// `cutoff`; says how many rows that removed, about (`None`: kept).
+    fn prune_session(
+        &mut self,
+        created: u64,
+        id: &str,
+        cutoff: Timestamp,
+    ) -> Result<Option<u64>, redb::Error> {
+        let record: SessionRecord = {
+            let Some(bytes) = self.sessions.get(id)? else {
+                return Ok(None);
+            };
+            match decode("sessions", id, bytes.value()) {
+                Ok(record) => record,
+                Err(error) => {
+                    // Whether it ended cannot be told: kept, and the reads report it.
+                    tracing::debug!(%error, "store: retention keeps an unreadable session");
+                    return Ok(None);
+                }
+            }
+        };
+        if !record.state.is_terminal() {
+            return Ok(None);
+        }
+        // Every terminal record says when it ended; one that does not goes by its last
+        // transition, or else by its creation.
+        let ended = match record.ended_at {
+            Some(at) => at,
+            None => self
+                .transitions
+                .range((id, 0)..=(id, u64::MAX))?
+                .next_back()
+                .transpose()?
+                .and_then(|(_, value)| serde_json::from_slice::<Transition>(value.value()).ok())
+                .map_or(record.created_at, |transition| transition.at),
+        };
+        if ended >= cutoff {
+            return Ok(None);
+        }
+        let lines = self
+            .output_counters
+            .get(id)?
+            .and_then(|bytes| serde_json::from_slice::<OutputCounters>(bytes.value()).ok())
+            .map_or(0, |counters| counters.stored_lines);
+        self.sessions.remove(id)?;
+        self.order.remove((created, id))?;
+        // Not there for a terminal session; removed in case an older file left it.
+        self.unfinished.remove((created, id))?;
+        self.transitions
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.output
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.output_counters.remove(id)?;
+        if let Some(key) = record.spec.idempotency_key.as_deref() {
+            // Only while the key still names this session.
+            let owned = self.keys.get(key)?.is_some_and(|owner| owner.value() == id);
+            if owned {
+                self.keys.remove(key)?;
+            }
+        }
+        Ok(Some(lines + 1))
     }
 }
