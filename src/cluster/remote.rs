@@ -257,6 +257,13 @@ async fn ask_owner(
     };
     match exchange(core, &owner, call).await {
         Ok(exchange) => Ok((owner, exchange)),
+        // Its owner is known (from the event log) but not seen since this node started: it
+        // is down, or has not rejoined yet.
+        Err(error) if error.code == "unknown_node" => Err(with_last_known(
+            core,
+            id,
+            forward::unreachable(&owner, "not seen since this node started"),
+        )),
         Err(error) => Err(with_last_known(core, id, error)),
     }
 }
@@ -303,7 +310,8 @@ async fn search_owner(core: &NodeCore, id: &SessionId) -> Result<Option<NodeId>,
         [first, ..] => Err(ApiError::unavailable(
             "owner_unreachable",
             format!(
-                "session {id} is not on this node nor on the members that answered; {} cannot                  be reached and may own it: retry once it is back",
+                "session {id} is not on this node nor on the members that answered; {} cannot \
+                 be reached and may own it: retry once it is back",
                 unreachable
                     .iter()
                     .map(NodeId::as_str)

@@ -702,3 +702,41 @@ async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_i
     assert_eq!(event["session"], fresh.as_str(), "{event}");
     no_more_unreachable(&b, &mut b_events, "only the fresh run is unreachable").await;
 }
+
+/// Regression: what a node had heard of other nodes' sessions lived in memory only, so after a
+/// restart it answered 404 for a session whose owner was down (and not in its member view),
+/// instead of naming the owner.
+#[tokio::test]
+async fn a_restarted_node_names_the_down_owner_of_a_session_it_heard_of_before() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let a = node(temp.path(), "a", &[], None).await;
+    let mut b = node(temp.path(), "b", &[], a.cluster).await;
+    let mut c = node(temp.path(), "c", &[], a.cluster).await;
+    wait_members(&b, &["a", "c"]).await;
+    wait_relay(&c, "c", &b).await;
+    let mut queued_on_b = b.events("kind=session.queued&node=c", None).await;
+    let (_, record) = spawn_through(&c, command("sleep 60")).await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    session_event(&mut queued_on_b, &id, "session.queued").await;
+    // b stops cleanly (its log keeps c's events); c dies while b is away.
+    b.terminate();
+    assert!(b.wait_exit().await.success());
+    let mut on_a = a.events("kind=node.*", None).await;
+    kill_and_detect(&mut c, &mut on_a).await;
+
+    let b = node(temp.path(), "b", &[], a.cluster).await;
+    // Its member view has a's metadata, though a's did not change since b left.
+    wait_members(&b, &["a"]).await;
+    let response = b.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(response.status(), 503, "the owner is named, not a 404");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "owner_unreachable", "{error}");
+    assert_eq!(error["error"]["details"]["node"], "c", "{error}");
+    let known = &error["error"]["details"]["session"];
+    assert_eq!(known["state"], "unreachable", "the last known record: {error}");
+    assert!(
+        matches!(known["last_state"].as_str(), Some("queued" | "running")),
+        "{error}"
+    );
+}

@@ -343,6 +343,7 @@ impl MembershipState {
                 }
             }
         }
+        let mut joined = false;
         for (node, (identity, state)) in newest {
             let before = self.seen.get(&node).cloned();
             let renamed = before
@@ -367,6 +368,7 @@ impl MembershipState {
             }
             if renamed && now != "down" && now != "left" {
                 // A restarted node: a new generation, even if the old one was never seen down.
+                joined = true;
                 self.left.remove(&node);
                 self.args
                     .events
@@ -374,6 +376,7 @@ impl MembershipState {
             } else {
                 match (was_up, now) {
                     (false, "alive" | "suspect") => {
+                        joined = true;
                         self.left.remove(&node);
                         self.args
                             .events
@@ -410,6 +413,13 @@ impl MembershipState {
             if before.as_ref() != Some(&seen) {
                 self.seen.insert(node, seen);
             }
+        }
+        if joined {
+            // A member that (re)joined has none of this node's metadata: foca disseminates a
+            // broadcast a bounded number of times, and the last one may be long gone. Gossip it
+            // again, under a new version, even though it did not change.
+            self.published = None;
+            self.publish_meta();
         }
     }
 

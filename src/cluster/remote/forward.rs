@@ -115,7 +115,7 @@ fn member(core: &NodeCore, node: &NodeId) -> Option<MemberEntry> {
         .find(|member| member.node == *node)
 }
 
-fn unreachable(node: &NodeId, why: &str) -> ApiError {
+pub(super) fn unreachable(node: &NodeId, why: &str) -> ApiError {
     ApiError::unavailable(
         "owner_unreachable",
         format!("node {node} is {why}; its sessions cannot be reached until it is back"),

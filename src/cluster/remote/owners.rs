@@ -371,7 +371,10 @@ impl SessionOwners {
         let bus = core.tree.events.clone();
         let this = core.node_id.clone();
         let owners = self.clone();
+        let store = core.store.clone();
         tokio::spawn(async move {
+            // Subscribed first, so nothing falls between what the log holds and what comes.
+            owners.seed(&this, &store).await;
             while let Some(delivery) = events.recv().await {
                 match delivery {
                     Delivery::Event(event) => {
@@ -397,6 +400,68 @@ impl SessionOwners {
         });
     }
 }
+
+impl SessionOwners {
+    /// Takes in what this node's event log holds of other nodes' sessions (relayed before it
+    /// last stopped), so that after a restart it still knows their owners: a session whose
+    /// owner is down is then answered as unreachable, naming the owner, not as unknown. Only
+    /// session events: past `node.down` / `node.joined` say nothing of now. Read page by page;
+    /// events also delivered live later are taken in twice, which changes nothing (a session's
+    /// state only moves forward).
+    async fn seed(&self, this: &NodeId, store: &crate::store::Store) {
+        let filter = EventFilter {
+            kinds: [
+                EventKind::SessionQueued,
+                EventKind::SessionStarted,
+                EventKind::SessionSucceeded,
+                EventKind::SessionFailed,
+                EventKind::SessionCancelled,
+                EventKind::SessionTimedOut,
+                EventKind::SessionInterrupted,
+            ]
+            .into_iter()
+            .map(KindPattern::Exact)
+            .collect(),
+            ..EventFilter::default()
+        };
+        let (mut after, mut taken) = (0, 0usize);
+        loop {
+            let page = match store.events_after_pos(after, &filter, SEED_PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "cannot read other nodes' sessions from the event log; their owners \
+                         are learned again as their events arrive"
+                    );
+                    return;
+                }
+            };
+            {
+                let mut table = self.table();
+                for item in &page.events {
+                    if item.event.node() != this {
+                        table.apply(this, &item.event);
+                        taken += 1;
+                    }
+                }
+            }
+            if !page.more || page.through_pos <= after {
+                break;
+            }
+            after = page.through_pos;
+        }
+        if taken > 0 {
+            tracing::debug!(
+                events = taken,
+                "other nodes' sessions read from the event log"
+            );
+        }
+    }
+}
+
+/// Events read from the log per page when the table is seeded.
+const SEED_PAGE: usize = 1_000;
 
 #[cfg(test)]
 mod tests {
