@@ -1,6 +1,8 @@
-//! The gateway through the real binary and the fake provider: pass-through, retries as told,
-//! no retry where it cannot help, the breaker with fallback, errors after a stream began, the
-//! local budget shielding the provider, and `/v1/models` and `/v1/providers`.
+//! The gateway through the real binary and the fake provider: pass-through, retries as told
+//! (also of a stream that failed before any text), no retry where it cannot help, the breaker
+//! with fallback, errors after a stream began, the local budget shielding the provider, one
+//! model's reported rate limits holding up that model only, and `/v1/models` and
+//! `/v1/providers`.
 
 use std::time::Duration;
 
@@ -578,7 +580,7 @@ async fn provider_timeouts_are_retried_then_answered_504_or_as_the_streams_error
     let config = provider(
         "fake",
         &fake,
-        "timeouts = { first_byte_ms = 200, between_chunks_ms = 200 }\n\
+        "timeouts = { first_byte_ms = 600, between_chunks_ms = 200 }\n\
          retry = { max_attempts = 2, base_ms = 10, max_delay_ms = 10 }\n\
          breaker = { failure_threshold = 100 }",
     );
@@ -616,10 +618,17 @@ async fn provider_timeouts_are_retried_then_answered_504_or_as_the_streams_error
     assert_eq!(response.status(), 200);
     assert_eq!(fake.arrivals().len(), 2);
 
-    // A stream that stalls after it began: no retry (bytes went out), an error chunk instead
-    // of a silent end.
+    // A stream whose role chunk comes at once but its first text only after the first-byte
+    // timeout has not begun: retried, then 504.
     fake.reset();
     let response = gateway.ask("fake/fake-trickle-2000", true).await;
+    assert_eq!(response.status(), 504);
+    assert_eq!(fake.arrivals().len(), 2);
+
+    // A stream that stalls after it began (its first text in time, the next one later than
+    // the gap): no retry (bytes went out), an error chunk instead of a silent end.
+    fake.reset();
+    let response = gateway.ask("fake/fake-trickle-350", true).await;
     assert_eq!(response.status(), 200);
     let events = sse_data(response).await;
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
@@ -751,6 +760,93 @@ async fn a_sustained_load_stays_inside_the_providers_rpm_and_tpm_when_the_budget
     assert_eq!(fake.counts().get(&200), Some(&answered));
     let (_, limited) = events.next_of("provider.rate_limited").await;
     assert_eq!(limited["data"]["source"], "budget");
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_models_exhausted_rate_limit_headers_do_not_hold_up_the_providers_other_models() {
+    // The fake limits each model to 2 requests a minute and reports it in its
+    // `x-ratelimit-*` headers, as OpenAI does; troupe has no `rpm` of its own.
+    let fake = FakeProvider::start(FakeConfig {
+        rpm: 2,
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = provider("fake", &fake, "retry = { max_wait_secs = 1 }");
+    let gateway = Gateway::start(&config).await;
+    for _ in 0..2 {
+        let response = gateway.ask("fake/m1", false).await;
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    }
+    // m1's answer said "0 left, full in a minute": that is m1's limit, not m2's.
+    let response = gateway.ask("fake/m2", false).await;
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    let models: Vec<Option<String>> = fake.arrivals().into_iter().map(|a| a.model).collect();
+    assert_eq!(
+        models,
+        [Some("m1".into()), Some("m1".into()), Some("m2".into())]
+    );
+    // m1 itself is held back by troupe (a 429 past `max_wait_secs`), never sent to be refused.
+    let response = gateway.ask("fake/m1", false).await;
+    assert_eq!(response.status(), 429);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(fake.arrivals().len(), 3);
+    assert_eq!(fake.counts().get(&429), None, "{:?}", fake.counts());
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_after_its_start_but_before_any_text_is_retried_not_committed() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "añb€c".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    // The first attempt gets Anthropic's `message_start` (a role chunk, no text), then an
+    // `overloaded_error` event; the retry gets the whole answer.
+    let config = format!(
+        "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{}/v1\"\n\
+         retry = {{ max_attempts = 2, base_ms = 10, max_delay_ms = 10 }}\n",
+        fake.base_url()
+    );
+    let gateway = Gateway::start(&config).await;
+    let response = gateway
+        .ask("claude/fake-fail-error-after-start-then-ok:1", true)
+        .await;
+    assert_eq!(response.status(), 200);
+    let events = sse_data(response).await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|chunk| chunk.get("error").is_none()),
+        "{chunks:?}"
+    );
+    // One answer, as a successful stream looks: the role first, then the text.
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "añb€c");
+    assert_eq!(
+        chunks
+            .iter()
+            .filter(|chunk| chunk["choices"][0]["delta"]["role"] == "assistant")
+            .count(),
+        1,
+        "{chunks:?}"
+    );
+    assert_eq!(fake.arrivals().len(), 2);
     fake.shutdown().await;
 }
 

@@ -75,10 +75,11 @@ pub struct Committed<R> {
 /// Why a call got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
-    /// troupe's own limits for the provider would have kept the call waiting too long.
+    /// troupe's own limits for the provider, or the limits the provider reported for the
+    /// model, would have kept the call waiting too long.
     #[error(
-        "{target}: troupe's {} limit for this provider is spent; retry in {} ms",
-        limit.as_str(),
+        "{target}: {} is spent; retry in {} ms",
+        limit.describe(),
         retry_after.as_millis()
     )]
     Throttled {

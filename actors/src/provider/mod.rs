@@ -6,7 +6,9 @@
 //! None of them reads a clock, sleeps, draws random numbers or performs I/O. Calls reach the
 //! network only through the [`ProviderClient`] port the node implements.
 //!
-//! - [`budget`]: the dual requests-per-minute / tokens-per-minute budget.
+//! - [`budget`]: the dual requests-per-minute / tokens-per-minute budget (the user's own, for the
+//!   whole provider).
+//! - [`model_limits`]: what the provider's rate-limit headers said is left, per model.
 //! - [`breaker`]: closed → open → half-open, on consecutive failures and on failure rate.
 //! - [`retry`]: jittered exponential backoff honouring the provider's hint.
 //! - [`headers`]: `x-ratelimit-*`, `anthropic-ratelimit-*`, `retry-after`, `retry-after-ms`.
@@ -25,6 +27,7 @@ pub mod budget;
 pub mod call;
 pub mod failure;
 pub mod headers;
+pub mod model_limits;
 pub mod port;
 pub mod retry;
 pub mod route;
@@ -54,6 +57,7 @@ pub use budget::{
     Budget, BudgetConfig, BudgetError, BudgetRemaining, Reservation, Wait, WaitDecision, WaitReason,
 };
 pub use headers::{RateLimitSnapshot, retry_after};
+pub use model_limits::{ModelCharge, ModelLimits};
 pub use retry::{GiveUpReason, RetryConfig, RetryDecision, RetryPolicy};
 
 use std::time::Instant;

@@ -6,22 +6,27 @@
 //! — for the actor to carry out. It never reads a clock, sleeps or performs I/O, so tests drive it
 //! without an actor or a runtime.
 //!
-//! A call is admitted when the breaker lets it through, a concurrency slot is free and the budget
-//! has room for one request and its token estimate. Calls that cannot go yet wait in one FIFO
-//! queue (bounded by [`ProviderSpec::max_queue`]) for at most the retry schedule's `max_wait`
-//! minus what they already waited; past that they are refused with a hint when to come back.
+//! A call is admitted when its model's reported limits are not spent, the breaker lets it
+//! through, a concurrency slot is free and the budget has room for one request and its token
+//! estimate. Calls that cannot go yet wait in one FIFO queue (bounded by
+//! [`ProviderSpec::max_queue`]) for at most the retry schedule's `max_wait` minus what they
+//! already waited; past that they are refused with a hint when to come back. A call waiting
+//! for its model's reported limits holds up later calls to that model only; one waiting for
+//! the budget or a slot holds up the calls behind it.
 //! Every admitted call holds a [`Ticket`] and is reported back exactly once with a [`Report`]:
-//! the reservation is reconciled from the reported usage, the budget resynced from the
-//! provider's rate-limit headers, the breaker told what the answer says about the provider.
+//! the reservation is reconciled from the reported usage, the provider's rate-limit headers
+//! update the limits of the model called (they are per model: [`ModelLimits`]), the breaker is
+//! told what the answer says about the provider.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::breaker::{Permit, RejectReason, Transition};
-use super::budget::{BudgetError, Reservation, WaitDecision, WaitReason};
+use super::budget::{BudgetError, Reservation, Wait, WaitDecision, WaitReason};
 use super::failure::{ErrorClass, ErrorKind};
 use super::headers::RateLimitSnapshot;
+use super::model_limits::{ModelCharge, ModelLimits};
 use super::retry::{GiveUpReason, RetryDecision};
 use super::spec::{ProviderSpec, Target};
 use super::stats::{ErrorRecord, ProviderShared, ProviderSnapshot, RecentErrors, bump};
@@ -102,7 +107,8 @@ pub enum Refusal {
     },
 }
 
-/// Which of troupe's own limits refused a call.
+/// Which limit kept a call from being sent: troupe's own, or what the provider's rate-limit
+/// headers reported for the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LocalLimit {
     /// Requests per minute.
@@ -113,16 +119,46 @@ pub enum LocalLimit {
     Concurrency,
     /// Too many calls were already waiting.
     Queue,
+    /// The requests the provider reported left for the model, until its reset.
+    ModelRequests,
+    /// The tokens the provider reported left for the model, until its reset.
+    ModelTokens,
 }
 
 impl LocalLimit {
-    /// `requests`, `tokens`, `concurrency` or `queue`.
+    /// `requests`, `tokens`, `concurrency`, `queue`, `model_requests` or `model_tokens`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requests => "requests",
             Self::Tokens => "tokens",
             Self::Concurrency => "concurrency",
             Self::Queue => "queue",
+            Self::ModelRequests => "model_requests",
+            Self::ModelTokens => "model_tokens",
+        }
+    }
+
+    /// The limit in words, for messages: "troupe's requests limit for this provider", "the
+    /// provider's requests limit for this model".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Requests => "troupe's requests limit for this provider",
+            Self::Tokens => "troupe's tokens limit for this provider",
+            Self::Concurrency => "troupe's concurrency limit for this provider",
+            Self::Queue => "troupe's queue limit for this provider",
+            Self::ModelRequests => {
+                "the provider's requests limit for this model (as its rate-limit headers report it)"
+            }
+            Self::ModelTokens => {
+                "the provider's tokens limit for this model (as its rate-limit headers report it)"
+            }
+        }
+    }
+
+    fn of_model(reason: WaitReason) -> Self {
+        match reason {
+            WaitReason::Requests => Self::ModelRequests,
+            WaitReason::Tokens => Self::ModelTokens,
         }
     }
 }
@@ -201,6 +237,8 @@ pub enum Effect<W> {
 
 struct InFlight {
     reservation: Reservation,
+    /// What the call took from its model's reported limits.
+    charge: ModelCharge,
     permit: Permit,
 }
 
@@ -221,8 +259,10 @@ pub struct ProviderState<W> {
     next_seq: u64,
     in_flight: HashMap<u64, InFlight>,
     queue: VecDeque<Queued<W>>,
-    /// When the budget has room for the call at the head of the queue.
-    budget_wake: Option<Instant>,
+    /// What the provider's rate-limit headers said is left, per model.
+    model_limits: ModelLimits,
+    /// When the budget or a model's reported limits have room for a waiting call.
+    room_wake: Option<Instant>,
     /// The earliest deadline in the queue, when it may have passed (`None` when unknown).
     earliest_deadline: Option<Instant>,
     /// Why the provider is failing, since its last success.
@@ -243,7 +283,8 @@ impl<W: Waiter> ProviderState<W> {
             next_seq: 0,
             in_flight: HashMap::new(),
             queue: VecDeque::new(),
-            budget_wake: None,
+            model_limits: ModelLimits::new(),
+            room_wake: None,
             earliest_deadline: None,
             trouble: None,
             health: HealthStatus::Healthy,
@@ -323,11 +364,14 @@ impl<W: Waiter> ProviderState<W> {
                 Outcome::Succeeded { tokens },
                 Some(InFlight {
                     reservation,
+                    charge,
                     permit,
                 }),
             ) => {
                 let used = tokens.unwrap_or_else(|| reservation.tokens());
                 self.policy.budget.reconcile(reservation, used, now);
+                self.model_limits
+                    .reconcile(&report.model, charge, used, now);
                 transition = self.policy.breaker.on_success(permit, now);
             }
             (
@@ -337,13 +381,16 @@ impl<W: Waiter> ProviderState<W> {
                 },
                 Some(InFlight {
                     reservation,
+                    charge,
                     permit,
                 }),
             ) => {
                 if *reached_provider {
                     self.policy.budget.reconcile(reservation, 0, now);
+                    self.model_limits.reconcile(&report.model, charge, 0, now);
                 } else {
                     self.policy.budget.release(reservation, now);
+                    self.model_limits.release(&report.model, charge, now);
                 }
                 transition = if class.kind.is_provider_fault() {
                     self.policy.breaker.on_failure(permit, now)
@@ -368,14 +415,18 @@ impl<W: Waiter> ProviderState<W> {
                 Outcome::Abandoned { reached_provider },
                 Some(InFlight {
                     reservation,
+                    charge,
                     permit,
                 }),
             ) => {
                 if *reached_provider {
                     let estimate = reservation.tokens();
                     self.policy.budget.reconcile(reservation, estimate, now);
+                    self.model_limits
+                        .reconcile(&report.model, charge, estimate, now);
                 } else {
                     self.policy.budget.release(reservation, now);
+                    self.model_limits.release(&report.model, charge, now);
                 }
                 self.policy.breaker.release(permit);
             }
@@ -383,7 +434,9 @@ impl<W: Waiter> ProviderState<W> {
             (_, None) => {}
         }
         if !report.rate_limits.is_empty() {
-            self.policy.budget.resync(&report.rate_limits, now);
+            // The provider's figures are the model's, not the whole provider's.
+            self.model_limits
+                .learn(&report.model, &report.rate_limits, now);
             self.announce_exhausted_headers(&report, session.clone());
         }
         if let Some(transition) = transition {
@@ -497,7 +550,7 @@ impl<W: Waiter> ProviderState<W> {
         if self.queue.is_empty() {
             return None;
         }
-        match (self.budget_wake, self.earliest_deadline) {
+        match (self.room_wake, self.earliest_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -526,8 +579,8 @@ impl<W: Waiter> ProviderState<W> {
     /// Admits calls from the head of the queue while they can go, then refuses those still
     /// waiting whose allowance has run out.
     fn pump(&mut self, now: Instant) {
-        self.budget_wake = None;
-        self.admit_from_head(now);
+        self.room_wake = None;
+        self.admit_waiting(now);
         if self
             .earliest_deadline
             .is_some_and(|deadline| deadline <= now)
@@ -536,21 +589,39 @@ impl<W: Waiter> ProviderState<W> {
         }
     }
 
-    fn admit_from_head(&mut self, now: Instant) {
+    /// Admits waiting calls in order while they can go. A call whose model's reported limits are
+    /// spent stays, with the later calls to that model; the calls behind it to other models go
+    /// on. A call short of budget or of a slot stops the round: they are the whole provider's.
+    fn admit_waiting(&mut self, now: Instant) {
         let max_concurrency = self.spec().max_concurrency.max(1);
-        while let Some(head) = self.queue.front_mut() {
-            if head.reply.is_gone() {
-                self.queue.pop_front();
+        // Models whose first waiting call waits for their reported limits (few: a Vec).
+        let mut held: Vec<String> = Vec::new();
+        let mut index = 0;
+        while let Some(waiter) = self.queue.get(index) {
+            if waiter.reply.is_gone() {
+                self.queue.remove(index);
                 continue;
             }
             if self.in_flight.len() >= max_concurrency {
                 break;
             }
-            let session = head.request.session.clone();
+            if held.contains(&waiter.request.model) {
+                index += 1;
+                continue;
+            }
+            let session = waiter.request.session.clone();
+            if let Some(wait) = self.model_limits.wait(&waiter.request.model, now) {
+                let limit = LocalLimit::of_model(wait.reason);
+                if self.wait_or_give_up(index, wait, limit, RateLimitSource::Headers, now) {
+                    held.push(self.queue[index].request.model.clone());
+                    index += 1;
+                }
+                continue;
+            }
             let admitted = match self.policy.breaker.allow(now) {
                 Ok(admitted) => admitted,
                 Err(rejected) => {
-                    let waiter = self.queue.pop_front().expect("the head exists");
+                    let waiter = self.queue.remove(index).expect("the waiter exists");
                     bump(&self.shared.stats.breaker_rejections);
                     let refusal = Refusal::BreakerOpen {
                         retry_in: rejected.retry_in,
@@ -562,16 +633,13 @@ impl<W: Waiter> ProviderState<W> {
                 }
             };
             if let Some(transition) = admitted.transition {
-                self.breaker_event(transition, session.clone());
+                self.breaker_event(transition, session);
             }
-            let head = self.queue.front_mut().expect("the head exists");
-            match self
-                .policy
-                .budget
-                .try_reserve(head.request.estimate_tokens, now)
-            {
+            let estimate = self.queue[index].request.estimate_tokens;
+            match self.policy.budget.try_reserve(estimate, now) {
                 Ok(reservation) => {
-                    let waiter = self.queue.pop_front().expect("the head exists");
+                    let waiter = self.queue.remove(index).expect("the waiter exists");
+                    let charge = self.model_limits.take(&waiter.request.model, estimate, now);
                     let seq = self.next_seq;
                     self.next_seq += 1;
                     let probe = admitted.permit.is_probe();
@@ -579,6 +647,7 @@ impl<W: Waiter> ProviderState<W> {
                         seq,
                         InFlight {
                             reservation,
+                            charge,
                             permit: admitted.permit,
                         },
                     );
@@ -599,7 +668,7 @@ impl<W: Waiter> ProviderState<W> {
                     limit,
                 }) => {
                     self.policy.breaker.release(admitted.permit);
-                    let waiter = self.queue.pop_front().expect("the head exists");
+                    let waiter = self.queue.remove(index).expect("the waiter exists");
                     bump(&self.shared.stats.throttled);
                     let refusal = Refusal::TooLarge {
                         dimension,
@@ -611,44 +680,53 @@ impl<W: Waiter> ProviderState<W> {
                 }
                 Err(BudgetError::Wait(wait)) => {
                     self.policy.breaker.release(admitted.permit);
-                    let waited = head
-                        .request
-                        .waited
-                        .saturating_add(now.saturating_duration_since(head.enqueued));
                     let limit = match wait.reason {
                         WaitReason::Requests => LocalLimit::Requests,
                         WaitReason::Tokens => LocalLimit::Tokens,
                     };
-                    match wait.decide(self.policy.retry.max_wait(), waited) {
-                        WaitDecision::GiveUp { retry_after } => {
-                            let waiter = self.queue.pop_front().expect("the head exists");
-                            bump(&self.shared.stats.throttled);
-                            self.rate_limited(
-                                &waiter.request.model,
-                                Some(retry_after),
-                                RateLimitSource::Budget,
-                                session,
-                            );
-                            let refusal = Refusal::Throttled { retry_after, limit };
-                            self.effects
-                                .push(Effect::Reply(waiter.reply, Admission::Refused(refusal)));
-                        }
-                        WaitDecision::WaitFor(delay) => {
-                            if !head.announced {
-                                head.announced = true;
-                                let model = head.request.model.clone();
-                                self.rate_limited(
-                                    &model,
-                                    Some(delay),
-                                    RateLimitSource::Budget,
-                                    session,
-                                );
-                            }
-                            self.budget_wake = Some(now.checked_add(delay).unwrap_or(now));
-                            break;
-                        }
+                    if self.wait_or_give_up(index, wait, limit, RateLimitSource::Budget, now) {
+                        break;
                     }
                 }
+            }
+        }
+    }
+
+    /// The waiting call at `index` must wait `wait` for `limit`: it keeps waiting (announced
+    /// once, a wake-up set; true) if that fits its allowance, else it is refused (false).
+    fn wait_or_give_up(
+        &mut self,
+        index: usize,
+        wait: Wait,
+        limit: LocalLimit,
+        source: RateLimitSource,
+        now: Instant,
+    ) -> bool {
+        let waiter = &mut self.queue[index];
+        let session = waiter.request.session.clone();
+        let waited = waiter
+            .request
+            .waited
+            .saturating_add(now.saturating_duration_since(waiter.enqueued));
+        match wait.decide(self.policy.retry.max_wait(), waited) {
+            WaitDecision::GiveUp { retry_after } => {
+                let waiter = self.queue.remove(index).expect("the waiter exists");
+                bump(&self.shared.stats.throttled);
+                self.rate_limited(&waiter.request.model, Some(retry_after), source, session);
+                let refusal = Refusal::Throttled { retry_after, limit };
+                self.effects
+                    .push(Effect::Reply(waiter.reply, Admission::Refused(refusal)));
+                false
+            }
+            WaitDecision::WaitFor(delay) => {
+                if !waiter.announced {
+                    waiter.announced = true;
+                    let model = waiter.request.model.clone();
+                    self.rate_limited(&model, Some(delay), source, session);
+                }
+                let at = now.checked_add(delay).unwrap_or(now);
+                self.room_wake = Some(self.room_wake.map_or(at, |wake| wake.min(at)));
+                true
             }
         }
     }

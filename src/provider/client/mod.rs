@@ -9,11 +9,18 @@
 //! go through [`classify`](super::classify). API keys are read once from the environment
 //! variables the configuration names, sent as sensitive header values and never logged.
 //!
+//! A stream is handed over (and its call committed) at its first chunk that carries content:
+//! the chunks before it that carry none (Anthropic's `message_start` as a role chunk, an empty
+//! delta) are held back, a few at most, and sent in order with it. So a failure after them but
+//! before any content is a failure before the first byte, retried or sent to a fallback like
+//! any other.
+//!
 //! Timeouts (`timeouts = { … }` of a provider): connecting (`connect_ms`), the first byte of
 //! the answer (`first_byte_secs` or `_ms`, from sending the request to the headers and, for a
-//! stream, to its first event), and the gap between two pieces of a body or stream
-//! (`between_chunks_secs` or `_ms`). A connect timeout is a connection failure (the request
-//! never reached the provider); the other two are [`ErrorKind::Timeout`].
+//! stream, to its first chunk with content), and the gap between two pieces of a body or
+//! stream after that (`between_chunks_secs` or `_ms`). A connect timeout is a connection
+//! failure (the request never reached the provider); the other two are
+//! [`ErrorKind::Timeout`].
 
 mod anthropic;
 mod gemini;
@@ -39,7 +46,7 @@ use troupe_actors::provider::{
 use super::classify::{TransportFailure, classify_http, classify_transport};
 use super::{ProviderKind, header_pairs};
 use crate::config::ProviderConfig;
-use sse::SseEvents;
+use sse::{MAX_HELD_CHUNKS, SseEvents, carries_content};
 
 /// Largest non-streamed answer read from a provider.
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
@@ -376,30 +383,22 @@ impl HttpProvider {
                 Box::pin(response.bytes_stream()),
                 translator,
                 self.timeouts.between_chunks,
-            );
-            // Wait for the first chunk, so that a failure before it can still be retried.
-            let first = match tokio::time::timeout_at(deadline, events.next()).await {
-                Err(_) => return Err(self.first_byte_timeout()),
-                Ok(None) => {
-                    return Err(Failed {
-                        class: ErrorClass {
-                            message: Some("the stream ended before any event".into()),
-                            ..ErrorClass::of_kind(ErrorKind::Connection)
-                        },
-                        rate_limits,
-                        reached_provider: true,
-                    });
-                }
-                Ok(Some(Err(class))) => {
+            )
+            .fuse();
+            // Wait for the first chunk with content, so that a failure before it can still be
+            // retried.
+            let held = match hold_back(&mut events, deadline).await {
+                Ok(held) => held,
+                Err(BeforeContent::Timeout) => return Err(self.first_byte_timeout()),
+                Err(BeforeContent::Failed(class)) => {
                     return Err(Failed {
                         class,
                         rate_limits,
                         reached_provider: true,
                     });
                 }
-                Ok(Some(Ok(first))) => first,
             };
-            let inner = futures::stream::once(async move { Ok(first) }).chain(events);
+            let inner = futures::stream::iter(held.into_iter().map(Ok)).chain(events);
             return Ok(Answer {
                 reply: ChatReply::Stream(ChunkStream {
                     inner: Box::pin(inner),
@@ -464,6 +463,50 @@ impl HttpProvider {
             rate_limits,
             progress: Progress::Complete { tokens },
         })
+    }
+}
+
+/// Why a stream failed before its first chunk with content.
+#[derive(Debug)]
+enum BeforeContent {
+    /// The first-byte deadline passed.
+    Timeout,
+    /// An error event, a broken connection, or the end without any chunk.
+    Failed(ErrorClass),
+}
+
+/// Reads `events` up to their first chunk that [carries content](carries_content), holding
+/// back the chunks before it (at most [`MAX_HELD_CHUNKS`]; past them the stream counts as begun
+/// anyway), and returns them all in order, that one last. The end of the stream after some
+/// chunks also returns them (an answer without content). Each chunk is waited for until
+/// `deadline`.
+async fn hold_back<S>(
+    events: &mut S,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<Bytes>, BeforeContent>
+where
+    S: Stream<Item = Result<Bytes, ErrorClass>> + Unpin,
+{
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return Err(BeforeContent::Timeout),
+            Ok(None) if held.is_empty() => {
+                return Err(BeforeContent::Failed(ErrorClass {
+                    message: Some("the stream ended before any event".into()),
+                    ..ErrorClass::of_kind(ErrorKind::Connection)
+                }));
+            }
+            Ok(None) => return Ok(held),
+            Ok(Some(Err(class))) => return Err(BeforeContent::Failed(class)),
+            Ok(Some(Ok(chunk))) => {
+                let begun = carries_content(&chunk);
+                held.push(chunk);
+                if begun || held.len() >= MAX_HELD_CHUNKS {
+                    return Ok(held);
+                }
+            }
+        }
     }
 }
 

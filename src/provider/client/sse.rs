@@ -1,6 +1,11 @@
 //! A provider's event stream as OpenAI chunks: SSE parsing (with a cap on one event and a
 //! timeout between pieces), and a translator per provider kind that turns its events into
 //! `chat.completion.chunk` JSON, recognises its end marker and classifies its error events.
+//!
+//! A stream begins with its first chunk that [carries content](carries_content): the chunks
+//! before it (a role, an empty delta) say nothing yet, so the client holds them back and a
+//! failure among them is still one before the first byte. Until it begins, the wait is the
+//! first-byte deadline's; the gap between chunks counts from there.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -11,12 +16,50 @@ use std::time::Duration;
 use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
+use serde_json::Value;
 use troupe_actors::provider::{ErrorClass, ErrorKind};
 
 use super::MAX_EVENT_BYTES;
 use super::{anthropic, gemini, openai};
 use crate::provider::ProviderKind;
 use crate::provider::classify::{TransportFailure, classify_transport};
+
+/// Chunks without content held back before a stream counts as begun, at most: past them it
+/// begins anyway.
+pub(super) const MAX_HELD_CHUNKS: usize = 8;
+
+/// True when an OpenAI chunk carries something for its caller: text or any other delta field
+/// (tool calls, a refusal, …) that is not empty, a finish reason, or usage. A chunk whose
+/// choices carry at most a role and empty content does not, nor one with an empty `choices`
+/// (Azure's `prompt_filter_results` chunk). Anything not shaped like a chunk counts as content.
+pub(super) fn carries_content(chunk: &[u8]) -> bool {
+    let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(chunk) else {
+        return true;
+    };
+    if chunk.get("usage").is_some_and(|usage| !usage.is_null()) {
+        return true;
+    }
+    let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+        return true;
+    };
+    let empty = |value: &Value| match value {
+        Value::Null => true,
+        Value::String(text) => text.is_empty(),
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    };
+    choices.iter().any(|choice| {
+        let finished = choice.get("finish_reason").is_some_and(|r| !r.is_null());
+        let delta = match choice.get("delta") {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(delta)) => delta
+                .iter()
+                .any(|(key, value)| key != "role" && !empty(value)),
+            Some(_) => true,
+        };
+        finished || delta
+    })
+}
 
 /// What a translator made of one event.
 pub(super) enum EventStep {
@@ -132,8 +175,11 @@ struct State {
     ended: bool,
     done: bool,
     gap: Duration,
-    /// An event (or the end) has come.
-    received_any: bool,
+    /// A chunk with content was passed on, or [`MAX_HELD_CHUNKS`] chunks were: the stream has
+    /// begun and the gap between events counts.
+    started: bool,
+    /// Chunks passed on before it began.
+    passed: usize,
 }
 
 impl SseEvents {
@@ -153,24 +199,28 @@ impl SseEvents {
             ended: false,
             done: false,
             gap,
-            received_any: false,
+            started: false,
+            passed: 0,
         };
         let inner = futures::stream::unfold(state, |mut state| async move {
             loop {
                 if let Some(chunk) = state.pending.pop_front() {
+                    if !state.started {
+                        state.passed += 1;
+                        state.started = state.passed >= MAX_HELD_CHUNKS || carries_content(&chunk);
+                    }
                     return Some((Ok(chunk), state));
                 }
                 if state.ended {
                     return None;
                 }
-                // The first event is waited for under the caller's first-byte deadline; the
-                // gap counts from one event to the next.
-                let next = if state.received_any {
+                // Until the stream began (its first content), events are waited for under the
+                // caller's first-byte deadline; from there the gap counts from one to the next.
+                let next = if state.started {
                     tokio::time::timeout(state.gap, state.events.next()).await
                 } else {
                     Ok(state.events.next().await)
                 };
-                state.received_any = true;
                 let failure = match next {
                     Err(_) => ErrorClass {
                         message: Some(format!(

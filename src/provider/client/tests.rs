@@ -337,14 +337,20 @@ async fn a_trickle_slower_than_the_gap_fails_the_body_or_ends_the_stream_with_a_
             .expect_err("a gap past between_chunks");
         assert_eq!(failed.class.kind, ErrorKind::Timeout, "{kind}");
         assert!(failed.reached_provider);
-        // A stream: the first event comes at once (the call is committed), the next too late:
-        // the stream ends with a timeout instead of hanging or ending as if complete.
+        // A stream whose events come 400 ms apart: its first text comes within the first-byte
+        // timeout (the events before it, a role or Anthropic's `message_start`, wait under that
+        // one, not the gap) and the call is committed with it; the next event is too late: the
+        // stream ends with a timeout instead of hanging or ending as if complete.
         let answer = provider
-            .send("fake-trickle-2000", &request(true))
+            .send("fake-trickle-400", &request(true))
             .await
-            .expect("the first event in time");
-        let (_, error) = collect(answer.reply).await;
+            .expect("the first text in time");
+        let (text, error) = collect(answer.reply).await;
         assert_eq!(error, Some(ErrorKind::Timeout), "{kind}");
+        assert!(
+            !text.is_empty(),
+            "{kind}: the first text came with the commit"
+        );
         // A trickle inside the gap is a complete answer.
         let answer = provider
             .send("fake-trickle-20", &request(true))
@@ -504,5 +510,123 @@ async fn a_prompt_gemini_blocks_is_a_content_filter_error_not_a_server_error() {
     }
     // The fake answered 200 both times: what made them failures is the body.
     assert_eq!(fake.arrivals().len(), 2);
+    fake.shutdown().await;
+}
+
+/// A chunk in OpenAI's shape with `delta` and `finish_reason`.
+fn chunk(delta: Value, finish_reason: Value) -> bytes::Bytes {
+    bytes::Bytes::from(
+        json!({"object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+        .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn chunks_without_content_are_held_back_until_the_first_with_content() {
+    use super::{BeforeContent, MAX_HELD_CHUNKS, hold_back};
+    use troupe_actors::provider::ErrorClass;
+
+    let role = chunk(
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        Value::Null,
+    );
+    let empty = chunk(json!({}), Value::Null);
+    let text = chunk(json!({"content": "Hi"}), Value::Null);
+    let finish = chunk(json!({}), json!("stop"));
+    let overloaded = ErrorClass::of_kind(ErrorKind::Overloaded);
+    let deadline = || tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let stream = |items: Vec<Result<bytes::Bytes, ErrorClass>>| futures::stream::iter(items);
+
+    // Held until the text, then all in order; what follows stays in the stream.
+    let mut events = stream(vec![
+        Ok(role.clone()),
+        Ok(empty.clone()),
+        Ok(text.clone()),
+        Ok(finish.clone()),
+    ]);
+    let held = hold_back(&mut events, deadline()).await.expect("begun");
+    assert_eq!(held, [role.clone(), empty.clone(), text.clone()]);
+    assert_eq!(events.next().await, Some(Ok(finish.clone())));
+
+    // A failure after only empty chunks is a failure before the first byte.
+    let mut events = stream(vec![Ok(role.clone()), Err(overloaded.clone())]);
+    assert!(matches!(
+        hold_back(&mut events, deadline()).await,
+        Err(BeforeContent::Failed(class)) if class.kind == ErrorKind::Overloaded
+    ));
+
+    // A finish counts as content; an end after empty chunks hands them over.
+    let mut events = stream(vec![Ok(role.clone()), Ok(finish.clone())]);
+    let held = hold_back(&mut events, deadline()).await.expect("begun");
+    assert_eq!(held, [role.clone(), finish]);
+    let mut events = stream(vec![Ok(role.clone())]);
+    let held = hold_back(&mut events, deadline()).await.expect("ended");
+    assert_eq!(held, vec![role.clone()]);
+    let mut events = stream(Vec::new());
+    assert!(matches!(
+        hold_back(&mut events, deadline()).await,
+        Err(BeforeContent::Failed(class)) if class.kind == ErrorKind::Connection
+    ));
+
+    // At most a handful are held: past them the stream counts as begun.
+    let mut events = stream(vec![Ok(empty.clone()); MAX_HELD_CHUNKS + 5]);
+    let held = hold_back(&mut events, deadline()).await.expect("begun");
+    assert_eq!(held.len(), MAX_HELD_CHUNKS);
+
+    // Nothing with content before the deadline: a first-byte timeout.
+    let mut events = stream(vec![Ok(role)]).chain(futures::stream::pending());
+    let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+    assert!(matches!(
+        hold_back(&mut events, soon).await,
+        Err(BeforeContent::Timeout)
+    ));
+}
+
+#[test]
+fn content_is_text_another_delta_field_a_finish_or_usage() {
+    use super::carries_content;
+    let no = [
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(
+            json!({"role": "assistant", "content": null, "tool_calls": []}),
+            Value::Null,
+        ),
+        chunk(json!({}), Value::Null),
+        bytes::Bytes::from(r#"{"choices": [], "prompt_filter_results": []}"#),
+    ];
+    for chunk in &no {
+        assert!(!carries_content(chunk), "{chunk:?}");
+    }
+    let yes = [
+        chunk(json!({"content": " "}), Value::Null),
+        chunk(json!({"tool_calls": [{"index": 0}]}), Value::Null),
+        chunk(json!({"reasoning_content": "hm"}), Value::Null),
+        chunk(json!({}), json!("stop")),
+        bytes::Bytes::from(r#"{"choices": [], "usage": {"total_tokens": 3}}"#),
+        bytes::Bytes::from("not json"),
+    ];
+    for chunk in &yes {
+        assert!(carries_content(chunk), "{chunk:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failure_after_the_message_start_but_before_any_text_is_a_failure_before_the_first_byte()
+{
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    for kind in [
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+        ProviderKind::Gemini,
+    ] {
+        let failed = client(&fake, kind)
+            .send("fake-error-after-start", &request(true))
+            .await
+            .expect_err("no text came: the call was not committed");
+        assert!(failed.class.retryable, "{kind}: {:?}", failed.class);
+        assert!(failed.class.fallback, "{kind}: {:?}", failed.class);
+        assert!(failed.reached_provider, "{kind}");
+    }
     fake.shutdown().await;
 }

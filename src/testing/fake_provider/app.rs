@@ -300,7 +300,7 @@ async fn answer(
         Behaviour::Fail(failure) => {
             return dialect.failure(failure, &request.model).into_response();
         }
-        Behaviour::StreamError if !streaming => {
+        Behaviour::StreamError | Behaviour::ErrorAfterStart if !streaming => {
             let overloaded = Failure {
                 kind: FailureKind::Overloaded,
                 array_wrapped: false,
@@ -338,7 +338,12 @@ async fn answer(
         },
         Behaviour::StreamError => {
             let mut pieces = body.first_half();
-            pieces.push(dialect.stream_error(request));
+            pieces.push(dialect.stream_error(request, pieces.is_empty()));
+            Delivery::immediate(pieces)
+        }
+        Behaviour::ErrorAfterStart => {
+            let mut pieces = body.head();
+            pieces.push(dialect.stream_error(request, pieces.is_empty()));
             Delivery::immediate(pieces)
         }
         // `FailThenOk` was settled before; the rest answer normally.
@@ -404,6 +409,14 @@ impl Body {
         match self {
             Self::Whole(bytes) => Delivery::immediate(split_evenly(bytes, TRICKLE_PIECES)),
             Self::Streamed(_) => self.immediate(),
+        }
+    }
+
+    /// What a stream sends before its first text (nothing for a whole body).
+    fn head(&self) -> Vec<Bytes> {
+        match self {
+            Self::Whole(_) => Vec::new(),
+            Self::Streamed(script) => script.head.clone(),
         }
     }
 

@@ -44,6 +44,11 @@ pub enum Behaviour {
     /// `overloaded_error`); a non-streaming request gets [`FailureKind::Overloaded`]
     /// (`stream-error`).
     StreamError,
+    /// Stream only what comes before the first text (OpenAI's role chunk, Anthropic's
+    /// `message_start` …; nothing for Gemini), then the provider's in-stream error (Anthropic
+    /// `event: error` with `overloaded_error`); a non-streaming request gets
+    /// [`FailureKind::Overloaded`] (`error-after-start`).
+    ErrorAfterStart,
     /// Refuse the prompt by content filter: Gemini answers 200 with `promptFeedback.blockReason`
     /// `SAFETY` and no `candidates` (streamed: that one element); OpenAI and Anthropic answer
     /// their 400 `invalid_request_error` (`prompt-blocked`, also `blocked`).
@@ -142,7 +147,8 @@ pub enum BehaviourParseError {
 pub const KNOWN_BEHAVIOURS: &str = "ok, echo, 429, 429-retry-after-S, 429-retry-after-ms-MS, \
      insufficient-quota, request-too-large, context-length-exceeded, overloaded, 500, 502, 503, \
      504, slow-headers-MS, slow-first-token-MS, trickle-MS, reset, close-mid-stream, \
-     split-chunks, stream-error, prompt-blocked, fail-<behaviour>-then-ok:N, and <error>-array";
+     split-chunks, stream-error, error-after-start, prompt-blocked, fail-<behaviour>-then-ok:N, \
+     and <error>-array";
 
 impl FromStr for Behaviour {
     type Err = BehaviourParseError;
@@ -205,6 +211,7 @@ fn parse_words(name: &str, words: &[&str]) -> Result<Behaviour, BehaviourParseEr
         ["close", "mid", "stream"] => Ok(Behaviour::CloseMidStream),
         ["split"] | ["split", "chunks"] => Ok(Behaviour::SplitChunks),
         ["stream", "error"] => Ok(Behaviour::StreamError),
+        ["error", "after", "start"] => Ok(Behaviour::ErrorAfterStart),
         ["prompt", "blocked"] | ["blocked"] => Ok(Behaviour::PromptBlocked),
         _ => Err(BehaviourParseError::Unknown {
             name: name.to_owned(),
@@ -244,6 +251,7 @@ impl fmt::Display for Behaviour {
             Self::CloseMidStream => f.write_str("close-mid-stream"),
             Self::SplitChunks => f.write_str("split-chunks"),
             Self::StreamError => f.write_str("stream-error"),
+            Self::ErrorAfterStart => f.write_str("error-after-start"),
             Self::PromptBlocked => f.write_str("prompt-blocked"),
         }
     }
@@ -355,11 +363,13 @@ mod tests {
             "close-mid-stream",
             "split-chunks",
             "stream-error",
+            "error-after-start",
             "prompt-blocked",
             "429-retry-after-2-array",
             "insufficient-quota-array",
             "fail-429-retry-after-ms-100-then-ok:3",
             "fail-slow-headers-50-then-ok:1",
+            "fail-error-after-start-then-ok:1",
         ] {
             assert_eq!(parse(name).to_string(), name);
         }

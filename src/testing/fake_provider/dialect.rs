@@ -161,12 +161,13 @@ impl Dialect {
         }
     }
 
-    /// The event that reports an error in the middle of a stream, ending it.
-    pub(super) fn stream_error(self, request: &ChatRequest) -> Bytes {
+    /// The event that reports an error in the middle of a stream, ending it; `first` when
+    /// nothing was sent before it.
+    pub(super) fn stream_error(self, request: &ChatRequest, first: bool) -> Bytes {
         match self {
             Self::OpenAi => openai::stream_error(),
             Self::Anthropic => anthropic::stream_error(),
-            Self::Gemini => gemini::stream_error(request.stream),
+            Self::Gemini => gemini::stream_error(request.stream, first),
         }
     }
 

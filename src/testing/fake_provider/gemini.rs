@@ -165,14 +165,15 @@ pub(super) fn prompt_blocked(completion: &Completion, stream: StreamFormat) -> B
 }
 
 /// Ends a stream with an error element; a JSON array is closed after it.
-pub(super) fn stream_error(stream: StreamFormat) -> Bytes {
+/// The error element ending a stream; `first` when nothing was sent before it.
+pub(super) fn stream_error(stream: StreamFormat, first: bool) -> Bytes {
     let error = error_body(
         503,
         "The model is overloaded. Please try again later.",
         "UNAVAILABLE",
         None,
     );
-    let framed = frame(stream, &error, false);
+    let framed = frame(stream, &error, first);
     match stream {
         StreamFormat::JsonArray => [framed, Bytes::from_static(b"]")].concat().into(),
         StreamFormat::Sse | StreamFormat::Off => framed,

@@ -46,6 +46,7 @@
 //! | `502` | 502, HTML page | same | same |
 //! | `<error>-array` | the error body inside a JSON array (Gemini does this) | same | same |
 //! | `stream-error` | deltas, then `data: {"error":…}`, no `[DONE]` | deltas, then `event: error` `overloaded_error` | deltas, then an `UNAVAILABLE` error element |
+//! | `error-after-start` | the role chunk, then `data: {"error":…}` (no text) | `message_start` … `ping`, then `event: error` `overloaded_error` (no text) | an `UNAVAILABLE` error element; not streamed: like `overloaded` |
 //! | `slow-headers-MS` | nothing for MS ms, then the answer | same | same |
 //! | `slow-first-token-MS` | headers at once, first body byte after MS ms | same | same |
 //! | `trickle-MS` | one event (or a quarter of a JSON body) every MS ms | same | same |

@@ -678,3 +678,103 @@ fn a_fallback_is_announced_by_the_provider_it_leaves() {
     ));
     assert_eq!(shared.stats.counters().fallbacks, 1);
 }
+
+fn request_for(model: &str) -> AdmitRequest {
+    AdmitRequest {
+        model: model.into(),
+        ..request(1, 10)
+    }
+}
+
+/// A call to `model` admitted and reported back with "0 requests left, full in `reset`".
+fn exhaust(state: &mut ProviderState<TestWaiter>, model: &str, reset: Duration, now: Instant) {
+    let ticket = admitted(&state.admit(request_for(model), TestWaiter::new(0), now));
+    let mut done = report(ticket, Outcome::Succeeded { tokens: Some(10) });
+    done.model = model.into();
+    done.rate_limits = RateLimitSnapshot {
+        requests_remaining: Some(0),
+        requests_reset: Some(reset),
+        ..RateLimitSnapshot::default()
+    };
+    finish(state, done, now);
+}
+
+#[test]
+fn headers_limit_the_model_they_came_with_not_the_whole_provider() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(spec(|spec| spec.policy.budget.rpm = Some(100)), 1, now);
+    exhaust(&mut state, "m1", secs(30), now);
+    // m1 waits for its reset (announced as the headers' limit)…
+    let effects = state.admit(request_for("m1"), TestWaiter::new(1), now);
+    assert!(replies(&effects).is_empty(), "m1 waits");
+    assert!(matches!(
+        events(&effects).as_slice(),
+        [EventData::ProviderRateLimited(ProviderRateLimited {
+            source: RateLimitSource::Headers,
+            retry_after_ms: Some(30_000),
+            model,
+            ..
+        })] if model == "m1"
+    ));
+    // …while m2, queued behind it, goes at once, and so does a call to any other model.
+    let effects = state.admit(request_for("m2"), TestWaiter::new(2), now);
+    assert!(matches!(
+        replies(&effects).as_slice(),
+        [(2, Admission::Admitted(_))]
+    ));
+    let effects = state.admit(request_for("m3"), TestWaiter::new(3), now);
+    assert!(matches!(
+        replies(&effects).as_slice(),
+        [(3, Admission::Admitted(_))]
+    ));
+    // A second call to m1 waits behind the first (FIFO per model).
+    assert!(
+        replies(&state.admit(request_for("m1"), TestWaiter::new(4), now)).is_empty(),
+        "m1 still waits"
+    );
+    // The provider-wide budget took the four admitted calls and nothing from the headers.
+    assert_eq!(state.snapshot().budget.remaining(now).requests, Some(97));
+    // At m1's reset both its calls go, in order.
+    assert_eq!(state.next_wake(), Some(now + secs(30)));
+    let effects = state.wake(now + secs(30));
+    let order: Vec<u32> = replies(&effects).iter().map(|(id, _)| *id).collect();
+    assert_eq!(order, [1, 4]);
+}
+
+#[test]
+fn a_models_reported_limit_past_the_allowance_is_refused_as_that_models() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(spec(|spec| spec.policy.retry.max_wait_secs = 10), 1, now);
+    exhaust(&mut state, "m1", secs(30), now);
+    let effects = state.admit(request_for("m1"), TestWaiter::new(1), now);
+    assert_eq!(
+        replies(&effects),
+        [(
+            1,
+            Admission::Refused(Refusal::Throttled {
+                retry_after: secs(30),
+                limit: LocalLimit::ModelRequests
+            })
+        )]
+    );
+    assert!(matches!(
+        events(&effects).as_slice(),
+        [EventData::ProviderRateLimited(ProviderRateLimited {
+            source: RateLimitSource::Headers,
+            ..
+        })]
+    ));
+    admitted(&state.admit(request_for("m2"), TestWaiter::new(2), now));
+}
+
+#[test]
+fn a_call_short_of_the_provider_wide_budget_still_holds_up_the_calls_behind_it() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(spec(|spec| spec.policy.budget.rpm = Some(1)), 1, now);
+    admitted(&state.admit(request_for("m1"), TestWaiter::new(1), now));
+    assert!(replies(&state.admit(request_for("m1"), TestWaiter::new(2), now)).is_empty());
+    assert!(
+        replies(&state.admit(request_for("m2"), TestWaiter::new(3), now)).is_empty(),
+        "the budget is the whole provider's: m2 waits its turn"
+    );
+}

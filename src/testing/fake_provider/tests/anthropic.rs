@@ -169,6 +169,37 @@ async fn stream_error_sends_deltas_then_an_overloaded_error_event() {
 }
 
 #[tokio::test]
+async fn error_after_start_sends_the_message_start_then_an_overloaded_error_event_and_no_text() {
+    let fake = start().await;
+    let response = post(
+        &fake,
+        "/v1/messages",
+        &request("fake-error-after-start", true),
+        &[],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let events = sse_events(&response.text().await.expect("whole stream"));
+    let names: Vec<&str> = events.iter().filter_map(|e| e.name.as_deref()).collect();
+    assert_eq!(
+        names,
+        ["message_start", "content_block_start", "ping", "error"],
+        "{events:?}"
+    );
+    let last = events.last().expect("events");
+    assert_eq!(parse_json(&last.data)["error"]["type"], "overloaded_error");
+    // Not streamed: the overloaded answer.
+    let response = post(
+        &fake,
+        "/v1/messages",
+        &request("fake-error-after-start", false),
+        &[],
+    )
+    .await;
+    assert_eq!(response.status().as_u16(), 529);
+}
+
+#[tokio::test]
 async fn every_answer_carries_anthropic_ratelimit_headers() {
     let fake = start_with(FakeConfig {
         rpm: 50,
