@@ -734,7 +734,10 @@ async fn a_restarted_node_names_the_down_owner_of_a_session_it_heard_of_before()
     assert_eq!(error["error"]["code"], "owner_unreachable", "{error}");
     assert_eq!(error["error"]["details"]["node"], "c", "{error}");
     let known = &error["error"]["details"]["session"];
-    assert_eq!(known["state"], "unreachable", "the last known record: {error}");
+    assert_eq!(
+        known["state"], "unreachable",
+        "the last known record: {error}"
+    );
     assert!(
         matches!(known["last_state"].as_str(), Some("queued" | "running")),
         "{error}"
