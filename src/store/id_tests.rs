@@ -211,7 +211,10 @@ async fn a_relayed_batch_is_answered_once_written_and_never_dropped_for_a_slow_d
     };
     let store = open_with(dir.path(), config).await;
     let (bus, _cell) = start_bus(&store).await;
+    // Published (after its id reservation) once a subscriber has it: its append was tried.
+    let mut own = bus.subscribe(EventFilter::all());
     bus.publish(None, progress(1));
+    assert!(own.recv().await.is_some());
     let batch = (1..=5).map(|seq| Event::clone(&item(0, peer("p1"), seq).event));
     assert_eq!(
         bus.relay_batch(&peer("p1"), None, batch.collect())
