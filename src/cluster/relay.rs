@@ -40,16 +40,17 @@ use crate::store::Store;
 use crate::wire::{self, WireError};
 
 /// The relay protocol version this build speaks (2: `Welcome` says where the stream starts, and
-/// several batches are in flight; 3: up to 64 of them, where a version-2 receiver refuses more
+/// several batches are in flight; 3: up to 256 of them, where a version-2 receiver refuses more
 /// than 16).
 pub const RELAY_VERSION: u16 = 3;
 /// Most events in one batch.
 pub const MAX_BATCH: usize = 256;
 /// Batches a sender keeps unacknowledged per link. A batch is acknowledged once the receiver's
-/// store wrote it, up to its append linger (10 ms) and a commit later: at 10,000 events/s a
-/// window of 16 filled within that time and held the sender back (relay p99 2.3–3.3 ms with two
-/// nodes, against 0.55–0.74 ms with 64).
-pub const WINDOW: usize = 64;
+/// store wrote it, up to its append linger (10 ms) and a commit later, so the window must cover
+/// that long: with 16, two nodes at 10,000 events/s had a relay p99 of 2.3–3.3 ms (the sender
+/// held back), and a burst went at half the rate it does with 256 (docs/PERFORMANCE.md). At
+/// most 256 × [`MAX_BATCH`] events wait for one receiver's disk.
+pub const WINDOW: usize = 256;
 /// How long the sender waits for an acknowledgement when its window is full, and either side
 /// for the handshake.
 const PATIENCE: Duration = Duration::from_secs(30);

@@ -663,11 +663,14 @@ async fn a_sender_keeps_at_most_a_window_of_unacknowledged_batches() {
     let a = node(temp.path(), "a", None, "", &[]).await;
     let (receiver, mut send, mut recv) = rogue_relay(temp.path(), &a, None).await;
 
-    // Far more events than a window can hold even at 256 events of 256 lines per batch (about
-    // 4,700 events); this receiver acknowledges nothing.
-    a.spawn_session(json!({"kind": "command", "program": "sh",
-        "args": ["-c", "yes x | head -n 1200000"]}))
-        .await;
+    // Events at a steady pace, each line its own event (4 × 1,500 of them), so that batches stay
+    // small (the sender takes what is ready when it wakes) and far more batches than a window
+    // come; this receiver acknowledges nothing.
+    for _ in 0..4 {
+        a.spawn_session(json!({"kind": "command", "program": "sh", "args": ["-c",
+            "i=0; while [ $i -lt 1500 ]; do echo $i; i=$((i+1)); sleep 0.001; done"]}))
+            .await;
+    }
     let batch = |frame: Frame| match frame {
         Frame::Batch(events) => events,
         other => panic!("expected a batch, got {}", other.name()),
