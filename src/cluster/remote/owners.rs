@@ -352,19 +352,11 @@ impl SessionOwners {
     /// `node.joined`, after which it publishes `session.unreachable` for each session that
     /// turned unreachable.
     pub fn follow(&self, core: &NodeCore) {
-        let kinds = [
-            EventKind::SessionQueued,
-            EventKind::SessionStarted,
-            EventKind::SessionSucceeded,
-            EventKind::SessionFailed,
-            EventKind::SessionCancelled,
-            EventKind::SessionTimedOut,
-            EventKind::SessionInterrupted,
-            EventKind::NodeDown,
-            EventKind::NodeJoined,
-        ];
+        let kinds = SESSION_LIFE
+            .into_iter()
+            .chain([EventKind::NodeDown, EventKind::NodeJoined]);
         let filter = EventFilter {
-            kinds: kinds.into_iter().map(KindPattern::Exact).collect(),
+            kinds: kinds.map(KindPattern::Exact).collect(),
             ..EventFilter::default()
         };
         let mut events = core.tree.events.subscribe(filter);
@@ -410,18 +402,7 @@ impl SessionOwners {
     /// state only moves forward).
     async fn seed(&self, this: &NodeId, store: &crate::store::Store) {
         let filter = EventFilter {
-            kinds: [
-                EventKind::SessionQueued,
-                EventKind::SessionStarted,
-                EventKind::SessionSucceeded,
-                EventKind::SessionFailed,
-                EventKind::SessionCancelled,
-                EventKind::SessionTimedOut,
-                EventKind::SessionInterrupted,
-            ]
-            .into_iter()
-            .map(KindPattern::Exact)
-            .collect(),
+            kinds: SESSION_LIFE.into_iter().map(KindPattern::Exact).collect(),
             ..EventFilter::default()
         };
         let (mut after, mut taken) = (0, 0usize);
@@ -462,6 +443,17 @@ impl SessionOwners {
 
 /// Events read from the log per page when the table is seeded.
 const SEED_PAGE: usize = 1_000;
+
+/// The events of a session's life, which tell its owner and its state.
+const SESSION_LIFE: [EventKind; 7] = [
+    EventKind::SessionQueued,
+    EventKind::SessionStarted,
+    EventKind::SessionSucceeded,
+    EventKind::SessionFailed,
+    EventKind::SessionCancelled,
+    EventKind::SessionTimedOut,
+    EventKind::SessionInterrupted,
+];
 
 #[cfg(test)]
 mod tests {
