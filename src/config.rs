@@ -161,11 +161,24 @@ impl Default for SessionsConfig {
 const MIN_SESSION_RETENTION_SECS: u64 = 3600;
 
 /// `[gateway]`
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Model aliases: `fast = "openai/gpt-4o-mini"`.
     pub aliases: BTreeMap<String, String>,
+    /// A streaming caller that takes nothing of what is ready for it for this long (it stopped
+    /// reading, its socket still open) is taken for gone: its call gives back the provider's
+    /// concurrency slot and budget, as when it disconnects. 1 to 3600.
+    pub stalled_reader_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            aliases: BTreeMap::new(),
+            stalled_reader_secs: 60,
+        }
+    }
 }
 
 /// Membership timing profile.
@@ -575,6 +588,16 @@ impl Config {
                      be expected to read or retry them; use at least \
                      {MIN_SESSION_RETENTION_SECS}, or 0 to keep sessions forever",
                     self.sessions.retention_secs
+                ),
+            ));
+        }
+        if !(1..=3600).contains(&self.gateway.stalled_reader_secs) {
+            return Err(semantic(
+                "gateway.stalled_reader_secs",
+                format!(
+                    "{} is out of range: use 1 to 3600 (seconds a streaming caller may take \
+                     nothing before its call is given up)",
+                    self.gateway.stalled_reader_secs
                 ),
             ));
         }

@@ -139,33 +139,43 @@ pub(super) async fn chat_completions(
             .expect("a valid response")),
         ChatReply::Stream(chunks) => {
             // Polled by the response body: when the caller goes away the body is dropped, and
-            // with it the guard, which reports the call abandoned.
-            let state = (chunks, committed.stream, false);
-            let events =
-                futures::stream::unfold(state, |(mut chunks, mut guard, done)| async move {
-                    if done {
-                        return None;
+            // with it the guard, which reports the call abandoned. A caller that stops reading
+            // with its socket open is given up by a watchdog (see `Reader`).
+            let guard = Arc::new(std::sync::Mutex::new(committed.stream));
+            let reader = Reader::new(&guard);
+            let stall = Duration::from_secs(core.config.gateway.stalled_reader_secs);
+            tokio::spawn(reader.clone().watch(stall));
+            let state = (chunks, guard, false);
+            let events = futures::stream::unfold(state, |(mut chunks, guard, done)| async move {
+                if done {
+                    return None;
+                }
+                let taken = || {
+                    guard
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .take()
+                };
+                let event = match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        return Some((sse_data(&chunk), (chunks, guard, false)));
                     }
-                    let event = match chunks.next().await {
-                        Some(Ok(chunk)) => {
-                            return Some((sse_data(&chunk), (chunks, guard, false)));
+                    Some(Err(class)) => {
+                        let error = stream_error(&class);
+                        if let Some(guard) = taken() {
+                            guard.fail(class);
                         }
-                        Some(Err(class)) => {
-                            let error = stream_error(&class);
-                            if let Some(guard) = guard.take() {
-                                guard.fail(class);
-                            }
-                            sse_data(error.to_string().as_bytes())
+                        sse_data(error.to_string().as_bytes())
+                    }
+                    None => {
+                        if let Some(guard) = taken() {
+                            guard.succeed(chunks.tokens());
                         }
-                        None => {
-                            if let Some(guard) = guard.take() {
-                                guard.succeed(chunks.tokens());
-                            }
-                            Bytes::from_static(b"data: [DONE]\n\n")
-                        }
-                    };
-                    Some((event, (chunks, None, true)))
-                });
+                        Bytes::from_static(b"data: [DONE]\n\n")
+                    }
+                };
+                Some((event, (chunks, guard, true)))
+            });
             // Events that are ready together (one read from the provider often holds several)
             // go out in one write.
             let events = events.ready_chunks(64).map(|batch| {
@@ -183,8 +193,104 @@ pub(super) async fn chat_completions(
                 .header(header::CONTENT_TYPE, "text/event-stream")
                 .header(header::CACHE_CONTROL, "no-cache")
                 .header("x-accel-buffering", "no")
-                .body(Body::from_stream(events))
+                .body(Body::from_stream(reader.observe(events)))
                 .expect("a valid response"))
+        }
+    }
+}
+
+/// What the watchdog of a streamed answer knows of its caller: when the response body was last
+/// polled, and when it last handed out a piece. A body that handed out a piece and was not polled
+/// since is waiting for its caller to take it (the connection writes nothing more while the
+/// socket is full); one that was polled and is waiting for the provider is not. Timers inside
+/// the body (the provider's between-chunks timeout) wake it, so a caller that reads is polled
+/// again within that time whatever the provider does.
+#[derive(Clone)]
+struct Reader {
+    /// The call's guard, held by the body: when the body is dropped (the caller went away), the
+    /// guard goes with it at once.
+    guard: std::sync::Weak<std::sync::Mutex<Option<troupe_actors::provider::CallGuard>>>,
+    seen: Arc<ReaderSeen>,
+}
+
+struct ReaderSeen {
+    since: tokio::time::Instant,
+    /// Microseconds since `since` of the last poll of the body.
+    polled: std::sync::atomic::AtomicU64,
+    /// Microseconds since `since` of the last piece handed out (0: none yet).
+    handed: std::sync::atomic::AtomicU64,
+}
+
+impl Reader {
+    fn new(guard: &Arc<std::sync::Mutex<Option<troupe_actors::provider::CallGuard>>>) -> Self {
+        Self {
+            guard: Arc::downgrade(guard),
+            seen: Arc::new(ReaderSeen {
+                since: tokio::time::Instant::now(),
+                polled: 0.into(),
+                handed: 0.into(),
+            }),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.seen.since.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// `body`, noting its polls and the pieces it hands out.
+    fn observe<S>(&self, body: S) -> impl futures::Stream<Item = S::Item> + Send + 'static
+    where
+        S: futures::Stream + Send + 'static,
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let reader = self.clone();
+        let mut body = Box::pin(body);
+        futures::stream::poll_fn(move |cx| {
+            reader.seen.polled.store(reader.now(), Relaxed);
+            let polled = body.as_mut().poll_next(cx);
+            if let std::task::Poll::Ready(Some(_)) = &polled {
+                // Later than the poll's own note, by at least a microsecond.
+                let handed = reader.now().max(reader.seen.polled.load(Relaxed) + 1);
+                reader.seen.handed.store(handed, Relaxed);
+            }
+            polled
+        })
+    }
+
+    /// Gives the call up (its guard reports it abandoned: the provider's slot and budget come
+    /// back) once the caller has taken nothing for `stall` while a piece waited for it. Ends
+    /// when the call ends (its guard was taken) or the body is dropped.
+    async fn watch(self, stall: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stall_us = u64::try_from(stall.as_micros()).unwrap_or(u64::MAX);
+        loop {
+            tokio::time::sleep(stall / 4).await;
+            // Gone: the body was dropped (and the guard with it).
+            let Some(guard) = self.guard.upgrade() else {
+                return;
+            };
+            let mut guard = guard.lock().unwrap_or_else(|poison| poison.into_inner());
+            if guard.is_none() {
+                // The call ended.
+                return;
+            }
+            let (polled, handed) = (
+                self.seen.polled.load(Relaxed),
+                self.seen.handed.load(Relaxed),
+            );
+            if handed > polled && self.now().saturating_sub(handed) >= stall_us {
+                let given_up = guard.take();
+                if let Some(call) = given_up {
+                    tracing::info!(
+                        target_provider = %call.target(),
+                        stalled_secs = stall.as_secs(),
+                        "a streaming caller took nothing of its answer for gateway.stalled_reader_secs; \
+                         its call is given up (the provider's slot and budget come back)"
+                    );
+                    drop(call);
+                }
+                return;
+            }
         }
     }
 }

@@ -1359,3 +1359,98 @@ async fn the_official_openai_python_client_talks_to_the_gateway_unchanged() {
     );
     fake.shutdown().await;
 }
+
+/// Regression: a streaming caller that stopped reading with its socket open (a suspended
+/// process) kept its call, and with it the provider's concurrency slot and budget, for good.
+#[tokio::test]
+async fn a_streaming_caller_that_stops_reading_gives_its_providers_slot_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Far more than the sockets between the node and the caller hold: the node must wait for
+    // the caller to read.
+    let fake = FakeProvider::start(FakeConfig {
+        reply: format!("{} ", "y".repeat(16_000)).repeat(1_000),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = format!(
+        "{}[gateway]\nstalled_reader_secs = 1\n",
+        provider(
+            "fake",
+            &fake,
+            "max_concurrency = 1\nretry = { max_wait_secs = 10 }"
+        )
+    );
+    let gateway = Gateway::start(&config).await;
+    let node = &gateway.node;
+
+    // A caller that asks for a stream, reads the head of the answer, then nothing more.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(node.addr).await.unwrap();
+    let body = json!({"model": "fake/m1", "stream": true,
+                      "messages": [{"role": "user", "content": "hello"}]})
+    .to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        node.addr,
+        node.token,
+        body.len()
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 256];
+    let read = tokio::time::timeout(PATIENCE, stalled.read(&mut head))
+        .await
+        .expect("the answer's head")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..read]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // The provider's only slot comes back once the stalled caller is given up (after a second
+    // of taking nothing), so the next call gets it instead of a 429 after waiting 10 s.
+    let response = gateway.ask("fake/fake-echo", false).await;
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    node.logs
+        .wait_for("the stalled caller given up", |line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("a streaming caller took nothing"))
+        })
+        .await;
+    drop(stalled);
+    fake.shutdown().await;
+}
+
+/// The other side of the stalled-reader rule: a caller that reads while the provider pauses
+/// longer than `gateway.stalled_reader_secs` between chunks is not given up.
+#[tokio::test]
+async fn a_caller_waiting_for_a_slow_provider_is_not_taken_for_a_stalled_reader() {
+    let fake = FakeProvider::start(FakeConfig {
+        reply: "ab".into(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = format!(
+        "{}[gateway]\nstalled_reader_secs = 1\n",
+        provider("fake", &fake, "")
+    );
+    let gateway = Gateway::start(&config).await;
+    // Every event 1.3 s after the previous one.
+    let response = gateway.ask("fake/fake-trickle-1300", true).await;
+    assert_eq!(response.status(), 200);
+    let data = sse_data(response).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    let text: String = data
+        .iter()
+        .filter_map(|event| serde_json::from_str::<Value>(event).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "ab");
+    fake.shutdown().await;
+}
