@@ -998,6 +998,17 @@ fault_injection = false
             .unwrap_err();
             assert!(error.contains("http.mcp_session_idle_secs"), "{error}");
 
+            for bad in [0, 3601] {
+                let error = load_in(
+                    jail,
+                    Some(&format!("[gateway]\nstalled_reader_secs = {bad}\n")),
+                    &Overrides::default(),
+                )
+                .unwrap_err();
+                assert!(error.contains("gateway.stalled_reader_secs"), "{error}");
+                assert!(error.contains("use 1 to 3600"), "{error}");
+            }
+
             for bad in [1, 3599] {
                 let error = load_in(
                     jail,
