@@ -230,9 +230,10 @@ impl NodeBuilder {
             None
         };
         let generation_dir = data_dir.join("cluster");
-        let generation = Arc::new(std::sync::atomic::AtomicU64::new(
+        let generation = troupe_actors::cluster::GenerationFloor::new(
             crate::cluster::read_generation(&generation_dir),
-        ));
+            Some(crate::cluster::generation_keeper(generation_dir.clone())),
+        );
         let cluster_ports = match &cluster {
             Some(endpoint) => {
                 let addr = endpoint.local_addr().map_err(|error| {
@@ -279,18 +280,6 @@ impl NodeBuilder {
                 return Err(error.into());
             }
         };
-        if cluster.is_some() {
-            // The membership took its generation while the tree started: keep it for the next.
-            let used = generation.load(std::sync::atomic::Ordering::Acquire);
-            if let Err(error) = crate::cluster::write_generation(&generation_dir, used) {
-                tracing::warn!(
-                    %error,
-                    dir = %generation_dir.display(),
-                    "cannot keep the cluster generation; after a clock step back, a restart could \
-                     rejoin as an older incarnation"
-                );
-            }
-        }
         let sessions = SessionService::new(
             tree.session_manager
                 .clone()

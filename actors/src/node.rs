@@ -120,7 +120,7 @@ pub struct ClusterPorts {
     /// one (its start time in microseconds, or one more than this, whichever is higher) and
     /// records it here. A host that keeps it across restarts makes a restarted node rejoin with
     /// a higher generation even after the clock stepped back.
-    pub generation: Arc<std::sync::atomic::AtomicU64>,
+    pub generation: crate::cluster::GenerationFloor,
 }
 
 /// The ports of sessions.

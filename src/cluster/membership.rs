@@ -238,7 +238,7 @@ mod tests {
     /// Node `a`'s tree with the cluster branch on the wire codec, its datagrams to `transport`.
     async fn clustered_node(
         transport: Arc<dyn DatagramTransport>,
-        generation: Arc<std::sync::atomic::AtomicU64>,
+        generation: troupe_actors::cluster::GenerationFloor,
     ) -> NodeTree {
         let ports = NodePorts {
             cluster: Some(ClusterPorts {
@@ -260,15 +260,22 @@ mod tests {
     }
 
     /// A node whose clock went back since its last run still takes a generation above the one
-    /// it used then, and records it; an in-process restart of the membership goes higher again.
+    /// it used then, and keeps it; an in-process restart of the membership goes higher again,
+    /// and keeps that too (before, only the start's generation was kept, after the start).
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn the_membership_takes_a_generation_above_every_one_used_before() {
         // A generation from "the future": the last run's clock was far ahead of this one's.
         let before = 4_000_000_000_000_000_000u64;
-        let generation = Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = {
+            let kept = kept.clone();
+            Arc::new(move |generation| kept.lock().unwrap().push(generation))
+        };
+        let generation = troupe_actors::cluster::GenerationFloor::new(before, Some(keep));
         let tree = clustered_node(Arc::new(Capture::default()), generation.clone()).await;
-        let load = || generation.load(std::sync::atomic::Ordering::Acquire);
+        let load = || generation.highest();
         assert_eq!(load(), before + 1);
+        assert_eq!(*kept.lock().unwrap(), [before + 1]);
         let membership = tree.cluster.as_ref().unwrap().1.clone();
         assert!(membership.inject_fault(troupe_actors::kernel::FaultKind::Panic));
         // Restarted after the supervisor's backoff (paused time moves on while all wait).
@@ -279,13 +286,14 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(load(), before + 2, "the next incarnation is higher again");
+        assert_eq!(*kept.lock().unwrap(), [before + 1, before + 2], "and kept");
         tree.shutdown(std::time::Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn thousands_of_broken_datagrams_through_the_membership_are_rejected_and_it_goes_on() {
         let capture = Arc::new(Capture::default());
-        let tree = clustered_node(capture.clone(), Arc::default()).await;
+        let tree = clustered_node(capture.clone(), Default::default()).await;
         let membership = tree.cluster.as_ref().unwrap().1.clone();
         let valid = packet("b", "a");
         let header_len = WireCodec.decode_header(&valid).unwrap().1;

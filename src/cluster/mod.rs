@@ -33,6 +33,31 @@ pub fn read_generation(dir: &Path) -> u64 {
     }
 }
 
+/// What keeps each membership generation this node takes in `dir` (see
+/// [`troupe_actors::cluster::GenerationFloor`]): a write on tokio's blocking pool, never a
+/// lower generation over a higher one, a failure logged.
+pub fn generation_keeper(dir: std::path::PathBuf) -> std::sync::Arc<dyn Fn(u64) + Send + Sync> {
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(0u64));
+    std::sync::Arc::new(move |generation| {
+        let (dir, kept) = (dir.clone(), kept.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut kept = kept.lock().unwrap_or_else(|poison| poison.into_inner());
+            if generation <= *kept {
+                return;
+            }
+            match write_generation(&dir, generation) {
+                Ok(()) => *kept = generation,
+                Err(error) => tracing::warn!(
+                    %error,
+                    dir = %dir.display(),
+                    "cannot keep the cluster generation; after a clock step back, a restart could \
+                     rejoin as an older incarnation"
+                ),
+            }
+        });
+    })
+}
+
 /// Keeps `generation` in `dir`, durably (a new file synced, then renamed over the old one).
 pub fn write_generation(dir: &Path, generation: u64) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -47,6 +72,29 @@ pub fn write_generation(dir: &Path, generation: u64) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod generation_tests {
+    /// Generations taken one after the other may be written in any order (each on the blocking
+    /// pool): the file ends with the highest.
+    #[tokio::test]
+    async fn the_keeper_keeps_the_highest_generation_whatever_the_order_of_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = dir.path().join("cluster");
+        std::fs::create_dir_all(&cluster).unwrap();
+        let keep = super::generation_keeper(cluster.clone());
+        for generation in [5, 3, 7, 6] {
+            keep(generation);
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while super::read_generation(&cluster) != 7 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the highest generation is kept");
+        // The lower ones that were written late did not overwrite it.
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        assert_eq!(super::read_generation(&cluster), 7);
+    }
+
     use super::*;
 
     #[test]

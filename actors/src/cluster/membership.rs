@@ -122,7 +122,54 @@ pub struct MembershipArgs {
     /// pass one so a scenario plays out the same way every time.
     pub rng_seed: Option<u64>,
     /// The highest generation used so far ([`crate::node::ClusterPorts::generation`]).
-    pub generation: Arc<std::sync::atomic::AtomicU64>,
+    pub generation: GenerationFloor,
+}
+
+/// The highest membership generation this node has used, shared by the membership's
+/// incarnations, and the host's way of keeping it across runs: each incarnation takes a
+/// generation above it (see [`crate::node::ClusterPorts::generation`]).
+#[derive(Clone, Default)]
+pub struct GenerationFloor {
+    used: Arc<std::sync::atomic::AtomicU64>,
+    keep: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+}
+
+impl GenerationFloor {
+    /// Above `floor` (the highest an earlier run used); `keep` is told every generation taken,
+    /// to keep it for the next run. It runs inside the membership actor: it must not block
+    /// (hand a file write to a thread).
+    pub fn new(floor: u64, keep: Option<Arc<dyn Fn(u64) + Send + Sync>>) -> Self {
+        Self {
+            used: Arc::new(floor.into()),
+            keep,
+        }
+    }
+
+    /// The highest generation used so far.
+    pub fn highest(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// An incarnation took `generation`.
+    fn take(&self, generation: u64) {
+        let before = self
+            .used
+            .fetch_max(generation, std::sync::atomic::Ordering::AcqRel);
+        if generation > before
+            && let Some(keep) = &self.keep
+        {
+            keep(generation);
+        }
+    }
+}
+
+impl std::fmt::Debug for GenerationFloor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationFloor")
+            .field("highest", &self.highest())
+            .field("kept", &self.keep.is_some())
+            .finish()
+    }
 }
 
 /// What the membership needs to run a PeerActor per member.
@@ -581,13 +628,8 @@ impl Actor for MembershipActor {
         // Higher than every generation used before, by this process or (when the host keeps
         // it) an earlier one: peers take the highest generation of a node id for its current
         // incarnation.
-        let used = std::sync::atomic::Ordering::AcqRel;
-        let identity = NodeIdentity::fresh(
-            args.node.clone(),
-            args.addr,
-            args.generation.load(std::sync::atomic::Ordering::Acquire),
-        );
-        args.generation.fetch_max(identity.generation, used);
+        let identity = NodeIdentity::fresh(args.node.clone(), args.addr, args.generation.highest());
+        args.generation.take(identity.generation);
         let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
         let config = args.profile.foca_config();
         let suspect_timeout = config.suspect_to_down_after;

@@ -10,8 +10,8 @@ pub mod ports;
 
 pub use identity::NodeIdentity;
 pub use membership::{
-    LocalMeta, MAX_PACKET_BYTES, MembershipActor, MembershipArgs, MembershipMsg, MembershipProfile,
-    RelayPorts,
+    GenerationFloor, LocalMeta, MAX_PACKET_BYTES, MembershipActor, MembershipArgs, MembershipMsg,
+    MembershipProfile, RelayPorts,
 };
 pub use meta::{BreakerPosition, MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta, ProviderHealth};
 pub use peer::{BatchError, LinkReports, PeerActor, PeerMsg, RelaySource};
