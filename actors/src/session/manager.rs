@@ -317,8 +317,11 @@ impl ManagerState {
     async fn recover(&mut self) -> Result<(), StoreError> {
         let context = self.args.context.clone();
         let unfinished = context.store.unfinished().await?;
-        let first_start = !self.args.shared.recovered.swap(true, Ordering::SeqCst);
+        // Until a recovery succeeds, the runs recorded as started are the last process's: a
+        // manager restarted after a failed first recovery kills and interrupts them again.
+        let first_start = !self.args.shared.recovered.load(Ordering::SeqCst);
         let mut leftovers = Vec::new();
+        let mut interrupted = Vec::new();
         for record in unfinished {
             match record.state {
                 SessionState::Queued => {
@@ -346,7 +349,7 @@ impl ManagerState {
                             start_ticks: process.start_ticks,
                         }),
                     });
-                    self.interrupt(record).await?;
+                    interrupted.push(record);
                 }
                 SessionState::Starting | SessionState::Running => {
                     let since = record.started_at.unwrap_or(record.created_at);
@@ -361,6 +364,9 @@ impl ManagerState {
                 self.keys.insert(key.clone(), entry.key().clone());
             }
         }
+        // Killed before any of them is recorded as ended: a session recorded first and then
+        // left behind by a failure (a store error, a crash) part way through would never be
+        // looked at again, its process running on.
         if !leftovers.is_empty() {
             let killed = context
                 .runner
@@ -371,6 +377,10 @@ impl ManagerState {
                 "terminated what was left of sessions that ran before the node restarted"
             );
         }
+        for record in interrupted {
+            self.interrupt(record).await?;
+        }
+        self.args.shared.recovered.store(true, Ordering::SeqCst);
         Ok(())
     }
 

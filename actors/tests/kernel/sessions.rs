@@ -146,6 +146,8 @@ struct StoreData {
     gates: Vec<Gate>,
     /// Reads of a record that fail (a storage error) before they work again.
     failing_gets: usize,
+    /// Transitions that fail (with an I/O error) before the next one succeeds.
+    failing_transitions: usize,
 }
 
 /// Holds back one kind of write of one session until the test opens it.
@@ -267,6 +269,10 @@ impl SessionStore for MemoryStore {
             }
             tokio::time::sleep(WRITE_DELAY).await;
             let mut data = data.lock().unwrap();
+            if data.failing_transitions > 0 {
+                data.failing_transitions -= 1;
+                return Err(StoreError::Io("the disk is gone".into()));
+            }
             match data.records.get(&record.id).map(|r| r.state) {
                 None => Err(StoreError::NotFound(record.id.clone())),
                 Some(actual) if actual != transition.from || !actual.can_become(transition.to) => {
@@ -290,6 +296,10 @@ impl SessionStore for MemoryStore {
         Box::pin(async move {
             tokio::time::sleep(WRITE_DELAY).await;
             let mut data = data.lock().unwrap();
+            if data.failing_transitions > 0 {
+                data.failing_transitions -= 1;
+                return Err(StoreError::Io("the disk is gone".into()));
+            }
             match data.records.get(&record.id).map(|r| r.state) {
                 None => Err(StoreError::NotFound(record.id.clone())),
                 Some(actual) if actual != record.state || actual.is_terminal() => {
@@ -438,6 +448,19 @@ impl Harness {
         store: Arc<MemoryStore>,
         events: EventBusConfig,
     ) -> Self {
+        let runner = Arc::new(ScriptedRunner::default());
+        Self::start_on(settings, store, events, runner)
+            .await
+            .unwrap()
+    }
+
+    /// A node tree on `store` whose processes are `runner`'s; the tree's start may fail.
+    async fn start_on(
+        settings: SessionSettings,
+        store: Arc<MemoryStore>,
+        events: EventBusConfig,
+        runner: Arc<ScriptedRunner>,
+    ) -> Result<Self, troupe_actors::node::NodeTreeError> {
         quiet_intended_panics();
         let mut config = NodeTreeConfig::new(NodeId::new("n1").unwrap());
         config.sessions = settings;
@@ -446,7 +469,6 @@ impl Harness {
             min: Duration::from_millis(10),
             max: Duration::from_millis(10),
         };
-        let runner = Arc::new(ScriptedRunner::default());
         let ports = NodePorts {
             cluster: None,
             event_store: None,
@@ -458,7 +480,7 @@ impl Harness {
             }),
             providers: Vec::new(),
         };
-        let tree = NodeTree::start(config, ports).await.unwrap();
+        let tree = NodeTree::start(config, ports).await?;
         // From the start of the ring: recovery publishes while the tree starts.
         let (events, _) = tree
             .events
@@ -471,13 +493,13 @@ impl Harness {
             )
             .await
             .unwrap();
-        Self {
+        Ok(Self {
             tree,
             runner,
             store,
             events,
             seen: Default::default(),
-        }
+        })
     }
 
     fn sessions(&self) -> &troupe_actors::node::Sessions {
@@ -827,6 +849,65 @@ async fn a_crashed_session_actor_resumes_its_run_and_reports_it_once() {
         .wait_for(|s| *s == HandleStatus::Stopped)
         .await
         .unwrap();
+}
+
+/// Regression: after a restart each run left from before was recorded as ended first and its
+/// process group killed only after the last one was recorded; a store failure part way through
+/// left the runs recorded so far with their processes running, never to be looked at again.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_runs_left_from_before_a_restart_are_killed_before_any_is_recorded_as_ended() {
+    let store = Arc::new(MemoryStore::default());
+    for (id, pgid) in [("s-a", 4242), ("s-b", 4343)] {
+        store.insert(SessionRecord {
+            id: SessionId::new(id).unwrap(),
+            node: NodeId::new("n1").unwrap(),
+            spec: command("sh"),
+            state: SessionState::Running,
+            created_at: Timestamp::now(),
+            started_at: Some(Timestamp::now()),
+            ended_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            process: Some(ProcessInfo {
+                pid: pgid as u32,
+                pgid,
+                start_ticks: Some(7),
+            }),
+            output_lines: 0,
+            stop_requested: None,
+        });
+    }
+    // A run's `interrupted` fails on the way.
+    store.data.lock().unwrap().failing_transitions = 1;
+    let runner = Arc::new(ScriptedRunner::default());
+    let started = Harness::start_on(
+        SessionSettings::default(),
+        store.clone(),
+        EventBusConfig::default(),
+        runner.clone(),
+    )
+    .await;
+    let mut killed: Vec<i32> = runner
+        .leftovers
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|leftover| leftover.group.map(|group| group.pgid))
+        .collect();
+    killed.sort_unstable();
+    killed.dedup();
+    assert_eq!(killed, [4242, 4343], "both killed, whatever the store did");
+    if started.is_ok() {
+        // The manager was restarted after its failed recovery, and recorded both as ended.
+        let ended = |id: &str| {
+            let data = store.data.lock().unwrap();
+            data.records[&SessionId::new(id).unwrap()]
+                .state
+                .is_terminal()
+        };
+        until(|| ended("s-a") && ended("s-b")).await;
+    }
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
