@@ -132,6 +132,10 @@ impl StdioClient {
     fn sent(&mut self, text: &str) {
         if let Some(probe) = Probe::of(text) {
             self.owed.sent(&probe);
+            if probe.method.as_deref() == Some("notifications/cancelled") {
+                // The client gave the request up: no answer is owed (the server sends none).
+                self.owed.cancelled(text);
+            }
             self.setup.sent(&probe, text);
         }
     }
@@ -456,6 +460,23 @@ impl Pending {
         }
     }
 
+    /// The client's `notifications/cancelled` (its text): the request it names is owed no
+    /// answer any more.
+    fn cancelled(&mut self, text: &str) {
+        #[derive(serde::Deserialize)]
+        struct Cancelled {
+            params: CancelledParams,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct CancelledParams {
+            request_id: serde_json::Value,
+        }
+        if let Ok(cancelled) = serde_json::from_str::<Cancelled>(text) {
+            self.0.remove(&cancelled.params.request_id.to_string());
+        }
+    }
+
     /// A message from the node: an answer settles its request.
     fn answered(&mut self, probe: &Probe) {
         if probe.method.is_none()
@@ -633,6 +654,30 @@ mod tests {
         assert!(Setup::is_replayed(&Probe::of(&answer).unwrap()));
         let own = r#"{"jsonrpc":"2.0","id":7,"result":{}}"#;
         assert!(!Setup::is_replayed(&Probe::of(own).unwrap()));
+    }
+
+    #[test]
+    fn a_request_the_client_cancelled_is_owed_no_answer() {
+        let (input, _) = tokio::io::duplex(64);
+        let (output, _) = tokio::io::duplex(64);
+        let mut client = StdioClient::new(input, output);
+        for id in [1, 2] {
+            client.sent(
+                &serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                                    "params": {"name": "node_health", "arguments": {}}})
+                .to_string(),
+            );
+        }
+        client.sent(
+            &serde_json::json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                "params": {"requestId": 1, "reason": "user"}})
+            .to_string(),
+        );
+        assert_eq!(
+            client.owed.0,
+            ["2".to_owned()].into(),
+            "only the one not cancelled"
+        );
     }
 
     #[test]
