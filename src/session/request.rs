@@ -282,6 +282,28 @@ impl RequestPolicy {
         }
     }
 
+    /// Checks a command's environment against the allow-list: with programs allowed by name,
+    /// no dynamic loader variable (`LD_*`, `DYLD_*`: `LD_PRELOAD` and the like make an allowed
+    /// program run code it does not contain). Without an allow-list any program runs anyway.
+    pub fn check_env(&self, env: &BTreeMap<String, String>) -> Result<(), RequestError> {
+        if self.allowed_programs.is_empty() {
+            return Ok(());
+        }
+        match env
+            .keys()
+            .find(|key| key.starts_with("LD_") || key.starts_with("DYLD_"))
+        {
+            None => Ok(()),
+            Some(key) => Err(RequestError::Invalid {
+                field: "env",
+                message: format!(
+                    "{key} is refused while sessions.allowed_programs is set: the dynamic loader \
+                     would make an allowed program run other code; remove it from env"
+                ),
+            }),
+        }
+    }
+
     /// Resolves a working directory: relative to the first root, symlinks resolved, and inside
     /// one of the roots.
     pub fn resolve_workdir(&self, requested: Option<&str>) -> Result<PathBuf, RequestError> {
@@ -353,11 +375,13 @@ impl SessionRequest {
                     });
                 }
                 policy.check_program(&program)?;
+                let env = self.env.clone().unwrap_or_default();
+                policy.check_env(&env)?;
                 let workdir = policy.resolve_workdir(self.workdir.as_deref())?;
                 SessionKind::Command(CommandSession {
                     program,
                     args: self.args.clone().unwrap_or_default(),
-                    env: self.env.clone().unwrap_or_default(),
+                    env,
                     workdir: Some(workdir),
                 })
             }
@@ -603,6 +627,42 @@ mod tests {
             .into_spec(&policy)
             .unwrap_err();
         assert!(error.to_string().contains("sessions.allowed_programs"));
+    }
+
+    #[test]
+    fn with_an_allow_list_the_env_cannot_load_other_code_into_an_allowed_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = |env: &str| {
+            parse(&format!(
+                r#"{{"kind": "command", "program": "sh", "args": ["-c", "true"], "env": {env}}}"#
+            ))
+            .unwrap()
+        };
+        for env in [
+            r#"{"LD_PRELOAD": "./evil.so"}"#,
+            r#"{"K": "V", "LD_LIBRARY_PATH": "."}"#,
+            r#"{"DYLD_INSERT_LIBRARIES": "./evil.dylib"}"#,
+        ] {
+            let error = request(env)
+                .into_spec(&policy(dir.path(), &["sh"]))
+                .unwrap_err();
+            assert_eq!(error.field(), Some("env"), "{env}: {error}");
+            assert!(
+                error.to_string().contains("sessions.allowed_programs"),
+                "{error}"
+            );
+        }
+        assert!(
+            request(r#"{"K": "V", "OLD_LD_THING": "1"}"#)
+                .into_spec(&policy(dir.path(), &["sh"]))
+                .is_ok()
+        );
+        assert!(
+            request(r#"{"LD_PRELOAD": "x.so"}"#)
+                .into_spec(&policy(dir.path(), &[]))
+                .is_ok(),
+            "without an allow-list, any program runs anyway"
+        );
     }
 
     #[test]
