@@ -29,7 +29,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use rmcp::ServiceExt;
-use rmcp::model::{ClientJsonRpcMessage, ClientRequest, GetExtensions, ServerJsonRpcMessage};
+use rmcp::model::{
+    ClientJsonRpcMessage, ClientNotification, ClientRequest, GetExtensions, RequestId,
+    ServerJsonRpcMessage,
+};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::sync::mpsc;
@@ -241,6 +244,24 @@ fn rate_limited_reply(
 /// none for this).
 pub const RATE_LIMITED: i32 = -32029;
 
+/// JSON-RPC error code of a request refused because [`MAX_IN_FLIGHT`] of the client's requests
+/// wait for their answers already (a server error code).
+pub const TOO_MANY_IN_FLIGHT: i32 = -32028;
+
+/// The answer to a request past [`MAX_IN_FLIGHT`] (it is not handled): read the answers owed,
+/// then ask again.
+fn too_many_in_flight_reply(id: serde_json::Value) -> String {
+    error_reply(
+        id,
+        TOO_MANY_IN_FLIGHT,
+        &format!(
+            "{MAX_IN_FLIGHT} requests of this link wait for their answers already; read them (or \
+             cancel some), then send this again"
+        ),
+        Some(serde_json::json!({"code": "too_many_in_flight", "max": MAX_IN_FLIGHT})),
+    )
+}
+
 async fn websocket(
     State(core): State<Arc<NodeCore>>,
     headers: HeaderMap,
@@ -389,6 +410,59 @@ where
     failure.get().cloned()
 }
 
+/// Requests of one frame-served client that may wait for their answers at once; past it a
+/// request is answered at once with [`TOO_MANY_IN_FLIGHT`] (and the client's cancellations
+/// still get through). rmcp answers each request from a task of its own, which holds the answer
+/// until the client's socket takes it: without a bound, a client that sends and does not read
+/// made the node hold any number of answers.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// The requests of one frame-served client still waiting for their answers, each holding one
+/// of [`MAX_IN_FLIGHT`] permits until its answer (or its cancellation) passes.
+#[derive(Clone)]
+struct InFlight {
+    permits: Arc<tokio::sync::Semaphore>,
+    held: Arc<
+        std::sync::Mutex<std::collections::HashMap<RequestId, tokio::sync::OwnedSemaphorePermit>>,
+    >,
+}
+
+impl InFlight {
+    fn new() -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            held: Arc::default(),
+        }
+    }
+
+    fn held(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<RequestId, tokio::sync::OwnedSemaphorePermit>,
+    > {
+        self.held
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Takes a permit for request `id`; `false` when all are held.
+    fn admit(&self, id: RequestId) -> bool {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.held().insert(id, permit);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Request `id` was answered (or cancelled): its permit comes back.
+    fn settle(&self, id: &RequestId) {
+        self.held().remove(id);
+    }
+}
+
 /// Who a frame-served client is.
 #[derive(Default)]
 pub(crate) struct FramesClient {
@@ -459,7 +533,18 @@ async fn serve_frames_until<Si, St>(
         None => Duration::MAX,
     };
     let stop_pings = done.drop_guard();
-    let to_client = PollSender::new(out_tx.clone()).with(|message: ServerJsonRpcMessage| {
+    let in_flight = InFlight::new();
+    let answered = in_flight.clone();
+    let to_client = PollSender::new(out_tx.clone()).with(move |message: ServerJsonRpcMessage| {
+        match &message {
+            ServerJsonRpcMessage::Response(response) => answered.settle(&response.id),
+            ServerJsonRpcMessage::Error(error) => {
+                if let Some(id) = &error.id {
+                    answered.settle(id);
+                }
+            }
+            _ => {}
+        }
         futures::future::ready(Ok::<_, tokio_util::sync::PollSendError<Outgoing>>(
             Outgoing::Text(serde_json::to_string(&message).unwrap_or_else(|error| {
                 tracing::error!(%error, "an MCP message could not be serialized");
@@ -484,11 +569,11 @@ async fn serve_frames_until<Si, St>(
                 parts.clone(),
                 charged.clone(),
                 core.clone(),
-                failure.clone(),
+                (failure.clone(), in_flight.clone()),
             )
         })
         .then(
-            |(frame, errors, parts, charged, core, failure)| async move {
+            |(frame, errors, parts, charged, core, (failure, in_flight))| async move {
                 match frame {
                     Incoming::Text(text) => match check_message(&text) {
                         Ok(mut message) => {
@@ -505,6 +590,26 @@ async fn serve_frames_until<Si, St>(
                                 (&mut message, parts)
                             {
                                 request.request.extensions_mut().insert(parts);
+                            }
+                            match &message {
+                                ClientJsonRpcMessage::Request(request)
+                                    if !in_flight.admit(request.id.clone()) =>
+                                {
+                                    let id = serde_json::to_value(&request.id).unwrap_or_default();
+                                    let reply = too_many_in_flight_reply(id);
+                                    let _ = errors.send(Outgoing::Text(reply)).await;
+                                    return Some(None);
+                                }
+                                ClientJsonRpcMessage::Notification(notification) => {
+                                    if let ClientNotification::CancelledNotification(cancelled) =
+                                        &notification.notification
+                                        && let Some(id) = &cancelled.params.request_id
+                                    {
+                                        // rmcp sends no answer to a cancelled request.
+                                        in_flight.settle(id);
+                                    }
+                                }
+                                _ => {}
                             }
                             Some(Some(message))
                         }

@@ -1269,3 +1269,44 @@ async fn a_bridge_whose_troupe_node_restarts_waits_for_it_instead_of_taking_its_
     assert_eq!(listed[0]["embedded"], false, "{listed:?}");
     bridged.finish().await;
 }
+
+/// Regression: every request a client sent was taken in and answered by a task of its own that
+/// held the answer until the client read it, so a client that sends and does not read made the
+/// node hold any number of answers. Past 64 unanswered requests a link now refuses the next one
+/// at once, and still answers every request once.
+#[tokio::test]
+async fn a_client_that_sends_without_reading_is_refused_past_64_requests_waiting_for_answers() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let mut stdio = StdioMcp::start(
+        &["--standalone", "--data-dir", data.to_str().unwrap()],
+        &temp.path().join("discovery"),
+        temp.path(),
+    );
+    stdio.initialize().await;
+    // Large answers (the tool list), so that the pipe and the link's queue fill soon.
+    let count = 300u64;
+    let mut requests = String::new();
+    for id in 1..=count {
+        requests.push_str(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"}).to_string());
+        requests.push('\n');
+    }
+    stdio.send_raw(requests.as_bytes()).await;
+    let (mut answered, mut refused) = (BTreeSet::new(), 0);
+    while answered.len() < count as usize {
+        let answer = stdio.next().await;
+        let id = answer["id"].as_u64().expect("an answer to a request");
+        assert!(answered.insert(id), "answered twice: {answer}");
+        if answer["error"]["code"] == -32028 {
+            assert_eq!(
+                answer["error"]["data"]["code"], "too_many_in_flight",
+                "{answer}"
+            );
+            refused += 1;
+        } else {
+            assert!(answer["result"]["tools"].is_array(), "{answer}");
+        }
+    }
+    assert!(refused > 0, "some requests past the bound were refused");
+    stdio.finish().await;
+}
