@@ -70,6 +70,24 @@ async fn sse_data(response: reqwest::Response) -> Vec<String> {
     data
 }
 
+/// The text of a streamed answer's data events, which must end with `[DONE]`.
+fn streamed_text(events: &[String]) -> String {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    events[..events.len() - 1]
+        .iter()
+        .map(|data| serde_json::from_str::<Value>(data).unwrap())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn chat_completions_pass_through_streamed_and_not() {
     let fake = FakeProvider::start(FakeConfig {
@@ -94,17 +112,7 @@ async fn chat_completions_pass_through_streamed_and_not() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let events = sse_data(response).await;
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let text: String = events[..events.len() - 1]
-        .iter()
-        .map(|data| serde_json::from_str::<Value>(data).unwrap())
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(text, "Grüße");
+    assert_eq!(streamed_text(&events), "Grüße");
 
     // Each went to the provider with the provider's model name, and with the fields the
     // gateway does not know.
@@ -1287,17 +1295,7 @@ async fn anthropic_and_gemini_providers_answer_in_openai_shapes_through_the_gate
             "{model}"
         );
         let events = sse_data(gateway.ask(model, true).await).await;
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{model}");
-        let text: String = events[..events.len() - 1]
-            .iter()
-            .map(|data| serde_json::from_str::<Value>(data).unwrap())
-            .filter_map(|chunk| {
-                chunk["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
-        assert_eq!(text, "añb€c", "{model}");
+        assert_eq!(streamed_text(&events), "añb€c", "{model}");
     }
     let paths: Vec<String> = fake.arrivals().into_iter().map(|a| a.path).collect();
     assert_eq!(
@@ -1440,17 +1438,6 @@ async fn a_caller_waiting_for_a_slow_provider_is_not_taken_for_a_stalled_reader(
     // Every event 1.3 s after the previous one.
     let response = gateway.ask("fake/fake-trickle-1300", true).await;
     assert_eq!(response.status(), 200);
-    let data = sse_data(response).await;
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
-    let text: String = data
-        .iter()
-        .filter_map(|event| serde_json::from_str::<Value>(event).ok())
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(text, "ab");
+    assert_eq!(streamed_text(&sse_data(response).await), "ab");
     fake.shutdown().await;
 }
