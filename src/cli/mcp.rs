@@ -69,8 +69,9 @@ pub(super) async fn run(args: McpArgs) -> anyhow::Result<ExitCode> {
         // How long a node must be missing from discovery before one is started here.
         let mut patience = Duration::ZERO;
         loop {
-            match find_or_start(&dir, &config, patience).await? {
+            match find_or_start(&dir, &config, patience, signal.as_mut()).await? {
                 Found::Node(node) => break node,
+                Found::Stopped => return Ok(ExitCode::SUCCESS),
                 Found::Bridge { bridge, embedded } => match tokio::select! {
                     ended = bridge.run(&mut client) => ended?,
                     () = signal.as_mut() => BridgeEnd::Done,
@@ -107,6 +108,8 @@ enum Found {
         embedded: bool,
     },
     Node(crate::node::NodeHandle),
+    /// SIGINT or SIGTERM came while it waited.
+    Stopped,
 }
 
 /// How long a bridge whose `troupe node` went away waits for a node to appear in discovery (the
@@ -126,6 +129,7 @@ async fn find_or_start(
     dir: &std::path::Path,
     config: &Config,
     patience: Duration,
+    mut signal: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<Found> {
     let started = tokio::time::Instant::now();
     let mut looked = false;
@@ -148,7 +152,10 @@ async fn find_or_start(
             );
             looked = true;
         }
-        tokio::time::sleep(Duration::from_millis(250).min(left)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250).min(left)) => {}
+            () = signal.as_mut() => return Ok(Found::Stopped),
+        }
     }
     let deadline = tokio::time::Instant::now() + IN_USE_PATIENCE;
     let mut told = false;
@@ -181,7 +188,10 @@ async fn find_or_start(
                     told = true;
                 }
                 // Apart, so that several waiting clients do not retry in step.
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))) => {}
+                    () = signal.as_mut() => return Ok(Found::Stopped),
+                }
             }
             Err(error) => return Err(error).context("cannot start the embedded node"),
         }

@@ -1310,3 +1310,33 @@ async fn a_client_that_sends_without_reading_is_refused_past_64_requests_waiting
     assert!(refused > 0, "some requests past the bound were refused");
     stdio.finish().await;
 }
+
+/// A `troupe mcp` waiting for its data directory stops at once on SIGTERM, cleanly (before, it
+/// waited out its 15 s and then failed on the directory still held).
+#[tokio::test]
+async fn troupe_mcp_waiting_for_its_data_directory_stops_cleanly_on_sigterm() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let held = troupe::store::Store::open(
+        &data,
+        troupe::actors::ids::NodeId::new("holder").unwrap(),
+        troupe::store::StoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    let mut stdio = StdioMcp::start_logged(
+        &["--data-dir", data.to_str().unwrap()],
+        &temp.path().join("discovery"),
+        temp.path(),
+    );
+    stdio
+        .wait_for_log("the data directory is in use by another process")
+        .await;
+    stdio.terminate();
+    let status = tokio::time::timeout(PATIENCE, stdio.child.wait())
+        .await
+        .expect("it stops")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    held.close().await.unwrap();
+}
