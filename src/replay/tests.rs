@@ -10,7 +10,7 @@ use troupe_actors::ids::SessionId;
 
 use super::EventStream;
 use crate::config::Config;
-use crate::node::{Node, NodeHandle};
+use crate::node::{Node, NodeCore, NodeHandle};
 
 const RING: usize = 4;
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -72,24 +72,29 @@ fn id_of(delivery: &Delivery) -> EventId {
     }
 }
 
+/// The events of session `session` after `after`, as a client resuming from there reads them.
+async fn session_stream_after(core: &NodeCore, session: &str, after: &EventId) -> EventStream {
+    let filter = EventFilter {
+        sessions: vec![SessionId::new(session).unwrap()],
+        ..EventFilter::all()
+    };
+    EventStream::open(
+        &core.tree.events,
+        &core.store,
+        ReplayFrom::After(after.clone()),
+        FilterSet::single(filter),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_resume_older_than_the_ring_is_filled_from_the_log_without_gap_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path()).await;
     let ids = publish(&node, "s-a", 3 * RING).await;
     let core = node.core();
-    let filter = EventFilter {
-        sessions: vec![SessionId::new("s-a").unwrap()],
-        ..EventFilter::all()
-    };
-    let mut stream = EventStream::open(
-        &core.tree.events,
-        &core.store,
-        ReplayFrom::After(ids[0].clone()),
-        FilterSet::single(filter),
-    )
-    .await
-    .unwrap();
+    let mut stream = session_stream_after(core, "s-a", &ids[0]).await;
     let mut got = Vec::new();
     for _ in 1..ids.len() {
         got.push(id_of(&next_id(&mut stream).await));
@@ -199,18 +204,7 @@ async fn retention_between_two_log_pages_gives_a_lag_marker_not_a_silent_gap() {
     let node = node(dir.path()).await;
     let ids = publish(&node, "s-a", 2 * super::GAP_PAGE + 10).await;
     let core = node.core();
-    let filter = EventFilter {
-        sessions: vec![SessionId::new("s-a").unwrap()],
-        ..EventFilter::all()
-    };
-    let mut stream = EventStream::open(
-        &core.tree.events,
-        &core.store,
-        ReplayFrom::After(ids[0].clone()),
-        FilterSet::single(filter),
-    )
-    .await
-    .unwrap();
+    let mut stream = session_stream_after(core, "s-a", &ids[0]).await;
     // The first page, all of it.
     for expected in &ids[1..=super::GAP_PAGE] {
         assert_eq!(&id_of(&next_id(&mut stream).await), expected);

@@ -514,6 +514,22 @@ impl Harness {
             .unwrap()
     }
 
+    /// Submits `spec` from a task of its own, for a test that holds the submission's store
+    /// write meanwhile.
+    fn submit_in_background(
+        &self,
+        spec: SessionSpec,
+    ) -> tokio::task::JoinHandle<
+        Result<Result<Admitted, SubmitError>, troupe_actors::kernel::CallError>,
+    > {
+        let manager = self.sessions().manager.clone();
+        tokio::spawn(async move {
+            manager
+                .call(|reply| ManagerMsg::Submit { spec, reply }, MANAGER_TIMEOUT)
+                .await
+        })
+    }
+
     async fn cancel(&self, id: &SessionId) -> Result<SessionRecord, CancelError> {
         let id = id.clone();
         self.sessions()
@@ -1237,18 +1253,7 @@ async fn a_submission_in_flight_when_the_manager_crashes_is_answered_and_runs() 
     let store = Arc::new(MemoryStore::default());
     let (held, open) = store.gate(None, GatedWrite::Create);
     let mut h = Harness::start(SessionSettings::default(), store).await;
-    let manager = h.sessions().manager.clone();
-    let submission = tokio::spawn(async move {
-        manager
-            .call(
-                |reply| ManagerMsg::Submit {
-                    spec: command("sh"),
-                    reply,
-                },
-                MANAGER_TIMEOUT,
-            )
-            .await
-    });
+    let submission = h.submit_in_background(command("sh"));
     held.notified().await;
     let path = ActorPath::parse("sessions/manager").unwrap();
     h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
@@ -1278,20 +1283,7 @@ async fn a_submission_stored_while_the_node_shuts_down_waits_for_the_next_start(
     let (held, open) = store.gate(None, GatedWrite::Create);
     let h = Harness::start(SessionSettings::default(), store.clone()).await;
     let manager = h.sessions().manager.clone();
-    let submission = tokio::spawn({
-        let manager = manager.clone();
-        async move {
-            manager
-                .call(
-                    |reply| ManagerMsg::Submit {
-                        spec: command("sh"),
-                        reply,
-                    },
-                    MANAGER_TIMEOUT,
-                )
-                .await
-        }
-    });
+    let submission = h.submit_in_background(command("sh"));
     held.notified().await;
     let drained = tokio::spawn(async move {
         manager
