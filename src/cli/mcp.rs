@@ -138,11 +138,8 @@ async fn find_or_start(
         .filter(|left| !left.is_zero())
     {
         // Entries that cannot be used are reported on the first look only.
-        if let Some((bridge, embedded)) = attach(dir, !looked).await {
-            return Ok(Found::Bridge {
-                bridge: Box::new(bridge),
-                embedded,
-            });
+        if let Some(bridge) = attach(dir, !looked).await {
+            return Ok(bridge);
         }
         if !looked {
             tracing::info!(
@@ -152,19 +149,15 @@ async fn find_or_start(
             );
             looked = true;
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(250).min(left)) => {}
-            () = signal.as_mut() => return Ok(Found::Stopped),
+        if !pause(Duration::from_millis(250).min(left), signal.as_mut()).await {
+            return Ok(Found::Stopped);
         }
     }
     let deadline = tokio::time::Instant::now() + IN_USE_PATIENCE;
     let mut told = false;
     loop {
-        if let Some((bridge, embedded)) = attach(dir, !told && !looked).await {
-            return Ok(Found::Bridge {
-                bridge: Box::new(bridge),
-                embedded,
-            });
+        if let Some(bridge) = attach(dir, !told && !looked).await {
+            return Ok(bridge);
         }
         if !told {
             tracing::info!(dir = %dir.display(), "no reachable running node; starting an embedded one");
@@ -188,13 +181,24 @@ async fn find_or_start(
                     told = true;
                 }
                 // Apart, so that several waiting clients do not retry in step.
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(fastrand::u64(50..250))) => {}
-                    () = signal.as_mut() => return Ok(Found::Stopped),
+                let apart = Duration::from_millis(fastrand::u64(50..250));
+                if !pause(apart, signal.as_mut()).await {
+                    return Ok(Found::Stopped);
                 }
             }
             Err(error) => return Err(error).context("cannot start the embedded node"),
         }
+    }
+}
+
+/// Waits `pause`; `false` when SIGINT or SIGTERM came first.
+async fn pause(
+    pause: Duration,
+    signal: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => true,
+        () = signal => false,
     }
 }
 
@@ -274,7 +278,7 @@ async fn serve_here(
 /// A bridge to the first live node in discovery that answers, most recently started first.
 /// Entries whose token cannot be read or whose node cannot be reached are skipped (a warning
 /// each when `report`), so a node that hangs or lost its token does not block `troupe mcp`.
-async fn attach(dir: &std::path::Path, report: bool) -> Option<(crate::mcp::stdio::Bridge, bool)> {
+async fn attach(dir: &std::path::Path, report: bool) -> Option<Found> {
     for entry in discovery::live(dir, discovery::now_secs()) {
         let token_dir = entry.token_file.parent().unwrap_or(&entry.token_file);
         let Some(token) = crate::auth::read_admin_token(token_dir) else {
@@ -291,7 +295,10 @@ async fn attach(dir: &std::path::Path, report: bool) -> Option<(crate::mcp::stdi
         match crate::mcp::stdio::Bridge::connect(entry.http, &token).await {
             Ok(bridge) => {
                 tracing::info!(node = %entry.node_id, http = %entry.http, "bridging stdio to a running node");
-                return Some((bridge, entry.embedded));
+                return Some(Found::Bridge {
+                    bridge: Box::new(bridge),
+                    embedded: entry.embedded,
+                });
             }
             Err(error) if report => {
                 tracing::warn!(node = %entry.node_id, %error, "a running node cannot be reached; trying the next node");
