@@ -7,6 +7,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
 use troupe_actors::event::OutputStream;
 use troupe_actors::session::{ProcessEvent, ProcessSink};
 
@@ -70,6 +72,16 @@ impl Delivery {
             return;
         }
         self.send(event);
+    }
+
+    /// Resolves once the sink has room for more output ([`ProcessSink::ready`]); at once while
+    /// events go to the backlog, which stays within its caps by dropping its oldest lines.
+    pub(crate) fn ready(&self) -> BoxFuture<'static, ()> {
+        if self.refused {
+            Box::pin(std::future::ready(()))
+        } else {
+            self.sink.ready()
+        }
     }
 
     /// Replaces the sink and delivers what was kept (a marker for dropped lines first, then the

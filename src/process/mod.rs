@@ -53,6 +53,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use nix::sys::signal::Signal;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::runtime::Handle;
@@ -426,6 +427,11 @@ impl Process {
         delivery.push(event);
         delivery.exit_delivered()
     }
+
+    /// Resolves once the session has room for more output (see [`Delivery::ready`]).
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        lock(&self.delivery).ready()
+    }
 }
 
 /// A `Starting` slot, removed again unless filled (a failed spawn leaves nothing behind).
@@ -502,6 +508,7 @@ async fn drive(
                 OutputStream::Stdout,
                 config.output,
                 stop.clone(),
+                || process.ready(),
                 |event| {
                     process.emit(event);
                 },
@@ -511,6 +518,7 @@ async fn drive(
                 OutputStream::Stderr,
                 config.output,
                 stop.clone(),
+                || process.ready(),
                 |event| {
                     process.emit(event);
                 },

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,11 +21,18 @@ const READ_CHUNK: usize = 64 * 1024;
 ///
 /// A batch is emitted when it holds `max_batch_lines` lines, or `batch_window` after its first
 /// line arrived, or when the stream ends; a final line without `\n` is delivered too.
+///
+/// Before each read the pump waits for `room` (the sink's [`ProcessSink::ready`]): while the
+/// session is not taking output, nothing more is read, the pipe fills and the process blocks
+/// in its write, and no output is lost or queued without bound.
+///
+/// [`ProcessSink::ready`]: troupe_actors::session::ProcessSink::ready
 pub(super) async fn pump<R>(
     mut reader: R,
     stream: OutputStream,
     limits: OutputLimits,
     stop: CancellationToken,
+    room: impl Fn() -> BoxFuture<'static, ()>,
     mut emit: impl FnMut(ProcessEvent),
 ) where
     R: AsyncRead + Unpin,
@@ -32,6 +40,8 @@ pub(super) async fn pump<R>(
     let mut splitter = LineSplitter::new(limits.max_line_bytes);
     let mut batch = Batcher::new(stream, limits.max_batch_lines, limits.batch_window);
     let mut buffer = vec![0u8; READ_CHUNK];
+    // `None` once there is room for the next read.
+    let mut waiting: Option<BoxFuture<'static, ()>> = None;
     loop {
         let deadline = batch.deadline();
         tokio::select! {
@@ -39,9 +49,15 @@ pub(super) async fn pump<R>(
             biased;
             () = stop.cancelled() => break,
             () = sleep_until_some(deadline), if deadline.is_some() => batch.flush(&mut emit),
-            read = reader.read(&mut buffer) => match read {
+            () = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
+                waiting = None;
+            }
+            read = reader.read(&mut buffer), if waiting.is_none() => match read {
                 Ok(0) => break,
-                Ok(read) => splitter.feed(&buffer[..read], |line| batch.push(line, &mut emit)),
+                Ok(read) => {
+                    splitter.feed(&buffer[..read], |line| batch.push(line, &mut emit));
+                    waiting = Some(room());
+                }
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(error) => {
                     tracing::warn!(?stream, %error, "reading a process's output failed");
@@ -322,6 +338,7 @@ mod tests {
             OutputStream::Stderr,
             limits,
             stop.clone(),
+            || Box::pin(std::future::ready(())),
             move |event| tx.send(event).unwrap(),
         ));
         (writer, rx, stop)

@@ -284,6 +284,84 @@ async fn a_flood_arrives_coalesced_complete_and_in_order() {
     );
 }
 
+/// Takes every event, but has room for more only once the test opens it (a session busy in a
+/// slow write).
+struct GatedSink {
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ProcessSink for GatedSink {
+    fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent> {
+        self.events.send(event).map_err(|error| error.0)
+    }
+
+    fn ready(&self) -> futures::future::BoxFuture<'static, ()> {
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+        })
+    }
+}
+
+/// What the kernel says process `pid` is waiting in (`/proc/PID/wchan`).
+fn waits_in(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
+    let runner = LocalRunner::default();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let sink = Arc::new(GatedSink {
+        events: tx,
+        open: opened,
+    });
+    let command = CommandLine {
+        program: "seq".into(),
+        args: vec!["1".into(), "300000".into()],
+        ..sh("")
+    };
+    let info = runner.start(&session("s-held"), &command, sink).unwrap();
+    // The runner reads once, then waits for room: `seq` fills the pipe and blocks in its write.
+    within(async {
+        while !waits_in(info.pid).contains("pipe_write") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // And stays blocked: nothing more is read while there is no room. (Showing that something
+    // does not happen takes a wait; without the hold, `seq` is done within it.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        waits_in(info.pid).contains("pipe_write"),
+        "seq still blocked in its write"
+    );
+    let mut seen = Seen::default();
+    while let Ok(event) = events.try_recv() {
+        assert!(seen.add(event).is_none(), "no exit while held");
+    }
+    assert!(
+        seen.stdout.len() < 20_000,
+        "about one read (64 KiB) of lines while held, not {}",
+        seen.stdout.len()
+    );
+
+    open.send_replace(true);
+    let (rest, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0));
+    seen.stdout.extend(rest.stdout);
+    assert_eq!(seen.stdout.len(), 300_000);
+    assert!(
+        seen.stdout
+            .iter()
+            .enumerate()
+            .all(|(index, line)| *line == (index + 1).to_string()),
+        "every line exactly once, in order"
+    );
+}
+
 #[tokio::test]
 async fn exit_codes_and_signal_deaths_are_reported() {
     let runner = LocalRunner::default();

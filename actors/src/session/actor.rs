@@ -16,7 +16,7 @@ use std::time::Duration;
 use ractor::RpcReplyPort;
 
 use super::chat::ChatInterpreter;
-use super::context::{HandleSink, OutputInterpreter, OutputSignal, SessionContext};
+use super::context::{HandleSink, OutputCredit, OutputInterpreter, OutputSignal, SessionContext};
 use super::flood::{GateDecision, OutputGate};
 use super::manager::ManagerMsg;
 use super::ports::{ExitStatus, ProcessEvent, StoreError};
@@ -30,8 +30,9 @@ use crate::kernel::{Actor, ActorError, ActorHandle, Context};
 
 /// Messages of a SessionActor.
 pub enum SessionMsg {
-    /// Output or exit of the session's process (from the runner).
-    Process(ProcessEvent),
+    /// Output or exit of the session's process (from the runner), with what it counts against
+    /// the sink's output budget until it is handled.
+    Process(ProcessEvent, OutputCredit),
     /// Stop the run (SIGTERM to its process group, SIGKILL after the grace period).
     Cancel {
         /// The record as it stands (still running: the end is announced by an event).
@@ -137,7 +138,7 @@ impl Actor for SessionActor {
         // Launching happens here, not in pre_start: the SessionSupervisor waits for a child's
         // pre_start, and two durable writes plus a fork there would serialize every session
         // start of the node behind one mailbox.
-        let sink = || std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        let sink = || std::sync::Arc::new(HandleSink::new(ctx.handle().clone()));
         if matches!(
             state.record.state,
             SessionState::Starting | SessionState::Running
@@ -223,14 +224,14 @@ impl Actor for SessionActor {
             return Ok(());
         }
         match message {
-            SessionMsg::Process(ProcessEvent::Output { stream, lines }) => {
+            SessionMsg::Process(ProcessEvent::Output { stream, lines }, _credit) => {
                 state.output(ctx, stream, lines);
             }
             SessionMsg::FlushOutput => {
                 let decision = state.gate.flush(tokio::time::Instant::now());
                 state.gated(ctx, decision);
             }
-            SessionMsg::Process(ProcessEvent::Exited(status)) => {
+            SessionMsg::Process(ProcessEvent::Exited(status), _credit) => {
                 state.exited(ctx, status).await?;
             }
             SessionMsg::Cancel { reply } => {
@@ -404,7 +405,7 @@ impl SessionActorState {
                 return Ok(());
             }
         };
-        let sink = std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        let sink = std::sync::Arc::new(HandleSink::new(ctx.handle().clone()));
         match context.runner.start(&self.args.id, &command, sink) {
             Ok(process) => {
                 self.record.process = Some(process);
@@ -433,7 +434,7 @@ impl SessionActorState {
         let Some(chats) = &context.chats else {
             return self.fail_to_start(super::chat::no_providers()).await;
         };
-        let sink = std::sync::Arc::new(HandleSink(ctx.handle().clone()));
+        let sink = std::sync::Arc::new(HandleSink::new(ctx.handle().clone()));
         match chats.start(&self.args.id, chat, sink) {
             Ok(()) => {
                 self.record.started_at = Some(Timestamp::now());

@@ -2,8 +2,11 @@
 //! command line.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
 
 use super::actor::SessionMsg;
 use super::ports::{
@@ -168,16 +171,122 @@ pub struct SessionContext {
     pub stats: Arc<SessionStats>,
 }
 
-/// A session's process events go to its restart-surviving handle.
-pub(crate) struct HandleSink(pub(crate) ActorHandle<SessionMsg>);
+/// Output a session's sink lets be on its way to the session's actor (delivered, not yet
+/// handled) before [`ProcessSink::ready`] holds the runner back.
+pub(crate) const OUTPUT_IN_FLIGHT_BYTES: usize = 1 << 20;
+
+/// A session's process events go to its restart-surviving handle. Output counts against the
+/// sink's budget from its delivery until the actor is done with it, so a session busy in a
+/// slow write holds its process back instead of growing its mailbox without bound.
+pub(crate) struct HandleSink {
+    handle: ActorHandle<SessionMsg>,
+    budget: Arc<OutputBudget>,
+}
+
+impl HandleSink {
+    pub(crate) fn new(handle: ActorHandle<SessionMsg>) -> Self {
+        Self::with_limit(handle, OUTPUT_IN_FLIGHT_BYTES)
+    }
+
+    pub(crate) fn with_limit(handle: ActorHandle<SessionMsg>, limit: usize) -> Self {
+        Self {
+            handle,
+            budget: Arc::new(OutputBudget {
+                in_flight: AtomicUsize::new(0),
+                limit,
+                room: Notify::new(),
+            }),
+        }
+    }
+}
 
 impl ProcessSink for HandleSink {
     fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent> {
-        self.0
-            .cast(SessionMsg::Process(event))
+        let credit = OutputCredit::take(&self.budget, &event);
+        self.handle
+            .cast(SessionMsg::Process(event, credit))
             .map_err(|error: SendError<SessionMsg>| match error.into_message() {
-                SessionMsg::Process(event) => event,
+                SessionMsg::Process(event, _credit) => event,
                 _ => unreachable!("the message sent was a process event"),
             })
+    }
+
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        if self.budget.has_room() {
+            return Box::pin(std::future::ready(()));
+        }
+        let budget = self.budget.clone();
+        Box::pin(async move {
+            loop {
+                let room = budget.room.notified();
+                tokio::pin!(room);
+                // Registered before the check, so a credit returned in between still wakes it.
+                room.as_mut().enable();
+                if budget.has_room() {
+                    return;
+                }
+                room.await;
+            }
+        })
+    }
+}
+
+/// The output bytes a sink has on their way to its actor.
+struct OutputBudget {
+    in_flight: AtomicUsize,
+    limit: usize,
+    room: Notify,
+}
+
+impl OutputBudget {
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) < self.limit
+    }
+}
+
+/// What one delivered process event counts against its sink's output budget, given back when
+/// this is dropped: once the session's actor handled the event, or with a mailbox that was
+/// dropped, so a credit can never leak.
+pub struct OutputCredit {
+    budget: Option<Arc<OutputBudget>>,
+    bytes: usize,
+}
+
+impl OutputCredit {
+    fn take(budget: &Arc<OutputBudget>, event: &ProcessEvent) -> Self {
+        let ProcessEvent::Output { lines, .. } = event else {
+            return Self {
+                budget: None,
+                bytes: 0,
+            };
+        };
+        let bytes = lines
+            .iter()
+            .map(|line| line.len() + std::mem::size_of::<String>())
+            .sum();
+        budget.in_flight.fetch_add(bytes, Ordering::AcqRel);
+        Self {
+            budget: Some(budget.clone()),
+            bytes,
+        }
+    }
+}
+
+impl Drop for OutputCredit {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            let before = budget.in_flight.fetch_sub(self.bytes, Ordering::AcqRel);
+            if before >= budget.limit && before - self.bytes < budget.limit {
+                budget.room.notify_waiters();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for OutputCredit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputCredit")
+            .field("bytes", &self.bytes)
+            .finish()
     }
 }

@@ -24,8 +24,8 @@ pub use actor::{
 };
 pub use chat::{ChatInterpreter, ChatRunner};
 pub use context::{
-    CommandBuilder, DURATION_BUCKETS_SECS, OutputInterpreter, OutputSignal, SessionContext,
-    SessionSettings, SessionStats,
+    CommandBuilder, DURATION_BUCKETS_SECS, OutputCredit, OutputInterpreter, OutputSignal,
+    SessionContext, SessionSettings, SessionStats,
 };
 pub use manager::{
     Admitted, CancelError, MANAGER_TIMEOUT, ManagerArgs, ManagerMsg, ManagerShared, ManagerState,

@@ -90,6 +90,15 @@ pub enum ProcessEvent {
 pub trait ProcessSink: Send + Sync + 'static {
     /// Delivers an event; gives it back when the session cannot take events any more.
     fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent>;
+
+    /// Resolves once the sink has room for more output. A runner waits for it before it reads
+    /// more of a process's output, so a session that is busy (in a slow store write, say) holds
+    /// its process back through the pipe instead of queueing its output without bound.
+    /// Delivering never waits: an event delivered while there is no room is still taken.
+    /// The default has room at all times.
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Why a process did not start.

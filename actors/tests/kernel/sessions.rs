@@ -58,6 +58,16 @@ impl ScriptedRunner {
     fn starts(&self) -> usize {
         self.started.lock().unwrap().len()
     }
+
+    /// The sink the runner delivers `id`'s process events to.
+    fn sink(&self, id: &SessionId) -> Arc<dyn ProcessSink> {
+        self.processes
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .expect("a process")
+    }
 }
 
 impl ProcessRunner for ScriptedRunner {
@@ -1370,6 +1380,53 @@ async fn a_session_just_taken_off_the_queue_is_not_queued_again_by_a_restarted_m
             SessionState::Succeeded
         ]
     );
+}
+
+/// A session busy in a slow write holds its process's output back: once about a megabyte is
+/// on its way to the actor, its sink has no room (the runner stops reading the pipe), and it has
+/// room again once the actor has caught up, with every line kept.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_session_held_in_a_write_holds_its_process_output_back_and_loses_none() {
+    use futures::FutureExt as _;
+
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::To(SessionState::Running));
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    // The process runs; its session's actor waits in its `starting → running` write.
+    held.notified().await;
+    let sink = h.runner.sink(&id);
+    // 256 lines of 1,000 bytes: 256 KiB counted per batch (each line with its `String`).
+    let batch: Vec<String> = (0..256).map(|i| format!("{i:0>1000}")).collect();
+    let mut delivered = 0;
+    while sink.ready().now_or_never().is_some() {
+        assert!(delivered < 16, "the sink never ran out of room");
+        sink.deliver(ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: batch.clone(),
+        })
+        .unwrap();
+        delivered += 1;
+    }
+    assert_eq!(delivered, 4, "room for 1 MiB on its way, not more");
+    let room = tokio::spawn(sink.ready());
+    tokio::task::yield_now().await;
+    assert!(!room.is_finished(), "no room while the actor is held");
+
+    open.add_permits(1);
+    room.await.unwrap();
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.runner.exit(&id, 0);
+    loop {
+        match h.next().await {
+            (session, "session.succeeded", _) if session == id => break,
+            (session, "session.output", _) if session == id => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stored = store.data.lock().unwrap().output.len();
+    assert_eq!(stored, delivered * batch.len(), "every line kept");
 }
 
 /// A flooding session next to a quiet one: the flood is coalesced to a few events that still
