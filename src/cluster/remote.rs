@@ -338,10 +338,11 @@ async fn ask_owner_whole<T>(
         body: Vec::new(),
     };
     let (node, exchange) = ask_owner(core, id, hop, missing, call).await?;
-    Ok(Routed::There {
-        node,
-        answer: exchange.head,
-    })
+    let answer = exchange
+        .whole(&node)
+        .await
+        .map_err(|error| with_last_known(core, id, error))?;
+    Ok(Routed::There { node, answer })
 }
 
 /// One session: here, or asked of its owner.

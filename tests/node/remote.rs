@@ -536,6 +536,47 @@ async fn a_session_this_node_never_heard_of_is_found_and_read_through_it_or_its_
     assert_eq!(error["error"]["details"]["node"], "c", "{error}");
 }
 
+/// A member's part of a cluster listing larger than one frame (4 MiB) comes in pieces and is put
+/// back together: six sessions on c whose specs hold about 900 KiB of arguments each.
+#[tokio::test]
+async fn a_cluster_listing_larger_than_a_frame_arrives_whole() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let b = node(temp.path(), "b", &[], None).await;
+    let c = node(temp.path(), "c", &[], b.cluster).await;
+    wait_members(&b, &["c"]).await;
+    let bulk: Vec<String> = (0..110).map(|i| format!("{i:x>8000}")).collect();
+    let mut mine = Vec::new();
+    for _ in 0..6 {
+        let mut args = vec![json!("-c"), json!("true")];
+        args.extend(bulk.iter().map(|arg| json!(arg)));
+        let body = json!({"kind": "command", "program": "sh", "args": args});
+        let (status, record) = spawn_through(&c, body).await;
+        assert!(
+            matches!(status, 201 | 202),
+            "spawn answered {status}: {}",
+            record["error"]
+        );
+        mine.push(record["id"].as_str().unwrap().to_owned());
+    }
+
+    let response = b.get("/v1/sessions?scope=cluster&limit=100").await;
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    assert!(body.len() > 5 * 1024 * 1024, "{} bytes", body.len());
+    let listing: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listing["nodes"]["c"], "ok", "{}", listing["nodes"]);
+    let listed: Vec<&str> = listing["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|record| record["id"].as_str())
+        .collect();
+    for id in &mine {
+        assert!(listed.contains(&id.as_str()), "{id} listed");
+    }
+}
+
 #[tokio::test]
 async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_it_returns() {
     let temp = tempfile::tempdir().unwrap();

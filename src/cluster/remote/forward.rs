@@ -30,8 +30,12 @@ use crate::session::SessionError;
 
 /// The header on forwarded requests (its value: the forwarding node).
 pub const FORWARDED: &str = "x-troupe-forwarded";
-/// Largest forwarded request or answer body (and streamed chunk).
+/// Largest forwarded request body, and largest piece of an answer in one frame.
 pub const MAX_FORWARD_BYTES: usize = 4 * 1024 * 1024 - 1024;
+/// Largest whole (not streamed) answer: one larger than a frame goes in pieces and is put back
+/// together by the caller, up to this. A page of 1,000 output lines at the line cap, or a
+/// listing of 1,000 sessions with large specs, fits.
+pub(super) const MAX_WHOLE_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// How long a forwarded request may take (for a streamed answer: until its head).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Streamed chunks held for a slow client before the owner is made to wait.
@@ -130,6 +134,63 @@ pub(super) struct Exchange {
     rest: Option<(quinn::SendStream, quinn::RecvStream)>,
 }
 
+impl Exchange {
+    /// The whole answer of `node`: the head, with the body of the pieces that follow it when
+    /// the answer was too large for one frame (at most [`MAX_WHOLE_ANSWER_BYTES`]).
+    pub(super) async fn whole(self, node: &NodeId) -> Result<RemoteAnswer, ApiError> {
+        let Self { mut head, rest } = self;
+        let Some((send, mut recv)) = rest else {
+            return Ok(head);
+        };
+        let collect = async {
+            loop {
+                match read_frame(&mut recv).await {
+                    Ok(Frame::Answer(piece)) => {
+                        if head.body.len() + piece.body.len() > MAX_WHOLE_ANSWER_BYTES {
+                            return Err(ApiError::new(
+                                StatusCode::BAD_GATEWAY,
+                                "answer_too_large",
+                                format!(
+                                    "node {node}'s answer is larger than \
+                                     {MAX_WHOLE_ANSWER_BYTES} bytes; ask for a smaller page \
+                                     (`limit`)"
+                                ),
+                            )
+                            .with_details(json!({
+                                "node": node,
+                                "max_bytes": MAX_WHOLE_ANSWER_BYTES,
+                            })));
+                        }
+                        head.body.extend_from_slice(&piece.body);
+                        if !piece.more {
+                            head.more = false;
+                            return Ok(());
+                        }
+                    }
+                    Ok(other) => {
+                        return Err(unreachable(
+                            node,
+                            &format!("answering out of turn ({})", other.name()),
+                        ));
+                    }
+                    Err(error) => {
+                        return Err(unreachable(node, &format!("unreachable ({error})")));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(FORWARD_TIMEOUT, collect).await {
+            Ok(Ok(())) => {
+                let mut send = send;
+                let _ = send.finish();
+                Ok(head)
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(unreachable(node, "not answering in time")),
+        }
+    }
+}
+
 /// Sends `call` to `node` and reads the head of its answer.
 pub(super) async fn exchange(
     core: &NodeCore,
@@ -206,7 +267,7 @@ pub(super) async fn call_node(
     node: &NodeId,
     call: RemoteCall,
 ) -> Result<RemoteAnswer, ApiError> {
-    Ok(exchange(core, node, call).await?.head)
+    exchange(core, node, call).await?.whole(node).await
 }
 
 pub(super) fn not_clustered(core: &NodeCore, node: &NodeId) -> ApiError {
@@ -268,33 +329,40 @@ pub async fn serve_call(
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("text/event-stream"));
-    if !streamed {
-        let answer = match axum::body::to_bytes(response.into_body(), MAX_FORWARD_BYTES).await {
-            Ok(body) => RemoteAnswer {
-                status,
-                body: body.to_vec(),
-                more: false,
-                retry_after,
-            },
-            Err(error) => {
-                let body = json!({"error": {
-                    "code": "answer_too_large",
-                    "message": format!("the answer could not be read in full: {error}"),
-                    "details": {"max_bytes": MAX_FORWARD_BYTES},
-                }});
-                RemoteAnswer::whole(502, body.to_string().into_bytes())
-            }
-        };
-        return write_frame(send, &Frame::Answer(answer)).await;
-    }
     let piece = |body: Vec<u8>, more: bool| {
         Frame::Answer(RemoteAnswer {
             status,
             body,
             more,
-            retry_after: None,
+            retry_after,
         })
     };
+    if !streamed {
+        let body = match axum::body::to_bytes(response.into_body(), MAX_WHOLE_ANSWER_BYTES).await {
+            Ok(body) => body,
+            Err(error) => {
+                let body = json!({"error": {
+                    "code": "answer_too_large",
+                    "message": format!(
+                        "the answer could not be read in full: {error}; ask for a smaller page \
+                         (`limit`)"
+                    ),
+                    "details": {"max_bytes": MAX_WHOLE_ANSWER_BYTES},
+                }});
+                let answer = RemoteAnswer::whole(502, body.to_string().into_bytes());
+                return write_frame(send, &Frame::Answer(answer)).await;
+            }
+        };
+        if body.len() <= MAX_FORWARD_BYTES {
+            return write_frame(send, &piece(body.to_vec(), false)).await;
+        }
+        // Too large for one frame: a head and pieces, as a streamed answer goes.
+        write_frame(send, &piece(Vec::new(), true)).await?;
+        for part in body.chunks(MAX_FORWARD_BYTES) {
+            write_frame(send, &piece(part.to_vec(), true)).await?;
+        }
+        return write_frame(send, &piece(Vec::new(), false)).await;
+    }
     write_frame(send, &piece(Vec::new(), true)).await?;
     let mut body = response.into_body().into_data_stream();
     while let Some(chunk) = body.next().await {
