@@ -91,6 +91,22 @@ impl Collector for StoreCollector {
              were waiting for the disk (or the store was closed)",
             MetricType::Counter,
             ConstCounter::new(stats.dropped_appends),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_store_pruned_events",
+            "Events deleted from the event log by retention (events.retention_secs, \
+             events.retention_bytes)",
+            MetricType::Counter,
+            ConstCounter::new(stats.pruned_events),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_store_pruned_sessions",
+            "Ended sessions deleted by retention (sessions.retention_secs), with their \
+             transitions and output",
+            MetricType::Counter,
+            ConstCounter::new(stats.pruned_sessions),
         )
     }
 }
@@ -790,8 +806,52 @@ mod tests {
             &[
                 "troupe_store_dropped_appends_total 2",
                 "troupe_store_failed_batches_total 0",
+                "troupe_store_pruned_sessions_total 0",
             ],
         );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn events_deleted_by_retention_are_counted() {
+        use troupe_actors::event::{
+            BusItem, Event, EventData, EventId, EventStore, SessionProgress,
+        };
+        use troupe_actors::ids::Timestamp;
+
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeId::new("n1").unwrap();
+        let store = Store::open(
+            dir.path(),
+            node.clone(),
+            crate::store::StoreConfig {
+                event_retention_count: 2,
+                ..crate::store::StoreConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        for seq in 1..=5 {
+            store.append(&BusItem {
+                pos: seq,
+                event: std::sync::Arc::new(Event {
+                    rendered: Default::default(),
+                    id: EventId::new(node.clone(), seq),
+                    at: Timestamp::now(),
+                    session: None,
+                    data: EventData::SessionProgress(SessionProgress {
+                        message: format!("step {seq}"),
+                        current: Some(seq),
+                        total: None,
+                    }),
+                }),
+            });
+        }
+        store.flush().await.unwrap();
+        let text = render(StoreCollector {
+            store: store.clone(),
+        });
+        assert_has(&text, &["troupe_store_pruned_events_total 3"]);
         store.close().await.unwrap();
     }
 }
