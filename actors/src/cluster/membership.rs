@@ -470,6 +470,64 @@ impl MembershipState {
         }
     }
 
+    /// A restarted instance starts from what the last one knew: the members the registry lists
+    /// as up are taken as alive, and foca probes them. One that went down meanwhile is then
+    /// declared down by the usual suspicion, with its `node.down` (nobody else may be left to
+    /// gossip it, and a member this instance never knew would never be reported); one that is
+    /// alive stays so, without a second `node.joined`; one that restarted is learnt under its
+    /// new generation. Their relay PeerActors are told they are up (started again if the
+    /// cluster branch restarted with them). On a first start the registry lists no member.
+    fn inherit(&mut self) {
+        let members: Vec<MemberEntry> = self
+            .args
+            .registry
+            .tables()
+            .members()
+            .into_iter()
+            .filter(|member| {
+                member.node != self.identity.node
+                    && matches!(member.state.as_str(), "alive" | "suspect")
+            })
+            .collect();
+        let mut inherited = Vec::with_capacity(members.len());
+        for member in members {
+            let Ok(addr) = member.addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let identity = NodeIdentity {
+                node: member.node.clone(),
+                addr,
+                generation: member.generation,
+            };
+            if let Some(meta) = member.meta {
+                self.metas.insert(member.node.clone(), meta);
+            }
+            self.seen.insert(
+                member.node,
+                Seen {
+                    identity: identity.clone(),
+                    state: "alive",
+                },
+            );
+            if let Some(relay) = &self.args.relay {
+                relay.update(&identity, true, &self.args.events);
+            }
+            inherited.push(identity);
+        }
+        if inherited.is_empty() {
+            return;
+        }
+        tracing::info!(
+            node = %self.identity,
+            members = inherited.len(),
+            "membership restarted; probing the members the previous instance knew"
+        );
+        let members = inherited.into_iter().map(foca::Member::alive);
+        if let Err(error) = self.swim.apply_many(members, false, &mut self.runtime) {
+            tracing::warn!(%error, "cannot hand the known members to the restarted membership");
+        }
+    }
+
     fn register(&self, seen: &Seen) {
         let meta = self
             .metas
@@ -647,7 +705,7 @@ impl Actor for MembershipActor {
         ctx.send_interval(tick, || MembershipMsg::Tick);
         let _ = ctx.send_self(MembershipMsg::Tick);
         tracing::info!(node = %identity, seeds = args.seeds.len(), "membership started");
-        Ok(MembershipState {
+        let mut state = MembershipState {
             args,
             swim,
             runtime: AccumulatingRuntime::new(),
@@ -663,7 +721,9 @@ impl Actor for MembershipActor {
             meta_version: 0,
             suspected_since: HashMap::new(),
             suspect_timeout,
-        })
+        };
+        state.inherit();
+        Ok(state)
     }
 
     async fn handle(

@@ -20,8 +20,8 @@ use troupe_actors::cluster::{
     NodeMeta, WireFault,
 };
 use troupe_actors::event::{Delivery, EventData, EventFilter, KindPattern};
-use troupe_actors::ids::NodeId;
-use troupe_actors::kernel::ActorHandle;
+use troupe_actors::ids::{ActorPath, NodeId};
+use troupe_actors::kernel::{ActorHandle, FaultKind};
 use troupe_actors::node::{ClusterPorts, NodePorts, NodeTree, NodeTreeConfig};
 
 /// JSON, so the test needs no binary codec (the node uses its wire codec).
@@ -519,6 +519,61 @@ async fn losing_every_path_one_way_gets_a_member_declared_down() {
             Step::Converged,
         ])
         .await;
+    world.shutdown().await;
+}
+
+impl World {
+    /// Panics `name`'s MembershipActor (its supervisor starts another instance).
+    fn crash_membership(&self, name: &str) {
+        let path = ActorPath::parse("cluster/membership").unwrap();
+        self.trees[name]
+            .inject_fault(&path, FaultKind::Panic)
+            .unwrap();
+    }
+}
+
+/// A restarted MembershipActor starts from the members the last instance knew: a live one stays
+/// in the view without a new `node.joined`, and one that died while the actor restarted (with
+/// nobody left to gossip it) is still declared down.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_restarted_membership_keeps_the_live_members_and_declares_a_dead_one_down() {
+    let mut world = World::new();
+    world
+        .run(vec![
+            Step::Start("a", &[]),
+            Step::Start("b", &["a"]),
+            expect("a", "node.joined", "b"),
+            expect("b", "node.joined", "a"),
+            Step::Converged,
+            Step::Mark,
+        ])
+        .await;
+    world.crash_membership("a");
+    world
+        .run(vec![
+            Step::Quiet(
+                Duration::from_secs(10),
+                &["node.suspected", "node.down", "node.left"],
+            ),
+            Step::Converged,
+        ])
+        .await;
+    let about_b: Vec<Seen> = world.journal.of("a")[world.mark["a"]..]
+        .iter()
+        .filter(|seen| seen.about == "b")
+        .cloned()
+        .collect();
+    assert!(
+        about_b.is_empty(),
+        "a said {about_b:?} about b, which never left"
+    );
+
+    // b dies while a's membership restarts: a's new instance must still find out.
+    world
+        .run(vec![Step::Mark, Step::Partition(&[&["a"], &["b"]])])
+        .await;
+    world.crash_membership("a");
+    world.run(vec![expect("a", "node.down", "b")]).await;
     world.shutdown().await;
 }
 
