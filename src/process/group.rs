@@ -10,6 +10,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use troupe_actors::ids::SessionId;
 use troupe_actors::session::LeftoverGroup;
 
 /// What `/proc/PID/stat` (and the owner of `/proc/PID`) says about one process.
@@ -202,6 +203,80 @@ pub(super) async fn terminate_group(pgid: i32, grace: Duration) {
         "process group outlived SIGTERM; sending SIGKILL"
     );
     signal_group(pgid, Signal::SIGKILL);
+}
+
+/// Terminates what left session `session`'s group `pgid` (`setsid`) but still carries the
+/// session's id in its environment: SIGTERM now, SIGKILL after `grace` to each that is still
+/// the same live process. Only processes of the node's user, never the node, and not the
+/// group's own members (the group is signalled as a whole). Returns the pids signalled.
+pub(super) async fn terminate_escaped(session: SessionId, pgid: i32, grace: Duration) -> Vec<i32> {
+    let scan = move || -> io::Result<Vec<ProcStat>> {
+        let own = Own::current()?;
+        let sessions = std::collections::HashSet::from([session.as_str()]);
+        Ok(session_processes(&sessions, &own)?
+            .into_iter()
+            .filter(|process| process.pgrp != pgid)
+            .collect())
+    };
+    let escaped = match tokio::task::spawn_blocking(scan).await {
+        Ok(Ok(escaped)) => escaped,
+        Ok(Err(error)) => {
+            tracing::warn!(pgid, %error, "cannot scan /proc for processes that left a session's group");
+            return Vec::new();
+        }
+        Err(_) => return Vec::new(),
+    };
+    if escaped.is_empty() {
+        return Vec::new();
+    }
+    let pids: Vec<i32> = escaped.iter().map(|process| process.pid).collect();
+    tracing::info!(
+        pgid,
+        ?pids,
+        "terminating processes that left the session's process group"
+    );
+    for process in &escaped {
+        signal_process(process.pid, Signal::SIGTERM);
+    }
+    // The same process as at the scan: alive, with the same start time (not a reused pid).
+    let same = |process: &ProcStat| {
+        read_proc(process.pid)
+            .is_ok_and(|now| now.is_alive() && now.start_ticks == process.start_ticks)
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let left: Vec<ProcStat> = escaped.iter().copied().filter(same).collect();
+        if left.is_empty() {
+            return pids;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            for process in &left {
+                tracing::info!(
+                    pid = process.pid,
+                    ?grace,
+                    "a process that left the session's group outlived SIGTERM; sending SIGKILL"
+                );
+                signal_process(process.pid, Signal::SIGKILL);
+            }
+            return pids;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Sends `signal` to one process. "No such process" (it is gone) is not an error.
+fn signal_process(pid: i32, signal: Signal) {
+    if pid <= 1 {
+        tracing::error!(pid, "refusing to signal an invalid process");
+        return;
+    }
+    match nix::sys::signal::kill(Pid::from_raw(pid), signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(error) => tracing::warn!(pid, %signal, %error, "cannot signal a process"),
+    }
 }
 
 /// Who the node is, so the leftover rule never aims at the node itself.

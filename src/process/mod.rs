@@ -22,7 +22,10 @@
 //!   [`RunnerConfig::cleanup_grace`], before it reports the exit. No orphans.
 //! - A process that left the group (`setsid`) but holds the pipes cannot be signalled through
 //!   the group: once the group has no live member, the runner reads for
-//!   `OUTSIDE_HOLDER_GRACE` (200 ms) more, then stops reading and reports the exit.
+//!   `OUTSIDE_HOLDER_GRACE` (200 ms) more, then stops reading and reports the exit. When the
+//!   session ends on its own, such a process is left running (it may be a server the session
+//!   meant to start); [`ProcessRunner::terminate`] (cancel, timeout, shutdown) also stops every
+//!   process that left the group, found by the session id in its environment.
 //!
 //! # Delivery
 //!
@@ -255,6 +258,10 @@ impl ProcessRunner for LocalRunner {
         let pgid = process.info.pgid;
         tracing::info!(%session, pgid, ?grace, "terminating a session's process group");
         group::signal_group(pgid, Signal::SIGTERM);
+        // What left the group (`setsid`) is found by the session id in its environment.
+        process
+            .runtime
+            .spawn(group::terminate_escaped(session.clone(), pgid, grace));
         let mut done = process.done.subscribe();
         process.runtime.spawn(async move {
             let ended = tokio::time::timeout(grace, done.wait_for(|done| *done))

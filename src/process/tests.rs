@@ -538,6 +538,52 @@ async fn output_held_open_outside_the_group_does_not_hold_the_exit() {
     );
 }
 
+/// Cancelling a session stops what it started, also a daemon that left its group (`setsid`,
+/// pipes closed) and that no group signal reaches.
+#[tokio::test]
+async fn terminate_also_stops_processes_that_left_the_group() {
+    let runner = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    let id = session("s-daemon");
+    let info = runner
+        .start(
+            &id,
+            &sh(
+                "setsid sh -c 'echo \"escaped $$\"; exec sleep 1000 >/dev/null 2>&1 </dev/null' & \
+                 exec sleep 1000",
+            ),
+            sink,
+        )
+        .unwrap();
+    let mut seen = Seen::default();
+    let escaped: i32 = loop {
+        let event = within(events.recv()).await.expect("the line arrives");
+        assert!(seen.add(event).is_none(), "exited early");
+        if let Some(pid) = seen.stdout.iter().find_map(|l| l.strip_prefix("escaped ")) {
+            break pid.parse().unwrap();
+        }
+    };
+    assert_ne!(
+        group::read_proc(escaped).unwrap().pgrp,
+        info.pgid,
+        "setsid left the session's group"
+    );
+    assert!(runner.terminate(&id, Duration::from_secs(5)));
+    let (_, status) = until_exit(&mut events).await;
+    assert_eq!(status, signal(15));
+    let deadline = std::time::Instant::now() + SAFETY_NET;
+    while group::read_proc(escaped).is_ok_and(|stat| stat.is_alive()) {
+        if std::time::Instant::now() >= deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(escaped),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the process that left the group survived the cancel");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn refused_events_wait_for_reattach_and_the_exit_comes_once() {
     let runner = LocalRunner::default();
