@@ -514,7 +514,7 @@ async fn serve_frames_until<Si, St>(
     } = client;
     let principal = principal.or_else(|| server.local_principal.clone());
     let link_closed = match server.attach_link(peer, principal.as_ref()).await {
-        Ok(link) => link.closed.clone(),
+        Ok(closed) => closed,
         Err(error) => {
             let reason: String = error.to_string().chars().take(100).collect();
             let _ = out_tx.send(Outgoing::Close(CLOSE_GOING_AWAY, reason)).await;

@@ -36,7 +36,7 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex as AsyncMutex;
 use troupe_actors::event::{
     Delivery, EventData, EventFilter, KindPattern, SessionKindTag, TransportKind,
 };
@@ -61,7 +61,8 @@ pub struct TroupeMcp {
     transport: TransportKind,
     /// Who calls when the transport carries no HTTP request (stdio: the local user).
     local_principal: Option<Principal>,
-    link: Arc<OnceCell<LinkGuard>>,
+    /// The client's link, opened on its first request (or up front for a socket transport).
+    link: Arc<AsyncMutex<Option<LinkGuard>>>,
     /// The level a legacy session set with `logging/setLevel`.
     log_level: logging::SessionLogLevel,
     /// Legacy Streamable HTTP sessions, which end when idle (`/mcp` only).
@@ -300,7 +301,7 @@ impl TroupeMcp {
             tool_router: Self::tool_router(),
             transport,
             local_principal,
-            link: Arc::new(OnceCell::new()),
+            link: Arc::default(),
             log_level: logging::SessionLogLevel::default(),
             idle_sessions: None,
         }
@@ -344,47 +345,60 @@ impl TroupeMcp {
             .map(|info| info.0)
     }
 
-    /// Opens this client's link on its first request.
+    /// Opens this client's link on its first request. A legacy Streamable HTTP session outlives
+    /// its TransportActor when the TransportSupervisor restarts (its links are temporary
+    /// children): its next request opens a new link, so it is listed again. A socket transport
+    /// ends with its link instead (its socket side watches the link's `closed`).
     async fn ensure_link(&self, ctx: &RequestContext<RoleServer>) -> Result<(), McpError> {
+        let mut link = self.link.lock().await;
+        if let Some(open) = link.as_ref() {
+            if !open.closed.is_cancelled() {
+                return Ok(());
+            }
+            if self.transport != TransportKind::McpHttp {
+                return Err(McpError::internal_error(
+                    "this client's link has ended; reconnect",
+                    None,
+                ));
+            }
+            tracing::info!(link = %open.id, "the link of a legacy MCP session ended; opening another");
+        }
         let principal = self.principal(ctx);
-        self.link
-            .get_or_try_init(|| async {
-                open_link(
-                    &self.core,
-                    self.transport,
-                    Self::peer(ctx),
-                    principal.as_ref(),
-                    troupe_actors::event::FilterSet::none(),
-                )
-                .await
-                .map_err(|error| McpError::internal_error(error.to_string(), None))
-            })
-            .await
-            .map(|_| ())
+        let opened = open_link(
+            &self.core,
+            self.transport,
+            Self::peer(ctx),
+            principal.as_ref(),
+            troupe_actors::event::FilterSet::none(),
+        )
+        .await
+        .map_err(|error| McpError::internal_error(error.to_string(), None))?;
+        *link = Some(opened);
+        Ok(())
     }
 
-    /// Opens this client's link now (socket transports, which know their client up front).
+    /// Opens this client's link now (socket transports, which know their client up front);
+    /// returns its `closed` token, which ends the socket side.
     pub async fn attach_link(
         &self,
         peer: Option<SocketAddr>,
         principal: Option<&Principal>,
-    ) -> Result<&LinkGuard, crate::link::LinkError> {
-        self.link
-            .get_or_try_init(|| {
-                open_link(
-                    &self.core,
-                    self.transport,
-                    peer,
-                    principal,
-                    troupe_actors::event::FilterSet::none(),
-                )
-            })
-            .await
-    }
-
-    /// The link's guard, once opened (its `closed` token ends a socket transport).
-    pub fn link(&self) -> Option<&LinkGuard> {
-        self.link.get()
+    ) -> Result<tokio_util::sync::CancellationToken, crate::link::LinkError> {
+        let mut link = self.link.lock().await;
+        if let Some(open) = link.as_ref() {
+            return Ok(open.closed.clone());
+        }
+        let opened = open_link(
+            &self.core,
+            self.transport,
+            peer,
+            principal,
+            troupe_actors::event::FilterSet::none(),
+        )
+        .await?;
+        let closed = opened.closed.clone();
+        *link = Some(opened);
+        Ok(closed)
     }
 
     /// The caller if its role allows `needed`; otherwise the tool's error result.

@@ -450,6 +450,61 @@ async fn a_legacy_2025_06_18_client_initializes_a_session_and_calls_tools() {
     assert_eq!(mcp_http_links(node).await, 1);
 }
 
+/// The ids of the node's legacy MCP session links.
+async fn mcp_http_link_ids(node: &NodeProcess) -> Vec<String> {
+    let links: Value = node.get("/v1/links").await.json().await.unwrap();
+    links["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|link| link["transport"] == "mcp_http")
+        .map(|link| link["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A legacy session whose TransportActor failed (links are temporary: not restarted) opens a
+/// new link on its next request, so `/v1/links` lists it again.
+#[tokio::test]
+async fn a_legacy_session_whose_link_actor_failed_is_listed_again_on_its_next_request() {
+    let fixture = Fixture::start_with(vec![(
+        "TROUPE_DEBUG__FAULT_INJECTION".into(),
+        "true".into(),
+    )])
+    .await;
+    let node = &fixture.node;
+    let session = legacy_session(node).await;
+    let list = |id: u64| json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"});
+    assert_eq!(legacy_post(node, &session, list(2)).await.status(), 200);
+    let before = mcp_http_link_ids(node).await;
+    assert_eq!(before.len(), 1);
+
+    let fault = node
+        .post_json(
+            "/v1/admin/faults",
+            json!({"actor": format!("links/{}", before[0]), "kind": "panic"}),
+        )
+        .await;
+    assert_eq!(fault.status(), 202);
+    // The registry forgets the link once its actor is gone; nothing announces that write to a
+    // client but the listing, so poll it (bounded).
+    tokio::time::timeout(PATIENCE, async {
+        while !mcp_http_link_ids(node).await.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the failed link is forgotten");
+
+    let listed = messages(legacy_post(node, &session, list(3)).await)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(listed["result"]["tools"].as_array().unwrap().len(), 8);
+    let after = mcp_http_link_ids(node).await;
+    assert_eq!(after.len(), 1, "listed again");
+    assert_ne!(after, before, "under a new link");
+}
+
 #[tokio::test]
 async fn a_legacy_session_lives_while_a_call_waits_and_closes_once_idle() {
     let fixture = Fixture::start_with(vec![(
