@@ -53,6 +53,7 @@ use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -508,6 +509,9 @@ async fn drive(
 ) {
     let pgid = process.info.pgid;
     let stop = CancellationToken::new();
+    // Pumps waiting for the session to have room: their pipes may still hold output, so no
+    // outside holder is presumed meanwhile.
+    let held = AtomicUsize::new(0);
     let pumps = async {
         tokio::join!(
             output::pump(
@@ -515,7 +519,7 @@ async fn drive(
                 OutputStream::Stdout,
                 config.output,
                 stop.clone(),
-                || process.ready(),
+                (|| process.ready(), &held),
                 |event| {
                     process.emit(event);
                 },
@@ -525,7 +529,7 @@ async fn drive(
                 OutputStream::Stderr,
                 config.output,
                 stop.clone(),
-                || process.ready(),
+                (|| process.ready(), &held),
                 |event| {
                     process.emit(event);
                 },
@@ -548,13 +552,19 @@ async fn drive(
             // The leader exited but the output is still open: held by the group or by
             // someone outside it.
             _ = check.tick(), if status.is_some() && !drained && group_gone_at.is_none() => {
-                if !group::has_live_members_async(pgid).await {
+                if held.load(Ordering::Acquire) == 0 && !group::has_live_members_async(pgid).await {
                     group_gone_at = Some(Instant::now());
                 }
             }
             () = sleep_until(group_gone_at.map(|at| at + OUTSIDE_HOLDER_GRACE)),
                 if group_gone_at.is_some() && !stop.is_cancelled() =>
             {
+                if held.load(Ordering::Acquire) > 0 {
+                    // Not read because the session had no room: what is left in the pipes may
+                    // be the exited group's own output. Look again once it is read.
+                    group_gone_at = None;
+                    continue;
+                }
                 tracing::warn!(
                     session = %process.session,
                     pgid,

@@ -5,8 +5,10 @@
 //! Memory per stream stays within one read buffer, one capped line and one batch, whatever the
 //! process prints.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
@@ -24,7 +26,8 @@ const READ_CHUNK: usize = 64 * 1024;
 ///
 /// Before each read the pump waits for `room` (the sink's [`ProcessSink::ready`]): while the
 /// session is not taking output, nothing more is read, the pipe fills and the process blocks
-/// in its write, and no output is lost or queued without bound.
+/// in its write, and no output is lost or queued without bound. `held` counts the pumps that
+/// wait for room now (their pipes may still hold output, whoever wrote it).
 ///
 /// [`ProcessSink::ready`]: troupe_actors::session::ProcessSink::ready
 pub(super) async fn pump<R>(
@@ -32,7 +35,7 @@ pub(super) async fn pump<R>(
     stream: OutputStream,
     limits: OutputLimits,
     stop: CancellationToken,
-    room: impl Fn() -> BoxFuture<'static, ()>,
+    (room, held): (impl Fn() -> BoxFuture<'static, ()>, &AtomicUsize),
     mut emit: impl FnMut(ProcessEvent),
 ) where
     R: AsyncRead + Unpin,
@@ -51,12 +54,17 @@ pub(super) async fn pump<R>(
             () = sleep_until_some(deadline), if deadline.is_some() => batch.flush(&mut emit),
             () = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
                 waiting = None;
+                held.fetch_sub(1, Ordering::AcqRel);
             }
             read = reader.read(&mut buffer), if waiting.is_none() => match read {
                 Ok(0) => break,
                 Ok(read) => {
                     splitter.feed(&buffer[..read], |line| batch.push(line, &mut emit));
-                    waiting = Some(room());
+                    let mut next = room();
+                    if (&mut next).now_or_never().is_none() {
+                        held.fetch_add(1, Ordering::AcqRel);
+                        waiting = Some(next);
+                    }
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(error) => {
@@ -65,6 +73,9 @@ pub(super) async fn pump<R>(
                 }
             },
         }
+    }
+    if waiting.is_some() {
+        held.fetch_sub(1, Ordering::AcqRel);
     }
     if let Some(line) = splitter.finish() {
         batch.push(line, &mut emit);
@@ -323,6 +334,9 @@ mod tests {
         }
     }
 
+    /// These pumps always have room: nothing waits, so nothing counts here.
+    static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
+
     fn start_pump(
         limits: OutputLimits,
     ) -> (
@@ -338,7 +352,7 @@ mod tests {
             OutputStream::Stderr,
             limits,
             stop.clone(),
-            || Box::pin(std::future::ready(())),
+            (|| Box::pin(std::future::ready(())), &NEVER_HELD),
             move |event| tx.send(event).unwrap(),
         ));
         (writer, rx, stop)

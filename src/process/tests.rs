@@ -304,9 +304,53 @@ impl ProcessSink for GatedSink {
     }
 }
 
-/// What the kernel says process `pid` is waiting in (`/proc/PID/wchan`).
-fn waits_in(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+/// What the kernel says process `pid` is waiting in (`/proc/PID/wchan`): `None` where the
+/// kernel does not say (no such file, or `0` for a process that is asleep).
+fn waits_in(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+        .ok()
+        .filter(|wchan| !wchan.is_empty() && wchan != "0")
+}
+
+/// Bytes process `pid` has written so far (`wchar` of `/proc/PID/io`).
+fn written_by(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("wchar: "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Waits until process `pid` is blocked writing to a full pipe: its `wchan` names the pipe
+/// write, or, where the kernel does not tell, it is alive and has written nothing more for
+/// three looks 50 ms apart.
+async fn blocked_in_its_write(pid: u32) {
+    let mut still = 0;
+    let mut last = None;
+    loop {
+        if let Some(wchan) = waits_in(pid) {
+            if wchan.contains("pipe_write") {
+                return;
+            }
+        } else {
+            let now = written_by(pid);
+            still = if now.is_some() && now == last {
+                still + 1
+            } else {
+                0
+            };
+            last = now;
+            if still >= 3 {
+                return;
+            }
+        }
+        // A bounded look at another process's state, which no event announces.
+        tokio::time::sleep(Duration::from_millis(if waits_in(pid).is_some() {
+            5
+        } else {
+            50
+        }))
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -325,19 +369,16 @@ async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
     };
     let info = runner.start(&session("s-held"), &command, sink).unwrap();
     // The runner reads once, then waits for room: `seq` fills the pipe and blocks in its write.
-    within(async {
-        while !waits_in(info.pid).contains("pipe_write") {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    within(blocked_in_its_write(info.pid)).await;
     // And stays blocked: nothing more is read while there is no room. (Showing that something
     // does not happen takes a wait; without the hold, `seq` is done within it.)
+    let written = written_by(info.pid);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        waits_in(info.pid).contains("pipe_write"),
+        waits_in(info.pid).is_none_or(|wchan| wchan.contains("pipe_write")),
         "seq still blocked in its write"
     );
+    assert_eq!(written_by(info.pid), written, "seq wrote nothing more");
     let mut seen = Seen::default();
     while let Ok(event) = events.try_recv() {
         assert!(seen.add(event).is_none(), "no exit while held");
@@ -360,6 +401,37 @@ async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
             .all(|(index, line)| *line == (index + 1).to_string()),
         "every line exactly once, in order"
     );
+}
+
+/// A process that exited with output still in its pipe while the session had no room is not
+/// taken for an outside holder of the pipe: its last lines are read once there is room.
+#[tokio::test]
+async fn output_left_in_the_pipe_while_the_session_has_no_room_is_read_after_the_exit() {
+    let runner = LocalRunner::default();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let sink = Arc::new(GatedSink {
+        events: tx,
+        open: opened,
+    });
+    // The first line is read alone; then the session has no room, and the rest (about 49 KB,
+    // less than the pipe's buffer) waits in the pipe while the process exits.
+    let script = "echo first; sleep 0.2; seq 1 10000";
+    let info = runner.start(&session("s-left"), &sh(script), sink).unwrap();
+    let pid = i32::try_from(info.pid).unwrap();
+    wait_gone(pid, "the script did not finish writing into the pipe").await;
+    // Longer than the outside-holder grace (200 ms) and a group check (100 ms): the runner used
+    // to stop reading here and lose what was in the pipe. (A wait for something not to happen.)
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    open.send_replace(true);
+    let (seen, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0));
+    assert_eq!(
+        seen.stdout.len(),
+        10_001,
+        "every line, the last ones included"
+    );
+    assert_eq!(seen.stdout.last().map(String::as_str), Some("10000"));
 }
 
 #[tokio::test]
@@ -538,6 +610,36 @@ async fn output_held_open_outside_the_group_does_not_hold_the_exit() {
     );
 }
 
+/// The pid a session's script printed as `escaped PID` (a process that left its group),
+/// before the session's exit.
+async fn escaped_pid(events: &mut mpsc::UnboundedReceiver<ProcessEvent>) -> i32 {
+    let mut seen = Seen::default();
+    loop {
+        let event = within(events.recv()).await.expect("the line arrives");
+        assert!(seen.add(event).is_none(), "exited early");
+        if let Some(pid) = seen.stdout.iter().find_map(|l| l.strip_prefix("escaped ")) {
+            return pid.parse().unwrap();
+        }
+    }
+}
+
+/// Waits until process `pid` is gone (or a zombie); past the safety net, kills it (the test
+/// cleans up after itself) and fails with `survived`.
+async fn wait_gone(pid: i32, survived: &str) {
+    let deadline = std::time::Instant::now() + SAFETY_NET;
+    while group::read_proc(pid).is_ok_and(|stat| stat.is_alive()) {
+        if std::time::Instant::now() >= deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("{survived}");
+        }
+        // No event tells a test when a process that is not its child dies: look again soon.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Cancelling a session stops what it started, also a daemon that left its group (`setsid`,
 /// pipes closed) and that no group signal reaches.
 #[tokio::test]
@@ -555,14 +657,7 @@ async fn terminate_also_stops_processes_that_left_the_group() {
             sink,
         )
         .unwrap();
-    let mut seen = Seen::default();
-    let escaped: i32 = loop {
-        let event = within(events.recv()).await.expect("the line arrives");
-        assert!(seen.add(event).is_none(), "exited early");
-        if let Some(pid) = seen.stdout.iter().find_map(|l| l.strip_prefix("escaped ")) {
-            break pid.parse().unwrap();
-        }
-    };
+    let escaped = escaped_pid(&mut events).await;
     assert_ne!(
         group::read_proc(escaped).unwrap().pgrp,
         info.pgid,
@@ -571,17 +666,11 @@ async fn terminate_also_stops_processes_that_left_the_group() {
     assert!(runner.terminate(&id, Duration::from_secs(5)));
     let (_, status) = until_exit(&mut events).await;
     assert_eq!(status, signal(15));
-    let deadline = std::time::Instant::now() + SAFETY_NET;
-    while group::read_proc(escaped).is_ok_and(|stat| stat.is_alive()) {
-        if std::time::Instant::now() >= deadline {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(escaped),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            panic!("the process that left the group survived the cancel");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_gone(
+        escaped,
+        "the process that left the group survived the cancel",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -773,14 +862,7 @@ async fn kill_leftovers_finds_the_processes_of_a_session_whose_group_was_never_r
             sink,
         )
         .unwrap();
-    let mut seen = Seen::default();
-    let escaped: i32 = loop {
-        let event = within(events.recv()).await.expect("the line arrives");
-        assert!(seen.add(event).is_none(), "exited early");
-        if let Some(pid) = seen.stdout.iter().find_map(|l| l.strip_prefix("escaped ")) {
-            break pid.parse().unwrap();
-        }
-    };
+    let escaped = escaped_pid(&mut events).await;
     let escaped_group = group::read_proc(escaped).unwrap().pgrp;
     assert_ne!(escaped_group, info.pgid, "setsid left the session's group");
 
@@ -807,12 +889,5 @@ async fn kill_leftovers_finds_the_processes_of_a_session_whose_group_was_never_r
     assert_eq!(signalled, expected);
     let (_, status) = until_exit(&mut events).await;
     assert_eq!(status, signal(15));
-    let deadline = std::time::Instant::now() + SAFETY_NET;
-    while group::read_proc(escaped).is_ok_and(|stat| stat.is_alive()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the escaped process survived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_gone(escaped, "the escaped process survived").await;
 }
