@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use troupe_actors::event::OutputStream;
 use troupe_actors::ids::SessionId;
@@ -84,13 +83,13 @@ fn exited(code: Option<i32>) -> ProcessEvent {
     ProcessEvent::Exited(ExitStatus { code, signal: None })
 }
 
-/// Runs one chat to its end, delivering as it goes; reads no more of a streamed reply while
-/// the session has no `room` for it (see [`ProcessSink::ready`]).
+/// Runs one chat to its end, delivering as it goes. It does not wait for the session to have
+/// room (see [`ProcessSink::ready`]): a reply is bounded by its model's output limit, and
+/// holding back a provider's stream would be taken for the provider's stall.
 async fn run_chat(
     providers: ProviderSet<HttpProvider>,
     session: SessionId,
     chat: ChatSession,
-    room: impl Fn() -> BoxFuture<'static, ()>,
     emit: impl Fn(ProcessEvent),
 ) {
     let fail = |message: String| {
@@ -134,10 +133,7 @@ async fn run_chat(
         }
         ChatReply::Stream(mut chunks) => {
             let guard = committed.stream;
-            while let Some(item) = {
-                room().await;
-                chunks.next().await
-            } {
+            while let Some(item) = chunks.next().await {
                 match item {
                     Ok(chunk) => {
                         let Ok(chunk) = serde_json::from_slice::<Value>(&chunk) else {
@@ -196,15 +192,10 @@ impl ChatRunner for NodeChats {
             let run = run.clone();
             move |event| emit(&runs, &id, &run, event)
         };
-        let room = {
-            let run = run.clone();
-            move || lock(&run.delivery).ready()
-        };
         let task = tokio::spawn(run_chat(
             self.providers.clone(),
             session.clone(),
             chat.clone(),
-            room,
             emitter,
         ));
         *lock(&run.task) = Some(task.abort_handle());
