@@ -470,13 +470,15 @@ impl MembershipState {
         }
     }
 
-    /// A restarted instance starts from what the last one knew: the members the registry lists
-    /// as up are taken as alive, and foca probes them. One that went down meanwhile is then
-    /// declared down by the usual suspicion, with its `node.down` (nobody else may be left to
-    /// gossip it, and a member this instance never knew would never be reported); one that is
-    /// alive stays so, without a second `node.joined`; one that restarted is learnt under its
-    /// new generation. Their relay PeerActors are told they are up (started again if the
-    /// cluster branch restarted with them). On a first start the registry lists no member.
+    /// A restarted instance starts from what the last one knew (the registry's member view).
+    /// Members that were up are handed to foca as alive, so foca probes them: one that went
+    /// down meanwhile is declared down by the usual suspicion, with its `node.down` (nobody else
+    /// may be left to gossip it, and a member this instance never knew would never be
+    /// reported); one that is alive stays so, without a second `node.joined`; one that
+    /// restarted is learnt under its new generation. Members that were down or had left are
+    /// handed over as down, so stale gossip about their old generation cannot bring them back.
+    /// Their relay PeerActors are told they are up (started again if the cluster branch
+    /// restarted with them). On a first start the registry lists no member.
     fn inherit(&mut self) {
         let members: Vec<MemberEntry> = self
             .args
@@ -484,48 +486,72 @@ impl MembershipState {
             .tables()
             .members()
             .into_iter()
-            .filter(|member| {
-                member.node != self.identity.node
-                    && matches!(member.state.as_str(), "alive" | "suspect")
-            })
+            .filter(|member| member.node != self.identity.node)
             .collect();
-        let mut inherited = Vec::with_capacity(members.len());
+        let mut known = Vec::with_capacity(members.len());
         for member in members {
             let Ok(addr) = member.addr.parse::<SocketAddr>() else {
                 continue;
             };
-            let identity = NodeIdentity {
-                node: member.node.clone(),
-                addr,
-                generation: member.generation,
+            let state = match member.state.as_str() {
+                "alive" => "alive",
+                "suspect" => "suspect",
+                "left" => "left",
+                _ => "down",
             };
+            let leaving = member.meta.as_ref().is_some_and(|meta| meta.leaving);
+            if state == "left" || leaving {
+                self.left.insert(member.node.clone());
+            }
             if let Some(meta) = member.meta {
                 self.metas.insert(member.node.clone(), meta);
             }
-            self.seen.insert(
-                member.node,
-                Seen {
-                    identity: identity.clone(),
-                    state: "alive",
-                },
-            );
-            if let Some(relay) = &self.args.relay {
-                relay.update(&identity, true, &self.args.events);
-            }
-            inherited.push(identity);
+            let identity = NodeIdentity {
+                node: member.node,
+                addr,
+                generation: member.generation,
+            };
+            known.push((identity, state));
         }
-        if inherited.is_empty() {
+        if known.is_empty() {
             return;
+        }
+        let updates = known.iter().map(|(identity, state)| {
+            if matches!(*state, "alive" | "suspect") {
+                foca::Member::alive(identity.clone())
+            } else {
+                foca::Member::down(identity.clone())
+            }
+        });
+        if let Err(error) = self.swim.apply_many(updates, false, &mut self.runtime) {
+            tracing::warn!(%error, "cannot hand the known members to the restarted membership");
+        }
+        // Only what foca took is in the view: anything else is learnt again from scratch.
+        let taken: HashSet<NodeIdentity> = self
+            .swim
+            .iter_membership_state()
+            .map(|member| member.id().clone())
+            .collect();
+        let mut probed = 0;
+        for (identity, state) in known {
+            if !taken.contains(&identity) {
+                continue;
+            }
+            let up = matches!(state, "alive" | "suspect");
+            if up {
+                probed += 1;
+                if let Some(relay) = &self.args.relay {
+                    relay.update(&identity, true, &self.args.events);
+                }
+            }
+            self.seen
+                .insert(identity.node.clone(), Seen { identity, state });
         }
         tracing::info!(
             node = %self.identity,
-            members = inherited.len(),
+            members = probed,
             "membership restarted; probing the members the previous instance knew"
         );
-        let members = inherited.into_iter().map(foca::Member::alive);
-        if let Err(error) = self.swim.apply_many(members, false, &mut self.runtime) {
-            tracing::warn!(%error, "cannot hand the known members to the restarted membership");
-        }
     }
 
     fn register(&self, seen: &Seen) {
