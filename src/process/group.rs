@@ -206,64 +206,66 @@ pub(super) async fn terminate_group(pgid: i32, grace: Duration) {
 }
 
 /// Terminates what left session `session`'s group `pgid` (`setsid`) but still carries the
-/// session's id in its environment: SIGTERM now, SIGKILL after `grace` to each that is still
-/// the same live process. Only processes of the node's user, never the node, and not the
-/// group's own members (the group is signalled as a whole). Returns the pids signalled.
+/// session's id in its environment: SIGTERM now, and after `grace` SIGKILL to every such process
+/// still alive (found again, so one that left the group meanwhile is caught too). Only processes
+/// of the node's user, never the node, and not the group's own members (the group is signalled
+/// as a whole). Each signal goes to the process seen by the scan (same start time), never to a
+/// reused pid. Scans run one at a time (each reads a few files per process on the machine).
+/// Returns the pids that got SIGTERM.
 pub(super) async fn terminate_escaped(session: SessionId, pgid: i32, grace: Duration) -> Vec<i32> {
-    let scan = move || -> io::Result<Vec<ProcStat>> {
+    let first = signal_escaped(session.clone(), pgid, Signal::SIGTERM).await;
+    if !first.is_empty() {
+        tokio::time::sleep(grace).await;
+        let killed = signal_escaped(session, pgid, Signal::SIGKILL).await;
+        if !killed.is_empty() {
+            tracing::info!(
+                pgid,
+                ?killed,
+                ?grace,
+                "processes that left the session's group outlived SIGTERM; sent SIGKILL"
+            );
+        }
+    }
+    first
+}
+
+/// One scan for `session`'s processes outside group `pgid`, each sent `signal`; their pids.
+async fn signal_escaped(session: SessionId, pgid: i32, signal: Signal) -> Vec<i32> {
+    static ONE_SCAN_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(_turn) = ONE_SCAN_AT_A_TIME.acquire().await else {
+        return Vec::new();
+    };
+    let scan = move || -> io::Result<Vec<i32>> {
         let own = Own::current()?;
         let sessions = std::collections::HashSet::from([session.as_str()]);
-        Ok(session_processes(&sessions, &own)?
-            .into_iter()
-            .filter(|process| process.pgrp != pgid)
-            .collect())
+        let mut signalled = Vec::new();
+        for process in session_processes(&sessions, &own)? {
+            if process.pgrp == pgid {
+                continue;
+            }
+            // Still the process the scan saw, an instant later: not a reused pid.
+            let same = read_proc(process.pid).is_ok_and(|now| {
+                now.is_alive() && now.start_ticks == process.start_ticks && now.uid == own.uid
+            });
+            if same {
+                signal_process(process.pid, signal);
+                signalled.push(process.pid);
+            }
+        }
+        Ok(signalled)
     };
-    let escaped = match tokio::task::spawn_blocking(scan).await {
-        Ok(Ok(escaped)) => escaped,
+    match tokio::task::spawn_blocking(scan).await {
+        Ok(Ok(signalled)) => {
+            if !signalled.is_empty() && signal == Signal::SIGTERM {
+                tracing::info!(pgid, pids = ?signalled, "terminating processes that left the session's process group");
+            }
+            signalled
+        }
         Ok(Err(error)) => {
             tracing::warn!(pgid, %error, "cannot scan /proc for processes that left a session's group");
-            return Vec::new();
+            Vec::new()
         }
-        Err(_) => return Vec::new(),
-    };
-    if escaped.is_empty() {
-        return Vec::new();
-    }
-    let pids: Vec<i32> = escaped.iter().map(|process| process.pid).collect();
-    tracing::info!(
-        pgid,
-        ?pids,
-        "terminating processes that left the session's process group"
-    );
-    for process in &escaped {
-        signal_process(process.pid, Signal::SIGTERM);
-    }
-    // The same process as at the scan: alive, with the same start time (not a reused pid).
-    let same = |process: &ProcStat| {
-        read_proc(process.pid)
-            .is_ok_and(|now| now.is_alive() && now.start_ticks == process.start_ticks)
-    };
-    let deadline = tokio::time::Instant::now() + grace;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let left: Vec<ProcStat> = escaped.iter().copied().filter(same).collect();
-        if left.is_empty() {
-            return pids;
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            for process in &left {
-                tracing::info!(
-                    pid = process.pid,
-                    ?grace,
-                    "a process that left the session's group outlived SIGTERM; sending SIGKILL"
-                );
-                signal_process(process.pid, Signal::SIGKILL);
-            }
-            return pids;
-        }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
+        Err(_) => Vec::new(),
     }
 }
 
