@@ -33,10 +33,12 @@ pub const FORWARDED: &str = "x-troupe-forwarded";
 /// Largest forwarded request body, and largest piece of an answer in one frame.
 pub const MAX_FORWARD_BYTES: usize = 4 * 1024 * 1024 - 1024;
 /// Largest whole (not streamed) answer: one larger than a frame goes in pieces and is put back
-/// together by the caller, up to this. A page of 1,000 output lines at the line cap, or a
-/// listing of 1,000 sessions with large specs, fits.
-pub(super) const MAX_WHOLE_ANSWER_BYTES: usize = 64 * 1024 * 1024;
-/// How long a forwarded request may take (for a streamed answer: until its head).
+/// together by the caller, up to this (held in memory on both sides while it travels; a
+/// cluster listing holds one per member). An output page ends early within a frame anyway;
+/// this is for listings of sessions with large specs.
+pub(super) const MAX_WHOLE_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+/// How long a forwarded request may take until its head (for a streamed answer, and for a
+/// whole one that comes in pieces: their rest gets as long again).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Streamed chunks held for a slow client before the owner is made to wait.
 const STREAM_BUFFER: usize = 16;
