@@ -424,13 +424,7 @@ async fn legacy_post(node: &NodeProcess, session: &str, body: Value) -> reqwest:
 
 /// How many legacy MCP sessions are links now.
 async fn mcp_http_links(node: &NodeProcess) -> usize {
-    let links: Value = node.get("/v1/links").await.json().await.unwrap();
-    links["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|link| link["transport"] == "mcp_http")
-        .count()
+    mcp_http_link_ids(node).await.len()
 }
 
 #[tokio::test]
