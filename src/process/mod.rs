@@ -22,7 +22,9 @@
 //!   [`RunnerConfig::cleanup_grace`], before it reports the exit. No orphans.
 //! - A process that left the group (`setsid`) but holds the pipes cannot be signalled through
 //!   the group: once the group has no live member, the runner reads for
-//!   `OUTSIDE_HOLDER_GRACE` (200 ms) more, then stops reading and reports the exit. When the
+//!   `OUTSIDE_HOLDER_GRACE` (200 ms) more, then stops reading and reports the exit (while the
+//!   session has no room for output, it first reads what the exited group may have left in
+//!   the pipes, up to `LEFT_IN_PIPES`). When the
 //!   session ends on its own, such a process is left running (it may be a server the session
 //!   meant to start); [`ProcessRunner::terminate`] (cancel, timeout, shutdown) also stops every
 //!   process that left the group, found by the session id in its environment.
@@ -53,7 +55,7 @@ use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -81,6 +83,11 @@ const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How long output is still read after the group has no live member (only processes outside
 /// the group can still hold the pipes then).
 const OUTSIDE_HOLDER_GRACE: Duration = Duration::from_millis(200);
+
+/// The most the exited group can have left in a process's two pipes: each holds at most
+/// `/proc/sys/fs/pipe-max-size` (1 MiB by default), the most an unprivileged process can give
+/// a pipe. Once this much more was read after the group died, the rest is an outside holder's.
+const LEFT_IN_PIPES: u64 = 2 * 1024 * 1024;
 
 /// Settings of a [`LocalRunner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -509,9 +516,9 @@ async fn drive(
 ) {
     let pgid = process.info.pgid;
     let stop = CancellationToken::new();
-    // Pumps waiting for the session to have room: their pipes may still hold output, so no
-    // outside holder is presumed meanwhile.
-    let held = AtomicUsize::new(0);
+    // While a pump waits for the session to have room, its pipe may still hold the exited
+    // group's output: no outside holder is presumed until that much was read.
+    let share = output::PumpShare::default();
     let pumps = async {
         tokio::join!(
             output::pump(
@@ -519,7 +526,7 @@ async fn drive(
                 OutputStream::Stdout,
                 config.output,
                 stop.clone(),
-                (|| process.ready(), &held),
+                (|| process.ready(), &share),
                 |event| {
                     process.emit(event);
                 },
@@ -529,7 +536,7 @@ async fn drive(
                 OutputStream::Stderr,
                 config.output,
                 stop.clone(),
-                (|| process.ready(), &held),
+                (|| process.ready(), &share),
                 |event| {
                     process.emit(event);
                 },
@@ -541,7 +548,8 @@ async fn drive(
     let mut status = None;
     let mut check = tokio::time::interval(GROUP_CHECK_INTERVAL);
     check.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut group_gone_at: Option<Instant> = None;
+    // When the group was first seen gone, and the bytes read from the pipes by then.
+    let mut group_gone: Option<(Instant, u64)> = None;
     let status = loop {
         if drained && let Some(status) = status {
             break status;
@@ -551,18 +559,20 @@ async fn drive(
             waited = child.wait(), if status.is_none() => status = Some(exit_status(&waited)),
             // The leader exited but the output is still open: held by the group or by
             // someone outside it.
-            _ = check.tick(), if status.is_some() && !drained && group_gone_at.is_none() => {
-                if held.load(Ordering::Acquire) == 0 && !group::has_live_members_async(pgid).await {
-                    group_gone_at = Some(Instant::now());
+            _ = check.tick(), if status.is_some() && !drained && group_gone.is_none() => {
+                if !group::has_live_members_async(pgid).await {
+                    group_gone = Some((Instant::now(), share.read.load(Ordering::Acquire)));
                 }
             }
-            () = sleep_until(group_gone_at.map(|at| at + OUTSIDE_HOLDER_GRACE)),
-                if group_gone_at.is_some() && !stop.is_cancelled() =>
+            () = sleep_until(group_gone.map(|(at, _)| at + OUTSIDE_HOLDER_GRACE)),
+                if group_gone.is_some() && !stop.is_cancelled() =>
             {
-                if held.load(Ordering::Acquire) > 0 {
-                    // Not read because the session had no room: what is left in the pipes may
-                    // be the exited group's own output. Look again once it is read.
-                    group_gone_at = None;
+                let read_then = group_gone.map_or(0, |(_, read)| read);
+                let read_since = share.read.load(Ordering::Acquire).saturating_sub(read_then);
+                if share.held.load(Ordering::Acquire) > 0 && read_since < LEFT_IN_PIPES {
+                    // Not read because the session had no room: what is in the pipes may be
+                    // the exited group's own output. Give it another grace.
+                    group_gone = Some((Instant::now(), read_then));
                     continue;
                 }
                 tracing::warn!(

@@ -5,7 +5,7 @@
 //! Memory per stream stays within one read buffer, one capped line and one batch, whatever the
 //! process prints.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -24,10 +24,19 @@ const READ_CHUNK: usize = 64 * 1024;
 /// A batch is emitted when it holds `max_batch_lines` lines, or `batch_window` after its first
 /// line arrived, or when the stream ends; a final line without `\n` is delivered too.
 ///
+/// What a process's pumps tell its driver.
+#[derive(Debug, Default)]
+pub(super) struct PumpShare {
+    /// Pumps waiting for the session to have room now (their pipes may still hold output,
+    /// whoever wrote it).
+    pub(super) held: AtomicUsize,
+    /// Bytes read from the pipes so far.
+    pub(super) read: AtomicU64,
+}
+
 /// Before each read the pump waits for `room` (the sink's [`ProcessSink::ready`]): while the
 /// session is not taking output, nothing more is read, the pipe fills and the process blocks
-/// in its write, and no output is lost or queued without bound. `held` counts the pumps that
-/// wait for room now (their pipes may still hold output, whoever wrote it).
+/// in its write, and no output is lost or queued without bound.
 ///
 /// [`ProcessSink::ready`]: troupe_actors::session::ProcessSink::ready
 pub(super) async fn pump<R>(
@@ -35,7 +44,7 @@ pub(super) async fn pump<R>(
     stream: OutputStream,
     limits: OutputLimits,
     stop: CancellationToken,
-    (room, held): (impl Fn() -> BoxFuture<'static, ()>, &AtomicUsize),
+    (room, share): (impl Fn() -> BoxFuture<'static, ()>, &PumpShare),
     mut emit: impl FnMut(ProcessEvent),
 ) where
     R: AsyncRead + Unpin,
@@ -54,15 +63,16 @@ pub(super) async fn pump<R>(
             () = sleep_until_some(deadline), if deadline.is_some() => batch.flush(&mut emit),
             () = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
                 waiting = None;
-                held.fetch_sub(1, Ordering::AcqRel);
+                share.held.fetch_sub(1, Ordering::AcqRel);
             }
             read = reader.read(&mut buffer), if waiting.is_none() => match read {
                 Ok(0) => break,
                 Ok(read) => {
+                    share.read.fetch_add(read as u64, Ordering::AcqRel);
                     splitter.feed(&buffer[..read], |line| batch.push(line, &mut emit));
                     let mut next = room();
                     if (&mut next).now_or_never().is_none() {
-                        held.fetch_add(1, Ordering::AcqRel);
+                        share.held.fetch_add(1, Ordering::AcqRel);
                         waiting = Some(next);
                     }
                 }
@@ -75,7 +85,7 @@ pub(super) async fn pump<R>(
         }
     }
     if waiting.is_some() {
-        held.fetch_sub(1, Ordering::AcqRel);
+        share.held.fetch_sub(1, Ordering::AcqRel);
     }
     if let Some(line) = splitter.finish() {
         batch.push(line, &mut emit);
@@ -334,8 +344,11 @@ mod tests {
         }
     }
 
-    /// These pumps always have room: nothing waits, so nothing counts here.
-    static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
+    /// These pumps always have room: nothing reads what they count.
+    static SHARE: PumpShare = PumpShare {
+        held: AtomicUsize::new(0),
+        read: AtomicU64::new(0),
+    };
 
     fn start_pump(
         limits: OutputLimits,
@@ -352,7 +365,7 @@ mod tests {
             OutputStream::Stderr,
             limits,
             stop.clone(),
-            (|| Box::pin(std::future::ready(())), &NEVER_HELD),
+            (|| Box::pin(std::future::ready(())), &SHARE),
             move |event| tx.send(event).unwrap(),
         ));
         (writer, rx, stop)

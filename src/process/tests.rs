@@ -434,6 +434,60 @@ async fn output_left_in_the_pipe_while_the_session_has_no_room_is_read_after_the
     assert_eq!(seen.stdout.last().map(String::as_str), Some("10000"));
 }
 
+/// Has room again a millisecond after each look: a session that keeps up, slowly.
+struct SlowSink(mpsc::UnboundedSender<ProcessEvent>);
+
+impl ProcessSink for SlowSink {
+    fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent> {
+        self.0.send(event).map_err(|error| error.0)
+    }
+
+    fn ready(&self) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(Duration::from_millis(1)))
+    }
+}
+
+/// A process outside the group that never stops writing does not hold the exit of a session
+/// whose pumps keep waiting for room: once more was read than the exited group could have left
+/// in the pipes, the rest is taken for the outside holder's.
+#[tokio::test]
+async fn an_outside_writer_does_not_hold_the_exit_while_the_session_is_slow() {
+    let runner = LocalRunner::default();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let script = "setsid yes & echo \"escaped $!\"; exit 0";
+    runner
+        .start(&session("s-yes"), &sh(script), Arc::new(SlowSink(tx)))
+        .unwrap();
+    let mut escaped = None;
+    let status = tokio::time::timeout(SAFETY_NET, async {
+        loop {
+            match events.recv().await.expect("the exit arrives") {
+                ProcessEvent::Output { lines, .. } => {
+                    if escaped.is_none() {
+                        escaped = lines
+                            .iter()
+                            .find_map(|line| line.strip_prefix("escaped "))
+                            .and_then(|pid| pid.parse::<i32>().ok());
+                    }
+                }
+                ProcessEvent::Exited(status) => return status,
+            }
+        }
+    })
+    .await;
+    // The writer is not the runner's to kill (the session ended on its own): the test cleans
+    // up after itself, also when it fails.
+    let escaped = escaped.expect("the script printed the writer's pid");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(escaped),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(
+        status.expect("the exit arrives while the writer writes"),
+        code(0)
+    );
+}
+
 #[tokio::test]
 async fn exit_codes_and_signal_deaths_are_reported() {
     let runner = LocalRunner::default();
