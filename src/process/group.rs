@@ -98,13 +98,13 @@ pub(super) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
 }
 
 /// Live processes of the node's user (the node itself excepted) whose environment holds
-/// `TROUPE_SESSION_ID=<id>` for one of `sessions`: what is left of those sessions, whatever
-/// group they are in now. Processes that vanish, or whose environment cannot be read, are
-/// skipped.
+/// `TROUPE_SESSION_ID=<id>` for one of `sessions`, each with that id: what is left of those
+/// sessions, whatever group they are in now. Processes that vanish, or whose environment cannot
+/// be read, are skipped.
 pub(super) fn session_processes(
     sessions: &std::collections::HashSet<&str>,
     own: &Own,
-) -> io::Result<Vec<ProcStat>> {
+) -> io::Result<Vec<(ProcStat, String)>> {
     let mut found = Vec::new();
     if sessions.is_empty() {
         return Ok(found);
@@ -118,14 +118,14 @@ pub(super) fn session_processes(
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        let marked = environ.split(|byte| *byte == 0).any(|entry| {
+        let marked = environ.split(|byte| *byte == 0).find_map(|entry| {
             entry
                 .strip_prefix(prefix.as_bytes())
                 .and_then(|id| std::str::from_utf8(id).ok())
-                .is_some_and(|id| sessions.contains(id))
+                .filter(|id| sessions.contains(id))
         });
-        if marked {
-            found.push(stat);
+        if let Some(session) = marked {
+            found.push((stat, session.to_owned()));
         }
     }
     Ok(found)
@@ -210,37 +210,85 @@ pub(super) async fn terminate_group(pgid: i32, grace: Duration) {
 /// still alive (found again, so one that left the group meanwhile is caught too). Only processes
 /// of the node's user, never the node, and not the group's own members (the group is signalled
 /// as a whole). Each signal goes to the process seen by the scan (same start time), never to a
-/// reused pid. Scans run one at a time (each reads a few files per process on the machine).
-/// Returns the pids that got SIGTERM.
+/// reused pid. Returns the pids that got SIGTERM.
 pub(super) async fn terminate_escaped(session: SessionId, pgid: i32, grace: Duration) -> Vec<i32> {
     let first = signal_escaped(session.clone(), pgid, Signal::SIGTERM).await;
     if !first.is_empty() {
-        tokio::time::sleep(grace).await;
-        let killed = signal_escaped(session, pgid, Signal::SIGKILL).await;
-        if !killed.is_empty() {
-            tracing::info!(
-                pgid,
-                ?killed,
-                ?grace,
-                "processes that left the session's group outlived SIGTERM; sent SIGKILL"
-            );
-        }
+        tracing::info!(pgid, pids = ?first, "terminating processes that left the session's process group");
+    }
+    tokio::time::sleep(grace).await;
+    let killed = signal_escaped(session, pgid, Signal::SIGKILL).await;
+    if !killed.is_empty() {
+        tracing::info!(
+            pgid,
+            ?killed,
+            ?grace,
+            "processes that left the session's group were still there after the grace; sent SIGKILL"
+        );
     }
     first
 }
 
-/// One scan for `session`'s processes outside group `pgid`, each sent `signal`; their pids.
+/// One request for [`signal_escaped`], waiting for a scan.
+struct EscapeSignal {
+    session: SessionId,
+    pgid: i32,
+    signal: Signal,
+    done: tokio::sync::oneshot::Sender<Vec<i32>>,
+}
+
+/// Requests waiting for the next scan: one scan of `/proc` serves all of them (a node shutting
+/// down terminates every session at once; each scan reads a few files per process).
+static WAITING_ESCAPE_SIGNALS: std::sync::Mutex<Vec<EscapeSignal>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Sends `signal` to `session`'s processes outside group `pgid`; their pids.
 async fn signal_escaped(session: SessionId, pgid: i32, signal: Signal) -> Vec<i32> {
     static ONE_SCAN_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let Ok(_turn) = ONE_SCAN_AT_A_TIME.acquire().await else {
-        return Vec::new();
+    let (done, answer) = tokio::sync::oneshot::channel();
+    lock_waiting().push(EscapeSignal {
+        session,
+        pgid,
+        signal,
+        done,
+    });
+    // Whoever holds the turn next takes every waiting request, this one included, unless an
+    // earlier holder already did.
+    if let Ok(_turn) = ONE_SCAN_AT_A_TIME.acquire().await {
+        let batch = std::mem::take(&mut *lock_waiting());
+        if !batch.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || serve_escape_signals(batch)).await;
+        }
+    }
+    answer.await.unwrap_or_default()
+}
+
+fn lock_waiting() -> std::sync::MutexGuard<'static, Vec<EscapeSignal>> {
+    WAITING_ESCAPE_SIGNALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One scan for every request of `batch`, and their signals.
+fn serve_escape_signals(batch: Vec<EscapeSignal>) {
+    let found = Own::current().and_then(|own| {
+        let sessions: std::collections::HashSet<&str> = batch
+            .iter()
+            .map(|request| request.session.as_str())
+            .collect();
+        Ok((session_processes(&sessions, &own)?, own))
+    });
+    let (found, own) = match found {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(%error, "cannot scan /proc for processes that left a session's group");
+            return;
+        }
     };
-    let scan = move || -> io::Result<Vec<i32>> {
-        let own = Own::current()?;
-        let sessions = std::collections::HashSet::from([session.as_str()]);
+    for request in batch {
         let mut signalled = Vec::new();
-        for process in session_processes(&sessions, &own)? {
-            if process.pgrp == pgid {
+        for (process, session) in &found {
+            if *session != request.session.as_str() || process.pgrp == request.pgid {
                 continue;
             }
             // Still the process the scan saw, an instant later: not a reused pid.
@@ -248,24 +296,11 @@ async fn signal_escaped(session: SessionId, pgid: i32, signal: Signal) -> Vec<i3
                 now.is_alive() && now.start_ticks == process.start_ticks && now.uid == own.uid
             });
             if same {
-                signal_process(process.pid, signal);
+                signal_process(process.pid, request.signal);
                 signalled.push(process.pid);
             }
         }
-        Ok(signalled)
-    };
-    match tokio::task::spawn_blocking(scan).await {
-        Ok(Ok(signalled)) => {
-            if !signalled.is_empty() && signal == Signal::SIGTERM {
-                tracing::info!(pgid, pids = ?signalled, "terminating processes that left the session's process group");
-            }
-            signalled
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(pgid, %error, "cannot scan /proc for processes that left a session's group");
-            Vec::new()
-        }
-        Err(_) => Vec::new(),
+        let _ = request.done.send(signalled);
     }
 }
 

@@ -313,7 +313,7 @@ impl ProcessRunner for LocalRunner {
             leftovers.iter().map(|l| l.session.as_str()).collect();
         match group::session_processes(&sessions, &own) {
             Ok(found) => {
-                for process in found {
+                for (process, _) in found {
                     if !groups.iter().any(|g| g.pgid == process.pgrp) {
                         groups.push(LeftoverGroup {
                             pgid: process.pgrp,

@@ -727,6 +727,40 @@ async fn terminate_also_stops_processes_that_left_the_group() {
     .await;
 }
 
+/// What leaves the group after the SIGTERM (here from the SIGTERM handler itself, 300 ms in) is
+/// found again at the end of the grace and killed.
+#[tokio::test]
+async fn terminate_also_stops_what_leaves_the_group_during_the_grace() {
+    let runner = LocalRunner::default();
+    let (sink, mut events) = channel_sink();
+    let id = session("s-late");
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("escaped");
+    let script = format!(
+        "trap 'sleep 0.3; setsid sh -c \"echo \\$\\$ > {file}; exec sleep 1000\" \
+         </dev/null >/dev/null 2>&1 & exit 0' TERM; echo ready; while :; do sleep 0.05; done",
+        file = pid_file.display()
+    );
+    runner.start(&id, &sh(&script), sink).unwrap();
+    until_line(&mut events, OutputStream::Stdout, "ready").await;
+    assert!(runner.terminate(&id, Duration::from_secs(2)));
+    let (_, status) = until_exit(&mut events).await;
+    assert_eq!(status, code(0), "the SIGTERM handler exits 0");
+    let escaped: i32 = within(async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&pid_file)
+                && let Ok(pid) = text.trim().parse()
+            {
+                return pid;
+            }
+            // The handler writes the file 300 ms after the SIGTERM; nothing announces it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    wait_gone(escaped, "what left the group during the grace survived").await;
+}
+
 #[tokio::test]
 async fn refused_events_wait_for_reattach_and_the_exit_comes_once() {
     let runner = LocalRunner::default();
