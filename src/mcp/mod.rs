@@ -19,6 +19,7 @@ pub mod stdio;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
@@ -62,7 +63,7 @@ pub struct TroupeMcp {
     /// Who calls when the transport carries no HTTP request (stdio: the local user).
     local_principal: Option<Principal>,
     /// The client's link, opened on its first request (or up front for a socket transport).
-    link: Arc<AsyncMutex<Option<LinkGuard>>>,
+    link: Arc<AsyncMutex<LinkSlot>>,
     /// The level a legacy session set with `logging/setLevel`.
     log_level: logging::SessionLogLevel,
     /// Legacy Streamable HTTP sessions, which end when idle (`/mcp` only).
@@ -288,6 +289,17 @@ fn is_terminal(data: &EventData) -> bool {
     )
 }
 
+/// A client's link, and when a legacy session whose link could not be opened again tries next.
+#[derive(Default)]
+struct LinkSlot {
+    guard: Option<LinkGuard>,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// How long a legacy MCP session whose link could not be opened again is served without one
+/// before its next request tries again.
+const LINK_RETRY: Duration = Duration::from_secs(5);
+
 impl TroupeMcp {
     /// A server for one client of `transport`. `local_principal` is who calls when requests
     /// carry no HTTP request (stdio).
@@ -347,34 +359,66 @@ impl TroupeMcp {
 
     /// Opens this client's link on its first request. A legacy Streamable HTTP session outlives
     /// its TransportActor when the TransportSupervisor restarts (its links are temporary
-    /// children): its next request opens a new link, so it is listed again. A socket transport
-    /// ends with its link instead (its socket side watches the link's `closed`).
+    /// children): its next request opens a new link, so it is listed again; if that fails, the
+    /// session is served without a link and tries again after [`LINK_RETRY`]. A socket
+    /// transport ends with its link instead (its socket side watches the link's `closed`).
     async fn ensure_link(&self, ctx: &RequestContext<RoleServer>) -> Result<(), McpError> {
-        let mut link = self.link.lock().await;
-        if let Some(open) = link.as_ref() {
-            if !open.closed.is_cancelled() {
-                return Ok(());
-            }
-            if self.transport != TransportKind::McpHttp {
+        let mut slot = self.link.lock().await;
+        let reopening = match slot.guard.as_ref() {
+            None => false,
+            Some(open) if !open.closed.is_cancelled() => return Ok(()),
+            Some(_) if self.transport != TransportKind::McpHttp => {
                 return Err(McpError::internal_error(
                     "this client's link has ended; reconnect",
                     None,
                 ));
             }
-            tracing::info!(link = %open.id, "the link of a legacy MCP session ended; opening another");
+            Some(open) => {
+                if slot
+                    .retry_at
+                    .is_some_and(|at| tokio::time::Instant::now() < at)
+                {
+                    return Ok(());
+                }
+                tracing::info!(link = %open.id, "the link of a legacy MCP session ended; opening another");
+                true
+            }
+        };
+        // In a task of its own: a request cancelled meanwhile leaves no link behind without its
+        // guard (the task's unread guard is dropped, which ends that link).
+        let opening = tokio::spawn({
+            let core = self.core.clone();
+            let transport = self.transport;
+            let peer = Self::peer(ctx);
+            let principal = self.principal(ctx);
+            async move {
+                open_link(
+                    &core,
+                    transport,
+                    peer,
+                    principal.as_ref(),
+                    troupe_actors::event::FilterSet::none(),
+                )
+                .await
+            }
+        });
+        let opened = match opening.await {
+            Ok(opened) => opened.map_err(|error| error.to_string()),
+            Err(error) => Err(format!("opening the link failed: {error}")),
+        };
+        match opened {
+            Ok(opened) => {
+                slot.guard = Some(opened);
+                slot.retry_at = None;
+                Ok(())
+            }
+            Err(error) if reopening => {
+                tracing::warn!(%error, "cannot open another link for a legacy MCP session; serving it without one for now");
+                slot.retry_at = Some(tokio::time::Instant::now() + LINK_RETRY);
+                Ok(())
+            }
+            Err(error) => Err(McpError::internal_error(error, None)),
         }
-        let principal = self.principal(ctx);
-        let opened = open_link(
-            &self.core,
-            self.transport,
-            Self::peer(ctx),
-            principal.as_ref(),
-            troupe_actors::event::FilterSet::none(),
-        )
-        .await
-        .map_err(|error| McpError::internal_error(error.to_string(), None))?;
-        *link = Some(opened);
-        Ok(())
     }
 
     /// Opens this client's link now (socket transports, which know their client up front);
@@ -384,8 +428,8 @@ impl TroupeMcp {
         peer: Option<SocketAddr>,
         principal: Option<&Principal>,
     ) -> Result<tokio_util::sync::CancellationToken, crate::link::LinkError> {
-        let mut link = self.link.lock().await;
-        if let Some(open) = link.as_ref() {
+        let mut slot = self.link.lock().await;
+        if let Some(open) = slot.guard.as_ref() {
             return Ok(open.closed.clone());
         }
         let opened = open_link(
@@ -397,7 +441,7 @@ impl TroupeMcp {
         )
         .await?;
         let closed = opened.closed.clone();
-        *link = Some(opened);
+        slot.guard = Some(opened);
         Ok(closed)
     }
 
