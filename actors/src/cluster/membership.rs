@@ -475,8 +475,11 @@ impl MembershipState {
     /// down meanwhile is declared down by the usual suspicion, with its `node.down` (nobody else
     /// may be left to gossip it, and a member this instance never knew would never be
     /// reported); one that is alive stays so, without a second `node.joined`; one that
-    /// restarted is learnt under its new generation. Members that were down or had left are
-    /// handed over as down, so stale gossip about their old generation cannot bring them back.
+    /// restarted is learnt under its new generation. A suspect is handed over as alive too (a
+    /// suspicion foca did not raise itself would never be refuted by the member, which does not
+    /// hear of it): the view shows it alive until foca suspects it again. Members that were
+    /// down or had left are handed over as down, so stale gossip about their old generation
+    /// cannot bring them back.
     /// Their relay PeerActors are told they are up (started again if the cluster branch
     /// restarted with them). On a first start the registry lists no member.
     fn inherit(&mut self) {
