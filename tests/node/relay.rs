@@ -17,11 +17,10 @@ use troupe::testing::fake_provider::{FakeConfig, FakeProvider};
 use troupe_actors::ids::NodeId;
 
 use crate::cluster::make_cluster;
-use crate::support::{NodeEnv, NodeProcess, PATIENCE, SseStream, relay_up, start_cluster_node};
-
-fn seq(id: &str) -> u64 {
-    id.rsplit_once(':').unwrap().1.parse().unwrap()
-}
+use crate::support::{
+    NodeEnv, NodeProcess, PATIENCE, SseStream, relay_up, relay_up_after, sequence_number,
+    start_cluster_node,
+};
 
 /// Raises the per-session output event rate far above what a test prints, so that every line is
 /// one event and the streams these tests read are dense.
@@ -109,8 +108,8 @@ async fn until_marker(on: &NodeProcess, stream: &mut SseStream) -> (Vec<String>,
 fn assert_dense(ids: &[String], what: &str) {
     for pair in ids.windows(2) {
         assert_eq!(
-            seq(&pair[1]),
-            seq(&pair[0]) + 1,
+            sequence_number(&pair[1]),
+            sequence_number(&pair[0]) + 1,
             "{what}: {} follows {}: a gap or a duplicate",
             pair[1],
             pair[0]
@@ -266,20 +265,21 @@ async fn a_sender_killed_mid_stream_restarts_and_a_watcher_elsewhere_sees_no_gap
     let a = node(temp.path(), "a", b.cluster, "", &[]).await;
     // Its recovery ends the sessions that were running (interrupted; one may have succeeded
     // before the kill): read b's watcher until both ended, then up to one more event.
-    let r = tokio::time::timeout(Duration::from_secs(15), async {
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
         while watch.ended.len() < sessions.len() {
             watch.read(&mut on_b).await;
         }
     })
     .await;
-    if r.is_err() {
-        for l in a.logs.all() {
-            eprintln!("ALOG {}", &l[..l.len().min(400)]);
+    if ended.is_err() {
+        // What both nodes logged says why; print it before failing.
+        for line in a.logs.all() {
+            eprintln!("a: {}", &line[..line.len().min(400)]);
         }
-        for l in b.logs.all() {
-            eprintln!("BLOG {}", &l[..l.len().min(400)]);
+        for line in b.logs.all() {
+            eprintln!("b: {}", &line[..line.len().min(400)]);
         }
-        panic!("x");
+        panic!("b did not see both sessions of the restarted a end within 15 s");
     }
     let mut seen = watch.seen;
     let (tail, _marker) = until_marker(&a, &mut on_b).await;
@@ -288,7 +288,7 @@ async fn a_sender_killed_mid_stream_restarts_and_a_watcher_elsewhere_sees_no_gap
     // No duplicate, in order: strictly growing ids.
     for pair in seen.windows(2) {
         assert!(
-            seq(&pair[1]) > seq(&pair[0]),
+            sequence_number(&pair[1]) > sequence_number(&pair[0]),
             "{} after {}",
             pair[1],
             pair[0]
@@ -319,13 +319,16 @@ async fn a_restarted_receiver_resumes_each_peers_stream_after_the_last_event_it_
     let _ = b.wait_exit().await;
     let mut on_a = a.events("node=a", None).await;
     let sessions = dense_output(&a, 1, 5_000).await;
-    until_succeeded(&mut on_a, &sessions).await;
+    let published = until_succeeded(&mut on_a, &sessions).await;
+    let newest = published.last().map_or(0, |id| sequence_number(id));
 
     // b comes back; a watcher resuming after the last event it saw gets every one of a's
-    // events since, without a gap, then live ones.
+    // events since, without a gap, then live ones. (b's relay is still catching up on what a
+    // published meanwhile, a `link.connected` among it: the marker is a newer one.)
     let b = node(temp.path(), "b", a.cluster, "", &[]).await;
     let mut resumed = b.events("node=a", Some(&last_seen)).await;
-    let (marker, _links_again) = relay_up(&a, &mut b.events("node=a", None).await).await;
+    let (marker, _links_again) =
+        relay_up_after(&a, &mut b.events("node=a", None).await, newest).await;
     let ids = ids_through(&mut resumed, &marker).await;
     let mut all = vec![last_seen.clone()];
     all.extend(ids);
@@ -352,7 +355,7 @@ async fn event_ids_seen_before_a_kill_are_never_handed_out_again() {
     // Far enough into the flood that the log is behind what the watcher saw.
     for _ in 0..5_000 {
         let (id, _) = watcher.next().await;
-        highest = highest.max(seq(&id));
+        highest = highest.max(sequence_number(&id));
     }
     solo.child.start_kill().unwrap();
     let _ = solo.wait_exit().await;
@@ -363,7 +366,7 @@ async fn event_ids_seen_before_a_kill_are_never_handed_out_again() {
     let _link = solo.events("kind=provider.retry", None).await;
     let (id, event) = watcher.next().await;
     assert!(
-        seq(&id) > highest,
+        sequence_number(&id) > highest,
         "{event} reuses an id up to {highest}, seen before the kill"
     );
 }
@@ -722,7 +725,7 @@ async fn a_backfill_reads_events_that_left_the_ring_before_the_log_committed_the
     let (mut connected, mut newest) = (0, 0);
     while connected < 21 {
         let (id, event) = watch.next().await;
-        newest = newest.max(seq(&id));
+        newest = newest.max(sequence_number(&id));
         if event["kind"] == "link.connected" {
             connected += 1;
         }

@@ -476,16 +476,30 @@ pub fn skip_without_python_client(why: &str) {
 /// relayed to `to` (its watcher `relayed` filters `node=<from>`): the relay link is up. Returns
 /// that event's id and the links, which must stay open.
 pub async fn relay_up(from: &NodeProcess, relayed: &mut SseStream) -> (String, Vec<SseStream>) {
+    relay_up_after(from, relayed, 0).await
+}
+
+/// [`relay_up`] for a receiver that may still be catching up on older events of `from` (a
+/// `link.connected` among them): only one numbered after `after` (a sequence number of
+/// `from`'s) counts.
+pub async fn relay_up_after(
+    from: &NodeProcess,
+    relayed: &mut SseStream,
+    after: u64,
+) -> (String, Vec<SseStream>) {
     let mut opened = Vec::new();
     let id = tokio::time::timeout(PATIENCE, async {
         loop {
             opened.push(from.events("kind=provider.retry", None).await);
-            if let Ok((id, _)) = tokio::time::timeout(
-                Duration::from_millis(500),
-                relayed.next_of("link.connected"),
-            )
-            .await
-            {
+            let newer = async {
+                loop {
+                    let (id, _) = relayed.next_of("link.connected").await;
+                    if sequence_number(&id) > after {
+                        return id;
+                    }
+                }
+            };
+            if let Ok(id) = tokio::time::timeout(Duration::from_millis(500), newer).await {
                 return id;
             }
         }
@@ -493,6 +507,13 @@ pub async fn relay_up(from: &NodeProcess, relayed: &mut SseStream) -> (String, V
     .await
     .expect("the relay link comes up");
     (id, opened)
+}
+
+/// The sequence number of event id `NODE:SEQ`.
+pub fn sequence_number(id: &str) -> u64 {
+    id.rsplit_once(':')
+        .and_then(|(_, seq)| seq.parse().ok())
+        .unwrap_or_else(|| panic!("{id:?} is not an event id"))
 }
 
 /// Starts cluster node `name` in `root/name` with the configuration `config` (written to
