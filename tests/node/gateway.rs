@@ -88,14 +88,19 @@ fn streamed_text(events: &[String]) -> String {
         .collect()
 }
 
-#[tokio::test]
-async fn chat_completions_pass_through_streamed_and_not() {
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "Grüße".into(),
+/// A fake provider whose every answer is `reply`.
+async fn fake_replying(reply: &str) -> FakeProviderHandle {
+    FakeProvider::start(FakeConfig {
+        reply: reply.into(),
         ..FakeConfig::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn chat_completions_pass_through_streamed_and_not() {
+    let fake = fake_replying("Grüße").await;
     let config = format!(
         "{}[gateway]\naliases = {{ fast = \"fake/m1\" }}\n",
         provider("fake", &fake, "models = [\"m1\"]")
@@ -807,12 +812,7 @@ async fn one_models_exhausted_rate_limit_headers_do_not_hold_up_the_providers_ot
 
 #[tokio::test]
 async fn a_stream_that_fails_after_its_start_but_before_any_text_is_retried_not_committed() {
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "añb€c".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("añb€c").await;
     // The first attempt gets Anthropic's `message_start` (a role chunk, no text), then an
     // `overloaded_error` event; the retry gets the whole answer.
     let config = format!(
@@ -1123,12 +1123,7 @@ async fn the_real_aider_runs_through_the_gateway_and_its_provider_events_carry_t
         }
     };
     let program = which(&program);
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "Die Antwort kam über das Gateway.".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("Die Antwort kam über das Gateway.").await;
     fake.set_behaviour(
         "m1",
         "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
@@ -1177,12 +1172,7 @@ fn which(program: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_command_session_reaches_the_gateway_with_its_own_key_and_its_events_carry_it() {
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "any agent".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("any agent").await;
     fake.set_behaviour(
         "m1",
         "fail-429-retry-after-ms-100-then-ok:1".parse().unwrap(),
@@ -1228,12 +1218,7 @@ async fn a_command_session_reaches_the_gateway_with_its_own_key_and_its_events_c
 
 #[tokio::test]
 async fn a_chat_session_streams_its_reply_as_output_and_stores_it() {
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "Hallo, Grüße aus dem Test".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("Hallo, Grüße aus dem Test").await;
     let gateway = Gateway::start(&provider("fake", &fake, "retry = { max_attempts = 1 }")).await;
     let node = &gateway.node;
     let mut events = node.events("kind=session.*&kind=provider.*", None).await;
@@ -1275,12 +1260,7 @@ async fn a_chat_session_streams_its_reply_as_output_and_stores_it() {
 
 #[tokio::test]
 async fn anthropic_and_gemini_providers_answer_in_openai_shapes_through_the_gateway() {
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "añb€c".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("añb€c").await;
     let config = format!(
         "[[providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{base}/v1\"\n\n\
          [[providers]]\nname = \"gem\"\nkind = \"gemini\"\nbase_url = \"{base}/v1beta\"\n",
@@ -1324,12 +1304,7 @@ async fn the_official_openai_python_client_talks_to_the_gateway_unchanged() {
         );
         return;
     }
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "Grüße vom Gateway".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("Grüße vom Gateway").await;
     let gateway = Gateway::start(&provider("fake", &fake, "models = [\"m1\"]")).await;
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py");
@@ -1365,12 +1340,7 @@ async fn a_streaming_caller_that_stops_reading_gives_its_providers_slot_back() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Far more than the sockets between the node and the caller hold: the node must wait for
     // the caller to read.
-    let fake = FakeProvider::start(FakeConfig {
-        reply: format!("{} ", "y".repeat(16_000)).repeat(1_000),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying(&format!("{} ", "y".repeat(16_000)).repeat(1_000)).await;
     let config = format!(
         "{}[gateway]\nstalled_reader_secs = 1\n",
         provider(
@@ -1424,12 +1394,7 @@ async fn a_streaming_caller_that_stops_reading_gives_its_providers_slot_back() {
 /// longer than `gateway.stalled_reader_secs` between chunks is not given up.
 #[tokio::test]
 async fn a_caller_waiting_for_a_slow_provider_is_not_taken_for_a_stalled_reader() {
-    let fake = FakeProvider::start(FakeConfig {
-        reply: "ab".into(),
-        ..FakeConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = fake_replying("ab").await;
     let config = format!(
         "{}[gateway]\nstalled_reader_secs = 1\n",
         provider("fake", &fake, "")
