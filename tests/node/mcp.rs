@@ -472,6 +472,7 @@ async fn a_legacy_session_whose_link_actor_failed_is_listed_again_on_its_next_re
     let before = mcp_http_link_ids(node).await;
     assert_eq!(before.len(), 1);
 
+    let mut gone = node.events("kind=link.disconnected", None).await;
     let fault = node
         .post_json(
             "/v1/admin/faults",
@@ -479,15 +480,13 @@ async fn a_legacy_session_whose_link_actor_failed_is_listed_again_on_its_next_re
         )
         .await;
     assert_eq!(fault.status(), 202);
-    // The registry forgets the link once its actor is gone; nothing announces that write to a
-    // client but the listing, so poll it (bounded).
+    // The link's end is announced once its actor is gone and the registry forgot it.
     tokio::time::timeout(PATIENCE, async {
-        while !mcp_http_link_ids(node).await.is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        while gone.next_of("link.disconnected").await.1["data"]["link"] != before[0].as_str() {}
     })
     .await
-    .expect("the failed link is forgotten");
+    .expect("the failed link ends");
+    assert!(mcp_http_link_ids(node).await.is_empty(), "no longer listed");
 
     let listed = messages(legacy_post(node, &session, list(3)).await)
         .await
