@@ -185,15 +185,10 @@ pub(crate) struct HandleSink {
 
 impl HandleSink {
     pub(crate) fn new(handle: ActorHandle<SessionMsg>) -> Self {
-        Self::with_limit(handle, OUTPUT_IN_FLIGHT_BYTES)
-    }
-
-    pub(crate) fn with_limit(handle: ActorHandle<SessionMsg>, limit: usize) -> Self {
         Self {
             handle,
             budget: Arc::new(OutputBudget {
                 in_flight: AtomicUsize::new(0),
-                limit,
                 room: Notify::new(),
             }),
         }
@@ -234,13 +229,12 @@ impl ProcessSink for HandleSink {
 /// The output bytes a sink has on their way to its actor.
 struct OutputBudget {
     in_flight: AtomicUsize,
-    limit: usize,
     room: Notify,
 }
 
 impl OutputBudget {
     fn has_room(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) < self.limit
+        self.in_flight.load(Ordering::Acquire) < OUTPUT_IN_FLIGHT_BYTES
     }
 }
 
@@ -276,7 +270,7 @@ impl Drop for OutputCredit {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
             let before = budget.in_flight.fetch_sub(self.bytes, Ordering::AcqRel);
-            if before >= budget.limit && before - self.bytes < budget.limit {
+            if before >= OUTPUT_IN_FLIGHT_BYTES && before - self.bytes < OUTPUT_IN_FLIGHT_BYTES {
                 budget.room.notify_waiters();
             }
         }
