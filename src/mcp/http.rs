@@ -161,7 +161,7 @@ const CLIENT_METHODS: &[&str] = &[
 ];
 
 /// A JSON-RPC error answer.
-fn error_reply(
+pub(crate) fn error_reply(
     id: serde_json::Value,
     code: i32,
     message: &str,
@@ -417,47 +417,34 @@ where
 /// made the node hold any number of answers.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// The requests of one frame-served client still waiting for their answers, each holding one
-/// of [`MAX_IN_FLIGHT`] permits until its answer (or its cancellation) passes.
-#[derive(Clone)]
+/// The requests of one frame-served client still waiting for their answers, at most
+/// [`MAX_IN_FLIGHT`], each until its answer (or its cancellation) passes.
+#[derive(Clone, Default)]
 struct InFlight {
-    permits: Arc<tokio::sync::Semaphore>,
-    held: Arc<
-        std::sync::Mutex<std::collections::HashMap<RequestId, tokio::sync::OwnedSemaphorePermit>>,
-    >,
+    held: Arc<std::sync::Mutex<std::collections::HashSet<RequestId>>>,
 }
 
 impl InFlight {
     fn new() -> Self {
-        Self {
-            permits: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
-            held: Arc::default(),
-        }
+        Self::default()
     }
 
-    fn held(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<RequestId, tokio::sync::OwnedSemaphorePermit>,
-    > {
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<RequestId>> {
         self.held
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Takes a permit for request `id`; `false` when all are held.
+    /// Counts request `id` as waiting; `false` when [`MAX_IN_FLIGHT`] already are.
     fn admit(&self, id: RequestId) -> bool {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.held().insert(id, permit);
-                true
-            }
-            Err(_) => false,
+        let mut held = self.held();
+        held.len() < MAX_IN_FLIGHT && {
+            held.insert(id);
+            true
         }
     }
 
-    /// Request `id` was answered (or cancelled): its permit comes back.
+    /// Request `id` was answered (or cancelled).
     fn settle(&self, id: &RequestId) {
         self.held().remove(id);
     }
