@@ -161,19 +161,14 @@ impl StdioClient {
         for id in std::mem::take(&mut self.owed.0) {
             self.setup.answered_with_error(&id);
             let id: serde_json::Value = serde_json::from_str(&id).unwrap_or_default();
-            let line = serde_json::json!({
-                "jsonrpc": "2.0",
-                "id": id,
-                "error": {
-                    "code": -32603,
-                    "message": format!(
-                        "the node went away before answering ({why}); the request may or may not \
-                         have taken effect"
-                    ),
-                },
-            });
+            let message = format!(
+                "the node went away before answering ({why}); the request may or may not have \
+                 taken effect"
+            );
             self.output
-                .send(Outgoing::Text(line.to_string()))
+                .send(Outgoing::Text(super::http::error_reply(
+                    id, -32603, &message, None,
+                )))
                 .await
                 .map_err(BridgeError::Stdout)?;
         }
@@ -199,7 +194,11 @@ pub async fn serve_embedded(core: Arc<NodeCore>, client: StdioClient) -> Option<
     let replay = futures::stream::iter(setup.replay().into_iter().map(Incoming::Text));
     let output = output.with_flat_map(|frame: Outgoing| {
         let replayed = match &frame {
-            Outgoing::Text(text) => Probe::of(text).is_some_and(|probe| Setup::is_replayed(&probe)),
+            // Most frames are tool results: only one that names a replayed id is parsed.
+            Outgoing::Text(text) => {
+                text.contains(REPLAYED_ID)
+                    && Probe::of(text).is_some_and(|probe| Setup::is_replayed(&probe))
+            }
             _ => false,
         };
         futures::stream::iter((!replayed).then_some(Ok(frame)))
