@@ -1404,5 +1404,17 @@ async fn a_caller_waiting_for_a_slow_provider_is_not_taken_for_a_stalled_reader(
     let response = gateway.ask("fake/fake-trickle-1300", true).await;
     assert_eq!(response.status(), 200);
     assert_eq!(streamed_text(&sse_data(response).await), "ab");
+    // A call given up still streams what comes: only the log says whether it was.
+    let given_up = gateway
+        .node
+        .logs
+        .all()
+        .into_iter()
+        .filter(|line| line.contains("a streaming caller took nothing"))
+        .count();
+    assert_eq!(
+        given_up, 0,
+        "the reading caller was taken for a stalled one"
+    );
     fake.shutdown().await;
 }
