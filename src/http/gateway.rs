@@ -270,25 +270,22 @@ impl Reader {
                 return;
             };
             let mut guard = guard.lock().unwrap_or_else(|poison| poison.into_inner());
-            if guard.is_none() {
+            let Some(call) = guard.as_ref() else {
                 // The call ended.
                 return;
-            }
+            };
             let (polled, handed) = (
                 self.seen.polled.load(Relaxed),
                 self.seen.handed.load(Relaxed),
             );
             if handed > polled && self.now().saturating_sub(handed) >= stall_us {
-                let given_up = guard.take();
-                if let Some(call) = given_up {
-                    tracing::info!(
-                        target_provider = %call.target(),
-                        stalled_secs = stall.as_secs(),
-                        "a streaming caller took nothing of its answer for gateway.stalled_reader_secs; \
-                         its call is given up (the provider's slot and budget come back)"
-                    );
-                    drop(call);
-                }
+                tracing::info!(
+                    target_provider = %call.target(),
+                    stalled_secs = stall.as_secs(),
+                    "a streaming caller took nothing of its answer for gateway.stalled_reader_secs; \
+                     its call is given up (the provider's slot and budget come back)"
+                );
+                drop(guard.take());
                 return;
             }
         }

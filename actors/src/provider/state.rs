@@ -609,7 +609,6 @@ impl<W: Waiter> ProviderState<W> {
                 index += 1;
                 continue;
             }
-            let session = waiter.request.session.clone();
             if let Some(wait) = self.model_limits.wait(&waiter.request.model, now) {
                 let limit = LocalLimit::of_model(wait.reason);
                 if self.wait_or_give_up(index, wait, limit, RateLimitSource::Headers, now) {
@@ -618,6 +617,7 @@ impl<W: Waiter> ProviderState<W> {
                 }
                 continue;
             }
+            let session = waiter.request.session.clone();
             let admitted = match self.policy.breaker.allow(now) {
                 Ok(admitted) => admitted,
                 Err(rejected) => {
