@@ -670,7 +670,7 @@ async fn receive(
             WireFault::ForeignEvent,
             format!("event {id} is not the peer's own"),
         ),
-        error @ BatchError::Bus(_) => io(error),
+        error @ (BatchError::Bus(_) | BatchError::NotWritten(_)) => io(error),
     };
     reports.welcome(start).await.map_err(batch_error)?;
     tracing::debug!(%peer, ?after, start, "relay link up");

@@ -155,8 +155,11 @@ impl<S: EventStore> EventStore for SessionWatch<S> {
         self.store.release(last);
     }
 
-    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
-        self.store.written(pos)
+    fn written(
+        &self,
+        positions: std::ops::RangeInclusive<u64>,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
+        self.store.written(positions)
     }
 
     fn relay_floor(&self, node: &NodeId, seq: u64) {
@@ -207,9 +210,15 @@ mod tests {
             self.1.lock().unwrap().push(format!("release {last}"));
         }
 
-        fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
-            self.1.lock().unwrap().push(format!("written {pos}"));
-            Some(Box::pin(async {}))
+        fn written(
+            &self,
+            positions: std::ops::RangeInclusive<u64>,
+        ) -> Option<BoxFuture<'static, Result<(), String>>> {
+            self.1
+                .lock()
+                .unwrap()
+                .push(format!("written {positions:?}"));
+            Some(Box::pin(async { Ok(()) }))
         }
 
         fn relay_floor(&self, node: &NodeId, seq: u64) {
@@ -232,7 +241,7 @@ mod tests {
             "the reservation was swallowed"
         );
         assert!(
-            watch.written(12).is_some(),
+            watch.written(3..=12).is_some(),
             "the wait for a write was swallowed"
         );
         watch.relay_floor(&NodeId::new("there").unwrap(), 99);
@@ -242,7 +251,7 @@ mod tests {
             [
                 "resume",
                 "reserve 16384",
-                "written 12",
+                "written 3..=12",
                 "floor there 99",
                 "release 57"
             ]

@@ -416,3 +416,114 @@ fn ids_seen_before_a_kill_are_never_handed_out_again() {
         assert!(next_seq(&mut events).await > highest);
     });
 }
+
+/// The sequence numbers of `node`'s events in the log.
+async fn stored_seqs(store: &Store, node: &NodeId) -> Vec<u64> {
+    let stored = store.node_events_after(node, 0, 1_000).await.unwrap();
+    stored.iter().map(|item| item.event.id.seq).collect()
+}
+
+/// Takes what `subscription` has now, without waiting for more.
+fn delivered_seqs(subscription: &mut troupe_actors::event::Subscription) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while let Some(Delivery::Event(event)) = subscription.try_recv() {
+        seqs.push(event.id.seq);
+    }
+    seqs
+}
+
+/// Regression: a relayed batch whose write failed was acknowledged all the same (the wait for
+/// the write could not tell a failure), and never fetched again: the log kept a hole where a
+/// peer had been told its events were. Now it is not acknowledged, the bus rewinds the peer's
+/// stream, and when the batch comes again it is stored without being published twice.
+#[tokio::test]
+async fn a_relayed_batch_whose_write_failed_is_fetched_again_and_stored_not_republished() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, _cell) = start_bus(&store).await;
+    let p1 = peer("p1");
+    let events = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Event> {
+        seqs.map(|seq| Event::clone(&item(0, p1.clone(), seq).event))
+            .collect()
+    };
+    let mut watcher = bus.subscribe(EventFilter::all());
+    assert_eq!(bus.relay_batch(&p1, None, events(1..=3)).await.unwrap(), 3);
+
+    store.fail_event_batches(1);
+    let error = bus.relay_batch(&p1, None, events(4..=6)).await.unwrap_err();
+    assert!(
+        matches!(error, troupe_actors::event::RelayBatchError::NotWritten(_)),
+        "{error}"
+    );
+    // Published once, when it came; the next link asks for what follows the last written one.
+    assert_eq!(delivered_seqs(&mut watcher), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(bus.relayed_through(&p1), Some(3));
+    assert_eq!(stored_seqs(&store, &p1).await, [1, 2, 3]);
+
+    // The next link: the peer starts after 3 and sends on past where the failure was.
+    assert_eq!(bus.relay_batch(&p1, Some(3), Vec::new()).await.unwrap(), 6);
+    assert_eq!(bus.relay_batch(&p1, None, events(4..=8)).await.unwrap(), 8);
+    assert_eq!(stored_seqs(&store, &p1).await, [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(bus.relayed_through(&p1), Some(8), "the rewind is over");
+    bus.publish(None, progress(1));
+    let mut after = Vec::new();
+    while let Some(Delivery::Event(event)) = watcher.recv().await {
+        if event.id.node == node() {
+            break;
+        }
+        after.push(event.id.seq);
+    }
+    assert_eq!(after, [7, 8], "what was published already came again");
+    assert_eq!(store.stats().failed_batches, 1);
+}
+
+/// A relay link that closes while its batch's write is pending (the peer went away, the link was
+/// replaced) is no longer there to hear that the write failed: the bus rewinds all the same.
+#[tokio::test]
+async fn a_failed_write_rewinds_the_stream_even_when_its_link_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, _cell) = start_bus(&store).await;
+    let p1 = peer("p1");
+    let batch: Vec<Event> = (1..=4)
+        .map(|seq| Event::clone(&item(0, p1.clone(), seq).event))
+        .collect();
+    let mut watcher = bus.subscribe(EventFilter::all());
+    store.fail_event_batches(1);
+    // The batch is handed over (taken at once); its waiter is dropped before it hears anything.
+    drop(bus.relay_batch(&p1, None, batch));
+    assert!(matches!(watcher.recv().await, Some(Delivery::Event(_))));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Bounded poll: nothing announces the rewind but the cursor it moves.
+    while bus.relayed_through(&p1) != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rewound: {:?}",
+            bus.relayed_through(&p1)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stats().failed_batches, 1);
+}
+
+/// The same event of a node appended twice (a stretch fetched again after a failed write also
+/// holds what was written) is kept once, at its first position.
+#[tokio::test]
+async fn an_event_appended_twice_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let p1 = peer("p1");
+    store.append(&item(1, p1.clone(), 1));
+    store.append(&item(2, p1.clone(), 2));
+    store.flush().await.unwrap();
+    store.append(&item(3, p1.clone(), 2));
+    store.append(&item(4, p1.clone(), 3));
+    store.flush().await.unwrap();
+    let stored = store.node_events_after(&p1, 0, 100).await.unwrap();
+    let found: Vec<(u64, u64)> = stored
+        .iter()
+        .map(|item| (item.pos, item.event.id.seq))
+        .collect();
+    assert_eq!(found, [(1, 1), (2, 2), (4, 3)]);
+    assert_eq!(store.resume(100).relayed, [(p1, 3)]);
+}

@@ -20,6 +20,7 @@ mod id_tests;
 #[cfg(test)]
 mod tests;
 
+use std::ops::RangeInclusive;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -148,7 +149,7 @@ struct Inner {
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
     /// Where the writer has got to with event appends ([`EventStore::written`]).
-    written: tokio::sync::watch::Receiver<u64>,
+    written: tokio::sync::watch::Receiver<writer::Written>,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -225,7 +226,7 @@ impl Store {
         let stats = Arc::new(Stats::default());
         let reservation = Arc::new(Reservation::new(reserved));
         let (tx, rx) = mpsc::channel();
-        let (written_tx, written) = tokio::sync::watch::channel(0);
+        let (written_tx, written) = tokio::sync::watch::channel(writer::Written::default());
         let writer = Writer {
             db: db.clone(),
             node: node.clone(),
@@ -281,6 +282,16 @@ impl Store {
             pruned_events: stats.pruned_events.load(Ordering::Relaxed),
             pruned_sessions: stats.pruned_sessions.load(Ordering::Relaxed),
         }
+    }
+
+    /// Makes the next `batches` write batches that hold an event append fail as a storage
+    /// failure would (rolled back, their waiters told).
+    #[cfg(test)]
+    pub(crate) fn fail_event_batches(&self, batches: u64) {
+        self.inner
+            .stats
+            .fail_event_batches
+            .store(batches, Ordering::Relaxed);
     }
 
     /// Waits (bounded) until the writer sleeps in a linger over queued appends.
@@ -670,11 +681,21 @@ impl EventStore for Store {
         self.enqueue_append(Request::Event(item.clone()), !relayed);
     }
 
-    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>> {
+    fn written(
+        &self,
+        positions: RangeInclusive<u64>,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
         let mut written = self.inner.written.clone();
         Some(Box::pin(async move {
-            // An error: the writer has stopped (the store closed), and nothing more is written.
-            let _ = written.wait_for(|written| *written >= pos).await;
+            let end = *positions.end();
+            let done = written
+                .wait_for(|written| written.through >= end)
+                .await
+                .map_err(|_| "the store has closed".to_owned())?;
+            if done.failed_within(&positions) {
+                return Err("a write of the event log failed (the store logged why)".into());
+            }
+            Ok(())
         }))
     }
 

@@ -15,7 +15,9 @@
 //! A request the store refuses (a conflict, a duplicate, a corrupt stored value) is answered with
 //! its error and writes nothing; the rest of the batch goes ahead. A storage failure aborts the
 //! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
-//! lost (and logged). Retention (of the event log and of ended sessions) runs here too, inside
+//! lost (and logged); [`Written`] keeps which positions they held, so that the relay fetches
+//! another node's events again rather than acknowledging them. An event already stored (by
+//! `(node, seq)`) is not stored twice. Retention (of the event log and of ended sessions) runs here too, inside
 //! the batches' transactions.
 //!
 //! Id reservations (see [`Reservation`]) ride along too: every batch writes the reservation
@@ -25,7 +27,8 @@
 //! This thread never blocks on anything but the channel, its linger's sleep (see [`linger`]) and
 //! the disk, and never calls back into async code: replies go through oneshot channels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
@@ -211,6 +214,48 @@ pub(super) struct Stats {
     pub(super) pruned_events: AtomicU64,
     /// Sessions deleted by retention.
     pub(super) pruned_sessions: AtomicU64,
+    /// Tests: this many of the next batches holding an event append fail as a storage failure
+    /// would.
+    #[cfg(test)]
+    pub(super) fail_event_batches: AtomicU64,
+}
+
+/// Failed batches of event appends remembered by position range; an older failure is only
+/// remembered as "something at or below this position failed".
+const FAILED_KEPT: usize = 64;
+
+/// Where the writer has got to with event appends ([`EventStore::written`]).
+///
+/// [`EventStore::written`]: troupe_actors::event::EventStore::written
+#[derive(Debug, Clone, Default)]
+pub(super) struct Written {
+    /// The highest arrival position of an event append whose batch is done: committed, or
+    /// failed. The writer takes appends in queue order, so every event queued at or below it has
+    /// been through a commit.
+    pub(super) through: u64,
+    /// The positions of the event appends of the most recent failed batches, oldest first.
+    failed: VecDeque<RangeInclusive<u64>>,
+    /// A failed batch no longer in `failed` held positions at or below this one.
+    forgotten: u64,
+}
+
+impl Written {
+    /// Whether the append at any of `positions` may have failed.
+    pub(super) fn failed_within(&self, positions: &RangeInclusive<u64>) -> bool {
+        self.forgotten >= *positions.start()
+            || self.failed.iter().any(|failed| {
+                failed.start() <= positions.end() && positions.start() <= failed.end()
+            })
+    }
+
+    fn fail(&mut self, positions: RangeInclusive<u64>) {
+        if self.failed.len() == FAILED_KEPT
+            && let Some(oldest) = self.failed.pop_front()
+        {
+            self.forgotten = self.forgotten.max(*oldest.end());
+        }
+        self.failed.push_back(positions);
+    }
 }
 
 /// The writer thread's state.
@@ -221,11 +266,9 @@ pub(super) struct Writer {
     pub(super) rx: Receiver<Request>,
     pub(super) stats: Arc<Stats>,
     pub(super) reservation: Arc<Reservation>,
-    /// The highest arrival position of an event append whose batch is done: committed, or
-    /// failed (counted in `failed_batches`, logged). The writer takes appends in queue order, so
-    /// every event queued at or below it has been through a commit. Dropped with the writer,
-    /// which ends every wait on it.
-    pub(super) written: tokio::sync::watch::Sender<u64>,
+    /// Where the writer has got to with event appends, and which of them failed (also counted
+    /// in `failed_batches`, logged). Dropped with the writer, which ends every wait on it.
+    pub(super) written: tokio::sync::watch::Sender<Written>,
 }
 
 impl Writer {
@@ -379,7 +422,7 @@ struct WriterState {
     config: StoreConfig,
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
-    written: tokio::sync::watch::Sender<u64>,
+    written: tokio::sync::watch::Sender<Written>,
     next_age_prune: Instant,
     prune_backlog: bool,
     /// The automatic session retention sweep under way, if one stopped at its bounds.
@@ -465,13 +508,16 @@ impl WriterState {
             return Ok(());
         }
         let requests = batch.len() as u64;
-        let last_event_pos = batch
+        let event_positions = batch
             .iter()
             .filter_map(|request| match request {
                 Request::Event(item) => Some(item.pos),
                 _ => None,
             })
-            .max();
+            .fold(None, |range: Option<(u64, u64)>, pos| match range {
+                None => Some((pos, pos)),
+                Some((low, high)) => Some((low.min(pos), high.max(pos))),
+            });
         let mut answers = Vec::with_capacity(batch.len());
         let mut report = None;
         let mut reserved = None;
@@ -484,11 +530,15 @@ impl WriterState {
             &mut report,
             &mut reserved,
         );
-        if let Some(pos) = last_event_pos {
+        if let Some((first, last)) = event_positions {
+            let failed = outcome.is_err();
             self.written.send_if_modified(|written| {
-                let moved = pos > *written;
-                *written = (*written).max(pos);
-                moved
+                if failed {
+                    written.fail(first..=last);
+                }
+                let moved = last > written.through;
+                written.through = written.through.max(last);
+                moved || failed
             });
         }
         match outcome {
@@ -587,6 +637,10 @@ impl WriterState {
                 _ => None,
             };
             let mut explicit_prune = None;
+            #[cfg(test)]
+            let has_events = batch
+                .iter()
+                .any(|request| matches!(request, Request::Event(_)));
             for request in batch {
                 // After a storage failure nothing more is applied; waiters are still collected so
                 // that every one of them hears of the failure.
@@ -661,6 +715,17 @@ impl WriterState {
                         }
                     }
                 }
+            }
+            #[cfg(test)]
+            if failure.is_none()
+                && has_events
+                && self
+                    .stats
+                    .fail_event_batches
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                failure = Some(StoreError::Io("injected storage failure".into()));
             }
             if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
                 let wanted = self.reservation.wanted.load(Ordering::Acquire);
@@ -1070,13 +1135,22 @@ impl<'txn> Tables<'txn> {
         let node = id.node.as_str();
         let value = encode("events", item.pos, &*item.event)?;
         let overhead = event_overhead(node);
+        let stored = self
+            .event_index
+            .insert((node, id.seq), item.pos)?
+            .map(|first| first.value());
+        if let Some(first) = stored {
+            // Stored already (a relayed stretch fetched again after a failed write, which
+            // included what had been written): keep the first copy.
+            self.event_index.insert((node, id.seq), first)?;
+            return Ok(());
+        }
         if let Some(old) = self.events.insert(item.pos, value.as_slice())? {
             // The same position twice (it should not happen): replace, keep the totals right.
             let old_bytes = old.value().len() as u64 + overhead;
             self.totals.bytes = self.totals.bytes.saturating_sub(old_bytes);
             self.totals.count = self.totals.count.saturating_sub(1);
         }
-        self.event_index.insert((node, id.seq), item.pos)?;
         self.totals.bytes += value.len() as u64 + overhead;
         self.totals.count += 1;
         self.totals.last_pos = self.totals.last_pos.max(item.pos);

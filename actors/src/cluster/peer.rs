@@ -10,7 +10,8 @@
 //!
 //! Flow control: a link hands a batch to the bus and waits until the bus has taken it and the
 //! store has written it before it acknowledges it to the sender, which keeps only a few
-//! unacknowledged batches in flight. So a slow bus or disk here slows the sender, what the
+//! unacknowledged batches in flight. A batch the store failed to write is never acknowledged:
+//! the bus rewinds its cursor to before it and the link ends, so the next one fetches it again. So a slow bus or disk here slows the sender, what the
 //! sender was told is here is in the log, and memory per peer stays bounded end to end.
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tokio_util::sync::DropGuard;
 
 use super::identity::NodeIdentity;
-use crate::event::{Event, EventBus, EventId};
+use crate::event::{Event, EventBus, EventId, RelayBatchError};
 use crate::ids::NodeId;
 use crate::kernel::{Actor, ActorError, ActorHandle, CallError, Context};
 
@@ -42,6 +43,19 @@ pub enum BatchError {
     /// The bus did not take it in time (or is gone).
     #[error("the bus did not take the batch: {0}")]
     Bus(#[from] CallError),
+    /// The bus took it but the store did not write it: it is not acknowledged, and the next
+    /// link asks for it again.
+    #[error("{0}")]
+    NotWritten(String),
+}
+
+impl From<RelayBatchError> for BatchError {
+    fn from(error: RelayBatchError) -> Self {
+        match error {
+            RelayBatchError::Bus(error) => Self::Bus(error),
+            error @ RelayBatchError::NotWritten(_) => Self::NotWritten(error.to_string()),
+        }
+    }
 }
 
 /// How a link hands over what it receives, and tells its PeerActor that it ended. Reports of a

@@ -23,8 +23,16 @@
 //! acknowledges to the sender cannot outrun this node's bus. Duplicates (a `(node, seq)` not
 //! above the highest one relayed from that node) are dropped; the highest ones are seeded from
 //! the store at start, so a restarted node knows where each peer's stream stopped.
+//!
+//! A relayed batch whose write to the store failed is not acknowledged: the bus *rewinds* that
+//! node's stream to just before the batch ([`EventBus::relayed_through`] answers the rewound
+//! cursor), the link fails, and the next link asks the peer for those events again. The bus
+//! stores what comes again up to where it had got without publishing it a second time (the
+//! store keeps an event it already has once), so the log has no hole and no subscriber sees a
+//! duplicate.
 
 use std::collections::VecDeque;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -87,12 +95,17 @@ pub trait EventStore: Send + Sync + 'static {
     /// past it may be given back, so the next start continues at `last + 1`. Must not block.
     fn release(&self, last: u64);
 
-    /// Resolves once every append up to arrival position `pos` has been written (or its write
-    /// failed, which the store reports itself), without hurrying the writer. The relay
-    /// acknowledges a batch of another node's events only then, so that what a peer was told
-    /// is here is in the log, and the queue of such appends is bounded by the relay's window.
-    /// `None`: nothing to wait for (this store writes nothing to wait for).
-    fn written(&self, pos: u64) -> Option<BoxFuture<'static, ()>>;
+    /// Resolves once the appends at arrival positions `positions` have been through the writer,
+    /// without hurrying it: `Ok` when they are written, `Err` saying why when the write of any of
+    /// them failed (or may have: a store that cannot tell answers `Err`, and the batch is only
+    /// fetched again) or the store closed. The relay acknowledges a batch of another node's
+    /// events only after `Ok`, so that what a peer was told is here is in the log, and the queue
+    /// of such appends is bounded by the relay's window. `None`: nothing to wait for (this store
+    /// writes nothing to wait for).
+    fn written(
+        &self,
+        positions: RangeInclusive<u64>,
+    ) -> Option<BoxFuture<'static, Result<(), String>>>;
 
     /// Another node's relayed stream continues after `seq` (its sender said the stream starts
     /// there: "new events only" on a first link), though none of those events may be stored:
@@ -146,6 +159,9 @@ pub struct BusShared {
     reserved: AtomicU64,
     /// Highest sequence number relayed here per other node (written by the bus actor only).
     relayed: DashMap<NodeId, u64>,
+    /// Streams rewound after a failed write: what comes again up to `through` is stored, not
+    /// published (written by the bus actor only).
+    rewound: DashMap<NodeId, Rewound>,
     /// Publishes waiting for a reservation, oldest first: they survive a crash of the instance
     /// that took them from its mailbox. Touched only by the current instance, in its handler.
     waiting: std::sync::Mutex<VecDeque<Unreserved>>,
@@ -166,6 +182,7 @@ impl BusShared {
             last_pos: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             relayed: DashMap::new(),
+            rewound: DashMap::new(),
             waiting: std::sync::Mutex::new(VecDeque::new()),
             resumed: std::sync::Once::new(),
             published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -174,12 +191,34 @@ impl BusShared {
     }
 }
 
+/// A node's relayed stream rewound after a failed write: its events after `from` and up to
+/// `through` were published here but may be missing from the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rewound {
+    from: u64,
+    through: u64,
+}
+
 /// The bus's answer to a relayed batch.
 pub struct RelayTaken {
     /// The highest sequence number of the node taken so far.
     pub high: u64,
-    /// Resolves once the events taken are written by the store ([`EventStore::written`]).
-    pub written: Option<BoxFuture<'static, ()>>,
+    /// Resolves once the events taken are written by the store ([`EventStore::written`]); when
+    /// that failed, rewinds the node's stream to just before the batch's first event that went
+    /// to the store, whether anyone still waits or not.
+    written: Option<RewindUnlessWritten>,
+}
+
+/// Why a relayed batch was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayBatchError {
+    /// The bus did not take it in time (or is gone).
+    #[error(transparent)]
+    Bus(#[from] CallError),
+    /// The bus took it, but the store did not write it; the node's stream is rewound to before
+    /// it ([`EventBus::relayed_through`]), so the next link fetches it again.
+    #[error("the event log did not store the batch ({0}); it is fetched again")]
+    NotWritten(String),
 }
 
 /// Messages of the bus actor.
@@ -206,6 +245,16 @@ pub enum EventBusMsg {
         events: Vec<Event>,
         /// The highest sequence number of `node` taken so far, and when the batch is written.
         reply: RpcReplyPort<RelayTaken>,
+    },
+    /// The write of `node`'s events after `to` may have failed: store them again when they come
+    /// again (without publishing them twice), and let the next link ask for what follows `to`.
+    RelayRewind {
+        /// The node whose stream it is.
+        node: NodeId,
+        /// The highest sequence number known to be written.
+        to: u64,
+        /// Answered once the rewind is in place.
+        reply: RpcReplyPort<()>,
     },
     /// Answer a replay query from the ring.
     Replay {
@@ -365,7 +414,11 @@ impl Actor for EventBusActor {
                 events,
                 reply,
             } => {
-                let _ = reply.send(state.relay_batch(&node, floor, events));
+                let _ = reply.send(state.relay_batch(ctx.handle(), &node, floor, events));
+            }
+            EventBusMsg::RelayRewind { node, to, reply } => {
+                state.rewind(node, to);
+                let _ = reply.send(());
             }
             EventBusMsg::Replay {
                 from,
@@ -520,37 +573,122 @@ impl EventBusState {
 
     /// Takes a batch of `node`'s events; returns the highest sequence number of `node` taken,
     /// and when the store has written what was taken.
-    fn relay_batch(&mut self, node: &NodeId, floor: Option<u64>, events: Vec<Event>) -> RelayTaken {
+    fn relay_batch(
+        &mut self,
+        bus: &ActorHandle<EventBusMsg>,
+        node: &NodeId,
+        floor: Option<u64>,
+        events: Vec<Event>,
+    ) -> RelayTaken {
         let before = self.shared.last_pos.load(Ordering::Relaxed);
-        let high = self.take_relayed(node, floor, events);
+        let (high, first_stored) = self.take_relayed(node, floor, events);
         let last = self.shared.last_pos.load(Ordering::Relaxed);
-        let written = match &self.store {
-            Some(store) if last > before => store.written(last),
+        let written = match (&self.store, first_stored) {
+            (Some(store), Some(first)) if last > before => {
+                store.written(before + 1..=last).map(|written| {
+                    RewindUnlessWritten(Some(Box::new(PendingWrite {
+                        written,
+                        bus: bus.clone(),
+                        node: node.clone(),
+                        to: first - 1,
+                    })))
+                })
+            }
             _ => None,
         };
         RelayTaken { high, written }
     }
 
-    fn take_relayed(&mut self, node: &NodeId, floor: Option<u64>, events: Vec<Event>) -> u64 {
+    /// Publishes and stores `node`'s events above its highest one, and stores again (without
+    /// publishing) those of a rewound stretch. Returns the highest sequence number of `node`
+    /// taken and the first one handed to the store in this batch.
+    fn take_relayed(
+        &mut self,
+        node: &NodeId,
+        floor: Option<u64>,
+        events: Vec<Event>,
+    ) -> (u64, Option<u64>) {
         if *node == self.shared.node {
-            return 0;
+            return (0, None);
         }
         let mut high = self.shared.relayed.get(node).map_or(0, |high| *high);
-        if let Some(floor) = floor.filter(|floor| *floor > high) {
-            high = floor;
-            if let Some(store) = &self.store {
-                store.relay_floor(node, floor);
+        let mut rewound = self.shared.rewound.get(node).map(|rewound| *rewound);
+        if let Some(floor) = floor {
+            if floor > high {
+                high = floor;
+                if let Some(store) = &self.store {
+                    store.relay_floor(node, floor);
+                }
+            }
+            // The peer no longer has what it does not send: nothing to wait for below it.
+            if let Some(rewound) = &mut rewound {
+                rewound.from = rewound.from.max(floor);
             }
         }
+        let mut first_stored = None;
         for event in events {
-            if event.id.node != *node || event.id.seq <= high {
+            let seq = event.id.seq;
+            if event.id.node != *node {
                 continue;
             }
-            high = event.id.seq;
-            self.accept(event);
+            if seq > high {
+                high = seq;
+                first_stored.get_or_insert(seq);
+                self.accept(event);
+            } else if let Some(rewound) = rewound
+                .as_mut()
+                .filter(|rewound| seq > rewound.from && seq <= rewound.through)
+            {
+                rewound.from = seq;
+                first_stored.get_or_insert(seq);
+                self.store_again(event);
+            }
         }
         self.shared.relayed.insert(node.clone(), high);
-        high
+        match rewound {
+            Some(rewound) if rewound.from < rewound.through => {
+                self.shared.rewound.insert(node.clone(), rewound);
+            }
+            Some(_) => {
+                self.shared.rewound.remove(node);
+                tracing::info!(%node, "the relayed events whose write failed came again");
+            }
+            None => {}
+        }
+        (high, first_stored)
+    }
+
+    /// The write of `node`'s events after `to` may have failed: what comes again up to the
+    /// highest one taken is stored, not published.
+    fn rewind(&mut self, node: NodeId, to: u64) {
+        let high = self.shared.relayed.get(&node).map_or(0, |high| *high);
+        if to >= high {
+            return;
+        }
+        tracing::warn!(
+            %node,
+            from = to + 1,
+            through = high,
+            "relayed events were not stored; they are fetched from the peer again"
+        );
+        let mut rewound = self.shared.rewound.entry(node).or_insert(Rewound {
+            from: to,
+            through: high,
+        });
+        rewound.from = rewound.from.min(to);
+        rewound.through = rewound.through.max(high);
+    }
+
+    /// Hands a relayed event to the store alone: it was published when it first came.
+    fn store_again(&mut self, event: Event) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let pos = self.shared.last_pos.fetch_add(1, Ordering::Relaxed) + 1;
+        store.append(&BusItem {
+            pos,
+            event: Arc::new(event),
+        });
     }
 
     fn accept(&mut self, event: Event) {
@@ -875,7 +1013,7 @@ impl EventBus {
         node: &NodeId,
         floor: Option<u64>,
         events: Vec<Event>,
-    ) -> impl Future<Output = Result<u64, CallError>> + Send + 'static {
+    ) -> impl Future<Output = Result<u64, RelayBatchError>> + Send + 'static {
         let (reply, answer) = ractor::concurrency::oneshot();
         let sent = self.handle.cast(EventBusMsg::RelayBatch {
             node: node.clone(),
@@ -889,28 +1027,34 @@ impl EventBus {
                 return Err(match error.kind {
                     SendErrorKind::Stopped => CallError::Stopped { path },
                     SendErrorKind::RestartBacklogFull => CallError::Backlogged { path },
-                });
+                }
+                .into());
             }
             match crate::kernel::within(RELAY_TIMEOUT, answer).await {
                 Ok(Ok(RelayTaken { high, written })) => {
                     if let Some(written) = written {
-                        written.await;
+                        written.wait().await?;
                     }
                     Ok(high)
                 }
-                Ok(Err(_)) => Err(CallError::NoReply { path }),
+                Ok(Err(_)) => Err(CallError::NoReply { path }.into()),
                 Err(_) => Err(CallError::Timeout {
                     path,
                     after: RELAY_TIMEOUT,
-                }),
+                }
+                .into()),
             }
         }
     }
 
-    /// The highest sequence number of `node` relayed here (from this run or, after a restart,
-    /// from the store); `None` when none ever was.
+    /// Where `node`'s relayed stream continues here: the highest sequence number of `node`
+    /// relayed here (from this run or, after a restart, from the store), or, while a stretch
+    /// whose write failed is being fetched again, just before it; `None` when none ever was.
     pub fn relayed_through(&self, node: &NodeId) -> Option<u64> {
-        self.shared.relayed.get(node).map(|high| *high)
+        match self.shared.rewound.get(node) {
+            Some(rewound) => Some(rewound.from),
+            None => self.shared.relayed.get(node).map(|high| *high),
+        }
     }
 
     /// Subscribes to live events only.
@@ -1001,6 +1145,68 @@ impl EventBus {
     pub fn last_seq(&self) -> u64 {
         self.shared.last_seq.load(Ordering::Relaxed)
     }
+}
+
+/// A relayed batch's write that someone waits for.
+struct PendingWrite {
+    written: BoxFuture<'static, Result<(), String>>,
+    bus: ActorHandle<EventBusMsg>,
+    node: NodeId,
+    /// Where to rewind the node's stream to if the write fails.
+    to: u64,
+}
+
+/// Rewinds the stream when a batch's write fails even if its waiter is gone (a link closed
+/// while the write was pending): otherwise nobody would fetch the batch again.
+struct RewindUnlessWritten(Option<Box<PendingWrite>>);
+
+impl RewindUnlessWritten {
+    /// Waits for the write; when it failed, rewinds the stream before answering, so that the
+    /// next link asks for the batch again.
+    async fn wait(mut self) -> Result<(), RelayBatchError> {
+        let outcome = match self.0.as_mut() {
+            Some(pending) => pending.written.as_mut().await,
+            None => Ok(()),
+        };
+        // Resolved: nothing left for `drop` to do.
+        let pending = self.0.take();
+        if let (Err(reason), Some(pending)) = (outcome, pending) {
+            rewind(&pending.bus, pending.node, pending.to).await?;
+            return Err(RelayBatchError::NotWritten(reason));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RewindUnlessWritten {
+    fn drop(&mut self) {
+        let Some(pending) = self.0.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let PendingWrite {
+                    written,
+                    bus,
+                    node,
+                    to,
+                } = *pending;
+                if written.await.is_err() {
+                    let _ = rewind(&bus, node, to).await;
+                }
+            });
+        }
+    }
+}
+
+/// Puts a rewind of `node`'s relayed stream in place ([`EventBusMsg::RelayRewind`]).
+async fn rewind(handle: &ActorHandle<EventBusMsg>, node: NodeId, to: u64) -> Result<(), CallError> {
+    handle
+        .call(
+            |reply| EventBusMsg::RelayRewind { node, to, reply },
+            RELAY_TIMEOUT,
+        )
+        .await
 }
 
 #[cfg(test)]

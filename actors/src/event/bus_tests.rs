@@ -64,7 +64,10 @@ impl EventStore for GatedStore {
         disk.released = Some(last);
     }
 
-    fn written(&self, _pos: u64) -> Option<BoxFuture<'static, ()>> {
+    fn written(
+        &self,
+        _positions: std::ops::RangeInclusive<u64>,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
         None
     }
 
@@ -330,7 +333,10 @@ impl EventStore for SlowResume {
 
     fn release(&self, _last: u64) {}
 
-    fn written(&self, _pos: u64) -> Option<BoxFuture<'static, ()>> {
+    fn written(
+        &self,
+        _positions: std::ops::RangeInclusive<u64>,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
         None
     }
 

@@ -223,7 +223,10 @@ impl EventStore for MemoryStore {
 
     fn release(&self, _last: u64) {}
 
-    fn written(&self, _pos: u64) -> Option<BoxFuture<'static, ()>> {
+    fn written(
+        &self,
+        _positions: std::ops::RangeInclusive<u64>,
+    ) -> Option<BoxFuture<'static, Result<(), String>>> {
         None
     }
 
