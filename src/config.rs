@@ -66,6 +66,9 @@ pub struct HttpConfig {
     /// Seconds a legacy MCP session (`Mcp-Session-Id`) may go without a request or a call in
     /// flight before the node closes it.
     pub mcp_session_idle_secs: u64,
+    /// Seconds a client connection may accept none of what the node sends before the node
+    /// closes it (a stalled reader of any stream).
+    pub send_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -75,6 +78,7 @@ impl Default for HttpConfig {
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()],
             max_body_bytes: 1024 * 1024,
             mcp_session_idle_secs: 300,
+            send_timeout_secs: 60,
         }
     }
 }
@@ -514,6 +518,15 @@ impl Config {
             return Err(semantic(
                 "http.mcp_session_idle_secs",
                 "must be 1 to 604800 seconds (a week)".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.http.send_timeout_secs) {
+            return Err(semantic(
+                "http.send_timeout_secs",
+                format!(
+                    "{} is outside 1 to 3600 seconds (an hour)",
+                    self.http.send_timeout_secs
+                ),
             ));
         }
         for (index, token) in self.auth.tokens.iter().enumerate() {
@@ -997,6 +1010,16 @@ fault_injection = false
             )
             .unwrap_err();
             assert!(error.contains("http.mcp_session_idle_secs"), "{error}");
+
+            for bad in [0, 3601] {
+                let error = load_in(
+                    jail,
+                    Some(&format!("[http]\nsend_timeout_secs = {bad}\n")),
+                    &Overrides::default(),
+                )
+                .unwrap_err();
+                assert!(error.contains("http.send_timeout_secs"), "{error}");
+            }
 
             for bad in [0, 3601] {
                 let error = load_in(

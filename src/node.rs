@@ -453,6 +453,7 @@ async fn start_http(
     let task = tokio::spawn(crate::http::serve(
         listener,
         router,
+        Duration::from_secs(core.config.http.send_timeout_secs),
         stop_accepting.clone().cancelled_owned(),
     ));
     Ok((

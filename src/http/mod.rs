@@ -7,6 +7,7 @@
 //! module knows JSON; the core does not.
 
 mod admin;
+mod deadline;
 pub mod error;
 mod events;
 mod events_ws;
@@ -108,17 +109,19 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
         .with_state(core)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Serves `router` on `listener` until `shutdown` resolves. A connection whose client accepts
+/// nothing of what it is sent for `send_timeout` is closed (see `deadline`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    send_timeout: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
     // Without TCP_NODELAY, the small writes of a stream (SSE events, gateway chunks) wait for
     // the peer's delayed ACK: tens of milliseconds each.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
+    let listener = deadline::DeadlineListener::new(listener, send_timeout).tap_io(|stream| {
+        if let Err(error) = stream.get_ref().set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });

@@ -13,7 +13,8 @@
 //! checks answer a bad `POST /mcp` body (HTTP 400). Each JSON-RPC request on a WebSocket is
 //! charged to its token's rate limit, like each HTTP request. Outbound messages go through a
 //! bounded queue whose senders wait (responses are never dropped); a client that accepts
-//! nothing for 10 s is disconnected.
+//! nothing for 10 s is disconnected. A Streamable HTTP client that stops reading a streamed
+//! answer loses its connection after `http.send_timeout_secs` (`crate::http::deadline`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -1404,3 +1404,81 @@ async fn an_mcp_websocket_client_that_answers_no_ping_is_dropped_and_a_live_one_
     );
     drop(vanished);
 }
+
+/// Regression: a client that stopped reading the streamed answer of a waiting call (rmcp owns
+/// that stream, so no link of ours watched its writes) kept its connection, its link and the
+/// call for as long as the session ran. The node now closes a connection that accepts nothing
+/// for `http.send_timeout_secs` (1 s here): the call ends, its link goes, the session runs on.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_waiting_calls_answer_is_disconnected() {
+    let fixture = Fixture::start_with(vec![
+        ("TROUPE_HTTP__SEND_TIMEOUT_SECS".into(), "1".into()),
+        (
+            "TROUPE_SESSIONS__OUTPUT_EVENTS_PER_SEC".into(),
+            "1000000".into(),
+        ),
+    ])
+    .await;
+    let node = &fixture.node;
+    let mut observer = node.events("kind=link.*", None).await;
+    let mut started = node.events("kind=session.started", None).await;
+    // A waiting spawn of a session whose output never stops: a progress notification per
+    // output event, sent to a client with a tiny receive buffer that never reads.
+    let flood = "line=$(head -c 1000 /dev/zero | tr '\\0' x); \
+                 while :; do i=0; while [ $i -lt 100 ]; do echo \"$line\"; i=$((i+1)); done; \
+                 sleep 0.01; done";
+    let mut body = tool_call(
+        1,
+        "spawn_session",
+        json!({"session": sh(flood), "wait": true}),
+    );
+    body["params"]["_meta"]["progressToken"] = json!("stalled");
+    // Every output event as a log notification, lines and all: megabytes a second.
+    body["params"]["_meta"]["io.modelcontextprotocol/logLevel"] = json!("debug");
+    let body = body.to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(node.addr).await.unwrap();
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n\
+         Mcp-Protocol-Version: {V2026}\r\nMcp-Method: tools/call\r\nMcp-Name: spawn_session\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        node.token,
+        body.len()
+    );
+    {
+        use tokio::io::AsyncWriteExt;
+        stalled.write_all(request.as_bytes()).await.unwrap();
+    }
+    let link = loop {
+        let (_, connected) = observer.next_of("link.connected").await;
+        if connected["data"]["transport"] == "mcp_http" {
+            break connected["data"]["link"].as_str().unwrap().to_owned();
+        }
+    };
+    let (_, output) = started.next_of("session.started").await;
+    let session = output["session"].as_str().unwrap().to_owned();
+
+    loop {
+        let (_, event) = observer.next_of("link.disconnected").await;
+        if event["data"]["link"] == link.as_str() {
+            break;
+        }
+    }
+    // What the client had not read is all it gets (an end or a reset): the connection is closed.
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        use tokio::io::AsyncReadExt;
+        let _end_or_reset = stalled.read_to_end(&mut rest).await;
+    })
+    .await
+    .expect("the node closed the connection");
+    assert_eq!(node.session(&session).await["state"], "running");
+    assert!(
+        node.delete(&format!("/v1/sessions/{session}"))
+            .await
+            .status()
+            .is_success()
+    );
+}
