@@ -3,11 +3,13 @@
 //! Each accepted connection's IO gives up a write that makes no progress for
 //! `http.send_timeout_secs`: the write fails, hyper closes the connection, and the response it
 //! was sending is dropped, with whatever fed it (an MCP answer's stream, an event link, a
-//! gateway call). The clock starts when a write cannot go on (the socket's buffers are full)
-//! and stops at the next byte the client accepts, so a slow client that keeps reading is never
-//! cut, only one that stopped. Routes with a tighter rule of their own (event streams and MCP
-//! WebSockets end a link whose client accepts nothing for 10 s) apply it first; this is the
-//! floor under every route, rmcp's Streamable HTTP answers among them.
+//! gateway call). The clock starts when a write cannot go on and starts again at the next write
+//! that does. The socket may hold only a little unsent ([`NOT_SENT_LOW_WATER`]), so a client that
+//! keeps reading, even slowly, lets writes go on every so often and is not cut; one that
+//! stopped is. Routes with a tighter rule of their own (event streams and MCP WebSockets end a
+//! link whose client accepts nothing for 10 s) apply it first; this is the floor under every
+//! route, rmcp's Streamable HTTP answers among them. Not covered: an HTTP/2 (h2c) stream whose
+//! client gives it no window, which does not stop the connection's writes.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +21,23 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
+
+/// What a connection's socket may hold unsent (`TCP_NOTSENT_LOWAT`). The kernel then wakes a
+/// waiting writer once this little is left unsent, not once a third of a buffer of megabytes
+/// is free, so a client that takes bytes, however slowly, lets a write go on (and the clock
+/// start again) every so often: with the default 60 s, only a client taking less than about
+/// 2 KB/s is cut.
+pub(crate) const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
+
+/// Readies an accepted connection for the deadline (see [`NOT_SENT_LOW_WATER`]).
+pub(crate) fn prepare(stream: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER) {
+        tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = stream;
+}
 
 /// A listener whose connections give up writes that make no progress for `limit`.
 pub(crate) struct DeadlineListener {
@@ -39,6 +58,7 @@ impl axum::serve::Listener for DeadlineListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         // axum's accept for a TCP listener, with its handling of accept errors.
         let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        prepare(&stream);
         (SendDeadline::new(stream, self.limit), addr)
     }
 
@@ -153,6 +173,64 @@ mod tests {
     ) {
         let (near, far) = tokio::io::duplex(64);
         (SendDeadline::new(near, Duration::from_secs(60)), far)
+    }
+
+    /// A loopback connection, as the listener prepares it, to a client with a small receive
+    /// buffer; the node's side gives up after 1 s without progress.
+    async fn connected() -> (SendDeadline<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let (client, accepted) = tokio::join!(
+            socket.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (server, _) = accepted.unwrap();
+        prepare(&server);
+        (
+            SendDeadline::new(server, Duration::from_secs(1)),
+            client.unwrap(),
+        )
+    }
+
+    /// Writes until a write fails; returns its error.
+    async fn write_until_it_fails(mut near: SendDeadline<TcpStream>) -> io::Error {
+        let chunk = vec![7; 16 * 1024];
+        loop {
+            if let Err(error) = near.write_all(&chunk).await {
+                return error;
+            }
+        }
+    }
+
+    /// Regression: the kernel wakes a waiting writer only once a third of the socket's buffer
+    /// (megabytes on loopback) is free, so a client reading steadily but slowly let no write go
+    /// on for longer than the limit, and was cut. With little left unsent, it is not.
+    #[tokio::test]
+    async fn over_tcp_a_slow_reader_is_never_cut_and_one_that_stops_is() {
+        let (near, mut far) = connected().await;
+        let writer = tokio::spawn(write_until_it_fails(near));
+        // 16 KiB every 50 ms (about 320 KB/s, far below loopback's pace) for three times the
+        // limit. The sleeps are the reader's pace, the behaviour under test.
+        let mut piece = vec![0; 16 * 1024];
+        let reading = std::time::Instant::now();
+        let mut taken = 0;
+        while reading.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            far.read_exact(&mut piece).await.unwrap();
+            taken += piece.len();
+            assert!(
+                !writer.is_finished(),
+                "cut while its client was reading ({taken} bytes taken)"
+            );
+        }
+        // Then the client stops reading: its connection is given up.
+        let error = tokio::time::timeout(Duration::from_secs(60), writer)
+            .await
+            .expect("the write gives up")
+            .unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        drop(far);
     }
 
     #[tokio::test(start_paused = true)]
