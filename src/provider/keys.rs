@@ -143,6 +143,11 @@ impl<S: EventStore> EventStore for SessionWatch<S> {
         self.store.append(item);
     }
 
+    fn append_again(&self, item: &BusItem, arrival: u64) {
+        // Another node's event: nothing for the session keys.
+        self.store.append_again(item, arrival);
+    }
+
     fn resume(&self, ring_capacity: usize) -> StoreResume {
         self.store.resume(ring_capacity)
     }
@@ -190,6 +195,10 @@ mod tests {
 
     impl EventStore for Recorded {
         fn append(&self, item: &BusItem) {
+            self.0.lock().unwrap().push(item.pos);
+        }
+
+        fn append_again(&self, item: &BusItem, _arrival: u64) {
             self.0.lock().unwrap().push(item.pos);
         }
 

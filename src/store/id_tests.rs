@@ -463,7 +463,26 @@ async fn a_relayed_batch_whose_write_failed_is_fetched_again_and_stored_not_repu
     // The next link: the peer starts after 3 and sends on past where the failure was.
     assert_eq!(bus.relay_batch(&p1, Some(3), Vec::new()).await.unwrap(), 6);
     assert_eq!(bus.relay_batch(&p1, None, events(4..=8)).await.unwrap(), 8);
-    assert_eq!(stored_seqs(&store, &p1).await, [1, 2, 3, 4, 5, 6, 7, 8]);
+    let stored = store.node_events_after(&p1, 0, 100).await.unwrap();
+    let stored: Vec<(u64, u64)> = stored
+        .iter()
+        .map(|item| (item.pos, item.event.id.seq))
+        .collect();
+    // 4 to 6 back at the positions they first had (a reader of the log by position sees them
+    // where live watchers did); 7 and 8 after the three positions their refetch was queued at.
+    assert_eq!(
+        stored,
+        [
+            (1, 1),
+            (2, 2),
+            (3, 3),
+            (4, 4),
+            (5, 5),
+            (6, 6),
+            (10, 7),
+            (11, 8)
+        ]
+    );
     assert_eq!(bus.relayed_through(&p1), Some(8), "the rewind is over");
     bus.publish(None, progress(1));
     let mut after = Vec::new();
@@ -490,8 +509,10 @@ async fn a_failed_write_rewinds_the_stream_even_when_its_link_is_gone() {
         .collect();
     let mut watcher = bus.subscribe(EventFilter::all());
     store.fail_event_batches(1);
-    // The batch is handed over (taken at once); its waiter is dropped before it hears anything.
-    drop(bus.relay_batch(&p1, None, batch));
+    // A link, opened now, hands a batch over (taken at once) and is gone before it hears
+    // anything.
+    let rewinds = bus.relay_rewinds(&p1);
+    drop(bus.relay_batch_of_link(&p1, Some(rewinds), None, batch));
     assert!(matches!(watcher.recv().await, Some(Delivery::Event(_))));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     // Bounded poll: nothing announces the rewind but the cursor it moves.
@@ -504,6 +525,52 @@ async fn a_failed_write_rewinds_the_stream_even_when_its_link_is_gone() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(store.stats().failed_batches, 1);
+    // A link opened before the rewind (one that replaced the first while the write was
+    // pending) is refused, so that its successor asks from the rewound cursor.
+    let refused = bus
+        .relay_batch_of_link(&p1, Some(rewinds), None, Vec::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, troupe_actors::event::RelayBatchError::Rewound),
+        "{refused}"
+    );
+    let rewinds = bus.relay_rewinds(&p1);
+    assert_eq!(
+        bus.relay_batch_of_link(&p1, Some(rewinds), Some(0), Vec::new())
+            .await
+            .unwrap(),
+        4
+    );
+}
+
+/// A rewound stretch the peer no longer has all of (its own log lost some, or retention took
+/// them) ends once the stream goes past it; it is not asked for again at every link.
+#[tokio::test]
+async fn a_rewound_stretch_ends_when_the_stream_goes_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, _cell) = start_bus(&store).await;
+    let p1 = peer("p1");
+    let events = |seqs: &[u64]| -> Vec<Event> {
+        seqs.iter()
+            .map(|seq| Event::clone(&item(0, p1.clone(), *seq).event))
+            .collect()
+    };
+    store.fail_event_batches(1);
+    bus.relay_batch(&p1, None, events(&[1, 2, 3]))
+        .await
+        .unwrap_err();
+    assert_eq!(bus.relayed_through(&p1), Some(0));
+    // The peer sends 1 and 2 again, not 3 (gone), then goes on.
+    assert_eq!(
+        bus.relay_batch(&p1, Some(0), events(&[1, 2, 4, 5]))
+            .await
+            .unwrap(),
+        5
+    );
+    assert_eq!(bus.relayed_through(&p1), Some(5), "the rewind is over");
+    assert_eq!(stored_seqs(&store, &p1).await, [1, 2, 4, 5]);
 }
 
 /// The same event of a node appended twice (a stretch fetched again after a failed write also

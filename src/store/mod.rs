@@ -678,7 +678,20 @@ impl EventStore for Store {
     /// once written ([`EventStore::written`]), so their queue is bounded by the relay's window.
     fn append(&self, item: &BusItem) {
         let relayed = item.event.id.node != self.inner.node;
-        self.enqueue_append(Request::Event(item.clone()), !relayed);
+        let request = Request::Event {
+            item: item.clone(),
+            arrival: item.pos,
+        };
+        self.enqueue_append(request, !relayed);
+    }
+
+    /// Never dropped for a slow disk, like every relayed event.
+    fn append_again(&self, item: &BusItem, arrival: u64) {
+        let request = Request::Event {
+            item: item.clone(),
+            arrival,
+        };
+        self.enqueue_append(request, false);
     }
 
     fn written(

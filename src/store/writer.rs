@@ -89,8 +89,11 @@ pub(super) enum Request {
         first_line: u64,
         lines: Vec<String>,
     },
-    /// Append an event (not answered).
-    Event(BusItem),
+    /// Append an event (not answered) at its position, `item.pos`. `arrival` is where it was
+    /// queued in the bus's arrival order, which is what [`Written`] tracks: the same as
+    /// `item.pos`, except for a relayed event stored again after a failed write, which goes back
+    /// to the position it first had.
+    Event { item: BusItem, arrival: u64 },
     /// Answered once everything queued before it is committed.
     Flush(Reply),
     /// Apply retention as of `now`, whatever the schedule.
@@ -132,7 +135,7 @@ impl Reservation {
 
 impl Request {
     pub(super) fn is_append(&self) -> bool {
-        matches!(self, Self::Output { .. } | Self::Event(_))
+        matches!(self, Self::Output { .. } | Self::Event { .. })
     }
 
     /// About the memory an append holds while it waits for the writer, for
@@ -144,7 +147,7 @@ impl Request {
         size_of::<Self>()
             + match self {
                 Self::Output { lines, .. } => lines.iter().map(text).sum(),
-                Self::Event(item) => {
+                Self::Event { item, .. } => {
                     // An event held here may be the last reference to it. Its larger texts are
                     // output lines and lines quoted from output; the other payloads are small
                     // and fixed in size.
@@ -511,7 +514,7 @@ impl WriterState {
         let event_positions = batch
             .iter()
             .filter_map(|request| match request {
-                Request::Event(item) => Some(item.pos),
+                Request::Event { arrival, .. } => Some(*arrival),
                 _ => None,
             })
             .fold(None, |range: Option<(u64, u64)>, pos| match range {
@@ -640,7 +643,7 @@ impl WriterState {
             #[cfg(test)]
             let has_events = batch
                 .iter()
-                .any(|request| matches!(request, Request::Event(_)));
+                .any(|request| matches!(request, Request::Event { .. }));
             for request in batch {
                 // After a storage failure nothing more is applied; waiters are still collected so
                 // that every one of them hears of the failure.
@@ -684,7 +687,7 @@ impl WriterState {
                             tracing::warn!(session = %id, %error, "store: output lines not stored");
                         }
                     }
-                    Request::Event(item) => {
+                    Request::Event { item, .. } => {
                         let result = run_op(tables, failure, |tables| tables.event(&item));
                         dirty |= result.is_ok();
                         if let Err(error) = result

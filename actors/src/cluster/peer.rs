@@ -53,7 +53,9 @@ impl From<RelayBatchError> for BatchError {
     fn from(error: RelayBatchError) -> Self {
         match error {
             RelayBatchError::Bus(error) => Self::Bus(error),
-            error @ RelayBatchError::NotWritten(_) => Self::NotWritten(error.to_string()),
+            error @ (RelayBatchError::NotWritten(_) | RelayBatchError::Rewound) => {
+                Self::NotWritten(error.to_string())
+            }
         }
     }
 }
@@ -66,6 +68,9 @@ pub struct LinkReports {
     link: u64,
     node: NodeId,
     events: EventBus,
+    /// The node's rewind count when the link opened: after a rewind, the link's batches are
+    /// refused and the next link asks from the rewound cursor.
+    rewinds: u64,
 }
 
 impl LinkReports {
@@ -79,7 +84,7 @@ impl LinkReports {
     pub async fn welcome(&self, after: u64) -> Result<u64, BatchError> {
         Ok(self
             .events
-            .relay_batch(&self.node, Some(after), Vec::new())
+            .relay_batch_of_link(&self.node, Some(self.rewinds), Some(after), Vec::new())
             .await?)
     }
 
@@ -98,7 +103,11 @@ impl LinkReports {
             .map(|event| event.id.clone());
         let taken = match foreign {
             Some(id) => Err(BatchError::ForeignEvent(id)),
-            None => Ok(self.events.relay_batch(&self.node, None, events)),
+            None => {
+                Ok(self
+                    .events
+                    .relay_batch_of_link(&self.node, Some(self.rewinds), None, events))
+            }
         };
         async move { Ok(taken?.await?) }
     }
@@ -155,12 +164,15 @@ impl PeerState {
     fn open(&mut self, ctx: &Context<PeerMsg>) {
         self.link += 1;
         let node = self.args.peer.node.clone();
+        // In this order: a rewind in between makes the link's batches refused, not lost.
+        let rewinds = self.args.events.relay_rewinds(&node);
         let cursor = self.args.events.relayed_through(&node);
         let reports = LinkReports {
             peer: ctx.handle().clone(),
             link: self.link,
             node,
             events: self.args.events.clone(),
+            rewinds,
         };
         // Dropping the old guard closes the old link first.
         self.guard = None;

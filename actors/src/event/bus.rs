@@ -26,10 +26,10 @@
 //!
 //! A relayed batch whose write to the store failed is not acknowledged: the bus *rewinds* that
 //! node's stream to just before the batch ([`EventBus::relayed_through`] answers the rewound
-//! cursor), the link fails, and the next link asks the peer for those events again. The bus
-//! stores what comes again up to where it had got without publishing it a second time (the
-//! store keeps an event it already has once), so the log has no hole and no subscriber sees a
-//! duplicate.
+//! cursor; a link opened before the rewind is refused), the link fails, and the next link asks
+//! the peer for those events again. The bus stores what comes again up to where it had got
+//! without publishing it a second time, at the positions the events first had (the store keeps
+//! an event it already has once), so the log has no hole and no subscriber sees a duplicate.
 
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;
@@ -80,6 +80,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// Called for every event, in arrival order, from inside the bus actor: it must not block
     /// (queue the write and batch it).
     fn append(&self, item: &BusItem);
+
+    /// Stores again another node's event that was published here before but whose write
+    /// failed: at `item.pos`, the position it first had (or a new one), unless the log has it
+    /// already (by node and sequence number). `arrival` is the arrival position it is queued at,
+    /// which [`EventStore::written`] waits for. Must not block.
+    fn append_again(&self, item: &BusItem, arrival: u64);
 
     /// Where to continue after the node restarts: counters and the most recent events. May
     /// block (the bus calls it on tokio's blocking pool).
@@ -162,6 +168,9 @@ pub struct BusShared {
     /// Streams rewound after a failed write: what comes again up to `through` is stored, not
     /// published (written by the bus actor only).
     rewound: DashMap<NodeId, Rewound>,
+    /// How many times each node's stream was rewound: a relay link opened before the latest
+    /// rewind is refused, so that the next one asks from the rewound cursor.
+    rewinds: DashMap<NodeId, u64>,
     /// Publishes waiting for a reservation, oldest first: they survive a crash of the instance
     /// that took them from its mailbox. Touched only by the current instance, in its handler.
     waiting: std::sync::Mutex<VecDeque<Unreserved>>,
@@ -183,6 +192,7 @@ impl BusShared {
             reserved: AtomicU64::new(0),
             relayed: DashMap::new(),
             rewound: DashMap::new(),
+            rewinds: DashMap::new(),
             waiting: std::sync::Mutex::new(VecDeque::new()),
             resumed: std::sync::Once::new(),
             published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -193,16 +203,20 @@ impl BusShared {
 
 /// A node's relayed stream rewound after a failed write: its events after `from` and up to
 /// `through` were published here but may be missing from the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Rewound {
     from: u64,
     through: u64,
+    /// The arrival positions those events first had (those still in the ring when the stream
+    /// was rewound), by sequence number: stored again, they go back there.
+    positions: std::collections::BTreeMap<u64, u64>,
 }
 
 /// The bus's answer to a relayed batch.
 pub struct RelayTaken {
-    /// The highest sequence number of the node taken so far.
-    pub high: u64,
+    /// The highest sequence number of the node taken so far; `None`: refused, the link is older
+    /// than the node's latest rewind.
+    pub high: Option<u64>,
     /// Resolves once the events taken are written by the store ([`EventStore::written`]); when
     /// that failed, rewinds the node's stream to just before the batch's first event that went
     /// to the store, whether anyone still waits or not.
@@ -219,6 +233,10 @@ pub enum RelayBatchError {
     /// it ([`EventBus::relayed_through`]), so the next link fetches it again.
     #[error("the event log did not store the batch ({0}); it is fetched again")]
     NotWritten(String),
+    /// The link was opened before the node's stream was rewound: not taken; the next link asks
+    /// from the rewound cursor.
+    #[error("the node's relayed stream was rewound since this link opened; it relinks")]
+    Rewound,
 }
 
 /// Messages of the bus actor.
@@ -243,6 +261,9 @@ pub enum EventBusMsg {
         floor: Option<u64>,
         /// Its events, in sequence order.
         events: Vec<Event>,
+        /// The node's rewind count when the link handing it over opened
+        /// ([`EventBus::relay_rewinds`]); a batch of an older link is refused.
+        rewinds: Option<u64>,
         /// The highest sequence number of `node` taken so far, and when the batch is written.
         reply: RpcReplyPort<RelayTaken>,
     },
@@ -412,9 +433,19 @@ impl Actor for EventBusActor {
                 node,
                 floor,
                 events,
+                rewinds,
                 reply,
             } => {
-                let _ = reply.send(state.relay_batch(ctx.handle(), &node, floor, events));
+                let current = state.shared.rewinds.get(&node).map_or(0, |count| *count);
+                let taken = if rewinds.is_some_and(|rewinds| rewinds < current) {
+                    RelayTaken {
+                        high: None,
+                        written: None,
+                    }
+                } else {
+                    state.relay_batch(ctx.handle(), &node, floor, events)
+                };
+                let _ = reply.send(taken);
             }
             EventBusMsg::RelayRewind { node, to, reply } => {
                 state.rewind(node, to);
@@ -582,6 +613,7 @@ impl EventBusState {
     ) -> RelayTaken {
         let before = self.shared.last_pos.load(Ordering::Relaxed);
         let (high, first_stored) = self.take_relayed(node, floor, events);
+        let high = Some(high);
         let last = self.shared.last_pos.load(Ordering::Relaxed);
         let written = match (&self.store, first_stored) {
             (Some(store), Some(first)) if last > before => {
@@ -612,7 +644,7 @@ impl EventBusState {
             return (0, None);
         }
         let mut high = self.shared.relayed.get(node).map_or(0, |high| *high);
-        let mut rewound = self.shared.rewound.get(node).map(|rewound| *rewound);
+        let mut rewound = self.shared.rewound.get(node).map(|rewound| rewound.clone());
         if let Some(floor) = floor {
             if floor > high {
                 high = floor;
@@ -631,6 +663,20 @@ impl EventBusState {
             if event.id.node != *node {
                 continue;
             }
+            if let Some(rewound) = rewound.as_mut()
+                && seq > rewound.through
+                && rewound.from < rewound.through
+            {
+                // The peer went past the stretch without sending the rest: it no longer has it.
+                tracing::warn!(
+                    %node,
+                    from = rewound.from + 1,
+                    through = rewound.through,
+                    "relayed events whose write failed did not come again (the peer no longer \
+                     has them); this node's log lacks them"
+                );
+                rewound.from = rewound.through;
+            }
             if seq > high {
                 high = seq;
                 first_stored.get_or_insert(seq);
@@ -641,7 +687,8 @@ impl EventBusState {
             {
                 rewound.from = seq;
                 first_stored.get_or_insert(seq);
-                self.store_again(event);
+                let first_pos = rewound.positions.remove(&seq);
+                self.store_again(event, first_pos);
             }
         }
         self.shared.relayed.insert(node.clone(), high);
@@ -659,7 +706,7 @@ impl EventBusState {
     }
 
     /// The write of `node`'s events after `to` may have failed: what comes again up to the
-    /// highest one taken is stored, not published.
+    /// highest one taken is stored, not published, and links opened before now are refused.
     fn rewind(&mut self, node: NodeId, to: u64) {
         let high = self.shared.relayed.get(&node).map_or(0, |high| *high);
         if to >= high {
@@ -671,24 +718,41 @@ impl EventBusState {
             through = high,
             "relayed events were not stored; they are fetched from the peer again"
         );
-        let mut rewound = self.shared.rewound.entry(node).or_insert(Rewound {
+        let positions = self
+            .ring
+            .iter()
+            .filter(|item| item.event.id.node == node && item.event.id.seq > to)
+            .map(|item| (item.event.id.seq, item.pos));
+        let mut rewound = self.shared.rewound.entry(node.clone()).or_insert(Rewound {
             from: to,
             through: high,
+            positions: Default::default(),
         });
         rewound.from = rewound.from.min(to);
         rewound.through = rewound.through.max(high);
+        for (seq, pos) in positions {
+            rewound.positions.entry(seq).or_insert(pos);
+        }
+        drop(rewound);
+        // After the cursor moved: a link that reads this count and then the cursor (in that
+        // order) either has the new cursor or is refused.
+        *self.shared.rewinds.entry(node).or_insert(0) += 1;
     }
 
-    /// Hands a relayed event to the store alone: it was published when it first came.
-    fn store_again(&mut self, event: Event) {
+    /// Hands a relayed event to the store alone, back at the position it first had when that
+    /// is known: it was published when it first came.
+    fn store_again(&mut self, event: Event, first_pos: Option<u64>) {
         let Some(store) = &self.store else {
             return;
         };
-        let pos = self.shared.last_pos.fetch_add(1, Ordering::Relaxed) + 1;
-        store.append(&BusItem {
-            pos,
-            event: Arc::new(event),
-        });
+        let arrival = self.shared.last_pos.fetch_add(1, Ordering::Relaxed) + 1;
+        store.append_again(
+            &BusItem {
+                pos: first_pos.unwrap_or(arrival),
+                event: Arc::new(event),
+            },
+            arrival,
+        );
     }
 
     fn accept(&mut self, event: Event) {
@@ -1014,11 +1078,25 @@ impl EventBus {
         floor: Option<u64>,
         events: Vec<Event>,
     ) -> impl Future<Output = Result<u64, RelayBatchError>> + Send + 'static {
+        self.relay_batch_of_link(node, None, floor, events)
+    }
+
+    /// [`EventBus::relay_batch`] for a link opened when `node`'s rewind count was `rewinds`
+    /// ([`EventBus::relay_rewinds`]): refused ([`RelayBatchError::Rewound`]) once the stream was
+    /// rewound since.
+    pub fn relay_batch_of_link(
+        &self,
+        node: &NodeId,
+        rewinds: Option<u64>,
+        floor: Option<u64>,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<u64, RelayBatchError>> + Send + 'static {
         let (reply, answer) = ractor::concurrency::oneshot();
         let sent = self.handle.cast(EventBusMsg::RelayBatch {
             node: node.clone(),
             floor,
             events,
+            rewinds,
             reply: reply.into(),
         });
         let path = self.handle.path().clone();
@@ -1032,6 +1110,7 @@ impl EventBus {
             }
             match crate::kernel::within(RELAY_TIMEOUT, answer).await {
                 Ok(Ok(RelayTaken { high, written })) => {
+                    let high = high.ok_or(RelayBatchError::Rewound)?;
                     if let Some(written) = written {
                         written.wait().await?;
                     }
@@ -1045,6 +1124,12 @@ impl EventBus {
                 .into()),
             }
         }
+    }
+
+    /// How many times `node`'s relayed stream was rewound; read before
+    /// [`EventBus::relayed_through`] when a link opens.
+    pub fn relay_rewinds(&self, node: &NodeId) -> u64 {
+        self.shared.rewinds.get(node).map_or(0, |count| *count)
     }
 
     /// Where `node`'s relayed stream continues here: the highest sequence number of `node`

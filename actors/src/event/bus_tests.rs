@@ -40,6 +40,8 @@ impl GatedStore {
 impl EventStore for GatedStore {
     fn append(&self, _item: &BusItem) {}
 
+    fn append_again(&self, _item: &BusItem, _arrival: u64) {}
+
     fn resume(&self, _ring_capacity: usize) -> StoreResume {
         StoreResume {
             last_seq: self.disk.lock().unwrap().reserved,
@@ -315,6 +317,8 @@ struct SlowResume {
 
 impl EventStore for SlowResume {
     fn append(&self, _item: &BusItem) {}
+
+    fn append_again(&self, _item: &BusItem, _arrival: u64) {}
 
     fn resume(&self, _ring_capacity: usize) -> StoreResume {
         let waited = self

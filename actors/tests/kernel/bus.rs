@@ -199,6 +199,10 @@ impl EventStore for MemoryStore {
         self.0.lock().unwrap().push(item.clone());
     }
 
+    fn append_again(&self, item: &BusItem, _arrival: u64) {
+        self.0.lock().unwrap().push(item.clone());
+    }
+
     fn resume(&self, ring_capacity: usize) -> StoreResume {
         let items = self.0.lock().unwrap();
         let recent = items
