@@ -423,6 +423,13 @@ async fn stored_seqs(store: &Store, node: &NodeId) -> Vec<u64> {
     stored.iter().map(|item| item.event.id.seq).collect()
 }
 
+/// `node`'s events `seqs`, as a relay link hands them over.
+fn relayed(node: &NodeId, seqs: impl IntoIterator<Item = u64>) -> Vec<Event> {
+    seqs.into_iter()
+        .map(|seq| Event::clone(&item(0, node.clone(), seq).event))
+        .collect()
+}
+
 /// Takes what `subscription` has now, without waiting for more.
 fn delivered_seqs(subscription: &mut troupe_actors::event::Subscription) -> Vec<u64> {
     let mut seqs = Vec::new();
@@ -442,10 +449,7 @@ async fn a_relayed_batch_whose_write_failed_is_fetched_again_and_stored_not_repu
     let store = open_with(dir.path(), StoreConfig::default()).await;
     let (bus, _cell) = start_bus(&store).await;
     let p1 = peer("p1");
-    let events = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Event> {
-        seqs.map(|seq| Event::clone(&item(0, p1.clone(), seq).event))
-            .collect()
-    };
+    let events = |seqs: std::ops::RangeInclusive<u64>| relayed(&p1, seqs);
     let mut watcher = bus.subscribe(EventFilter::all());
     assert_eq!(bus.relay_batch(&p1, None, events(1..=3)).await.unwrap(), 3);
 
@@ -504,9 +508,7 @@ async fn a_failed_write_rewinds_the_stream_even_when_its_link_is_gone() {
     let store = open_with(dir.path(), StoreConfig::default()).await;
     let (bus, _cell) = start_bus(&store).await;
     let p1 = peer("p1");
-    let batch: Vec<Event> = (1..=4)
-        .map(|seq| Event::clone(&item(0, p1.clone(), seq).event))
-        .collect();
+    let batch = relayed(&p1, 1..=4);
     let mut watcher = bus.subscribe(EventFilter::all());
     store.fail_event_batches(1);
     // A link, opened now, hands a batch over (taken at once) and is gone before it hears
@@ -552,11 +554,7 @@ async fn a_rewound_stretch_ends_when_the_stream_goes_past_it() {
     let store = open_with(dir.path(), StoreConfig::default()).await;
     let (bus, _cell) = start_bus(&store).await;
     let p1 = peer("p1");
-    let events = |seqs: &[u64]| -> Vec<Event> {
-        seqs.iter()
-            .map(|seq| Event::clone(&item(0, p1.clone(), *seq).event))
-            .collect()
-    };
+    let events = |seqs: &[u64]| relayed(&p1, seqs.iter().copied());
     store.fail_event_batches(1);
     bus.relay_batch(&p1, None, events(&[1, 2, 3]))
         .await
