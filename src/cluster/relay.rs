@@ -704,6 +704,9 @@ async fn receive(
     tokio::select! {
         outcome = read => outcome,
         outcome = acknowledge => outcome,
+        () = reports.rewound() => Err(io(
+            "a relayed write failed: the peer's stream was rewound; the next link asks again",
+        )),
     }
 }
 

@@ -112,6 +112,12 @@ impl LinkReports {
         async move { Ok(taken?.await?) }
     }
 
+    /// Resolves once the peer's stream has been rewound since the link opened (a relayed write
+    /// failed): the link must end, so that the next one asks from the rewound cursor.
+    pub fn rewound(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.events.relay_rewound(&self.node, self.rewinds)
+    }
+
     /// The link ended (or never came up).
     pub fn down(&self, reason: String) {
         let _ = self.peer.cast(PeerMsg::LinkDown {

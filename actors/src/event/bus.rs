@@ -171,6 +171,8 @@ pub struct BusShared {
     /// How many times each node's stream was rewound: a relay link opened before the latest
     /// rewind is refused, so that the next one asks from the rewound cursor.
     rewinds: DashMap<NodeId, u64>,
+    /// Bumped after every rewind, for links waiting to hear of one.
+    rewound_signal: tokio::sync::watch::Sender<u64>,
     /// Publishes waiting for a reservation, oldest first: they survive a crash of the instance
     /// that took them from its mailbox. Touched only by the current instance, in its handler.
     waiting: std::sync::Mutex<VecDeque<Unreserved>>,
@@ -193,6 +195,7 @@ impl BusShared {
             relayed: DashMap::new(),
             rewound: DashMap::new(),
             rewinds: DashMap::new(),
+            rewound_signal: tokio::sync::watch::Sender::new(0),
             waiting: std::sync::Mutex::new(VecDeque::new()),
             resumed: std::sync::Once::new(),
             published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -644,7 +647,12 @@ impl EventBusState {
             return (0, None);
         }
         let mut high = self.shared.relayed.get(node).map_or(0, |high| *high);
-        let mut rewound = self.shared.rewound.get(node).map(|rewound| rewound.clone());
+        // The bounds only: the positions stay in the map (looked up per event stored again).
+        let mut rewound = self
+            .shared
+            .rewound
+            .get(node)
+            .map(|rewound| (rewound.from, rewound.through));
         if let Some(floor) = floor {
             if floor > high {
                 high = floor;
@@ -653,8 +661,8 @@ impl EventBusState {
                 }
             }
             // The peer no longer has what it does not send: nothing to wait for below it.
-            if let Some(rewound) = &mut rewound {
-                rewound.from = rewound.from.max(floor);
+            if let Some((from, _)) = &mut rewound {
+                *from = (*from).max(floor);
             }
         }
         let mut first_stored = None;
@@ -663,38 +671,46 @@ impl EventBusState {
             if event.id.node != *node {
                 continue;
             }
-            if let Some(rewound) = rewound.as_mut()
-                && seq > rewound.through
-                && rewound.from < rewound.through
+            if let Some((from, through)) = &mut rewound
+                && seq > *through
+                && *from < *through
             {
                 // The peer went past the stretch without sending the rest: it no longer has it.
                 tracing::warn!(
                     %node,
-                    from = rewound.from + 1,
-                    through = rewound.through,
+                    from = *from + 1,
+                    through = *through,
                     "relayed events whose write failed did not come again (the peer no longer \
                      has them); this node's log lacks them"
                 );
-                rewound.from = rewound.through;
+                *from = *through;
             }
             if seq > high {
                 high = seq;
                 first_stored.get_or_insert(seq);
                 self.accept(event);
-            } else if let Some(rewound) = rewound
-                .as_mut()
-                .filter(|rewound| seq > rewound.from && seq <= rewound.through)
+            } else if let Some((from, through)) = &mut rewound
+                && seq > *from
+                && seq <= *through
             {
-                rewound.from = seq;
+                *from = seq;
                 first_stored.get_or_insert(seq);
-                let first_pos = rewound.positions.remove(&seq);
+                // Kept (not taken): should this write fail too, the next refetch goes back
+                // there as well, even once the ring has moved on.
+                let first_pos = self
+                    .shared
+                    .rewound
+                    .get(node)
+                    .and_then(|rewound| rewound.positions.get(&seq).copied());
                 self.store_again(event, first_pos);
             }
         }
         self.shared.relayed.insert(node.clone(), high);
         match rewound {
-            Some(rewound) if rewound.from < rewound.through => {
-                self.shared.rewound.insert(node.clone(), rewound);
+            Some((from, through)) if from < through => {
+                if let Some(mut rewound) = self.shared.rewound.get_mut(node) {
+                    rewound.from = from;
+                }
             }
             Some(_) => {
                 self.shared.rewound.remove(node);
@@ -737,6 +753,7 @@ impl EventBusState {
         // After the cursor moved: a link that reads this count and then the cursor (in that
         // order) either has the new cursor or is refused.
         *self.shared.rewinds.entry(node).or_insert(0) += 1;
+        self.shared.rewound_signal.send_modify(|count| *count += 1);
     }
 
     /// Hands a relayed event to the store alone, back at the position it first had when that
@@ -1130,6 +1147,34 @@ impl EventBus {
     /// [`EventBus::relayed_through`] when a link opens.
     pub fn relay_rewinds(&self, node: &NodeId) -> u64 {
         self.shared.rewinds.get(node).map_or(0, |count| *count)
+    }
+
+    /// Resolves once `node`'s relayed stream has been rewound more than `since` times: a link
+    /// opened at `since` ends then, even when its peer sends nothing, so that the next one asks
+    /// from the rewound cursor.
+    pub fn relay_rewound(
+        &self,
+        node: &NodeId,
+        since: u64,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        // Subscribed before the count is read: no rewind falls between the two.
+        let mut signal = self.shared.rewound_signal.subscribe();
+        let (shared, node) = (self.shared.clone(), node.clone());
+        async move {
+            loop {
+                if shared
+                    .rewinds
+                    .get(&node)
+                    .is_some_and(|count| *count > since)
+                {
+                    return;
+                }
+                if signal.changed().await.is_err() {
+                    // The bus's shared state is gone with every handle: no rewind will come.
+                    return std::future::pending().await;
+                }
+            }
+        }
     }
 
     /// Where `node`'s relayed stream continues here: the highest sequence number of `node`
