@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use troupe_actors::event::OutputStream;
 use troupe_actors::ids::SessionId;
 use troupe_actors::session::{
-    CommandLine, ExitStatus, Leftover, LeftoverGroup, OutputLimits, ProcessEvent, ProcessRunner,
-    ProcessSink, RunnerError,
+    CommandLine, ExitStatus, Leftover, LeftoverGroup, OutputLimits, ProcessEvent, ProcessInfo,
+    ProcessRunner, ProcessSink, RunnerError,
 };
 
 use super::LocalRunner;
@@ -291,6 +291,23 @@ struct GatedSink {
     open: tokio::sync::watch::Receiver<bool>,
 }
 
+impl GatedSink {
+    /// A sink without room, its events, and the switch that gives it room.
+    fn closed() -> (
+        Arc<Self>,
+        mpsc::UnboundedReceiver<ProcessEvent>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let (tx, events) = mpsc::unbounded_channel();
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let sink = Arc::new(Self {
+            events: tx,
+            open: opened,
+        });
+        (sink, events, open)
+    }
+}
+
 impl ProcessSink for GatedSink {
     fn deliver(&self, event: ProcessEvent) -> Result<(), ProcessEvent> {
         self.events.send(event).map_err(|error| error.0)
@@ -356,12 +373,7 @@ async fn blocked_in_its_write(pid: u32) {
 #[tokio::test]
 async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
     let runner = LocalRunner::default();
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let (open, opened) = tokio::sync::watch::channel(false);
-    let sink = Arc::new(GatedSink {
-        events: tx,
-        open: opened,
-    });
+    let (sink, mut events, open) = GatedSink::closed();
     let command = CommandLine {
         program: "seq".into(),
         args: vec!["1".into(), "300000".into()],
@@ -408,12 +420,7 @@ async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
 #[tokio::test]
 async fn output_left_in_the_pipe_while_the_session_has_no_room_is_read_after_the_exit() {
     let runner = LocalRunner::default();
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let (open, opened) = tokio::sync::watch::channel(false);
-    let sink = Arc::new(GatedSink {
-        events: tx,
-        open: opened,
-    });
+    let (sink, mut events, open) = GatedSink::closed();
     // The first line is read alone; then the session has no room, and the rest (about 49 KB,
     // less than the pipe's buffer) waits in the pipe while the process exits.
     let script = "echo first; sleep 0.2; seq 1 10000";
@@ -677,6 +684,22 @@ async fn escaped_pid(events: &mut mpsc::UnboundedReceiver<ProcessEvent>) -> i32 
     }
 }
 
+/// Starts `script` as session `id`; it puts a process out of the session's group and prints
+/// `escaped PID`. Returns the session's process, its events, and the escaped process's pid and
+/// group (checked to be another).
+async fn start_with_escapee(
+    runner: &LocalRunner,
+    id: &SessionId,
+    script: &str,
+) -> (ProcessInfo, mpsc::UnboundedReceiver<ProcessEvent>, i32, i32) {
+    let (sink, mut events) = channel_sink();
+    let info = runner.start(id, &sh(script), sink).unwrap();
+    let escaped = escaped_pid(&mut events).await;
+    let escaped_group = group::read_proc(escaped).unwrap().pgrp;
+    assert_ne!(escaped_group, info.pgid, "setsid left the session's group");
+    (info, events, escaped, escaped_group)
+}
+
 /// Waits until process `pid` is gone (or a zombie); past the safety net, kills it (the test
 /// cleans up after itself) and fails with `survived`.
 async fn wait_gone(pid: i32, survived: &str) {
@@ -699,24 +722,14 @@ async fn wait_gone(pid: i32, survived: &str) {
 #[tokio::test]
 async fn terminate_also_stops_processes_that_left_the_group() {
     let runner = LocalRunner::default();
-    let (sink, mut events) = channel_sink();
     let id = session("s-daemon");
-    let info = runner
-        .start(
-            &id,
-            &sh(
-                "setsid sh -c 'echo \"escaped $$\"; exec sleep 1000 >/dev/null 2>&1 </dev/null' & \
-                 exec sleep 1000",
-            ),
-            sink,
-        )
-        .unwrap();
-    let escaped = escaped_pid(&mut events).await;
-    assert_ne!(
-        group::read_proc(escaped).unwrap().pgrp,
-        info.pgid,
-        "setsid left the session's group"
-    );
+    let (_, mut events, escaped, _) = start_with_escapee(
+        &runner,
+        &id,
+        "setsid sh -c 'echo \"escaped $$\"; exec sleep 1000 >/dev/null 2>&1 </dev/null' & \
+         exec sleep 1000",
+    )
+    .await;
     assert!(runner.terminate(&id, Duration::from_secs(5)));
     let (_, status) = until_exit(&mut events).await;
     assert_eq!(status, signal(15));
@@ -937,22 +950,14 @@ async fn kill_leftovers_kills_the_rest_of_a_group_whose_leader_died() {
 #[tokio::test]
 async fn kill_leftovers_finds_the_processes_of_a_session_whose_group_was_never_recorded() {
     let before_the_crash = LocalRunner::default();
-    let (sink, mut events) = channel_sink();
     let id = session("s-unrecorded");
-    let info = before_the_crash
-        .start(
-            &id,
-            // The escaped process prints its pid once it has left the group.
-            &sh(
-                "setsid sh -c 'echo \"escaped $$\"; exec sleep 1000 >/dev/null 2>&1' & \
-                 sleep 1000 & wait",
-            ),
-            sink,
-        )
-        .unwrap();
-    let escaped = escaped_pid(&mut events).await;
-    let escaped_group = group::read_proc(escaped).unwrap().pgrp;
-    assert_ne!(escaped_group, info.pgid, "setsid left the session's group");
+    let (info, mut events, escaped, escaped_group) = start_with_escapee(
+        &before_the_crash,
+        &id,
+        "setsid sh -c 'echo \"escaped $$\"; exec sleep 1000 >/dev/null 2>&1' & \
+         sleep 1000 & wait",
+    )
+    .await;
 
     let after_the_restart = LocalRunner::default();
     let other = Leftover {

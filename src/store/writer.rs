@@ -17,8 +17,8 @@
 //! whole transaction: every waiter of the batch gets the error, and the appends of that batch are
 //! lost (and logged); [`Written`] keeps which positions they held, so that the relay fetches
 //! another node's events again rather than acknowledging them. An event already stored (by
-//! `(node, seq)`) is not stored twice. Retention (of the event log and of ended sessions) runs here too, inside
-//! the batches' transactions.
+//! `(node, seq)`) is not stored twice. Retention (of the event log and of ended sessions) runs
+//! here too, inside the batches' transactions.
 //!
 //! Id reservations (see [`Reservation`]) ride along too: every batch writes the reservation
 //! wanted at its start, and once the batch is committed the reservation is published as durable.

@@ -10,9 +10,10 @@
 //!
 //! Flow control: a link hands a batch to the bus and waits until the bus has taken it and the
 //! store has written it before it acknowledges it to the sender, which keeps only a few
-//! unacknowledged batches in flight. A batch the store failed to write is never acknowledged:
-//! the bus rewinds its cursor to before it and the link ends, so the next one fetches it again. So a slow bus or disk here slows the sender, what the
-//! sender was told is here is in the log, and memory per peer stays bounded end to end.
+//! unacknowledged batches in flight. So a slow bus or disk here slows the sender, what the
+//! sender was told is here is in the log, and memory per peer stays bounded end to end. A batch
+//! the store failed to write is never acknowledged: the bus rewinds the cursor to before it and
+//! the link ends, so the next one fetches it again.
 
 use std::sync::Arc;
 use std::time::Duration;
