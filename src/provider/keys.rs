@@ -170,6 +170,10 @@ impl<S: EventStore> EventStore for SessionWatch<S> {
     fn relay_floor(&self, node: &NodeId, seq: u64) {
         self.store.relay_floor(node, seq);
     }
+
+    fn relay_lost(&self, node: &NodeId, after: u64, through: u64) {
+        self.store.relay_lost(node, after, through);
+    }
 }
 
 impl GatewayKeys for std::sync::Arc<SessionKeys> {
@@ -233,6 +237,13 @@ mod tests {
         fn relay_floor(&self, node: &NodeId, seq: u64) {
             self.1.lock().unwrap().push(format!("floor {node} {seq}"));
         }
+
+        fn relay_lost(&self, node: &NodeId, after: u64, through: u64) {
+            self.1
+                .lock()
+                .unwrap()
+                .push(format!("lost {node} {after} {through}"));
+        }
     }
 
     /// The watch wraps the node's store: id reservation must reach the store through it, or a
@@ -240,7 +251,7 @@ mod tests {
     /// so must the wait for a write (or the relay acknowledges what is not in the log yet: it
     /// did, until the trait stopped defaulting it to "nothing to wait for") and relay floors.
     #[test]
-    fn the_watch_passes_resume_reservations_writes_floors_and_the_release_on_to_the_store() {
+    fn the_watch_passes_resume_reservations_writes_floors_losses_and_the_release_on_to_the_store() {
         let keys = Arc::new(SessionKeys::new().unwrap());
         let store = Recorded::default();
         let watch = SessionWatch::new(store.clone(), keys, NodeId::new("here").unwrap());
@@ -254,6 +265,7 @@ mod tests {
             "the wait for a write was swallowed"
         );
         watch.relay_floor(&NodeId::new("there").unwrap(), 99);
+        watch.relay_lost(&NodeId::new("there").unwrap(), 4, 6);
         watch.release(57);
         assert_eq!(
             *store.1.lock().unwrap(),
@@ -262,6 +274,7 @@ mod tests {
                 "reserve 16384",
                 "written 3..=12",
                 "floor there 99",
+                "lost there 4 6",
                 "release 57"
             ]
         );

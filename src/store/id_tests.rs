@@ -588,3 +588,108 @@ async fn an_event_appended_twice_is_stored_once() {
     assert_eq!(found, [(1, 1), (2, 2), (4, 3)]);
     assert_eq!(store.resume(100).relayed, [(p1, 3)]);
 }
+
+/// `p1`'s events 1 to 8 in a store in `dir` where the write of 4 to 6 failed and 7 and 8,
+/// handed over before the failure was known, were written: what a node left behind when it
+/// stopped before the relay fetched 4 to 6 again.
+async fn a_log_with_a_gap(dir: &Path, p1: &NodeId) {
+    let store = open_with(dir, StoreConfig::default()).await;
+    let mut pos = 0;
+    let mut append = |seqs: std::ops::RangeInclusive<u64>| {
+        for seq in seqs {
+            pos += 1;
+            store.append(&item(pos, p1.clone(), seq));
+        }
+    };
+    append(1..=3);
+    store.flush().await.unwrap();
+    store.fail_event_batches(1);
+    append(4..=6);
+    store.flush().await.unwrap_err();
+    append(7..=8);
+    store.flush().await.unwrap();
+    assert_eq!(stored_seqs(&store, p1).await, [1, 2, 3, 7, 8]);
+    // Nothing is queued: a crash here leaves the same on disk as this close.
+    store.close().await.unwrap();
+}
+
+/// Regression: a relayed batch whose write failed left a hole in the log for good when the node
+/// stopped before the batch came again: its restarted cursor was the highest sequence number
+/// stored, past the hole. The store now keeps the gap with what it stores after it, and the
+/// restarted bus asks from just before it and stores what comes again without publishing it a
+/// second time (it was published when it first came).
+#[tokio::test]
+async fn a_gap_left_by_a_failed_write_is_fetched_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p1 = peer("p1");
+    a_log_with_a_gap(dir.path(), &p1).await;
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let resume = store.resume(100);
+    assert_eq!(resume.relayed, [(p1.clone(), 8)]);
+    assert_eq!(resume.gaps, [(p1.clone(), 4)]);
+    let (bus, cell) = start_bus(&store).await;
+    assert_eq!(
+        bus.relayed_through(&p1),
+        Some(3),
+        "asks from before the gap"
+    );
+    let mut watcher = bus.subscribe(EventFilter::all());
+    assert_eq!(
+        bus.relay_batch(&p1, Some(3), relayed(&p1, 4..=9))
+            .await
+            .unwrap(),
+        9
+    );
+    assert_eq!(delivered_seqs(&mut watcher), [9], "published once only");
+    assert_eq!(stored_seqs(&store, &p1).await, (1..=9).collect::<Vec<_>>());
+    assert_eq!(bus.relayed_through(&p1), Some(9));
+    // The bus holds the store: stopped first, so that the file is free to open again.
+    cell.stop_and_wait(None, None).await.unwrap();
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let resume = store.resume(100);
+    assert_eq!(resume.relayed, [(p1.clone(), 9)]);
+    assert!(
+        resume.gaps.is_empty(),
+        "the gap is closed: {:?}",
+        resume.gaps
+    );
+}
+
+/// A gap the peer can no longer fill (its own log lacks those events) is given up once its
+/// stream goes on past it, and not asked for again at the next restart.
+#[tokio::test]
+async fn a_gap_the_peer_cannot_fill_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let p1 = peer("p1");
+    a_log_with_a_gap(dir.path(), &p1).await;
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let (bus, cell) = start_bus(&store).await;
+    assert_eq!(bus.relayed_through(&p1), Some(3));
+    let mut watcher = bus.subscribe(EventFilter::all());
+    // The peer has 5 and 7 on, not 4 and 6.
+    assert_eq!(
+        bus.relay_batch(&p1, Some(3), relayed(&p1, [5, 7, 8, 9]))
+            .await
+            .unwrap(),
+        9
+    );
+    assert_eq!(delivered_seqs(&mut watcher), [9]);
+    assert_eq!(stored_seqs(&store, &p1).await, [1, 2, 3, 5, 7, 8, 9]);
+    // The bus holds the store: stopped first, so that the file is free to open again.
+    cell.stop_and_wait(None, None).await.unwrap();
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), StoreConfig::default()).await;
+    let resume = store.resume(100);
+    assert!(
+        resume.gaps.is_empty(),
+        "the gap is given up: {:?}",
+        resume.gaps
+    );
+    let (bus, _cell) = start_bus(&store).await;
+    assert_eq!(bus.relayed_through(&p1), Some(9));
+}

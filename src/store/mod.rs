@@ -755,6 +755,17 @@ impl EventStore for Store {
         }
     }
 
+    fn relay_lost(&self, node: &NodeId, after: u64, through: u64) {
+        let request = Request::RelayLost {
+            node: node.clone(),
+            after,
+            through,
+        };
+        if let Err(error) = self.send(request) {
+            tracing::warn!(%error, %node, after, through, "cannot record relayed events as lost");
+        }
+    }
+
     fn release(&self, last: u64) {
         if let Err(error) = self.send(Request::Release(last)) {
             tracing::warn!(

@@ -15,9 +15,9 @@ use super::query::{
     MAX_PAGE, OutputLine, OutputPage, SessionPage, SessionQuery,
 };
 use super::schema::{
-    EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX, OUTPUT,
-    OUTPUT_COUNTERS, OrIo, OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
-    corrupt, decode, last_seq_key, meta_get, reserved_key,
+    EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX,
+    META_RELAY_GAP_PREFIX, OUTPUT, OUTPUT_COUNTERS, OrIo, OutputCounters, SESSION_ORDER, SESSIONS,
+    TRANSITIONS, UNFINISHED, corrupt, decode, last_seq_key, meta_get, reserved_key,
 };
 
 type SessionsTable = ReadOnlyTable<&'static str, &'static [u8]>;
@@ -363,16 +363,22 @@ pub(super) fn resume(
     if let Some(own) = newest.remove(node.as_str()) {
         last_seq = last_seq.max(own);
     }
-    let relayed = newest
-        .into_iter()
-        .filter_map(|(publisher, seq)| match NodeId::new(&publisher) {
-            Ok(publisher) => Some((publisher, seq)),
-            Err(error) => {
-                tracing::warn!(%publisher, %error, "store: skipping an unreadable node id");
-                None
-            }
-        })
-        .collect();
+    // Where relayed events whose write failed are missing below what came after them.
+    let mut gaps = BTreeMap::new();
+    for entry in meta.range(META_RELAY_GAP_PREFIX..).or_io("read meta")? {
+        let (key, value) = entry.or_io("read meta")?;
+        let Some(publisher) = key.value().strip_prefix(META_RELAY_GAP_PREFIX) else {
+            break;
+        };
+        if newest
+            .get(publisher)
+            .is_some_and(|high| value.value() <= *high)
+        {
+            gaps.insert(publisher.to_owned(), value.value());
+        }
+    }
+    let relayed = node_ids(newest);
+    let gaps = node_ids(gaps);
     // The counters matter most (ids must never repeat); the ring is best effort: an unreadable
     // event is left out, and a failure part way keeps what was read.
     let mut recent = Vec::with_capacity(ring_capacity.min(65_536));
@@ -400,7 +406,21 @@ pub(super) fn resume(
         last_pos,
         recent,
         relayed,
+        gaps,
     })
+}
+
+/// Sequence numbers by node, the node ids checked (an unreadable one is left out, logged).
+fn node_ids(seqs: BTreeMap<String, u64>) -> Vec<(NodeId, u64)> {
+    seqs.into_iter()
+        .filter_map(|(publisher, seq)| match NodeId::new(&publisher) {
+            Ok(publisher) => Some((publisher, seq)),
+            Err(error) => {
+                tracing::warn!(%publisher, %error, "store: skipping an unreadable node id");
+                None
+            }
+        })
+        .collect()
 }
 
 /// This node's id reservation on disk (0 when none was ever made).

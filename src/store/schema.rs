@@ -49,6 +49,11 @@ pub(super) const META_LAST_POS: &str = "events.last_pos";
 /// Prefix of the highest sequence number ever stored per publishing node (survives retention).
 pub(super) const META_LAST_SEQ_PREFIX: &str = "events.last_seq/";
 
+/// Prefix of the lowest sequence number of another node that may be missing from the log below
+/// its highest one stored: a relayed batch whose write failed and has not come again yet (the
+/// relay asks for it again from there after a restart). Absent when nothing is missing.
+pub(super) const META_RELAY_GAP_PREFIX: &str = "events.relay_gap/";
+
 /// Prefix of the sequence number through which a node's ids are reserved (this node only: it
 /// may have handed out ids up to there that never reached the log).
 pub(super) const META_RESERVED_PREFIX: &str = "events.reserved/";
@@ -58,6 +63,12 @@ pub(super) const META_RESERVED_PREFIX: &str = "events.reserved/";
 /// relayed stream continues even after retention deleted the events).
 pub(super) fn last_seq_key(node: &str) -> String {
     format!("{META_LAST_SEQ_PREFIX}{node}")
+}
+
+/// The meta key holding the lowest sequence number of `node` that may be missing from the log
+/// ([`META_RELAY_GAP_PREFIX`]).
+pub(super) fn relay_gap_key(node: &str) -> String {
+    format!("{META_RELAY_GAP_PREFIX}{node}")
 }
 
 /// The meta key holding the sequence number through which `node`'s ids are reserved.

@@ -46,7 +46,7 @@ use super::query::PruneReport;
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_EVENT_BYTES, META_EVENT_COUNT, META_LAST_POS,
     OUTPUT, OUTPUT_COUNTERS, OutputCounters, SESSION_ORDER, SESSIONS, TRANSITIONS, UNFINISHED,
-    corrupt, decode, encode, event_overhead, last_seq_key, meta_get, reserved_key,
+    corrupt, decode, encode, event_overhead, last_seq_key, meta_get, relay_gap_key, reserved_key,
 };
 
 /// Most events one automatic retention pass deletes, so a commit stays short; the rest goes in
@@ -111,6 +111,13 @@ pub(super) enum Request {
     /// Another node's relayed stream continues after `seq`: keep at least that as its highest
     /// sequence number (see `EventStore::relay_floor`).
     RelayFloor { node: NodeId, seq: u64 },
+    /// Another node's events after `after` and through `through` will not come again: stop
+    /// keeping a gap among them (see `EventStore::relay_lost`).
+    RelayLost {
+        node: NodeId,
+        after: u64,
+        through: u64,
+    },
 }
 
 /// This node's id reservation, shared by the handles and the writer. A handle raises `wanted`
@@ -261,6 +268,15 @@ impl Written {
     }
 }
 
+/// Lowers `node`'s entry in `lowest` to `seq` (adds it when absent). A few nodes at most: a
+/// list is enough.
+fn merge_lowest(lowest: &mut Vec<(String, u64)>, node: &str, seq: u64) {
+    match lowest.iter_mut().find(|(known, _)| known == node) {
+        Some((_, low)) => *low = (*low).min(seq),
+        None => lowest.push((node.to_owned(), seq)),
+    }
+}
+
 /// The writer thread's state.
 pub(super) struct Writer {
     pub(super) db: Arc<Database>,
@@ -296,6 +312,7 @@ impl Writer {
             next_age_prune: Instant::now(),
             prune_backlog: false,
             session_sweep: None,
+            failed_gaps: Vec::new(),
         };
         let mut closers = Vec::new();
         let mut closed = Ok(());
@@ -430,6 +447,9 @@ struct WriterState {
     prune_backlog: bool,
     /// The automatic session retention sweep under way, if one stopped at its bounds.
     session_sweep: Option<SessionSweep>,
+    /// Per other node, the lowest sequence number in a failed batch not yet kept as a gap in
+    /// the log's meta (the next commit keeps it, with whatever it stores after the failure).
+    failed_gaps: Vec<(String, u64)>,
 }
 
 /// An automatic session retention sweep that stopped at a pass's bounds: the next pass goes on
@@ -521,6 +541,19 @@ impl WriterState {
                 None => Some((pos, pos)),
                 Some((low, high)) => Some((low.min(pos), high.max(pos))),
             });
+        // Other nodes' events in this batch, by node, from the lowest: missing should it fail.
+        let mut relayed_from: Vec<(String, u64)> = Vec::new();
+        for request in &batch {
+            if let Request::Event { item, .. } = request
+                && item.event.id.node != self.node
+            {
+                merge_lowest(
+                    &mut relayed_from,
+                    item.event.id.node.as_str(),
+                    item.event.id.seq,
+                );
+            }
+        }
         let mut answers = Vec::with_capacity(batch.len());
         let mut report = None;
         let mut reserved = None;
@@ -533,6 +566,10 @@ impl WriterState {
             &mut report,
             &mut reserved,
         );
+        if outcome.is_err() {
+            // Counted before the failure is told to those waiting on the write.
+            self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some((first, last)) = event_positions {
             let failed = outcome.is_err();
             self.written.send_if_modified(|written| {
@@ -543,6 +580,15 @@ impl WriterState {
                 written.through = written.through.max(last);
                 moved || failed
             });
+        }
+        match &outcome {
+            // Kept in the meta by this commit (`apply` wrote them).
+            Ok(_) => self.failed_gaps.clear(),
+            Err(_) => {
+                for (node, seq) in relayed_from {
+                    merge_lowest(&mut self.failed_gaps, &node, seq);
+                }
+            }
         }
         match outcome {
             Ok(committed) => {
@@ -575,7 +621,6 @@ impl WriterState {
                 Ok(())
             }
             Err(error) => {
-                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 // Try retention again later rather than in a tight loop on a failing disk (a
                 // session sweep starts over: what it deleted in this batch was rolled back).
                 self.prune_backlog = false;
@@ -639,6 +684,17 @@ impl WriterState {
                 },
                 _ => None,
             };
+            // Gaps left by failed batches go into this commit, before anything it stores after
+            // them: the log never holds a node's later events without the gap below them.
+            if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
+                for (node, seq) in &self.failed_gaps {
+                    if let Err(error) = tables.note_gap(node, *seq) {
+                        failure = Some(io(error.into()));
+                        break;
+                    }
+                    dirty = true;
+                }
+            }
             let mut explicit_prune = None;
             #[cfg(test)]
             let has_events = batch
@@ -707,6 +763,16 @@ impl WriterState {
                     Request::RelayFloor { node, seq } => {
                         let result = run_op(tables, failure, |tables| {
                             Ok(tables.note_seq(node.as_str(), seq)?)
+                        });
+                        dirty |= result.is_ok();
+                    }
+                    Request::RelayLost {
+                        node,
+                        after,
+                        through,
+                    } => {
+                        let result = run_op(tables, failure, |tables| {
+                            Ok(tables.relay_lost(node.as_str(), after, through)?)
                         });
                         dirty |= result.is_ok();
                     }
@@ -904,6 +970,9 @@ struct Tables<'txn> {
     loaded: Totals,
     /// Highest sequence number stored per publishing node: (as loaded, as now).
     last_seqs: HashMap<String, (u64, u64)>,
+    /// The lowest sequence number of another node that may be missing from the log (a relayed
+    /// batch whose write failed), per node looked at: (as loaded, as now).
+    gaps: HashMap<String, (Option<u64>, Option<u64>)>,
     /// This node's id reservation, and as loaded.
     reserved: u64,
     reserved_loaded: u64,
@@ -933,6 +1002,7 @@ impl<'txn> Tables<'txn> {
             totals,
             loaded: totals,
             last_seqs: HashMap::new(),
+            gaps: HashMap::new(),
             reserved,
             reserved_loaded: reserved,
         })
@@ -950,6 +1020,27 @@ impl<'txn> Tables<'txn> {
                 self.meta.insert(last_seq_key(node).as_str(), *now)?;
                 *loaded = *now;
             }
+        }
+        let changed: Vec<(String, Option<u64>)> = self
+            .gaps
+            .iter()
+            .filter(|(_, (loaded, now))| loaded != now)
+            .map(|(node, (_, now))| (node.clone(), *now))
+            .collect();
+        for (node, gap) in changed {
+            self.note_seq(&node, 0)?;
+            let highest = self.last_seqs.get(&node).map_or(0, |(_, now)| *now);
+            // A gap above everything stored is no gap: the stream continues below it anyway.
+            let gap = gap.filter(|gap| *gap <= highest);
+            match gap {
+                Some(gap) => {
+                    self.meta.insert(relay_gap_key(&node).as_str(), gap)?;
+                }
+                None => {
+                    self.meta.remove(relay_gap_key(&node).as_str())?;
+                }
+            }
+            self.gaps.insert(node, (gap, gap));
         }
         if self.reserved != self.reserved_loaded {
             self.meta
@@ -969,6 +1060,62 @@ impl<'txn> Tables<'txn> {
             *now = (*now).max(seq);
         }
         Ok(())
+    }
+
+    /// Changes `node`'s gap as this transaction has it (loaded from the meta the first time).
+    fn update_gap(
+        &mut self,
+        node: &str,
+        change: impl FnOnce(&mut Option<u64>),
+    ) -> Result<(), redb::StorageError> {
+        if let Some((_, now)) = self.gaps.get_mut(node) {
+            change(now);
+            return Ok(());
+        }
+        let stored = self
+            .meta
+            .get(relay_gap_key(node).as_str())?
+            .map(|gap| gap.value());
+        let mut now = stored;
+        change(&mut now);
+        self.gaps.insert(node.to_owned(), (stored, now));
+        Ok(())
+    }
+
+    /// `node`'s events from `seq` on may be missing (their batch failed).
+    fn note_gap(&mut self, node: &str, seq: u64) -> Result<(), redb::StorageError> {
+        self.update_gap(node, |gap| *gap = Some(gap.map_or(seq, |gap| gap.min(seq))))
+    }
+
+    /// `node`'s event `seq` is in the log (stored now or already): a gap that starts there
+    /// moves past it. The relay fetches a rewound stretch again in order, so the gap closes
+    /// event by event.
+    fn note_present(&mut self, node: &str, seq: u64) -> Result<(), redb::StorageError> {
+        if node == self.node {
+            return Ok(());
+        }
+        self.update_gap(node, |gap| {
+            if *gap == Some(seq) {
+                *gap = Some(seq + 1);
+            }
+        })
+    }
+
+    /// `node`'s events after `after` through `through` will not come again.
+    fn relay_lost(
+        &mut self,
+        node: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<(), redb::StorageError> {
+        self.update_gap(node, |gap| {
+            if let Some(missing) = gap
+                && *missing > after
+                && *missing <= through
+            {
+                *missing = through + 1;
+            }
+        })
     }
 
     fn stored_record(&self, id: &str) -> Result<Option<SessionRecord>, OpError> {
@@ -1146,6 +1293,7 @@ impl<'txn> Tables<'txn> {
             // Stored already (a relayed stretch fetched again after a failed write, which
             // included what had been written): keep the first copy.
             self.event_index.insert((node, id.seq), first)?;
+            self.note_present(node, id.seq)?;
             return Ok(());
         }
         if let Some(old) = self.events.insert(item.pos, value.as_slice())? {
@@ -1158,6 +1306,7 @@ impl<'txn> Tables<'txn> {
         self.totals.count += 1;
         self.totals.last_pos = self.totals.last_pos.max(item.pos);
         self.note_seq(node, id.seq)?;
+        self.note_present(node, id.seq)?;
         Ok(())
     }
 

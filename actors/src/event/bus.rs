@@ -119,6 +119,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// resumes there instead of asking for new events only again, and losing what came in
     /// between. Must not block.
     fn relay_floor(&self, node: &NodeId, seq: u64);
+
+    /// `node`'s events after `after` and through `through` will not come again (the peer no
+    /// longer has them): a store that keeps, across restarts, where relayed events whose write
+    /// failed are missing ([`StoreResume::gaps`]) stops waiting for them. Must not block.
+    fn relay_lost(&self, node: &NodeId, after: u64, through: u64);
 }
 
 /// What the store remembers for the bus at start.
@@ -134,6 +139,11 @@ pub struct StoreResume {
     /// The highest sequence number stored of each other node (where its relayed stream
     /// continues).
     pub relayed: Vec<(NodeId, u64)>,
+    /// The lowest sequence number of each other node that may be missing from the log below
+    /// its highest one stored (a relayed batch whose write failed, not fetched again before the
+    /// node stopped): its stream continues just before it, and what comes again up to the
+    /// highest one stored is stored, not published (it was when it first came).
+    pub gaps: Vec<(NodeId, u64)>,
 }
 
 /// Sizes of the bus.
@@ -408,6 +418,26 @@ impl Actor for EventBusActor {
                         *high = (*high).max(seq);
                     }
                 }
+                for (node, gap) in &resume.gaps {
+                    let high = shared.relayed.get(node).map_or(0, |high| *high);
+                    if *node != shared.node && *gap >= 1 && *gap <= high {
+                        tracing::warn!(
+                            %node,
+                            from = *gap,
+                            through = high,
+                            "relayed events whose write failed before the restart are missing \
+                             from the log; they are fetched from the peer again"
+                        );
+                        shared.rewound.insert(
+                            node.clone(),
+                            Rewound {
+                                from: gap - 1,
+                                through: high,
+                                positions: Default::default(),
+                            },
+                        );
+                    }
+                }
             });
             ring.extend(resume.recent);
         }
@@ -661,8 +691,13 @@ impl EventBusState {
                 }
             }
             // The peer no longer has what it does not send: nothing to wait for below it.
-            if let Some((from, _)) = &mut rewound {
-                *from = (*from).max(floor);
+            if let Some((from, through)) = &mut rewound
+                && floor > *from
+            {
+                if let Some(store) = &self.store {
+                    store.relay_lost(node, *from, floor.min(*through));
+                }
+                *from = floor;
             }
         }
         let mut first_stored = None;
@@ -683,6 +718,9 @@ impl EventBusState {
                     "relayed events whose write failed did not come again (the peer no longer \
                      has them); this node's log lacks them"
                 );
+                if let Some(store) = &self.store {
+                    store.relay_lost(node, *from, *through);
+                }
                 *from = *through;
             }
             if seq > high {
@@ -693,6 +731,12 @@ impl EventBusState {
                 && seq > *from
                 && seq <= *through
             {
+                if seq > *from + 1
+                    && let Some(store) = &self.store
+                {
+                    // The peer has none of those in between (its own log lost them).
+                    store.relay_lost(node, *from, seq - 1);
+                }
                 *from = seq;
                 first_stored.get_or_insert(seq);
                 // Kept (not taken): should this write fail too, the next refetch goes back

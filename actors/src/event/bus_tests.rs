@@ -74,6 +74,8 @@ impl EventStore for GatedStore {
     }
 
     fn relay_floor(&self, _node: &NodeId, _seq: u64) {}
+
+    fn relay_lost(&self, _node: &NodeId, _after: u64, _through: u64) {}
 }
 
 fn progress(n: u64) -> EventData {
@@ -345,6 +347,8 @@ impl EventStore for SlowResume {
     }
 
     fn relay_floor(&self, _node: &NodeId, _seq: u64) {}
+
+    fn relay_lost(&self, _node: &NodeId, _after: u64, _through: u64) {}
 }
 
 /// The store's resume may block (a flush of queued appends, a read of the log): the bus runs it

@@ -236,6 +236,8 @@ impl EventStore for MemoryStore {
 
     /// This node is never clustered here.
     fn relay_floor(&self, _node: &NodeId, _seq: u64) {}
+
+    fn relay_lost(&self, _node: &NodeId, _after: u64, _through: u64) {}
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
