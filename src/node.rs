@@ -766,7 +766,7 @@ mod tests {
         let host_ok = |addr: SocketAddr| {
             let mut headers = axum::http::HeaderMap::new();
             headers.insert("host", addr.to_string().parse().unwrap());
-            crate::http::ws::check_host_and_origin(&headers, &allowed).is_ok()
+            crate::http::ws::check_host_and_origin(&headers, &Default::default(), &allowed).is_ok()
         };
         for (listen, reached) in [
             ("0.0.0.0:7070", "127.0.0.1:7070"),

@@ -28,7 +28,7 @@ use axum::Extension;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use futures::{Sink, Stream, StreamExt};
 use serde::Deserialize;
@@ -67,10 +67,11 @@ pub(super) async fn upgrade(
     Extension(principal): Extension<Principal>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    uri: Uri,
     RawQuery(query): RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    check_host_and_origin(&headers, &core.config.http.allowed_hosts)?;
+    check_host_and_origin(&headers, &uri, &core.config.http.allowed_hosts)?;
     let ws = ws?;
     let query = StreamQuery::parse(query.as_deref())?;
     if !query.follow {

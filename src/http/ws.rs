@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Uri, header};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 
 use super::ApiError;
@@ -161,21 +161,23 @@ pub(crate) enum SendFailure {
 
 /// Checks `Host` and `Origin` of a request against `http.allowed_hosts`: the Host's name (or
 /// `name:port`) must be listed, and an `Origin`, when sent, must be `http(s)://` a listed host.
-/// An empty list disables the check.
+/// The Host is the header, else the request target's authority (HTTP/2 sends `:authority`
+/// and no `Host`). An empty list disables the check.
 pub(crate) fn check_host_and_origin(
     headers: &HeaderMap,
+    uri: &Uri,
     allowed_hosts: &[String],
 ) -> Result<(), ApiError> {
     if allowed_hosts.is_empty() {
         return Ok(());
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::forbidden("the request has no readable Host header")
-                .with_code("host_not_allowed")
-        })?;
+    let host = match headers.get(header::HOST) {
+        Some(value) => value.to_str().ok(),
+        None => uri.authority().map(|authority| authority.as_str()),
+    }
+    .ok_or_else(|| {
+        ApiError::forbidden("the request has no readable Host header").with_code("host_not_allowed")
+    })?;
     if !authority_allowed(host, allowed_hosts) {
         return Err(ApiError::forbidden(format!(
             "Host {host:?} is not in http.allowed_hosts (a DNS-rebinding guard); add it there \
@@ -251,7 +253,8 @@ mod tests {
             "LOCALHOST",
         ] {
             assert!(
-                check_host_and_origin(&headers(&[("host", host)]), &allowed()).is_ok(),
+                check_host_and_origin(&headers(&[("host", host)]), &Uri::default(), &allowed())
+                    .is_ok(),
                 "{host}"
             );
         }
@@ -265,12 +268,32 @@ mod tests {
             "127.0.0.2",
             "localhost.evil",
         ] {
-            let error = check_host_and_origin(&headers(&[("host", host)]), &allowed()).unwrap_err();
+            let error =
+                check_host_and_origin(&headers(&[("host", host)]), &Uri::default(), &allowed())
+                    .unwrap_err();
             assert_eq!(error.status, 403, "{host}");
             assert_eq!(error.code, "host_not_allowed");
         }
-        let error = check_host_and_origin(&HeaderMap::new(), &allowed()).unwrap_err();
+        let error =
+            check_host_and_origin(&HeaderMap::new(), &Uri::default(), &allowed()).unwrap_err();
         assert_eq!(error.code, "host_not_allowed");
+    }
+
+    /// Regression: HTTP/2 requests carry the authority in the request target and no `Host`
+    /// header, and every one of them was refused.
+    #[test]
+    fn without_a_host_header_the_request_targets_authority_is_checked() {
+        let none = HeaderMap::new();
+        let uri = |target: &str| target.parse::<Uri>().unwrap();
+        assert!(
+            check_host_and_origin(&none, &uri("http://127.0.0.1:7070/mcp"), &allowed()).is_ok()
+        );
+        let error = check_host_and_origin(&none, &uri("http://evil.example:7070/mcp"), &allowed())
+            .unwrap_err();
+        assert_eq!(error.code, "host_not_allowed");
+        // A Host header, when sent, is what counts.
+        let host = headers(&[("host", "evil.example")]);
+        assert!(check_host_and_origin(&host, &uri("http://127.0.0.1/mcp"), &allowed()).is_err());
     }
 
     #[test]
@@ -279,7 +302,7 @@ mod tests {
             ("host", "127.0.0.1:7070"),
             ("origin", "http://localhost:3000"),
         ]);
-        assert!(check_host_and_origin(&ok, &allowed()).is_ok());
+        assert!(check_host_and_origin(&ok, &Uri::default(), &allowed()).is_ok());
         for origin in [
             "https://evil.example",
             "null",
@@ -287,7 +310,7 @@ mod tests {
             "http://127.0.0.1.evil:80",
         ] {
             let bad = headers(&[("host", "127.0.0.1:7070"), ("origin", origin)]);
-            let error = check_host_and_origin(&bad, &allowed()).unwrap_err();
+            let error = check_host_and_origin(&bad, &Uri::default(), &allowed()).unwrap_err();
             assert_eq!(error.code, "origin_not_allowed", "{origin}");
         }
     }
@@ -295,8 +318,24 @@ mod tests {
     #[test]
     fn an_entry_with_a_port_allows_only_that_port_and_an_empty_list_allows_all() {
         let allowed = vec!["node.lan:7070".to_owned()];
-        assert!(check_host_and_origin(&headers(&[("host", "node.lan:7070")]), &allowed).is_ok());
-        assert!(check_host_and_origin(&headers(&[("host", "node.lan:8080")]), &allowed).is_err());
-        assert!(check_host_and_origin(&headers(&[("host", "anything")]), &[]).is_ok());
+        assert!(
+            check_host_and_origin(
+                &headers(&[("host", "node.lan:7070")]),
+                &Uri::default(),
+                &allowed
+            )
+            .is_ok()
+        );
+        assert!(
+            check_host_and_origin(
+                &headers(&[("host", "node.lan:8080")]),
+                &Uri::default(),
+                &allowed
+            )
+            .is_err()
+        );
+        assert!(
+            check_host_and_origin(&headers(&[("host", "anything")]), &Uri::default(), &[]).is_ok()
+        );
     }
 }
