@@ -90,7 +90,8 @@ pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCo
 /// Host/Origin, then the bearer token (any role) and the rate limit, then (a JSON `POST`) the
 /// body's shape as a JSON-RPC message.
 async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Next) -> Response {
-    if let Err(error) = check_host_and_origin(request.headers(), &core.config.http.allowed_hosts) {
+    let allowed = &core.config.http.allowed_hosts;
+    if let Err(error) = check_host_and_origin(request.headers(), request.uri(), allowed) {
         return error.into_response();
     }
     match crate::http::authorize(&core, &request, Role::Viewer) {
@@ -260,6 +261,20 @@ fn too_many_in_flight_reply(id: serde_json::Value) -> String {
              cancel some), then send this again"
         ),
         Some(serde_json::json!({"code": "too_many_in_flight", "max": MAX_IN_FLIGHT})),
+    )
+}
+
+/// The answer to a request whose id is that of one still waiting for its answer (it is not
+/// handled).
+fn duplicate_id_reply(id: serde_json::Value) -> String {
+    error_reply(
+        id.clone(),
+        -32600,
+        &format!(
+            "request id {id} is already waiting for its answer on this link; give each request \
+             an id of its own"
+        ),
+        Some(serde_json::json!({"code": "duplicate_request_id"})),
     )
 }
 
@@ -436,12 +451,18 @@ impl InFlight {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Counts request `id` as waiting; `false` when [`MAX_IN_FLIGHT`] already are.
-    fn admit(&self, id: RequestId) -> bool {
+    /// Counts request `id` as waiting, unless [`MAX_IN_FLIGHT`] already are or one with the
+    /// same id is (JSON-RPC ids must be unique among a client's pending requests; a duplicate
+    /// would not count, and its answer would be lost).
+    fn admit(&self, id: RequestId) -> Admission {
         let mut held = self.held();
-        held.len() < MAX_IN_FLIGHT && {
+        if held.contains(&id) {
+            Admission::Duplicate
+        } else if held.len() >= MAX_IN_FLIGHT {
+            Admission::Full
+        } else {
             held.insert(id);
-            true
+            Admission::Admitted
         }
     }
 
@@ -449,6 +470,16 @@ impl InFlight {
     fn settle(&self, id: &RequestId) {
         self.held().remove(id);
     }
+}
+
+/// What [`InFlight::admit`] made of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Admitted,
+    /// [`MAX_IN_FLIGHT`] wait already.
+    Full,
+    /// A request with the same id waits already.
+    Duplicate,
 }
 
 /// Who a frame-served client is.
@@ -580,13 +611,18 @@ async fn serve_frames_until<Si, St>(
                                 request.request.extensions_mut().insert(parts);
                             }
                             match &message {
-                                ClientJsonRpcMessage::Request(request)
-                                    if !in_flight.admit(request.id.clone()) =>
-                                {
-                                    let id = serde_json::to_value(&request.id).unwrap_or_default();
-                                    let reply = too_many_in_flight_reply(id);
-                                    let _ = errors.send(Outgoing::Text(reply)).await;
-                                    return Some(None);
+                                ClientJsonRpcMessage::Request(request) => {
+                                    let admission = in_flight.admit(request.id.clone());
+                                    if admission != Admission::Admitted {
+                                        let id =
+                                            serde_json::to_value(&request.id).unwrap_or_default();
+                                        let reply = match admission {
+                                            Admission::Duplicate => duplicate_id_reply(id),
+                                            _ => too_many_in_flight_reply(id),
+                                        };
+                                        let _ = errors.send(Outgoing::Text(reply)).await;
+                                        return Some(None);
+                                    }
                                 }
                                 ClientJsonRpcMessage::Notification(notification) => {
                                     if let ClientNotification::CancelledNotification(cancelled) =

@@ -1149,6 +1149,48 @@ async fn cancelling_a_waiting_spawn_stops_its_progress_and_leaves_the_session_ru
     }
 }
 
+/// Regression: a request whose id was that of one still waiting was admitted without counting
+/// (so the bound of 64 waiting requests could be passed at will), and its answer was lost. It is
+/// now refused at once, and the first request is still answered.
+#[tokio::test]
+async fn a_request_reusing_the_id_of_one_still_waiting_is_refused() {
+    let fixture = Fixture::start().await;
+    let node = &fixture.node;
+    let mut observer = node.events("kind=session.*", None).await;
+    let marker = fixture._temp.path().join("release-duplicate");
+    let script = format!(
+        "echo started; while [ ! -e {} ]; do sleep 0.05; done",
+        marker.display()
+    );
+    let mut ws = McpWs::open(node, &node.token).await;
+    ws.initialize(json!({})).await;
+    ws.send(legacy_call(
+        2,
+        "spawn_session",
+        json!({"session": sh(&script), "wait": true}),
+    ))
+    .await;
+    observer.next_of("session.output").await;
+    ws.send(legacy_call(2, "list_sessions", json!({}))).await;
+    let refused = ws.next().await;
+    assert_eq!(refused["id"], 2, "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert_eq!(
+        refused["error"]["data"]["code"], "duplicate_request_id",
+        "{refused}"
+    );
+    std::fs::write(&marker, "").unwrap();
+    let (between, answer) = ws.answer(2).await;
+    assert_eq!(
+        answer["result"]["structuredContent"]["state"], "succeeded",
+        "the waiting call is answered: {answer}"
+    );
+    assert!(
+        between.iter().all(|message| message["id"] != 2),
+        "{between:?}"
+    );
+}
+
 /// A node with tight per-token rate limits (3 at once, 1 per second).
 async fn rate_limited_node(temp: &tempfile::TempDir) -> NodeProcess {
     let config = temp.path().join("troupe.toml");
