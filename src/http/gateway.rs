@@ -292,11 +292,27 @@ impl Reader {
     }
 }
 
+/// One SSE event carrying `json`: a `data: ` line for each of its lines (`\n`, `\r\n` or `\r`
+/// end one, as in SSE), so that a chunk spread over several lines reaches the caller whole.
 fn sse_data(json: &[u8]) -> Bytes {
     let mut event = Vec::with_capacity(json.len() + 8);
-    event.extend_from_slice(b"data: ");
-    event.extend_from_slice(json);
-    event.extend_from_slice(b"\n\n");
+    let mut rest = json;
+    loop {
+        let end = rest
+            .iter()
+            .position(|&byte| byte == b'\n' || byte == b'\r')
+            .unwrap_or(rest.len());
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&rest[..end]);
+        event.push(b'\n');
+        let ending = match rest[end..] {
+            [] => break,
+            [b'\r', b'\n', ..] => 2,
+            _ => 1,
+        };
+        rest = &rest[end + ending..];
+    }
+    event.push(b'\n');
     Bytes::from(event)
 }
 
@@ -392,4 +408,19 @@ pub(super) async fn models(State(core): State<Arc<NodeCore>>) -> Json<Value> {
 pub(super) async fn providers(State(core): State<Arc<NodeCore>>) -> Json<Value> {
     let providers: Vec<_> = core.providers.providers().map(|p| p.status()).collect();
     Json(json!({"providers": providers}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_of_several_lines_gets_a_data_prefix_on_each() {
+        assert_eq!(sse_data(b"{\"a\":1}"), "data: {\"a\":1}\n\n");
+        assert_eq!(
+            sse_data(b"{\"id\":\"a\",\n\"object\":\r\n\"chunk\"\r}"),
+            "data: {\"id\":\"a\",\ndata: \"object\":\ndata: \"chunk\"\ndata: }\n\n"
+        );
+        assert_eq!(sse_data(b""), "data: \n\n");
+    }
 }

@@ -67,7 +67,19 @@ pub(super) fn usage_of(body: &[u8]) -> Result<Option<u32>, serde_json::Error> {
     }
 }
 
-/// Passes chunks through; `[DONE]` ends the stream, a `{"error": …}` event fails it.
+/// The chunk `data` on one line. An event sent over several `data:` lines arrives with its
+/// lines joined by `\n`; in JSON a line break can only be whitespace between tokens (one inside
+/// a string is escaped), so each becomes a space and the chunk means the same. Passed on as it
+/// was, the lines after the first would reach the caller without their `data: ` prefix.
+fn one_line(data: &str) -> Bytes {
+    if data.contains('\n') {
+        Bytes::from(data.replace('\n', " "))
+    } else {
+        Bytes::copy_from_slice(data.as_bytes())
+    }
+}
+
+/// Passes chunks through (on one line each); `[DONE]` ends the stream, a `{"error": …}` event fails it.
 pub(super) struct StreamTranslator {
     usage: Arc<AtomicU32>,
 }
@@ -103,9 +115,7 @@ impl Translate for StreamTranslator {
         {
             store_usage(&self.usage, total);
         }
-        Ok(EventStep::Chunks(vec![Bytes::copy_from_slice(
-            data.as_bytes(),
-        )]))
+        Ok(EventStep::Chunks(vec![one_line(data)]))
     }
 
     fn may_end(&self) -> bool {

@@ -323,6 +323,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_chunk_sent_over_several_data_lines_is_passed_on_as_one_line_of_the_same_json() {
+        let pieces = vec![
+            Bytes::from_static(
+                b"data: {\"id\":\"a\",\ndata: \"choices\":[{\"index\":0,\r\ndata: \
+                  \"delta\":{\"content\":\"hi\\nthere\"},\"finish_reason\":null}]}\n\n",
+            ),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ];
+        let (chunks, failure) = read(pieces).await;
+        assert!(failure.is_none(), "{failure:?}");
+        let [chunk] = chunks.as_slice() else {
+            panic!("one chunk expected: {chunks:?}");
+        };
+        assert!(
+            !chunk.contains(&b'\n') && !chunk.contains(&b'\r'),
+            "{chunk:?}"
+        );
+        let chunk: Value = serde_json::from_slice(chunk).expect("the same JSON");
+        assert_eq!(chunk["id"], "a");
+        assert_eq!(chunk["choices"][0]["delta"]["content"], "hi\nthere");
+    }
+
+    #[tokio::test]
     async fn events_of_several_lines_under_the_cap_pass_however_long_the_stream() {
         // One event over three lines (LF, CRLF and CR endings), then more than the cap in all
         // in small events ended by blank lines.
@@ -336,6 +359,7 @@ mod tests {
         let (chunks, failure) = read(pieces).await;
         assert!(failure.is_none(), "{failure:?}");
         assert_eq!(chunks.len(), 1 + count);
-        assert_eq!(chunks[0], "{\"id\": \"a\",\n\"object\":\n\"chunk\"}");
+        // Passed on as one line (an SSE `data:` line cannot hold a line break), the same JSON.
+        assert_eq!(chunks[0], "{\"id\": \"a\", \"object\": \"chunk\"}");
     }
 }
