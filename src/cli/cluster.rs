@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use time::OffsetDateTime;
 use troupe_actors::ids::NodeId;
 
+use super::out::{out, outln};
 use crate::cluster::certs;
 use crate::config::{Config, Overrides};
 
@@ -85,7 +86,7 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             let dir = config.resolved_data_dir().join("cluster");
             let files = certs::init(&dir, &node, OffsetDateTime::now_utc())
                 .context("cannot make the cluster CA")?;
-            println!(
+            outln!(
                 "cluster CA and a certificate for node {node} written to {}\n  \
                  CA:   {} (key {}; keep it private)\n  node: {}, {}\n\
                  issue other nodes' certificates with: troupe cluster issue NAME --out DIR \
@@ -96,7 +97,7 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                 files.cert.display(),
                 files.key.display(),
                 config.resolved_data_dir().display(),
-            );
+            )?;
         }
         ClusterCommand::Issue(args) => {
             let config = args.local.load()?;
@@ -106,23 +107,23 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             let ca_dir = config.resolved_data_dir().join("cluster");
             let files = certs::issue(&ca_dir, &node, &out, OffsetDateTime::now_utc())
                 .with_context(|| format!("cannot issue a certificate for node {node}"))?;
-            println!(
+            outln!(
                 "certificate for node {node} written to {}: {}, {}, {}\n\
                  copy the directory to the node's <data_dir>/cluster/",
                 out.display(),
                 files.ca.display(),
                 files.cert.display(),
                 files.key.display(),
-            );
+            )?;
         }
         ClusterCommand::Members(args) => {
             let client = super::client::NodeClient::new(&args.client)?;
             let response = client.send(client.get("/v1/cluster/members")).await?;
             let view: serde_json::Value = super::client::check(response).await?.json().await?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?)?;
             } else {
-                print!("{}", members_table(&view));
+                out!("{}", members_table(&view))?;
             }
         }
     }

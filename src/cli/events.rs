@@ -9,6 +9,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 
 use super::client::{ClientArgs, NodeClient, check};
+use super::out::outln;
 
 /// `troupe events` options.
 #[derive(Debug, clap::Args)]
@@ -152,11 +153,12 @@ async fn stream_once(
         if !event.id.is_empty() {
             *last_id = Some(event.id.clone());
         }
-        if args.json {
-            println!("{}", event.data);
+        let printed = if args.json {
+            outln!("{}", event.data)
         } else {
-            println!("{}", render(&event.data));
-        }
+            outln!("{}", render(&event.data))
+        };
+        printed.map_err(StreamError::Fatal)?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use super::client::{ClientArgs, NodeClient};
+use super::out::{out, outln};
 
 /// `troupe health` options.
 #[derive(Debug, clap::Args)]
@@ -26,9 +27,9 @@ pub(super) async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
         super::client::check(response).await?.json().await?
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{}", summary(&report));
+        out!("{}", summary(&report))?;
     }
     Ok(if unhealthy || report["status"] == "unhealthy" {
         ExitCode::FAILURE

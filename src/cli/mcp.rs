@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::out::outln;
 use crate::config::{Config, LogFormat, Overrides};
 use crate::discovery;
 use crate::mcp::stdio::BridgeEnd;
@@ -343,19 +344,23 @@ pub(super) fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
     let dir = discovery::directory();
     let entries = discovery::live(&dir, discovery::now_secs());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        outln!("{}", serde_json::to_string_pretty(&entries)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     if entries.is_empty() {
-        println!("no running node found in {}", dir.display());
+        outln!("no running node found in {}", dir.display())?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<24} {:>8}  {:<10} {:<22} {:<28} TOKEN FILE",
-        "NODE", "PID", "RUN BY", "HTTP", "STARTED"
-    );
+        "NODE",
+        "PID",
+        "RUN BY",
+        "HTTP",
+        "STARTED"
+    )?;
     for entry in entries {
-        println!(
+        outln!(
             "{:<24} {:>8}  {:<10} {:<22} {:<28} {}",
             entry.node_id,
             entry.pid,
@@ -363,7 +368,7 @@ pub(super) fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
             entry.http,
             entry.started_at,
             entry.token_file.display()
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,7 @@ mod health;
 mod loopback;
 mod mcp;
 mod node;
+mod out;
 mod session;
 
 use std::process::ExitCode;
@@ -89,10 +90,14 @@ pub fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match outcome {
         Ok(code) => code,
-        Err(error) => {
-            eprintln!("troupe: {}", error_chain(&error));
-            ExitCode::FAILURE
-        }
+        Err(error) => match out::closed_exit_code(&error) {
+            // The reader of stdout went away (`| head`): a quiet end.
+            Some(code) => code,
+            None => {
+                eprintln!("troupe: {}", error_chain(&error));
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

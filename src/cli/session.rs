@@ -23,6 +23,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use super::client::{ClientArgs, NodeClient, check};
+use super::out::outln;
 
 /// `troupe session` commands.
 #[derive(Debug, clap::Subcommand)]
@@ -194,7 +195,7 @@ pub(super) async fn run(command: SessionCommand) -> anyhow::Result<ExitCode> {
         SessionCommand::Show(args) => {
             let client = NodeClient::new(&args.client)?;
             let record = get_json(&client, &format!("/v1/sessions/{}", args.id)).await?;
-            print_record(&record, args.json);
+            print_record(&record, args.json)?;
             Ok(ExitCode::SUCCESS)
         }
         SessionCommand::Cancel(args) => {
@@ -204,7 +205,7 @@ pub(super) async fn run(command: SessionCommand) -> anyhow::Result<ExitCode> {
                 .send(client.method(reqwest::Method::DELETE, &path))
                 .await?;
             let record: Value = check(response).await?.json().await?;
-            print_record(&record, args.json);
+            print_record(&record, args.json)?;
             if !args.json && matches!(record["state"].as_str(), Some("starting" | "running")) {
                 // The record is from before the process went: the group was signalled.
                 eprintln!(
@@ -276,9 +277,9 @@ async fn spawn(
         .to_owned();
     if options.detach {
         if options.json {
-            println!("{}", serde_json::to_string_pretty(&record)?);
+            outln!("{}", serde_json::to_string_pretty(&record)?)?;
         } else {
-            println!("{id}");
+            outln!("{id}")?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -330,7 +331,7 @@ async fn spawn(
         .unwrap_or_default();
     shown.finish(&format!("{state}{reason}"));
     if options.json {
-        println!("{}", serde_json::to_string_pretty(&final_record)?);
+        outln!("{}", serde_json::to_string_pretty(&final_record)?)?;
     }
     Ok(exit_code_for(&state, final_record["exit_code"].as_i64()))
 }
@@ -588,7 +589,7 @@ async fn print_output(
             .await?;
             let lines = page["lines"].as_array().cloned().unwrap_or_default();
             for line in &lines {
-                print_line(line, spinner);
+                print_line(line, spinner)?;
             }
             if lines.is_empty() {
                 return Ok(None);
@@ -611,20 +612,21 @@ async fn print_output(
                     .as_str()
                     .unwrap_or("the output stream failed")
             ),
-            _ => print_line(&data, spinner),
+            _ => print_line(&data, spinner)?,
         }
     }
     Ok(None)
 }
 
-fn print_line(line: &Value, spinner: Option<&indicatif::ProgressBar>) {
+fn print_line(line: &Value, spinner: Option<&indicatif::ProgressBar>) -> anyhow::Result<()> {
     let text = line["text"].as_str().unwrap_or_default();
     let on_stderr = line["stream"] == "stderr";
     let print = || {
         if on_stderr {
             eprintln!("{text}");
+            Ok(())
         } else {
-            println!("{text}");
+            outln!("{text}")
         }
     };
     match spinner {
@@ -657,7 +659,7 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     }
     let page = get_json(&client, &format!("/v1/sessions?{}", query.finish())).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&page)?);
+        outln!("{}", serde_json::to_string_pretty(&page)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(nodes) = page["nodes"].as_object() {
@@ -696,31 +698,27 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "{:<20} {node}{:<11} {:<28} {}",
             record["id"].as_str().unwrap_or("?"),
             record["state"].as_str().unwrap_or("?"),
             record["created_at"].as_str().unwrap_or(""),
             command
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_record(record: &Value, json: bool) {
+fn print_record(record: &Value, json: bool) -> anyhow::Result<()> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(record).unwrap_or_default()
-        );
-        return;
+        return outln!("{}", serde_json::to_string_pretty(record)?);
     }
     let field = |name: &str| match &record[name] {
         Value::Null => "-".to_owned(),
         Value::String(text) => text.clone(),
         other => other.to_string(),
     };
-    println!("{}", field("id"));
+    outln!("{}", field("id"))?;
     for name in [
         "state",
         "kind",
@@ -735,9 +733,9 @@ fn print_record(record: &Value, json: bool) {
         "pid",
         "labels",
     ] {
-        println!("  {name:<15} {}", field(name));
+        outln!("  {name:<15} {}", field(name))?;
     }
-    println!("  {:<15} {}", "spec", record["spec"]);
+    outln!("  {:<15} {}", "spec", record["spec"])
 }
 
 #[cfg(test)]

@@ -245,3 +245,60 @@ async fn the_embed_example_runs_and_sees_the_restart() {
         restart.reason
     );
 }
+
+/// Runs the CLI against `node` with its stdout a pipe whose reader is already gone (as after
+/// `| head -1`); returns its exit status and stderr.
+async fn run_cli_into_a_closed_pipe(
+    node: &NodeProcess,
+    args: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let mut child = tokio::process::Command::new(troupe_bin())
+        .args(args)
+        .env("TROUPE_URL", format!("http://{}", node.addr))
+        .env("TROUPE_DATA_DIR", &node.data_dir)
+        .env_remove("TROUPE_TOKEN")
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("the command finishes")
+        .unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `troupe … | head -1`: a reader that goes away ends the command quietly with 141 (as SIGPIPE
+/// would), not with a panic.
+#[tokio::test]
+async fn a_closed_stdout_ends_client_commands_quietly() {
+    let node = NodeProcess::start(&[]).await;
+    let record = node
+        .spawn_session(serde_json::json!({"kind": "command", "program": "sh", "args": ["-c", "echo one; echo two"]}))
+        .await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    node.run_to_end(&id).await;
+    for args in [
+        vec!["health"],
+        vec!["events", "--tail", "200"],
+        vec!["session", "list"],
+        vec!["session", "show", &id],
+        vec!["session", "logs", &id],
+        vec!["session", "spawn", "--", "sh", "-c", "echo out"],
+    ] {
+        let (status, stderr) = run_cli_into_a_closed_pipe(&node, &args).await;
+        assert_eq!(
+            status.code(),
+            Some(141),
+            "{args:?}: {status:?}, stderr: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
