@@ -86,6 +86,7 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
         .layer(DefaultBodyLimit::max(core.config.http.max_body_bytes))
         .layer(
             ServiceBuilder::new()
+                .map_request(drop_unusable_request_id)
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -133,6 +134,44 @@ pub async fn serve(
     .await
 }
 
+/// The token of an `Authorization` value `Bearer TOKEN` (the scheme in any case, RFC 9110
+/// §11.1); `None` for another scheme or an empty token.
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The longest `X-Request-Id` taken from a client.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a client's `X-Request-Id` may be kept: short, and made of letters, digits and
+/// `-_.:/+=` (a UUID, a trace id, a base64 id). Any other is replaced by a generated one, so
+/// that a client cannot put what it likes, of any size, into every log line of its request
+/// and into the answer (before its token is even looked at).
+fn usable_request_id(value: &axum::http::HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID
+        && bytes
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_.:/+=".contains(byte))
+}
+
+/// Removes a client's `X-Request-Id` that is not [`usable_request_id`] (a generated one takes
+/// its place).
+fn drop_unusable_request_id(mut request: Request<Body>) -> Request<Body> {
+    if request
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .any(|value| !usable_request_id(value))
+    {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
+}
+
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(
         "not_found",
@@ -164,13 +203,10 @@ pub(crate) fn authorize(
                  admin token is in its data directory, file admin.token)",
             )
         })?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
+    let token =
+        header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer TOKEN`")
+        })?;
     let principal = core
         .tokens
         .authenticate(token)
@@ -233,4 +269,46 @@ async fn require_admin(
     next: Next,
 ) -> Response {
     require(core, request, next, Role::Admin).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    /// Regression: a client's `X-Request-Id` of any size and content was kept, echoed and put
+    /// on every log line of its request, before its token was looked at.
+    #[test]
+    fn only_a_short_plain_request_id_from_a_client_is_kept() {
+        let id = |value: &str| HeaderValue::from_str(value).unwrap();
+        assert!(usable_request_id(&id(
+            "3f2b8c9e-1d4a-4f5b-9c6d-7e8f9a0b1c2d"
+        )));
+        assert!(usable_request_id(&id("trace:abc/def+g=")));
+        assert!(!usable_request_id(&id("")));
+        assert!(!usable_request_id(&id(&"a".repeat(MAX_REQUEST_ID + 1))));
+        assert!(!usable_request_id(&id("a b")));
+        assert!(!usable_request_id(&id("a\"b")));
+
+        let request = |value: &str| {
+            Request::builder()
+                .header("x-request-id", value)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let kept = drop_unusable_request_id(request("abc-123"));
+        assert_eq!(kept.headers()["x-request-id"], "abc-123");
+        let dropped = drop_unusable_request_id(request(&"A".repeat(200_000)));
+        assert!(dropped.headers().get("x-request-id").is_none());
+    }
 }
