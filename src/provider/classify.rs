@@ -145,11 +145,16 @@ fn openai_kind(status: Option<u16>, body: &ErrorBody) -> Option<ErrorKind> {
     None
 }
 
-/// Anthropic: `error.type`, one per documented status.
+/// Anthropic: `error.type`, one per documented status. A context overflow comes in two
+/// messages: "prompt is too long: …" (the input alone) and "input length and `max_tokens`
+/// exceed context limit: …" (the input plus the output allowance).
 fn anthropic_kind(body: &ErrorBody) -> Option<ErrorKind> {
     let message = body.message_lowercase();
     Some(match body.error_type.as_deref()? {
-        "invalid_request_error" if message.contains("prompt is too long") => {
+        "invalid_request_error"
+            if message.contains("prompt is too long")
+                || message.contains("exceed context limit") =>
+        {
             ErrorKind::ContextOverflow
         }
         "invalid_request_error" if message.contains("credit balance is too low") => {

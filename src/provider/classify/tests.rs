@@ -236,6 +236,13 @@ fn anthropic_http_errors() {
             Anthropic,
             400,
             &[],
+            fixture!("anthropic_400_exceed_context_limit.json"),
+            (ContextOverflow, false, false, None),
+        ),
+        case(
+            Anthropic,
+            400,
+            &[],
             fixture!("anthropic_400_credit_balance.json"),
             (QuotaExhausted, false, true, None),
         ),
