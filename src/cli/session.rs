@@ -142,6 +142,7 @@ pub(super) struct IdArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// The session id.
+    #[arg(value_parser = session_id)]
     id: String,
     /// Print JSON.
     #[arg(long)]
@@ -153,10 +154,19 @@ pub(super) struct LogsArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// The session id.
+    #[arg(value_parser = session_id)]
     id: String,
     /// Keep printing until the run ends, then exit with the run's exit code (as `spawn` does).
     #[arg(long, short)]
     follow: bool,
+}
+
+/// A session id as the node writes them; anything else is refused before it is put into a URL
+/// path (`../health` or `ID?x` would reach another route, or another session).
+fn session_id(text: &str) -> Result<String, String> {
+    troupe_actors::ids::SessionId::new(text)
+        .map(|id| id.as_str().to_owned())
+        .map_err(|error| format!("{error} (`troupe session list` shows the ids)"))
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -789,6 +799,26 @@ mod tests {
         );
         assert!(shown.show(StateText::starting()));
         assert_eq!(shown.current.as_ref().unwrap().text, "running");
+    }
+
+    #[test]
+    fn session_ids_that_would_change_the_url_are_refused() {
+        assert_eq!(
+            session_id("s-01jq2k3m4n5p6q7r").unwrap(),
+            "s-01jq2k3m4n5p6q7r"
+        );
+        for bad in [
+            "../health",
+            "x?y",
+            "a/b",
+            "x#y",
+            "%2e%2e",
+            "",
+            "../../v1/admin/faults",
+        ] {
+            let error = session_id(bad).unwrap_err();
+            assert!(error.contains("invalid session id"), "{bad}: {error}");
+        }
     }
 
     #[test]

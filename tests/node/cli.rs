@@ -302,3 +302,20 @@ async fn a_closed_stdout_ends_client_commands_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// A session id is checked before it goes into a URL: `../health` would read the health report
+/// as if it were a session, `ID?junk` would cancel `ID`.
+#[tokio::test]
+async fn session_ids_that_would_reach_another_route_are_refused() {
+    let node = NodeProcess::start(&[]).await;
+    for args in [
+        ["session", "show", "../health"],
+        ["session", "cancel", "x?y"],
+        ["session", "logs", "../../v1/admin/faults"],
+    ] {
+        let (status, stdout, stderr) = run_cli(&node, &args).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {stdout} {stderr}");
+        assert!(stderr.contains("invalid session id"), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+    }
+}
