@@ -105,7 +105,7 @@ async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Ne
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.starts_with("application/json"));
+            .is_some_and(is_json_media_type);
     if !is_json_post {
         return next.run(request).await;
     }
@@ -472,6 +472,40 @@ impl InFlight {
     }
 }
 
+/// Whether a `Content-Type` value is `application/json` (parameters aside, in any case, as
+/// media types are matched and as rmcp matches it).
+fn is_json_media_type(value: &str) -> bool {
+    value
+        .split(';')
+        .next()
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Why a frame-served client's link ended before it initialized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum StartFailure {
+    /// It sent no `initialize` in time.
+    #[error("no initialize within {0:?}")]
+    NoInitialize(Duration),
+    /// It answered no ping.
+    #[error("the client answered no ping")]
+    Silent,
+    /// Its first messages broke the protocol.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl StartFailure {
+    /// The close frame: "going away" (1001) for a client that took too long or went quiet, so
+    /// that a bridge connects again; a policy violation (1008) only for a broken protocol.
+    fn close(&self) -> (u16, String) {
+        match self {
+            Self::NoInitialize(_) | Self::Silent => (CLOSE_GOING_AWAY, self.to_string()),
+            Self::Refused(_) => (CLOSE_POLICY, "initialization failed".into()),
+        }
+    }
+}
+
 /// What [`InFlight::admit`] made of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
@@ -667,21 +701,18 @@ async fn serve_frames_until<Si, St>(
         .clone()
         .serve((Box::pin(to_client), Box::pin(from_client)));
     let started = tokio::select! {
-        started = tokio::time::timeout(init_timeout, serving) => started
-            .map_err(|_| format!("no initialize within {init_timeout:?}"))
-            .and_then(|started| started.map_err(|error| error.to_string())),
-        () = silent.cancelled() => Err("the client answered no ping".into()),
+        started = tokio::time::timeout(init_timeout, serving) => match started {
+            Ok(started) => started.map_err(|error| StartFailure::Refused(error.to_string())),
+            Err(_) => Err(StartFailure::NoInitialize(init_timeout)),
+        },
+        () = silent.cancelled() => Err(StartFailure::Silent),
     };
     let running = match started {
         Ok(running) => running,
-        Err(error) => {
-            tracing::info!(%error, "an MCP WebSocket client did not initialize");
-            let _ = out_tx
-                .send(Outgoing::Close(
-                    CLOSE_POLICY,
-                    "initialization failed".into(),
-                ))
-                .await;
+        Err(failure) => {
+            tracing::info!(error = %failure, "an MCP WebSocket client did not initialize");
+            let (code, reason) = failure.close();
+            let _ = out_tx.send(Outgoing::Close(code, reason)).await;
             drop(stop_pings);
             drop(out_tx);
             let _ = writer.await;
@@ -709,4 +740,47 @@ async fn serve_frames_until<Si, St>(
     drop(stop_pings);
     drop(out_tx);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a client that had not sent `initialize` within 60 s was closed with 1008
+    /// (policy), which the `troupe mcp` bridge takes as a refusal and exits on, where the docs
+    /// say 1001 (going away), on which it connects again.
+    /// Regression: `Application/JSON` skipped the node's message checks (rmcp took it all the
+    /// same, and answered a batch with a bare 415).
+    #[test]
+    fn json_bodies_are_recognised_whatever_the_case_of_their_media_type() {
+        for value in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " APPLICATION/JSON ;charset=UTF-8",
+        ] {
+            assert!(is_json_media_type(value), "{value}");
+        }
+        for value in [
+            "text/plain",
+            "application/jsonl",
+            "application/json-seq",
+            "",
+        ] {
+            assert!(!is_json_media_type(value), "{value}");
+        }
+    }
+
+    #[test]
+    fn a_client_too_slow_to_initialize_is_closed_as_going_away_and_a_broken_one_as_policy() {
+        let slow = StartFailure::NoInitialize(INIT_TIMEOUT);
+        assert_eq!(slow.close().0, CLOSE_GOING_AWAY);
+        assert!(slow.close().1.contains("no initialize within"), "{slow:?}");
+        assert_eq!(StartFailure::Silent.close().0, CLOSE_GOING_AWAY);
+        let broken = StartFailure::Refused("expected initialize".into());
+        assert_eq!(
+            broken.close(),
+            (CLOSE_POLICY, "initialization failed".into())
+        );
+    }
 }
