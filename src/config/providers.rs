@@ -208,21 +208,49 @@ pub(super) fn validate(providers: &[ProviderConfig]) -> Result<(), ConfigError> 
                 ),
             ));
         }
+        for (name, limit) in [("rpm", provider.rpm), ("tpm", provider.tpm)] {
+            if limit == Some(0) {
+                return Err(semantic(
+                    &format!("{key}.{name}"),
+                    "0 would refuse every call; leave it out for no limit".into(),
+                ));
+            }
+        }
         validate_breaker(&key, &provider.breaker)?;
         validate_retry(&key, &provider.retry)?;
         validate_timeouts(&key, &provider.timeouts)?;
     }
     for (index, provider) in providers.iter().enumerate() {
+        let key = format!("providers[{index}].fallback");
         for target in &provider.fallback {
-            let known = target
-                .split_once('/')
-                .is_some_and(|(name, model)| names.contains(name) && !model.is_empty());
-            if !known {
+            let Some((name, model, to)) = target.split_once('/').and_then(|(name, model)| {
+                let to = providers.iter().find(|other| other.name == name)?;
+                (!model.is_empty()).then_some((name, model, to))
+            }) else {
                 return Err(semantic(
-                    &format!("providers[{index}].fallback"),
+                    &key,
                     format!(
                         "{target:?} must be PROVIDER/MODEL with a provider defined in \
                          [[providers]]"
+                    ),
+                ));
+            };
+            if name == provider.name {
+                return Err(semantic(
+                    &key,
+                    format!(
+                        "{target:?} falls back to the provider itself, which the failure that \
+                         makes it fall back affects too; name another provider"
+                    ),
+                ));
+            }
+            if !to.models.is_empty() && !to.models.iter().any(|served| served == model) {
+                return Err(semantic(
+                    &key,
+                    format!(
+                        "{target:?}: provider {name:?} does not serve {model:?}; it serves: {}; \
+                         add it to that provider's `models`, or fall back to one of those",
+                        to.models.join(", ")
                     ),
                 ));
             }
@@ -467,12 +495,53 @@ mod tests {
             ("retry = { max_attempts = 0 }", "retry.max_attempts"),
             ("retry = { base_ms = 9000 }", "retry.base_ms"),
             ("max_queue = 0", "max_queue"),
+            ("rpm = 0", "providers[0].rpm"),
+            ("tpm = 0", "providers[0].tpm"),
             ("max_queue = 1000001", "max_queue"),
         ] {
             let error = provider_error(extra);
             assert!(error.contains(key), "{extra}: {error}");
         }
+        let error = provider_error("rpm = 0");
+        assert!(error.contains("leave it out for no limit"), "{error}");
         // Off rules need no companions.
         provider("breaker = { failure_rate = 0.0, min_calls = 0, window_secs = 0 }").unwrap();
+    }
+
+    /// Two providers through the configuration's parsing and validation: `a` serves `m`, `b`
+    /// serves `m2` and has `fallback`.
+    fn with_fallback(fallback: &str) -> Result<(), String> {
+        use figment::Figment;
+        use figment::providers::{Format, Toml};
+        let text = format!(
+            "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\n\
+             models = [\"m\"]\n\
+             [[providers]]\nname = \"b\"\nkind = \"openai\"\nbase_url = \"http://y\"\n\
+             models = [\"m2\"]\nfallback = [{fallback}]\n\
+             [[providers]]\nname = \"any\"\nkind = \"openai\"\nbase_url = \"http://z\"\n"
+        );
+        let config: super::super::Config = Figment::from(Toml::string(&text))
+            .extract()
+            .map_err(|error| error.to_string())?;
+        config.validate().map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn a_fallback_must_be_served_by_its_provider_and_not_be_the_provider_itself() {
+        with_fallback("\"a/m\"").unwrap();
+        // A provider without a `models` list serves any model.
+        with_fallback("\"any/whatever\"").unwrap();
+        let error = with_fallback("\"a/zzz\"").unwrap_err();
+        assert!(
+            error.contains("providers[1].fallback")
+                && error.contains("does not serve \"zzz\"")
+                && error.contains("it serves: m"),
+            "{error}"
+        );
+        let error = with_fallback("\"b/m2\"").unwrap_err();
+        assert!(
+            error.contains("providers[1].fallback") && error.contains("the provider itself"),
+            "{error}"
+        );
     }
 }
