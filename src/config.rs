@@ -164,6 +164,15 @@ impl Default for SessionsConfig {
 /// The shortest `sessions.retention_secs` other than 0 (keep forever).
 const MIN_SESSION_RETENTION_SECS: u64 = 3600;
 
+/// The shortest `events.retention_secs` (there is no "keep forever" for events).
+const MIN_EVENT_RETENTION_SECS: u64 = 60;
+
+/// The largest `events.ring_capacity`: the ring is held in memory.
+pub const MAX_RING_CAPACITY: usize = 1_000_000;
+
+/// The largest `events.subscriber_buffer`: the fan-out channel allocates every slot at start.
+pub const MAX_SUBSCRIBER_BUFFER: usize = 1 << 20;
+
 /// `[gateway]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -581,6 +590,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.sessions.queue_capacity == 0 {
+            return Err(semantic(
+                "sessions.queue_capacity",
+                "must be at least 1 (sessions that may wait for a slot)".into(),
+            ));
+        }
         let max_timeout = troupe_actors::session::SpecLimits::default().max_timeout_secs;
         if !(1..=max_timeout).contains(&self.sessions.default_timeout_secs) {
             return Err(semantic(
@@ -615,10 +630,41 @@ impl Config {
             ));
         }
         providers::validate(&self.providers)?;
-        if self.events.ring_capacity == 0 || self.events.subscriber_buffer == 0 {
+        if !(1..=MAX_RING_CAPACITY).contains(&self.events.ring_capacity) {
             return Err(semantic(
                 "events.ring_capacity",
-                "ring_capacity and subscriber_buffer must be at least 1".into(),
+                format!(
+                    "{} is out of range: use 1 to {MAX_RING_CAPACITY} (events kept in memory)",
+                    self.events.ring_capacity
+                ),
+            ));
+        }
+        if !(1..=MAX_SUBSCRIBER_BUFFER).contains(&self.events.subscriber_buffer) {
+            return Err(semantic(
+                "events.subscriber_buffer",
+                format!(
+                    "{} is out of range: use 1 to {MAX_SUBSCRIBER_BUFFER} (each slot is allocated \
+                     when the node starts)",
+                    self.events.subscriber_buffer
+                ),
+            ));
+        }
+        if self.events.heartbeat_secs == 0 {
+            return Err(semantic(
+                "events.heartbeat_secs",
+                "must be at least 1 (seconds between heartbeats)".into(),
+            ));
+        }
+        if self.events.retention_secs < MIN_EVENT_RETENTION_SECS {
+            return Err(semantic(
+                "events.retention_secs",
+                format!(
+                    "{} is under {MIN_EVENT_RETENTION_SECS} (a minute): events would be deleted \
+                     almost as soon as they are written (0 does not mean \"keep\" here, as it does \
+                     in sessions.retention_secs); to keep events longer, set a large value, e.g. \
+                     31536000 for a year, and bound the log with events.retention_bytes",
+                    self.events.retention_secs
+                ),
             ));
         }
         if self.events.log_linger_ms > 60_000 {
@@ -639,6 +685,14 @@ impl Config {
         }
         if self.health.tick_ms == 0 {
             return Err(semantic("health.tick_ms", "must be at least 1".into()));
+        }
+        if self.health.degraded_after_restarts == 0 {
+            return Err(semantic(
+                "health.degraded_after_restarts",
+                "must be at least 1: with 0 the node would report itself degraded with no \
+                 restart at all"
+                    .into(),
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|error| {
             semantic(
@@ -1051,6 +1105,82 @@ fault_injection = false
                 .unwrap();
                 assert_eq!(config.sessions.retention_secs, good);
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zeros_that_would_break_the_node_and_huge_event_buffers_are_refused() {
+        Jail::expect_with(|jail| {
+            for (file, key, says) in [
+                (
+                    "[events]\nsubscriber_buffer = 4294967296\n",
+                    "events.subscriber_buffer",
+                    "use 1 to 1048576",
+                ),
+                (
+                    "[events]\nsubscriber_buffer = 9223372036854775807\n",
+                    "events.subscriber_buffer",
+                    "use 1 to 1048576",
+                ),
+                (
+                    "[events]\nsubscriber_buffer = 0\n",
+                    "events.subscriber_buffer",
+                    "use 1 to 1048576",
+                ),
+                (
+                    "[events]\nring_capacity = 1000001\n",
+                    "events.ring_capacity",
+                    "use 1 to 1000000",
+                ),
+                (
+                    "[events]\nring_capacity = 0\n",
+                    "events.ring_capacity",
+                    "use 1 to 1000000",
+                ),
+                (
+                    "[events]\nretention_secs = 0\n",
+                    "events.retention_secs",
+                    "0 does not mean \"keep\"",
+                ),
+                (
+                    "[events]\nretention_secs = 59\n",
+                    "events.retention_secs",
+                    "set a large value",
+                ),
+                (
+                    "[events]\nheartbeat_secs = 0\n",
+                    "events.heartbeat_secs",
+                    "at least 1",
+                ),
+                (
+                    "[sessions]\nqueue_capacity = 0\n",
+                    "sessions.queue_capacity",
+                    "at least 1",
+                ),
+                (
+                    "[health]\ndegraded_after_restarts = 0\n",
+                    "health.degraded_after_restarts",
+                    "at least 1",
+                ),
+            ] {
+                let error = load_in(jail, Some(file), &Overrides::default()).unwrap_err();
+                assert!(
+                    error.contains(key) && error.contains(says),
+                    "{file}: {error}"
+                );
+            }
+            let config = load_in(
+                jail,
+                Some(
+                    "[events]\nsubscriber_buffer = 1048576\nring_capacity = 1000000\n\
+                     retention_secs = 60\nheartbeat_secs = 1\n[sessions]\nqueue_capacity = 1\n\
+                     [health]\ndegraded_after_restarts = 1\n",
+                ),
+                &Overrides::default(),
+            )
+            .unwrap();
+            assert_eq!(config.events.subscriber_buffer, 1 << 20);
             Ok(())
         });
     }
