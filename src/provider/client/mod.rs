@@ -432,6 +432,13 @@ impl HttpProvider {
             // Passed through as it came.
             ProviderKind::OpenAi => {
                 let tokens = openai::usage_of(&body).map_err(not_json)?;
+                if let Some(class) = openai::failure_of(status, &body) {
+                    return Err(Failed {
+                        class,
+                        rate_limits,
+                        reached_provider: true,
+                    });
+                }
                 (Bytes::from(body), tokens)
             }
             ProviderKind::Anthropic | ProviderKind::Gemini => {

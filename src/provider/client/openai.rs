@@ -1,6 +1,6 @@
 //! OpenAI and OpenAI-compatible servers: `POST {base_url}/chat/completions`. The request goes
 //! as it came (only `model` replaced) and the answer comes back as it is, byte for byte: only
-//! its `usage` is read.
+//! its `usage` is read, and whether it is an error in place of a completion.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
@@ -65,6 +65,36 @@ pub(super) fn usage_of(body: &[u8]) -> Result<Option<u32>, serde_json::Error> {
         // JSON, but not an object with a readable `usage`: no figure.
         Err(_) => serde_json::from_slice::<IgnoredAny>(body).map(|_| None),
     }
+}
+
+/// The failure a whole answer reports in place of a completion: a top-level `error` (not
+/// `null`) and no `choices`. OpenRouter and other proxies answer so, with a 200, when the model
+/// fails after they sent their headers. Classified as an error event of a stream is (the
+/// `status`, a success, says nothing: a server error unless the body's code says more); `None`
+/// for a completion.
+pub(super) fn failure_of(status: u16, body: &[u8]) -> Option<ErrorClass> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        error: Option<IgnoredAny>,
+        #[serde(default)]
+        choices: Option<IgnoredAny>,
+    }
+    // A key `"error"` cannot appear inside a JSON string (its quotes would be escaped), so most
+    // answers are not parsed a second time.
+    if !body.windows(7).any(|window| window == b"\"error\"") {
+        return None;
+    }
+    let head = serde_json::from_slice::<Head>(body).ok()?;
+    if head.error.is_none() || head.choices.is_some() {
+        return None;
+    }
+    let mut class = classify_stream_error(ProviderKind::OpenAi, body);
+    class.message = Some(format!(
+        "the provider answered {status} with an error in place of a completion: {}",
+        class.message.as_deref().unwrap_or("(no message)")
+    ));
+    Some(class)
 }
 
 /// The chunk `data` on one line. An event sent over several `data:` lines arrives with its

@@ -630,3 +630,76 @@ async fn a_failure_after_the_message_start_but_before_any_text_is_a_failure_befo
     }
     fake.shutdown().await;
 }
+
+/// A server that answers every `POST /v1/chat/completions` with 200 and `body` (as JSON); the
+/// base URL of an OpenAI-compatible provider there, and the server's task.
+async fn answering_200(body: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}/v1"), server)
+}
+
+#[tokio::test]
+async fn a_200_whose_body_is_an_error_without_choices_is_a_failure_not_an_answer() {
+    crate::tls::install_default_provider();
+    let cases = [
+        // OpenRouter's shape once the model failed after the headers went out.
+        (
+            r#"{"error":{"code":502,"message":"Provider returned error","metadata":{"raw":"x"}}}"#,
+            ErrorKind::ServerError,
+        ),
+        (
+            r#"{"error":{"message":"Rate limit exceeded","type":"requests","code":"rate_limit_exceeded"}}"#,
+            ErrorKind::RateLimited,
+        ),
+    ];
+    for (body, expected) in cases {
+        let (base_url, server) = answering_200(body).await;
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, base_url);
+        let failed = HttpProvider::new(&config)
+            .unwrap()
+            .send("m", &request(false))
+            .await
+            .expect_err("an error body is a failure");
+        assert_eq!(failed.class.kind, expected, "{body}");
+        assert!(
+            failed.class.retryable && failed.class.fallback,
+            "{:?}",
+            failed.class
+        );
+        assert!(failed.reached_provider);
+        let message = failed.class.message.unwrap_or_default();
+        assert!(message.contains("answered 200"), "{message}");
+        server.abort();
+    }
+    // A completion that carries `"error": null` (or an error beside its choices) is an answer.
+    for body in [
+        r#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],"error":null}"#,
+        r#"{"id":"x","error":{"message":"partial"},"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}"#,
+    ] {
+        let (base_url, server) = answering_200(body).await;
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, base_url);
+        let answer = HttpProvider::new(&config)
+            .unwrap()
+            .send("m", &request(false))
+            .await
+            .expect("an answer");
+        let ChatReply::Complete(reply) = answer.reply else {
+            panic!("a whole answer");
+        };
+        assert_eq!(reply, body.as_bytes(), "passed on as it came");
+        server.abort();
+    }
+}
