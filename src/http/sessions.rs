@@ -8,7 +8,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -77,6 +78,25 @@ impl From<SessionError> for ApiError {
     }
 }
 
+/// The session id of a `/v1/sessions/{id}` path: a path that cannot be read (not UTF-8 once
+/// decoded) or an id that cannot be one gets the envelope (404 `unknown_session`), as any
+/// unknown id does, not axum's plain-text rejection.
+pub(super) struct SessionPath(SessionId);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => session_id(&raw).map(Self),
+            Err(rejection) => Err(ApiError::not_found(
+                "unknown_session",
+                format!("no such session: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
 fn session_id(raw: &str) -> Result<SessionId, ApiError> {
     SessionId::new(raw).map_err(|_| {
         ApiError::not_found(
@@ -139,9 +159,9 @@ fn routed_view(routed: Routed<SessionView>, status: StatusCode) -> Response {
 pub(super) async fn get(
     State(core): State<Arc<NodeCore>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
 ) -> Result<Response, ApiError> {
-    let routed = remote::get(&core, &session_id(&id)?, Hop::of(&headers)).await?;
+    let routed = remote::get(&core, &id, Hop::of(&headers)).await?;
     Ok(routed_view(routed, StatusCode::OK))
 }
 
@@ -149,9 +169,9 @@ pub(super) async fn get(
 pub(super) async fn cancel(
     State(core): State<Arc<NodeCore>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
 ) -> Result<Response, ApiError> {
-    let routed = remote::cancel(&core, &session_id(&id)?, Hop::of(&headers)).await?;
+    let routed = remote::cancel(&core, &id, Hop::of(&headers)).await?;
     Ok(routed_view(routed, StatusCode::ACCEPTED))
 }
 
@@ -189,7 +209,16 @@ pub(super) async fn list(
                         format!("label={value:?}: use label=KEY=VALUE"),
                     )
                 })?;
-                filter.labels.insert(label.to_owned(), expected.to_owned());
+                if let Some(first) = filter.labels.insert(label.to_owned(), expected.to_owned()) {
+                    // A session has one value per label: the filter could match nothing.
+                    return Err(ApiError::bad_request(
+                        "invalid_filter",
+                        format!(
+                            "label {label:?} is given twice ({first:?} and {expected:?}); a \
+                             session has one value per label"
+                        ),
+                    ));
+                }
             }
             "limit" => {
                 filter.limit = value
@@ -275,11 +304,10 @@ pub(super) async fn list(
 pub(super) async fn output(
     State(core): State<Arc<NodeCore>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    SessionPath(id): SessionPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let hop = Hop::of(&headers);
-    let id = session_id(&id)?;
     let mut offset = 0u64;
     let mut limit = 1000usize;
     let mut follow = false;

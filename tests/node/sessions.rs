@@ -722,6 +722,40 @@ async fn bad_input_is_refused_with_a_clear_4xx_and_leaves_no_trace() {
     assert!(!pwned.exists(), "the impostor never ran");
 }
 
+/// Regression: a session path that is not UTF-8 once decoded got axum's plain-text 400, not
+/// the envelope every other unknown id gets; a label filter given twice kept the last value.
+#[tokio::test]
+async fn a_session_path_that_cannot_be_read_or_a_label_given_twice_is_refused_with_the_envelope() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = Fixture::node_in(temp.path(), "", &[]).await;
+    let client = node.client();
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/sessions/%FF"),
+        (reqwest::Method::GET, "/v1/sessions/%FF/output"),
+        (reqwest::Method::DELETE, "/v1/sessions/%FF"),
+        (reqwest::Method::GET, "/v1/sessions/not%20an%20id"),
+    ] {
+        let response = client
+            .request(method.clone(), format!("http://{}{path}", node.addr))
+            .bearer_auth(&node.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "unknown_session",
+            "{method} {path}: {body}"
+        );
+    }
+    // One label asked for twice (a session has one value per label) is refused, not narrowed to
+    // the last value given.
+    let response = node.get("/v1/sessions?label=team=a&label=team=b").await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_filter", "{body}");
+}
+
 #[tokio::test]
 async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
     let fixture = Fixture::start("", &[]).await;
