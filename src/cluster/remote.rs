@@ -33,7 +33,7 @@ use troupe_actors::session::{CancelError, SessionState};
 
 use forward::{Exchange, call_node, exchange, not_clustered};
 pub use forward::{
-    FORWARDED, MAX_FORWARD_BYTES, RemoteAnswer, RemoteCall, RemoteFollow, serve_call,
+    FORWARDED, ForwardedCall, MAX_FORWARD_BYTES, RemoteAnswer, RemoteCall, RemoteFollow, serve_call,
 };
 pub use owners::{KnownSession, MAX_KNOWN_SESSIONS, OwnersTable, RecordSnapshot, SessionOwners};
 use placement::{Candidate, PlacementError};
@@ -300,7 +300,12 @@ async fn search_owner(core: &NodeCore, id: &SessionId) -> Result<Option<NodeId>,
                 observe(core, &answer);
                 return Ok(Some(node.clone()));
             }
-            Ok(_) => {}
+            Ok(answer) if answer.status == 404 => {}
+            // Busy, stopping, failing: it did not say it has no such session.
+            Ok(answer) => {
+                tracing::info!(%node, status = answer.status, %id, "a member did not answer whether it has a session");
+                unreachable.push(node.clone());
+            }
             Err(error) if error.code == "owner_unreachable" => unreachable.push(node.clone()),
             Err(error) => return Err(error),
         }
@@ -311,7 +316,7 @@ async fn search_owner(core: &NodeCore, id: &SessionId) -> Result<Option<NodeId>,
             "owner_unreachable",
             format!(
                 "session {id} is not on this node nor on the members that answered; {} cannot \
-                 be reached and may own it: retry once it is back",
+                 be reached (or did not answer) and may own it: retry once it is back",
                 unreachable
                     .iter()
                     .map(NodeId::as_str)

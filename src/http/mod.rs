@@ -86,6 +86,7 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
         .layer(DefaultBodyLimit::max(core.config.http.max_body_bytes))
         .layer(
             ServiceBuilder::new()
+                .map_request(drop_client_forwarded)
                 .map_request(drop_unusable_request_id)
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
                 .layer(
@@ -158,6 +159,21 @@ fn usable_request_id(value: &axum::http::HeaderValue) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || b"-_.:/+=".contains(byte))
 }
 
+/// Removes the forwarding header from a request another node did not forward here (see
+/// [`crate::cluster::remote::ForwardedCall`]): a client cannot turn off routing and placement.
+fn drop_client_forwarded(mut request: Request<Body>) -> Request<Body> {
+    if request
+        .extensions()
+        .get::<crate::cluster::remote::ForwardedCall>()
+        .is_none()
+    {
+        request
+            .headers_mut()
+            .remove(crate::cluster::remote::FORWARDED);
+    }
+    request
+}
+
 /// Removes a client's `X-Request-Id` that is not [`usable_request_id`] (a generated one takes
 /// its place).
 fn drop_unusable_request_id(mut request: Request<Body>) -> Request<Body> {
@@ -223,7 +239,12 @@ pub(crate) fn authorize(
             "needed": needed.as_str(),
         })));
     }
-    if let Err(wait) = core.limiter.check(&principal) {
+    // A call another node forwarded was charged there, to the client that made it.
+    let forwarded = request
+        .extensions()
+        .get::<crate::cluster::remote::ForwardedCall>()
+        .is_some();
+    if !forwarded && let Err(wait) = core.limiter.check(&principal) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -536,6 +536,45 @@ async fn a_session_this_node_never_heard_of_is_found_and_read_through_it_or_its_
     assert_eq!(error["error"]["details"]["node"], "c", "{error}");
 }
 
+/// Regression: every call another node forwarded ran as this node's admin and was charged to
+/// that token's rate limit, so requests through one member used up another member's own admin
+/// budget (its CLI's, its `troupe mcp` bridge's) and were refused with a 429 naming a token the
+/// client never used; and a client could send the forwarding header itself to turn routing off.
+#[tokio::test]
+async fn forwarded_calls_are_not_charged_to_the_owners_admin_and_clients_cannot_pose_as_a_node() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b", "c"]).await;
+    let b = node(temp.path(), "b", &[], None).await;
+    // c allows its tokens three requests at once, then one a second.
+    let tight = "[cluster]\nprofile = \"fast\"\n\n[auth]\nrequests_per_second = 1\nburst = 3\n";
+    let c = start_cluster_node(temp.path(), "c", tight, b.cluster, &[]).await;
+    wait_members(&b, &["c"]).await;
+    let (status, record) = spawn_through(&c, command("sleep 60")).await;
+    assert_eq!(status, 202, "{record}");
+    let id = record["id"].as_str().unwrap().to_owned();
+
+    for round in 0..10 {
+        let response = b.get(&format!("/v1/sessions/{id}")).await;
+        assert_eq!(response.status(), 200, "lookup {round} through b");
+        assert_eq!(response.headers()["x-troupe-node"], "c");
+    }
+    // c's own admin still has its budget.
+    assert_eq!(c.get("/v1/links").await.status(), 200);
+
+    // A client's forwarding header is dropped: b still asks c.
+    let posed = b
+        .client()
+        .get(b.url(&format!("/v1/sessions/{id}")))
+        .bearer_auth(&b.token)
+        .header("x-troupe-forwarded", "c")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posed.status(), 200, "answered by c, not refused by b");
+    assert_eq!(posed.headers()["x-troupe-node"], "c");
+    assert_eq!(c.delete(&format!("/v1/sessions/{id}")).await.status(), 202);
+}
+
 /// A member's part of a cluster listing larger than one frame (4 MiB) comes in pieces and is put
 /// back together: six sessions on c whose specs hold about 900 KiB of arguments each.
 #[tokio::test]

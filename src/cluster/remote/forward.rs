@@ -28,8 +28,17 @@ use crate::http::ApiError;
 use crate::node::NodeCore;
 use crate::session::SessionError;
 
-/// The header on forwarded requests (its value: the forwarding node).
+/// The header on forwarded requests (its value: the forwarding node). Only a request that
+/// [`serve_call`] made carries it: the router removes it from every other one
+/// (`http::router`), so a client cannot pass for another node.
 pub const FORWARDED: &str = "x-troupe-forwarded";
+
+/// The mark [`serve_call`] puts in the extensions of a request another node forwarded here (a
+/// client cannot set an extension). The router keeps [`FORWARDED`] only on such a request, and
+/// the per-token rate limit does not charge it: the client was charged on the node it asked,
+/// and the admin token it runs as here is this node's own (its CLI, its `troupe mcp` bridge).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardedCall;
 /// Largest forwarded request body, and largest piece of an answer in one frame.
 pub const MAX_FORWARD_BYTES: usize = 4 * 1024 * 1024 - 1024;
 /// Largest whole (not streamed) answer: one larger than a frame goes in pieces and is put back
@@ -300,6 +309,7 @@ pub async fn serve_call(
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::HOST, "localhost")
         .header(FORWARDED, from.as_str())
+        .extension(ForwardedCall)
         .body(Body::from(call.body));
     let request = match request {
         Ok(request) => request,
