@@ -7,6 +7,11 @@
 //! on a clean shutdown. An entry not refreshed for [`STALE_AFTER`], or whose pid is gone, is stale:
 //! readers ignore it and delete it. Staleness is a pure function of the entry, an explicit `now`
 //! and whether the pid lives.
+//!
+//! An entry tells `troupe mcp` where to send the admin token it reads, so nothing in the
+//! directory is trusted unless it is this user's: an existing directory owned by another user or
+//! open to group or others is refused (reading and writing), and an entry file owned by another
+//! user is skipped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -81,17 +86,72 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether process `pid` exists (signal 0).
+/// Whether process `pid` exists and is this user's (signal 0). Entries are written by this
+/// user's nodes, so a pid of another user's process (EPERM) is a reused pid: the node is gone.
 pub fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        // It exists but belongs to someone else.
-        Err(nix::errno::Errno::EPERM) => true,
-        Err(_) => false,
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// The effective user id of this process: from `/proc/self/status` where there is one, else the
+/// owner of a file this process creates (std has no safe `geteuid`, and `unsafe` is forbidden).
+pub fn current_uid() -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let effective = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse().ok());
+        if let Some(uid) = effective {
+            return Ok(uid);
+        }
     }
+    Ok(tempfile::tempfile()?.metadata()?.uid())
+}
+
+/// Refuses `dir` unless it is owned by `uid` and closed to group and others: entries there
+/// decide where the admin token goes.
+fn check_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let metadata = std::fs::metadata(dir)?;
+    let refuse = |what: String, fix: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the discovery directory {} {what}: another user could plant entries that \
+                 receive your admin token, or read yours; {fix}, or point TROUPE_DISCOVERY_DIR \
+                 at a directory of your own",
+                dir.display()
+            ),
+        )
+    };
+    if !metadata.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the discovery directory {} is not a directory; remove it, or point \
+                 TROUPE_DISCOVERY_DIR at a directory of your own",
+                dir.display()
+            ),
+        ));
+    }
+    if metadata.uid() != uid {
+        return Err(refuse(
+            format!("is owned by uid {}, not by you (uid {uid})", metadata.uid()),
+            "remove it (it is made again, private) if it is yours to remove",
+        ));
+    }
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(refuse(
+            format!("is mode {mode:04o}, open to group or others"),
+            &format!("run `chmod 700 {}`", dir.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// The discovery directory.
@@ -105,14 +165,20 @@ pub fn directory() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".troupe").join("nodes"))
 }
 
-/// Writes `entry` into `dir` (atomically: a temporary file renamed over the entry).
+/// Writes `entry` into `dir` (atomically: a temporary file renamed over the entry); refuses a
+/// directory that is not private to this user.
 pub fn write(dir: &Path, entry: &Entry) -> std::io::Result<PathBuf> {
+    write_as(dir, entry, current_uid()?)
+}
+
+fn write_as(dir: &Path, entry: &Entry, uid: u32) -> std::io::Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
+    check_dir(dir, uid)?;
     let path = dir.join(entry.file_name());
     let temporary = dir.join(format!(".{}.tmp", entry.file_name()));
     let mut file = std::fs::OpenOptions::new()
@@ -127,16 +193,36 @@ pub fn write(dir: &Path, entry: &Entry) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Live entries in `dir`, most recently started first; stale and unreadable ones are deleted.
-pub fn live(dir: &Path, now: u64) -> Vec<Entry> {
-    let Ok(read) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
+/// Live entries in `dir`, most recently started first; stale and unreadable ones are deleted,
+/// files of other users skipped. A missing directory has none; one that is not private to this
+/// user is refused, saying how to fix it.
+pub fn live(dir: &Path, now: u64) -> std::io::Result<Vec<Entry>> {
+    live_as(dir, now, current_uid()?)
+}
+
+fn live_as(dir: &Path, now: u64, uid: u32) -> std::io::Result<Vec<Entry>> {
+    use std::os::unix::fs::MetadataExt;
+    match check_dir(dir, uid) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        checked => checked?,
+    }
     let mut entries = Vec::new();
-    for file in read.flatten().take(MAX_ENTRIES) {
+    for file in std::fs::read_dir(dir)?.flatten().take(MAX_ENTRIES) {
         let path = file.path();
         if path.extension().is_none_or(|ext| ext != "json") {
             continue;
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_file() && metadata.uid() == uid => {}
+            Ok(metadata) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    owner = metadata.uid(),
+                    "skipping a discovery entry that is not a file of yours"
+                );
+                continue;
+            }
+            Err(_) => continue,
         }
         let stale = match read_entry(&path) {
             Some(entry) => match entry.stale_reason(now, pid_alive(entry.pid)) {
@@ -156,7 +242,7 @@ pub fn live(dir: &Path, now: u64) -> Vec<Entry> {
             .cmp(&a.started_at)
             .then(a.node_id.cmp(&b.node_id))
     });
-    entries
+    Ok(entries)
 }
 
 fn read_entry(path: &Path) -> Option<Entry> {
@@ -208,6 +294,14 @@ impl Registration {
 mod tests {
     use super::*;
 
+    /// A temporary directory as `write` makes them: private to this user.
+    fn private_dir() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
     fn entry(node: &str, pid: u32, updated_at: u64) -> Entry {
         Entry {
             node_id: node.into(),
@@ -235,7 +329,7 @@ mod tests {
 
     #[test]
     fn live_keeps_fresh_entries_of_live_processes_and_deletes_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_dir();
         let me = std::process::id();
         let now = now_secs();
         write(dir.path(), &entry("fresh", me, now)).unwrap();
@@ -244,7 +338,7 @@ mod tests {
         let dead = write(dir.path(), &entry("dead", 999_999_999, now)).unwrap();
         let garbage = dir.path().join("garbage.json");
         std::fs::write(&garbage, "{").unwrap();
-        let found = live(dir.path(), now);
+        let found = live(dir.path(), now).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].node_id, "fresh");
         assert!(!old.exists() && !dead.exists() && !garbage.exists());
@@ -260,5 +354,70 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let mode = std::fs::metadata(&nodes).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn the_current_uid_owns_what_this_process_creates() {
+        use std::os::unix::fs::MetadataExt;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(
+            current_uid().unwrap(),
+            file.as_file().metadata().unwrap().uid()
+        );
+    }
+
+    #[test]
+    fn a_directory_open_to_others_or_of_another_user_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = private_dir();
+        let me = current_uid().unwrap();
+        let now = now_secs();
+        write(dir.path(), &entry("mine", std::process::id(), now)).unwrap();
+        for mode in [0o777, 0o750, 0o701] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = live(dir.path(), now).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("mode {mode:04o}")) && error.contains("chmod 700"),
+                "{error}"
+            );
+            let error = write(dir.path(), &entry("b", 1, now))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("chmod 700"), "{error}");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(live(dir.path(), now).unwrap().len(), 1);
+        // Owned by someone else (as another user would see it).
+        let error = live_as(dir.path(), now, me + 1).unwrap_err().to_string();
+        assert!(error.contains(&format!("owned by uid {me}")), "{error}");
+        let error = write_as(dir.path(), &entry("b", 1, now), me + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("TROUPE_DISCOVERY_DIR"), "{error}");
+        // A missing directory simply has no entries.
+        assert!(live(&dir.path().join("none"), now).unwrap().is_empty());
+    }
+
+    #[test]
+    fn entries_that_are_not_files_of_this_user_are_skipped_and_left_alone() {
+        let dir = private_dir();
+        let elsewhere = private_dir();
+        let now = now_secs();
+        let me = std::process::id();
+        let planted = write(elsewhere.path(), &entry("planted", me, now)).unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&planted, &link).unwrap();
+        let foreign = write(dir.path(), &entry("foreign", me, now)).unwrap();
+        // Only root can give a file away; other users still test the symlink.
+        let chowned = std::os::unix::fs::chown(&foreign, Some(65534), None).is_ok();
+        if !chowned {
+            std::fs::remove_file(&foreign).unwrap();
+        }
+        write(dir.path(), &entry("mine", me, now)).unwrap();
+        let found = live(dir.path(), now).unwrap();
+        let names: Vec<&str> = found.iter().map(|entry| entry.node_id.as_str()).collect();
+        assert_eq!(names, ["mine"]);
+        assert!(std::fs::symlink_metadata(&link).is_ok(), "not deleted");
+        assert_eq!(foreign.exists(), chowned, "not deleted");
     }
 }

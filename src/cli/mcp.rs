@@ -139,7 +139,7 @@ async fn find_or_start(
         .filter(|left| !left.is_zero())
     {
         // Entries that cannot be used are reported on the first look only.
-        if let Some(bridge) = attach(dir, !looked).await {
+        if let Some(bridge) = attach(dir, !looked).await? {
             return Ok(bridge);
         }
         if !looked {
@@ -157,7 +157,7 @@ async fn find_or_start(
     let deadline = tokio::time::Instant::now() + IN_USE_PATIENCE;
     let mut told = false;
     loop {
-        if let Some(bridge) = attach(dir, !told && !looked).await {
+        if let Some(bridge) = attach(dir, !told && !looked).await? {
             return Ok(bridge);
         }
         if !told {
@@ -279,8 +279,10 @@ async fn serve_here(
 /// A bridge to the first live node in discovery that answers, most recently started first.
 /// Entries whose token cannot be read or whose node cannot be reached are skipped (a warning
 /// each when `report`), so a node that hangs or lost its token does not block `troupe mcp`.
-async fn attach(dir: &std::path::Path, report: bool) -> Option<Found> {
-    for entry in discovery::live(dir, discovery::now_secs()) {
+/// A discovery directory that is not private to this user is an error: its entries could send
+/// the admin token anywhere, and an embedded node would register there.
+async fn attach(dir: &std::path::Path, report: bool) -> anyhow::Result<Option<Found>> {
+    for entry in discovery::live(dir, discovery::now_secs())? {
         let token_dir = entry.token_file.parent().unwrap_or(&entry.token_file);
         let Some(token) = crate::auth::read_admin_token(token_dir) else {
             if !report {
@@ -296,10 +298,10 @@ async fn attach(dir: &std::path::Path, report: bool) -> Option<Found> {
         match crate::mcp::stdio::Bridge::connect(entry.http, &token).await {
             Ok(bridge) => {
                 tracing::info!(node = %entry.node_id, http = %entry.http, "bridging stdio to a running node");
-                return Some(Found::Bridge {
+                return Ok(Some(Found::Bridge {
                     bridge: Box::new(bridge),
                     embedded: entry.embedded,
-                });
+                }));
             }
             Err(error) if report => {
                 tracing::warn!(node = %entry.node_id, %error, "a running node cannot be reached; trying the next node");
@@ -307,7 +309,7 @@ async fn attach(dir: &std::path::Path, report: bool) -> Option<Found> {
             Err(_) => {}
         }
     }
-    None
+    Ok(None)
 }
 
 /// Resolves once no stdio client bridged to this node (an `mcp_stdio` link from a socket) is left.
@@ -342,7 +344,7 @@ async fn bridged_clients_gone(node: &crate::node::NodeHandle) {
 
 pub(super) fn nodes(args: NodesArgs) -> anyhow::Result<ExitCode> {
     let dir = discovery::directory();
-    let entries = discovery::live(&dir, discovery::now_secs());
+    let entries = discovery::live(&dir, discovery::now_secs())?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&entries)?)?;
         return Ok(ExitCode::SUCCESS);

@@ -319,3 +319,45 @@ async fn session_ids_that_would_reach_another_route_are_refused() {
         assert!(stdout.is_empty(), "{args:?}: {stdout}");
     }
 }
+
+/// A discovery directory open to others is refused by `troupe nodes` and `troupe mcp`: an entry
+/// planted there would receive the admin token, and an embedded node would register there.
+#[tokio::test]
+async fn a_discovery_directory_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = tempfile::tempdir().unwrap();
+    let open = temp.path().join("shared");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for args in [
+        vec!["nodes"],
+        vec![
+            "mcp",
+            "--data-dir",
+            temp.path().join("data").to_str().unwrap(),
+        ],
+    ] {
+        let output = tokio::time::timeout(
+            PATIENCE,
+            tokio::process::Command::new(troupe_bin())
+                .args(&args)
+                .env("TROUPE_DISCOVERY_DIR", &open)
+                .stdin(std::process::Stdio::null())
+                .output(),
+        )
+        .await
+        .expect("the command finishes")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("mode 0777") && stderr.contains("chmod 700"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&open).unwrap().count(),
+            0,
+            "{args:?}: nothing registered there"
+        );
+    }
+}

@@ -630,9 +630,20 @@ fn tools_call(id: u64, name: &str, arguments: Value) -> Value {
            "params": {"name": name, "arguments": arguments}})
 }
 
+/// Makes `dir` private to this user, as a node makes its discovery directory (discovery refuses
+/// one open to others).
+fn private_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .unwrap();
+}
+
 /// A discovery entry of a process that does not exist (a node killed without cleaning up).
 fn stale_entry(dir: &std::path::Path) -> std::path::PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
+    private_dir(dir);
     let path = dir.join("ghost-999999999.json");
     std::fs::write(
         &path,
@@ -1070,7 +1081,7 @@ async fn troupe_mcp_skips_an_unreachable_node_then_runs_an_embedded_node_that_ot
     let token_dir = temp.path().join("ghost");
     std::fs::create_dir_all(&token_dir).unwrap();
     std::fs::write(token_dir.join("admin.token"), "trp_ghost\n").unwrap();
-    std::fs::create_dir_all(&discovery).unwrap();
+    private_dir(&discovery);
     let me = std::process::id();
     std::fs::write(
         discovery.join(format!("ghost-{me}.json")),
