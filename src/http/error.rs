@@ -105,7 +105,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(body)).into_response();
         let headers = response.headers_mut();
         if let Some(after) = self.retry_after {
-            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let seconds = after
+                .as_secs()
+                .saturating_add(u64::from(after.subsec_nanos() > 0));
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         if self.status == StatusCode::UNAUTHORIZED {
@@ -200,5 +202,26 @@ pub struct ApiJson<T>(pub T);
 impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         Json(self.0).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_without_overflowing() {
+        let header = |after: Duration| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "slow")
+                .retry_after(after)
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        assert_eq!(header(Duration::from_millis(1500)).as_deref(), Some("2"));
+        assert_eq!(header(Duration::ZERO).as_deref(), Some("1"));
+        let longest = Duration::new(u64::MAX, 500_000_000);
+        assert_eq!(header(longest), Some(u64::MAX.to_string()));
     }
 }

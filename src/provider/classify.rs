@@ -9,7 +9,7 @@
 use std::time::SystemTime;
 
 pub use troupe_actors::provider::failure::{ErrorClass, ErrorKind};
-use troupe_actors::provider::headers::retry_after;
+use troupe_actors::provider::headers::{MAX_RETRY_HINT, retry_after};
 
 use super::ProviderKind;
 use super::error_body::{ErrorBody, delay_in_message};
@@ -93,7 +93,8 @@ fn class_with_body(kind: ErrorKind, body: Option<&ErrorBody>) -> ErrorClass {
         class.message = body.message.clone();
         class.retry_after = body
             .retry_delay
-            .or_else(|| body.message.as_deref().and_then(delay_in_message));
+            .or_else(|| body.message.as_deref().and_then(delay_in_message))
+            .map(|delay| delay.min(MAX_RETRY_HINT));
     }
     class
 }

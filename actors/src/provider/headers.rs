@@ -88,7 +88,11 @@ impl RateLimitSnapshot {
     }
 }
 
-/// The provider's "retry after" hint: `retry-after-ms` (milliseconds, OpenAI) when present and
+/// The longest retry hint taken from a provider: a longer one (a misbehaving upstream's
+/// `retry-after: 18446744073709551615`) is read as this.
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(24 * 3600);
+
+/// The provider's "retry after" hint, at most [`MAX_RETRY_HINT`]: `retry-after-ms` (milliseconds, OpenAI) when present and
 /// valid, else `retry-after` (seconds, integer or decimal, or an HTTP-date relative to
 /// `now_wall`; a date in the past is zero).
 pub fn retry_after<I, K, V>(headers: I, now_wall: SystemTime) -> Option<Duration>
@@ -112,19 +116,25 @@ where
 }
 
 /// Parses one `retry-after` value: delay-seconds (`"20"`, also decimals such as `"0.5"`) or an
-/// HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`) relative to `now_wall`.
+/// HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`) relative to `now_wall`; at most
+/// [`MAX_RETRY_HINT`].
 pub fn parse_retry_after(value: &str, now_wall: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Some(duration) = parse_decimal(value, Duration::from_secs(1)) {
-        return Some(duration);
+        return Some(duration.min(MAX_RETRY_HINT));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now_wall).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(now_wall)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_HINT),
+    )
 }
 
-/// Parses one `retry-after-ms` value: milliseconds, integer or decimal.
+/// Parses one `retry-after-ms` value: milliseconds, integer or decimal; at most
+/// [`MAX_RETRY_HINT`].
 pub fn parse_retry_after_ms(value: &str) -> Option<Duration> {
-    parse_decimal(value.trim(), Duration::from_millis(1))
+    parse_decimal(value.trim(), Duration::from_millis(1)).map(|delay| delay.min(MAX_RETRY_HINT))
 }
 
 /// Parses a Go-style duration as OpenAI's reset headers send them: `"1s"`, `"6m0s"`,
@@ -603,6 +613,22 @@ mod tests {
             Some(Duration::from_micros(12_500))
         );
         assert_eq!(parse_retry_after_ms("x"), None);
+    }
+
+    #[test]
+    fn retry_hints_longer_than_a_day_are_read_as_a_day() {
+        let huge = "18446744073709551615.5";
+        assert_eq!(parse_retry_after(huge, now_wall()), Some(MAX_RETRY_HINT));
+        assert_eq!(
+            parse_retry_after("Wed, 07 Jun 2124 12:00:00 GMT", now_wall()),
+            Some(MAX_RETRY_HINT)
+        );
+        assert_eq!(parse_retry_after_ms(huge), Some(MAX_RETRY_HINT));
+        assert_eq!(
+            retry_after([("retry-after", huge)], now_wall()),
+            Some(MAX_RETRY_HINT)
+        );
+        assert_eq!(parse_retry_after("86399", now_wall()), Some(secs(86_399)));
     }
 
     #[test]

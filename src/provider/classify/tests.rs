@@ -576,3 +576,20 @@ fn kind_rules_and_names() {
         assert_eq!(kind.to_string(), kind.as_str());
     }
 }
+
+#[test]
+fn delays_in_a_body_longer_than_a_day_are_read_as_a_day() {
+    let day = Some(troupe_actors::provider::headers::MAX_RETRY_HINT);
+    let in_message: &[u8] = br#"{"error": {"message": "Rate limit reached. Please try again in 99999999999999h.", "type": "requests", "code": "rate_limit_exceeded"}}"#;
+    let retry_info: &[u8] = br#"{"error": {"code": 429, "message": "Quota exceeded.", "status": "RESOURCE_EXHAUSTED", "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "18446744073709551615s"}]}}"#;
+    let header = [("retry-after", "18446744073709551615.5")];
+    for (provider, headers, body) in [
+        (OpenAi, &[][..], in_message),
+        (Gemini, &[][..], retry_info),
+        (OpenAi, &header[..], b"".as_slice()),
+    ] {
+        let class = classify_http(provider, 429, headers.iter().copied(), body, now_wall());
+        assert_eq!(class.kind, RateLimited, "{}", String::from_utf8_lossy(body));
+        assert_eq!(class.retry_after, day, "{}", String::from_utf8_lossy(body));
+    }
+}

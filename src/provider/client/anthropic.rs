@@ -189,7 +189,7 @@ impl Translate for StreamTranslator {
                     .pointer("/usage/output_tokens")
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
-                store_usage(&self.usage, self.input_tokens + output);
+                store_usage(&self.usage, self.input_tokens.saturating_add(output));
                 let reason =
                     finish_reason(data.pointer("/delta/stop_reason").and_then(Value::as_str));
                 vec![chunk(

@@ -242,7 +242,7 @@ impl Translate for StreamTranslator {
         let usage = if reason.is_some() {
             self.finished = true;
             usage_of(&data).map(|(prompt, completion)| {
-                store_usage(&self.usage, prompt + completion);
+                store_usage(&self.usage, prompt.saturating_add(completion));
                 usage_json(prompt, completion)
             })
         } else {

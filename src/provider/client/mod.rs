@@ -707,6 +707,6 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
     serde_json::json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": prompt.saturating_add(completion),
     })
 }

@@ -291,9 +291,17 @@ mod tests {
 
     /// The body's pieces through the OpenAI translator: the chunks, then the failure if any.
     async fn read(pieces: Vec<Bytes>) -> (Vec<Bytes>, Option<ErrorClass>) {
+        read_as(ProviderKind::OpenAi, pieces, Arc::new(AtomicU32::new(0))).await
+    }
+
+    /// The body's pieces through the translator of `kind`, its usage stored in `usage`.
+    async fn read_as(
+        kind: ProviderKind,
+        pieces: Vec<Bytes>,
+        usage: Arc<AtomicU32>,
+    ) -> (Vec<Bytes>, Option<ErrorClass>) {
         let body: RawStream = Box::pin(futures::stream::iter(pieces.into_iter().map(Ok)));
-        let usage = Arc::new(AtomicU32::new(0));
-        let translate = translator(ProviderKind::OpenAi, "m", usage);
+        let translate = translator(kind, "m", usage);
         let mut events = SseEvents::new(body, translate, Duration::from_secs(30));
         let mut chunks = Vec::new();
         while let Some(item) = events.next().await {
@@ -361,5 +369,33 @@ mod tests {
         assert_eq!(chunks.len(), 1 + count);
         // Passed on as one line (an SSE `data:` line cannot hold a line break), the same JSON.
         assert_eq!(chunks[0], "{\"id\": \"a\", \"object\": \"chunk\"}");
+    }
+
+    #[tokio::test]
+    async fn usage_counts_near_the_largest_integer_saturate() {
+        const MAX: u64 = u64::MAX;
+        let anthropic = [
+            format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_1\",\"usage\":{{\"input_tokens\":{MAX}}}}}}}\n\n"
+            ),
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n".into(),
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\n".into(),
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+        ];
+        let gemini = [format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"hi\"}}]}},\"finishReason\":\"STOP\"}}],\"usageMetadata\":{{\"promptTokenCount\":{MAX},\"candidatesTokenCount\":5}}}}\n\n"
+        )];
+        for (kind, events) in [
+            (ProviderKind::Anthropic, &anthropic[..]),
+            (ProviderKind::Gemini, &gemini[..]),
+        ] {
+            let usage = Arc::new(AtomicU32::new(0));
+            let pieces = events.iter().cloned().map(Bytes::from).collect();
+            let (chunks, failure) = read_as(kind, pieces, usage.clone()).await;
+            assert!(failure.is_none(), "{kind}: {failure:?}");
+            assert_eq!(usage.load(Ordering::Relaxed), u32::MAX, "{kind}");
+            let last: Value = serde_json::from_slice(chunks.last().unwrap()).unwrap();
+            assert_eq!(last["usage"]["total_tokens"], MAX, "{kind}");
+        }
     }
 }
