@@ -176,7 +176,7 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// The base URL does not make a valid endpoint URL.
+    /// The base URL does not make a valid endpoint URL (named without its credentials).
     #[error(
         "provider {provider:?}: base_url {base_url:?} does not make a valid URL ({reason}); \
          write it as http(s)://host[:port]/path, e.g. https://api.openai.com/v1"
@@ -253,7 +253,7 @@ impl HttpProvider {
         let parse = |url: String| {
             reqwest::Url::parse(&url).map_err(|error| ClientError::BadUrl {
                 provider: config.name.clone(),
-                base_url: config.base_url.clone(),
+                base_url: without_credentials(&config.base_url),
                 reason: error.to_string(),
             })
         };
@@ -310,8 +310,12 @@ impl HttpProvider {
                 .map(|body| (url.clone(), body)),
             Endpoint::Gemini => {
                 gemini::request(&self.base_url, model, request).and_then(|(url, body)| {
-                    let url = reqwest::Url::parse(&url)
-                        .map_err(|error| format!("the URL {url:?} is not valid: {error}"))?;
+                    let url = reqwest::Url::parse(&url).map_err(|error| {
+                        format!(
+                            "the URL {:?} is not valid: {error}",
+                            without_credentials(&url)
+                        )
+                    })?;
                     Ok((url, encoded(body)?))
                 })
             }
@@ -336,7 +340,7 @@ impl HttpProvider {
         let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
         let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
             Err(_) => return Err(self.first_byte_timeout()),
-            Ok(Err(error)) => return Err(self.reqwest_failure(&error)),
+            Ok(Err(error)) => return Err(self.reqwest_failure(error)),
             Ok(Ok(response)) => response,
         };
         let status = response.status().as_u16();
@@ -527,25 +531,51 @@ impl HttpProvider {
         failed
     }
 
-    fn reqwest_failure(&self, error: &reqwest::Error) -> Failed {
+    /// The failure of a request that got no answer. reqwest's text of the error names the
+    /// whole URL, credentials of a `base_url` such as `https://user:secret@proxy/v1` included,
+    /// and the message goes to the caller, events and `/v1/providers`: it names only the host.
+    fn reqwest_failure(&self, error: reqwest::Error) -> Failed {
+        let host = error.url().map(host_of).unwrap_or_default();
+        let error = error.without_url();
         if error.is_connect() {
             let mut failed = transport(TransportFailure::Connect, false);
             failed.class.message = Some(if error.is_timeout() {
                 format!(
-                    "could not connect within {} ms (timeouts.connect_ms)",
+                    "could not connect to {host} within {} ms (timeouts.connect_ms)",
                     self.timeouts.connect.as_millis()
                 )
             } else {
-                format!("could not connect: {}", error_chain(error))
+                format!("could not connect to {host}: {}", error_chain(&error))
             });
             failed
         } else if error.is_timeout() {
             transport(TransportFailure::Timeout, true)
         } else {
             let mut failed = transport(TransportFailure::Interrupted, true);
-            failed.class.message = Some(error_chain(error));
+            failed.class.message = Some(format!("{} ({host})", error_chain(&error)));
             failed
         }
+    }
+}
+
+/// `url` with the `user:password@` before its host, if any, written `***@`: for messages.
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// `host:port` of a URL, never its credentials or path.
+fn host_of(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or("?");
+    match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
     }
 }
 

@@ -444,6 +444,16 @@ fn a_base_url_that_makes_no_valid_url_is_refused_when_the_client_is_built() {
         );
         assert!(error.to_string().contains("base_url"), "{error}");
     }
+    // Named without the credentials it carries.
+    let config = ProviderConfig::new("p", ProviderKind::OpenAi, "http://me:s3cr3t@exa mple/v1");
+    let Err(error) = HttpProvider::new(&config) else {
+        panic!("a host with a space was accepted");
+    };
+    let message = error.to_string();
+    assert!(
+        !message.contains("s3cr3t") && message.contains("http://***@exa mple/v1"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -702,4 +712,47 @@ async fn a_200_whose_body_is_an_error_without_choices_is_a_failure_not_an_answer
         assert_eq!(reply, body.as_bytes(), "passed on as it came");
         server.abort();
     }
+}
+
+#[tokio::test]
+async fn credentials_in_the_base_url_stay_out_of_failure_messages() {
+    crate::tls::install_default_provider();
+    // Refused: a port that was just free.
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    // Interrupted: a server that reads the request and closes without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buffer = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buffer).await;
+            drop(socket);
+        }
+    });
+    for (addr, expected) in [
+        (refused, ErrorKind::Connection),
+        (closing, ErrorKind::Connection),
+    ] {
+        let base_url = format!("http://troupe:s3cr3t-pw@{addr}/v1");
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, base_url);
+        let failed = HttpProvider::new(&config)
+            .unwrap()
+            .send("m", &request(false))
+            .await
+            .expect_err("no answer");
+        assert_eq!(failed.class.kind, expected, "{:?}", failed.class);
+        let message = failed.class.message.unwrap_or_default();
+        assert!(
+            !message.contains("s3cr3t") && !message.contains("troupe:"),
+            "{message}"
+        );
+        assert!(message.contains(&addr.to_string()), "{message}");
+    }
+    server.abort();
 }
