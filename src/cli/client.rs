@@ -27,13 +27,24 @@ pub struct ClientArgs {
     /// The node's data directory, to read its admin token from.
     #[arg(long, env = "TROUPE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Seconds to wait for the node's answer (default 30; 10 for `troupe health`). A followed
+    /// stream is waited for this long to open, and then as long as it runs.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout: Option<u64>,
 }
+
+/// How long a command waits for a node's answer unless `--request-timeout` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection to one node.
 pub struct NodeClient {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// How long a request may wait for the node's answer.
+    timeout: Duration,
+    /// Whether `timeout` came from `--request-timeout` (a command's own default does not replace it).
+    timeout_given: bool,
 }
 
 impl NodeClient {
@@ -41,6 +52,10 @@ impl NodeClient {
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
         let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
         let token = match &args.token {
+            Some(token) if token.trim().is_empty() => bail!(
+                "the token given with --token / TROUPE_TOKEN is empty; give the token, or unset \
+                 TROUPE_TOKEN to use the admin token of the node's data directory"
+            ),
             Some(token) => token.clone(),
             None => read_admin_token(&data_dir).with_context(|| {
                 format!(
@@ -68,7 +83,19 @@ impl NodeClient {
             http,
             base: node_url(&args.url)?,
             token,
+            timeout: args
+                .request_timeout
+                .map_or(DEFAULT_TIMEOUT, Duration::from_secs),
+            timeout_given: args.request_timeout.is_some(),
         })
+    }
+
+    /// Waits `timeout` for answers unless `--request-timeout` was given.
+    pub fn default_timeout(mut self, timeout: Duration) -> Self {
+        if !self.timeout_given {
+            self.timeout = timeout;
+        }
+        self
     }
 
     /// The node's base URL.
@@ -90,23 +117,78 @@ impl NodeClient {
         }
     }
 
-    /// Sends a request and turns transport failures into a message that says what to check.
+    /// Sends a request whose answer is read whole: the answer, body included, must come
+    /// within the timeout.
+    pub async fn fetch(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        self.send(request.timeout(self.timeout)).await
+    }
+
+    /// Sends a request and waits, up to the timeout, for the answer to begin (a stream then
+    /// runs as long as it does); turns transport failures into a message that says what to
+    /// check, with their cause.
     pub async fn send(
         &self,
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<reqwest::Response> {
-        request.send().await.map_err(|error| {
-            if error.is_connect() {
-                anyhow::anyhow!(
-                    "cannot reach a node at {}: is it running? (start one with `troupe node`, or \
-                     point --node / TROUPE_URL at it)",
+        let sent = tokio::time::timeout(self.timeout, request.send()).await;
+        match sent {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) if error.is_connect() => {
+                let cause = causes(&error);
+                let hint = if cause.contains("dns error") {
+                    "check the host name, or use the node's IP address"
+                } else if self.base.starts_with("https://") && !cause.contains("tcp connect") {
+                    "the TLS handshake failed: a node serves plain http unless a proxy in front \
+                     of it does TLS, so try http://"
+                } else {
+                    "is it running? (start one with `troupe node`, or point --node / TROUPE_URL \
+                     at it)"
+                };
+                Err(anyhow::anyhow!(
+                    "cannot reach a node at {}: {cause}; {hint}",
                     self.base
-                )
-            } else {
-                anyhow::anyhow!("request to {} failed: {error}", self.base)
+                ))
             }
-        })
+            Ok(Err(error)) if error.is_timeout() => Err(self.no_answer()),
+            Ok(Err(error)) => Err(anyhow::anyhow!(
+                "request to {} failed: {}",
+                self.base,
+                causes(&error)
+            )),
+            Err(_) => Err(self.no_answer()),
+        }
     }
+
+    fn no_answer(&self) -> anyhow::Error {
+        anyhow::anyhow!(
+            "the node at {} did not answer within {}s (is it overloaded or stuck? `--request-timeout \
+             SECS` waits longer)",
+            self.base,
+            self.timeout.as_secs()
+        )
+    }
+}
+
+/// An error's causes, innermost last, each once: what actually went wrong under reqwest's
+/// "error sending request" (connection refused, a DNS failure, a TLS alert…).
+fn causes(error: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(error);
+    while let Some(current) = cause {
+        let text = current.to_string();
+        // hyper's wrapper says nothing its cause does not.
+        if !text.starts_with("client error (") && !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        cause = current.source();
+    }
+    if parts.is_empty() {
+        return error.to_string();
+    }
+    parts.join(": ")
 }
 
 /// The node's base URL from `--node`: `http://` is assumed when no scheme is given (the other

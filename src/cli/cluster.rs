@@ -118,7 +118,7 @@ pub(super) async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
         }
         ClusterCommand::Members(args) => {
             let client = super::client::NodeClient::new(&args.client)?;
-            let response = client.send(client.get("/v1/cluster/members")).await?;
+            let response = client.fetch(client.get("/v1/cluster/members")).await?;
             let view: serde_json::Value = super::client::check(response).await?.json().await?;
             if args.json {
                 outln!("{}", serde_json::to_string_pretty(&view)?)?;

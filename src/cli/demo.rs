@@ -132,6 +132,7 @@ impl DemoNode {
             url: format!("http://{http}"),
             token: None,
             data_dir: Some(child.data_dir().to_owned()),
+            request_timeout: None,
         })?;
         Ok(Self { child, client })
     }

@@ -78,13 +78,16 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let mut delay = Duration::from_millis(500);
+    // Whether a stream was ever opened: a node that was never there is an error at once, not
+    // something to wait for.
+    let mut opened = false;
     loop {
         let mut request = client.get(&path);
         if let Some(id) = &last_id {
             request = request.header("Last-Event-ID", id);
         }
         let outcome = tokio::select! {
-            outcome = stream_once(&client, request, &args, &mut last_id) => outcome,
+            outcome = stream_once(&client, request, &args, &mut last_id, &mut opened) => outcome,
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         };
         if last_id.is_none() {
@@ -94,7 +97,7 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
             Ok(()) if !args.follow => return Ok(ExitCode::SUCCESS),
             Ok(()) => eprintln!("troupe: the stream ended; reconnecting"),
             Err(StreamError::Fatal(error)) => return Err(error),
-            Err(StreamError::Transient(error)) if args.follow => {
+            Err(StreamError::Transient(error)) if args.follow && opened => {
                 eprintln!(
                     "troupe: {error:#}; reconnecting in {}s",
                     delay.as_secs_f32()
@@ -113,7 +116,7 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
 /// The id of the node's newest event, if the node says (a one-shot replay of the last one).
 async fn newest_event_id(client: &NodeClient) -> Option<String> {
     let response = client
-        .send(client.get("/v1/events?follow=false&tail=1"))
+        .fetch(client.get("/v1/events?follow=false&tail=1"))
         .await
         .ok()?;
     let body = check(response).await.ok()?.text().await.ok()?;
@@ -135,6 +138,7 @@ async fn stream_once(
     request: reqwest::RequestBuilder,
     args: &EventsArgs,
     last_id: &mut Option<String>,
+    opened: &mut bool,
 ) -> Result<(), StreamError> {
     let response = client.send(request).await.map_err(StreamError::Transient)?;
     let transient = response.status().is_server_error();
@@ -145,6 +149,7 @@ async fn stream_once(
             StreamError::Fatal(error)
         }
     })?;
+    *opened = true;
     let mut events = response.bytes_stream().eventsource();
     while let Some(event) = events.next().await {
         let event = event

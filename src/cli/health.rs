@@ -15,11 +15,15 @@ pub(super) struct HealthArgs {
     json: bool,
 }
 
+/// How long `troupe health` waits for the answer unless `--request-timeout` says otherwise: probes and
+/// scripts call it, and a node that cannot answer its health in seconds is not healthy.
+const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Exit codes: 0 healthy or degraded, 1 unhealthy or unreachable. `/v1/health` is open, so
 /// no token is needed (and none is sent).
 pub(super) async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
-    let client = NodeClient::anonymous(&args.client)?;
-    let response = client.send(client.get("/v1/health")).await?;
+    let client = NodeClient::anonymous(&args.client)?.default_timeout(HEALTH_TIMEOUT);
+    let response = client.fetch(client.get("/v1/health")).await?;
     let unhealthy = response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE;
     let report: serde_json::Value = if unhealthy {
         response.json().await?

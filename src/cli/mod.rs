@@ -120,6 +120,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_command_line_is_consistent() {
+        // Clap checks this only when a command is parsed, in debug builds: a flag of
+        // `ClientArgs` clashing with one of a command panics at run time.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
     fn a_cause_already_in_the_message_is_not_printed_twice() {
         let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
         let bind = crate::node::NodeError::Bind {

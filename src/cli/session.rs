@@ -212,7 +212,7 @@ pub(super) async fn run(command: SessionCommand) -> anyhow::Result<ExitCode> {
             let client = NodeClient::new(&args.client)?;
             let path = format!("/v1/sessions/{}", args.id);
             let response = client
-                .send(client.method(reqwest::Method::DELETE, &path))
+                .fetch(client.method(reqwest::Method::DELETE, &path))
                 .await?;
             let record: Value = check(response).await?.json().await?;
             print_record(&record, args.json)?;
@@ -274,7 +274,7 @@ async fn spawn(
         };
     }
     let response = client
-        .send(
+        .fetch(
             client
                 .method(reqwest::Method::POST, "/v1/sessions")
                 .json(body),
@@ -646,7 +646,7 @@ fn print_line(line: &Value, spinner: Option<&indicatif::ProgressBar>) -> anyhow:
 }
 
 async fn get_json(client: &NodeClient, path: &str) -> anyhow::Result<Value> {
-    let response = client.send(client.get(path)).await?;
+    let response = client.fetch(client.get(path)).await?;
     Ok(check(response).await?.json().await?)
 }
 

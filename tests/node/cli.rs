@@ -361,3 +361,128 @@ async fn a_discovery_directory_open_to_others_is_refused() {
         );
     }
 }
+
+/// Runs the CLI with `args` and `env` (and no `TROUPE_URL` / `TROUPE_TOKEN` of the test's own);
+/// returns its exit status and stderr.
+async fn run_troupe(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(troupe_bin())
+            .args(args)
+            .env_remove("TROUPE_URL")
+            .env_remove("TROUPE_TOKEN")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `export TROUPE_TOKEN=$TOKEN` with `$TOKEN` unset: said plainly, not blamed on the data dir.
+#[tokio::test]
+async fn an_empty_token_is_refused_saying_so() {
+    let node = NodeProcess::start(&[]).await;
+    let url = format!("http://{}", node.addr);
+    let data_dir = node.data_dir.to_str().unwrap();
+    let (status, stderr) = run_troupe(
+        &["session", "list", "--node", &url, "--data-dir", data_dir],
+        &[("TROUPE_TOKEN", "")],
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("TROUPE_TOKEN is empty") && stderr.contains("unset TROUPE_TOKEN"),
+        "{stderr}"
+    );
+}
+
+/// The cause of a failed connection is kept: TLS against the node's plain HTTP says so, and
+/// a refused connection is named.
+#[tokio::test]
+async fn a_connection_failure_names_its_cause() {
+    let node = NodeProcess::start(&[]).await;
+    let (status, stderr) = run_troupe(
+        &["health", "--node", &format!("https://{}", node.addr)],
+        &[],
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach a node")
+            && stderr.contains("TLS handshake failed")
+            && stderr.contains("try http://"),
+        "{stderr}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (status, stderr) = run_troupe(
+        &["health", "--node", &format!("http://127.0.0.1:{port}")],
+        &[],
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("connection refused") && stderr.contains("is it running?"),
+        "{stderr}"
+    );
+}
+
+/// A node that accepts connections and never answers: commands give up after `--request-timeout`
+/// instead of hanging.
+#[tokio::test]
+async fn a_node_that_never_answers_times_out() {
+    // The kernel completes connections into the backlog; nobody ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let data = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["health", "--node", &url, "--request-timeout", "1"],
+        vec![
+            "session",
+            "list",
+            "--node",
+            &url,
+            "--request-timeout",
+            "1",
+            "--token",
+            "t",
+        ],
+        vec![
+            "events",
+            "--node",
+            &url,
+            "--request-timeout",
+            "1",
+            "--token",
+            "t",
+        ],
+    ] {
+        let (status, stderr) =
+            run_troupe(&args, &[("TROUPE_DATA_DIR", data.path().to_str().unwrap())]).await;
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("did not answer within 1s"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// `troupe events --follow` against a node that was never there fails at once; it retries only
+/// a stream that was open and dropped.
+#[tokio::test]
+async fn events_follow_fails_at_once_when_no_node_is_there() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (status, stderr) = run_troupe(&["events", "-f", "--node", &url, "--token", "t"], &[]).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot reach a node"), "{stderr}");
+    assert!(!stderr.contains("reconnecting"), "{stderr}");
+}
