@@ -217,7 +217,8 @@ impl Translate for StreamTranslator {
         let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
             return Ok(EventStep::Chunks(Vec::new()));
         };
-        if data.get("error").is_some() {
+        // An `"error": null` beside an answer is no error.
+        if data.get("error").is_some_and(|error| !error.is_null()) {
             return Err(classify_stream_error(
                 ProviderKind::Gemini,
                 event.data.as_bytes(),

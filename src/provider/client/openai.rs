@@ -109,7 +109,8 @@ fn one_line(data: &str) -> Bytes {
     }
 }
 
-/// Passes chunks through (on one line each); `[DONE]` ends the stream, a `{"error": …}` event fails it.
+/// Passes chunks through (on one line each); `[DONE]` ends the stream, a `{"error": …}` event
+/// fails it (not an `"error": null`).
 pub(super) struct StreamTranslator {
     usage: Arc<AtomicU32>,
 }
@@ -133,7 +134,11 @@ impl Translate for StreamTranslator {
         // be escaped), so the cheap test only parses the chunks that need it.
         if event.event == "error" || data.contains("\"error\":") {
             let parsed: Option<Value> = serde_json::from_str(data).ok();
-            if event.event == "error" || parsed.as_ref().is_some_and(|v| v.get("error").is_some()) {
+            if event.event == "error"
+                || parsed
+                    .as_ref()
+                    .is_some_and(|v| v.get("error").is_some_and(|error| !error.is_null()))
+            {
                 return Err(classify_stream_error(ProviderKind::OpenAi, data.as_bytes()));
             }
         }

@@ -398,4 +398,35 @@ mod tests {
             assert_eq!(last["usage"]["total_tokens"], MAX, "{kind}");
         }
     }
+
+    #[tokio::test]
+    async fn a_chunk_with_a_null_error_is_an_ordinary_chunk() {
+        let openai = vec![
+            Bytes::from_static(
+                b"data: {\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}],\"error\":null}\n\n",
+            ),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ];
+        let gemini = vec![Bytes::from_static(
+            b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]},\"finishReason\":\"STOP\"}],\"error\":null}\n\n",
+        )];
+        for (kind, pieces) in [
+            (ProviderKind::OpenAi, openai),
+            (ProviderKind::Gemini, gemini),
+        ] {
+            let (chunks, failure) = read_as(kind, pieces, Arc::new(AtomicU32::new(0))).await;
+            assert!(failure.is_none(), "{kind}: {failure:?}");
+            let chunk: Value = serde_json::from_slice(&chunks[0]).unwrap();
+            assert_eq!(chunk["choices"][0]["delta"]["content"], "hi", "{kind}");
+        }
+        // An error that is one still fails the stream.
+        let (_, failure) = read(vec![Bytes::from_static(
+            b"data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n",
+        )])
+        .await;
+        assert_eq!(
+            failure.map(|class| class.kind),
+            Some(ErrorKind::ServerError)
+        );
+    }
 }
