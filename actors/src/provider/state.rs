@@ -236,6 +236,9 @@ pub enum Effect<W> {
 }
 
 struct InFlight {
+    /// The model it was admitted for: its reported limits were charged, and they get the charge
+    /// back whatever the report names (a pass dropped unused names none).
+    model: String,
     reservation: Reservation,
     /// What the call took from its model's reported limits.
     charge: ModelCharge,
@@ -363,6 +366,7 @@ impl<W: Waiter> ProviderState<W> {
             (
                 Outcome::Succeeded { tokens },
                 Some(InFlight {
+                    model,
                     reservation,
                     charge,
                     permit,
@@ -370,8 +374,7 @@ impl<W: Waiter> ProviderState<W> {
             ) => {
                 let used = tokens.unwrap_or_else(|| reservation.tokens());
                 self.policy.budget.reconcile(reservation, used, now);
-                self.model_limits
-                    .reconcile(&report.model, charge, used, now);
+                self.model_limits.reconcile(&model, charge, used, now);
                 transition = self.policy.breaker.on_success(permit, now);
             }
             (
@@ -380,6 +383,7 @@ impl<W: Waiter> ProviderState<W> {
                     reached_provider,
                 },
                 Some(InFlight {
+                    model,
                     reservation,
                     charge,
                     permit,
@@ -387,10 +391,10 @@ impl<W: Waiter> ProviderState<W> {
             ) => {
                 if *reached_provider {
                     self.policy.budget.reconcile(reservation, 0, now);
-                    self.model_limits.reconcile(&report.model, charge, 0, now);
+                    self.model_limits.reconcile(&model, charge, 0, now);
                 } else {
                     self.policy.budget.release(reservation, now);
-                    self.model_limits.release(&report.model, charge, now);
+                    self.model_limits.release(&model, charge, now);
                 }
                 transition = if class.kind.is_provider_fault() {
                     self.policy.breaker.on_failure(permit, now)
@@ -414,6 +418,7 @@ impl<W: Waiter> ProviderState<W> {
             (
                 Outcome::Abandoned { reached_provider },
                 Some(InFlight {
+                    model,
                     reservation,
                     charge,
                     permit,
@@ -422,11 +427,10 @@ impl<W: Waiter> ProviderState<W> {
                 if *reached_provider {
                     let estimate = reservation.tokens();
                     self.policy.budget.reconcile(reservation, estimate, now);
-                    self.model_limits
-                        .reconcile(&report.model, charge, estimate, now);
+                    self.model_limits.reconcile(&model, charge, estimate, now);
                 } else {
                     self.policy.budget.release(reservation, now);
-                    self.model_limits.release(&report.model, charge, now);
+                    self.model_limits.release(&model, charge, now);
                 }
                 self.policy.breaker.release(permit);
             }
@@ -646,6 +650,7 @@ impl<W: Waiter> ProviderState<W> {
                     self.in_flight.insert(
                         seq,
                         InFlight {
+                            model: waiter.request.model.clone(),
                             reservation,
                             charge,
                             permit: admitted.permit,

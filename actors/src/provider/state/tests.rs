@@ -778,3 +778,33 @@ fn a_call_short_of_the_provider_wide_budget_still_holds_up_the_calls_behind_it()
         "the budget is the whole provider's: m2 waits its turn"
     );
 }
+
+#[test]
+fn a_pass_dropped_unused_gives_its_models_reported_limit_back() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(spec(|spec| spec.policy.budget.rpm = Some(100)), 1, now);
+    // The provider reports one request left for m1 until a reset a minute away.
+    let ticket = admitted(&state.admit(request_for("m1"), TestWaiter::new(0), now));
+    let mut done = report(ticket, Outcome::Succeeded { tokens: Some(10) });
+    done.model = "m1".into();
+    done.rate_limits = RateLimitSnapshot {
+        requests_remaining: Some(1),
+        requests_reset: Some(secs(60)),
+        ..RateLimitSnapshot::default()
+    };
+    finish(&mut state, done, now);
+    // The next call takes it; its pass is dropped before it is used, and reports as a dropped
+    // `Pass` does: abandoned before sending, naming no model.
+    let ticket = admitted(&state.admit(request_for("m1"), TestWaiter::new(1), now));
+    let mut dropped = report(
+        ticket,
+        Outcome::Abandoned {
+            reached_provider: false,
+        },
+    );
+    dropped.model = String::new();
+    dropped.session = None;
+    finish(&mut state, dropped, now);
+    // Nothing was sent: m1's request is there again.
+    admitted(&state.admit(request_for("m1"), TestWaiter::new(2), now));
+}
