@@ -491,13 +491,23 @@ impl Config {
                 .split("__"),
         );
         figment = overrides.apply(figment);
-        let mut config: Config = figment.extract().map_err(describe)?;
+        let mut config: Config = figment
+            .extract()
+            .map_err(|error| describe_in(error, Some(&figment)))?;
         config.cluster.seeds.extend(overrides.join.iter().copied());
         config.cluster.seeds.dedup();
         if overrides.cluster_listen.is_some() || !overrides.join.is_empty() {
             config.cluster.enabled = true;
         }
-        config.validate()?;
+        config.validate().map_err(|error| match error {
+            ConfigError::Semantic { key, mut message } => {
+                if let Some(source) = source_of(&figment, &key) {
+                    message.push_str(&format!(" (from {source})"));
+                }
+                ConfigError::Semantic { key, message }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -749,7 +759,6 @@ impl Overrides {
     }
 }
 
-/// Renders figment's errors as `` `section.key`: what is wrong (where the value came from) ``.
 /// A key's path as the docs and the validation messages write it: `providers[0].rpm`.
 fn key_path(path: &[String]) -> String {
     let mut key = String::new();
@@ -766,13 +775,30 @@ fn key_path(path: &[String]) -> String {
     key
 }
 
-fn describe(error: figment::Error) -> ConfigError {
+/// Renders figment's errors as `` `section.key`: what is wrong (where the value came from) ``.
+/// `figment`, when given, is the merged configuration, to quote a refused value from.
+fn describe_in(error: figment::Error, figment: Option<&Figment>) -> ConfigError {
     let messages: Vec<String> = error
         .into_iter()
         .map(|error| {
             let key = key_path(&error.path);
             let mut message = if key.is_empty() {
                 error.kind.to_string()
+            } else if error
+                .kind
+                .to_string()
+                .contains("invalid socket address syntax")
+            {
+                // Addresses are `SocketAddr`s: say what is expected, as the flags do.
+                let value = figment
+                    .and_then(|figment| value_at(figment, &error.path))
+                    .and_then(|value| serde_json::to_string(&value).ok())
+                    .map(|value| format!("{value} "))
+                    .unwrap_or_default();
+                format!(
+                    "`{key}`: {value}is not IP:PORT; use an IP address and a port, e.g. \
+                     127.0.0.1:7070 or [::1]:7070 (host names are not resolved)"
+                )
             } else {
                 format!("`{key}`: {}", error.kind)
             };
@@ -796,6 +822,48 @@ fn describe(error: figment::Error) -> ConfigError {
         })
         .collect();
     ConfigError::Invalid(messages.join("; "))
+}
+
+/// The merged value at `path` (keys and array indices), to quote it in an error.
+fn value_at(figment: &Figment, path: &[String]) -> Option<figment::value::Value> {
+    use figment::value::Value;
+    let (first, rest) = path.split_first()?;
+    let mut value = figment.find_value(first).ok()?;
+    for part in rest {
+        value = match value {
+            Value::Dict(_, mut dict) => dict.remove(part)?,
+            Value::Array(_, mut items) => {
+                let index: usize = part.parse().ok()?;
+                (index < items.len()).then(|| items.swap_remove(index))?
+            }
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// Where the value of `key` (as validation names it: `providers[0].rpm`) came from: a file,
+/// an environment variable or the command line; `None` for a default.
+fn source_of(figment: &Figment, key: &str) -> Option<String> {
+    let path = key.split('[').next().unwrap_or(key);
+    let metadata = figment.find_metadata(path)?;
+    if metadata.name.contains("environment") {
+        let variable = path
+            .split('.')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("__")
+            .to_ascii_uppercase();
+        return Some(format!("the environment variable TROUPE_{variable}"));
+    }
+    match &metadata.source {
+        Some(figment::Source::File(file)) => Some(file.display().to_string()),
+        // The defaults are serialized from `Config` itself; the flags from their own values.
+        Some(figment::Source::Code(_)) if metadata.name != std::any::type_name::<Config>() => {
+            Some("the command line".to_owned())
+        }
+        _ => None,
+    }
 }
 
 /// A node id from the host name: lowercased, with characters ids do not allow replaced by `-`.
@@ -1181,6 +1249,92 @@ fault_injection = false
             )
             .unwrap();
             assert_eq!(config.events.subscriber_buffer, 1 << 20);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_address_with_a_host_name_says_ip_port_wherever_it_comes_from() {
+        Jail::expect_with(|jail| {
+            let error = load_in(
+                jail,
+                Some("[cluster]\nseeds = [\"10.0.0.2:7071\", \"localhost:7071\"]\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(
+                error.contains("`cluster.seeds[1]`: \"localhost:7071\" is not IP:PORT")
+                    && error.contains("host names are not resolved")
+                    && error.contains("troupe.toml"),
+                "{error}"
+            );
+            let error = load_in(
+                jail,
+                Some("[http]\nlisten = \"127.0.0.1\"\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(
+                error.contains("`http.listen`: \"127.0.0.1\" is not IP:PORT"),
+                "{error}"
+            );
+            jail.set_env("TROUPE_CLUSTER__LISTEN", "localhost:7071");
+            let error = load_in(jail, None, &Overrides::default()).unwrap_err();
+            assert!(
+                error.contains("`cluster.listen`: \"localhost:7071\" is not IP:PORT")
+                    && error.contains("TROUPE_CLUSTER__LISTEN"),
+                "{error}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_value_refused_by_validation_names_where_it_came_from() {
+        Jail::expect_with(|jail| {
+            let error = load_in(
+                jail,
+                Some("[sessions]\nmax_concurrent = 0\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(
+                error.contains("sessions.max_concurrent") && error.contains("troupe.toml)"),
+                "{error}"
+            );
+            let error = load_in(
+                jail,
+                Some("[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\nrpm = 0\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(
+                error.contains("providers[0].rpm") && error.contains("troupe.toml)"),
+                "{error}"
+            );
+            let overrides = Overrides {
+                log_level: Some("info,[".into()),
+                ..Overrides::default()
+            };
+            let error = load_in(jail, None, &overrides).unwrap_err();
+            assert!(error.contains("(from the command line)"), "{error}");
+            // A rule broken by a default names no source.
+            let overrides = Overrides {
+                listen: Some("0.0.0.0:7070".parse().unwrap()),
+                ..Overrides::default()
+            };
+            let error = load_in(jail, None, &overrides).unwrap_err();
+            assert!(
+                error.contains("auth.tokens") && !error.contains("(from"),
+                "{error}"
+            );
+            jail.set_env("TROUPE_LOG__LEVEL", "info,[");
+            let error = load_in(jail, None, &Overrides::default()).unwrap_err();
+            assert!(
+                error.contains("log.level")
+                    && error.contains("(from the environment variable TROUPE_LOG__LEVEL)"),
+                "{error}"
+            );
             Ok(())
         });
     }

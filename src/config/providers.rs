@@ -395,7 +395,7 @@ mod tests {
         );
         let config: super::super::Config = Figment::from(Toml::string(&text))
             .extract()
-            .map_err(super::super::describe)
+            .map_err(|error| super::super::describe_in(error, None))
             .map_err(|error| error.to_string())?;
         config.validate().map_err(|error| error.to_string())?;
         Ok(config.providers)
