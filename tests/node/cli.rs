@@ -486,3 +486,38 @@ async fn events_follow_fails_at_once_when_no_node_is_there() {
     assert!(stderr.contains("cannot reach a node"), "{stderr}");
     assert!(!stderr.contains("reconnecting"), "{stderr}");
 }
+
+/// Logs written to a pipe or a file (`troupe node 2> node.log`, journald, an MCP client that
+/// keeps `troupe mcp`'s stderr) carry no ANSI colour codes.
+#[tokio::test]
+async fn logs_on_a_pipe_have_no_colour_codes() {
+    use tokio::io::AsyncBufReadExt;
+    let temp = tempfile::tempdir().unwrap();
+    let mut node = tokio::process::Command::new(troupe_bin())
+        .args(["node", "--listen", "127.0.0.1:0", "--log-format", "pretty"])
+        .arg("--data-dir")
+        .arg(temp.path().join("data"))
+        .env("TROUPE_DISCOVERY_DIR", temp.path().join("discovery"))
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(node.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let started = line.contains("node started");
+            seen.push(line);
+            if started {
+                return;
+            }
+        }
+        panic!("the node exited: {seen:?}");
+    })
+    .await
+    .expect("the node starts");
+    assert!(seen.iter().all(|line| !line.contains('\x1b')), "{seen:?}");
+}
