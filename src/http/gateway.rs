@@ -163,7 +163,7 @@ pub(super) async fn chat_completions(
                     Some(Err(class)) => {
                         let error = stream_error(&class);
                         if let Some(guard) = taken() {
-                            guard.fail(class);
+                            guard.fail_with_usage(class, chunks.tokens());
                         }
                         sse_data(error.to_string().as_bytes())
                     }

@@ -396,12 +396,16 @@ impl CallGuard {
         });
     }
 
-    /// The answer broke off after it began (an error event, a cut connection, a stall).
-    pub fn fail(mut self, class: ErrorClass) {
-        let report = self.report(Outcome::Failed {
-            class,
-            reached_provider: true,
-        });
+    /// The answer broke off after it began (an error event, a cut connection, a stall). The
+    /// provider charged what it did, so the call's estimate stays spent in the budget.
+    pub fn fail(self, class: ErrorClass) {
+        self.fail_with_usage(class, None);
+    }
+
+    /// As [`fail`](Self::fail), with the tokens the provider reported before it broke off
+    /// (kept when more than the estimate).
+    pub fn fail_with_usage(mut self, class: ErrorClass, tokens: Option<u32>) {
+        let report = self.report(Outcome::BrokeOff { class, tokens });
         let _ = self.handle.cast(ProviderMsg::Finish {
             report,
             reply: None,

@@ -178,6 +178,15 @@ pub enum Outcome {
         /// Whether the request reached the provider (a refused connection did not).
         reached_provider: bool,
     },
+    /// The answer broke off after it began (an error event, a cut connection, a stall once
+    /// chunks were passed on). The provider has charged the prompt and what it generated, so
+    /// the call keeps its estimate (or the usage reported, if more), as an abandoned one does.
+    BrokeOff {
+        /// What went wrong.
+        class: ErrorClass,
+        /// Tokens the provider reported before it broke off, if it did.
+        tokens: Option<u32>,
+    },
     /// The caller went away before the call ended.
     Abandoned {
         /// Whether the request may have reached the provider.
@@ -396,24 +405,22 @@ impl<W: Waiter> ProviderState<W> {
                     self.policy.budget.release(reservation, now);
                     self.model_limits.release(&model, charge, now);
                 }
-                transition = if class.kind.is_provider_fault() {
-                    self.policy.breaker.on_failure(permit, now)
-                } else if matches!(
-                    class.kind,
-                    ErrorKind::RateLimited | ErrorKind::QuotaExhausted
-                ) {
-                    // Busy or out of quota says nothing about the provider's health.
-                    self.policy.breaker.release(permit);
-                    None
-                } else if *reached_provider {
-                    // It answered, sensibly: the request was at fault.
-                    self.policy.breaker.on_success(permit, now)
-                } else {
-                    // Refused before it was sent (no key, a request this API cannot carry): the
-                    // provider was never asked, so its health is as unknown as before.
-                    self.policy.breaker.release(permit);
-                    None
-                };
+                transition = self.failure_verdict(class, *reached_provider, permit, now);
+            }
+            (
+                Outcome::BrokeOff { class, tokens },
+                Some(InFlight {
+                    model,
+                    reservation,
+                    charge,
+                    permit,
+                }),
+            ) => {
+                let estimate = reservation.tokens();
+                let used = tokens.map_or(estimate, |tokens| tokens.max(estimate));
+                self.policy.budget.reconcile(reservation, used, now);
+                self.model_limits.reconcile(&model, charge, used, now);
+                transition = self.failure_verdict(class, true, permit, now);
             }
             (
                 Outcome::Abandoned { reached_provider },
@@ -448,6 +455,7 @@ impl<W: Waiter> ProviderState<W> {
         }
 
         let mut next = None;
+        let broke_off = matches!(report.outcome, Outcome::BrokeOff { .. });
         match report.outcome {
             Outcome::Succeeded { .. } => {
                 bump(&stats.succeeded);
@@ -459,7 +467,7 @@ impl<W: Waiter> ProviderState<W> {
                     self.effects.push(Effect::Publish(session, data));
                 }
             }
-            Outcome::Failed { class, .. } => {
+            Outcome::Failed { class, .. } | Outcome::BrokeOff { class, .. } => {
                 bump(&stats.failed);
                 stats.record_latency(report.latency);
                 self.errors.push(ErrorRecord {
@@ -488,7 +496,8 @@ impl<W: Waiter> ProviderState<W> {
                 ) {
                     self.trouble = Some(class.describe());
                 }
-                if !asks {
+                // One that broke off after it began is never retried: its caller has content.
+                if !asks || broke_off {
                     self.pump(now);
                     self.check_health(now);
                     return (None, self.take_effects());
@@ -521,6 +530,34 @@ impl<W: Waiter> ProviderState<W> {
         self.pump(now);
         self.check_health(now);
         (next, self.take_effects())
+    }
+
+    /// What a failure says to the breaker, which `permit` is given back to.
+    fn failure_verdict(
+        &mut self,
+        class: &ErrorClass,
+        reached_provider: bool,
+        permit: Permit,
+        now: Instant,
+    ) -> Option<Transition> {
+        if class.kind.is_provider_fault() {
+            self.policy.breaker.on_failure(permit, now)
+        } else if matches!(
+            class.kind,
+            ErrorKind::RateLimited | ErrorKind::QuotaExhausted
+        ) {
+            // Busy or out of quota says nothing about the provider's health.
+            self.policy.breaker.release(permit);
+            None
+        } else if reached_provider {
+            // It answered, sensibly: the request was at fault.
+            self.policy.breaker.on_success(permit, now)
+        } else {
+            // Refused before it was sent (no key, a request this API cannot carry): the
+            // provider was never asked, so its health is as unknown as before.
+            self.policy.breaker.release(permit);
+            None
+        }
     }
 
     /// A call that could not be served here moves on to `to` (published as

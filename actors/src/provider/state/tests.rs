@@ -808,3 +808,49 @@ fn a_pass_dropped_unused_gives_its_models_reported_limit_back() {
     // Nothing was sent: m1's request is there again.
     admitted(&state.admit(request_for("m1"), TestWaiter::new(2), now));
 }
+
+#[test]
+fn a_stream_that_broke_off_keeps_its_tokens_spent_as_an_abandoned_one_does() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(
+        spec(|spec| {
+            spec.policy.budget.rpm = Some(10);
+            spec.policy.budget.tpm = Some(1000);
+        }),
+        1,
+        now,
+    );
+    let tokens_left =
+        |state: &mut ProviderState<TestWaiter>| state.snapshot().budget.remaining(now).tokens;
+    let overloaded = || ErrorClass {
+        status: Some(529),
+        ..ErrorClass::of_kind(ErrorKind::Overloaded)
+    };
+    // Broke off after it began: the provider charged the prompt and what it generated.
+    let ticket = admitted(&state.admit(request(1, 300), TestWaiter::new(1), now));
+    let broke = Outcome::BrokeOff {
+        class: overloaded(),
+        tokens: None,
+    };
+    let (next, _) = finish(&mut state, report(ticket, broke), now);
+    assert_eq!(next, None, "never retried");
+    assert_eq!(tokens_left(&mut state), Some(700));
+    // Reported usage above the estimate counts in full.
+    let ticket = admitted(&state.admit(request(1, 300), TestWaiter::new(2), now));
+    let broke = Outcome::BrokeOff {
+        class: overloaded(),
+        tokens: Some(450),
+    };
+    finish(&mut state, report(ticket, broke), now);
+    assert_eq!(tokens_left(&mut state), Some(250));
+    // A failure before the first byte (the provider charges nothing) gives its tokens back.
+    let ticket = admitted(&state.admit(request(1, 200), TestWaiter::new(3), now));
+    finish(
+        &mut state,
+        report(ticket, failed(ErrorKind::Overloaded, 529)),
+        now,
+    );
+    assert_eq!(tokens_left(&mut state), Some(250));
+    let counters = state.shared.stats.counters();
+    assert_eq!((counters.failed, counters.retries), (3, 1));
+}
