@@ -621,19 +621,20 @@ impl<W: Waiter> ProviderState<W> {
     /// waiting whose allowance has run out.
     fn pump(&mut self, now: Instant) {
         self.room_wake = None;
-        self.admit_waiting(now);
+        let budget_block = self.admit_waiting(now);
         if self
             .earliest_deadline
             .is_some_and(|deadline| deadline <= now)
         {
-            self.expire(now);
+            self.expire(budget_block, now);
         }
     }
 
     /// Admits waiting calls in order while they can go. A call whose model's reported limits are
     /// spent stays, with the later calls to that model; the calls behind it to other models go
     /// on. A call short of budget or of a slot stops the round: they are the whole provider's.
-    fn admit_waiting(&mut self, now: Instant) {
+    /// Returns the budget's limit and wait when a call short of it stopped the round.
+    fn admit_waiting(&mut self, now: Instant) -> Option<(LocalLimit, Duration)> {
         let max_concurrency = self.spec().max_concurrency.max(1);
         // Models whose first waiting call waits for their reported limits (few: a Vec).
         let mut held: Vec<String> = Vec::new();
@@ -727,11 +728,12 @@ impl<W: Waiter> ProviderState<W> {
                         WaitReason::Tokens => LocalLimit::Tokens,
                     };
                     if self.wait_or_give_up(index, wait, limit, RateLimitSource::Budget, now) {
-                        break;
+                        return Some((limit, wait.retry_in));
                     }
                 }
             }
         }
+        None
     }
 
     /// The waiting call at `index` must wait `wait` for `limit`: it keeps waiting (announced
@@ -773,17 +775,29 @@ impl<W: Waiter> ProviderState<W> {
         }
     }
 
-    /// Refuses every waiting call whose allowance has run out.
-    fn expire(&mut self, now: Instant) {
+    /// Refuses every waiting call whose allowance has run out, with what held it up and when
+    /// that clears (see [`blocker`](Self::blocker)). `budget_block`: the budget's limit and wait
+    /// when a call short of it stopped this round, holding up the calls behind it.
+    fn expire(&mut self, budget_block: Option<(LocalLimit, Duration)>, now: Instant) {
         let mut earliest: Option<Instant> = None;
         let mut kept = VecDeque::with_capacity(self.queue.len());
-        for waiter in self.queue.drain(..) {
+        let queue = std::mem::take(&mut self.queue);
+        for waiter in queue {
             if waiter.deadline <= now {
                 bump(&self.shared.stats.throttled);
-                let refusal = Refusal::Throttled {
-                    retry_after: Duration::from_secs(1),
-                    limit: LocalLimit::Concurrency,
+                let (limit, retry_after) = self.blocker(&waiter.request, budget_block, now);
+                let source = match limit {
+                    LocalLimit::ModelRequests | LocalLimit::ModelTokens => {
+                        Some(RateLimitSource::Headers)
+                    }
+                    LocalLimit::Requests | LocalLimit::Tokens => Some(RateLimitSource::Budget),
+                    LocalLimit::Concurrency | LocalLimit::Queue => None,
                 };
+                if let Some(source) = source {
+                    let session = waiter.request.session.clone();
+                    self.rate_limited(&waiter.request.model, Some(retry_after), source, session);
+                }
+                let refusal = Refusal::Throttled { retry_after, limit };
                 self.effects
                     .push(Effect::Reply(waiter.reply, Admission::Refused(refusal)));
             } else {
@@ -793,6 +807,48 @@ impl<W: Waiter> ProviderState<W> {
         }
         self.queue = kept;
         self.earliest_deadline = earliest;
+    }
+
+    /// What holds up a waiting call, and for how long: its model's reported limits; else the
+    /// budget, short of its own estimate or of the call ahead that stopped the round
+    /// (`budget_block`), whichever clears later; else a concurrency slot, in about a second.
+    fn blocker(
+        &mut self,
+        request: &AdmitRequest,
+        budget_block: Option<(LocalLimit, Duration)>,
+        now: Instant,
+    ) -> (LocalLimit, Duration) {
+        if let Some(wait) = self.model_limits.wait(&request.model, now) {
+            return (LocalLimit::of_model(wait.reason), wait.retry_in);
+        }
+        // Asked of a copy: nothing is reserved.
+        let own = match self
+            .policy
+            .budget
+            .clone()
+            .try_reserve(request.estimate_tokens, now)
+        {
+            Err(BudgetError::Wait(wait)) => Some((
+                match wait.reason {
+                    WaitReason::Requests => LocalLimit::Requests,
+                    WaitReason::Tokens => LocalLimit::Tokens,
+                },
+                wait.retry_in,
+            )),
+            Ok(_) | Err(BudgetError::TooLarge { .. }) => None,
+        };
+        match (own, budget_block) {
+            (Some(own), Some(ahead)) => {
+                if ahead.1 > own.1 {
+                    ahead
+                } else {
+                    own
+                }
+            }
+            (own, ahead) => own
+                .or(ahead)
+                .unwrap_or((LocalLimit::Concurrency, Duration::from_secs(1))),
+        }
     }
 
     fn rate_limited(

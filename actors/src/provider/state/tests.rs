@@ -854,3 +854,73 @@ fn a_stream_that_broke_off_keeps_its_tokens_spent_as_an_abandoned_one_does() {
     let counters = state.shared.stats.counters();
     assert_eq!((counters.failed, counters.retries), (3, 1));
 }
+
+#[test]
+fn a_call_expiring_behind_a_budget_short_call_is_refused_with_the_budgets_wait() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(
+        spec(|spec| {
+            spec.policy.budget.tpm = Some(6000);
+            spec.policy.retry.max_wait_secs = 60;
+        }),
+        1,
+        now,
+    );
+    admitted(&state.admit(request(1, 4000), TestWaiter::new(1), now));
+    // 2000 tokens left, refilled at 100 a second: the next 4000 wait 20 s.
+    assert!(replies(&state.admit(request(1, 4000), TestWaiter::new(2), now)).is_empty());
+    // A small call behind it, with 5 s of its allowance left, waits its turn and runs out.
+    let mut late = request(1, 100);
+    late.waited = secs(55);
+    assert!(replies(&state.admit(late, TestWaiter::new(3), now)).is_empty());
+    let effects = state.wake(now + secs(5));
+    assert_eq!(
+        replies(&effects),
+        [(
+            3,
+            Admission::Refused(Refusal::Throttled {
+                retry_after: secs(15),
+                limit: LocalLimit::Tokens
+            })
+        )],
+        "held up by the tokens the call ahead waits for, 15 s more"
+    );
+    assert!(matches!(
+        events(&effects).as_slice(),
+        [EventData::ProviderRateLimited(ProviderRateLimited {
+            source: RateLimitSource::Budget,
+            retry_after_ms: Some(15_000),
+            ..
+        })]
+    ));
+}
+
+#[test]
+fn a_call_expiring_behind_its_models_held_call_is_refused_with_the_models_reset() {
+    let now = Instant::now();
+    let mut state = ProviderState::new(spec(|spec| spec.policy.retry.max_wait_secs = 60), 1, now);
+    exhaust(&mut state, "m1", secs(30), now);
+    assert!(replies(&state.admit(request_for("m1"), TestWaiter::new(1), now)).is_empty());
+    let mut late = request_for("m1");
+    late.waited = secs(55);
+    assert!(replies(&state.admit(late, TestWaiter::new(2), now)).is_empty());
+    let effects = state.wake(now + secs(5));
+    assert_eq!(
+        replies(&effects),
+        [(
+            2,
+            Admission::Refused(Refusal::Throttled {
+                retry_after: secs(25),
+                limit: LocalLimit::ModelRequests
+            })
+        )]
+    );
+    assert!(matches!(
+        events(&effects).as_slice(),
+        [EventData::ProviderRateLimited(ProviderRateLimited {
+            source: RateLimitSource::Headers,
+            retry_after_ms: Some(25_000),
+            ..
+        })]
+    ));
+}
