@@ -16,7 +16,6 @@ pub(crate) mod ops;
 mod sessions;
 pub(crate) mod ws;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -111,28 +110,129 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
         .with_state(core)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves. A connection whose client accepts
-/// nothing of what it is sent for `send_timeout` is closed (see `deadline`).
+/// How long a client may take to send a request's head (its line and headers), and how long a
+/// kept-alive HTTP/1 connection may wait for its next request; past it the connection is
+/// closed. A head is small: a client that needs longer is holding the connection, not sending.
+pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets the open connections
+/// finish what they are answering. A connection whose client accepts nothing of what it is
+/// sent for `send_timeout` is closed (see `deadline`), and so is one that does not send a
+/// request's head within [`HEADER_READ_TIMEOUT`].
+///
+/// This is `axum::serve` (HTTP/1 and h2c on one port, upgrades for WebSockets, the peer's
+/// address as `ConnectInfo`) with hyper's header timer on: `axum::serve` runs hyper without a
+/// timer, which turns hyper's header read timeout off, so a client could hold any number of
+/// connections by sending half a request, or nothing.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     send_timeout: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
+    serve_with(
+        listener,
+        router,
+        send_timeout,
+        HEADER_READ_TIMEOUT,
+        shutdown,
+    )
+    .await
+}
+
+pub(crate) async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    send_timeout: std::time::Duration,
+    header_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::extract::ConnectInfo;
+    use axum::serve::{Listener, ListenerExt};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
     // Without TCP_NODELAY, the small writes of a stream (SSE events, gateway chunks) wait for
     // the peer's delayed ACK: tens of milliseconds each.
-    let listener = deadline::DeadlineListener::new(listener, send_timeout).tap_io(|stream| {
+    let mut listener = deadline::DeadlineListener::new(listener, send_timeout).tap_io(|stream| {
         if let Err(error) = stream.get_ref().set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    // CONNECT, for WebSockets over HTTP/2.
+    builder.http2().enable_connect_protocol();
+    // Closed when shutdown begins (connections then finish what they answer and close); every
+    // connection holds a receiver of `open` until it is done.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(());
+    let (open_tx, open) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        shutdown.await;
+        drop(stopping_tx);
+    });
+    let mut stop_accepting = stopping.clone();
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop_accepting.changed() => break,
+        };
+        // Set by the connection's first request: its head came in time.
+        let first_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let service = router.clone().map_request({
+            let first_request = first_request.clone();
+            move |mut request: Request<hyper::body::Incoming>| {
+                first_request.store(true, std::sync::atomic::Ordering::Relaxed);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request.map(Body::new)
+            }
+        });
+        let hyper_service = TowerToHyperService::new(service);
+        let builder = builder.clone();
+        let mut stopping = stopping.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), hyper_service);
+            let mut conn = std::pin::pin!(conn);
+            // hyper's timer covers the heads of HTTP/1 requests, not the bytes before the
+            // first one (read to tell HTTP/1 from HTTP/2) nor an HTTP/2 preface: the first
+            // request must come within the same time.
+            let first_deadline = tokio::time::sleep(header_timeout);
+            let mut first_deadline = std::pin::pin!(first_deadline);
+            let (mut draining, mut waiting_first) = (false, true);
+            loop {
+                tokio::select! {
+                    served = conn.as_mut() => {
+                        if let Err(error) = served {
+                            tracing::debug!(%peer, %error, "an HTTP connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stopping.changed(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = first_deadline.as_mut(), if waiting_first => {
+                        waiting_first = false;
+                        if !first_request.load(std::sync::atomic::Ordering::Relaxed) {
+                            tracing::debug!(%peer, "an HTTP client sent no request in time; closed");
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(open);
+    drop(listener);
+    open_tx.closed().await;
+    Ok(())
 }
 
 /// The token of an `Authorization` value `Bearer TOKEN` (the scheme in any case, RFC 9110
@@ -296,6 +396,64 @@ async fn require_admin(
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads until the server closes the connection; what it sent.
+    async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// Regression: the node served HTTP without hyper's timer, which turns the header read
+    /// timeout off: a client that sent half a request's head, or nothing, held its connection
+    /// (a task, a file descriptor) forever. A handler that takes longer than the timeout is not
+    /// cut: the timeout is for the head only.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_does_not_send_a_whole_head_in_time_is_closed() {
+        let router = Router::new().route("/", get(|| async { "ok" })).route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "slow"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(serve_with(
+            listener,
+            router,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+            stop.clone().cancelled_owned(),
+        ));
+
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n")
+            .await
+            .unwrap();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let before = tokio::time::Instant::now();
+        assert!(!read_to_close(&mut half).await.contains("200 OK"));
+        assert!(read_to_close(&mut silent).await.is_empty());
+        assert!(
+            before.elapsed() >= Duration::from_secs(1),
+            "closed by the timeout"
+        );
+
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut slow).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("slow"), "{answer}");
+
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn the_bearer_scheme_is_read_in_any_case() {
