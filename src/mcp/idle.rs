@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 /// An rmcp session id (the `Mcp-Session-Id` header's value).
 type McpSessionId = Arc<str>;
 
+/// The longest session id kept when rmcp's table cannot be asked (rmcp's ids are UUIDs).
+const MAX_SESSION_ID: usize = 64;
+
 /// What one session is doing: calls in flight, and when it last did anything.
 #[derive(Debug)]
 struct Activity {
@@ -123,7 +126,24 @@ impl IdleSessions {
     }
 
     /// Session `id` (from a request's `Mcp-Session-Id`) handles a request until the guard goes.
+    /// An id rmcp has no session for (a stateless request's header says what its client likes)
+    /// is not kept: the map holds sessions only.
     pub(crate) fn busy(&self, id: &str) -> Busy {
+        if let Some(activity) = self.activity.get(id) {
+            let activity = activity.clone();
+            activity.in_flight.fetch_add(1, Ordering::AcqRel);
+            activity.touch();
+            return Busy(Some(activity));
+        }
+        // A session not seen by the reaper yet. The sessions' lock is held only for a moment
+        // (a session's creation or close): taken, it says; busy, the id is kept, as before.
+        let known = match self.manager.sessions.try_read() {
+            Ok(sessions) => sessions.contains_key(id),
+            Err(_) => id.len() <= MAX_SESSION_ID,
+        };
+        if !known {
+            return Busy(None);
+        }
         let activity = self
             .activity
             .entry(Arc::from(id))
@@ -183,6 +203,25 @@ mod tests {
         drop(busy);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(activity.idle_for(Instant::now()), Duration::from_secs(5));
+    }
+
+    /// Regression: every request's `Mcp-Session-Id` went into the activity map, also the ones
+    /// rmcp has no session for (a stateless request can carry any), until the next reap.
+    #[tokio::test(start_paused = true)]
+    async fn only_sessions_rmcp_has_are_counted() {
+        let manager = Arc::new(LocalSessionManager::default());
+        let (real, _transport) = manager.create_session().await.unwrap();
+        let sessions =
+            IdleSessions::start(manager, Duration::from_secs(60), CancellationToken::new());
+        let made_up = sessions.busy("made-up");
+        assert!(sessions.activity.is_empty());
+        drop(made_up);
+        let busy = sessions.busy(&real);
+        assert_eq!(sessions.activity.len(), 1);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        sessions.reap(Instant::now()).await;
+        assert_eq!(sessions.activity.len(), 1, "busy, not reaped");
+        drop(busy);
     }
 
     #[tokio::test(start_paused = true)]

@@ -189,7 +189,7 @@ pub struct ListArgs {
     /// Only sessions carrying all these labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Page size, 1 to 500 (default 100).
+    /// Page size, 1 to 1000 (default 100).
     #[serde(default)]
     pub limit: Option<usize>,
     /// The `next_cursor` of the previous page.
