@@ -30,9 +30,66 @@ pub enum LinkError {
         /// The bound.
         max: usize,
     },
+    /// The link's token holds its maximum of links already.
+    #[error(
+        "token {token:?} already holds its maximum of {max} links; close some (or use another \
+         token) and retry"
+    )]
+    TooManyForToken {
+        /// The token's name.
+        token: String,
+        /// The bound ([`MAX_LINKS_PER_TOKEN`]).
+        max: usize,
+    },
     /// The TransportSupervisor is not available (restarting or shutting down).
     #[error("links cannot be opened right now: {0}")]
     Unavailable(String),
+}
+
+/// The most links one token may hold at once (a tenth of the node's 10,000): one client, or one
+/// token's clients together, cannot take every link of the node from the others. Links without
+/// a token (the node's own stdio MCP) do not count.
+pub const MAX_LINKS_PER_TOKEN: usize = 1_000;
+
+/// How many links each token holds.
+#[derive(Debug, Default)]
+pub struct TokenLinks(dashmap::DashMap<String, usize>);
+
+impl TokenLinks {
+    /// A slot for one more link of `token`, while it holds fewer than `max`.
+    fn take(self: &Arc<Self>, token: &str, max: usize) -> Option<TokenSlot> {
+        let mut held = self.0.entry(token.to_owned()).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        drop(held);
+        Some(TokenSlot {
+            links: Arc::clone(self),
+            token: token.to_owned(),
+        })
+    }
+
+    /// How many links `token` holds.
+    pub fn held(&self, token: &str) -> usize {
+        self.0.get(token).map_or(0, |held| *held)
+    }
+}
+
+/// One link's place in its token's count, given back when the link's socket side goes.
+#[derive(Debug)]
+struct TokenSlot {
+    links: Arc<TokenLinks>,
+    token: String,
+}
+
+impl Drop for TokenSlot {
+    fn drop(&mut self) {
+        if let Some(mut held) = self.links.0.get_mut(&self.token) {
+            *held = held.saturating_sub(1);
+        }
+        self.links.0.remove_if(&self.token, |_, held| *held == 0);
+    }
 }
 
 /// The socket side's hold on a link.
@@ -45,6 +102,8 @@ pub struct LinkGuard {
     pub filter: watch::Receiver<FilterSet>,
     handle: ActorHandle<TransportMsg>,
     reason: Option<String>,
+    /// Its place in its token's count.
+    _slot: Option<TokenSlot>,
 }
 
 impl LinkGuard {
@@ -126,6 +185,17 @@ pub async fn open_link(
     principal: Option<&Principal>,
     filter: FilterSet,
 ) -> Result<LinkGuard, LinkError> {
+    let slot = match principal {
+        Some(principal) => Some(
+            core.token_links
+                .take(&principal.name, MAX_LINKS_PER_TOKEN)
+                .ok_or_else(|| LinkError::TooManyForToken {
+                    token: principal.name.clone(),
+                    max: MAX_LINKS_PER_TOKEN,
+                })?,
+        ),
+        None => None,
+    };
     let id = LinkId::new(fresh_id("l-")).expect("generated ids are valid");
     let handle = ActorHandle::new(core.tree.links.path().child(id.as_str()));
     let closed = CancellationToken::new();
@@ -160,5 +230,31 @@ pub async fn open_link(
         filter: filter_rx,
         handle,
         reason: None,
+        _slot: slot,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: one token (a viewer's, say) could open every link the node serves, and a
+    /// legacy MCP session keeps its link with no connection open, so a script could fill the
+    /// node's table and shut every other client out.
+    #[test]
+    fn a_token_holds_at_most_its_share_of_links_and_gets_each_back_when_one_goes() {
+        let links = Arc::new(TokenLinks::default());
+        let first = links.take("dash", 2).unwrap();
+        let second = links.take("dash", 2).unwrap();
+        assert!(links.take("dash", 2).is_none(), "past the token's bound");
+        let other = links
+            .take("ops", 2)
+            .expect("another token is not held back");
+        assert_eq!((links.held("dash"), links.held("ops")), (2, 1));
+        drop(first);
+        let third = links.take("dash", 2).expect("a slot came back");
+        drop((second, third, other));
+        assert_eq!((links.held("dash"), links.held("ops")), (0, 0));
+        assert!(links.0.is_empty(), "no entry left for tokens without links");
+    }
 }

@@ -327,6 +327,7 @@ impl NodeBuilder {
             session_keys,
             shutting_down: AtomicBool::new(false),
             sessions_owners: cluster.as_ref().map(|_| SessionOwners::default()),
+            token_links: Arc::default(),
             cluster,
             config,
         });
@@ -577,6 +578,8 @@ pub struct NodeCore {
     pub cluster: Option<ClusterEndpoint>,
     /// Owners of other nodes' sessions, when the cluster is enabled.
     pub sessions_owners: Option<SessionOwners>,
+    /// How many links each token holds (at most [`crate::link::MAX_LINKS_PER_TOKEN`]).
+    pub token_links: Arc<crate::link::TokenLinks>,
 }
 
 impl NodeCore {

@@ -263,6 +263,13 @@ pub(super) fn link_error(error: LinkError) -> ApiError {
     match error {
         LinkError::TooMany { .. } => ApiError::unavailable("too_many_links", error.to_string())
             .retry_after(Duration::from_secs(5)),
+        LinkError::TooManyForToken { max, .. } => ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_links",
+            error.to_string(),
+        )
+        .with_details(serde_json::json!({"max": max}))
+        .retry_after(Duration::from_secs(5)),
         LinkError::Unavailable(_) => ApiError::unavailable("links_unavailable", error.to_string())
             .retry_after(Duration::from_secs(1)),
     }
