@@ -199,12 +199,12 @@ pub(super) async fn chat_completions(
     }
 }
 
-/// What the watchdog of a streamed answer knows of its caller: when the response body was last
-/// polled, and when it last handed out a piece. A body that handed out a piece and was not polled
-/// since is waiting for its caller to take it (the connection writes nothing more while the
-/// socket is full); one that was polled and is waiting for the provider is not. Timers inside
-/// the body (the provider's between-chunks timeout) wake it, so a caller that reads is polled
-/// again within that time whatever the provider does.
+/// What the watchdog of a streamed answer knows of its caller: whether the response body handed
+/// out a piece and was not polled since, and when it handed it out. Such a body is waiting for
+/// its caller to take the piece (the connection writes nothing more while the socket is full);
+/// one that was polled again and is waiting for the provider is not. Timers inside the body
+/// (the provider's between-chunks timeout) wake it, so a caller that reads is polled again
+/// within that time whatever the provider does.
 #[derive(Clone)]
 struct Reader {
     /// The call's guard, held by the body: when the body is dropped (the caller went away), the
@@ -213,28 +213,69 @@ struct Reader {
     seen: Arc<ReaderSeen>,
 }
 
+/// The body's side of [`Reader`]: set by each poll, read by the watchdog. A flag, not a
+/// comparison of timestamps: a poll right after a piece went out, within the same clock tick,
+/// must still count as the caller having taken it.
 struct ReaderSeen {
     since: tokio::time::Instant,
-    /// Microseconds since `since` of the last poll of the body.
-    polled: std::sync::atomic::AtomicU64,
-    /// Microseconds since `since` of the last piece handed out (0: none yet).
+    /// A piece was handed out and the body has not been polled since.
+    awaiting: std::sync::atomic::AtomicBool,
+    /// Microseconds since `since` when that piece was handed out.
     handed: std::sync::atomic::AtomicU64,
+}
+
+impl ReaderSeen {
+    fn new() -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            awaiting: false.into(),
+            handed: 0.into(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// `body`, noting its polls and the pieces it hands out.
+    fn observe<S>(
+        self: &Arc<Self>,
+        body: S,
+    ) -> impl futures::Stream<Item = S::Item> + Send + 'static
+    where
+        S: futures::Stream + Send + 'static,
+    {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let seen = Arc::clone(self);
+        let mut body = Box::pin(body);
+        futures::stream::poll_fn(move |cx| {
+            // Polled again: whatever was handed out before was taken.
+            seen.awaiting.store(false, Release);
+            let polled = body.as_mut().poll_next(cx);
+            if let std::task::Poll::Ready(Some(_)) = &polled {
+                seen.handed.store(seen.now(), Relaxed);
+                seen.awaiting.store(true, Release);
+            }
+            polled
+        })
+    }
+
+    /// True when a piece has waited for the caller for `stall` or more.
+    fn stalled(&self, stall: Duration) -> bool {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let stall_us = u64::try_from(stall.as_micros()).unwrap_or(u64::MAX);
+        // The flag first: a hand-out seen set had its time stored before it.
+        self.awaiting.load(Acquire)
+            && self.now().saturating_sub(self.handed.load(Relaxed)) >= stall_us
+    }
 }
 
 impl Reader {
     fn new(guard: &Arc<std::sync::Mutex<Option<troupe_actors::provider::CallGuard>>>) -> Self {
         Self {
             guard: Arc::downgrade(guard),
-            seen: Arc::new(ReaderSeen {
-                since: tokio::time::Instant::now(),
-                polled: 0.into(),
-                handed: 0.into(),
-            }),
+            seen: Arc::new(ReaderSeen::new()),
         }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.seen.since.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     /// `body`, noting its polls and the pieces it hands out.
@@ -242,27 +283,13 @@ impl Reader {
     where
         S: futures::Stream + Send + 'static,
     {
-        use std::sync::atomic::Ordering::Relaxed;
-        let reader = self.clone();
-        let mut body = Box::pin(body);
-        futures::stream::poll_fn(move |cx| {
-            reader.seen.polled.store(reader.now(), Relaxed);
-            let polled = body.as_mut().poll_next(cx);
-            if let std::task::Poll::Ready(Some(_)) = &polled {
-                // Later than the poll's own note, by at least a microsecond.
-                let handed = reader.now().max(reader.seen.polled.load(Relaxed) + 1);
-                reader.seen.handed.store(handed, Relaxed);
-            }
-            polled
-        })
+        self.seen.observe(body)
     }
 
     /// Gives the call up (its guard reports it abandoned: the provider's slot and budget come
     /// back) once the caller has taken nothing for `stall` while a piece waited for it. Ends
     /// when the call ends (its guard was taken) or the body is dropped.
     async fn watch(self, stall: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let stall_us = u64::try_from(stall.as_micros()).unwrap_or(u64::MAX);
         loop {
             tokio::time::sleep(stall / 4).await;
             // Gone: the body was dropped (and the guard with it).
@@ -274,11 +301,7 @@ impl Reader {
                 // The call ended.
                 return;
             };
-            let (polled, handed) = (
-                self.seen.polled.load(Relaxed),
-                self.seen.handed.load(Relaxed),
-            );
-            if handed > polled && self.now().saturating_sub(handed) >= stall_us {
+            if self.seen.stalled(stall) {
                 tracing::info!(
                     target_provider = %call.target(),
                     stalled_secs = stall.as_secs(),
@@ -422,5 +445,29 @@ mod tests {
             "data: {\"id\":\"a\",\ndata: \"object\":\ndata: \"chunk\"\ndata: }\n\n"
         );
         assert_eq!(sse_data(b""), "data: \n\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_takes_each_piece_and_polls_again_at_once_is_not_stalled() {
+        let stall = Duration::from_secs(60);
+        let seen = Arc::new(ReaderSeen::new());
+        let (pieces, rx) = futures::channel::mpsc::unbounded::<u32>();
+        let mut body = Box::pin(seen.observe(rx));
+        pieces.unbounded_send(1).unwrap();
+        assert_eq!(body.next().await, Some(1));
+        // Polled again in the same instant, and waiting for the provider.
+        assert!(futures::poll!(body.next()).is_pending());
+        tokio::time::advance(2 * stall).await;
+        assert!(!seen.stalled(stall), "the caller took the piece");
+        // A piece nobody takes for the stall is stalled.
+        pieces.unbounded_send(2).unwrap();
+        assert_eq!(body.next().await, Some(2));
+        tokio::time::advance(stall - Duration::from_secs(1)).await;
+        assert!(!seen.stalled(stall), "not yet");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(seen.stalled(stall));
+        // Taken at last.
+        assert!(futures::poll!(body.next()).is_pending());
+        assert!(!seen.stalled(stall));
     }
 }
