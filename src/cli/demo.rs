@@ -21,6 +21,7 @@ use troupe_actors::ids::Timestamp;
 
 use super::client::{ClientArgs, NodeClient, check};
 use super::loopback::{NodeChild, Scratch, make_certificates, node_config};
+use super::out::outln;
 use crate::config::{ClusterProfile, Config};
 
 /// `troupe demo` options.
@@ -53,11 +54,11 @@ pub(super) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     crate::tls::install_default_provider();
     let signal = super::node::shutdown_signal()?;
     let scratch = Scratch::create("troupe-demo")?;
-    println!(
+    outln!(
         "troupe demo: three nodes on loopback, as child processes of this program.\n\
          Scratch directory: {} (removed at the end). Ctrl-C stops the demo and cleans up.",
         scratch.path().display()
-    );
+    )?;
     let mut demo = Demo {
         config: DemoConfig {
             root: scratch.path().to_owned(),
@@ -74,14 +75,14 @@ pub(super) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let result = match outcome {
         Some(Ok(())) => Ok(ExitCode::SUCCESS),
         Some(Err(error)) => {
-            println!(
+            let _ = outln!(
                 "\nThe demo stopped at step {}/{STEPS}: {error:#}",
                 demo.step
             );
             for node in demo.nodes.values() {
                 let log = node.child.log_tail();
                 if !log.is_empty() {
-                    println!(
+                    let _ = outln!(
                         "--- the last log lines of node {} ---\n{log}",
                         node.child.name()
                     );
@@ -90,18 +91,19 @@ pub(super) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             Err(error.context("the demo failed"))
         }
         None => {
-            println!("\nInterrupted.");
+            let _ = outln!("\nInterrupted.");
             Ok(ExitCode::from(130))
         }
     };
-    println!("Stopping the nodes (a second Ctrl-C kills them at once).");
+    // Cleaning up goes on whatever became of stdout.
+    let _ = outln!("Stopping the nodes (a second Ctrl-C kills them at once).");
     demo.stop_all().await;
     if let Some(watch) = demo.watch.take() {
         watch.task.abort();
     }
     let root = scratch.path().to_owned();
     drop(scratch);
-    println!("Removed {}.", root.display());
+    let _ = outln!("Removed {}.", root.display());
     result
 }
 
@@ -203,15 +205,18 @@ impl Watch {
                 let message = match message {
                     Ok(message) => message,
                     Err(error) => {
-                        println!("  (node {watcher}'s event stream broke: {error})");
+                        // A closed stdout ends the demo through its own next line.
+                        let _ = outln!("  (node {watcher}'s event stream broke: {error})");
                         return;
                     }
                 };
                 let Ok(event) = serde_json::from_str::<Value>(&message.data) else {
                     continue;
                 };
-                if let Some(line) = render(&event, &watcher) {
-                    println!("{line}");
+                if let Some(line) = render(&event, &watcher)
+                    && outln!("{line}").is_err()
+                {
+                    return;
                 }
                 if sender.send(event).is_err() {
                     return;
@@ -367,15 +372,16 @@ struct Demo {
 }
 
 impl Demo {
-    fn heading(&mut self, title: &str) {
+    fn heading(&mut self, title: &str) -> anyhow::Result<()> {
         self.step += 1;
-        println!("\n[{}/{STEPS}] {title}", self.step);
+        outln!("\n[{}/{STEPS}] {title}", self.step)
     }
 
-    fn say(&self, text: &str) {
+    fn say(&self, text: &str) -> anyhow::Result<()> {
         for line in text.lines() {
-            println!("      {line}");
+            outln!("      {line}")?;
         }
+        Ok(())
     }
 
     /// Lets the events of a step print before the next one.
@@ -412,22 +418,22 @@ impl Demo {
         self.listing().await?;
         self.pause().await;
         self.rejoin_and_leave(&sessions.on_c).await?;
-        println!(
+        outln!(
             "\nDone. Node a saw gossip (node.joined), the events of b and c over the relay, b's \
              supervisor restart a session actor (actor.restarted), and c's failure detected \
              (node.down) after a kill -9."
-        );
+        )?;
         Ok(())
     }
 
     fn certificates(&mut self) -> anyhow::Result<()> {
-        self.heading("Certificates: one cluster CA, one certificate per node");
+        self.heading("Certificates: one cluster CA, one certificate per node")?;
         make_certificates(&self.config.root, &["a", "b", "c"])?;
         self.say(
             "a/cluster holds the CA and a's certificate; b/cluster and c/cluster were issued from \
              it\n(as `troupe cluster init` and `troupe cluster issue b --out …` do). Nodes talk \
              QUIC with mutual TLS:\na peer without a certificate from this CA is refused.",
-        );
+        )?;
         Ok(())
     }
 
@@ -435,26 +441,26 @@ impl Demo {
         self.heading(
             "Three nodes on loopback: a first, then b and c join it (fast failure detection, \
              fault injection on)",
-        );
+        )?;
         let a = DemoNode::start(self.config.node("a", Vec::new())?).await?;
-        self.say(&a.describe());
+        self.say(&a.describe())?;
         let seed = a.child.cluster();
         self.say(
             "node a's event stream (GET /v1/events on a) from here on, one event per line:\n\
              time (UTC), the node that published it, kind, details. Events of b and c reach a \
              over the relay.",
-        );
+        )?;
         self.watch = Some(Watch::start(&a).await?);
         self.nodes.insert("a".into(), a);
         self.say(&format!(
             "starting b and c, each given a's cluster address {seed} to join:"
-        ));
+        ))?;
         let (b, c) = tokio::join!(
             DemoNode::start(self.config.node("b", vec![seed])?),
             DemoNode::start(self.config.node("c", vec![seed])?),
         );
         for node in [b?, c?] {
-            self.say(&node.describe());
+            self.say(&node.describe())?;
             self.nodes.insert(node.child.name().to_owned(), node);
         }
         let watch = self.watch()?;
@@ -482,16 +488,16 @@ impl Demo {
         self.say(&format!(
             "gossip: a knows b and c. Its member view (troupe cluster members):\n{}",
             super::cluster::members_table(&members)
-        ));
+        ))?;
         Ok(())
     }
 
     async fn relay(&mut self) -> anyhow::Result<()> {
-        self.heading("Relay: every node streams its own events to the others over QUIC");
+        self.heading("Relay: every node streams its own events to the others over QUIC")?;
         self.say(
             "opening an event stream on b and on c; the link.connected events they publish \
              reach a:",
-        );
+        )?;
         let mut streams = Vec::new();
         for name in ["b", "c"] {
             // A relay link comes up a moment after the membership; until then a new event of
@@ -521,7 +527,7 @@ impl Demo {
     }
 
     async fn sessions(&mut self) -> anyhow::Result<Sessions> {
-        self.heading("Sessions across the cluster, all asked of node a (POST /v1/sessions on a)");
+        self.heading("Sessions across the cluster, all asked of node a (POST /v1/sessions on a)")?;
         let a = self.node("a")?;
         let command =
             |script: &str| json!({"kind": "command", "program": "sh", "args": ["-c", script]});
@@ -545,7 +551,7 @@ impl Demo {
             let node = text(&record["node"]);
             self.say(&format!(
                 "{{{asked}, ...}}  ->  session {id} on node {node}"
-            ));
+            ))?;
             ids.push((id, node));
         }
         let [(on_b, b), (on_c, c), (placed, placed_on)] = <[(String, String); 3]>::try_from(ids)
@@ -580,11 +586,11 @@ impl Demo {
         let actor = format!("sessions/{session}");
         self.heading(&format!(
             "A fault on node b: its session actor {actor} panics (POST /v1/admin/faults on b)"
-        ));
+        ))?;
         self.say(
             "b's session supervisor restarts it (actor.restarted, relayed to a); the new \
              instance\nre-attaches to the running process, whose output keeps coming:",
-        );
+        )?;
         let since = self.watch()?.mark();
         self.node("b")?
             .post(
@@ -617,7 +623,7 @@ impl Demo {
         let pid = self.node("c")?.child.pid();
         self.heading(&format!(
             "Failure detection: kill -9 of node c (pid {pid}): no leave, no goodbye"
-        ));
+        ))?;
         let since = self.watch()?.mark();
         let killed_at = Timestamp::now().as_micros();
         let c = self.nodes.get_mut("c").context("node c is not running")?;
@@ -626,7 +632,7 @@ impl Demo {
         self.say(&format!(
             "c is gone ({status}); a and b stop hearing from it, suspect it, then declare it \
              down:"
-        ));
+        ))?;
         let watch = self.watch()?;
         let mut reports = Vec::new();
         for observer in ["a", "b"] {
@@ -660,12 +666,12 @@ impl Demo {
                 }
             ));
         }
-        self.say(&format!("time from the kill: {}", reports.join("; ")));
+        self.say(&format!("time from the kill: {}", reports.join("; ")))?;
         Ok(())
     }
 
     async fn listing(&mut self) -> anyhow::Result<()> {
-        self.heading("What node a shows now");
+        self.heading("What node a shows now")?;
         let a = self.node("a")?;
         let listed = a.get("/v1/sessions?scope=cluster").await?;
         let mut table = format!("{:<32} {:<6} {}\n", "SESSION", "NODE", "STATE");
@@ -679,21 +685,21 @@ impl Demo {
         }
         self.say(&format!(
             "sessions cluster-wide (GET /v1/sessions?scope=cluster); c's cannot be reached:\n{table}"
-        ));
+        ))?;
         let members = a.get("/v1/cluster/members").await?;
         self.say(&format!(
             "members (troupe cluster members):\n{}",
             super::cluster::members_table(&members)
-        ));
+        ))?;
         Ok(())
     }
 
     async fn rejoin_and_leave(&mut self, on_c: &str) -> anyhow::Result<()> {
-        self.heading("c comes back with a new generation; then b stops cleanly and leaves");
+        self.heading("c comes back with a new generation; then b stops cleanly and leaves")?;
         let seed = self.node("a")?.child.cluster();
         let since = self.watch()?.mark();
         let c = DemoNode::start(self.config.node("c", vec![seed])?).await?;
-        self.say(&format!("{}, joining a again", c.describe()));
+        self.say(&format!("{}, joining a again", c.describe()))?;
         self.nodes.insert("c".into(), c);
         let watch = self.watch()?;
         watch
@@ -711,7 +717,7 @@ impl Demo {
             .await?;
         self.say(
             "stopping b gracefully: it tells the others it leaves (node.left, not node.down):",
-        );
+        )?;
         let since = self.watch()?.mark();
         if let Some(b) = self.nodes.get_mut("b") {
             b.child.stop().await;

@@ -292,6 +292,8 @@ async fn a_closed_stdout_ends_client_commands_quietly() {
         vec!["session", "show", &id],
         vec!["session", "logs", &id],
         vec!["session", "spawn", "--", "sh", "-c", "echo out"],
+        // Stops at its first line, before any node starts.
+        vec!["demo", "--pause", "0"],
     ] {
         let (status, stderr) = run_cli_into_a_closed_pipe(&node, &args).await;
         assert_eq!(

@@ -28,6 +28,7 @@ use troupe_actors::ids::Timestamp;
 
 use super::detection;
 use crate::cli::loopback::{Scratch, make_certificates, node_config};
+use crate::cli::out::outln;
 use crate::config::ClusterProfile;
 use crate::node::{Node, NodeHandle};
 
@@ -355,7 +356,7 @@ async fn measure_relay(
     let a = &nodes[0];
     let receivers = &nodes[1..];
     let receiver_names: Vec<String> = receivers.iter().map(|n| n.node_id().to_string()).collect();
-    println!(
+    outln!(
         "cluster relay, {} nodes in this process (fast profile, mutual TLS on loopback): a \
          publishes, {} {} through the relay",
         nodes.len(),
@@ -365,7 +366,7 @@ async fn measure_relay(
         } else {
             "receive"
         }
-    );
+    )?;
     let filter = EventFilter {
         kinds: vec![KindPattern::Exact(EventKind::SessionOutput)],
         nodes: vec![a.node_id().clone()],
@@ -467,7 +468,7 @@ async fn measure_relay(
         } else {
             "(the target is set at 10,000 events/s)"
         };
-        println!(
+        outln!(
             "  latency at {} events/s for {} s ({}): {arrived} of {expected} deliveries \
              arrived{}; p50 {}, p99 {}, max {}; worst receiver's p99 {}\n  \
              target p50 < 150 µs, p99 < 1 ms at 10,000 events/s: {verdict}",
@@ -482,7 +483,7 @@ async fn measure_relay(
             micros(p99),
             micros(all.last().copied().unwrap_or(0)),
             micros(worst_p99),
-        );
+        )?;
     }
 
     if throughput {
@@ -523,7 +524,7 @@ async fn measure_relay(
         }
         let expected = burst * receivers.len() as u64;
         let secs = slowest.as_secs_f64().max(f64::EPSILON);
-        println!(
+        outln!(
             "  throughput, a burst of {burst} published in {:.3} s: {arrived} of {expected} \
              deliveries arrived{}; the last after {:.3} s: {:.0} events/s relayed to each \
              receiver (the one that got fewest: {least}), {:.0} deliveries/s in all",
@@ -532,7 +533,7 @@ async fn measure_relay(
             secs,
             least as f64 / secs,
             arrived as f64 / secs,
-        );
+        )?;
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ use super::cluster::{
     start_cluster,
 };
 use crate::cli::loopback::{NodeChild, make_certificates, node_config};
+use crate::cli::out::outln;
 use crate::config::ClusterProfile;
 use crate::node::NodeHandle;
 
@@ -69,7 +70,7 @@ async fn kills(
     observers: &[NodeHandle],
     victim: &str,
 ) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "failure detection, {} nodes, {} profile: node {victim} runs as a child process and is \
          killed with SIGKILL (no leave, nothing sent; the kernel closes its sockets) {} times, \
          then started again; the nodes in this process ({}) time the kill → their node.down",
@@ -81,7 +82,7 @@ async fn kills(
             .map(|node| node.node_id().to_string())
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )?;
     let seeds: Vec<_> = observers
         .iter()
         .filter_map(NodeHandle::cluster_addr)
@@ -161,8 +162,7 @@ async fn kills(
         progress.set(u64::from(kill));
     }
     progress.finish();
-    report_detection(profile, observers.len(), &mut found);
-    Ok(())
+    report_detection(profile, observers.len(), &mut found)
 }
 
 /// The next `node.*` event about `node` whose kind `wanted` accepts, as (kind, at in µs);
@@ -195,7 +195,11 @@ async fn next_about(
     }
 }
 
-fn report_detection(profile: Profile, observers: usize, found: &mut Detections) {
+fn report_detection(
+    profile: Profile,
+    observers: usize,
+    found: &mut Detections,
+) -> anyhow::Result<()> {
     found.downs.sort_unstable();
     found.last_downs.sort_unstable();
     found.first_suspects.sort_unstable();
@@ -206,7 +210,7 @@ fn report_detection(profile: Profile, observers: usize, found: &mut Detections) 
             micros(values.last().copied().unwrap_or(0))
         )
     };
-    println!(
+    outln!(
         "  kill → node.down on each observer: {} over {} observations ({} kills × {observers} \
          observers){}\n  kill → node.down on the last observer of each kill: {}\n  \
          kill → first node.suspected: {} ({} kills had one)",
@@ -221,20 +225,20 @@ fn report_detection(profile: Profile, observers: usize, found: &mut Detections) 
         stats(&found.last_downs),
         stats(&found.first_suspects),
         found.first_suspects.len(),
-    );
+    )?;
     match profile {
         Profile::Fast => {
             let met = found.missed == 0
                 && percentile(&found.downs, 0.5) < 1_500_000
                 && found.downs.last().is_some_and(|max| *max < 3_000_000);
-            println!(
+            outln!(
                 "  target (fast profile): p50 < 1.5 s, max < 3 s: {}",
                 if met { "met" } else { "not met" }
-            );
+            )?;
         }
-        Profile::Lan => println!("  no target for the lan profile (foca's LAN defaults)"),
+        Profile::Lan => outln!("  no target for the lan profile (foca's LAN defaults)")?,
     }
-    println!("  for comparison: Akka ~5.5 s, memberlist 5–7 s with their default settings");
+    outln!("  for comparison: Akka ~5.5 s, memberlist 5–7 s with their default settings")
 }
 
 /// False `node.down` events while every node runs and relays events.
@@ -259,13 +263,13 @@ struct MembershipCounts {
 }
 
 async fn run_steady(args: &ClusterArgs, nodes: &[NodeHandle]) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "false failure detection, {} nodes in this process, fast profile: for {} s every node \
          publishes {} events/s, relayed to every other node; no node stops",
         nodes.len(),
         args.steady_secs,
         args.steady_rate
-    );
+    )?;
     let stop = CancellationToken::new();
     let counts = Arc::new(MembershipCounts::default());
     let watchers: Vec<_> = nodes
@@ -397,7 +401,7 @@ async fn run_steady(args: &ClusterArgs, nodes: &[NodeHandle]) -> anyhow::Result<
     }
     let expected = sent * (nodes.len() as u64 - 1);
     let down = counts.down.load(Ordering::Relaxed);
-    println!(
+    outln!(
         "  false node.down: {down} (target 0: {}); node.suspected: {}; node.joined / node.left \
          after the start: {} / {}\n  load: {sent} events published, {arrived} of {expected} \
          relayed deliveries arrived{}",
@@ -410,6 +414,6 @@ async fn run_steady(args: &ClusterArgs, nodes: &[NodeHandle]) -> anyhow::Result<
         } else {
             String::new()
         }
-    );
+    )?;
     Ok(())
 }

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use troupe_actors::event::{Delivery, EventData, EventFilter, SessionProgress};
 use troupe_actors::ids::SessionId;
 
+use crate::cli::out::outln;
 use crate::config::Config;
 use crate::node::Node;
 
@@ -415,15 +416,15 @@ async fn drive(
     let end_kib = resident_kib().unwrap_or(0);
     peak_kib = peak_kib.max(end_kib);
 
-    println!(
+    outln!(
         "troupe bench events: {total} events at {}/s for {}s (published in {publish_secs:.1}s), \
          subscriber buffer {subscriber_buffer}; node process RSS peak {:.1} MiB, end {:.1} MiB",
         args.rate,
         args.seconds,
         peak_kib as f64 / 1024.0,
         end_kib as f64 / 1024.0,
-    );
-    println!(
+    )?;
+    outln!(
         "{:<11} {:>5} {:>12} {:>12} {:>10} {:>7} {:>6} {:>9} {:>9} {:>9}",
         "transport",
         "subs",
@@ -435,29 +436,29 @@ async fn drive(
         "p50 ms",
         "p99 ms",
         "max ms"
-    );
+    )?;
     for tally in &tallies {
-        report(tally, total);
+        report(tally, total)?;
     }
     let deliveries: u64 = tallies.iter().map(|tally| tally.delivered).sum();
     let per_delivery = |secs: f64| secs * 1e9 / deliveries.max(1) as f64;
-    println!(
+    outln!(
         "CPU while publishing and delivering: node process {node_cpu:.1} s ({:.0} ns per \
          delivery), clients process {clients_cpu:.1} s ({:.0} ns per delivery); load average \
          {}",
         per_delivery(node_cpu),
         per_delivery(clients_cpu),
         load_average().unwrap_or_else(|| "unknown".into()),
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn report(tally: &Tally, total: u64) {
+fn report(tally: &Tally, total: u64) -> anyhow::Result<()> {
     let expected = total * tally.subscribers;
     let ms = |value: Option<u64>| {
         value.map_or("-".to_owned(), |us| format!("{:.2}", us as f64 / 1000.0))
     };
-    println!(
+    outln!(
         "{:<11} {:>5} {:>12} {:>12} {:>10} {:>7} {:>6} {:>9} {:>9} {:>9}",
         tally.transport,
         tally.subscribers,
@@ -469,7 +470,7 @@ fn report(tally: &Tally, total: u64) {
         ms(tally.latency_us.quantile(0.5)),
         ms(tally.latency_us.quantile(0.99)),
         ms((tally.latency_us.total() > 0).then_some(tally.latency_us.max)),
-    );
+    )
 }
 
 /// The clients process: opens the subscribers, says `ready`, counts until each has seen every
@@ -550,7 +551,7 @@ async fn clients(base: &str, args: &EventsArgs) -> anyhow::Result<ExitCode> {
             sink.lock().await.merge(&tally);
         }));
     }
-    println!("ready");
+    outln!("ready")?;
     let cpu_at_start = cpu_secs();
     for task in tasks {
         let _ = task.await;
@@ -564,7 +565,7 @@ async fn clients(base: &str, args: &EventsArgs) -> anyhow::Result<ExitCode> {
         ws.cpu_secs = cpu;
     }
     for tally in [sse, ws] {
-        println!("{}", serde_json::to_string(&tally)?);
+        outln!("{}", serde_json::to_string(&tally)?)?;
     }
     Ok(ExitCode::SUCCESS)
 }

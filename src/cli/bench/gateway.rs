@@ -29,6 +29,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::json;
 
+use crate::cli::out::outln;
 use crate::config::{Config, ProviderConfig};
 use crate::provider::ProviderKind;
 use crate::testing::fake_provider::{FakeConfig, FakeProvider};
@@ -139,19 +140,19 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         token: token.trim().to_owned(),
     };
 
-    println!(
+    outln!(
         "gateway added latency: {} s per rate and mode after a 0.5 s warm-up; open loop of pairs \
          (one request direct, its twin through the gateway, sent together); load generator on \
          its own thread; fake provider on loopback; the node logs at info to {}",
         args.secs,
         log_path.display()
-    );
-    println!(
+    )?;
+    outln!(
         "machine: {} cores, load average {}",
         std::thread::available_parallelism().map_or(0, usize::from),
         load_average()
-    );
-    println!(
+    )?;
+    outln!(
         "{:>6} {:>6} {:>6} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>8} {:>8}",
         "rps",
         "mode",
@@ -167,7 +168,7 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         "added999",
         "cpu/pair",
         "gen/pair"
-    );
+    )?;
     for &rps in &args.rps {
         for &mode in &args.modes {
             let stream = mode == Mode::Stream;
@@ -202,12 +203,12 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
             .context("the load generator's thread failed")??;
             let mode = if stream { "stream" } else { "whole" };
             if run.failed > 0 {
-                println!(
+                outln!(
                     "{rps:>6} {mode:>6}: {} of {} pairs failed (left out below), e.g. {:?}",
                     run.failed,
                     run.failed + run.pairs.len(),
                     run.examples
-                );
+                )?;
             }
             let sent = (run.pairs.len() + run.failed).max(1) as f64;
             let cpu = run.cpu.map_or_else(
@@ -238,7 +239,7 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                         .iter()
                         .map(|pair| secs_of(pick(&pair.gateway)) - secs_of(pick(&pair.direct))),
                 );
-                println!(
+                outln!(
                     "{rps:>6} {mode:>6} {metric:>6} | {} {} {} | {} {} {} | {} {} {} | {cpu}",
                     ms(direct[0]),
                     ms(direct[1]),
@@ -249,11 +250,11 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                     signed_ms(added[0]),
                     signed_ms(added[1]),
                     signed_ms(added[2]),
-                );
+                )?;
             }
         }
     }
-    println!("load average after the runs: {}", load_average());
+    outln!("load average after the runs: {}", load_average())?;
     node.shutdown().await;
     fake.shutdown().await;
     let _ = std::fs::remove_dir_all(&data_dir);

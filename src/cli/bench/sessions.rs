@@ -21,6 +21,7 @@ use serde_json::json;
 use troupe_actors::session::{SessionState, SessionStats};
 
 use super::{Progress, rate, rss_bytes};
+use crate::cli::out::outln;
 use crate::config::Config;
 use crate::node::{Node, NodeHandle};
 
@@ -49,27 +50,30 @@ pub(super) async fn run(args: SessionsArgs) -> anyhow::Result<ExitCode> {
         bail!("--sessions and --queue are limited to 1,000,000");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
+    outln!(
         "troupe bench sessions: {} sessions, {} clients, max_concurrent {}, queue {} ({cores} cores)",
-        args.sessions, args.concurrency, args.max_concurrent, args.queue
-    );
+        args.sessions,
+        args.concurrency,
+        args.max_concurrent,
+        args.queue
+    )?;
 
     let baseline = baseline(args.sessions, args.concurrency).await?;
-    println!(
+    outln!(
         "baseline   spawn+wait `true` directly      {:>9.0} /s  ({} in {:.2?})",
         rate(args.sessions, baseline),
         args.sessions,
         baseline
-    );
+    )?;
 
     let bench = BenchNode::start(args.max_concurrent, args.sessions + args.queue).await?;
     let elapsed = bench.throughput(args.sessions, args.concurrency).await?;
     let per_second = rate(args.sessions, elapsed);
-    println!(
+    outln!(
         "sessions   POST /v1/sessions → ended      {per_second:>9.0} /s  ({} in {elapsed:.2?}, {:.0} % of baseline)",
         args.sessions,
         100.0 * per_second / rate(args.sessions, baseline)
-    );
+    )?;
     bench.node.shutdown().await;
 
     if args.queue > 0 {
@@ -277,16 +281,16 @@ impl BenchNode {
         let accepted_in = started.elapsed();
         let queued = self.stats.queued.load(Ordering::Relaxed);
         let rss_after = rss_bytes();
-        println!(
+        outln!(
             "queue      {count} accepted while every slot is busy {:>7.0} /s  ({accepted_in:.2?}; {queued} queued)",
             rate(count, accepted_in)
-        );
+        )?;
         if let (Some(before), Some(after)) = (rss_before, rss_after) {
-            println!(
+            outln!(
                 "memory     resident growth per queued session  {:>7.0} B  ({:.1} MiB for {count}; includes the HTTP client's side)",
                 after.saturating_sub(before) as f64 / count as f64,
                 after.saturating_sub(before) as f64 / (1024.0 * 1024.0)
-            );
+            )?;
         }
 
         let ended_before = self.ended();
@@ -304,10 +308,10 @@ impl BenchNode {
         if succeeded != count {
             bail!("only {succeeded} of {count} queued sessions succeeded");
         }
-        println!(
+        outln!(
             "drain      {count} queued sessions run to the end {:>7.0} /s  ({drained_in:.2?})",
             rate(count, drained_in)
-        );
+        )?;
         Ok(())
     }
 }
