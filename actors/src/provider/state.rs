@@ -399,8 +399,15 @@ impl<W: Waiter> ProviderState<W> {
                 }),
             ) => {
                 if *reached_provider {
-                    self.policy.budget.reconcile(reservation, 0, now);
-                    self.model_limits.reconcile(&model, charge, 0, now);
+                    // An error answer is not charged; a request that timed out after it was
+                    // sent may still be running there, so its estimate stays spent.
+                    let used = if class.kind == ErrorKind::Timeout {
+                        reservation.tokens()
+                    } else {
+                        0
+                    };
+                    self.policy.budget.reconcile(reservation, used, now);
+                    self.model_limits.reconcile(&model, charge, used, now);
                 } else {
                     self.policy.budget.release(reservation, now);
                     self.model_limits.release(&model, charge, now);

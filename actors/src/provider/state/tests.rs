@@ -843,7 +843,7 @@ fn a_stream_that_broke_off_keeps_its_tokens_spent_as_an_abandoned_one_does() {
     };
     finish(&mut state, report(ticket, broke), now);
     assert_eq!(tokens_left(&mut state), Some(250));
-    // A failure before the first byte (the provider charges nothing) gives its tokens back.
+    // A failure before the first byte (the provider charges nothing) gives its tokens back…
     let ticket = admitted(&state.admit(request(1, 200), TestWaiter::new(3), now));
     finish(
         &mut state,
@@ -851,8 +851,16 @@ fn a_stream_that_broke_off_keeps_its_tokens_spent_as_an_abandoned_one_does() {
         now,
     );
     assert_eq!(tokens_left(&mut state), Some(250));
+    // …unless it timed out after it was sent: the provider may be generating still.
+    let ticket = admitted(&state.admit(request(1, 200), TestWaiter::new(4), now));
+    let timed_out = Outcome::Failed {
+        class: ErrorClass::of_kind(ErrorKind::Timeout),
+        reached_provider: true,
+    };
+    finish(&mut state, report(ticket, timed_out), now);
+    assert_eq!(tokens_left(&mut state), Some(50));
     let counters = state.shared.stats.counters();
-    assert_eq!((counters.failed, counters.retries), (3, 1));
+    assert_eq!((counters.failed, counters.retries), (4, 2));
 }
 
 #[test]
