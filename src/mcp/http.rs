@@ -41,7 +41,7 @@ use tokio_util::sync::{CancellationToken, PollSender};
 use troupe_actors::event::TransportKind;
 
 use super::TroupeMcp;
-use super::idle::IdleSessions;
+use super::idle::{IdleSessions, MAX_SESSIONS_PER_TOKEN};
 use crate::auth::{Principal, Role};
 use crate::http::ApiError;
 use crate::http::ws::{
@@ -67,6 +67,7 @@ pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCo
         Duration::from_secs(core.config.http.mcp_session_idle_secs),
         stop.clone(),
     );
+    let guarded = idle.clone();
     let service = StreamableHttpService::new(
         move || {
             Ok(
@@ -84,22 +85,26 @@ pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCo
     Router::new()
         .route("/mcp/ws", get(websocket))
         .route_service("/mcp", service)
-        .route_layer(middleware::from_fn_with_state(core, guard))
+        .route_layer(middleware::from_fn_with_state((core, guarded), guard))
 }
 
 /// Host/Origin, then the bearer token (any role) and the rate limit, then (a JSON `POST`) the
-/// body's shape as a JSON-RPC message.
-async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Next) -> Response {
+/// body's shape as a JSON-RPC message, and for an `initialize` (a legacy session's start) the
+/// token's bound on sessions.
+async fn guard(
+    State((core, sessions)): State<(Arc<NodeCore>, Arc<IdleSessions>)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let allowed = &core.config.http.allowed_hosts;
     if let Err(error) = check_host_and_origin(request.headers(), request.uri(), allowed) {
         return error.into_response();
     }
-    match crate::http::authorize(&core, &request, Role::Viewer) {
-        Ok(principal) => {
-            request.extensions_mut().insert(principal);
-        }
+    let principal = match crate::http::authorize(&core, &request, Role::Viewer) {
+        Ok(principal) => principal,
         Err(error) => return error.into_response(),
-    }
+    };
+    request.extensions_mut().insert(principal.clone());
     let is_json_post = request.method() == axum::http::Method::POST
         && request
             .headers()
@@ -107,7 +112,18 @@ async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Ne
             .and_then(|value| value.to_str().ok())
             .is_some_and(is_json_media_type);
     if !is_json_post {
-        return next.run(request).await;
+        // A legacy session ended by its client no longer counts against its token.
+        let ended = (request.method() == axum::http::Method::DELETE)
+            .then(|| request.headers().get("mcp-session-id").cloned())
+            .flatten();
+        let response = next.run(request).await;
+        if let Some(id) = ended
+            && response.status().is_success()
+            && let Ok(id) = id.to_str()
+        {
+            sessions.forget(id);
+        }
+        return response;
     }
     let (parts, body) = request.into_parts();
     let limit = core.config.http.max_body_bytes;
@@ -123,20 +139,70 @@ async fn guard(State(core): State<Arc<NodeCore>>, mut request: Request, next: Ne
         }
     };
     let checked = match std::str::from_utf8(&bytes) {
-        Ok(text) => check_message(text).map(|_| ()),
+        Ok(text) => check_message(text),
         Err(error) => Err(parse_error(&format!("the body is not UTF-8: {error}"))),
     };
-    if let Err(reply) = checked {
-        return (
-            axum::http::StatusCode::BAD_REQUEST,
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            reply,
-        )
-            .into_response();
+    let message = match checked {
+        Ok(message) => message,
+        Err(reply) => {
+            return (
+                axum::http::StatusCode::BAD_REQUEST,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                reply,
+            )
+                .into_response();
+        }
+    };
+    // A legacy session's start: its request id.
+    let session_start = match &message {
+        ClientJsonRpcMessage::Request(request)
+            if matches!(request.request, ClientRequest::InitializeRequest(_))
+                && !parts.headers.contains_key("mcp-session-id") =>
+        {
+            Some(serde_json::to_value(&request.id).unwrap_or_default())
+        }
+        _ => None,
+    };
+    if let Some(id) = session_start.clone() {
+        let held = sessions.opened_by(&principal.name);
+        if held >= MAX_SESSIONS_PER_TOKEN {
+            let reply = error_reply(
+                id,
+                TOO_MANY_SESSIONS,
+                &format!(
+                    "token {:?} holds {held} MCP sessions already, its most; end some (HTTP \
+                     DELETE /mcp with their Mcp-Session-Id) or let them expire, then retry",
+                    principal.name
+                ),
+                Some(
+                    serde_json::json!({"code": "too_many_sessions", "max": MAX_SESSIONS_PER_TOKEN}),
+                ),
+            );
+            return (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                reply,
+            )
+                .into_response();
+        }
     }
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    let response = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    if session_start.is_some()
+        && let Some(id) = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|id| id.to_str().ok())
+    {
+        sessions.opened(id, &principal.name);
+    }
+    response
 }
+
+/// JSON-RPC error code of an `initialize` refused because its token holds
+/// [`MAX_SESSIONS_PER_TOKEN`] legacy sessions already (a server error code).
+pub const TOO_MANY_SESSIONS: i32 = -32027;
 
 /// Methods a client may call in 2026-07-28 (and before). rmcp reads a known method whose params
 /// do not parse as a "custom" request and answers it as an unknown method; [`check_message`]

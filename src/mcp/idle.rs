@@ -25,6 +25,12 @@ type McpSessionId = Arc<str>;
 /// The longest session id kept when rmcp's table cannot be asked (rmcp's ids are UUIDs).
 const MAX_SESSION_ID: usize = 64;
 
+/// The most legacy sessions one token may hold at once. A session lives until its client ends
+/// it or has been quiet for `http.mcp_session_idle_secs`, with no connection open meanwhile, so
+/// without a bound one token could open sessions (each a task and its queues in rmcp) faster
+/// than they expire.
+pub(crate) const MAX_SESSIONS_PER_TOKEN: usize = 256;
+
 /// What one session is doing: calls in flight, and when it last did anything.
 #[derive(Debug)]
 struct Activity {
@@ -81,6 +87,8 @@ pub(crate) struct IdleSessions {
     manager: Arc<LocalSessionManager>,
     idle: Duration,
     activity: DashMap<McpSessionId, Arc<Activity>>,
+    /// The token each session was opened with (by name).
+    owners: DashMap<McpSessionId, String>,
     /// Ends the reaper: with the node's stop, or when this goes (a router built for one
     /// forwarded cluster call has its own, gone with the call).
     reaper: CancellationToken,
@@ -105,6 +113,7 @@ impl IdleSessions {
             manager,
             idle,
             activity: DashMap::new(),
+            owners: DashMap::new(),
             reaper: stop.clone(),
         });
         let reaper = Arc::downgrade(&this);
@@ -154,12 +163,33 @@ impl IdleSessions {
         Busy(Some(activity))
     }
 
+    /// Notes that session `id` was opened with token `token`.
+    pub(crate) fn opened(&self, id: &str, token: &str) {
+        self.owners.insert(Arc::from(id), token.to_owned());
+    }
+
+    /// Session `id` was ended by its client.
+    pub(crate) fn forget(&self, id: &str) {
+        self.owners.remove(id);
+        self.activity.remove(id);
+    }
+
+    /// How many live sessions token `token` opened (as of the last reap: those closed since
+    /// may still count for up to a reaper tick).
+    pub(crate) fn opened_by(&self, token: &str) -> usize {
+        self.owners
+            .iter()
+            .filter(|owner| owner.value() == token)
+            .count()
+    }
+
     /// Closes the sessions idle past the allowance, and forgets those rmcp no longer has. A
     /// session seen here for the first time starts its idle time now.
     async fn reap(&self, now: Instant) {
         let live: HashSet<McpSessionId> =
             self.manager.sessions.read().await.keys().cloned().collect();
         self.activity.retain(|id, _| live.contains(id));
+        self.owners.retain(|id, _| live.contains(id));
         for id in live {
             let idle = self
                 .activity
@@ -170,6 +200,7 @@ impl IdleSessions {
                 continue;
             }
             self.activity.remove(&id);
+            self.owners.remove(&id);
             match self.manager.close_session(&id).await {
                 Ok(()) => tracing::info!(
                     mcp_session = %id,
@@ -195,6 +226,7 @@ mod tests {
             manager: Arc::default(),
             idle: Duration::from_secs(60),
             activity: DashMap::from_iter([(Arc::from("s"), activity.clone())]),
+            owners: DashMap::new(),
             reaper: CancellationToken::new(),
         };
         let busy = sessions.busy("s");

@@ -422,6 +422,57 @@ async fn legacy_post(node: &NodeProcess, session: &str, body: Value) -> reqwest:
     legacy_request(node, session, body).send().await.unwrap()
 }
 
+/// Regression: legacy sessions live on with no connection open until they have been quiet for
+/// `http.mcp_session_idle_secs`, and a token could open them without bound (each one a task and
+/// its queues), faster than they expire. A token now holds at most 256; past that an
+/// `initialize` is refused with HTTP 429, and one session ended makes room again.
+#[tokio::test]
+async fn a_token_holds_a_bounded_number_of_legacy_sessions() {
+    let fixture = Fixture::start_with(vec![
+        ("TROUPE_AUTH__REQUESTS_PER_SECOND".into(), "100000".into()),
+        ("TROUPE_AUTH__BURST".into(), "100000".into()),
+    ])
+    .await;
+    let node = &fixture.node;
+    let sessions: Vec<String> = futures::stream::iter(0..256)
+        .map(|_| legacy_session(node))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let init = json!({"jsonrpc": "2.0", "id": 9, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "one-too-many", "version": "0"},
+    }});
+    let refused = post(node, &node.token, &init, "2025-06-18").await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().get("mcp-session-id").is_none());
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["id"], 9, "{body}");
+    assert_eq!(body["error"]["data"]["code"], "too_many_sessions", "{body}");
+    assert_eq!(body["error"]["data"]["max"], 256, "{body}");
+    // Sessions already open still work.
+    let listed = legacy_post(
+        node,
+        &sessions[0],
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
+    assert_eq!(listed.status(), 200);
+    // One ended by its client makes room at once.
+    let ended = node
+        .client()
+        .delete(node.url("/mcp"))
+        .bearer_auth(&node.token)
+        .header("mcp-protocol-version", "2025-06-18")
+        .header("mcp-session-id", &sessions[1])
+        .send()
+        .await
+        .unwrap();
+    assert!(ended.status().is_success(), "{}", ended.status());
+    legacy_session(node).await;
+}
+
 /// How many legacy MCP sessions are links now.
 async fn mcp_http_links(node: &NodeProcess) -> usize {
     mcp_http_link_ids(node).await.len()
