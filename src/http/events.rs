@@ -244,7 +244,7 @@ pub(super) async fn stream(
     )
     .await
     .map_err(link_error)?;
-    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
+    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs);
     // A stream that does not resume first names the newest event as its `id` (a frame without
     // data, which clients do not dispatch but remember): a client whose filter matched nothing
     // before the link broke still resumes from where it started, not from whenever it returns.

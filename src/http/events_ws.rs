@@ -104,7 +104,7 @@ pub(super) async fn upgrade(
     .await
     .map_err(link_error)?;
     let node = core.node_id.clone();
-    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs.max(1));
+    let heartbeat = Duration::from_secs(core.config.events.heartbeat_secs);
     Ok(ws
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)

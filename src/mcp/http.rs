@@ -409,7 +409,7 @@ async fn serve_websocket<Si, St>(
     };
     let liveness = Liveness {
         heard,
-        every: Duration::from_secs(core.config.events.heartbeat_secs.max(1)),
+        every: Duration::from_secs(core.config.events.heartbeat_secs),
     };
     let server = TroupeMcp::new(core, transport, None);
     let peer = parts
