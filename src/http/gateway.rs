@@ -71,8 +71,7 @@ pub(super) async fn require_gateway(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(super::bearer_token)
         .filter(|key| SessionKeys::is_session_key(key))
         .map(str::to_owned);
     let caller = match session_key {
