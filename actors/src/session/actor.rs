@@ -179,7 +179,7 @@ impl Actor for SessionActor {
                 } else if let Some(stop) = state.record.stop_requested {
                     // The earlier instance may have crashed between recording the request and
                     // signalling the process: signal it (again).
-                    state.terminate(stop.why());
+                    let _ = state.terminate(stop.why());
                 }
             }
             _ => state.done = true,
@@ -319,19 +319,29 @@ impl SessionActorState {
 
     /// Records a stop request durably, then signals the process (SIGTERM, SIGKILL after the
     /// grace). A request no stronger than one already recorded changes nothing.
+    ///
+    /// A request that finds nothing to stop (the process exited on its own, its exit still on
+    /// its way to this actor) is taken back, so the exit decides the end: a run that exited 0
+    /// just before a cancel or its deadline is handled ends `succeeded`, not `cancelled` or
+    /// `timed_out`.
     async fn request_stop(&mut self, stop: StopRequest) -> Result<(), StoreError> {
-        if self
-            .record
-            .stop_requested
-            .is_some_and(|asked| asked >= stop)
-        {
+        let asked = self.record.stop_requested;
+        if asked.is_some_and(|asked| asked >= stop) {
             return Ok(());
         }
+        self.record_stop(Some(stop)).await?;
+        if !self.terminate(stop.why()) {
+            self.record_stop(asked).await?;
+        }
+        Ok(())
+    }
+
+    /// Records `stop` as the run's stop request, durably.
+    async fn record_stop(&mut self, stop: Option<StopRequest>) -> Result<(), StoreError> {
         let mut next = self.record.clone();
-        next.stop_requested = Some(stop);
+        next.stop_requested = stop;
         self.args.context.store.update(next.clone()).await?;
         self.record = next;
-        self.terminate(stop.why());
         Ok(())
     }
 
@@ -525,7 +535,8 @@ impl SessionActorState {
         }
     }
 
-    fn terminate(&self, why: &str) {
+    /// Signals the run to stop; false when there was nothing left to stop.
+    fn terminate(&self, why: &str) -> bool {
         let context = &self.args.context;
         let stopped = match (&self.record.spec.kind, &context.chats) {
             (SessionKind::Chat(_), Some(chats)) => chats.cancel(&self.args.id),
@@ -537,6 +548,7 @@ impl SessionActorState {
         if !stopped {
             tracing::debug!(session = %self.args.id, why, "nothing to terminate: the process already exited");
         }
+        stopped
     }
 
     async fn exited(

@@ -1603,3 +1603,59 @@ async fn until(mut condition: impl FnMut() -> bool) {
     }
     panic!("the condition never held");
 }
+
+/// Sends `message` to session `id`'s actor now (queued behind whatever it is doing).
+fn cast_to_session(h: &Harness, id: &SessionId, message: SessionMsg) {
+    let handle = h
+        .sessions()
+        .shared
+        .handle(id)
+        .expect("the session has an actor");
+    assert!(handle.cast(message).is_ok(), "the session takes messages");
+}
+
+/// Regression: a cancel or a deadline handled after the process had exited on its own (its exit
+/// still queued behind it) was recorded as the run's end: a run that exited 0 read `cancelled`
+/// (or `timed_out`) with exit code 0, though nothing was stopped.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stop_that_comes_after_the_process_exited_on_its_own_does_not_decide_the_end() {
+    for stop in ["cancel", "deadline"] {
+        let store = Arc::new(MemoryStore::default());
+        let (held, open) = store.gate(None, GatedWrite::To(SessionState::Running));
+        let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+        let id = h.submit(command("sh")).await.unwrap().record.id;
+        // The process runs; its actor waits in its `starting → running` write.
+        held.notified().await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let message = match stop {
+            "cancel" => SessionMsg::Cancel {
+                reply: reply.into(),
+            },
+            _ => SessionMsg::Deadline,
+        };
+        cast_to_session(&h, &id, message);
+        // The process exits by itself: its exit is queued behind the stop.
+        h.runner.exit(&id, 0);
+        open.add_permits(1);
+
+        h.expect(&id, "session.queued").await;
+        h.expect(&id, "session.started").await;
+        let (kinds, end) = h.until_end(&id).await;
+        assert_eq!(kinds, ["session.succeeded"], "{stop}: {end:?}");
+        let record = h.record(&id);
+        assert_eq!(
+            (record.state, record.exit_code, record.stop_requested),
+            (SessionState::Succeeded, Some(0), None),
+            "{stop}"
+        );
+        if stop == "cancel" {
+            let answered = answer.await.expect("the cancel is answered");
+            assert_eq!(answered.stop_requested, None, "nothing was stopped");
+        }
+        assert_eq!(
+            *h.runner.terminated.lock().unwrap(),
+            std::slice::from_ref(&id),
+            "{stop}: the runner was asked, and had nothing left to stop"
+        );
+    }
+}
