@@ -160,15 +160,21 @@ impl Actor for SessionActor {
                 state.persist(SessionState::Starting, None).await?;
                 state.launch(ctx).await?;
             }
+            // The earlier instance started the run but did not record it (its write failed,
+            // or it crashed before): record it and announce it, which that instance never did.
             SessionState::Starting => match state.reattach(sink()) {
                 Reattached::Process(process) => {
                     state.record.process = Some(process);
                     state.record.started_at.get_or_insert_with(Timestamp::now);
                     state.persist(SessionState::Running, None).await?;
+                    let program = program_of(&state.record).to_owned();
+                    state.announce_start(program, Some(process.pid));
                 }
                 Reattached::Chat => {
                     state.record.started_at.get_or_insert_with(Timestamp::now);
                     state.persist(SessionState::Running, None).await?;
+                    let program = program_of(&state.record).to_owned();
+                    state.announce_start(program, None);
                 }
                 Reattached::Unknown => state.launch(ctx).await?,
             },
@@ -421,14 +427,7 @@ impl SessionActorState {
                 self.record.process = Some(process);
                 self.record.started_at = Some(Timestamp::now());
                 self.persist(SessionState::Running, None).await?;
-                context
-                    .stats
-                    .started
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.publish(EventData::SessionStarted(SessionStarted {
-                    program: command.program,
-                    pid: Some(process.pid),
-                }));
+                self.announce_start(command.program, Some(process.pid));
                 Ok(())
             }
             Err(error) => self.fail_to_start(error.to_string()).await,
@@ -449,18 +448,21 @@ impl SessionActorState {
             Ok(()) => {
                 self.record.started_at = Some(Timestamp::now());
                 self.persist(SessionState::Running, None).await?;
-                context
-                    .stats
-                    .started
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.publish(EventData::SessionStarted(SessionStarted {
-                    program: program_of(&self.record).to_owned(),
-                    pid: None,
-                }));
+                self.announce_start(program_of(&self.record).to_owned(), None);
                 Ok(())
             }
             Err(error) => self.fail_to_start(error.to_string()).await,
         }
+    }
+
+    /// Counts the run as started and publishes `session.started` (its `running` is recorded).
+    fn announce_start(&self, program: String, pid: Option<u32>) {
+        self.args
+            .context
+            .stats
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish(EventData::SessionStarted(SessionStarted { program, pid }));
     }
 
     async fn fail_to_start(&mut self, reason: String) -> Result<(), StoreError> {

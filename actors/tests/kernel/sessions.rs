@@ -1659,3 +1659,30 @@ async fn a_stop_that_comes_after_the_process_exited_on_its_own_does_not_decide_t
         );
     }
 }
+
+/// Regression: when the `starting → running` write failed after the process had started, the
+/// actor's next instance found the process and recorded `running`, but never published
+/// `session.started` (nor counted the start): followers saw the run jump from `queued` to its end.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_run_recorded_running_by_the_next_instance_of_its_actor_is_announced_started_once() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::To(SessionState::Running));
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    held.notified().await;
+    // The process runs; the write that records it fails, and the actor with it.
+    store.data.lock().unwrap().failing_transitions = 1;
+    open.add_permits(1);
+    // The next instance finds the process and records it.
+    while h.record(&id).state != SessionState::Running {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    h.runner.exit(&id, 0);
+
+    let (kinds, _) = h.until_end(&id).await;
+    assert_eq!(kinds, ["session.started", "session.succeeded"]);
+    assert_eq!(h.runner.starts(), 1, "the process was not started twice");
+    let stats = &h.sessions().stats;
+    assert_eq!(stats.started.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
