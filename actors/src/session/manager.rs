@@ -144,6 +144,14 @@ pub enum ManagerMsg {
         /// The store's answer.
         result: Result<(), StoreError>,
     },
+    /// A queued session's cancellation could not be stored: it waits in the queue again, in
+    /// its place.
+    Requeue {
+        /// The session as it was queued.
+        record: SessionRecord,
+        /// Its place among sessions of its priority (the queue's sequence number).
+        seq: u64,
+    },
     /// A session actor could not be started.
     StartFailed {
         /// The session.
@@ -281,7 +289,8 @@ impl Actor for SessionManager {
         match message {
             ManagerMsg::Submit { spec, reply } => state.submit(ctx, spec, reply).await,
             ManagerMsg::Created { id, result } => state.created(ctx, id, result),
-            ManagerMsg::Cancel { id, reply } => state.cancel(id, reply),
+            ManagerMsg::Cancel { id, reply } => state.cancel(ctx, id, reply),
+            ManagerMsg::Requeue { record, seq } => state.requeue(ctx, record, seq),
             ManagerMsg::Positions { ids, reply } => {
                 let _ = reply.send(state.positions(&ids));
             }
@@ -790,9 +799,15 @@ impl ManagerState {
         self.update_gauges();
     }
 
-    fn cancel(&mut self, id: SessionId, reply: RpcReplyPort<Result<SessionRecord, CancelError>>) {
+    fn cancel(
+        &mut self,
+        ctx: &Context<ManagerMsg>,
+        id: SessionId,
+        reply: RpcReplyPort<Result<SessionRecord, CancelError>>,
+    ) {
         let context = self.args.context.clone();
         if let Some(key) = self.queued.remove(&id) {
+            let me = ctx.handle().clone();
             let record = self
                 .queue
                 .remove(&key)
@@ -829,6 +844,9 @@ impl ManagerState {
                         let _ = reply.send(Ok(next));
                     }
                     Err(error) => {
+                        // Not cancelled: it waits again (before the caller hears of it, so a
+                        // retry finds it queued).
+                        let _ = me.cast(ManagerMsg::Requeue { record, seq: key.1 });
                         let _ = reply.send(Err(CancelError::Store(error)));
                     }
                 }
@@ -861,6 +879,32 @@ impl ManagerState {
             };
             let _ = reply.send(outcome);
         });
+    }
+
+    /// Puts back a queued session whose cancellation failed, in its place when that is free,
+    /// unless it is queued or runs already (a restarted manager found it in the store).
+    fn requeue(&mut self, ctx: &Context<ManagerMsg>, record: SessionRecord, seq: u64) {
+        if self.queued.contains_key(&record.id)
+            || self.running.contains_key(&record.id)
+            || self.has_live_actor(&record.id)
+        {
+            return;
+        }
+        self.registry(RegistryMsg::SessionUp(SessionEntry {
+            id: record.id.clone(),
+            node: record.node.clone(),
+        }));
+        let key = (Reverse(record.spec.priority), seq);
+        if self.queue.contains_key(&key) {
+            self.enqueue(record);
+        } else {
+            // Never handed out again (an earlier instance may have numbered past this one).
+            self.next_seq = self.next_seq.max(seq + 1);
+            self.queued.insert(record.id.clone(), key);
+            self.queue.insert(key, record);
+        }
+        self.drain_queue(ctx);
+        self.update_gauges();
     }
 
     fn summary(&self) -> SessionsSummary {

@@ -1686,3 +1686,49 @@ async fn a_run_recorded_running_by_the_next_instance_of_its_actor_is_announced_s
     let stats = &h.sessions().stats;
     assert_eq!(stats.started.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+/// Regression: a queued session whose cancellation could not be stored was taken off the queue
+/// all the same: the caller was told the cancel failed, yet the session never ran, a retry
+/// answered its `queued` record without cancelling it, and the next start of the node ran it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_queued_session_whose_cancel_could_not_be_stored_stays_queued() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    let later = h.submit(command("sh")).await.unwrap().record.id;
+    for id in [&running, &queued, &later] {
+        h.expect(id, "session.queued").await;
+    }
+    h.expect(&running, "session.started").await;
+    h.running(&running).await;
+
+    h.store.data.lock().unwrap().failing_transitions = 1;
+    let refused = h.cancel(&queued).await.unwrap_err();
+    assert!(matches!(refused, CancelError::Store(_)), "{refused:?}");
+    let positions = h
+        .sessions()
+        .manager
+        .call(
+            |reply| ManagerMsg::Positions {
+                ids: vec![queued.clone(), later.clone()],
+                reply,
+            },
+            MANAGER_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(positions, [Some(1), Some(2)], "back in its place");
+
+    // A retry cancels it.
+    let cancelled = h.cancel(&queued).await.unwrap();
+    assert_eq!(cancelled.state, SessionState::Cancelled);
+    h.expect(&queued, "session.cancelled").await;
+    h.runner.exit(&running, 0);
+    h.expect(&running, "session.succeeded").await;
+    h.expect(&later, "session.started").await;
+    assert_eq!(h.runner.starts(), 2, "the cancelled one never ran");
+}
