@@ -40,6 +40,8 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams waiting per peer before new ones are dropped.
 const PEER_QUEUE: usize = 256;
+/// Bytes of datagrams a connection holds until it can transmit them (quinn's default).
+const DATAGRAM_SEND_BUFFER: usize = 1024 * 1024;
 /// Streams a peer may have open at once on one connection: its relay link, and one per call
 /// forwarded to this node that is still in flight, each output follow for as long as it runs.
 /// (quinn's default, 100, made a node that followed 100 runs of another wait for a stream,
@@ -223,6 +225,9 @@ struct Inner {
     client: quinn::ClientConfig,
     connections: DashMap<NodeId, quinn::Connection>,
     senders: DashMap<NodeId, mpsc::Sender<(SocketAddr, Bytes)>>,
+    /// Datagrams queued for the per-peer senders and not yet handed to a connection or dropped
+    /// (the queue alone does not say it: a sender takes a datagram out before it dials).
+    datagrams_pending: AtomicU64,
     inbound: OnceLock<Arc<dyn Inbound>>,
     streams: OnceLock<StreamHandler>,
     stats: Arc<ClusterStats>,
@@ -242,6 +247,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     ));
     transport.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
     transport.datagram_receive_buffer_size(Some(256 * 1024));
+    transport.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     transport.max_concurrent_bidi_streams(MAX_STREAMS.into());
     Arc::new(transport)
 }
@@ -326,6 +332,7 @@ impl ClusterEndpoint {
                 client,
                 connections: DashMap::new(),
                 senders: DashMap::new(),
+                datagrams_pending: AtomicU64::new(0),
                 inbound: OnceLock::new(),
                 streams: OnceLock::new(),
                 stats,
@@ -596,7 +603,9 @@ impl ClusterEndpoint {
                 sender
             })
             .clone();
+        self.inner.datagrams_pending.fetch_add(1, Ordering::AcqRel);
         if sender.try_send((addr, bytes)).is_err() {
+            self.inner.datagrams_pending.fetch_sub(1, Ordering::AcqRel);
             self.inner
                 .stats
                 .datagrams_dropped
@@ -611,6 +620,13 @@ impl ClusterEndpoint {
                 .stats
                 .datagrams_dropped
                 .fetch_add(count, Ordering::Relaxed);
+        };
+        // Each datagram taken out of the queue is pending until it is handed to the connection
+        // or dropped.
+        let handled = |count: u64| {
+            self.inner
+                .datagrams_pending
+                .fetch_sub(count, Ordering::AcqRel);
         };
         loop {
             let next = tokio::select! {
@@ -628,6 +644,7 @@ impl ClusterEndpoint {
                         count += 1;
                     }
                     dropped(count);
+                    handled(count);
                     continue;
                 }
             };
@@ -643,6 +660,7 @@ impl ClusterEndpoint {
                     dropped(1);
                 }
             }
+            handled(1);
         }
     }
 
@@ -674,6 +692,20 @@ impl ClusterEndpoint {
         }
     }
 
+    /// True while a datagram given to [`ClusterEndpoint::send_datagram`] is neither dropped nor
+    /// transmitted.
+    fn datagrams_unsent(&self) -> bool {
+        self.inner.datagrams_pending.load(Ordering::Acquire) > 0
+            || self.inner.connections.iter().any(|connection| {
+                // quinn counts a queued datagram as its payload plus its own size (a `Bytes`,
+                // 32 bytes), and keeps one such size in reserve even when nothing is queued: an
+                // empty buffer shows at least `DATAGRAM_SEND_BUFFER - 64`, one queued datagram
+                // (a byte or more) less than that.
+                connection.close_reason().is_none()
+                    && connection.datagram_send_buffer_space() < DATAGRAM_SEND_BUFFER - 64
+            })
+    }
+
     /// The largest datagram a connection to `node` carries now, if one is open.
     pub fn max_datagram_size(&self, node: &NodeId) -> Option<usize> {
         self.inner
@@ -684,15 +716,11 @@ impl ClusterEndpoint {
 
     /// Closes every connection and the socket, waiting up to `timeout` for peers to learn it.
     pub async fn close(&self, timeout: Duration) {
-        // Let what is queued (the leave announcement) go out first, briefly.
+        // Let what is queued (the leave announcement) go out first, briefly: every datagram
+        // handed to a connection (a peer's sender may still be dialing for it) and transmitted
+        // by it (closing a connection discards the datagrams it still holds).
         let deadline = tokio::time::Instant::now() + timeout / 2;
-        while tokio::time::Instant::now() < deadline
-            && self
-                .inner
-                .senders
-                .iter()
-                .any(|sender| sender.capacity() < sender.max_capacity())
-        {
+        while tokio::time::Instant::now() < deadline && self.datagrams_unsent() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.inner.closed.cancel();
@@ -918,5 +946,33 @@ mod tests {
             other => panic!("{other}"),
         }
         assert_eq!(a.stats().refused(Refusal::WrongNode), 1);
+    }
+
+    /// What a node sends just before it closes (its leave) reaches the peer, also when the
+    /// connection to the peer was not open yet: the peer's sender takes the datagram out of its
+    /// queue before it dials, and the close used to wait only for the queue.
+    #[tokio::test]
+    async fn a_datagram_sent_just_before_close_reaches_the_peer() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = cluster(dir.path(), &["b"]);
+        let b = bind(&creds[1]);
+        let (sender, mut received) = mpsc::unbounded_channel();
+        b.attach(Arc::new(Collect(sender)));
+        let b_addr = b.local_addr().unwrap();
+        for connected in [false, true] {
+            let a = bind(&creds[0]);
+            if connected {
+                a.connect(b_addr, Some(&id("b"))).await.unwrap();
+            }
+            a.send_datagram(&id("b"), b_addr, Bytes::from_static(b"leave"));
+            a.close(Duration::from_secs(4)).await;
+            let (from, bytes) = tokio::time::timeout(Duration::from_secs(10), received.recv())
+                .await
+                .unwrap_or_else(|_| panic!("the datagram was lost (connected first: {connected})"))
+                .unwrap();
+            assert_eq!((from, &bytes[..]), (id("a"), &b"leave"[..]));
+        }
+        b.close(Duration::from_secs(1)).await;
     }
 }
