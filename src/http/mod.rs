@@ -115,10 +115,32 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
 /// closed. A head is small: a client that needs longer is holding the connection, not sending.
 pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The most HTTP connections the node serves at once, whatever the file descriptor limit: the
+/// half of it (sessions' pipes, the store, the cluster need the rest), between 64 and 65,536.
+fn connection_cap() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(64, 65_536)
+}
+
+/// The bounds [`serve_with`] applies to connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServeLimits {
+    /// A connection whose client accepts nothing for this long is closed (see `deadline`).
+    pub(crate) send_timeout: std::time::Duration,
+    /// A request's head, and a connection's first request, must come within this.
+    pub(crate) header_timeout: std::time::Duration,
+    /// Connections served at once; past it, new ones wait in the listener's backlog.
+    pub(crate) max_connections: usize,
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the open connections
 /// finish what they are answering. A connection whose client accepts nothing of what it is
 /// sent for `send_timeout` is closed (see `deadline`), and so is one that does not send a
-/// request's head within [`HEADER_READ_TIMEOUT`].
+/// request's head within [`HEADER_READ_TIMEOUT`]; at most [`connection_cap`] connections are
+/// served at once (the next ones wait to be accepted).
 ///
 /// This is `axum::serve` (HTTP/1 and h2c on one port, upgrades for WebSockets, the peer's
 /// address as `ConnectInfo`) with hyper's header timer on: `axum::serve` runs hyper without a
@@ -130,21 +152,18 @@ pub async fn serve(
     send_timeout: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with(
-        listener,
-        router,
+    let limits = ServeLimits {
         send_timeout,
-        HEADER_READ_TIMEOUT,
-        shutdown,
-    )
-    .await
+        header_timeout: HEADER_READ_TIMEOUT,
+        max_connections: connection_cap(),
+    };
+    serve_with(listener, router, limits, shutdown).await
 }
 
 pub(crate) async fn serve_with(
     listener: tokio::net::TcpListener,
     router: Router,
-    send_timeout: std::time::Duration,
-    header_timeout: std::time::Duration,
+    limits: ServeLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::extract::ConnectInfo;
@@ -154,6 +173,11 @@ pub(crate) async fn serve_with(
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
+    let ServeLimits {
+        send_timeout,
+        header_timeout,
+        max_connections,
+    } = limits;
     // Without TCP_NODELAY, the small writes of a stream (SSE events, gateway chunks) wait for
     // the peer's delayed ACK: tens of milliseconds each.
     let mut listener = deadline::DeadlineListener::new(listener, send_timeout).tap_io(|stream| {
@@ -177,7 +201,32 @@ pub(crate) async fn serve_with(
         drop(stopping_tx);
     });
     let mut stop_accepting = stopping.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut last_warned: Option<tokio::time::Instant> = None;
     loop {
+        // A place for the next connection first: when every one is taken, connections wait
+        // in the listener's backlog (and the node's file descriptors stay for its sessions).
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Once a minute at most, however long the node stays at its bound.
+                if last_warned.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                    last_warned = Some(tokio::time::Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "serving the most HTTP connections at once (half the open-files limit); \
+                         new ones wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = stop_accepting.changed() => break,
+                }
+            }
+        };
         let (io, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop_accepting.changed() => break,
@@ -226,7 +275,7 @@ pub(crate) async fn serve_with(
                     }
                 }
             }
-            drop(open);
+            drop((open, slot));
         });
     }
     drop(open);
@@ -422,11 +471,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
+        let limits = ServeLimits {
+            send_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(1),
+            max_connections: 64,
+        };
         let server = tokio::spawn(serve_with(
             listener,
             router,
-            Duration::from_secs(60),
-            Duration::from_secs(1),
+            limits,
             stop.clone().cancelled_owned(),
         ));
 
@@ -451,6 +504,47 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
         assert!(answer.ends_with("slow"), "{answer}");
 
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    /// Past the most connections at once, the next one waits (in the listener's backlog) until
+    /// one closes, and is served then.
+    #[tokio::test(start_paused = true)]
+    async fn past_the_most_connections_the_next_one_waits_for_one_to_close() {
+        let router = Router::new().route("/", get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let limits = ServeLimits {
+            send_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(600),
+            max_connections: 1,
+        };
+        let server = tokio::spawn(serve_with(
+            listener,
+            router,
+            limits,
+            stop.clone().cancelled_owned(),
+        ));
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        first.write_all(request).await.unwrap();
+        let mut answer = [0u8; 256];
+        let read = first.read(&mut answer).await.unwrap();
+        assert!(answer[..read].starts_with(b"HTTP/1.1 200 OK"));
+
+        // The first stays open (kept alive): the second is connected by the kernel but not
+        // served.
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second.write_all(request).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(60), second.read(&mut answer)).await;
+        assert!(waited.is_err(), "served past the bound");
+
+        drop(first);
+        let read = second.read(&mut answer).await.unwrap();
+        assert!(answer[..read].starts_with(b"HTTP/1.1 200 OK"));
+        drop(second);
         stop.cancel();
         server.await.unwrap().unwrap();
     }
