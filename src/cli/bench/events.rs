@@ -264,12 +264,14 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.clients_of {
         return clients(url, &args).await;
     }
-    let needed = (args.sse + args.ws) as u64 + 256;
+    // The node serves at most half its open-files limit of connections at once.
+    let needed = 2 * (args.sse + args.ws) as u64 + 256;
     if let Some(limit) = open_files_limit()
         && limit < needed
     {
         anyhow::bail!(
-            "{} subscribers need about {needed} open files per process, but the limit is {limit}; \
+            "{} subscribers need about {needed} open files per process (the node serves half \
+             its limit of connections at most), but the limit is {limit}; \
              raise it (e.g. `ulimit -n {needed}`) or use fewer subscribers (--sse, --ws)",
             args.sse + args.ws
         );
