@@ -211,13 +211,22 @@ pub(super) async fn terminate_group(pgid: i32, grace: Duration) {
 /// of the node's user, never the node, and not the group's own members (the group is signalled
 /// as a whole). Each signal goes to the process seen by the scan (same start time), never to a
 /// reused pid. Returns the pids that got SIGTERM.
+///
+/// Dropped before its SIGKILL pass is done (its runtime stops: the node shuts down within the
+/// grace), it sends the SIGKILL right then: nothing would look for these processes later, since
+/// their session is recorded as ended.
 pub(super) async fn terminate_escaped(session: SessionId, pgid: i32, grace: Duration) -> Vec<i32> {
+    let mut last_pass = KillEscapedOnDrop {
+        session: Some(session.clone()),
+        pgid,
+    };
     let first = signal_escaped(session.clone(), pgid, Signal::SIGTERM).await;
     if !first.is_empty() {
         tracing::info!(pgid, pids = ?first, "terminating processes that left the session's process group");
     }
     tokio::time::sleep(grace).await;
     let killed = signal_escaped(session, pgid, Signal::SIGKILL).await;
+    last_pass.session = None;
     if !killed.is_empty() {
         tracing::info!(
             pgid,
@@ -227,6 +236,38 @@ pub(super) async fn terminate_escaped(session: SessionId, pgid: i32, grace: Dura
         );
     }
     first
+}
+
+/// The SIGKILL pass of [`terminate_escaped`], done at once (a blocking `/proc` scan) when it is
+/// dropped still armed.
+struct KillEscapedOnDrop {
+    /// `None` once the pass is done.
+    session: Option<SessionId>,
+    pgid: i32,
+}
+
+impl Drop for KillEscapedOnDrop {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let (done, mut answer) = tokio::sync::oneshot::channel();
+        serve_escape_signals(vec![EscapeSignal {
+            session,
+            pgid: self.pgid,
+            signal: Signal::SIGKILL,
+            done,
+        }]);
+        if let Ok(killed) = answer.try_recv()
+            && !killed.is_empty()
+        {
+            tracing::info!(
+                pgid = self.pgid,
+                ?killed,
+                "processes that left the session's group were killed before the end of the grace: the node is stopping"
+            );
+        }
+    }
 }
 
 /// One request for [`signal_escaped`], waiting for a scan.

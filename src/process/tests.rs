@@ -984,3 +984,41 @@ async fn kill_leftovers_finds_the_processes_of_a_session_whose_group_was_never_r
     assert_eq!(status, signal(15));
     wait_gone(escaped, "the escaped process survived").await;
 }
+
+/// Regression: the SIGKILL that follows a terminate's grace, for what left the session's group,
+/// ran in a task of the node's runtime; a node that shut down within the grace (its sessions
+/// interrupted, their groups gone at once) dropped that task, and a process that left the group
+/// and ignored SIGTERM ran on, its session recorded as ended, never to be looked for again.
+#[test]
+fn what_left_the_group_is_killed_when_the_runtime_stops_within_the_grace() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = LocalRunner::default();
+    let id = session("s-stubborn");
+    let escaped = runtime.block_on(async {
+        let (_, mut events, escaped, _) = start_with_escapee(
+            &runner,
+            &id,
+            "setsid sh -c 'trap \"\" TERM; echo \"escaped $$\"; \
+             exec sleep 1000 >/dev/null 2>&1 </dev/null' & exec sleep 1000",
+        )
+        .await;
+        assert!(runner.terminate(&id, Duration::from_secs(60)));
+        let (_, status) = until_exit(&mut events).await;
+        assert_eq!(status, signal(15), "the group itself dies of the SIGTERM");
+        escaped
+    });
+    // The node stops: its runtime goes, with the task that would have sent the SIGKILL.
+    drop(runtime);
+    let checker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    checker.block_on(wait_gone(
+        escaped,
+        "a process that left the group and ignored SIGTERM outlived the node",
+    ));
+}
