@@ -107,7 +107,7 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use troupe_actors::cluster::{MembershipProfile, NodeLoad};
+    use troupe_actors::cluster::{MAX_PACKET_BYTES, MembershipProfile, NodeLoad};
     use troupe_actors::node::{ClusterPorts, NodePorts, NodeTree, NodeTreeConfig};
 
     use super::*;
@@ -217,6 +217,55 @@ mod tests {
             let _ = WireCodec.decode_meta(&bytes);
         }
         assert!(decoded > 0, "some flipped packets still decode");
+    }
+
+    /// The largest metadata a node sends fits in one membership packet beside the largest header
+    /// of every message that carries metadata (node ids of the longest length, IPv6 addresses,
+    /// the highest numbers) and foca's two 2-byte counts. foca puts an item in a packet only
+    /// when all of it fits, so a larger one (up to 1 KB was allowed) never left the node: its
+    /// peers never learnt its HTTP address, labels or load.
+    #[test]
+    fn the_largest_metadata_sent_fits_in_a_packet_beside_the_largest_header() {
+        let longest = |name: &str| NodeIdentity {
+            node: NodeId::new(name.repeat(troupe_actors::ids::MAX_ID_LEN)).unwrap(),
+            addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap(),
+            generation: u64::MAX,
+        };
+        let mut meta = NodeMeta {
+            node: longest("a").node,
+            generation: u64::MAX,
+            version: u64::MAX,
+            http: Some("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into()),
+            labels: (0..100)
+                .map(|n| (format!("label-{n:03}"), "v".repeat(20)))
+                .collect(),
+            ..meta()
+        };
+        let bytes = meta.fit(&WireCodec).unwrap();
+        assert!(meta.truncated, "the labels did not all fit");
+        assert_eq!(WireCodec.decode_meta(&bytes).unwrap(), meta);
+        for message in [
+            foca::Message::Ping(u8::MAX),
+            foca::Message::Ack(u8::MAX),
+            foca::Message::Gossip,
+            foca::Message::Feed,
+            foca::Message::Broadcast,
+        ] {
+            let header = foca::Header {
+                src: longest("a"),
+                src_incarnation: u16::MAX,
+                dst: longest("b"),
+                message,
+            };
+            let header = WireCodec.encode_header(&header).unwrap().len();
+            assert!(
+                header + 2 + 2 + bytes.len() <= MAX_PACKET_BYTES,
+                "a header of {header} bytes and metadata of {} do not fit in {MAX_PACKET_BYTES}",
+                bytes.len()
+            );
+        }
     }
 
     /// A transport that sends nowhere and remembers what was rejected.

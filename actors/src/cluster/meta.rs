@@ -16,8 +16,37 @@ use crate::ids::NodeId;
 
 /// The layout of [`NodeMeta`] this build writes and reads.
 pub const META_FORMAT: u8 = 1;
-/// Largest encoded metadata item.
+/// Largest encoded metadata item accepted from a peer.
 pub const MAX_META_BYTES: usize = 1024;
+
+/// The largest metadata item this node sends with `codec`: [`MAX_META_BYTES`], or less when
+/// that would not fit in a membership packet after the largest header of a message that carries
+/// metadata (a ping, an ack or a gossip between two node ids of the longest length at IPv6
+/// addresses) and the two 2-byte counts foca writes. foca only puts an item in a packet with
+/// room for all of it, so a larger one would never leave this node: peers would never learn its
+/// HTTP address, labels or load.
+pub fn meta_budget(codec: &dyn MembershipCodec) -> usize {
+    let longest = NodeIdentity {
+        node: NodeId::new("n".repeat(crate::ids::MAX_ID_LEN)).expect("a valid id"),
+        addr: std::net::SocketAddr::new(std::net::Ipv6Addr::from(u128::MAX).into(), u16::MAX),
+        generation: u64::MAX,
+    };
+    let header = foca::Header {
+        src: longest.clone(),
+        src_incarnation: foca::Incarnation::MAX,
+        dst: longest,
+        message: foca::Message::Ping(u8::MAX),
+    };
+    match codec.encode_header(&header) {
+        Ok(bytes) => MAX_META_BYTES.min(
+            super::membership::MAX_PACKET_BYTES
+                .saturating_sub(bytes.len())
+                .saturating_sub(2 * 2),
+        ),
+        // Nothing else encodes either; the item's own encoding says so.
+        Err(_) => MAX_META_BYTES,
+    }
+}
 
 /// How busy a node is and how much it can take.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,11 +130,13 @@ impl NodeMeta {
     }
 
     /// Encodes the item, dropping providers and then labels (last first) until it fits in
-    /// [`MAX_META_BYTES`]; `truncated` says when something was dropped.
+    /// [`meta_budget`] (at most [`MAX_META_BYTES`]); `truncated` says when something was
+    /// dropped.
     pub fn fit(&mut self, codec: &dyn MembershipCodec) -> Result<Vec<u8>, CodecError> {
+        let budget = meta_budget(codec);
         loop {
             let bytes = codec.encode_meta(self)?;
-            if bytes.len() <= MAX_META_BYTES {
+            if bytes.len() <= budget {
                 return Ok(bytes);
             }
             self.truncated = true;
@@ -117,7 +148,7 @@ impl NodeMeta {
                 continue;
             }
             return Err(CodecError(format!(
-                "node metadata is {} bytes without providers or labels; at most {MAX_META_BYTES}",
+                "node metadata is {} bytes without providers or labels; at most {budget}",
                 bytes.len()
             )));
         }

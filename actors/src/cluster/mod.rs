@@ -13,6 +13,8 @@ pub use membership::{
     GenerationFloor, LocalMeta, MAX_PACKET_BYTES, MembershipActor, MembershipArgs, MembershipMsg,
     MembershipProfile, RelayPorts,
 };
-pub use meta::{BreakerPosition, MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta, ProviderHealth};
+pub use meta::{
+    BreakerPosition, MAX_META_BYTES, META_FORMAT, NodeLoad, NodeMeta, ProviderHealth, meta_budget,
+};
 pub use peer::{BatchError, LinkReports, PeerActor, PeerMsg, RelaySource};
 pub use ports::{CodecError, DatagramTransport, MembershipCodec, WireFault};
