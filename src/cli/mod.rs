@@ -57,9 +57,31 @@ enum Command {
     LoopbackNode(loopback::ChildArgs),
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as a server holding a
+/// socket per client and pipes per session should (Go's runtime does the same): the soft limit
+/// of 1,024 common in shells would let a node serve about 500 connections (it serves half its
+/// limit at most). Best effort: the node adapts to whatever limit it has.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Some systems report a hard limit setrlimit will not take (unlimited): a million is
+        // plenty.
+        let wanted = hard.min(1 << 20);
+        if wanted > soft {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard);
+        }
+    }
+}
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Node(_) | Command::Mcp(_) | Command::LoopbackNode(_) | Command::Demo(_)
+    ) {
+        raise_open_files_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

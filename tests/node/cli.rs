@@ -523,3 +523,61 @@ async fn logs_on_a_pipe_have_no_colour_codes() {
     .expect("the node starts");
     assert!(seen.iter().all(|line| !line.contains('\x1b')), "{seen:?}");
 }
+
+/// A node started with the soft open-files limit of a shell's default raises it to the hard
+/// limit (it serves at most half its limit of connections, and needs pipes for its sessions).
+#[tokio::test]
+async fn a_node_raises_its_open_files_limit_to_the_hard_one() {
+    let Some(hard) = open_files_limit("self", "Max open files", 1) else {
+        eprintln!("skipped: /proc/self/limits is not readable here");
+        return;
+    };
+    if hard <= 256 {
+        eprintln!("skipped: the hard open-files limit ({hard}) leaves nothing to raise");
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let script = format!(
+        "ulimit -S -n 256 && exec {} node --data-dir {} --listen 127.0.0.1:0",
+        crate::support::troupe_bin(),
+        data.display()
+    );
+    let mut node = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("TROUPE_DISCOVERY_DIR", temp.path().join("discovery"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = node.id().unwrap().to_string();
+    // The node has started once it logs; the limit was raised before anything else.
+    use tokio::io::AsyncBufReadExt;
+    let mut stderr = tokio::io::BufReader::new(node.stderr.take().unwrap()).lines();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.contains("node started") {
+                return;
+            }
+        }
+        panic!("the node ended before it listened");
+    })
+    .await
+    .expect("the node listens");
+    let soft = open_files_limit(&pid, "Max open files", 0).expect("the node's limits");
+    assert_eq!(soft, hard.min(1 << 20), "raised from 256");
+    node.kill().await.unwrap();
+}
+
+/// Field `column` (0: soft, 1: hard) of limit `name` in `/proc/PID/limits`.
+fn open_files_limit(pid: &str, name: &str, column: usize) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|line| line.starts_with(name))?;
+    line[name.len()..]
+        .split_whitespace()
+        .nth(column)?
+        .parse()
+        .ok()
+}
