@@ -50,6 +50,9 @@ pub enum SessionMsg {
     Get(RpcReplyPort<SessionRecord>),
     /// Output held back by the per-session event bound may go out now (timer).
     FlushOutput,
+    /// Launch the run: no event of a process an earlier instance may have started came in
+    /// (timer; see `post_start`).
+    Launch,
 }
 
 /// Arguments of a SessionActor.
@@ -176,7 +179,14 @@ impl Actor for SessionActor {
                     let program = program_of(&state.record).to_owned();
                     state.announce_start(program, None);
                 }
-                Reattached::Unknown => state.launch(ctx).await?,
+                // Either the earlier instance never started it, or it started it and the
+                // process ended while this one took over: its exit was delivered to this
+                // actor's handle (so the runner forgot it) and waits in the mailbox. Launching
+                // now would run the program a second time; wait for an event of that process
+                // first, and launch only when none came.
+                Reattached::Unknown => {
+                    ctx.send_after(LOST_PROCESS_WAIT, SessionMsg::Launch);
+                }
             },
             SessionState::Running => {
                 if matches!(state.reattach(sink()), Reattached::Unknown) {
@@ -229,7 +239,43 @@ impl Actor for SessionActor {
             }
             return Ok(());
         }
+        if state.record.state == SessionState::Starting {
+            // Waiting to launch again (see `post_start`): nothing of this run is known to run.
+            if matches!(message, SessionMsg::Process(..)) {
+                // The earlier instance's process ran: record that, then take its event below.
+                state.found_earlier_run().await?;
+            } else {
+                let (stop, reply) = match message {
+                    SessionMsg::Launch => {
+                        state.launch(ctx).await?;
+                        if state.done {
+                            state.finished(ctx);
+                        }
+                        return Ok(());
+                    }
+                    SessionMsg::Cancel { reply } => (StopRequest::Cancel, Some(reply)),
+                    SessionMsg::Deadline => (StopRequest::Timeout, None),
+                    SessionMsg::Interrupt => (StopRequest::Interrupt, None),
+                    SessionMsg::Get(reply) => {
+                        let _ = reply.send(state.record.clone());
+                        return Ok(());
+                    }
+                    SessionMsg::Process(..)
+                    | SessionMsg::FlushOutput
+                    | SessionMsg::LongRunning(_)
+                    | SessionMsg::ProcessLost => return Ok(()),
+                };
+                // Nothing to signal: the run ends here.
+                let reason = state.stop_reason(stop);
+                state.end(ctx, stop.end_state(), Some(reason), None).await?;
+                if let Some(reply) = reply {
+                    let _ = reply.send(state.record.clone());
+                }
+                return Ok(());
+            }
+        }
         match message {
+            SessionMsg::Launch => {}
             SessionMsg::Process(ProcessEvent::Output { stream, lines }, _credit) => {
                 state.output(ctx, stream, lines);
             }
@@ -453,6 +499,16 @@ impl SessionActorState {
             }
             Err(error) => self.fail_to_start(error.to_string()).await,
         }
+    }
+
+    /// A process event came while this instance waited to launch the run: the earlier instance
+    /// had started it without recording it. Records it running and announces it (pid unknown).
+    async fn found_earlier_run(&mut self) -> Result<(), StoreError> {
+        self.record.started_at.get_or_insert_with(Timestamp::now);
+        self.persist(SessionState::Running, None).await?;
+        let program = program_of(&self.record).to_owned();
+        self.announce_start(program, None);
+        Ok(())
     }
 
     /// Counts the run as started and publishes `session.started` (its `running` is recorded).

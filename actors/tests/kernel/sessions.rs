@@ -1732,3 +1732,95 @@ async fn a_queued_session_whose_cancel_could_not_be_stored_stays_queued() {
     h.expect(&later, "session.started").await;
     assert_eq!(h.runner.starts(), 2, "the cancelled one never ran");
 }
+
+/// Regression: when the `starting → running` write failed after the process had started, and
+/// the process exited before the actor's next instance looked for it, that instance found no
+/// process and started the program a second time: the work ran twice, the run was reported with
+/// the first process's exit, and the second one ran on with nobody to stop it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_process_that_ended_while_its_actor_restarted_is_not_started_again() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::To(SessionState::Running));
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    held.notified().await;
+    // The process prints, exits, and the runner forgets it; the write that records it fails.
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: vec!["done".into()],
+        },
+    );
+    h.runner.exit(&id, 0);
+    store.data.lock().unwrap().failing_transitions = 1;
+    open.add_permits(1);
+
+    let (kinds, end) = h.until_end(&id).await;
+    assert_eq!(
+        kinds,
+        ["session.started", "session.output", "session.succeeded"]
+    );
+    match end {
+        EventData::SessionSucceeded(ended) => assert_eq!(ended.exit_code, Some(0)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.runner.starts(), 1, "the program ran once");
+    assert_eq!(
+        store.history(&id),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Running,
+            SessionState::Succeeded
+        ]
+    );
+    assert_eq!(h.store.data.lock().unwrap().output, ["done"]);
+}
+
+/// The other side of the wait above: a run recorded `starting` whose process nobody knows and
+/// of which no event comes was never started, and is launched once the wait is over; a cancel
+/// meanwhile ends it without launching anything.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_starting_run_of_which_nothing_is_known_is_launched_after_the_wait_or_cancelled() {
+    let store = Arc::new(MemoryStore::default());
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let starting = |id: &str| SessionRecord {
+        id: SessionId::new(id).unwrap(),
+        node: NodeId::new("n1").unwrap(),
+        spec: command("sh"),
+        state: SessionState::Starting,
+        created_at: Timestamp::now(),
+        started_at: None,
+        ended_at: None,
+        exit_code: None,
+        signal: None,
+        reason: None,
+        process: None,
+        output_lines: 0,
+        stop_requested: None,
+    };
+    let (launched, cancelled) = (starting("s-to-launch"), starting("s-to-cancel"));
+    store.insert(launched.clone());
+    store.insert(cancelled.clone());
+    // A restarted manager adopts them and gives each an actor, which finds no process.
+    let path = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
+    assert_eq!(h.next_restart().await, "sessions/manager");
+    h.running(&cancelled.id).await;
+    let record = h.cancel(&cancelled.id).await.unwrap();
+    assert_eq!(record.state, SessionState::Cancelled);
+    h.expect(&cancelled.id, "session.cancelled").await;
+
+    let waited = tokio::time::Instant::now();
+    h.expect(&launched.id, "session.started").await;
+    assert!(
+        waited.elapsed() >= Duration::from_secs(4),
+        "launched after the wait"
+    );
+    h.running(&launched.id).await;
+    h.runner.exit(&launched.id, 0);
+    h.expect(&launched.id, "session.succeeded").await;
+    assert_eq!(h.runner.starts(), 1, "only the one not cancelled ran");
+}
