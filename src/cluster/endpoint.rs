@@ -541,6 +541,19 @@ impl ClusterEndpoint {
         {
             return Ok((node.clone(), open.clone()));
         }
+        if node.is_none() {
+            // An address only (a seed, resolved again on every membership tick until the node
+            // has joined): the connection open to it, whichever side dialed. Another dial would
+            // open another connection, kept open for good by its keep-alives.
+            let open = self.inner.connections.iter().find_map(|entry| {
+                let connection = entry.value();
+                (connection.close_reason().is_none() && connection.remote_address() == addr)
+                    .then(|| (entry.key().clone(), connection.clone()))
+            });
+            if let Some(open) = open {
+                return Ok(open);
+            }
+        }
         if self.inner.closed.is_cancelled() {
             return Err(DialError::Closed);
         }
@@ -973,6 +986,42 @@ mod tests {
                 .unwrap();
             assert_eq!((from, &bytes[..]), (id("a"), &b"leave"[..]));
         }
+        b.close(Duration::from_secs(1)).await;
+    }
+
+    /// A seed is resolved by its address on every membership tick until the node has joined:
+    /// each of those dials used to open another connection, which its keep-alives then kept
+    /// open for good. A node id is not needed to reuse the one already open to that address.
+    #[tokio::test]
+    async fn resolving_an_address_again_reuses_the_connection_open_to_it() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = cluster(dir.path(), &["b"]);
+        let a = bind(&creds[0]);
+        let b = bind(&creds[1]);
+        let b_addr = b.local_addr().unwrap();
+        let (peer, first) = a.connect(b_addr, None).await.unwrap();
+        assert_eq!(peer, id("b"));
+        for _ in 0..5 {
+            let (peer, again) = a.connect(b_addr, None).await.unwrap();
+            assert_eq!(peer, id("b"));
+            assert_eq!(again.stable_id(), first.stable_id(), "the same connection");
+        }
+        assert_eq!(a.stats().connections.load(Ordering::Relaxed), 1);
+        // Once b has admitted the connection from its side, b's own dial back to a's address
+        // finds it too. (Polled, bounded: admission has no notification to wait on.)
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while b.connected().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("b admits the connection");
+        let (peer, back) = b.connect(a.local_addr().unwrap(), None).await.unwrap();
+        assert_eq!(peer, id("a"));
+        assert_eq!(b.stats().connections.load(Ordering::Relaxed), 1);
+        assert!(back.close_reason().is_none());
+        a.close(Duration::from_secs(1)).await;
         b.close(Duration::from_secs(1)).await;
     }
 }
