@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use troupe_actors::cluster::{
@@ -15,7 +17,7 @@ use troupe_actors::cluster::{
 use troupe_actors::ids::NodeId;
 use troupe_actors::kernel::ActorHandle;
 
-use super::endpoint::{ClusterEndpoint, Inbound};
+use super::endpoint::{ClusterEndpoint, ClusterStats, Inbound};
 use crate::wire;
 
 /// foca's packets and node metadata in the wire codec.
@@ -84,12 +86,69 @@ impl DatagramTransport for QuicDatagrams {
     }
 }
 
-/// Incoming datagrams to the MembershipActor.
-pub struct MembershipInbound(pub ActorHandle<MembershipMsg>);
+/// Datagrams of one peer handed to the MembershipActor and not handled yet, at most: past it the
+/// peer's datagrams are dropped (counted in `datagrams_dropped`), like UDP. The actor's mailbox
+/// is not bounded, and the endpoint reads datagrams as fast as they arrive, so without it a
+/// flooding peer grew the mailbox without end and held every other peer's datagrams (and the
+/// actor's own timers) back behind its own.
+pub const MAX_PEER_DATAGRAMS: usize = 256;
+
+/// Incoming datagrams to the MembershipActor, at most [`MAX_PEER_DATAGRAMS`] of each peer at a
+/// time.
+pub struct MembershipInbound {
+    membership: ActorHandle<MembershipMsg>,
+    stats: Arc<ClusterStats>,
+    in_flight: DashMap<NodeId, Arc<AtomicUsize>>,
+}
+
+/// A datagram's bytes that give their peer's place back when the actor is done with them
+/// (handled, or dropped with a message that was never delivered).
+struct Counted {
+    bytes: Bytes,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl MembershipInbound {
+    /// Datagrams to `membership`; those dropped are counted in `stats`.
+    pub fn new(membership: ActorHandle<MembershipMsg>, stats: Arc<ClusterStats>) -> Self {
+        Self {
+            membership,
+            stats,
+            in_flight: DashMap::new(),
+        }
+    }
+
+    /// Datagrams of `peer` handed to the actor and not handled yet.
+    pub fn in_flight(&self, peer: &NodeId) -> usize {
+        self.in_flight
+            .get(peer)
+            .map_or(0, |count| count.load(Ordering::Acquire))
+    }
+}
 
 impl Inbound for MembershipInbound {
     fn datagram(&self, from: &NodeId, bytes: Bytes) {
-        let _ = self.0.cast(MembershipMsg::Datagram {
+        // Cloned out of the map: no lock of it is held below.
+        let in_flight = self.in_flight.entry(from.clone()).or_default().clone();
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_PEER_DATAGRAMS {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.stats.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let bytes = Bytes::from_owner(Counted { bytes, in_flight });
+        let _ = self.membership.cast(MembershipMsg::Datagram {
             from: from.clone(),
             bytes,
         });
@@ -98,7 +157,10 @@ impl Inbound for MembershipInbound {
 
 /// Attaches the membership actor to the endpoint.
 pub fn attach(endpoint: &ClusterEndpoint, membership: ActorHandle<MembershipMsg>) {
-    endpoint.attach(Arc::new(MembershipInbound(membership)));
+    endpoint.attach(Arc::new(MembershipInbound::new(
+        membership,
+        endpoint.stats().clone(),
+    )));
 }
 
 #[cfg(test)]
@@ -266,6 +328,44 @@ mod tests {
                 bytes.len()
             );
         }
+    }
+
+    /// A peer's datagrams wait for the membership at most [`MAX_PEER_DATAGRAMS`] at a time: the
+    /// rest of a flood is dropped and counted, another peer's datagrams still get through, and
+    /// the places come back as the actor handles them.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_flooding_peer_queues_at_most_its_share_of_datagrams_for_the_membership() {
+        let tree = clustered_node(Arc::new(Capture::default()), Default::default()).await;
+        let membership = tree.cluster.as_ref().unwrap().1.clone();
+        let stats = Arc::new(ClusterStats::default());
+        let inbound = MembershipInbound::new(membership.clone(), stats.clone());
+        let (b, c) = (NodeId::new("b").unwrap(), NodeId::new("c").unwrap());
+        let ping = Bytes::from(packet("b", "a"));
+        // No await in between: the actor handles none of them meanwhile.
+        for _ in 0..10_000 {
+            inbound.datagram(&b, ping.clone());
+        }
+        inbound.datagram(&c, Bytes::from(packet("c", "a")));
+        assert_eq!(inbound.in_flight(&b), MAX_PEER_DATAGRAMS);
+        assert_eq!(inbound.in_flight(&c), 1, "another peer is not held back");
+        assert_eq!(
+            stats.datagrams_dropped.load(Ordering::Relaxed),
+            (10_000 - MAX_PEER_DATAGRAMS) as u64
+        );
+        // Once the actor has handled what was queued (one mailbox, in order), the places are
+        // free again.
+        membership
+            .call(
+                |reply| MembershipMsg::Leave { reply },
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("the membership answers");
+        assert_eq!(inbound.in_flight(&b), 0);
+        assert_eq!(inbound.in_flight(&c), 0);
+        inbound.datagram(&b, ping);
+        assert_eq!(inbound.in_flight(&b), 1);
+        tree.shutdown(Duration::from_secs(5)).await;
     }
 
     /// A transport that sends nowhere and remembers what was rejected.
