@@ -18,7 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -170,14 +170,19 @@ pub enum ManagerMsg {
 }
 
 /// What survives restarts of the manager (written only by the current instance): whether the
-/// node's first start was handled, the live session actors' handles, and the submissions whose
+/// node's first start was handled, the live session actors' handles, the submissions whose
 /// store write is in flight, with their callers' reply ports (so a submission accepted by one
-/// instance is answered, and run, by the next).
+/// instance is answered, and run, by the next), and whether the node is shutting down, with the
+/// drain requests waiting for the running sessions to end (so a drain is finished by the next
+/// instance, which starts nothing meanwhile).
 #[derive(Clone, Default)]
 pub struct ManagerShared {
     recovered: Arc<AtomicBool>,
     handles: Arc<DashMap<SessionId, ActorHandle<SessionMsg>>>,
     pending: Arc<DashMap<SessionId, Pending>>,
+    draining: Arc<AtomicBool>,
+    drains: Arc<DashMap<u64, RpcReplyPort<()>>>,
+    next_drain: Arc<AtomicU64>,
 }
 
 impl ManagerShared {
@@ -222,7 +227,6 @@ pub struct ManagerState {
     stored_pending: Vec<(SessionId, Pending)>,
     keys: HashMap<String, SessionId>,
     next_seq: u64,
-    draining: Option<Vec<RpcReplyPort<()>>>,
 }
 
 impl Actor for SessionManager {
@@ -243,7 +247,6 @@ impl Actor for SessionManager {
             stored_pending: Vec::new(),
             keys: HashMap::new(),
             next_seq: 0,
-            draining: None,
         };
         state.recover().await?;
         Ok(state)
@@ -273,6 +276,12 @@ impl Actor for SessionManager {
         }
         for (id, pending) in std::mem::take(&mut state.stored_pending) {
             state.accept(ctx, id, pending);
+        }
+        if state.draining() {
+            // The node shuts down: what runs was told to stop, but maybe not what an actor
+            // started just now runs again (asking twice changes nothing).
+            state.interrupt_running();
+            state.answer_drain();
         }
         state.drain_queue(ctx);
         ctx.send_interval(Duration::from_secs(1), || ManagerMsg::ReportHealth);
@@ -306,13 +315,11 @@ impl Actor for SessionManager {
                 state.answer_drain();
             }
             ManagerMsg::Drain { reply } => {
-                let waiting = state.draining.get_or_insert_with(Vec::new);
-                waiting.push(reply);
-                for id in state.running.keys() {
-                    if let Some(handle) = state.args.shared.handle(id) {
-                        let _ = handle.cast(SessionMsg::Interrupt);
-                    }
-                }
+                let shared = &state.args.shared;
+                shared.draining.store(true, Ordering::SeqCst);
+                let key = shared.next_drain.fetch_add(1, Ordering::Relaxed);
+                shared.drains.insert(key, reply);
+                state.interrupt_running();
                 state.answer_drain();
             }
             ManagerMsg::StartFailed { id, error } => state.start_failed(ctx, id, error),
@@ -520,7 +527,7 @@ impl ManagerState {
         spec: SessionSpec,
         reply: RpcReplyPort<Result<Admitted, SubmitError>>,
     ) {
-        if self.draining.is_some() {
+        if self.draining() {
             let _ = reply.send(Err(SubmitError::ShuttingDown));
             return;
         }
@@ -655,7 +662,7 @@ impl ManagerState {
         // While the node shuts down, a submission stored meanwhile waits for the next start,
         // like the queue: the running sessions were told to stop, and this one would not be.
         let position = if pending.start
-            && self.draining.is_none()
+            && !self.draining()
             && self.busy() < self.args.context.settings.max_concurrent
         {
             self.running.insert(id.clone(), Timestamp::now());
@@ -682,12 +689,29 @@ impl ManagerState {
         self.answer_drain();
     }
 
+    /// Whether the node is shutting down (asked by a drain, to this instance or an earlier one).
+    fn draining(&self) -> bool {
+        self.args.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Tells every running session to stop: the node shuts down.
+    fn interrupt_running(&self) {
+        for id in self.running.keys() {
+            if let Some(handle) = self.args.shared.handle(id) {
+                let _ = handle.cast(SessionMsg::Interrupt);
+            }
+        }
+    }
+
     /// Answers drain requests once nothing runs.
     fn answer_drain(&mut self) {
-        if self.busy() == 0
-            && let Some(waiting) = self.draining.as_mut()
-        {
-            for reply in waiting.drain(..) {
+        if self.busy() > 0 || !self.draining() {
+            return;
+        }
+        let drains = &self.args.shared.drains;
+        let keys: Vec<u64> = drains.iter().map(|entry| *entry.key()).collect();
+        for key in keys {
+            if let Some((_, reply)) = drains.remove(&key) {
                 let _ = reply.send(());
             }
         }
@@ -695,7 +719,7 @@ impl ManagerState {
 
     /// Starts queued sessions while there are free slots (not while draining).
     fn drain_queue(&mut self, ctx: &Context<ManagerMsg>) {
-        while self.draining.is_none() && self.busy() < self.args.context.settings.max_concurrent {
+        while !self.draining() && self.busy() < self.args.context.settings.max_concurrent {
             let Some((_, record)) = self.queue.pop_first() else {
                 break;
             };

@@ -1824,3 +1824,54 @@ async fn a_starting_run_of_which_nothing_is_known_is_launched_after_the_wait_or_
     h.expect(&launched.id, "session.succeeded").await;
     assert_eq!(h.runner.starts(), 1, "only the one not cancelled ran");
 }
+
+/// Regression: the node's drain (shutdown) lived in the manager instance that received it. A
+/// manager that restarted meanwhile dropped the drain's answer, so the node went on to stop the
+/// tree while sessions still ran, and the new instance, not knowing the node was shutting down,
+/// started queued sessions that nothing would stop.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_drain_outlives_a_restart_of_the_manager() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let mut h = Harness::start(settings, Arc::default()).await;
+    h.keep_processes_alive_on_terminate();
+    let running = h.submit(command("sh")).await.unwrap().record.id;
+    let queued = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&running, "session.queued").await;
+    h.expect(&queued, "session.queued").await;
+    h.expect(&running, "session.started").await;
+    h.running(&running).await;
+
+    let manager = h.sessions().manager.clone();
+    let drained = tokio::spawn(async move {
+        manager
+            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
+            .await
+    });
+    h.runner.terminate_seen.notified().await;
+    let path = ActorPath::parse("sessions/manager").unwrap();
+    h.tree.inject_fault(&path, FaultKind::Panic).unwrap();
+    assert_eq!(h.next_restart().await, "sessions/manager");
+    let summary = h
+        .sessions()
+        .manager
+        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!((summary.running, summary.queued), (1, 1));
+    assert!(!drained.is_finished(), "answered only once nothing runs");
+
+    h.runner.emit(&running, killed_by_sigterm());
+    h.runner.processes.lock().unwrap().remove(&running);
+    h.expect(&running, "session.interrupted").await;
+    drained
+        .await
+        .unwrap()
+        .expect("the drain is answered by the next instance");
+    assert_eq!(h.runner.starts(), 1, "nothing started while shutting down");
+    assert_eq!(h.record(&queued).state, SessionState::Queued);
+    let refused = h.submit(command("sh")).await.unwrap_err();
+    assert!(matches!(refused, SubmitError::ShuttingDown), "{refused:?}");
+}
