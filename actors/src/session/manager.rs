@@ -884,9 +884,12 @@ impl ManagerState {
                     .await;
                 let outcome = match answer {
                     Ok(record) => Ok(record),
-                    // The actor ended meanwhile: the stored record is the answer.
+                    // The actor ended meanwhile: the stored record is the answer. One that has
+                    // not ended did not take the cancel (its actor failed on it, say, or is
+                    // busy): the caller is told to retry, never that it was taken.
                     Err(_) => match context.store.get(&id).await {
-                        Ok(Some(record)) => Ok(record),
+                        Ok(Some(record)) if record.state.is_terminal() => Ok(record),
+                        Ok(Some(_)) => Err(CancelError::Unavailable(id)),
                         Ok(None) => Err(CancelError::NotFound(id)),
                         Err(error) => Err(CancelError::Store(error)),
                     },

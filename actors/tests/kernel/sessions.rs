@@ -1875,3 +1875,32 @@ async fn a_drain_outlives_a_restart_of_the_manager() {
     let refused = h.submit(command("sh")).await.unwrap_err();
     assert!(matches!(refused, SubmitError::ShuttingDown), "{refused:?}");
 }
+
+/// Regression: a cancel whose stop request could not be stored (the session's actor failed on
+/// it, and its answer with it) was answered with the stored record, as if it had been taken:
+/// the caller saw a running session and waited for an end that nothing would bring.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cancel_the_session_could_not_record_is_an_error_to_retry() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+
+    h.store.data.lock().unwrap().failing_transitions = 1;
+    let refused = h.cancel(&id).await.unwrap_err();
+    assert!(
+        matches!(&refused, CancelError::Unavailable(session) if *session == id),
+        "{refused:?}"
+    );
+    assert!(
+        h.runner.terminated.lock().unwrap().is_empty(),
+        "nothing signalled"
+    );
+
+    // The actor restarted; the retry is taken.
+    h.running(&id).await;
+    let record = h.cancel(&id).await.unwrap();
+    assert_eq!(record.stop_requested, Some(StopRequest::Cancel));
+    h.expect(&id, "session.cancelled").await;
+}
