@@ -368,6 +368,55 @@ mod tests {
         tree.shutdown(Duration::from_secs(5)).await;
     }
 
+    /// A node declared down rejoins as its next generation; that one is kept too, so a restart
+    /// (after a clock step back) does not take it again and rejoin as the same incarnation.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_generation_renewed_after_being_declared_down_is_kept() {
+        let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = {
+            let kept = kept.clone();
+            Arc::new(move |generation| kept.lock().unwrap().push(generation))
+        };
+        let generation = troupe_actors::cluster::GenerationFloor::new(0, Some(keep));
+        let tree = clustered_node(Arc::new(Capture::default()), generation.clone()).await;
+        let membership = tree.cluster.as_ref().unwrap().1.clone();
+        let started = generation.highest();
+        let a = NodeIdentity {
+            generation: started,
+            ..identity("a")
+        };
+        // b gossips that a is down.
+        let header = foca::Header {
+            src: identity("b"),
+            src_incarnation: 0,
+            dst: a.clone(),
+            message: foca::Message::Gossip,
+        };
+        let mut packet = WireCodec.encode_header(&header).unwrap();
+        packet.extend(1u16.to_be_bytes());
+        packet.extend(WireCodec.encode_member(&foca::Member::down(a)).unwrap());
+        membership
+            .cast(MembershipMsg::Datagram {
+                from: NodeId::new("b").unwrap(),
+                bytes: Bytes::from(packet),
+            })
+            .unwrap();
+        membership
+            .call(
+                |reply| MembershipMsg::Leave { reply },
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("the membership answers");
+        assert_eq!(
+            generation.highest(),
+            started + 1,
+            "rejoined as the next one"
+        );
+        assert_eq!(*kept.lock().unwrap(), [started, started + 1], "and kept it");
+        tree.shutdown(Duration::from_secs(5)).await;
+    }
+
     /// A transport that sends nowhere and remembers what was rejected.
     #[derive(Default)]
     struct Capture(Mutex<Vec<(NodeId, WireFault)>>);

@@ -347,6 +347,8 @@ impl MembershipState {
                         node = %identity,
                         "this node was declared down; rejoined as a new generation"
                     );
+                    // Kept like a start's: the next start must go above this one too.
+                    self.args.generation.take(identity.generation);
                     self.identity = identity;
                 }
                 OwnedNotification::Defunct => {
