@@ -87,7 +87,8 @@ pub enum CancelError {
     /// The store failed.
     #[error("the cancellation could not be stored: {0}")]
     Store(StoreError),
-    /// The session's actor did not answer.
+    /// The session could not take the cancel now (its actor did not answer or failed on it,
+    /// or its submission is still being stored): retry.
     #[error("session {0} did not answer; retry")]
     Unavailable(SessionId),
 }
@@ -875,6 +876,12 @@ impl ManagerState {
                     }
                 }
             });
+            return;
+        }
+        if self.args.shared.pending.contains_key(&id) {
+            // Its store write is in flight (its id is known through its idempotency key): not
+            // queued yet, not to be found in the store yet. The caller retries.
+            let _ = reply.send(Err(CancelError::Unavailable(id)));
             return;
         }
         if let Some(handle) = self.args.shared.handle(&id) {

@@ -1904,3 +1904,35 @@ async fn a_cancel_the_session_could_not_record_is_an_error_to_retry() {
     assert_eq!(record.stop_requested, Some(StopRequest::Cancel));
     h.expect(&id, "session.cancelled").await;
 }
+
+/// Regression: a cancel of a session whose submission was still being stored (its id known
+/// through the same idempotency key) answered `NotFound` for an id the node had just handed
+/// out, or its `queued` record without cancelling it; the session then ran.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cancel_of_a_session_still_being_stored_is_an_error_to_retry() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::Create);
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let mut spec = command("sh");
+    spec.idempotency_key = Some("job-9".into());
+    let first = h.submit_in_background(spec.clone());
+    held.notified().await;
+    let same = h.submit(spec).await.unwrap();
+    assert!(same.existing);
+    let id = same.record.id;
+
+    let refused = h.cancel(&id).await.unwrap_err();
+    assert!(
+        matches!(&refused, CancelError::Unavailable(session) if *session == id),
+        "{refused:?}"
+    );
+    open.add_permits(1);
+    first.await.unwrap().unwrap().unwrap();
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    // The retry, once the session is stored, is taken.
+    h.running(&id).await;
+    let record = h.cancel(&id).await.unwrap();
+    assert_eq!(record.stop_requested, Some(StopRequest::Cancel));
+    h.expect(&id, "session.cancelled").await;
+}
