@@ -205,6 +205,13 @@ pub enum DialError {
         /// Why.
         reason: String,
     },
+    /// The address (dialed without a node id) is this node's own, in another form (a seed list
+    /// shared by every node lists it).
+    #[error("{addr} is this node")]
+    Myself {
+        /// Where.
+        addr: SocketAddr,
+    },
     /// The endpoint is shutting down.
     #[error("the cluster endpoint is closed")]
     Closed,
@@ -587,6 +594,11 @@ impl ClusterEndpoint {
                 });
             }
         };
+        if node.is_none() && peer_node(&connection).as_ref() == Ok(&self.inner.node) {
+            // Not a peer that claims this node's id: this node answered its own dial.
+            connection.close(0u32.into(), b"this node");
+            return Err(DialError::Myself { addr });
+        }
         match self.admit(&connection, node) {
             Ok(peer) => Ok((peer, connection)),
             Err((refusal, reason)) => {

@@ -17,7 +17,7 @@ use troupe_actors::cluster::{
 use troupe_actors::ids::NodeId;
 use troupe_actors::kernel::ActorHandle;
 
-use super::endpoint::{ClusterEndpoint, ClusterStats, Inbound};
+use super::endpoint::{ClusterEndpoint, ClusterStats, DialError, Inbound};
 use crate::wire;
 
 /// foca's packets and node metadata in the wire codec.
@@ -72,11 +72,12 @@ impl DatagramTransport for QuicDatagrams {
     fn resolve(&self, addr: SocketAddr) -> BoxFuture<'static, Result<NodeId, String>> {
         let endpoint = self.0.clone();
         async move {
-            endpoint
-                .connect(addr, None)
-                .await
-                .map(|(node, _)| node)
-                .map_err(|error| error.to_string())
+            match endpoint.connect(addr, None).await {
+                Ok((node, _)) => Ok(node),
+                // The membership then leaves that seed alone.
+                Err(DialError::Myself { .. }) => Ok(endpoint.node().clone()),
+                Err(error) => Err(error.to_string()),
+            }
         }
         .boxed()
     }
@@ -173,6 +174,7 @@ mod tests {
     use troupe_actors::node::{ClusterPorts, NodePorts, NodeTree, NodeTreeConfig};
 
     use super::*;
+    use crate::cluster::ClusterEndpoint;
 
     fn identity(name: &str) -> NodeIdentity {
         NodeIdentity {
@@ -415,6 +417,64 @@ mod tests {
         );
         assert_eq!(*kept.lock().unwrap(), [started, started + 1], "and kept it");
         tree.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// A seed list shared by every node lists each node's own address, often in another form
+    /// than the one it binds (here: another advertised address). Dialing it reaches this node,
+    /// which refuses itself on both ends: that used to happen at every tick while the node was
+    /// alone, two WARN lines and two `wrong_node` refusals each time. Now the seed is known to
+    /// be this node after the first dial and left alone.
+    #[tokio::test]
+    async fn a_seed_that_is_this_node_is_dialed_once() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::cluster::certs::init(
+            &dir.path().join("ca"),
+            &NodeId::new("a").unwrap(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let endpoint = ClusterEndpoint::bind(
+            &crate::cluster::certs::load(&files).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::default(),
+        )
+        .unwrap();
+        let ports = NodePorts {
+            cluster: Some(ClusterPorts {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                seeds: vec![endpoint.local_addr().unwrap()],
+                profile: MembershipProfile::Fast,
+                labels: BTreeMap::new(),
+                codec: Arc::new(WireCodec),
+                transport: Arc::new(QuicDatagrams(endpoint.clone())),
+                relay: None,
+                rng_seed: Some(1),
+                generation: Default::default(),
+            }),
+            ..NodePorts::default()
+        };
+        let tree = NodeTree::start(NodeTreeConfig::new(NodeId::new("a").unwrap()), ports)
+            .await
+            .unwrap();
+        attach(&endpoint, tree.cluster.as_ref().unwrap().1.clone());
+        let refused = || endpoint.stats().refused(crate::cluster::Refusal::WrongNode);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while refused() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the first dial reaches this node");
+        // Ten ticks of the fast profile: none dials the seed again.
+        tokio::time::sleep(MembershipProfile::Fast.tick() * 10).await;
+        assert_eq!(
+            refused(),
+            1,
+            "only the first dial's inbound end was refused"
+        );
+        tree.shutdown(Duration::from_secs(5)).await;
+        endpoint.close(Duration::from_secs(1)).await;
     }
 
     /// A transport that sends nowhere and remembers what was rejected.

@@ -308,6 +308,9 @@ pub struct MembershipState {
     suspected_since: HashMap<NodeIdentity, tokio::time::Instant>,
     /// foca's suspect-to-down timeout.
     suspect_timeout: Duration,
+    /// Seeds that turned out to be this node (its own address in another form): not dialed
+    /// again, which would only be refused as this node on both ends, at every tick.
+    own_seeds: HashSet<SocketAddr>,
 }
 
 /// The MembershipActor.
@@ -674,7 +677,7 @@ impl MembershipState {
 
     fn announce(&mut self, ctx: &Context<MembershipMsg>) {
         for addr in self.args.seeds.clone() {
-            if addr == self.args.addr {
+            if addr == self.args.addr || self.own_seeds.contains(&addr) {
                 continue;
             }
             let resolving = self.args.transport.resolve(addr);
@@ -752,6 +755,7 @@ impl Actor for MembershipActor {
             meta_version: 0,
             suspected_since: HashMap::new(),
             suspect_timeout,
+            own_seeds: HashSet::new(),
         };
         state.inherit();
         Ok(state)
@@ -821,7 +825,10 @@ impl Actor for MembershipActor {
                 }
             }
             MembershipMsg::Resolved { addr, node } => match node {
-                Ok(node) if node == state.identity.node => {}
+                Ok(node) if node == state.identity.node => {
+                    tracing::debug!(%addr, "a seed is this node; not announced to again");
+                    state.own_seeds.insert(addr);
+                }
                 Ok(node) => {
                     if !state.active || state.swim.num_members() == 0 {
                         let seed = NodeIdentity {
