@@ -226,6 +226,9 @@ pub struct ManagerState {
     /// Submissions an earlier instance was storing and recovery found stored: accepted in
     /// `post_start`.
     stored_pending: Vec<(SessionId, Pending)>,
+    /// Idempotency keys of the sessions this instance holds (being stored, queued, running):
+    /// a fast answer for a repeated submission. An ended session's key is dropped (the store
+    /// answers for it), so the map stays as small as the sessions held.
     keys: HashMap<String, SessionId>,
     next_seq: u64,
 }
@@ -309,6 +312,7 @@ impl Actor for SessionManager {
             }
             ManagerMsg::Finished { id } => {
                 state.running.remove(&id);
+                state.forget_key(&id);
                 state.args.shared.handles.remove(&id);
                 state.registry(RegistryMsg::SessionDown(id));
                 state.drain_queue(ctx);
@@ -597,6 +601,11 @@ impl ManagerState {
         );
     }
 
+    /// Drops the idempotency key of session `id`, which this instance no longer holds.
+    fn forget_key(&mut self, id: &SessionId) {
+        self.keys.retain(|_, held| held != id);
+    }
+
     /// The session already submitted with `key`, if any.
     async fn existing_by_key(&self, key: &str) -> Option<Result<Admitted, StoreError>> {
         if let Some(id) = self.keys.get(key) {
@@ -766,6 +775,7 @@ impl ManagerState {
         let reason = error.to_string();
         tracing::error!(session = %id, reason = %reason, "a session actor could not be started");
         self.running.remove(&id);
+        self.forget_key(&id);
         self.args.shared.handles.remove(&id);
         self.registry(RegistryMsg::SessionDown(id.clone()));
         let context = self.args.context.clone();
@@ -837,6 +847,8 @@ impl ManagerState {
                 .queue
                 .remove(&key)
                 .expect("queued sessions are in the queue");
+            // Taken back with the record should the cancel not be stored (`requeue`).
+            self.forget_key(&id);
             self.update_gauges();
             self.registry(RegistryMsg::SessionDown(id.clone()));
             tokio::spawn(async move {
@@ -928,6 +940,9 @@ impl ManagerState {
             id: record.id.clone(),
             node: record.node.clone(),
         }));
+        if let Some(idempotency) = &record.spec.idempotency_key {
+            self.keys.insert(idempotency.clone(), record.id.clone());
+        }
         let key = (Reverse(record.spec.priority), seq);
         if self.queue.contains_key(&key) {
             self.enqueue(record);
