@@ -97,7 +97,10 @@ impl Refusal {
             || lower.contains("badsignature")
         {
             Refusal::UnknownCa
-        } else if lower.contains("expired") || lower.contains("notvalidyet") {
+        } else if lower.contains("expired")
+            || lower.contains("notvalidyet")
+            || lower.contains("not valid yet")
+        {
             Refusal::Expired
         } else {
             Refusal::Handshake
@@ -909,6 +912,43 @@ mod tests {
             DialError::Refused { refusal, .. } => assert_eq!(refusal, Refusal::Expired),
             other => panic!("{other}"),
         }
+    }
+
+    /// A certificate whose validity has not begun (a node whose clock is behind its issuer's
+    /// by more than the hour of slack) is refused as `expired` too, as [`Refusal::Expired`]
+    /// says; rustls words it "not valid yet", which was counted as a plain handshake failure.
+    #[tokio::test]
+    async fn a_certificate_not_valid_yet_is_refused_as_expired() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = cluster(dir.path(), &[]);
+        let a = bind(&creds[0]);
+        let ca_dir = dir.path().join("ca");
+        let now = OffsetDateTime::now_utc();
+        let (cert, key) = issue_node(
+            &std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+            &std::fs::read_to_string(ca_dir.join("ca.key")).unwrap(),
+            &id("early"),
+            now + time::Duration::days(1),
+            now + time::Duration::days(30),
+        )
+        .unwrap();
+        let early_dir = dir.path().join("early");
+        std::fs::create_dir_all(&early_dir).unwrap();
+        let files = NodeFiles::in_dir(&early_dir);
+        std::fs::copy(ca_dir.join("ca.pem"), &files.ca).unwrap();
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        let early = bind(&load(&files).unwrap());
+        let error = a
+            .connect(early.local_addr().unwrap(), None)
+            .await
+            .unwrap_err();
+        match error {
+            DialError::Refused { refusal, .. } => assert_eq!(refusal, Refusal::Expired),
+            other => panic!("{other}"),
+        }
+        assert_eq!(a.stats().refused(Refusal::Handshake), 0);
     }
 
     /// Waits (bounded) until `endpoint` counted a refusal for `reason`. The counter has no
