@@ -93,6 +93,9 @@ pub struct AuthConfig {
     pub requests_per_second: u32,
     /// Requests each token may make in a burst.
     pub burst: u32,
+    /// Links (event streams, WebSockets, MCP clients) each token may hold at once, of the
+    /// node's 10,000.
+    pub max_links_per_token: usize,
 }
 
 impl Default for AuthConfig {
@@ -101,6 +104,7 @@ impl Default for AuthConfig {
             tokens: Vec::new(),
             requests_per_second: 100,
             burst: 200,
+            max_links_per_token: 1_000,
         }
     }
 }
@@ -572,6 +576,15 @@ impl Config {
             return Err(semantic(
                 "auth.requests_per_second",
                 "requests_per_second and burst must be at least 1".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.auth.max_links_per_token) {
+            return Err(semantic(
+                "auth.max_links_per_token",
+                format!(
+                    "{} is out of range; use 1 to 10000 (the node serves 10,000 links in all)",
+                    self.auth.max_links_per_token
+                ),
             ));
         }
         if self.cluster.labels.len() > 16 {
@@ -1205,6 +1218,16 @@ fault_injection = false
                     "[events]\nring_capacity = 0\n",
                     "events.ring_capacity",
                     "use 1 to 1000000",
+                ),
+                (
+                    "[auth]\nmax_links_per_token = 0\n",
+                    "auth.max_links_per_token",
+                    "use 1 to 10000",
+                ),
+                (
+                    "[auth]\nmax_links_per_token = 10001\n",
+                    "auth.max_links_per_token",
+                    "use 1 to 10000",
                 ),
                 (
                     "[events]\nretention_secs = 0\n",

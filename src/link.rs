@@ -38,18 +38,13 @@ pub enum LinkError {
     TooManyForToken {
         /// The token's name.
         token: String,
-        /// The bound ([`MAX_LINKS_PER_TOKEN`]).
+        /// The bound (`auth.max_links_per_token`).
         max: usize,
     },
     /// The TransportSupervisor is not available (restarting or shutting down).
     #[error("links cannot be opened right now: {0}")]
     Unavailable(String),
 }
-
-/// The most links one token may hold at once (a tenth of the node's 10,000): one client, or one
-/// token's clients together, cannot take every link of the node from the others. Links without
-/// a token (the node's own stdio MCP) do not count.
-pub const MAX_LINKS_PER_TOKEN: usize = 1_000;
 
 /// How many links each token holds.
 #[derive(Debug, Default)]
@@ -185,15 +180,17 @@ pub async fn open_link(
     principal: Option<&Principal>,
     filter: FilterSet,
 ) -> Result<LinkGuard, LinkError> {
+    // One client, or one token's clients together, cannot take every link of the node from
+    // the others (`auth.max_links_per_token`). Links without a token (the node's own stdio
+    // MCP) do not count.
+    let max = core.config.auth.max_links_per_token;
     let slot = match principal {
-        Some(principal) => Some(
-            core.token_links
-                .take(&principal.name, MAX_LINKS_PER_TOKEN)
-                .ok_or_else(|| LinkError::TooManyForToken {
-                    token: principal.name.clone(),
-                    max: MAX_LINKS_PER_TOKEN,
-                })?,
-        ),
+        Some(principal) => Some(core.token_links.take(&principal.name, max).ok_or_else(|| {
+            LinkError::TooManyForToken {
+                token: principal.name.clone(),
+                max,
+            }
+        })?),
         None => None,
     };
     let id = LinkId::new(fresh_id("l-")).expect("generated ids are valid");

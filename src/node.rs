@@ -578,7 +578,7 @@ pub struct NodeCore {
     pub cluster: Option<ClusterEndpoint>,
     /// Owners of other nodes' sessions, when the cluster is enabled.
     pub sessions_owners: Option<SessionOwners>,
-    /// How many links each token holds (at most [`crate::link::MAX_LINKS_PER_TOKEN`]).
+    /// How many links each token holds (at most `auth.max_links_per_token`).
     pub token_links: Arc<crate::link::TokenLinks>,
 }
 

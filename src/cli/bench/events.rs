@@ -283,6 +283,8 @@ pub(super) async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
     // 1,100 subscribers connect with one token at once: the request limit is not under test.
     config.auth.requests_per_second = 1_000_000;
     config.auth.burst = 1_000_000;
+    // … and hold every link: the per-token share is not under test either.
+    config.auth.max_links_per_token = 10_000;
     if let Some(buffer) = args.subscriber_buffer {
         config.events.subscriber_buffer = buffer;
     }
