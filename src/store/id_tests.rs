@@ -342,14 +342,24 @@ async fn id_kill_child_publishes_until_killed() {
         .unwrap();
     let (bus, _cell) = start_bus(&store).await;
     let mut events = bus.subscribe(EventFilter::all());
-    // Bounded, so a child whose parent died finishes on its own.
-    for n in 0..2_000_000u64 {
-        bus.publish(None, progress(n));
-        while let Some(Delivery::Event(event)) = events.try_recv() {
-            println!("SEEN {}", event.id.seq);
+    // At most a window ahead of what came back (less than the subscriber's buffer, so none is
+    // lost to it): a wait for the next id reservation holds publishing back. Unbounded, a loaded
+    // machine let the loop run to its end, and the process exit, while the publishes waited for
+    // a reservation. Bounded in time too, so a child whose parent died finishes on its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut published, mut seen) = (0u64, 0u64);
+    while tokio::time::Instant::now() < deadline {
+        while published < seen + 2_048 {
+            bus.publish(None, progress(published));
+            published += 1;
         }
-        if n % 64 == 0 {
-            tokio::task::yield_now().await;
+        match tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            Ok(Some(Delivery::Event(event))) => {
+                println!("SEEN {}", event.id.seq);
+                seen += 1;
+            }
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => break,
         }
     }
 }
