@@ -7,7 +7,8 @@
 //! own events after it: first what it still has (its bus's ring, then its persisted event log),
 //! then live ones, in `Batch` frames of at most [`MAX_BATCH`] events. The receiver hands each
 //! batch to its bus and acknowledges it (`Ack`) once the bus has taken it and the store has
-//! written it; the sender keeps at most [`WINDOW`] batches unacknowledged. So a slow receiver
+//! written it; the sender keeps at most [`WINDOW`] batches unacknowledged, and the receiver holds
+//! at most [`RECEIVE_BUDGET`] bytes of them (past it, it stops reading). So a slow receiver
 //! (or its disk) slows its sender (whose live
 //! subscription is bounded; on lag it re-reads from its ring and log), memory stays bounded on
 //! both sides, and relay latency is not an acknowledgement round trip per batch.
@@ -51,6 +52,14 @@ pub const MAX_BATCH: usize = 256;
 /// held back), and a burst went at half the rate it does with 256 (docs/PERFORMANCE.md). At
 /// most 256 × [`MAX_BATCH`] events wait for one receiver's disk.
 pub const WINDOW: usize = 256;
+/// Encoded bytes of relayed batches one link may hold between reading them and acknowledging
+/// them (the bus and the store hold them meanwhile). At the budget the receiver stops reading
+/// the stream until acknowledgements free some, and QUIC's flow control holds the sender back:
+/// a peer cannot make this node hold [`WINDOW`] frames of [`wire::MAX_FRAME_BYTES`] (1 GiB) per
+/// link. The sender's own batches stay far below it (256 events of a few hundred bytes each,
+/// so [`WINDOW`] batches of them are about 13 MiB).
+pub const RECEIVE_BUDGET: usize = 32 * 1024 * 1024;
+const _: () = assert!(RECEIVE_BUDGET >= wire::MAX_FRAME_BYTES);
 /// How long the sender waits for an acknowledgement when its window is full, and either side
 /// for the handshake.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -199,6 +208,13 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// only with the bytes that actually arrive. A stream that ends between frames is
 /// [`RelayError::Ended`]; inside one, a [`WireFault::TruncatedFrame`].
 pub async fn read_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Frame, RelayError> {
+    Ok(read_sized_frame(recv).await?.0)
+}
+
+/// [`read_frame`], with the frame's encoded size (without its length prefix).
+async fn read_sized_frame<R: AsyncRead + Unpin>(
+    recv: &mut R,
+) -> Result<(Frame, usize), RelayError> {
     let mut prefix = [0u8; 4];
     let mut filled = 0;
     while filled < prefix.len() {
@@ -240,8 +256,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Frame, Rel
             ),
         ));
     }
-    wire::decode(&bytes)
-        .map_err(|error| RelayError::wire(WireFault::MalformedFrame, error.to_string()))
+    let frame = wire::decode(&bytes)
+        .map_err(|error| RelayError::wire(WireFault::MalformedFrame, error.to_string()))?;
+    Ok((frame, length))
 }
 
 /// Ends a stream after `outcome`: finished when it ended well, reset (and, for a wire fault,
@@ -676,28 +693,15 @@ async fn receive(
     tracing::debug!(%peer, ?after, start, "relay link up");
     // Batches go to the bus as they arrive; their acknowledgements follow, in order, once the
     // bus has taken each and the store has written it (the sender never has more than WINDOW
-    // unacknowledged).
+    // unacknowledged, and this side holds at most RECEIVE_BUDGET bytes of them).
     let (taking, mut taken) = tokio::sync::mpsc::channel(WINDOW);
-    let read = async {
-        loop {
-            match read_frame(recv).await? {
-                Frame::Batch(events) => {
-                    if taking.capacity() == 0 {
-                        return Err(RelayError::wire(
-                            WireFault::UnexpectedFrame,
-                            format!("more than {WINDOW} batches unacknowledged"),
-                        ));
-                    }
-                    let _ = taking.send(reports.batch(events)).await;
-                }
-                other => return Err(RelayError::unexpected("a batch", &other)),
-            }
-        }
-    };
+    let budget = Arc::new(Semaphore::new(RECEIVE_BUDGET));
+    let read = take_batches(recv, &budget, &taking, |events| reports.batch(events));
     let acknowledge = async {
-        while let Some(batch) = taken.recv().await {
+        while let Some((batch, held)) = taken.recv().await {
             let cursor = batch.await.map_err(batch_error)?;
             write_frame(send, &Frame::Ack(cursor)).await?;
+            drop(held);
         }
         Ok(())
     };
@@ -707,6 +711,51 @@ async fn receive(
         () = reports.rewound() => Err(io(
             "a relayed write failed: the peer's stream was rewound; the next link asks again",
         )),
+    }
+}
+
+/// The reading half of a link after the handshake: hands every batch over (`hand`, which starts
+/// taking it) and queues what it returned on `taking`, with the batch's share of `budget`,
+/// which the acknowledging half gives back once the batch is acknowledged. When the budget is
+/// spent it waits before handing the next batch over, and reads nothing more meanwhile.
+/// Anything but a batch, a batch of more than [`MAX_BATCH`] events, or one more than [`WINDOW`]
+/// unacknowledged ends the link as a wire fault.
+async fn take_batches<R, T>(
+    recv: &mut R,
+    budget: &Arc<Semaphore>,
+    taking: &tokio::sync::mpsc::Sender<(T, tokio::sync::OwnedSemaphorePermit)>,
+    mut hand: impl FnMut(Vec<Event>) -> T,
+) -> Result<(), RelayError>
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        let (events, size) = match read_sized_frame(recv).await? {
+            (Frame::Batch(events), size) => (events, size),
+            (other, _) => return Err(RelayError::unexpected("a batch", &other)),
+        };
+        if events.len() > MAX_BATCH {
+            return Err(RelayError::wire(
+                WireFault::OversizedFrame,
+                format!("a batch of {} events; at most {MAX_BATCH}", events.len()),
+            ));
+        }
+        if taking.capacity() == 0 {
+            return Err(RelayError::wire(
+                WireFault::UnexpectedFrame,
+                format!("more than {WINDOW} batches unacknowledged"),
+            ));
+        }
+        // A frame is at most MAX_FRAME_BYTES (checked by the read), within the budget and u32.
+        let share = u32::try_from(size).expect("a frame's size fits u32");
+        let held = budget
+            .clone()
+            .acquire_many_owned(share)
+            .await
+            .map_err(|_| io("the receive budget closed"))?;
+        if taking.send((hand(events), held)).await.is_err() {
+            return Err(io("the acknowledgements stopped"));
+        }
     }
 }
 
@@ -923,5 +972,96 @@ mod tests {
         ] {
             assert!(faults.get(outcome).copied().unwrap_or(0) > 0, "{faults:?}");
         }
+    }
+
+    /// A batch of `count` events whose frame is about `bytes` long.
+    fn heavy_batch(first: u64, count: u64, bytes: usize) -> Vec<u8> {
+        let line = "x".repeat(bytes / count as usize);
+        let events = (first..first + count)
+            .map(|seq| {
+                let mut event = event(seq);
+                if let EventData::SessionOutput(output) = &mut event.data {
+                    output.lines = vec![line.clone()];
+                }
+                event
+            })
+            .collect();
+        encode_frame(&Frame::Batch(events)).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_holds_at_most_its_budget_of_unacknowledged_batches() {
+        let frame = heavy_batch(1, 1, 10_000);
+        // Room for two of these frames and not three.
+        let budget = Arc::new(Semaphore::new(frame.len() * 5 / 2));
+        let (mut writer, mut reader) = tokio::io::duplex(4096);
+        let sender = tokio::spawn(async move {
+            for seq in 1..=10 {
+                writer
+                    .write_all(&heavy_batch(seq, 1, 10_000))
+                    .await
+                    .unwrap();
+            }
+            writer
+        });
+        let (taking, mut taken) = tokio::sync::mpsc::channel(WINDOW);
+        let handed = std::sync::atomic::AtomicU64::new(0);
+        let read = take_batches(&mut reader, &budget, &taking, |events| {
+            handed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            events[0].id.seq
+        });
+        let mut read = std::pin::pin!(read);
+        // Nothing is acknowledged: the reader hands two batches over, then waits (and reads no
+        // further: the sender is stuck once the pipe's buffer is full).
+        let waiting = tokio::time::timeout(Duration::from_secs(60), read.as_mut()).await;
+        assert!(waiting.is_err(), "the reader ended: {waiting:?}");
+        assert_eq!(handed.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(!sender.is_finished(), "the sender wrote everything");
+        // Acknowledging the first gives its share back: the third is handed over.
+        let (seq, held) = taken.recv().await.unwrap();
+        assert_eq!(seq, 1);
+        drop(held);
+        let waiting = tokio::time::timeout(Duration::from_secs(60), read.as_mut()).await;
+        assert!(waiting.is_err(), "the reader ended: {waiting:?}");
+        assert_eq!(handed.load(std::sync::atomic::Ordering::Relaxed), 3);
+        // With every batch acknowledged as it comes, all ten get through.
+        let acknowledge = async {
+            for expected in 2..=10 {
+                let (seq, held) = taken.recv().await.unwrap();
+                assert_eq!(seq, expected);
+                drop(held);
+            }
+        };
+        tokio::select! {
+            outcome = read => panic!("the reader ended: {outcome:?}"),
+            () = acknowledge => {}
+        }
+        assert_eq!(handed.load(std::sync::atomic::Ordering::Relaxed), 10);
+        drop(sender.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_batch_over_the_event_cap_ends_the_link_as_a_wire_fault() {
+        let budget = Arc::new(Semaphore::new(RECEIVE_BUDGET));
+        let (taking, _taken) = tokio::sync::mpsc::channel(WINDOW);
+        let mut stream = heavy_batch(1, MAX_BATCH as u64, 1000);
+        stream.extend(heavy_batch(
+            1 + MAX_BATCH as u64,
+            MAX_BATCH as u64 + 1,
+            1000,
+        ));
+        let mut handed = 0;
+        let error = take_batches(&mut stream.as_slice(), &budget, &taking, |events| {
+            handed += 1;
+            events.len()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(error.fault(), Some(WireFault::OversizedFrame), "{error}");
+        assert!(error.to_string().contains("257 events"), "{error}");
+        assert_eq!(
+            handed, 1,
+            "the batch at the cap is taken, the one over it is not"
+        );
     }
 }
