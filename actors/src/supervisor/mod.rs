@@ -9,7 +9,9 @@
 //!
 //! - Strategies: one_for_one, one_for_all, rest_for_one. Dynamic children (added with
 //!   [`SupervisorMsg::StartChild`], bounded by `max_children`) make a dynamic one_for_one
-//!   supervisor.
+//!   supervisor. A `StartChild` whose caller gave up (its reply port is closed: the call's
+//!   deadline passed while the request waited) starts nothing, and a child whose caller gave up
+//!   while it started is stopped for good and forgotten: nobody would track it.
 //! - Policies: permanent, transient (restarted only after an abnormal exit), temporary.
 //! - A child whose `pre_start` fails during a restart counts as a failed restart (ractor reports
 //!   that as a `SpawnErr` from the spawn call, never as a supervision event).
@@ -265,21 +267,35 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorError> {
         match message {
             SupervisorMsg::StartChild { spec, reply } => {
+                // A call does not take its request back when its deadline passes: the request
+                // waits here (or in this supervisor's handle while it restarts) and runs later.
+                // Its caller was told the start failed and tracks no child, so none is started.
+                if reply.is_closed() {
+                    tracing::warn!(
+                        supervisor = %state.path,
+                        child = %spec.path,
+                        "not starting a dynamic child: its caller gave up waiting"
+                    );
+                    return Ok(());
+                }
+                let path = spec.path.clone();
                 let outcome = state.start_dynamic(ctx, spec).await;
-                let _ = reply.send(outcome);
+                let started = outcome.is_ok();
+                if reply.send(outcome).is_err() && started {
+                    // The caller gave up while the child started: undo the start, as for a
+                    // temporary child that nobody asked for.
+                    tracing::warn!(
+                        supervisor = %state.path,
+                        child = %path,
+                        "stopping a dynamic child: its caller gave up waiting while it started"
+                    );
+                    state.abandon(&path).await;
+                }
                 Ok(())
             }
             SupervisorMsg::TerminateChild { name, reply } => {
                 let path = state.path.child(&name);
-                let existed = match state.index_of(&path) {
-                    Some(index) => {
-                        state.children[index].spec.starter.stop_for_good();
-                        state.stop_child(index).await;
-                        state.forget(index);
-                        true
-                    }
-                    None => false,
-                };
+                let existed = state.abandon(&path).await;
                 let _ = reply.send(existed);
                 Ok(())
             }
@@ -376,6 +392,18 @@ impl SupervisorState {
         for pending in self.pending.values_mut() {
             pending.entries.retain(|(path, _)| *path != child.spec.path);
         }
+    }
+
+    /// Stops the child at `path` gracefully, for good, and forgets it. Returns false when
+    /// there is no such child.
+    async fn abandon(&mut self, path: &ActorPath) -> bool {
+        let Some(index) = self.index_of(path) else {
+            return false;
+        };
+        self.children[index].spec.starter.stop_for_good();
+        self.stop_child(index).await;
+        self.forget(index);
+        true
     }
 
     fn index_of(&self, path: &ActorPath) -> Option<usize> {
@@ -875,7 +903,9 @@ fn log_restart(restart: &ActorRestarted) {
 pub type SupervisorHandle = ActorHandle<SupervisorMsg>;
 
 impl ActorHandle<SupervisorMsg> {
-    /// Adds and starts a dynamic child.
+    /// Adds and starts a dynamic child. When this gives up after [`START_CHILD_TIMEOUT`]
+    /// (`Unavailable(Timeout)`), the supervisor does not start the child later, and stops it
+    /// for good if it was starting meanwhile.
     pub async fn start_child(&self, spec: ChildSpec) -> Result<(), StartChildError> {
         self.call(
             |reply| SupervisorMsg::StartChild { spec, reply },

@@ -9,7 +9,7 @@ use tracing::Level;
 
 use troupe_actors::event::{EventBus, EventBusConfig, EventData};
 use troupe_actors::ids::ActorPath;
-use troupe_actors::kernel::{self, ActorHandle, FaultKind, HandleStatus, SendErrorKind};
+use troupe_actors::kernel::{self, ActorHandle, CallError, FaultKind, HandleStatus, SendErrorKind};
 use troupe_actors::supervisor::{
     Backoff, ChildPolicy, ChildSpec, RestartIntensity, Shutdown, StartChildError, Strategy,
     Supervisor, SupervisorArgs, SupervisorConfig, SupervisorHandle,
@@ -603,6 +603,91 @@ async fn dynamic_children_follow_their_policies_and_the_max_children_bound() {
     assert!(supervisor.terminate_child("transient").await.unwrap());
     assert!(!supervisor.terminate_child("transient").await.unwrap());
     assert_eq!(transient_handle.status(), HandleStatus::Stopped);
+}
+
+/// Waits (in paused time) until `handle` is stopped for good; false if an hour passes first.
+async fn stops_within_an_hour(handle: &ActorHandle<ProbeMsg>) -> bool {
+    let mut status = handle.watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(3_600),
+        status.wait_for(|status| *status == HandleStatus::Stopped),
+    )
+    .await
+    .is_ok()
+}
+
+/// A `StartChild` that waited in the mailbox of a supervisor busy restarting another child (a
+/// slow `pre_start`) past its caller's deadline starts nothing once the supervisor gets to it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_start_child_whose_caller_gave_up_while_it_waited_starts_nothing() {
+    quiet_intended_panics();
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 10)).await;
+    let a = &tree.children[0];
+    // a's next start takes 40 s, inside the supervisor's handler.
+    tree.args[0].slow_start_ms.store(40_000, Ordering::SeqCst);
+    a.cast(ProbeMsg::Panic).unwrap();
+    tree.log.wait_for("a starting slowly").await;
+
+    let (late, late_handle) =
+        probe_spec(tree.supervisor.path(), &ProbeArgs::new("late", &tree.log));
+    let outcome = tree.supervisor.start_child(late).await;
+    assert!(
+        matches!(
+            outcome,
+            Err(StartChildError::Unavailable(CallError::Timeout { .. }))
+        ),
+        "{outcome:?}"
+    );
+    // The supervisor is free once a runs again; it handled the request before this call.
+    let mut status = a.watch_status();
+    status
+        .wait_for(|status| *status == HandleStatus::Running { generation: 2 })
+        .await
+        .unwrap();
+    let children = tree.supervisor.children().await.unwrap();
+    let names: Vec<_> = children.iter().map(|c| c.path.to_string()).collect();
+    assert_eq!(names, ["sup/a"], "the caller was told the start failed");
+    assert_eq!(late_handle.status(), HandleStatus::Starting);
+    assert!(
+        !tree.log.lines().iter().any(|line| line.starts_with("late")),
+        "{:?}",
+        tree.log.lines()
+    );
+}
+
+/// A dynamic child whose `pre_start` outlasts its caller's deadline is stopped for good and
+/// forgotten once it started: its caller was told the start failed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_dynamic_child_whose_caller_gave_up_while_it_started_is_stopped() {
+    let tree = tree(Strategy::OneForOne, &["a"], backoff(10, 10)).await;
+    let slow = ProbeArgs::new("slow", &tree.log);
+    slow.slow_start_ms.store(40_000, Ordering::SeqCst);
+    let (spec, slow_handle) = probe_spec(tree.supervisor.path(), &slow);
+    let outcome = tree.supervisor.start_child(spec).await;
+    assert!(
+        matches!(
+            outcome,
+            Err(StartChildError::Unavailable(CallError::Timeout { .. }))
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        stops_within_an_hour(&slow_handle).await,
+        "the caller was told the start failed, yet the child runs: {:?}",
+        slow_handle.status()
+    );
+    assert_eq!(
+        tree.log.lines(),
+        [
+            "a started",
+            "slow starting slowly",
+            "slow started",
+            "slow stopped"
+        ]
+    );
+    let children = tree.supervisor.children().await.unwrap();
+    let names: Vec<_> = children.iter().map(|c| c.path.to_string()).collect();
+    assert_eq!(names, ["sup/a"]);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -45,11 +45,27 @@ pub fn quiet_intended_panics() {
 #[derive(Clone, Default)]
 pub struct Log {
     lines: Arc<Mutex<Vec<String>>>,
+    pushed: Arc<tokio::sync::Notify>,
 }
 
 impl Log {
     pub fn push(&self, line: String) {
         self.lines.lock().unwrap().push(line);
+        self.pushed.notify_waiters();
+    }
+
+    /// Waits until the log has `line`. It awaits the push, so paused time may auto-advance
+    /// meanwhile (a loop of `yield_now` would keep it from advancing).
+    pub async fn wait_for(&self, line: &str) {
+        loop {
+            let pushed = self.pushed.notified();
+            let mut pushed = std::pin::pin!(pushed);
+            pushed.as_mut().enable();
+            if self.lines().iter().any(|logged| logged == line) {
+                return;
+            }
+            pushed.await;
+        }
     }
 
     pub fn lines(&self) -> Vec<String> {
