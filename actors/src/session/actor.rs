@@ -17,7 +17,7 @@ use ractor::RpcReplyPort;
 
 use super::chat::ChatInterpreter;
 use super::context::{HandleSink, OutputCredit, OutputInterpreter, OutputSignal, SessionContext};
-use super::flood::{GateDecision, OutputGate};
+use super::flood::{GateDecision, MAX_EVENT_LINE_BYTES, OutputGate, for_event};
 use super::manager::ManagerMsg;
 use super::ports::{ExitStatus, ProcessEvent, StoreError};
 use super::spec::{ChatSession, ProcessInfo, SessionKind, SessionRecord, StopRequest, Transition};
@@ -551,9 +551,7 @@ impl SessionActorState {
             }
         }
         let per_event = self.args.context.settings.lines_per_event.max(1);
-        let skipped = lines.len().saturating_sub(per_event) as u64;
-        let mut lines = lines;
-        lines.truncate(per_event);
+        let (lines, skipped) = for_event(lines, per_event, MAX_EVENT_LINE_BYTES);
         let decision = self.gate.offer(
             tokio::time::Instant::now(),
             SessionOutput {

@@ -9,6 +9,12 @@
 //! that), and before the session's end. So the events of a session still cover every line, in
 //! order: `first_line`, then `lines`, then `skipped` lines that are only in the log.
 //!
+//! What one event carries is bounded too ([`for_event`]): at most `lines_per_event` lines and
+//! [`MAX_EVENT_LINE_BYTES`] of their text; the lines past either bound are counted in `skipped`
+//! in the same way. So the bus's count bounds (its ring, every subscriber's buffer) are bounds
+//! on memory as well: one event of a process's output holds at most 64 KiB of text, not
+//! `lines_per_event` lines of up to 16 KiB (1 MiB).
+//!
 //! Pure: the caller passes `now` and arms the timers this asks for.
 
 use std::time::Duration;
@@ -16,6 +22,41 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::event::SessionOutput;
+
+/// Bytes of line text one `session.output` event carries at most: four lines of a process's
+/// longest (16 KiB read, the runner's `OutputLimits::max_line_bytes`), or the default 64 lines
+/// of 1 KiB. A process's line always fits (even with every byte invalid UTF-8, replaced by three,
+/// and the runner's cut marker), so an event of a process's output carries at least one line; a
+/// longer line (only a chat reply that came in one piece has one: it is not cut into lines) is
+/// counted in `skipped`, like the lines after it, and read from the session's log.
+pub(crate) const MAX_EVENT_LINE_BYTES: usize = 64 * 1024;
+
+/// Cuts one batch of output to what one event carries: the first lines, at most `per_event` of
+/// them and at most `max_bytes` of their text. Returns those lines and how many of the batch's
+/// were left out (they are in the session's log; the event counts them in `skipped`).
+pub(crate) fn for_event(
+    mut lines: Vec<String>,
+    per_event: usize,
+    max_bytes: usize,
+) -> (Vec<String>, u64) {
+    let mut bytes = 0;
+    let keep = lines
+        .iter()
+        .take(per_event)
+        .take_while(|line| {
+            bytes += line.len();
+            bytes <= max_bytes
+        })
+        .count();
+    let skipped = (lines.len() - keep) as u64;
+    if skipped > 0 {
+        lines.truncate(keep);
+        // The batch's vector may have room for a runner's whole batch (256 lines); the event
+        // keeps only what it carries.
+        lines.shrink_to_fit();
+    }
+    (lines, skipped)
+}
 
 /// A token bucket of `session.output` events, and the output held while it is empty.
 #[derive(Debug)]
@@ -124,6 +165,39 @@ mod tests {
                 .collect(),
             skipped: 0,
         }
+    }
+
+    #[test]
+    fn an_event_carries_at_most_its_lines_and_its_bytes_and_counts_the_rest_as_skipped() {
+        let line = |n: usize, bytes: usize| {
+            let mut line = n.to_string();
+            line.extend(std::iter::repeat_n('x', bytes - line.len()));
+            line
+        };
+        // 64 lines of 16 KiB (the runner's longest): 1 MiB in one batch.
+        let long: Vec<String> = (0..64).map(|n| line(n, 16 * 1024)).collect();
+        let (carried, skipped) = for_event(long.clone(), 64, MAX_EVENT_LINE_BYTES);
+        assert_eq!(carried, long[..4], "the first 64 KiB");
+        assert_eq!(skipped, 60, "the rest counted");
+        let bytes: usize = carried.iter().map(String::len).sum();
+        assert!(bytes <= MAX_EVENT_LINE_BYTES, "{bytes} bytes in one event");
+
+        // Short lines: the line bound cuts first.
+        let short: Vec<String> = (0..100).map(|n| line(n, 80)).collect();
+        let (carried, skipped) = for_event(short.clone(), 64, MAX_EVENT_LINE_BYTES);
+        assert_eq!((carried.as_slice(), skipped), (&short[..64], 36));
+
+        // Within both bounds: the batch as it is.
+        let (carried, skipped) = for_event(short[..3].to_vec(), 64, MAX_EVENT_LINE_BYTES);
+        assert_eq!((carried.as_slice(), skipped), (&short[..3], 0));
+
+        // A line that alone is over the bound (a chat reply in one piece) is not carried.
+        let huge = vec![line(1, MAX_EVENT_LINE_BYTES + 1), line(2, 10)];
+        let (carried, skipped) = for_event(huge, 64, MAX_EVENT_LINE_BYTES);
+        assert_eq!((carried.len(), skipped), (0, 2));
+        // A process's longest line always is.
+        let (carried, skipped) = for_event(vec![line(1, 16 * 1024)], 64, MAX_EVENT_LINE_BYTES);
+        assert_eq!((carried.len(), skipped), (1, 0));
     }
 
     #[test]

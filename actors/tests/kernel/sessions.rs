@@ -650,6 +650,36 @@ async fn a_session_runs_to_success_with_every_step_durable_before_its_event() {
     assert_eq!(h.store.data.lock().unwrap().output, ["hi"]);
 }
 
+/// One batch of long lines: the event carries the first 64 KiB of them and counts the rest as
+/// skipped; the log has them all.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_output_event_carries_at_most_64_kib_of_lines_and_the_log_has_every_line() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    // 64 lines (the default lines per event) of 16 KiB (a process's longest): 1 MiB.
+    let lines: Vec<String> = (0..64).map(|n| format!("{n:x<16384}")).collect();
+    h.runner.emit(
+        &id,
+        ProcessEvent::Output {
+            stream: OutputStream::Stdout,
+            lines: lines.clone(),
+        },
+    );
+    match h.expect(&id, "session.output").await {
+        EventData::SessionOutput(output) => {
+            assert_eq!(output.lines, lines[..4], "64 KiB of lines");
+            assert_eq!((output.first_line, output.skipped), (1, 60));
+        }
+        other => panic!("{other:?}"),
+    }
+    h.runner.exit(&id, 0);
+    h.expect(&id, "session.succeeded").await;
+    assert_eq!(h.store.data.lock().unwrap().output, lines);
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_failing_exit_code_and_a_missing_program_fail() {
     let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
