@@ -10,6 +10,7 @@
 //! codec is not used here. This module never interprets what a session does: it stores records
 //! and checks transitions against the state machine, nothing more.
 
+mod file;
 mod query;
 mod read;
 mod schema;
@@ -142,7 +143,7 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<file::DbSlot>,
     node: NodeId,
     path: PathBuf,
     config: StoreConfig,
@@ -179,15 +180,19 @@ impl Store {
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
         let data_dir = data_dir.into();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&data_dir, node, config))
-            .await
-            .map_err(|error| StoreError::Io(format!("opening the store failed: {error}")))?
+        tokio::task::spawn_blocking(move || {
+            Self::open_blocking(&data_dir, node, config, file::file_opener())
+        })
+        .await
+        .map_err(|error| StoreError::Io(format!("opening the store failed: {error}")))?
     }
 
+    /// Opens the store with `opener` (tests give one whose writes can fail).
     fn open_blocking(
         data_dir: &Path,
         node: NodeId,
         config: StoreConfig,
+        opener: file::Opener,
     ) -> Result<Self, StoreError> {
         // Records hold what sessions were given (environment values included): owner only.
         std::fs::DirBuilder::new()
@@ -210,19 +215,37 @@ impl Store {
             .map_err(|error| {
                 StoreError::Io(format!("cannot create {}: {error}", path.display()))
             })?;
-        let db = Database::builder()
-            .create(&path)
-            .map_err(|error| match error {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(format!(
-                    "{} is already open; is another troupe node using the data directory {}?",
-                    path.display(),
-                    data_dir.display()
-                )),
-                error => StoreError::Io(format!("cannot open {}: {error}", path.display())),
-            })?;
+        // The file's directory entry (and the directory's, if it was just made) must be on disk
+        // before anything committed in the file is acknowledged: redb syncs the file only.
+        for dir in [Some(data_dir), data_dir.parent()].into_iter().flatten() {
+            if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+                tracing::debug!(dir = %dir.display(), %error, "store: cannot sync a directory");
+            }
+        }
+        let db = opener(&path).map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(format!(
+                "{} is already open; is another troupe node using the data directory {}?",
+                path.display(),
+                data_dir.display()
+            )),
+            redb::DatabaseError::Storage(redb::StorageError::Io(error))
+                if error.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                StoreError::Io(format!("cannot open {}: {error}", path.display()))
+            }
+            error => StoreError::Io(format!(
+                "cannot open {}: {error}; if the file is damaged or not a troupe store, move \
+                     it aside (the node then starts with an empty store) or restore it from a \
+                     backup",
+                path.display()
+            )),
+        })?;
         initialize(&db, &path)?;
         let reserved = read::reserved(&db, &node)?;
-        let db = Arc::new(db);
+        let slot = file::DbSlot::new(path.clone(), opener, db);
+        #[cfg(test)]
+        let slot = slot.retry_at_once();
+        let db = Arc::new(slot);
         let stats = Arc::new(Stats::default());
         let reservation = Arc::new(Reservation::new(reserved));
         let (tx, rx) = mpsc::channel();
@@ -282,6 +305,22 @@ impl Store {
             pruned_events: stats.pruned_events.load(Ordering::Relaxed),
             pruned_sessions: stats.pruned_sessions.load(Ordering::Relaxed),
         }
+    }
+
+    /// [`Store::open`] on a file whose writes fail with ENOSPC while `full` is set.
+    #[cfg(test)]
+    pub(crate) async fn open_faulty(
+        data_dir: impl Into<PathBuf>,
+        node: NodeId,
+        config: StoreConfig,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, StoreError> {
+        let data_dir = data_dir.into();
+        tokio::task::spawn_blocking(move || {
+            Self::open_blocking(&data_dir, node, config, file::faulty::opener(full))
+        })
+        .await
+        .map_err(|error| StoreError::Io(format!("opening the store failed: {error}")))?
     }
 
     /// Makes the next `batches` write batches that hold an event append fail as a storage
@@ -503,7 +542,7 @@ impl Store {
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
         let db = self.inner.db.clone();
         async move {
-            tokio::task::spawn_blocking(move || query(&db))
+            tokio::task::spawn_blocking(move || query(&*db.get()?))
                 .await
                 .map_err(|error| StoreError::Io(format!("a store read failed: {error}")))?
         }
@@ -722,7 +761,12 @@ impl EventStore for Store {
         if let Err(error) = self.flush_blocking() {
             tracing::warn!(%error, "store: could not flush before resuming the event bus");
         }
-        match read::resume(&self.inner.db, &self.inner.node, ring_capacity) {
+        let read = self
+            .inner
+            .db
+            .get()
+            .and_then(|db| read::resume(&db, &self.inner.node, ring_capacity));
+        match read {
             Ok(resume) => resume,
             Err(error) => {
                 tracing::error!(

@@ -602,7 +602,7 @@ async fn a_listing_stops_at_its_scan_bound_and_its_cursors_lead_to_the_match() {
     let mut cursor = None;
     let mut pages = Vec::new();
     loop {
-        let page = read::list(&store.inner.db, &query(cursor.clone()), 3).unwrap();
+        let page = read::list(&store.inner.db.get().unwrap(), &query(cursor.clone()), 3).unwrap();
         pages.push(page.sessions.clone());
         match page.next_cursor {
             Some(next) => cursor = Some(next),
@@ -1207,7 +1207,7 @@ async fn ended_session(
 /// How many rows session `id` has in each table keyed by it: sessions, session_order,
 /// transitions, output, output_counters.
 fn rows_of(store: &Store, id: &str) -> [usize; 5] {
-    let txn = store.inner.db.begin_read().unwrap();
+    let txn = store.inner.db.get().unwrap().begin_read().unwrap();
     let sessions = txn.open_table(SESSIONS).unwrap();
     let order = txn.open_table(SESSION_ORDER).unwrap();
     let transitions = txn.open_table(TRANSITIONS).unwrap();
@@ -1574,7 +1574,7 @@ fn acknowledged_writes_survive_a_kill() {
                     .max()
                     .unwrap_or(0)
         );
-        let db = store.inner.db.clone();
+        let db = store.inner.db.get().unwrap();
         let txn = db.begin_read().unwrap();
         let index = txn.open_table(EVENT_INDEX).unwrap();
         let events = txn.open_table(EVENTS).unwrap();
@@ -1869,4 +1869,62 @@ async fn an_update_replaces_the_record_of_a_session_still_in_its_state() {
     let stored = store.get(&sid("s-1")).await.unwrap().unwrap();
     assert_eq!(stored, ended);
     assert_eq!(stored.stop_requested, Some(StopRequest::Cancel));
+}
+
+/// redb refuses every write after one that failed for a full disk until the database is opened
+/// again: the writer reopens it, so the store writes again once there is room, without a restart
+/// (before, every later write failed with "Previous I/O error occurred" until the node
+/// restarted). What the failed batch held was rolled back; what was committed before stays.
+#[tokio::test]
+async fn after_a_write_fails_for_a_full_disk_the_store_writes_again_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = Store::open_faulty(dir.path(), node(), StoreConfig::default(), full.clone())
+        .await
+        .unwrap();
+    let first = record("s-1", now_micros());
+    store.create(first.clone()).await.unwrap();
+
+    full.store(true, Ordering::Relaxed);
+    let error = store.create(record("s-2", now_micros())).await.unwrap_err();
+    assert!(error.to_string().contains("No space left"), "{error}");
+    assert_eq!(store.stats().failed_batches, 1);
+
+    full.store(false, Ordering::Relaxed);
+    store.create(record("s-3", now_micros())).await.unwrap();
+    advance(&store, &first, SessionState::Starting).await;
+    store.append_output(&sid("s-3"), OutputStream::Stdout, 1, &["after".to_owned()]);
+    store.flush().await.unwrap();
+    assert_eq!(store.output_lines(&sid("s-3")).await.unwrap(), 1);
+    assert_eq!(
+        store.get(&sid("s-1")).await.unwrap().unwrap().state,
+        SessionState::Starting
+    );
+    assert!(
+        store.get(&sid("s-2")).await.unwrap().is_none(),
+        "rolled back"
+    );
+    assert_eq!(store.stats().failed_batches, 1);
+
+    // Reopened on the same file: what it holds is what a restart finds.
+    store.close().await.unwrap();
+    let store = open(dir.path()).await;
+    for (id, there) in [("s-1", true), ("s-2", false), ("s-3", true)] {
+        assert_eq!(store.get(&sid(id)).await.unwrap().is_some(), there, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_file_that_is_no_store_is_refused_saying_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(FILE_NAME), vec![0x5a; 8192]).unwrap();
+    let error = Store::open(dir.path(), node(), StoreConfig::default())
+        .await
+        .err()
+        .expect("a file of noise is no store");
+    let message = error.to_string();
+    assert!(
+        message.contains(FILE_NAME) && message.contains("move it aside"),
+        "{message}"
+    );
 }

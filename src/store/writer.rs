@@ -42,6 +42,7 @@ use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
 use super::StoreConfig;
+use super::file::DbSlot;
 use super::query::PruneReport;
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_EVENT_BYTES, META_EVENT_COUNT, META_LAST_POS,
@@ -279,7 +280,7 @@ fn merge_lowest(lowest: &mut Vec<(String, u64)>, node: &str, seq: u64) {
 
 /// The writer thread's state.
 pub(super) struct Writer {
-    pub(super) db: Arc<Database>,
+    pub(super) db: Arc<DbSlot>,
     pub(super) node: NodeId,
     pub(super) config: StoreConfig,
     pub(super) rx: Receiver<Request>,
@@ -313,10 +314,14 @@ impl Writer {
             prune_backlog: false,
             session_sweep: None,
             failed_gaps: Vec::new(),
+            unlogged_failures: 0,
+            failure_logged_at: None,
         };
         let mut closers = Vec::new();
         let mut closed = Ok(());
         let mut last_commit = Instant::now();
+        // When the writer last tried to reopen the database (see `file.rs`).
+        let mut last_reopen = None;
         loop {
             let wait = if state.prune_backlog {
                 Duration::ZERO
@@ -354,7 +359,22 @@ impl Writer {
                 .stats
                 .pending_append_bytes
                 .fetch_sub(bytes, Ordering::Relaxed);
-            let outcome = state.commit(&db, batch, &mut closers);
+            let outcome = match db.for_writer(&mut last_reopen) {
+                Ok(current) => {
+                    let outcome = state.commit(Ok(&current), batch, &mut closers);
+                    if let Err(error) = &outcome
+                        && DbSlot::poisoned(&current)
+                    {
+                        drop(current);
+                        last_reopen = Some(Instant::now());
+                        if let Err(error) = db.reopen(error) {
+                            tracing::error!(%error, "store: reopening the database failed; retrying");
+                        }
+                    }
+                    outcome
+                }
+                Err(error) => state.commit(Err(error), batch, &mut closers),
+            };
             last_commit = Instant::now();
             if !closers.is_empty() {
                 closed = outcome;
@@ -450,7 +470,14 @@ struct WriterState {
     /// Per other node, the lowest sequence number in a failed batch not yet kept as a gap in
     /// the log's meta (the next commit keeps it, with whatever it stores after the failure).
     failed_gaps: Vec<(String, u64)>,
+    /// Failed batches not yet logged, and when one last was: on a failing disk every batch
+    /// fails (up to a hundred a second), and one line every [`FAILURE_LOG_EVERY`] says as much.
+    unlogged_failures: u64,
+    failure_logged_at: Option<Instant>,
 }
+
+/// At most one ERROR line this often while write batches keep failing.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// An automatic session retention sweep that stopped at a pass's bounds: the next pass goes on
 /// after the last session it examined.
@@ -519,7 +546,7 @@ impl WriterState {
     /// Applies one batch in one transaction and answers its waiters; says how it went.
     fn commit(
         &mut self,
-        db: &Database,
+        db: Result<&Database, StoreError>,
         batch: Vec<Request>,
         closers: &mut Vec<Reply>,
     ) -> Result<(), StoreError> {
@@ -592,6 +619,12 @@ impl WriterState {
         }
         match outcome {
             Ok(committed) => {
+                if self.failure_logged_at.take().is_some() {
+                    tracing::info!(
+                        unlogged_failures = std::mem::take(&mut self.unlogged_failures),
+                        "store: write batches commit again"
+                    );
+                }
                 if let Some(reserved) = reserved {
                     // On disk now (or already was): whoever waits for it may go on.
                     self.reservation.durable.send_replace(reserved);
@@ -626,12 +659,22 @@ impl WriterState {
                 self.prune_backlog = false;
                 self.session_sweep = None;
                 self.next_age_prune = Instant::now() + self.prune_interval();
-                tracing::error!(
-                    %error,
-                    requests,
-                    "store: a write batch failed and was rolled back; its waiters get the error \
-                     and its output and event appends are lost"
-                );
+                self.unlogged_failures += 1;
+                if self
+                    .failure_logged_at
+                    .is_none_or(|at| at.elapsed() >= FAILURE_LOG_EVERY)
+                {
+                    tracing::error!(
+                        %error,
+                        requests,
+                        failed_batches = self.unlogged_failures,
+                        "store: a write batch failed and was rolled back; its waiters get the \
+                         error and its output and event appends are lost (failed_batches: how \
+                         many since the last such line)"
+                    );
+                    self.failure_logged_at = Some(Instant::now());
+                    self.unlogged_failures = 0;
+                }
                 for answer in answers {
                     match answer {
                         Answer::Done(reply, _) => reply.send(Err(error.clone())),
@@ -648,7 +691,7 @@ impl WriterState {
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
-        db: &Database,
+        db: Result<&Database, StoreError>,
         batch: Vec<Request>,
         age_due: bool,
         answers: &mut Vec<Answer>,
@@ -661,10 +704,15 @@ impl WriterState {
         // is not worth a commit (everything before it is committed already).
         let mut dirty = false;
         let mut failure: Option<StoreError> = None;
-        let mut txn = match db.begin_write() {
-            Ok(txn) => Some(txn),
-            Err(error) => {
+        // No database: reopening it after an I/O error failed (the writer tries again).
+        let mut txn = match db.map(Database::begin_write) {
+            Ok(Ok(txn)) => Some(txn),
+            Ok(Err(error)) => {
                 failure = Some(io(error.into()));
+                None
+            }
+            Err(error) => {
+                failure = Some(error);
                 None
             }
         };
