@@ -13,6 +13,11 @@ pub const MAX_PAGE: usize = 1000;
 /// store answers in bounded time: past it the page ends early, possibly empty, with a
 /// `next_cursor` where the scan stopped.
 pub const MAX_SESSION_SCAN: usize = 10_000;
+/// Most bytes of stored records one listing page holds (a chat session's record carries its
+/// messages, up to `http.max_body_bytes` each): past it the page ends early with a
+/// `next_cursor`, so a page of 1,000 large records does not hold a gigabyte. A page always holds
+/// at least one session.
+pub const MAX_SESSION_PAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Sessions per page when the query does not say.
 pub const DEFAULT_PAGE: usize = 100;
 /// Most output lines one page holds.

@@ -12,7 +12,7 @@ use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
 use super::query::{
     Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_OUTPUT_PAGE_BYTES,
-    MAX_PAGE, OutputLine, OutputPage, SessionPage, SessionQuery,
+    MAX_PAGE, MAX_SESSION_PAGE_BYTES, OutputLine, OutputPage, SessionPage, SessionQuery,
 };
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX,
@@ -31,13 +31,21 @@ fn sessions_table(txn: &ReadTransaction) -> Result<SessionsTable, StoreError> {
 }
 
 fn record(sessions: &SessionsTable, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+    Ok(sized_record(sessions, id)?.map(|(record, _)| record))
+}
+
+/// [`record`], with the size of what is stored.
+fn sized_record(
+    sessions: &SessionsTable,
+    id: &str,
+) -> Result<Option<(SessionRecord, usize)>, StoreError> {
     match sessions.get(id).or_io("read sessions")? {
         Some(bytes) => {
             let record: SessionRecord = decode("sessions", id, bytes.value())?;
             if record.id.as_str() != id {
                 return Err(corrupt("sessions", id, format!("it holds {}", record.id)));
             }
-            Ok(Some(record))
+            Ok(Some((record, bytes.value().len())))
         }
         None => Ok(None),
     }
@@ -130,6 +138,8 @@ pub(super) fn list(
     };
     // The last key examined, where a page cut short by the scan bound continues.
     let mut examined_last = (0u64, String::new());
+    // The stored size of the records matched so far.
+    let mut bytes = 0usize;
     for (examined, entry) in range.rev().enumerate() {
         let (key, _) = entry.or_io("read session_order")?;
         let (created, id) = key.value();
@@ -142,11 +152,15 @@ pub(super) fn list(
         examined_last.0 = created;
         examined_last.1.clear();
         examined_last.1.push_str(id);
-        let record = indexed_record(&sessions, "session_order", id)?;
+        let (record, size) = sized_record(&sessions, id)?
+            .ok_or_else(|| corrupt("session_order", id, "it names a session that is not stored"))?;
         if !query.matches(&record) {
             continue;
         }
-        if page.sessions.len() == limit {
+        bytes += size;
+        if page.sessions.len() == limit
+            || (bytes > MAX_SESSION_PAGE_BYTES && !page.sessions.is_empty())
+        {
             // One more matches: there is a next page, which starts after our last one.
             page.next_cursor = page.sessions.last().map(|last| Cursor::of(last).encode());
             break;

@@ -1928,3 +1928,48 @@ async fn a_file_that_is_no_store_is_refused_saying_what_to_do() {
         "{message}"
     );
 }
+
+/// A page of large records (chat sessions carry their messages) ends once it holds
+/// `MAX_SESSION_PAGE_BYTES` of them, with a cursor, and the pages still cover every session.
+#[tokio::test]
+async fn a_listing_page_of_large_records_ends_at_its_byte_bound_and_goes_on_from_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let big = "x".repeat(MAX_SESSION_PAGE_BYTES * 2 / 5);
+    let base = now_micros();
+    for n in 0..5u64 {
+        let mut record = record(&format!("s-{n}"), base + n);
+        record.spec.kind = chat();
+        if let SessionKind::Chat(chat) = &mut record.spec.kind {
+            chat.messages[0].content = big.clone();
+        }
+        store.create(record).await.unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(SessionQuery {
+                limit: 100,
+                cursor: cursor.clone(),
+                ..SessionQuery::default()
+            })
+            .await
+            .unwrap();
+        pages.push(
+            page.sessions
+                .iter()
+                .map(|record| record.id.to_string())
+                .collect::<Vec<_>>(),
+        );
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        [vec!["s-4", "s-3"], vec!["s-2", "s-1"], vec!["s-0"]],
+        "two records of two fifths of the bound each fit a page, a third does not"
+    );
+}
