@@ -700,14 +700,49 @@ impl Config {
                 ),
             ));
         }
+        if self.supervision.window_secs == 0 {
+            return Err(semantic(
+                "supervision.window_secs",
+                "is 0; use 1 or more (seconds): with 0 no restart would count against \
+                 supervision.max_restarts, so a child that always fails would be restarted \
+                 forever"
+                    .into(),
+            ));
+        }
         if self.supervision.backoff_min_ms > self.supervision.backoff_max_ms {
             return Err(semantic(
                 "supervision.backoff_min_ms",
                 "must not exceed supervision.backoff_max_ms".into(),
             ));
         }
+        if self.supervision.backoff_min_ms == 0 && self.supervision.backoff_max_ms > 0 {
+            return Err(semantic(
+                "supervision.backoff_min_ms",
+                format!(
+                    "is 0 while supervision.backoff_max_ms is {}; use 1 to {} (milliseconds), \
+                     or set both to 0 for immediate restarts",
+                    self.supervision.backoff_max_ms, self.supervision.backoff_max_ms
+                ),
+            ));
+        }
+        if self.supervision.shutdown_timeout_secs == 0 {
+            return Err(semantic(
+                "supervision.shutdown_timeout_secs",
+                "is 0; use 1 or more (seconds): with 0 a node shutdown would kill every actor \
+                 instead of stopping it"
+                    .into(),
+            ));
+        }
         if self.health.tick_ms == 0 {
             return Err(semantic("health.tick_ms", "must be at least 1".into()));
+        }
+        if self.health.window_secs == 0 {
+            return Err(semantic(
+                "health.window_secs",
+                "is 0; use 1 or more (seconds): with 0 no restart would be counted, so restarts \
+                 would never make the node degraded"
+                    .into(),
+            ));
         }
         if self.health.degraded_after_restarts == 0 {
             return Err(semantic(
@@ -1254,6 +1289,36 @@ fault_injection = false
                     "health.degraded_after_restarts",
                     "at least 1",
                 ),
+                (
+                    "[health]\nwindow_secs = 0\n",
+                    "health.window_secs",
+                    "use 1 or more",
+                ),
+                (
+                    "[supervision]\nwindow_secs = 0\n",
+                    "supervision.window_secs",
+                    "use 1 or more",
+                ),
+                (
+                    "[supervision]\nwindow_secs = 0\nbackoff_min_ms = 0\nbackoff_max_ms = 0\n",
+                    "supervision.window_secs",
+                    "use 1 or more",
+                ),
+                (
+                    "[supervision]\nshutdown_timeout_secs = 0\n",
+                    "supervision.shutdown_timeout_secs",
+                    "use 1 or more",
+                ),
+                (
+                    "[supervision]\nbackoff_min_ms = 0\n",
+                    "supervision.backoff_min_ms",
+                    "use 1 to 5000",
+                ),
+                (
+                    "[supervision]\nbackoff_min_ms = 0\nbackoff_max_ms = 1\n",
+                    "supervision.backoff_min_ms",
+                    "use 1 to 1",
+                ),
             ] {
                 let error = load_in(jail, Some(file), &Overrides::default()).unwrap_err();
                 assert!(
@@ -1266,12 +1331,23 @@ fault_injection = false
                 Some(
                     "[events]\nsubscriber_buffer = 1048576\nring_capacity = 1000000\n\
                      retention_secs = 60\nheartbeat_secs = 1\n[sessions]\nqueue_capacity = 1\n\
-                     [health]\ndegraded_after_restarts = 1\n",
+                     [health]\ndegraded_after_restarts = 1\nwindow_secs = 1\n\
+                     [supervision]\nwindow_secs = 1\nshutdown_timeout_secs = 1\n\
+                     backoff_min_ms = 1\nbackoff_max_ms = 1\n",
                 ),
                 &Overrides::default(),
             )
             .unwrap();
             assert_eq!(config.events.subscriber_buffer, 1 << 20);
+            assert_eq!(config.supervision.window_secs, 1);
+            // Both backoff bounds at 0 (immediate restarts) stay allowed.
+            let config = load_in(
+                jail,
+                Some("[supervision]\nbackoff_min_ms = 0\nbackoff_max_ms = 0\n"),
+                &Overrides::default(),
+            )
+            .unwrap();
+            assert_eq!(config.supervision.backoff_max_ms, 0);
             Ok(())
         });
     }

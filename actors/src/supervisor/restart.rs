@@ -5,10 +5,13 @@
 //! drive it directly.
 //!
 //! - Intensity (OTP's `intensity`/`period`): more than `max_restarts` failures inside the sliding
-//!   `window` means the supervisor gives up. Counted per supervisor, over all its children.
+//!   `window` means the supervisor gives up. Counted per supervisor, over all its children. A
+//!   zero window forgets nothing: every failure counts for good, so the supervisor gives up after
+//!   `max_restarts` restarts in all (a zero window never turns the intensity off).
 //! - Backoff: per child, exponential from `min` doubling to `max`, with "equal jitter" (a delay
 //!   drawn from the upper half of the current step, never below `min`). A child that ran a whole
-//!   window without failing starts again from `min`.
+//!   window without failing starts again from `min` (never, with a zero window). A zero `min`
+//!   with a `max` above zero doubles from 1 ms, so the delay still grows.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 pub struct RestartIntensity {
     /// Restarts allowed inside `window`; one more makes the supervisor give up.
     pub max_restarts: u32,
-    /// The sliding window.
+    /// The sliding window. Zero means failures are never forgotten (see the module docs).
     pub window: Duration,
 }
 
@@ -34,7 +37,8 @@ impl Default for RestartIntensity {
 /// Delay between a failure and the restart of the failed child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
-    /// Delay before the first restart after a quiet period.
+    /// Delay before the first restart after a quiet period. Zero with a `max` above zero: the
+    /// steps double from 1 ms.
     pub min: Duration,
     /// Upper bound of the delay.
     pub max: Duration,
@@ -56,6 +60,9 @@ impl Backoff {
         max: Duration::ZERO,
     };
 
+    /// The base of the doubling when `min` is zero.
+    const SMALLEST_STEP: Duration = Duration::from_millis(1);
+
     /// The delay before restart number `consecutive` (1 for the first) of a child, with
     /// `jitter` in `[0, 1)`.
     pub fn delay(&self, consecutive: u32, jitter: f64) -> Duration {
@@ -63,8 +70,9 @@ impl Backoff {
             return Duration::ZERO;
         }
         let doublings = consecutive.saturating_sub(1).min(30);
-        let step = self
-            .min
+        // A zero base would keep every step at zero: restarts with no delay at all.
+        let base = self.min.max(Self::SMALLEST_STEP);
+        let step = base
             .saturating_mul(1u32 << doublings)
             .min(self.max)
             .max(self.min);
@@ -139,9 +147,9 @@ impl RestartTracker {
         if restarts_in_window > self.intensity.max_restarts {
             return RestartDecision::Escalate { restarts_in_window };
         }
-        let quiet = child
-            .last_failure
-            .is_none_or(|last| now.saturating_duration_since(last) >= self.intensity.window);
+        let quiet = child.last_failure.is_none_or(|last| {
+            self.forgets() && now.saturating_duration_since(last) >= self.intensity.window
+        });
         child.consecutive = if quiet { 1 } else { child.consecutive + 1 };
         child.last_failure = Some(now);
         RestartDecision::Restart {
@@ -168,7 +176,16 @@ impl RestartTracker {
         self.recent.len() as u32
     }
 
+    /// Whether failures ever leave the window: not with a zero window, which would otherwise
+    /// forget each failure at once and so never escalate.
+    fn forgets(&self) -> bool {
+        !self.intensity.window.is_zero()
+    }
+
     fn forget_before(&mut self, now: Instant) {
+        if !self.forgets() {
+            return;
+        }
         while let Some(&oldest) = self.recent.front() {
             if now.saturating_duration_since(oldest) >= self.intensity.window {
                 self.recent.pop_front();
@@ -248,6 +265,30 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_min_with_a_max_still_backs_off() {
+        let backoff = Backoff {
+            min: Duration::ZERO,
+            max: MS * 100,
+        };
+        let steps: Vec<_> = (1..=9).map(|n| backoff.delay(n, 1.0)).collect();
+        assert_eq!(
+            steps,
+            [
+                MS,
+                MS * 2,
+                MS * 4,
+                MS * 8,
+                MS * 16,
+                MS * 32,
+                MS * 64,
+                MS * 100,
+                MS * 100
+            ]
+        );
+        assert!(backoff.delay(1, 0.0) > Duration::ZERO);
+    }
+
+    #[test]
     fn no_backoff_means_immediate_restarts() {
         assert_eq!(Backoff::NONE.delay(1, 0.7), Duration::ZERO);
         assert_eq!(Backoff::NONE.delay(50, 0.7), Duration::ZERO);
@@ -293,6 +334,38 @@ mod tests {
         assert_eq!(book.restarts_in_window(t0 + MS * 149), 2);
         assert_eq!(book.restarts_in_window(t0 + MS * 150), 1);
         assert_eq!(book.restarts_in_window(t0 + MS * 1000), 0);
+    }
+
+    #[test]
+    fn a_zero_window_forgets_no_failure_instead_of_turning_the_intensity_off() {
+        let mut book = tracker(3, 0, 0, 0);
+        let mut child = ChildRestarts::default();
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            assert_eq!(
+                book.on_failure(&mut child, t0 + Duration::from_secs(n * 3_600), 0.0),
+                RestartDecision::Restart {
+                    delay: Duration::ZERO,
+                    restarts_in_window: n as u32
+                },
+                "failures hours apart all count"
+            );
+        }
+        assert!(book.would_escalate(t0 + Duration::from_secs(86_400)));
+        assert_eq!(book.restarts_in_window(t0 + Duration::from_secs(86_400)), 3);
+        assert_eq!(
+            book.on_failure(&mut child, t0 + Duration::from_secs(86_400), 0.0),
+            RestartDecision::Escalate {
+                restarts_in_window: 4
+            }
+        );
+        // Nor does the backoff restart from min after a "quiet window" of zero.
+        let mut book = tracker(100, 0, 10, 10_000);
+        let mut child = ChildRestarts::default();
+        let delays: Vec<_> = (1..=3)
+            .map(|n| delay_of(book.on_failure(&mut child, t0 + Duration::from_secs(n), 1.0)))
+            .collect();
+        assert_eq!(delays, [MS * 10, MS * 20, MS * 40]);
     }
 
     #[test]
