@@ -1,4 +1,5 @@
-//! Connections whose client takes nothing of what the node sends are closed.
+//! Deadlines on what a client makes a connection hold: what the node sends it, and on HTTP/2
+//! the streams it keeps open.
 //!
 //! Each accepted connection's IO gives up a write that makes no progress for
 //! `http.send_timeout_secs`: the write fails, hyper closes the connection, and the response it
@@ -10,11 +11,17 @@
 //! link whose client accepts nothing for 10 s) apply it first; this is the floor under every
 //! route, rmcp's Streamable HTTP answers among them. Not covered: an HTTP/2 (h2c) stream whose
 //! client gives it no window, which does not stop the connection's writes.
+//!
+//! On HTTP/2, [`StreamExecutor`] runs hyper's stream tasks and counts a connection's open
+//! streams ([`OpenStreams`]), so that the accept loop can close an HTTP/2 connection that has
+//! nothing in progress.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -73,6 +80,26 @@ pub(crate) struct SendDeadline<S> {
     limit: Duration,
     /// Armed when a write could not go on; cleared by the next one that does.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Every byte written so far.
+    written: BytesWritten,
+}
+
+/// A count of the bytes a [`SendDeadline`] has written, readable while hyper owns the IO.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BytesWritten(Arc<AtomicU64>);
+
+impl BytesWritten {
+    /// The bytes written so far.
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts what a write returned.
+    fn count(&self, polled: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(written)) = polled {
+            self.0.fetch_add(*written as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<S> SendDeadline<S> {
@@ -81,12 +108,18 @@ impl<S> SendDeadline<S> {
             io,
             limit,
             stalled: None,
+            written: BytesWritten::default(),
         }
     }
 
     /// The IO inside.
     pub(crate) fn get_ref(&self) -> &S {
         &self.io
+    }
+
+    /// The count of the bytes written through this IO, now and later.
+    pub(crate) fn bytes_written(&self) -> BytesWritten {
+        self.written.clone()
     }
 
     fn check<T>(
@@ -133,6 +166,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendDeadline<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.written.count(&polled);
         self.check(cx, polled)
     }
 
@@ -142,6 +176,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendDeadline<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.written.count(&polled);
         self.check(cx, polled)
     }
 
@@ -157,6 +192,91 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendDeadline<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_shutdown(cx);
         self.check(cx, polled)
+    }
+}
+
+/// Runs hyper's HTTP/2 stream tasks for one connection, each counted among the connection's
+/// [`OpenStreams`] while it lives.
+///
+/// hyper spawns one task per stream (`H2Stream` in hyper's `proto/h2/server.rs`): it runs the
+/// handler, then pipes the response's body into the stream until the body is finished, or the
+/// stream is reset and the body dropped; for a WebSocket over HTTP/2 (extended CONNECT) it
+/// spawns one more that lives as long as the tunnel. So a live task is exactly a request in
+/// progress, an event stream's body being sent among them.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamExecutor {
+    open: OpenStreams,
+}
+
+impl StreamExecutor {
+    /// An executor for the streams of one connection, which counts them in `open`.
+    pub(crate) fn new(open: OpenStreams) -> Self {
+        Self { open }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let open = self.open.open();
+        tokio::spawn(async move {
+            stream.await;
+            drop(open);
+        });
+    }
+}
+
+/// The HTTP/2 streams of one connection in progress (the [`StreamExecutor`]'s tasks alive):
+/// `None` until its first one, which an HTTP/1 connection never has.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenStreams(Arc<tokio::sync::watch::Sender<Option<usize>>>);
+
+impl OpenStreams {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+
+    /// Counts a stream as open until the guard is dropped.
+    fn open(&self) -> OpenStream {
+        // Only a change between none and some open is announced: it is all `idle_for` awaits.
+        self.0.send_if_modified(|open| {
+            let now = open.map_or(1, |count| count + 1);
+            *open = Some(now);
+            now == 1
+        });
+        OpenStream(self.clone())
+    }
+
+    /// Resolves once the connection, an HTTP/2 one, has had no stream open for `time` in a
+    /// row; never on HTTP/1.
+    pub(crate) async fn idle_for(&self, time: Duration) {
+        let mut open = self.0.subscribe();
+        loop {
+            // The sender lives in `self`: the channel cannot close.
+            if open.wait_for(|open| *open == Some(0)).await.is_err() {
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(time) => return,
+                _ = open.wait_for(|open| *open != Some(0)) => {}
+            }
+        }
+    }
+}
+
+/// An open stream of [`OpenStreams`].
+#[derive(Debug)]
+struct OpenStream(OpenStreams);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.0.send_if_modified(|open| {
+            let now = open.map_or(0, |count| count.saturating_sub(1));
+            *open = Some(now);
+            now == 0
+        });
     }
 }
 

@@ -12,6 +12,8 @@ pub mod error;
 mod events;
 mod events_ws;
 mod gateway;
+#[cfg(test)]
+mod http2_tests;
 pub(crate) mod ops;
 mod sessions;
 pub(crate) mod ws;
@@ -111,8 +113,9 @@ pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) ->
 }
 
 /// How long a client may take to send a request's head (its line and headers), and how long a
-/// kept-alive HTTP/1 connection may wait for its next request; past it the connection is
-/// closed. A head is small: a client that needs longer is holding the connection, not sending.
+/// connection may wait for its next request: an HTTP/1 one kept alive, an HTTP/2 one with no
+/// stream open; past it the connection is closed. A head is small: a client that needs longer
+/// is holding the connection, not sending.
 pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The most HTTP connections the node serves at once, whatever the file descriptor limit: the
@@ -130,7 +133,8 @@ fn connection_cap() -> usize {
 pub(crate) struct ServeLimits {
     /// A connection whose client accepts nothing for this long is closed (see `deadline`).
     pub(crate) send_timeout: std::time::Duration,
-    /// A request's head, and a connection's first request, must come within this.
+    /// A request's head, a connection's first request, and the next request on a connection
+    /// with none in progress must come within this.
     pub(crate) header_timeout: std::time::Duration,
     /// Connections served at once; past it, new ones wait in the listener's backlog.
     pub(crate) max_connections: usize,
@@ -138,9 +142,10 @@ pub(crate) struct ServeLimits {
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the open connections
 /// finish what they are answering. A connection whose client accepts nothing of what it is
-/// sent for `send_timeout` is closed (see `deadline`), and so is one that does not send a
-/// request's head within [`HEADER_READ_TIMEOUT`]; at most [`connection_cap`] connections are
-/// served at once (the next ones wait to be accepted).
+/// sent for `send_timeout` is closed (see `deadline`); a connection that does not send a
+/// request's head within [`HEADER_READ_TIMEOUT`] is closed, and so is one that waits as long
+/// with no request in progress; at most [`connection_cap`] connections are served at once (the
+/// next ones wait to be accepted).
 ///
 /// This is `axum::serve` (HTTP/1 and h2c on one port, upgrades for WebSockets, the peer's
 /// address as `ConnectInfo`) with hyper's header timer on: `axum::serve` runs hyper without a
@@ -168,8 +173,7 @@ pub(crate) async fn serve_with(
 ) -> std::io::Result<()> {
     use axum::extract::ConnectInfo;
     use axum::serve::{Listener, ListenerExt};
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto;
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
@@ -185,13 +189,6 @@ pub(crate) async fn serve_with(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    // CONNECT, for WebSockets over HTTP/2.
-    builder.http2().enable_connect_protocol();
     // Closed when shutdown begins (connections then finish what they answer and close); every
     // connection holds a receiver of `open` until it is done.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(());
@@ -242,7 +239,12 @@ pub(crate) async fn serve_with(
             }
         });
         let hyper_service = TowerToHyperService::new(service);
-        let builder = builder.clone();
+        let streams = deadline::OpenStreams::new();
+        let written = io.bytes_written();
+        let builder = connection_builder(
+            deadline::StreamExecutor::new(streams.clone()),
+            header_timeout,
+        );
         let mut stopping = stopping.clone();
         let open = open.clone();
         tokio::spawn(async move {
@@ -253,7 +255,11 @@ pub(crate) async fn serve_with(
             // request must come within the same time.
             let first_deadline = tokio::time::sleep(header_timeout);
             let mut first_deadline = std::pin::pin!(first_deadline);
-            let (mut draining, mut waiting_first) = (false, true);
+            // hyper has no idle timeout for HTTP/2: an HTTP/2 connection with no stream open
+            // for the header timeout is asked to close (GOAWAY); see `Closing` for the rest.
+            let idle = streams.idle_for(header_timeout);
+            let mut idle = std::pin::pin!(idle);
+            let (mut closing, mut waiting_first) = (None::<Closing>, true);
             loop {
                 tokio::select! {
                     served = conn.as_mut() => {
@@ -262,9 +268,29 @@ pub(crate) async fn serve_with(
                         }
                         break;
                     }
-                    _ = stopping.changed(), if !draining => {
-                        draining = true;
+                    _ = stopping.changed(), if closing.is_none() => {
                         conn.as_mut().graceful_shutdown();
+                        closing = Some(Closing::asked(&written));
+                        idle.set(streams.idle_for(header_timeout));
+                    }
+                    () = idle.as_mut() => {
+                        if closing.is_none() {
+                            tracing::debug!(
+                                %peer,
+                                "an HTTP/2 connection had no request in progress for {} s; \
+                                 asking it to close",
+                                header_timeout.as_secs()
+                            );
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(Closing::asked(&written));
+                        } else if closing
+                            .as_mut()
+                            .is_some_and(|asked| !asked.still_sending(&written))
+                        {
+                            tracing::debug!(%peer, "an HTTP/2 client ignored a GOAWAY; closed");
+                            break;
+                        }
+                        idle.set(streams.idle_for(header_timeout));
                     }
                     () = first_deadline.as_mut(), if waiting_first => {
                         waiting_first = false;
@@ -282,6 +308,51 @@ pub(crate) async fn serve_with(
     drop(listener);
     open_tx.closed().await;
     Ok(())
+}
+
+/// hyper's builder for one connection: HTTP/1 with its header timer; HTTP/2 with extended
+/// CONNECT (WebSockets over HTTP/2) and its streams run by `streams`.
+///
+/// No HTTP/2 keep-alive PINGs: the answer to one waits behind whatever the node has queued for
+/// the client (h2's buffer, the socket's), so a slow reader the send deadline lets go on
+/// would be cut by its timeout. A vanished peer is found as over HTTP/1: a long-lived stream
+/// writes (event streams their heartbeats), and writes nobody acknowledges fail once TCP gives
+/// up retransmitting them; a connection with no stream open is closed as idle.
+fn connection_builder(
+    streams: deadline::StreamExecutor,
+    header_timeout: std::time::Duration,
+) -> hyper_util::server::conn::auto::Builder<deadline::StreamExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(streams);
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().enable_connect_protocol();
+    builder
+}
+
+/// A connection the node has asked to close (HTTP/2: a GOAWAY, then h2 waits for the client's
+/// answer to a PING and for the open streams to end). One that, after that, has no stream open
+/// for the header timeout and has written nothing meanwhile is closed outright: its client does
+/// not answer the PING. One still sending (the tail of a response to a slow reader) is not.
+#[derive(Debug)]
+struct Closing {
+    /// The connection's bytes written when last looked at.
+    written: u64,
+}
+
+impl Closing {
+    fn asked(written: &deadline::BytesWritten) -> Self {
+        Self {
+            written: written.get(),
+        }
+    }
+
+    /// Whether the connection wrote anything since it was last looked at.
+    fn still_sending(&mut self, written: &deadline::BytesWritten) -> bool {
+        let now = written.get();
+        std::mem::replace(&mut self.written, now) != now
+    }
 }
 
 /// The token of an `Authorization` value `Bearer TOKEN` (the scheme in any case, RFC 9110
