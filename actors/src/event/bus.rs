@@ -1,8 +1,10 @@
 //! The EventBus: typed pub/sub for one node.
 //!
 //! Publishing is a cast into the bus actor's mailbox, so it never blocks the publisher. The actor
-//! stamps each event with the next id of this node, keeps it in a recent-events ring for replay,
-//! hands it to the persistence hook, and fans it out through a broadcast channel. Each subscriber
+//! stamps each event with the next id of this node, keeps it in a recent-events ring for replay
+//! (at most `ring_capacity` events and [`RING_BYTES`] of them: the oldest go first, and a replay
+//! from before the ring reads the store), hands it to the persistence hook, and fans it out
+//! through a broadcast channel. Each subscriber
 //! reads the channel at its own pace; one that falls more than `subscriber_buffer` events behind
 //! loses the oldest of them and receives one `events.lagged {missed}` marker instead.
 //!
@@ -57,6 +59,16 @@ pub const RESERVE_BLOCK: u64 = 16_384;
 /// Publishes that may wait for a reservation (a stalled disk); past that they are dropped and
 /// counted, so a dead store cannot exhaust memory.
 pub const MAX_UNRESERVED: usize = 100_000;
+/// Bytes of events the replay ring keeps at most, besides `ring_capacity` events: past either
+/// bound the oldest events leave it (a replay from before the ring reads the event log). Each
+/// event counts three times its size ([`Event::approx_bytes`]): itself, and the SSE frame and
+/// WebSocket frame the front ends keep in its `RenderCache` once a subscriber sent it (each its
+/// JSON, about its size again). 256 MiB lets the default 10,000 events be of any usual size (a
+/// `session.progress` counts about 1.3 KiB, a `session.output` of 64 lines of 100 bytes about
+/// 25 KiB: 10,000 of those 240 MiB) and holds the ring to that when they are all of the largest
+/// (64 KiB of lines, about 200 KiB: 1,300 of them), or when `events.ring_capacity` is raised to
+/// as many as 1,000,000.
+pub const RING_BYTES: usize = 256 * 1024 * 1024;
 /// How long after a failed reservation the next attempt is made.
 const RESERVE_RETRY: Duration = Duration::from_secs(1);
 /// How long a reservation may take before it counts as failed (and is tried again).
@@ -189,6 +201,8 @@ pub struct BusShared {
     resumed: std::sync::Once,
     published_by_kind: Vec<AtomicU64>,
     dropped: AtomicU64,
+    /// The ring's byte budget ([`RING_BYTES`]; smaller in tests).
+    ring_bytes: usize,
 }
 
 impl BusShared {
@@ -210,6 +224,7 @@ impl BusShared {
             resumed: std::sync::Once::new(),
             published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             dropped: AtomicU64::new(0),
+            ring_bytes: RING_BYTES,
         })
     }
 }
@@ -365,11 +380,69 @@ struct Unreserved {
     at: Timestamp,
 }
 
+/// The recent events kept for replay, oldest first: at most `capacity` of them and `budget`
+/// bytes ([`ring_charge`]). Read as the `VecDeque` it is; added to by [`Ring::push`] only, which
+/// keeps the count and bytes in step.
+struct Ring {
+    items: VecDeque<BusItem>,
+    /// What each item counts against the budget, in the same order (computed once, at push).
+    charges: VecDeque<u32>,
+    /// Their sum.
+    bytes: usize,
+    capacity: usize,
+    budget: usize,
+}
+
+impl Ring {
+    fn new(capacity: usize, budget: usize) -> Self {
+        let reserved = capacity.min(65_536);
+        Self {
+            items: VecDeque::with_capacity(reserved),
+            charges: VecDeque::with_capacity(reserved),
+            bytes: 0,
+            capacity,
+            budget,
+        }
+    }
+
+    /// Adds the newest event, first taking out the oldest ones while either bound would be
+    /// passed. The newest is always kept, even alone over the budget: the ring names the newest
+    /// event ([`Replay::newest`]).
+    fn push(&mut self, item: BusItem) {
+        let charge = ring_charge(&item.event);
+        while !self.items.is_empty()
+            && (self.items.len() >= self.capacity || self.bytes + charge as usize > self.budget)
+        {
+            self.items.pop_front();
+            if let Some(oldest) = self.charges.pop_front() {
+                self.bytes -= oldest as usize;
+            }
+        }
+        self.items.push_back(item);
+        self.charges.push_back(charge);
+        self.bytes += charge as usize;
+    }
+}
+
+impl std::ops::Deref for Ring {
+    type Target = VecDeque<BusItem>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.items
+    }
+}
+
+/// What an event counts against the ring's [`RING_BYTES`]: three times its size, for itself and
+/// the two renderings the front ends may keep in it. Lengths only: this runs for every event.
+fn ring_charge(event: &Event) -> u32 {
+    u32::try_from(event.approx_bytes().saturating_mul(3)).unwrap_or(u32::MAX)
+}
+
 /// State of one bus instance.
 pub struct EventBusState {
     shared: Arc<BusShared>,
     store: Option<Arc<dyn EventStore>>,
-    ring: VecDeque<BusItem>,
+    ring: Ring,
     /// A reservation is being asked for.
     reserving: bool,
 }
@@ -385,7 +458,7 @@ impl Actor for EventBusActor {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorError> {
         let shared = args.shared;
-        let mut ring = VecDeque::with_capacity(shared.config.ring_capacity.min(65_536));
+        let mut ring = Ring::new(shared.config.ring_capacity, shared.ring_bytes);
         if let Some(store) = &args.store {
             // `resume` blocks (a store flushes its queued appends and reads its log): off the
             // runtime's workers, which this start would otherwise hold for as long as that takes.
@@ -439,7 +512,9 @@ impl Actor for EventBusActor {
                     }
                 }
             });
-            ring.extend(resume.recent);
+            for item in resume.recent {
+                ring.push(item);
+            }
         }
         let mut state = EventBusState {
             shared,
@@ -826,10 +901,7 @@ impl EventBusState {
         if let Some(store) = &self.store {
             store.append(&item);
         }
-        if self.ring.len() >= self.shared.config.ring_capacity {
-            self.ring.pop_front();
-        }
-        self.ring.push_back(item.clone());
+        self.ring.push(item.clone());
         // No receivers is fine: nobody is listening right now.
         let _ = self.shared.tx.send(item);
     }

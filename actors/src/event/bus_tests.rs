@@ -381,3 +381,110 @@ async fn a_slow_store_resume_does_not_hold_the_runtime_thread() {
         "resume blocked the only runtime thread until its 5 s timeout"
     );
 }
+
+fn output(first_line: u64, bytes: usize) -> EventData {
+    EventData::SessionOutput(crate::event::SessionOutput {
+        stream: crate::event::OutputStream::Stdout,
+        first_line,
+        lines: vec!["x".repeat(bytes)],
+        skipped: 0,
+    })
+}
+
+/// Starts a bus for node `n1` without a store, whose ring keeps at most `capacity` events and
+/// `bytes` bytes of them.
+async fn start_with_ring(capacity: usize, bytes: usize) -> EventBus {
+    let config = EventBusConfig {
+        ring_capacity: capacity,
+        subscriber_buffer: 1024,
+    };
+    let mut shared = BusShared::new(NodeId::new("n1").unwrap(), config);
+    Arc::get_mut(&mut shared).unwrap().ring_bytes = bytes;
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared: shared.clone(),
+            store: None,
+        },
+        &handle,
+    )
+    .await
+    .unwrap();
+    EventBus::new(handle, shared)
+}
+
+/// The ring lets events go by bytes as well as by count, and a replay from one it let go for
+/// its bytes behaves as for one it let go for the count: a marker, then what the ring has.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_ring_keeps_at_most_its_bytes_and_a_replay_from_before_it_starts_with_a_marker() {
+    let id = |seq| EventId::new(NodeId::new("n1").unwrap(), seq);
+    let charge = ring_charge(&Event::new(
+        id(1),
+        Timestamp::now(),
+        None,
+        output(1, 10_000),
+    ));
+    let budget = 5 * charge as usize;
+    // The count alone would keep all 20.
+    let bus = start_with_ring(1_000, budget).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    for n in 1..=20 {
+        bus.publish(None, output(n, 10_000));
+    }
+    for expected in 1..=20 {
+        assert_eq!(next_seq(&mut events).await, expected);
+    }
+    let seqs = |replay: &Replay| replay.events.iter().map(|e| e.id.seq).collect::<Vec<_>>();
+    let ring = bus
+        .replay(ReplayFrom::Tail(1_000), EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(seqs(&ring), [16, 17, 18, 19, 20], "the newest that fit");
+    let held: usize = ring.events.iter().map(|e| ring_charge(e) as usize).sum();
+    assert!(held <= budget, "{held} bytes held, {budget} allowed");
+    assert_eq!(ring.oldest, Some(id(16)));
+
+    // From an event the ring let go: a marker (the log fills the gap), then the ring.
+    let (mut resumed, replay) = bus
+        .subscribe_from(ReplayFrom::After(id(2)), EventFilter::all())
+        .await
+        .unwrap();
+    assert!(!replay.found);
+    assert_eq!(replay.oldest_pos, Some(16));
+    match resumed.recv().await {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 13, "events 3..=15 are no longer in the ring");
+            assert_eq!(lagged.resume_after, Some(id(2)));
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    for expected in 16..=20 {
+        assert_eq!(next_seq(&mut resumed).await, expected);
+    }
+    // From one it still has: exactly what follows.
+    let after = bus
+        .replay(ReplayFrom::After(id(17)), EventFilter::all())
+        .await
+        .unwrap();
+    assert!(after.found);
+    assert_eq!(seqs(&after), [18, 19, 20]);
+
+    // An event alone over the budget is kept, alone: the ring still names the newest event.
+    bus.publish(None, output(21, 100_000));
+    assert_eq!(next_seq(&mut events).await, 21);
+    let now = bus
+        .replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(now.newest, Some(id(21)));
+    assert_eq!(now.oldest, Some(id(21)));
+    // And the next one takes its place.
+    bus.publish(None, output(22, 10));
+    assert_eq!(next_seq(&mut events).await, 22);
+    let ring = bus
+        .replay(ReplayFrom::Tail(1_000), EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(seqs(&ring), [22]);
+}

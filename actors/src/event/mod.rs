@@ -8,7 +8,7 @@ mod model;
 pub use bus::{
     BusItem, BusShared, Delivery, EventBus, EventBusActor, EventBusArgs, EventBusConfig,
     EventBusMsg, EventBusState, EventStore, MAX_UNRESERVED, RELAY_TIMEOUT, REPLAY_TIMEOUT,
-    RESERVE_BLOCK, RelayBatchError, Replay, ReplayFrom, StoreResume, Subscription,
+    RESERVE_BLOCK, RING_BYTES, RelayBatchError, Replay, ReplayFrom, StoreResume, Subscription,
 };
 pub use filter::{
     DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, FilterTooLarge, KindPattern, MAX_FILTER_VALUES,

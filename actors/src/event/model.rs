@@ -120,6 +120,82 @@ impl Event {
     pub fn kind(&self) -> EventKind {
         self.data.kind()
     }
+
+    /// About the memory this event holds, in bytes: itself, [`EVENT_OVERHEAD_BYTES`] and its
+    /// payload's texts ([`EventData::text_bytes`]); not a rendering kept in its
+    /// [`RenderCache`]. Cheap: lengths only, nothing is encoded.
+    pub fn approx_bytes(&self) -> usize {
+        size_of::<Self>() + EVENT_OVERHEAD_BYTES + self.data.text_bytes()
+    }
+}
+
+/// What an event holds besides its struct and its payload's texts, about: the `Arc` it is shared
+/// in, its node and session ids when it has its own copies (a relayed event decoded them: up to
+/// 64 bytes each, with their `Arc`s), and the allocator's rounding.
+pub const EVENT_OVERHEAD_BYTES: usize = 256;
+
+impl EventData {
+    /// The bytes of the texts this payload holds, each with its `String`: the part of an event's
+    /// size that varies (output lines, messages, reasons). Ids are not counted (at most 64
+    /// bytes, in [`EVENT_OVERHEAD_BYTES`]). Cheap: lengths only.
+    pub fn text_bytes(&self) -> usize {
+        fn text(text: &str) -> usize {
+            size_of::<String>() + text.len()
+        }
+        fn maybe(value: &Option<String>) -> usize {
+            value.as_deref().map_or(0, text)
+        }
+        fn texts(values: &[String]) -> usize {
+            values.iter().map(|value| text(value)).sum()
+        }
+        match self {
+            Self::SessionOutput(output) => texts(&output.lines),
+            Self::SessionStarted(started) => text(&started.program),
+            Self::SessionProgress(progress) => text(&progress.message),
+            Self::SessionRateLimited(limited) => maybe(&limited.provider) + text(&limited.line),
+            Self::SessionSucceeded(ended)
+            | Self::SessionFailed(ended)
+            | Self::SessionCancelled(ended)
+            | Self::SessionTimedOut(ended)
+            | Self::SessionInterrupted(ended) => maybe(&ended.reason),
+            Self::ProviderRateLimited(limited) => text(&limited.provider) + text(&limited.model),
+            Self::ProviderRetry(retry) => {
+                text(&retry.provider) + text(&retry.model) + text(&retry.reason)
+            }
+            Self::ProviderBreakerOpened(breaker)
+            | Self::ProviderBreakerHalfOpen(breaker)
+            | Self::ProviderBreakerClosed(breaker) => {
+                text(&breaker.provider) + maybe(&breaker.reason)
+            }
+            Self::ProviderFallback(fallback) => {
+                text(&fallback.from) + text(&fallback.to) + text(&fallback.reason)
+            }
+            Self::ProviderRecovered(recovered) => text(&recovered.provider),
+            Self::ActorRestarted(restarted) => {
+                text(restarted.supervisor.as_str())
+                    + text(restarted.child.as_str())
+                    + text(&restarted.reason)
+            }
+            Self::ActorEscalated(escalated) => {
+                text(escalated.supervisor.as_str())
+                    + text(escalated.child.as_str())
+                    + text(&escalated.reason)
+            }
+            Self::HealthDegraded(changed) | Self::HealthRecovered(changed) => {
+                texts(&changed.reasons)
+            }
+            Self::LinkConnected(connected) => maybe(&connected.peer),
+            Self::LinkDisconnected(disconnected) => text(&disconnected.reason),
+            Self::NodeJoined(member)
+            | Self::NodeSuspected(member)
+            | Self::NodeDown(member)
+            | Self::NodeLeft(member) => maybe(&member.addr),
+            Self::SessionQueued(_)
+            | Self::SessionLongRunning(_)
+            | Self::EventsLagged(_)
+            | Self::SessionUnreachable(_) => 0,
+        }
+    }
 }
 
 /// An opaque slot in which the front ends keep their rendering of one event (its JSON text and
@@ -648,6 +724,27 @@ mod tests {
         for bad in ["", "a", "a:", ":1", "a:-1", "a:x", "a b:1"] {
             assert!(bad.parse::<EventId>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_events_size_counts_its_texts() {
+        let output = |lines: Vec<String>| {
+            Event::new(
+                EventId::new(NodeId::new("n").unwrap(), 1),
+                Timestamp::now(),
+                None,
+                EventData::SessionOutput(SessionOutput {
+                    stream: OutputStream::Stdout,
+                    first_line: 1,
+                    lines,
+                    skipped: 0,
+                }),
+            )
+        };
+        let empty = output(Vec::new()).approx_bytes();
+        assert_eq!(empty, size_of::<Event>() + EVENT_OVERHEAD_BYTES);
+        let two = output(vec!["x".repeat(1000), "y".repeat(24)]).approx_bytes();
+        assert_eq!(two - empty, 1024 + 2 * size_of::<String>());
     }
 
     #[test]
