@@ -9,25 +9,31 @@
 //! keeps reading, even slowly, lets writes go on every so often and is not cut; one that
 //! stopped is. Routes with a tighter rule of their own (event streams and MCP WebSockets end a
 //! link whose client accepts nothing for 10 s) apply it first; this is the floor under every
-//! route, rmcp's Streamable HTTP answers among them. Not covered: an HTTP/2 (h2c) stream whose
-//! client gives it no window, which does not stop the connection's writes.
+//! route, rmcp's Streamable HTTP answers among them.
 //!
-//! On HTTP/2, [`StreamExecutor`] runs hyper's stream tasks and counts a connection's open
-//! streams ([`OpenStreams`]), so that the accept loop can close an HTTP/2 connection that has
-//! nothing in progress.
+//! Over HTTP/2 (h2c) a client can keep reading the socket, so that no write stalls, and yet
+//! give one stream no flow-control window: that response would never progress nor end. So each
+//! HTTP/2 stream runs under the same deadline on its own ([`StreamExecutor`],
+//! [`clock_stream_body`]): a response body that has handed hyper data which hyper could not
+//! send for `http.send_timeout_secs` has its stream reset. The same executor counts a
+//! connection's open streams ([`OpenStreams`]), so that the accept loop can close an HTTP/2
+//! connection that has nothing in progress.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
+use axum::response::Response;
+use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// What a connection's socket may hold unsent (`TCP_NOTSENT_LOWAT`). The kernel then wakes a
 /// waiting writer once this little is left unsent, not once a third of a buffer of megabytes
@@ -195,23 +201,35 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendDeadline<S> {
     }
 }
 
-/// Runs hyper's HTTP/2 stream tasks for one connection, each counted among the connection's
-/// [`OpenStreams`] while it lives.
+tokio::task_local! {
+    /// The send clock of the HTTP/2 stream whose task is running (set by [`StreamExecutor`]).
+    static STREAM_SEND_CLOCK: Arc<SendClock>;
+}
+
+/// Runs hyper's HTTP/2 stream tasks for one connection, each under the send deadline and
+/// counted among the connection's [`OpenStreams`] while it lives.
 ///
 /// hyper spawns one task per stream (`H2Stream` in hyper's `proto/h2/server.rs`): it runs the
 /// handler, then pipes the response's body into the stream until the body is finished, or the
 /// stream is reset and the body dropped; for a WebSocket over HTTP/2 (extended CONNECT) it
 /// spawns one more that lives as long as the tunnel. So a live task is exactly a request in
-/// progress, an event stream's body being sent among them.
+/// progress, an event stream's body being sent among them, and ending a task resets its
+/// stream only (h2 sends `RST_STREAM` for a stream whose handles are dropped before it ended).
 #[derive(Debug, Clone)]
 pub(crate) struct StreamExecutor {
+    peer: SocketAddr,
+    send_timeout: Duration,
     open: OpenStreams,
 }
 
 impl StreamExecutor {
-    /// An executor for the streams of one connection, which counts them in `open`.
-    pub(crate) fn new(open: OpenStreams) -> Self {
-        Self { open }
+    /// An executor for the streams of the connection from `peer`, which counts them in `open`.
+    pub(crate) fn new(peer: SocketAddr, send_timeout: Duration, open: OpenStreams) -> Self {
+        Self {
+            peer,
+            send_timeout,
+            open,
+        }
     }
 }
 
@@ -220,11 +238,127 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
+        let clock = Arc::new(SendClock::default());
         let open = self.open.open();
-        tokio::spawn(async move {
-            stream.await;
+        let (peer, limit) = (self.peer, self.send_timeout);
+        tokio::spawn(STREAM_SEND_CLOCK.scope(clock.clone(), async move {
+            if until_stalled(stream, &clock, limit).await.is_err() {
+                tracing::debug!(
+                    %peer,
+                    "an HTTP/2 client accepted nothing of a response for {} s \
+                     (http.send_timeout_secs); its stream is reset",
+                    limit.as_secs()
+                );
+            }
             drop(open);
-        });
+        }));
+    }
+}
+
+/// Puts `response`'s body under its stream's send deadline when it answers an HTTP/2 request.
+/// hyper polls the service's future in the stream's task, so this runs there and finds the
+/// stream's clock; any other response (HTTP/1's, whose connection sends one at a time, so that
+/// the [`SendDeadline`] covers it) is returned as it is.
+pub(crate) fn clock_stream_body(response: Response) -> Response {
+    match STREAM_SEND_CLOCK.try_with(Arc::clone) {
+        Ok(clock) => response.map(|body| Body::new(ClockedBody { body, clock })),
+        Err(_) => response,
+    }
+}
+
+/// A stream's response was stalled for the send deadline.
+#[derive(Debug)]
+struct Stalled;
+
+/// Runs a stream's task until it ends, or until its body has waited `limit` for the client
+/// (see [`SendClock`]); in that case the task is dropped, and its stream reset.
+///
+/// hyper polls a response body over HTTP/2 only when it can take a frame (hyper's
+/// `PipeToSendStream` in `proto/h2/mod.rs`): it asks for the next frame as soon as it has put
+/// the last one into h2's send buffer, and that needs the stream's flow-control window, of
+/// which h2 buffers at most `max_send_buf_size` (400 KB) ahead of the socket. A body that
+/// handed over a frame and is not asked again therefore waits on the client: for a window it
+/// does not open, or for it to take what is buffered. hyper does not poll the body then, so the
+/// clock is read here, by the task, each time hyper's part of it has gone to sleep.
+async fn until_stalled<F: Future<Output = ()>>(
+    stream: F,
+    clock: &SendClock,
+    limit: Duration,
+) -> Result<(), Stalled> {
+    let mut stream = std::pin::pin!(stream);
+    let mut expiry: Option<Pin<Box<Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if stream.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(since) = clock.waiting_since() else {
+            expiry = None;
+            return Poll::Pending;
+        };
+        let deadline = since + limit;
+        let expiry = expiry.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if expiry.deadline() != deadline {
+            expiry.as_mut().reset(deadline);
+        }
+        expiry.as_mut().poll(cx).map(|()| Err(Stalled))
+    })
+    .await
+}
+
+/// Since when a stream's response body has waited for the client: it handed hyper a data frame
+/// and hyper has not come back for the next one.
+#[derive(Debug, Default)]
+struct SendClock(Mutex<Option<Instant>>);
+
+impl SendClock {
+    /// The body handed hyper a data frame: the clock runs until hyper asks for the next.
+    fn handed_over(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// hyper asks for the next frame: what the body gave went out (into h2's buffer).
+    fn asked_again(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Since when the body waits for the client, if it does.
+    fn waiting_since(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A response body that runs its stream's [`SendClock`] from each data frame it hands over to
+/// the next time it is asked for one. A body that has nothing to give (an event stream between
+/// events) is waiting on the node, not on the client: the clock does not run.
+struct ClockedBody {
+    body: Body,
+    clock: Arc<SendClock>,
+}
+
+impl hyper::body::Body for ClockedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.clock.asked_again();
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_data()
+        {
+            self.clock.handed_over();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

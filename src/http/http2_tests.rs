@@ -1,4 +1,5 @@
-//! Tests of [`super::serve_with`] over HTTP/2 (h2c, prior knowledge): the idle connection. A real h2c client (hyper's) talks to the accept loop on
+//! Tests of [`super::serve_with`] over HTTP/2 (h2c, prior knowledge): the idle connection and
+//! the stream without window. A real h2c client (hyper's) talks to the accept loop on
 //! `127.0.0.1:0`, in paused time: what takes "seconds" below is the runtime's clock.
 
 use std::pin::Pin;
@@ -27,8 +28,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// (the clock is paused: it costs nothing).
 const NEVER: Duration = Duration::from_secs(600);
 
-/// A node's accept loop serving `/` (a short answer), `/empty` (no body) and `/endless` (a body
-/// that never ends: a few bytes every 100 ms, like an event stream's).
+/// A node's accept loop serving `/` (a short answer), `/empty` (no body), `/endless` (a body
+/// that never ends: a few bytes every 100 ms, like a busy event stream's) and `/sparse` (the
+/// same, a piece every twice the send timeout, like a quiet event stream's).
 struct Node {
     addr: std::net::SocketAddr,
     stop: CancellationToken,
@@ -43,6 +45,10 @@ impl Node {
             .route(
                 "/endless",
                 get(|| async { Body::from_stream(ticks(Duration::from_millis(100))) }),
+            )
+            .route(
+                "/sparse",
+                get(|| async { Body::from_stream(ticks(SEND_TIMEOUT * 2)) }),
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -158,6 +164,67 @@ async fn an_http2_connection_is_not_idle_while_a_response_streams() {
 
     drop(body);
     assert!(closed(connection).await >= HEADER_TIMEOUT);
+    node.stop().await;
+}
+
+/// Regression: the send deadline works on the socket, which an HTTP/2 client can keep reading
+/// while it gives one stream no window: that response (an event stream holding a link) never
+/// went on and never ended. Now that stream is reset after the send timeout, and only it: the
+/// connection goes on serving.
+#[tokio::test(start_paused = true)]
+async fn an_http2_stream_without_window_is_reset_after_the_send_timeout() {
+    let node = Node::start(ServeLimits {
+        header_timeout: NEVER,
+        ..limits()
+    })
+    .await;
+    let (mut sender, connection) = connect(&node, Some(0)).await;
+    let response = request(&mut sender, "/endless").await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let waiting = Instant::now();
+    let frame = tokio::time::timeout(NEVER, next_frame(&mut body))
+        .await
+        .expect("the node gives the stream up");
+    let error = frame.expect("an error, not the end").unwrap_err();
+    assert!(waiting.elapsed() >= SEND_TIMEOUT, "{error}");
+
+    assert_eq!(request(&mut sender, "/empty").await.status(), 204);
+    assert!(!connection.is_finished());
+    node.stop().await;
+}
+
+/// A client that gives the same endless body a window and reads it is never cut.
+#[tokio::test(start_paused = true)]
+async fn an_http2_stream_whose_client_reads_is_not_reset() {
+    let node = Node::start(ServeLimits {
+        header_timeout: NEVER,
+        ..limits()
+    })
+    .await;
+    let (mut sender, connection) = connect(&node, None).await;
+    let mut body = request(&mut sender, "/endless").await.into_body();
+    read_for(&mut body, SEND_TIMEOUT * 3).await;
+    assert!(!connection.is_finished());
+    drop(body);
+    node.stop().await;
+}
+
+/// A body with nothing to give waits on the node, not on the client: the clock does not run
+/// between its pieces, however far apart.
+#[tokio::test(start_paused = true)]
+async fn an_http2_response_waiting_for_its_next_piece_is_not_reset() {
+    let node = Node::start(ServeLimits {
+        header_timeout: NEVER,
+        ..limits()
+    })
+    .await;
+    let (mut sender, connection) = connect(&node, None).await;
+    let mut body = request(&mut sender, "/sparse").await.into_body();
+    read_for(&mut body, SEND_TIMEOUT * 5).await;
+    assert!(!connection.is_finished());
+    // A shutdown lets a response finish: this one ends when its client goes.
+    drop(body);
     node.stop().await;
 }
 

@@ -131,7 +131,8 @@ fn connection_cap() -> usize {
 /// The bounds [`serve_with`] applies to connections.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ServeLimits {
-    /// A connection whose client accepts nothing for this long is closed (see `deadline`).
+    /// A connection whose client accepts nothing for this long is closed, and an HTTP/2 stream
+    /// whose client gives it no window for this long is reset (see `deadline`).
     pub(crate) send_timeout: std::time::Duration,
     /// A request's head, a connection's first request, and the next request on a connection
     /// with none in progress must come within this.
@@ -142,10 +143,11 @@ pub(crate) struct ServeLimits {
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the open connections
 /// finish what they are answering. A connection whose client accepts nothing of what it is
-/// sent for `send_timeout` is closed (see `deadline`); a connection that does not send a
-/// request's head within [`HEADER_READ_TIMEOUT`] is closed, and so is one that waits as long
-/// with no request in progress; at most [`connection_cap`] connections are served at once (the
-/// next ones wait to be accepted).
+/// sent for `send_timeout` is closed, and an HTTP/2 stream whose client gives it no window for
+/// as long is reset (see `deadline`); a connection that does not send a request's head within
+/// [`HEADER_READ_TIMEOUT`] is closed, and so is one that waits as long with no request in
+/// progress; at most [`connection_cap`] connections are served at once (the next ones wait to
+/// be accepted).
 ///
 /// This is `axum::serve` (HTTP/1 and h2c on one port, upgrades for WebSockets, the peer's
 /// address as `ConnectInfo`) with hyper's header timer on: `axum::serve` runs hyper without a
@@ -230,19 +232,22 @@ pub(crate) async fn serve_with(
         };
         // Set by the connection's first request: its head came in time.
         let first_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let service = router.clone().map_request({
-            let first_request = first_request.clone();
-            move |mut request: Request<hyper::body::Incoming>| {
-                first_request.store(true, std::sync::atomic::Ordering::Relaxed);
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request.map(Body::new)
-            }
-        });
+        let service = router
+            .clone()
+            .map_request({
+                let first_request = first_request.clone();
+                move |mut request: Request<hyper::body::Incoming>| {
+                    first_request.store(true, std::sync::atomic::Ordering::Relaxed);
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request.map(Body::new)
+                }
+            })
+            .map_response(deadline::clock_stream_body);
         let hyper_service = TowerToHyperService::new(service);
         let streams = deadline::OpenStreams::new();
         let written = io.bytes_written();
         let builder = connection_builder(
-            deadline::StreamExecutor::new(streams.clone()),
+            deadline::StreamExecutor::new(peer, send_timeout, streams.clone()),
             header_timeout,
         );
         let mut stopping = stopping.clone();
@@ -317,7 +322,8 @@ pub(crate) async fn serve_with(
 /// the client (h2's buffer, the socket's), so a slow reader the send deadline lets go on
 /// would be cut by its timeout. A vanished peer is found as over HTTP/1: a long-lived stream
 /// writes (event streams their heartbeats), and writes nobody acknowledges fail once TCP gives
-/// up retransmitting them; a connection with no stream open is closed as idle.
+/// up retransmitting them; a stream whose window never opens again is reset by its send
+/// deadline; a connection with no stream open is closed as idle.
 fn connection_builder(
     streams: deadline::StreamExecutor,
     header_timeout: std::time::Duration,
