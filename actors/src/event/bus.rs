@@ -59,6 +59,12 @@ pub const RESERVE_BLOCK: u64 = 16_384;
 /// Publishes that may wait for a reservation (a stalled disk); past that they are dropped and
 /// counted, so a dead store cannot exhaust memory.
 pub const MAX_UNRESERVED: usize = 100_000;
+/// Bytes of publishes that may wait for a reservation (each counted by its payload's texts,
+/// [`EventData::text_bytes`], and its place in the queue), besides [`MAX_UNRESERVED`]: past
+/// either, publishes are dropped and counted alike. 64 MiB holds the 100,000 of usual sizes (a
+/// `session.progress` counts about 150 bytes) and about 1,000 of the largest (a
+/// `session.output` of 64 KiB of lines).
+pub const MAX_UNRESERVED_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes of events the replay ring keeps at most, besides `ring_capacity` events: past either
 /// bound the oldest events leave it (a replay from before the ring reads the event log). Each
 /// event counts three times its size ([`Event::approx_bytes`]): itself, and the SSE frame and
@@ -197,12 +203,14 @@ pub struct BusShared {
     rewound_signal: tokio::sync::watch::Sender<u64>,
     /// Publishes waiting for a reservation, oldest first: they survive a crash of the instance
     /// that took them from its mailbox. Touched only by the current instance, in its handler.
-    waiting: std::sync::Mutex<VecDeque<Unreserved>>,
+    waiting: std::sync::Mutex<Waiting>,
     resumed: std::sync::Once,
     published_by_kind: Vec<AtomicU64>,
     dropped: AtomicU64,
     /// The ring's byte budget ([`RING_BYTES`]; smaller in tests).
     ring_bytes: usize,
+    /// The bytes of publishes that may wait ([`MAX_UNRESERVED_BYTES`]; smaller in tests).
+    max_unreserved_bytes: usize,
 }
 
 impl BusShared {
@@ -220,11 +228,12 @@ impl BusShared {
             rewound: DashMap::new(),
             rewinds: DashMap::new(),
             rewound_signal: tokio::sync::watch::Sender::new(0),
-            waiting: std::sync::Mutex::new(VecDeque::new()),
+            waiting: std::sync::Mutex::new(Waiting::default()),
             resumed: std::sync::Once::new(),
             published_by_kind: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             dropped: AtomicU64::new(0),
             ring_bytes: RING_BYTES,
+            max_unreserved_bytes: MAX_UNRESERVED_BYTES,
         })
     }
 }
@@ -378,6 +387,44 @@ struct Unreserved {
     session: Option<SessionId>,
     data: EventData,
     at: Timestamp,
+}
+
+impl Unreserved {
+    /// What it counts against [`MAX_UNRESERVED_BYTES`]: its place in the queue and its texts.
+    fn bytes(&self) -> usize {
+        size_of::<Self>() + self.data.text_bytes()
+    }
+}
+
+/// The publishes waiting for a reservation, oldest first, and their bytes.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Unreserved>,
+    /// The sum of their [`Unreserved::bytes`].
+    bytes: usize,
+}
+
+impl Waiting {
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn push_back(&mut self, publish: Unreserved) {
+        self.bytes += publish.bytes();
+        self.queue.push_back(publish);
+    }
+
+    fn pop_front(&mut self) -> Option<Unreserved> {
+        let publish = self.queue.pop_front()?;
+        self.bytes -= publish.bytes();
+        Some(publish)
+    }
+
+    /// Takes them all.
+    fn take(&mut self) -> VecDeque<Unreserved> {
+        self.bytes = 0;
+        std::mem::take(&mut self.queue)
+    }
 }
 
 /// The recent events kept for replay, oldest first: at most `capacity` of them and `budget`
@@ -594,7 +641,7 @@ impl Actor for EventBusActor {
         _ctx: &Context<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorError> {
-        let unreserved: Vec<Unreserved> = state.waiting().drain(..).collect();
+        let unreserved = state.waiting().take();
         if !unreserved.is_empty() {
             let count = unreserved.len() as u64;
             state.shared.dropped.fetch_add(count, Ordering::Relaxed);
@@ -617,17 +664,23 @@ impl EventBusState {
     /// Publishes an event of this node once its sequence number is reserved, keeping the order
     /// of publishes.
     fn publish(&mut self, ctx: &Context<EventBusMsg>, publish: Unreserved) {
-        let waiting = self.waiting().len();
+        let (waiting, waiting_bytes) = {
+            let waiting = self.waiting();
+            (waiting.len(), waiting.bytes)
+        };
         if waiting == 0 && self.is_reserved(self.next_seq()) {
             self.stamp(publish);
             self.reserve_ahead(ctx);
             return;
         }
-        if waiting >= MAX_UNRESERVED {
+        if waiting >= MAX_UNRESERVED
+            || waiting_bytes + publish.bytes() > self.shared.max_unreserved_bytes
+        {
             let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             if dropped.is_multiple_of(1000) {
                 tracing::warn!(
                     waiting,
+                    waiting_bytes,
                     "event dropped: too many publishes wait for the store to reserve ids"
                 );
             }
@@ -639,7 +692,7 @@ impl EventBusState {
 
     /// The publishes waiting for a reservation (only this instance touches them, never across
     /// an await).
-    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Unreserved>> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // A poisoned lock means a handler panicked while holding it; the queue itself is intact.
         self.shared
             .waiting

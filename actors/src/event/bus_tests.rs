@@ -88,7 +88,16 @@ fn progress(n: u64) -> EventData {
 
 /// Starts a bus for node `n1` on `store`, as a node (re)starting would.
 async fn start(store: &GatedStore) -> (EventBus, ractor::ActorCell) {
-    let shared = BusShared::new(NodeId::new("n1").unwrap(), EventBusConfig::default());
+    start_tuned(store, |_| {}).await
+}
+
+/// [`start`] with the bus's limits changed by `tune`.
+async fn start_tuned(
+    store: &GatedStore,
+    tune: impl FnOnce(&mut BusShared),
+) -> (EventBus, ractor::ActorCell) {
+    let mut shared = BusShared::new(NodeId::new("n1").unwrap(), EventBusConfig::default());
+    tune(Arc::get_mut(&mut shared).unwrap());
     let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
     let store: Arc<dyn EventStore> = Arc::new(store.clone());
     let (cell, _) = kernel::spawn(
@@ -487,4 +496,46 @@ async fn the_ring_keeps_at_most_its_bytes_and_a_replay_from_before_it_starts_wit
         .await
         .unwrap();
     assert_eq!(seqs(&ring), [22]);
+}
+
+/// A stalled store: the publishes waiting for their ids are bounded by their bytes too; past
+/// that they are dropped and counted, as past `MAX_UNRESERVED`, and the ones kept go out in
+/// order once the ids are reserved.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn publishes_waiting_for_a_reservation_are_bounded_by_their_bytes() {
+    let one = Unreserved {
+        session: None,
+        data: output(1, 10_000),
+        at: Timestamp::now(),
+    }
+    .bytes();
+    let store = GatedStore::new();
+    let (bus, _cell) = start_tuned(&store, |shared| shared.max_unreserved_bytes = 10 * one).await;
+    let mut events = bus.subscribe(EventFilter::all());
+    for n in 1..=15 {
+        bus.publish(None, output(n, 10_000));
+    }
+    // Handled in order: once this is answered, every publish before it was.
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(bus.dropped(), 5, "the publishes past 10 of them");
+    assert_eq!(bus.shared.waiting.lock().unwrap().bytes, 10 * one);
+
+    store.gate.add_permits(1);
+    for n in 1..=10 {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+            Ok(Some(Delivery::Event(event))) => match &event.data {
+                EventData::SessionOutput(output) => {
+                    assert_eq!((event.id.seq, output.first_line), (n, n));
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    assert_eq!(bus.shared.waiting.lock().unwrap().bytes, 0);
+    bus.publish(None, output(16, 10_000));
+    assert_eq!(next_seq(&mut events).await, 11);
+    assert_eq!(bus.dropped(), 5);
 }
