@@ -42,14 +42,24 @@ use tokio::time::{Instant, Sleep};
 /// 60 s, only a client taking less than about 1 KB/s is cut.
 pub(crate) const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
 
-/// Readies an accepted connection for the deadline (see [`NOT_SENT_LOW_WATER`]).
-pub(crate) fn prepare(stream: &TcpStream) {
+/// Readies an accepted connection for the deadline (see [`NOT_SENT_LOW_WATER`]), and has the
+/// kernel end it once what it sent stays unacknowledged for `limit` (`TCP_USER_TIMEOUT`): a
+/// client that vanished without a word (its machine or network gone) is found then, rather
+/// than after TCP's own retransmission give-up (about 15 minutes), even while all the node
+/// writes is an event stream's heartbeat, too little to ever fill the socket and stall a write.
+pub(crate) fn prepare(stream: &TcpStream, limit: Duration) {
     #[cfg(target_os = "linux")]
-    if let Err(error) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOT_SENT_LOW_WATER) {
-        tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
+    {
+        let socket = socket2::SockRef::from(stream);
+        if let Err(error) = socket.set_tcp_notsent_lowat(NOT_SENT_LOW_WATER) {
+            tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
+        }
+        if let Err(error) = socket.set_tcp_user_timeout(Some(limit)) {
+            tracing::debug!(%error, "cannot set TCP_USER_TIMEOUT");
+        }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = stream;
+    let _ = (stream, limit);
 }
 
 /// A listener whose connections give up writes that make no progress for `limit`.
@@ -71,7 +81,7 @@ impl axum::serve::Listener for DeadlineListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         // axum's accept for a TCP listener, with its handling of accept errors.
         let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        prepare(&stream);
+        prepare(&stream, self.limit);
         (SendDeadline::new(stream, self.limit), addr)
     }
 
@@ -440,7 +450,7 @@ mod tests {
             listener.accept()
         );
         let (server, _) = accepted.unwrap();
-        prepare(&server);
+        prepare(&server, Duration::from_secs(2));
         (
             SendDeadline::new(server, Duration::from_secs(2)),
             client.unwrap(),
@@ -486,6 +496,26 @@ mod tests {
             .unwrap();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
         drop(far);
+    }
+
+    /// A client that vanishes without a word is found by the kernel once the node's bytes stay
+    /// unacknowledged for the limit (loopback cannot lose packets; the option is what tells).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn an_accepted_connection_is_ended_by_the_kernel_when_its_bytes_stay_unacknowledged() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = DeadlineListener::new(listener, Duration::from_secs(7));
+        let (client, (accepted, _)) = tokio::join!(
+            TcpStream::connect(addr),
+            axum::serve::Listener::accept(&mut listener)
+        );
+        let _client = client.unwrap();
+        let socket = socket2::SockRef::from(accepted.get_ref());
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(7))
+        );
     }
 
     #[tokio::test(start_paused = true)]
