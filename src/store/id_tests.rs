@@ -703,3 +703,31 @@ async fn a_gap_the_peer_cannot_fill_is_given_up() {
     let (bus, _cell) = start_bus(&store).await;
     assert_eq!(bus.relayed_through(&p1), Some(9));
 }
+
+/// Regression: a relay floor (where a peer's stream starts when a link asks for new events
+/// only) in a batch whose write failed was lost, so a restart before any of that peer's events
+/// were stored asked for new events only again and lost what came in between. The next commit
+/// keeps it now, as it keeps the gaps of failed batches.
+#[tokio::test]
+async fn a_relay_floor_in_a_failed_batch_is_kept_by_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2) = (peer("p1"), peer("p2"));
+    let config = StoreConfig {
+        append_linger: Duration::from_secs(600),
+        ..StoreConfig::default()
+    };
+    let store = open_with(dir.path(), config.clone()).await;
+    store.fail_event_batches(1);
+    // One batch: an append (which lingers), the floor, and a flush (which ends the linger).
+    store.append(&item(1, p1.clone(), 1));
+    store.until_lingering().await;
+    store.relay_floor(&p2, 50);
+    store.flush().await.unwrap_err();
+    assert_eq!(store.stats().failed_batches, 1);
+    store.flush().await.unwrap();
+    store.close().await.unwrap();
+
+    let store = open_with(dir.path(), config).await;
+    let resume = store.resume(100);
+    assert_eq!(resume.relayed, [(p2, 50)], "{resume:?}");
+}

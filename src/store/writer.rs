@@ -278,6 +278,14 @@ fn merge_lowest(lowest: &mut Vec<(String, u64)>, node: &str, seq: u64) {
     }
 }
 
+/// Raises `node`'s entry in `highest` to `seq` (adds it when absent).
+fn merge_highest(highest: &mut Vec<(String, u64)>, node: &str, seq: u64) {
+    match highest.iter_mut().find(|(known, _)| known == node) {
+        Some((_, high)) => *high = (*high).max(seq),
+        None => highest.push((node.to_owned(), seq)),
+    }
+}
+
 /// The writer thread's state.
 pub(super) struct Writer {
     pub(super) db: Arc<DbSlot>,
@@ -314,6 +322,7 @@ impl Writer {
             prune_backlog: false,
             session_sweep: None,
             failed_gaps: Vec::new(),
+            failed_floors: Vec::new(),
             unlogged_failures: 0,
             failure_logged_at: None,
         };
@@ -470,6 +479,10 @@ struct WriterState {
     /// Per other node, the lowest sequence number in a failed batch not yet kept as a gap in
     /// the log's meta (the next commit keeps it, with whatever it stores after the failure).
     failed_gaps: Vec<(String, u64)>,
+    /// Per other node, the highest relay floor (`EventStore::relay_floor`) in a failed batch:
+    /// the next commit keeps it, as it keeps `failed_gaps` (a floor is sent once, when a link
+    /// starts, and a restart before it is kept would ask for new events only again).
+    failed_floors: Vec<(String, u64)>,
     /// Failed batches not yet logged, and when one last was: on a failing disk every batch
     /// fails (up to a hundred a second), and one line every [`FAILURE_LOG_EVERY`] says as much.
     unlogged_failures: u64,
@@ -581,6 +594,13 @@ impl WriterState {
                 );
             }
         }
+        // Relay floors in this batch, by node, the highest: carried should it fail.
+        let mut floors: Vec<(String, u64)> = Vec::new();
+        for request in &batch {
+            if let Request::RelayFloor { node, seq } = request {
+                merge_highest(&mut floors, node.as_str(), *seq);
+            }
+        }
         let mut answers = Vec::with_capacity(batch.len());
         let mut report = None;
         let mut reserved = None;
@@ -610,10 +630,16 @@ impl WriterState {
         }
         match &outcome {
             // Kept in the meta by this commit (`apply` wrote them).
-            Ok(_) => self.failed_gaps.clear(),
+            Ok(_) => {
+                self.failed_gaps.clear();
+                self.failed_floors.clear();
+            }
             Err(_) => {
                 for (node, seq) in relayed_from {
                     merge_lowest(&mut self.failed_gaps, &node, seq);
+                }
+                for (node, seq) in floors {
+                    merge_highest(&mut self.failed_floors, &node, seq);
                 }
             }
         }
@@ -737,6 +763,15 @@ impl WriterState {
             if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
                 for (node, seq) in &self.failed_gaps {
                     if let Err(error) = tables.note_gap(node, *seq) {
+                        failure = Some(io(error.into()));
+                        break;
+                    }
+                    dirty = true;
+                }
+            }
+            if let Some(tables) = tables.as_mut().filter(|_| failure.is_none()) {
+                for (node, seq) in &self.failed_floors {
+                    if let Err(error) = tables.note_seq(node, *seq) {
                         failure = Some(io(error.into()));
                         break;
                     }
