@@ -282,9 +282,6 @@ pub(crate) struct HostedState<A: Actor> {
     ctx: Context<A::Msg>,
     /// `None` only between a failed incarnation and its replacement.
     current: Option<Incarnation<A>>,
-    /// The kernel's mailbox of a pumped instance until its loop takes it. Whatever is still
-    /// queued in it when it is dropped goes back to the handle (the envelopes' `Drop`).
-    inbox: Option<mpsc::UnboundedReceiver<Envelope<A::Msg>>>,
 }
 
 impl<A: Actor> Drop for HostedState<A> {
@@ -449,10 +446,11 @@ impl<A: Actor> Hosted<A> {
     /// is not repaired in place (a kill interrupts it). Returning hands the actor back to
     /// ractor's loop, which then sees the drain or stop on its own ports; until then ractor's
     /// stop and drain sent by others wait.
-    async fn pump(&self, hosted: &mut HostedState<A>) -> Result<(), ActorError> {
-        let Some(mut inbox) = hosted.inbox.take() else {
-            return Ok(());
-        };
+    async fn pump(
+        &self,
+        hosted: &mut HostedState<A>,
+        mut inbox: mpsc::UnboundedReceiver<Envelope<A::Msg>>,
+    ) -> Result<(), ActorError> {
         let ended = 'pump: loop {
             let Some(mut envelope) = inbox.recv().await else {
                 // Every sender is gone. This instance's own context holds one, so this does not
@@ -567,16 +565,22 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
             Arc::new(AtomicBool::new(false)),
         );
         let state = actor.pre_start(&ctx, args).await?;
-        if inbox.is_some() {
+        if let Some(inbox) = inbox {
             // Queued now, before the spawn returns to the supervisor: ahead of any drain the
             // supervisor may send right after (a sibling failing to start), so the loop always
             // runs first and hands the actor to ractor's drain with `post_stop`.
-            ctx.myself.send_message(HostMsg::Pump)?;
+            //
+            // The kernel's mailbox travels in this message. If the instance ends before its
+            // loop takes it (its `post_start` fails or panics, a kill, a stop), ractor drops
+            // the message with its ports, which it does before it tells the supervisor; what
+            // is queued then goes back to the handle first, as when the loop ends (see `pump`).
+            // Kept in the state instead, it would go back only when ractor drops the state,
+            // after the supervisor heard of the exit and possibly started the next instance.
+            ctx.myself.send_message(HostMsg::Pump(inbox))?;
         }
         Ok(HostedState {
             ctx,
             current: Some(Incarnation { actor, state }),
-            inbox,
         })
     }
 
@@ -609,7 +613,7 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
                 busy.lap();
                 processed.map(|_| ())
             }
-            HostMsg::Pump => self.pump(hosted).await,
+            HostMsg::Pump(inbox) => self.pump(hosted, inbox).await,
         }
     }
 
@@ -635,8 +639,8 @@ impl<A: Actor> ractor::Actor for Hosted<A> {
         _myself: ActorRef<Self::Msg>,
         hosted: &mut Self::State,
     ) -> Result<(), ActorError> {
-        // Stopped before its loop ran: its mailbox closes here, for the reason `pump` gives.
-        drop(hosted.inbox.take());
+        // Stopped before its loop ran: its mailbox closes with ractor's ports, right after this
+        // (see `pre_start`).
         match hosted.current.as_mut() {
             Some(current) => {
                 current

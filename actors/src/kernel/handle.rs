@@ -61,8 +61,10 @@ pub(crate) enum Payload<M> {
 pub(crate) enum HostMsg<M: Send + 'static> {
     /// A message for an actor that takes its messages through ractor's mailbox.
     Deliver(Envelope<M>),
-    /// Starts the loop over the kernel's own mailbox (sent once, after `post_start`).
-    Pump,
+    /// Starts the loop over the kernel's own mailbox, which it carries (sent once, in
+    /// `pre_start`; handled after `post_start`). Dropped unhandled with ractor's ports, it
+    /// closes that mailbox.
+    Pump(mpsc::UnboundedReceiver<Envelope<M>>),
 }
 
 /// Where a handle delivers: one running instance's mailbox.

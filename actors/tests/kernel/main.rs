@@ -7,5 +7,6 @@ mod handles;
 mod node;
 mod providers;
 mod sessions;
+mod startup;
 mod supervision;
 mod support;
