@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable};
-use troupe_actors::event::{BusItem, Event, EventFilter, EventId, OutputStream, StoreResume};
+use troupe_actors::event::{
+    BusItem, Event, EventFilter, EventId, OutputStream, RING_BYTES, StoreResume, ring_charge,
+};
 use troupe_actors::ids::{NodeId, SessionId};
 use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
@@ -328,6 +330,16 @@ pub(super) fn resume(
     node: &NodeId,
     ring_capacity: usize,
 ) -> Result<StoreResume, StoreError> {
+    resume_within(db, node, ring_capacity, RING_BYTES)
+}
+
+/// [`resume`], reading recent events up to `ring_bytes` of ring charge (tests make it small).
+pub(super) fn resume_within(
+    db: &Database,
+    node: &NodeId,
+    ring_capacity: usize,
+    ring_bytes: usize,
+) -> Result<StoreResume, StoreError> {
     let txn = begin(db)?;
     let meta = txn.open_table(META).or_io("open table meta")?;
     let events = txn.open_table(EVENTS).or_io("open table events")?;
@@ -395,8 +407,11 @@ pub(super) fn resume(
     let gaps = node_ids(gaps);
     // The counters matter most (ids must never repeat); the ring is best effort: an unreadable
     // event is left out, and a failure part way keeps what was read.
+    // No more than the ring keeps (its count and its bytes): a log of large events does not
+    // come into memory whole only to be trimmed by the ring.
     let mut recent = Vec::with_capacity(ring_capacity.min(65_536));
     let read_recent = |recent: &mut Vec<BusItem>| -> Result<(), StoreError> {
+        let mut bytes = 0usize;
         for entry in events
             .iter()
             .or_io("read events")?
@@ -405,7 +420,13 @@ pub(super) fn resume(
         {
             let (pos, value) = entry.or_io("read events")?;
             match event(pos.value(), value.value()) {
-                Ok(item) => recent.push(item),
+                Ok(item) => {
+                    bytes += ring_charge(&item.event) as usize;
+                    if bytes > ring_bytes && !recent.is_empty() {
+                        break;
+                    }
+                    recent.push(item);
+                }
                 Err(error) => tracing::warn!(%error, "store: skipping an unreadable event"),
             }
         }

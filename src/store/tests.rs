@@ -1973,3 +1973,30 @@ async fn a_listing_page_of_large_records_ends_at_its_byte_bound_and_goes_on_from
         "two records of two fifths of the bound each fit a page, a third does not"
     );
 }
+
+/// A restart reads no more recent events than the ring keeps by its bytes: a log of large
+/// events does not come into memory whole only to be trimmed by the bus.
+#[tokio::test]
+async fn resume_reads_recent_events_up_to_the_rings_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let last_pos = append_mixed(&store, 10, now_micros());
+    store.flush().await.unwrap();
+    let db = store.inner.db.get().unwrap();
+    let all = read::resume_within(&db, &node(), 100, usize::MAX).unwrap();
+    assert_eq!(all.recent.len() as u64, last_pos);
+    let charge = troupe_actors::event::ring_charge(&all.recent[0].event) as usize;
+    // Room for three events of this size, not four.
+    let three = read::resume_within(&db, &node(), 100, charge * 3 + charge / 2).unwrap();
+    assert_eq!(
+        positions(&three.recent),
+        [last_pos - 2, last_pos - 1, last_pos]
+    );
+    assert_eq!(
+        (three.last_seq, three.last_pos),
+        (all.last_seq, all.last_pos)
+    );
+    // The newest is kept, whatever its size.
+    let one = read::resume_within(&db, &node(), 100, 1).unwrap();
+    assert_eq!(positions(&one.recent), [last_pos]);
+}

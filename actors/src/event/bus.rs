@@ -481,7 +481,8 @@ impl std::ops::Deref for Ring {
 
 /// What an event counts against the ring's [`RING_BYTES`]: three times its size, for itself and
 /// the two renderings the front ends may keep in it. Lengths only: this runs for every event.
-fn ring_charge(event: &Event) -> u32 {
+/// (The store reads no more than [`RING_BYTES`] of them to seed the ring at a restart.)
+pub fn ring_charge(event: &Event) -> u32 {
     u32::try_from(event.approx_bytes().saturating_mul(3)).unwrap_or(u32::MAX)
 }
 
