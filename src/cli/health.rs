@@ -7,6 +7,10 @@ use super::out::{out, outln};
 
 /// `troupe health` options.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exit status: 0 when the node is healthy or degraded, 1 when it is \
+                        unhealthy or cannot be reached."
+)]
 pub(super) struct HealthArgs {
     #[command(flatten)]
     client: ClientArgs,

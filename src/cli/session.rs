@@ -6,7 +6,8 @@
 //! position), starting, running, then the end — as a spinner on a terminal and as plain lines
 //! otherwise. The state comes from the node's event stream (`GET /v1/events`) and the record it
 //! prompts a re-read of, never from polling. `logs --follow` ends with the run too, with the same
-//! exit code.
+//! exit code. Both read on past the `error` events of the output stream and reopen it after the
+//! last line printed when it ends before the run did (up to 5 times in a row without a new line).
 //!
 //! In a cluster, `spawn --on NODE` or `--placement least_loaded [--constraint KEY=VALUE]…`
 //! chooses where the session runs, `list --scope cluster` lists every member's sessions, and
@@ -22,6 +23,8 @@ use eventsource_stream::Eventsource;
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
+use troupe_actors::session::SessionState;
+
 use super::client::{ClientArgs, NodeClient, check};
 use super::out::outln;
 
@@ -29,8 +32,13 @@ use super::out::outln;
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum SessionCommand {
     /// Run a program as a session: `troupe session spawn -- PROGRAM ARGS…`.
+    ///
+    /// Without --detach it follows the run and exits with the run's exit code: 124 when it
+    /// timed out, 130 when it was cancelled, 1 for any other failure without a code.
     Spawn(SpawnArgs),
     /// Run Aider non-interactively as a session.
+    ///
+    /// Without --detach it follows the run and exits as `spawn` does.
     Aider(AiderArgs),
     /// List sessions, newest first.
     List(ListArgs),
@@ -39,6 +47,9 @@ pub(super) enum SessionCommand {
     /// Cancel a session (SIGTERM to its process group, SIGKILL after the grace period).
     Cancel(IdArgs),
     /// Print a session's output.
+    ///
+    /// With --follow it exits with the run's exit code, as `spawn` does: 124 when it timed out,
+    /// 130 when it was cancelled, 1 for any other failure without a code.
     Logs(LogsArgs),
 }
 
@@ -129,9 +140,12 @@ pub(super) struct ListArgs {
     /// each member that did not answer; its open sessions show as `unreachable`).
     #[arg(long, default_value = "local", value_parser = ["local", "cluster"])]
     scope: String,
-    /// At most this many (per node with --scope cluster).
-    #[arg(long, default_value_t = 50)]
-    limit: usize,
+    /// At most this many, 1 to 1000 (per node with --scope cluster).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: u16,
+    /// Go on from where a previous listing stopped (the cursor it printed on stderr).
+    #[arg(long)]
+    cursor: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -157,6 +171,7 @@ pub(super) struct LogsArgs {
     #[arg(value_parser = session_id)]
     id: String,
     /// Keep printing until the run ends, then exit with the run's exit code (as `spawn` does).
+    /// A stream that ends before the run is reopened after the last line printed.
     #[arg(long, short)]
     follow: bool,
 }
@@ -607,25 +622,164 @@ async fn print_output(
             offset = page["next_offset"].as_u64().unwrap_or(offset);
         }
     }
-    let response = client
-        .send(client.get(&format!("/v1/sessions/{id}/output?follow=true")))
-        .await?;
-    let mut events = check(response).await?.bytes_stream().eventsource();
-    while let Some(event) = events.next().await {
-        let event = event.context("the output stream broke")?;
-        let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
-        match event.event.as_str() {
-            "end" => return Ok(data["state"].as_str().map(str::to_owned)),
-            "error" => bail!(
-                "{}",
-                data["message"]
-                    .as_str()
-                    .unwrap_or("the output stream failed")
-            ),
-            _ => print_line(&data, spinner)?,
+    let follower = OutputFollower {
+        client,
+        id,
+        spinner,
+        offset: 0,
+        reconnects: Reconnects::default(),
+        opened: false,
+    };
+    follower.run().await.map(Some)
+}
+
+/// How many times in a row an output stream that ends before the run did is reopened without
+/// a new line in between, before the follower gives up.
+const OUTPUT_RECONNECTS: u32 = 5;
+
+/// When a followed output stream is reopened: after 0.5, 1, 2, 4 and 8 s, then never; a new
+/// line starts the count again.
+#[derive(Debug, Default)]
+struct Reconnects {
+    failures: u32,
+}
+
+impl Reconnects {
+    /// The stream ended early: how long to wait before reopening it, or `None` to give up.
+    fn failed(&mut self) -> Option<Duration> {
+        self.failures += 1;
+        (self.failures <= OUTPUT_RECONNECTS)
+            .then(|| Duration::from_millis(500) * (1 << (self.failures - 1)))
+    }
+
+    /// A line came through.
+    fn progressed(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Why a followed output stream stopped before saying the run ended.
+enum StreamCut {
+    /// Reopening will not help (the node refused the request, stdout is closed).
+    Fatal(anyhow::Error),
+    /// The stream could not be opened (a server error, no connection), broke or ended.
+    Transient(anyhow::Error),
+}
+
+/// Follows a session's output live (`logs --follow`, `spawn`), reopening its stream when it
+/// ends before the run did.
+struct OutputFollower<'a> {
+    client: &'a NodeClient,
+    id: &'a str,
+    spinner: Option<&'a indicatif::ProgressBar>,
+    /// The last line printed: a reopened stream starts after it.
+    offset: u64,
+    reconnects: Reconnects,
+    /// Whether a stream was ever opened: one that never was (no node, no such session) is an
+    /// error at once, not something to wait for.
+    opened: bool,
+}
+
+impl OutputFollower<'_> {
+    /// Prints the output until the run ends; returns its final state.
+    async fn run(mut self) -> anyhow::Result<String> {
+        loop {
+            let cut = match self.follow_once().await {
+                Ok(state) => return Ok(state),
+                Err(StreamCut::Fatal(error)) => return Err(error),
+                Err(StreamCut::Transient(error)) if !self.opened => return Err(error),
+                Err(StreamCut::Transient(error)) => error,
+            };
+            let Some(pause) = self.reconnects.failed() else {
+                bail!(
+                    "the output stream ended early {} times in a row without a new line; \
+                     stopped following (last: {cut:#})",
+                    self.reconnects.failures
+                );
+            };
+            self.note(&format!(
+                "{cut:#}; resuming after line {} in {}s",
+                self.offset,
+                pause.as_secs_f32()
+            ));
+            tokio::time::sleep(pause).await;
         }
     }
-    Ok(None)
+
+    /// A remark on stderr (above the spinner, if there is one).
+    fn note(&self, text: &str) {
+        let line = || eprintln!("troupe: session {}: {text}", self.id);
+        match self.spinner {
+            Some(spinner) => spinner.suspend(line),
+            None => line(),
+        }
+    }
+
+    /// Follows the output once, after line `offset` (moved along as lines are printed), until
+    /// its `end` event says the run ended: returns the final state. The node's `error` events
+    /// are shown and the stream read on: the node retries a failed read of its store, and an
+    /// `error` that is the last event (the session's owner went away, the node gave up on its
+    /// store) is followed by the end of the stream. An `end` whose state is not final (the node
+    /// gave up reading its store while the run went on) ends this stream only.
+    async fn follow_once(&mut self) -> Result<String, StreamCut> {
+        let client = self.client;
+        let path = format!(
+            "/v1/sessions/{}/output?follow=true&offset={}",
+            self.id, self.offset
+        );
+        let response = client
+            .send(client.get(&path))
+            .await
+            .map_err(StreamCut::Transient)?;
+        let transient = response.status().is_server_error();
+        let response = check(response).await.map_err(|error| {
+            if transient {
+                StreamCut::Transient(error)
+            } else {
+                StreamCut::Fatal(error)
+            }
+        })?;
+        self.opened = true;
+        let mut events = response.bytes_stream().eventsource();
+        while let Some(event) = events.next().await {
+            let event = event
+                .context("the output stream broke")
+                .map_err(StreamCut::Transient)?;
+            let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+            match event.event.as_str() {
+                "end" => {
+                    let state = data["state"].as_str().unwrap_or("unknown");
+                    if state
+                        .parse::<SessionState>()
+                        .is_ok_and(SessionState::is_terminal)
+                    {
+                        return Ok(state.to_owned());
+                    }
+                    return Err(StreamCut::Transient(anyhow::anyhow!(
+                        "the output stream ended while the session was {state}"
+                    )));
+                }
+                "error" => self.note(&format!(
+                    "the output stream reported: {}",
+                    data["message"].as_str().unwrap_or("an error")
+                )),
+                _ => {
+                    let line = data["line"].as_u64();
+                    if line.is_some_and(|line| line <= self.offset) {
+                        continue;
+                    }
+                    print_line(&data, self.spinner).map_err(StreamCut::Fatal)?;
+                    if let Some(line) = line {
+                        self.offset = line;
+                    }
+                    self.reconnects.progressed();
+                }
+            }
+        }
+        Err(StreamCut::Transient(anyhow::anyhow!(
+            "the output stream ended before the run did"
+        )))
+    }
 }
 
 fn print_line(line: &Value, spinner: Option<&indicatif::ProgressBar>) -> anyhow::Result<()> {
@@ -662,7 +816,10 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     for kind in &args.kinds {
         query.append_pair("kind", kind);
     }
-    query.append_pair("limit", &args.limit.clamp(1, 1000).to_string());
+    query.append_pair("limit", &args.limit.to_string());
+    if let Some(cursor) = &args.cursor {
+        query.append_pair("cursor", cursor);
+    }
     let cluster = args.scope == "cluster";
     if cluster {
         query.append_pair("scope", "cluster");
@@ -670,6 +827,7 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let page = get_json(&client, &format!("/v1/sessions?{}", query.finish())).await?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&page)?)?;
+        note_next_page(&page);
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(nodes) = page["nodes"].as_object() {
@@ -716,7 +874,20 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             command
         )?;
     }
+    note_next_page(&page);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr, when a listing page has a `next_cursor`, that the listing goes on and how
+/// to get the rest: a page holds at most `limit` sessions, and examines at most 10,000 (a page
+/// of a narrow filter may hold fewer, or none, though more match further on).
+fn note_next_page(page: &Value) {
+    if let Some(cursor) = page["next_cursor"].as_str() {
+        eprintln!(
+            "troupe: the listing goes on: run the same command with --cursor {cursor} for the \
+             next page"
+        );
+    }
 }
 
 fn print_record(record: &Value, json: bool) -> anyhow::Result<()> {
@@ -819,6 +990,19 @@ mod tests {
             let error = session_id(bad).unwrap_err();
             assert!(error.contains("invalid session id"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn an_output_stream_is_reopened_after_growing_pauses_until_a_line_comes() {
+        let mut reconnects = Reconnects::default();
+        let pauses: Vec<_> = std::iter::from_fn(|| reconnects.failed()).collect();
+        assert_eq!(
+            pauses,
+            [500, 1000, 2000, 4000, 8000].map(Duration::from_millis),
+            "then it gives up"
+        );
+        reconnects.progressed();
+        assert_eq!(reconnects.failed(), Some(Duration::from_millis(500)));
     }
 
     #[test]

@@ -581,3 +581,114 @@ fn open_files_limit(pid: &str, name: &str, column: usize) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// A stand-in for a node that serves one session's output in pieces, as a node can: a first
+/// stream with an `error` event between two lines (a failed read of its store, which it
+/// retries) that then ends without `end` (its connection went away), a second with an `end`
+/// whose state is not final (the node gave up on its store while the run went on), a third
+/// with the real end. Answers the session's record as failed with code 3; returns the `offset`
+/// of each output request it got.
+fn serve_output_in_pieces(
+    listener: tokio::net::TcpListener,
+    id: String,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let offsets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = offsets.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let (id, seen) = (id.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+                let line = |n: u32, text: &str| {
+                    format!(
+                        "id: {n}\ndata: {{\"line\": {n}, \"stream\": \"stdout\", \"text\": \"{text}\"}}\n\n"
+                    )
+                };
+                let response = if let Some(query) =
+                    target.strip_prefix(&format!("/v1/sessions/{id}/output?"))
+                {
+                    let offset = query
+                        .split('&')
+                        .find_map(|pair| pair.strip_prefix("offset="))
+                        .unwrap_or("none")
+                        .to_owned();
+                    let body = match offset.as_str() {
+                        "0" => format!(
+                            "{}event: error\ndata: {{\"message\": \"cannot read the store\"}}\n\n{}",
+                            line(1, "one"),
+                            line(2, "two")
+                        ),
+                        "2" => format!(
+                            "{}event: end\ndata: {{\"state\": \"running\"}}\n\n",
+                            line(3, "three")
+                        ),
+                        _ => "event: end\ndata: {\"state\": \"failed\"}\n\n".to_owned(),
+                    };
+                    seen.lock().unwrap().push(offset);
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: \
+                         close\r\n\r\n{body}"
+                    )
+                } else if target == format!("/v1/sessions/{id}") {
+                    let body = format!(r#"{{"id": "{id}", "state": "failed", "exit_code": 3}}"#);
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: \
+                         {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned()
+                };
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    offsets
+}
+
+/// Regression: `troupe session logs --follow` stopped at the first `error` event of the output
+/// stream (exit 1, the rest of the output unprinted), and took a stream that ended without
+/// the run's end for the end. It reads on past the error, reopens the stream after the last
+/// line printed, and exits with the run's code.
+#[tokio::test]
+async fn logs_follow_reads_past_an_error_and_resumes_a_stream_that_ended_early() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let id = "s-01jq2k3m4n5p6q7r";
+    let offsets = serve_output_in_pieces(listener, id.to_owned());
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(troupe_bin())
+            .args(["session", "logs", id, "--follow", "--node", &url])
+            .args(["--token", "t"])
+            .env_remove("TROUPE_URL")
+            .env_remove("TROUPE_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the command finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "the run's code: {stderr}");
+    assert_eq!(stdout, "one\ntwo\nthree\n", "each line once: {stderr}");
+    assert_eq!(*offsets.lock().unwrap(), ["0", "2", "3"], "{stderr}");
+    assert!(stderr.contains("cannot read the store"), "{stderr}");
+    assert!(stderr.contains("resuming after line 2"), "{stderr}");
+}

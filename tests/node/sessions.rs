@@ -794,6 +794,33 @@ async fn the_cli_spawns_follows_lists_shows_and_cancels_sessions() {
     assert_eq!(status.code(), Some(0));
     let page: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(page["sessions"].as_array().unwrap().len(), 2, "{stdout}");
+    // A page that does not end the listing says so on stderr, with the cursor that goes on
+    // (stdout stays the listing); --cursor goes on from there.
+    let (status, stdout, stderr) = run_cli(node, &["session", "list", "--limit", "1"]).await;
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with(&id), "newest first: {stdout}");
+    let cursor = stderr
+        .split_whitespace()
+        .skip_while(|word| *word != "--cursor")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a cursor on stderr: {stderr}"));
+    let (status, stdout, stderr) = run_cli(
+        node,
+        &["session", "list", "--limit", "1", "--cursor", cursor],
+    )
+    .await;
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(!stdout.contains(&id), "the next page: {stdout}");
+    let (status, stdout, stderr) =
+        run_cli(node, &["session", "list", "--limit", "1", "--json"]).await;
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let page: Value = serde_json::from_str(&stdout).expect("stdout is the JSON page");
+    assert_eq!(page["next_cursor"], cursor);
+    // A limit the node would not take is refused, not changed.
+    let (status, _, stderr) = run_cli(node, &["session", "list", "--limit", "5000"]).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
     let (status, stdout, _) = run_cli(node, &["session", "show", &id]).await;
     assert_eq!(status.code(), Some(0));
     assert!(stdout.contains(&id), "{stdout}");
