@@ -216,13 +216,14 @@ pub struct OutputArgs {
     pub limit: Option<usize>,
 }
 
-/// A tool result with the API's error envelope.
+/// A tool result with the API's error envelope (`details` is `{}` when there are none, as
+/// over REST).
 fn tool_error(error: ApiError) -> CallToolResult {
     CallToolResult::structured_error(json!({
         "error": {
             "code": error.code,
             "message": error.message,
-            "details": error.details,
+            "details": error.details.unwrap_or_else(|| json!({})),
         }
     }))
 }

@@ -226,6 +226,12 @@ async fn tools_are_listed_with_schemas_and_called_over_streamable_http() {
         unknown["result"]["structuredContent"]["error"]["code"],
         "unknown_session"
     );
+    // Without details, `{}` as over REST.
+    assert_eq!(
+        unknown["result"]["structuredContent"]["error"]["details"],
+        json!({}),
+        "{unknown}"
+    );
     let (_, refused) = call(
         node,
         &node.token,
@@ -245,6 +251,11 @@ async fn tools_are_listed_with_schemas_and_called_over_streamable_http() {
     .await;
     assert_eq!(bad_args["result"]["isError"], true, "{bad_args}");
     assert!(bad_args.to_string().contains("unknown field"), "{bad_args}");
+    // rmcp's own tool error: a text message, no envelope.
+    assert!(
+        bad_args["result"]["structuredContent"].is_null(),
+        "{bad_args}"
+    );
     // Unknown methods are JSON-RPC errors (rmcp answers them with HTTP 404 on 2026-07-28).
     let response = post(
         node,
