@@ -718,11 +718,12 @@ async fn a_relay_floor_in_a_failed_batch_is_kept_by_the_next_commit() {
     };
     let store = open_with(dir.path(), config.clone()).await;
     store.fail_event_batches(1);
-    // One batch: an append (which lingers), the floor, and a flush (which ends the linger).
+    // One batch: an append (which lingers) and the floor (which ends the linger); the flush
+    // lands in it or in the next one, depending on when the writer wakes.
     store.append(&item(1, p1.clone(), 1));
     store.until_lingering().await;
     store.relay_floor(&p2, 50);
-    store.flush().await.unwrap_err();
+    let _ = store.flush().await;
     assert_eq!(store.stats().failed_batches, 1);
     store.flush().await.unwrap();
     store.close().await.unwrap();
