@@ -41,7 +41,7 @@ use crate::session::{
     SessionContext, SessionManager, SessionSettings, SessionStats, SessionStore, SpecLimits,
 };
 use crate::supervisor::{
-    ChildPolicy, ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorArgs,
+    self, ChildPolicy, ChildSpec, RestartIntensity, Strategy, Supervisor, SupervisorArgs,
     SupervisorConfig, SupervisorHandle,
 };
 
@@ -413,7 +413,10 @@ impl NodeTree {
     }
 
     /// Stops the tree: every supervisor stops its children in reverse start order, each
-    /// gracefully within its timeout, then killed. Afterwards every handle reports `Stopped`.
+    /// gracefully within its timeout, then killed. The root stops within `timeout` in all (after
+    /// the sessions' drain, which may take up to `timeout` too): its children share it, each
+    /// getting at most what is left minus a reserve for those stopped after it, so the event
+    /// bus, stopped last, keeps its reserve. Afterwards every handle reports `Stopped`.
     pub async fn shutdown(&self, timeout: Duration) {
         if let Some((_, membership)) = &self.cluster
             && !self.has_exited()
@@ -443,16 +446,17 @@ impl NodeTree {
             }
         }
         if !self.has_exited() {
-            let stopped = self
-                .root_cell
-                .stop_and_wait(Some("shutdown".to_owned()), Some(timeout))
-                .await;
-            if stopped.is_err() {
+            // The root's children share `timeout` (see `supervisor::stop_within`): the branches
+            // stopped first cannot take the time of the event bus, stopped last, which writes
+            // what is queued and releases its id block in `post_stop`.
+            let stopped =
+                supervisor::stop_within(&self.root_cell, Some("shutdown".to_owned()), timeout)
+                    .await;
+            if !stopped {
                 tracing::warn!(
                     timeout_ms = timeout.as_millis() as u64,
-                    "the tree did not stop in time; killing it"
+                    "the tree did not stop in time; it was killed"
                 );
-                let _ = self.root_cell.kill_and_wait(None).await;
             }
         }
         for (_, entry) in self.directory.list() {

@@ -30,10 +30,16 @@
 //!   child exits and the supervisor handles it here.
 //! - In one_for_all and rest_for_one, a temporary sibling stopped because another child failed is
 //!   not restarted: it is removed, as in OTP.
+//! - Stopping: children stop in reverse start order, each gracefully within its [`Shutdown`]
+//!   timeout, then killed. A supervisor stopped with a deadline (by its parent, which kills it
+//!   after its own shutdown timeout, or by [`stop_within`]) fits its children's stops into it:
+//!   each may take at most what is left minus a reserve for those stopped after it, so the last
+//!   ones still stop gracefully when the first ones hang (see `stop::StopBudget`).
 
 mod book;
 mod restart;
 mod spec;
+mod stop;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -43,6 +49,7 @@ use ractor::{ActorId, RpcReplyPort, SupervisionEvent};
 
 pub use restart::{Backoff, ChildRestarts, RestartDecision, RestartIntensity, RestartTracker};
 pub use spec::{ChildPolicy, ChildSpec, Shutdown, Strategy};
+pub use stop::stop_within;
 
 use crate::event::{ActorEscalated, ActorRestarted, EventBus, EventData};
 use crate::ids::ActorPath;
@@ -51,6 +58,7 @@ use crate::kernel::{
     HandleStatus, InPlaceRestarts, Instance,
 };
 use book::{ChildRestartHook, RestartBook, Unannounced};
+use stop::{StopBudget, StopBy};
 
 /// How long callers wait for a supervisor to start a dynamic child.
 pub const START_CHILD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -252,7 +260,7 @@ impl Actor for Supervisor {
             let index = state.children.len() - 1;
             if let Err(reason) = state.start_one(ctx, index).await {
                 let path = state.children[index].spec.path.clone();
-                state.stop_all().await;
+                state.stop_all(None).await;
                 return Err(format!("child {path} failed to start: {reason}").into());
             }
         }
@@ -351,12 +359,12 @@ impl Actor for Supervisor {
 
     async fn post_stop(
         &self,
-        _ctx: &Context<Self::Msg>,
+        ctx: &Context<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorError> {
         state.announce_in_place();
         state.pending.clear();
-        state.stop_all().await;
+        state.stop_all(stop::deadline_of(&ctx.cell())).await;
         // Children restarted in place while they were being stopped.
         state.announce_in_place();
         Ok(())
@@ -401,7 +409,7 @@ impl SupervisorState {
             return false;
         };
         self.children[index].spec.starter.stop_for_good();
-        self.stop_child(index).await;
+        self.stop_child(index, None).await;
         self.forget(index);
         true
     }
@@ -520,7 +528,7 @@ impl SupervisorState {
                         } else {
                             self.children[sibling].spec.starter.unbind();
                         }
-                        self.stop_child(sibling).await;
+                        self.stop_child(sibling, None).await;
                     }
                 }
                 // OTP: a temporary sibling stopped for this restart is not restarted; it goes.
@@ -745,7 +753,7 @@ impl SupervisorState {
             );
         }
         self.pending.clear();
-        self.stop_all().await;
+        self.stop_all(None).await;
         // Children restarted in place while they were being stopped: this instance ends with an
         // error, without `post_stop`.
         self.announce_in_place();
@@ -759,14 +767,29 @@ impl SupervisorState {
 
     /// Stops every child in reverse start order. Static children's handles wait for the next
     /// instance of this supervisor; dynamic children are forgotten (their handles stop).
-    async fn stop_all(&mut self) {
-        for index in (0..self.children.len()).rev() {
+    ///
+    /// With a `deadline` (the one this supervisor's own stop must keep), each child's timeout
+    /// is cut to what [`StopBudget`] allows it, so that the children stopped last still get
+    /// their reserve however long the first ones take; without, each child gets its own.
+    async fn stop_all(&mut self, deadline: Option<tokio::time::Instant>) {
+        let order: Vec<usize> = (0..self.children.len()).rev().collect();
+        let budget = deadline.map(|deadline| {
+            let timeouts: Vec<Duration> = order
+                .iter()
+                .map(|&index| self.stop_timeout(index))
+                .collect();
+            StopBudget::new(deadline, tokio::time::Instant::now(), &timeouts)
+        });
+        for (position, &index) in order.iter().enumerate() {
             if self.children[index].dynamic {
                 self.children[index].spec.starter.stop_for_good();
             } else {
                 self.children[index].spec.starter.unbind();
             }
-            self.stop_child(index).await;
+            let allowed = budget
+                .as_ref()
+                .map(|budget| budget.allowed(position, tokio::time::Instant::now()));
+            self.stop_child(index, allowed).await;
         }
         let dynamic: Vec<usize> = (0..self.children.len())
             .rev()
@@ -777,8 +800,20 @@ impl SupervisorState {
         }
     }
 
-    /// Stops one child gracefully within its shutdown timeout, then kills it.
-    async fn stop_child(&mut self, index: usize) {
+    /// How long the child at `index` may take to stop on its own: zero when it does not run
+    /// or is killed at once.
+    fn stop_timeout(&self, index: usize) -> Duration {
+        let child = &self.children[index];
+        match (&child.instance, child.spec.shutdown) {
+            (Some(_), Shutdown::Graceful(timeout)) => timeout,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Stops one child gracefully within its shutdown timeout (or within `allowed`, when that
+    /// is shorter), then kills it. A supervisor child is told the deadline, to fit its own
+    /// children's stops into it.
+    async fn stop_child(&mut self, index: usize, allowed: Option<Duration>) {
         let child = &mut self.children[index];
         let Some(instance) = child.instance.take() else {
             return;
@@ -788,7 +823,9 @@ impl SupervisorState {
         self.book.allow_in_place(&child.spec.path, false);
         self.exiting.insert(cell.get_id());
         match child.spec.shutdown {
-            Shutdown::Graceful(timeout) => {
+            Shutdown::Graceful(own) => {
+                let timeout = allowed.map_or(own, |allowed| allowed.min(own));
+                let _stop_by = StopBy::new(cell, tokio::time::Instant::now() + timeout);
                 instance.request_drain();
                 match cell.drain_and_wait(Some(timeout)).await {
                     Ok(()) => {}
@@ -797,6 +834,7 @@ impl SupervisorState {
                             supervisor = %self.path,
                             child = %child.spec.path,
                             timeout_ms = timeout.as_millis() as u64,
+                            shutdown_ms = own.as_millis() as u64,
                             "child did not stop in time; killing it"
                         );
                         let _ = cell.kill_and_wait(None).await;

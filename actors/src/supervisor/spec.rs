@@ -41,7 +41,9 @@ pub enum ChildPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {
     /// Let it handle the messages already queued and run `post_stop`, for at most this long;
-    /// then kill it.
+    /// then kill it. When the supervisor's own stop has a deadline, the child may get less:
+    /// what is left of the supervisor's budget minus a reserve for the children stopped after
+    /// it (each the smaller of that child's own timeout and an equal share of the budget).
     Graceful(Duration),
     /// Kill it at once (no `post_stop`).
     Kill,
@@ -50,7 +52,8 @@ pub enum Shutdown {
 impl Shutdown {
     /// Default for workers.
     pub const WORKER: Self = Self::Graceful(Duration::from_secs(5));
-    /// Default for supervisors: long enough for their own children's timeouts.
+    /// Default for supervisors. A supervisor child is told when this ends and fits its own
+    /// children's stops into it (see [`Shutdown::Graceful`]).
     pub const SUPERVISOR: Self = Self::Graceful(Duration::from_secs(60));
 }
 

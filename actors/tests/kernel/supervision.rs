@@ -11,7 +11,7 @@ use troupe_actors::event::{EventBus, EventBusConfig, EventData};
 use troupe_actors::ids::ActorPath;
 use troupe_actors::kernel::{self, ActorHandle, CallError, FaultKind, HandleStatus, SendErrorKind};
 use troupe_actors::supervisor::{
-    Backoff, ChildPolicy, ChildSpec, RestartIntensity, Shutdown, StartChildError, Strategy,
+    self, Backoff, ChildPolicy, ChildSpec, RestartIntensity, Shutdown, StartChildError, Strategy,
     Supervisor, SupervisorArgs, SupervisorConfig, SupervisorHandle,
 };
 
@@ -603,6 +603,110 @@ async fn dynamic_children_follow_their_policies_and_the_max_children_bound() {
     assert!(supervisor.terminate_child("transient").await.unwrap());
     assert!(!supervisor.terminate_child("transient").await.unwrap());
     assert_eq!(transient_handle.status(), HandleStatus::Stopped);
+}
+
+/// A supervisor with a stop budget and two children: `hung` (stopped first: busy for an hour, so
+/// its drain never gets through; a 60 s shutdown timeout) and `last` (stopped last, logs
+/// "last stopped" in `post_stop`). `hung` is busy and the log is clear when this returns.
+fn hung_then_last(
+    path: &ActorPath,
+    log: &Log,
+) -> (SupervisorArgs, ActorHandle<ProbeMsg>, ActorHandle<ProbeMsg>) {
+    let (last_spec, last) = probe_spec(path, &ProbeArgs::new("last", log));
+    let (hung_spec, hung) = probe_spec(path, &ProbeArgs::new("hung", log));
+    let args = SupervisorArgs {
+        children: vec![
+            last_spec,
+            hung_spec.shutdown(Shutdown::Graceful(Duration::from_secs(60))),
+        ],
+        ..SupervisorArgs::default()
+    };
+    (args, last, hung)
+}
+
+async fn make_busy(hung: &ActorHandle<ProbeMsg>, log: &Log) {
+    assert!(hung.wait_running().await);
+    hung.cast(ProbeMsg::Busy(Duration::from_secs(3600)))
+        .unwrap();
+    tokio::task::yield_now().await;
+    log.clear();
+}
+
+/// A supervisor given 10 s to stop (its parent kills it after its 10 s shutdown timeout) does
+/// not give its first child the 60 s of that child's own timeout: the child is killed after
+/// 10 s minus the reserve of the child stopped after it (the smaller of its own 5 s and half of
+/// the 10 s), and the last child still stops gracefully, its `post_stop` run, before the parent's
+/// deadline. Each child getting its own full timeout, the supervisor would be killed at 10 s,
+/// and the last child with it, without `post_stop`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_hung_child_does_not_take_the_stop_budget_of_the_children_stopped_after_it() {
+    let (capture, _guard) = Capture::install();
+    let log = Log::default();
+    let outer_path = ActorPath::root().child("outer");
+    let mid_path = outer_path.child("mid");
+    let (mid_args, _last, hung) = hung_then_last(&mid_path, &log);
+    let mid: SupervisorHandle = ActorHandle::new(mid_path);
+    let outer: SupervisorHandle = ActorHandle::new(outer_path);
+    let (outer_cell, _) = kernel::spawn(
+        Supervisor,
+        SupervisorArgs {
+            children: vec![
+                ChildSpec::supervisor(&mid, move || (Supervisor, mid_args.clone()))
+                    .shutdown(Shutdown::Graceful(Duration::from_secs(10))),
+            ],
+            ..SupervisorArgs::default()
+        },
+        &outer,
+    )
+    .await
+    .unwrap();
+    make_busy(&hung, &log).await;
+
+    let before = tokio::time::Instant::now();
+    let stopping = tokio::spawn(async move { outer_cell.stop_and_wait(None, None).await });
+    let logged = tokio::time::timeout(Duration::from_secs(10), log.wait_for("last stopped")).await;
+    assert!(
+        logged.is_ok(),
+        "the last child did not stop gracefully within its supervisor's 10 s: {:?}",
+        log.lines()
+    );
+    assert_eq!(before.elapsed(), Duration::from_secs(5));
+    stopping.await.unwrap().unwrap();
+    assert_eq!(
+        log.lines(),
+        ["last stopped"],
+        "hung was killed: no post_stop"
+    );
+    let kills = capture.with_message(Level::WARN, "child did not stop in time; killing it");
+    assert_eq!(kills.len(), 1, "mid stopped in time: {kills:?}");
+    assert_eq!(kills[0].fields["child"], "outer/mid/hung");
+    assert_eq!(kills[0].fields["timeout_ms"], "5000");
+    assert_eq!(kills[0].fields["shutdown_ms"], "60000");
+}
+
+/// The same for a supervisor without a parent (a node's root) stopped with `stop_within`.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_root_stopped_within_a_timeout_shares_it_among_its_children() {
+    let log = Log::default();
+    let path = ActorPath::root().child("root");
+    let (args, _last, hung) = hung_then_last(&path, &log);
+    let root: SupervisorHandle = ActorHandle::new(path);
+    let (cell, _) = kernel::spawn(Supervisor, args, &root).await.unwrap();
+    make_busy(&hung, &log).await;
+
+    let before = tokio::time::Instant::now();
+    let stopping = tokio::spawn(async move {
+        supervisor::stop_within(&cell, Some("shutdown".to_owned()), Duration::from_secs(10)).await
+    });
+    let logged = tokio::time::timeout(Duration::from_secs(10), log.wait_for("last stopped")).await;
+    assert!(
+        logged.is_ok(),
+        "the last child did not stop gracefully within the root's 10 s: {:?}",
+        log.lines()
+    );
+    assert_eq!(before.elapsed(), Duration::from_secs(5));
+    assert!(stopping.await.unwrap(), "the root stopped gracefully");
+    assert_eq!(log.lines(), ["last stopped"]);
 }
 
 /// Waits (in paused time) until `handle` is stopped for good; false if an hour passes first.
