@@ -42,24 +42,33 @@ use tokio::time::{Instant, Sleep};
 /// 60 s, only a client taking less than about 1 KB/s is cut.
 pub(crate) const NOT_SENT_LOW_WATER: u32 = 128 * 1024;
 
-/// Readies an accepted connection for the deadline (see [`NOT_SENT_LOW_WATER`]), and has the
-/// kernel end it once what it sent stays unacknowledged for `limit` (`TCP_USER_TIMEOUT`): a
-/// client that vanished without a word (its machine or network gone) is found then, rather
-/// than after TCP's own retransmission give-up (about 15 minutes), even while all the node
-/// writes is an event stream's heartbeat, too little to ever fill the socket and stall a write.
-pub(crate) fn prepare(stream: &TcpStream, limit: Duration) {
+/// How long what the node sent may stay unacknowledged before the kernel drops the connection
+/// (`TCP_USER_TIMEOUT`): five times the send deadline, and at least a minute. A client that
+/// vanished without a word (its machine or network gone) is found then, rather than after TCP's
+/// own retransmission give-up (about 15 minutes), even while all the node writes is an event
+/// stream's heartbeat, too little to ever stall a write. It must come well after the send
+/// deadline: the kernel's drop is silent (no FIN, no reset reaches the client), and it also
+/// counts a live client whose receive window stays shut, which the send deadline closes first
+/// with an orderly end the client can read.
+pub(crate) fn unacknowledged_limit(send_timeout: Duration) -> Duration {
+    (send_timeout * 5).max(Duration::from_secs(60))
+}
+
+/// Readies an accepted connection for the deadline (see [`NOT_SENT_LOW_WATER`]) and for a
+/// client that vanishes ([`unacknowledged_limit`]).
+pub(crate) fn prepare(stream: &TcpStream, send_timeout: Duration) {
     #[cfg(target_os = "linux")]
     {
         let socket = socket2::SockRef::from(stream);
         if let Err(error) = socket.set_tcp_notsent_lowat(NOT_SENT_LOW_WATER) {
             tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
         }
-        if let Err(error) = socket.set_tcp_user_timeout(Some(limit)) {
+        if let Err(error) = socket.set_tcp_user_timeout(Some(unacknowledged_limit(send_timeout))) {
             tracing::debug!(%error, "cannot set TCP_USER_TIMEOUT");
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (stream, limit);
+    let _ = (stream, send_timeout);
 }
 
 /// A listener whose connections give up writes that make no progress for `limit`.
@@ -499,13 +508,14 @@ mod tests {
     }
 
     /// A client that vanishes without a word is found by the kernel once the node's bytes stay
-    /// unacknowledged for the limit (loopback cannot lose packets; the option is what tells).
+    /// unacknowledged for five send deadlines (loopback cannot lose packets; the option is what
+    /// tells).
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn an_accepted_connection_is_ended_by_the_kernel_when_its_bytes_stay_unacknowledged() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut listener = DeadlineListener::new(listener, Duration::from_secs(7));
+        let mut listener = DeadlineListener::new(listener, Duration::from_secs(30));
         let (client, (accepted, _)) = tokio::join!(
             TcpStream::connect(addr),
             axum::serve::Listener::accept(&mut listener)
@@ -514,7 +524,12 @@ mod tests {
         let socket = socket2::SockRef::from(accepted.get_ref());
         assert_eq!(
             socket.tcp_user_timeout().unwrap(),
-            Some(Duration::from_secs(7))
+            Some(Duration::from_secs(150))
+        );
+        // Never near the send deadline, whose orderly close must come first.
+        assert_eq!(
+            unacknowledged_limit(Duration::from_secs(1)),
+            Duration::from_secs(60)
         );
     }
 
