@@ -289,6 +289,7 @@ impl NodeBuilder {
             node_id.clone(),
             tree.events.clone(),
         );
+        report_store_failures(&store, &tree.health);
         let mut metrics = NodeMetrics::new(
             tree.directory.clone(),
             tree.events.clone(),
@@ -755,6 +756,30 @@ impl NodeHandle {
             tracing::info!(node = %core.node_id, "node stopped");
         }
     }
+}
+
+/// Keeps the node's health told whether the store can write: the `store` component is degraded
+/// while its write batches fail (a full disk, an I/O error; the store reopens its file and tries
+/// again with each batch), and leaves the report once one commits again. Ends with the store.
+fn report_store_failures(store: &Store, health: &troupe_actors::health::Health) {
+    let mut failure = store.write_failure();
+    let health = health.clone();
+    tokio::spawn(async move {
+        while failure.changed().await.is_ok() {
+            let error = failure.borrow_and_update().clone();
+            match error {
+                Some(error) => health.report_component(
+                    "store",
+                    troupe_actors::health::HealthStatus::Degraded,
+                    format!(
+                        "writes fail ({error}); sessions, output and events are not stored until \
+                         one commits again (see troupe_store_failed_batches_total)"
+                    ),
+                ),
+                None => health.forget_component("store"),
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -151,6 +151,8 @@ struct Inner {
     reservation: Arc<Reservation>,
     /// Where the writer has got to with event appends ([`EventStore::written`]).
     written: tokio::sync::watch::Receiver<writer::Written>,
+    /// See [`Store::write_failure`].
+    failing: tokio::sync::watch::Receiver<Option<String>>,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -250,6 +252,7 @@ impl Store {
         let reservation = Arc::new(Reservation::new(reserved));
         let (tx, rx) = mpsc::channel();
         let (written_tx, written) = tokio::sync::watch::channel(writer::Written::default());
+        let (failing_tx, failing) = tokio::sync::watch::channel(None);
         let writer = Writer {
             db: db.clone(),
             node: node.clone(),
@@ -258,6 +261,7 @@ impl Store {
             stats: stats.clone(),
             reservation: reservation.clone(),
             written: written_tx,
+            failing: failing_tx,
         };
         let thread = std::thread::Builder::new()
             .name("troupe-store".into())
@@ -272,6 +276,7 @@ impl Store {
                 stats,
                 reservation,
                 written,
+                failing,
                 tx: Some(tx),
                 thread: Some(thread),
             }),
@@ -305,6 +310,13 @@ impl Store {
             pruned_events: stats.pruned_events.load(Ordering::Relaxed),
             pruned_sessions: stats.pruned_sessions.load(Ordering::Relaxed),
         }
+    }
+
+    /// While write batches fail (a full disk, an I/O error), the error of the first of them;
+    /// `None` again once one commits. Changes only at those two moments (the node reports it
+    /// to its health).
+    pub fn write_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.inner.failing.clone()
     }
 
     /// [`Store::open`] on a file whose writes fail with ENOSPC while `full` is set.

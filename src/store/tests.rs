@@ -1889,6 +1889,13 @@ async fn after_a_write_fails_for_a_full_disk_the_store_writes_again_once_there_i
     let error = store.create(record("s-2", now_micros())).await.unwrap_err();
     assert!(error.to_string().contains("No space left"), "{error}");
     assert_eq!(store.stats().failed_batches, 1);
+    let failure = store.write_failure().borrow().clone();
+    assert!(
+        failure
+            .as_deref()
+            .is_some_and(|error| error.contains("No space left")),
+        "{failure:?}"
+    );
 
     full.store(false, Ordering::Relaxed);
     store.create(record("s-3", now_micros())).await.unwrap();
@@ -1905,6 +1912,7 @@ async fn after_a_write_fails_for_a_full_disk_the_store_writes_again_once_there_i
         "rolled back"
     );
     assert_eq!(store.stats().failed_batches, 1);
+    assert_eq!(*store.write_failure().borrow(), None, "writes commit again");
 
     // Reopened on the same file: what it holds is what a restart finds.
     store.close().await.unwrap();

@@ -297,6 +297,8 @@ pub(super) struct Writer {
     /// Where the writer has got to with event appends, and which of them failed (also counted
     /// in `failed_batches`, logged). Dropped with the writer, which ends every wait on it.
     pub(super) written: tokio::sync::watch::Sender<Written>,
+    /// The error of the first failed batch while batches fail; `None` once one commits.
+    pub(super) failing: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Writer {
@@ -311,6 +313,7 @@ impl Writer {
             stats,
             reservation,
             written,
+            failing,
         } = self;
         let mut state = WriterState {
             node,
@@ -318,6 +321,7 @@ impl Writer {
             stats,
             reservation,
             written,
+            failing,
             next_age_prune: Instant::now(),
             prune_backlog: false,
             session_sweep: None,
@@ -472,6 +476,7 @@ struct WriterState {
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
     written: tokio::sync::watch::Sender<Written>,
+    failing: tokio::sync::watch::Sender<Option<String>>,
     next_age_prune: Instant,
     prune_backlog: bool,
     /// The automatic session retention sweep under way, if one stopped at its bounds.
@@ -645,6 +650,8 @@ impl WriterState {
         }
         match outcome {
             Ok(committed) => {
+                self.failing
+                    .send_if_modified(|failing| failing.take().is_some());
                 if self.failure_logged_at.take().is_some() {
                     tracing::info!(
                         unlogged_failures = std::mem::take(&mut self.unlogged_failures),
@@ -685,6 +692,13 @@ impl WriterState {
                 self.prune_backlog = false;
                 self.session_sweep = None;
                 self.next_age_prune = Instant::now() + self.prune_interval();
+                self.failing.send_if_modified(|failing| {
+                    let first = failing.is_none();
+                    if first {
+                        *failing = Some(error.to_string());
+                    }
+                    first
+                });
                 self.unlogged_failures += 1;
                 if self
                     .failure_logged_at
