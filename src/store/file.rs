@@ -140,6 +140,13 @@ impl DbSlot {
         }
     }
 
+    /// Whether a reopen may be tried now, the last one having been at `last`: at most one every
+    /// [`REOPEN_EVERY`] (a reopen may repair the file, which reads all of it; while the disk is
+    /// full every batch fails, up to a hundred a second).
+    pub(super) fn reopen_due(&self, last: Option<Instant>) -> bool {
+        last.is_none_or(|at| at.elapsed() >= self.reopen_every)
+    }
+
     /// For the writer, before a batch: the database, opening the file again first when an
     /// earlier reopen could not (at most every [`REOPEN_EVERY`]).
     pub(super) fn for_writer(
@@ -149,7 +156,7 @@ impl DbSlot {
         if let Ok(db) = self.get() {
             return Ok(db);
         }
-        if last_attempt.is_some_and(|at| at.elapsed() < self.reopen_every) {
+        if !self.reopen_due(*last_attempt) {
             return self.get();
         }
         *last_attempt = Some(Instant::now());

@@ -376,6 +376,7 @@ impl Writer {
                 Ok(current) => {
                     let outcome = state.commit(Ok(&current), batch, &mut closers);
                     if let Err(error) = &outcome
+                        && db.reopen_due(last_reopen)
                         && DbSlot::poisoned(&current)
                     {
                         drop(current);
