@@ -147,6 +147,11 @@ impl DbSlot {
         last.is_none_or(|at| at.elapsed() >= self.reopen_every)
     }
 
+    /// How soon the writer tries again while batches fail and nothing else comes.
+    pub(super) fn retry_every(&self) -> Duration {
+        self.reopen_every.max(Duration::from_millis(10))
+    }
+
     /// For the writer, before a batch: the database, opening the file again first when an
     /// earlier reopen could not (at most every [`REOPEN_EVERY`]).
     pub(super) fn for_writer(

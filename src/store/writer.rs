@@ -333,16 +333,23 @@ impl Writer {
         let mut closers = Vec::new();
         let mut closed = Ok(());
         let mut last_commit = Instant::now();
-        // When the writer last tried to reopen the database (see `file.rs`).
+        // When the writer last tried to reopen the database, and why it must still be reopened
+        // when it refuses writes but a reopen was not due yet (see `file.rs`).
         let mut last_reopen = None;
+        let mut poisoned: Option<StoreError> = None;
         loop {
-            let wait = if state.prune_backlog {
+            let mut wait = if state.prune_backlog {
                 Duration::ZERO
             } else {
                 state
                     .next_age_prune
                     .saturating_duration_since(Instant::now())
             };
+            if state.failing.borrow().is_some() {
+                // Batches fail: try again soon even when nothing comes, so that the store finds
+                // out (and the node's health says) once the disk takes writes again.
+                wait = wait.min(db.retry_every());
+            }
             let mut batch = Vec::new();
             match rx.recv_timeout(wait) {
                 Ok(request) => batch.push(request),
@@ -372,17 +379,21 @@ impl Writer {
                 .stats
                 .pending_append_bytes
                 .fetch_sub(bytes, Ordering::Relaxed);
+            if poisoned.is_some() && db.reopen_due(last_reopen) {
+                let why = poisoned.take().expect("checked");
+                reopen(&db, &mut last_reopen, &why);
+            }
             let outcome = match db.for_writer(&mut last_reopen) {
                 Ok(current) => {
                     let outcome = state.commit(Ok(&current), batch, &mut closers);
                     if let Err(error) = &outcome
-                        && db.reopen_due(last_reopen)
                         && DbSlot::poisoned(&current)
                     {
                         drop(current);
-                        last_reopen = Some(Instant::now());
-                        if let Err(error) = db.reopen(error) {
-                            tracing::error!(%error, "store: reopening the database failed; retrying");
+                        if db.reopen_due(last_reopen) {
+                            reopen(&db, &mut last_reopen, error);
+                        } else {
+                            poisoned = Some(error.clone());
                         }
                     }
                     outcome
@@ -406,6 +417,14 @@ impl Writer {
         for closer in closers {
             closer.send(closed.clone());
         }
+    }
+}
+
+/// Reopens the database after `why` (see `file.rs`), noting when.
+fn reopen(db: &DbSlot, last_reopen: &mut Option<Instant>, why: &StoreError) {
+    *last_reopen = Some(Instant::now());
+    if let Err(error) = db.reopen(why) {
+        tracing::error!(%error, "store: reopening the database failed; retrying");
     }
 }
 
@@ -573,7 +592,10 @@ impl WriterState {
         let age_due = now >= self.next_age_prune;
         let reserve_due =
             self.reservation.wanted.load(Ordering::Acquire) > *self.reservation.durable.borrow();
-        if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due {
+        // While batches fail, an empty one is a probe: it commits (see `apply`) to find out
+        // whether the disk takes writes again.
+        let probe = self.failing.borrow().is_some();
+        if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due && !probe {
             return Ok(());
         }
         let requests = batch.len() as u64;
@@ -743,7 +765,9 @@ impl WriterState {
         let io = |error: redb::Error| StoreError::Io(format!("write transaction: {error}"));
         // Whether anything was written: a batch of flushes, refusals and empty retention passes
         // is not worth a commit (everything before it is committed already).
-        let mut dirty = false;
+        // While batches fail, a batch commits even with nothing to write (its totals are written
+        // again): its success says that the disk takes writes again.
+        let mut dirty = self.failing.borrow().is_some();
         let mut failure: Option<StoreError> = None;
         // No database: reopening it after an I/O error failed (the writer tries again).
         let mut txn = match db.map(Database::begin_write) {
