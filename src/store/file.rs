@@ -147,7 +147,24 @@ impl DbSlot {
         last.is_none_or(|at| at.elapsed() >= self.reopen_every)
     }
 
-    /// How soon the writer tries again while batches fail and nothing else comes.
+    /// Whether the file system takes a small write beside the database (64 KiB, synced, then
+    /// removed): checked, while batches fail, before an empty batch tests the database itself.
+    pub(super) fn disk_takes_writes(&self) -> bool {
+        let Some(dir) = self.path.parent() else {
+            return true;
+        };
+        let scratch = dir.join(".troupe-write-probe");
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&scratch)?;
+            file.write_all(&[0u8; 64 * 1024])?;
+            file.sync_all()
+        })();
+        let _ = std::fs::remove_file(&scratch);
+        written.is_ok()
+    }
+
+    /// How soon the writer looks again while batches fail and nothing else comes.
     pub(super) fn retry_every(&self) -> Duration {
         self.reopen_every.max(Duration::from_millis(10))
     }

@@ -322,6 +322,7 @@ impl Writer {
             reservation,
             written,
             failing,
+            probe: false,
             next_age_prune: Instant::now(),
             prune_backlog: false,
             session_sweep: None,
@@ -345,15 +346,21 @@ impl Writer {
                     .next_age_prune
                     .saturating_duration_since(Instant::now())
             };
-            if state.failing.borrow().is_some() {
-                // Batches fail: try again soon even when nothing comes, so that the store finds
+            let failing = state.failing.borrow().is_some();
+            if failing {
+                // Batches fail: look again soon even when nothing comes, so that the store finds
                 // out (and the node's health says) once the disk takes writes again.
                 wait = wait.min(db.retry_every());
             }
             let mut batch = Vec::new();
             match rx.recv_timeout(wait) {
                 Ok(request) => batch.push(request),
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    // Idle while batches fail: an empty batch commits (a probe) once a small
+                    // scratch write beside the file succeeds, not before (a failing commit
+                    // would leave the database refusing writes again, and reopening it costs).
+                    state.probe = failing && db.disk_takes_writes();
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let max_batch = state.config.max_batch.max(1);
@@ -497,6 +504,8 @@ struct WriterState {
     reservation: Arc<Reservation>,
     written: tokio::sync::watch::Sender<Written>,
     failing: tokio::sync::watch::Sender<Option<String>>,
+    /// The next batch is a probe (see `run`): it commits even with nothing to write.
+    probe: bool,
     next_age_prune: Instant,
     prune_backlog: bool,
     /// The automatic session retention sweep under way, if one stopped at its bounds.
@@ -592,10 +601,8 @@ impl WriterState {
         let age_due = now >= self.next_age_prune;
         let reserve_due =
             self.reservation.wanted.load(Ordering::Acquire) > *self.reservation.durable.borrow();
-        // While batches fail, an empty one is a probe: it commits (see `apply`) to find out
-        // whether the disk takes writes again.
-        let probe = self.failing.borrow().is_some();
-        if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due && !probe {
+        // A probe commits though it holds nothing (see `apply`).
+        if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due && !self.probe {
             return Ok(());
         }
         let requests = batch.len() as u64;
@@ -765,9 +772,9 @@ impl WriterState {
         let io = |error: redb::Error| StoreError::Io(format!("write transaction: {error}"));
         // Whether anything was written: a batch of flushes, refusals and empty retention passes
         // is not worth a commit (everything before it is committed already).
-        // While batches fail, a batch commits even with nothing to write (its totals are written
-        // again): its success says that the disk takes writes again.
-        let mut dirty = self.failing.borrow().is_some();
+        // A probe commits with nothing to write (its totals are written again): its success says
+        // that the disk takes writes again.
+        let mut dirty = std::mem::take(&mut self.probe);
         let mut failure: Option<StoreError> = None;
         // No database: reopening it after an I/O error failed (the writer tries again).
         let mut txn = match db.map(Database::begin_write) {
