@@ -731,7 +731,12 @@ impl OutputFollower<'_> {
             .send(client.get(&path))
             .await
             .map_err(StreamCut::Transient)?;
-        let transient = response.status().is_server_error();
+        // Worth another try: the node is busy or its store failing (5xx), or this token's
+        // request rate was passed (429; the reopen waits anyway) or the request timed out (408).
+        let status = response.status();
+        let transient = status.is_server_error()
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || status == reqwest::StatusCode::REQUEST_TIMEOUT;
         let response = check(response).await.map_err(|error| {
             if transient {
                 StreamCut::Transient(error)

@@ -637,11 +637,22 @@ fn serve_output_in_pieces(
                         ),
                         _ => "event: end\ndata: {\"state\": \"failed\"}\n\n".to_owned(),
                     };
+                    // The first reopen after line 3 finds the token over its request rate.
+                    let limited = offset == "3" && !seen.lock().unwrap().iter().any(|o| o == "3");
                     seen.lock().unwrap().push(offset);
-                    format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: \
-                         close\r\n\r\n{body}"
-                    )
+                    if limited {
+                        let body = r#"{"error": {"code": "rate_limited", "message": "slow down", "details": {}}}"#;
+                        format!(
+                            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+                             retry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: \
+                             close\r\n\r\n{body}"
+                        )
+                    }
                 } else if target == format!("/v1/sessions/{id}") {
                     let body = format!(r#"{{"id": "{id}", "state": "failed", "exit_code": 3}}"#);
                     format!(
@@ -688,7 +699,8 @@ async fn logs_follow_reads_past_an_error_and_resumes_a_stream_that_ended_early()
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "the run's code: {stderr}");
     assert_eq!(stdout, "one\ntwo\nthree\n", "each line once: {stderr}");
-    assert_eq!(*offsets.lock().unwrap(), ["0", "2", "3"], "{stderr}");
+    // Past a 429 too: a busy token is worth another try.
+    assert_eq!(*offsets.lock().unwrap(), ["0", "2", "3", "3"], "{stderr}");
     assert!(stderr.contains("cannot read the store"), "{stderr}");
     assert!(stderr.contains("resuming after line 2"), "{stderr}");
 }
