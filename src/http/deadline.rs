@@ -384,20 +384,30 @@ impl hyper::body::Body for ClockedBody {
 /// The HTTP/2 streams of one connection in progress (the [`StreamExecutor`]'s tasks alive):
 /// `None` until its first one, which an HTTP/1 connection never has.
 #[derive(Debug, Clone)]
-pub(crate) struct OpenStreams(Arc<tokio::sync::watch::Sender<Option<usize>>>);
+pub(crate) struct OpenStreams(Arc<tokio::sync::watch::Sender<Option<Streams>>>);
+
+/// What [`OpenStreams`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Streams {
+    /// Open now.
+    open: usize,
+    /// Ever opened: a stream that opened and closed between two looks of `idle_for` still moves
+    /// it, so a quick request does not go unseen.
+    opened: u64,
+}
 
 impl OpenStreams {
     pub(crate) fn new() -> Self {
         Self(Arc::new(tokio::sync::watch::Sender::new(None)))
     }
 
-    /// Counts a stream as open until the guard is dropped.
+    /// Counts a stream as open until the guard is dropped. Every opening is announced; a
+    /// closing only when none is left open.
     fn open(&self) -> OpenStream {
-        // Only a change between none and some open is announced: it is all `idle_for` awaits.
-        self.0.send_if_modified(|open| {
-            let now = open.map_or(1, |count| count + 1);
-            *open = Some(now);
-            now == 1
+        self.0.send_modify(|streams| {
+            let streams = streams.get_or_insert(Streams { open: 0, opened: 0 });
+            streams.open += 1;
+            streams.opened += 1;
         });
         OpenStream(self.clone())
     }
@@ -405,15 +415,18 @@ impl OpenStreams {
     /// Resolves once the connection, an HTTP/2 one, has had no stream open for `time` in a
     /// row; never on HTTP/1.
     pub(crate) async fn idle_for(&self, time: Duration) {
-        let mut open = self.0.subscribe();
+        let mut streams = self.0.subscribe();
         loop {
             // The sender lives in `self`: the channel cannot close.
-            if open.wait_for(|open| *open == Some(0)).await.is_err() {
+            let none_open = |streams: &Option<Streams>| streams.is_some_and(|s| s.open == 0);
+            if streams.wait_for(none_open).await.is_err() {
                 return std::future::pending().await;
             }
+            // Any change since (a stream opened, even one already closed again) starts over.
+            streams.borrow_and_update();
             tokio::select! {
                 () = tokio::time::sleep(time) => return,
-                _ = open.wait_for(|open| *open != Some(0)) => {}
+                _ = streams.changed() => {}
             }
         }
     }
@@ -425,10 +438,12 @@ struct OpenStream(OpenStreams);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.0.send_if_modified(|open| {
-            let now = open.map_or(0, |count| count.saturating_sub(1));
-            *open = Some(now);
-            now == 0
+        self.0.0.send_if_modified(|streams| match streams {
+            Some(streams) => {
+                streams.open = streams.open.saturating_sub(1);
+                streams.open == 0
+            }
+            None => false,
         });
     }
 }
@@ -438,6 +453,34 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// Regression: a stream that opened and closed again between two looks of `idle_for` went
+    /// unseen (only "none open" to "some open" was announced), so a client sending a quick
+    /// request every so often had its connection closed as idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_stream_between_two_looks_restarts_the_idle_time() {
+        let streams = OpenStreams::new();
+        drop(streams.open());
+        let idle = streams.idle_for(Duration::from_secs(30));
+        let mut idle = std::pin::pin!(idle);
+        // 20 s idle, then a stream opens and closes before `idle_for` looks again.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), idle.as_mut())
+                .await
+                .is_err()
+        );
+        drop(streams.open());
+        // Not idle for 30 s yet: 20 s more are 20 s since that stream.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), idle.as_mut())
+                .await
+                .is_err(),
+            "closed 10 s after a request"
+        );
+        tokio::time::timeout(Duration::from_secs(11), idle.as_mut())
+            .await
+            .expect("idle 30 s after the last stream");
+    }
 
     /// A pipe whose far end reads only when told: a write waits once its buffer is full.
     fn pipe() -> (
