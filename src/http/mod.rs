@@ -341,6 +341,8 @@ fn connection_builder(
 /// answer to a PING and for the open streams to end). One that, after that, has no stream open
 /// for the header timeout and has written nothing meanwhile is closed outright: its client does
 /// not answer the PING. One still sending (the tail of a response to a slow reader) is not.
+/// The GOAWAY and PING themselves are written after the first look, so the outright close comes
+/// one to two header timeouts after the GOAWAY.
 #[derive(Debug)]
 struct Closing {
     /// The connection's bytes written when last looked at.
