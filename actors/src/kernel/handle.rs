@@ -524,7 +524,7 @@ impl<M: Send + 'static> ActorHandle<M> {
         F: FnOnce(RpcReplyPort<R>) -> M,
         R: Send + 'static,
     {
-        let (tx, rx) = ractor::concurrency::oneshot();
+        let (tx, mut rx) = ractor::concurrency::oneshot();
         if let Err(error) = self.cast(build(tx.into())) {
             let path = error.path.clone();
             return Err(match error.kind {
@@ -533,15 +533,21 @@ impl<M: Send + 'static> ActorHandle<M> {
             });
         }
         // The deadline without a timer per call: see `deadline`.
-        match super::deadline::within(timeout, rx).await {
+        match super::deadline::within(timeout, &mut rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(CallError::NoReply {
                 path: self.shared.path.clone(),
             }),
-            Err(_) => Err(CallError::Timeout {
-                path: self.shared.path.clone(),
-                after: timeout,
-            }),
+            Err(_) => {
+                // Closed before giving up: an answer sent from now on fails at its sender, who
+                // may then undo what it did (a supervisor stops a child whose caller gave up),
+                // and one that came in the meantime is taken rather than lost with its work.
+                rx.close();
+                rx.try_recv().map_err(|_| CallError::Timeout {
+                    path: self.shared.path.clone(),
+                    after: timeout,
+                })
+            }
         }
     }
 
