@@ -8,10 +8,19 @@
 //! reads the channel at its own pace; one that falls more than `subscriber_buffer` events behind
 //! loses the oldest of them and receives one `events.lagged {missed}` marker instead.
 //!
+//! The channel's memory is bounded in bytes, not only in events: an event of more than
+//! [`FANOUT_WHOLE_BYTES`] rides it as a weak reference, held by the ring alone, so the slots of
+//! the channel keep at most `subscriber_buffer` small events alive besides what the ring holds
+//! (before, 4,096 slots of the largest output events kept about 800 MiB alive after the ring had
+//! let them go). A subscriber still behind such an event when the ring lets it go loses it, as
+//! if it had lagged: it receives an `events.lagged` marker in its place (one for a run of them),
+//! with the id to re-read after from the event log.
+//!
 //! What survives a restart of the bus actor: the fan-out channel (subscribers stay connected),
 //! the sequence counters (ids keep growing), the highest sequence relayed per other node, and
 //! publishes queued at the time of the crash (they are redelivered by the handle). What is
-//! rebuilt: the ring, from the store when there is one.
+//! rebuilt: the ring, from the store when there is one (the large events in the channel that a
+//! subscriber had not read yet were the old ring's: it gets an `events.lagged` marker for them).
 //!
 //! Ids never repeat, not even after the node is killed or its event log lost appends: with a
 //! store, the bus hands out a sequence number only once the store has durably reserved it
@@ -75,6 +84,13 @@ pub const MAX_UNRESERVED_BYTES: usize = 64 * 1024 * 1024;
 /// (64 KiB of lines, about 200 KiB: 1,300 of them), or when `events.ring_capacity` is raised to
 /// as many as 1,000,000.
 pub const RING_BYTES: usize = 256 * 1024 * 1024;
+/// The largest event (by [`Event::approx_bytes`]) the fan-out channel holds itself; a larger one
+/// rides it as a weak reference and lives as long as the ring (or a subscriber) holds it. With
+/// the default `events.subscriber_buffer` (4,096), the channel keeps at most about 48 MiB alive
+/// beyond the ring (each event with the two renderings the front ends may attach to it). Most
+/// events are far smaller (a `session.progress` about 400 bytes); a `session.output` of a few
+/// dozen lines is larger.
+pub const FANOUT_WHOLE_BYTES: usize = 4096;
 /// How long after a failed reservation the next attempt is made.
 const RESERVE_RETRY: Duration = Duration::from_secs(1);
 /// How long a reservation may take before it counts as failed (and is tried again).
@@ -186,7 +202,7 @@ impl Default for EventBusConfig {
 pub struct BusShared {
     node: NodeId,
     config: EventBusConfig,
-    tx: broadcast::Sender<BusItem>,
+    tx: broadcast::Sender<Fanned>,
     last_seq: AtomicU64,
     last_pos: AtomicU64,
     /// Sequence numbers up to this one are durably reserved (meaningful with a store).
@@ -955,9 +971,10 @@ impl EventBusState {
         if let Some(store) = &self.store {
             store.append(&item);
         }
-        self.ring.push(item.clone());
+        let fanned = Fanned::of(&item);
+        self.ring.push(item);
         // No receivers is fine: nobody is listening right now.
-        let _ = self.shared.tx.send(item);
+        let _ = self.shared.tx.send(fanned);
     }
 
     fn replay(&self, from: &ReplayFrom, filter: &EventFilter) -> Replay {
@@ -1075,13 +1092,64 @@ pub enum Delivery {
     Lagged(EventsLagged),
 }
 
+/// An event as the fan-out channel carries it: small ones whole, larger ones
+/// ([`FANOUT_WHOLE_BYTES`]) as a weak reference to the ring's, with what filters look at.
+#[derive(Clone)]
+struct Fanned {
+    pos: u64,
+    event: Held,
+}
+
+#[derive(Clone)]
+enum Held {
+    Whole(Arc<Event>),
+    /// Alive while the ring (or a subscriber) holds the event; its kind, session and node are
+    /// kept to filter on after it is gone.
+    Weak {
+        event: std::sync::Weak<Event>,
+        kind: EventKind,
+        session: Option<SessionId>,
+        node: NodeId,
+    },
+}
+
+impl Fanned {
+    fn of(item: &BusItem) -> Self {
+        let event = if item.event.approx_bytes() > FANOUT_WHOLE_BYTES {
+            Held::Weak {
+                event: Arc::downgrade(&item.event),
+                kind: item.event.kind(),
+                session: item.event.session.clone(),
+                node: item.event.id.node.clone(),
+            }
+        } else {
+            Held::Whole(item.event.clone())
+        };
+        Self {
+            pos: item.pos,
+            event,
+        }
+    }
+}
+
+/// What a subscription took from the channel.
+enum Received {
+    Item(Fanned),
+    Lagged(u64),
+    Empty,
+    Closed,
+}
+
 /// A live subscription, optionally preceded by a replay.
 pub struct Subscription {
-    rx: broadcast::Receiver<BusItem>,
+    rx: broadcast::Receiver<Fanned>,
     filter: EventFilter,
     backlog: VecDeque<Delivery>,
     skip_through: u64,
     last_id: Option<EventId>,
+    /// Events that passed the filter but were gone (the ring had let them go) when received,
+    /// not reported yet: reported as one `events.lagged` before the next delivery.
+    gone: u64,
 }
 
 impl Subscription {
@@ -1091,16 +1159,18 @@ impl Subscription {
             return Some(self.note(delivery));
         }
         loop {
-            match self.rx.recv().await {
-                Ok(item) => {
-                    if let Some(delivery) = self.admit(item) {
-                        return Some(delivery);
-                    }
+            let received = if self.gone > 0 {
+                // A run of gone events is reported once, as soon as nothing else is ready.
+                self.take_now()
+            } else {
+                match self.rx.recv().await {
+                    Ok(item) => Received::Item(item),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Received::Lagged(missed),
+                    Err(broadcast::error::RecvError::Closed) => Received::Closed,
                 }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    return Some(self.lagged(missed));
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            if let Some(outcome) = self.take(received) {
+                return outcome;
             }
         }
     }
@@ -1111,18 +1181,51 @@ impl Subscription {
             return Some(self.note(delivery));
         }
         loop {
-            match self.rx.try_recv() {
-                Ok(item) => {
-                    if let Some(delivery) = self.admit(item) {
-                        return Some(delivery);
-                    }
-                }
-                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
-                    return Some(self.lagged(missed));
-                }
-                Err(_) => return None,
+            let received = self.take_now();
+            if let Some(outcome) = self.take(received) {
+                return outcome;
             }
         }
+    }
+
+    fn take_now(&mut self) -> Received {
+        match self.rx.try_recv() {
+            Ok(item) => Received::Item(item),
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => Received::Lagged(missed),
+            Err(broadcast::error::TryRecvError::Empty) => Received::Empty,
+            Err(broadcast::error::TryRecvError::Closed) => Received::Closed,
+        }
+    }
+
+    /// What to hand out for what was taken from the channel: `Some` to return it, `None` to take
+    /// the next. Gone events not reported yet come first, as one marker.
+    fn take(&mut self, received: Received) -> Option<Option<Delivery>> {
+        let delivery = match received {
+            Received::Item(item) => match self.admit(item) {
+                Admitted::Event(event) => Delivery::Event(event),
+                Admitted::Gone => {
+                    self.gone += 1;
+                    return None;
+                }
+                Admitted::Skipped => return None,
+            },
+            Received::Lagged(missed) => {
+                let missed = missed + std::mem::take(&mut self.gone);
+                return Some(Some(self.lagged(missed)));
+            }
+            Received::Empty | Received::Closed if self.gone > 0 => {
+                let gone = std::mem::take(&mut self.gone);
+                return Some(Some(self.lagged(gone)));
+            }
+            Received::Empty | Received::Closed => return Some(None),
+        };
+        if self.gone > 0 {
+            // The marker goes first; the event waits in the backlog.
+            self.backlog.push_front(delivery);
+            let gone = std::mem::take(&mut self.gone);
+            return Some(Some(self.lagged(gone)));
+        }
+        Some(Some(self.note(delivery)))
     }
 
     /// Takes the replayed deliveries not received yet (for a one-shot replay without live
@@ -1189,11 +1292,22 @@ impl Subscription {
         ))
     }
 
-    fn admit(&mut self, item: BusItem) -> Option<Delivery> {
-        if item.pos <= self.skip_through || !self.filter.matches(&item.event) {
-            return None;
+    fn admit(&self, item: Fanned) -> Admitted {
+        if item.pos <= self.skip_through {
+            return Admitted::Skipped;
         }
-        Some(self.note(Delivery::Event(item.event)))
+        match item.event {
+            Held::Whole(event) if self.filter.matches(&event) => Admitted::Event(event),
+            Held::Weak {
+                event,
+                kind,
+                session,
+                node,
+            } if self.filter.matches_parts(kind, session.as_ref(), &node) => {
+                event.upgrade().map_or(Admitted::Gone, Admitted::Event)
+            }
+            _ => Admitted::Skipped,
+        }
     }
 
     fn note(&mut self, delivery: Delivery) -> Delivery {
@@ -1209,6 +1323,15 @@ impl Subscription {
             resume_after: self.last_id.clone(),
         })
     }
+}
+
+/// What a subscription makes of an item of the channel.
+enum Admitted {
+    Event(Arc<Event>),
+    /// It passed the filter, but the ring had let it go.
+    Gone,
+    /// Filtered out, or a duplicate of the replay.
+    Skipped,
 }
 
 /// The bus as callers use it: publish, subscribe, replay. Cheap to clone.
@@ -1365,6 +1488,7 @@ impl EventBus {
             backlog: VecDeque::new(),
             skip_through: 0,
             last_id: None,
+            gone: 0,
         }
     }
 
@@ -1400,6 +1524,7 @@ impl EventBus {
             backlog,
             skip_through: replay.through_pos,
             last_id,
+            gone: 0,
         };
         Ok((subscription, replay))
     }

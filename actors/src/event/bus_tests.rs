@@ -441,7 +441,17 @@ async fn the_ring_keeps_at_most_its_bytes_and_a_replay_from_before_it_starts_wit
     for n in 1..=20 {
         bus.publish(None, output(n, 10_000));
     }
-    for expected in 1..=20 {
+    // Handled in order: once this is answered, every publish before it was.
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    // Events this large ride the fan-out weakly: the ones the ring let go before the subscriber
+    // read them are gone for it too.
+    match events.recv().await {
+        Some(Delivery::Lagged(lagged)) => assert_eq!(lagged.missed, 15),
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    for expected in 16..=20 {
         assert_eq!(next_seq(&mut events).await, expected);
     }
     let seqs = |replay: &Replay| replay.events.iter().map(|e| e.id.seq).collect::<Vec<_>>();
@@ -538,4 +548,100 @@ async fn publishes_waiting_for_a_reservation_are_bounded_by_their_bytes() {
     bus.publish(None, output(16, 10_000));
     assert_eq!(next_seq(&mut events).await, 11);
     assert_eq!(bus.dropped(), 5);
+}
+
+fn in_session(session: &str) -> EventFilter {
+    EventFilter {
+        sessions: vec![SessionId::new(session).unwrap()],
+        ..EventFilter::default()
+    }
+}
+
+/// The fan-out channel keeps large events alive no longer than the ring: one the ring let go is
+/// freed even while a subscriber has not read it yet (that subscriber gets one marker for the
+/// run of them, with the id to re-read after), while small events stay in the channel for
+/// subscribers that fell behind the ring. A subscriber whose filter the gone events did not
+/// pass gets no marker.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_fanout_holds_large_events_no_longer_than_the_ring() {
+    let id = |seq| EventId::new(NodeId::new("n1").unwrap(), seq);
+    let large = || output(1, 2 * FANOUT_WHOLE_BYTES);
+    let charge = ring_charge(&Event::new(id(1), Timestamp::now(), None, large()));
+    // Three large events, or twenty small ones (the count bound).
+    let bus = start_with_ring(20, 3 * charge as usize).await;
+    let session = SessionId::new("s1").unwrap();
+    let mut slow = bus.subscribe(EventFilter::all());
+    let mut elsewhere = bus.subscribe(in_session("s2"));
+    bus.publish(Some(session.clone()), progress(1));
+    bus.publish(Some(session.clone()), large());
+    let first_large = {
+        let event = bus
+            .replay(ReplayFrom::Tail(1), EventFilter::all())
+            .await
+            .unwrap()
+            .events
+            .pop()
+            .unwrap();
+        assert_eq!(event.id, id(2));
+        Arc::downgrade(&event)
+    };
+    for _ in 0..5 {
+        bus.publish(Some(session.clone()), large());
+    }
+    // Thirty small ones: more than the ring counts.
+    for n in 0..30 {
+        bus.publish(Some(session.clone()), progress(n));
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert!(
+        first_large.upgrade().is_none(),
+        "a large event the ring let go is still held by the fan-out channel"
+    );
+
+    assert_eq!(next_seq(&mut slow).await, 1);
+    match slow.recv().await {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 6, "the six large events, once");
+            assert_eq!(lagged.resume_after, Some(id(1)));
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    for expected in 8..=37 {
+        assert_eq!(
+            next_seq(&mut slow).await,
+            expected,
+            "small events stay whole"
+        );
+    }
+    assert!(slow.try_recv().is_none());
+    assert!(
+        elsewhere.try_recv().is_none(),
+        "no marker for events the filter would not have passed"
+    );
+
+    // A large event the ring still holds arrives whole, and one gone as the last thing in the
+    // channel is reported once nothing else is ready.
+    bus.publish(Some(session.clone()), large());
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(next_seq(&mut slow).await, 38);
+    for _ in 0..4 {
+        bus.publish(Some(session.clone()), large());
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    match slow.try_recv() {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 1);
+            assert_eq!(lagged.resume_after, Some(id(38)));
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    for expected in 40..=42 {
+        assert_eq!(next_seq(&mut slow).await, expected);
+    }
 }

@@ -124,13 +124,19 @@ impl EventFilter {
 
     /// True when `event` passes the filter.
     pub fn matches(&self, event: &Event) -> bool {
-        (self.kinds.is_empty() || self.kinds.iter().any(|p| p.matches(event.kind())))
-            && (self.sessions.is_empty()
-                || event
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| self.sessions.contains(s)))
-            && (self.nodes.is_empty() || self.nodes.contains(event.node()))
+        self.matches_parts(event.kind(), event.session.as_ref(), event.node())
+    }
+
+    /// True when an event of this kind, session and node passes the filter.
+    pub fn matches_parts(
+        &self,
+        kind: EventKind,
+        session: Option<&SessionId>,
+        node: &NodeId,
+    ) -> bool {
+        (self.kinds.is_empty() || self.kinds.iter().any(|p| p.matches(kind)))
+            && (self.sessions.is_empty() || session.is_some_and(|s| self.sessions.contains(s)))
+            && (self.nodes.is_empty() || self.nodes.contains(node))
     }
 }
 

@@ -7,9 +7,9 @@ mod model;
 
 pub use bus::{
     BusItem, BusShared, Delivery, EventBus, EventBusActor, EventBusArgs, EventBusConfig,
-    EventBusMsg, EventBusState, EventStore, MAX_UNRESERVED, MAX_UNRESERVED_BYTES, RELAY_TIMEOUT,
-    REPLAY_TIMEOUT, RESERVE_BLOCK, RING_BYTES, RelayBatchError, Replay, ReplayFrom, StoreResume,
-    Subscription, ring_charge,
+    EventBusMsg, EventBusState, EventStore, FANOUT_WHOLE_BYTES, MAX_UNRESERVED,
+    MAX_UNRESERVED_BYTES, RELAY_TIMEOUT, REPLAY_TIMEOUT, RESERVE_BLOCK, RING_BYTES,
+    RelayBatchError, Replay, ReplayFrom, StoreResume, Subscription, ring_charge,
 };
 pub use filter::{
     DEFAULT_SUBSCRIPTION, EventFilter, FilterSet, FilterTooLarge, KindPattern, MAX_FILTER_VALUES,
