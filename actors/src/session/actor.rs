@@ -53,6 +53,8 @@ pub enum SessionMsg {
     /// Launch the run: no event of a process an earlier instance may have started came in
     /// (timer; see `post_start`).
     Launch,
+    /// Try again to record the run's end, whose write failed (timer; see [`PendingEnd`]).
+    RetryEnd,
 }
 
 /// Arguments of a SessionActor.
@@ -78,6 +80,8 @@ pub struct SessionActorState {
     gate: OutputGate,
     /// The run ended (or could not start): stop after `post_start`.
     done: bool,
+    /// The run ended, but recording its end failed: tried again until it is written.
+    pending_end: Option<PendingEnd>,
     /// When the run started, on the runtime's clock (derived once per instance from the durable
     /// wall-clock `started_at`), so timers and elapsed times agree.
     anchor: tokio::time::Instant,
@@ -92,6 +96,26 @@ enum Reattached {
     /// Nobody knows the run.
     Unknown,
 }
+
+/// An end the store did not take yet. The run is over (its process exited, or it never ran), and
+/// this instance is the only one that knows how: an error from the handler would restart the
+/// actor and lose the message being handled, so an exit status (which the runner forgets once
+/// delivered) would be recorded as a lost process. Instead the write is tried again, after
+/// [`END_RETRY_FIRST`] doubling up to [`END_RETRY_MAX`], for as long as it fails (a full disk,
+/// the store reopening its file); the session keeps its slot meanwhile, answers `Get` and
+/// `Cancel` with its record as it stands, and ignores the rest.
+struct PendingEnd {
+    state: SessionState,
+    reason: Option<String>,
+    status: Option<ExitStatus>,
+    /// The wait before the next attempt.
+    retry_in: Duration,
+}
+
+/// The first wait before recording a failed end again.
+const END_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts.
+const END_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long to wait for the exit status of a process the runner does not know any more.
 const LOST_PROCESS_WAIT: Duration = Duration::from_secs(5);
@@ -129,6 +153,7 @@ impl Actor for SessionActor {
             interpreter,
             gate,
             done: false,
+            pending_end: None,
             anchor: tokio::time::Instant::now(),
         })
     }
@@ -239,6 +264,18 @@ impl Actor for SessionActor {
             }
             return Ok(());
         }
+        if let Some(pending) = state.pending_end.take() {
+            // The run is over; only its end is left to record.
+            match message {
+                SessionMsg::RetryEnd => state.retry_end(ctx, pending).await?,
+                SessionMsg::Cancel { reply } | SessionMsg::Get(reply) => {
+                    state.pending_end = Some(pending);
+                    let _ = reply.send(state.record.clone());
+                }
+                _ => state.pending_end = Some(pending),
+            }
+            return Ok(());
+        }
         if state.record.state == SessionState::Starting {
             // Waiting to launch again (see `post_start`): nothing of this run is known to run.
             if matches!(message, SessionMsg::Process(..)) {
@@ -263,7 +300,8 @@ impl Actor for SessionActor {
                     SessionMsg::Process(..)
                     | SessionMsg::FlushOutput
                     | SessionMsg::LongRunning(_)
-                    | SessionMsg::ProcessLost => return Ok(()),
+                    | SessionMsg::ProcessLost
+                    | SessionMsg::RetryEnd => return Ok(()),
                 };
                 // Nothing to signal: the run ends here.
                 let reason = state.stop_reason(stop);
@@ -275,7 +313,7 @@ impl Actor for SessionActor {
             }
         }
         match message {
-            SessionMsg::Launch => {}
+            SessionMsg::Launch | SessionMsg::RetryEnd => {}
             SessionMsg::Process(ProcessEvent::Output { stream, lines }, _credit) => {
                 state.output(ctx, stream, lines);
             }
@@ -652,8 +690,31 @@ impl SessionActorState {
                 self.finished(ctx);
                 return Ok(());
             }
+            // The storage failed; anything else would fail again the same way.
+            Err(error @ (StoreError::Io(_) | StoreError::InUse(_))) => {
+                let retry_in = self
+                    .pending_end
+                    .as_ref()
+                    .map_or(END_RETRY_FIRST, |pending| pending.retry_in);
+                tracing::warn!(
+                    session = %self.args.id,
+                    end = %state,
+                    %error,
+                    retry_in = ?retry_in,
+                    "the session's end could not be recorded; trying again"
+                );
+                ctx.send_after(retry_in, SessionMsg::RetryEnd);
+                self.pending_end = Some(PendingEnd {
+                    state,
+                    reason,
+                    status,
+                    retry_in: (retry_in * 2).min(END_RETRY_MAX),
+                });
+                return Ok(());
+            }
             Err(error) => return Err(error),
         }
+        self.pending_end = None;
         // Output held back by the event bound goes out before the end.
         if let Some(output) = self.gate.drain() {
             self.publish(EventData::SessionOutput(output));
@@ -661,6 +722,30 @@ impl SessionActorState {
         self.announce_end(state, reason, status);
         self.finished(ctx);
         Ok(())
+    }
+
+    /// Records an end whose write failed before (see [`PendingEnd`]).
+    async fn retry_end(
+        &mut self,
+        ctx: &Context<SessionMsg>,
+        pending: PendingEnd,
+    ) -> Result<(), StoreError> {
+        let PendingEnd {
+            state,
+            reason,
+            status,
+            retry_in,
+        } = pending;
+        // Kept for `end` to double, should this attempt fail too.
+        self.pending_end = Some(PendingEnd {
+            state,
+            reason: None,
+            status: None,
+            retry_in,
+        });
+        // An error here is not a storage failure but a refusal of the end itself (the record
+        // changed under this instance): a new instance starts from the stored record.
+        self.end(ctx, state, reason, status).await
     }
 
     fn announce_end(

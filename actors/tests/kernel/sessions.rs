@@ -1763,6 +1763,43 @@ async fn a_queued_session_whose_cancel_could_not_be_stored_stays_queued() {
     assert_eq!(h.runner.starts(), 2, "the cancelled one never ran");
 }
 
+/// Regression: a process that exited while the store failed lost its exit status. The write of
+/// the run's end failed, the actor's handler returned the error and was restarted, which
+/// consumed the exit (the runner forgets a process once its exit is delivered); the next
+/// instance found no process and recorded the run `interrupted` ("process was lost") after
+/// waiting for it, instead of `failed` with exit code 3. Now the end is written again, with
+/// backoff, until the store takes it, without a restart.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_exit_whose_end_could_not_be_recorded_is_recorded_once_the_store_takes_it() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+
+    // The first three attempts fail (at the exit, then 1 s and 2 s later).
+    h.store.data.lock().unwrap().failing_transitions = 3;
+    h.runner.exit(&id, 3);
+    let mut kinds = Vec::new();
+    let end = loop {
+        let event = next_event(&mut h.events).await;
+        kinds.push(event.kind().as_str());
+        if event.kind().as_str().starts_with("session.") && kinds.len() < 10 {
+            if let EventData::SessionFailed(ended) = &event.data {
+                break ended.clone();
+            }
+            panic!("expected session.failed, got {kinds:?}");
+        }
+    };
+    assert_eq!(kinds, ["session.failed"], "no restart, one end");
+    assert_eq!(end.exit_code, Some(3));
+    assert_eq!(h.store.data.lock().unwrap().failing_transitions, 0);
+    let stored = h.store.data.lock().unwrap().records[&id].clone();
+    assert_eq!(stored.state, SessionState::Failed);
+    assert_eq!(stored.exit_code, Some(3));
+    assert_eq!(h.runner.starts(), 1);
+}
+
 /// Regression: when the `starting → running` write failed after the process had started, and
 /// the process exited before the actor's next instance looked for it, that instance found no
 /// process and started the program a second time: the work ran twice, the run was reported with
