@@ -271,10 +271,15 @@ impl ProcessRunner for LocalRunner {
             .runtime
             .spawn(group::terminate_escaped(session.clone(), pgid, grace));
         let mut done = process.done.subscribe();
+        let mut last_pass = KillGroupOnDrop {
+            pgid,
+            done: Some(done.clone()),
+        };
         process.runtime.spawn(async move {
             let ended = tokio::time::timeout(grace, done.wait_for(|done| *done))
                 .await
                 .is_ok();
+            last_pass.disarm();
             // Ok(Err(_)) counts too: the process is gone with its driver, its group was empty.
             if ended {
                 return;
@@ -707,5 +712,39 @@ fn describe_spawn_error(error: &std::io::Error) -> String {
              working directory is not accessible ({error})"
         ),
         _ => error.to_string(),
+    }
+}
+
+/// The SIGKILL that follows a terminate's grace, sent at once when the task waiting out the
+/// grace is dropped while still armed: the node stopped within the grace (its runtime went,
+/// with the task), and a group that ignored SIGTERM would otherwise run on after it. Sent only
+/// while the group's leader has not been reaped (`done` false), so the group id is still its
+/// own and cannot have been reused.
+struct KillGroupOnDrop {
+    pgid: i32,
+    /// `None` once the grace is over (the task decides) or disarmed.
+    done: Option<watch::Receiver<bool>>,
+}
+
+impl KillGroupOnDrop {
+    /// The grace is over: the task that holds this decides.
+    fn disarm(&mut self) {
+        self.done = None;
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        if *done.borrow() {
+            return;
+        }
+        tracing::info!(
+            pgid = self.pgid,
+            "the node is stopping within a session's grace; sending SIGKILL to its process group"
+        );
+        group::signal_group(self.pgid, Signal::SIGKILL);
     }
 }

@@ -1022,3 +1022,43 @@ fn what_left_the_group_is_killed_when_the_runtime_stops_within_the_grace() {
         "a process that left the group and ignored SIGTERM outlived the node",
     ));
 }
+
+/// Regression: the SIGKILL that follows a terminate's grace for the session's own group ran in a
+/// task of the node's runtime; a node that stopped within the grace dropped that task, and a
+/// group that ignored SIGTERM ran on after the node (as the review found with a drain that
+/// timed out under a grace longer than the shutdown timeout).
+#[test]
+fn a_group_ignoring_sigterm_is_killed_when_the_runtime_stops_within_the_grace() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = LocalRunner::default();
+    let id = session("s-stubborn-group");
+    let info = runtime.block_on(async {
+        let (sink, mut events) = channel_sink();
+        let info = runner
+            .start(
+                &id,
+                &sh("trap '' TERM; sleep 1000 & echo started; wait"),
+                sink,
+            )
+            .unwrap();
+        until_line(&mut events, OutputStream::Stdout, "started").await;
+        assert!(runner.terminate(&id, Duration::from_secs(60)));
+        info
+    });
+    assert!(!live_members(info.pgid).is_empty(), "SIGTERM was ignored");
+    // The node stops: its runtime goes, with the task that would have sent the SIGKILL.
+    drop(runtime);
+    let checker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    checker.block_on(within(async {
+        while !live_members(info.pgid).is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }));
+}
