@@ -186,7 +186,13 @@ impl Actor for SessionActor {
         match state.record.state {
             SessionState::Queued => {
                 state.persist(SessionState::Starting, None).await?;
-                state.launch(ctx).await?;
+                // Launched after what is in the mailbox already: a cancel (or a shutdown's
+                // interrupt) sent while the record still said `queued` ends the run before its
+                // program starts (see the `Starting` branch of `handle`).
+                if ctx.send_self(SessionMsg::Launch).is_err() {
+                    // Stopping already: the next instance (if any) starts from the record.
+                    return Ok(());
+                }
             }
             // The earlier instance started the run but did not record it (its write failed,
             // or it crashed before): record it and announce it, which that instance never did.

@@ -1763,6 +1763,41 @@ async fn a_queued_session_whose_cancel_could_not_be_stored_stays_queued() {
     assert_eq!(h.runner.starts(), 2, "the cancelled one never ran");
 }
 
+/// Regression: a cancel of a session just taken off the queue (its record still `queued`, its
+/// actor writing `starting`) waited in the actor's mailbox while the actor went on to launch the
+/// program, which was then terminated: part of its work done, although a queued session that is
+/// cancelled never starts. The launch now comes after what is already in the mailbox.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cancel_that_arrives_while_the_start_is_recorded_never_launches_the_program() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::To(SessionState::Starting));
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    held.notified().await;
+    assert_eq!(h.record(&id).state, SessionState::Queued);
+
+    let manager = h.sessions().manager.clone();
+    let cancel = {
+        let id = id.clone();
+        tokio::spawn(async move {
+            manager
+                .call(|reply| ManagerMsg::Cancel { id, reply }, MANAGER_TIMEOUT)
+                .await
+                .unwrap()
+        })
+    };
+    // Every task runs until it waits (time is paused): the cancel is in the actor's mailbox.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    open.add_permits(1);
+
+    let record = cancel.await.unwrap().unwrap();
+    assert_eq!(record.state, SessionState::Cancelled);
+    let (kinds, _) = h.until_end(&id).await;
+    assert_eq!(kinds, ["session.cancelled"]);
+    assert_eq!(h.runner.starts(), 0, "the program never ran");
+}
+
 /// Regression: a process that exited while the store failed lost its exit status. The write of
 /// the run's end failed, the actor's handler returned the error and was restarted, which
 /// consumed the exit (the runner forgets a process once its exit is delivered); the next
