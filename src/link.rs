@@ -172,6 +172,22 @@ pub fn describe_filter(filter: &EventFilter) -> String {
     }
 }
 
+/// A place in `principal`'s count of links for a stream that is not a link of its own (a
+/// session's followed output), held as long as the stream: one token cannot open such streams
+/// without bound either (`auth.max_links_per_token`, shared with its links).
+pub fn take_stream_slot(
+    core: &NodeCore,
+    principal: &Principal,
+) -> Result<impl Send + Sync + 'static, LinkError> {
+    let max = core.config.auth.max_links_per_token;
+    core.token_links
+        .take(&principal.name, max)
+        .ok_or_else(|| LinkError::TooManyForToken {
+            token: principal.name.clone(),
+            max,
+        })
+}
+
 /// Starts a TransportActor for a new link.
 pub async fn open_link(
     core: &Arc<NodeCore>,

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -19,6 +20,7 @@ use troupe_actors::ids::SessionId;
 use troupe_actors::session::{CancelError, StoreError, SubmitError};
 
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::cluster::remote::{self, Followed, Hop, ListFilters, Routed};
 use crate::json::SessionJson;
 use crate::node::NodeCore;
@@ -300,9 +302,20 @@ pub(super) async fn list(
     .into_response())
 }
 
+/// `response` with `held` kept until its body is done (or dropped with the connection).
+fn holding(response: Response, held: impl Send + Sync + 'static) -> Response {
+    let (parts, body) = response.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _held = &held;
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
 /// `GET /v1/sessions/{id}/output?offset=…&limit=…&follow=…`
 pub(super) async fn output(
     State(core): State<Arc<NodeCore>>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     SessionPath(id): SessionPath,
     RawQuery(query): RawQuery,
@@ -357,13 +370,22 @@ pub(super) async fn output(
         }))
         .into_response());
     }
+    // A follow holds its client's stream open for as long as the run lasts: it counts as one of
+    // the token's links (a forwarded one was counted on the node its client asked).
+    let slot = match (hop, principal) {
+        (Hop::Client, Some(Extension(principal))) => Some(
+            crate::link::take_stream_slot(&core, &principal).map_err(super::events::link_error)?,
+        ),
+        _ => None,
+    };
     let lines = match remote::follow(&core, &id, offset, hop).await? {
         Followed::Here(lines) => lines,
-        Followed::There(remote) => return Ok(remote.into_response()),
+        Followed::There(remote) => return Ok(holding(remote.into_response(), slot)),
     };
     let sessions = core.sessions.clone();
     let end_id = id.clone();
-    let lines = lines.map(|line| {
+    let lines = lines.map(move |line| {
+        let _held = &slot;
         Ok::<_, Infallible>(match line {
             Ok(line) => SseEvent::default().id(line.line.to_string()).data(
                 serde_json::json!({"line": line.line, "stream": line.stream, "text": line.text})

@@ -260,6 +260,7 @@ impl SessionService {
             finished: false,
             retry: FollowRetry::default(),
             pause: None,
+            poll: FOLLOW_POLL,
         };
         Ok(futures::stream::unfold(follow, |mut follow| async move {
             follow.next_line().await.map(|item| (item, follow))
@@ -277,10 +278,27 @@ struct Follow {
     retry: FollowRetry,
     /// How long to wait before the next read, after a failed one.
     pause: Option<Duration>,
+    /// How long to wait for an event before looking again anyway ([`next_poll`]).
+    poll: Duration,
 }
 
-/// How often a follower looks at the store without an event (a safety net).
+/// How soon a follower looks at the store again without an event, after an event or new lines
+/// (a safety net: an event may come before the store has committed the lines it announces).
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// The longest a follower goes without looking, once its session stays quiet: the wait doubles
+/// from [`FOLLOW_POLL`] after each look that found nothing, so a thousand followers of quiet
+/// runs do not read the store a thousand times a second.
+const FOLLOW_POLL_MAX: Duration = Duration::from_secs(16);
+
+/// The wait before the next look after `waited` ended: [`FOLLOW_POLL`] when an event ended it,
+/// twice as long (up to [`FOLLOW_POLL_MAX`]) when nothing came.
+fn next_poll(waited: Duration, woken: bool) -> Duration {
+    if woken {
+        FOLLOW_POLL
+    } else {
+        (waited * 2).min(FOLLOW_POLL_MAX)
+    }
+}
 /// Failed reads in a row after which a follower gives up.
 const FOLLOW_MAX_FAILURES: u32 = 5;
 
@@ -317,7 +335,10 @@ impl Follow {
                 tokio::time::sleep(pause).await;
             }
             match self.read().await {
-                Ok(true) => continue,
+                Ok(true) => {
+                    self.poll = FOLLOW_POLL;
+                    continue;
+                }
                 Ok(false) => {}
                 Err(error) => {
                     match self.retry.failed() {
@@ -328,7 +349,10 @@ impl Follow {
                 }
             }
             // Any event of the session (or a lag marker) is a reason to look again.
-            let _ = tokio::time::timeout(FOLLOW_POLL, self.wake.recv()).await;
+            let woken = tokio::time::timeout(self.poll, self.wake.recv())
+                .await
+                .is_ok();
+            self.poll = next_poll(self.poll, woken);
         }
     }
 
@@ -356,6 +380,19 @@ impl Follow {
 #[cfg(test)]
 mod follow_tests {
     use super::*;
+
+    #[test]
+    fn a_follower_of_a_quiet_run_looks_less_often_and_an_event_brings_it_back() {
+        let mut poll = FOLLOW_POLL;
+        let quiet: Vec<_> = (0..6)
+            .map(|_| {
+                poll = next_poll(poll, false);
+                poll.as_secs()
+            })
+            .collect();
+        assert_eq!(quiet, [2, 4, 8, 16, 16, 16]);
+        assert_eq!(next_poll(poll, true), FOLLOW_POLL);
+    }
 
     #[test]
     fn a_follower_waits_longer_after_each_failed_read_then_gives_up() {

@@ -1129,3 +1129,30 @@ async fn an_embedded_node_spawns_reads_lists_and_cancels_sessions_through_its_ha
     ));
     node.shutdown().await;
 }
+
+/// Regression: a followed output stream was not a link, so one token could hold any number of
+/// them open, each reading the store every second; they now count toward the token's links
+/// (`auth.max_links_per_token`), and one past the bound is a 429 that says so.
+#[tokio::test]
+async fn followed_output_streams_count_toward_the_tokens_links() {
+    let fixture = Fixture::start("[auth]\nmax_links_per_token = 2\n", &[]).await;
+    let node = &fixture.node;
+    let id = id_of(&node.spawn_session(sh("echo started; exec sleep 600")).await);
+    let path = format!("/v1/sessions/{id}/output?follow=true");
+    let follow = || node.get(&path);
+    let first = follow().await;
+    assert_eq!(first.status(), 200);
+    let second = follow().await;
+    assert_eq!(second.status(), 200);
+    let third = follow().await;
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_links", "{body}");
+    assert_eq!(body["error"]["details"]["max"], 2, "{body}");
+    // A page of output is not a stream: it is not held back.
+    let page = node.get(&format!("/v1/sessions/{id}/output")).await;
+    assert_eq!(page.status(), 200);
+    let cancelled = node.delete(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(cancelled.status(), 202);
+}
