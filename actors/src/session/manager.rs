@@ -12,6 +12,8 @@
 //!   session actors that still run (also those it had just taken off the queue, whose records
 //!   still say `queued`) and restarts the ones that are gone, which reattach to their processes;
 //!   submissions whose store write was in flight are answered by the new instance.
+//! - Every path that frees a slot (an end, a failed store write of a submission, a session
+//!   actor that could not start) starts what waits and answers a drain that waited for it.
 //! - The RegistryActor learns of every session accepted here (`SessionUp`) and of its end
 //!   (`SessionDown`).
 
@@ -650,6 +652,12 @@ impl ManagerState {
                 self.keys.remove(key);
             }
             let _ = pending.reply.send(Err(SubmitError::Store(error)));
+            // A submission that was to start held a slot: what waits behind it runs now, and a
+            // drain waiting for it may be done. Nothing else would tell the manager on an idle
+            // node.
+            self.drain_queue(ctx);
+            self.update_gauges();
+            self.answer_drain();
             return;
         }
         self.accept(ctx, id, pending);
@@ -832,6 +840,7 @@ impl ManagerState {
         });
         self.drain_queue(ctx);
         self.update_gauges();
+        self.answer_drain();
     }
 
     fn cancel(
