@@ -2094,3 +2094,37 @@ async fn a_drain_waiting_for_a_session_whose_actor_cannot_start_is_answered() {
         .expect("the drain is answered once the failed start let its slot go");
     assert_eq!(h.runner.starts(), 0);
 }
+
+/// Regression: when a session's actor could not be started and the write recording that failed
+/// too, nothing wrote it again: the session stayed `queued` in the store, with no queue entry
+/// and no actor, until the node restarted.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_start_failure_whose_record_cannot_be_written_is_written_again() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    {
+        let mut data = h.store.data.lock().unwrap();
+        // The session actor's read of its record fails (its pre_start fails), and so do the
+        // first two attempts to record that.
+        data.failing_gets = 1;
+        data.failing_transitions = 2;
+    }
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    match h.expect(&id, "session.failed").await {
+        EventData::SessionFailed(ended) => {
+            let reason = ended.reason.unwrap();
+            assert!(reason.contains("could not be started"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        h.store.history(&id),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Failed
+        ]
+    );
+    assert_eq!(h.store.data.lock().unwrap().failing_transitions, 0);
+    assert_eq!(h.runner.starts(), 0, "no process ran");
+}
