@@ -17,8 +17,10 @@ pub const AIDER_PROGRAM: &str = "aider";
 pub const MESSAGE_FLAG: &str = "--message=";
 
 /// Provider credentials and endpoints removed from Aider's environment when it goes through the
-/// gateway, so that it cannot reach a provider with the node's own keys. `OPENAI_API_KEY` is not
-/// listed: it is replaced by the session's gateway key.
+/// gateway, so that Aider does not pick up the node's own keys and call a provider directly.
+/// This keeps them out of its environment only: a session runs as the node's user, which can
+/// read the node's environment through `/proc`. `OPENAI_API_KEY` is not listed: it is replaced
+/// by the session's gateway key.
 ///
 /// The `AIDER_*` entries are Aider's own environment spellings of `--openai-api-base`,
 /// `--openai-api-key`, `--anthropic-api-key`, `--api-key` and `--set-env`, which could otherwise
