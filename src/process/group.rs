@@ -4,7 +4,6 @@
 //! of.
 
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -13,7 +12,7 @@ use nix::unistd::Pid;
 use troupe_actors::ids::SessionId;
 use troupe_actors::session::LeftoverGroup;
 
-/// What `/proc/PID/stat` (and the owner of `/proc/PID`) says about one process.
+/// What `/proc/PID/stat` (and the `Uid:` line of `/proc/PID/status`) says about one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct ProcStat {
     /// Field 1.
@@ -24,7 +23,15 @@ pub(super) struct ProcStat {
     pub(super) pgrp: i32,
     /// Field 22: start time in clock ticks since boot.
     pub(super) start_ticks: u64,
-    /// Owner of `/proc/PID` (the real uid).
+    /// The real uid: the first field of the `Uid:` line of `/proc/PID/status`.
+    ///
+    /// Not the owner of `/proc/PID`: the kernel shows the directory of a non-dumpable process
+    /// (one that changed its credentials, ran a setuid or setgid program or file capabilities,
+    /// or asked with `prctl(PR_SET_DUMPABLE, 0)`) as root's, whoever runs it. Taken from the
+    /// owner, one such member of a session's group made the leftover rule refuse the whole
+    /// group after a crash, whose processes then ran on. The real uid is also what `kill(2)`
+    /// checks the node's uid against (with the saved set-user-id), so a process whose real uid
+    /// is the node's is one the node may signal.
     pub(super) uid: u32,
 }
 
@@ -59,15 +66,42 @@ pub(super) fn parse_stat(text: &str, uid: u32) -> Option<ProcStat> {
     })
 }
 
-/// Reads `/proc/PID/stat`.
+/// The real uid from the text of `/proc/PID/status`: the first of the four fields (real,
+/// effective, saved, filesystem) of its `Uid:` line.
+pub(super) fn parse_real_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A process from the texts of its `/proc/PID/stat` and `/proc/PID/status`.
+pub(super) fn parse_proc(stat: &str, status: &str) -> Option<ProcStat> {
+    parse_stat(stat, parse_real_uid(status)?)
+}
+
+/// Reads `/proc/PID/stat` and `/proc/PID/status`.
 pub(super) fn read_proc(pid: i32) -> io::Result<ProcStat> {
-    let dir = format!("/proc/{pid}");
-    let uid = std::fs::metadata(&dir)?.uid();
-    let text = std::fs::read_to_string(format!("{dir}/stat"))?;
-    parse_stat(&text, uid).ok_or_else(|| {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_proc(&stat, &status).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{dir}/stat is not in the expected format"),
+            format!("/proc/{pid}/stat or its status is not in the expected format"),
+        )
+    })
+}
+
+/// The real uid of process `pid` (see [`ProcStat::uid`]).
+fn read_real_uid(pid: i32) -> io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_real_uid(&status).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/status has no Uid: line in the expected format"),
         )
     })
 }
@@ -88,10 +122,20 @@ fn pids() -> io::Result<impl Iterator<Item = i32>> {
 pub(super) fn group_members(pgid: i32) -> io::Result<Vec<ProcStat>> {
     let mut members = Vec::new();
     for pid in pids()? {
-        if let Ok(stat) = read_proc(pid)
-            && stat.pgrp == pgid
-        {
-            members.push(stat);
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The group from the stat line alone: the uid takes a second read (`status`, the
+        // larger file for the kernel to write), worth it for the group's members only. The 0
+        // stands in until then.
+        let Some(stat) = parse_stat(&text, 0) else {
+            continue;
+        };
+        if stat.pgrp != pgid {
+            continue;
+        }
+        if let Ok(uid) = read_real_uid(pid) {
+            members.push(ProcStat { uid, ..stat });
         }
     }
     Ok(members)
@@ -385,7 +429,7 @@ impl Own {
 /// The rule, in order:
 /// 1. the pgid is a real group (> 1) that is not the node's own, and the node is not in it;
 /// 2. at least one member is alive (zombies cannot be signalled);
-/// 3. every member belongs to the node's user;
+/// 3. every member belongs to the node's user (its real uid, [`ProcStat::uid`], is the node's);
 /// 4. with a recorded leader start time: if the leader (pid == pgid) is still there, it
 ///    started exactly then; and no member (zombies included) started before then.
 ///
@@ -478,6 +522,40 @@ mod tests {
         assert!(stat.is_alive());
         assert_eq!(parse_stat("12 (x) Z 1 2", 0), None, "truncated line");
         assert_eq!(parse_stat("garbage", 0), None);
+    }
+
+    /// Regression: the uid was the owner of `/proc/PID`, which the kernel shows as root for a
+    /// non-dumpable or setuid process, so a leftover group holding one was refused as someone
+    /// else's after a crash, its session recorded interrupted while its processes ran on.
+    #[test]
+    fn a_member_whose_proc_directory_is_root_s_counts_by_its_real_uid() {
+        // A setuid-root program run by the node's user: real uid 1000, effective and saved 0;
+        // its /proc/PID is root's.
+        let setuid_status = "Name:\tpasswd\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t501\n\
+                             Pid:\t501\nPPid:\t500\nTracerPid:\t0\nUid:\t1000\t0\t0\t0\n\
+                             Gid:\t1000\t1000\t1000\t1000\nFDSize:\t64\n";
+        let setuid_stat = "501 (passwd) S 500 500 500 0 -1 4194560 100 0 0 0 1 2 0 0 \
+                           20 0 1 0 150 1234 56 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        // The group's leader, non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): every uid 1000, and
+        // its /proc/PID root's too.
+        let leader_status = "Name:\tagent\nState:\tS (sleeping)\nUid:\t1000\t1000\t1000\t1000\n";
+        let leader_stat = "500 (agent) S 1 500 500 0 -1 4194560 100 0 0 0 1 2 0 0 \
+                           20 0 1 0 100 1234 56 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        let members = [
+            parse_proc(leader_stat, leader_status).unwrap(),
+            parse_proc(setuid_stat, setuid_status).unwrap(),
+        ];
+        assert_eq!(members[1].uid, 1000, "the real uid, not the effective one");
+        assert_eq!((members[1].pgrp, members[1].start_ticks), (500, 150));
+        assert_eq!(judge_leftover(&group(Some(100)), &members, &OWN), Ok(()));
+
+        assert_eq!(
+            parse_real_uid("Name:\tx\nGid:\t0\t0\t0\t0\n"),
+            None,
+            "no Uid: line"
+        );
+        assert_eq!(parse_real_uid("Uid:\tabc\t0\t0\t0\n"), None);
+        assert_eq!(parse_proc(leader_stat, "Name:\tx\n"), None);
     }
 
     #[test]

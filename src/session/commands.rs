@@ -7,7 +7,10 @@
 //! [`GATEWAY_KEY_ENV`], and the variables OpenAI SDKs and litellm read (`OPENAI_BASE_URL`,
 //! `OPENAI_API_BASE`, `OPENAI_API_KEY`); a variable its spec's `env` sets keeps the spec's value.
 //! The node's own provider keys (`api_key_env`) are removed from every such session unless its
-//! spec sets them, so it cannot go around the gateway with the node's credentials.
+//! spec sets them, so agents use the gateway by default. That keeps the keys out of the
+//! session's own environment, not out of its reach: the session runs as the node's user and can
+//! read the node's environment (`/proc/$PPID/environ`) and data directory (the admin token);
+//! docs/CONFIGURATION.md, "Sessions run as the node's user".
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,7 +46,8 @@ impl GatewayKeys for NoGateway {
 pub struct NodeCommands {
     gateway: Box<dyn GatewayKeys>,
     /// Environment variables holding provider keys (`[[providers]].api_key_env`): removed from
-    /// sessions that go through the gateway, so they cannot bypass it.
+    /// sessions that go through the gateway, so agents use it by default (not a boundary: see
+    /// the module's documentation).
     provider_key_env: Vec<String>,
     default_workdir: PathBuf,
 }

@@ -92,7 +92,7 @@ mod output;
 #[cfg(test)]
 mod tests;
 
-pub use command::{AIDER_PROGRAM, GATEWAY_HIDDEN_ENV, GatewayAccess, aider_command};
+pub use command::{AIDER_PROGRAM, GATEWAY_HIDDEN_ENV, GatewayAccess, MESSAGE_FLAG, aider_command};
 pub use outcome::{AiderOutcome, decide_outcome};
 pub use output::{AiderError, AiderErrorKind, AiderOutputParser, AiderSignal, AiderSummary};
 

@@ -12,6 +12,10 @@
 //!   session actors that still run (also those it had just taken off the queue, whose records
 //!   still say `queued`) and restarts the ones that are gone, which reattach to their processes;
 //!   submissions whose store write was in flight are answered by the new instance.
+//! - Every path that frees a slot (an end, a failed store write of a submission, a session
+//!   actor that could not start) starts what waits and answers a drain that waited for it.
+//!   A session whose actor could not start is recorded `failed`, retried until the store takes
+//!   it.
 //! - The RegistryActor learns of every session accepted here (`SessionUp`) and of its end
 //!   (`SessionDown`).
 
@@ -38,6 +42,14 @@ use crate::supervisor::{ChildPolicy, ChildSpec, Shutdown, StartChildError, Super
 
 /// How long callers wait for the manager.
 pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The pause before the record of a session that could not be started is written again after
+/// a failed write; it doubles with each failure up to [`START_FAILURE_RETRY_MAX`].
+const START_FAILURE_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// The longest pause between two attempts to record a session that could not be started: a
+/// store whose disk is full reopens at most once a second, so trying more often buys nothing.
+const START_FAILURE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A submission the manager accepted (or found already there).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +171,16 @@ pub enum ManagerMsg {
         id: SessionId,
         /// Why.
         error: StartChildError,
+    },
+    /// Try again to record that a session could not be started (an earlier write failed; sent
+    /// after a pause by the task that tried).
+    RecordStartFailure {
+        /// The session.
+        id: SessionId,
+        /// Why it could not be started.
+        reason: String,
+        /// Attempts that failed so far.
+        attempt: u32,
     },
     /// Report counts to the HealthActor (timer).
     ReportHealth,
@@ -328,6 +350,15 @@ impl Actor for SessionManager {
                 state.answer_drain();
             }
             ManagerMsg::StartFailed { id, error } => state.start_failed(ctx, id, error),
+            ManagerMsg::RecordStartFailure {
+                id,
+                reason,
+                attempt,
+            } => {
+                if !state.holds(&id) {
+                    state.record_start_failure(ctx, id, reason, attempt);
+                }
+            }
             ManagerMsg::ReportHealth => state.report_health(),
         }
         Ok(())
@@ -650,6 +681,12 @@ impl ManagerState {
                 self.keys.remove(key);
             }
             let _ = pending.reply.send(Err(SubmitError::Store(error)));
+            // A submission that was to start held a slot: what waits behind it runs now, and a
+            // drain waiting for it may be done. Nothing else would tell the manager on an idle
+            // node.
+            self.drain_queue(ctx);
+            self.update_gauges();
+            self.answer_drain();
             return;
         }
         self.accept(ctx, id, pending);
@@ -778,60 +815,60 @@ impl ManagerState {
         self.forget_key(&id);
         self.args.shared.handles.remove(&id);
         self.registry(RegistryMsg::SessionDown(id.clone()));
-        let context = self.args.context.clone();
-        tokio::spawn(async move {
-            let Ok(Some(record)) = context.store.get(&id).await else {
-                return;
-            };
-            if record.state.is_terminal() {
-                return;
-            }
-            let why = format!("the session could not be started: {reason}");
-            let mut record = record;
-            if record.state == SessionState::Queued {
-                // Taken off the queue, its actor never ran to mark it starting: record the
-                // attempt, since a queued run cannot fail (nor be left queued with no queue).
-                let mut starting = record.clone();
-                starting.state = SessionState::Starting;
-                let transition = Transition {
-                    from: SessionState::Queued,
-                    to: SessionState::Starting,
-                    at: Timestamp::now(),
-                    reason: None,
-                };
-                if let Err(error) = context.store.transition(starting.clone(), transition).await {
-                    tracing::error!(session = %id, %error, "cannot record a session that could not be started");
-                    return;
-                }
-                record = starting;
-            }
-            let mut next = record.clone();
-            next.state = SessionState::Failed;
-            next.reason = Some(why.clone());
-            next.ended_at = Some(Timestamp::now());
-            let transition = Transition {
-                from: record.state,
-                to: SessionState::Failed,
-                at: Timestamp::now(),
-                reason: Some(why.clone()),
-            };
-            match context.store.transition(next, transition).await {
-                Err(error) => {
-                    tracing::error!(session = %id, %error, "cannot record a session that could not be started");
-                }
-                Ok(()) => context.events.publish(
-                    Some(id),
-                    EventData::SessionFailed(SessionEnded {
-                        exit_code: None,
-                        signal: None,
-                        reason: Some(why),
-                        duration_ms: 0,
-                    }),
-                ),
-            }
-        });
+        self.record_start_failure(ctx, id, reason, 0);
         self.drain_queue(ctx);
         self.update_gauges();
+        self.answer_drain();
+    }
+
+    /// Whether this instance holds session `id`: being stored, queued, running, or with an actor.
+    fn holds(&self, id: &SessionId) -> bool {
+        self.args.shared.pending.contains_key(id)
+            || self.queued.contains_key(id)
+            || self.running.contains_key(id)
+            || self.has_live_actor(id)
+    }
+
+    /// Records, off the mailbox, that session `id` could not be started: `failed` (after
+    /// `starting`, when it is still `queued`), and its `session.failed` event.
+    ///
+    /// A write that fails is tried again, after 1 s and then twice as long each time up to 30 s,
+    /// until it lands: the session has left the queue and has no actor, so nothing else would
+    /// ever write it, and it would stay `queued` or `starting` in the store (listed as waiting,
+    /// its caller following a run that never comes) until the node restarted. Each retry goes
+    /// through the manager (`RecordStartFailure`), which drops it when the session is its own
+    /// again: a restarted instance recovered it from the store, queued again or adopted as
+    /// starting, and there it runs or ends as any session does. Each attempt reads the record
+    /// afresh, so an attempt after a partial success goes on from where the last one stopped,
+    /// and a record found ended (or changed by someone else: a conflict) ends the retries.
+    fn record_start_failure(
+        &self,
+        ctx: &Context<ManagerMsg>,
+        id: SessionId,
+        reason: String,
+        attempt: u32,
+    ) {
+        let context = self.args.context.clone();
+        let me = ctx.handle().clone();
+        tokio::spawn(async move {
+            let Err(error) = write_start_failure(&context, &id, &reason).await else {
+                return;
+            };
+            if matches!(error, StoreError::Conflict { .. } | StoreError::NotFound(_)) {
+                tracing::warn!(session = %id, %error, "a session that could not be started was changed meanwhile; not recording its failure");
+                return;
+            }
+            let pause = START_FAILURE_RETRY_MIN
+                .saturating_mul(1 << attempt.min(16))
+                .min(START_FAILURE_RETRY_MAX);
+            tracing::error!(session = %id, %error, retry_in = ?pause, "cannot record a session that could not be started; trying again");
+            tokio::time::sleep(pause).await;
+            let _ = me.cast(ManagerMsg::RecordStartFailure {
+                id,
+                reason,
+                attempt: attempt.saturating_add(1),
+            });
+        });
     }
 
     fn cancel(
@@ -1014,4 +1051,59 @@ impl ManagerState {
             Some(ComponentFigures::Sessions(figures)),
         );
     }
+}
+
+/// Writes the end of session `id`, whose actor could not be started because of `reason`:
+/// `queued → starting` first if it is still queued (a queued run cannot fail, nor stay queued
+/// with no queue), then `→ failed`, and publishes `session.failed`. Nothing for a record that is
+/// gone or has ended.
+async fn write_start_failure(
+    context: &SessionContext,
+    id: &SessionId,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let Some(mut record) = context.store.get(id).await? else {
+        return Ok(());
+    };
+    if record.state.is_terminal() {
+        return Ok(());
+    }
+    let why = format!("the session could not be started: {reason}");
+    if record.state == SessionState::Queued {
+        let mut starting = record.clone();
+        starting.state = SessionState::Starting;
+        let transition = Transition {
+            from: SessionState::Queued,
+            to: SessionState::Starting,
+            at: Timestamp::now(),
+            reason: None,
+        };
+        context
+            .store
+            .transition(starting.clone(), transition)
+            .await?;
+        record = starting;
+    }
+    let at = Timestamp::now();
+    let mut next = record.clone();
+    next.state = SessionState::Failed;
+    next.reason = Some(why.clone());
+    next.ended_at = Some(at);
+    let transition = Transition {
+        from: record.state,
+        to: SessionState::Failed,
+        at,
+        reason: Some(why.clone()),
+    };
+    context.store.transition(next, transition).await?;
+    context.events.publish(
+        Some(id.clone()),
+        EventData::SessionFailed(SessionEnded {
+            exit_code: None,
+            signal: None,
+            reason: Some(why),
+            duration_ms: 0,
+        }),
+    );
+    Ok(())
 }

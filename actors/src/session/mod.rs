@@ -37,8 +37,8 @@ pub use ports::{
     ProcessRunner, ProcessSink, RunnerError, SessionStore, StoreError,
 };
 pub use spec::{
-    AiderSession, ChatMessage, ChatSession, CommandSession, MAX_PRIORITY, ProcessInfo,
-    SESSION_ID_ENV, SessionKind, SessionRecord, SessionSpec, SpecError, SpecLimits, StopRequest,
-    Transition, refused_env,
+    AiderSession, ChatMessage, ChatSession, CommandSession, MAX_ARG_STRLEN, MAX_PRIORITY,
+    ProcessInfo, SESSION_ID_ENV, SessionKind, SessionRecord, SessionSpec, SpecError, SpecLimits,
+    StopRequest, Transition, refused_env,
 };
 pub use state::{InvalidTransition, SessionState};

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::aider::{MESSAGE_FLAG, aider_command};
 use super::state::SessionState;
 use crate::event::SessionKindTag;
 use crate::ids::{NodeId, SessionId, Timestamp};
@@ -22,11 +23,27 @@ pub struct SpecLimits {
     pub max_value_bytes: usize,
     /// Arguments, files, environment entries, labels (each).
     pub max_entries: usize,
-    /// An Aider message, or all chat messages together.
+    /// An Aider message, or all chat messages together. An Aider message is also one argument
+    /// of Aider's command line, so it must fit [`MAX_ARG_STRLEN`] too.
     pub max_text_bytes: usize,
     /// Longest timeout a session may ask for.
     pub max_timeout_secs: u64,
+    /// What the program, arguments and environment entries a spec gives a process may take in
+    /// all, counted as `execve` counts them (each string with its NUL, and a pointer to it).
+    ///
+    /// Linux refuses a command line ("Argument list too long") whose arguments and environment
+    /// together pass `ARG_MAX`, a quarter of the stack limit: 2 MiB with the common 8 MiB. The
+    /// process also inherits the node's environment and gets the variables the node adds (the
+    /// session id, the gateway's), so a spec may take only part of it: 1 MiB by default.
+    /// Checked when a session is submitted, so a command line Linux would refuse is a 400 that
+    /// says so, not an accepted session that takes a slot and then fails.
+    pub max_command_line_bytes: usize,
 }
+
+/// Linux's limit on one argument or environment entry (`NAME=value`) of a program it starts,
+/// its terminating NUL included (`MAX_ARG_STRLEN`, 32 pages): `execve` refuses a longer one
+/// with "Argument list too long", whatever `ARG_MAX` allows in all.
+pub const MAX_ARG_STRLEN: usize = 128 * 1024;
 
 impl Default for SpecLimits {
     fn default() -> Self {
@@ -36,6 +53,7 @@ impl Default for SpecLimits {
             max_entries: 256,
             max_text_bytes: 256 * 1024,
             max_timeout_secs: 7 * 24 * 3600,
+            max_command_line_bytes: 1024 * 1024,
         }
     }
 }
@@ -194,6 +212,15 @@ impl SessionSpec {
                 if let Some(workdir) = &command.workdir {
                     check.value("workdir", &workdir.to_string_lossy())?;
                 }
+                let mut line = CommandLineSize::default();
+                line.add("program", command.program.len())?;
+                for (index, arg) in command.args.iter().enumerate() {
+                    line.add(&format!("args[{index}]"), arg.len())?;
+                }
+                for (key, value) in &command.env {
+                    line.add(&format!("env.{key}"), key.len() + 1 + value.len())?;
+                }
+                line.check_total(limits)?;
             }
             SessionKind::Aider(aider) => {
                 check.text("message", &aider.message)?;
@@ -214,6 +241,39 @@ impl SessionSpec {
                 if let Some(workdir) = &aider.workdir {
                     check.value("workdir", &workdir.to_string_lossy())?;
                 }
+                let message_arg = MESSAGE_FLAG.len() + aider.message.len();
+                if message_arg + 1 > MAX_ARG_STRLEN {
+                    return Err(error(
+                        "message",
+                        format!(
+                            "{} bytes is more than fits in one argument: Aider gets the message as \
+                             `{MESSAGE_FLAG}<message>`, and Linux refuses an argument over \
+                             {MAX_ARG_STRLEN} bytes with its NUL (MAX_ARG_STRLEN), so at most {} \
+                             bytes fit; shorten it, or write it to a file in the workspace and run \
+                             Aider as a command session with --message-file",
+                            aider.message.len(),
+                            MAX_ARG_STRLEN - 1 - MESSAGE_FLAG.len(),
+                        ),
+                    ));
+                }
+                for (index, file) in aider.files.iter().enumerate() {
+                    CommandLineSize::default().add(&format!("files[{index}]"), file.len() + 2)?;
+                }
+                for (index, arg) in aider.args.iter().enumerate() {
+                    CommandLineSize::default().add(&format!("args[{index}]"), arg.len())?;
+                }
+                // The whole line as the preset builds it (without the gateway's few arguments,
+                // which the headroom left for the node's own covers).
+                let built = aider_command(aider, PathBuf::new(), None);
+                let mut line = CommandLineSize::default();
+                line.add("program", built.program.len())?;
+                for arg in &built.args {
+                    line.add("args", arg.len())?;
+                }
+                for (key, value) in &built.env {
+                    line.add("env", key.len() + 1 + value.len())?;
+                }
+                line.check_total(limits)?;
             }
             SessionKind::Chat(chat) => {
                 check.name("model", &chat.model)?;
@@ -277,6 +337,48 @@ fn error(field: &str, message: String) -> SpecError {
     SpecError {
         field: field.to_owned(),
         message,
+    }
+}
+
+/// A command line's size as `execve` counts it, and Linux's limit on each of its strings.
+#[derive(Default)]
+struct CommandLineSize {
+    /// Bytes so far: every string with its NUL, and a pointer to it.
+    total: usize,
+}
+
+impl CommandLineSize {
+    /// Counts one argument or environment entry of `len` bytes (without its NUL), which
+    /// `field` gave.
+    fn add(&mut self, field: &str, len: usize) -> Result<(), SpecError> {
+        if len + 1 > MAX_ARG_STRLEN {
+            return Err(error(
+                field,
+                format!(
+                    "{len} bytes is more than fits in one argument or environment entry: Linux \
+                     refuses one over {MAX_ARG_STRLEN} bytes with its NUL (MAX_ARG_STRLEN); pass \
+                     large inputs in a file instead"
+                ),
+            ));
+        }
+        self.total += len + 1 + std::mem::size_of::<usize>();
+        Ok(())
+    }
+
+    fn check_total(&self, limits: &SpecLimits) -> Result<(), SpecError> {
+        if self.total > limits.max_command_line_bytes {
+            return Err(error(
+                "args",
+                format!(
+                    "the program, arguments and environment entries take {} bytes as Linux \
+                     counts them (each with its NUL and a pointer), more than the {} allowed: \
+                     Linux refuses a command line past ARG_MAX (commonly 2 MiB) for them and the \
+                     node's own environment together; pass large inputs in a file instead",
+                    self.total, limits.max_command_line_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -496,5 +598,62 @@ mod tests {
             chat.validate(&limits).unwrap_err().field,
             "messages[0].role"
         );
+    }
+
+    fn aider(message: String) -> SessionSpec {
+        SessionSpec {
+            kind: SessionKind::Aider(AiderSession {
+                message,
+                files: vec!["src/lib.rs".into()],
+                model: None,
+                args: Vec::new(),
+                workdir: None,
+                git: false,
+            }),
+            ..command(vec![])
+        }
+    }
+
+    /// Regression: a spec Linux cannot run was accepted (202), took a slot and ended `failed`
+    /// with "Argument list too long": a 200 KiB Aider message is one argument, over Linux's
+    /// 128 KiB per argument; and 256 arguments of 8 KiB each are 2 MiB, `ARG_MAX` itself.
+    #[test]
+    fn a_command_line_linux_would_refuse_is_refused() {
+        let limits = SpecLimits::default();
+        let refused = aider("x".repeat(200 * 1024)).validate(&limits).unwrap_err();
+        assert_eq!(refused.field, "message");
+        assert!(refused.message.contains("MAX_ARG_STRLEN"), "{refused}");
+        assert!(refused.message.contains("--message-file"), "{refused}");
+        // The longest message that fits: `--message=` and the NUL take the rest of 128 KiB.
+        let longest = MAX_ARG_STRLEN - 1 - MESSAGE_FLAG.len();
+        assert_eq!(aider("x".repeat(longest)).validate(&limits), Ok(()));
+        assert_eq!(
+            aider("x".repeat(longest + 1))
+                .validate(&limits)
+                .unwrap_err()
+                .field,
+            "message"
+        );
+
+        let big = command(vec!["x".repeat(limits.max_value_bytes); limits.max_entries]);
+        let refused = big.validate(&limits).unwrap_err();
+        assert_eq!(refused.field, "args");
+        assert!(refused.message.contains("ARG_MAX"), "{refused}");
+        // 120 arguments of 8 KiB with their NULs and pointers: just under 1 MiB.
+        let fits = command(vec!["x".repeat(limits.max_value_bytes); 120]);
+        assert_eq!(fits.validate(&limits), Ok(()));
+
+        // One string over 128 KiB, when the limits on values would allow it.
+        let loose = SpecLimits {
+            max_value_bytes: 1024 * 1024,
+            ..limits
+        };
+        let mut env = command(vec![]);
+        if let SessionKind::Command(command) = &mut env.kind {
+            command.env.insert("BIG".into(), "x".repeat(MAX_ARG_STRLEN));
+        }
+        assert_eq!(env.validate(&loose).unwrap_err().field, "env.BIG");
+        let arg = command(vec!["x".repeat(MAX_ARG_STRLEN)]);
+        assert_eq!(arg.validate(&loose).unwrap_err().field, "args[0]");
     }
 }

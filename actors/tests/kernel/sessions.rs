@@ -158,6 +158,9 @@ struct StoreData {
     failing_gets: usize,
     /// Transitions that fail (with an I/O error) before the next one succeeds.
     failing_transitions: usize,
+    /// Creates that fail (with an I/O error) before the next one succeeds; counted when the
+    /// write lands (after its gate, if one holds it).
+    failing_creates: usize,
 }
 
 /// Holds back one kind of write of one session until the test opens it.
@@ -174,6 +177,8 @@ enum GatedWrite {
     Create,
     /// A transition to this state.
     To(SessionState),
+    /// A read of the record (`get`): not a write, but held the same way.
+    Get,
 }
 
 const WRITE_DELAY: Duration = Duration::from_millis(5);
@@ -209,6 +214,16 @@ impl MemoryStore {
         })?;
         let gate = data.gates.remove(index);
         Some((gate.arrived, gate.open))
+    }
+
+    /// The record of `id` as `get` answers it now (`failing_gets` counted).
+    fn read(data: &Mutex<StoreData>, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        let mut data = data.lock().unwrap();
+        if data.failing_gets > 0 {
+            data.failing_gets -= 1;
+            return Err(StoreError::Io("the disk is gone".into()));
+        }
+        Ok(data.records.get(id).cloned())
     }
 
     fn insert(&self, record: SessionRecord) {
@@ -257,10 +272,12 @@ impl SessionStore for MemoryStore {
                 let _ = open.acquire().await.unwrap();
             }
             tokio::time::sleep(WRITE_DELAY).await;
-            data.lock()
-                .unwrap()
-                .records
-                .insert(record.id.clone(), record);
+            let mut data = data.lock().unwrap();
+            if data.failing_creates > 0 {
+                data.failing_creates -= 1;
+                return Err(StoreError::Io("the disk is gone".into()));
+            }
+            data.records.insert(record.id.clone(), record);
             Ok(())
         })
     }
@@ -384,13 +401,17 @@ impl SessionStore for MemoryStore {
     }
 
     fn get(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<SessionRecord>, StoreError>> {
-        let mut data = self.data.lock().unwrap();
-        if data.failing_gets > 0 {
-            data.failing_gets -= 1;
-            return Box::pin(async { Err(StoreError::Io("the disk is gone".into())) });
+        if let Some((arrived, open)) = MemoryStore::gated(&self.data, id, GatedWrite::Get) {
+            let data = self.data.clone();
+            let id = id.clone();
+            return Box::pin(async move {
+                arrived.notify_one();
+                let _ = open.acquire().await.unwrap();
+                MemoryStore::read(&data, &id)
+            });
         }
-        let found = data.records.get(id).cloned();
-        Box::pin(async move { Ok(found) })
+        let found = MemoryStore::read(&self.data, id);
+        Box::pin(async move { found })
     }
 
     fn unfinished(&self) -> BoxFuture<'static, Result<Vec<SessionRecord>, StoreError>> {
@@ -2037,4 +2058,145 @@ async fn a_cancel_of_a_session_still_being_stored_is_an_error_to_retry() {
     let record = h.cancel(&id).await.unwrap();
     assert_eq!(record.stop_requested, Some(StopRequest::Cancel));
     h.expect(&id, "session.cancelled").await;
+}
+
+/// Regression: a submission whose store write failed freed its slot without starting what
+/// waited behind it: with one slot, B, queued behind A's write, waited for some unrelated
+/// message to the manager (forever on an idle node).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_submission_whose_store_write_fails_lets_the_next_one_start() {
+    let settings = SessionSettings {
+        max_concurrent: 1,
+        ..SessionSettings::default()
+    };
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::Create);
+    let mut h = Harness::start(settings, store.clone()).await;
+    let first = h.submit_in_background(command("sh"));
+    held.notified().await;
+    let second = h.submit(command("sh")).await.unwrap();
+    assert_eq!(
+        second.position,
+        Some(1),
+        "behind the first, which holds the slot"
+    );
+    let second = second.record.id;
+    h.expect(&second, "session.queued").await;
+
+    store.data.lock().unwrap().failing_creates = 1;
+    open.add_permits(1);
+    let refused = first.await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(refused, SubmitError::Store(_)), "{refused:?}");
+    // Nothing else is sent to the manager: the failure itself frees the slot.
+    h.expect(&second, "session.started").await;
+    assert_eq!(h.runner.starts(), 1);
+}
+
+/// Regression: a shutdown's drain that waited for a submission whose store write was in flight
+/// was not answered when that write failed (nothing ran any more), so the node waited out its
+/// whole shutdown timeout.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_drain_waiting_for_a_submission_whose_store_write_fails_is_answered() {
+    let store = Arc::new(MemoryStore::default());
+    let (held, open) = store.gate(None, GatedWrite::Create);
+    let h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let submission = h.submit_in_background(command("sh"));
+    held.notified().await;
+    let manager = h.sessions().manager.clone();
+    let drained = tokio::spawn(async move {
+        manager
+            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
+            .await
+    });
+    // The drain is handled before the write lands: a call sent after it is answered.
+    tokio::task::yield_now().await;
+    h.sessions()
+        .manager
+        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(!drained.is_finished(), "the submission holds a slot");
+
+    store.data.lock().unwrap().failing_creates = 1;
+    open.add_permits(1);
+    let refused = submission.await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(refused, SubmitError::Store(_)), "{refused:?}");
+    drained
+        .await
+        .unwrap()
+        .expect("the drain is answered once the failed submission let its slot go");
+}
+
+/// Regression: a shutdown's drain that waited for a session whose actor was being started was
+/// not answered when that start failed (nothing ran any more), so the node waited out its whole
+/// shutdown timeout.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_drain_waiting_for_a_session_whose_actor_cannot_start_is_answered() {
+    let store = Arc::new(MemoryStore::default());
+    // The session actor's read of its record (its pre_start) waits for the test.
+    let (held, open) = store.gate(None, GatedWrite::Get);
+    let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    held.notified().await;
+    let manager = h.sessions().manager.clone();
+    let drained = tokio::spawn(async move {
+        manager
+            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
+            .await
+    });
+    tokio::task::yield_now().await;
+    h.sessions()
+        .manager
+        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        !drained.is_finished(),
+        "the session being started holds a slot"
+    );
+
+    // The read fails: the actor's pre_start fails.
+    store.data.lock().unwrap().failing_gets = 1;
+    open.add_permits(1);
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.failed").await;
+    drained
+        .await
+        .unwrap()
+        .expect("the drain is answered once the failed start let its slot go");
+    assert_eq!(h.runner.starts(), 0);
+}
+
+/// Regression: when a session's actor could not be started and the write recording that failed
+/// too, nothing wrote it again: the session stayed `queued` in the store, with no queue entry
+/// and no actor, until the node restarted.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_start_failure_whose_record_cannot_be_written_is_written_again() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    {
+        let mut data = h.store.data.lock().unwrap();
+        // The session actor's read of its record fails (its pre_start fails), and so do the
+        // first two attempts to record that.
+        data.failing_gets = 1;
+        data.failing_transitions = 2;
+    }
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    match h.expect(&id, "session.failed").await {
+        EventData::SessionFailed(ended) => {
+            let reason = ended.reason.unwrap();
+            assert!(reason.contains("could not be started"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        h.store.history(&id),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Failed
+        ]
+    );
+    assert_eq!(h.store.data.lock().unwrap().failing_transitions, 0);
+    assert_eq!(h.runner.starts(), 0, "no process ran");
 }

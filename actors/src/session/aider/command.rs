@@ -12,9 +12,15 @@ use crate::session::{AiderSession, CommandLine};
 /// The program the preset runs (looked up in `PATH`).
 pub const AIDER_PROGRAM: &str = "aider";
 
+/// The flag the message is passed with, joined to it: one argument, which is why the message's
+/// length is bounded by Linux's limit on one argument ([`crate::session::MAX_ARG_STRLEN`]).
+pub const MESSAGE_FLAG: &str = "--message=";
+
 /// Provider credentials and endpoints removed from Aider's environment when it goes through the
-/// gateway, so that it cannot reach a provider with the node's own keys. `OPENAI_API_KEY` is not
-/// listed: it is replaced by the session's gateway key.
+/// gateway, so that Aider does not pick up the node's own keys and call a provider directly.
+/// This keeps them out of its environment only: a session runs as the node's user, which can
+/// read the node's environment through `/proc`. `OPENAI_API_KEY` is not listed: it is replaced
+/// by the session's gateway key.
 ///
 /// The `AIDER_*` entries are Aider's own environment spellings of `--openai-api-base`,
 /// `--openai-api-key`, `--anthropic-api-key`, `--api-key` and `--set-env`, which could otherwise
@@ -108,7 +114,7 @@ pub fn aider_command(
     gateway: Option<&GatewayAccess>,
 ) -> CommandLine {
     let mut args = vec![
-        format!("--message={}", spec.message),
+        format!("{MESSAGE_FLAG}{}", spec.message),
         "--yes-always".to_owned(),
         "--no-check-update".to_owned(),
         "--no-show-model-warnings".to_owned(),
