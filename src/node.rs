@@ -329,6 +329,7 @@ impl NodeBuilder {
             shutting_down: AtomicBool::new(false),
             sessions_owners: cluster.as_ref().map(|_| SessionOwners::default()),
             token_links: Arc::default(),
+            key_routes: Default::default(),
             cluster,
             config,
         });
@@ -581,6 +582,8 @@ pub struct NodeCore {
     pub sessions_owners: Option<SessionOwners>,
     /// How many links each token holds (at most `auth.max_links_per_token`).
     pub token_links: Arc<crate::link::TokenLinks>,
+    /// Where this node forwarded spawns with an idempotency key (a retry goes there too).
+    pub key_routes: crate::cluster::remote::KeyRoutes,
 }
 
 impl NodeCore {

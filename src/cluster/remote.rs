@@ -19,6 +19,7 @@
 //! guessed. Nothing here parses a request twice: the front ends parse it once, at their edge.
 
 mod forward;
+mod keys;
 mod owners;
 pub mod placement;
 
@@ -35,6 +36,7 @@ use forward::{Exchange, call_node, exchange, not_clustered};
 pub use forward::{
     FORWARDED, ForwardedCall, MAX_FORWARD_BYTES, RemoteAnswer, RemoteCall, RemoteFollow, serve_call,
 };
+pub use keys::{KeyRoutes, MAX_KEY_ROUTES};
 pub use owners::{KnownSession, MAX_KNOWN_SESSIONS, OwnersTable, RecordSnapshot, SessionOwners};
 use placement::{Candidate, PlacementError};
 
@@ -184,7 +186,12 @@ pub async fn spawn(
             })?;
             Some(node)
         }
-        (None, Some(placement)) if hop == Hop::Client => Some(place(core, placement)?),
+        (None, Some(placement)) if hop == Hop::Client => {
+            match keyed_target(core, &request).await? {
+                Some(node) => Some(node),
+                None => Some(place(core, placement)?),
+            }
+        }
         (None, _) => None,
     };
     let node = match target {
@@ -202,6 +209,9 @@ pub async fn spawn(
     }
     if core.cluster.is_none() {
         return Err(not_clustered(core, &node));
+    }
+    if let Some(key) = &request.idempotency_key {
+        core.key_routes.remember(key, &node);
     }
     request.node = Some(node.to_string());
     request.placement = None;
@@ -223,6 +233,25 @@ pub async fn spawn(
     .await?;
     observe(core, &answer);
     Ok(Routed::There { node, answer })
+}
+
+/// Where a placed spawn with an idempotency key must go whatever the loads say now: the node
+/// this node forwarded that key to before, or this node when its store holds the key. `None`:
+/// the key is new here (or there is none), so placement chooses.
+async fn keyed_target(
+    core: &NodeCore,
+    request: &SessionRequest,
+) -> Result<Option<NodeId>, ApiError> {
+    let Some(key) = &request.idempotency_key else {
+        return Ok(None);
+    };
+    if let Some(node) = core.key_routes.get(key) {
+        return Ok(Some(node));
+    }
+    if core.sessions.holds_key(key).await? {
+        return Ok(Some(core.node_id.clone()));
+    }
+    Ok(None)
 }
 
 /// Learns the owner (and record) of a session from an answer that carries one.

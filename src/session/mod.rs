@@ -21,6 +21,7 @@ use troupe_actors::session::{
 
 use crate::store::{OutputLine, OutputPage, SessionPage, SessionQuery, Store};
 use request::{RequestError, RequestPolicy, SessionRequest};
+use troupe_actors::session::SessionStore as _;
 
 /// A session as the API shows it: the record and, while queued, its place in the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,6 +224,11 @@ impl SessionService {
             queue_position: None,
             existing: false,
         })
+    }
+
+    /// Whether a session of this node holds the idempotency key `key`.
+    pub async fn holds_key(&self, key: &str) -> Result<bool, SessionError> {
+        Ok(self.store.find_by_key(key).await?.is_some())
     }
 
     /// A page of a session's output log.

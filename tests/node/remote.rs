@@ -823,3 +823,68 @@ async fn a_restarted_node_names_the_down_owner_of_a_session_it_heard_of_before()
         "{error}"
     );
 }
+
+/// Waits until `node`'s member view shows `name` with at least `running + queued` sessions in
+/// its gossiped load (polled like [`wait_members`]: no event announces a metadata round).
+async fn wait_load(node: &NodeProcess, name: &str, busy: u64) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let view: Value = node.get("/v1/cluster/members").await.json().await.unwrap();
+            let members = view["members"].as_array().cloned().unwrap_or_default();
+            let seen = members.iter().any(|member| {
+                let load = &member["meta"]["load"];
+                member["node"] == name
+                    && load["running"].as_u64().unwrap_or(0) + load["queued"].as_u64().unwrap_or(0)
+                        >= busy
+            });
+            if seen {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name}'s load of {busy} never reached the member view"));
+}
+
+/// Regression: idempotency keys are kept by the node that runs the session, and placement
+/// chose again on every request, so a retry of a placed spawn could be placed on another node,
+/// which had never seen the key, and run the command a second time (202 instead of 200
+/// `existing`). A retry through the same node now goes where the key is: this node when its
+/// store has it, else the node it forwarded the key to.
+#[tokio::test]
+async fn a_retried_placed_spawn_with_an_idempotency_key_runs_once() {
+    let temp = tempfile::tempdir().unwrap();
+    make_cluster(temp.path(), &["b"]).await;
+    let a = node(temp.path(), "a", &[], None).await;
+    let b = node(temp.path(), "b", &[], a.cluster).await;
+    wait_members(&a, &["b"]).await;
+    wait_members(&b, &["a"]).await;
+    let placed = |key: &str| {
+        let mut body = with(command("sleep 60"), "placement", json!("least_loaded"));
+        body["idempotency_key"] = json!(key);
+        body
+    };
+
+    // Both idle: a wins the tie and runs it. The retry would now be placed on b (a is busier).
+    let (status, first) = spawn_through(&a, placed("job-1")).await;
+    assert_eq!((status, &first["node"]), (202, &json!("a")), "{first}");
+    let (status, again) = spawn_through(&a, placed("job-1")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["existing"], true, "{again}");
+    assert_eq!((&again["id"], &again["node"]), (&first["id"], &json!("a")));
+
+    // Now b is the less loaded: the next key goes there. Then b gets busier than a, and the
+    // retry, which placement would now keep on a, goes to b and finds the key.
+    let (status, second) = spawn_through(&a, placed("job-2")).await;
+    assert_eq!((status, &second["node"]), (202, &json!("b")), "{second}");
+    for _ in 0..2 {
+        let (status, busy) = spawn_through(&a, with(command("sleep 60"), "node", json!("b"))).await;
+        assert_eq!(status, 202, "{busy}");
+    }
+    wait_load(&a, "b", 3).await;
+    let (status, again) = spawn_through(&a, placed("job-2")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["existing"], true, "{again}");
+    assert_eq!((&again["id"], &again["node"]), (&second["id"], &json!("b")));
+}
