@@ -26,6 +26,7 @@ mod anthropic;
 mod gemini;
 mod openai;
 mod sse;
+mod sse_parser;
 #[cfg(test)]
 mod tests;
 

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
 use bytes::Bytes;
-use eventsource_stream::Event;
 use serde::de::IgnoredAny;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
@@ -14,7 +13,7 @@ use serde_json::Value;
 use troupe_actors::provider::ErrorClass;
 
 use super::ChatRequest;
-use super::sse::{EventStep, Translate, store_usage};
+use super::sse::{Event, EventStep, Translate, store_usage};
 use crate::provider::ProviderKind;
 use crate::provider::classify::classify_stream_error;
 
