@@ -338,7 +338,11 @@ impl HttpProvider {
         if self.kind == ProviderKind::Anthropic {
             builder = builder.header("anthropic-version", "2023-06-01");
         }
-        let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
+        let sent = tokio::time::Instant::now();
+        // At most a day by configuration; an embedder's absurd setting waits a year, not panics.
+        let deadline = sent
+            .checked_add(self.timeouts.first_byte)
+            .unwrap_or_else(|| sent + Duration::from_secs(365 * 24 * 3600));
         let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
             Err(_) => return Err(self.first_byte_timeout()),
             Ok(Err(error)) => return Err(self.reqwest_failure(error)),

@@ -106,6 +106,25 @@ async fn every_api_shape_answers_as_an_openai_completion_streamed_and_not() {
 }
 
 #[tokio::test]
+async fn timeouts_past_the_clocks_range_are_no_panic() {
+    // The configuration refuses more than a day; an embedder's client did `now + u64::MAX s`
+    // for the first byte.
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let timeouts = ProviderTimeouts {
+        connect_ms: u64::MAX,
+        first_byte_secs: Some(u64::MAX),
+        first_byte_ms: None,
+        between_chunks_secs: Some(u64::MAX),
+        between_chunks_ms: None,
+    };
+    let client = client_with(&fake, ProviderKind::OpenAi, timeouts);
+    client.send("m1", &request(false)).await.expect("answer");
+    let answer = client.send("m1", &request(true)).await.expect("stream");
+    assert_eq!(collect(answer.reply).await.1, None);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn chunks_cut_inside_json_and_characters_are_reassembled() {
     let fake = FakeProvider::start(FakeConfig {
         reply: "añb€c😀d".repeat(5),
