@@ -16,7 +16,7 @@ use troupe_actors::ids::NodeId;
 
 use crate::auth::Role;
 pub use crate::provider::ProviderKind;
-pub use providers::{MAX_QUEUE_LIMIT, ProviderConfig, ProviderTimeouts};
+pub use providers::{MAX_PROVIDER_SECS, MAX_QUEUE_LIMIT, ProviderConfig, ProviderTimeouts};
 pub use troupe_actors::provider::{BreakerConfig, RetryConfig};
 
 mod providers;

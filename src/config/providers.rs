@@ -17,6 +17,12 @@ use crate::provider::ProviderKind;
 /// Most calls one provider may hold waiting for budget or a slot (`max_queue`).
 pub const MAX_QUEUE_LIMIT: usize = 1_000_000;
 
+/// The longest any time setting of a provider may be, in seconds: a day (timeouts, retry waits
+/// and delays, the breaker's cool-downs, probe timeout and window). A call is not worth keeping
+/// longer, and deadlines computed from longer ones need not fit the clock: `u64::MAX` seconds
+/// made `Instant + Duration` panic, or a deadline fall back to the present.
+pub const MAX_PROVIDER_SECS: u64 = 24 * 3600;
+
 /// One `[[providers]]` entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,6 +311,14 @@ fn validate_breaker(key: &str, breaker: &BreakerConfig) -> Result<(), ConfigErro
             return Err(semantic(&at(name), "must be at least 1".into()));
         }
     }
+    for (name, value, least) in [
+        ("open_secs", breaker.open_secs, 1),
+        ("max_open_secs", breaker.max_open_secs, 1),
+        ("probe_timeout_secs", breaker.probe_timeout_secs, 1),
+        ("window_secs", breaker.window_secs, 0),
+    ] {
+        at_most_a_day(&at(name), value, least, Unit::Secs)?;
+    }
     if breaker.max_open_secs < breaker.open_secs {
         return Err(semantic(
             &at("max_open_secs"),
@@ -325,6 +339,13 @@ fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
             &at("max_attempts"),
             "must be at least 1 (the first call counts; 1 means no retries)".into(),
         ));
+    }
+    for (name, value, least, unit) in [
+        ("base_ms", retry.base_ms, 0, Unit::Millis),
+        ("max_delay_ms", retry.max_delay_ms, 0, Unit::Millis),
+        ("max_wait_secs", retry.max_wait_secs, 0, Unit::Secs),
+    ] {
+        at_most_a_day(&at(name), value, least, unit)?;
     }
     if retry.base_ms > retry.max_delay_ms {
         return Err(semantic(
@@ -371,6 +392,36 @@ fn validate_timeouts(key: &str, timeouts: &ProviderTimeouts) -> Result<(), Confi
         if value == Some(0) {
             return Err(semantic(&at(name), "must be at least 1".into()));
         }
+        let unit = if name.ends_with("_ms") {
+            Unit::Millis
+        } else {
+            Unit::Secs
+        };
+        if let Some(value) = value {
+            at_most_a_day(&at(name), value, 1, unit)?;
+        }
+    }
+    Ok(())
+}
+
+/// The unit of a time setting.
+#[derive(Clone, Copy)]
+enum Unit {
+    Secs,
+    Millis,
+}
+
+/// Refuses `value` of `key` above [`MAX_PROVIDER_SECS`], saying the range (from `least`).
+fn at_most_a_day(key: &str, value: u64, least: u64, unit: Unit) -> Result<(), ConfigError> {
+    let (max, unit) = match unit {
+        Unit::Secs => (MAX_PROVIDER_SECS, "seconds"),
+        Unit::Millis => (MAX_PROVIDER_SECS * 1000, "milliseconds"),
+    };
+    if value > max {
+        return Err(semantic(
+            key,
+            format!("{value} is out of range: use {least} to {max} {unit} (a day at most)"),
+        ));
     }
     Ok(())
 }
@@ -464,6 +515,91 @@ mod tests {
 
     fn provider_error(extra: &str) -> String {
         provider(extra).expect_err(extra)
+    }
+
+    #[test]
+    fn every_time_setting_is_at_most_a_day_and_its_error_names_the_key_and_range() {
+        // Before, u64::MAX passed: retry.max_wait_secs panicked in the call loop ("overflow
+        // when adding durations"), first_byte_secs in the client, a huge probe_timeout_secs
+        // made probes expire at once.
+        type Set = fn(&mut ProviderConfig);
+        let cases: [(&str, &str, Set); 12] = [
+            ("retry.max_wait_secs", "0 to 86400 seconds", |p| {
+                p.retry.max_wait_secs = u64::MAX
+            }),
+            ("retry.base_ms", "0 to 86400000 milliseconds", |p| {
+                p.retry.base_ms = u64::MAX
+            }),
+            ("retry.max_delay_ms", "0 to 86400000 milliseconds", |p| {
+                p.retry.max_delay_ms = u64::MAX
+            }),
+            ("breaker.probe_timeout_secs", "1 to 86400 seconds", |p| {
+                p.breaker.probe_timeout_secs = u64::MAX
+            }),
+            ("breaker.open_secs", "1 to 86400 seconds", |p| {
+                p.breaker.open_secs = u64::MAX
+            }),
+            ("breaker.max_open_secs", "1 to 86400 seconds", |p| {
+                p.breaker.max_open_secs = u64::MAX
+            }),
+            ("breaker.window_secs", "0 to 86400 seconds", |p| {
+                p.breaker.window_secs = u64::MAX
+            }),
+            ("timeouts.connect_ms", "1 to 86400000 milliseconds", |p| {
+                p.timeouts.connect_ms = u64::MAX
+            }),
+            ("timeouts.first_byte_secs", "1 to 86400 seconds", |p| {
+                p.timeouts.first_byte_secs = Some(u64::MAX)
+            }),
+            (
+                "timeouts.first_byte_ms",
+                "1 to 86400000 milliseconds",
+                |p| p.timeouts.first_byte_ms = Some(u64::MAX),
+            ),
+            ("timeouts.between_chunks_secs", "1 to 86400 seconds", |p| {
+                p.timeouts.between_chunks_secs = Some(u64::MAX)
+            }),
+            (
+                "timeouts.between_chunks_ms",
+                "1 to 86400000 milliseconds",
+                |p| p.timeouts.between_chunks_ms = Some(u64::MAX),
+            ),
+        ];
+        for (key, range, set) in cases {
+            let mut provider = ProviderConfig::new("a", ProviderKind::OpenAi, "http://x");
+            set(&mut provider);
+            let config = super::super::Config {
+                providers: vec![provider.clone()],
+                ..Default::default()
+            };
+            let error = config.validate().expect_err(key).to_string();
+            assert!(
+                error.contains(&format!("providers[0].{key}"))
+                    && error.contains(&u64::MAX.to_string())
+                    && error.contains(range),
+                "{key}: {error}"
+            );
+        }
+        // A day is allowed; a day and a second, written in the file, is not.
+        provider(
+            "retry = { max_wait_secs = 86400, max_delay_ms = 86400000 }
+             timeouts = { first_byte_secs = 86400, between_chunks_ms = 86400000, \
+             connect_ms = 86400000 }
+             breaker = { open_secs = 86400, max_open_secs = 86400, probe_timeout_secs = 86400, \
+             window_secs = 86400 }",
+        )
+        .unwrap();
+        let error = provider_error("timeouts = { first_byte_secs = 86401 }");
+        assert!(
+            error.contains("providers[0].timeouts.first_byte_secs")
+                && error.contains("use 1 to 86400 seconds"),
+            "{error}"
+        );
+        let error = provider_error("retry = { max_wait_secs = 9223372036854775807 }");
+        assert!(
+            error.contains("providers[0].retry.max_wait_secs"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -18,10 +18,19 @@ const MAX_PARSED_BODY: usize = 1 << 20;
 /// Messages are kept to this many characters.
 const MAX_MESSAGE_CHARS: usize = 500;
 
+/// `type`, `code`, `status` and each `reason` are kept to this many characters: they name a
+/// kind of error (the longest documented ones are about 30) and travel on to the provider code of
+/// events, `/v1/providers` and the gateway's error details, so a provider cannot fill those.
+const MAX_CODE_CHARS: usize = 100;
+
+/// `google.rpc.ErrorInfo` reasons kept, at most (Gemini sends one).
+const MAX_REASONS: usize = 8;
+
 /// What an error body says. Every field is optional: providers and proxies omit what they like.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ErrorBody {
-    /// `error.type`: OpenAI's `insufficient_quota`, Anthropic's `overloaded_error`, ….
+    /// `error.type`: OpenAI's `insufficient_quota`, Anthropic's `overloaded_error`, …; cut to
+    /// 100 characters, like `code`, `status` and each reason.
     pub(crate) error_type: Option<String>,
     /// `error.code` as text: OpenAI's `rate_limit_exceeded`, Gemini's numeric HTTP code.
     pub(crate) code: Option<String>,
@@ -33,7 +42,7 @@ pub(crate) struct ErrorBody {
     pub(crate) retry_delay: Option<Duration>,
     /// Gemini `google.rpc.QuotaFailure`: the scope of the violated quotas.
     pub(crate) quota: QuotaScope,
-    /// Gemini `google.rpc.ErrorInfo.reason`s, such as `API_KEY_INVALID`.
+    /// Gemini `google.rpc.ErrorInfo.reason`s, such as `API_KEY_INVALID` (the first 8).
     pub(crate) reasons: Vec<String>,
 }
 
@@ -78,10 +87,10 @@ impl ErrorBody {
     }
 
     fn from_error_object(error: &Value) -> Self {
-        let text = |key: &str| error.get(key).and_then(Value::as_str).map(str::to_owned);
+        let text = |key: &str| error.get(key).and_then(Value::as_str).map(code_text);
         let code = match error.get("code") {
-            Some(Value::String(code)) => Some(code.clone()),
-            Some(Value::Number(code)) => Some(code.to_string()),
+            Some(Value::String(code)) => Some(code_text(code)),
+            Some(Value::Number(code)) => Some(code_text(&code.to_string())),
             _ => None,
         };
         let mut body = Self {
@@ -120,8 +129,9 @@ impl ErrorBody {
             }
         } else if kind.ends_with("google.rpc.ErrorInfo")
             && let Some(reason) = detail.get("reason").and_then(Value::as_str)
+            && self.reasons.len() < MAX_REASONS
         {
-            self.reasons.push(reason.to_owned());
+            self.reasons.push(code_text(reason));
         }
     }
 
@@ -165,6 +175,12 @@ fn sse_data(event: &[u8]) -> Option<String> {
         .map(|data| data.strip_prefix(' ').unwrap_or(data))
         .collect();
     (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+/// A code, type, status or reason: its first [`MAX_CODE_CHARS`] characters, without a mark
+/// (it is matched and shown as the provider wrote it, and a real one is never that long).
+fn code_text(text: &str) -> String {
+    text.chars().take(MAX_CODE_CHARS).collect()
 }
 
 fn cut(message: &str) -> String {
@@ -307,6 +323,31 @@ mod tests {
         let kept = parsed.message.expect("message");
         assert_eq!(kept.chars().count(), MAX_MESSAGE_CHARS + 1);
         assert!(kept.ends_with('…'));
+    }
+
+    #[test]
+    fn codes_types_statuses_and_reasons_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(60_000);
+        let reason = "é".repeat(1_000);
+        let detail = format!(
+            r#"{{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "{reason}"}}"#
+        );
+        let details = vec![detail; 50].join(",");
+        let body = format!(
+            r#"{{"error": {{"type": "{long}", "code": "{long}", "status": "{long}", "details": [{details}]}}}}"#
+        );
+        let parsed = ErrorBody::parse(body.as_bytes()).expect("json");
+        for field in [&parsed.error_type, &parsed.code, &parsed.status] {
+            let kept = field.as_deref().expect("kept");
+            assert_eq!(kept, "é".repeat(MAX_CODE_CHARS));
+        }
+        assert_eq!(parsed.reasons.len(), MAX_REASONS);
+        assert!(
+            parsed
+                .reasons
+                .iter()
+                .all(|reason| reason.chars().count() == MAX_CODE_CHARS)
+        );
     }
 
     #[test]

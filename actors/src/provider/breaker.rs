@@ -306,7 +306,7 @@ impl Breaker {
             }
             let id = self.next_probe_id;
             self.next_probe_id += 1;
-            let expires = now.checked_add(probe_timeout).unwrap_or(now);
+            let expires = super::instant_after(now, probe_timeout);
             probes.push(Probe { id, expires });
             probe = Some(id);
         }
@@ -389,11 +389,7 @@ impl Breaker {
         let open_for = base
             .saturating_mul(1u32 << self.failed_probes.min(31))
             .min(cap);
-        // `now + open_for` only overflows for absurd settings (centuries); a year is as good.
-        let until = now
-            .checked_add(open_for)
-            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
-            .unwrap_or(now);
+        let until = super::instant_after(now, open_for);
         self.enter(State::Open { until });
         Transition::Opened { reason, open_for }
     }
@@ -789,6 +785,22 @@ mod tests {
                 .map(|t| matches!(t, Transition::Opened { .. })),
             Some(true)
         );
+    }
+
+    #[test]
+    fn a_probe_timeout_past_the_clocks_range_keeps_the_probe_not_frees_it_at_once() {
+        // Before, `now + probe_timeout` that did not fit the clock fell back to `now`: every
+        // probe expired as it was let through, and the next call was let through as another.
+        let (mut breaker, t0) = opened(BreakerConfig {
+            probe_timeout_secs: u64::MAX,
+            ..config()
+        });
+        let now = t0 + 30 * SEC;
+        let _probe = permit(&mut breaker, now);
+        let rejected = breaker
+            .allow(now + SEC)
+            .expect_err("the probe holds its slot");
+        assert_eq!(rejected.reason, RejectReason::ProbesBusy);
     }
 
     #[test]

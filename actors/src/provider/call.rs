@@ -289,7 +289,10 @@ async fn attempts<C: ProviderClient>(
             attempt,
             waited: *waited,
         };
-        let allowance = retry.max_wait().saturating_sub(*waited) + ADMISSION_SLACK;
+        let allowance = retry
+            .max_wait()
+            .saturating_sub(*waited)
+            .saturating_add(ADMISSION_SLACK);
         let answer = actor
             .handle()
             .call(

@@ -475,6 +475,27 @@ async fn a_call_waits_for_budget_instead_of_being_refused() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_max_wait_past_the_clocks_range_waits_for_budget_without_a_panic() {
+    // Before, the call loop panicked adding its slack to `u64::MAX` seconds, and the actor's
+    // deadline for a waiting call, which did not fit the clock, fell back to the present.
+    let h = Harness::start(vec![provider("p", |spec| {
+        spec.policy.budget.rpm = Some(1);
+        spec.policy.retry.max_wait_secs = u64::MAX;
+    })])
+    .await;
+    let started = Instant::now();
+    h.call("p/m").await.unwrap();
+    h.call("p/m")
+        .await
+        .expect("the second call waits for the budget");
+    assert!(
+        started.elapsed() >= Duration::from_secs(60),
+        "one request per minute: the second waited {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_streamed_answer_is_reported_through_its_guard() {
     let h = Harness::start(vec![provider("p", |spec| spec.max_concurrency = 1)]).await;
     h.client.always("m", Scripted::Stream("chunk"));

@@ -406,6 +406,23 @@ fn the_class_carries_the_providers_code_and_message() {
 }
 
 #[test]
+fn a_provider_code_of_any_length_is_kept_to_100_characters() {
+    // Before, `type` went whole into the provider code: events, /v1/providers, error details.
+    let body = format!(
+        r#"{{"error": {{"message": "slow down", "type": "{}", "code": null}}}}"#,
+        "x".repeat(60_000)
+    );
+    let class = classify_http(OpenAi, 429, [("x", "y")], body.as_bytes(), now_wall());
+    assert_eq!(class.kind, RateLimited);
+    let code = class.provider_code.expect("the type is the code");
+    assert!(code.len() <= 100, "{} bytes", code.len());
+    assert!(code.starts_with("xxx"));
+    // Inside a stream too.
+    let class = classify_stream_error(OpenAi, body.as_bytes());
+    assert!(class.provider_code.is_some_and(|code| code.len() <= 100));
+}
+
+#[test]
 fn any_status_and_body_classifies_without_panicking() {
     let bodies: &[&[u8]] = &[
         b"",

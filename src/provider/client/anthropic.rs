@@ -6,11 +6,10 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
-use eventsource_stream::Event;
 use serde_json::{Map, Value, json};
 use troupe_actors::provider::ErrorClass;
 
-use super::sse::{EventStep, Translate, store_usage};
+use super::sse::{Event, EventStep, Translate, store_usage};
 use super::{ChatRequest, chunk, completion as openai_completion, content_text, usage_json};
 use crate::provider::ProviderKind;
 use crate::provider::classify::classify_stream_error;

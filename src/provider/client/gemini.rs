@@ -11,11 +11,10 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
-use eventsource_stream::Event;
 use serde_json::{Map, Value, json};
 use troupe_actors::provider::{ErrorClass, ErrorKind};
 
-use super::sse::{EventStep, Translate, store_usage};
+use super::sse::{Event, EventStep, Translate, store_usage};
 use super::{ChatRequest, chunk, completion as openai_completion, content_text, usage_json};
 use crate::provider::ProviderKind;
 use crate::provider::classify::classify_stream_error;
@@ -31,9 +30,7 @@ pub(super) fn request(
         .get("messages")
         .and_then(Value::as_array)
         .ok_or("the request needs `messages`, an array")?;
-    if model.contains(['/', '?', '#', ':']) {
-        return Err(format!("{model:?} is not a Gemini model name"));
-    }
+    check_model_name(model)?;
     let mut system = Vec::new();
     let mut contents = Vec::new();
     for message in messages {
@@ -86,6 +83,21 @@ pub(super) fn request(
         format!("{base_url}/models/{model}:generateContent")
     };
     Ok((url, Value::Object(out)))
+}
+
+/// A model name is a path segment of the URL that carries the API key, so it may only name a
+/// model: letters, digits, `.`, `-` and `_`, and not `.` or `..`. Refusing only `/ ? # :` let
+/// `..\..\x` through, and the URL parser reads `\` as `/` in an http(s) URL and resolves
+/// `..`: the call went to another path of the host.
+fn check_model_name(model: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if model.is_empty() || model == "." || model == ".." || !model.chars().all(allowed) {
+        return Err(format!(
+            "{model:?} is not a Gemini model name: use letters, digits, '.', '-' and '_' only \
+             (e.g. gemini-2.5-flash)"
+        ));
+    }
+    Ok(())
 }
 
 fn finish_reason(reason: &str) -> &'static str {
@@ -326,6 +338,49 @@ mod tests {
         assert_blocked(&completion("gemini-2.5-pro", &body).unwrap_err(), "OTHER");
         let streamed = translator().event(&event(BLOCKED_OTHER));
         assert_blocked(&streamed.err().expect("the stream fails"), "OTHER");
+    }
+
+    #[test]
+    fn a_model_name_that_is_not_one_is_refused_before_it_makes_a_url() {
+        let base = "https://generativelanguage.googleapis.com/v1beta";
+        let chat = ChatRequest::new(json!({"messages": [{"role": "user", "content": "hi"}]}));
+        for model in [
+            "..\\..\\x",
+            "..",
+            ".",
+            "",
+            "a\\b",
+            "%2e%2e",
+            "gemini pro",
+            "models/gemini-2.5-pro",
+            "gemini:generateContent",
+            "é",
+        ] {
+            let error = request(base, model, &chat).expect_err(model);
+            assert!(
+                error.contains("is not a Gemini model name") && error.contains("letters, digits"),
+                "{model:?}: {error}"
+            );
+        }
+        for model in [
+            "gemini-2.5-flash",
+            "gemini-1.5-pro-002",
+            "gemma-3_27b.it",
+            "..x",
+        ] {
+            for stream in [false, true] {
+                let chat = ChatRequest::new(json!({
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": stream,
+                }));
+                let (url, _) = request(base, model, &chat).expect(model);
+                let url = reqwest::Url::parse(&url).expect("a URL");
+                assert!(
+                    url.path().starts_with(&format!("/v1beta/models/{model}:")),
+                    "{model:?}: {url}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //! before any content is a failure before the first byte, retried or sent to a fallback like
 //! any other.
 //!
+//! A provider may answer a stream request with a whole JSON answer (`Content-Type:
+//! application/json`: a server that ignores `stream`, or an error in place of the stream). It is
+//! read as a whole answer is, with the same cap: an error in it is classified as there, and a
+//! completion goes on as the one chunk of a stream, so the caller gets the shape it asked for.
+//!
 //! Timeouts (`timeouts = { … }` of a provider): connecting (`connect_ms`), the first byte of
 //! the answer (`first_byte_secs` or `_ms`, from sending the request to the headers and, for a
 //! stream, to its first chunk with content), and the gap between two pieces of a body or
@@ -26,6 +31,7 @@ mod anthropic;
 mod gemini;
 mod openai;
 mod sse;
+mod sse_parser;
 #[cfg(test)]
 mod tests;
 
@@ -337,7 +343,11 @@ impl HttpProvider {
         if self.kind == ProviderKind::Anthropic {
             builder = builder.header("anthropic-version", "2023-06-01");
         }
-        let deadline = tokio::time::Instant::now() + self.timeouts.first_byte;
+        let sent = tokio::time::Instant::now();
+        // At most a day by configuration; an embedder's absurd setting waits a year, not panics.
+        let deadline = sent
+            .checked_add(self.timeouts.first_byte)
+            .unwrap_or_else(|| sent + Duration::from_secs(365 * 24 * 3600));
         let response = match tokio::time::timeout_at(deadline, builder.body(body).send()).await {
             Err(_) => return Err(self.first_byte_timeout()),
             Ok(Err(error)) => return Err(self.reqwest_failure(error)),
@@ -380,7 +390,12 @@ impl HttpProvider {
                 reached_provider: true,
             });
         }
-        if request.stream {
+        let failed = |class| Failed {
+            class,
+            rate_limits,
+            reached_provider: true,
+        };
+        if request.stream && !is_json(response.headers()) {
             let usage = Arc::new(std::sync::atomic::AtomicU32::new(0));
             let translator = sse::translator(self.kind, model, usage.clone());
             let mut events = SseEvents::new(
@@ -394,13 +409,7 @@ impl HttpProvider {
             let held = match hold_back(&mut events, deadline).await {
                 Ok(held) => held,
                 Err(BeforeContent::Timeout) => return Err(self.first_byte_timeout()),
-                Err(BeforeContent::Failed(class)) => {
-                    return Err(Failed {
-                        class,
-                        rate_limits,
-                        reached_provider: true,
-                    });
-                }
+                Err(BeforeContent::Failed(class)) => return Err(failed(class)),
             };
             let inner = futures::stream::iter(held.into_iter().map(Ok)).chain(events);
             return Ok(Answer {
@@ -419,31 +428,56 @@ impl HttpProvider {
             false,
         )
         .await
-        .map_err(|class| Failed {
-            class,
+        .map_err(failed)?;
+        let (reply, tokens) = self.whole_answer(model, status, body).map_err(failed)?;
+        if request.stream {
+            // A whole answer to a stream request (an OpenAI-compatible server that ignores
+            // `stream`): its error was classified as any whole answer's; a completion goes on as
+            // the one chunk of a stream, so the caller gets the shape it asked for.
+            let chunk = openai::completion_as_chunk(&reply).map_err(|message| {
+                failed(ErrorClass {
+                    message: Some(message),
+                    ..ErrorClass::of_kind(ErrorKind::ServerError)
+                })
+            })?;
+            let usage = Arc::new(std::sync::atomic::AtomicU32::new(tokens.unwrap_or(0)));
+            return Ok(Answer {
+                reply: ChatReply::Stream(ChunkStream {
+                    inner: Box::pin(futures::stream::iter([Ok(chunk)])),
+                    usage,
+                }),
+                rate_limits,
+                progress: Progress::Streaming,
+            });
+        }
+        Ok(Answer {
+            reply: ChatReply::Complete(reply),
             rate_limits,
-            reached_provider: true,
-        })?;
-        let not_json = |error: serde_json::Error| Failed {
-            class: ErrorClass {
-                message: Some(format!("the provider's answer is not JSON: {error}")),
-                ..ErrorClass::of_kind(ErrorKind::ServerError)
-            },
-            rate_limits,
-            reached_provider: true,
+            progress: Progress::Complete { tokens },
+        })
+    }
+
+    /// A whole answer as an OpenAI `chat.completion` (an OpenAI-compatible provider's as it
+    /// came), and the tokens it reports; `Err` for a body that is not JSON, an error in place of
+    /// a completion, or an Anthropic or Gemini answer that does not translate.
+    fn whole_answer(
+        &self,
+        model: &str,
+        status: u16,
+        body: Vec<u8>,
+    ) -> Result<(Bytes, Option<u32>), ErrorClass> {
+        let not_json = |error: serde_json::Error| ErrorClass {
+            message: Some(format!("the provider's answer is not JSON: {error}")),
+            ..ErrorClass::of_kind(ErrorKind::ServerError)
         };
-        let (reply, tokens) = match self.kind {
+        match self.kind {
             // Passed through as it came.
             ProviderKind::OpenAi => {
                 let tokens = openai::usage_of(&body).map_err(not_json)?;
                 if let Some(class) = openai::failure_of(status, &body) {
-                    return Err(Failed {
-                        class,
-                        rate_limits,
-                        reached_provider: true,
-                    });
+                    return Err(class);
                 }
-                (Bytes::from(body), tokens)
+                Ok((Bytes::from(body), tokens))
             }
             ProviderKind::Anthropic | ProviderKind::Gemini => {
                 let parsed: Value = serde_json::from_slice(&body).map_err(not_json)?;
@@ -456,25 +490,29 @@ impl HttpProvider {
                     // A blocked prompt is the caller's error; no `candidates` otherwise is the
                     // provider's.
                     gemini::completion(model, &parsed)
-                }
-                .map_err(|class| Failed {
-                    class,
-                    rate_limits,
-                    reached_provider: true,
-                })?;
+                }?;
                 let tokens = translated
                     .pointer("/usage/total_tokens")
                     .and_then(Value::as_u64)
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-                (Bytes::from(translated.to_string()), tokens)
+                Ok((Bytes::from(translated.to_string()), tokens))
             }
-        };
-        Ok(Answer {
-            reply: ChatReply::Complete(reply),
-            rate_limits,
-            progress: Progress::Complete { tokens },
-        })
+        }
     }
+}
+
+/// True when a response says its body is JSON (`application/json`, or a `+json` type), not an
+/// event stream.
+fn is_json(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let media_type = value.split(';').next().unwrap_or_default().trim();
+    media_type.eq_ignore_ascii_case("application/json")
+        || media_type.to_ascii_lowercase().ends_with("+json")
 }
 
 /// Why a stream failed before its first chunk with content.

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
 use bytes::Bytes;
-use eventsource_stream::Event;
 use serde::de::IgnoredAny;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
@@ -14,7 +13,7 @@ use serde_json::Value;
 use troupe_actors::provider::ErrorClass;
 
 use super::ChatRequest;
-use super::sse::{EventStep, Translate, store_usage};
+use super::sse::{Event, EventStep, Translate, store_usage};
 use crate::provider::ProviderKind;
 use crate::provider::classify::classify_stream_error;
 
@@ -95,6 +94,48 @@ pub(super) fn failure_of(status: u16, body: &[u8]) -> Option<ErrorClass> {
         class.message.as_deref().unwrap_or("(no message)")
     ));
     Some(class)
+}
+
+/// A whole `chat.completion` as one `chat.completion.chunk`, for a caller that asked for a
+/// stream of a provider that answered with a whole answer: each choice's `message` becomes its
+/// `delta` (each tool call given the `index` a chunk's tool calls carry), and `id`, `created`,
+/// `model`, `usage` and any other field stay. `Err` when the body is not a completion (an object
+/// with a `choices` array).
+pub(super) fn completion_as_chunk(body: &[u8]) -> Result<Bytes, String> {
+    let not_one = || {
+        "the provider answered a stream request with JSON that is neither a chat completion nor \
+         an error"
+            .to_owned()
+    };
+    let Ok(Value::Object(mut completion)) = serde_json::from_slice::<Value>(body) else {
+        return Err(not_one());
+    };
+    let Some(Value::Array(choices)) = completion.remove("choices") else {
+        return Err(not_one());
+    };
+    let choices = choices
+        .into_iter()
+        .map(|choice| {
+            let Value::Object(mut choice) = choice else {
+                return choice;
+            };
+            let mut delta = choice
+                .remove("message")
+                .unwrap_or_else(|| Value::Object(Default::default()));
+            if let Some(Value::Array(calls)) = delta.get_mut("tool_calls") {
+                for (index, call) in calls.iter_mut().enumerate() {
+                    if let Value::Object(call) = call {
+                        call.entry("index").or_insert(Value::from(index));
+                    }
+                }
+            }
+            choice.insert("delta".into(), delta);
+            Value::Object(choice)
+        })
+        .collect();
+    completion.insert("object".into(), Value::from("chat.completion.chunk"));
+    completion.insert("choices".into(), Value::Array(choices));
+    Ok(Bytes::from(Value::Object(completion).to_string()))
 }
 
 /// The chunk `data` on one line. An event sent over several `data:` lines arrives with its

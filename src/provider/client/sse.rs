@@ -1,5 +1,6 @@
-//! A provider's event stream as OpenAI chunks: SSE parsing (with a cap on one event and a
-//! timeout between pieces), and a translator per provider kind that turns its events into
+//! A provider's event stream as OpenAI chunks: its SSE events (read by
+//! [`sse_parser`](super::sse_parser), each capped at [`MAX_EVENT_BYTES`]) with a timeout
+//! between them, and a translator per provider kind that turns its events into
 //! `chat.completion.chunk` JSON, recognises its end marker and classifies its error events.
 //!
 //! A stream begins with its first chunk that [carries content](carries_content): the chunks
@@ -14,12 +15,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde_json::Value;
 use troupe_actors::provider::{ErrorClass, ErrorKind};
 
 use super::MAX_EVENT_BYTES;
+pub(super) use super::sse_parser::Event;
+use super::sse_parser::{SseParser, TooLong};
 use super::{anthropic, gemini, openai};
 use crate::provider::ProviderKind;
 use crate::provider::classify::{TransportFailure, classify_transport};
@@ -116,52 +118,43 @@ impl std::fmt::Display for RawError {
     }
 }
 
-/// The size of the event being received, for its cap: every byte since the last blank line
-/// (the end of an event), line endings included, however many lines it spreads over. Lines
-/// end with `\n`, `\r` or `\r\n`, as SSE allows. Comment lines count too: a provider ends
-/// them with a blank line like events.
-#[derive(Debug, Default)]
-struct EventSize {
-    /// Bytes of the current event so far.
-    event: usize,
-    /// Bytes of the current line so far, its ending excluded (0: a blank line so far).
-    line: usize,
-    /// The last byte was `\r`: a `\n` right after it belongs to the same line ending.
-    after_cr: bool,
+type RawStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+/// A body read as SSE events: each piece goes to the parser, which gives every event it
+/// completes before the next piece is read. Every event is capped at [`MAX_EVENT_BYTES`],
+/// comment lines included (a provider ends them with a blank line like events).
+struct EventReader {
+    body: RawStream,
+    parser: SseParser,
+    body_ended: bool,
 }
 
-impl EventSize {
-    /// Counts one piece of the body; `false` as soon as the event passes [`MAX_EVENT_BYTES`].
-    fn take(&mut self, piece: &[u8]) -> bool {
-        for &byte in piece {
-            match byte {
-                b'\n' if self.after_cr => self.after_cr = false,
-                b'\r' | b'\n' => {
-                    self.after_cr = byte == b'\r';
-                    if self.line == 0 {
-                        // A blank line: the event ended, the next starts from nothing.
-                        self.event = 0;
-                    } else {
-                        self.line = 0;
-                        self.event += 1;
-                    }
-                }
-                _ => {
-                    self.after_cr = false;
-                    self.line += 1;
-                    self.event += 1;
-                }
+impl Stream for EventReader {
+    type Item = Result<Event, RawError>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            match this.parser.next_event() {
+                Ok(Some(event)) => return Poll::Ready(Some(Ok(event))),
+                Err(TooLong) => return Poll::Ready(Some(Err(RawError::TooLong))),
+                Ok(None) if this.body_ended => return Poll::Ready(None),
+                Ok(None) => {}
             }
-            if self.event > MAX_EVENT_BYTES {
-                return false;
+            match std::task::ready!(this.body.as_mut().poll_next(cx)) {
+                Some(Ok(piece)) => this.parser.push(&piece),
+                Some(Err(_)) => return Poll::Ready(Some(Err(RawError::Transport))),
+                None => this.body_ended = true,
             }
         }
-        true
     }
 }
 
-type RawStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
-type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<RawError>>> + Send>>;
+type Events = Pin<Box<dyn Stream<Item = Result<Event, RawError>> + Send>>;
 
 /// A provider's SSE body as a stream of OpenAI chunks (see [`ChunkStream`](super::ChunkStream)).
 pub(super) struct SseEvents {
@@ -184,16 +177,13 @@ struct State {
 
 impl SseEvents {
     pub(super) fn new(body: RawStream, translate: Box<dyn Translate>, gap: Duration) -> Self {
-        let mut size = EventSize::default();
-        let capped = body.map(move |piece| {
-            let piece = piece.map_err(|_| RawError::Transport)?;
-            if !size.take(&piece) {
-                return Err(RawError::TooLong);
-            }
-            Ok(piece)
-        });
+        let events = EventReader {
+            body,
+            parser: SseParser::new(MAX_EVENT_BYTES),
+            body_ended: false,
+        };
         let state = State {
-            events: Box::pin(capped.eventsource()),
+            events: Box::pin(events),
             translate,
             pending: VecDeque::new(),
             ended: false,
@@ -240,10 +230,7 @@ impl SseEvents {
                         ..classify_transport(TransportFailure::Interrupted)
                     },
                     Ok(Some(Err(error))) => ErrorClass {
-                        message: Some(match error {
-                            EventStreamError::Transport(raw) => raw.to_string(),
-                            other => other.to_string(),
-                        }),
+                        message: Some(error.to_string()),
                         ..ErrorClass::of_kind(ErrorKind::Connection)
                     },
                     Ok(Some(Ok(event))) => {

@@ -106,6 +106,25 @@ async fn every_api_shape_answers_as_an_openai_completion_streamed_and_not() {
 }
 
 #[tokio::test]
+async fn timeouts_past_the_clocks_range_are_no_panic() {
+    // The configuration refuses more than a day; an embedder's client did `now + u64::MAX s`
+    // for the first byte.
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let timeouts = ProviderTimeouts {
+        connect_ms: u64::MAX,
+        first_byte_secs: Some(u64::MAX),
+        first_byte_ms: None,
+        between_chunks_secs: Some(u64::MAX),
+        between_chunks_ms: None,
+    };
+    let client = client_with(&fake, ProviderKind::OpenAi, timeouts);
+    client.send("m1", &request(false)).await.expect("answer");
+    let answer = client.send("m1", &request(true)).await.expect("stream");
+    assert_eq!(collect(answer.reply).await.1, None);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn chunks_cut_inside_json_and_characters_are_reassembled() {
     let fake = FakeProvider::start(FakeConfig {
         reply: "añb€c😀d".repeat(5),
@@ -755,4 +774,92 @@ async fn credentials_in_the_base_url_stay_out_of_failure_messages() {
         assert!(message.contains(&addr.to_string()), "{message}");
     }
     server.abort();
+}
+
+#[tokio::test]
+async fn a_whole_json_answer_to_a_stream_request_is_classified_or_passed_on_as_one_chunk() {
+    // Before, it was read as SSE, held no event and counted as a broken connection: retried,
+    // counted toward the breaker, then 502.
+    crate::tls::install_default_provider();
+    let send = |base_url: String| async move {
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, base_url);
+        HttpProvider::new(&config)
+            .unwrap()
+            .send("m", &request(true))
+            .await
+    };
+    // An error in place of a completion: classified as in a whole answer.
+    let (base_url, server) = answering_200(
+        r#"{"error":{"message":"Rate limit exceeded","type":"requests","code":"rate_limit_exceeded"}}"#,
+    )
+    .await;
+    let failed = send(base_url)
+        .await
+        .expect_err("an error body is a failure");
+    assert_eq!(
+        failed.class.kind,
+        ErrorKind::RateLimited,
+        "{:?}",
+        failed.class
+    );
+    let message = failed.class.message.unwrap_or_default();
+    assert!(message.contains("answered 200"), "{message}");
+    server.abort();
+    // A completion: the one chunk of a stream, its usage counted.
+    let (base_url, server) = answering_200(
+        r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+    )
+    .await;
+    let answer = send(base_url).await.expect("an answer");
+    assert_eq!(answer.progress, Progress::Streaming);
+    let ChatReply::Stream(mut stream) = answer.reply else {
+        panic!("a stream, as the caller asked");
+    };
+    let chunk = stream.next().await.expect("a chunk").expect("no failure");
+    let chunk: Value = serde_json::from_slice(&chunk).expect("JSON");
+    assert_eq!(chunk["object"], "chat.completion.chunk");
+    assert_eq!(chunk["id"], "c1");
+    let choice = &chunk["choices"][0];
+    assert_eq!(choice["delta"]["role"], "assistant");
+    assert_eq!(choice["delta"]["content"], "hi");
+    assert_eq!(choice["delta"]["tool_calls"][0]["index"], 0);
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(chunk["usage"]["total_tokens"], 5);
+    assert!(stream.next().await.is_none(), "then the end");
+    assert_eq!(stream.tokens(), Some(5));
+    server.abort();
+    // JSON that is neither: the provider's fault, said so.
+    let (base_url, server) = answering_200(r#"{"hello": 1}"#).await;
+    let failed = send(base_url).await.expect_err("not a completion");
+    assert_eq!(failed.class.kind, ErrorKind::ServerError);
+    let message = failed.class.message.unwrap_or_default();
+    assert!(message.contains("neither a chat completion"), "{message}");
+    server.abort();
+}
+
+#[test]
+fn json_content_types_are_told_from_event_streams() {
+    let headers = |value: &'static str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(value),
+        );
+        headers
+    };
+    for json in [
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/problem+json",
+    ] {
+        assert!(super::is_json(&headers(json)), "{json}");
+    }
+    for other in [
+        "text/event-stream",
+        "text/event-stream; charset=utf-8",
+        "text/plain",
+    ] {
+        assert!(!super::is_json(&headers(other)), "{other}");
+    }
+    assert!(!super::is_json(&http::HeaderMap::new()));
 }
