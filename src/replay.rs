@@ -192,6 +192,14 @@ impl EventStream {
         }
     }
 
+    /// The gap is over: live events follow, and a lag of theirs resumes after what the gap
+    /// delivered.
+    fn end_gap(&mut self) {
+        if let Some(last) = self.gap.take().and_then(|gap| gap.last_delivered) {
+            self.live.delivered(last);
+        }
+    }
+
     /// The marker, then the gap; `None` once both are done.
     async fn next_from_log(&mut self) -> Option<Delivery> {
         if let Some(marker) = self.marker.take() {
@@ -204,7 +212,7 @@ impl EventStream {
                 return Some(Delivery::Event(event));
             }
             if !gap.more {
-                self.gap = None;
+                self.end_gap();
                 return None;
             }
             match read_page(&self.store, gap).await {
@@ -225,7 +233,7 @@ impl EventStream {
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the event log while filling a replay");
                     let resume_after = gap.last_delivered.clone();
-                    self.gap = None;
+                    self.end_gap();
                     return Some(Delivery::Lagged(EventsLagged {
                         missed: 0,
                         resume_after,

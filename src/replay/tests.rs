@@ -237,3 +237,45 @@ async fn retention_between_two_log_pages_gives_a_lag_marker_not_a_silent_gap() {
     );
     node.shutdown().await;
 }
+
+/// Regression: events delivered from the log never passed through the live subscription, so
+/// when it lagged while the gap was being read, its `events.lagged` marker said to resume after
+/// the client's original cursor, and a client doing so read the whole gap again.
+#[tokio::test]
+async fn a_lag_after_a_gap_from_the_log_resumes_after_the_last_event_of_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.events.ring_capacity = RING;
+    config.events.subscriber_buffer = 8;
+    config.sessions.workspace_roots = vec![dir.path().to_owned()];
+    let node = Node::builder()
+        .config(config)
+        .data_dir(dir.path().join("data"))
+        .without_http()
+        .start()
+        .await
+        .unwrap();
+    let wanted = publish(&node, "s-a", 6).await;
+    // The ring holds none of s-a's events now.
+    publish(&node, "s-b", 2 * RING).await;
+    let core = node.core();
+    let mut stream = session_stream_after(core, "s-a", &wanted[0]).await;
+    assert_eq!(id_of(&next_id(&mut stream).await), wanted[1]);
+    // The live subscription falls behind while the client reads the gap (in runs the
+    // publisher's own watch keeps up with).
+    for _ in 0..3 {
+        publish(&node, "s-b", 7).await;
+    }
+    for expected in &wanted[2..] {
+        assert_eq!(id_of(&next_id(&mut stream).await), *expected);
+    }
+    match next_id(&mut stream).await {
+        Delivery::Lagged(lagged) => assert_eq!(
+            lagged.resume_after.as_ref(),
+            wanted.last(),
+            "resume after the last event delivered"
+        ),
+        other => panic!("expected a lag marker, got {other:?}"),
+    }
+    node.shutdown().await;
+}

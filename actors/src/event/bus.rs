@@ -1276,6 +1276,13 @@ impl Subscription {
         &self.filter
     }
 
+    /// Counts `id` as the last event delivered, for events the caller delivered from elsewhere
+    /// before this subscription's own (a replay's gap read from the event log): a lag marker
+    /// then says to resume after it, not before what the caller already delivered.
+    pub fn delivered(&mut self, id: EventId) {
+        self.last_id = Some(id);
+    }
+
     /// The id of the last event delivered.
     pub fn last_id(&self) -> Option<&EventId> {
         self.last_id.as_ref()
