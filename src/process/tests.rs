@@ -381,6 +381,11 @@ async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
     };
     let info = runner.start(&session("s-held"), &command, sink).unwrap();
     // The runner reads once, then waits for room: `seq` fills the pipe and blocks in its write.
+    // The read is awaited first: `seq` may block on the full pipe before the runner has read
+    // it, and write one pipe more after that read.
+    let mut seen = Seen::default();
+    let first = within(events.recv()).await.expect("the first read's lines");
+    assert!(seen.add(first).is_none(), "no exit while held");
     within(blocked_in_its_write(info.pid)).await;
     // And stays blocked: nothing more is read while there is no room. (Showing that something
     // does not happen takes a wait; without the hold, `seq` is done within it.)
@@ -391,7 +396,6 @@ async fn a_session_without_room_holds_its_process_back_and_loses_nothing() {
         "seq still blocked in its write"
     );
     assert_eq!(written_by(info.pid), written, "seq wrote nothing more");
-    let mut seen = Seen::default();
     while let Ok(event) = events.try_recv() {
         assert!(seen.add(event).is_none(), "no exit while held");
     }
