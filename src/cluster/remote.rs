@@ -577,6 +577,24 @@ pub async fn list_cluster(core: &NodeCore, filters: &ListFilters, local: Vec<Val
             }
         }
     }
+    // Owners this node heard of that are not members now (down before this node started, so
+    // its member view never had them): their open sessions are shown as unreachable too, not
+    // left out.
+    if let Some(owners) = &core.sessions_owners {
+        for owner in owners.open_owners() {
+            if owner == core.node_id || nodes.contains_key(owner.as_str()) {
+                continue;
+            }
+            nodes.insert(owner.to_string(), "unreachable".into());
+            sessions.extend(
+                owners
+                    .open_sessions_of(&owner)
+                    .iter()
+                    .filter(|known| filters.matches(known))
+                    .map(KnownSession::to_json),
+            );
+        }
+    }
     sessions.sort_by(|a, b| {
         b["created_at"]
             .as_str()

@@ -822,6 +822,22 @@ async fn a_restarted_node_names_the_down_owner_of_a_session_it_heard_of_before()
         matches!(known["last_state"].as_str(), Some("queued" | "running")),
         "{error}"
     );
+    // The cluster listing shows it too (c is not in b's member view: it was down before b
+    // started), and says c is unreachable.
+    let listing: Value = b
+        .get("/v1/sessions?scope=cluster")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["nodes"]["c"], "unreachable", "{listing}");
+    let shown = listing["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|session| session["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} is left out: {listing}"));
+    assert_eq!(shown["state"], "unreachable", "{listing}");
 }
 
 /// Waits until `node`'s member view shows `name` with at least `running + queued` sessions in

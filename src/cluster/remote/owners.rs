@@ -167,6 +167,15 @@ impl OwnersTable {
             .collect()
     }
 
+    /// The nodes that own a session that had not ended when last heard of.
+    pub fn open_owners(&self) -> std::collections::BTreeSet<NodeId> {
+        self.known
+            .values()
+            .filter(|known| known.is_open())
+            .map(|known| known.node.clone())
+            .collect()
+    }
+
     fn insert(&mut self, known: KnownSession) {
         let id = known.id.clone();
         if self.known.insert(id.clone(), known).is_none() {
@@ -339,6 +348,11 @@ impl SessionOwners {
     /// Sessions of `node` that had not ended when last heard of, oldest first.
     pub fn open_sessions_of(&self, node: &NodeId) -> Vec<KnownSession> {
         self.table().open_sessions_of(node)
+    }
+
+    /// The nodes that own a session that had not ended when last heard of.
+    pub fn open_owners(&self) -> std::collections::BTreeSet<NodeId> {
+        self.table().open_owners()
     }
 
     /// Takes in a session record (the API's JSON) another node answered with.
