@@ -45,14 +45,15 @@ use super::idle::{IdleSessions, MAX_SESSIONS_PER_TOKEN};
 use crate::auth::{Principal, Role};
 use crate::http::ApiError;
 use crate::http::ws::{
-    CLOSE_GOING_AWAY, CLOSE_POLICY, Heard, Incoming, Outgoing, check_host_and_origin, send_within,
-    split,
+    CLOSE_GOING_AWAY, CLOSE_POLICY, Heard, Incoming, Outgoing, SendProgress, check_host_and_origin,
+    send_within, split,
 };
 use crate::node::NodeCore;
 
 /// Outbound MCP messages queued per WebSocket before senders wait.
 const OUTBOUND_QUEUE: usize = 64;
-/// How long a frame may wait for the client to accept it.
+/// How long the client may accept nothing (no frame, and on HTTP/1 no byte) while a frame
+/// waits for it: a frame of a large answer read slowly is not cut, one nobody reads is.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `/mcp` and `/mcp/ws` routes. `stop` ends open MCP streams at shutdown.
@@ -417,11 +418,13 @@ async fn serve_websocket<Si, St>(
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|info| info.0);
     let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    let progress = SendProgress::of_request(&parts.extensions);
     let client = FramesClient {
         parts: Some(parts),
         peer,
         principal,
         liveness: Some(liveness),
+        progress,
     };
     serve_frames(server, client, sink, stream).await;
 }
@@ -593,6 +596,9 @@ pub(crate) struct FramesClient {
     pub(crate) principal: Option<crate::auth::Principal>,
     /// How it shows it is still there (a socket; stdin ends by itself).
     pub(crate) liveness: Option<Liveness>,
+    /// What counts as its progress in taking frames besides accepted frames (a socket's
+    /// connection, when the socket has it to itself).
+    pub(crate) progress: SendProgress,
 }
 
 async fn serve_frames_until<Si, St>(
@@ -611,10 +617,11 @@ async fn serve_frames_until<Si, St>(
     // The writer: the only user of the socket's sending half.
     let writer = {
         let ended = ended.clone();
+        let progress = client.progress.clone();
         tokio::spawn(async move {
             while let Some(frame) = out_rx.recv().await {
                 let closing = matches!(frame, Outgoing::Close(..));
-                if let Err(failure) = send_within(&mut sink, frame, SEND_TIMEOUT).await {
+                if let Err(failure) = send_within(&mut sink, frame, SEND_TIMEOUT, &progress).await {
                     tracing::info!(%failure, "MCP WebSocket client stopped reading");
                     break;
                 }
@@ -630,6 +637,7 @@ async fn serve_frames_until<Si, St>(
         peer,
         principal,
         liveness,
+        progress: _,
     } = client;
     let principal = principal.or_else(|| server.local_principal.clone());
     let link_closed = match server.attach_link(peer, principal.as_ref()).await {
