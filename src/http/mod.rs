@@ -35,6 +35,7 @@ use tracing::Level;
 use crate::auth::{Principal, Role};
 use crate::node::NodeCore;
 pub use error::{ApiError, ApiJson};
+pub(crate) use events::link_error;
 
 /// Builds the node's router. `stop` ends long-lived MCP streams at shutdown.
 pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) -> Router {

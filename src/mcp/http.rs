@@ -154,6 +154,27 @@ async fn guard(
                 .into_response();
         }
     };
+    // A request without a session that lists or calls tools (2026-07-28: each request is a
+    // client) opens a link of its own (`TroupeMcp::ensure_link`). When its token holds its most
+    // links already it is answered as REST answers it, 429 `too_many_links`, not with a
+    // JSON-RPC error in a 200. (A request that loses a race for the last place, and a legacy
+    // session's first such request, get that JSON-RPC error: `TOO_MANY_LINKS`.)
+    let opens_link = !parts.headers.contains_key("mcp-session-id")
+        && matches!(
+            &message,
+            ClientJsonRpcMessage::Request(request) if matches!(
+                request.request,
+                ClientRequest::ListToolsRequest(_) | ClientRequest::CallToolRequest(_)
+            )
+        );
+    let max_links = core.config.auth.max_links_per_token;
+    if opens_link && core.token_links.held(&principal.name) >= max_links {
+        return crate::http::link_error(crate::link::LinkError::TooManyForToken {
+            token: principal.name.clone(),
+            max: max_links,
+        })
+        .into_response();
+    }
     // A legacy session's start: its request id.
     let session_start = match &message {
         ClientJsonRpcMessage::Request(request)
@@ -204,6 +225,11 @@ async fn guard(
 /// JSON-RPC error code of an `initialize` refused because its token holds
 /// [`MAX_SESSIONS_PER_TOKEN`] legacy sessions already (a server error code).
 pub const TOO_MANY_SESSIONS: i32 = -32027;
+
+/// JSON-RPC error code of a request whose client's link could not be opened because its token
+/// (`auth.max_links_per_token`) or the node holds its most links (a server error code; `data`
+/// `{"code": "too_many_links", "max": N}`).
+pub const TOO_MANY_LINKS: i32 = -32026;
 
 /// Methods a client may call in 2026-07-28 (and before). rmcp reads a known method whose params
 /// do not parse as a "custom" request and answers it as an unknown method; [`check_message`]
@@ -365,6 +391,28 @@ async fn websocket(
         ));
     }
     let (parts, _) = request.into_parts();
+    let via_stdio = parts
+        .uri
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair == "client=stdio"));
+    let transport = if via_stdio {
+        TransportKind::McpStdio
+    } else {
+        TransportKind::McpWebSocket
+    };
+    let server = TroupeMcp::new(core.clone(), transport, None);
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    // The link is opened before the upgrade, as `/v1/events/ws` opens its own: a token that
+    // holds its most links is answered 429 `too_many_links`, not a 101 and then a close 1001,
+    // which `troupe mcp` reads as its node going away (and connects again, and again).
+    server
+        .attach_link(peer, principal.as_ref())
+        .await
+        .map_err(crate::http::link_error)?;
     let limit = core.config.http.max_body_bytes;
     Ok(ws
         .protocols(["mcp"])
@@ -373,7 +421,7 @@ async fn websocket(
         .on_upgrade(move |socket| async move {
             let heard = Heard::new();
             let (sink, stream) = split(socket, Some(heard.clone()));
-            serve_websocket(core, parts, heard, sink, stream).await;
+            serve_websocket(server, parts, peer, principal, heard, sink, stream).await;
         }))
 }
 
@@ -387,10 +435,13 @@ pub(crate) fn parse_error(message: &str) -> String {
     .to_string()
 }
 
-/// Serves one MCP client over a WebSocket until it or the node ends the link.
+/// Serves one MCP client over a WebSocket until it or the node ends the link. `server` holds
+/// the client's link already.
 async fn serve_websocket<Si, St>(
-    core: Arc<NodeCore>,
+    server: TroupeMcp,
     parts: Parts,
+    peer: Option<std::net::SocketAddr>,
+    principal: Option<crate::auth::Principal>,
     heard: Arc<Heard>,
     sink: Si,
     stream: St,
@@ -399,25 +450,10 @@ async fn serve_websocket<Si, St>(
     Si::Error: std::fmt::Display,
     St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
 {
-    let via_stdio = parts
-        .uri
-        .query()
-        .is_some_and(|query| query.split('&').any(|pair| pair == "client=stdio"));
-    let transport = if via_stdio {
-        TransportKind::McpStdio
-    } else {
-        TransportKind::McpWebSocket
-    };
     let liveness = Liveness {
         heard,
-        every: Duration::from_secs(core.config.events.heartbeat_secs),
+        every: Duration::from_secs(server.core.config.events.heartbeat_secs),
     };
-    let server = TroupeMcp::new(core, transport, None);
-    let peer = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0);
-    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
     let progress = SendProgress::of_request(&parts.extensions);
     let client = FramesClient {
         parts: Some(parts),

@@ -48,7 +48,7 @@ use crate::auth::{Principal, Role};
 use crate::cluster::remote::{self, Hop, ListFilters, Routed};
 use crate::http::ApiError;
 use crate::json::SessionJson;
-use crate::link::{LinkGuard, open_link};
+use crate::link::{LinkError, LinkGuard, open_link};
 use crate::node::NodeCore;
 use crate::session::request::SessionRequest;
 use crate::session::{SessionError, SessionView};
@@ -301,6 +301,24 @@ struct LinkSlot {
 /// before its next request tries again.
 const LINK_RETRY: Duration = Duration::from_secs(5);
 
+/// The JSON-RPC error of a request whose client's link could not be opened. Past a bound (the
+/// token's `auth.max_links_per_token`, or the node's) it says `too_many_links` and the bound, as
+/// REST's 429 / 503 do, in [`http::TOO_MANY_LINKS`] with `data` `{"code": "too_many_links",
+/// "max": N}`: not an "internal error" the client could only retry.
+fn link_refused(error: &LinkError) -> McpError {
+    match error {
+        LinkError::TooManyForToken { max, .. } | LinkError::TooMany { max } => McpError::new(
+            rmcp::model::ErrorCode(http::TOO_MANY_LINKS),
+            format!("too_many_links: {error}"),
+            Some(json!({"code": "too_many_links", "max": max})),
+        ),
+        LinkError::Unavailable(_) => McpError::internal_error(
+            error.to_string(),
+            Some(json!({"code": "links_unavailable"})),
+        ),
+    }
+}
+
 impl TroupeMcp {
     /// A server for one client of `transport`. `local_principal` is who calls when requests
     /// carry no HTTP request (stdio).
@@ -404,8 +422,10 @@ impl TroupeMcp {
             }
         });
         let opened = match opening.await {
-            Ok(opened) => opened.map_err(|error| error.to_string()),
-            Err(error) => Err(format!("opening the link failed: {error}")),
+            Ok(opened) => opened,
+            Err(error) => Err(LinkError::Unavailable(format!(
+                "opening the link failed: {error}"
+            ))),
         };
         match opened {
             Ok(opened) => {
@@ -418,7 +438,7 @@ impl TroupeMcp {
                 slot.retry_at = Some(tokio::time::Instant::now() + LINK_RETRY);
                 Ok(())
             }
-            Err(error) => Err(McpError::internal_error(error, None)),
+            Err(error) => Err(link_refused(&error)),
         }
     }
 
