@@ -128,16 +128,9 @@ async fn guard(
     }
     let (parts, body) = request.into_parts();
     let limit = core.config.http.max_body_bytes;
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match read_body(body, limit).await {
         Ok(bytes) => bytes,
-        Err(_) => {
-            return ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body is over http.max_body_bytes ({limit} bytes)"),
-            )
-            .into_response();
-        }
+        Err(error) => return error.into_response(),
     };
     let checked = match std::str::from_utf8(&bytes) {
         Ok(text) => check_message(text),
@@ -220,6 +213,50 @@ async fn guard(
         sessions.opened(id, &principal.name);
     }
     response
+}
+
+/// Why a request body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// It is longer than `http.max_body_bytes`.
+    #[error("the body is over http.max_body_bytes ({0} bytes)")]
+    TooLarge(usize),
+    /// Reading it failed: malformed chunked encoding, a connection reset mid-body.
+    #[error(
+        "the body could not be read ({0}); send the whole JSON-RPC message as the body, with a \
+         Content-Length or well-formed chunked encoding"
+    )]
+    Unreadable(String),
+}
+
+impl IntoResponse for BodyError {
+    fn into_response(self) -> Response {
+        let error = match &self {
+            Self::TooLarge(_) => ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                self.to_string(),
+            ),
+            Self::Unreadable(_) => ApiError::bad_request("invalid_body", self.to_string()),
+        };
+        error.into_response()
+    }
+}
+
+/// Reads `body` whole, at most `limit` bytes. Only a body over the limit is
+/// [`BodyError::TooLarge`] (413); any other failure to read it is [`BodyError::Unreadable`]
+/// (400): the client sent a broken body or went away, it did not send too much.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, BodyError> {
+    let mut chunks = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|error| BodyError::Unreadable(error.to_string()))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.into())
 }
 
 /// JSON-RPC error code of an `initialize` refused because its token holds
@@ -854,7 +891,104 @@ async fn serve_frames_until<Si, St>(
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// A node serving HTTP on a loopback port, and its admin token.
+    async fn http_node() -> (crate::node::NodeHandle, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .listener(listener)
+            .start()
+            .await
+            .unwrap();
+        let token = std::fs::read_to_string(node.admin_token_path()).unwrap();
+        (node, token.trim().to_owned(), dir)
+    }
+
+    /// Sends `head` and `body` as they are on a new connection to `node`; returns the status of
+    /// the answer and its body.
+    async fn raw_post(node: &crate::node::NodeHandle, head: &str, body: &[u8]) -> (u16, String) {
+        let mut socket = tokio::net::TcpStream::connect(node.http_addr().unwrap())
+            .await
+            .unwrap();
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut buffer = [0u8; 4096];
+            loop {
+                let text = String::from_utf8_lossy(&answer);
+                if let Some((head, body)) = text.split_once("\r\n\r\n")
+                    && body.contains('}')
+                {
+                    return (head.to_owned(), body.to_owned());
+                }
+                match socket.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return (text.into_owned(), String::new()),
+                    Ok(read) => answer.extend_from_slice(&buffer[..read]),
+                }
+            }
+        })
+        .await
+        .expect("an answer");
+        let status = read
+            .0
+            .split(' ')
+            .nth(1)
+            .and_then(|status| status.parse().ok())
+            .unwrap_or(0);
+        (status, read.1)
+    }
+
+    /// Regression: any failure to read a `POST /mcp` body was answered 413
+    /// `payload_too_large`, a broken chunked encoding or a reset mid-body too. Only a body over
+    /// `http.max_body_bytes` is a 413; a broken one is a 400 `invalid_body` that says so.
+    #[tokio::test]
+    async fn a_broken_body_is_a_bad_request_and_only_a_long_one_is_too_large() {
+        let (node, token, _dir) = http_node().await;
+        let head = |framing: &str| {
+            format!(
+                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nAccept: application/json, \
+                 text/event-stream\r\n{framing}\r\n"
+            )
+        };
+        // A chunk size that is not hexadecimal.
+        let (status, body) = raw_post(
+            &node,
+            &head("Transfer-Encoding: chunked\r\n"),
+            b"5\r\n{\"jso\r\nzz\r\n",
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_body", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("could not be read"),
+            "{body}"
+        );
+
+        let limit = node.core().config.http.max_body_bytes;
+        let long = vec![b' '; limit + 1];
+        let (status, body) = raw_post(
+            &node,
+            &head(&format!("Content-Length: {}\r\n", long.len())),
+            &long,
+        )
+        .await;
+        assert_eq!(status, 413, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+        node.shutdown().await;
+    }
 
     /// Regression: a client that had not sent `initialize` within 60 s was closed with 1008
     /// (policy), which the `troupe mcp` bridge takes as a refusal and exits on, where the docs
