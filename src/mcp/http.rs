@@ -58,6 +58,15 @@ const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `/mcp` and `/mcp/ws` routes. `stop` ends open MCP streams at shutdown.
 pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCore>> {
+    routes_with(core, stop, MAX_SESSIONS_PER_TOKEN)
+}
+
+/// [`routes`], a token holding at most `max_sessions_per_token` legacy sessions.
+fn routes_with(
+    core: Arc<NodeCore>,
+    stop: CancellationToken,
+    max_sessions_per_token: usize,
+) -> Router<Arc<NodeCore>> {
     let factory_core = core.clone();
     // Legacy sessions end when idle by troupe's rule (`idle`), not by rmcp's message timer.
     let mut sessions = LocalSessionManager::default();
@@ -66,6 +75,7 @@ pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCo
     let idle = IdleSessions::start(
         sessions.clone(),
         Duration::from_secs(core.config.http.mcp_session_idle_secs),
+        max_sessions_per_token,
         stop.clone(),
     );
     let guarded = idle.clone();
@@ -178,39 +188,56 @@ async fn guard(
         }
         _ => None,
     };
-    if let Some(id) = session_start.clone() {
-        let held = sessions.opened_by(&principal.name);
-        if held >= MAX_SESSIONS_PER_TOKEN {
-            let reply = error_reply(
-                id,
-                TOO_MANY_SESSIONS,
-                &format!(
-                    "token {:?} holds {held} MCP sessions already, its most; end some (HTTP \
-                     DELETE /mcp with their Mcp-Session-Id) or let them expire, then retry",
-                    principal.name
-                ),
-                Some(
-                    serde_json::json!({"code": "too_many_sessions", "max": MAX_SESSIONS_PER_TOKEN}),
-                ),
-            );
-            return (
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                reply,
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let Some(id) = session_start else {
+        return next.run(request).await;
+    };
+    // The session's place is taken before the `initialize` runs (concurrent ones cannot all
+    // pass a check made before any session is recorded) and given back unless the answer
+    // carries a session.
+    let Some(place) = sessions.reserve(&principal.name) else {
+        let max = sessions.max_per_token();
+        let reply = error_reply(
+            id,
+            TOO_MANY_SESSIONS,
+            &format!(
+                "token {:?} holds {max} MCP sessions already (or is opening them), its most; end \
+                 some (HTTP DELETE /mcp with their Mcp-Session-Id) or let them expire, then retry",
+                principal.name
+            ),
+            Some(serde_json::json!({"code": "too_many_sessions", "max": max})),
+        );
+        return (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            reply,
+        )
+            .into_response();
+    };
+    // Run to its end even when the client goes away meanwhile: rmcp may have created the
+    // session by then, and only the answer says which, so that it is counted.
+    let running = tokio::spawn(tracing::Instrument::instrument(
+        next.run(request),
+        tracing::Span::current(),
+    ));
+    let response = match running.await {
+        Ok(response) => response,
+        Err(error) => {
+            return ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the initialize request failed: {error}"),
             )
-                .into_response();
+            .into_response();
         }
-    }
-    let response = next
-        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await;
-    if session_start.is_some()
-        && let Some(id) = response
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|id| id.to_str().ok())
+    };
+    match response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|id| id.to_str().ok())
     {
-        sessions.opened(id, &principal.name);
+        Some(session) => place.opened(session),
+        None => drop(place),
     }
     response
 }
@@ -943,6 +970,64 @@ mod tests {
             .and_then(|status| status.parse().ok())
             .unwrap_or(0);
         (status, read.1)
+    }
+
+    /// Regression: the bound on a token's legacy sessions was checked before an `initialize`
+    /// ran and the session recorded only after its answer, so concurrent `initialize`s all
+    /// passed the check and the token held more than its bound. A place is now taken before
+    /// each runs: with a bound of 2, eight at once open two sessions and the others are 429s.
+    #[tokio::test]
+    async fn concurrent_initializes_open_no_more_sessions_than_the_tokens_bound() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let token = std::fs::read_to_string(node.admin_token_path()).unwrap();
+        let core = node.core().clone();
+        let stop = CancellationToken::new();
+        let app = routes_with(core.clone(), stop.clone(), 2).with_state(core);
+        let initialize = |id: u64| {
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "burst", "version": "0"}}});
+            Request::post("/mcp")
+                .header("host", "127.0.0.1")
+                .header("authorization", format!("Bearer {}", token.trim()))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap()
+        };
+        let answers =
+            futures::future::join_all((0..8).map(|id| app.clone().oneshot(initialize(id)))).await;
+        let (mut opened, mut refused) = (0, 0);
+        for answer in answers {
+            let answer = answer.unwrap();
+            match answer.status().as_u16() {
+                200 => {
+                    assert!(answer.headers().contains_key("mcp-session-id"));
+                    opened += 1;
+                }
+                429 => {
+                    let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+                        .await
+                        .unwrap();
+                    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(body["error"]["data"]["code"], "too_many_sessions", "{body}");
+                    assert_eq!(body["error"]["data"]["max"], 2, "{body}");
+                    refused += 1;
+                }
+                other => panic!("an initialize answered {other}"),
+            }
+        }
+        assert_eq!((opened, refused), (2, 6));
+        stop.cancel();
+        node.shutdown().await;
     }
 
     /// Regression: any failure to read a `POST /mcp` body was answered 413
