@@ -290,6 +290,31 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::B
 /// [`MAX_SESSIONS_PER_TOKEN`] legacy sessions already (a server error code).
 pub const TOO_MANY_SESSIONS: i32 = -32027;
 
+/// JSON-RPC error code of an answer larger than the client's link takes (`troupe mcp`'s bridge
+/// takes at most `stdio::MAX_FROM_NODE` from its node): sent in its place, `data`
+/// `{"code": "answer_too_large", "bytes": N, "max_bytes": M}`.
+pub const ANSWER_TOO_LARGE: i32 = -32025;
+
+/// The message sent in place of one of `bytes` bytes, over the `max` the client's link takes:
+/// an error for the request `id` it answered (`null` for a message that answered none).
+fn too_large_reply(id: Option<&RequestId>, bytes: usize, max: usize) -> String {
+    tracing::warn!(
+        bytes,
+        max,
+        "an MCP answer is larger than its client's link takes; sending an error instead"
+    );
+    error_reply(
+        id.map(|id| serde_json::to_value(id).unwrap_or_default())
+            .unwrap_or_default(),
+        ANSWER_TOO_LARGE,
+        &format!(
+            "the answer is {bytes} bytes, more than the {max} this link takes (troupe mcp's \
+             bridge); ask for less (a smaller limit, a narrower filter), or use the HTTP API"
+        ),
+        Some(serde_json::json!({"code": "answer_too_large", "bytes": bytes, "max_bytes": max})),
+    )
+}
+
 /// JSON-RPC error code of a request whose client's link could not be opened because its token
 /// (`auth.max_links_per_token`) or the node holds its most links (a server error code; `data`
 /// `{"code": "too_many_links", "max": N}`).
@@ -519,12 +544,17 @@ async fn serve_websocket<Si, St>(
         every: Duration::from_secs(server.core.config.events.heartbeat_secs),
     };
     let progress = SendProgress::of_request(&parts.extensions);
+    // `troupe mcp`'s bridge drops a link whose message is over what it takes, and connects
+    // again: it is told instead that this answer is too large.
+    let max_message =
+        (server.transport == TransportKind::McpStdio).then_some(super::stdio::MAX_FROM_NODE);
     let client = FramesClient {
         parts: Some(parts),
         peer,
         principal,
         liveness: Some(liveness),
         progress,
+        max_message,
     };
     serve_frames(server, client, sink, stream).await;
 }
@@ -699,6 +729,9 @@ pub(crate) struct FramesClient {
     /// What counts as its progress in taking frames besides accepted frames (a socket's
     /// connection, when the socket has it to itself).
     pub(crate) progress: SendProgress,
+    /// The largest message it takes, when the node knows (`troupe mcp`'s bridge:
+    /// `stdio::MAX_FROM_NODE`): a larger answer is replaced by [`too_large_reply`].
+    pub(crate) max_message: Option<usize>,
 }
 
 async fn serve_frames_until<Si, St>(
@@ -738,6 +771,7 @@ async fn serve_frames_until<Si, St>(
         principal,
         liveness,
         progress: _,
+        max_message,
     } = client;
     let principal = principal.or_else(|| server.local_principal.clone());
     let link_closed = match server.attach_link(peer, principal.as_ref()).await {
@@ -763,20 +797,30 @@ async fn serve_frames_until<Si, St>(
     let in_flight = InFlight::new();
     let answered = in_flight.clone();
     let to_client = PollSender::new(out_tx.clone()).with(move |message: ServerJsonRpcMessage| {
-        match &message {
-            ServerJsonRpcMessage::Response(response) => answered.settle(&response.id),
+        let id = match &message {
+            ServerJsonRpcMessage::Response(response) => {
+                answered.settle(&response.id);
+                Some(&response.id)
+            }
             ServerJsonRpcMessage::Error(error) => {
                 if let Some(id) = &error.id {
                     answered.settle(id);
                 }
+                error.id.as_ref()
             }
-            _ => {}
+            _ => None,
+        };
+        let mut text = serde_json::to_string(&message).unwrap_or_else(|error| {
+            tracing::error!(%error, "an MCP message could not be serialized");
+            parse_error("internal: unserializable message")
+        });
+        if let Some(max) = max_message
+            && text.len() > max
+        {
+            text = too_large_reply(id, text.len(), max);
         }
         futures::future::ready(Ok::<_, tokio_util::sync::PollSendError<Outgoing>>(
-            Outgoing::Text(serde_json::to_string(&message).unwrap_or_else(|error| {
-                tracing::error!(%error, "an MCP message could not be serialized");
-                parse_error("internal: unserializable message")
-            })),
+            Outgoing::Text(text),
         ))
     });
     let errors = out_tx.clone();
@@ -1027,6 +1071,77 @@ mod tests {
         }
         assert_eq!((opened, refused), (2, 6));
         stop.cancel();
+        node.shutdown().await;
+    }
+
+    /// Regression: an answer larger than `troupe mcp`'s bridge takes from its node (a record
+    /// with large labels and files, as any tool returns it) made the bridge drop its link and
+    /// connect again, and again. On a link that says how much it takes, such an answer is
+    /// replaced by an error for its request that says why; smaller ones pass as they are.
+    #[tokio::test]
+    async fn an_answer_over_what_the_link_takes_is_an_error_for_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let local = crate::auth::Principal {
+            name: "stdio".into(),
+            role: Role::Admin,
+        };
+        let server = TroupeMcp::new(node.core().clone(), TransportKind::McpStdio, Some(local));
+        let max = 4096;
+        let client = FramesClient {
+            max_message: Some(max),
+            ..FramesClient::default()
+        };
+        let (sink, mut written) = futures::channel::mpsc::unbounded::<Outgoing>();
+        let (lines, stream) = futures::channel::mpsc::unbounded::<Incoming>();
+        let serving = tokio::spawn(serve_frames(server, client, sink, stream));
+        let send = |message: serde_json::Value| {
+            lines
+                .unbounded_send(Incoming::Text(message.to_string()))
+                .unwrap();
+        };
+        let answer = async |written: &mut futures::channel::mpsc::UnboundedReceiver<Outgoing>,
+                            id: u64| loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), written.next())
+                .await
+                .expect("an answer")
+                .expect("the link runs");
+            if let Outgoing::Text(text) = frame {
+                let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if message["id"] == id {
+                    return (text.len(), message);
+                }
+            }
+        };
+        send(
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "small", "version": "0"}}}),
+        );
+        let (bytes, initialized) = answer(&mut written, 1).await;
+        assert!(bytes <= max, "{bytes}");
+        assert_eq!(initialized["result"]["serverInfo"]["name"], "troupe");
+        send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        // The tool list with its schemas: several times what this link takes.
+        send(serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+        let (bytes, refused) = answer(&mut written, 2).await;
+        assert!(bytes <= max, "{bytes}");
+        assert_eq!(refused["error"]["code"], ANSWER_TOO_LARGE, "{refused}");
+        assert_eq!(refused["error"]["data"]["code"], "answer_too_large");
+        assert_eq!(refused["error"]["data"]["max_bytes"], max);
+        assert!(refused["error"]["data"]["bytes"].as_u64().unwrap() > max as u64);
+        // The link goes on.
+        send(serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "ping"}));
+        let (_, pong) = answer(&mut written, 3).await;
+        assert!(pong.get("result").is_some(), "{pong}");
+        drop(lines);
+        let _ = tokio::time::timeout(Duration::from_secs(30), serving).await;
         node.shutdown().await;
     }
 
