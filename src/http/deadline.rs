@@ -119,6 +119,12 @@ impl BytesWritten {
         self.0.load(Ordering::Relaxed)
     }
 
+    /// Counts `bytes` as written (tests stand in for a connection with it).
+    #[cfg(test)]
+    pub(crate) fn add(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Counts what a write returned.
     fn count(&self, polled: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(written)) = polled {

@@ -259,7 +259,7 @@ pub(super) async fn stream(
 }
 
 /// The answer when a link cannot be opened.
-pub(super) fn link_error(error: LinkError) -> ApiError {
+pub(crate) fn link_error(error: LinkError) -> ApiError {
     match error {
         LinkError::TooMany { .. } => ApiError::unavailable("too_many_links", error.to_string())
             .retry_after(Duration::from_secs(5)),

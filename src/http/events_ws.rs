@@ -17,8 +17,11 @@
 //! over [`MAX_CLIENT_FRAME`] bytes closes it. Each subscribe or unsubscribe frame is charged to
 //! the token's rate limit like an HTTP request; over it, the answer is an `error` frame with code
 //! `rate_limited` and `retry_after_ms`, and nothing changes. Each socket is a link owned by a TransportActor.
-//! Its outbound queue is the bus subscription (bounded, drop-oldest, then `events.lagged`); a
-//! client that accepts nothing for [`SEND_TIMEOUT`] is disconnected.
+//! Its outbound queue is the bus subscription (bounded, drop-oldest, then `events.lagged`). The
+//! events ready at a wake-up go out as one batch of at most [`MAX_BATCH_EVENTS`] frames and
+//! about [`MAX_BATCH_BYTES`], flushed once; a client that accepts nothing for [`SEND_TIMEOUT`]
+//! (no frame, and on HTTP/1 no byte) is disconnected, one that reads slowly is not
+//! ([`send_all_within`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,8 +30,8 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::{HeaderMap, Uri};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{Extensions, HeaderMap, Uri};
 use axum::response::Response;
 use futures::{Sink, Stream, StreamExt};
 use serde::Deserialize;
@@ -39,8 +42,8 @@ use troupe_actors::ids::NodeId;
 use super::ApiError;
 use super::events::{StreamQuery, link_error, push_filter_value};
 use super::ws::{
-    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Incoming, Outgoing, check_host_and_origin,
-    send_all_within, send_within, split,
+    CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Incoming, Outgoing, SendProgress,
+    check_host_and_origin, send_all_within, send_within, split,
 };
 use crate::auth::Principal;
 use crate::json::ws_event_text;
@@ -50,7 +53,8 @@ use crate::replay::EventStream;
 
 /// Largest frame a client may send, in bytes (subscription changes are small).
 pub(crate) const MAX_CLIENT_FRAME: usize = 64 * 1024;
-/// How long a frame may wait for the client to accept it before the link is closed.
+/// How long the client may accept nothing (no frame, and on HTTP/1 no byte) while frames wait
+/// for it, before the link is closed.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at a time. The link polls its socket after every batch it sends,
 /// and tungstenite zeroes this much buffer for each read attempt: its 128 KiB default cost more
@@ -59,6 +63,10 @@ pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BUFFER: usize = 4 * 1024;
 /// Most event frames written with one flush.
 pub(crate) const MAX_BATCH_EVENTS: usize = 256;
+/// A batch takes no more events once it holds this many bytes, as an SSE chunk does
+/// ([`super::events::MAX_CHUNK_BYTES`]): a few ready `session.output` events already make a
+/// batch worth one flush, and 256 of them would be megabytes written at once.
+pub(crate) const MAX_BATCH_BYTES: usize = super::events::MAX_CHUNK_BYTES;
 /// How long a subscription change may wait for the link's TransportActor.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -68,12 +76,12 @@ pub(super) async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
-    RawQuery(query): RawQuery,
+    extensions: Extensions,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     check_host_and_origin(&headers, &uri, &core.config.http.allowed_hosts)?;
     let ws = ws?;
-    let query = StreamQuery::parse(query.as_deref())?;
+    let query = StreamQuery::parse(uri.query())?;
     if !query.follow {
         return Err(ApiError::bad_request(
             "invalid_follow",
@@ -119,6 +127,7 @@ pub(super) async fn upgrade(
                     heartbeat,
                     limit: Some((core, principal)),
                     greeting,
+                    progress: SendProgress::of_request(&extensions),
                 },
                 sink,
                 stream,
@@ -137,6 +146,8 @@ pub(crate) struct Link {
     pub(crate) limit: Option<(Arc<NodeCore>, Principal)>,
     /// A first frame (`start`: where a link that does not resume starts).
     pub(crate) greeting: Option<String>,
+    /// What counts as the client's progress besides accepted frames.
+    pub(crate) progress: SendProgress,
 }
 
 /// A client's request on the link.
@@ -201,8 +212,9 @@ where
 {
     let mut ping = tokio::time::interval(state.heartbeat);
     ping.tick().await;
+    let progress = state.progress.clone();
     if let Some(greeting) = state.greeting.take()
-        && send_within(&mut sink, Outgoing::Text(greeting), SEND_TIMEOUT)
+        && send_within(&mut sink, Outgoing::Text(greeting), SEND_TIMEOUT, &progress)
             .await
             .is_err()
     {
@@ -217,6 +229,7 @@ where
                     &mut sink,
                     Outgoing::Close(CLOSE_GOING_AWAY, "closed by the node".into()),
                     SEND_TIMEOUT,
+                    &progress,
                 )
                 .await;
                 break "closed by the node".to_owned();
@@ -235,6 +248,7 @@ where
                         &mut sink,
                         Outgoing::Close(CLOSE_NORMAL, String::new()),
                         SEND_TIMEOUT,
+                        &progress,
                     )
                     .await;
                     break "client disconnected".to_owned();
@@ -244,6 +258,7 @@ where
                         &mut sink,
                         Outgoing::Close(CLOSE_POLICY, truncate(&error)),
                         SEND_TIMEOUT,
+                        &progress,
                     )
                     .await;
                     break format!("socket error: {error}");
@@ -258,7 +273,8 @@ where
             delivery = state.events.recv() => match delivery {
                 Some(delivery) => {
                     let frames = take_ready(&state.node, delivery, &mut state.events);
-                    if let Err(failure) = send_all_within(&mut sink, frames, SEND_TIMEOUT).await {
+                    let sent = send_all_within(&mut sink, frames, SEND_TIMEOUT, &progress).await;
+                    if let Err(failure) = sent {
                         break failure.to_string();
                     }
                     continue;
@@ -267,22 +283,27 @@ where
             },
             _ = ping.tick() => Outgoing::Ping,
         };
-        if let Err(failure) = send_within(&mut sink, outgoing, SEND_TIMEOUT).await {
+        if let Err(failure) = send_within(&mut sink, outgoing, SEND_TIMEOUT, &progress).await {
             break failure.to_string();
         }
     };
     state.link.set_reason(reason);
 }
 
-/// `first` and the deliveries ready right after it (at most [`MAX_BATCH_EVENTS`]), as text
-/// frames in order: written with one flush.
+/// `first` and the deliveries ready right after it, as text frames in order: at most
+/// [`MAX_BATCH_EVENTS`] frames, and no more once they hold [`MAX_BATCH_BYTES`]. Written with one
+/// flush.
 fn take_ready(node: &NodeId, first: Delivery, events: &mut EventStream) -> Vec<Outgoing> {
-    let mut frames = vec![Outgoing::SharedText(ws_event_text(node, &first))];
-    while frames.len() < MAX_BATCH_EVENTS {
+    let first = ws_event_text(node, &first);
+    let mut bytes = first.as_str().len();
+    let mut frames = vec![Outgoing::SharedText(first)];
+    while frames.len() < MAX_BATCH_EVENTS && bytes < MAX_BATCH_BYTES {
         let Some(delivery) = events.try_recv() else {
             break;
         };
-        frames.push(Outgoing::SharedText(ws_event_text(node, &delivery)));
+        let text = ws_event_text(node, &delivery);
+        bytes += text.as_str().len();
+        frames.push(Outgoing::SharedText(text));
     }
     frames
 }
@@ -450,6 +471,7 @@ mod tests {
             heartbeat: Duration::from_secs(3600),
             limit: None,
             greeting: None,
+            progress: SendProgress::default(),
         };
         let running = tokio::spawn(run(
             state,
@@ -489,6 +511,218 @@ mod tests {
             "{burst} ready events were flushed {flushes} times"
         );
         running.abort();
+        node.shutdown().await;
+    }
+
+    /// A sink that accepts one frame every `every` (a client that reads steadily but slowly), or
+    /// none at all (`every` = `None`: a client that stopped), and reports what it took.
+    struct Slow {
+        every: Option<Duration>,
+        wait: Option<Pin<Box<tokio::time::Sleep>>>,
+        out: tokio::sync::mpsc::UnboundedSender<Written>,
+        unflushed: bool,
+    }
+
+    impl Slow {
+        fn new(every: Option<Duration>) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Written>) {
+            let (out, written) = tokio::sync::mpsc::unbounded_channel();
+            let sink = Self {
+                every,
+                wait: None,
+                out,
+                unflushed: false,
+            };
+            (sink, written)
+        }
+    }
+
+    impl Sink<Outgoing> for Slow {
+        type Error = String;
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+            let Some(every) = self.every else {
+                return Poll::Pending;
+            };
+            let wait = self
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.wait = None;
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(mut self: Pin<&mut Self>, frame: Outgoing) -> Result<(), String> {
+            self.unflushed = true;
+            self.out
+                .send(Written::Frame(frame))
+                .map_err(|e| e.to_string())
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            if std::mem::take(&mut self.unflushed) {
+                let _ = self.out.send(Written::Flush);
+            }
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A WebSocket link over `sink`, its client, and the node it runs on.
+    struct SlowLink {
+        /// Keep: the node.
+        node: crate::node::NodeHandle,
+        /// The link's task.
+        running: tokio::task::JoinHandle<()>,
+        /// The burst's ids, in publishing order.
+        published: Vec<String>,
+        /// The node's `link.*` events since before the link ran.
+        links: troupe_actors::event::Subscription,
+        /// Keep: the client's side of the socket, which neither sends nor closes.
+        _client: futures::channel::mpsc::UnboundedSender<Incoming>,
+    }
+
+    /// A WebSocket link over `sink` for a burst of `burst` ready events of about `bytes` each.
+    /// Time is paused once the burst is on the bus.
+    async fn slow_link(burst: usize, bytes: usize, sink: Slow) -> SlowLink {
+        let crate::http::events::burst::ReadyBurst {
+            node,
+            events,
+            link,
+            published,
+            ..
+        } = crate::http::events::burst::ready_burst(TransportKind::WebSocket, burst, |index| {
+            format!("{index:>8} {}", "x".repeat(bytes))
+        })
+        .await;
+        let links = node.subscribe(EventFilter {
+            kinds: vec![troupe_actors::event::KindPattern::Family("link".into())],
+            ..EventFilter::all()
+        });
+        tokio::time::pause();
+        let (client, incoming) = futures::channel::mpsc::unbounded::<Incoming>();
+        let state = Link {
+            node: node.core().node_id.clone(),
+            events,
+            link,
+            heartbeat: Duration::from_secs(3600),
+            limit: None,
+            greeting: None,
+            progress: SendProgress::default(),
+        };
+        let running = tokio::spawn(run(state, sink, incoming));
+        SlowLink {
+            node,
+            running,
+            published,
+            links,
+            _client: client,
+        }
+    }
+
+    /// The reason of the first `link.disconnected` event on `links`.
+    async fn disconnect_reason(links: &mut troupe_actors::event::Subscription) -> String {
+        loop {
+            match links.recv().await {
+                Some(Delivery::Event(event)) => {
+                    if let troupe_actors::event::EventData::LinkDisconnected(gone) = &event.data {
+                        return gone.reason.clone();
+                    }
+                }
+                Some(Delivery::Lagged(_)) => {}
+                None => panic!("the bus ended"),
+            }
+        }
+    }
+
+    /// Drives a link whose client takes a frame every 100 ms through a ready burst of 150
+    /// events of about `bytes` each: every event arrives, in order, in batches of about
+    /// [`MAX_BATCH_BYTES`] at most, and the link is still up well after the last one.
+    async fn read_slowly(bytes: usize) {
+        let burst = 150;
+        let (sink, mut written) = Slow::new(Some(Duration::from_millis(100)));
+        let SlowLink {
+            node,
+            running,
+            published,
+            _client,
+            ..
+        } = slow_link(burst, bytes, sink).await;
+        let started = tokio::time::Instant::now();
+        let (mut ids, mut batch_bytes, mut largest) = (Vec::new(), 0, 0);
+        // Up to the last batch's flush.
+        while ids.len() < burst || batch_bytes > 0 {
+            match written.recv().await {
+                Some(Written::Frame(Outgoing::SharedText(text))) => {
+                    let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                    assert_eq!(frame["event"]["kind"], "session.progress", "{frame}");
+                    ids.push(frame["event"]["id"].as_str().unwrap().to_owned());
+                    batch_bytes += text.as_str().len();
+                    largest = largest.max(text.as_str().len());
+                }
+                Some(Written::Frame(other)) => panic!("unexpected frame {other:?}"),
+                Some(Written::Flush) => {
+                    assert!(
+                        batch_bytes < MAX_BATCH_BYTES + largest,
+                        "a batch of {batch_bytes} bytes"
+                    );
+                    batch_bytes = 0;
+                }
+                None => panic!(
+                    "the link ended after {} of {burst} events, {:?} in",
+                    ids.len(),
+                    started.elapsed()
+                ),
+            }
+        }
+        assert_eq!(ids, published, "every event, in order");
+        assert!(started.elapsed() > SEND_TIMEOUT, "the burst took its time");
+        // Well after the last frame, the link is still there.
+        tokio::time::sleep(SEND_TIMEOUT * 3).await;
+        assert!(!running.is_finished(), "the link ended");
+        running.abort();
+        node.shutdown().await;
+    }
+
+    /// Regression: the ready events (up to 256) were written under one 10 s timeout for the
+    /// whole batch, so a client that took a frame every 100 ms was cut as one that "stopped
+    /// reading (nothing accepted for 10s)" after 100 frames of one batch.
+    #[tokio::test]
+    async fn a_client_that_reads_steadily_but_slowly_gets_every_event_and_keeps_its_link() {
+        read_slowly(16).await;
+    }
+
+    /// Regression: a batch had no bound on its bytes (256 large `session.output` events are
+    /// megabytes, flushed at once), as SSE chunks have.
+    #[tokio::test]
+    async fn batches_of_large_events_are_bounded_by_bytes() {
+        read_slowly(4096).await;
+    }
+
+    /// A client that accepts nothing is still cut once the send timeout has passed without a
+    /// frame taken, and its link says why.
+    #[tokio::test]
+    async fn a_client_that_accepts_nothing_is_cut_after_the_send_timeout() {
+        let (sink, _written) = Slow::new(None);
+        let SlowLink {
+            node,
+            running,
+            mut links,
+            _client,
+            ..
+        } = slow_link(3, 16, sink).await;
+        let started = tokio::time::Instant::now();
+        running.await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= SEND_TIMEOUT && waited <= SEND_TIMEOUT + SEND_TIMEOUT / 5,
+            "cut after {waited:?}"
+        );
+        let reason = disconnect_reason(&mut links).await;
+        assert!(
+            reason.contains("the client stopped reading (nothing accepted for 10s)"),
+            "{reason}"
+        );
         node.shutdown().await;
     }
 }

@@ -35,6 +35,7 @@ use tracing::Level;
 use crate::auth::{Principal, Role};
 use crate::node::NodeCore;
 pub use error::{ApiError, ApiJson};
+pub(crate) use events::link_error;
 
 /// Builds the node's router. `stop` ends long-lived MCP streams at shutdown.
 pub fn router(core: Arc<NodeCore>, stop: tokio_util::sync::CancellationToken) -> Router {
@@ -232,20 +233,27 @@ pub(crate) async fn serve_with(
         };
         // Set by the connection's first request: its head came in time.
         let first_request = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let written = io.bytes_written();
         let service = router
             .clone()
             .map_request({
                 let first_request = first_request.clone();
+                let written = written.clone();
                 move |mut request: Request<hyper::body::Incoming>| {
                     first_request.store(true, std::sync::atomic::Ordering::Relaxed);
                     request.extensions_mut().insert(ConnectInfo(peer));
+                    // An HTTP/1 request that upgrades (a WebSocket) has the connection to
+                    // itself: its bytes written are the link's progress (`ws::SendProgress`).
+                    // An HTTP/2 connection's are shared by its streams, so those go without.
+                    if request.version() <= axum::http::Version::HTTP_11 {
+                        request.extensions_mut().insert(written.clone());
+                    }
                     request.map(Body::new)
                 }
             })
             .map_response(deadline::clock_stream_body);
         let hyper_service = TowerToHyperService::new(service);
         let streams = deadline::OpenStreams::new();
-        let written = io.bytes_written();
         let builder = connection_builder(
             deadline::StreamExecutor::new(peer, send_timeout, streams.clone()),
             header_timeout,

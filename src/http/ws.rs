@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, Uri, header};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 
 use super::ApiError;
+use super::deadline::BytesWritten;
 
 /// A frame from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,44 +108,98 @@ pub(crate) fn split(
     (Box::pin(sink), Box::pin(stream))
 }
 
+/// What a link counts as its client's progress besides each frame the sink accepts: the bytes
+/// its connection has written, when the connection is the link's own (an HTTP/1 connection,
+/// upgraded; the accept loop hands its count to HTTP/1 requests only). A large frame (an MCP
+/// answer of megabytes) goes out in many socket writes, and a client that takes them slowly
+/// makes progress the sink shows only once the whole frame is through. Over HTTP/2 the
+/// connection is shared with other streams, whose bytes say nothing of this one: there, and in
+/// tests, only accepted frames count.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SendProgress(Option<BytesWritten>);
+
+impl SendProgress {
+    /// Progress read from the connection of the upgrade request with these extensions, when
+    /// it is the link's own.
+    pub(crate) fn of_request(extensions: &axum::http::Extensions) -> Self {
+        Self(extensions.get::<BytesWritten>().cloned())
+    }
+
+    /// The connection's bytes written so far (`None` when not known).
+    fn written(&self) -> Option<u64> {
+        self.0.as_ref().map(BytesWritten::get)
+    }
+}
+
+/// How often a waiting send looks at its connection's byte count: a client that stopped is cut
+/// between `timeout` and 1.2 × `timeout` after its last progress.
+const PROGRESS_LOOKS: u32 = 5;
+
 /// Sends `frames` in order and then flushes once (one socket write for the lot, as far as the
-/// sink buffers), giving up after `timeout` for all of them (a client that stopped reading).
+/// sink buffers). The deadline is about progress, not about the whole batch: it starts again
+/// with each frame the sink accepts and with each byte the connection writes (`progress`), so
+/// only a client that accepts nothing for `timeout` is cut ([`SendFailure::Stalled`]), however
+/// slowly a steady one reads.
 pub(crate) async fn send_all_within<S>(
     sink: &mut S,
     frames: impl IntoIterator<Item = Outgoing>,
     timeout: Duration,
+    progress: &SendProgress,
 ) -> Result<(), SendFailure>
 where
     S: Sink<Outgoing> + Unpin,
     S::Error: std::fmt::Display,
 {
-    let send = async {
-        for frame in frames {
-            sink.feed(frame).await?;
-        }
-        sink.flush().await
-    };
-    match tokio::time::timeout(timeout, send).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(SendFailure::Socket(error.to_string())),
-        Err(_) => Err(SendFailure::Stalled(timeout)),
+    for frame in frames {
+        step_within(sink.feed(frame), timeout, progress).await?;
     }
+    step_within(sink.flush(), timeout, progress).await
 }
 
-/// Sends one frame, giving up after `timeout` (a client that stopped reading).
+/// Sends one frame (see [`send_all_within`] for the deadline).
 pub(crate) async fn send_within<S>(
     sink: &mut S,
     frame: Outgoing,
     timeout: Duration,
+    progress: &SendProgress,
 ) -> Result<(), SendFailure>
 where
     S: Sink<Outgoing> + Unpin,
     S::Error: std::fmt::Display,
 {
-    match tokio::time::timeout(timeout, sink.send(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(SendFailure::Socket(error.to_string())),
-        Err(_) => Err(SendFailure::Stalled(timeout)),
+    send_all_within(sink, [frame], timeout, progress).await
+}
+
+/// Runs one step of a send (a frame fed, a flush) to its end, or until the client has made no
+/// progress for `timeout`: the step did not finish, and the connection (when known) wrote
+/// nothing meanwhile.
+async fn step_within<F, E>(
+    step: F,
+    timeout: Duration,
+    progress: &SendProgress,
+) -> Result<(), SendFailure>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut step = std::pin::pin!(step);
+    let look = timeout / PROGRESS_LOOKS;
+    let mut seen = progress.written();
+    let mut progressed_at = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(look, step.as_mut()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => return Err(SendFailure::Socket(error.to_string())),
+            Err(_) => {
+                let written = progress.written();
+                if written != seen {
+                    seen = written;
+                    progressed_at = tokio::time::Instant::now();
+                } else if progressed_at.elapsed() >= timeout {
+                    return Err(SendFailure::Stalled(timeout));
+                }
+            }
+        }
     }
 }
 
@@ -336,6 +391,84 @@ mod tests {
         );
         assert!(
             check_host_and_origin(&headers(&[("host", "anything")]), &Uri::default(), &[]).is_ok()
+        );
+    }
+
+    /// A sink that takes a frame at once and then needs `flush_for` to write it out (one large
+    /// frame going out to a client that reads slowly), or never writes it (`None`).
+    struct LongFlush {
+        flush_for: Option<Duration>,
+        flushing: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl Sink<Outgoing> for LongFlush {
+        type Error = String;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), String>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Outgoing) -> Result<(), String> {
+            Ok(())
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), String>> {
+            let Some(flush_for) = self.flush_for else {
+                return std::task::Poll::Pending;
+            };
+            let flushing = self
+                .flushing
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(flush_for)));
+            flushing.as_mut().poll(cx).map(Ok)
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), String>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Regression: a frame had to go out whole within the send timeout, so an MCP answer of
+    /// megabytes was cut on a client reading it steadily at less than its size per 10 s. Bytes
+    /// its connection writes count as progress: 25 s of writing a KiB a second is not a stall;
+    /// a connection that writes nothing is cut after the timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_goes_out_slowly_is_not_cut_while_its_connection_writes() {
+        let timeout = Duration::from_secs(10);
+        let written = BytesWritten::default();
+        let writing = tokio::spawn({
+            let written = written.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    written.add(1024);
+                }
+            }
+        });
+        let progress = SendProgress(Some(written));
+        let mut slow = LongFlush {
+            flush_for: Some(timeout * 5 / 2),
+            flushing: None,
+        };
+        let sent = send_within(&mut slow, Outgoing::Ping, timeout, &progress).await;
+        assert_eq!(sent, Ok(()));
+        writing.abort();
+
+        let started = tokio::time::Instant::now();
+        let mut stuck = LongFlush {
+            flush_for: None,
+            flushing: None,
+        };
+        let sent = send_within(&mut stuck, Outgoing::Ping, timeout, &progress).await;
+        assert_eq!(sent, Err(SendFailure::Stalled(timeout)));
+        let waited = started.elapsed();
+        assert!(
+            waited >= timeout && waited <= timeout + timeout / PROGRESS_LOOKS,
+            "{waited:?}"
         );
     }
 }

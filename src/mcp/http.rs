@@ -45,18 +45,28 @@ use super::idle::{IdleSessions, MAX_SESSIONS_PER_TOKEN};
 use crate::auth::{Principal, Role};
 use crate::http::ApiError;
 use crate::http::ws::{
-    CLOSE_GOING_AWAY, CLOSE_POLICY, Heard, Incoming, Outgoing, check_host_and_origin, send_within,
-    split,
+    CLOSE_GOING_AWAY, CLOSE_POLICY, Heard, Incoming, Outgoing, SendProgress, check_host_and_origin,
+    send_within, split,
 };
 use crate::node::NodeCore;
 
 /// Outbound MCP messages queued per WebSocket before senders wait.
 const OUTBOUND_QUEUE: usize = 64;
-/// How long a frame may wait for the client to accept it.
+/// How long the client may accept nothing (no frame, and on HTTP/1 no byte) while a frame
+/// waits for it: a frame of a large answer read slowly is not cut, one nobody reads is.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `/mcp` and `/mcp/ws` routes. `stop` ends open MCP streams at shutdown.
 pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCore>> {
+    routes_with(core, stop, MAX_SESSIONS_PER_TOKEN)
+}
+
+/// [`routes`], a token holding at most `max_sessions_per_token` legacy sessions.
+fn routes_with(
+    core: Arc<NodeCore>,
+    stop: CancellationToken,
+    max_sessions_per_token: usize,
+) -> Router<Arc<NodeCore>> {
     let factory_core = core.clone();
     // Legacy sessions end when idle by troupe's rule (`idle`), not by rmcp's message timer.
     let mut sessions = LocalSessionManager::default();
@@ -65,6 +75,7 @@ pub fn routes(core: Arc<NodeCore>, stop: CancellationToken) -> Router<Arc<NodeCo
     let idle = IdleSessions::start(
         sessions.clone(),
         Duration::from_secs(core.config.http.mcp_session_idle_secs),
+        max_sessions_per_token,
         stop.clone(),
     );
     let guarded = idle.clone();
@@ -127,16 +138,9 @@ async fn guard(
     }
     let (parts, body) = request.into_parts();
     let limit = core.config.http.max_body_bytes;
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match read_body(body, limit).await {
         Ok(bytes) => bytes,
-        Err(_) => {
-            return ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body is over http.max_body_bytes ({limit} bytes)"),
-            )
-            .into_response();
-        }
+        Err(error) => return error.into_response(),
     };
     let checked = match std::str::from_utf8(&bytes) {
         Ok(text) => check_message(text),
@@ -153,6 +157,27 @@ async fn guard(
                 .into_response();
         }
     };
+    // A request without a session that lists or calls tools (2026-07-28: each request is a
+    // client) opens a link of its own (`TroupeMcp::ensure_link`). When its token holds its most
+    // links already it is answered as REST answers it, 429 `too_many_links`, not with a
+    // JSON-RPC error in a 200. (A request that loses a race for the last place, and a legacy
+    // session's first such request, get that JSON-RPC error: `TOO_MANY_LINKS`.)
+    let opens_link = !parts.headers.contains_key("mcp-session-id")
+        && matches!(
+            &message,
+            ClientJsonRpcMessage::Request(request) if matches!(
+                request.request,
+                ClientRequest::ListToolsRequest(_) | ClientRequest::CallToolRequest(_)
+            )
+        );
+    let max_links = core.config.auth.max_links_per_token;
+    if opens_link && core.token_links.held(&principal.name) >= max_links {
+        return crate::http::link_error(crate::link::LinkError::TooManyForToken {
+            token: principal.name.clone(),
+            max: max_links,
+        })
+        .into_response();
+    }
     // A legacy session's start: its request id.
     let session_start = match &message {
         ClientJsonRpcMessage::Request(request)
@@ -163,46 +188,137 @@ async fn guard(
         }
         _ => None,
     };
-    if let Some(id) = session_start.clone() {
-        let held = sessions.opened_by(&principal.name);
-        if held >= MAX_SESSIONS_PER_TOKEN {
-            let reply = error_reply(
-                id,
-                TOO_MANY_SESSIONS,
-                &format!(
-                    "token {:?} holds {held} MCP sessions already, its most; end some (HTTP \
-                     DELETE /mcp with their Mcp-Session-Id) or let them expire, then retry",
-                    principal.name
-                ),
-                Some(
-                    serde_json::json!({"code": "too_many_sessions", "max": MAX_SESSIONS_PER_TOKEN}),
-                ),
-            );
-            return (
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                reply,
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let Some(id) = session_start else {
+        return next.run(request).await;
+    };
+    // The session's place is taken before the `initialize` runs (concurrent ones cannot all
+    // pass a check made before any session is recorded) and given back unless the answer
+    // carries a session.
+    let Some(place) = sessions.reserve(&principal.name) else {
+        let max = sessions.max_per_token();
+        let reply = error_reply(
+            id,
+            TOO_MANY_SESSIONS,
+            &format!(
+                "token {:?} holds {max} MCP sessions already (or is opening them), its most; end \
+                 some (HTTP DELETE /mcp with their Mcp-Session-Id) or let them expire, then retry",
+                principal.name
+            ),
+            Some(serde_json::json!({"code": "too_many_sessions", "max": max})),
+        );
+        return (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            reply,
+        )
+            .into_response();
+    };
+    // Run to its end even when the client goes away meanwhile: rmcp may have created the
+    // session by then, and only the answer says which, so that it is counted.
+    let running = tokio::spawn(tracing::Instrument::instrument(
+        next.run(request),
+        tracing::Span::current(),
+    ));
+    let response = match running.await {
+        Ok(response) => response,
+        Err(error) => {
+            return ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the initialize request failed: {error}"),
             )
-                .into_response();
+            .into_response();
         }
-    }
-    let response = next
-        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await;
-    if session_start.is_some()
-        && let Some(id) = response
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|id| id.to_str().ok())
+    };
+    match response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|id| id.to_str().ok())
     {
-        sessions.opened(id, &principal.name);
+        Some(session) => place.opened(session),
+        None => drop(place),
     }
     response
+}
+
+/// Why a request body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// It is longer than `http.max_body_bytes`.
+    #[error("the body is over http.max_body_bytes ({0} bytes)")]
+    TooLarge(usize),
+    /// Reading it failed: malformed chunked encoding, a connection reset mid-body.
+    #[error(
+        "the body could not be read ({0}); send the whole JSON-RPC message as the body, with a \
+         Content-Length or well-formed chunked encoding"
+    )]
+    Unreadable(String),
+}
+
+impl IntoResponse for BodyError {
+    fn into_response(self) -> Response {
+        let error = match &self {
+            Self::TooLarge(_) => ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                self.to_string(),
+            ),
+            Self::Unreadable(_) => ApiError::bad_request("invalid_body", self.to_string()),
+        };
+        error.into_response()
+    }
+}
+
+/// Reads `body` whole, at most `limit` bytes. Only a body over the limit is
+/// [`BodyError::TooLarge`] (413); any other failure to read it is [`BodyError::Unreadable`]
+/// (400): the client sent a broken body or went away, it did not send too much.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, BodyError> {
+    let mut chunks = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|error| BodyError::Unreadable(error.to_string()))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.into())
 }
 
 /// JSON-RPC error code of an `initialize` refused because its token holds
 /// [`MAX_SESSIONS_PER_TOKEN`] legacy sessions already (a server error code).
 pub const TOO_MANY_SESSIONS: i32 = -32027;
+
+/// JSON-RPC error code of an answer larger than the client's link takes (`troupe mcp`'s bridge
+/// takes at most `stdio::MAX_FROM_NODE` from its node): sent in its place, `data`
+/// `{"code": "answer_too_large", "bytes": N, "max_bytes": M}`.
+pub const ANSWER_TOO_LARGE: i32 = -32025;
+
+/// The message sent in place of one of `bytes` bytes, over the `max` the client's link takes:
+/// an error for the request `id` it answered (`null` for a message that answered none).
+fn too_large_reply(id: Option<&RequestId>, bytes: usize, max: usize) -> String {
+    tracing::warn!(
+        bytes,
+        max,
+        "an MCP answer is larger than its client's link takes; sending an error instead"
+    );
+    error_reply(
+        id.map(|id| serde_json::to_value(id).unwrap_or_default())
+            .unwrap_or_default(),
+        ANSWER_TOO_LARGE,
+        &format!(
+            "the answer is {bytes} bytes, more than the {max} this link takes (troupe mcp's \
+             bridge); ask for less (a smaller limit, a narrower filter), or use the HTTP API"
+        ),
+        Some(serde_json::json!({"code": "answer_too_large", "bytes": bytes, "max_bytes": max})),
+    )
+}
+
+/// JSON-RPC error code of a request whose client's link could not be opened because its token
+/// (`auth.max_links_per_token`) or the node holds its most links (a server error code; `data`
+/// `{"code": "too_many_links", "max": N}`).
+pub const TOO_MANY_LINKS: i32 = -32026;
 
 /// Methods a client may call in 2026-07-28 (and before). rmcp reads a known method whose params
 /// do not parse as a "custom" request and answers it as an unknown method; [`check_message`]
@@ -364,6 +480,28 @@ async fn websocket(
         ));
     }
     let (parts, _) = request.into_parts();
+    let via_stdio = parts
+        .uri
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair == "client=stdio"));
+    let transport = if via_stdio {
+        TransportKind::McpStdio
+    } else {
+        TransportKind::McpWebSocket
+    };
+    let server = TroupeMcp::new(core.clone(), transport, None);
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0);
+    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    // The link is opened before the upgrade, as `/v1/events/ws` opens its own: a token that
+    // holds its most links is answered 429 `too_many_links`, not a 101 and then a close 1001,
+    // which `troupe mcp` reads as its node going away (and connects again, and again).
+    server
+        .attach_link(peer, principal.as_ref())
+        .await
+        .map_err(crate::http::link_error)?;
     let limit = core.config.http.max_body_bytes;
     Ok(ws
         .protocols(["mcp"])
@@ -372,7 +510,7 @@ async fn websocket(
         .on_upgrade(move |socket| async move {
             let heard = Heard::new();
             let (sink, stream) = split(socket, Some(heard.clone()));
-            serve_websocket(core, parts, heard, sink, stream).await;
+            serve_websocket(server, parts, peer, principal, heard, sink, stream).await;
         }))
 }
 
@@ -386,10 +524,13 @@ pub(crate) fn parse_error(message: &str) -> String {
     .to_string()
 }
 
-/// Serves one MCP client over a WebSocket until it or the node ends the link.
+/// Serves one MCP client over a WebSocket until it or the node ends the link. `server` holds
+/// the client's link already.
 async fn serve_websocket<Si, St>(
-    core: Arc<NodeCore>,
+    server: TroupeMcp,
     parts: Parts,
+    peer: Option<std::net::SocketAddr>,
+    principal: Option<crate::auth::Principal>,
     heard: Arc<Heard>,
     sink: Si,
     stream: St,
@@ -398,30 +539,22 @@ async fn serve_websocket<Si, St>(
     Si::Error: std::fmt::Display,
     St: futures::Stream<Item = Incoming> + Unpin + Send + 'static,
 {
-    let via_stdio = parts
-        .uri
-        .query()
-        .is_some_and(|query| query.split('&').any(|pair| pair == "client=stdio"));
-    let transport = if via_stdio {
-        TransportKind::McpStdio
-    } else {
-        TransportKind::McpWebSocket
-    };
     let liveness = Liveness {
         heard,
-        every: Duration::from_secs(core.config.events.heartbeat_secs),
+        every: Duration::from_secs(server.core.config.events.heartbeat_secs),
     };
-    let server = TroupeMcp::new(core, transport, None);
-    let peer = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0);
-    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    let progress = SendProgress::of_request(&parts.extensions);
+    // `troupe mcp`'s bridge drops a link whose message is over what it takes, and connects
+    // again: it is told instead that this answer is too large.
+    let max_message =
+        (server.transport == TransportKind::McpStdio).then_some(super::stdio::MAX_FROM_NODE);
     let client = FramesClient {
         parts: Some(parts),
         peer,
         principal,
         liveness: Some(liveness),
+        progress,
+        max_message,
     };
     serve_frames(server, client, sink, stream).await;
 }
@@ -593,6 +726,12 @@ pub(crate) struct FramesClient {
     pub(crate) principal: Option<crate::auth::Principal>,
     /// How it shows it is still there (a socket; stdin ends by itself).
     pub(crate) liveness: Option<Liveness>,
+    /// What counts as its progress in taking frames besides accepted frames (a socket's
+    /// connection, when the socket has it to itself).
+    pub(crate) progress: SendProgress,
+    /// The largest message it takes, when the node knows (`troupe mcp`'s bridge:
+    /// `stdio::MAX_FROM_NODE`): a larger answer is replaced by [`too_large_reply`].
+    pub(crate) max_message: Option<usize>,
 }
 
 async fn serve_frames_until<Si, St>(
@@ -611,10 +750,11 @@ async fn serve_frames_until<Si, St>(
     // The writer: the only user of the socket's sending half.
     let writer = {
         let ended = ended.clone();
+        let progress = client.progress.clone();
         tokio::spawn(async move {
             while let Some(frame) = out_rx.recv().await {
                 let closing = matches!(frame, Outgoing::Close(..));
-                if let Err(failure) = send_within(&mut sink, frame, SEND_TIMEOUT).await {
+                if let Err(failure) = send_within(&mut sink, frame, SEND_TIMEOUT, &progress).await {
                     tracing::info!(%failure, "MCP WebSocket client stopped reading");
                     break;
                 }
@@ -630,6 +770,8 @@ async fn serve_frames_until<Si, St>(
         peer,
         principal,
         liveness,
+        progress: _,
+        max_message,
     } = client;
     let principal = principal.or_else(|| server.local_principal.clone());
     let link_closed = match server.attach_link(peer, principal.as_ref()).await {
@@ -655,20 +797,30 @@ async fn serve_frames_until<Si, St>(
     let in_flight = InFlight::new();
     let answered = in_flight.clone();
     let to_client = PollSender::new(out_tx.clone()).with(move |message: ServerJsonRpcMessage| {
-        match &message {
-            ServerJsonRpcMessage::Response(response) => answered.settle(&response.id),
+        let id = match &message {
+            ServerJsonRpcMessage::Response(response) => {
+                answered.settle(&response.id);
+                Some(&response.id)
+            }
             ServerJsonRpcMessage::Error(error) => {
                 if let Some(id) = &error.id {
                     answered.settle(id);
                 }
+                error.id.as_ref()
             }
-            _ => {}
+            _ => None,
+        };
+        let mut text = serde_json::to_string(&message).unwrap_or_else(|error| {
+            tracing::error!(%error, "an MCP message could not be serialized");
+            parse_error("internal: unserializable message")
+        });
+        if let Some(max) = max_message
+            && text.len() > max
+        {
+            text = too_large_reply(id, text.len(), max);
         }
         futures::future::ready(Ok::<_, tokio_util::sync::PollSendError<Outgoing>>(
-            Outgoing::Text(serde_json::to_string(&message).unwrap_or_else(|error| {
-                tracing::error!(%error, "an MCP message could not be serialized");
-                parse_error("internal: unserializable message")
-            })),
+            Outgoing::Text(text),
         ))
     });
     let errors = out_tx.clone();
@@ -810,7 +962,233 @@ async fn serve_frames_until<Si, St>(
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// A node serving HTTP on a loopback port, and its admin token.
+    async fn http_node() -> (crate::node::NodeHandle, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .listener(listener)
+            .start()
+            .await
+            .unwrap();
+        let token = std::fs::read_to_string(node.admin_token_path()).unwrap();
+        (node, token.trim().to_owned(), dir)
+    }
+
+    /// Sends `head` and `body` as they are on a new connection to `node`; returns the status of
+    /// the answer and its body.
+    async fn raw_post(node: &crate::node::NodeHandle, head: &str, body: &[u8]) -> (u16, String) {
+        let mut socket = tokio::net::TcpStream::connect(node.http_addr().unwrap())
+            .await
+            .unwrap();
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut buffer = [0u8; 4096];
+            loop {
+                let text = String::from_utf8_lossy(&answer);
+                if let Some((head, body)) = text.split_once("\r\n\r\n")
+                    && body.contains('}')
+                {
+                    return (head.to_owned(), body.to_owned());
+                }
+                match socket.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return (text.into_owned(), String::new()),
+                    Ok(read) => answer.extend_from_slice(&buffer[..read]),
+                }
+            }
+        })
+        .await
+        .expect("an answer");
+        let status = read
+            .0
+            .split(' ')
+            .nth(1)
+            .and_then(|status| status.parse().ok())
+            .unwrap_or(0);
+        (status, read.1)
+    }
+
+    /// Regression: the bound on a token's legacy sessions was checked before an `initialize`
+    /// ran and the session recorded only after its answer, so concurrent `initialize`s all
+    /// passed the check and the token held more than its bound. A place is now taken before
+    /// each runs: with a bound of 2, eight at once open two sessions and the others are 429s.
+    #[tokio::test]
+    async fn concurrent_initializes_open_no_more_sessions_than_the_tokens_bound() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let token = std::fs::read_to_string(node.admin_token_path()).unwrap();
+        let core = node.core().clone();
+        let stop = CancellationToken::new();
+        let app = routes_with(core.clone(), stop.clone(), 2).with_state(core);
+        let initialize = |id: u64| {
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "burst", "version": "0"}}});
+            Request::post("/mcp")
+                .header("host", "127.0.0.1")
+                .header("authorization", format!("Bearer {}", token.trim()))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap()
+        };
+        let answers =
+            futures::future::join_all((0..8).map(|id| app.clone().oneshot(initialize(id)))).await;
+        let (mut opened, mut refused) = (0, 0);
+        for answer in answers {
+            let answer = answer.unwrap();
+            match answer.status().as_u16() {
+                200 => {
+                    assert!(answer.headers().contains_key("mcp-session-id"));
+                    opened += 1;
+                }
+                429 => {
+                    let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+                        .await
+                        .unwrap();
+                    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(body["error"]["data"]["code"], "too_many_sessions", "{body}");
+                    assert_eq!(body["error"]["data"]["max"], 2, "{body}");
+                    refused += 1;
+                }
+                other => panic!("an initialize answered {other}"),
+            }
+        }
+        assert_eq!((opened, refused), (2, 6));
+        stop.cancel();
+        node.shutdown().await;
+    }
+
+    /// Regression: an answer larger than `troupe mcp`'s bridge takes from its node (a record
+    /// with large labels and files, as any tool returns it) made the bridge drop its link and
+    /// connect again, and again. On a link that says how much it takes, such an answer is
+    /// replaced by an error for its request that says why; smaller ones pass as they are.
+    #[tokio::test]
+    async fn an_answer_over_what_the_link_takes_is_an_error_for_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let local = crate::auth::Principal {
+            name: "stdio".into(),
+            role: Role::Admin,
+        };
+        let server = TroupeMcp::new(node.core().clone(), TransportKind::McpStdio, Some(local));
+        let max = 4096;
+        let client = FramesClient {
+            max_message: Some(max),
+            ..FramesClient::default()
+        };
+        let (sink, mut written) = futures::channel::mpsc::unbounded::<Outgoing>();
+        let (lines, stream) = futures::channel::mpsc::unbounded::<Incoming>();
+        let serving = tokio::spawn(serve_frames(server, client, sink, stream));
+        let send = |message: serde_json::Value| {
+            lines
+                .unbounded_send(Incoming::Text(message.to_string()))
+                .unwrap();
+        };
+        let answer = async |written: &mut futures::channel::mpsc::UnboundedReceiver<Outgoing>,
+                            id: u64| loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), written.next())
+                .await
+                .expect("an answer")
+                .expect("the link runs");
+            if let Outgoing::Text(text) = frame {
+                let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if message["id"] == id {
+                    return (text.len(), message);
+                }
+            }
+        };
+        send(
+            serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "small", "version": "0"}}}),
+        );
+        let (bytes, initialized) = answer(&mut written, 1).await;
+        assert!(bytes <= max, "{bytes}");
+        assert_eq!(initialized["result"]["serverInfo"]["name"], "troupe");
+        send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        // The tool list with its schemas: several times what this link takes.
+        send(serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+        let (bytes, refused) = answer(&mut written, 2).await;
+        assert!(bytes <= max, "{bytes}");
+        assert_eq!(refused["error"]["code"], ANSWER_TOO_LARGE, "{refused}");
+        assert_eq!(refused["error"]["data"]["code"], "answer_too_large");
+        assert_eq!(refused["error"]["data"]["max_bytes"], max);
+        assert!(refused["error"]["data"]["bytes"].as_u64().unwrap() > max as u64);
+        // The link goes on.
+        send(serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "ping"}));
+        let (_, pong) = answer(&mut written, 3).await;
+        assert!(pong.get("result").is_some(), "{pong}");
+        drop(lines);
+        let _ = tokio::time::timeout(Duration::from_secs(30), serving).await;
+        node.shutdown().await;
+    }
+
+    /// Regression: any failure to read a `POST /mcp` body was answered 413
+    /// `payload_too_large`, a broken chunked encoding or a reset mid-body too. Only a body over
+    /// `http.max_body_bytes` is a 413; a broken one is a 400 `invalid_body` that says so.
+    #[tokio::test]
+    async fn a_broken_body_is_a_bad_request_and_only_a_long_one_is_too_large() {
+        let (node, token, _dir) = http_node().await;
+        let head = |framing: &str| {
+            format!(
+                "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nAccept: application/json, \
+                 text/event-stream\r\n{framing}\r\n"
+            )
+        };
+        // A chunk size that is not hexadecimal.
+        let (status, body) = raw_post(
+            &node,
+            &head("Transfer-Encoding: chunked\r\n"),
+            b"5\r\n{\"jso\r\nzz\r\n",
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_body", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("could not be read"),
+            "{body}"
+        );
+
+        let limit = node.core().config.http.max_body_bytes;
+        let long = vec![b' '; limit + 1];
+        let (status, body) = raw_post(
+            &node,
+            &head(&format!("Content-Length: {}\r\n", long.len())),
+            &long,
+        )
+        .await;
+        assert_eq!(status, 413, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+        node.shutdown().await;
+    }
 
     /// Regression: a client that had not sent `initialize` within 60 s was closed with 1008
     /// (policy), which the `troupe mcp` bridge takes as a refusal and exits on, where the docs

@@ -48,7 +48,7 @@ use crate::auth::{Principal, Role};
 use crate::cluster::remote::{self, Hop, ListFilters, Routed};
 use crate::http::ApiError;
 use crate::json::SessionJson;
-use crate::link::{LinkGuard, open_link};
+use crate::link::{LinkError, LinkGuard, open_link};
 use crate::node::NodeCore;
 use crate::session::request::SessionRequest;
 use crate::session::{SessionError, SessionView};
@@ -301,6 +301,24 @@ struct LinkSlot {
 /// before its next request tries again.
 const LINK_RETRY: Duration = Duration::from_secs(5);
 
+/// The JSON-RPC error of a request whose client's link could not be opened. Past a bound (the
+/// token's `auth.max_links_per_token`, or the node's) it says `too_many_links` and the bound, as
+/// REST's 429 / 503 do, in [`http::TOO_MANY_LINKS`] with `data` `{"code": "too_many_links",
+/// "max": N}`: not an "internal error" the client could only retry.
+fn link_refused(error: &LinkError) -> McpError {
+    match error {
+        LinkError::TooManyForToken { max, .. } | LinkError::TooMany { max } => McpError::new(
+            rmcp::model::ErrorCode(http::TOO_MANY_LINKS),
+            format!("too_many_links: {error}"),
+            Some(json!({"code": "too_many_links", "max": max})),
+        ),
+        LinkError::Unavailable(_) => McpError::internal_error(
+            error.to_string(),
+            Some(json!({"code": "links_unavailable"})),
+        ),
+    }
+}
+
 impl TroupeMcp {
     /// A server for one client of `transport`. `local_principal` is who calls when requests
     /// carry no HTTP request (stdio).
@@ -404,8 +422,10 @@ impl TroupeMcp {
             }
         });
         let opened = match opening.await {
-            Ok(opened) => opened.map_err(|error| error.to_string()),
-            Err(error) => Err(format!("opening the link failed: {error}")),
+            Ok(opened) => opened,
+            Err(error) => Err(LinkError::Unavailable(format!(
+                "opening the link failed: {error}"
+            ))),
         };
         match opened {
             Ok(opened) => {
@@ -418,7 +438,7 @@ impl TroupeMcp {
                 slot.retry_at = Some(tokio::time::Instant::now() + LINK_RETRY);
                 Ok(())
             }
-            Err(error) => Err(McpError::internal_error(error, None)),
+            Err(error) => Err(link_refused(&error)),
         }
     }
 
@@ -759,7 +779,8 @@ impl TroupeMcp {
     #[tool(
         description = "Sessions of this node (scope cluster: of every member too), newest first, \
                        filtered by state, kind and labels; \
-                       pages with next_cursor.",
+                       pages with next_cursor (a page also ends once it holds 8 MiB of records; \
+                       a cluster listing then says how many it omitted).",
         annotations(read_only_hint = true)
     )]
     async fn list_sessions(
@@ -956,7 +977,7 @@ impl TroupeMcp {
                 }
                 other => other.into(),
             })?;
-        let sessions: Vec<Value> = page.sessions.iter().map(view_json).collect();
+        let mut sessions: Vec<Value> = page.sessions.iter().map(view_json).collect();
         if cluster {
             let filters = ListFilters {
                 states: query_states,
@@ -964,10 +985,70 @@ impl TroupeMcp {
                 labels: query_labels,
                 limit,
             };
-            return Ok(remote::list_cluster(&self.core, &filters, sessions).await);
+            let mut answer = remote::list_cluster(&self.core, &filters, sessions).await;
+            // Newest first: the oldest go. A cluster listing has no cursor to go on from; the
+            // answer says how many it left out (ask again with a smaller `limit`).
+            if let Some(merged) = answer["sessions"].as_array_mut() {
+                let fit = fitting(merged);
+                if fit < merged.len() {
+                    let omitted = merged.len() - fit;
+                    merged.truncate(fit);
+                    answer["omitted"] = json!(omitted);
+                }
+            }
+            return Ok(answer);
         }
-        Ok(json!({"sessions": sessions, "next_cursor": page.next_cursor}))
+        let mut next_cursor = page.next_cursor;
+        let fit = fitting(&sessions);
+        if fit < sessions.len() {
+            sessions.truncate(fit);
+            next_cursor = Some(crate::store::cursor_after(&page.sessions[fit - 1].record));
+        }
+        Ok(json!({"sessions": sessions, "next_cursor": next_cursor}))
     }
+}
+
+/// Most bytes of sessions (their records as JSON) a `list_sessions` answer carries: a page ends
+/// early past it, with the `next_cursor` to go on from (and always holds one session). A page of
+/// the store may hold 16 MiB of records (`MAX_SESSION_PAGE_BYTES`), a cluster listing one of
+/// every member, and the answer carries its sessions twice (structured content, and the same
+/// JSON as text, which escaping makes at most twice as long): without this bound an answer
+/// passed what `troupe mcp`'s bridge takes from its node (`stdio::MAX_FROM_NODE`), which then
+/// dropped the link and connected again, and again.
+pub(crate) const MAX_LIST_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+// Three times the sessions, and the rest of the answer, within what the bridge takes.
+const _: () = assert!(3 * MAX_LIST_ANSWER_BYTES + 1024 * 1024 <= stdio::MAX_FROM_NODE);
+
+/// How many of `sessions` (newest first) an answer carries: those whose JSON fits in
+/// [`MAX_LIST_ANSWER_BYTES`] together, and at least one.
+fn fitting(sessions: &[Value]) -> usize {
+    let mut bytes = 0usize;
+    for (index, session) in sessions.iter().enumerate() {
+        bytes = bytes.saturating_add(json_len(session));
+        if bytes > MAX_LIST_ANSWER_BYTES && index > 0 {
+            return index;
+        }
+    }
+    sessions.len()
+}
+
+/// The length of `value` as compact JSON, without writing it out.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing into a counter cannot fail, and a `Value` always serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 impl ServerHandler for TroupeMcp {
@@ -1109,5 +1190,129 @@ impl ServerHandler for TroupeMcp {
         Err(McpError::method_not_found::<
             ListResourceTemplatesRequestMethod,
         >())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use troupe_actors::ids::Timestamp;
+    use troupe_actors::session::{
+        ChatMessage, ChatSession, SessionKind, SessionRecord, SessionSpec, SessionStore,
+    };
+
+    use super::*;
+
+    /// A succeeded chat session with a label `note` of `note`, created at `created_micros`.
+    fn chat_record(
+        node: &troupe_actors::ids::NodeId,
+        id: &str,
+        created_micros: u64,
+        note: &str,
+    ) -> SessionRecord {
+        SessionRecord {
+            id: SessionId::new(id).unwrap(),
+            node: node.clone(),
+            spec: SessionSpec {
+                kind: SessionKind::Chat(ChatSession {
+                    model: "fake/m1".into(),
+                    messages: vec![ChatMessage {
+                        role: "user".into(),
+                        content: "hi".into(),
+                    }],
+                }),
+                timeout_secs: None,
+                priority: 5,
+                labels: BTreeMap::from([("note".to_owned(), note.to_owned())]),
+                idempotency_key: None,
+            },
+            state: SessionState::Succeeded,
+            created_at: Timestamp::from_micros(created_micros),
+            started_at: None,
+            ended_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            process: None,
+            output_lines: 0,
+            stop_requested: None,
+        }
+    }
+
+    /// Regression: a `list_sessions` page held up to 16 MiB of records, and the answer carries
+    /// them twice (structured content, and the same JSON as text, where each `"` of a label
+    /// takes four bytes): past the 32 MiB a `troupe mcp` bridge takes from its node, which then
+    /// dropped the link and connected again, and again. A page of the tool ends at 8 MiB of
+    /// records, with the cursor to go on from, and the pages still list every session once.
+    #[tokio::test]
+    async fn a_list_sessions_answer_stays_well_below_what_the_bridge_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::Node::builder()
+            .config(crate::config::Config::default())
+            .data_dir(dir.path().join("data"))
+            .without_http()
+            .start()
+            .await
+            .unwrap();
+        let core = node.core().clone();
+        // Each record: 2 MiB as JSON, 4 MiB more in the answer's text.
+        let quotes = "\"".repeat(1024 * 1024);
+        let base = Timestamp::now().as_micros();
+        let mut created = Vec::new();
+        for n in 0..9u64 {
+            let id = format!("s-big{n}");
+            let record = chat_record(&core.node_id, &id, base + n, &quotes);
+            core.store.create(record).await.unwrap();
+            created.push(id);
+        }
+        created.reverse();
+        let server = TroupeMcp::new(core.clone(), TransportKind::McpStdio, None);
+        let (mut listed, mut cursor, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let args = ListArgs {
+                cursor: cursor.take(),
+                ..ListArgs::default()
+            };
+            let page = server.list(args).await.unwrap();
+            pages += 1;
+            let sessions = page["sessions"].as_array().unwrap();
+            let answer = serde_json::to_string(&CallToolResult::structured(page.clone())).unwrap();
+            assert!(
+                answer.len() < stdio::MAX_FROM_NODE,
+                "an answer of {} bytes, over the bridge's {}",
+                answer.len(),
+                stdio::MAX_FROM_NODE
+            );
+            let bytes: usize = sessions.iter().map(json_len).sum();
+            assert!(
+                bytes <= MAX_LIST_ANSWER_BYTES || sessions.len() == 1,
+                "a page of {bytes} bytes of sessions"
+            );
+            listed.extend(
+                sessions
+                    .iter()
+                    .map(|session| session["id"].as_str().unwrap().to_owned()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(listed, created, "every session once, newest first");
+        assert!(pages >= 3, "{pages} pages");
+        node.shutdown().await;
+    }
+
+    /// An answer keeps the sessions (newest first) that fit the bound together, and always one.
+    #[test]
+    fn an_answer_keeps_at_least_one_session_and_what_fits() {
+        let session = |bytes: usize| json!({"id": "s", "pad": "x".repeat(bytes)});
+        let third = MAX_LIST_ANSWER_BYTES / 3;
+        assert_eq!(
+            fitting(&[session(third), session(third), session(third)]),
+            2
+        );
+        assert_eq!(fitting(&[session(MAX_LIST_ANSWER_BYTES * 2)]), 1);
+        assert_eq!(fitting(&[session(10), session(10)]), 2);
+        assert_eq!(fitting(&[]), 0);
     }
 }

@@ -35,8 +35,10 @@ use crate::node::NodeCore;
 /// Longest line accepted on stdin, in bytes.
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
 /// Largest message a bridge takes from its node. The node's own answers: larger than any a tool
-/// gives (a page of output, whose text is capped at about 1 MiB, carried twice), still bounded.
-const MAX_FROM_NODE: usize = 32 * 1024 * 1024;
+/// gives (a page of output, whose text is capped at about 1 MiB, carried twice; a page of
+/// `list_sessions`, whose sessions the tool keeps to `MAX_LIST_ANSWER_BYTES`, carried twice),
+/// still bounded.
+pub(crate) const MAX_FROM_NODE: usize = 32 * 1024 * 1024;
 
 /// Lines of `input` as frames.
 pub(crate) fn line_frames(

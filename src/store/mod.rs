@@ -40,7 +40,7 @@ use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError
 pub use query::{
     DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
     MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, MAX_SESSION_SCAN, OutputLine,
-    OutputPage, PruneReport, SessionPage, SessionQuery,
+    OutputPage, PruneReport, SessionPage, SessionQuery, cursor_after,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};

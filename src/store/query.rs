@@ -83,6 +83,13 @@ pub struct SessionPage {
     pub next_cursor: Option<String>,
 }
 
+/// The cursor that goes on after `record` in the listing order: what a page that ends with it
+/// hands out, for a front end that ends a page earlier than the store did (an MCP answer kept
+/// small enough for its transport).
+pub fn cursor_after(record: &SessionRecord) -> String {
+    Cursor::of(record).encode()
+}
+
 /// A position in the listing order: the last session of a page, or the last one a page examined
 /// when it stopped at its scan bound. Rendered as an opaque string;
 /// sessions inserted while a client pages through do not shift it, so pages never repeat or skip

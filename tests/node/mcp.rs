@@ -485,6 +485,65 @@ async fn a_token_holds_a_bounded_number_of_legacy_sessions() {
 }
 
 /// How many legacy MCP sessions are links now.
+/// Regression: `/mcp/ws` opened its link after the upgrade, so a token at its most links
+/// (`auth.max_links_per_token`) got a 101 and then a close 1001 ("going away"), which the
+/// `troupe mcp` bridge reads as its node going away, and connects again, in a loop; and on
+/// `/mcp` the link's refusal was a JSON-RPC "internal error" in an HTTP 200. Now `/mcp/ws` and
+/// a stateless `/mcp` request are refused as `/v1/events/ws` is (429 `too_many_links`,
+/// `details.max`), and a legacy session's request gets a JSON-RPC error that says so.
+#[tokio::test]
+async fn a_token_at_its_most_links_is_refused_with_too_many_links_on_every_mcp_door() {
+    let fixture = Fixture::start_with(vec![(
+        "TROUPE_AUTH__MAX_LINKS_PER_TOKEN".into(),
+        "1".into(),
+    )])
+    .await;
+    let node = &fixture.node;
+    // The admin token's one link: an event stream.
+    let _held = node.events("kind=session.*", None).await;
+    let refused = |status: u16, body: &Value| {
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "too_many_links", "{body}");
+        assert_eq!(body["error"]["details"]["max"], 1, "{body}");
+    };
+
+    let upgrade = tokio_tungstenite::connect_async(mcp_ws_request(node, &node.token)).await;
+    match upgrade {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            refused(response.status().as_u16(), &body);
+        }
+        Err(other) => panic!("the upgrade failed otherwise: {other}"),
+        Ok(_) => panic!("the WebSocket was accepted past the token's links"),
+    }
+
+    let list = request(1, "tools/list", json!({}));
+    let response = post(node, &node.token, &list, V2026).await;
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    refused(
+        status,
+        &serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    );
+
+    let session = legacy_session(node).await;
+    let response = legacy_post(
+        node,
+        &session,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+    )
+    .await;
+    let answer = messages(response).await.pop().expect("an answer");
+    assert_eq!(answer["error"]["code"], -32026, "{answer}");
+    assert_eq!(
+        answer["error"]["data"]["code"], "too_many_links",
+        "{answer}"
+    );
+    assert_eq!(answer["error"]["data"]["max"], 1, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("maximum of 1 links"), "{message}");
+}
+
 async fn mcp_http_links(node: &NodeProcess) -> usize {
     mcp_http_link_ids(node).await.len()
 }
