@@ -67,9 +67,11 @@ impl NodeLoad {
         self.running < self.max_concurrent || self.queued < self.queue_capacity
     }
 
-    /// Work per slot: `(running + queued) / max_concurrent`; lower is less loaded.
+    /// Work per slot: `(running + queued) / max_concurrent`; lower is less loaded. Summed as
+    /// `f64`: the counters come from peers' gossip, and a `u32` sum of two large ones would
+    /// panic in a debug build, or wrap to a small ratio that always wins placement.
     pub fn ratio(&self) -> f64 {
-        f64::from(self.running + self.queued) / f64::from(self.max_concurrent.max(1))
+        (f64::from(self.running) + f64::from(self.queued)) / f64::from(self.max_concurrent.max(1))
     }
 }
 
@@ -257,6 +259,18 @@ mod tests {
         load.queued = 1;
         assert!(!load.has_room());
         assert_eq!(load.ratio(), 1.5);
+    }
+
+    #[test]
+    fn ratio_of_gossiped_counters_that_overflow_u32_neither_panics_nor_wraps() {
+        let load = NodeLoad {
+            running: u32::MAX,
+            queued: 1,
+            max_concurrent: 1,
+            queue_capacity: 0,
+        };
+        // Wrapped, the sum would be 0 and this node the least loaded of all.
+        assert_eq!(load.ratio(), f64::from(u32::MAX) + 1.0);
     }
 
     #[test]
