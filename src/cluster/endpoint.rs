@@ -121,6 +121,9 @@ pub struct ClusterStats {
     pub datagrams_received: AtomicU64,
     /// Datagrams sent.
     pub datagrams_sent: AtomicU64,
+    /// New members the membership did not take, past its cap
+    /// ([`troupe_actors::cluster::MAX_MEMBERS`]).
+    pub members_refused: AtomicU64,
 }
 
 impl ClusterStats {
@@ -161,6 +164,7 @@ pub fn log_wire_fault(stats: &ClusterStats, peer: &NodeId, fault: WireFault, det
         detail,
         closes = match fault {
             WireFault::UnknownMetaFormat => "nothing (the metadata is skipped)",
+            WireFault::FutureGeneration => "nothing (the datagram is dropped)",
             fault if fault.closes_connection() => "connection",
             _ => "stream",
         },

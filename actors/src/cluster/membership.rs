@@ -27,8 +27,9 @@ use super::meta::{
 };
 use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
 use super::ports::{DatagramTransport, FocaCodec, MembershipCodec, WireFault};
+use super::screen::{MAX_GENERATION_LEAD, MAX_MEMBERS, Screen, Verdict};
 use crate::event::{EventBus, EventData, NodeMembership};
-use crate::ids::NodeId;
+use crate::ids::{NodeId, Timestamp};
 use crate::kernel::{Actor, ActorError, ActorHandle, Context, SendErrorKind};
 use crate::provider::ProviderActorRef;
 use crate::provider::breaker::BreakerState;
@@ -311,7 +312,14 @@ pub struct MembershipState {
     /// Seeds that turned out to be this node (its own address in another form): not dialed
     /// again, which would only be refused as this node on both ends, at every tick.
     own_seeds: HashSet<SocketAddr>,
+    /// When new members were last refused in a log line ([`MAX_MEMBERS`]), and how many were
+    /// refused since: one line a minute at most, however long a flood lasts.
+    members_refused_logged: Option<tokio::time::Instant>,
+    members_refused_unlogged: usize,
 }
+
+/// How often at most the refusal of new members past [`MAX_MEMBERS`] is logged.
+const MEMBERS_REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The MembershipActor.
 pub struct MembershipActor;
@@ -562,6 +570,31 @@ impl MembershipState {
         );
     }
 
+    /// `from` told of members past [`MAX_MEMBERS`]: counted by the transport, logged once a
+    /// minute at most.
+    fn members_refused(&mut self, from: &NodeId, refused: &[NodeId]) {
+        self.args.transport.members_refused(from, refused.len());
+        self.members_refused_unlogged += refused.len();
+        let now = tokio::time::Instant::now();
+        if self
+            .members_refused_logged
+            .is_some_and(|at| now.duration_since(at) < MEMBERS_REFUSED_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            peer = %from,
+            refused = self.members_refused_unlogged,
+            example = ?refused.first(),
+            max = MAX_MEMBERS,
+            "new members refused: this node tracks as many members as it may (down ones count \
+             until they are forgotten, a day after they went down); a cluster this large is not \
+             supported, or a member gossips made-up nodes"
+        );
+        self.members_refused_logged = Some(now);
+        self.members_refused_unlogged = 0;
+    }
+
     fn register(&self, seen: &Seen) {
         let meta = self
             .metas
@@ -722,6 +755,21 @@ impl Actor for MembershipActor {
         // incarnation.
         let identity = NodeIdentity::fresh(args.node.clone(), args.addr, args.generation.highest());
         args.generation.take(identity.generation);
+        let ahead = Duration::from_micros(
+            identity
+                .generation
+                .saturating_sub(Timestamp::now().as_micros()),
+        );
+        if ahead > MAX_GENERATION_LEAD {
+            tracing::warn!(
+                node = %identity,
+                ahead_hours = ahead.as_secs() / 3600,
+                "this node's generation is more than a day ahead of its clock (it is one more \
+                 than the highest an earlier run kept, in <data_dir>/cluster/generation, whose \
+                 clock was ahead); peers refuse such generations: set the clock right, or \
+                 remove that file if the clock is right now"
+            );
+        }
         let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
         let config = args.profile.foca_config();
         let suspect_timeout = config.suspect_to_down_after;
@@ -756,6 +804,8 @@ impl Actor for MembershipActor {
             suspected_since: HashMap::new(),
             suspect_timeout,
             own_seeds: HashSet::new(),
+            members_refused_logged: None,
+            members_refused_unlogged: 0,
         };
         state.inherit();
         Ok(state)
@@ -780,23 +830,41 @@ impl Actor for MembershipActor {
                     );
                     return Ok(());
                 }
-                match state.args.codec.decode_header(&bytes) {
-                    Ok((header, _)) if header.src.node != from => {
-                        reject(
-                            WireFault::SpoofedDatagram,
-                            format!(
-                                "the header names node {} but the certificate names {from}",
-                                header.src.node
-                            ),
-                        );
+                let screen = Screen {
+                    codec: state.args.codec.as_ref(),
+                    me: &state.identity.node,
+                    now_micros: Timestamp::now().as_micros(),
+                    tracked: state.swim.iter_membership_state().len(),
+                    max_members: MAX_MEMBERS,
+                };
+                let seen = &state.seen;
+                let bytes = match screen.check(&from, &bytes, |node| seen.contains_key(node)) {
+                    Verdict::Fault(fault, detail) => {
+                        reject(fault, detail);
                         return Ok(());
                     }
-                    Ok(_) => {}
-                    Err(error) => {
-                        reject(WireFault::MalformedDatagram, error.to_string());
+                    Verdict::SenderRefused { refused } => {
+                        state.members_refused(&from, &refused);
                         return Ok(());
                     }
-                }
+                    Verdict::Pass {
+                        bytes,
+                        refused,
+                        unknown_meta,
+                    } => {
+                        if !refused.is_empty() {
+                            state.members_refused(&from, &refused);
+                        }
+                        if !unknown_meta.is_empty() {
+                            tracing::debug!(
+                                peer = %from,
+                                nodes = ?unknown_meta,
+                                "metadata of nodes that are not members left out"
+                            );
+                        }
+                        bytes
+                    }
+                };
                 if state.leaving {
                     return Ok(());
                 }
