@@ -645,6 +645,12 @@ impl ClusterEndpoint {
         }
     }
 
+    /// Drops the datagram sender of `node` (the membership forgot it): its task ends once it
+    /// has handled what is queued. A node that comes back gets a new one.
+    pub fn forget_peer(&self, node: &NodeId) {
+        self.inner.senders.remove(node);
+    }
+
     /// One peer's datagram sender: dials lazily (with [`DIAL_TIMEOUT`]), drops on error.
     async fn peer_sender(self, node: NodeId, mut queue: mpsc::Receiver<(SocketAddr, Bytes)>) {
         let dropped = |count: u64| {

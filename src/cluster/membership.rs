@@ -92,6 +92,10 @@ impl DatagramTransport for QuicDatagrams {
             .members_refused
             .fetch_add(count as u64, Ordering::Relaxed);
     }
+
+    fn forget(&self, node: &NodeId) {
+        self.0.forget_peer(node);
+    }
 }
 
 /// Datagrams of one peer handed to the MembershipActor and not handled yet, at most: past it the
@@ -500,6 +504,8 @@ mod tests {
         }
 
         fn members_refused(&self, _from: &NodeId, _count: usize) {}
+
+        fn forget(&self, _node: &NodeId) {}
     }
 
     /// Node `a`'s tree with the cluster branch on the wire codec, its datagrams to `transport`.

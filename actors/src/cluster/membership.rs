@@ -35,7 +35,7 @@ use crate::provider::ProviderActorRef;
 use crate::provider::breaker::BreakerState;
 use crate::registry::{MemberEntry, Registry, RegistryMsg};
 use crate::session::SessionStats;
-use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle};
+use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle, SupervisorMsg};
 
 /// Largest membership datagram (fits a QUIC datagram on any path with the minimum MTU).
 pub const MAX_PACKET_BYTES: usize = 1150;
@@ -231,6 +231,26 @@ impl RelayPorts {
     }
 }
 
+impl RelayPorts {
+    /// The membership forgot `node`: its PeerActor is stopped and forgotten. The stop is queued
+    /// in the supervisor's mailbox now, ahead of the start of another one should the node come
+    /// back (that start is sent later, from a task), so the two cannot cross.
+    fn forget(&self, node: &NodeId) {
+        if self.peers.remove(node).is_none() {
+            return;
+        }
+        let (reply, _ignored) = ractor::concurrency::oneshot();
+        let stop = SupervisorMsg::TerminateChild {
+            name: format!("peer-{node}"),
+            reply: reply.into(),
+        };
+        if self.supervisor.cast(stop).is_err() {
+            // Stopped for good: so are its children.
+            tracing::debug!(peer = %node, "no supervisor to stop the relay PeerActor");
+        }
+    }
+}
+
 /// Messages of the MembershipActor.
 pub enum MembershipMsg {
     /// A datagram from `from` (named by its certificate).
@@ -296,6 +316,8 @@ pub struct MembershipState {
     swim: Swim,
     runtime: AccumulatingRuntime<NodeIdentity>,
     meta_updates: std::sync::mpsc::Receiver<NodeMeta>,
+    /// Tells the metadata handler inside foca which nodes were forgotten.
+    meta_forget: std::sync::mpsc::Sender<NodeId>,
     identity: NodeIdentity,
     active: bool,
     leaving: bool,
@@ -402,6 +424,15 @@ impl MembershipState {
                     newest.insert(identity.node.clone(), (identity, state));
                 }
             }
+        }
+        let forgotten: Vec<NodeId> = self
+            .seen
+            .keys()
+            .filter(|node| !newest.contains_key(*node))
+            .cloned()
+            .collect();
+        for node in &forgotten {
+            self.forget(node);
         }
         let mut joined = false;
         for (node, (identity, state)) in newest {
@@ -595,6 +626,25 @@ impl MembershipState {
         self.members_refused_unlogged = 0;
     }
 
+    /// foca forgot `node` (down for its `remove_down_after`): so does everything kept for it
+    /// here, in the registry, in the relay and in the transport, so that member ids that come
+    /// and go (or were made up) leave nothing behind.
+    fn forget(&mut self, node: &NodeId) {
+        tracing::debug!(member = %node, "member forgotten: down for foca's remove_down_after");
+        self.seen.remove(node);
+        self.metas.remove(node);
+        self.left.remove(node);
+        // The receiver lives in foca, as long as this state.
+        let _ = self.meta_forget.send(node.clone());
+        self.args
+            .registry
+            .update(RegistryMsg::MemberDown(node.clone()));
+        if let Some(relay) = &self.args.relay {
+            relay.forget(node);
+        }
+        self.args.transport.forget(node);
+    }
+
     fn register(&self, seen: &Seen) {
         let meta = self
             .metas
@@ -770,7 +820,7 @@ impl Actor for MembershipActor {
                  remove that file if the clock is right now"
             );
         }
-        let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
+        let (handler, meta) = MetaHandler::new(args.codec.clone());
         let config = args.profile.foca_config();
         let suspect_timeout = config.suspect_to_down_after;
         let swim = Foca::with_custom_broadcast(
@@ -791,7 +841,8 @@ impl Actor for MembershipActor {
             args,
             swim,
             runtime: AccumulatingRuntime::new(),
-            meta_updates,
+            meta_updates: meta.updates,
+            meta_forget: meta.forget,
             identity,
             active: false,
             leaving: false,

@@ -187,25 +187,39 @@ pub enum MetaError {
 }
 
 /// Receives metadata broadcasts inside foca: keeps the newest version per node and hands new
-/// ones to the membership actor through a channel the actor drains after every input.
+/// ones to the membership actor through a channel the actor drains after every input. The
+/// actor tells it, through another channel, which nodes it forgot, so that `newest` holds only
+/// members (the actor's screen lets metadata of members only reach foca).
 pub(crate) struct MetaHandler {
     codec: std::sync::Arc<dyn MembershipCodec>,
     newest: HashMap<NodeId, (u64, u64)>,
     updates: mpsc::Sender<NodeMeta>,
+    forgotten: mpsc::Receiver<NodeId>,
+}
+
+/// The membership actor's ends of a [`MetaHandler`]'s channels.
+pub(crate) struct MetaChannels {
+    /// New metadata, to drain after every input.
+    pub(crate) updates: mpsc::Receiver<NodeMeta>,
+    /// Nodes the membership forgot.
+    pub(crate) forget: mpsc::Sender<NodeId>,
 }
 
 impl MetaHandler {
-    pub(crate) fn new(
-        codec: std::sync::Arc<dyn MembershipCodec>,
-    ) -> (Self, mpsc::Receiver<NodeMeta>) {
+    pub(crate) fn new(codec: std::sync::Arc<dyn MembershipCodec>) -> (Self, MetaChannels) {
         let (updates, receiver) = mpsc::channel();
+        let (forget, forgotten) = mpsc::channel();
         (
             Self {
                 codec,
                 newest: HashMap::new(),
                 updates,
+                forgotten,
             },
-            receiver,
+            MetaChannels {
+                updates: receiver,
+                forget,
+            },
         )
     }
 }
@@ -221,6 +235,10 @@ impl foca::BroadcastHandler<NodeIdentity> for MetaHandler {
     ) -> Result<Option<MetaKey>, MetaError> {
         if data.len() > MAX_META_BYTES {
             return Err(MetaError::TooLarge(data.len()));
+        }
+        // Forgotten before this item, which may be of a node that came back since.
+        while let Ok(node) = self.forgotten.try_recv() {
+            self.newest.remove(&node);
         }
         let meta = self.codec.decode_meta(data)?;
         if meta.format != META_FORMAT {

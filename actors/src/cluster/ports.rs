@@ -52,6 +52,9 @@ pub trait DatagramTransport: Send + Sync + 'static {
     /// may ([`crate::cluster::MAX_MEMBERS`]): count them (the membership logs them). Never
     /// blocks.
     fn members_refused(&self, from: &NodeId, count: usize);
+    /// The membership forgot `node` (down for foca's `remove_down_after`): drop whatever is
+    /// kept for sending to it (a made-up node must not keep a sender for good). Never blocks.
+    fn forget(&self, node: &NodeId);
 }
 
 /// How a peer broke the cluster's wire protocol (the `reason` label of

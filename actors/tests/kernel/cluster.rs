@@ -81,6 +81,8 @@ struct Net {
     rejected: Vec<(NodeId, NodeId, WireFault)>,
     /// Per node: new members it refused past its cap.
     members_refused: HashMap<NodeId, usize>,
+    /// `(node, member)`: the node's membership forgot the member.
+    forgotten: Vec<(NodeId, NodeId)>,
 }
 
 #[derive(Clone, Default)]
@@ -125,6 +127,12 @@ impl DatagramTransport for Port {
     fn members_refused(&self, _from: &NodeId, count: usize) {
         let mut net = self.net.0.lock().unwrap();
         *net.members_refused.entry(self.me.clone()).or_default() += count;
+    }
+
+    fn forget(&self, node: &NodeId) {
+        let mut net = self.net.0.lock().unwrap();
+        let me = self.me.clone();
+        net.forgotten.push((me, node.clone()));
     }
 }
 
@@ -877,5 +885,52 @@ async fn a_flood_of_made_up_members_leaves_the_member_table_at_its_cap() {
     );
     assert!(world.rejected().is_empty(), "{:?}", world.rejected());
     world.run(vec![Step::Converged]).await;
+    world.shutdown().await;
+}
+
+/// A member foca forgot (down for its remove_down_after, a day) is forgotten by the rest of the
+/// node too: its registry entry and what the transport kept for it. Before, made-up or departed
+/// members stayed in the registry and kept their datagram senders for good.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_member_down_for_a_day_is_forgotten_by_the_registry_and_the_transport() {
+    let mut world = World::new();
+    world.run(three_joined()).await;
+    world
+        .run(vec![
+            Step::Mark,
+            Step::Partition(&[&["a", "b"], &["c"]]),
+            expect("a", "node.down", "c"),
+            expect("b", "node.down", "c"),
+            // foca passes the news on a bounded number of times; past that, nothing brings c
+            // back once forgotten (time jumps below, and news still on its way would).
+            Step::Quiet(Duration::from_secs(60), &[]),
+        ])
+        .await;
+    assert!(world.members_of("a").iter().any(|m| m.node.as_str() == "c"));
+    tokio::time::advance(Duration::from_secs(24 * 60 * 60 + 60)).await;
+    world
+        .run(vec![Step::Quiet(Duration::from_secs(1), &[])])
+        .await;
+    let members = world.members_of("a");
+    assert!(
+        !members.iter().any(|m| m.node.as_str() == "c"),
+        "a forgot c: {members:?}"
+    );
+    assert!(
+        members
+            .iter()
+            .any(|m| m.node.as_str() == "b" && m.state == "alive"),
+        "and kept b: {members:?}"
+    );
+    assert!(
+        world
+            .net
+            .0
+            .lock()
+            .unwrap()
+            .forgotten
+            .contains(&(id("a"), id("c"))),
+        "a's transport was told to forget c"
+    );
     world.shutdown().await;
 }
