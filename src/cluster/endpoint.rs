@@ -49,6 +49,15 @@ const DATAGRAM_SEND_BUFFER: usize = 1024 * 1024;
 pub const MAX_STREAMS: u32 = 4096;
 /// The application close code of a connection closed for a protocol violation.
 pub const PROTOCOL_VIOLATION: u32 = 2;
+/// Connections one node id may have open to this node at once (either side dialed). Two: dials
+/// racing between the same pair leave one in each direction. A newer one closes the oldest
+/// (never the reverse: a peer that restarted must not be held off by its previous connection,
+/// still open here until its idle timeout), so a peer opening connection after connection,
+/// each with [`MAX_STREAMS`] streams and their buffers, gets no more than two.
+pub const MAX_PEER_CONNECTIONS: usize = 2;
+/// The application close code of a connection closed because the same node opened a newer one
+/// past [`MAX_PEER_CONNECTIONS`].
+pub const SUPERSEDED: u32 = 3;
 
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -238,6 +247,9 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     connections: DashMap<NodeId, quinn::Connection>,
+    /// Every connection admitted per peer and not known closed, oldest first (at most
+    /// [`MAX_PEER_CONNECTIONS`]); `connections` holds the newest.
+    open: DashMap<NodeId, Vec<quinn::Connection>>,
     senders: DashMap<NodeId, mpsc::Sender<(SocketAddr, Bytes)>>,
     /// Datagrams queued for the per-peer senders and not yet handed to a connection or dropped
     /// (the queue alone does not say it: a sender takes a datagram out before it dials).
@@ -345,6 +357,7 @@ impl ClusterEndpoint {
                 endpoint,
                 client,
                 connections: DashMap::new(),
+                open: DashMap::new(),
                 senders: DashMap::new(),
                 datagrams_pending: AtomicU64::new(0),
                 inbound: OnceLock::new(),
@@ -477,6 +490,26 @@ impl ClusterEndpoint {
         self.inner
             .connections
             .insert(node.clone(), connection.clone());
+        let superseded: Vec<quinn::Connection> = {
+            let mut open = self.inner.open.entry(node.clone()).or_default();
+            open.retain(|open| open.close_reason().is_none());
+            open.push(connection.clone());
+            let excess = open.len().saturating_sub(MAX_PEER_CONNECTIONS);
+            open.drain(..excess).collect()
+        };
+        for old in superseded {
+            tracing::info!(
+                peer = %node,
+                remote = %old.remote_address(),
+                max = MAX_PEER_CONNECTIONS,
+                "closing the peer's oldest connection: it opened a newer one, and a node keeps \
+                 at most this many open to each peer"
+            );
+            old.close(
+                SUPERSEDED.into(),
+                b"superseded by a newer connection of the same node",
+            );
+        }
         tokio::spawn(
             self.clone()
                 .read_datagrams(node.clone(), connection.clone()),
@@ -519,6 +552,10 @@ impl ClusterEndpoint {
                     self.inner
                         .connections
                         .remove_if(&node, |_, open| open.stable_id() == connection.stable_id());
+                    if let Some(mut open) = self.inner.open.get_mut(&node) {
+                        open.retain(|open| open.stable_id() != connection.stable_id());
+                    }
+                    self.inner.open.remove_if(&node, |_, open| open.is_empty());
                     return;
                 }
             }
@@ -1021,6 +1058,56 @@ mod tests {
             other => panic!("{other}"),
         }
         assert_eq!(a.stats().refused(Refusal::WrongNode), 1);
+    }
+
+    /// A peer could open any number of connections, each with its own [`MAX_STREAMS`] streams
+    /// and their buffers. Past [`MAX_PEER_CONNECTIONS`] of one node id, its oldest connection is
+    /// closed: the newest ones stay, so a peer that restarted is never held off by its old one.
+    #[tokio::test]
+    async fn a_third_connection_of_one_peer_closes_its_oldest() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = cluster(dir.path(), &["b"]);
+        let a = bind(&creds[0]);
+        let b = bind(&creds[1]);
+        let a_addr = a.local_addr().unwrap();
+        let mut dialed = Vec::new();
+        for count in 1..=3u64 {
+            // Dialed directly: `connect` would reuse the connection open to a.
+            let connection = b
+                .inner
+                .endpoint
+                .connect_with(b.inner.client.clone(), a_addr, SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            dialed.push(connection);
+            // a admits it after the handshake; polled, bounded (no notification to wait on).
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while a.stats().connections.load(Ordering::Relaxed) < count {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("a admits the connection");
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(30), dialed[0].closed())
+            .await
+            .expect("the oldest connection is closed");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, SUPERSEDED.into());
+            }
+            other => panic!("{other}"),
+        }
+        assert!(dialed[1].close_reason().is_none(), "the second stays open");
+        assert!(dialed[2].close_reason().is_none(), "the newest stays open");
+        assert_eq!(
+            a.inner.open.get(&id("b")).unwrap().len(),
+            MAX_PEER_CONNECTIONS
+        );
+        a.close(Duration::from_secs(1)).await;
+        b.close(Duration::from_secs(1)).await;
     }
 
     /// What a node sends just before it closes (its leave) reaches the peer, also when the
