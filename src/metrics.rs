@@ -413,6 +413,14 @@ impl Collector for ClusterCollector {
         )?;
         single(
             &mut encoder,
+            "troupe_cluster_streams_refused",
+            "Streams of cluster peers refused (reset) because the peer had as many being served \
+             as a peer may",
+            MetricType::Counter,
+            ConstCounter::new(load(&stats.streams_refused)),
+        )?;
+        single(
+            &mut encoder,
             "troupe_cluster_connections",
             "Cluster connections established (both directions)",
             MetricType::Counter,

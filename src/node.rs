@@ -312,6 +312,7 @@ impl NodeBuilder {
                 store: store.clone(),
                 calls: calls.clone(),
                 stats: endpoint.stats().clone(),
+                inbound: Arc::new(relay::InboundPeers::new(Default::default())),
             }));
         }
         let core = Arc::new(NodeCore {

@@ -58,6 +58,13 @@ pub const MAX_PEER_CONNECTIONS: usize = 2;
 /// The application close code of a connection closed because the same node opened a newer one
 /// past [`MAX_PEER_CONNECTIONS`].
 pub const SUPERSEDED: u32 = 3;
+/// Bytes a peer may send on one connection, over all its streams, that this node has not read
+/// yet. quinn's default bounds only each stream (1.25 MB), so [`MAX_STREAMS`] streams this
+/// node does not read (those waiting for their peer's frame budget in the relay) could buffer
+/// 5 GB. The price of a bound: streams left unread (a follow whose client stalls, until the
+/// HTTP send deadline ends it) hold the whole connection back once they fill it, so it is 51
+/// streams' windows.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -130,6 +137,9 @@ pub struct ClusterStats {
     pub datagrams_received: AtomicU64,
     /// Datagrams sent.
     pub datagrams_sent: AtomicU64,
+    /// Streams refused because their peer had as many being served as allowed (the relay's
+    /// `InboundLimits::streams`).
+    pub streams_refused: AtomicU64,
     /// New members the membership did not take, past its cap
     /// ([`troupe_actors::cluster::MAX_MEMBERS`]).
     pub members_refused: AtomicU64,
@@ -275,6 +285,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     transport.datagram_receive_buffer_size(Some(256 * 1024));
     transport.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     transport.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    transport.receive_window(CONNECTION_RECEIVE_WINDOW.into());
     Arc::new(transport)
 }
 
