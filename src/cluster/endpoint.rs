@@ -822,7 +822,7 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use crate::cluster::certs::{NodeFiles, init, issue, issue_node, load};
+    use crate::cluster::certs::{NodeFiles, init, issue, issue_node, load, load_unchecked};
 
     struct Collect(mpsc::UnboundedSender<(NodeId, Bytes)>);
 
@@ -956,7 +956,8 @@ mod tests {
         std::fs::copy(ca_dir.join("ca.pem"), &files.ca).unwrap();
         std::fs::write(&files.cert, cert).unwrap();
         std::fs::write(&files.key, key).unwrap();
-        let old = bind(&load(&files).unwrap());
+        // The node itself would refuse to start with it (`load`): only peers see it here.
+        let old = bind(&load_unchecked(&files).unwrap());
         let error = old.connect(a.local_addr().unwrap(), None).await;
         // The client side may finish its handshake before the server's verdict arrives; the
         // server's refusal is what counts.
@@ -997,7 +998,8 @@ mod tests {
         std::fs::copy(ca_dir.join("ca.pem"), &files.ca).unwrap();
         std::fs::write(&files.cert, cert).unwrap();
         std::fs::write(&files.key, key).unwrap();
-        let early = bind(&load(&files).unwrap());
+        // The node itself would refuse to start with it (`load`): only peers see it here.
+        let early = bind(&load_unchecked(&files).unwrap());
         let error = a
             .connect(early.local_addr().unwrap(), None)
             .await
