@@ -898,6 +898,14 @@ impl Actor for MembershipActor {
                         state.members_refused(&from, &refused);
                         return Ok(());
                     }
+                    Verdict::UnknownTarget { about } => {
+                        tracing::debug!(
+                            peer = %from,
+                            %about,
+                            "an indirect probe about a node that is not a member here; ignored"
+                        );
+                        return Ok(());
+                    }
                     Verdict::Pass {
                         bytes,
                         refused,

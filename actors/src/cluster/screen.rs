@@ -60,6 +60,12 @@ pub(crate) enum Verdict {
     /// The sender is a new member past the cap (so are the others in `refused`): drop the
     /// packet; foca cannot hear a sender without taking it as a member.
     SenderRefused { refused: Vec<NodeId> },
+    /// An indirect probe's message (a ping request, an indirect ping or ack, a forwarded ack)
+    /// names `about`, a node this node does not track: drop the packet. foca would send to it
+    /// (and the transport keep a sender for it) without ever taking it as a member, so nothing
+    /// would ever forget it; a real member missing here only fails one indirect probe, which
+    /// the others of its round cover.
+    UnknownTarget { about: NodeId },
 }
 
 impl Screen<'_> {
@@ -157,6 +163,14 @@ impl Screen<'_> {
             }
         };
         let sender_admitted = admit(&header.src.node);
+        let target = match &header.message {
+            foca::Message::PingReq { target, .. } | foca::Message::IndirectAck { target, .. } => {
+                Some(&target.node)
+            }
+            foca::Message::IndirectPing { origin, .. }
+            | foca::Message::ForwardedAck { origin, .. } => Some(&origin.node),
+            _ => None,
+        };
 
         // foca's layout: the header, then (except in a Broadcast) a u16 count and that many
         // members, then custom broadcasts (metadata), each a u16 length and the item.
@@ -213,6 +227,15 @@ impl Screen<'_> {
 
         if !sender_admitted {
             return Ok(Verdict::SenderRefused { refused });
+        }
+        // The members of this very packet count: foca applies them before it acts on the
+        // message.
+        if let Some(about) = target
+            && !(about == self.me || known(about) || taken.contains(about))
+        {
+            return Ok(Verdict::UnknownTarget {
+                about: about.clone(),
+            });
         }
         let stripped = members.iter().chain(&items).any(|(_, keep)| !keep);
         if !stripped {
@@ -485,6 +508,45 @@ mod tests {
         };
         assert_eq!(unknown_meta, [node("x")]);
         assert_eq!(kept, with(&[meta("c", NOW)]));
+    }
+
+    /// A ping request about a made-up node made foca send to it, and the transport keep a
+    /// datagram sender for it that nothing would ever forget (it never becomes a member).
+    #[test]
+    fn an_indirect_probe_about_a_node_that_is_not_tracked_is_ignored() {
+        let request = |target: &str| foca::Message::PingReq {
+            target: identity(target, NOW),
+            probe_number: 1,
+        };
+        let screen = screen(2, MAX_MEMBERS);
+        assert_eq!(
+            screen.check(&node("b"), &packet(request("made-up"), &[], &[]), known),
+            Verdict::UnknownTarget {
+                about: node("made-up")
+            }
+        );
+        for bytes in [
+            packet(request("c"), &[], &[]),
+            // Learnt from the same packet.
+            packet(
+                request("d"),
+                &[foca::Member::alive(identity("d", NOW))],
+                &[],
+            ),
+        ] {
+            assert!(matches!(
+                screen.check(&node("b"), &bytes, known),
+                Verdict::Pass { .. }
+            ));
+        }
+        let origin = foca::Message::IndirectPing {
+            origin: identity("made-up", NOW),
+            probe_number: 1,
+        };
+        assert!(matches!(
+            screen.check(&node("b"), &packet(origin, &[], &[]), known),
+            Verdict::UnknownTarget { .. }
+        ));
     }
 
     #[test]
