@@ -393,7 +393,8 @@ impl Collector for ClusterCollector {
             "troupe_cluster_wire_errors",
             "Peers breaking the cluster wire protocol, by reason (malformed, oversized or \
              truncated frames, unknown versions, out-of-turn frames, foreign events, oversized, \
-             malformed or spoofed datagrams, unknown metadata formats)",
+             malformed or spoofed datagrams, unknown metadata formats, generations from the \
+             future)",
             MetricType::Counter,
             WireFault::ALL.iter().map(|fault| {
                 (
@@ -401,6 +402,22 @@ impl Collector for ClusterCollector {
                     ConstCounter::new(stats.wire_errors(*fault)),
                 )
             }),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_cluster_members_refused",
+            "New members the membership did not take because it tracks as many as it may \
+             (1,024, down ones included until forgotten)",
+            MetricType::Counter,
+            ConstCounter::new(load(&stats.members_refused)),
+        )?;
+        single(
+            &mut encoder,
+            "troupe_cluster_streams_refused",
+            "Streams of cluster peers refused (reset) because the peer had as many being served \
+             as a peer may",
+            MetricType::Counter,
+            ConstCounter::new(load(&stats.streams_refused)),
         )?;
         single(
             &mut encoder,

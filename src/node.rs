@@ -312,6 +312,7 @@ impl NodeBuilder {
                 store: store.clone(),
                 calls: calls.clone(),
                 stats: endpoint.stats().clone(),
+                inbound: Arc::new(relay::InboundPeers::new(Default::default())),
             }));
         }
         let core = Arc::new(NodeCore {
@@ -405,6 +406,10 @@ fn start_cluster(
         key: cluster.resolve(data_dir, &cluster.key),
     };
     let credentials = certs::load(&files).map_err(|error| {
+        if let certs::CertError::Unusable { .. } = error {
+            // The files are there; the message says what to do with them.
+            return NodeError::Cluster(error.to_string());
+        }
         NodeError::Cluster(format!(
             "{error}; create this node's files with `troupe cluster init --data-dir {} \
              --node-id {node_id}` (first node) or `troupe cluster issue {node_id} --out {}` on a \
@@ -423,6 +428,10 @@ fn start_cluster(
             node_id.as_str(),
             node_id.as_str()
         )));
+    }
+    if let Some(warning) = certs::expiry_warning(&files, &credentials, std::time::SystemTime::now())
+    {
+        tracing::warn!("{warning}");
     }
     let endpoint = ClusterEndpoint::bind(&credentials, cluster.listen, Arc::default())
         .map_err(|error| NodeError::Cluster(error.to_string()))?;

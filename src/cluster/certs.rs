@@ -4,19 +4,28 @@
 //! A node certificate carries the node id as its common name and the fixed DNS name
 //! [`SERVER_NAME`] (what a dialing node asks for, so node ids need not be DNS names). The node id
 //! is read back from the certificate after every handshake and compared with the one expected.
+//!
+//! A node checks its own certificate when it loads it, as its peers will: a certificate outside
+//! its validity period or not issued by the configured CA is refused at start, naming the file,
+//! the dates and what to do, rather than failing every handshake later with logs that blame the
+//! peers. A node certificate is issued for [`NODE_VALIDITY`]; fewer than [`EXPIRY_WARNING`] left
+//! is said at start ([`expiry_warning`]).
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use time::OffsetDateTime;
 use troupe_actors::ids::NodeId;
 
@@ -35,6 +44,8 @@ pub const NODE_KEY_FILE: &str = "node.key";
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long an issued node certificate is valid.
 pub const NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A node says at start that its certificate expires soon when fewer than this is left.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Largest certificate or key file read.
 const MAX_PEM_BYTES: u64 = 64 * 1024;
 
@@ -60,6 +71,15 @@ pub enum CertError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        message: String,
+    },
+    /// This node's certificate cannot be used now: expired, not valid yet, or not issued by
+    /// the CA it is configured with. The message says which, with the dates, and what to do.
+    #[error("{}: {message}", path.display())]
+    Unusable {
+        /// The node certificate.
+        path: PathBuf,
+        /// What is wrong and what to do.
         message: String,
     },
     /// Certificate generation failed.
@@ -100,6 +120,8 @@ pub struct NodeCredentials {
     pub key: PrivateKeyDer<'static>,
     /// The node id in the certificate.
     pub node: NodeId,
+    /// When the certificate stops being valid.
+    pub not_after: SystemTime,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CertError {
@@ -269,8 +291,18 @@ pub fn issue(
     Ok(files)
 }
 
-/// Loads a node's files and reads its node id from its certificate.
+/// Loads a node's files, reads its node id from its certificate and checks that the
+/// certificate can be used now: within its validity period and issued by the CA in `files.ca`
+/// (as the peers check it).
 pub fn load(files: &NodeFiles) -> Result<NodeCredentials, CertError> {
+    let credentials = load_unchecked(files)?;
+    check(files, &credentials, SystemTime::now())?;
+    Ok(credentials)
+}
+
+/// [`load`] without the check: for tests of how peers refuse a certificate a node could not use
+/// itself.
+pub(crate) fn load_unchecked(files: &NodeFiles) -> Result<NodeCredentials, CertError> {
     let invalid = |path: &Path, message: String| CertError::Invalid {
         path: path.to_owned(),
         message,
@@ -286,6 +318,7 @@ pub fn load(files: &NodeFiles) -> Result<NodeCredentials, CertError> {
         return Err(invalid(&files.cert, "no PEM certificate".into()));
     };
     let node = node_id_of(leaf).map_err(|message| invalid(&files.cert, message))?;
+    let (_, not_after) = validity_of(leaf).map_err(|message| invalid(&files.cert, message))?;
     let key_pem = read_pem(&files.key)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|error| invalid(&files.key, format!("no PEM private key ({error})")))?;
@@ -294,7 +327,123 @@ pub fn load(files: &NodeFiles) -> Result<NodeCredentials, CertError> {
         chain,
         key,
         node,
+        not_after,
     })
+}
+
+/// A certificate's validity period.
+fn validity_of(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|error| format!("not an X.509 certificate ({error})"))?;
+    let at =
+        |timestamp: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(timestamp).unwrap_or(0));
+    let validity = parsed.validity();
+    Ok((
+        at(validity.not_before.timestamp()),
+        at(validity.not_after.timestamp()),
+    ))
+}
+
+fn date(time: SystemTime) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(time)
+}
+
+/// What to do about an unusable node certificate.
+fn reissue(credentials: &NodeCredentials) -> String {
+    format!(
+        "issue a new one with `troupe cluster issue {} --out DIR` on the node that holds the \
+         CA (its --data-dir) and put DIR's files in place of this node's",
+        credentials.node
+    )
+}
+
+/// Checks this node's own certificate as of `now`, as its peers will: its validity period, then
+/// that the CA in `files.ca` issued it for a client (and so a server: both uses are in every
+/// node certificate).
+fn check(
+    files: &NodeFiles,
+    credentials: &NodeCredentials,
+    now: SystemTime,
+) -> Result<(), CertError> {
+    let unusable = |message: String| CertError::Unusable {
+        path: files.cert.clone(),
+        message,
+    };
+    let leaf = &credentials.chain[0];
+    let (not_before, not_after) = validity_of(leaf).map_err(&unusable)?;
+    if now > not_after {
+        return Err(unusable(format!(
+            "this node's certificate expired on {} (it was valid from {}); peers refuse it. \
+             {}",
+            date(not_after),
+            date(not_before),
+            reissue(credentials)
+        )));
+    }
+    if now < not_before {
+        return Err(unusable(format!(
+            "this node's certificate is not valid yet: from {} to {}, and this node's clock \
+             says {}; peers refuse it until then. Set this node's clock right, or {}",
+            date(not_before),
+            date(not_after),
+            date(now),
+            reissue(credentials)
+        )));
+    }
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(credentials.ca.clone())
+        .map_err(|error| CertError::Invalid {
+            path: files.ca.clone(),
+            message: format!("not a usable CA certificate ({error})"),
+        })?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+            .build()
+            .map_err(|error| CertError::Invalid {
+                path: files.ca.clone(),
+                message: format!("not a usable CA certificate ({error})"),
+            })?;
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    verifier
+        .verify_client_cert(
+            leaf,
+            &credentials.chain[1..],
+            UnixTime::since_unix_epoch(since_epoch),
+        )
+        .map_err(|error| {
+            unusable(format!(
+                "this node's certificate was not issued by the CA in {} ({error}), so peers of \
+                 that CA refuse it; {}, or set cluster.ca to the CA that issued it",
+                files.ca.display(),
+                reissue(credentials)
+            ))
+        })?;
+    Ok(())
+}
+
+/// What to say at start when this node's certificate has fewer than [`EXPIRY_WARNING`] left as
+/// of `now`; `None` otherwise.
+pub fn expiry_warning(
+    files: &NodeFiles,
+    credentials: &NodeCredentials,
+    now: SystemTime,
+) -> Option<String> {
+    let left = credentials
+        .not_after
+        .duration_since(now)
+        .unwrap_or_default();
+    if left >= EXPIRY_WARNING {
+        return None;
+    }
+    Some(format!(
+        "{}: this node's certificate expires on {} (in {} days); peers refuse it from then on: \
+         {}, and restart the node with it",
+        files.cert.display(),
+        date(credentials.not_after),
+        left.as_secs() / (24 * 3600),
+        reissue(credentials)
+    ))
 }
 
 /// The node id a certificate was issued to (its common name).
@@ -377,6 +526,111 @@ mod tests {
         .to_string();
         assert!(error.contains("troupe cluster init"), "{error}");
         assert!(error.contains("ca.pem"), "{error}");
+    }
+
+    /// A node directory holding `ca_dir`'s CA certificate and a certificate of `node` from
+    /// `issuer_dir`'s CA valid from `not_before` to `not_after`.
+    fn node_files(
+        dir: &Path,
+        ca_dir: &Path,
+        issuer_dir: &Path,
+        node: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> NodeFiles {
+        let (cert, key) = issue_node(
+            &fs::read_to_string(issuer_dir.join(CA_CERT_FILE)).unwrap(),
+            &fs::read_to_string(issuer_dir.join(CA_KEY_FILE)).unwrap(),
+            &NodeId::new(node).unwrap(),
+            not_before,
+            not_after,
+        )
+        .unwrap();
+        let out = dir.join(node);
+        fs::create_dir_all(&out).unwrap();
+        let files = NodeFiles::in_dir(&out);
+        fs::copy(ca_dir.join(CA_CERT_FILE), &files.ca).unwrap();
+        fs::write(&files.cert, cert).unwrap();
+        fs::write(&files.key, key).unwrap();
+        files
+    }
+
+    /// A node started with an expired certificate used to start fine, then fail every handshake
+    /// with log lines that blamed the peers. Now it is refused when loaded, naming the file,
+    /// the dates and how to get a new one.
+    #[test]
+    fn an_expired_node_certificate_is_refused_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = dir.path().join("ca");
+        init(&ca, &NodeId::new("a").unwrap(), now).unwrap();
+        let days = time::Duration::days;
+        let files = node_files(dir.path(), &ca, &ca, "old", now - days(400), now - days(1));
+        let error = load(&files).unwrap_err();
+        assert!(matches!(error, CertError::Unusable { .. }), "{error}");
+        let error = error.to_string();
+        assert!(error.contains("expired on"), "{error}");
+        assert!(error.contains("old/node.pem"), "{error}");
+        assert!(error.contains("troupe cluster issue old"), "{error}");
+        // Peers see it as such (the endpoint's tests bind with it).
+        assert_eq!(load_unchecked(&files).unwrap().node.as_str(), "old");
+    }
+
+    #[test]
+    fn a_node_certificate_not_valid_yet_is_refused_naming_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = dir.path().join("ca");
+        init(&ca, &NodeId::new("a").unwrap(), now).unwrap();
+        let days = time::Duration::days;
+        let files = node_files(dir.path(), &ca, &ca, "early", now + days(1), now + days(30));
+        let error = load(&files).unwrap_err().to_string();
+        assert!(error.contains("not valid yet"), "{error}");
+        assert!(error.contains("clock"), "{error}");
+    }
+
+    /// A certificate of another CA than the configured ca.pem: every peer of that CA refuses
+    /// it, so the node does not start with it.
+    #[test]
+    fn a_node_certificate_of_another_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ours = dir.path().join("ours");
+        let theirs = dir.path().join("theirs");
+        init(&ours, &NodeId::new("a").unwrap(), now).unwrap();
+        init(&theirs, &NodeId::new("x").unwrap(), now).unwrap();
+        let days = time::Duration::days;
+        let files = node_files(
+            dir.path(),
+            &ours,
+            &theirs,
+            "b",
+            now - days(1),
+            now + days(30),
+        );
+        let error = load(&files).unwrap_err().to_string();
+        assert!(error.contains("not issued by the CA in"), "{error}");
+        assert!(error.contains("b/ca.pem"), "{error}");
+        assert!(error.contains("cluster.ca"), "{error}");
+    }
+
+    #[test]
+    fn fewer_than_thirty_days_left_is_said_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let ca = dir.path().join("ca");
+        init(&ca, &NodeId::new("a").unwrap(), now).unwrap();
+        let days = time::Duration::days;
+        let soon = node_files(dir.path(), &ca, &ca, "soon", now - days(1), now + days(10));
+        let credentials = load(&soon).unwrap();
+        let warning = expiry_warning(&soon, &credentials, SystemTime::now()).unwrap();
+        assert!(warning.contains("expires on"), "{warning}");
+        assert!(warning.contains("troupe cluster issue soon"), "{warning}");
+        let fresh = load(&NodeFiles::in_dir(&ca)).unwrap();
+        assert_eq!(
+            expiry_warning(&NodeFiles::in_dir(&ca), &fresh, SystemTime::now()),
+            None
+        );
     }
 
     #[test]

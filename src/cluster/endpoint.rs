@@ -49,6 +49,22 @@ const DATAGRAM_SEND_BUFFER: usize = 1024 * 1024;
 pub const MAX_STREAMS: u32 = 4096;
 /// The application close code of a connection closed for a protocol violation.
 pub const PROTOCOL_VIOLATION: u32 = 2;
+/// Connections one node id may have open to this node at once (either side dialed). Two: dials
+/// racing between the same pair leave one in each direction. A newer one closes the oldest
+/// (never the reverse: a peer that restarted must not be held off by its previous connection,
+/// still open here until its idle timeout), so a peer opening connection after connection,
+/// each with [`MAX_STREAMS`] streams and their buffers, gets no more than two.
+pub const MAX_PEER_CONNECTIONS: usize = 2;
+/// The application close code of a connection closed because the same node opened a newer one
+/// past [`MAX_PEER_CONNECTIONS`].
+pub const SUPERSEDED: u32 = 3;
+/// Bytes a peer may send on one connection, over all its streams, that this node has not read
+/// yet. quinn's default bounds only each stream (1.25 MB), so [`MAX_STREAMS`] streams this
+/// node does not read (those waiting for their peer's frame budget in the relay) could buffer
+/// 5 GB. The price of a bound: streams left unread (a follow whose client stalls, until the
+/// HTTP send deadline ends it) hold the whole connection back once they fill it, so it is 51
+/// streams' windows.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,6 +137,12 @@ pub struct ClusterStats {
     pub datagrams_received: AtomicU64,
     /// Datagrams sent.
     pub datagrams_sent: AtomicU64,
+    /// Streams refused because their peer had as many being served as allowed (the relay's
+    /// `InboundLimits::streams`).
+    pub streams_refused: AtomicU64,
+    /// New members the membership did not take, past its cap
+    /// ([`troupe_actors::cluster::MAX_MEMBERS`]).
+    pub members_refused: AtomicU64,
 }
 
 impl ClusterStats {
@@ -161,6 +183,7 @@ pub fn log_wire_fault(stats: &ClusterStats, peer: &NodeId, fault: WireFault, det
         detail,
         closes = match fault {
             WireFault::UnknownMetaFormat => "nothing (the metadata is skipped)",
+            WireFault::FutureGeneration => "nothing (the datagram is dropped)",
             fault if fault.closes_connection() => "connection",
             _ => "stream",
         },
@@ -234,6 +257,9 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     connections: DashMap<NodeId, quinn::Connection>,
+    /// Every connection admitted per peer and not known closed, oldest first (at most
+    /// [`MAX_PEER_CONNECTIONS`]); `connections` holds the newest.
+    open: DashMap<NodeId, Vec<quinn::Connection>>,
     senders: DashMap<NodeId, mpsc::Sender<(SocketAddr, Bytes)>>,
     /// Datagrams queued for the per-peer senders and not yet handed to a connection or dropped
     /// (the queue alone does not say it: a sender takes a datagram out before it dials).
@@ -259,6 +285,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     transport.datagram_receive_buffer_size(Some(256 * 1024));
     transport.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
     transport.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    transport.receive_window(CONNECTION_RECEIVE_WINDOW.into());
     Arc::new(transport)
 }
 
@@ -341,6 +368,7 @@ impl ClusterEndpoint {
                 endpoint,
                 client,
                 connections: DashMap::new(),
+                open: DashMap::new(),
                 senders: DashMap::new(),
                 datagrams_pending: AtomicU64::new(0),
                 inbound: OnceLock::new(),
@@ -473,6 +501,26 @@ impl ClusterEndpoint {
         self.inner
             .connections
             .insert(node.clone(), connection.clone());
+        let superseded: Vec<quinn::Connection> = {
+            let mut open = self.inner.open.entry(node.clone()).or_default();
+            open.retain(|open| open.close_reason().is_none());
+            open.push(connection.clone());
+            let excess = open.len().saturating_sub(MAX_PEER_CONNECTIONS);
+            open.drain(..excess).collect()
+        };
+        for old in superseded {
+            tracing::info!(
+                peer = %node,
+                remote = %old.remote_address(),
+                max = MAX_PEER_CONNECTIONS,
+                "closing the peer's oldest connection: it opened a newer one, and a node keeps \
+                 at most this many open to each peer"
+            );
+            old.close(
+                SUPERSEDED.into(),
+                b"superseded by a newer connection of the same node",
+            );
+        }
         tokio::spawn(
             self.clone()
                 .read_datagrams(node.clone(), connection.clone()),
@@ -515,6 +563,10 @@ impl ClusterEndpoint {
                     self.inner
                         .connections
                         .remove_if(&node, |_, open| open.stable_id() == connection.stable_id());
+                    if let Some(mut open) = self.inner.open.get_mut(&node) {
+                        open.retain(|open| open.stable_id() != connection.stable_id());
+                    }
+                    self.inner.open.remove_if(&node, |_, open| open.is_empty());
                     return;
                 }
             }
@@ -641,6 +693,12 @@ impl ClusterEndpoint {
         }
     }
 
+    /// Drops the datagram sender of `node` (the membership forgot it): its task ends once it
+    /// has handled what is queued. A node that comes back gets a new one.
+    pub fn forget_peer(&self, node: &NodeId) {
+        self.inner.senders.remove(node);
+    }
+
     /// One peer's datagram sender: dials lazily (with [`DIAL_TIMEOUT`]), drops on error.
     async fn peer_sender(self, node: NodeId, mut queue: mpsc::Receiver<(SocketAddr, Bytes)>) {
         let dropped = |count: u64| {
@@ -764,7 +822,7 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use crate::cluster::certs::{NodeFiles, init, issue, issue_node, load};
+    use crate::cluster::certs::{NodeFiles, init, issue, issue_node, load, load_unchecked};
 
     struct Collect(mpsc::UnboundedSender<(NodeId, Bytes)>);
 
@@ -898,7 +956,8 @@ mod tests {
         std::fs::copy(ca_dir.join("ca.pem"), &files.ca).unwrap();
         std::fs::write(&files.cert, cert).unwrap();
         std::fs::write(&files.key, key).unwrap();
-        let old = bind(&load(&files).unwrap());
+        // The node itself would refuse to start with it (`load`): only peers see it here.
+        let old = bind(&load_unchecked(&files).unwrap());
         let error = old.connect(a.local_addr().unwrap(), None).await;
         // The client side may finish its handshake before the server's verdict arrives; the
         // server's refusal is what counts.
@@ -939,7 +998,8 @@ mod tests {
         std::fs::copy(ca_dir.join("ca.pem"), &files.ca).unwrap();
         std::fs::write(&files.cert, cert).unwrap();
         std::fs::write(&files.key, key).unwrap();
-        let early = bind(&load(&files).unwrap());
+        // The node itself would refuse to start with it (`load`): only peers see it here.
+        let early = bind(&load_unchecked(&files).unwrap());
         let error = a
             .connect(early.local_addr().unwrap(), None)
             .await
@@ -1011,6 +1071,56 @@ mod tests {
             other => panic!("{other}"),
         }
         assert_eq!(a.stats().refused(Refusal::WrongNode), 1);
+    }
+
+    /// A peer could open any number of connections, each with its own [`MAX_STREAMS`] streams
+    /// and their buffers. Past [`MAX_PEER_CONNECTIONS`] of one node id, its oldest connection is
+    /// closed: the newest ones stay, so a peer that restarted is never held off by its old one.
+    #[tokio::test]
+    async fn a_third_connection_of_one_peer_closes_its_oldest() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let creds = cluster(dir.path(), &["b"]);
+        let a = bind(&creds[0]);
+        let b = bind(&creds[1]);
+        let a_addr = a.local_addr().unwrap();
+        let mut dialed = Vec::new();
+        for count in 1..=3u64 {
+            // Dialed directly: `connect` would reuse the connection open to a.
+            let connection = b
+                .inner
+                .endpoint
+                .connect_with(b.inner.client.clone(), a_addr, SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            dialed.push(connection);
+            // a admits it after the handshake; polled, bounded (no notification to wait on).
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while a.stats().connections.load(Ordering::Relaxed) < count {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("a admits the connection");
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(30), dialed[0].closed())
+            .await
+            .expect("the oldest connection is closed");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, SUPERSEDED.into());
+            }
+            other => panic!("{other}"),
+        }
+        assert!(dialed[1].close_reason().is_none(), "the second stays open");
+        assert!(dialed[2].close_reason().is_none(), "the newest stays open");
+        assert_eq!(
+            a.inner.open.get(&id("b")).unwrap().len(),
+            MAX_PEER_CONNECTIONS
+        );
+        a.close(Duration::from_secs(1)).await;
+        b.close(Duration::from_secs(1)).await;
     }
 
     /// What a node sends just before it closes (its leave) reaches the peer, also when the

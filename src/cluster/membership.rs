@@ -85,6 +85,17 @@ impl DatagramTransport for QuicDatagrams {
     fn reject(&self, from: &NodeId, fault: WireFault, detail: &str) {
         self.0.wire_fault(from, fault, detail, None);
     }
+
+    fn members_refused(&self, _from: &NodeId, count: usize) {
+        self.0
+            .stats()
+            .members_refused
+            .fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    fn forget(&self, node: &NodeId) {
+        self.0.forget_peer(node);
+    }
 }
 
 /// Datagrams of one peer handed to the MembershipActor and not handled yet, at most: past it the
@@ -491,6 +502,10 @@ mod tests {
         fn reject(&self, from: &NodeId, fault: WireFault, _detail: &str) {
             self.0.lock().unwrap().push((from.clone(), fault));
         }
+
+        fn members_refused(&self, _from: &NodeId, _count: usize) {}
+
+        fn forget(&self, _node: &NodeId) {}
     }
 
     /// Node `a`'s tree with the cluster branch on the wire codec, its datagrams to `transport`.

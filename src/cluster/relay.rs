@@ -20,13 +20,24 @@
 //! `troupe_cluster_wire_errors_total{reason}`, and that stream is reset. Only the stream: the
 //! connection also carries membership datagrams and other streams, whose framing a broken frame
 //! here cannot affect, so they go on (a receiver's PeerActor opens a new link after a pause).
+//!
+//! What one peer's inbound streams hold is bounded over all its connections
+//! ([`InboundLimits`]): at most [`PEER_STREAMS`] are served at once (a stream past it is reset
+//! at once, logged and counted in `troupe_cluster_streams_refused_total`), and the first frame of
+//! each (a `Hello` or a forwarded `Call`, up to [`wire::MAX_FRAME_BYTES`]) takes its size out of
+//! the peer's [`PEER_FRAME_BYTES`] once its length prefix is read, before its body is: past the
+//! budget the stream waits (within [`PATIENCE`]) and reads nothing more. A call keeps its share
+//! while it is served. Acknowledgements are read with a cap of their own ([`MAX_ACK_BYTES`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use dashmap::DashMap;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use troupe_actors::cluster::{BatchError, LinkReports, NodeIdentity, RelaySource, WireFault};
 use troupe_actors::event::{
@@ -34,7 +45,7 @@ use troupe_actors::event::{
 };
 use troupe_actors::ids::NodeId;
 
-use super::endpoint::{ClusterEndpoint, ClusterStats, log_wire_fault};
+use super::endpoint::{ClusterEndpoint, ClusterStats, MAX_STREAMS, StreamHandler, log_wire_fault};
 use super::remote::{RemoteAnswer, RemoteCall};
 use crate::node::NodeCore;
 use crate::store::Store;
@@ -65,6 +76,129 @@ const _: () = assert!(RECEIVE_BUDGET >= wire::MAX_FRAME_BYTES);
 const PATIENCE: Duration = Duration::from_secs(30);
 /// The stream reset code of a link ended for a wire fault.
 const STREAM_PROTOCOL_VIOLATION: u32 = 2;
+/// The stream reset (and stop) code of a stream refused because its peer has
+/// [`InboundLimits::streams`] being served.
+pub const STREAM_REFUSED: u32 = 3;
+/// Streams of one peer served at once by default, over all its connections: as many as one
+/// connection may open ([`MAX_STREAMS`]: a relay link, and a call in flight or an output
+/// follow per stream), so a second connection (racing dials) does not double it.
+pub const PEER_STREAMS: usize = MAX_STREAMS as usize;
+/// Bytes of first frames one peer may have this node read at once by default: four frames of
+/// the largest size. A forwarded call's body is at most `http.max_body_bytes` (1 MiB by
+/// default), so a peer's sixteen largest calls at once go through; past it they wait.
+pub const PEER_FRAME_BYTES: usize = 4 * wire::MAX_FRAME_BYTES;
+/// Largest acknowledgement frame read (an `Ack` is a few bytes; anything larger on that stream
+/// is a wire fault before its body is read).
+pub const MAX_ACK_BYTES: usize = 64;
+
+/// What one peer's inbound streams may hold at once, over all its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimits {
+    /// Streams served at once; past it a new stream is refused (reset).
+    pub streams: usize,
+    /// Bytes of first frames read at once (each frame's size, once its length prefix is read;
+    /// a call's until it is answered). At least [`wire::MAX_FRAME_BYTES`], so that any frame
+    /// can be read.
+    pub frame_bytes: usize,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        Self {
+            streams: PEER_STREAMS,
+            frame_bytes: PEER_FRAME_BYTES,
+        }
+    }
+}
+
+/// The serving side's stream places and frame budgets, per peer (authenticated node ids only,
+/// so the map grows with the cluster's certificates, not with what peers send).
+pub struct InboundPeers {
+    limits: InboundLimits,
+    peers: DashMap<NodeId, Arc<PeerInbound>>,
+}
+
+struct PeerInbound {
+    streams: Arc<Semaphore>,
+    frames: Arc<Semaphore>,
+    /// Streams refused since the last one served (one WARN line per such run).
+    refused: AtomicU64,
+}
+
+/// A stream's place among its peer's streams served at once, and its peer's frame budget.
+pub struct StreamSlot {
+    _place: OwnedSemaphorePermit,
+    frames: Arc<Semaphore>,
+}
+
+impl InboundPeers {
+    /// Places and budgets of `limits` for every peer.
+    pub fn new(limits: InboundLimits) -> Self {
+        Self {
+            limits: InboundLimits {
+                streams: limits.streams,
+                frame_bytes: limits.frame_bytes.max(wire::MAX_FRAME_BYTES),
+            },
+            peers: DashMap::new(),
+        }
+    }
+
+    fn peer(&self, peer: &NodeId) -> Arc<PeerInbound> {
+        // Cloned out of the map: no lock of it is held below.
+        self.peers
+            .entry(peer.clone())
+            .or_insert_with(|| {
+                Arc::new(PeerInbound {
+                    streams: Arc::new(Semaphore::new(self.limits.streams)),
+                    frames: Arc::new(Semaphore::new(self.limits.frame_bytes)),
+                    refused: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// A place for a new stream of `peer`, or (when it has as many served as allowed) the
+    /// number of its streams refused in a row, this one included.
+    fn admit(&self, peer: &NodeId) -> Result<StreamSlot, u64> {
+        let inbound = self.peer(peer);
+        match inbound.streams.clone().try_acquire_owned() {
+            Ok(place) => {
+                let refused = inbound.refused.swap(0, Ordering::Relaxed);
+                if refused > 0 {
+                    tracing::info!(
+                        %peer,
+                        refused,
+                        "cluster peer's streams are served again; some were refused meanwhile"
+                    );
+                }
+                Ok(StreamSlot {
+                    _place: place,
+                    frames: inbound.frames.clone(),
+                })
+            }
+            Err(_) => Err(inbound.refused.fetch_add(1, Ordering::Relaxed) + 1),
+        }
+    }
+
+    /// Streams of `peer` being served.
+    pub fn streams_served(&self, peer: &NodeId) -> usize {
+        self.peers.get(peer).map_or(0, |inbound| {
+            self.limits.streams - inbound.streams.available_permits()
+        })
+    }
+
+    /// Bytes of `peer`'s frames being read (or, for calls, served) now.
+    pub fn frame_bytes_held(&self, peer: &NodeId) -> usize {
+        self.peers.get(peer).map_or(0, |inbound| {
+            self.limits.frame_bytes - inbound.frames.available_permits()
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> InboundLimits {
+        self.limits
+    }
+}
 
 /// One frame of the relay protocol.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +349,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Frame, Rel
 async fn read_sized_frame<R: AsyncRead + Unpin>(
     recv: &mut R,
 ) -> Result<(Frame, usize), RelayError> {
+    let (frame, size, _) = read_frame_limited(recv, wire::MAX_FRAME_BYTES, None).await?;
+    Ok((frame, size))
+}
+
+/// [`read_sized_frame`] for frames of at most `max` bytes; with a `budget`, the frame takes its
+/// size out of it once its length prefix is read, before its body is (waiting, and reading
+/// nothing more, while the budget is spent), and the share comes back with the frame.
+async fn read_frame_limited<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    max: usize,
+    budget: Option<&Arc<Semaphore>>,
+) -> Result<(Frame, usize, Option<OwnedSemaphorePermit>), RelayError> {
     let mut prefix = [0u8; 4];
     let mut filled = 0;
     while filled < prefix.len() {
@@ -232,15 +378,23 @@ async fn read_sized_frame<R: AsyncRead + Unpin>(
         filled += read;
     }
     let length = u32::from_be_bytes(prefix) as usize;
-    if length > wire::MAX_FRAME_BYTES {
+    if length > max {
         return Err(RelayError::wire(
             WireFault::OversizedFrame,
-            format!(
-                "a frame of {length} bytes; at most {}",
-                wire::MAX_FRAME_BYTES
-            ),
+            format!("a frame of {length} bytes; at most {max}"),
         ));
     }
+    let share = match budget {
+        // Within u32: the prefix is one.
+        Some(budget) => Some(
+            budget
+                .clone()
+                .acquire_many_owned(u32::try_from(length).expect("a u32 prefix"))
+                .await
+                .map_err(|_| io("the frame budget closed"))?,
+        ),
+        None => None,
+    };
     let mut bytes = Vec::with_capacity(length.min(64 * 1024));
     (&mut *recv)
         .take(length as u64)
@@ -258,7 +412,7 @@ async fn read_sized_frame<R: AsyncRead + Unpin>(
     }
     let frame = wire::decode(&bytes)
         .map_err(|error| RelayError::wire(WireFault::MalformedFrame, error.to_string()))?;
-    Ok((frame, length))
+    Ok((frame, length, share))
 }
 
 /// Ends a stream after `outcome`: finished when it ended well, reset (and, for a wire fault,
@@ -306,6 +460,8 @@ pub struct RelayServer {
     pub calls: Arc<std::sync::OnceLock<(std::sync::Weak<NodeCore>, String)>>,
     /// Where wire faults are counted.
     pub stats: Arc<ClusterStats>,
+    /// What each peer's streams may hold at once.
+    pub inbound: Arc<InboundPeers>,
 }
 
 impl RelayServer {
@@ -316,9 +472,15 @@ impl RelayServer {
         }
     }
 
-    /// Serves one stream from `peer` until it ends.
-    pub async fn serve(self, peer: NodeId, mut send: quinn::SendStream, recv: quinn::RecvStream) {
-        let outcome = self.run(&peer, &mut send, recv).await;
+    /// Serves one stream from `peer` (holding its `slot`) until it ends.
+    async fn serve(
+        self,
+        peer: NodeId,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        slot: StreamSlot,
+    ) {
+        let outcome = self.run(&peer, &mut send, recv, &slot).await;
         close_stream(&self.stats, &peer, "sender", &mut send, &outcome);
     }
 
@@ -327,8 +489,10 @@ impl RelayServer {
         peer: &NodeId,
         send: &mut quinn::SendStream,
         mut recv: quinn::RecvStream,
+        slot: &StreamSlot,
     ) -> Result<(), RelayError> {
-        let hello = tokio::time::timeout(PATIENCE, read_frame(&mut recv))
+        let first = read_frame_limited(&mut recv, wire::MAX_FRAME_BYTES, Some(&slot.frames));
+        let (hello, _, share) = tokio::time::timeout(PATIENCE, first)
             .await
             .map_err(|_| io("no hello in time"))??;
         let after = match hello {
@@ -337,7 +501,10 @@ impl RelayServer {
                     .calls
                     .get()
                     .and_then(|(core, token)| core.upgrade().map(|core| (core, token.clone())));
-                return super::remote::serve_call(core, peer, call, send).await;
+                // The call's body is held until it is answered: so is its share.
+                let served = super::remote::serve_call(core, peer, call, send).await;
+                drop(share);
+                return served;
             }
             Frame::Hello { version, after } if version == RELAY_VERSION => after,
             Frame::Hello { version, .. } => {
@@ -355,6 +522,7 @@ impl RelayServer {
             }
             other => return Err(RelayError::unexpected("hello", &other)),
         };
+        drop(share);
         // Live events are buffered from now on; what came before is read back below.
         let mut live = self.events.subscribe(self.own());
         let newest = self.events.last_seq();
@@ -526,8 +694,8 @@ async fn read_acks(
     report: oneshot::Sender<RelayError>,
 ) {
     let error = loop {
-        match read_frame(&mut recv).await {
-            Ok(Frame::Ack(_)) => {
+        match read_frame_limited(&mut recv, MAX_ACK_BYTES, None).await {
+            Ok((Frame::Ack(_), _, _)) => {
                 if window.available_permits() >= WINDOW {
                     break RelayError::wire(
                         WireFault::UnexpectedFrame,
@@ -536,7 +704,7 @@ async fn read_acks(
                 }
                 window.add_permits(1);
             }
-            Ok(other) => break RelayError::unexpected("an acknowledgement", &other),
+            Ok((other, _, _)) => break RelayError::unexpected("an acknowledgement", &other),
             Err(error) => break error,
         }
     };
@@ -759,13 +927,30 @@ where
     }
 }
 
-/// Attaches relay serving to an endpoint's inbound streams.
-pub fn serve_streams(
-    server: RelayServer,
-) -> Arc<dyn Fn(NodeId, quinn::SendStream, quinn::RecvStream) + Send + Sync> {
-    Arc::new(move |peer, send, recv| {
-        tokio::spawn(server.clone().serve(peer, send, recv));
-    })
+/// Attaches relay serving to an endpoint's inbound streams: each in a task of its own while its
+/// peer has fewer than [`InboundLimits::streams`] served, else reset and stopped at once
+/// ([`STREAM_REFUSED`]), counted, and logged once per run of refusals.
+pub fn serve_streams(server: RelayServer) -> StreamHandler {
+    Arc::new(
+        move |peer, mut send, mut recv| match server.inbound.admit(&peer) {
+            Ok(slot) => {
+                tokio::spawn(server.clone().serve(peer, send, recv, slot));
+            }
+            Err(refused) => {
+                server.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
+                if refused == 1 {
+                    tracing::warn!(
+                        %peer,
+                        max = server.inbound.limits().streams,
+                        "cluster peer has as many streams being served as a peer may; its new ones \
+                         are refused (reset) until some end"
+                    );
+                }
+                let _ = send.reset(STREAM_REFUSED.into());
+                let _ = recv.stop(STREAM_REFUSED.into());
+            }
+        },
+    )
 }
 
 #[cfg(test)]
@@ -1038,6 +1223,133 @@ mod tests {
         }
         assert_eq!(handed.load(std::sync::atomic::Ordering::Relaxed), 10);
         drop(sender.await.unwrap());
+    }
+
+    /// A peer opening more streams than it may have served, each with the length prefix of a
+    /// frame of the largest size and one byte of it, used to have every stream served and
+    /// read (4,096 streams per connection of 4 MiB each, 16 GiB, for up to PATIENCE). Now the
+    /// streams past its cap are reset at once and counted, only as many frames as its budget
+    /// holds are read, and another peer is served as before.
+    #[tokio::test]
+    async fn a_peer_past_its_stream_cap_is_refused_and_its_frames_wait_for_its_budget() {
+        use crate::cluster::certs;
+        use crate::cluster::endpoint::ClusterEndpoint;
+        use crate::store::{Store, StoreConfig};
+        use troupe_actors::node::{NodePorts, NodeTree, NodeTreeConfig};
+
+        crate::tls::install_default_provider();
+        let id = |name: &str| NodeId::new(name).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = dir.path().join("ca");
+        let mut credentials = vec![certs::load(&certs::init(&ca, &id("a"), now).unwrap()).unwrap()];
+        for name in ["b", "c"] {
+            let files = certs::issue(&ca, &id(name), &dir.path().join(name), now).unwrap();
+            credentials.push(certs::load(&files).unwrap());
+        }
+        let bind = |credentials| {
+            ClusterEndpoint::bind(credentials, "127.0.0.1:0".parse().unwrap(), Arc::default())
+                .unwrap()
+        };
+        let (a, b, c) = (
+            bind(&credentials[0]),
+            bind(&credentials[1]),
+            bind(&credentials[2]),
+        );
+        let tree = NodeTree::start(NodeTreeConfig::new(id("a")), NodePorts::default())
+            .await
+            .unwrap();
+        let store = Store::open(dir.path().join("a"), id("a"), StoreConfig::default())
+            .await
+            .unwrap();
+        let limits = InboundLimits {
+            streams: 8,
+            frame_bytes: 2 * wire::MAX_FRAME_BYTES,
+        };
+        let inbound = Arc::new(InboundPeers::new(limits));
+        a.set_stream_handler(serve_streams(RelayServer {
+            node: id("a"),
+            events: tree.events.clone(),
+            store,
+            // No node core: a call is answered 503 (shutting_down), which is enough here.
+            calls: Arc::default(),
+            stats: a.stats().clone(),
+            inbound: inbound.clone(),
+        }));
+        let a_addr = a.local_addr().unwrap();
+
+        // b: twelve streams, each the prefix of a frame of the largest size and one byte.
+        let (_, to_a) = b.connect(a_addr, Some(&id("a"))).await.unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..12 {
+            let (mut send, recv) = to_a.open_bi().await.unwrap();
+            let mut start = (wire::MAX_FRAME_BYTES as u32).to_be_bytes().to_vec();
+            start.push(0);
+            send.write_all(&start).await.unwrap();
+            streams.push((send, recv));
+        }
+        // a serves eight (its cap) and refuses the other four; two frames take the whole budget
+        // and the other six wait for it. Polled, bounded: the counters have no notification.
+        let settled = tokio::time::timeout(Duration::from_secs(30), async {
+            while a.stats().streams_refused.load(Ordering::Relaxed) < 4
+                || inbound.frame_bytes_held(&id("b")) < limits.frame_bytes
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            settled.is_ok(),
+            "refused {}, holding {} bytes",
+            a.stats().streams_refused.load(Ordering::Relaxed),
+            inbound.frame_bytes_held(&id("b"))
+        );
+        assert_eq!(inbound.streams_served(&id("b")), 8);
+        assert_eq!(inbound.frame_bytes_held(&id("b")), limits.frame_bytes);
+        assert_eq!(a.stats().streams_refused.load(Ordering::Relaxed), 4);
+        // The refused ones are the last four (streams arrive in order), reset with their code.
+        for (index, (_, recv)) in streams.iter_mut().enumerate().skip(8) {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(30), recv.read(&mut byte))
+                .await
+                .unwrap_or_else(|_| panic!("stream {index} was not refused"));
+            match read {
+                Err(quinn::ReadError::Reset(code)) => assert_eq!(code, STREAM_REFUSED.into()),
+                other => panic!("stream {index}: {other:?}"),
+            }
+        }
+
+        // c is served as before: its call is answered.
+        let (_, c_to_a) = c.connect(a_addr, Some(&id("a"))).await.unwrap();
+        let (mut send, mut recv) = c_to_a.open_bi().await.unwrap();
+        let call = Frame::Call(RemoteCall {
+            method: "GET".into(),
+            uri: "/v1/sessions".into(),
+            body: Vec::new(),
+        });
+        write_frame(&mut send, &call).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv))
+            .await
+            .expect("c's call is answered")
+            .unwrap();
+        assert!(
+            matches!(answer, Frame::Answer(RemoteAnswer { status: 503, .. })),
+            "{answer:?}"
+        );
+
+        // b's streams end: their places and shares come back.
+        to_a.close(0u32.into(), b"done");
+        let released = tokio::time::timeout(Duration::from_secs(30), async {
+            while inbound.streams_served(&id("b")) > 0 || inbound.frame_bytes_held(&id("b")) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(released.is_ok(), "b's places and budget were given back");
+        a.close(Duration::from_secs(1)).await;
+        b.close(Duration::from_secs(1)).await;
+        c.close(Duration::from_secs(1)).await;
+        tree.shutdown(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]

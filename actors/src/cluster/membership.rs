@@ -27,14 +27,15 @@ use super::meta::{
 };
 use super::peer::{PeerActor, PeerArgs, PeerMsg, RelaySource};
 use super::ports::{DatagramTransport, FocaCodec, MembershipCodec, WireFault};
+use super::screen::{MAX_GENERATION_LEAD, MAX_MEMBERS, Screen, Verdict};
 use crate::event::{EventBus, EventData, NodeMembership};
-use crate::ids::NodeId;
+use crate::ids::{NodeId, Timestamp};
 use crate::kernel::{Actor, ActorError, ActorHandle, Context, SendErrorKind};
 use crate::provider::ProviderActorRef;
 use crate::provider::breaker::BreakerState;
 use crate::registry::{MemberEntry, Registry, RegistryMsg};
 use crate::session::SessionStats;
-use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle};
+use crate::supervisor::{ChildPolicy, ChildSpec, SupervisorHandle, SupervisorMsg};
 
 /// Largest membership datagram (fits a QUIC datagram on any path with the minimum MTU).
 pub const MAX_PACKET_BYTES: usize = 1150;
@@ -230,6 +231,26 @@ impl RelayPorts {
     }
 }
 
+impl RelayPorts {
+    /// The membership forgot `node`: its PeerActor is stopped and forgotten. The stop is queued
+    /// in the supervisor's mailbox now, ahead of the start of another one should the node come
+    /// back (that start is sent later, from a task), so the two cannot cross.
+    fn forget(&self, node: &NodeId) {
+        if self.peers.remove(node).is_none() {
+            return;
+        }
+        let (reply, _ignored) = ractor::concurrency::oneshot();
+        let stop = SupervisorMsg::TerminateChild {
+            name: format!("peer-{node}"),
+            reply: reply.into(),
+        };
+        if self.supervisor.cast(stop).is_err() {
+            // Stopped for good: so are its children.
+            tracing::debug!(peer = %node, "no supervisor to stop the relay PeerActor");
+        }
+    }
+}
+
 /// Messages of the MembershipActor.
 pub enum MembershipMsg {
     /// A datagram from `from` (named by its certificate).
@@ -295,6 +316,8 @@ pub struct MembershipState {
     swim: Swim,
     runtime: AccumulatingRuntime<NodeIdentity>,
     meta_updates: std::sync::mpsc::Receiver<NodeMeta>,
+    /// Tells the metadata handler inside foca which nodes were forgotten.
+    meta_forget: std::sync::mpsc::Sender<NodeId>,
     identity: NodeIdentity,
     active: bool,
     leaving: bool,
@@ -311,7 +334,14 @@ pub struct MembershipState {
     /// Seeds that turned out to be this node (its own address in another form): not dialed
     /// again, which would only be refused as this node on both ends, at every tick.
     own_seeds: HashSet<SocketAddr>,
+    /// When new members were last refused in a log line ([`MAX_MEMBERS`]), and how many were
+    /// refused since: one line a minute at most, however long a flood lasts.
+    members_refused_logged: Option<tokio::time::Instant>,
+    members_refused_unlogged: usize,
 }
+
+/// How often at most the refusal of new members past [`MAX_MEMBERS`] is logged.
+const MEMBERS_REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The MembershipActor.
 pub struct MembershipActor;
@@ -394,6 +424,15 @@ impl MembershipState {
                     newest.insert(identity.node.clone(), (identity, state));
                 }
             }
+        }
+        let forgotten: Vec<NodeId> = self
+            .seen
+            .keys()
+            .filter(|node| !newest.contains_key(*node))
+            .cloned()
+            .collect();
+        for node in &forgotten {
+            self.forget(node);
         }
         let mut joined = false;
         for (node, (identity, state)) in newest {
@@ -562,6 +601,50 @@ impl MembershipState {
         );
     }
 
+    /// `from` told of members past [`MAX_MEMBERS`]: counted by the transport, logged once a
+    /// minute at most.
+    fn members_refused(&mut self, from: &NodeId, refused: &[NodeId]) {
+        self.args.transport.members_refused(from, refused.len());
+        self.members_refused_unlogged += refused.len();
+        let now = tokio::time::Instant::now();
+        if self
+            .members_refused_logged
+            .is_some_and(|at| now.duration_since(at) < MEMBERS_REFUSED_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            peer = %from,
+            refused = self.members_refused_unlogged,
+            example = ?refused.first(),
+            max = MAX_MEMBERS,
+            "new members refused: this node tracks as many members as it may (down ones count \
+             until they are forgotten, a day after they went down); a cluster this large is not \
+             supported, or a member gossips made-up nodes"
+        );
+        self.members_refused_logged = Some(now);
+        self.members_refused_unlogged = 0;
+    }
+
+    /// foca forgot `node` (down for its `remove_down_after`): so does everything kept for it
+    /// here, in the registry, in the relay and in the transport, so that member ids that come
+    /// and go (or were made up) leave nothing behind.
+    fn forget(&mut self, node: &NodeId) {
+        tracing::debug!(member = %node, "member forgotten: down for foca's remove_down_after");
+        self.seen.remove(node);
+        self.metas.remove(node);
+        self.left.remove(node);
+        // The receiver lives in foca, as long as this state.
+        let _ = self.meta_forget.send(node.clone());
+        self.args
+            .registry
+            .update(RegistryMsg::MemberDown(node.clone()));
+        if let Some(relay) = &self.args.relay {
+            relay.forget(node);
+        }
+        self.args.transport.forget(node);
+    }
+
     fn register(&self, seen: &Seen) {
         let meta = self
             .metas
@@ -722,7 +805,22 @@ impl Actor for MembershipActor {
         // incarnation.
         let identity = NodeIdentity::fresh(args.node.clone(), args.addr, args.generation.highest());
         args.generation.take(identity.generation);
-        let (handler, meta_updates) = MetaHandler::new(args.codec.clone());
+        let ahead = Duration::from_micros(
+            identity
+                .generation
+                .saturating_sub(Timestamp::now().as_micros()),
+        );
+        if ahead > MAX_GENERATION_LEAD {
+            tracing::warn!(
+                node = %identity,
+                ahead_hours = ahead.as_secs() / 3600,
+                "this node's generation is more than a day ahead of its clock (it is one more \
+                 than the highest an earlier run kept, in <data_dir>/cluster/generation, whose \
+                 clock was ahead); peers refuse such generations: set the clock right, or \
+                 remove that file if the clock is right now"
+            );
+        }
+        let (handler, meta) = MetaHandler::new(args.codec.clone());
         let config = args.profile.foca_config();
         let suspect_timeout = config.suspect_to_down_after;
         let swim = Foca::with_custom_broadcast(
@@ -743,7 +841,8 @@ impl Actor for MembershipActor {
             args,
             swim,
             runtime: AccumulatingRuntime::new(),
-            meta_updates,
+            meta_updates: meta.updates,
+            meta_forget: meta.forget,
             identity,
             active: false,
             leaving: false,
@@ -756,6 +855,8 @@ impl Actor for MembershipActor {
             suspected_since: HashMap::new(),
             suspect_timeout,
             own_seeds: HashSet::new(),
+            members_refused_logged: None,
+            members_refused_unlogged: 0,
         };
         state.inherit();
         Ok(state)
@@ -780,23 +881,49 @@ impl Actor for MembershipActor {
                     );
                     return Ok(());
                 }
-                match state.args.codec.decode_header(&bytes) {
-                    Ok((header, _)) if header.src.node != from => {
-                        reject(
-                            WireFault::SpoofedDatagram,
-                            format!(
-                                "the header names node {} but the certificate names {from}",
-                                header.src.node
-                            ),
+                let screen = Screen {
+                    codec: state.args.codec.as_ref(),
+                    me: &state.identity.node,
+                    now_micros: Timestamp::now().as_micros(),
+                    tracked: state.swim.iter_membership_state().len(),
+                    max_members: MAX_MEMBERS,
+                };
+                let seen = &state.seen;
+                let bytes = match screen.check(&from, &bytes, |node| seen.contains_key(node)) {
+                    Verdict::Fault(fault, detail) => {
+                        reject(fault, detail);
+                        return Ok(());
+                    }
+                    Verdict::SenderRefused { refused } => {
+                        state.members_refused(&from, &refused);
+                        return Ok(());
+                    }
+                    Verdict::UnknownTarget { about } => {
+                        tracing::debug!(
+                            peer = %from,
+                            %about,
+                            "an indirect probe about a node that is not a member here; ignored"
                         );
                         return Ok(());
                     }
-                    Ok(_) => {}
-                    Err(error) => {
-                        reject(WireFault::MalformedDatagram, error.to_string());
-                        return Ok(());
+                    Verdict::Pass {
+                        bytes,
+                        refused,
+                        unknown_meta,
+                    } => {
+                        if !refused.is_empty() {
+                            state.members_refused(&from, &refused);
+                        }
+                        if !unknown_meta.is_empty() {
+                            tracing::debug!(
+                                peer = %from,
+                                nodes = ?unknown_meta,
+                                "metadata of nodes that are not members left out"
+                            );
+                        }
+                        bytes
                     }
-                }
+                };
                 if state.leaving {
                     return Ok(());
                 }

@@ -67,9 +67,11 @@ impl NodeLoad {
         self.running < self.max_concurrent || self.queued < self.queue_capacity
     }
 
-    /// Work per slot: `(running + queued) / max_concurrent`; lower is less loaded.
+    /// Work per slot: `(running + queued) / max_concurrent`; lower is less loaded. Summed as
+    /// `f64`: the counters come from peers' gossip, and a `u32` sum of two large ones would
+    /// panic in a debug build, or wrap to a small ratio that always wins placement.
     pub fn ratio(&self) -> f64 {
-        f64::from(self.running + self.queued) / f64::from(self.max_concurrent.max(1))
+        (f64::from(self.running) + f64::from(self.queued)) / f64::from(self.max_concurrent.max(1))
     }
 }
 
@@ -185,25 +187,39 @@ pub enum MetaError {
 }
 
 /// Receives metadata broadcasts inside foca: keeps the newest version per node and hands new
-/// ones to the membership actor through a channel the actor drains after every input.
+/// ones to the membership actor through a channel the actor drains after every input. The
+/// actor tells it, through another channel, which nodes it forgot, so that `newest` holds only
+/// members (the actor's screen lets metadata of members only reach foca).
 pub(crate) struct MetaHandler {
     codec: std::sync::Arc<dyn MembershipCodec>,
     newest: HashMap<NodeId, (u64, u64)>,
     updates: mpsc::Sender<NodeMeta>,
+    forgotten: mpsc::Receiver<NodeId>,
+}
+
+/// The membership actor's ends of a [`MetaHandler`]'s channels.
+pub(crate) struct MetaChannels {
+    /// New metadata, to drain after every input.
+    pub(crate) updates: mpsc::Receiver<NodeMeta>,
+    /// Nodes the membership forgot.
+    pub(crate) forget: mpsc::Sender<NodeId>,
 }
 
 impl MetaHandler {
-    pub(crate) fn new(
-        codec: std::sync::Arc<dyn MembershipCodec>,
-    ) -> (Self, mpsc::Receiver<NodeMeta>) {
+    pub(crate) fn new(codec: std::sync::Arc<dyn MembershipCodec>) -> (Self, MetaChannels) {
         let (updates, receiver) = mpsc::channel();
+        let (forget, forgotten) = mpsc::channel();
         (
             Self {
                 codec,
                 newest: HashMap::new(),
                 updates,
+                forgotten,
             },
-            receiver,
+            MetaChannels {
+                updates: receiver,
+                forget,
+            },
         )
     }
 }
@@ -219,6 +235,10 @@ impl foca::BroadcastHandler<NodeIdentity> for MetaHandler {
     ) -> Result<Option<MetaKey>, MetaError> {
         if data.len() > MAX_META_BYTES {
             return Err(MetaError::TooLarge(data.len()));
+        }
+        // Forgotten before this item, which may be of a node that came back since.
+        while let Ok(node) = self.forgotten.try_recv() {
+            self.newest.remove(&node);
         }
         let meta = self.codec.decode_meta(data)?;
         if meta.format != META_FORMAT {
@@ -257,6 +277,18 @@ mod tests {
         load.queued = 1;
         assert!(!load.has_room());
         assert_eq!(load.ratio(), 1.5);
+    }
+
+    #[test]
+    fn ratio_of_gossiped_counters_that_overflow_u32_neither_panics_nor_wraps() {
+        let load = NodeLoad {
+            running: u32::MAX,
+            queued: 1,
+            max_concurrent: 1,
+            queue_capacity: 0,
+        };
+        // Wrapped, the sum would be 0 and this node the least loaded of all.
+        assert_eq!(load.ratio(), f64::from(u32::MAX) + 1.0);
     }
 
     #[test]

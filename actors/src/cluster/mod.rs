@@ -7,6 +7,7 @@ pub mod membership;
 pub mod meta;
 pub mod peer;
 pub mod ports;
+pub(crate) mod screen;
 
 pub use identity::NodeIdentity;
 pub use membership::{
@@ -18,3 +19,4 @@ pub use meta::{
 };
 pub use peer::{BatchError, LinkReports, PeerActor, PeerMsg, RelaySource};
 pub use ports::{CodecError, DatagramTransport, MembershipCodec, WireFault};
+pub use screen::{MAX_GENERATION_LEAD, MAX_MEMBERS};

@@ -48,6 +48,13 @@ pub trait DatagramTransport: Send + Sync + 'static {
     /// close the connection to `from` when [`WireFault::closes_connection`] says so. Never
     /// blocks.
     fn reject(&self, from: &NodeId, fault: WireFault, detail: &str);
+    /// `from` told of `count` members this node did not take because it tracks as many as it
+    /// may ([`crate::cluster::MAX_MEMBERS`]): count them (the membership logs them). Never
+    /// blocks.
+    fn members_refused(&self, from: &NodeId, count: usize);
+    /// The membership forgot `node` (down for foca's `remove_down_after`): drop whatever is
+    /// kept for sending to it (a made-up node must not keep a sender for good). Never blocks.
+    fn forget(&self, node: &NodeId);
 }
 
 /// How a peer broke the cluster's wire protocol (the `reason` label of
@@ -77,11 +84,15 @@ pub enum WireFault {
     /// Node metadata in a layout this build does not read (a newer node): the metadata is
     /// ignored, the rest of the datagram is used.
     UnknownMetaFormat,
+    /// A membership datagram naming a generation (of any node, in the header, a member update
+    /// or metadata) more than [`crate::cluster::MAX_GENERATION_LEAD`] ahead of this node's
+    /// clock: the datagram is dropped.
+    FutureGeneration,
 }
 
 impl WireFault {
     /// Every fault, for metrics.
-    pub const ALL: [WireFault; 10] = [
+    pub const ALL: [WireFault; 11] = [
         WireFault::MalformedFrame,
         WireFault::OversizedFrame,
         WireFault::TruncatedFrame,
@@ -92,6 +103,7 @@ impl WireFault {
         WireFault::MalformedDatagram,
         WireFault::SpoofedDatagram,
         WireFault::UnknownMetaFormat,
+        WireFault::FutureGeneration,
     ];
 
     /// The metric label.
@@ -107,6 +119,7 @@ impl WireFault {
             WireFault::MalformedDatagram => "malformed_datagram",
             WireFault::SpoofedDatagram => "spoofed_datagram",
             WireFault::UnknownMetaFormat => "unknown_meta_format",
+            WireFault::FutureGeneration => "future_generation",
         }
     }
 
@@ -115,7 +128,9 @@ impl WireFault {
     /// to keep gossiping with; it redials). Stream faults close only their stream (the
     /// connection also carries membership and other streams, which a broken frame on one
     /// stream does not affect), and unknown metadata formats only skip the metadata, so a
-    /// newer node can still be a member.
+    /// newer node can still be a member. A generation from the future drops only its datagram:
+    /// the sender may have only passed on what a node of an older build took, or its clock
+    /// (and with it its own generation) may be wrong, which a redial does not mend.
     pub fn closes_connection(self) -> bool {
         matches!(
             self,

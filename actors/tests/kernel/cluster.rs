@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use troupe_actors::cluster::{
-    CodecError, DatagramTransport, MembershipCodec, MembershipMsg, MembershipProfile, NodeIdentity,
-    NodeMeta, WireFault,
+    CodecError, DatagramTransport, MAX_MEMBERS, MAX_PACKET_BYTES, MembershipCodec, MembershipMsg,
+    MembershipProfile, NodeIdentity, NodeMeta, WireFault,
 };
 use troupe_actors::event::{Delivery, EventData, EventFilter, KindPattern};
 use troupe_actors::ids::{ActorPath, NodeId};
@@ -79,6 +79,10 @@ struct Net {
     /// `(from, to)`: datagrams from `from` to `to` are lost.
     cut: HashSet<(NodeId, NodeId)>,
     rejected: Vec<(NodeId, NodeId, WireFault)>,
+    /// Per node: new members it refused past its cap.
+    members_refused: HashMap<NodeId, usize>,
+    /// `(node, member)`: the node's membership forgot the member.
+    forgotten: Vec<(NodeId, NodeId)>,
 }
 
 #[derive(Clone, Default)]
@@ -118,6 +122,17 @@ impl DatagramTransport for Port {
         let mut net = self.net.0.lock().unwrap();
         let me = self.me.clone();
         net.rejected.push((me, from.clone(), fault));
+    }
+
+    fn members_refused(&self, _from: &NodeId, count: usize) {
+        let mut net = self.net.0.lock().unwrap();
+        *net.members_refused.entry(self.me.clone()).or_default() += count;
+    }
+
+    fn forget(&self, node: &NodeId) {
+        let mut net = self.net.0.lock().unwrap();
+        let me = self.me.clone();
+        net.forgotten.push((me, node.clone()));
     }
 }
 
@@ -695,5 +710,227 @@ async fn garbage_datagrams_are_rejected_naming_the_sender_and_change_nothing() {
         .map(|(_, entry)| entry.control.stats().snapshot().restarts)
         .sum::<u64>();
     assert_eq!(restarts, 0, "no actor of a restarted");
+    world.shutdown().await;
+}
+
+impl World {
+    /// `about`'s identity as `at` sees it.
+    fn identity_in_view(&self, at: &str, about: &str) -> NodeIdentity {
+        let member = self.trees[at]
+            .registry
+            .tables()
+            .members()
+            .into_iter()
+            .find(|member| member.node.as_str() == about)
+            .unwrap_or_else(|| panic!("{at} does not know {about}"));
+        NodeIdentity {
+            node: member.node,
+            addr: member.addr.parse().unwrap(),
+            generation: member.generation,
+        }
+    }
+
+    /// Hands `to`'s membership a datagram from `from` as foca lays one out: a gossip header
+    /// from `from`'s identity to `to`'s (as a third node sees them), the member updates, no
+    /// metadata.
+    fn gossip(&self, from: &str, to: &str, members: &[foca::Member<NodeIdentity>]) {
+        let third = self
+            .trees
+            .keys()
+            .find(|node| **node != from && **node != to)
+            .copied();
+        // Each node's identity as another node sees it (a node does not list itself).
+        let (src, dst) = match third {
+            Some(third) => (
+                self.identity_in_view(third, from),
+                self.identity_in_view(third, to),
+            ),
+            None => (
+                self.identity_in_view(to, from),
+                self.identity_in_view(from, to),
+            ),
+        };
+        let header = foca::Header {
+            src,
+            src_incarnation: 0,
+            dst,
+            message: foca::Message::Gossip,
+        };
+        let mut packet = JsonCodec.encode_header(&header).unwrap();
+        packet.extend(u16::try_from(members.len()).unwrap().to_be_bytes());
+        for member in members {
+            packet.extend(JsonCodec.encode_member(member).unwrap());
+        }
+        assert!(packet.len() <= MAX_PACKET_BYTES, "{} bytes", packet.len());
+        self.trees[to]
+            .cluster
+            .as_ref()
+            .unwrap()
+            .1
+            .cast(MembershipMsg::Datagram {
+                from: id(from),
+                bytes: Bytes::from(packet),
+            })
+            .unwrap();
+    }
+
+    fn members_of(&self, at: &str) -> Vec<troupe_actors::registry::MemberEntry> {
+        self.trees[at].registry.tables().members()
+    }
+}
+
+/// A member gossiping `alive(b#u64::MAX)` used to make every node take that identity for b:
+/// b, whose renewals add one to its own generation, could never outbid it, so its packets were
+/// refused as an older incarnation and it was declared down for foca's remove_down_after (a
+/// day), as often as the member liked. A generation more than a day ahead of the clock is now a
+/// wire fault: the datagram is dropped and b stays as it was.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_member_gossiping_another_ones_identity_from_the_future_changes_nothing() {
+    let mut world = World::new();
+    world.run(three_joined()).await;
+    let b = world.identity_in_view("a", "b");
+    let forged = NodeIdentity {
+        generation: u64::MAX,
+        ..b.clone()
+    };
+    world.run(vec![Step::Mark]).await;
+    world.gossip("c", "a", &[foca::Member::alive(forged)]);
+    // a's verdict, whichever it is, comes without time passing. Taken, the forged identity set
+    // off a storm at one instant (a refuses b as older and tells it so, b renews by one and
+    // tries again, …), in which virtual time never moved on: look before any time passes.
+    for _ in 0..10_000 {
+        if !world.rejected().is_empty() || world.identity_in_view("a", "b") != b {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        world.identity_in_view("a", "b"),
+        b,
+        "a's view of b is unchanged"
+    );
+    assert_eq!(
+        world.rejected(),
+        [(id("a"), id("c"), WireFault::FutureGeneration)]
+    );
+    world
+        .run(vec![
+            Step::Quiet(
+                Duration::from_secs(10),
+                &["node.suspected", "node.down", "node.left", "node.joined"],
+            ),
+            Step::Converged,
+        ])
+        .await;
+    assert_eq!(world.identity_in_view("a", "b"), b, "and stays so");
+    world.shutdown().await;
+}
+
+/// A member gossiping thousands of made-up nodes used to give each a registry entry, a `seen`
+/// entry (and on a node, a relay actor and a datagram sender), never removed. A node now tracks
+/// at most MAX_MEMBERS members: the rest are left out of the packets that name them, counted,
+/// and the real members go on as before.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_flood_of_made_up_members_leaves_the_member_table_at_its_cap() {
+    let mut world = World::new();
+    world
+        .run(vec![
+            Step::Start("a", &[]),
+            Step::Start("b", &["a"]),
+            expect("a", "node.joined", "b"),
+            expect("b", "node.joined", "a"),
+            Step::Converged,
+        ])
+        .await;
+    let generation = world.identity_in_view("a", "b").generation;
+    let fakes: Vec<foca::Member<NodeIdentity>> = (0..5_000u32)
+        .map(|n| {
+            foca::Member::alive(NodeIdentity {
+                node: id(&format!("fake-{n:04}")),
+                addr: SocketAddr::from(([10, 9, (n / 250) as u8, (n % 250) as u8 + 1], 7000)),
+                generation,
+            })
+        })
+        .collect();
+    for chunk in fakes.chunks(6) {
+        world.gossip("b", "a", chunk);
+    }
+    world
+        .run(vec![Step::Quiet(Duration::from_secs(1), &[])])
+        .await;
+    let members = world.members_of("a");
+    assert!(
+        members.len() <= MAX_MEMBERS,
+        "a tracks {} members; at most {MAX_MEMBERS}",
+        members.len()
+    );
+    assert!(
+        members
+            .iter()
+            .any(|member| member.node.as_str() == "b" && member.state == "alive"),
+        "b is still a member"
+    );
+    let refused = world
+        .net
+        .0
+        .lock()
+        .unwrap()
+        .members_refused
+        .get(&id("a"))
+        .copied();
+    assert_eq!(
+        refused,
+        Some(5_000 - (MAX_MEMBERS - 1)),
+        "every made-up member past the cap is counted"
+    );
+    assert!(world.rejected().is_empty(), "{:?}", world.rejected());
+    world.run(vec![Step::Converged]).await;
+    world.shutdown().await;
+}
+
+/// A member foca forgot (down for its remove_down_after, a day) is forgotten by the rest of the
+/// node too: its registry entry and what the transport kept for it. Before, made-up or departed
+/// members stayed in the registry and kept their datagram senders for good.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_member_down_for_a_day_is_forgotten_by_the_registry_and_the_transport() {
+    let mut world = World::new();
+    world.run(three_joined()).await;
+    world
+        .run(vec![
+            Step::Mark,
+            Step::Partition(&[&["a", "b"], &["c"]]),
+            expect("a", "node.down", "c"),
+            expect("b", "node.down", "c"),
+            // foca passes the news on a bounded number of times; past that, nothing brings c
+            // back once forgotten (time jumps below, and news still on its way would).
+            Step::Quiet(Duration::from_secs(60), &[]),
+        ])
+        .await;
+    assert!(world.members_of("a").iter().any(|m| m.node.as_str() == "c"));
+    tokio::time::advance(Duration::from_secs(24 * 60 * 60 + 60)).await;
+    world
+        .run(vec![Step::Quiet(Duration::from_secs(1), &[])])
+        .await;
+    let members = world.members_of("a");
+    assert!(
+        !members.iter().any(|m| m.node.as_str() == "c"),
+        "a forgot c: {members:?}"
+    );
+    assert!(
+        members
+            .iter()
+            .any(|m| m.node.as_str() == "b" && m.state == "alive"),
+        "and kept b: {members:?}"
+    );
+    assert!(
+        world
+            .net
+            .0
+            .lock()
+            .unwrap()
+            .forgotten
+            .contains(&(id("a"), id("c"))),
+        "a's transport was told to forget c"
+    );
     world.shutdown().await;
 }
