@@ -356,6 +356,10 @@ async fn sessions_spawned_through_one_node_run_on_another_and_are_reached_throug
     let mut c = cluster_node(temp.path(), "c", a.cluster).await;
     wait_membership(&mut b_members, "node.joined", &["a", "c"]).await;
     wait_alive(&b, &["a", "c"]).await;
+    // c's first relay link to b carries new events only: it must be up before the session's
+    // events are published, or b never hears of them.
+    let mut relayed = b.events("kind=link.connected&node=c", None).await;
+    let (_, _links) = crate::support::relay_up(&c, &mut relayed).await;
 
     // Spawn through b on c.
     let response = b
@@ -377,9 +381,20 @@ async fn sessions_spawned_through_one_node_run_on_another_and_are_reached_throug
     assert_eq!(got.status(), 200);
     let got: serde_json::Value = got.json().await.unwrap();
     assert_eq!(got["node"], "c");
-    let output = b.get(&format!("/v1/sessions/{id}/output")).await;
-    assert_eq!(output.status(), 200);
-    assert!(output.text().await.unwrap().contains("hi-from-c"));
+    // The event may come before c's store has committed the line it announces (appends are
+    // batched): read until the line is there, bounded.
+    tokio::time::timeout(crate::support::PATIENCE, async {
+        loop {
+            let output = b.get(&format!("/v1/sessions/{id}/output")).await;
+            assert_eq!(output.status(), 200);
+            if output.text().await.unwrap().contains("hi-from-c") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the output line is stored on c");
 
     // A cluster-wide listing has it; a local one does not.
     let listed: serde_json::Value = b
