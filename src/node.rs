@@ -608,6 +608,19 @@ struct HandleInner {
     server: tokio::sync::Mutex<Option<Server>>,
 }
 
+/// A node for the crate's unit tests: default configuration, data in `dir/data`, no HTTP
+/// listener.
+#[cfg(test)]
+pub(crate) async fn test_node(dir: &std::path::Path) -> NodeHandle {
+    Node::builder()
+        .config(crate::config::Config::default())
+        .data_dir(dir.join("data"))
+        .without_http()
+        .start()
+        .await
+        .expect("a test node starts")
+}
+
 /// A running node. Cheap to clone.
 #[derive(Clone)]
 pub struct NodeHandle {

@@ -447,13 +447,7 @@ pub(super) mod burst {
         message: impl Fn(usize) -> String,
     ) -> ReadyBurst {
         let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::Node::builder()
-            .config(crate::config::Config::default())
-            .data_dir(dir.path().join("data"))
-            .without_http()
-            .start()
-            .await
-            .unwrap();
+        let node = crate::node::test_node(dir.path()).await;
         let core = node.core().clone();
         let session = SessionId::new("s-burst").unwrap();
         let filter = EventFilter {

@@ -1024,13 +1024,7 @@ mod tests {
     async fn concurrent_initializes_open_no_more_sessions_than_the_tokens_bound() {
         use tower::ServiceExt;
         let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::Node::builder()
-            .config(crate::config::Config::default())
-            .data_dir(dir.path().join("data"))
-            .without_http()
-            .start()
-            .await
-            .unwrap();
+        let node = crate::node::test_node(dir.path()).await;
         let token = std::fs::read_to_string(node.admin_token_path()).unwrap();
         let core = node.core().clone();
         let stop = CancellationToken::new();
@@ -1081,13 +1075,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_over_what_the_link_takes_is_an_error_for_its_request() {
         let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::Node::builder()
-            .config(crate::config::Config::default())
-            .data_dir(dir.path().join("data"))
-            .without_http()
-            .start()
-            .await
-            .unwrap();
+        let node = crate::node::test_node(dir.path()).await;
         let local = crate::auth::Principal {
             name: "stdio".into(),
             role: Role::Admin,

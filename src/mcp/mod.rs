@@ -1246,13 +1246,7 @@ mod tests {
     #[tokio::test]
     async fn a_list_sessions_answer_stays_well_below_what_the_bridge_takes() {
         let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::Node::builder()
-            .config(crate::config::Config::default())
-            .data_dir(dir.path().join("data"))
-            .without_http()
-            .start()
-            .await
-            .unwrap();
+        let node = crate::node::test_node(dir.path()).await;
         let core = node.core().clone();
         // Each record: 2 MiB as JSON, 4 MiB more in the answer's text.
         let quotes = "\"".repeat(1024 * 1024);
