@@ -303,6 +303,14 @@ async fn attach(dir: &std::path::Path, report: bool) -> anyhow::Result<Option<Fo
                     embedded: entry.embedded,
                 }));
             }
+            Err(error @ crate::mcp::stdio::BridgeError::Refused { .. }) => {
+                // The node is there and said no to this client: trying another, or starting a
+                // node on a data directory it holds, would not help.
+                return Err(anyhow::anyhow!(
+                    "node {} refused this stdio client: {error}",
+                    entry.node_id
+                ));
+            }
             Err(error) if report => {
                 tracing::warn!(node = %entry.node_id, %error, "a running node cannot be reached; trying the next node");
             }

@@ -219,6 +219,17 @@ pub enum BridgeError {
         /// What happened.
         reason: String,
     },
+    /// The node answered, and refused this client (its token holds its most links, or is not
+    /// accepted): another node would not do better, nor would starting one on its data.
+    #[error("{url} refused this client ({status}): {reason}")]
+    Refused {
+        /// The WebSocket URL.
+        url: String,
+        /// The HTTP status of the refusal.
+        status: u16,
+        /// What the node said.
+        reason: String,
+    },
     /// Writing to stdout failed.
     #[error("stdout: {0}")]
     Stdout(std::io::Error),
@@ -294,8 +305,34 @@ async fn connect(
     let (socket, _) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|error| connect_error(error.to_string()))?;
+        .map_err(|error| match error {
+            tokio_tungstenite::tungstenite::Error::Http(response)
+                if matches!(response.status().as_u16(), 401 | 403 | 429) =>
+            {
+                BridgeError::Refused {
+                    url: url.clone(),
+                    status: response.status().as_u16(),
+                    reason: refusal_reason(response.body().as_deref()),
+                }
+            }
+            other => connect_error(other.to_string()),
+        })?;
     Ok(socket)
+}
+
+/// The message of the node's error envelope (`{"error": {"code", "message"}}`), with its code;
+/// the body itself (cut) when it is not one.
+fn refusal_reason(body: Option<&[u8]>) -> String {
+    let body = body.unwrap_or_default();
+    let envelope: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    match envelope.as_ref().map(|value| &value["error"]) {
+        Some(error) if error["message"].is_string() => format!(
+            "{} ({})",
+            error["message"].as_str().unwrap_or_default(),
+            error["code"].as_str().unwrap_or("no code")
+        ),
+        _ => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+    }
 }
 
 async fn copy(
@@ -723,5 +760,52 @@ mod tests {
             1,
             "initialized belongs to the first handshake"
         );
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    /// Regression: a node that refused the bridge's upgrade (its token held its most links) was
+    /// taken for one that could not be reached: `troupe mcp` tried the next node, then to start
+    /// one on the data directory the running node held, and gave up some 15 s later with a
+    /// message about the data directory. A refusal is now an error of its own that says why.
+    #[tokio::test]
+    async fn a_node_that_refuses_the_bridge_says_why() {
+        crate::tls::install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = crate::config::Config::default();
+        config.auth.max_links_per_token = 1;
+        let node = crate::node::Node::builder()
+            .config(config)
+            .data_dir(dir.path().join("data"))
+            .listener(listener)
+            .start()
+            .await
+            .unwrap();
+        let token = std::fs::read_to_string(node.admin_token_path()).unwrap();
+        let token = token.trim();
+        let addr = node.http_addr().unwrap();
+        // The token's one link: an event stream, held open.
+        let held = reqwest::Client::new()
+            .get(format!("http://{addr}/v1/events"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(held.status(), 200);
+
+        match Bridge::connect(addr, token).await {
+            Err(BridgeError::Refused { status, reason, .. }) => {
+                assert_eq!(status, 429);
+                assert!(reason.contains("too_many_links"), "{reason}");
+            }
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(_) => panic!("the bridge was let in past the token's links"),
+        }
+        drop(held);
+        node.shutdown().await;
     }
 }
