@@ -382,19 +382,11 @@ async fn sessions_spawned_through_one_node_run_on_another_and_are_reached_throug
     let got: serde_json::Value = got.json().await.unwrap();
     assert_eq!(got["node"], "c");
     // The event may come before c's store has committed the line it announces (appends are
-    // batched): read until the line is there, bounded.
-    tokio::time::timeout(crate::support::PATIENCE, async {
-        loop {
-            let output = b.get(&format!("/v1/sessions/{id}/output")).await;
-            assert_eq!(output.status(), 200);
-            if output.text().await.unwrap().contains("hi-from-c") {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the output line is stored on c");
+    // batched): the output is followed through b until the line is there.
+    let (lines, _) = b
+        .follow_output(&id, |line| line["text"] == "hi-from-c")
+        .await;
+    assert_eq!(lines.last().unwrap()["text"], "hi-from-c");
 
     // A cluster-wide listing has it; a local one does not.
     let listed: serde_json::Value = b

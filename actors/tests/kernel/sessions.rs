@@ -609,6 +609,26 @@ impl Harness {
         data
     }
 
+    /// Waits for `id`'s `session.failed` saying its actor could not be started, and checks that
+    /// the store went `queued → starting → failed`.
+    async fn expect_failed_to_start(&mut self, id: &SessionId) {
+        match self.expect(id, "session.failed").await {
+            EventData::SessionFailed(ended) => {
+                let reason = ended.reason.unwrap();
+                assert!(reason.contains("could not be started"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            self.store.history(id),
+            [
+                SessionState::Queued,
+                SessionState::Starting,
+                SessionState::Failed
+            ]
+        );
+    }
+
     async fn running(&self, id: &SessionId) {
         let handle = loop {
             if let Some(handle) = self.sessions().shared.handle(id) {
@@ -733,21 +753,7 @@ async fn a_session_whose_actor_cannot_start_fails_and_the_queue_moves_on() {
     h.store.data.lock().unwrap().failing_gets = 1;
     let id = h.submit(command("sh")).await.unwrap().record.id;
     h.expect(&id, "session.queued").await;
-    match h.expect(&id, "session.failed").await {
-        EventData::SessionFailed(ended) => {
-            let reason = ended.reason.unwrap();
-            assert!(reason.contains("could not be started"), "{reason}");
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(
-        h.store.history(&id),
-        [
-            SessionState::Queued,
-            SessionState::Starting,
-            SessionState::Failed
-        ]
-    );
+    h.expect_failed_to_start(&id).await;
     assert_eq!(h.runner.starts(), 0, "no process ran");
     // The next session runs.
     let next = h.submit(command("sh")).await.unwrap().record.id;
@@ -2182,21 +2188,7 @@ async fn a_start_failure_whose_record_cannot_be_written_is_written_again() {
     }
     let id = h.submit(command("sh")).await.unwrap().record.id;
     h.expect(&id, "session.queued").await;
-    match h.expect(&id, "session.failed").await {
-        EventData::SessionFailed(ended) => {
-            let reason = ended.reason.unwrap();
-            assert!(reason.contains("could not be started"), "{reason}");
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(
-        h.store.history(&id),
-        [
-            SessionState::Queued,
-            SessionState::Starting,
-            SessionState::Failed
-        ]
-    );
+    h.expect_failed_to_start(&id).await;
     assert_eq!(h.store.data.lock().unwrap().failing_transitions, 0);
     assert_eq!(h.runner.starts(), 0, "no process ran");
 }
