@@ -47,6 +47,11 @@ pub(crate) struct GatewayArgs {
     /// Which answers to ask for: `whole`, `stream` or both.
     #[arg(long, value_delimiter = ',', default_value = "whole,stream")]
     modes: Vec<Mode>,
+    /// After each rate and mode, a control run of the same load in which the twin goes straight
+    /// to the fake too (A/A): its "added" columns are what the method reads as added when
+    /// nothing is, the floor under the gateway's figures on this machine.
+    #[arg(long)]
+    control: bool,
 }
 
 /// Whole answers or streams.
@@ -81,6 +86,15 @@ struct Targets {
     direct_url: String,
     gateway_url: String,
     token: String,
+}
+
+/// Where the second half of each pair goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Twin {
+    /// Through the gateway: the measurement.
+    Gateway,
+    /// Straight to the fake like the first half: the control (A/A).
+    Direct,
 }
 
 /// Runs the scenario.
@@ -169,8 +183,17 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
         "cpu/pair",
         "gen/pair"
     )?;
+    let twins: &[Twin] = if args.control {
+        &[Twin::Gateway, Twin::Direct]
+    } else {
+        &[Twin::Gateway]
+    };
     for &rps in &args.rps {
-        for &mode in &args.modes {
+        for (&mode, &twin) in args
+            .modes
+            .iter()
+            .flat_map(|mode| twins.iter().map(move |twin| (mode, twin)))
+        {
             let stream = mode == Mode::Stream;
             let secs = args.secs;
             let generator_targets = targets.clone();
@@ -185,7 +208,7 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                         .tcp_nodelay(true)
                         .build()?;
                     let warmup = Duration::from_millis(500);
-                    load(&http, &generator_targets, rps, warmup, stream).await?;
+                    load(&http, &generator_targets, rps, warmup, stream, twin).await?;
                     let before = CpuTimes::now();
                     let mut run = load(
                         &http,
@@ -193,6 +216,7 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                         rps,
                         Duration::from_secs(secs),
                         stream,
+                        twin,
                     )
                     .await?;
                     run.cpu = CpuTimes::now().since(before);
@@ -201,7 +225,12 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
             })
             .await
             .context("the load generator's thread failed")??;
-            let mode = if stream { "stream" } else { "whole" };
+            let mode = match (stream, twin) {
+                (false, Twin::Gateway) => "whole",
+                (true, Twin::Gateway) => "stream",
+                (false, Twin::Direct) => "whole*",
+                (true, Twin::Direct) => "strm*",
+            };
             if run.failed > 0 {
                 outln!(
                     "{rps:>6} {mode:>6}: {} of {} pairs failed (left out below), e.g. {:?}",
@@ -253,6 +282,13 @@ pub(super) async fn run(args: GatewayArgs) -> anyhow::Result<std::process::ExitC
                 )?;
             }
         }
+    }
+    if args.control {
+        outln!(
+            "rows marked * are control runs: both halves of each pair straight to the fake, so \
+             their 'gw' columns are a second direct request and their 'added' columns what the \
+             method reads as added when nothing is (the load is lighter: no node work)"
+        )?;
     }
     outln!("load average after the runs: {}", load_average())?;
     node.shutdown().await;
@@ -322,13 +358,15 @@ fn cpu_seconds_of(stat: &str) -> Option<f64> {
 /// exports to user space.
 const USER_HZ: f64 = 100.0;
 
-/// Sends `rps` pairs per second for `duration`, each pair on its own task.
+/// Sends `rps` pairs per second for `duration`, each pair on its own task; the second half of
+/// each pair goes where `twin` says.
 async fn load(
     http: &reqwest::Client,
     targets: &Targets,
     rps: u32,
     duration: Duration,
     stream: bool,
+    twin: Twin,
 ) -> anyhow::Result<Run> {
     let body = |model: &str| {
         json!({
@@ -355,11 +393,17 @@ async fn load(
             .post(direct_url.clone())
             .header(reqwest::header::CONTENT_TYPE, JSON)
             .body(direct_body.clone());
-        let gateway = http
-            .post(gateway_url.clone())
-            .header(reqwest::header::CONTENT_TYPE, JSON)
-            .header(reqwest::header::AUTHORIZATION, bearer.clone())
-            .body(gateway_body.clone());
+        let gateway = match twin {
+            Twin::Gateway => http
+                .post(gateway_url.clone())
+                .header(reqwest::header::CONTENT_TYPE, JSON)
+                .header(reqwest::header::AUTHORIZATION, bearer.clone())
+                .body(gateway_body.clone()),
+            Twin::Direct => http
+                .post(direct_url.clone())
+                .header(reqwest::header::CONTENT_TYPE, JSON)
+                .body(direct_body.clone()),
+        };
         tasks.push(tokio::spawn(async move {
             let (direct, gateway) = tokio::join!(timed(direct), timed(gateway));
             Ok::<_, anyhow::Error>(Pair {
