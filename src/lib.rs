@@ -29,6 +29,7 @@ pub mod process;
 pub mod provider;
 pub mod replay;
 pub mod session;
+mod sse;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

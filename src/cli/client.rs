@@ -229,6 +229,17 @@ pub(super) async fn check(response: reqwest::Response) -> anyhow::Result<reqwest
     }
 }
 
+/// The largest event the CLI reads from a node's event stream: a node's largest event (an
+/// output event of 64 KiB of text, every character escaped) with room to spare.
+const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// The server-sent events of a response's body, each of at most [`MAX_EVENT_BYTES`].
+pub(super) fn sse_events(
+    response: reqwest::Response,
+) -> impl futures::Stream<Item = Result<crate::sse::Event, crate::sse::ReadError<reqwest::Error>>> {
+    Box::pin(crate::sse::events(response.bytes_stream(), MAX_EVENT_BYTES))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

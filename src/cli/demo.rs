@@ -12,14 +12,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use troupe_actors::ids::Timestamp;
 
-use super::client::{ClientArgs, NodeClient, check};
+use super::client::{ClientArgs, NodeClient, check, sse_events};
 use super::loopback::{NodeChild, Scratch, make_certificates, node_config};
 use super::out::outln;
 use crate::config::{ClusterProfile, Config};
@@ -200,7 +199,7 @@ impl Watch {
         let watcher = node.child.name().to_owned();
         let (sender, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
-            let mut stream = response.bytes_stream().eventsource();
+            let mut stream = sse_events(response);
             while let Some(message) = stream.next().await {
                 let message = match message {
                     Ok(message) => message,

@@ -5,10 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 
-use super::client::{ClientArgs, NodeClient, check};
+use super::client::{ClientArgs, NodeClient, check, sse_events};
 use super::out::outln;
 
 /// `troupe events` options.
@@ -150,7 +149,7 @@ async fn stream_once(
         }
     })?;
     *opened = true;
-    let mut events = response.bytes_stream().eventsource();
+    let mut events = sse_events(response);
     while let Some(event) = events.next().await {
         let event = event
             .context("the event stream broke")

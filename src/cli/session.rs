@@ -19,13 +19,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use eventsource_stream::Eventsource;
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 
 use troupe_actors::session::SessionState;
 
-use super::client::{ClientArgs, NodeClient, check};
+use super::client::{ClientArgs, NodeClient, check, sse_events};
 use super::out::outln;
 
 /// `troupe session` commands.
@@ -401,7 +400,7 @@ async fn watch_state(
     let mut failures = 0;
     loop {
         let response = check(client.send(client.get(&path)).await?).await?;
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = sse_events(response);
         if shown.show(describe_state(&get_json(client, &record_path).await?)) {
             return Ok(());
         }
@@ -745,7 +744,7 @@ impl OutputFollower<'_> {
             }
         })?;
         self.opened = true;
-        let mut events = response.bytes_stream().eventsource();
+        let mut events = sse_events(response);
         while let Some(event) = events.next().await {
             let event = event
                 .context("the output stream broke")

@@ -31,7 +31,6 @@ mod anthropic;
 mod gemini;
 mod openai;
 mod sse;
-mod sse_parser;
 #[cfg(test)]
 mod tests;
 

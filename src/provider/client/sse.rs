@@ -1,5 +1,5 @@
 //! A provider's event stream as OpenAI chunks: its SSE events (read by
-//! [`sse_parser`](super::sse_parser), each capped at [`MAX_EVENT_BYTES`]) with a timeout
+//! [`crate::sse`], each capped at [`MAX_EVENT_BYTES`]) with a timeout
 //! between them, and a translator per provider kind that turns its events into
 //! `chat.completion.chunk` JSON, recognises its end marker and classifies its error events.
 //!
@@ -20,11 +20,11 @@ use serde_json::Value;
 use troupe_actors::provider::{ErrorClass, ErrorKind};
 
 use super::MAX_EVENT_BYTES;
-pub(super) use super::sse_parser::Event;
-use super::sse_parser::{SseParser, TooLong};
 use super::{anthropic, gemini, openai};
 use crate::provider::ProviderKind;
 use crate::provider::classify::{TransportFailure, classify_transport};
+pub(super) use crate::sse::Event;
+use crate::sse::{SseParser, TooLong};
 
 /// Chunks without content held back before a stream counts as begun, at most: past them it
 /// begins anyway.

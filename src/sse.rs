@@ -1,6 +1,7 @@
-//! The server-sent events format (WHATWG HTML, "interpreting an event stream") read from a
-//! provider's body: lines, fields, events. It only parses; what an event means is the
-//! translators' business ([`sse`](super::sse)).
+//! The server-sent events format (WHATWG HTML, "interpreting an event stream") read from an HTTP
+//! body: lines, fields, events. It only parses; what an event means is its reader's business (a
+//! provider's translators in [`provider::client`](crate::provider::client), the CLI's event
+//! printers). [`events`] reads a whole body as a stream of events.
 //!
 //! It is linear by construction, however the body is split: the search for a line end resumes
 //! where the last one stopped, a line is consumed by moving a cursor, and the bytes kept for an
@@ -10,21 +11,26 @@
 //! piece, or a long line in many small pieces, cost time quadratic in its size inside one poll.)
 //! An event, the line being received included, is capped at the parser's cap.
 
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use memchr::{memchr, memchr2};
 
 /// An event the stream dispatched (ended by a blank line, with at least one `data` line).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Event {
+pub(crate) struct Event {
     /// Its `event` field, `message` when it had none.
-    pub(super) event: String,
+    pub(crate) event: String,
     /// Its `data` lines, joined with `\n`.
-    pub(super) data: String,
+    pub(crate) data: String,
+    /// The stream's last event id when it was dispatched: the last `id` field so far, this
+    /// event's or an earlier one's (empty when none was given or an empty one reset it).
+    pub(crate) id: String,
 }
 
 /// The event being received passed the parser's cap (counted from the blank line that ended
 /// the previous one, line endings included): the stream cannot be read further.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct TooLong;
+pub(crate) struct TooLong;
 
 /// A buffer this large left empty is given back rather than kept for the next pieces.
 const KEEP_CAPACITY: usize = 1 << 20;
@@ -36,7 +42,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// [`next_event`](Self::next_event) until it has none. The end of the body needs no call: an
 /// event not ended by its blank line is not dispatched, as the format says.
 #[derive(Debug)]
-pub(super) struct SseParser {
+pub(crate) struct SseParser {
     /// What was received; `buf[start..]` is not consumed yet and begins at a line's start.
     buf: Vec<u8>,
     start: usize,
@@ -52,6 +58,8 @@ pub(super) struct SseParser {
     kind: String,
     /// The event's `data` lines so far, each followed by `\n`.
     data: String,
+    /// The last event id buffer: kept from one event to the next.
+    last_id: String,
     /// Largest event, in bytes.
     cap: usize,
     /// What the parser did, for the tests of its linearity.
@@ -62,16 +70,16 @@ pub(super) struct SseParser {
 /// The work a parser did, counted in bytes.
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Work {
+pub(crate) struct Work {
     /// Bytes searched for a line end.
-    pub(super) searched: usize,
+    pub(crate) searched: usize,
     /// Bytes moved inside the buffer (to its front, or by a reallocation at most).
-    pub(super) moved: usize,
+    pub(crate) moved: usize,
 }
 
 impl SseParser {
     /// A parser whose events may take up to `cap` bytes.
-    pub(super) fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self {
             buf: Vec::new(),
             start: 0,
@@ -81,6 +89,7 @@ impl SseParser {
             event_bytes: 0,
             kind: String::new(),
             data: String::new(),
+            last_id: String::new(),
             cap,
             #[cfg(test)]
             work: Work::default(),
@@ -89,7 +98,7 @@ impl SseParser {
 
     /// Adds a piece of the body. Call [`next_event`](Self::next_event) until it returns none
     /// before the next piece: what is kept is then an unfinished line alone.
-    pub(super) fn push(&mut self, piece: &[u8]) {
+    pub(crate) fn push(&mut self, piece: &[u8]) {
         let kept = self.buf.len() - self.start;
         // Moving what is kept only once the consumed bytes before it are at least as many pays
         // for each move with bytes that are not moved again: linear in all.
@@ -112,7 +121,7 @@ impl SseParser {
 
     /// The next event the pieces so far complete, if any; [`TooLong`] once the event being
     /// received (its unfinished line included) passes the cap.
-    pub(super) fn next_event(&mut self) -> Result<Option<Event>, TooLong> {
+    pub(crate) fn next_event(&mut self) -> Result<Option<Event>, TooLong> {
         loop {
             let pending = &self.buf[self.start..];
             if !self.bom_checked {
@@ -160,7 +169,12 @@ impl SseParser {
             if self.event_bytes > self.cap {
                 return Err(TooLong);
             }
-            take_field(&self.buf[line], &mut self.kind, &mut self.data);
+            take_field(
+                &self.buf[line],
+                &mut self.kind,
+                &mut self.data,
+                &mut self.last_id,
+            );
         }
     }
 
@@ -179,11 +193,12 @@ impl SseParser {
                 kind
             },
             data,
+            id: self.last_id.clone(),
         })
     }
 
     #[cfg(test)]
-    pub(super) fn work(&self) -> Work {
+    pub(crate) fn work(&self) -> Work {
         self.work
     }
 
@@ -202,10 +217,48 @@ impl SseParser {
     }
 }
 
+/// What ended a body's events before its end.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError<E> {
+    /// Reading the body failed.
+    #[error("{0}")]
+    Body(E),
+    /// An event passed the reader's cap.
+    #[error("an event of the stream is over {cap} bytes")]
+    TooLong {
+        /// The cap.
+        cap: usize,
+    },
+}
+
+/// The events of `body`, each of at most `cap` bytes. The stream ends with the body (an event
+/// its blank line did not end is not dispatched) or with the first error, after which it gives
+/// nothing more.
+pub(crate) fn events<S, E>(body: S, cap: usize) -> impl Stream<Item = Result<Event, ReadError<E>>>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let state = Some((body, SseParser::new(cap)));
+    futures::stream::unfold(state, move |state| async move {
+        let (mut body, mut parser) = state?;
+        loop {
+            match parser.next_event() {
+                Ok(Some(event)) => return Some((Ok(event), Some((body, parser)))),
+                Ok(None) => {}
+                Err(TooLong) => return Some((Err(ReadError::TooLong { cap }), None)),
+            }
+            match body.next().await? {
+                Ok(piece) => parser.push(&piece),
+                Err(error) => return Some((Err(ReadError::Body(error)), None)),
+            }
+        }
+    })
+}
+
 /// One line that is neither blank nor the end of anything: a comment (`:` first), or a field
 /// `name: value` (one space after the colon is not part of the value; a line without a colon is
 /// a name with an empty value). Text that is not UTF-8 is read with replacement characters.
-fn take_field(line: &[u8], kind: &mut String, data: &mut String) {
+fn take_field(line: &[u8], kind: &mut String, data: &mut String, last_id: &mut String) {
     let (name, value) = match memchr(b':', line) {
         Some(0) => return,
         Some(colon) => {
@@ -220,8 +273,12 @@ fn take_field(line: &[u8], kind: &mut String, data: &mut String) {
             data.push('\n');
         }
         b"event" => *kind = String::from_utf8_lossy(value).into_owned(),
-        // `id` and `retry` serve a reconnecting client, and a provider call never reconnects
-        // (a broken stream is a failed attempt); other names are ignored, as the format says.
+        // An id holding NUL is ignored, as the format says.
+        b"id" if memchr(0, value).is_none() => {
+            *last_id = String::from_utf8_lossy(value).into_owned()
+        }
+        // `retry` is a reconnection delay, which no reader here takes from the server; other
+        // names are ignored, as the format says.
         _ => {}
     }
 }
@@ -254,6 +311,14 @@ mod tests {
         Event {
             event: kind.to_owned(),
             data: data.to_owned(),
+            id: String::new(),
+        }
+    }
+
+    fn with_id(event: Event, id: &str) -> Event {
+        Event {
+            id: id.to_owned(),
+            ..event
         }
     }
 
@@ -350,7 +415,18 @@ mod tests {
             // Comments, `id`, `retry` and unknown fields are not data; an event type is kept.
             (
                 &[b": keep-alive\nid: 7\nretry: 10\nfoo: bar\nevent: delta\ndata: d\n\n"],
-                &[event("delta", "d")],
+                &[with_id(event("delta", "d"), "7")],
+            ),
+            // The last id carries over to events without one; an empty one resets it; one
+            // holding NUL is ignored; an event without data still sets it.
+            (
+                &[b"id: a\ndata: 1\n\ndata: 2\n\nid\ndata: 3\n\nid: b\n\nid: c\0\ndata: 4\n\n"],
+                &[
+                    with_id(event("message", "1"), "a"),
+                    with_id(event("message", "2"), "a"),
+                    event("message", "3"),
+                    with_id(event("message", "4"), "b"),
+                ],
             ),
             // An event without data is not dispatched, and its type does not carry over.
             (
@@ -378,6 +454,45 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_body_reads_as_events_until_its_end_or_its_first_error() {
+        let pieces = |items: Vec<Result<&'static [u8], &'static str>>| {
+            futures::stream::iter(items.into_iter().map(|item| item.map(Bytes::from_static)))
+        };
+        let read = |items, cap| async move {
+            events(pieces(items), cap)
+                .map(|item| item.map_err(|error| error.to_string()))
+                .collect::<Vec<_>>()
+                .await
+        };
+        assert_eq!(
+            read(
+                vec![Ok(b"id: 1\ndata: a"), Ok(b"\n\ndata: b\n\ndata: c")],
+                64
+            )
+            .await,
+            vec![
+                Ok(with_id(event("message", "a"), "1")),
+                Ok(with_id(event("message", "b"), "1"))
+            ],
+        );
+        assert_eq!(
+            read(
+                vec![Ok(b"data: a\n\n"), Err("reset"), Ok(b"data: b\n\n")],
+                64
+            )
+            .await,
+            vec![Ok(event("message", "a")), Err("reset".to_owned())],
+        );
+        assert_eq!(
+            read(vec![Ok(b"data: a\n\ndata: 0123456789"), Ok(b"\n\n")], 12).await,
+            vec![
+                Ok(event("message", "a")),
+                Err("an event of the stream is over 12 bytes".to_owned())
+            ],
+        );
+    }
+
     /// The events eventsource-stream 0.2.3 reads from `pieces`. (It waits for the byte after a
     /// CR before it takes the CR as a line end, so a body whose last byte is a CR differs; and it
     /// panics on a byte order mark, slicing inside it.)
@@ -389,6 +504,7 @@ mod tests {
                 Event {
                     event: event.event,
                     data: event.data,
+                    id: event.id,
                 }
             })
             .collect()
@@ -402,6 +518,7 @@ mod tests {
             "event: message_start\r\ndata: {}\r\n\r\n: ping\r\n\r\nevent: message_stop\rdata: s\r\r\n",
             "data: é😀\n\nid: 1\nretry: 5\ndata\n\ndata:  two\ndata:\n\nevent: x\n\n",
             "data: [DONE]\n\ndata: tail without its blank line\n",
+            "id: 1\ndata: a\n\ndata: b\n\nid:\ndata: c\n\nid: 2\n\ndata: d\n\n",
         ];
         for body in bodies {
             let bytes = body.as_bytes();
