@@ -233,16 +233,101 @@ pub(super) async fn check(response: reqwest::Response) -> anyhow::Result<reqwest
 /// output event of 64 KiB of text, every character escaped) with room to spare.
 const MAX_EVENT_BYTES: usize = 4 << 20;
 
-/// The server-sent events of a response's body, each of at most [`MAX_EVENT_BYTES`].
+/// How long a followed stream may stay silent before the CLI takes it for broken (and its
+/// command reconnects, resuming where it stopped): four of the node's heartbeats (one every
+/// 15 s), so a node that stopped, or a network that drops packets without a word, is noticed.
+const STREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// The server-sent events of a response's body, each of at most [`MAX_EVENT_BYTES`]; a body
+/// silent for [`STREAM_IDLE`] (or `--request-timeout`, when longer) ends with an error.
 pub(super) fn sse_events(
+    client: &NodeClient,
     response: reqwest::Response,
-) -> impl futures::Stream<Item = Result<crate::sse::Event, crate::sse::ReadError<reqwest::Error>>> {
-    Box::pin(crate::sse::events(response.bytes_stream(), MAX_EVENT_BYTES))
+) -> impl futures::Stream<Item = Result<crate::sse::Event, crate::sse::ReadError<anyhow::Error>>>
++ Unpin
++ use<> {
+    let idle = STREAM_IDLE.max(client.timeout);
+    Box::pin(crate::sse::events(
+        until_idle(response.bytes_stream(), idle),
+        MAX_EVENT_BYTES,
+    ))
+}
+
+/// The pieces of `body`, ended by an error once none came for `idle`.
+fn until_idle<S, E>(
+    body: S,
+    idle: Duration,
+) -> impl futures::Stream<Item = anyhow::Result<bytes::Bytes>> + Unpin
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    E: Into<anyhow::Error>,
+{
+    use futures::StreamExt as _;
+    Box::pin(futures::stream::unfold(
+        Some(Box::pin(body)),
+        move |body| async move {
+            let mut body = body?;
+            match tokio::time::timeout(idle, body.next()).await {
+                Ok(Some(piece)) => Some((piece.map_err(Into::into), Some(body))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(anyhow::anyhow!(
+                        "nothing came from the node for {} s, not even its heartbeat; \
+                         taking the stream for broken",
+                        idle.as_secs()
+                    )),
+                    None,
+                )),
+            }
+        },
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_silent_for_the_idle_time_ends_with_an_error() {
+        let started = tokio::time::Instant::now();
+        let pieces = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"data: a\n\n",
+        ))])
+        .chain(futures::stream::pending());
+        let mut body = until_idle(pieces, Duration::from_secs(60));
+        assert_eq!(
+            body.next().await.unwrap().unwrap(),
+            &b"data: a\n\n"[..],
+            "what came is passed on"
+        );
+        let error = body.next().await.unwrap().unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("nothing came from the node for 60 s"),
+            "{error}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+        assert!(body.next().await.is_none(), "nothing after the error");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_piece_restarts_the_idle_time() {
+        let started = tokio::time::Instant::now();
+        let pieces = futures::stream::unfold(0, |sent| async move {
+            (sent < 3).then_some(())?;
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(b": heartbeat\n\n")),
+                sent + 1,
+            ))
+        });
+        let got: Vec<_> = until_idle(pieces, Duration::from_secs(60)).collect().await;
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(Result::is_ok), "{got:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(150));
+    }
 
     #[test]
     fn a_node_address_without_a_scheme_is_taken_as_http_and_nonsense_is_refused() {

@@ -198,8 +198,8 @@ impl Watch {
         let response = check(response).await?;
         let watcher = node.child.name().to_owned();
         let (sender, events) = mpsc::unbounded_channel();
+        let mut stream = sse_events(&node.client, response);
         let task = tokio::spawn(async move {
-            let mut stream = sse_events(response);
             while let Some(message) = stream.next().await {
                 let message = match message {
                     Ok(message) => message,

@@ -149,7 +149,7 @@ async fn stream_once(
         }
     })?;
     *opened = true;
-    let mut events = sse_events(response);
+    let mut events = sse_events(client, response);
     while let Some(event) = events.next().await {
         let event = event
             .context("the event stream broke")

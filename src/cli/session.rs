@@ -400,7 +400,7 @@ async fn watch_state(
     let mut failures = 0;
     loop {
         let response = check(client.send(client.get(&path)).await?).await?;
-        let mut events = sse_events(response);
+        let mut events = sse_events(client, response);
         if shown.show(describe_state(&get_json(client, &record_path).await?)) {
             return Ok(());
         }
@@ -744,7 +744,7 @@ impl OutputFollower<'_> {
             }
         })?;
         self.opened = true;
-        let mut events = sse_events(response);
+        let mut events = sse_events(client, response);
         while let Some(event) = events.next().await {
             let event = event
                 .context("the output stream broke")
