@@ -67,7 +67,9 @@ struct SpawnOptions {
     /// Priority, 0 (lowest) to 9.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
     priority: Option<u8>,
-    /// Working directory (inside the node's workspace roots).
+    /// Working directory, on the node: relative to its first workspace root (by default the
+    /// directory the node was started in, not this command's), or absolute; inside the node's
+    /// workspace roots either way.
     #[arg(long)]
     workdir: Option<String>,
     /// Idempotency key: spawning again with the same key returns the same session.
@@ -118,7 +120,7 @@ pub(super) struct AiderArgs {
     /// Let Aider use git.
     #[arg(long)]
     git: bool,
-    /// Files to edit, relative to the working directory.
+    /// Files to edit, relative to the session's working directory (`--workdir`, on the node).
     files: Vec<String>,
 }
 
