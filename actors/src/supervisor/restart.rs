@@ -10,7 +10,8 @@
 //!   `max_restarts` restarts in all (a zero window never turns the intensity off).
 //! - Backoff: per child, exponential from `min` doubling to `max`, with "equal jitter" (a delay
 //!   drawn from the upper half of the current step, never below `min`). A child that ran a whole
-//!   window without failing starts again from `min` (never, with a zero window). A zero `min`
+//!   window without failing (counted from its restart, not from its failure: waiting out a
+//!   delay is not running) starts again from `min` (never, with a zero window). A zero `min`
 //!   with a `max` above zero doubles from 1 ms, so the delay still grows.
 
 use std::collections::VecDeque;
@@ -90,6 +91,10 @@ pub struct ChildRestarts {
     pub consecutive: u32,
     /// When it last failed.
     pub last_failure: Option<Instant>,
+    /// When the instance after its last failure was due to start: the failure plus the
+    /// backoff's delay. A quiet window is counted from here, so waiting out a delay is not
+    /// running without failing.
+    pub restarted_at: Option<Instant>,
     /// Restarts over the child's whole life.
     pub total: u64,
 }
@@ -147,13 +152,15 @@ impl RestartTracker {
         if restarts_in_window > self.intensity.max_restarts {
             return RestartDecision::Escalate { restarts_in_window };
         }
-        let quiet = child.last_failure.is_none_or(|last| {
-            self.forgets() && now.saturating_duration_since(last) >= self.intensity.window
+        let quiet = child.restarted_at.is_none_or(|started| {
+            self.forgets() && now.saturating_duration_since(started) >= self.intensity.window
         });
         child.consecutive = if quiet { 1 } else { child.consecutive + 1 };
         child.last_failure = Some(now);
+        let delay = self.backoff.delay(child.consecutive, jitter);
+        child.restarted_at = Some(now.checked_add(delay).unwrap_or(now));
         RestartDecision::Restart {
-            delay: self.backoff.delay(child.consecutive, jitter),
+            delay,
             restarts_in_window,
         }
     }
@@ -400,12 +407,39 @@ mod tests {
             delay_of(book.on_failure(&mut other, t0 + MS * 60, 1.0)),
             MS * 10
         );
-        // a full quiet window later the flaky child starts from min again
+        // a window after its last restart (at t0 + 90 ms) the flaky child starts from min
+        // again; a moment before, it had not run that long
+        let mut early = flaky.clone();
         assert_eq!(
-            delay_of(book.on_failure(&mut flaky, t0 + MS * 1050, 1.0)),
+            delay_of(book.clone().on_failure(&mut early, t0 + MS * 1089, 1.0)),
+            MS * 80
+        );
+        assert_eq!(
+            delay_of(book.on_failure(&mut flaky, t0 + MS * 1090, 1.0)),
             MS * 10
         );
         assert_eq!(flaky.consecutive, 1);
+    }
+
+    #[test]
+    fn waiting_out_a_delay_as_long_as_the_window_is_not_a_quiet_window() {
+        // A child that fails as soon as it starts, with a window shorter than the largest
+        // delay: once the delay reached the window, the wait alone counted as a quiet window
+        // and the delay fell back to min (10, 20, … 640, 10, 20, …), in bursts that never
+        // reached max nor the intensity.
+        let mut book = tracker(1_000, 1_000, 10, 5_000);
+        let mut child = ChildRestarts::default();
+        let mut now = Instant::now();
+        let mut delays = Vec::new();
+        for _ in 0..12 {
+            let delay = delay_of(book.on_failure(&mut child, now, 1.0));
+            delays.push(delay.as_millis());
+            now += delay;
+        }
+        assert_eq!(
+            delays,
+            [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5000, 5000, 5000]
+        );
     }
 
     #[test]
