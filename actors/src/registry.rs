@@ -151,9 +151,54 @@ pub struct RegistryArgs {
 /// The RegistryActor.
 pub struct RegistryActor;
 
+/// A registry instance's state: what it was given, and the links it was told were down before
+/// it heard they were up.
+pub struct RegistryState {
+    args: RegistryArgs,
+    gone_early: GoneEarly,
+}
+
+/// Links whose `LinkDown` came before their `LinkUp`, the most recent [`GONE_EARLY`] of them.
+///
+/// A link's `LinkUp` taken by an instance that then failed is redelivered to the next one, and
+/// may reach it after the link's `LinkDown` (sent later, by a link that ended quickly; see
+/// ARCHITECTURE.md on redelivery): without this the late `LinkUp` would list a link that is
+/// gone, for as long as the node runs. Link ids are never reused, so an id seen here is gone.
+#[derive(Debug, Default)]
+struct GoneEarly {
+    order: std::collections::VecDeque<LinkId>,
+    ids: std::collections::HashSet<LinkId>,
+}
+
+/// How many early `LinkDown`s a registry instance remembers.
+const GONE_EARLY: usize = 1024;
+
+impl GoneEarly {
+    fn insert(&mut self, link: LinkId) {
+        if !self.ids.insert(link.clone()) {
+            return;
+        }
+        self.order.push_back(link);
+        if self.order.len() > GONE_EARLY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+    }
+
+    /// Whether `link` went down before this `LinkUp`; it is forgotten either way.
+    fn take(&mut self, link: &LinkId) -> bool {
+        if !self.ids.remove(link) {
+            return false;
+        }
+        self.order.retain(|gone| gone != link);
+        true
+    }
+}
+
 impl Actor for RegistryActor {
     type Msg = RegistryMsg;
-    type State = RegistryArgs;
+    type State = RegistryState;
     type Arguments = RegistryArgs;
 
     async fn pre_start(
@@ -161,7 +206,10 @@ impl Actor for RegistryActor {
         _ctx: &Context<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorError> {
-        Ok(args)
+        Ok(RegistryState {
+            args,
+            gone_early: GoneEarly::default(),
+        })
     }
 
     async fn handle(
@@ -170,10 +218,14 @@ impl Actor for RegistryActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorError> {
-        let tables = &state.tables;
+        let RegistryState { args, gone_early } = state;
+        let tables = &args.tables;
         match message {
             RegistryMsg::LinkUp(info) => {
-                state.events.publish(
+                if gone_early.take(&info.id) {
+                    return Ok(());
+                }
+                args.events.publish(
                     None,
                     EventData::LinkConnected(LinkConnected {
                         link: info.id.clone(),
@@ -188,18 +240,17 @@ impl Actor for RegistryActor {
                     info.filter = filter;
                 }
             }
-            RegistryMsg::LinkDown { link, reason } => {
-                if let Some((_, info)) = tables.links.remove(&link) {
-                    state.events.publish(
-                        None,
-                        EventData::LinkDisconnected(LinkDisconnected {
-                            link,
-                            transport: info.transport,
-                            reason,
-                        }),
-                    );
-                }
-            }
+            RegistryMsg::LinkDown { link, reason } => match tables.links.remove(&link) {
+                Some((_, info)) => args.events.publish(
+                    None,
+                    EventData::LinkDisconnected(LinkDisconnected {
+                        link,
+                        transport: info.transport,
+                        reason,
+                    }),
+                ),
+                None => gone_early.insert(link),
+            },
             RegistryMsg::SessionUp(entry) => {
                 tables.sessions.insert(entry.id.clone(), entry);
             }
@@ -246,5 +297,29 @@ impl Registry {
     /// Sends an update; returns false if the registry has stopped for good.
     pub fn update(&self, message: RegistryMsg) -> bool {
         self.handle.cast(message).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(n: usize) -> LinkId {
+        LinkId::new(format!("l-{n}")).unwrap()
+    }
+
+    #[test]
+    fn early_link_downs_are_remembered_up_to_the_bound_and_each_taken_once() {
+        let mut gone = GoneEarly::default();
+        for n in 0..GONE_EARLY + 10 {
+            gone.insert(link(n));
+        }
+        gone.insert(link(GONE_EARLY + 9)); // a repeat takes no room
+        assert_eq!(gone.order.len(), GONE_EARLY);
+        assert_eq!(gone.ids.len(), GONE_EARLY);
+        assert!(!gone.take(&link(9)), "the oldest ten were forgotten");
+        assert!(gone.take(&link(10)));
+        assert!(!gone.take(&link(10)), "taken once");
+        assert_eq!(gone.order.len(), GONE_EARLY - 1);
     }
 }

@@ -315,3 +315,46 @@ async fn a_core_actor_that_is_gone_makes_the_node_unhealthy_until_it_runs_again(
         other => panic!("expected health.recovered, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_link_up_that_arrives_after_its_link_down_does_not_list_a_gone_link() {
+    use troupe_actors::event::TransportKind;
+    use troupe_actors::ids::{LinkId, Timestamp};
+    use troupe_actors::registry::{LinkInfo, RegistryMsg};
+
+    let tree = tree().await;
+    let mut events = tree.events.subscribe(EventFilter {
+        kinds: vec!["link.*".parse().unwrap()],
+        ..EventFilter::all()
+    });
+    let info = |id: &str| LinkInfo {
+        id: LinkId::new(id).unwrap(),
+        transport: TransportKind::Sse,
+        peer: None,
+        principal: None,
+        filter: String::new(),
+        connected_at: Timestamp::now(),
+    };
+    // The order a registry restart can leave them in: the redelivered `LinkUp` of a link
+    // that ended meanwhile comes after its `LinkDown`.
+    assert!(tree.registry.update(RegistryMsg::LinkDown {
+        link: LinkId::new("l-gone").unwrap(),
+        reason: "client disconnected".into(),
+    }));
+    assert!(tree.registry.update(RegistryMsg::LinkUp(info("l-gone"))));
+    assert!(tree.registry.update(RegistryMsg::LinkUp(info("l-live"))));
+
+    let event = next_event(&mut events).await;
+    match &event.data {
+        EventData::LinkConnected(connected) => assert_eq!(connected.link.as_str(), "l-live"),
+        other => panic!("expected l-live's link.connected first, got {other:?}"),
+    }
+    let listed: Vec<String> = tree
+        .registry
+        .tables()
+        .links()
+        .iter()
+        .map(|link| link.id.to_string())
+        .collect();
+    assert_eq!(listed, ["l-live"], "the gone link is not listed");
+}
