@@ -63,6 +63,16 @@ pub struct Principal {
 /// File name of the generated admin token inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// The principal name of the node's admin token (the data directory's `admin.token`).
+pub const ADMIN_PRINCIPAL: &str = "admin";
+
+/// The principal name of the stdio MCP client of a node embedded in `troupe mcp`.
+pub const STDIO_PRINCIPAL: &str = "stdio";
+
+/// Names `auth.tokens` may not take (in any case): the node's own principals. A principal's name
+/// keys its rate limit and its link quota, so a configured token must not share one.
+pub const RESERVED_TOKEN_NAMES: [&str; 2] = [ADMIN_PRINCIPAL, STDIO_PRINCIPAL];
+
 /// The known tokens.
 #[derive(Clone)]
 pub struct TokenBook {
@@ -104,7 +114,7 @@ impl TokenBook {
             entries.push((
                 digest(token),
                 Principal {
-                    name: "admin".into(),
+                    name: ADMIN_PRINCIPAL.into(),
                     role: Role::Admin,
                 },
             ));

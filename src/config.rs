@@ -571,6 +571,38 @@ impl Config {
                     "must be 1 to 64 characters".into(),
                 ));
             }
+            // A token's name keys its rate limit and link quota: sharing a name shares them.
+            if let Some(reserved) = crate::auth::RESERVED_TOKEN_NAMES
+                .iter()
+                .find(|reserved| token.name.eq_ignore_ascii_case(reserved))
+            {
+                return Err(semantic(
+                    &format!("auth.tokens[{index}].name"),
+                    format!(
+                        "{:?} is reserved for the node's own {} (token names key each token's \
+                         rate limit and link quota); give this token another name",
+                        token.name,
+                        if *reserved == crate::auth::ADMIN_PRINCIPAL {
+                            "admin token, the data directory's admin.token"
+                        } else {
+                            "stdio MCP client of troupe mcp"
+                        }
+                    ),
+                ));
+            }
+            if let Some(first) = self.auth.tokens[..index]
+                .iter()
+                .position(|earlier| earlier.name == token.name)
+            {
+                return Err(semantic(
+                    &format!("auth.tokens[{index}].name"),
+                    format!(
+                        "{:?} is also the name of auth.tokens[{first}]; token names key each \
+                         token's rate limit and link quota, so give each token its own name",
+                        token.name
+                    ),
+                ));
+            }
         }
         if self.auth.requests_per_second == 0 || self.auth.burst == 0 {
             return Err(semantic(
@@ -1454,6 +1486,38 @@ fault_injection = false
             load_in(jail, Some(&complete), &overrides).unwrap();
             Ok(())
         });
+    }
+
+    /// Regression: a configured token named `admin` (the admin token's name), or two tokens
+    /// with one name, shared one rate-limit bucket and one link quota.
+    #[test]
+    fn token_names_must_be_unique_and_not_the_nodes_own() {
+        let token = |name: &str| TokenConfig {
+            name: name.into(),
+            role: Role::Viewer,
+            sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        };
+        let with = |names: &[&str]| {
+            let mut config = Config::default();
+            config.auth.tokens = names.iter().map(|name| token(name)).collect();
+            config.validate().map_err(|error| error.to_string())
+        };
+        with(&["ci", "dash", "CI"]).unwrap();
+        let error = with(&["ci", "dash", "ci"]).unwrap_err();
+        assert!(
+            error.contains("`auth.tokens[2].name`")
+                && error.contains("\"ci\" is also the name of auth.tokens[0]"),
+            "{error}"
+        );
+        for reserved in ["admin", "Admin", "stdio"] {
+            let error = with(&["ci", reserved]).unwrap_err();
+            assert!(
+                error.contains("`auth.tokens[1].name`")
+                    && error.contains(&format!("{reserved:?} is reserved"))
+                    && error.contains("another name"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
