@@ -17,9 +17,11 @@ use troupe_actors::ids::NodeId;
 use crate::auth::Role;
 pub use crate::provider::ProviderKind;
 pub use providers::{MAX_PROVIDER_SECS, MAX_QUEUE_LIMIT, ProviderConfig, ProviderTimeouts};
+pub use time::{MAX_RETENTION_SECS, MAX_TIME_SECS};
 pub use troupe_actors::provider::{BreakerConfig, RetryConfig};
 
 mod providers;
+mod time;
 
 /// The whole configuration of a node.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -531,6 +533,7 @@ impl Config {
             key: key.to_owned(),
             message,
         };
+        time::validate(self)?;
         if self.http.max_body_bytes < 1024 {
             return Err(semantic(
                 "http.max_body_bytes",
