@@ -387,11 +387,24 @@ fn write_new_token(data_dir: &Path, path: &Path) -> Result<String, NewTokenError
     }
 }
 
-/// Reads an existing admin token (for the CLI).
-pub fn read_admin_token(data_dir: &Path) -> Option<String> {
-    let token = fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE)).ok()?;
+/// Reads an existing admin token (for the CLI): `None` when the data directory has none (no
+/// file, or an empty one); an error when the file is there but cannot be read (another user's,
+/// a directory…), which is not the same thing to the user.
+pub fn read_admin_token(data_dir: &Path) -> Result<Option<String>, TokenFileError> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let token = match fs::read_to_string(&path) {
+        Ok(token) => token,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(TokenFileError::Io {
+                what: "cannot read the admin token",
+                path,
+                source,
+            });
+        }
+    };
     let token = token.trim();
-    (!token.is_empty()).then(|| token.to_owned())
+    Ok((!token.is_empty()).then(|| token.to_owned()))
 }
 
 #[cfg(test)]
@@ -455,7 +468,7 @@ mod tests {
         let (again, _, created) = ensure_admin_token(&data).unwrap();
         assert!(!created);
         assert_eq!(again, token);
-        assert_eq!(read_admin_token(&data), Some(token));
+        assert_eq!(read_admin_token(&data).unwrap(), Some(token));
 
         // An empty token file someone left readable is filled and closed to others.
         fs::write(&path, "").unwrap();
@@ -558,9 +571,30 @@ mod tests {
                 .collect();
             starters.into_iter().map(|s| s.join().unwrap()).collect()
         });
-        let on_disk = read_admin_token(fresh.path()).unwrap();
+        let on_disk = read_admin_token(fresh.path()).unwrap().unwrap();
         assert!(results.iter().all(|(token, _, _)| *token == on_disk));
         assert_eq!(results.iter().filter(|(_, _, created)| *created).count(), 1);
+    }
+
+    /// Regression: a token file that could not be read was reported as missing, so the CLI told
+    /// the user to pass the --data-dir they had passed.
+    #[test]
+    fn an_unreadable_token_file_is_an_error_not_a_missing_token() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_admin_token(dir.path()).unwrap(), None);
+        fs::write(dir.path().join(ADMIN_TOKEN_FILE), "\n").unwrap();
+        assert_eq!(read_admin_token(dir.path()).unwrap(), None, "empty");
+        fs::remove_file(dir.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        // A path that cannot be read as a file, whoever runs the test (root reads mode 000).
+        fs::create_dir(dir.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        let error = read_admin_token(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!(
+                "cannot read the admin token {}: ",
+                dir.path().join(ADMIN_TOKEN_FILE).display()
+            )),
+            "{error}"
+        );
     }
 
     #[test]

@@ -64,13 +64,7 @@ impl NodeClient {
             Some(token) => token.clone(),
             None => {
                 let data_dir = admin_token_dir(&node_url(&args.url)?, args.data_dir.as_deref())?;
-                read_admin_token(&data_dir).with_context(|| {
-                format!(
-                    "no token: {} has none; pass the node's --data-dir (or TROUPE_DATA_DIR) when \
-                     it runs with one, or a token with --token / TROUPE_TOKEN",
-                    data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
-                )
-                })?
+                data_dir_token(&data_dir)?
             }
         };
         Self::build(args, Some(token))
@@ -234,6 +228,21 @@ fn admin_token_dir(base: &str, named: Option<&Path>) -> anyhow::Result<PathBuf> 
     )
 }
 
+/// The admin token in `data_dir`, or what to do without it.
+fn data_dir_token(data_dir: &Path) -> anyhow::Result<String> {
+    match read_admin_token(data_dir) {
+        Ok(Some(token)) => Ok(token),
+        Ok(None) => bail!(
+            "no token: {} has none; pass the node's --data-dir (or TROUPE_DATA_DIR) when it runs \
+             with one, or a token with --token / TROUPE_TOKEN",
+            data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
+        ),
+        Err(error) => {
+            bail!("{error}; run as the node's user, or pass a token with --token / TROUPE_TOKEN")
+        }
+    }
+}
+
 /// Whether `url`'s host is this machine: `localhost`, 127.0.0.0/8 or ::1 (also IPv4-mapped).
 fn is_loopback(url: &reqwest::Url) -> bool {
     use std::net::IpAddr;
@@ -297,6 +306,23 @@ mod tests {
             let error = node_url(bad).unwrap_err().to_string();
             assert!(error.contains("http://HOST:PORT"), "{bad}: {error}");
         }
+    }
+
+    /// Regression: a token file the CLI could not read was reported as missing ("has none; pass
+    /// --data-dir"), though the data directory had been passed.
+    #[test]
+    fn an_unreadable_token_says_so_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = data_dir_token(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("has none"), "{error}");
+        std::fs::create_dir(dir.path().join(crate::auth::ADMIN_TOKEN_FILE)).unwrap();
+        let error = data_dir_token(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("cannot read the admin token")
+                && error.contains("run as the node's user, or pass a token with --token")
+                && !error.contains("has none"),
+            "{error}"
+        );
     }
 
     /// Regression: without --token the CLI read the default data directory's admin token and
