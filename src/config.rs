@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use troupe_actors::ids::NodeId;
 
@@ -20,6 +20,7 @@ pub use providers::{MAX_PROVIDER_SECS, MAX_QUEUE_LIMIT, ProviderConfig, Provider
 pub use time::{MAX_RETENTION_SECS, MAX_TIME_SECS};
 pub use troupe_actors::provider::{BreakerConfig, RetryConfig};
 
+mod env;
 mod providers;
 mod time;
 
@@ -425,9 +426,6 @@ pub enum ConfigError {
     },
 }
 
-/// Top-level keys that may be set without a section (`TROUPE_NODE_ID`, `TROUPE_DATA_DIR`).
-const TOP_LEVEL_ENV_KEYS: [&str; 2] = ["node_id", "data_dir"];
-
 /// Refuses environment variables that are a configuration key written with one underscore
 /// between section and key (`TROUPE_HTTP_LISTEN` for `TROUPE_HTTP__LISTEN`), which the merge
 /// would otherwise pass over without a word, and `TROUPE_PROVIDERS`, which only the file sets.
@@ -486,16 +484,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(
-            Env::prefixed("TROUPE_")
-                .filter(|key| {
-                    key.as_str().contains("__")
-                        || TOP_LEVEL_ENV_KEYS
-                            .iter()
-                            .any(|top| key.as_str().eq_ignore_ascii_case(top))
-                })
-                .split("__"),
-        );
+        figment = figment.merge(env::TroupeEnv::new());
         figment = overrides.apply(figment);
         let mut config: Config = figment
             .extract()
@@ -1116,6 +1105,43 @@ fault_injection = false
             .into_iter(),
         )
         .unwrap();
+    }
+
+    /// Regression: `TROUPE_NODE_ID=7` failed with "invalid type: found unsigned int `7`,
+    /// expected a string": environment values were all parsed as TOML values.
+    #[test]
+    fn string_keys_from_the_environment_keep_values_that_look_like_numbers() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TROUPE_NODE_ID", "7");
+            jail.set_env("TROUPE_DATA_DIR", "1.5");
+            jail.set_env("TROUPE_CLUSTER__LABELS__RACK", "3");
+            jail.set_env("TROUPE_CLUSTER__LABELS__SPOT", "true");
+            jail.set_env("TROUPE_CLUSTER__CA", "2024");
+            // Other keys are still parsed as TOML values.
+            jail.set_env("TROUPE_SESSIONS__MAX_CONCURRENT", "4");
+            jail.set_env("TROUPE_DEBUG__FAULT_INJECTION", "true");
+            jail.set_env("TROUPE_HTTP__ALLOWED_HOSTS", "[\"a\", \"b\"]");
+            jail.set_env("TROUPE_HTTP__LISTEN", "[::1]:7070");
+            let config = load_in(jail, None, &Overrides::default())?;
+            assert_eq!(config.node_id.unwrap().as_str(), "7");
+            assert_eq!(config.data_dir.unwrap(), PathBuf::from("1.5"));
+            assert_eq!(config.cluster.labels["rack"], "3");
+            assert_eq!(config.cluster.labels["spot"], "true");
+            assert_eq!(config.cluster.ca, PathBuf::from("2024"));
+            assert_eq!(config.sessions.max_concurrent, 4);
+            assert!(config.debug.fault_injection);
+            assert_eq!(config.http.allowed_hosts, ["a", "b"]);
+            assert_eq!(config.http.listen, "[::1]:7070".parse().unwrap());
+
+            // A bad value still names its variable.
+            jail.set_env("TROUPE_NODE_ID", "bad id!");
+            let error = load_in(jail, None, &Overrides::default()).unwrap_err();
+            assert!(
+                error.contains("node_id") && error.contains("TROUPE_NODE_ID"),
+                "{error}"
+            );
+            Ok(())
+        });
     }
 
     #[test]
