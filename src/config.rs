@@ -10,16 +10,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use troupe_actors::ids::NodeId;
 
 use crate::auth::Role;
 pub use crate::provider::ProviderKind;
 pub use providers::{MAX_PROVIDER_SECS, MAX_QUEUE_LIMIT, ProviderConfig, ProviderTimeouts};
+pub use time::{MAX_RETENTION_SECS, MAX_TIME_SECS};
 pub use troupe_actors::provider::{BreakerConfig, RetryConfig};
 
+mod env;
 mod providers;
+mod time;
 
 /// The whole configuration of a node.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -423,9 +426,6 @@ pub enum ConfigError {
     },
 }
 
-/// Top-level keys that may be set without a section (`TROUPE_NODE_ID`, `TROUPE_DATA_DIR`).
-const TOP_LEVEL_ENV_KEYS: [&str; 2] = ["node_id", "data_dir"];
-
 /// Refuses environment variables that are a configuration key written with one underscore
 /// between section and key (`TROUPE_HTTP_LISTEN` for `TROUPE_HTTP__LISTEN`), which the merge
 /// would otherwise pass over without a word, and `TROUPE_PROVIDERS`, which only the file sets.
@@ -484,16 +484,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(
-            Env::prefixed("TROUPE_")
-                .filter(|key| {
-                    key.as_str().contains("__")
-                        || TOP_LEVEL_ENV_KEYS
-                            .iter()
-                            .any(|top| key.as_str().eq_ignore_ascii_case(top))
-                })
-                .split("__"),
-        );
+        figment = figment.merge(env::TroupeEnv::new());
         figment = overrides.apply(figment);
         let mut config: Config = figment
             .extract()
@@ -531,6 +522,7 @@ impl Config {
             key: key.to_owned(),
             message,
         };
+        time::validate(self)?;
         if self.http.max_body_bytes < 1024 {
             return Err(semantic(
                 "http.max_body_bytes",
@@ -569,6 +561,38 @@ impl Config {
                 return Err(semantic(
                     &format!("auth.tokens[{index}].name"),
                     "must be 1 to 64 characters".into(),
+                ));
+            }
+            // A token's name keys its rate limit and link quota: sharing a name shares them.
+            if let Some(reserved) = crate::auth::RESERVED_TOKEN_NAMES
+                .iter()
+                .find(|reserved| token.name.eq_ignore_ascii_case(reserved))
+            {
+                return Err(semantic(
+                    &format!("auth.tokens[{index}].name"),
+                    format!(
+                        "{:?} is reserved for the node's own {} (token names key each token's \
+                         rate limit and link quota); give this token another name",
+                        token.name,
+                        if *reserved == crate::auth::ADMIN_PRINCIPAL {
+                            "admin token, the data directory's admin.token"
+                        } else {
+                            "stdio MCP client of troupe mcp"
+                        }
+                    ),
+                ));
+            }
+            if let Some(first) = self.auth.tokens[..index]
+                .iter()
+                .position(|earlier| earlier.name == token.name)
+            {
+                return Err(semantic(
+                    &format!("auth.tokens[{index}].name"),
+                    format!(
+                        "{:?} is also the name of auth.tokens[{first}]; token names key each \
+                         token's rate limit and link quota, so give each token its own name",
+                        token.name
+                    ),
                 ));
             }
         }
@@ -1083,6 +1107,43 @@ fault_injection = false
         .unwrap();
     }
 
+    /// Regression: `TROUPE_NODE_ID=7` failed with "invalid type: found unsigned int `7`,
+    /// expected a string": environment values were all parsed as TOML values.
+    #[test]
+    fn string_keys_from_the_environment_keep_values_that_look_like_numbers() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TROUPE_NODE_ID", "7");
+            jail.set_env("TROUPE_DATA_DIR", "1.5");
+            jail.set_env("TROUPE_CLUSTER__LABELS__RACK", "3");
+            jail.set_env("TROUPE_CLUSTER__LABELS__SPOT", "true");
+            jail.set_env("TROUPE_CLUSTER__CA", "2024");
+            // Other keys are still parsed as TOML values.
+            jail.set_env("TROUPE_SESSIONS__MAX_CONCURRENT", "4");
+            jail.set_env("TROUPE_DEBUG__FAULT_INJECTION", "true");
+            jail.set_env("TROUPE_HTTP__ALLOWED_HOSTS", "[\"a\", \"b\"]");
+            jail.set_env("TROUPE_HTTP__LISTEN", "[::1]:7070");
+            let config = load_in(jail, None, &Overrides::default())?;
+            assert_eq!(config.node_id.unwrap().as_str(), "7");
+            assert_eq!(config.data_dir.unwrap(), PathBuf::from("1.5"));
+            assert_eq!(config.cluster.labels["rack"], "3");
+            assert_eq!(config.cluster.labels["spot"], "true");
+            assert_eq!(config.cluster.ca, PathBuf::from("2024"));
+            assert_eq!(config.sessions.max_concurrent, 4);
+            assert!(config.debug.fault_injection);
+            assert_eq!(config.http.allowed_hosts, ["a", "b"]);
+            assert_eq!(config.http.listen, "[::1]:7070".parse().unwrap());
+
+            // A bad value still names its variable.
+            jail.set_env("TROUPE_NODE_ID", "bad id!");
+            let error = load_in(jail, None, &Overrides::default()).unwrap_err();
+            assert!(
+                error.contains("node_id") && error.contains("TROUPE_NODE_ID"),
+                "{error}"
+            );
+            Ok(())
+        });
+    }
+
     #[test]
     fn unrelated_troupe_variables_are_not_config_keys() {
         Jail::expect_with(|jail| {
@@ -1454,6 +1515,38 @@ fault_injection = false
             load_in(jail, Some(&complete), &overrides).unwrap();
             Ok(())
         });
+    }
+
+    /// Regression: a configured token named `admin` (the admin token's name), or two tokens
+    /// with one name, shared one rate-limit bucket and one link quota.
+    #[test]
+    fn token_names_must_be_unique_and_not_the_nodes_own() {
+        let token = |name: &str| TokenConfig {
+            name: name.into(),
+            role: Role::Viewer,
+            sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        };
+        let with = |names: &[&str]| {
+            let mut config = Config::default();
+            config.auth.tokens = names.iter().map(|name| token(name)).collect();
+            config.validate().map_err(|error| error.to_string())
+        };
+        with(&["ci", "dash", "CI"]).unwrap();
+        let error = with(&["ci", "dash", "ci"]).unwrap_err();
+        assert!(
+            error.contains("`auth.tokens[2].name`")
+                && error.contains("\"ci\" is also the name of auth.tokens[0]"),
+            "{error}"
+        );
+        for reserved in ["admin", "Admin", "stdio"] {
+            let error = with(&["ci", reserved]).unwrap_err();
+            assert!(
+                error.contains("`auth.tokens[1].name`")
+                    && error.contains(&format!("{reserved:?} is reserved"))
+                    && error.contains("another name"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

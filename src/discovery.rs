@@ -95,39 +95,11 @@ pub fn pid_alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-/// The effective user id of this process: from `/proc/self/status` where there is one, else the
-/// owner of a file this process creates (std has no safe `geteuid`, and `unsafe` is forbidden).
-pub fn current_uid() -> std::io::Result<u32> {
-    use std::os::unix::fs::MetadataExt;
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        let effective = status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            .and_then(|id| id.parse().ok());
-        if let Some(uid) = effective {
-            return Ok(uid);
-        }
-    }
-    Ok(tempfile::tempfile()?.metadata()?.uid())
-}
-
 /// Refuses `dir` unless it is owned by `uid` and closed to group and others: entries there
 /// decide where the admin token goes.
 fn check_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use crate::ownership::{Exposure, NO_GROUP_OR_OTHER_ACCESS, exposure};
     let metadata = std::fs::metadata(dir)?;
-    let refuse = |what: String, fix: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "the discovery directory {} {what}: another user could plant entries that \
-                 receive your admin token, or read yours; {fix}, or point TROUPE_DISCOVERY_DIR \
-                 at a directory of your own",
-                dir.display()
-            ),
-        )
-    };
     if !metadata.is_dir() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -138,20 +110,24 @@ fn check_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
             ),
         ));
     }
-    if metadata.uid() != uid {
-        return Err(refuse(
-            format!("is owned by uid {}, not by you (uid {uid})", metadata.uid()),
-            "remove it (it is made again, private) if it is yours to remove",
-        ));
-    }
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(refuse(
-            format!("is mode {mode:04o}, open to group or others"),
-            &format!("run `chmod 700 {}`", dir.display()),
-        ));
-    }
-    Ok(())
+    let Some(exposure) = exposure(&metadata, uid, NO_GROUP_OR_OTHER_ACCESS) else {
+        return Ok(());
+    };
+    let fix = match exposure {
+        Exposure::Owner { .. } => {
+            "remove it (it is made again, private) if it is yours to remove".to_owned()
+        }
+        Exposure::Mode { .. } => format!("run `chmod 700 {}`", dir.display()),
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "the discovery directory {} {exposure}: another user could plant entries that \
+             receive your admin token, or read yours; {fix}, or point TROUPE_DISCOVERY_DIR at a \
+             directory of your own",
+            dir.display()
+        ),
+    ))
 }
 
 /// The discovery directory.
@@ -168,7 +144,7 @@ pub fn directory() -> PathBuf {
 /// Writes `entry` into `dir` (atomically: a temporary file renamed over the entry); refuses a
 /// directory that is not private to this user.
 pub fn write(dir: &Path, entry: &Entry) -> std::io::Result<PathBuf> {
-    write_as(dir, entry, current_uid()?)
+    write_as(dir, entry, crate::ownership::current_uid())
 }
 
 fn write_as(dir: &Path, entry: &Entry, uid: u32) -> std::io::Result<PathBuf> {
@@ -197,7 +173,7 @@ fn write_as(dir: &Path, entry: &Entry, uid: u32) -> std::io::Result<PathBuf> {
 /// files of other users skipped. A missing directory has none; one that is not private to this
 /// user is refused, saying how to fix it.
 pub fn live(dir: &Path, now: u64) -> std::io::Result<Vec<Entry>> {
-    live_as(dir, now, current_uid()?)
+    live_as(dir, now, crate::ownership::current_uid())
 }
 
 fn live_as(dir: &Path, now: u64, uid: u32) -> std::io::Result<Vec<Entry>> {
@@ -357,20 +333,10 @@ mod tests {
     }
 
     #[test]
-    fn the_current_uid_owns_what_this_process_creates() {
-        use std::os::unix::fs::MetadataExt;
-        let file = tempfile::NamedTempFile::new().unwrap();
-        assert_eq!(
-            current_uid().unwrap(),
-            file.as_file().metadata().unwrap().uid()
-        );
-    }
-
-    #[test]
     fn a_directory_open_to_others_or_of_another_user_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = private_dir();
-        let me = current_uid().unwrap();
+        let me = crate::ownership::current_uid();
         let now = now_secs();
         write(dir.path(), &entry("mine", std::process::id(), now)).unwrap();
         for mode in [0o777, 0o750, 0o701] {

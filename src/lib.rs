@@ -25,6 +25,7 @@ pub mod link;
 pub mod mcp;
 pub mod metrics;
 pub mod node;
+pub mod ownership;
 pub mod process;
 pub mod provider;
 pub mod replay;

@@ -15,6 +15,7 @@
 //! - [`node`]: a node's whole supervision tree, started in one call.
 //! - [`provider`]: a provider's pure policy: budget, circuit breaker, retry schedule, rate-limit
 //!   headers.
+//! - [`time`]: deadlines from configured durations that never overflow the clock.
 
 pub mod cluster;
 pub mod event;
@@ -27,3 +28,4 @@ pub mod provider;
 pub mod registry;
 pub mod session;
 pub mod supervisor;
+pub mod time;

@@ -1,8 +1,13 @@
 //! How CLI commands reach a node: its URL (`--node`, `TROUPE_URL`, or the default local
 //! address) and a token (`--token`, `TROUPE_TOKEN`, or the admin token in the data directory).
 //! Commands that only use open routes (`troupe health`) need no token.
+//!
+//! The admin token of the data directory is never sent to a node that is not on a loopback
+//! address unless the data directory was named (`--data-dir`, `TROUPE_DATA_DIR`): the default
+//! directory's token belongs to this machine's node, and a `--node` elsewhere (over plain http)
+//! must not receive it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -21,7 +26,8 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:7070"
     )]
     pub url: String,
-    /// Bearer token (default: the admin token in the node's data directory).
+    /// Bearer token (default: the admin token in the node's data directory, sent only to a
+    /// loopback node unless --data-dir / TROUPE_DATA_DIR names the directory).
     #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The node's data directory, to read its admin token from.
@@ -50,20 +56,16 @@ pub struct NodeClient {
 impl NodeClient {
     /// Resolves the URL and the token; fails when no token can be found.
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
-        let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
         let token = match &args.token {
             Some(token) if token.trim().is_empty() => bail!(
                 "the token given with --token / TROUPE_TOKEN is empty; give the token, or unset \
                  TROUPE_TOKEN to use the admin token of the node's data directory"
             ),
             Some(token) => token.clone(),
-            None => read_admin_token(&data_dir).with_context(|| {
-                format!(
-                    "no token: {} has none; pass the node's --data-dir (or TROUPE_DATA_DIR) when \
-                     it runs with one, or a token with --token / TROUPE_TOKEN",
-                    data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
-                )
-            })?,
+            None => {
+                let data_dir = admin_token_dir(&node_url(&args.url)?, args.data_dir.as_deref())?;
+                data_dir_token(&data_dir)?
+            }
         };
         Self::build(args, Some(token))
     }
@@ -207,6 +209,57 @@ fn node_url(given: &str) -> anyhow::Result<String> {
     }
 }
 
+/// The data directory whose admin token may be sent to the node at `base` (a URL from
+/// [`node_url`]) when no token was given: the one named with `--data-dir` / `TROUPE_DATA_DIR`,
+/// to any node; else the default one, to a node on a loopback address only.
+fn admin_token_dir(base: &str, named: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = named {
+        return Ok(dir.to_owned());
+    }
+    let url = reqwest::Url::parse(base).context("the node's URL")?;
+    if is_loopback(&url) {
+        return Ok(default_data_dir());
+    }
+    bail!(
+        "no token for {base}: it is not a loopback address, and the CLI sends the admin token of \
+         this machine's data directory only to a node on this machine; pass the node's token \
+         with --token / TROUPE_TOKEN (or name the data directory whose admin token it takes with \
+         --data-dir / TROUPE_DATA_DIR)"
+    )
+}
+
+/// The admin token in `data_dir`, or what to do without it.
+fn data_dir_token(data_dir: &Path) -> anyhow::Result<String> {
+    match read_admin_token(data_dir) {
+        Ok(Some(token)) => Ok(token),
+        Ok(None) => bail!(
+            "no token: {} has none; pass the node's --data-dir (or TROUPE_DATA_DIR) when it runs \
+             with one, or a token with --token / TROUPE_TOKEN",
+            data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
+        ),
+        Err(error) => {
+            bail!("{error}; run as the node's user, or pass a token with --token / TROUPE_TOKEN")
+        }
+    }
+}
+
+/// Whether `url`'s host is this machine: `localhost`, 127.0.0.0/8 or ::1 (also IPv4-mapped).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    use std::net::IpAddr;
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // The URL parser has normalised an IP host (`127.1` is `127.0.0.1`); IPv6 is in brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_loopback(),
+        Ok(IpAddr::V6(ip)) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback())
+        }
+        Err(_) => host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost."),
+    }
+}
+
 /// Turns an error response (the API's envelope) into a readable error.
 pub(super) async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     let status = response.status();
@@ -337,6 +390,61 @@ mod tests {
         for bad in ["ftp://h:1", "a b:c", ""] {
             let error = node_url(bad).unwrap_err().to_string();
             assert!(error.contains("http://HOST:PORT"), "{bad}: {error}");
+        }
+    }
+
+    /// Regression: a token file the CLI could not read was reported as missing ("has none; pass
+    /// --data-dir"), though the data directory had been passed.
+    #[test]
+    fn an_unreadable_token_says_so_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = data_dir_token(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("has none"), "{error}");
+        std::fs::create_dir(dir.path().join(crate::auth::ADMIN_TOKEN_FILE)).unwrap();
+        let error = data_dir_token(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("cannot read the admin token")
+                && error.contains("run as the node's user, or pass a token with --token")
+                && !error.contains("has none"),
+            "{error}"
+        );
+    }
+
+    /// Regression: without --token the CLI read the default data directory's admin token and
+    /// sent it to whatever --node / TROUPE_URL named, over plain http.
+    #[test]
+    fn the_default_data_dir_token_goes_only_to_a_loopback_node() {
+        let default = default_data_dir();
+        for local in [
+            "127.0.0.1:7070",
+            "http://127.1.2.3:80",
+            "http://localhost:7070",
+            "http://LOCALHOST",
+            "http://[::1]:7070",
+            "http://[::ffff:127.0.0.1]:7070",
+            "https://127.0.0.1",
+        ] {
+            let base = node_url(local).unwrap();
+            assert_eq!(admin_token_dir(&base, None).unwrap(), default, "{local}");
+        }
+        for remote in [
+            "http://10.0.0.5:7070",
+            "http://example.com:7070",
+            "http://localhost.example.com",
+            "http://[2001:db8::1]:7070",
+            "http://0.0.0.0:7070",
+            "192.168.1.2:7070",
+        ] {
+            let base = node_url(remote).unwrap();
+            let error = admin_token_dir(&base, None).unwrap_err().to_string();
+            assert!(
+                error.contains("not a loopback address")
+                    && error.contains("--token / TROUPE_TOKEN"),
+                "{remote}: {error}"
+            );
+            // A data directory named on purpose is the caller's choice.
+            let named = Path::new("/srv/troupe-b");
+            assert_eq!(admin_token_dir(&base, Some(named)).unwrap(), named);
         }
     }
 }

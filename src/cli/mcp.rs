@@ -284,16 +284,25 @@ async fn serve_here(
 async fn attach(dir: &std::path::Path, report: bool) -> anyhow::Result<Option<Found>> {
     for entry in discovery::live(dir, discovery::now_secs())? {
         let token_dir = entry.token_file.parent().unwrap_or(&entry.token_file);
-        let Some(token) = crate::auth::read_admin_token(token_dir) else {
-            if !report {
+        let token = match crate::auth::read_admin_token(token_dir) {
+            Ok(Some(token)) => token,
+            Ok(None) | Err(_) if !report => continue,
+            Ok(None) => {
+                tracing::warn!(
+                    node = %entry.node_id,
+                    file = %entry.token_file.display(),
+                    "a running node's token file is missing or empty; trying the next node"
+                );
                 continue;
             }
-            tracing::warn!(
-                node = %entry.node_id,
-                file = %entry.token_file.display(),
-                "a running node's token file cannot be read; trying the next node"
-            );
-            continue;
+            Err(error) => {
+                tracing::warn!(
+                    node = %entry.node_id,
+                    %error,
+                    "a running node's token file cannot be read; trying the next node"
+                );
+                continue;
+            }
         };
         match crate::mcp::stdio::Bridge::connect(entry.http, &token).await {
             Ok(bridge) => {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use troupe_actors::provider::{BreakerConfig, RetryConfig};
 
 use super::ConfigError;
+use super::time::TimeUnit as Unit;
 use crate::provider::ProviderKind;
 
 /// Most calls one provider may hold waiting for budget or a slot (`max_queue`).
@@ -21,7 +22,7 @@ pub const MAX_QUEUE_LIMIT: usize = 1_000_000;
 /// and delays, the breaker's cool-downs, probe timeout and window). A call is not worth keeping
 /// longer, and deadlines computed from longer ones need not fit the clock: `u64::MAX` seconds
 /// made `Instant + Duration` panic, or a deadline fall back to the present.
-pub const MAX_PROVIDER_SECS: u64 = 24 * 3600;
+pub const MAX_PROVIDER_SECS: u64 = super::time::MAX_TIME_SECS;
 
 /// One `[[providers]]` entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -404,26 +405,9 @@ fn validate_timeouts(key: &str, timeouts: &ProviderTimeouts) -> Result<(), Confi
     Ok(())
 }
 
-/// The unit of a time setting.
-#[derive(Clone, Copy)]
-enum Unit {
-    Secs,
-    Millis,
-}
-
 /// Refuses `value` of `key` above [`MAX_PROVIDER_SECS`], saying the range (from `least`).
 fn at_most_a_day(key: &str, value: u64, least: u64, unit: Unit) -> Result<(), ConfigError> {
-    let (max, unit) = match unit {
-        Unit::Secs => (MAX_PROVIDER_SECS, "seconds"),
-        Unit::Millis => (MAX_PROVIDER_SECS * 1000, "milliseconds"),
-    };
-    if value > max {
-        return Err(semantic(
-            key,
-            format!("{value} is out of range: use {least} to {max} {unit} (a day at most)"),
-        ));
-    }
-    Ok(())
+    super::time::at_most(key, value, least, super::time::A_DAY, unit)
 }
 
 fn semantic(key: &str, message: String) -> ConfigError {

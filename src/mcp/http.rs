@@ -1077,7 +1077,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = crate::node::test_node(dir.path()).await;
         let local = crate::auth::Principal {
-            name: "stdio".into(),
+            name: crate::auth::STDIO_PRINCIPAL.into(),
             role: Role::Admin,
         };
         let server = TroupeMcp::new(node.core().clone(), TransportKind::McpStdio, Some(local));

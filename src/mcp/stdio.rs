@@ -183,7 +183,7 @@ impl StdioClient {
 /// line over [`MAX_LINE`]), if it did.
 pub async fn serve_embedded(core: Arc<NodeCore>, client: StdioClient) -> Option<String> {
     let local = Principal {
-        name: "stdio".into(),
+        name: crate::auth::STDIO_PRINCIPAL.into(),
         role: Role::Admin,
     };
     let server = TroupeMcp::new(core, TransportKind::McpStdio, Some(local));

@@ -226,7 +226,7 @@ pub(super) fn signal_group(pgid: i32, signal: Signal) {
 /// sends SIGKILL if anything is left. For groups known to be ours (a session's own group).
 pub(super) async fn terminate_group(pgid: i32, grace: Duration) {
     signal_group(pgid, Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + grace;
+    let deadline = troupe_actors::time::tokio_instant_after(tokio::time::Instant::now(), grace);
     // No event tells us when a process that is not our child dies (pidfd would need unsafe
     // code), so look at /proc with a backoff: quick for the usual fast exit, cheap otherwise.
     let mut pause = Duration::from_millis(5);

@@ -306,7 +306,7 @@ impl Breaker {
             }
             let id = self.next_probe_id;
             self.next_probe_id += 1;
-            let expires = super::instant_after(now, probe_timeout);
+            let expires = crate::time::instant_after(now, probe_timeout);
             probes.push(Probe { id, expires });
             probe = Some(id);
         }
@@ -389,7 +389,7 @@ impl Breaker {
         let open_for = base
             .saturating_mul(1u32 << self.failed_probes.min(31))
             .min(cap);
-        let until = super::instant_after(now, open_for);
+        let until = crate::time::instant_after(now, open_for);
         self.enter(State::Open { until });
         Transition::Opened { reason, open_for }
     }

@@ -60,17 +60,7 @@ pub use headers::{RateLimitSnapshot, retry_after};
 pub use model_limits::{ModelCharge, ModelLimits};
 pub use retry::{GiveUpReason, RetryConfig, RetryDecision, RetryPolicy};
 
-use std::time::{Duration, Instant};
-
-/// `now + wait`; when that does not fit the clock (a setting of centuries, which the node's
-/// configuration refuses but an embedder may pass), a year from now: a deadline of an absurd
-/// setting is far away, never at once and never a panic.
-pub(crate) fn instant_after(now: Instant, wait: Duration) -> Instant {
-    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
-    now.checked_add(wait)
-        .or_else(|| now.checked_add(YEAR))
-        .unwrap_or(now)
-}
+use std::time::Instant;
 
 /// The policy settings of one provider, as its `[[providers]]` table holds them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

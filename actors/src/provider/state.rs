@@ -339,7 +339,7 @@ impl<W: Waiter> ProviderState<W> {
             return self.take_effects();
         }
         let allowance = self.policy.retry.max_wait().saturating_sub(request.waited);
-        let deadline = super::instant_after(now, allowance);
+        let deadline = crate::time::instant_after(now, allowance);
         self.earliest_deadline = Some(self.earliest_deadline.map_or(deadline, |d| d.min(deadline)));
         self.queue.push_back(Queued {
             request,
@@ -775,7 +775,7 @@ impl<W: Waiter> ProviderState<W> {
                     let model = waiter.request.model.clone();
                     self.rate_limited(&model, Some(delay), source, session);
                 }
-                let at = super::instant_after(now, delay);
+                let at = crate::time::instant_after(now, delay);
                 self.room_wake = Some(self.room_wake.map_or(at, |wake| wake.min(at)));
                 true
             }

@@ -250,10 +250,10 @@ impl Actor for SessionActor {
         if !threshold.is_zero() {
             let passed = (elapsed.as_secs_f64() / threshold.as_secs_f64()).floor() as u32;
             let next = passed + 1;
-            ctx.send_after(
-                (threshold * next).saturating_sub(elapsed),
-                SessionMsg::LongRunning(next),
-            );
+            // A threshold too large to multiply never comes: no notice is due.
+            if let Some(at) = threshold.checked_mul(next) {
+                ctx.send_after(at.saturating_sub(elapsed), SessionMsg::LongRunning(next));
+            }
         }
         Ok(())
     }
@@ -343,10 +343,9 @@ impl Actor for SessionActor {
                     threshold_secs: threshold.as_secs(),
                 }));
                 let next = multiple + 1;
-                ctx.send_after(
-                    (threshold * next).saturating_sub(elapsed),
-                    SessionMsg::LongRunning(next),
-                );
+                if let Some(at) = threshold.checked_mul(next) {
+                    ctx.send_after(at.saturating_sub(elapsed), SessionMsg::LongRunning(next));
+                }
             }
             SessionMsg::Interrupt => state.request_stop(StopRequest::Interrupt).await?,
             SessionMsg::ProcessLost => {

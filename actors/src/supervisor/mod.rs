@@ -825,7 +825,9 @@ impl SupervisorState {
         match child.spec.shutdown {
             Shutdown::Graceful(own) => {
                 let timeout = allowed.map_or(own, |allowed| allowed.min(own));
-                let _stop_by = StopBy::new(cell, tokio::time::Instant::now() + timeout);
+                let deadline =
+                    crate::time::tokio_instant_after(tokio::time::Instant::now(), timeout);
+                let _stop_by = StopBy::new(cell, deadline);
                 instance.request_drain();
                 match cell.drain_and_wait(Some(timeout)).await {
                     Ok(()) => {}

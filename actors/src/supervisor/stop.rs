@@ -56,7 +56,10 @@ pub(crate) fn deadline_of(cell: &ActorCell) -> Option<Instant> {
 /// sharing `timeout` (see [`StopBudget`]), and kills it if it has not stopped by then.
 /// Returns true when it stopped gracefully in time.
 pub async fn stop_within(cell: &ActorCell, reason: Option<String>, timeout: Duration) -> bool {
-    let _stop_by = StopBy::new(cell, Instant::now() + timeout);
+    let _stop_by = StopBy::new(
+        cell,
+        crate::time::tokio_instant_after(Instant::now(), timeout),
+    );
     let stopped = cell.stop_and_wait(reason, Some(timeout)).await.is_ok();
     if !stopped {
         let _ = cell.kill_and_wait(None).await;

@@ -138,6 +138,19 @@ async fn shutdown_stops_every_actor_and_marks_every_handle_stopped() {
     assert!(tree.health.report().await.is_err());
 }
 
+/// Regression: a shutdown timeout too large for the clock (`supervision.shutdown_timeout_secs =
+/// u64::MAX`, which an embedder can still pass) panicked in `stop_within` ("overflow when adding
+/// duration to instant") instead of stopping the tree.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_shutdown_timeout_past_the_clock_stops_the_tree_instead_of_panicking() {
+    let tree = tree().await;
+    tree.shutdown(Duration::MAX).await;
+    assert!(tree.has_exited());
+    for (path, entry) in tree.directory.list() {
+        assert_eq!(entry.control.status(), HandleStatus::Stopped, "{path}");
+    }
+}
+
 /// A dynamic supervisor `dyn` with a directory, a bus, and a HealthActor watching the directory
 /// (with `dyn/core` as its one core actor).
 struct Watched {
