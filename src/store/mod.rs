@@ -38,9 +38,9 @@ use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError, Transition};
 
 pub use query::{
-    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
-    MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, MAX_SESSION_SCAN, OutputLine,
-    OutputPage, PruneReport, SessionPage, SessionQuery, cursor_after,
+    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_PAGE_BYTES, MAX_EVENT_SCAN,
+    MAX_OUTPUT_PAGE, MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, MAX_SESSION_SCAN,
+    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery, cursor_after,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
@@ -411,7 +411,8 @@ impl Store {
     }
 
     /// Events after `after` (in arrival order) that match `filter`, at most `limit` (clamped to
-    /// [`MAX_EVENT_PAGE`]), for a replay older than the bus's ring. The log lags the bus by at
+    /// [`MAX_EVENT_PAGE`]) and [`MAX_EVENT_PAGE_BYTES`] of them (at least one), for a replay
+    /// older than the bus's ring. The log lags the bus by at
     /// most one batch; the ring covers the difference.
     pub async fn events_after(
         &self,
@@ -464,8 +465,9 @@ impl Store {
         *self.inner.reservation.durable.borrow()
     }
 
-    /// Events at arrival positions after `after_pos` that match `filter`: the next page of a
-    /// replay, continuing from the previous page's `through_pos`.
+    /// Events at arrival positions after `after_pos` that match `filter`, bounded as
+    /// [`Store::events_after`]'s: the next page of a replay, continuing from the previous page's
+    /// `through_pos`.
     pub async fn events_after_pos(
         &self,
         after_pos: u64,

@@ -1056,6 +1056,68 @@ async fn events_after_pos_continues_a_replay_where_the_last_page_stopped() {
     assert_eq!(past_the_end.through_pos, 13);
 }
 
+/// A replay page holds about [`MAX_EVENT_PAGE_BYTES`] of events, not [`MAX_EVENT_PAGE`] of up
+/// to 64 KiB each (which was over half a gigabyte per replaying link): it stops early with
+/// `more`, and the next page goes on from its `through_pos` without gap or duplicate.
+#[tokio::test]
+async fn an_event_page_of_large_events_ends_at_its_byte_budget_and_the_next_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    // 40 output events of 64 KiB (2.5 MiB): a page of them is 15 or 16 events.
+    let lines = vec!["x".repeat(64 * 1024)];
+    for seq in 1..=40 {
+        store.append(&item(seq, output_event(node(), seq, &lines)));
+    }
+    store.flush().await.unwrap();
+
+    let mut page = store
+        .events_after(
+            &EventId::new(node(), 1),
+            &EventFilter::all(),
+            MAX_EVENT_PAGE,
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(
+            !page.events.is_empty(),
+            "every page holds at least one event"
+        );
+        assert!(
+            page.events.len() * 64 * 1024 <= MAX_EVENT_PAGE_BYTES,
+            "a page of {} events of 64 KiB",
+            page.events.len()
+        );
+        assert_eq!(page.through_pos, page.events.last().unwrap().pos);
+        seen.extend(positions(&page.events));
+        if !page.more {
+            break;
+        }
+        page = store
+            .events_after_pos(page.through_pos, &EventFilter::all(), MAX_EVENT_PAGE)
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen, (2..=40).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert!(pages >= 3, "{pages} pages");
+
+    // A single event over the budget still comes, alone.
+    let huge = vec!["y".repeat(MAX_EVENT_PAGE_BYTES)];
+    store.append(&item(41, output_event(node(), 41, &huge)));
+    store.append(&item(42, output_event(node(), 42, &huge)));
+    store.flush().await.unwrap();
+    let page = store
+        .events_after_pos(40, &EventFilter::all(), 10)
+        .await
+        .unwrap();
+    assert_eq!(positions(&page.events), [41]);
+    assert!(page.more);
+    assert_eq!(page.through_pos, 41);
+}
+
 #[tokio::test]
 async fn retention_by_count_deletes_the_oldest_events_and_their_index() {
     let dir = tempfile::tempdir().unwrap();
