@@ -164,6 +164,8 @@ struct StoreData {
     /// Creates that fail (with an I/O error) before the next one succeeds; counted when the
     /// write lands (after its gate, if one holds it).
     failing_creates: usize,
+    /// Creates that land but are answered with an I/O error (see `landing_failures`).
+    landing_creates: usize,
 }
 
 /// Holds back one kind of write of one session until the test opens it.
@@ -281,6 +283,10 @@ impl SessionStore for MemoryStore {
                 return Err(StoreError::Io("the disk is gone".into()));
             }
             data.records.insert(record.id.clone(), record);
+            if data.landing_creates > 0 {
+                data.landing_creates -= 1;
+                return Err(StoreError::Io("the commit was reported failed".into()));
+            }
             Ok(())
         })
     }
@@ -2201,6 +2207,27 @@ async fn a_submission_whose_store_write_fails_lets_the_next_one_start() {
     // Nothing else is sent to the manager: the failure itself frees the slot.
     h.expect(&second, "session.started").await;
     assert_eq!(h.runner.starts(), 1);
+}
+
+/// Regression: a submission whose create was reported failed but had landed (redb's commit can
+/// fail after it reached the disk) was refused to its caller, who would submit it again, while
+/// its record stayed queued in the store, run by nobody until the node restarted (and then run
+/// as well). Now the manager reads the record back: it is there, so the submission is accepted.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_submission_whose_create_was_reported_failed_but_landed_is_accepted() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    h.store.data.lock().unwrap().landing_creates = 1;
+    let admitted = h.submit(command("sh")).await.expect("accepted");
+    let id = admitted.record.id;
+    assert_eq!(h.store.data.lock().unwrap().landing_creates, 0);
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    assert_eq!(h.runner.starts(), 1);
+
+    // A create that did not land is still refused.
+    h.store.data.lock().unwrap().failing_creates = 1;
+    let refused = h.submit(command("sh")).await.unwrap_err();
+    assert!(matches!(refused, SubmitError::Store(_)), "{refused:?}");
 }
 
 /// Regression: a shutdown's drain that waited for a submission whose store write was in flight
