@@ -1177,6 +1177,37 @@ async fn retention_by_bytes_keeps_the_log_under_its_budget() {
     assert_eq!(positions(&store.resume(100).recent), [7, 8, 9]);
 }
 
+/// Regression: events are kept in arrival order but aged by their publisher's clock, and age
+/// retention stopped at the oldest event that had not expired: one event of a peer whose clock
+/// is two days ahead held back every expired event behind it. Now an event dated ahead of the
+/// clock is aged by arrival: it goes with the first sanely dated event after it once that one
+/// has expired (still from the oldest on, so a replay sees no hole), and stays while that one
+/// has not.
+#[tokio::test]
+async fn an_event_dated_ahead_of_the_clock_does_not_hold_back_age_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_micros();
+    let store = open(dir.path()).await;
+    store.append(&item(1, event(other_node(), 1, now + 2 * DAY)));
+    for pos in 2..=10 {
+        store.append(&item(pos, event(node(), pos, now - 8 * DAY)));
+    }
+    store.append(&item(11, event(other_node(), 2, now + 3 * DAY)));
+    for pos in 12..=13 {
+        store.append(&item(pos, event(node(), pos, now)));
+    }
+    store.flush().await.unwrap();
+
+    let report = store.prune(Timestamp::from_micros(now)).await.unwrap();
+    assert_eq!(report.removed, 10, "{report:?}");
+    assert_eq!(
+        positions(&store.resume(100).recent),
+        [11, 12, 13],
+        "the one dated ahead before recent events stays"
+    );
+    assert_eq!(store.oldest_event_pos().await.unwrap(), Some(11));
+}
+
 #[tokio::test]
 async fn retention_by_age_uses_the_given_clock() {
     let dir = tempfile::tempdir().unwrap();
