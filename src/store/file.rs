@@ -12,6 +12,7 @@
 //! again, without a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ pub(super) struct DbSlot {
     path: PathBuf,
     opener: Opener,
     current: RwLock<Option<Arc<Database>>>,
+    /// The store was closed: the database is gone for good (see [`DbSlot::close`]).
+    closed: AtomicBool,
     /// [`REOPEN_EVERY`]; tests make it zero.
     reopen_every: Duration,
 }
@@ -49,6 +52,7 @@ impl DbSlot {
             path,
             opener,
             current: RwLock::new(Some(Arc::new(db))),
+            closed: AtomicBool::new(false),
             reopen_every: REOPEN_EVERY,
         }
     }
@@ -60,18 +64,47 @@ impl DbSlot {
         self
     }
 
-    /// The database, unless a reopen is under way (or failed: the writer tries again).
+    /// The database, unless a reopen is under way (or failed: the writer tries again) or the
+    /// store was closed.
     pub(super) fn get(&self) -> Result<Arc<Database>, StoreError> {
-        self.current
+        let current = self
+            .current
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| {
+            .clone();
+        current.ok_or_else(|| {
+            if self.closed.load(Ordering::Acquire) {
+                StoreError::Io("the store is closed".into())
+            } else {
                 StoreError::Io(
                     "the store is reopening its file after an I/O error (a full disk?); try again"
                         .into(),
                 )
-            })
+            }
+        })
+    }
+
+    /// Releases the file for good, once the writer has stopped: reads from now on answer that
+    /// the store is closed, and those still holding the database are waited for (at most
+    /// [`READS_PATIENCE`]; past it the last of them closes it). Other handles of the store may
+    /// live on; the data directory can be opened again at once.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let taken = self
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(old) = taken
+            && let Err(shared) = release(old)
+        {
+            tracing::warn!(
+                file = %self.path.display(),
+                "store: reads held the database for {READS_PATIENCE:?} after the close; the \
+                 last of them releases the file"
+            );
+            drop(shared);
+        }
     }
 
     /// Whether the database refuses new writes after a failed batch: it must be reopened.
@@ -99,29 +132,14 @@ impl DbSlot {
             file = %self.path.display(),
             "store: the database refuses writes after a failed commit; reopening it"
         );
-        if let Some(old) = taken {
-            let deadline = Instant::now() + READS_PATIENCE;
-            let mut old = old;
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(shared) if Instant::now() < deadline => {
-                        old = shared;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(shared) => {
-                        *self.current.write().unwrap_or_else(PoisonError::into_inner) =
-                            Some(shared);
-                        return Err(StoreError::Io(format!(
-                            "cannot reopen {}: reads held the database for {READS_PATIENCE:?}",
-                            self.path.display()
-                        )));
-                    }
-                }
-            }
+        if let Some(old) = taken
+            && let Err(shared) = release(old)
+        {
+            *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(shared);
+            return Err(StoreError::Io(format!(
+                "cannot reopen {}: reads held the database for {READS_PATIENCE:?}",
+                self.path.display()
+            )));
         }
         self.open_again()
     }
@@ -185,6 +203,26 @@ impl DbSlot {
         *last_attempt = Some(Instant::now());
         self.open_again()?;
         self.get()
+    }
+}
+
+/// Drops the database (which releases the file) once the reads holding it are done; gives it
+/// back when they hold it longer than [`READS_PATIENCE`].
+fn release(old: Arc<Database>) -> Result<(), Arc<Database>> {
+    let deadline = Instant::now() + READS_PATIENCE;
+    let mut old = old;
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(db) => {
+                drop(db);
+                return Ok(());
+            }
+            Err(shared) if Instant::now() < deadline => {
+                old = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(shared) => return Err(shared),
+        }
     }
 }
 

@@ -365,7 +365,9 @@ impl Store {
         answered(answer.await)
     }
 
-    /// Commits everything queued, then stops the writer. Other handles get errors afterwards.
+    /// Commits everything queued, stops the writer and releases the file (the data directory
+    /// can be opened again at once), even while other handles live on: they get "the store is
+    /// closed" afterwards.
     pub async fn close(self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Close(Reply::Async(reply)))?;

@@ -1513,6 +1513,27 @@ async fn close_commits_and_later_calls_fail_cleanly() {
     assert_eq!(store.resume(10).last_pos, 1);
 }
 
+/// Regression: `close` stopped the writer but the database stayed open while another handle of
+/// the store lived (the node's components keep clones), so the data directory stayed locked
+/// after `NodeHandle::shutdown` until every handle was dropped. Now the file is released at the
+/// close; the handles left answer that the store is closed.
+#[tokio::test]
+async fn close_releases_the_file_while_other_handles_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let other = store.clone();
+    store.create(record("s-1", 1)).await.unwrap();
+    store.close().await.unwrap();
+
+    let reopened = open(dir.path()).await;
+    assert!(reopened.get(&sid("s-1")).await.unwrap().is_some());
+    let refused = other.get(&sid("s-1")).await.unwrap_err();
+    assert!(io_message(refused).contains("closed"));
+    assert!(other.flush().await.is_err());
+    drop(other);
+    reopened.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn the_file_is_readable_by_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;

@@ -425,12 +425,12 @@ impl Writer {
         }
         // Refuse what came after the close: queued appends are counted as dropped, waiters hear
         // that the store is closed (by their reply being dropped). Then release the file before
-        // saying the store is closed (a reader may still hold the database for a moment; the
-        // last of them closes it).
+        // saying the store is closed, even while other handles of the store live on (their
+        // reads answer that it is closed; reads under way are waited for).
         let late = appends_in(&rx.try_iter().collect::<Vec<_>>());
         drop(rx);
         stats_after_close(&state.stats, late);
-        drop(db);
+        db.close();
         for closer in closers {
             closer.send(closed.clone());
         }
