@@ -249,7 +249,8 @@ impl Store {
         let slot = slot.retry_at_once();
         let db = Arc::new(slot);
         let stats = Arc::new(Stats::default());
-        let reservation = Arc::new(Reservation::new(reserved));
+        let (reservation, durable) = Reservation::new(reserved);
+        let reservation = Arc::new(reservation);
         let (tx, rx) = mpsc::channel();
         let (written_tx, written) = tokio::sync::watch::channel(writer::Written::default());
         let (failing_tx, failing) = tokio::sync::watch::channel(None);
@@ -260,6 +261,7 @@ impl Store {
             rx,
             stats: stats.clone(),
             reservation: reservation.clone(),
+            durable,
             written: written_tx,
             failing: failing_tx,
         };
@@ -451,7 +453,7 @@ impl Store {
         let reservation = self.inner.reservation.clone();
         reservation.wanted.fetch_max(through, Ordering::AcqRel);
         let sent = self.send(Request::Wake);
-        let mut durable = reservation.durable.subscribe();
+        let mut durable = reservation.durable.clone();
         async move {
             sent?;
             durable

@@ -138,16 +138,20 @@ pub(super) enum Request {
 pub(super) struct Reservation {
     /// The highest reservation asked for.
     pub(super) wanted: AtomicU64,
-    /// The reservation on disk.
-    pub(super) durable: tokio::sync::watch::Sender<u64>,
+    /// The reservation on disk. The writer holds the only sender ([`Writer::durable`]), so a
+    /// wait ends when the writer stops, whatever handles of the store live on.
+    pub(super) durable: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Reservation {
-    pub(super) fn new(durable: u64) -> Self {
-        Self {
+    /// The reservation `durable` on disk, and the sender for the writer.
+    pub(super) fn new(durable: u64) -> (Self, tokio::sync::watch::Sender<u64>) {
+        let (sender, receiver) = tokio::sync::watch::channel(durable);
+        let reservation = Self {
             wanted: AtomicU64::new(durable),
-            durable: tokio::sync::watch::Sender::new(durable),
-        }
+            durable: receiver,
+        };
+        (reservation, sender)
     }
 }
 
@@ -304,6 +308,8 @@ pub(super) struct Writer {
     pub(super) rx: Receiver<Request>,
     pub(super) stats: Arc<Stats>,
     pub(super) reservation: Arc<Reservation>,
+    /// Raises [`Reservation::durable`]. Dropped with the writer, which ends every wait on it.
+    pub(super) durable: tokio::sync::watch::Sender<u64>,
     /// Where the writer has got to with event appends, and which of them failed (also counted
     /// in `failed_batches`, logged). Dropped with the writer, which ends every wait on it.
     pub(super) written: tokio::sync::watch::Sender<Written>,
@@ -322,6 +328,7 @@ impl Writer {
             rx,
             stats,
             reservation,
+            durable,
             written,
             failing,
         } = self;
@@ -330,6 +337,7 @@ impl Writer {
             config,
             stats,
             reservation,
+            durable,
             written,
             failing,
             probe: false,
@@ -512,6 +520,7 @@ struct WriterState {
     config: StoreConfig,
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
+    durable: tokio::sync::watch::Sender<u64>,
     written: tokio::sync::watch::Sender<Written>,
     failing: tokio::sync::watch::Sender<Option<String>>,
     /// The next batch is a probe (see `run`): it commits even with nothing to write.
@@ -609,8 +618,7 @@ impl WriterState {
     ) -> Result<(), StoreError> {
         let now = Instant::now();
         let age_due = now >= self.next_age_prune;
-        let reserve_due =
-            self.reservation.wanted.load(Ordering::Acquire) > *self.reservation.durable.borrow();
+        let reserve_due = self.reservation.wanted.load(Ordering::Acquire) > *self.durable.borrow();
         // A probe commits though it holds nothing (see `apply`).
         if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due && !self.probe {
             return Ok(());
@@ -700,7 +708,7 @@ impl WriterState {
                 }
                 if let Some(reserved) = reserved {
                     // On disk now (or already was): whoever waits for it may go on.
-                    self.reservation.durable.send_replace(reserved);
+                    self.durable.send_replace(reserved);
                 }
                 self.stats
                     .commits
