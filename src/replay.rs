@@ -23,7 +23,8 @@ use troupe_actors::kernel::CallError;
 
 use crate::store::Store;
 
-/// Events read from the log per page while filling a gap.
+/// Events read from the log per page while filling a gap (at most: a page also ends at
+/// [`MAX_EVENT_PAGE_BYTES`](crate::store::MAX_EVENT_PAGE_BYTES) of events, with `more` set).
 const GAP_PAGE: usize = 1_000;
 
 /// An event subscription that fills a resume gap from the event log. It filters with a link's

@@ -138,6 +138,55 @@ async fn a_filtered_resume_spanning_several_log_pages_keeps_only_matching_events
     node.shutdown().await;
 }
 
+/// A gap of large events is read a page of about a megabyte at a time (not `GAP_PAGE` events
+/// of up to 64 KiB each, held by every replaying link), and the short pages still follow each
+/// other without gap or duplicate.
+#[tokio::test]
+async fn a_gap_of_large_events_is_held_a_megabyte_at_a_time_and_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let session = SessionId::new("s-a").unwrap();
+    let mut watch = node.subscribe(EventFilter {
+        sessions: vec![session.clone()],
+        ..EventFilter::all()
+    });
+    let mut ids = Vec::new();
+    for index in 0..40 {
+        node.events().publish(
+            Some(session.clone()),
+            EventData::SessionOutput(troupe_actors::event::SessionOutput {
+                stream: troupe_actors::event::OutputStream::Stdout,
+                first_line: index as u64 + 1,
+                lines: vec!["x".repeat(64 * 1024)],
+                skipped: 0,
+            }),
+        );
+        // One at a time: a large event reaches a subscriber only while the small ring holds it.
+        match tokio::time::timeout(PATIENCE, watch.recv()).await.unwrap() {
+            Some(Delivery::Event(event)) => ids.push(event.id.clone()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let core = node.core();
+    let mut stream = session_stream_after(core, "s-a", &ids[0]).await;
+    let held = stream
+        .gap
+        .as_ref()
+        .expect("a gap from the log")
+        .buffer
+        .len();
+    assert!(
+        held * 64 * 1024 <= crate::store::MAX_EVENT_PAGE_BYTES,
+        "the first page holds {held} events of 64 KiB"
+    );
+    let mut got = Vec::new();
+    while let Some(delivery) = stream.next_replayed().await {
+        got.push(id_of(&delivery));
+    }
+    assert_eq!(got, ids[1..], "exactly the events after the resume point");
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_id_the_log_does_not_know_starts_with_a_lag_marker_then_the_ring() {
     let dir = tempfile::tempdir().unwrap();

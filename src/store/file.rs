@@ -1,8 +1,10 @@
-//! The store's open database, and opening it again after an I/O error.
+//! The store's open database, and opening it again after a failed commit.
 //!
 //! redb remembers a failed write, resize or sync of its file (a full disk, an I/O error) and
 //! refuses every write transaction after it ("Previous I/O error occurred. Please close and
-//! re-open the database") until that `Database` is dropped. So the writer, when a batch fails and
+//! re-open the database") until that `Database` is dropped; after a commit that failed otherwise
+//! it refuses them too, saying "Corrupted: … reopen the database to repair it" (see
+//! [`needs_reopen`]). So the writer, when a batch fails and
 //! the database refuses to begin another, takes the database out of the [`DbSlot`] (readers
 //! are told to try again meanwhile), waits for the reads still holding it, drops it (which
 //! releases the file) and opens the file again (redb repairs it if it must). What the failed batch
@@ -10,6 +12,7 @@
 //! again, without a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,8 @@ pub(super) struct DbSlot {
     path: PathBuf,
     opener: Opener,
     current: RwLock<Option<Arc<Database>>>,
+    /// The store was closed: the database is gone for good (see [`DbSlot::close`]).
+    closed: AtomicBool,
     /// [`REOPEN_EVERY`]; tests make it zero.
     reopen_every: Duration,
 }
@@ -47,6 +52,7 @@ impl DbSlot {
             path,
             opener,
             current: RwLock::new(Some(Arc::new(db))),
+            closed: AtomicBool::new(false),
             reopen_every: REOPEN_EVERY,
         }
     }
@@ -58,29 +64,57 @@ impl DbSlot {
         self
     }
 
-    /// The database, unless a reopen is under way (or failed: the writer tries again).
+    /// The database, unless a reopen is under way (or failed: the writer tries again) or the
+    /// store was closed.
     pub(super) fn get(&self) -> Result<Arc<Database>, StoreError> {
-        self.current
+        let current = self
+            .current
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| {
+            .clone();
+        current.ok_or_else(|| {
+            if self.closed.load(Ordering::Acquire) {
+                StoreError::Io("the store is closed".into())
+            } else {
                 StoreError::Io(
                     "the store is reopening its file after an I/O error (a full disk?); try again"
                         .into(),
                 )
-            })
+            }
+        })
     }
 
-    /// Whether the database refuses new writes for an earlier I/O error: it must be reopened.
+    /// Releases the file for good, once the writer has stopped: reads from now on answer that
+    /// the store is closed, and those still holding the database are waited for (at most
+    /// [`READS_PATIENCE`]; past it the last of them closes it). Other handles of the store may
+    /// live on; the data directory can be opened again at once.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let taken = self
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(old) = taken
+            && let Err(shared) = release(old)
+        {
+            tracing::warn!(
+                file = %self.path.display(),
+                "store: reads held the database for {READS_PATIENCE:?} after the close; the \
+                 last of them releases the file"
+            );
+            drop(shared);
+        }
+    }
+
+    /// Whether the database refuses new writes after a failed batch: it must be reopened.
     pub(super) fn poisoned(db: &Database) -> bool {
         match db.begin_write() {
-            Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => true,
             Ok(txn) => {
                 let _ = txn.abort();
                 false
             }
-            Err(_) => false,
+            Err(error) => needs_reopen(&error),
         }
     }
 
@@ -96,31 +130,16 @@ impl DbSlot {
         tracing::warn!(
             error = %why,
             file = %self.path.display(),
-            "store: the database refuses writes after an I/O error; reopening it"
+            "store: the database refuses writes after a failed commit; reopening it"
         );
-        if let Some(old) = taken {
-            let deadline = Instant::now() + READS_PATIENCE;
-            let mut old = old;
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(shared) if Instant::now() < deadline => {
-                        old = shared;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(shared) => {
-                        *self.current.write().unwrap_or_else(PoisonError::into_inner) =
-                            Some(shared);
-                        return Err(StoreError::Io(format!(
-                            "cannot reopen {}: reads held the database for {READS_PATIENCE:?}",
-                            self.path.display()
-                        )));
-                    }
-                }
-            }
+        if let Some(old) = taken
+            && let Err(shared) = release(old)
+        {
+            *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(shared);
+            return Err(StoreError::Io(format!(
+                "cannot reopen {}: reads held the database for {READS_PATIENCE:?}",
+                self.path.display()
+            )));
         }
         self.open_again()
     }
@@ -187,6 +206,47 @@ impl DbSlot {
     }
 }
 
+/// Drops the database (which releases the file) once the reads holding it are done; gives it
+/// back when they hold it longer than [`READS_PATIENCE`].
+fn release(old: Arc<Database>) -> Result<(), Arc<Database>> {
+    let deadline = Instant::now() + READS_PATIENCE;
+    let mut old = old;
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(db) => {
+                drop(db);
+                return Ok(());
+            }
+            Err(shared) if Instant::now() < deadline => {
+                old = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(shared) => return Err(shared),
+        }
+    }
+}
+
+/// Whether `error`, from beginning a write after a failed batch, says that only a new `Database`
+/// writes again. redb answers `PreviousIo` after an I/O error (which it latches); `Corrupted`
+/// ("allocator state was discarded by a failed integrity check or commit; reopen the database
+/// to repair it") after a commit that failed otherwise, the allocator state it discarded being
+/// rebuilt only by an open (a file truly damaged is repaired by the open, or refused by it, and
+/// the writer tries again); `Io` when beginning itself failed to read the file (the error is
+/// latched, and the next answer would be `PreviousIo`); `LockPoisoned` when a panic inside redb
+/// left a lock poisoned, which only a new `Database` clears. None of these goes away by itself.
+pub(super) fn needs_reopen(error: &redb::TransactionError) -> bool {
+    use redb::StorageError;
+    matches!(
+        error,
+        redb::TransactionError::Storage(
+            StorageError::PreviousIo
+                | StorageError::Corrupted(_)
+                | StorageError::Io(_)
+                | StorageError::LockPoisoned(_)
+        )
+    )
+}
+
 /// A file backend whose writes can be made to fail as on a full disk (tests).
 #[cfg(test)]
 pub(super) mod faulty {
@@ -202,15 +262,23 @@ pub(super) mod faulty {
 
     use super::Opener;
 
-    /// Writes fail with ENOSPC while `full` is set.
+    /// Writes fail with ENOSPC while `full` is set; a sync panics while `panic_on_sync` is
+    /// set (a commit that fails without an I/O error: redb then discards its allocator state
+    /// and answers the next write with "Corrupted … reopen the database").
     #[derive(Debug)]
     pub(crate) struct FaultyFile {
         inner: FileBackend,
         full: Arc<AtomicBool>,
+        panic_on_sync: Arc<AtomicBool>,
     }
 
     /// An opener over [`FaultyFile`]s that fail while `full` is set.
     pub(crate) fn opener(full: Arc<AtomicBool>) -> Opener {
+        opener_with(full, Arc::default())
+    }
+
+    /// [`opener`], whose files also panic on sync while `panic_on_sync` is set.
+    pub(crate) fn opener_with(full: Arc<AtomicBool>, panic_on_sync: Arc<AtomicBool>) -> Opener {
         Arc::new(move |path: &Path| {
             let file = OpenOptions::new()
                 .read(true)
@@ -221,6 +289,7 @@ pub(super) mod faulty {
             Database::builder().create_with_backend(FaultyFile {
                 inner: FileBackend::new(file)?,
                 full: full.clone(),
+                panic_on_sync: panic_on_sync.clone(),
             })
         })
     }
@@ -248,6 +317,10 @@ pub(super) mod faulty {
         }
         fn sync_data(&self) -> io::Result<()> {
             self.check()?;
+            assert!(
+                !self.panic_on_sync.load(Ordering::Relaxed),
+                "the sync panics (a test fault)"
+            );
             self.inner.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -287,5 +360,80 @@ pub(super) mod faulty {
         ) -> Result<bool, BackendError> {
             self.inner.query_lock_range(start, end)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::{ReadableDatabase, TableDefinition, TransactionError};
+    use troupe_actors::session::StoreError;
+
+    use super::{DbSlot, faulty, needs_reopen};
+
+    const TABLE: TableDefinition<'static, u64, u64> = TableDefinition::new("t");
+
+    /// Regression: after a commit that failed without an I/O error, redb answers every write
+    /// with `Corrupted("… reopen the database to repair it")`, and the writer took only
+    /// `PreviousIo` for a database to reopen: every batch failed until the node restarted.
+    #[test]
+    fn a_database_that_says_reopen_to_repair_is_poisoned_and_a_reopen_repairs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let panic_on_sync = Arc::new(AtomicBool::new(false));
+        let opener = faulty::opener_with(Arc::default(), panic_on_sync.clone());
+        let db = opener(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(TABLE).unwrap().insert(1, 1).unwrap();
+        txn.commit().unwrap();
+        assert!(!DbSlot::poisoned(&db), "a healthy database");
+
+        // A commit that fails by a panic in the backend, not an I/O error.
+        panic_on_sync.store(true, Ordering::Relaxed);
+        let txn = db.begin_write().unwrap();
+        txn.open_table(TABLE).unwrap().insert(2, 2).unwrap();
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.commit()));
+        assert!(failed.is_err());
+        panic_on_sync.store(false, Ordering::Relaxed);
+        let refused = db.begin_write().err().expect("writes are refused");
+        assert!(
+            matches!(
+                &refused,
+                TransactionError::Storage(redb::StorageError::Corrupted(message))
+                    if message.contains("reopen")
+            ),
+            "{refused:?}"
+        );
+        assert!(DbSlot::poisoned(&db));
+
+        let slot = DbSlot::new(path, opener, db);
+        slot.reopen(&StoreError::Io("the commit failed".into()))
+            .unwrap();
+        let db = slot.get().unwrap();
+        assert!(!DbSlot::poisoned(&db), "writes again after the reopen");
+        let txn = db.begin_write().unwrap();
+        txn.open_table(TABLE).unwrap().insert(3, 3).unwrap();
+        txn.commit().unwrap();
+        let read = db.begin_read().unwrap();
+        let table = read.open_table(TABLE).unwrap();
+        assert_eq!(table.get(1).unwrap().unwrap().value(), 1, "kept");
+        assert_eq!(table.get(3).unwrap().unwrap().value(), 3);
+    }
+
+    #[test]
+    fn only_errors_a_new_database_mends_call_for_a_reopen() {
+        use redb::StorageError;
+        let storage = |error| TransactionError::Storage(error);
+        assert!(needs_reopen(&storage(StorageError::PreviousIo)));
+        assert!(needs_reopen(&storage(StorageError::Corrupted("x".into()))));
+        assert!(needs_reopen(&storage(StorageError::Io(
+            std::io::Error::other("x")
+        ))));
+        assert!(!needs_reopen(&storage(StorageError::ValueTooLarge(1))));
+        assert!(!needs_reopen(&storage(StorageError::Unsupported)));
+        assert!(!needs_reopen(&storage(StorageError::DatabaseClosed)));
+        assert!(!needs_reopen(&TransactionError::WouldBlock));
     }
 }

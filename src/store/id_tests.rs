@@ -94,6 +94,31 @@ async fn a_reservation_is_durable_before_it_is_answered_and_a_reopened_store_res
     );
 }
 
+/// Regression: a reservation waited on a watch whose sender lived in the store's shared state,
+/// so once the writer had stopped (closed through another handle) with the reservation not
+/// durable (its batches failed), the wait never ended. The writer now owns the only sender.
+#[tokio::test]
+async fn a_reservation_waiting_when_the_writer_stops_is_answered_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = Store::open_faulty(dir.path(), node(), StoreConfig::default(), full.clone())
+        .await
+        .unwrap();
+    full.store(true, std::sync::atomic::Ordering::Relaxed);
+    let waiting = tokio::spawn(store.reserve_ids(500));
+    // The disk is full: the reservation's batches fail, and the wait goes on meanwhile.
+    let mut failing = store.write_failure();
+    failing.wait_for(Option::is_some).await.unwrap();
+    assert!(!waiting.is_finished());
+    let _ = store.clone().close().await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the wait ends when the writer stops")
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    assert_eq!(store.reserved_ids(), 0);
+}
+
 #[tokio::test]
 async fn a_release_gives_back_the_unused_reservation_so_a_clean_restart_stays_dense() {
     let dir = tempfile::tempdir().unwrap();

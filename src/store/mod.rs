@@ -38,9 +38,9 @@ use troupe_actors::ids::{NodeId, SessionId, Timestamp};
 use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError, Transition};
 
 pub use query::{
-    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
-    MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, MAX_SESSION_SCAN, OutputLine,
-    OutputPage, PruneReport, SessionPage, SessionQuery, cursor_after,
+    DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_PAGE_BYTES, MAX_EVENT_SCAN,
+    MAX_OUTPUT_PAGE, MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, MAX_SESSION_SCAN,
+    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery, cursor_after,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
@@ -249,7 +249,8 @@ impl Store {
         let slot = slot.retry_at_once();
         let db = Arc::new(slot);
         let stats = Arc::new(Stats::default());
-        let reservation = Arc::new(Reservation::new(reserved));
+        let (reservation, durable) = Reservation::new(reserved);
+        let reservation = Arc::new(reservation);
         let (tx, rx) = mpsc::channel();
         let (written_tx, written) = tokio::sync::watch::channel(writer::Written::default());
         let (failing_tx, failing) = tokio::sync::watch::channel(None);
@@ -260,6 +261,7 @@ impl Store {
             rx,
             stats: stats.clone(),
             reservation: reservation.clone(),
+            durable,
             written: written_tx,
             failing: failing_tx,
         };
@@ -365,7 +367,9 @@ impl Store {
         answered(answer.await)
     }
 
-    /// Commits everything queued, then stops the writer. Other handles get errors afterwards.
+    /// Commits everything queued, stops the writer and releases the file (the data directory
+    /// can be opened again at once), even while other handles live on: they get "the store is
+    /// closed" afterwards.
     pub async fn close(self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Close(Reply::Async(reply)))?;
@@ -411,7 +415,8 @@ impl Store {
     }
 
     /// Events after `after` (in arrival order) that match `filter`, at most `limit` (clamped to
-    /// [`MAX_EVENT_PAGE`]), for a replay older than the bus's ring. The log lags the bus by at
+    /// [`MAX_EVENT_PAGE`]) and [`MAX_EVENT_PAGE_BYTES`] of them (at least one), for a replay
+    /// older than the bus's ring. The log lags the bus by at
     /// most one batch; the ring covers the difference.
     pub async fn events_after(
         &self,
@@ -448,7 +453,7 @@ impl Store {
         let reservation = self.inner.reservation.clone();
         reservation.wanted.fetch_max(through, Ordering::AcqRel);
         let sent = self.send(Request::Wake);
-        let mut durable = reservation.durable.subscribe();
+        let mut durable = reservation.durable.clone();
         async move {
             sent?;
             durable
@@ -464,8 +469,9 @@ impl Store {
         *self.inner.reservation.durable.borrow()
     }
 
-    /// Events at arrival positions after `after_pos` that match `filter`: the next page of a
-    /// replay, continuing from the previous page's `through_pos`.
+    /// Events at arrival positions after `after_pos` that match `filter`, bounded as
+    /// [`Store::events_after`]'s: the next page of a replay, continuing from the previous page's
+    /// `through_pos`.
     pub async fn events_after_pos(
         &self,
         after_pos: u64,

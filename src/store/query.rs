@@ -29,6 +29,12 @@ pub const MAX_OUTPUT_PAGE: usize = 10_000;
 pub const MAX_OUTPUT_PAGE_BYTES: usize = 1024 * 1024;
 /// Most events one [`Store::events_after`](super::Store::events_after) page holds.
 pub const MAX_EVENT_PAGE: usize = 10_000;
+/// Most bytes of stored events one [`Store::events_after`](super::Store::events_after) page
+/// holds (their encoded values): an event may carry 64 KiB of output, so a page of 10,000 of
+/// them would hold over half a gigabyte, and every replaying link its own. Past it the page ends
+/// early with `more` set, its `through_pos` at the last event it holds. A page always holds at
+/// least one event.
+pub const MAX_EVENT_PAGE_BYTES: usize = 1024 * 1024;
 /// Most events one [`Store::events_after`](super::Store::events_after) call examines (matching or
 /// not), so a narrow filter over a large log answers in bounded time; `more` says to go on.
 pub const MAX_EVENT_SCAN: usize = 100_000;
@@ -174,7 +180,8 @@ pub struct EventsPage {
     /// Arrival position of the last event examined (matching or not): a caller continues from
     /// here, and live or ring events at or below it are duplicates.
     pub through_pos: u64,
-    /// More events follow `through_pos` (the limit or the scan bound was reached).
+    /// More events follow `through_pos` (the limit, the byte bound or the scan bound was
+    /// reached).
     pub more: bool,
 }
 

@@ -13,8 +13,9 @@ use troupe_actors::ids::{NodeId, SessionId};
 use troupe_actors::session::{SessionRecord, StoreError, Transition};
 
 use super::query::{
-    Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE, MAX_OUTPUT_PAGE_BYTES,
-    MAX_PAGE, MAX_SESSION_PAGE_BYTES, OutputLine, OutputPage, SessionPage, SessionQuery,
+    Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_PAGE_BYTES, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
+    MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, OutputLine, OutputPage, SessionPage,
+    SessionQuery,
 };
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX,
@@ -305,6 +306,8 @@ fn scan_events(
         through_pos: after_pos,
         ..EventsPage::default()
     };
+    // The stored bytes of the events the page holds.
+    let mut bytes = 0usize;
     for (examined, entry) in events
         .range(after_pos + 1..)
         .or_io("read events")?
@@ -316,10 +319,16 @@ fn scan_events(
         }
         let (pos, value) = entry.or_io("read events")?;
         let item = event(pos.value(), value.value())?;
-        page.through_pos = item.pos;
         if filter.matches(&item.event) {
+            bytes += value.value().len();
+            if bytes > MAX_EVENT_PAGE_BYTES && !page.events.is_empty() {
+                // Full: this event starts the next page (`through_pos` stays before it).
+                page.more = true;
+                break;
+            }
             page.events.push(item);
         }
+        page.through_pos = pos.value();
     }
     Ok(page)
 }

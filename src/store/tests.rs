@@ -1056,6 +1056,68 @@ async fn events_after_pos_continues_a_replay_where_the_last_page_stopped() {
     assert_eq!(past_the_end.through_pos, 13);
 }
 
+/// A replay page holds about [`MAX_EVENT_PAGE_BYTES`] of events, not [`MAX_EVENT_PAGE`] of up
+/// to 64 KiB each (which was over half a gigabyte per replaying link): it stops early with
+/// `more`, and the next page goes on from its `through_pos` without gap or duplicate.
+#[tokio::test]
+async fn an_event_page_of_large_events_ends_at_its_byte_budget_and_the_next_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    // 40 output events of 64 KiB (2.5 MiB): a page of them is 15 or 16 events.
+    let lines = vec!["x".repeat(64 * 1024)];
+    for seq in 1..=40 {
+        store.append(&item(seq, output_event(node(), seq, &lines)));
+    }
+    store.flush().await.unwrap();
+
+    let mut page = store
+        .events_after(
+            &EventId::new(node(), 1),
+            &EventFilter::all(),
+            MAX_EVENT_PAGE,
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(
+            !page.events.is_empty(),
+            "every page holds at least one event"
+        );
+        assert!(
+            page.events.len() * 64 * 1024 <= MAX_EVENT_PAGE_BYTES,
+            "a page of {} events of 64 KiB",
+            page.events.len()
+        );
+        assert_eq!(page.through_pos, page.events.last().unwrap().pos);
+        seen.extend(positions(&page.events));
+        if !page.more {
+            break;
+        }
+        page = store
+            .events_after_pos(page.through_pos, &EventFilter::all(), MAX_EVENT_PAGE)
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen, (2..=40).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert!(pages >= 3, "{pages} pages");
+
+    // A single event over the budget still comes, alone.
+    let huge = vec!["y".repeat(MAX_EVENT_PAGE_BYTES)];
+    store.append(&item(41, output_event(node(), 41, &huge)));
+    store.append(&item(42, output_event(node(), 42, &huge)));
+    store.flush().await.unwrap();
+    let page = store
+        .events_after_pos(40, &EventFilter::all(), 10)
+        .await
+        .unwrap();
+    assert_eq!(positions(&page.events), [41]);
+    assert!(page.more);
+    assert_eq!(page.through_pos, 41);
+}
+
 #[tokio::test]
 async fn retention_by_count_deletes_the_oldest_events_and_their_index() {
     let dir = tempfile::tempdir().unwrap();
@@ -1113,6 +1175,37 @@ async fn retention_by_bytes_keeps_the_log_under_its_budget() {
     assert_eq!(report.remaining, 3);
     assert_eq!(report.remaining_bytes, 3 * size);
     assert_eq!(positions(&store.resume(100).recent), [7, 8, 9]);
+}
+
+/// Regression: events are kept in arrival order but aged by their publisher's clock, and age
+/// retention stopped at the oldest event that had not expired: one event of a peer whose clock
+/// is two days ahead held back every expired event behind it. Now an event dated ahead of the
+/// clock is aged by arrival: it goes with the first sanely dated event after it once that one
+/// has expired (still from the oldest on, so a replay sees no hole), and stays while that one
+/// has not.
+#[tokio::test]
+async fn an_event_dated_ahead_of_the_clock_does_not_hold_back_age_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_micros();
+    let store = open(dir.path()).await;
+    store.append(&item(1, event(other_node(), 1, now + 2 * DAY)));
+    for pos in 2..=10 {
+        store.append(&item(pos, event(node(), pos, now - 8 * DAY)));
+    }
+    store.append(&item(11, event(other_node(), 2, now + 3 * DAY)));
+    for pos in 12..=13 {
+        store.append(&item(pos, event(node(), pos, now)));
+    }
+    store.flush().await.unwrap();
+
+    let report = store.prune(Timestamp::from_micros(now)).await.unwrap();
+    assert_eq!(report.removed, 10, "{report:?}");
+    assert_eq!(
+        positions(&store.resume(100).recent),
+        [11, 12, 13],
+        "the one dated ahead before recent events stays"
+    );
+    assert_eq!(store.oldest_event_pos().await.unwrap(), Some(11));
 }
 
 #[tokio::test]
@@ -1418,6 +1511,27 @@ async fn close_commits_and_later_calls_fail_cleanly() {
 
     let store = open(dir.path()).await;
     assert_eq!(store.resume(10).last_pos, 1);
+}
+
+/// Regression: `close` stopped the writer but the database stayed open while another handle of
+/// the store lived (the node's components keep clones), so the data directory stayed locked
+/// after `NodeHandle::shutdown` until every handle was dropped. Now the file is released at the
+/// close; the handles left answer that the store is closed.
+#[tokio::test]
+async fn close_releases_the_file_while_other_handles_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let other = store.clone();
+    store.create(record("s-1", 1)).await.unwrap();
+    store.close().await.unwrap();
+
+    let reopened = open(dir.path()).await;
+    assert!(reopened.get(&sid("s-1")).await.unwrap().is_some());
+    let refused = other.get(&sid("s-1")).await.unwrap_err();
+    assert!(io_message(refused).contains("closed"));
+    assert!(other.flush().await.is_err());
+    drop(other);
+    reopened.close().await.unwrap();
 }
 
 #[tokio::test]

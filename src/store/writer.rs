@@ -54,6 +54,16 @@ use super::schema::{
 /// the next passes, which follow at once.
 const PRUNE_CHUNK: u64 = 10_000;
 
+/// How far ahead of this node's clock an event may be dated and still be aged by its own date.
+/// One dated further (a peer whose clock is ahead) is aged by arrival instead: it goes with the
+/// first event that arrived after it and is dated sanely (see [`Tables::prune`]).
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// How many events dated ahead (see [`CLOCK_SKEW`]) age retention looks past, from the oldest,
+/// for one that decides their age; past that many in a row, they hold age retention back until
+/// they expire by their own date (the count and byte budgets still apply).
+const FUTURE_LOOKAHEAD: usize = 10_000;
+
 /// Most sessions one automatic retention pass examines (deleted or kept: a session that has not
 /// ended, or ended recently, is read and kept), so a pass stays short however many are kept.
 const SESSION_PRUNE_SCAN: usize = 4_096;
@@ -128,16 +138,20 @@ pub(super) enum Request {
 pub(super) struct Reservation {
     /// The highest reservation asked for.
     pub(super) wanted: AtomicU64,
-    /// The reservation on disk.
-    pub(super) durable: tokio::sync::watch::Sender<u64>,
+    /// The reservation on disk. The writer holds the only sender ([`Writer::durable`]), so a
+    /// wait ends when the writer stops, whatever handles of the store live on.
+    pub(super) durable: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Reservation {
-    pub(super) fn new(durable: u64) -> Self {
-        Self {
+    /// The reservation `durable` on disk, and the sender for the writer.
+    pub(super) fn new(durable: u64) -> (Self, tokio::sync::watch::Sender<u64>) {
+        let (sender, receiver) = tokio::sync::watch::channel(durable);
+        let reservation = Self {
             wanted: AtomicU64::new(durable),
-            durable: tokio::sync::watch::Sender::new(durable),
-        }
+            durable: receiver,
+        };
+        (reservation, sender)
     }
 }
 
@@ -294,6 +308,8 @@ pub(super) struct Writer {
     pub(super) rx: Receiver<Request>,
     pub(super) stats: Arc<Stats>,
     pub(super) reservation: Arc<Reservation>,
+    /// Raises [`Reservation::durable`]. Dropped with the writer, which ends every wait on it.
+    pub(super) durable: tokio::sync::watch::Sender<u64>,
     /// Where the writer has got to with event appends, and which of them failed (also counted
     /// in `failed_batches`, logged). Dropped with the writer, which ends every wait on it.
     pub(super) written: tokio::sync::watch::Sender<Written>,
@@ -312,6 +328,7 @@ impl Writer {
             rx,
             stats,
             reservation,
+            durable,
             written,
             failing,
         } = self;
@@ -320,6 +337,7 @@ impl Writer {
             config,
             stats,
             reservation,
+            durable,
             written,
             failing,
             probe: false,
@@ -415,12 +433,12 @@ impl Writer {
         }
         // Refuse what came after the close: queued appends are counted as dropped, waiters hear
         // that the store is closed (by their reply being dropped). Then release the file before
-        // saying the store is closed (a reader may still hold the database for a moment; the
-        // last of them closes it).
+        // saying the store is closed, even while other handles of the store live on (their
+        // reads answer that it is closed; reads under way are waited for).
         let late = appends_in(&rx.try_iter().collect::<Vec<_>>());
         drop(rx);
         stats_after_close(&state.stats, late);
-        drop(db);
+        db.close();
         for closer in closers {
             closer.send(closed.clone());
         }
@@ -502,6 +520,7 @@ struct WriterState {
     config: StoreConfig,
     stats: Arc<Stats>,
     reservation: Arc<Reservation>,
+    durable: tokio::sync::watch::Sender<u64>,
     written: tokio::sync::watch::Sender<Written>,
     failing: tokio::sync::watch::Sender<Option<String>>,
     /// The next batch is a probe (see `run`): it commits even with nothing to write.
@@ -599,8 +618,7 @@ impl WriterState {
     ) -> Result<(), StoreError> {
         let now = Instant::now();
         let age_due = now >= self.next_age_prune;
-        let reserve_due =
-            self.reservation.wanted.load(Ordering::Acquire) > *self.reservation.durable.borrow();
+        let reserve_due = self.reservation.wanted.load(Ordering::Acquire) > *self.durable.borrow();
         // A probe commits though it holds nothing (see `apply`).
         if batch.is_empty() && !age_due && !self.prune_backlog && !reserve_due && !self.probe {
             return Ok(());
@@ -690,7 +708,7 @@ impl WriterState {
                 }
                 if let Some(reserved) = reserved {
                     // On disk now (or already was): whoever waits for it may go on.
-                    self.reservation.durable.send_replace(reserved);
+                    self.durable.send_replace(reserved);
                 }
                 self.stats
                     .commits
@@ -990,14 +1008,21 @@ impl WriterState {
             let keep = u64::try_from(keep.as_micros()).unwrap_or(u64::MAX);
             Timestamp::from_micros(now.as_micros().saturating_sub(keep))
         };
-        let cutoff = now.map(|now| before(now, self.config.event_retention));
+        let age = now.map(|now| Age {
+            cutoff: before(now, self.config.event_retention),
+            ahead: Timestamp::from_micros(
+                now.as_micros()
+                    .saturating_add(CLOCK_SKEW.as_micros() as u64),
+            ),
+        });
+        let cutoff = age.map(|age| age.cutoff);
         // An explicit prune finishes the job; automatic ones work in chunks.
         let chunk = if explicit.is_some() {
             u64::MAX
         } else {
             PRUNE_CHUNK
         };
-        let removed = tables.prune(&self.config, cutoff, chunk)?;
+        let removed = tables.prune(&self.config, age, chunk)?;
         let session_cutoff = now
             .zip(self.config.session_retention)
             .map(|(now, keep)| before(now, keep));
@@ -1073,6 +1098,14 @@ struct Totals {
     bytes: u64,
     count: u64,
     last_pos: u64,
+}
+
+/// What age retention deletes: events dated before `cutoff`, and those dated after `ahead` (this
+/// node's clock plus [`CLOCK_SKEW`]) that arrived before one of them.
+#[derive(Debug, Clone, Copy)]
+struct Age {
+    cutoff: Timestamp,
+    ahead: Timestamp,
 }
 
 /// The fields of a stored event that retention needs.
@@ -1440,14 +1473,23 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Deletes events from the oldest on while the log is over budget or they are older than
-    /// `cutoff`; at most `max` of them.
+    /// the age's cutoff; at most `max` of them.
+    ///
+    /// Events are kept in arrival order but dated by their publisher, whose clock may be ahead
+    /// of this node's: an oldest event dated after `age.ahead` would hold back every expired
+    /// event behind it. Such an event is aged by arrival: it goes when the first event after it
+    /// that is dated sanely has expired (looking at most [`FUTURE_LOOKAHEAD`] events ahead), so
+    /// retention still deletes from the oldest on, never leaving a hole.
     fn prune(
         &mut self,
         config: &StoreConfig,
-        cutoff: Option<Timestamp>,
+        age: Option<Age>,
         max: u64,
     ) -> Result<u64, redb::Error> {
+        let cutoff = age.map(|age| age.cutoff);
         let mut removed = 0;
+        // Events up to this position arrived before an expired one (see above).
+        let mut expired_through = None;
         while removed < max {
             let over_budget = self.totals.bytes > config.event_retention_bytes
                 || self.totals.count > config.event_retention_count;
@@ -1465,8 +1507,18 @@ impl<'txn> Tables<'txn> {
                     serde_json::from_slice::<EventHead>(value),
                 )
             };
-            let expired = match (&head, cutoff) {
-                (Ok(head), Some(cutoff)) => head.at < cutoff,
+            let expired = match (&head, age) {
+                _ if expired_through.is_some_and(|through| pos <= through) => true,
+                (Ok(head), Some(age)) if head.at > age.ahead => {
+                    match self.expired_after(pos, age)? {
+                        Some(through) => {
+                            expired_through = Some(through);
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                (Ok(head), Some(age)) => head.at < age.cutoff,
                 (Ok(_), None) => false,
                 // Unreadable: it cannot be served anyway, and it is the oldest.
                 (Err(_), _) => true,
@@ -1505,6 +1557,23 @@ impl<'txn> Tables<'txn> {
             self.totals.count = 0;
         }
         Ok(removed)
+    }
+
+    /// For an event at `pos` dated ahead of the clock: the position of the first event after
+    /// it dated sanely (skipping those dated ahead, and unreadable ones) when that one has
+    /// expired; `None` when it has not, or none is found within [`FUTURE_LOOKAHEAD`] events.
+    fn expired_after(&self, pos: u64, age: Age) -> Result<Option<u64>, redb::Error> {
+        for entry in self.events.range(pos + 1..)?.take(FUTURE_LOOKAHEAD) {
+            let (later, value) = entry?;
+            let Ok(head) = serde_json::from_slice::<EventHead>(value.value()) else {
+                continue;
+            };
+            if head.at > age.ahead {
+                continue;
+            }
+            return Ok((head.at < age.cutoff).then(|| later.value()));
+        }
+        Ok(None)
     }
 
     /// Deletes sessions in a terminal state that ended before `cutoff`, with their transitions,

@@ -104,10 +104,17 @@ enum Reattached {
 /// [`END_RETRY_FIRST`] doubling up to [`END_RETRY_MAX`], for as long as it fails (a full disk,
 /// the store reopening its file); the session keeps its slot meanwhile, answers `Get` and
 /// `Cancel` with its record as it stands, and ignores the rest.
+///
+/// Every attempt writes the same record (the end's time is the first attempt's), because a
+/// write reported failed may have landed (the store's commit can fail after it reached the
+/// disk): an attempt that then finds the session already ended reads the stored record, and when
+/// it is this end, exactly, announces it as its own (see [`SessionActorState::end`]).
 struct PendingEnd {
     state: SessionState,
     reason: Option<String>,
     status: Option<ExitStatus>,
+    /// When the run ended: the time of the first attempt, which every attempt records.
+    at: Timestamp,
     /// The wait before the next attempt.
     retry_in: Duration,
 }
@@ -388,11 +395,37 @@ impl SessionActorState {
         to: SessionState,
         reason: Option<String>,
     ) -> Result<(), StoreError> {
-        let from = self.record.state;
+        self.persist_at(to, reason, Timestamp::now()).await
+    }
+
+    /// [`Self::persist`], the transition made at `at`.
+    async fn persist_at(
+        &mut self,
+        to: SessionState,
+        reason: Option<String>,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let (next, transition) = self.next_record(to, reason, at);
+        self.args
+            .context
+            .store
+            .transition(next.clone(), transition)
+            .await?;
+        self.record = next;
+        Ok(())
+    }
+
+    /// The record after `self.record.state → to` at `at`, and that transition.
+    fn next_record(
+        &self,
+        to: SessionState,
+        reason: Option<String>,
+        at: Timestamp,
+    ) -> (SessionRecord, Transition) {
         let transition = Transition {
-            from,
+            from: self.record.state,
             to,
-            at: Timestamp::now(),
+            at,
             reason: reason.clone(),
         };
         let mut next = self.record.clone();
@@ -401,15 +434,9 @@ impl SessionActorState {
             next.reason = reason;
         }
         if to.is_terminal() {
-            next.ended_at = Some(transition.at);
+            next.ended_at = Some(at);
         }
-        self.args
-            .context
-            .store
-            .transition(next.clone(), transition)
-            .await?;
-        self.record = next;
-        Ok(())
+        (next, transition)
     }
 
     /// Records a stop request durably, then signals the process (SIGTERM, SIGKILL after the
@@ -687,37 +714,55 @@ impl SessionActorState {
             self.record.exit_code = status.code;
             self.record.signal = status.signal;
         }
-        match self.persist(state, reason.clone()).await {
-            Ok(()) => {}
+        // A retry records the end the first attempt tried to (see `PendingEnd`).
+        let at = self
+            .pending_end
+            .as_ref()
+            .map_or_else(Timestamp::now, |pending| pending.at);
+        let failure = match self.persist_at(state, reason.clone(), at).await {
+            Ok(()) => None,
             Err(StoreError::Conflict { actual, .. }) if actual.is_terminal() => {
-                // Already recorded by an earlier instance: never report a run twice.
-                self.record.state = actual;
-                self.finished(ctx);
-                return Ok(());
+                match self.own_end_landed(state, &reason, at).await {
+                    // An attempt of this instance reported failed had landed: the end is
+                    // recorded, and not announced yet.
+                    Ok(Some(stored)) => {
+                        self.record = stored;
+                        None
+                    }
+                    Ok(None) => {
+                        // Already recorded by an earlier instance: never report a run twice.
+                        self.record.state = actual;
+                        self.finished(ctx);
+                        return Ok(());
+                    }
+                    Err(error) => Some(error),
+                }
             }
             // The storage failed; anything else would fail again the same way.
-            Err(error @ (StoreError::Io(_) | StoreError::InUse(_))) => {
-                let retry_in = self
-                    .pending_end
-                    .as_ref()
-                    .map_or(END_RETRY_FIRST, |pending| pending.retry_in);
-                tracing::warn!(
-                    session = %self.args.id,
-                    end = %state,
-                    %error,
-                    retry_in = ?retry_in,
-                    "the session's end could not be recorded; trying again"
-                );
-                ctx.send_after(retry_in, SessionMsg::RetryEnd);
-                self.pending_end = Some(PendingEnd {
-                    state,
-                    reason,
-                    status,
-                    retry_in: (retry_in * 2).min(END_RETRY_MAX),
-                });
-                return Ok(());
-            }
+            Err(error @ (StoreError::Io(_) | StoreError::InUse(_))) => Some(error),
             Err(error) => return Err(error),
+        };
+        if let Some(error) = failure {
+            let retry_in = self
+                .pending_end
+                .as_ref()
+                .map_or(END_RETRY_FIRST, |pending| pending.retry_in);
+            tracing::warn!(
+                session = %self.args.id,
+                end = %state,
+                %error,
+                retry_in = ?retry_in,
+                "the session's end could not be recorded; trying again"
+            );
+            ctx.send_after(retry_in, SessionMsg::RetryEnd);
+            self.pending_end = Some(PendingEnd {
+                state,
+                reason,
+                status,
+                at,
+                retry_in: (retry_in * 2).min(END_RETRY_MAX),
+            });
+            return Ok(());
         }
         self.pending_end = None;
         // Output held back by the event bound goes out before the end.
@@ -739,18 +784,45 @@ impl SessionActorState {
             state,
             reason,
             status,
+            at,
             retry_in,
         } = pending;
-        // Kept for `end` to double, should this attempt fail too.
+        // Kept for `end` to record the same end again and to double the wait, should this
+        // attempt fail too.
         self.pending_end = Some(PendingEnd {
             state,
             reason: None,
             status: None,
+            at,
             retry_in,
         });
         // An error here is not a storage failure but a refusal of the end itself (the record
         // changed under this instance): a new instance starts from the stored record.
         self.end(ctx, state, reason, status).await
+    }
+
+    /// After an attempt to record the end found the session ended: the stored record when it is
+    /// the end this instance wrote in an attempt reported failed (the same state, time, reason
+    /// and exit), `None` when someone else ended it (or no attempt of this instance failed), an
+    /// error when the record cannot be read (the caller tries again later).
+    async fn own_end_landed(
+        &mut self,
+        state: SessionState,
+        reason: &Option<String>,
+        at: Timestamp,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        if self.pending_end.is_none() {
+            return Ok(None);
+        }
+        let (written, _) = self.next_record(state, reason.clone(), at);
+        let stored = self.args.context.store.get(&self.args.id).await?;
+        Ok(stored.filter(|stored| {
+            stored.state == written.state
+                && stored.ended_at == written.ended_at
+                && stored.reason == written.reason
+                && stored.exit_code == written.exit_code
+                && stored.signal == written.signal
+        }))
     }
 
     fn announce_end(

@@ -616,9 +616,19 @@ impl ManagerState {
         let me = ctx.handle().clone();
         let create = store.create(record.clone());
         tokio::spawn({
-            let id = id.clone();
+            let (id, record) = (id.clone(), record.clone());
             async move {
-                let result = create.await;
+                let mut result = create.await;
+                if let Err(StoreError::Io(_) | StoreError::InUse(_)) = &result {
+                    // A write reported failed may have landed (the store's commit can fail after
+                    // it reached the disk): a record stored under this new id is this one, and
+                    // the caller is told it was accepted, not to submit it again.
+                    if let Ok(Some(stored)) = store.get(&id).await
+                        && stored == record
+                    {
+                        result = Ok(());
+                    }
+                }
                 let _ = me.cast(ManagerMsg::Created { id, result });
             }
         });

@@ -158,9 +158,14 @@ struct StoreData {
     failing_gets: usize,
     /// Transitions that fail (with an I/O error) before the next one succeeds.
     failing_transitions: usize,
+    /// Transitions that land but are answered with an I/O error, as the real store's commit
+    /// can fail after it reached the disk.
+    landing_failures: usize,
     /// Creates that fail (with an I/O error) before the next one succeeds; counted when the
     /// write lands (after its gate, if one holds it).
     failing_creates: usize,
+    /// Creates that land but are answered with an I/O error (see `landing_failures`).
+    landing_creates: usize,
 }
 
 /// Holds back one kind of write of one session until the test opens it.
@@ -278,6 +283,10 @@ impl SessionStore for MemoryStore {
                 return Err(StoreError::Io("the disk is gone".into()));
             }
             data.records.insert(record.id.clone(), record);
+            if data.landing_creates > 0 {
+                data.landing_creates -= 1;
+                return Err(StoreError::Io("the commit was reported failed".into()));
+            }
             Ok(())
         })
     }
@@ -312,6 +321,10 @@ impl SessionStore for MemoryStore {
                 Some(_) => {
                     data.transitions.push((record.id.clone(), transition));
                     data.records.insert(record.id.clone(), record);
+                    if data.landing_failures > 0 {
+                        data.landing_failures -= 1;
+                        return Err(StoreError::Io("the commit was reported failed".into()));
+                    }
                     Ok(())
                 }
             }
@@ -1650,6 +1663,17 @@ async fn health_reports_the_sessions_as_fields() {
     assert!(longest.since <= Timestamp::now());
 }
 
+/// Waits until the actor whose status this is has stopped for good.
+async fn stopped(status: &mut tokio::sync::watch::Receiver<HandleStatus>) {
+    tokio::time::timeout(
+        Duration::from_secs(3600),
+        status.wait_for(|status| matches!(status, HandleStatus::Stopped)),
+    )
+    .await
+    .expect("the actor stops")
+    .expect("its handle lives");
+}
+
 /// Yields until `condition` holds (other tasks run meanwhile); fails after many rounds.
 async fn until(mut condition: impl FnMut() -> bool) {
     for _ in 0..10_000 {
@@ -1860,6 +1884,93 @@ async fn an_exit_whose_end_could_not_be_recorded_is_recorded_once_the_store_take
     assert_eq!(stored.state, SessionState::Failed);
     assert_eq!(stored.exit_code, Some(3));
     assert_eq!(h.runner.starts(), 1);
+}
+
+/// Regression: the write of a run's end was reported failed but had landed (redb's commit can
+/// fail after the new header reached the disk); the retry found the session `failed` and took
+/// it for an earlier instance's end, so the actor stopped without publishing `session.failed`:
+/// followers waited for good. Now the retry reads the record, sees its own end (same state,
+/// time and exit) and announces it, once.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_end_whose_write_was_reported_failed_but_landed_is_announced_once() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let mut status = h.sessions().shared.handle(&id).unwrap().watch_status();
+
+    h.store.data.lock().unwrap().landing_failures = 1;
+    h.runner.exit(&id, 3);
+    match h.expect(&id, "session.failed").await {
+        EventData::SessionFailed(ended) => assert_eq!(ended.exit_code, Some(3)),
+        other => panic!("{other:?}"),
+    }
+    stopped(&mut status).await;
+    assert_eq!(h.store.data.lock().unwrap().landing_failures, 0);
+    assert_eq!(
+        h.store.history(&id),
+        [
+            SessionState::Queued,
+            SessionState::Starting,
+            SessionState::Running,
+            SessionState::Failed
+        ],
+        "recorded once"
+    );
+    // Nothing more of it, however long one waits: one end, announced once.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_millis(1), h.events.recv()).await
+    {
+        if let Delivery::Event(event) = delivery {
+            assert_ne!(event.session.as_ref(), Some(&id), "{:?}", event.kind());
+        }
+    }
+}
+
+/// The other side of the test above: an end that someone else recorded while this instance's
+/// own write failed (and did not land) is not announced by this instance.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_end_recorded_by_someone_else_while_the_write_failed_is_not_announced_again() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    let id = h.submit(command("sh")).await.unwrap().record.id;
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    h.running(&id).await;
+    let mut status = h.sessions().shared.handle(&id).unwrap().watch_status();
+
+    h.store.data.lock().unwrap().failing_transitions = 1;
+    let (first_arrived, first_open) = h
+        .store
+        .gate(Some(id.clone()), GatedWrite::To(SessionState::Failed));
+    h.runner.exit(&id, 3);
+    first_arrived.notified().await;
+    let (retry_arrived, retry_open) = h
+        .store
+        .gate(Some(id.clone()), GatedWrite::To(SessionState::Failed));
+    first_open.add_permits(1);
+    retry_arrived.notified().await;
+    // Before the retry lands, the record is ended by someone else: the same end as this
+    // instance's but for its time, which tells the two apart.
+    {
+        let mut data = h.store.data.lock().unwrap();
+        assert_eq!(data.failing_transitions, 0, "the first attempt failed");
+        let record = data.records.get_mut(&id).unwrap();
+        record.state = SessionState::Failed;
+        record.exit_code = Some(3);
+        record.reason = Some("exit code 3".into());
+        record.ended_at = Some(Timestamp::from_micros(1));
+    }
+    retry_open.add_permits(1);
+    stopped(&mut status).await;
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_millis(1), h.events.recv()).await
+    {
+        if let Delivery::Event(event) = delivery {
+            assert_ne!(event.session.as_ref(), Some(&id), "{:?}", event.kind());
+        }
+    }
 }
 
 /// Regression: when the `starting → running` write failed after the process had started, and
@@ -2096,6 +2207,27 @@ async fn a_submission_whose_store_write_fails_lets_the_next_one_start() {
     // Nothing else is sent to the manager: the failure itself frees the slot.
     h.expect(&second, "session.started").await;
     assert_eq!(h.runner.starts(), 1);
+}
+
+/// Regression: a submission whose create was reported failed but had landed (redb's commit can
+/// fail after it reached the disk) was refused to its caller, who would submit it again, while
+/// its record stayed queued in the store, run by nobody until the node restarted (and then run
+/// as well). Now the manager reads the record back: it is there, so the submission is accepted.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_submission_whose_create_was_reported_failed_but_landed_is_accepted() {
+    let mut h = Harness::start(SessionSettings::default(), Arc::default()).await;
+    h.store.data.lock().unwrap().landing_creates = 1;
+    let admitted = h.submit(command("sh")).await.expect("accepted");
+    let id = admitted.record.id;
+    assert_eq!(h.store.data.lock().unwrap().landing_creates, 0);
+    h.expect(&id, "session.queued").await;
+    h.expect(&id, "session.started").await;
+    assert_eq!(h.runner.starts(), 1);
+
+    // A create that did not land is still refused.
+    h.store.data.lock().unwrap().failing_creates = 1;
+    let refused = h.submit(command("sh")).await.unwrap_err();
+    assert!(matches!(refused, SubmitError::Store(_)), "{refused:?}");
 }
 
 /// Regression: a shutdown's drain that waited for a submission whose store write was in flight
