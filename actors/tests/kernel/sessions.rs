@@ -622,6 +622,22 @@ impl Harness {
         data
     }
 
+    /// Asserts that no event of `id` is left: none among those set aside, none queued.
+    async fn assert_no_more_events_of(&mut self, id: &SessionId) {
+        assert!(
+            self.seen.iter().all(|(session, _, _)| session != id),
+            "{:?}",
+            self.seen
+        );
+        while let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_millis(1), self.events.recv()).await
+        {
+            if let Delivery::Event(event) = delivery {
+                assert_ne!(event.session.as_ref(), Some(id), "{:?}", event.kind());
+            }
+        }
+    }
+
     /// Waits for `id`'s `session.failed` saying its actor could not be started, and checks that
     /// the store went `queued → starting → failed`.
     async fn expect_failed_to_start(&mut self, id: &SessionId) {
@@ -1920,13 +1936,7 @@ async fn an_end_whose_write_was_reported_failed_but_landed_is_announced_once() {
     );
     // Nothing more of it, however long one waits: one end, announced once.
     tokio::time::sleep(Duration::from_secs(120)).await;
-    while let Ok(Some(delivery)) =
-        tokio::time::timeout(Duration::from_millis(1), h.events.recv()).await
-    {
-        if let Delivery::Event(event) = delivery {
-            assert_ne!(event.session.as_ref(), Some(&id), "{:?}", event.kind());
-        }
-    }
+    h.assert_no_more_events_of(&id).await;
 }
 
 /// The other side of the test above: an end that someone else recorded while this instance's
@@ -1964,13 +1974,7 @@ async fn an_end_recorded_by_someone_else_while_the_write_failed_is_not_announced
     }
     retry_open.add_permits(1);
     stopped(&mut status).await;
-    while let Ok(Some(delivery)) =
-        tokio::time::timeout(Duration::from_millis(1), h.events.recv()).await
-    {
-        if let Delivery::Event(event) = delivery {
-            assert_ne!(event.session.as_ref(), Some(&id), "{:?}", event.kind());
-        }
-    }
+    h.assert_no_more_events_of(&id).await;
 }
 
 /// Regression: when the `starting → running` write failed after the process had started, and
