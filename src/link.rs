@@ -132,14 +132,20 @@ impl Drop for LinkGuard {
     }
 }
 
+/// The longest description of a link's subscriptions in link listings, in bytes: a WebSocket
+/// link may hold 16 subscriptions of 64 kinds, sessions and nodes each (about 140 KB written
+/// out), and `/v1/links` lists up to every link of the node.
+pub const MAX_FILTER_DESCRIPTION: usize = 512;
+
 /// Describes a link's subscriptions for link listings: `all`, `kind=session.* session=s-1`, or
-/// `name: …; name: …` when it holds several (`none` when it holds none).
+/// `name: …; name: …` when it holds several (`none` when it holds none); cut at
+/// [`MAX_FILTER_DESCRIPTION`] bytes, ending with `… (N subscriptions)` when cut.
 pub fn describe_filters(filters: &FilterSet) -> String {
     let parts: Vec<(&str, String)> = filters
         .iter()
         .map(|(name, filter)| (name, describe_filter(filter)))
         .collect();
-    match parts.as_slice() {
+    let whole = match parts.as_slice() {
         [] => "none".into(),
         [(name, only)] if *name == DEFAULT_SUBSCRIPTION => only.clone(),
         _ => parts
@@ -147,7 +153,16 @@ pub fn describe_filters(filters: &FilterSet) -> String {
             .map(|(name, filter)| format!("{name}: {filter}"))
             .collect::<Vec<_>>()
             .join("; "),
+    };
+    if whole.len() <= MAX_FILTER_DESCRIPTION {
+        return whole;
     }
+    let tail = format!("… ({} subscriptions)", parts.len());
+    let mut cut = MAX_FILTER_DESCRIPTION - tail.len();
+    while !whole.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tail}", &whole[..cut])
 }
 
 /// Describes a filter for link listings.
@@ -250,6 +265,33 @@ pub async fn open_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use troupe_actors::ids::SessionId;
+
+    /// Regression: a WebSocket link's 16 subscriptions of 64 sessions each were written out
+    /// whole (about 140 KB a link), so one viewer's 200 links made `/v1/links` answer 28 MB.
+    #[test]
+    fn a_links_description_is_cut_at_its_bound_saying_how_many_subscriptions_it_has() {
+        let mut filters = FilterSet::none();
+        for n in 0..16 {
+            let filter = EventFilter {
+                sessions: (0..64)
+                    .map(|s| SessionId::new(format!("s-{n}-{s}-{}", "x".repeat(40))).unwrap())
+                    .collect(),
+                ..EventFilter::all()
+            };
+            filters.subscribe(&format!("sub{n}"), filter).unwrap();
+        }
+        let described = describe_filters(&filters);
+        assert!(
+            described.len() <= MAX_FILTER_DESCRIPTION,
+            "{}",
+            described.len()
+        );
+        assert!(described.starts_with("sub"), "{described}");
+        assert!(described.ends_with("… (16 subscriptions)"), "{described}");
+        let short = FilterSet::single(EventFilter::all());
+        assert_eq!(describe_filters(&short), "all", "short ones are whole");
+    }
 
     /// Regression: one token (a viewer's, say) could open every link the node serves, and a
     /// legacy MCP session keeps its link with no connection open, so a script could fill the
