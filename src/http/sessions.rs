@@ -335,7 +335,12 @@ pub(super) async fn output(
                     .parse::<usize>()
                     .ok()
                     .filter(|limit| (1..=MAX_OUTPUT_PAGE).contains(limit))
-                    .ok_or_else(|| bad(&format!("1 to {MAX_OUTPUT_PAGE}")))?
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("limit={value:?}: 1 to {MAX_OUTPUT_PAGE}"),
+                        )
+                    })?
             }
             "follow" => {
                 follow = match value.as_ref() {
@@ -369,6 +374,20 @@ pub(super) async fn output(
             "truncated": page.truncated,
         }))
         .into_response());
+    }
+    // A client reconnecting to a followed stream (an EventSource) names the last line it got:
+    // the stream goes on after it, whatever `offset` says.
+    if let Some(last) = headers.get("last-event-id") {
+        offset = last
+            .to_str()
+            .ok()
+            .and_then(|last| last.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    "Last-Event-ID: the number of the last line received",
+                )
+            })?;
     }
     // A follow holds its client's stream open for as long as the run lasts: it counts as one of
     // the token's links (a forwarded one was counted on the node its client asked).

@@ -1156,3 +1156,61 @@ async fn followed_output_streams_count_toward_the_tokens_links() {
     let cancelled = node.delete(&format!("/v1/sessions/{id}")).await;
     assert_eq!(cancelled.status(), 202);
 }
+
+/// Regression: a followed output stream gave every line its number as SSE id but ignored the
+/// `Last-Event-ID` a reconnecting EventSource sends, so the client got the whole log again.
+/// Also: a bad `limit` on the output route had another code than on the listing.
+#[tokio::test]
+async fn a_followed_output_stream_goes_on_after_the_last_event_id() {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+
+    let fixture = Fixture::start("", &[]).await;
+    let node = &fixture.node;
+    let id = id_of(
+        &node
+            .spawn_session(sh("for i in 1 2 3 4 5; do echo line$i; done"))
+            .await,
+    );
+    let (texts, state) = node.run_to_end(&id).await;
+    assert_eq!((texts.len(), state.as_str()), (5, "succeeded"));
+
+    let follow = |last: &'static str| {
+        node.client()
+            .get(node.url(&format!("/v1/sessions/{id}/output?follow=true&offset=1")))
+            .bearer_auth(&node.token)
+            .header("Last-Event-ID", last)
+            .send()
+    };
+    let response = follow("3").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let events: Vec<_> = response
+        .bytes_stream()
+        .eventsource()
+        .map(|event| event.unwrap())
+        .collect()
+        .await;
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .map(|event| (event.event.clone(), event.id.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("message".to_owned(), "4".to_owned()),
+            ("message".to_owned(), "5".to_owned()),
+            ("end".to_owned(), "5".to_owned()),
+        ],
+        "the lines after 3, whatever offset says, then the end"
+    );
+
+    let bad = follow("three").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_parameter", "{body}");
+
+    let bad_limit = node.get(&format!("/v1/sessions/{id}/output?limit=0")).await;
+    assert_eq!(bad_limit.status(), 400);
+    let body: Value = bad_limit.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_limit", "{body}");
+}
