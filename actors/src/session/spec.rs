@@ -70,6 +70,7 @@ pub struct SpecError {
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,
@@ -183,6 +184,15 @@ impl SessionSpec {
         check.entries("labels", self.labels.len())?;
         for (key, value) in &self.labels {
             check.name(&format!("labels.{key}"), key)?;
+            if key.contains('=') {
+                // A listing's `label=KEY=VALUE` splits at the first `=`: it could never be found.
+                return Err(error(
+                    &format!("labels.{key}"),
+                    "a label's name cannot hold '=' (a listing's label=KEY=VALUE filter splits \
+                     at the first '=')"
+                        .into(),
+                ));
+            }
             check.value(&format!("labels.{key}"), value)?;
         }
         if let Some(key) = &self.idempotency_key {
@@ -598,6 +608,19 @@ mod tests {
             chat.validate(&limits).unwrap_err().field,
             "messages[0].role"
         );
+        // A label name with '=' could never be found by a listing's label=KEY=VALUE.
+        let mut labelled = command(vec![]);
+        labelled.labels.insert("a=b".into(), "c".into());
+        assert_eq!(labelled.validate(&limits).unwrap_err().field, "labels.a=b");
+    }
+
+    /// Regression: unknown fields inside a chat message were dropped without a word, though
+    /// every other unknown field of a spawn request is refused.
+    #[test]
+    fn a_chat_message_with_an_unknown_field_is_refused() {
+        let message = serde_json::json!({"role": "user", "content": "hi", "bogus": 1});
+        let error = serde_json::from_value::<ChatMessage>(message).unwrap_err();
+        assert!(error.to_string().contains("bogus"), "{error}");
     }
 
     fn aider(message: String) -> SessionSpec {
