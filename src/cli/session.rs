@@ -894,6 +894,15 @@ fn note_next_page(page: &Value) {
              next page"
         );
     }
+    // A cluster listing has no cursor of its own: each node's listing that went on says where.
+    for (node, cursor) in page["next_cursors"].as_object().into_iter().flatten() {
+        if let Some(cursor) = cursor.as_str() {
+            eprintln!(
+                "troupe: node {node} has more sessions: list them on that node with --scope local \
+                 --cursor {cursor}"
+            );
+        }
+    }
 }
 
 fn print_record(record: &Value, json: bool) -> anyhow::Result<()> {

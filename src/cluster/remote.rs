@@ -525,14 +525,26 @@ impl ListFilters {
     }
 }
 
-/// Merges this node's listing (`local`, records in the API's JSON) with every member's, newest
-/// first: `{"sessions", "next_cursor": null, "nodes": {ID: "ok" | "unreachable" | "answered
-/// STATUS"}}`. The open sessions of a member that cannot be reached are listed from their last
-/// known record.
-pub async fn list_cluster(core: &NodeCore, filters: &ListFilters, local: Vec<Value>) -> Value {
+/// Merges this node's listing (`local`, records in the API's JSON, and the cursor its page
+/// ended with) with every member's, newest first: `{"sessions", "next_cursor": null, "nodes":
+/// {ID: "ok" | "unreachable" | "answered STATUS"}, "next_cursors": {ID: C}, "complete"}`. A
+/// node whose own listing went on past its page (its newest `limit`, or the sessions one page
+/// examines) is in `next_cursors` with the cursor to go on from on that node; `complete` is
+/// true only when no node is there and every node answered. The open sessions of a member that
+/// cannot be reached are listed from their last known record.
+pub async fn list_cluster(
+    core: &NodeCore,
+    filters: &ListFilters,
+    local: Vec<Value>,
+    local_cursor: Option<String>,
+) -> Value {
     let mut sessions = local;
     let mut nodes = serde_json::Map::new();
     nodes.insert(core.node_id.to_string(), "ok".into());
+    let mut next_cursors = serde_json::Map::new();
+    if let Some(cursor) = local_cursor {
+        next_cursors.insert(core.node_id.to_string(), cursor.into());
+    }
     let members = if core.cluster.is_some() {
         core.tree.registry.tables().members()
     } else {
@@ -558,6 +570,9 @@ pub async fn list_cluster(core: &NodeCore, filters: &ListFilters, local: Vec<Val
                 }
                 sessions.extend(listed);
                 nodes.insert(member.node.to_string(), "ok".into());
+                if let Some(cursor) = body["next_cursor"].as_str() {
+                    next_cursors.insert(member.node.to_string(), cursor.into());
+                }
             }
             Ok(Err(_)) => {
                 let status = answer.map(|answer| answer.status).unwrap_or_default();
@@ -601,9 +616,12 @@ pub async fn list_cluster(core: &NodeCore, filters: &ListFilters, local: Vec<Val
             .unwrap_or("")
             .cmp(a["created_at"].as_str().unwrap_or(""))
     });
+    let complete = next_cursors.is_empty() && nodes.values().all(|status| status == "ok");
     json!({
         "sessions": sessions,
         "next_cursor": null,
         "nodes": nodes,
+        "next_cursors": next_cursors,
+        "complete": complete,
     })
 }

@@ -293,7 +293,8 @@ pub(super) async fn list(
         .map(|view| serde_json::to_value(SessionJson(view)).unwrap_or_default())
         .collect();
     if let Some(filters) = cluster {
-        return Ok(ApiJson(remote::list_cluster(&core, &filters, sessions).await).into_response());
+        let answer = remote::list_cluster(&core, &filters, sessions, page.next_cursor).await;
+        return Ok(ApiJson(answer).into_response());
     }
     Ok(ApiJson(serde_json::json!({
         "sessions": sessions,

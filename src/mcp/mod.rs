@@ -985,7 +985,8 @@ impl TroupeMcp {
                 labels: query_labels,
                 limit,
             };
-            let mut answer = remote::list_cluster(&self.core, &filters, sessions).await;
+            let mut answer =
+                remote::list_cluster(&self.core, &filters, sessions, page.next_cursor).await;
             // Newest first: the oldest go. A cluster listing has no cursor to go on from; the
             // answer says how many it left out (ask again with a smaller `limit`).
             if let Some(merged) = answer["sessions"].as_array_mut() {
@@ -994,6 +995,7 @@ impl TroupeMcp {
                     let omitted = merged.len() - fit;
                     merged.truncate(fit);
                     answer["omitted"] = json!(omitted);
+                    answer["complete"] = json!(false);
                 }
             }
             return Ok(answer);

@@ -614,6 +614,40 @@ async fn a_cluster_listing_larger_than_a_frame_arrives_whole() {
     for id in &mine {
         assert!(listed.contains(&id.as_str()), "{id} listed");
     }
+    assert_eq!(
+        listing["complete"], true,
+        "everything fit: {}",
+        listing["next_cursors"]
+    );
+
+    // A page that ends before a node's listing does says so, with the cursor to go on from on
+    // that node (it said `next_cursor: null` and nothing else, as if the listing were whole).
+    let short: Value = b
+        .get("/v1/sessions?scope=cluster&limit=2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(short["next_cursor"], Value::Null);
+    assert_eq!(short["complete"], false, "{short}");
+    let cursor = short["next_cursors"]["c"]
+        .as_str()
+        .expect("c's listing goes on");
+    assert!(
+        short["next_cursors"].get("b").is_none(),
+        "b has no session: {short}"
+    );
+    let rest: Value = c
+        .get(&format!("/v1/sessions?limit=100&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        rest["sessions"].as_array().unwrap().len(),
+        4,
+        "the other four, on c"
+    );
 }
 
 #[tokio::test]
@@ -692,6 +726,7 @@ async fn a_killed_owners_sessions_turn_unreachable_and_the_views_converge_when_i
         .await
         .unwrap();
     assert_eq!(listed["nodes"]["c"], "unreachable", "{listed}");
+    assert_eq!(listed["complete"], false, "c could not be asked: {listed}");
     let sessions = listed["sessions"].as_array().unwrap();
     for id in &open {
         let shown = sessions
