@@ -1150,6 +1150,9 @@ pub struct Subscription {
     /// Events that passed the filter but were gone (the ring had let them go) when received,
     /// not reported yet: reported as one `events.lagged` before the next delivery.
     gone: u64,
+    /// Events the channel dropped for this subscriber, held back until the next item shows
+    /// which of them the replay had already delivered (see [`Subscription::lost_before`]).
+    dropped: u64,
 }
 
 impl Subscription {
@@ -1201,7 +1204,7 @@ impl Subscription {
     /// the next. Gone events not reported yet come first, as one marker.
     fn take(&mut self, received: Received) -> Option<Option<Delivery>> {
         let delivery = match received {
-            Received::Item(item) => match self.admit(item) {
+            Received::Item(item) => match self.admit_after_drop(item) {
                 Admitted::Event(event) => Delivery::Event(event),
                 Admitted::Gone => {
                     self.gone += 1;
@@ -1210,10 +1213,12 @@ impl Subscription {
                 Admitted::Skipped => return None,
             },
             Received::Lagged(missed) => {
-                let missed = missed + std::mem::take(&mut self.gone);
-                return Some(Some(self.lagged(missed)));
+                // The next item tells how many of them the replay had delivered.
+                self.dropped += missed;
+                return None;
             }
-            Received::Empty | Received::Closed if self.gone > 0 => {
+            Received::Empty | Received::Closed if self.gone + self.dropped > 0 => {
+                self.gone += std::mem::take(&mut self.dropped);
                 let gone = std::mem::take(&mut self.gone);
                 return Some(Some(self.lagged(gone)));
             }
@@ -1297,6 +1302,25 @@ impl Subscription {
                 Some((delivery, subscription))
             },
         ))
+    }
+
+    /// [`Subscription::admit`], after counting the events the channel dropped just before
+    /// `item` that the replay had not delivered as gone (one marker with the gone ones).
+    fn admit_after_drop(&mut self, item: Fanned) -> Admitted {
+        let dropped = std::mem::take(&mut self.dropped);
+        self.gone += self.lost_before(item.pos, dropped);
+        self.admit(item)
+    }
+
+    /// Of the `dropped` items the channel dropped right before the one at `pos`, those the
+    /// subscriber never received: the ones after the replay's `skip_through`. A subscription
+    /// opened with a replay subscribes before asking for it, so the channel may overflow with
+    /// events the replay delivers anyway; those are not lost. The dropped items hold distinct
+    /// positions below `pos`, so at most `pos - 1 - skip_through` of them are past the replay
+    /// (exactly that many when the positions are dense; an event stored again takes a position
+    /// without riding the channel, so the count may be over, never under).
+    fn lost_before(&self, pos: u64, dropped: u64) -> u64 {
+        dropped.min(pos.saturating_sub(1).saturating_sub(self.skip_through))
     }
 
     fn admit(&self, item: Fanned) -> Admitted {
@@ -1496,6 +1520,7 @@ impl EventBus {
             skip_through: 0,
             last_id: None,
             gone: 0,
+            dropped: 0,
         }
     }
 
@@ -1532,6 +1557,7 @@ impl EventBus {
             skip_through: replay.through_pos,
             last_id,
             gone: 0,
+            dropped: 0,
         };
         Ok((subscription, replay))
     }

@@ -645,3 +645,66 @@ async fn the_fanout_holds_large_events_no_longer_than_the_ring() {
         assert_eq!(next_seq(&mut slow).await, expected);
     }
 }
+
+/// Starts a bus for node `n1` without a store whose subscribers fall at most
+/// `subscriber_buffer` events behind.
+async fn start_buffered(subscriber_buffer: usize) -> EventBus {
+    let config = EventBusConfig {
+        ring_capacity: 1_000,
+        subscriber_buffer,
+    };
+    let shared = BusShared::new(NodeId::new("n1").unwrap(), config);
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared: shared.clone(),
+            store: None,
+        },
+        &handle,
+    )
+    .await
+    .unwrap();
+    EventBus::new(handle, shared)
+}
+
+/// Regression: a new subscription subscribes to the channel before its replay is answered, so
+/// publishes queued ahead of the replay overflowed it, and it reported them with an
+/// `events.lagged` marker although the replay covered them (they are at or below its
+/// position): a false lag before anything was delivered.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_new_subscriber_is_not_told_it_lagged_on_events_its_replay_covers() {
+    let bus = start_buffered(8).await;
+    for n in 1..=20 {
+        bus.publish(None, progress(n));
+    }
+    let (mut subscription, replay) = bus
+        .subscribe_from(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.through_pos, 20,
+        "the publishes came before the replay"
+    );
+    bus.publish(None, progress(21));
+    assert_eq!(next_seq(&mut subscription).await, 21, "no marker first");
+
+    // A real loss after the replay is still reported, counted from the replay on.
+    for n in 22..=40 {
+        bus.publish(None, progress(n));
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    match subscription.recv().await {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 11, "22..=32 dropped, 33..=40 kept");
+            assert_eq!(
+                lagged.resume_after,
+                Some(EventId::new(NodeId::new("n1").unwrap(), 21))
+            );
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    assert_eq!(next_seq(&mut subscription).await, 33);
+}
