@@ -1546,9 +1546,14 @@ impl EventBus {
             }));
         }
         backlog.extend(replay.events.iter().cloned().map(Delivery::Event));
+        // Where a lag marker says to resume before anything was delivered: the resume point, or
+        // for a subscription that starts now (or with a tail) the newest event when it opened,
+        // whatever the filter (a tail's events, when delivered, move it back to the last of
+        // them, which is as good: nothing between matched).
         let last_id = match &from {
             ReplayFrom::After(cursor) => Some(cursor.clone()),
-            _ => None,
+            ReplayFrom::Now | ReplayFrom::Tail(_) => replay.newest.clone(),
+            ReplayFrom::NodeAfter(_) => None,
         };
         let subscription = Subscription {
             rx,

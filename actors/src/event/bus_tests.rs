@@ -708,3 +708,35 @@ async fn a_new_subscriber_is_not_told_it_lagged_on_events_its_replay_covers() {
     }
     assert_eq!(next_seq(&mut subscription).await, 33);
 }
+
+/// Regression: a subscription opened with `Now` or `Tail` that lagged before any event passed
+/// its filter sent a marker with `resume_after: null`, so a client had no point to re-read
+/// from. It names the newest event when the subscription opened.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_lag_before_the_first_match_of_a_now_or_tail_subscription_names_where_it_started() {
+    let id = |seq| EventId::new(NodeId::new("n1").unwrap(), seq);
+    let bus = start_buffered(8).await;
+    for n in 1..=5 {
+        bus.publish(None, progress(n));
+    }
+    let (mut now, _) = bus
+        .subscribe_from(ReplayFrom::Now, in_session("s2"))
+        .await
+        .unwrap();
+    let (mut tail, _) = bus
+        .subscribe_from(ReplayFrom::Tail(3), in_session("s2"))
+        .await
+        .unwrap();
+    for n in 6..=30 {
+        bus.publish(None, progress(n));
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    for subscription in [&mut now, &mut tail] {
+        match subscription.recv().await {
+            Some(Delivery::Lagged(lagged)) => assert_eq!(lagged.resume_after, Some(id(5))),
+            other => panic!("expected a marker, got {other:?}"),
+        }
+    }
+}
