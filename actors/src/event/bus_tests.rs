@@ -740,3 +740,46 @@ async fn a_lag_before_the_first_match_of_a_now_or_tail_subscription_names_where_
         }
     }
 }
+
+/// Regression: `subscribe_from` copied every replayed event into the subscription as a strong
+/// reference, so a subscriber slow to read a long replay kept alive, per link, the large events
+/// the ring had let go (up to the ring's bytes each). They are held like the fan-out channel's
+/// now: one gone when its turn comes is reported with a marker naming the last event delivered.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_replay_left_unread_holds_large_events_no_longer_than_the_ring() {
+    let id = |seq| EventId::new(NodeId::new("n1").unwrap(), seq);
+    let large = || output(1, 2 * FANOUT_WHOLE_BYTES);
+    let bus = start_with_ring(4, usize::MAX).await;
+    for _ in 0..4 {
+        bus.publish(None, large());
+    }
+    let (mut slow, replay) = bus
+        .subscribe_from(ReplayFrom::Tail(10), EventFilter::all())
+        .await
+        .unwrap();
+    let replayed: Vec<_> = replay.events.iter().map(Arc::downgrade).collect();
+    assert_eq!(replayed.len(), 4);
+    drop(replay);
+    // The ring turns over; the subscriber has read nothing yet.
+    for _ in 0..4 {
+        bus.publish(None, large());
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert!(
+        replayed[1..].iter().all(|event| event.upgrade().is_none()),
+        "the large replayed events the ring let go are still held by the subscription"
+    );
+    assert_eq!(next_seq(&mut slow).await, 1, "the first is held whole");
+    match slow.recv().await {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 3);
+            assert_eq!(lagged.resume_after, Some(id(1)));
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    for expected in 5..=8 {
+        assert_eq!(next_seq(&mut slow).await, expected);
+    }
+}
