@@ -5,9 +5,13 @@
 //! older than the ring first receives the events the log holds between that id and the ring's
 //! oldest event, then the ring's replay, then live events: in order, without a gap and without a
 //! duplicate (positions below the ring's oldest come from the log, the rest from the ring, and
-//! live events at or below the replay's position are skipped by the bus subscription). Only when
-//! the log does not know the id either (retention deleted it, or it never existed) does the
-//! stream start with an `events.lagged` marker. The gap is read page by page as the client
+//! live events at or below the replay's position are skipped by the bus subscription). When the
+//! log does not hold the id either, its `(node, seq)` index tells where to start: an id seen live
+//! but never stored (the node was killed before the store wrote it) resumes after the newest
+//! stored event of its node below it, without a marker (nothing is lost, a few events may come
+//! again); an id retention deleted starts with an `events.lagged` marker, then the log from its
+//! oldest event. Only an id of a node the log never stored starts with the marker and the ring
+//! alone. The gap is read page by page as the client
 //! consumes it, so a long gap costs one page of memory, not the whole gap. When retention
 //! deletes events of the gap while the client reads it, the stream says so with an
 //! `events.lagged` marker where they would have been (resume after the last event delivered),
@@ -21,7 +25,7 @@ use troupe_actors::event::{
 };
 use troupe_actors::kernel::CallError;
 
-use crate::store::Store;
+use crate::store::{Store, UnstoredCursor};
 
 /// Events read from the log per page while filling a gap (at most: a page also ends at
 /// [`MAX_EVENT_PAGE_BYTES`](crate::store::MAX_EVENT_PAGE_BYTES) of events, with `more` set).
@@ -40,6 +44,13 @@ pub struct EventStream {
     /// Where a stream that does not resume starts: the newest event on the bus when it opened
     /// (any kind, any filter). `None` for a resume, which starts at its own id.
     starts_after: Option<troupe_actors::event::EventId>,
+}
+
+/// What one attempt to open a stream gave.
+enum Opened {
+    Stream(Box<EventStream>),
+    /// The cursor is not stored; the log holds this earlier event of its node.
+    ResumeAfter(troupe_actors::event::EventId),
 }
 
 /// The part of a resume that comes from the event log.
@@ -71,6 +82,24 @@ impl EventStream {
         start: ReplayFrom,
         filters: FilterSet,
     ) -> Result<Self, CallError> {
+        let mut start = start;
+        loop {
+            match Self::open_once(bus, store, start, filters.clone()).await? {
+                Opened::Stream(stream) => return Ok(*stream),
+                // Each round resumes after an id of a lower sequence number, so this ends.
+                Opened::ResumeAfter(stored) => start = ReplayFrom::After(stored),
+            }
+        }
+    }
+
+    /// One attempt of [`EventStream::open`]: the stream, or a stored id to resume after instead
+    /// (the log does not hold the cursor, but an earlier event of its node).
+    async fn open_once(
+        bus: &EventBus,
+        store: &Store,
+        start: ReplayFrom,
+        filters: FilterSet,
+    ) -> Result<Opened, CallError> {
         let filter = filters.cover();
         let (live, replay) = bus.subscribe_from(start.clone(), filter.clone()).await?;
         let mut stream = Self {
@@ -85,10 +114,10 @@ impl EventStream {
             },
         };
         let ReplayFrom::After(cursor) = start else {
-            return Ok(stream);
+            return Ok(Opened::Stream(Box::new(stream)));
         };
-        let Some(marker) = stream.live.take_gap_marker() else {
-            return Ok(stream);
+        let Some(mut marker) = stream.live.take_gap_marker() else {
+            return Ok(Opened::Stream(Box::new(stream)));
         };
         // Everything the bus accepted before the replay is queued for the log; make it durable
         // so the log holds every event below the ring's oldest.
@@ -109,13 +138,40 @@ impl EventStream {
                 gap.take(page.events);
                 stream.gap = Some(gap);
             }
-            Ok(_) => stream.marker = Some(marker),
+            Ok(_) => match store.unstored_cursor(&cursor).await {
+                // Seen live but never stored: everything after the node's previous stored event
+                // is what the client may lack (a few it has may come again, none is lost).
+                Ok(UnstoredCursor::After(stored)) => return Ok(Opened::ResumeAfter(stored)),
+                // Retention deleted the cursor: what is left of the gap comes from the log's
+                // oldest event on, after the marker.
+                Ok(UnstoredCursor::Oldest { oldest_pos, missed }) if oldest_pos < until_pos => {
+                    // The ring counted the events up to its oldest; those the log holds come.
+                    marker.missed = missed;
+                    stream.marker = Some(marker);
+                    stream.gap = Some(Gap {
+                        filter,
+                        after_pos: oldest_pos.saturating_sub(1),
+                        until_pos,
+                        buffer: VecDeque::new(),
+                        more: true,
+                        last_delivered: Some(cursor),
+                    });
+                }
+                // The log holds nothing before the ring: the ring's marker says it all.
+                Ok(UnstoredCursor::Oldest { .. } | UnstoredCursor::Unknown) => {
+                    stream.marker = Some(marker)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the event log for a replay");
+                    stream.marker = Some(marker);
+                }
+            },
             Err(error) => {
                 tracing::warn!(%error, "cannot read the event log for a replay");
                 stream.marker = Some(marker);
             }
         }
-        Ok(stream)
+        Ok(Opened::Stream(Box::new(stream)))
     }
 
     /// The next delivery; `None` once the node's bus is gone.

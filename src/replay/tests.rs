@@ -328,3 +328,75 @@ async fn a_lag_after_a_gap_from_the_log_resumes_after_the_last_event_of_the_gap(
     }
     node.shutdown().await;
 }
+
+/// Regression: a resume id retention had deleted fell back to the ring alone, so the events
+/// the log still held between the id and the ring were skipped (and resuming after the
+/// marker's id again gave the same). They come from the log now, after the marker.
+#[tokio::test]
+async fn a_resume_id_retention_deleted_continues_from_the_oldest_event_the_log_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.events.ring_capacity = RING;
+    // Room for about a dozen progress events: the log keeps fewer than are published, more
+    // than the ring holds.
+    config.events.retention_bytes = 3_000;
+    config.sessions.workspace_roots = vec![dir.path().to_owned()];
+    let node = Node::builder()
+        .config(config)
+        .data_dir(dir.path().join("data"))
+        .without_http()
+        .start()
+        .await
+        .unwrap();
+    let ids = publish(&node, "s-a", 5 * RING).await;
+    let core = node.core();
+    core.store.flush().await.unwrap();
+    let stored = core
+        .store
+        .node_events_after(node.node_id(), 0, 1_000)
+        .await
+        .unwrap();
+    let first_stored = stored.first().expect("the log holds events").event.id.seq;
+    assert!(first_stored > ids[2].seq, "retention deleted the resume id");
+    let expected: Vec<EventId> = ids
+        .iter()
+        .filter(|id| id.seq >= first_stored)
+        .cloned()
+        .collect();
+    assert!(expected.len() > RING, "the log holds more than the ring");
+    let mut stream = session_stream_after(core, "s-a", &ids[2]).await;
+    match next_id(&mut stream).await {
+        Delivery::Lagged(lagged) => {
+            assert_eq!(lagged.resume_after.as_ref(), Some(&ids[2]));
+            assert_eq!(lagged.missed, first_stored - ids[2].seq - 1);
+        }
+        other => panic!("expected a lag marker, got {other:?}"),
+    }
+    let mut got = Vec::new();
+    while let Some(delivery) = stream.next_replayed().await {
+        got.push(id_of(&delivery));
+    }
+    assert_eq!(got, expected, "every event the log and the ring still hold");
+    node.shutdown().await;
+}
+
+/// Regression: an id the client saw live but the log never stored (the node was killed within
+/// the store's append linger, and skipped its reserved ids when it came back) started with a
+/// lag marker and the whole ring, which the client had. It resumes after the newest stored
+/// event of its node below it now: nothing again, no marker.
+#[tokio::test]
+async fn a_resume_id_seen_live_but_never_stored_resumes_after_the_last_stored_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let ids = publish(&node, "s-a", 3 * RING).await;
+    let core = node.core();
+    let last = ids.last().unwrap();
+    let never_stored = EventId::new(last.node.clone(), core.tree.events.last_seq() + 100);
+    let mut stream = session_stream_after(core, "s-a", &never_stored).await;
+    assert!(stream.marker.is_none(), "nothing was lost");
+    let replayed = stream.next_replayed().await;
+    assert!(replayed.is_none(), "the client has it all: {replayed:?}");
+    let later = publish(&node, "s-a", 1).await;
+    assert_eq!(id_of(&next_id(&mut stream).await), later[0]);
+    node.shutdown().await;
+}

@@ -40,7 +40,7 @@ use troupe_actors::session::{LoggedLine, SessionRecord, SessionStore, StoreError
 pub use query::{
     DEFAULT_PAGE, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_PAGE_BYTES, MAX_EVENT_SCAN,
     MAX_OUTPUT_PAGE, MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, MAX_SESSION_SCAN,
-    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery, cursor_after,
+    OutputLine, OutputPage, PruneReport, SessionPage, SessionQuery, UnstoredCursor, cursor_after,
 };
 
 use schema::{META, META_SCHEMA, OrIo, SCHEMA_VERSION};
@@ -426,6 +426,15 @@ impl Store {
     ) -> Result<EventsPage, StoreError> {
         let (after, filter) = (after.clone(), filter.clone());
         self.read(move |db| read::events_after(db, &after, &filter, limit))
+            .await
+    }
+
+    /// Where a resume after `cursor` can start when the log does not hold `cursor` itself
+    /// ([`Store::events_after`] answered `found: false`): after the newest stored event of its
+    /// node with a lower sequence number, else at the log's oldest event; see [`UnstoredCursor`].
+    pub async fn unstored_cursor(&self, cursor: &EventId) -> Result<UnstoredCursor, StoreError> {
+        let cursor = cursor.clone();
+        self.read(move |db| read::unstored_cursor(db, &cursor))
             .await
     }
 

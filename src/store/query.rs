@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use troupe_actors::event::{BusItem, OutputStream, SessionKindTag};
+use troupe_actors::event::{BusItem, EventId, OutputStream, SessionKindTag};
 use troupe_actors::ids::{SessionId, Timestamp};
 use troupe_actors::session::{SessionRecord, SessionState, StoreError};
 
@@ -175,7 +175,7 @@ pub struct EventsPage {
     /// Matching events after the requested id, in arrival order.
     pub events: Vec<BusItem>,
     /// False when the id is unknown or retention already deleted it (nothing is returned then:
-    /// the caller says so with an `events.lagged` marker and falls back to the ring).
+    /// [`Store::unstored_cursor`](super::Store::unstored_cursor) tells where to start instead).
     pub found: bool,
     /// Arrival position of the last event examined (matching or not): a caller continues from
     /// here, and live or ring events at or below it are duplicates.
@@ -183,6 +183,28 @@ pub struct EventsPage {
     /// More events follow `through_pos` (the limit, the byte bound or the scan bound was
     /// reached).
     pub more: bool,
+}
+
+/// Where the log can take up a resume whose id it does not hold ([`Store::unstored_cursor`](super::Store::unstored_cursor)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnstoredCursor {
+    /// The log holds an earlier event of the cursor's node: the client saw that one, so the
+    /// log holds everything it can have missed from right after it (the cursor was seen live
+    /// but never stored: the node was killed within the store's append linger, or the append
+    /// was dropped). Resume after this id.
+    After(EventId),
+    /// The log holds no earlier event of the cursor's node (retention deleted them): what
+    /// follows the cursor starts at the latest at the log's oldest position, `oldest_pos`.
+    /// `missed` counts the cursor node's sequence numbers between the cursor and its first
+    /// event still stored (a lower bound of what was lost; 0 when none of its events is left).
+    Oldest {
+        /// The log's oldest arrival position.
+        oldest_pos: u64,
+        /// Events known to be lost (of the cursor's node only).
+        missed: u64,
+    },
+    /// The log never stored an event of the cursor's node, or it holds no event at all.
+    Unknown,
 }
 
 /// What one retention pass removed.

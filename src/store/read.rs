@@ -15,7 +15,7 @@ use troupe_actors::session::{SessionRecord, StoreError, Transition};
 use super::query::{
     Cursor, EventsPage, MAX_EVENT_PAGE, MAX_EVENT_PAGE_BYTES, MAX_EVENT_SCAN, MAX_OUTPUT_PAGE,
     MAX_OUTPUT_PAGE_BYTES, MAX_PAGE, MAX_SESSION_PAGE_BYTES, OutputLine, OutputPage, SessionPage,
-    SessionQuery,
+    SessionQuery, UnstoredCursor,
 };
 use super::schema::{
     EVENT_INDEX, EVENTS, IDEMPOTENCY, META, META_LAST_POS, META_LAST_SEQ_PREFIX,
@@ -279,6 +279,52 @@ pub(super) fn events_after(
         return Ok(EventsPage::default());
     };
     scan_events(&txn, start, filter, limit)
+}
+
+/// Where a resume after `cursor`, which the log does not hold, can start (see
+/// [`UnstoredCursor`]).
+pub(super) fn unstored_cursor(
+    db: &Database,
+    cursor: &EventId,
+) -> Result<UnstoredCursor, StoreError> {
+    let txn = begin(db)?;
+    let index = txn
+        .open_table(EVENT_INDEX)
+        .or_io("open table event_index")?;
+    let node = cursor.node.as_str();
+    // The index and the events it points to are deleted in one transaction, so an entry read
+    // in this snapshot names a stored event.
+    if let Some(entry) = index
+        .range((node, 0)..(node, cursor.seq))
+        .or_io("read event_index")?
+        .next_back()
+    {
+        let (key, _) = entry.or_io("read event_index")?;
+        let (_, seq) = key.value();
+        return Ok(UnstoredCursor::After(EventId::new(
+            cursor.node.clone(),
+            seq,
+        )));
+    }
+    let meta = txn.open_table(META).or_io("open table meta")?;
+    if meta_get(&meta, &last_seq_key(node)).or_io("read meta")? == 0 {
+        return Ok(UnstoredCursor::Unknown);
+    }
+    let events = txn.open_table(EVENTS).or_io("open table events")?;
+    let Some((oldest_pos, _)) = events.first().or_io("read events")? else {
+        return Ok(UnstoredCursor::Unknown);
+    };
+    let next_seq = index
+        .range((node, cursor.seq.saturating_add(1))..=(node, u64::MAX))
+        .or_io("read event_index")?
+        .next()
+        .transpose()
+        .or_io("read event_index")?
+        .map(|(key, _)| key.value().1);
+    Ok(UnstoredCursor::Oldest {
+        oldest_pos: oldest_pos.value(),
+        missed: next_seq.map_or(0, |seq| seq - cursor.seq - 1),
+    })
 }
 
 /// Events at arrival positions after `after_pos` that match `filter`, in arrival order (to

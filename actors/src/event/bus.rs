@@ -14,7 +14,10 @@
 //! (before, 4,096 slots of the largest output events kept about 800 MiB alive after the ring had
 //! let them go). A subscriber still behind such an event when the ring lets it go loses it, as
 //! if it had lagged: it receives an `events.lagged` marker in its place (one for a run of them),
-//! with the id to re-read after from the event log.
+//! with the id to re-read after from the event log. A subscription's replay from the ring (a
+//! tail, a resume) waits in it held the same way (its first event whole, so a marker for a
+//! later one names a delivered event), so a slow reader of a long replay does not keep alive
+//! what the ring let go either.
 //!
 //! What survives a restart of the bus actor: the fan-out channel (subscribers stay connected),
 //! the sequence counters (ids keep growing), the highest sequence relayed per other node, and
@@ -1115,19 +1118,64 @@ enum Held {
 
 impl Fanned {
     fn of(item: &BusItem) -> Self {
-        let event = if item.event.approx_bytes() > FANOUT_WHOLE_BYTES {
-            Held::Weak {
-                event: Arc::downgrade(&item.event),
-                kind: item.event.kind(),
-                session: item.event.session.clone(),
-                node: item.event.id.node.clone(),
-            }
-        } else {
-            Held::Whole(item.event.clone())
-        };
         Self {
             pos: item.pos,
-            event,
+            event: Held::of(&item.event),
+        }
+    }
+}
+
+impl Held {
+    /// Small events whole, larger ones ([`FANOUT_WHOLE_BYTES`]) as a weak reference.
+    fn of(event: &Arc<Event>) -> Self {
+        if event.approx_bytes() > FANOUT_WHOLE_BYTES {
+            Held::Weak {
+                event: Arc::downgrade(event),
+                kind: event.kind(),
+                session: event.session.clone(),
+                node: event.id.node.clone(),
+            }
+        } else {
+            Held::Whole(event.clone())
+        }
+    }
+
+    fn matches(&self, filter: &EventFilter) -> bool {
+        match self {
+            Held::Whole(event) => filter.matches(event),
+            Held::Weak {
+                kind,
+                session,
+                node,
+                ..
+            } => filter.matches_parts(*kind, session.as_ref(), node),
+        }
+    }
+
+    /// The event, unless the ring let it go.
+    fn upgrade(self) -> Option<Arc<Event>> {
+        match self {
+            Held::Whole(event) => Some(event),
+            Held::Weak { event, .. } => event.upgrade(),
+        }
+    }
+}
+
+/// A replayed delivery waiting in a subscription's backlog. Its events are held as the fan-out
+/// channel holds them (large ones weakly), so a subscriber slow to read a long replay does not
+/// keep alive what the ring let go; one gone when its turn comes becomes an `events.lagged`
+/// marker (one for a run of them) that says to resume after the last event delivered.
+enum Backlogged {
+    Event(Held),
+    Lagged(EventsLagged),
+}
+
+impl From<Delivery> for Backlogged {
+    fn from(delivery: Delivery) -> Self {
+        match delivery {
+            // Already taken (it waits behind a marker): held whole.
+            Delivery::Event(event) => Backlogged::Event(Held::Whole(event)),
+            Delivery::Lagged(lagged) => Backlogged::Lagged(lagged),
         }
     }
 }
@@ -1144,18 +1192,21 @@ enum Received {
 pub struct Subscription {
     rx: broadcast::Receiver<Fanned>,
     filter: EventFilter,
-    backlog: VecDeque<Delivery>,
+    backlog: VecDeque<Backlogged>,
     skip_through: u64,
     last_id: Option<EventId>,
     /// Events that passed the filter but were gone (the ring had let them go) when received,
     /// not reported yet: reported as one `events.lagged` before the next delivery.
     gone: u64,
+    /// Events the channel dropped for this subscriber, held back until the next item shows
+    /// which of them the replay had already delivered (see [`Subscription::lost_before`]).
+    dropped: u64,
 }
 
 impl Subscription {
     /// The next delivery; `None` once the node's bus is gone.
     pub async fn recv(&mut self) -> Option<Delivery> {
-        if let Some(delivery) = self.backlog.pop_front() {
+        if let Some(delivery) = self.next_backlog() {
             return Some(self.note(delivery));
         }
         loop {
@@ -1177,7 +1228,7 @@ impl Subscription {
 
     /// The next delivery if one is ready now (to batch writes).
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        if let Some(delivery) = self.backlog.pop_front() {
+        if let Some(delivery) = self.next_backlog() {
             return Some(self.note(delivery));
         }
         loop {
@@ -1201,7 +1252,7 @@ impl Subscription {
     /// the next. Gone events not reported yet come first, as one marker.
     fn take(&mut self, received: Received) -> Option<Option<Delivery>> {
         let delivery = match received {
-            Received::Item(item) => match self.admit(item) {
+            Received::Item(item) => match self.admit_after_drop(item) {
                 Admitted::Event(event) => Delivery::Event(event),
                 Admitted::Gone => {
                     self.gone += 1;
@@ -1210,10 +1261,12 @@ impl Subscription {
                 Admitted::Skipped => return None,
             },
             Received::Lagged(missed) => {
-                let missed = missed + std::mem::take(&mut self.gone);
-                return Some(Some(self.lagged(missed)));
+                // The next item tells how many of them the replay had delivered.
+                self.dropped += missed;
+                return None;
             }
-            Received::Empty | Received::Closed if self.gone > 0 => {
+            Received::Empty | Received::Closed if self.gone + self.dropped > 0 => {
+                self.gone += std::mem::take(&mut self.dropped);
                 let gone = std::mem::take(&mut self.gone);
                 return Some(Some(self.lagged(gone)));
             }
@@ -1221,7 +1274,7 @@ impl Subscription {
         };
         if self.gone > 0 {
             // The marker goes first; the event waits in the backlog.
-            self.backlog.push_front(delivery);
+            self.backlog.push_front(delivery.into());
             let gone = std::mem::take(&mut self.gone);
             return Some(Some(self.lagged(gone)));
         }
@@ -1231,11 +1284,9 @@ impl Subscription {
     /// Takes the replayed deliveries not received yet (for a one-shot replay without live
     /// events).
     pub fn take_backlog(&mut self) -> Vec<Delivery> {
-        let backlog: Vec<Delivery> = self.backlog.drain(..).collect();
-        for delivery in &backlog {
-            if let Delivery::Event(event) = delivery {
-                self.last_id = Some(event.id.clone());
-            }
+        let mut backlog = Vec::with_capacity(self.backlog.len());
+        while let Some(delivery) = self.take_next_backlog() {
+            backlog.push(delivery);
         }
         backlog
     }
@@ -1243,7 +1294,7 @@ impl Subscription {
     /// The next replayed delivery not received yet, without waiting for live events; `None`
     /// once the replay is consumed.
     pub fn take_next_backlog(&mut self) -> Option<Delivery> {
-        let delivery = self.backlog.pop_front()?;
+        let delivery = self.next_backlog()?;
         Some(self.note(delivery))
     }
 
@@ -1252,8 +1303,8 @@ impl Subscription {
     /// itself. `None` when the subscription did not start with a gap.
     pub fn take_gap_marker(&mut self) -> Option<EventsLagged> {
         match self.backlog.front() {
-            Some(Delivery::Lagged(_)) => match self.backlog.pop_front() {
-                Some(Delivery::Lagged(lagged)) => Some(lagged),
+            Some(Backlogged::Lagged(_)) => match self.backlog.pop_front() {
+                Some(Backlogged::Lagged(lagged)) => Some(lagged),
                 _ => None,
             },
             _ => None,
@@ -1265,8 +1316,8 @@ impl Subscription {
     /// current filter.
     pub fn set_filter(&mut self, filter: EventFilter) {
         self.backlog.retain(|delivery| match delivery {
-            Delivery::Event(event) => filter.matches(event),
-            Delivery::Lagged(_) => true,
+            Backlogged::Event(held) => held.matches(&filter),
+            Backlogged::Lagged(_) => true,
         });
         self.filter = filter;
     }
@@ -1297,6 +1348,52 @@ impl Subscription {
                 Some((delivery, subscription))
             },
         ))
+    }
+
+    /// [`Subscription::admit`], after counting the events the channel dropped just before
+    /// `item` that the replay had not delivered as gone (one marker with the gone ones).
+    fn admit_after_drop(&mut self, item: Fanned) -> Admitted {
+        let dropped = std::mem::take(&mut self.dropped);
+        self.gone += self.lost_before(item.pos, dropped);
+        self.admit(item)
+    }
+
+    /// Of the `dropped` items the channel dropped right before the one at `pos`, those the
+    /// subscriber never received: the ones after the replay's `skip_through`. A subscription
+    /// opened with a replay subscribes before asking for it, so the channel may overflow with
+    /// events the replay delivers anyway; those are not lost. The dropped items hold distinct
+    /// positions below `pos`, so at most `pos - 1 - skip_through` of them are past the replay
+    /// (exactly that many when the positions are dense; an event stored again takes a position
+    /// without riding the channel, so the count may be over, never under).
+    fn lost_before(&self, pos: u64, dropped: u64) -> u64 {
+        dropped.min(pos.saturating_sub(1).saturating_sub(self.skip_through))
+    }
+
+    /// The next replayed delivery, not noted yet; events the ring let go since the replay are
+    /// reported as one marker before what follows them (or at the end of the backlog).
+    fn next_backlog(&mut self) -> Option<Delivery> {
+        while let Some(item) = self.backlog.pop_front() {
+            let delivery = match item {
+                Backlogged::Lagged(lagged) => Delivery::Lagged(lagged),
+                Backlogged::Event(held) => match held.upgrade() {
+                    Some(event) => Delivery::Event(event),
+                    None => {
+                        self.gone += 1;
+                        continue;
+                    }
+                },
+            };
+            if self.gone > 0 {
+                self.backlog.push_front(delivery.into());
+                break;
+            }
+            return Some(delivery);
+        }
+        // Only the backlog leaves `gone` set between calls.
+        (self.gone > 0).then(|| {
+            let gone = std::mem::take(&mut self.gone);
+            self.lagged(gone)
+        })
     }
 
     fn admit(&self, item: Fanned) -> Admitted {
@@ -1496,6 +1593,7 @@ impl EventBus {
             skip_through: 0,
             last_id: None,
             gone: 0,
+            dropped: 0,
         }
     }
 
@@ -1515,15 +1613,29 @@ impl EventBus {
         if let ReplayFrom::After(cursor) = &from
             && !replay.found
         {
-            backlog.push_back(Delivery::Lagged(EventsLagged {
+            backlog.push_back(Backlogged::Lagged(EventsLagged {
                 missed: replay.missed,
                 resume_after: Some(cursor.clone()),
             }));
         }
-        backlog.extend(replay.events.iter().cloned().map(Delivery::Event));
+        // Large events weakly, as the channel holds them: a slow reader of a long replay must
+        // not keep alive what the ring let go. The first is held whole, so a marker for those
+        // after it always names a delivered event to resume after (a tail has no id before it).
+        backlog.extend(replay.events.iter().enumerate().map(|(index, event)| {
+            Backlogged::Event(if index == 0 {
+                Held::Whole(event.clone())
+            } else {
+                Held::of(event)
+            })
+        }));
+        // Where a lag marker says to resume before anything was delivered: the resume point, or
+        // for a subscription that starts now (or with a tail) the newest event when it opened,
+        // whatever the filter (a tail's events, when delivered, move it back to the last of
+        // them, which is as good: nothing between matched).
         let last_id = match &from {
             ReplayFrom::After(cursor) => Some(cursor.clone()),
-            _ => None,
+            ReplayFrom::Now | ReplayFrom::Tail(_) => replay.newest.clone(),
+            ReplayFrom::NodeAfter(_) => None,
         };
         let subscription = Subscription {
             rx,
@@ -1532,6 +1644,7 @@ impl EventBus {
             skip_through: replay.through_pos,
             last_id,
             gone: 0,
+            dropped: 0,
         };
         Ok((subscription, replay))
     }

@@ -645,3 +645,141 @@ async fn the_fanout_holds_large_events_no_longer_than_the_ring() {
         assert_eq!(next_seq(&mut slow).await, expected);
     }
 }
+
+/// Starts a bus for node `n1` without a store whose subscribers fall at most
+/// `subscriber_buffer` events behind.
+async fn start_buffered(subscriber_buffer: usize) -> EventBus {
+    let config = EventBusConfig {
+        ring_capacity: 1_000,
+        subscriber_buffer,
+    };
+    let shared = BusShared::new(NodeId::new("n1").unwrap(), config);
+    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
+    kernel::spawn(
+        EventBusActor,
+        EventBusArgs {
+            shared: shared.clone(),
+            store: None,
+        },
+        &handle,
+    )
+    .await
+    .unwrap();
+    EventBus::new(handle, shared)
+}
+
+/// Regression: a new subscription subscribes to the channel before its replay is answered, so
+/// publishes queued ahead of the replay overflowed it, and it reported them with an
+/// `events.lagged` marker although the replay covered them (they are at or below its
+/// position): a false lag before anything was delivered.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_new_subscriber_is_not_told_it_lagged_on_events_its_replay_covers() {
+    let bus = start_buffered(8).await;
+    for n in 1..=20 {
+        bus.publish(None, progress(n));
+    }
+    let (mut subscription, replay) = bus
+        .subscribe_from(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.through_pos, 20,
+        "the publishes came before the replay"
+    );
+    bus.publish(None, progress(21));
+    assert_eq!(next_seq(&mut subscription).await, 21, "no marker first");
+
+    // A real loss after the replay is still reported, counted from the replay on.
+    for n in 22..=40 {
+        bus.publish(None, progress(n));
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    match subscription.recv().await {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 11, "22..=32 dropped, 33..=40 kept");
+            assert_eq!(
+                lagged.resume_after,
+                Some(EventId::new(NodeId::new("n1").unwrap(), 21))
+            );
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    assert_eq!(next_seq(&mut subscription).await, 33);
+}
+
+/// Regression: a subscription opened with `Now` or `Tail` that lagged before any event passed
+/// its filter sent a marker with `resume_after: null`, so a client had no point to re-read
+/// from. It names the newest event when the subscription opened.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_lag_before_the_first_match_of_a_now_or_tail_subscription_names_where_it_started() {
+    let id = |seq| EventId::new(NodeId::new("n1").unwrap(), seq);
+    let bus = start_buffered(8).await;
+    for n in 1..=5 {
+        bus.publish(None, progress(n));
+    }
+    let (mut now, _) = bus
+        .subscribe_from(ReplayFrom::Now, in_session("s2"))
+        .await
+        .unwrap();
+    let (mut tail, _) = bus
+        .subscribe_from(ReplayFrom::Tail(3), in_session("s2"))
+        .await
+        .unwrap();
+    for n in 6..=30 {
+        bus.publish(None, progress(n));
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    for subscription in [&mut now, &mut tail] {
+        match subscription.recv().await {
+            Some(Delivery::Lagged(lagged)) => assert_eq!(lagged.resume_after, Some(id(5))),
+            other => panic!("expected a marker, got {other:?}"),
+        }
+    }
+}
+
+/// Regression: `subscribe_from` copied every replayed event into the subscription as a strong
+/// reference, so a subscriber slow to read a long replay kept alive, per link, the large events
+/// the ring had let go (up to the ring's bytes each). They are held like the fan-out channel's
+/// now: one gone when its turn comes is reported with a marker naming the last event delivered.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_replay_left_unread_holds_large_events_no_longer_than_the_ring() {
+    let id = |seq| EventId::new(NodeId::new("n1").unwrap(), seq);
+    let large = || output(1, 2 * FANOUT_WHOLE_BYTES);
+    let bus = start_with_ring(4, usize::MAX).await;
+    for _ in 0..4 {
+        bus.publish(None, large());
+    }
+    let (mut slow, replay) = bus
+        .subscribe_from(ReplayFrom::Tail(10), EventFilter::all())
+        .await
+        .unwrap();
+    let replayed: Vec<_> = replay.events.iter().map(Arc::downgrade).collect();
+    assert_eq!(replayed.len(), 4);
+    drop(replay);
+    // The ring turns over; the subscriber has read nothing yet.
+    for _ in 0..4 {
+        bus.publish(None, large());
+    }
+    bus.replay(ReplayFrom::Now, EventFilter::all())
+        .await
+        .unwrap();
+    assert!(
+        replayed[1..].iter().all(|event| event.upgrade().is_none()),
+        "the large replayed events the ring let go are still held by the subscription"
+    );
+    assert_eq!(next_seq(&mut slow).await, 1, "the first is held whole");
+    match slow.recv().await {
+        Some(Delivery::Lagged(lagged)) => {
+            assert_eq!(lagged.missed, 3);
+            assert_eq!(lagged.resume_after, Some(id(1)));
+        }
+        other => panic!("expected a marker, got {other:?}"),
+    }
+    for expected in 5..=8 {
+        assert_eq!(next_seq(&mut slow).await, expected);
+    }
+}
