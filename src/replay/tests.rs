@@ -16,9 +16,16 @@ const RING: usize = 4;
 const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn node(dir: &std::path::Path) -> NodeHandle {
+    node_tuned(dir, |_| {}).await
+}
+
+/// A node without HTTP whose ring holds [`RING`] events, with its data under `dir`, and its
+/// configuration changed by `tune`.
+async fn node_tuned(dir: &std::path::Path, tune: impl FnOnce(&mut Config)) -> NodeHandle {
     let mut config = Config::default();
     config.events.ring_capacity = RING;
     config.sessions.workspace_roots = vec![dir.to_owned()];
+    tune(&mut config);
     Node::builder()
         .config(config)
         .data_dir(dir.join("data"))
@@ -293,17 +300,7 @@ async fn retention_between_two_log_pages_gives_a_lag_marker_not_a_silent_gap() {
 #[tokio::test]
 async fn a_lag_after_a_gap_from_the_log_resumes_after_the_last_event_of_the_gap() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.events.ring_capacity = RING;
-    config.events.subscriber_buffer = 8;
-    config.sessions.workspace_roots = vec![dir.path().to_owned()];
-    let node = Node::builder()
-        .config(config)
-        .data_dir(dir.path().join("data"))
-        .without_http()
-        .start()
-        .await
-        .unwrap();
+    let node = node_tuned(dir.path(), |config| config.events.subscriber_buffer = 8).await;
     let wanted = publish(&node, "s-a", 6).await;
     // The ring holds none of s-a's events now.
     publish(&node, "s-b", 2 * RING).await;
@@ -335,19 +332,9 @@ async fn a_lag_after_a_gap_from_the_log_resumes_after_the_last_event_of_the_gap(
 #[tokio::test]
 async fn a_resume_id_retention_deleted_continues_from_the_oldest_event_the_log_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.events.ring_capacity = RING;
     // Room for about a dozen progress events: the log keeps fewer than are published, more
     // than the ring holds.
-    config.events.retention_bytes = 3_000;
-    config.sessions.workspace_roots = vec![dir.path().to_owned()];
-    let node = Node::builder()
-        .config(config)
-        .data_dir(dir.path().join("data"))
-        .without_http()
-        .start()
-        .await
-        .unwrap();
+    let node = node_tuned(dir.path(), |config| config.events.retention_bytes = 3_000).await;
     let ids = publish(&node, "s-a", 5 * RING).await;
     let core = node.core();
     core.store.flush().await.unwrap();

@@ -409,18 +409,7 @@ async fn start_with_ring(capacity: usize, bytes: usize) -> EventBus {
     };
     let mut shared = BusShared::new(NodeId::new("n1").unwrap(), config);
     Arc::get_mut(&mut shared).unwrap().ring_bytes = bytes;
-    let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
-    kernel::spawn(
-        EventBusActor,
-        EventBusArgs {
-            shared: shared.clone(),
-            store: None,
-        },
-        &handle,
-    )
-    .await
-    .unwrap();
-    EventBus::new(handle, shared)
+    spawn_bus(shared).await
 }
 
 /// The ring lets events go by bytes as well as by count, and a replay from one it let go for
@@ -653,7 +642,11 @@ async fn start_buffered(subscriber_buffer: usize) -> EventBus {
         ring_capacity: 1_000,
         subscriber_buffer,
     };
-    let shared = BusShared::new(NodeId::new("n1").unwrap(), config);
+    spawn_bus(BusShared::new(NodeId::new("n1").unwrap(), config)).await
+}
+
+/// A bus of node `n1` over `shared`, without a store.
+async fn spawn_bus(shared: Arc<BusShared>) -> EventBus {
     let handle = ActorHandle::new(ActorPath::root().child("event_bus"));
     kernel::spawn(
         EventBusActor,
