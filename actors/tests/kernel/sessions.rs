@@ -622,6 +622,26 @@ impl Harness {
         data
     }
 
+    /// Asks the manager to drain, in the background, and returns once it has taken the request
+    /// in (a call sent after it is answered); the handle gives the drain's answer.
+    async fn drain_in_background(
+        &self,
+    ) -> tokio::task::JoinHandle<Result<(), troupe_actors::kernel::CallError>> {
+        let manager = self.sessions().manager.clone();
+        let drained = tokio::spawn(async move {
+            manager
+                .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
+                .await
+        });
+        tokio::task::yield_now().await;
+        self.sessions()
+            .manager
+            .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
+            .await
+            .unwrap();
+        drained
+    }
+
     /// Asserts that no event of `id` is left: none among those set aside, none queued.
     async fn assert_no_more_events_of(&mut self, id: &SessionId) {
         assert!(
@@ -1378,21 +1398,9 @@ async fn a_submission_stored_while_the_node_shuts_down_waits_for_the_next_start(
     let store = Arc::new(MemoryStore::default());
     let (held, open) = store.gate(None, GatedWrite::Create);
     let h = Harness::start(SessionSettings::default(), store.clone()).await;
-    let manager = h.sessions().manager.clone();
     let submission = h.submit_in_background(command("sh"));
     held.notified().await;
-    let drained = tokio::spawn(async move {
-        manager
-            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
-            .await
-    });
-    // The drain is handled before the write lands: a call sent after it is answered.
-    tokio::task::yield_now().await;
-    h.sessions()
-        .manager
-        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
-        .await
-        .unwrap();
+    let drained = h.drain_in_background().await;
     open.add_permits(1);
 
     let admitted = submission
@@ -2244,19 +2252,7 @@ async fn a_drain_waiting_for_a_submission_whose_store_write_fails_is_answered() 
     let h = Harness::start(SessionSettings::default(), store.clone()).await;
     let submission = h.submit_in_background(command("sh"));
     held.notified().await;
-    let manager = h.sessions().manager.clone();
-    let drained = tokio::spawn(async move {
-        manager
-            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
-            .await
-    });
-    // The drain is handled before the write lands: a call sent after it is answered.
-    tokio::task::yield_now().await;
-    h.sessions()
-        .manager
-        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
-        .await
-        .unwrap();
+    let drained = h.drain_in_background().await;
     assert!(!drained.is_finished(), "the submission holds a slot");
 
     store.data.lock().unwrap().failing_creates = 1;
@@ -2280,18 +2276,7 @@ async fn a_drain_waiting_for_a_session_whose_actor_cannot_start_is_answered() {
     let mut h = Harness::start(SessionSettings::default(), store.clone()).await;
     let id = h.submit(command("sh")).await.unwrap().record.id;
     held.notified().await;
-    let manager = h.sessions().manager.clone();
-    let drained = tokio::spawn(async move {
-        manager
-            .call(|reply| ManagerMsg::Drain { reply }, MANAGER_TIMEOUT)
-            .await
-    });
-    tokio::task::yield_now().await;
-    h.sessions()
-        .manager
-        .call(ManagerMsg::Summary, MANAGER_TIMEOUT)
-        .await
-        .unwrap();
+    let drained = h.drain_in_background().await;
     assert!(
         !drained.is_finished(),
         "the session being started holds a slot"
